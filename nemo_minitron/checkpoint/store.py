@@ -1,0 +1,222 @@
+"""The project's checkpoint: a directory any stage reads and writes.
+
+    CKPT/
+      nemo_minitron.json   format marker, model description, dtype, provenance
+      tokenizer/           Hugging Face tokenizer files
+      weights/             megatron-core distributed checkpoint (torch_dist)
+
+Weights are saved with ``dist_checkpointing`` from the model's sharded state dict, so
+a checkpoint written at one TP/PP layout loads at any other. Everything is written to
+a temporary sibling directory and renamed into place only when complete.
+
+Loading executes no code from the files: JSON for our metadata, safetensors/JSON for
+the tokenizer, and for the weights megatron-core's loader, whose only pickle (the
+torch ``.metadata`` index) is first checked here against an allow-list of checkpoint
+types (``verify_dcp_metadata``); tensors and objects load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
+
+log = logging.getLogger("nemo_minitron")
+
+FORMAT = "nemo-minitron-checkpoint"
+VERSION = 1
+INFO_FILE = "nemo_minitron.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    description: ModelDescription
+    dtype: str = "float32"
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, "model": self.description.to_dict(),
+                           "dtype": self.dtype, "provenance": self.provenance}, indent=2, sort_keys=True)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    require(name in DTYPES, f"{flag} must be one of {', '.join(DTYPES)} (got '{name}')")
+    return DTYPES[name]
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / INFO_FILE).is_file()
+
+
+def read_info(path: str | os.PathLike) -> CheckpointInfo:
+    """Read a checkpoint's metadata without touching its weights (cheap; validates the input)."""
+    path = Path(path)
+    require(path.exists(), f"checkpoint '{path}' does not exist")
+    require(is_checkpoint(path), f"'{path}' is not a nemo-minitron checkpoint (no {INFO_FILE}); "
+                                 "convert it first with: nemo-minitron convert --hf SRC --out CKPT")
+    try:
+        data = json.loads((path / INFO_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"checkpoint '{path}' has an unreadable {INFO_FILE}: {e}") from None
+    require(data.get("format") == FORMAT, f"'{path}/{INFO_FILE}' is not a {FORMAT} file")
+    require(data.get("version") == VERSION, f"checkpoint '{path}' has format version {data.get('version')}, "
+                                            f"this nemo-minitron reads version {VERSION}")
+    require((path / "weights").is_dir(), f"checkpoint '{path}' has no weights/ directory")
+    return CheckpointInfo(ModelDescription.from_dict(data["model"]), data.get("dtype", "float32"),
+                          data.get("provenance", {}))
+
+
+def check_new_output(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output path must not exist yet (nothing is ever overwritten)."""
+    path = Path(path)
+    require(not path.exists(), f"{flag} '{path}' already exists; choose a new path or remove it")
+    require(path.parent.exists() or not str(path.parent), f"{flag} '{path}': parent directory "
+                                                           f"'{path.parent}' does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Collective: yields a fresh temporary directory next to ``final``; renames it into
+    place when the block completes on every rank, deletes it if any rank fails."""
+    final = Path(final)
+    name = broadcast_object(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}" if is_rank0() else None)
+    tmp = final.parent / name
+    if is_rank0():
+        tmp.mkdir(parents=True)
+    barrier()
+    ok = False
+    try:
+        yield tmp
+        ok = True
+    finally:
+        from nemo_minitron.runtime.distributed import all_ranks_ok
+
+        everyone_ok = all_ranks_ok(ok) if dist.is_initialized() else ok
+        if is_rank0():
+            if everyone_ok:
+                os.replace(tmp, final)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+
+
+def write_tokenizer(tokenizer, directory: Path) -> None:
+    if tokenizer is not None and is_rank0():
+        tokenizer.save_pretrained(str(directory))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer"))
+
+
+# ---------------------------------------------------------------------- weights
+_ALLOWED_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                           "torch.distributed.checkpoint.filesystem")
+
+
+class _CheckpointIndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in _ALLOWED_PICKLE_MODULES and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def verify_dcp_metadata(weights_dir: Path) -> None:
+    """torch's checkpoint reader unpickles ``.metadata`` unrestricted; check it first."""
+    index = weights_dir / ".metadata"
+    require(index.is_file(), f"'{weights_dir}' has no torch_dist index (.metadata)")
+    try:
+        with open(index, "rb") as f:
+            _CheckpointIndexUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"refusing to load '{weights_dir}': its index references '{e}', "
+                         "which is not a checkpoint type") from None
+
+
+def save_weights(model, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    from nemo_minitron.model.params import unwrap
+
+    directory.mkdir(parents=True, exist_ok=True) if is_rank0() else None
+    barrier()
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
+
+
+def load_weights(model, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from nemo_minitron.model.params import unwrap
+
+    verify_dcp_metadata(directory)
+    inner = unwrap(model)
+    state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
+                                    strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    inner.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(model, info: CheckpointInfo, out: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a complete checkpoint atomically (collective over all ranks)."""
+    out = Path(out)
+    info.provenance.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
+    with atomic_directory(out) as tmp:
+        if is_rank0():
+            (tmp / INFO_FILE).write_text(info.to_json())
+            write_tokenizer(tokenizer, tmp / "tokenizer")
+        save_weights(model, tmp / "weights")
+    log.info("saved checkpoint %s (%s)", out, info.description.summary())
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, spec: str = "auto",
+                    layers_per_stage=None):
+    """Build the model at the current parallel layout and load the weights into it (eval mode)."""
+    from nemo_minitron.model.builder import build_model
+
+    info = read_info(path)
+    stored = DTYPES[info.dtype]
+    model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage)
+    load_weights(model, Path(path) / "weights")
+    if dtype is not None and dtype != stored:
+        model = cast_model(model, dtype)
+    model.eval()
+    return model, info
+
+
+def cast_model(model, dtype: torch.dtype):
+    """Change a loaded model's parameter dtype (and its config, which megatron reads for comms)."""
+    model.to(dtype)
+    for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        cfg.params_dtype = dtype
+        cfg.pipeline_dtype = dtype
+        cfg.bf16 = dtype == torch.bfloat16
+        cfg.fp16 = dtype == torch.float16
+    return model

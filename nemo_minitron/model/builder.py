@@ -1,0 +1,158 @@
+"""Build a megatron-core ``GPTModel`` from a ``ModelDescription``.
+
+Transformer Engine's layer spec is used when TE imports (GPUs), megatron-core's local
+spec otherwise. Layers are spread over pipeline stages as evenly as possible, or as
+given by ``layers_per_stage`` (depth pruning keeps each kept layer on its stage).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nemo_minitron.errors import require
+from nemo_minitron.model.description import ModelDescription
+
+Spec = Literal["auto", "local", "te"]
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except Exception:  # TE missing or built for another CUDA: the local spec still works.
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_spec(spec: Spec = "auto") -> Literal["local", "te"]:
+    require(spec in ("auto", "local", "te"), f"--spec must be one of auto, local, te (got '{spec}')")
+    if spec == "auto":
+        return "te" if have_transformer_engine() else "local"
+    require(spec == "local" or have_transformer_engine(), "--spec te needs Transformer Engine and a GPU")
+    return spec
+
+
+def balanced_stages(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage, as even as possible (earlier stages take the remainder)."""
+    return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
+
+
+def _pipeline_layout(layers_per_stage: Sequence[int]) -> list[list[str]]:
+    stages = []
+    for s, n in enumerate(layers_per_stage):
+        row = (["embedding"] if s == 0 else []) + ["decoder"] * n
+        if s == len(layers_per_stage) - 1:
+            row.append("loss")
+        stages.append(row)
+    return stages
+
+
+def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
+                       layers_per_stage: Sequence[int] | None = None, recompute: bool = False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    layers_per_stage = list(layers_per_stage or balanced_stages(desc.num_layers, pp))
+    require(len(layers_per_stage) == pp and sum(layers_per_stage) == desc.num_layers,
+            f"layers per stage {layers_per_stage} do not add up to {desc.num_layers} layers on {pp} stages")
+    extra = {}
+    if pp > 1 and len(set(layers_per_stage)) > 1:
+        extra["pipeline_model_parallel_layout"] = _pipeline_layout(layers_per_stage)
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=desc.num_layers,
+        hidden_size=desc.hidden_size,
+        ffn_hidden_size=desc.ffn_hidden_size,
+        num_attention_heads=desc.num_attention_heads,
+        num_query_groups=desc.num_query_groups,
+        kv_channels=desc.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=desc.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=desc.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # HF computes attention with softmax scale 1/sqrt(head_dim), as megatron does by default.
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA; the plain PyTorch paths are numerically the reference.
+        bias_activation_fusion=on_gpu and have_transformer_engine(),
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=0.02,
+        **extra,
+    )
+
+
+def _apply_rope_scaling(model, desc: ModelDescription) -> None:
+    """Set inverse RoPE frequencies exactly as HF computes them for llama3/linear scaling."""
+    if desc.rope_scaling is None or not hasattr(model, "rotary_pos_emb"):
+        return
+    rope = model.rotary_pos_emb
+    dim = desc.head_dim
+    base = 1.0 / (desc.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    kind = desc.rope_scaling["rope_type"]
+    if kind == "linear":
+        inv_freq = base / float(desc.rope_scaling["factor"])
+    else:  # llama3
+        sc = desc.rope_scaling
+        factor, low, high = float(sc["factor"]), float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old_len = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / base
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * base / factor + smooth * base
+        inv_freq = torch.where(wavelen > old_len / low, base / factor, base)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, inv_freq)
+    rope.inv_freq = inv_freq
+
+
+def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
+                layers_per_stage: Sequence[int] | None = None, spec: Spec = "auto", recompute: bool = False):
+    """Build the local part (this rank's TP shard and PP stage) of a GPTModel, on this rank's device."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    desc.check_layout(tp, pp)
+    config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
+                                recompute=recompute)
+    if resolve_spec(spec) == "te":
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=desc.padded_vocab_size,
+        max_sequence_length=desc.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=desc.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=desc.rope_theta,
+        rotary_percent=1.0,
+    )
+    _apply_rope_scaling(model, desc)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

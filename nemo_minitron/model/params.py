@@ -1,0 +1,110 @@
+"""Canonical names for a GPTModel's weights, and how each is split over tensor parallel ranks.
+
+Conversion, pruning and export all address a weight by one *canonical* name: the name
+megatron-core's local spec gives it at TP=1, PP=1 (``decoder.layers.7.mlp.linear_fc1.weight``,
+global layer number). Transformer Engine fuses the norms into the next linear
+(``linear_qkv.layer_norm_weight``) and pipeline stages number their layers from zero;
+both are translated here, so nothing else in the project needs to know.
+
+Tensor-parallel layout of the fused tensors (global, TP=1 form):
+- ``linear_qkv``: rows grouped by query group, each group ``[q heads..., k, v]`` of
+  ``head_dim`` rows; TP ranks hold contiguous runs of whole groups.
+- ``linear_fc1``: ``[gate; up]``; each TP rank holds ``[gate_shard; up_shard]``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+_TE_RENAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# canonical suffix -> dimension split over TP (None: replicated)
+_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight")
+_ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def tp_split_dim(name: str) -> int | None:
+    if name in _VOCAB_PARALLEL or name.endswith(_COLUMN_PARALLEL):
+        return 0
+    if name.endswith(_ROW_PARALLEL):
+        return 1
+    return None
+
+
+def is_gated(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight")
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module / distillation wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def layer_offset(model) -> int:
+    layers = unwrap(model).decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def canonical_name(model, local_name: str) -> str:
+    for te_suffix, local_suffix in _TE_RENAMES.items():
+        if local_name.endswith(te_suffix):
+            local_name = local_name[: -len(te_suffix)] + local_suffix
+    m = _LAYER.match(local_name)
+    if m:
+        local_name = f"decoder.layers.{int(m.group(1)) + layer_offset(model)}.{m.group(2)}"
+    return local_name
+
+
+def named_weights(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(canonical name, local parameter) for every weight this rank holds."""
+    inner = unwrap(model)
+    for local_name, param in inner.named_parameters():
+        yield canonical_name(inner, local_name), param
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def rename_layer(name: str, new_index: int) -> str:
+    m = _LAYER.match(name)
+    assert m, name
+    return f"decoder.layers.{new_index}.{m.group(2)}"
+
+
+# ---------------------------------------------------------------------- TP split / gather
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's slice of a canonical (TP=1) tensor."""
+    dim = tp_split_dim(name)
+    if dim is None or tp_size == 1:
+        return full
+    if is_gated(name):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def gather(name: str, local: torch.Tensor, group=None) -> torch.Tensor:
+    """The canonical (TP=1) tensor from every TP rank's slice (a collective over ``group``)."""
+    dim = tp_split_dim(name)
+    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if dim is None or size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    if is_gated(name):
+        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
+        return torch.cat([*gates, *ups], dim=0)
+    return torch.cat(parts, dim=dim)

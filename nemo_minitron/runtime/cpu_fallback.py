@@ -1,0 +1,128 @@
+"""Run megatron-core on a machine without a GPU.
+
+megatron-core assumes CUDA in a handful of places: it passes
+``torch.cuda.current_device()`` as a device, creates a few tensors with a literal
+``device="cuda"``, calls ``Tensor.cuda()``, synchronises streams and keeps its
+tensor-parallel RNG states in the CUDA generator. On a CPU-only machine each of those
+is redirected to the CPU here, and nowhere else in the project.
+
+``enable()`` switches the redirection on (idempotent), ``disable()`` restores every
+original. The runtime calls ``enable()`` only when ``torch.cuda.is_available()`` is
+false, so on GPUs megatron-core runs untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_saved: dict[tuple[Any, str], Any] = {}
+_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` arguments of tensor factories and ``.to()`` calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and (_is_cuda(kwargs["device"]) or isinstance(kwargs["device"], int)):
+            kwargs = dict(kwargs, device=_CPU)
+        if func in (torch.Tensor.to,) and args:
+            args = tuple(_CPU if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    key = (owner, name)
+    if key not in _saved:
+        _saved[key] = getattr(owner, name)
+    setattr(owner, name, value)
+
+
+def _cpu_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _noop(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _cuda_type_name(original_type: Callable[..., Any]) -> Callable[..., Any]:
+    # megatron-core's optimizers sort parameters by ``param.type()`` strings such as
+    # 'torch.cuda.FloatTensor'; answer that for CPU tensors when asked with no argument.
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu" or name.startswith("torch.cuda."):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
+def is_enabled() -> bool:
+    return _mode is not None
+
+
+def enable() -> None:
+    """Redirect megatron-core's CUDA assumptions to the CPU (no-op if already on)."""
+    global _mode
+    if _mode is not None:
+        return
+    import megatron.core.tensor_parallel.random as mc_random
+
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the CPU
+    # generator directly and leave manual_seed_all alone.
+    cuda_rng_seed: Callable[[int], Any] = torch.default_generator.manual_seed
+    _patch(torch.cuda, "current_device", lambda: _CPU)
+    _patch(torch.cuda, "synchronize", _noop)
+    _patch(torch.cuda, "manual_seed", cuda_rng_seed)
+    _patch(torch.cuda, "get_rng_state", _cpu_rng_state)
+    _patch(torch.cuda, "set_rng_state", _set_cpu_rng_state)
+    _patch(torch.cuda.random, "get_rng_state", _cpu_rng_state)
+    _patch(torch.cuda.random, "set_rng_state", _set_cpu_rng_state)
+    _patch(mc_random, "_get_cuda_rng_state", _cpu_rng_state)
+    _patch(mc_random, "_set_cuda_rng_state", _set_cpu_rng_state)
+    _patch(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _patch(torch.Tensor, "type", _cuda_type_name(torch.Tensor.type))
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+
+
+def disable() -> None:
+    """Undo ``enable()``: every patched attribute gets its original back."""
+    global _mode
+    if _mode is None:
+        return
+    _mode.__exit__(None, None, None)
+    _mode = None
+    for (owner, name), original in reversed(list(_saved.items())):
+        setattr(owner, name, original)
+    _saved.clear()
+
+
+@contextlib.contextmanager
+def enabled():
+    """Context manager form, for tests."""
+    was_on = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was_on:
+            disable()

@@ -1,0 +1,71 @@
+"""Tiny random Hugging Face models of each supported architecture, saved as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_VOCAB = 1000  # not a multiple of 128: exercises vocabulary padding
+
+# name -> (config class, config kwargs)
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_tied": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
+    # the shapes pruning produces: head_dim != hidden/heads, 2 query groups, odd depth
+    "llama_pruned_shape": ("LlamaConfig", dict(hidden_size=48, intermediate_size=80, num_hidden_layers=5,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                               tie_word_embeddings=False)),
+    "llama3_rope": ("LlamaConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                        max_position_embeddings=256,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None,
+                                      tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)),
+}
+
+
+def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny model (and a tokenizer) to ``directory``."""
+    import transformers
+
+    cls_name, kwargs = TINY_CONFIGS[kind]
+    config = getattr(transformers, cls_name)(vocab_size=TINY_VOCAB, rms_norm_eps=1e-5, bos_token_id=1,
+                                             eos_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norms and biases, so that a mix-up of them cannot go unnoticed
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tiny_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over TINY_VOCAB ids, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    words = [f"w{i}" for i in range(TINY_VOCAB - len(vocab))]
+    vocab.update({w: i + 3 for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    with torch.no_grad():
+        return load_hf_model(directory)(tokens).logits.float()
