@@ -29,10 +29,11 @@ from nemo_minitron.runtime.distributed import check_world_size, init_distributed
 log = logging.getLogger("nemo_minitron")
 
 
-def convert(src: str, out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
+def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
             spec: str = "auto", seed: int = 1234) -> Path:
     """Hugging Face directory / .gguf / alias -> project checkpoint at ``out``."""
-    source = resolve_source(src)
+    source = src if isinstance(src, Source) else resolve_source(src)
+    src = source.label
     out_path = check_new_output(out)
     desc = source.description
     desc.check_layout(tp, pp)

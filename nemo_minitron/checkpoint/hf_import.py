@@ -10,6 +10,7 @@ layers it holds. Pickle-based ``.bin`` weights are refused; nothing runs remote 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -38,7 +39,7 @@ def _alias_path(alias: str) -> Path:
     return path
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Source:
     kind: str  # "hf" or "gguf"
     path: Path  # the directory (hf) or the .gguf file
@@ -99,15 +100,24 @@ class Source:
         return get
 
     def _gguf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.hf_model().state_dict().items()}
+
+    @functools.cache
+    def hf_model(self):
+        """The source as a transformers model (float32). GGUF is dequantised by transformers."""
         import transformers
         from transformers import AutoModelForCausalLM
 
-        log.info("dequantising %s with transformers' GGUF reader", self.path.name)
         key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
-                                                     **{key: torch.float32})
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        if self.kind == "gguf":
+            log.info("dequantising %s with transformers' GGUF reader", self.path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                         **{key: torch.float32})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), **{key: torch.float32})
+        return model.eval()
 
+    @functools.cache
     def tokenizer(self):
         from transformers import AutoTokenizer
 

@@ -72,12 +72,17 @@ def setup_logging(rank: int) -> None:
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     """Initialise torch.distributed and megatron-core's parallel_state (idempotent for the same layout)."""
     global _layout
+    dp = check_world_size(tp, pp)
     if _layout is not None:
         if (_layout.tp, _layout.pp) != (tp, pp):
-            raise RuntimeError(f"already initialised with tp={_layout.tp} pp={_layout.pp}")
+            # A later stage of the same run wants another layout: same processes, new groups.
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            _layout = dataclasses.replace(_layout, tp=tp, pp=pp, dp=dp)
         seed_everything(seed)
         return _layout
-    dp = check_world_size(tp, pp)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -93,6 +98,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     else:
         cpu_fallback.enable()
         device, backend = torch.device("cpu"), "gloo"
+        # Several ranks on one CPU machine: share the cores instead of oversubscribing them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if local_world > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     from megatron.core import parallel_state
 
@@ -151,10 +160,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def all_ranks_ok(ok: bool) -> bool:
     """True only if ``ok`` holds on every rank (so that all ranks take the same branch)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=current_device())
     dist.all_reduce(flag)
     return int(flag.item()) == 0

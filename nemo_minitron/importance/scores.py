@@ -1,0 +1,78 @@
+"""The importance directory: what the importance stage writes and pruning reads.
+
+    DIR/
+      scores.safetensors   one float32 tensor per axis (below)
+      summary.json         model fingerprint, settings, token counts, ranked layers
+      *.png                plots for people
+
+Tensors (global indices, whatever the parallel layout that computed them):
+    heads                   [layers, heads]         head h of group g is index g * heads_per_group + j
+    query_groups            [layers, query_groups]  sum of the group's head scores
+    ffn                     [layers, ffn]           MLP neurons
+    hidden                  [hidden]                embedding channels, summed over every norm
+    hidden_per_layer        [layers, hidden]        the per-layer part of ``hidden`` (both norms of the layer)
+    layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
+    layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
+Higher is more important on every axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
+
+SCORES_FILE = "scores.safetensors"
+SUMMARY_FILE = "summary.json"
+AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
+
+
+@dataclasses.dataclass
+class ImportanceScores:
+    tensors: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+
+    def __getitem__(self, axis: str) -> torch.Tensor:
+        return self.tensors[axis]
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.summary["model"]
+
+    def check_matches(self, desc: ModelDescription, directory: str = "--importance") -> None:
+        """Refuse scores computed on a model of another shape."""
+        mine, theirs = desc.fingerprint(), self.fingerprint
+        diffs = [f"{k} {theirs.get(k)} vs {v}" for k, v in mine.items() if theirs.get(k) != v]
+        require(not diffs, f"{directory} scores were computed on another model ({', '.join(diffs)})")
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        missing = [a for a in AXES if a not in self.tensors]
+        assert not missing, f"importance scores miss axes {missing}"
+        save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(directory / SCORES_FILE))
+        (directory / SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, flag: str = "--importance") -> "ImportanceScores":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        require(directory.is_dir(), f"{flag} '{directory}' does not exist")
+        require((directory / SCORES_FILE).is_file() and (directory / SUMMARY_FILE).is_file(),
+                f"{flag} '{directory}' is not an importance directory (needs {SCORES_FILE} and {SUMMARY_FILE}; "
+                "create it with: nemo-minitron importance CKPT --data ... --out DIR)")
+        try:
+            tensors = load_file(str(directory / SCORES_FILE))
+            summary = json.loads((directory / SUMMARY_FILE).read_text())
+        except Exception as e:  # corrupt file: report it as bad input
+            raise UsageError(f"{flag} '{directory}': unreadable scores: {e}") from None
+        missing = [a for a in AXES if a not in tensors]
+        require(not missing, f"{flag} '{directory}': scores miss axes {', '.join(missing)}")
+        return cls(tensors, summary)

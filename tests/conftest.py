@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random models, the real SmolLM2-135M, and a 2-process launcher.
+
+In-process tests share one world-of-one megatron runtime (TP=1, PP=1). Multi-rank
+behaviour runs as ``torch.distributed.run`` subprocesses over gloo (``run_workers``),
+grouped so the suite stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from tiny_models import make_tiny_hf_model  # noqa: E402
+
+ROOT = TESTS.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"{script} failed with exit {proc.returncode}:\n{tail}")
+    return proc
+
+
+def run_cli(*args: str, nproc: int = 1, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``nemo-minitron ARGS`` as a user would (under torchrun when nproc > 1)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", ""),
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in env.items() if v != ""}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nemo_minitron", *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={_free_port()}", "-m", "nemo_minitron", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """The in-process megatron runtime: a world of one, TP=1, PP=1."""
+    from nemo_minitron.runtime.distributed import init_distributed
+
+    return init_distributed(1, 1, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """Factory: kind -> directory of a tiny random HF model (cached for the session)."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    made: dict[str, Path] = {}
+
+    def get(kind: str = "llama") -> Path:
+        if kind not in made:
+            made[kind] = make_tiny_hf_model(kind, root / kind)
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_hf, tmp_path_factory, runtime):
+    """Factory: kind -> project checkpoint converted from the tiny HF model (cached)."""
+    from nemo_minitron.checkpoint.api import convert
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    made: dict[str, Path] = {}
+
+    def get(kind: str = "llama") -> Path:
+        if kind not in made:
+            made[kind] = convert(str(tiny_hf(kind)), str(root / kind))
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory, runtime):
+    """The real SmolLM2-135M: HF reference logits on a fixed 128-token input and the
+    converted project checkpoint (the GGUF is read once for both)."""
+    from nemo_minitron.checkpoint.api import convert
+    from nemo_minitron.checkpoint.hf_import import resolve_source
+
+    source = resolve_source("smollm2-135m")
+    tokens = torch.randint(0, source.description.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = source.hf_model()(tokens).logits.float()
+    root = tmp_path_factory.mktemp("smollm2")
+    checkpoint = convert(source, str(root / "ckpt"))
+    torch.save({"tokens": tokens, "logits": reference}, root / "reference.pt")
+    return {"checkpoint": checkpoint, "tokens": tokens, "logits": reference, "source": source,
+            "reference_file": root / "reference.pt"}
