@@ -50,3 +50,19 @@ def test_vocab_padding_is_masked(tiny_hf, tiny_checkpoint):
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), samples[:, 1:].reshape(-1))
     assert result.tokens == 3 * 16
     assert abs(result.loss - expected.item()) < 1e-5
+
+
+@pytest.mark.smollm2
+def test_smollm2_export_reloads_in_transformers(smollm2, tmp_path):
+    """The converted SmolLM2-135M exports to a directory transformers loads with no custom
+    code, giving the GGUF model's logits and parameter count."""
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    out = export(str(smollm2["checkpoint"]), str(tmp_path / "hf"), verify=True)
+    reloaded = load_hf_model(out)
+    with torch.no_grad():
+        logits = reloaded(smollm2["tokens"]).logits.float()
+    assert (logits - smollm2["logits"]).abs().max().item() <= 1e-4
+    assert sum(p.numel() for p in reloaded.parameters()) == 134_515_008
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()

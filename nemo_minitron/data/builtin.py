@@ -2,7 +2,8 @@
 
 Needs no download, is the same on every machine with the same Python, and is real
 English prose about code. Documents are split by *source file* (a hash of its path),
-so calibration, training and held-out text never share a module:
+so calibration, training and held-out text never share a module (and a docstring that
+appears in several modules is kept once, in the split of its first module):
 about 10% calibration, 80% training, 10% held-out.
 """
 
@@ -34,6 +35,7 @@ def _is_english(text: str) -> bool:
 
 def _extract(stdlib: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()  # a docstring repeated in several modules goes to one split only
     files = sorted(p for p in stdlib.rglob("*.py") if not (_EXCLUDED_DIRS & set(p.relative_to(stdlib).parts)))
     for path in files:
         rel = path.relative_to(stdlib).as_posix()
@@ -45,14 +47,15 @@ def _extract(stdlib: Path) -> dict[str, list[str]]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node, clean=True)
-                if doc and len(doc) >= _MIN_CHARS and _is_english(doc):
+                if doc and len(doc) >= _MIN_CHARS and _is_english(doc) and doc not in seen:
+                    seen.add(doc)
                     docs.append(doc)
     return out
 
 
 def _cache_file(stdlib: Path) -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemo_minitron"
-    key = hashlib.sha1(f"{sys.version}|{stdlib}|{_MIN_CHARS}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{sys.version}|{stdlib}|{_MIN_CHARS}|v2".encode()).hexdigest()[:16]
     return root / f"builtin-corpus-{key}.json"
 
 

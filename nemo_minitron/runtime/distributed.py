@@ -83,30 +83,30 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
             _layout = dataclasses.replace(_layout, tp=tp, pp=pp, dp=dp)
         seed_everything(seed)
         return _layout
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank = int(os.environ["RANK"])
+    launched = "WORLD_SIZE" in os.environ  # by torchrun, srun + torchrun, NeMo-Run...
+    rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
 
     if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         cpu_fallback.enable()
         device, backend = torch.device("cpu"), "gloo"
         # Several ranks on one CPU machine: share the cores instead of oversubscribing them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         if local_world > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:  # a world of one; leave the environment alone so child processes start clean
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     _layout = Layout(tp=tp, pp=pp, dp=dp, rank=rank, world_size=dist.get_world_size(), device=device)
     seed_everything(seed)

@@ -1,0 +1,105 @@
+"""Bad input to the foundation commands: one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+
+def _assert_clean_error(proc, out_path, *words, before_work=True):
+    """Exit 2 with one error line naming the problem; input rejected before any work starts
+    prints nothing else at all."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("nemo-minitron ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    if before_work:
+        assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    if out_path is not None:
+        assert not out_path.exists()
+        assert not list(out_path.parent.glob(f".{out_path.name}.tmp-*"))
+
+
+def test_missing_source(tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_error(run_cli("convert", "--hf", tmp_path / "nope", "--out", out), out, "--hf", "does not exist")
+
+
+def test_unreadable_sources(tmp_path):
+    bad_gguf = tmp_path / "model.gguf"
+    bad_gguf.write_bytes(b"not a gguf file")
+    out = tmp_path / "out"
+    _assert_clean_error(run_cli("convert", "--hf", bad_gguf, "--out", out), out, "not a GGUF file")
+    bad_dir = tmp_path / "hf"
+    bad_dir.mkdir()
+    (bad_dir / "config.json").write_text("{ not json")
+    (bad_dir / "model.safetensors").write_bytes(b"")
+    _assert_clean_error(run_cli("convert", "--hf", bad_dir, "--out", out), out, "config.json")
+
+
+def test_pickle_weights_are_refused(tiny_hf, tmp_path):
+    src = tmp_path / "bin_only"
+    shutil.copytree(tiny_hf("llama"), src)
+    for f in src.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    out = tmp_path / "out"
+    _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "safetensors")
+
+
+def test_unsupported_architecture(tiny_hf, tmp_path):
+    src = tmp_path / "gpt2_like"
+    shutil.copytree(tiny_hf("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "unsupported architecture", "gpt2")
+
+
+def test_tp_must_divide_heads_and_groups(tiny_hf, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("convert", "--hf", tiny_hf("llama"), "--out", out, "--tp", "3")
+    _assert_clean_error(proc, out, "--tp 3", "allowed --tp values: 1, 2")
+
+
+def test_existing_output_is_never_touched(tiny_hf, tiny_checkpoint, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("convert", "--hf", tiny_hf("llama"), "--out", out)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    proc = run_cli("export", tiny_checkpoint("llama"), "--hf-out", out)
+    assert proc.returncode == 2 and "--hf-out" in proc.stderr and "already exists" in proc.stderr
+
+
+def test_failure_after_start_leaves_nothing(tiny_hf, tmp_path):
+    """A source whose weights do not match its config fails during loading: no output, no temp dir."""
+    src = tmp_path / "truncated"
+    shutil.copytree(tiny_hf("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # the weights hold one layer fewer
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "model.layers.4", before_work=False)
+
+
+def test_not_a_checkpoint(tmp_path):
+    out = tmp_path / "hf"
+    _assert_clean_error(run_cli("export", tmp_path, "--hf-out", out), out, "not a nemo-minitron checkpoint")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--data", "missing.txt"], ["--data", "does not exist"]),
+    (["--data", "builtin:nope"], ["builtin:calib"]),
+    (["--data", "builtin:heldout", "--seq-len", "0"], ["--seq-len"]),
+])
+def test_eval_bad_data(tiny_checkpoint, tmp_path, flags, words):
+    proc = run_cli("eval", tiny_checkpoint("llama"), *flags, cwd=tmp_path)
+    _assert_clean_error(proc, None, *words)
