@@ -1,0 +1,181 @@
+"""The run's report: how good each model is, what it costs, and what each stage did.
+
+Every model of the run (the input teacher, the corrected teacher, and each round's
+pruned and distilled students) is evaluated on the same held-out samples. Writes
+``report.md`` (for people), ``report.json`` (for programs) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.pipeline.recipe import Recipe
+
+log = logging.getLogger("nemo_minitron")
+
+GENERATION_PROMPT = "The Python standard library"
+
+
+def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
+    models = [("teacher (input)", paths.input_checkpoint())]
+    if recipe.teacher_correction.enabled:
+        models.append(("teacher (corrected)", paths.teacher_correction / "final"))
+    for i, rnd in enumerate(recipe.rounds):
+        models.append((f"{rnd.name}: pruned", paths.prune(i)))
+        models.append((f"{rnd.name}: distilled", paths.distill(i) / "final"))
+    return models
+
+
+def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
+    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.evaluate import evaluate
+
+    cfg = recipe.report
+    first = models[0][1]
+    specs = parse_data_specs(recipe.data.heldout, flag="data.heldout")
+    samples = load_samples(specs, load_tokenizer(first), cfg.seq_len, vocab_size=read_info(first).description.vocab_size)
+    samples = samples[: cfg.eval_samples]
+    rows = []
+    for name, path in models:
+        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype"))
+        result = evaluate(model, info.description.vocab_size, samples, micro_batch=cfg.micro_batch)
+        desc = info.description
+        rows.append({"model": name, "checkpoint": str(path), "parameters": desc.num_parameters(),
+                     "flops_per_token": desc.flops_per_token(cfg.flops_seq_len),
+                     "kv_cache_bytes_per_token": desc.kv_cache_bytes_per_token(),
+                     "heldout_loss": result.loss, "heldout_perplexity": result.perplexity,
+                     "heldout_tokens": result.tokens, "shape": desc.summary()})
+        log.info("report: %s: loss %.4f, %s", name, result.loss, desc.summary())
+        del model
+    return rows
+
+
+def _read_metrics(directory: Path) -> list[dict[str, Any]]:
+    file = directory / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _plot_curves(recipe: Recipe, paths, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i, rnd in enumerate(recipe.rounds):
+        records = _read_metrics(paths.distill(i))
+        train = [r for r in records if "loss" in r and r.get("kind", "train") == "train"]
+        evals = [r for r in records if r.get("kind") == "eval"]
+        if not train:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss (KD)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["heldout_loss"] for r in evals], "o-", label="held-out LM loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{rnd.name}: distillation")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        name = f"{rnd.name}-distillation.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _copy_importance_plots(recipe: Recipe, paths, out: Path) -> list[str]:
+    files = []
+    for i, rnd in enumerate(recipe.rounds):
+        for png in sorted(paths.importance(i).glob("*.png")):
+            name = f"{rnd.name}-{png.name}"
+            shutil.copy2(png, out / name)
+            files.append(name)
+    return files
+
+
+def _generate_sample(export_dir: Path) -> str | None:
+    if not (export_dir / "config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    model = load_hf_model(export_dir)
+    inputs = tokenizer(GENERATION_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def write_report(recipe: Recipe, paths, out: Path) -> None:
+    """Collective (evaluation runs on every rank); rank 0 writes the files, atomically."""
+    from nemo_minitron.checkpoint.store import atomic_directory
+    from nemo_minitron.runtime.distributed import is_rank0
+
+    rows = _evaluate_all(recipe, _models(recipe, paths))
+    stages = json.loads((paths.root / "stages.json").read_text()) if (paths.root / "stages.json").is_file() else {}
+    with atomic_directory(out) as tmp:
+        if not is_rank0():
+            return
+        curves = _plot_curves(recipe, paths, tmp)
+        importance_plots = _copy_importance_plots(recipe, paths, tmp)
+        sample = _generate_sample(paths.export) if recipe.export.enabled else None
+        summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
+        report = {"recipe": recipe.name, "models": rows, "stages": stages, "distillation": summaries,
+                  "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths) -> str:
+    base = rows[0]
+    lines = [f"# {recipe.name}", "",
+             f"Held-out data: {', '.join(recipe.data.heldout)} ({rows[0]['heldout_tokens']} tokens, "
+             f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}.", "",
+             "| model | parameters | FLOPs/token | KV cache bytes/token | held-out loss | perplexity | vs. teacher |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {_fmt_count(r['parameters'])} ({r['parameters'] / base['parameters']:.0%}) "
+                     f"| {_fmt_count(r['flops_per_token'])} | {r['kv_cache_bytes_per_token']:,} "
+                     f"| {r['heldout_loss']:.4f} | {r['heldout_perplexity']:.2f} "
+                     f"| {r['heldout_loss'] - base['heldout_loss']:+.4f} |")
+    lines += ["", "Shapes:", ""] + [f"- {r['model']}: {r['shape']}" for r in rows]
+    if stages:
+        lines += ["", "## Stages", "", "| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]
+        for name, s in stages.items():
+            tps = f"{s['tokens_per_second']:,.0f}" if s.get("tokens_per_second") else "-"
+            lines.append(f"| {name} | {s['wall_seconds']:.0f} s | {s['tokens'] or '-'} | {tps} |")
+    if curves:
+        lines += ["", "## Distillation", ""] + [f"![{c}]({c})" for c in curves]
+    if importance_plots:
+        lines += ["", "## Importance", ""] + [f"![{p}]({p})" for p in importance_plots]
+    if recipe.export.enabled:
+        lines += ["", "## Export", "", f"Hugging Face model: `{paths.export}` (load with "
+                  "`transformers.AutoModelForCausalLM.from_pretrained`)."]
+        if sample is not None:
+            lines += ["", f"Greedy generation from the exported model, prompt \"{GENERATION_PROMPT}\":", "",
+                      "> " + sample.replace("\n", " ")]
+    return "\n".join(lines) + "\n"
