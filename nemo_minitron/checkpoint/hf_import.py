@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -126,11 +127,28 @@ class Source:
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_snapshot(repo_id: str, flag: str) -> Path:
+    """Download a Hugging Face Hub model (config, tokenizer, safetensors only) into the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                               "*.tiktoken", "*.txt"]))
+    except Exception as e:  # offline, gated, missing: one line naming the source
+        raise UsageError(f"{flag} '{repo_id}' is not a local path, and the Hugging Face Hub download failed: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
 def resolve_source(src: str, flag: str = "--hf") -> Source:
-    """Validate ``src`` (path or alias) without loading weights."""
+    """Validate ``src`` (path, alias or Hub id) without loading weights."""
     if src in ALIASES:
         return Source("gguf", _alias_path(src), src)
     path = Path(src)
+    if not path.exists() and _HUB_ID.match(src) and not src.startswith((".", "/")):
+        path = _hub_snapshot(src, flag)
     require(path.exists(), f"{flag} '{src}' does not exist (give a Hugging Face model directory, a .gguf file, "
                            f"or one of: {', '.join(ALIASES)})")
     require(os.access(path, os.R_OK), f"{flag} '{src}' is not readable")

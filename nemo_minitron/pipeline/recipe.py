@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from omegaconf import MISSING
+
 from nemo_minitron.errors import UsageError, require
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -36,9 +38,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    calib: list[str] = field(default_factory=lambda: ["builtin:calib"])
-    train: list[str] = field(default_factory=lambda: ["builtin:train"])
-    heldout: list[str] = field(default_factory=lambda: ["builtin:heldout"])
+    """``--data`` values for each use (e.g. ``[builtin:train]``, Megatron prefixes, JSONL files)."""
+
+    calib: list[str] = MISSING
+    train: list[str] = MISSING
+    heldout: list[str] = MISSING
 
 
 @dataclass

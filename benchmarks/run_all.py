@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""`make bench`: run every benchmark in this folder, one after another, and collect
+their JSON results in benchmarks/results/. Each benchmark measures its ratios side by
+side in one run; see the script's docstring for what it compares."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def main() -> int:
+    RESULTS.mkdir(exist_ok=True)
+    only = set(sys.argv[1:])
+    scripts = [p for p in sorted(HERE.glob("*.py")) if p.name != "run_all.py" and (not only or p.stem in only)]
+    failed = []
+    for script in scripts:
+        print(f"== {script.stem}", flush=True)
+        start = time.time()
+        proc = subprocess.run([sys.executable, str(script), "--json", str(RESULTS / f"{script.stem}.json")])
+        print(f"== {script.stem}: exit {proc.returncode} after {time.time() - start:.0f} s", flush=True)
+        if proc.returncode:
+            failed.append(script.stem)
+    summary = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    (RESULTS / "all.json").write_text(json.dumps(summary, indent=2))
+    if failed:
+        print("failed:", ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
