@@ -47,12 +47,26 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(directory), safe_serialization=True)
-    tiny_tokenizer().save_pretrained(str(directory))
+    byte_tokenizer().save_pretrained(str(directory))
     return directory
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer (any text, 3 special + 256 byte tokens), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_tokenizer():
-    """A word-level tokenizer over TINY_VOCAB ids, built offline."""
+    """A word-level tokenizer over TINY_VOCAB ids ("w0".."w996"), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

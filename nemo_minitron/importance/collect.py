@@ -1,0 +1,226 @@
+"""Activation statistics for every prunable width unit, streamed over calibration batches.
+
+Per token, each unit has one activation value x[b, s, u]:
+- attention head u:   the L2 norm of the head's output (its head_dim values at the input
+                      of the output projection), as the paper's ||Attn_u(X)||;
+- query group:        the sum of its heads' final scores;
+- MLP neuron u:       the input of the second MLP linear (``post``, default), or the
+                      gate pre-activation X.W_gate,u (``pre``, the paper's X.W1_i);
+- embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm).
+
+Aggregation, first over the sequence of each sample, then over all samples:
+    seq   mean: mean_s |x|      l2: sqrt(sum_s x^2)      var: mean_s (x - mean_s x)^2
+    batch mean: mean_b v        l2: sqrt(sum_b v^2)      var: mean_b (v - mean_b v)^2
+(default seq=mean, batch=l2). Only sum_b v, sum_b v^2 and the sample count are kept
+(float64), so nothing scales with the number of samples, and data-parallel ranks add
+their sums. Channel scores are computed per norm and summed over all norms.
+
+Layers: Block Importance BI = 1 - mean over tokens of cos(layer input, layer output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+AGGREGATIONS = ("mean", "l2", "var")
+NEURON_ACTIVATIONS = ("post", "pre")
+
+
+def aggregate_sequence(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """[b, s, ...] -> [b, ...] (float64)."""
+    x = x.double()
+    if kind == "mean":
+        return x.abs().mean(dim=1)
+    if kind == "l2":
+        return x.square().sum(dim=1).sqrt()
+    return x.var(dim=1, unbiased=False)
+
+
+class BatchStat:
+    """Running sum and sum of squares of per-sample values, for one axis of one layer."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.total_sq: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, per_sample: torch.Tensor) -> None:
+        s, sq = per_sample.sum(dim=0), per_sample.square().sum(dim=0)
+        if self.total is None:
+            self.total, self.total_sq = s, sq
+        else:
+            self.total += s
+            self.total_sq += sq
+        self.count += per_sample.shape[0]
+
+    def all_reduce(self, group) -> None:
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        packed = torch.cat([self.total, self.total_sq, torch.tensor([float(self.count)], dtype=torch.float64,
+                                                                      device=self.total.device)])
+        dist.all_reduce(packed, group=group)
+        n = self.total.numel()
+        self.total, self.total_sq, self.count = packed[:n], packed[n:2 * n], int(packed[-1].item())
+
+    def finalize(self, kind: str) -> torch.Tensor:
+        n = max(self.count, 1)
+        if kind == "mean":
+            return self.total / n
+        if kind == "l2":
+            return self.total_sq.sqrt()
+        mean = self.total / n
+        return (self.total_sq / n - mean.square()).clamp(min=0)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    heads: BatchStat = dataclasses.field(default_factory=BatchStat)
+    ffn: BatchStat = dataclasses.field(default_factory=BatchStat)
+    input_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
+    pre_mlp_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
+    cos_sum: float = 0.0
+    cos_tokens: int = 0
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)) * weight.float()
+
+
+class ActivationCollector:
+    """Forward hooks on this rank's layers; ``with collector.active(): run forward``.
+
+    Works on megatron-core's local spec and on the Transformer Engine spec (where the
+    input and pre-MLP norms are fused into ``linear_qkv`` / ``linear_fc1`` and their
+    outputs are recomputed here from the fused module's input and its norm weight)."""
+
+    def __init__(self, model, seq_agg: str = "mean", neuron_activation: str = "post") -> None:
+        from nemo_minitron.model.params import unwrap
+
+        assert seq_agg in AGGREGATIONS and neuron_activation in NEURON_ACTIVATIONS
+        self.model = unwrap(model)
+        self.seq_agg = seq_agg
+        self.neuron_activation = neuron_activation
+        self.layers = {layer.layer_number - 1: layer for layer in self.model.decoder.layers}
+        self.stats = {i: LayerStats() for i in self.layers}
+        self.final_norm = BatchStat()
+        self.enabled = True
+
+    # ------------------------------------------------------------------ hooks
+    def _per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """megatron activations are [s, b, ...]; aggregate each sample's sequence."""
+        return aggregate_sequence(x.detach().transpose(0, 1), self.seq_agg)
+
+    def _hooks(self) -> Iterator[tuple[torch.nn.Module, str, Callable]]:
+        for index, layer in self.layers.items():
+            st = self.stats[index]
+            attn, mlp = layer.self_attention, layer.mlp
+            head_dim = attn.hidden_size_per_attention_head
+
+            def heads(module, args, st=st, head_dim=head_dim):
+                x = args[0]  # [s, b, heads_local * head_dim]
+                norms = x.detach().float().unflatten(-1, (-1, head_dim)).norm(dim=-1)
+                st.heads.add(self._per_sample(norms))
+            yield attn.linear_proj, "pre", heads
+
+            if self.neuron_activation == "post":
+                def neurons(module, args, st=st):
+                    st.ffn.add(self._per_sample(args[0]))
+                yield mlp.linear_fc2, "pre", neurons
+            else:
+                def neurons(module, args, output, st=st):
+                    out = output[0] if isinstance(output, tuple) else output
+                    gate = out.chunk(2, dim=-1)[0]  # [gate; up] per TP shard
+                    st.ffn.add(self._per_sample(gate))
+                yield mlp.linear_fc1, "post", neurons
+
+            for norm_name, fused_into, stat in (("input_layernorm", attn.linear_qkv, st.input_norm),
+                                                ("pre_mlp_layernorm", mlp.linear_fc1, st.pre_mlp_norm)):
+                if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
+                    def fused(module, args, stat=stat):
+                        eps = getattr(module, "eps", self.model.config.layernorm_epsilon)
+                        stat.add(self._per_sample(_rms_norm(args[0].detach(), module.layer_norm_weight, eps)))
+                    yield fused_into, "pre", fused
+                else:
+                    def norm_out(module, args, output, stat=stat):
+                        stat.add(self._per_sample(output))
+                    yield getattr(layer, norm_name), "post", norm_out
+
+            def block(module, args, kwargs, output, st=st):
+                x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                x_out = output[0] if isinstance(output, tuple) else output
+                cos = torch.nn.functional.cosine_similarity(x_in.detach().double(), x_out.detach().double(), dim=-1)
+                st.cos_sum += cos.sum().item()
+                st.cos_tokens += cos.numel()
+            yield layer, "post_kwargs", block
+
+        if getattr(self.model.decoder, "final_layernorm", None) is not None:
+            def final(module, args, output):
+                self.final_norm.add(self._per_sample(output))
+            yield self.model.decoder.final_layernorm, "post", final
+
+    @contextlib.contextmanager
+    def active(self):
+        handles = []
+        for module, kind, fn in self._hooks():
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "post":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ reduction
+    def finalize(self, num_layers: int, batch_agg: str) -> dict[str, torch.Tensor]:
+        """Collective: reduce over DP (sums), TP (sharded units), PP (layers); global scores."""
+        from megatron.core import parallel_state as ps
+
+        dp_group, tp_group, pp_group = (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
+                                        ps.get_pipeline_model_parallel_group())
+        desc_heads = self.model.config.num_attention_heads
+        ffn = self.model.config.ffn_hidden_size
+        hidden = self.model.config.hidden_size
+        device = next(self.model.parameters()).device
+        out = {
+            "heads": torch.zeros(num_layers, desc_heads, dtype=torch.float64, device=device),
+            "ffn": torch.zeros(num_layers, ffn, dtype=torch.float64, device=device),
+            "hidden_per_layer": torch.zeros(num_layers, hidden, dtype=torch.float64, device=device),
+            "layer_block_importance": torch.zeros(num_layers, dtype=torch.float64, device=device),
+            "final_norm": torch.zeros(hidden, dtype=torch.float64, device=device),
+        }
+        for index, st in self.stats.items():
+            for stat in (st.heads, st.ffn, st.input_norm, st.pre_mlp_norm):
+                stat.all_reduce(dp_group)
+            out["heads"][index] = _gather_tp(st.heads.finalize(batch_agg), tp_group)
+            out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
+            out["hidden_per_layer"][index] = st.input_norm.finalize(batch_agg) + st.pre_mlp_norm.finalize(batch_agg)
+            cos = torch.tensor([st.cos_sum, float(st.cos_tokens)], dtype=torch.float64, device=device)
+            if dist.is_initialized():
+                dist.all_reduce(cos, group=dp_group)
+            out["layer_block_importance"][index] = 1.0 - cos[0] / cos[1].clamp(min=1)
+        if self.final_norm.total is not None:
+            self.final_norm.all_reduce(dp_group)
+            out["final_norm"] = self.final_norm.finalize(batch_agg)
+        if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
+            for tensor in out.values():
+                dist.all_reduce(tensor, group=pp_group)
+        return out
+
+
+def _gather_tp(local: torch.Tensor, group) -> torch.Tensor:
+    """Heads and neurons are split contiguously over TP ranks: concatenate in rank order."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)

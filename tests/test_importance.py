@@ -1,0 +1,208 @@
+"""Importance scores against a reference computed from explicitly captured activations of
+the Hugging Face implementation of the same weights."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, run_workers
+
+SEQ, SAMPLES, LAYER_SAMPLES, SEED = 24, 6, 3, 11
+
+
+def _samples(checkpoint):
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.samples import load_samples, parse_data_specs
+
+    desc = read_info(checkpoint).description
+    return load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(checkpoint), SEQ, num_samples=SAMPLES,
+                        seed=SEED, vocab_size=desc.vocab_size)
+
+
+def _capture(hf_model, tokens):
+    """Every activation importance is defined on, captured with plain hooks on the HF model."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name, kind):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append((args[0] if kind == "in" else output).detach().double())
+        return hook
+
+    handles = []
+    for i, layer in enumerate(hf_model.model.layers):
+        handles += [layer.self_attn.o_proj.register_forward_hook(keep(f"{i}.attn_out", "in")),
+                    layer.mlp.down_proj.register_forward_hook(keep(f"{i}.ffn_post", "in")),
+                    layer.mlp.gate_proj.register_forward_hook(keep(f"{i}.ffn_pre", "out")),
+                    layer.input_layernorm.register_forward_hook(keep(f"{i}.norm1", "out")),
+                    layer.post_attention_layernorm.register_forward_hook(keep(f"{i}.norm2", "out")),
+                    layer.register_forward_hook(keep(f"{i}.layer_in", "in")),
+                    layer.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(f"{i}.layer_out", []).append(
+                        (o[0] if isinstance(o, tuple) else o).detach().double()))]
+    handles.append(hf_model.model.norm.register_forward_hook(keep("final_norm", "out")))
+    with torch.no_grad():
+        hf_model(tokens)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}  # each [b, s, ...]
+
+
+def _aggregate(x: torch.Tensor, seq: str, batch: str) -> torch.Tensor:
+    """The definitions, written out directly: x [b, s, units] -> [units]."""
+    per_sample = {"mean": lambda t: t.abs().mean(1), "l2": lambda t: t.pow(2).sum(1).sqrt(),
+                  "var": lambda t: ((t - t.mean(1, keepdim=True)) ** 2).mean(1)}[seq](x)
+    return {"mean": lambda v: v.mean(0), "l2": lambda v: v.pow(2).sum(0).sqrt(),
+            "var": lambda v: ((v - v.mean(0)) ** 2).mean(0)}[batch](per_sample)
+
+
+def _reference(acts, desc, seq, batch, neuron_activation="post"):
+    L, d = desc.num_layers, desc.head_dim
+    heads = torch.stack([_aggregate(acts[f"{i}.attn_out"].unflatten(-1, (-1, d)).norm(dim=-1), seq, batch)
+                         for i in range(L)])
+    ffn = torch.stack([_aggregate(acts[f"{i}.ffn_{neuron_activation}"], seq, batch) for i in range(L)])
+    per_layer = torch.stack([_aggregate(acts[f"{i}.norm1"], seq, batch) + _aggregate(acts[f"{i}.norm2"], seq, batch)
+                             for i in range(L)])
+    cos = [torch.nn.functional.cosine_similarity(acts[f"{i}.layer_in"], acts[f"{i}.layer_out"], dim=-1).mean()
+           for i in range(L)]
+    return {"heads": heads, "query_groups": heads.unflatten(1, (desc.num_query_groups, -1)).sum(-1), "ffn": ffn,
+            "hidden_per_layer": per_layer, "hidden": per_layer.sum(0) + _aggregate(acts["final_norm"], seq, batch),
+            "layer_block_importance": 1 - torch.stack(cos)}
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    scale = ref.abs().max().item()
+    return (ours.double() - ref.double()).abs().max().item() <= rtol * max(scale, 1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf, tiny_checkpoint):
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    ckpt = tiny_checkpoint("llama")
+    samples = _samples(ckpt)
+    hf = load_hf_model(tiny_hf("llama"))
+    return {"checkpoint": ckpt, "samples": samples, "desc": read_info(ckpt).description,
+            "acts": _capture(hf, samples[:, :-1]), "hf": hf}
+
+
+@pytest.mark.parametrize("seq, batch", list(itertools.product(("mean", "l2", "var"), repeat=2)))
+def test_scores_equal_reference_for_every_aggregation(tiny, tmp_path, seq, batch):
+    from nemo_minitron.importance.api import compute_importance
+
+    scores = compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(tmp_path / "imp"), samples=SAMPLES,
+                                seq_len=SEQ, micro_batch=4, batch_agg=batch, seq_agg=seq,
+                                layer_samples=LAYER_SAMPLES, seed=SEED, progress=False)
+    reference = _reference(tiny["acts"], tiny["desc"], seq, batch)
+    for axis, ref in reference.items():
+        assert _close(scores[axis], ref, 1e-5), (axis, seq, batch)
+
+
+def test_pre_activation_neurons_and_written_directory(tiny, tmp_path):
+    from nemo_minitron.importance.api import compute_importance
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    out = tmp_path / "imp"
+    compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(out), samples=SAMPLES, seq_len=SEQ,
+                       neuron_activation="pre", layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED,
+                       progress=False)
+    loaded = ImportanceScores.load(out)
+    assert _close(loaded["ffn"], _reference(tiny["acts"], tiny["desc"], "mean", "l2", "pre")["ffn"], 1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"] == SAMPLES * SEQ and summary["settings"]["neuron_activation"] == "pre"
+    assert set(summary["plots"]) <= {p.name for p in out.glob("*.png")} and len(summary["plots"]) == 4
+    assert summary["layers"]["contiguous_blocks"]["2"]["layers"] == list(range(
+        summary["layers"]["contiguous_blocks"]["2"]["start"], summary["layers"]["contiguous_blocks"]["2"]["start"] + 2))
+    loaded.check_matches(tiny["desc"])
+
+
+def test_loss_drop_equals_eval_without_the_layer(tiny, tmp_path):
+    """Reference: the HF model with the layer deleted, cross-entropy on the same samples."""
+    import copy
+
+    from nemo_minitron.importance.api import compute_importance
+
+    scores = compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(tmp_path / "imp"), samples=SAMPLES,
+                                seq_len=SEQ, layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED, progress=False)
+    samples = tiny["samples"][:LAYER_SAMPLES]
+
+    def hf_loss(model):
+        with torch.no_grad():
+            logits = model(samples[:, :-1]).logits.double()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), samples[:, 1:].flatten()).item()
+
+    full = hf_loss(tiny["hf"])
+    assert abs(scores.summary["full_loss"] - full) < 1e-5
+    for i in range(tiny["desc"].num_layers):
+        without = copy.deepcopy(tiny["hf"])
+        del without.model.layers[i]
+        assert abs(scores["layer_loss_drop"][i].item() - (hf_loss(without) - full)) < 1e-5, i
+    block = scores.summary["layers"]["contiguous_blocks"]["2"]
+    candidates = []
+    for start in range(tiny["desc"].num_layers - 1):
+        without = copy.deepcopy(tiny["hf"])
+        del without.model.layers[start:start + 2]
+        candidates.append(hf_loss(without))
+    assert block["start"] == min(range(len(candidates)), key=candidates.__getitem__)
+    assert abs(block["loss_increase"] - (min(candidates) - full)) < 1e-5
+
+
+@pytest.mark.multirank
+def test_parallel_layouts_equal_tp1(tiny, tmp_path):
+    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples."""
+    from nemo_minitron.importance.api import compute_importance
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    kwargs = dict(samples=SAMPLES, seq_len=SEQ, layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED)
+    base = compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(tmp_path / "tp1"), progress=False,
+                              micro_batch=2, **kwargs)
+    for name, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
+        out = tmp_path / name
+        run_workers("importance_layouts.py", tiny["checkpoint"], out, *flags)
+        other = ImportanceScores.load(out)
+        for axis, ref in base.tensors.items():
+            assert _close(other[axis], ref, 1e-4), (name, axis)
+        assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
+            base.summary["layers"]["contiguous_blocks"]["2"]["start"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_summary_plots_and_layer_ranking(smollm2, tmp_path):
+    """First and last layers of the trained decoder rank among the most important by loss drop."""
+    from nemo_minitron.importance.api import compute_importance
+
+    out = tmp_path / "imp"
+    scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
+                                micro_batch=8, layer_samples=4, drop_blocks=[4], progress=False)
+    ranked = scores.summary["layers"]["ranked_by_loss_drop"]
+    assert 0 in ranked[:5] and 29 in ranked[:5], ranked
+    assert (out / "summary.json").is_file() and len(list(out.glob("*.png"))) == 4
+    assert scores["heads"].shape == (30, 9) and scores["ffn"].shape == (30, 1536) and scores["hidden"].shape == (576,)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--samples", "100000"], ["--samples 100000 is more than the data holds"]),
+    (["--batch-agg", "median"], ["--batch-agg", "mean, l2, var"]),
+    (["--seq-agg", "max"], ["--seq-agg", "mean, l2, var"]),
+])
+def test_bad_input(tiny, tmp_path, flags, words):
+    out = tmp_path / "imp"
+    proc = run_cli("importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out, "--seq-len", "32",
+                   *flags)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert not out.exists()
+
+
+def test_bad_input_short_data_and_existing_output(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "imp"
+    proc = run_cli("importance", tiny["checkpoint"], "--data", short, "--out", out, "--seq-len", "64")
+    assert proc.returncode == 2 and "shorter than one sample" in proc.stderr and not out.exists()
+    out.mkdir()
+    proc = run_cli("importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and not list(out.iterdir())
