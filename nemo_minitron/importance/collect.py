@@ -32,13 +32,17 @@ NEURON_ACTIVATIONS = ("post", "pre")
 
 
 def aggregate_sequence(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """[b, s, ...] -> [b, ...] (float64)."""
-    x = x.double()
+    """megatron's [s, b, ...] -> [b, ...] (float64 result, float32 arithmetic).
+
+    The default (mean of |x|) sums in float32 without a float32 copy of the activations:
+    the hooks run inside the forward pass, whose cost they must barely change."""
     if kind == "mean":
-        return x.abs().mean(dim=1)
-    if kind == "l2":
-        return x.square().sum(dim=1).sqrt()
-    return x.var(dim=1, unbiased=False)
+        v = x.abs().sum(dim=0, dtype=torch.float32) / x.shape[0]
+    elif kind == "l2":
+        v = x.float().square().sum(dim=0).sqrt()
+    else:
+        v = x.float().var(dim=0, unbiased=False)
+    return v.double()
 
 
 class BatchStat:
@@ -83,7 +87,7 @@ class LayerStats:
     ffn: BatchStat = dataclasses.field(default_factory=BatchStat)
     input_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
     pre_mlp_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
-    cos_sum: float = 0.0
+    cos_sum: torch.Tensor | float = 0.0  # stays on the device: no synchronisation per batch
     cos_tokens: int = 0
 
 
@@ -109,12 +113,12 @@ class ActivationCollector:
         self.layers = {layer.layer_number - 1: layer for layer in self.model.decoder.layers}
         self.stats = {i: LayerStats() for i in self.layers}
         self.final_norm = BatchStat()
-        self.enabled = True
+        self._last_output_sq: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ hooks
     def _per_sample(self, x: torch.Tensor) -> torch.Tensor:
         """megatron activations are [s, b, ...]; aggregate each sample's sequence."""
-        return aggregate_sequence(x.detach().transpose(0, 1), self.seq_agg)
+        return aggregate_sequence(x.detach(), self.seq_agg)
 
     def _hooks(self) -> Iterator[tuple[torch.nn.Module, str, Callable]]:
         for index, layer in self.layers.items():
@@ -123,8 +127,8 @@ class ActivationCollector:
             head_dim = attn.hidden_size_per_attention_head
 
             def heads(module, args, st=st, head_dim=head_dim):
-                x = args[0]  # [s, b, heads_local * head_dim]
-                norms = x.detach().float().unflatten(-1, (-1, head_dim)).norm(dim=-1)
+                x = args[0].detach()  # [s, b, heads_local * head_dim]
+                norms = x.unflatten(-1, (-1, head_dim)).float().square().sum(dim=-1).sqrt()
                 st.heads.add(self._per_sample(norms))
             yield attn.linear_proj, "pre", heads
 
@@ -154,8 +158,17 @@ class ActivationCollector:
             def block(module, args, kwargs, output, st=st):
                 x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 x_out = output[0] if isinstance(output, tuple) else output
-                cos = torch.nn.functional.cosine_similarity(x_in.detach().double(), x_out.detach().double(), dim=-1)
-                st.cos_sum += cos.sum().item()
+                x_in, x_out = x_in.detach(), x_out.detach()
+                # products in the activations' dtype, sums in float32; a layer's input is the
+                # previous layer's output, whose squared norms were computed one hook earlier
+                cached = self._last_output_sq
+                in_sq = cached[1] if cached is not None and cached[0] is x_in else (x_in * x_in).sum(
+                    -1, dtype=torch.float32)
+                out_sq = (x_out * x_out).sum(-1, dtype=torch.float32)
+                self._last_output_sq = (x_out, out_sq)
+                dot = (x_in * x_out).sum(-1, dtype=torch.float32)
+                cos = dot / (in_sq * out_sq).sqrt().clamp(min=1e-12)
+                st.cos_sum += cos.double().sum()
                 st.cos_tokens += cos.numel()
             yield layer, "post_kwargs", block
 
@@ -179,6 +192,7 @@ class ActivationCollector:
         finally:
             for h in handles:
                 h.remove()
+            self._last_output_sq = None
 
     # ------------------------------------------------------------------ reduction
     def finalize(self, num_layers: int, batch_agg: str) -> dict[str, torch.Tensor]:
@@ -204,7 +218,7 @@ class ActivationCollector:
             out["heads"][index] = _gather_tp(st.heads.finalize(batch_agg), tp_group)
             out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
             out["hidden_per_layer"][index] = st.input_norm.finalize(batch_agg) + st.pre_mlp_norm.finalize(batch_agg)
-            cos = torch.tensor([st.cos_sum, float(st.cos_tokens)], dtype=torch.float64, device=device)
+            cos = torch.tensor([float(st.cos_sum), float(st.cos_tokens)], dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(cos, group=dp_group)
             out["layer_block_importance"][index] = 1.0 - cos[0] / cos[1].clamp(min=1)
