@@ -1,0 +1,51 @@
+"""``nemo-minitron plan`` and ``nemo-minitron prune``: argument handling only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _description(path: str):
+    """A checkpoint, a convertible source, or a plain HF config.json."""
+    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.model.description import description_from_hf_config
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json":
+        try:
+            return description_from_hf_config(json.loads(p.read_text()), name=p.parent.name)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"MODEL '{path}': not JSON ({e.msg})") from None
+    return describe_model(path)
+
+
+def plan_main(args) -> int:
+    from nemo_minitron.prune.plan import format_table, plan
+    from nemo_minitron.prune.targets import parse_param_count
+
+    desc = _description(args.model)
+    budget = parse_param_count(args.target_params)
+    candidates = plan(desc, budget, tolerance=args.tolerance, max_width_cut=args.max_width_cut,
+                      max_depth_cut=args.max_depth_cut, prefer=args.prefer, tp=args.tp, pp=args.pp)
+    print(f"{args.model}: {desc.summary()}")
+    print(f"budget {budget / 1e6:,.1f}M parameters (+-{args.tolerance:.0%}), {args.prefer} first\n")
+    print(format_table(desc, candidates, budget, top=args.top))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"params": c.params, "target": c.target(), "why": c.why,
+                                                "flops_per_token": c.description.flops_per_token(),
+                                                "kv_cache_bytes_per_token": c.description.kv_cache_bytes_per_token()}
+                                               for c in candidates], indent=2))
+    return 0
+
+
+def prune_main(args) -> int:
+    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.targets import parse_target
+
+    target = parse_target(args.target) if args.target else None
+    prune(args.checkpoint, args.importance, args.out, target=target, target_params=args.target_params,
+          order=args.order, layer_metric=args.layer_metric, seed=args.seed, tp=args.tp, pp=args.pp,
+          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut)
+    return 0

@@ -1,0 +1,81 @@
+"""Pruning targets: what the smaller model's shape should be, checked against the original.
+
+A target names any subset of the five prunable axes; the rest keep their size:
+    hidden        embedding channels (the residual stream width)
+    ffn           MLP neurons per layer
+    heads         query heads per layer (the same number kept in every query group)
+    query_groups  K/V groups per layer, each with its query heads
+    layers        transformer layers
+"""
+
+from __future__ import annotations
+
+import re
+
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
+
+AXES = ("hidden", "ffn", "heads", "query_groups", "layers")
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_target(text: str, flag: str = "--target") -> dict[str, int]:
+    """'hidden=480,ffn=1024' -> {'hidden': 480, 'ffn': 1024}."""
+    target: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        require(key in AXES, f"{flag}: unknown axis '{key}' (allowed: {', '.join(AXES)})")
+        require(key not in target, f"{flag}: axis '{key}' given twice")
+        try:
+            target[key] = int(value)
+        except ValueError:
+            raise UsageError(f"{flag}: {key} must be a whole number (got '{value}')") from None
+    require(target, f"{flag} is empty; give e.g. {flag} hidden=480,ffn=1024")
+    return target
+
+
+def parse_param_count(text: str, flag: str = "--target-params") -> int:
+    """'90M', '4.5B', '135000000' -> a parameter count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(text).upper())
+    require(m is not None, f"{flag} must be a number with an optional K/M/B suffix, e.g. 90M or 4.5B (got '{text}')")
+    value = int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
+    require(value > 0, f"{flag} must be positive (got '{text}')")
+    return value
+
+
+def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1, pp: int = 1,
+                 flag: str = "--target") -> ModelDescription:
+    """The pruned description, or a one-line error naming the axis that cannot be met."""
+    for key in target:
+        require(key in AXES, f"{flag}: unknown axis '{key}' (allowed: {', '.join(AXES)})")
+    original = {"hidden": desc.hidden_size, "ffn": desc.ffn_hidden_size, "heads": desc.num_attention_heads,
+                "query_groups": desc.num_query_groups, "layers": desc.num_layers}
+    for key, value in target.items():
+        require(value >= 1, f"{flag}: {key}={value} must be at least 1")
+        require(value <= original[key], f"{flag}: {key}={value} is larger than the original model's "
+                                        f"{original[key]} (pruning only removes)")
+    groups = target.get("query_groups", desc.num_query_groups)
+    heads = target.get("heads", groups * desc.heads_per_group)
+    require(heads % groups == 0, f"{flag}: heads={heads} is not a multiple of query_groups={groups}")
+    require(heads // groups <= desc.heads_per_group,
+            f"{flag}: heads={heads} over {groups} query groups needs {heads // groups} heads per group, "
+            f"but the original groups hold {desc.heads_per_group}")
+    new = desc.replace(hidden_size=target.get("hidden", desc.hidden_size),
+                       ffn_hidden_size=target.get("ffn", desc.ffn_hidden_size),
+                       num_attention_heads=heads, num_query_groups=groups,
+                       num_layers=target.get("layers", desc.num_layers))
+    for key, value in (("query_groups", groups), ("heads", heads), ("ffn", new.ffn_hidden_size)):
+        require(value % tp == 0, f"{flag}: {key}={value} is not divisible by --tp {tp}")
+    require(new.num_layers >= pp, f"{flag}: layers={new.num_layers} is fewer than the --pp {pp} pipeline stages")
+    return new
+
+
+def describe_change(old: ModelDescription, new: ModelDescription) -> str:
+    parts = []
+    for axis, a, b in (("hidden", old.hidden_size, new.hidden_size), ("ffn", old.ffn_hidden_size, new.ffn_hidden_size),
+                       ("heads", old.num_attention_heads, new.num_attention_heads),
+                       ("query_groups", old.num_query_groups, new.num_query_groups),
+                       ("layers", old.num_layers, new.num_layers)):
+        if a != b:
+            parts.append(f"{axis} {a}->{b} (-{1 - b / a:.0%})")
+    return ", ".join(parts) or "no change"

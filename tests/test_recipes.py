@@ -1,0 +1,109 @@
+"""Recipes parse and validate; their targets have the published sizes; launchers render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nemo_minitron.errors import UsageError
+from nemo_minitron.model.description import description_from_hf_config
+from nemo_minitron.pipeline.recipe import load_recipe
+
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_document]",
+        "data.heldout=[/data/val_text_document]"]
+# Published parameter counts of the recipes' targets (Llama-3.1-Minitron 4B width and
+# depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B); None where no such model was published.
+PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
+               "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None}
+
+
+def _source_description(source: str):
+    config = ROOT / "tests" / "data" / "hf_configs" / f"{source.replace('/', '__')}.json"
+    return description_from_hf_config(json.loads(config.read_text()))
+
+
+def test_every_recipe_is_covered():
+    assert {load_recipe(p, DATA).name for p in RECIPES} == set(PUBLISHED_B)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_and_targets_published_size(path):
+    from nemo_minitron.prune.api import planned_description
+
+    recipe = load_recipe(path, DATA)
+    assert recipe.parallel.tp >= 1 and recipe.rounds and all(r.distill.steps > 0 for r in recipe.rounds)
+    if recipe.model.source == "smollm2-135m":
+        from nemo_minitron.checkpoint.hf_import import resolve_source
+
+        desc = resolve_source("smollm2-135m").description
+    else:
+        desc = _source_description(recipe.model.source)
+    for rnd in recipe.rounds:
+        desc = planned_description(desc, target=rnd.prune.target or None, target_params=rnd.prune.target_params,
+                                   tp=recipe.parallel.tp, pp=recipe.parallel.pp)
+    published = PUBLISHED_B[recipe.name]
+    if published is not None:
+        assert abs(desc.num_parameters() / 1e9 - published) < 0.05 * published
+    if recipe.name == "smollm2-135m-to-90m":
+        assert 80e6 < desc.num_parameters() < 95e6
+
+
+def test_cluster_recipes_need_only_data_paths():
+    for path in RECIPES:
+        if "smollm2" in path.name:
+            continue
+        with pytest.raises(UsageError, match=r"data\.calib"):
+            load_recipe(path)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("rounds.0.distill.stepz=3", ["unknown recipe key", "stepz", "steps"]),
+    ("colour=blue", ["unknown recipe key 'colour'"]),
+    ("rounds.0.importance.batch_agg=median", ["batch_agg", "mean, l2, var"]),
+    ("rounds.0.distill.global_batch=7", ["global_batch", "multiple"]),
+    ("rounds.0.prune.target_params=90M", ["exactly one of"]),
+])
+def test_bad_recipe_values_name_the_key(override, words):
+    with pytest.raises(UsageError) as e:
+        load_recipe(ROOT / "recipes" / "smollm2-135m.yaml", [override])
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_overrides_apply():
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml",
+                         ["rounds.0.distill.steps=3", "output_dir=/tmp/x", "data.train=[a.txt,b.jsonl]"])
+    assert recipe.rounds[0].distill.steps == 3 and recipe.output_dir == "/tmp/x"
+    assert recipe.data.train == ["a.txt", "b.jsonl"]
+
+
+def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_launcher", ROOT / "launchers" / "slurm.py")
+    slurm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slurm)
+    recipe = ROOT / "recipes" / "llama3.1-8b-4b-width.yaml"
+    text = slurm.render(str(recipe), DATA, nodes=2, gpus_per_node=8, account="acct", partition="batch",
+                        container_image="nvcr.io/nvidia/pytorch:25.09-py3", container_mounts="/lustre:/lustre")
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--account=acct",
+                      "--partition=batch"):
+        assert f"#SBATCH {directive}" in lines
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+    srun = next(line for line in lines if line.startswith("srun "))
+    # one torchrun per node, all meeting at the first host's c10d rendezvous
+    for part in ("--ntasks-per-node=1", "--container-image=nvcr.io/nvidia/pytorch:25.09-py3",
+                 "--container-mounts=/lustre:/lustre", "torchrun --nnodes=$SLURM_NNODES", "--nproc-per-node=8",
+                 "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID",
+                 "-m nemo_minitron run", str(recipe)):
+        assert part in srun, part
+    assert "tp=2 pp=1 dp=8" in text and "2 nodes x 8 GPUs = 16 ranks" in text
+    assert "NCCL" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
+    with pytest.raises(UsageError, match="multiple of the recipe's tp x pp"):
+        slurm.render(str(ROOT / "recipes" / "mistral-nemo-12b-8b.yaml"), DATA, nodes=1, gpus_per_node=2)
