@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="nemo_minitron.prune.command:prune_main")
 
     p = sub.add_parser("distill", help="knowledge distillation of a student from a teacher")
-    p.add_argument("--teacher", required=True, metavar="CKPT")
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint, or none for plain "
+                   "cross-entropy fine-tuning (the baseline, and teacher correction)")
     p.add_argument("--student", required=True, metavar="CKPT")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out data (default builtin:heldout)")
@@ -147,7 +148,19 @@ def _report_error(command: str, message: str) -> None:
         print(f"nemo-minitron {command}: error: {message}", file=sys.stderr)
 
 
+def _quiet_library_warnings() -> None:
+    """megatron-core and torch warn about optional accelerators and deprecations on every
+    run; users get our log instead (set PYTHONWARNINGS to see them)."""
+    import warnings
+
+    if not os.environ.get("PYTHONWARNINGS"):
+        for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?",
+                       r"nemo_minitron\.runtime\.cpu_fallback"):
+            warnings.filterwarnings("ignore", module=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     module, func = args.handler.split(":")

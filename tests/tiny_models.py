@@ -23,6 +23,14 @@ TINY_CONFIGS = {
                                         max_position_embeddings=256,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # a smaller model of the `llama` family: a student for the `llama` teacher
+    "llama_small": ("LlamaConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        tie_word_embeddings=False)),
+    # the same shapes with a different vocabulary size: not a student for the others
+    "mistral_vocab": ("MistralConfig", dict(vocab_size=1100, hidden_size=48, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, sliding_window=None, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None,
                                       tie_word_embeddings=False)),
@@ -36,8 +44,8 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
     import transformers
 
     cls_name, kwargs = TINY_CONFIGS[kind]
-    config = getattr(transformers, cls_name)(vocab_size=TINY_VOCAB, rms_norm_eps=1e-5, bos_token_id=1,
-                                             eos_token_id=2, **kwargs)
+    kwargs = {"vocab_size": TINY_VOCAB, **kwargs}
+    config = getattr(transformers, cls_name)(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms and biases, so that a mix-up of them cannot go unnoticed

@@ -1,0 +1,105 @@
+"""The logit and intermediate losses against plain full-tensor references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_minitron.distill.losses import LogitLossConfig, intermediate_loss, logit_loss
+
+
+def _reference(z, y, labels, cfg: LogitLossConfig):
+    """Written out directly over the true vocabulary (padding columns dropped)."""
+    V = cfg.vocab_size or z.shape[-1]
+    z, y = z[..., :V].double(), y[..., :V].double()
+    T = cfg.temperature
+    if cfg.top_k is not None:
+        kth = y.topk(cfg.top_k, dim=-1).values[..., -1:]
+        y = y.masked_fill(y < kth, float("-inf"))
+    log_p, log_q = torch.log_softmax(z / T, -1), torch.log_softmax(y / T, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if cfg.kind == "forward":
+        kd = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+    else:
+        kd = (p * (log_p - log_q)).sum(-1)
+    ce = torch.nn.functional.cross_entropy(z.reshape(-1, V), labels.reshape(-1), reduction="none")
+    total = cfg.kd_weight * T * T * kd.mean() + cfg.ce_weight * ce.mean()
+    return total, (T * T * kd).mean(), ce.mean()
+
+
+def _inputs(seed=0, tokens=(3, 7), vocab=200, padded=256):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*tokens, padded, generator=g, dtype=torch.float64).float() * 3
+    y = torch.randn(*tokens, padded, generator=g, dtype=torch.float64).float() * 3
+    z[..., vocab:] = 0.0  # what zero padding rows of the output layer produce
+    y[..., vocab:] = 0.0
+    labels = torch.randint(0, vocab, tokens, generator=g)
+    return z, y, labels
+
+
+@pytest.mark.parametrize("cfg", [
+    LogitLossConfig(vocab_size=200),
+    LogitLossConfig(vocab_size=200, temperature=2.0),
+    LogitLossConfig(vocab_size=200, temperature=0.5, top_k=5),
+    LogitLossConfig(vocab_size=200, kind="reverse", temperature=1.5),
+    LogitLossConfig(vocab_size=200, temperature=2.0, ce_weight=0.3, kd_weight=0.7),
+    LogitLossConfig(vocab_size=200, kd_weight=0.0, ce_weight=1.0),
+], ids=["forward", "T2", "topk", "reverse", "kd+ce", "ce-only"])
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_chunked_loss_equals_full_tensor_reference(runtime, cfg, chunk):
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, chunk_tokens=chunk)
+    z, y, labels = _inputs()
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().double().requires_grad_(True)
+    total, kd, ce = logit_loss(z1, y, labels, cfg)
+    ref_total, ref_kd, ref_ce = _reference(z2, y, labels, cfg)
+    total.backward()
+    ref_total.backward()
+    assert abs(total.item() - ref_total.item()) <= 1e-6 * max(1.0, abs(ref_total.item()))
+    if cfg.kd_weight:
+        assert abs(kd.item() - ref_kd.item()) <= 1e-6 * max(1.0, abs(ref_kd.item()))
+    if cfg.ce_weight:
+        assert abs(ce.item() - ref_ce.item()) <= 1e-6 * max(1.0, abs(ref_ce.item()))
+    ref_grad = torch.zeros_like(z2.grad)
+    ref_grad[..., :200] = z2.grad[..., :200]
+    scale = ref_grad.abs().max().item()
+    assert (z1.grad.double() - ref_grad).abs().max().item() <= 1e-6 * scale
+    assert z1.grad[..., 200:].abs().max() == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_kl_is_zero_with_zero_gradient_when_student_is_teacher(runtime, kind, temperature):
+    z, _, labels = _inputs(seed=3)
+    student = z.clone().requires_grad_(True)
+    total, kd, _ = logit_loss(student, z.clone(), labels,
+                              LogitLossConfig(kind=kind, temperature=temperature, vocab_size=200, chunk_tokens=5))
+    total.backward()
+    assert abs(total.item()) < 1e-6 and abs(kd.item()) < 1e-6
+    assert student.grad.abs().max().item() < 1e-6
+
+
+def test_temperature_scaling_keeps_gradient_size(runtime):
+    """With T^2 scaling, at high temperature the gradient no longer depends on T
+    (without it, doubling T would shrink it fourfold)."""
+    z, _, labels = _inputs(seed=4)
+    y = z + 0.01 * torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    norms = {}
+    for T in (8.0, 16.0):
+        s = z.clone().requires_grad_(True)
+        logit_loss(s, y, labels, LogitLossConfig(temperature=T, vocab_size=200))[0].backward()
+        norms[T] = s.grad.norm().item()
+    assert 0.8 < norms[16.0] / norms[8.0] < 1.25
+
+
+def test_intermediate_losses():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 2, 16, generator=g)
+    assert intermediate_loss(a, a).abs() < 1e-6
+    assert intermediate_loss(a, 3 * a).abs() < 1e-6  # cosine ignores scale
+    assert intermediate_loss(a, 3 * a, "mse").abs() < 1e-6  # so does the RMS-normalised MSE
+    b = torch.randn(5, 2, 16, generator=g)
+    expected = (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean()
+    assert torch.allclose(intermediate_loss(a, b), expected)
