@@ -102,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with run.Experiment(args.name or f"minitron-{recipe.name}", log_level="WARN") as exp:
         exp.add(script, executor=executor, name=recipe.name)
-        exp.run(detach=False, tail_logs=True, sequential=True, dryrun=args.dryrun)
         if args.dryrun:
+            exp.dryrun()
             return 0
-        states = [str(t.state) for t in exp.jobs] if hasattr(exp, "jobs") else []
-    failed = [s for s in states if "SUCCEEDED" not in s.upper()]
-    return 1 if failed else 0
+        exp.run(detach=False, tail_logs=True, sequential=True)
+    # leaving the experiment waits for its jobs; NeMo-Run reports no status for local jobs,
+    # so judge by the outcome: the run's report
+    if args.executor == "local":
+        return 0 if (Path(recipe.output_dir) / "report" / "report.md").is_file() else 1
+    states = [str(job.status(runner=exp._runner)) for job in exp.jobs]
+    return 0 if states and all("SUCCEEDED" in s.upper() for s in states) else 1
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ class TrainConfig:
 
     @property
     def warmup(self) -> int:
-        return max(0, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+        wanted = max(0, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+        return min(wanted, self.steps - 1)  # the schedule needs at least one step of decay
 
 
 # ---------------------------------------------------------------------- data order

@@ -1,0 +1,99 @@
+"""The whole pipeline on a tiny model: stages, report, resumption, and the NeMo-Run launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TESTS
+
+RECIPE = TESTS / "recipes" / "tiny.yaml"
+STAGES = ["convert", "width-importance", "width-prune", "width-distill", "depth-importance", "depth-prune",
+          "depth-distill", "export", "report"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+
+
+def _run(*overrides, check=True):
+    return subprocess.run([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *overrides], env=_env(),
+                          capture_output=True, text=True, check=check)
+
+
+def _steps(distill_dir: Path) -> list[int]:
+    lines = (distill_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["step"] for x in lines if x.strip() and json.loads(x)["kind"] == "train"]
+
+
+def test_recipe_runs_end_to_end_and_resumes(tiny_hf, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(f"model.source={tiny_hf('llama')}", f"output_dir={out}")
+    assert f"report: {out / 'report' / 'report.md'}" in proc.stdout
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == STAGES[:-1] + ["report"] or set(stages) == set(STAGES)
+    report = json.loads((out / "report" / "report.json").read_text())
+    names = [m["model"] for m in report["models"]]
+    assert names == ["teacher (input)", "width: pruned", "width: distilled", "depth: pruned", "depth: distilled"]
+    params = [m["parameters"] for m in report["models"]]
+    assert params[0] > params[1] == params[2] > params[3] == params[4]
+    assert report["generation"].startswith("The Python standard library")
+    md = (out / "report" / "report.md").read_text()
+    assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))
+    assert sum(p.numel() for p in hf.parameters()) == params[-1]
+    # a second start finds every stage complete
+    again = _run(f"model.source={tiny_hf('llama')}", f"output_dir={out}")
+    assert again.stderr.count("skipped") == len(STAGES)
+
+
+def test_run_killed_mid_distillation_resumes_without_redoing_work(tiny_hf, tmp_path):
+    out = tmp_path / "run"
+    args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
+            "rounds.0.distill.save_every=3", "export.enabled=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "width-3-distill" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (marker.exists() and marker.read_text().strip() >= "step_0000006") and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before distillation was checkpointed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads((out / "stages.json").read_text())
+    assert "width-distill" not in before and "width-prune" in before
+    done = _run(*args)
+    after = json.loads((out / "stages.json").read_text())
+    for stage in ("convert", "width-importance", "width-prune"):
+        assert after[stage] == before[stage]  # finished stages were not run again
+        assert f"stage {stage}: complete" in done.stderr
+    assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
+    assert "resumed from" in done.stderr
+    assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.multirank
+def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
+    out = tmp_path / "run"
+    env = dict(_env(), NEMORUN_HOME=str(tmp_path / "nemo_run_home"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "nemorun_launcher.py"), str(RECIPE),
+                           "--executor", "local", "--nproc", "2", f"model.source={tiny_hf('llama')}",
+                           f"output_dir={out}", "rounds.1.distill.steps=1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["models"]) == 5
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["parallel"] == {"tp": 1, "pp": 1}
+    summary = json.loads((out / "width-3-distill" / "summary.json").read_text())
+    assert summary["settings"]["dp"] == 2  # two processes, data parallel
