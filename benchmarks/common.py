@@ -39,3 +39,32 @@ def write_results(args, results: dict) -> None:
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+PRUNED_TARGET = {"hidden": 480, "ffn": 1024, "heads": 6, "query_groups": 3}
+
+
+def smollm2_importance(samples: int = 128, seq_len: int = 256, drop_blocks: tuple[int, ...] = (8, 14)) -> Path:
+    """Importance of SmolLM2-135M on the built-in calibration split (computed once)."""
+    from nemo_minitron.importance.api import compute_importance
+
+    blocks = "-".join(map(str, drop_blocks))
+    path = CACHE / f"smollm2-importance-{samples}x{seq_len}-blocks{blocks}"
+    if not (path / "scores.safetensors").is_file():
+        compute_importance(str(smollm2_checkpoint()), ["builtin:calib"], str(path), samples=samples,
+                           seq_len=seq_len, micro_batch=8, layer_samples=8, drop_blocks=list(drop_blocks),
+                           dtype="bfloat16")
+    return path
+
+
+def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: int = 1234, name: str = "") -> Path:
+    """SmolLM2-135M pruned (by default to hidden 480, ffn 1024, 6 heads in 3 groups: 84.5M)."""
+    from nemo_minitron.checkpoint.store import is_checkpoint
+    from nemo_minitron.prune.api import prune
+
+    target = target or PRUNED_TARGET
+    path = CACHE / (name or f"smollm2-pruned-{order}-{seed}-" + "-".join(f"{k}{v}" for k, v in sorted(target.items())))
+    if not is_checkpoint(path):
+        prune(str(smollm2_checkpoint()), str(smollm2_importance()), str(path), target=target, order=order,
+              seed=seed, layer_metric="contiguous")
+    return path

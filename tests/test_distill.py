@@ -92,13 +92,13 @@ def test_killed_run_resumes_with_identical_losses(tiny_checkpoint, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_distill_cmd(teacher, student, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not (marker.exists() and marker.read_text().strip() == "step_0000003") and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
     proc.wait()
     assert not (killed / "summary.json").exists()
     resumed = subprocess.run(_distill_cmd(teacher, student, killed), env=env, capture_output=True, text=True)

@@ -61,13 +61,13 @@ def test_run_killed_mid_distillation_resumes_without_redoing_work(tiny_hf, tmp_p
     args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
             "rounds.0.distill.save_every=3", "export.enabled=false"]
     proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = out / "width-3-distill" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not (marker.exists() and marker.read_text().strip() >= "step_0000006") and time.time() < deadline:
         assert proc.poll() is None, "the run ended before distillation was checkpointed"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
     proc.wait()
     before = json.loads((out / "stages.json").read_text())
     assert "width-distill" not in before and "width-prune" in before

@@ -11,9 +11,10 @@ The T^2 factor keeps gradient magnitudes independent of T (Hinton et al.), which
 NVIDIA's reference omits. With ``top_k``, the teacher distribution keeps only its k
 largest logits (found across all TP shards) and is renormalised over them.
 
-``LogitDistillation`` processes the tokens in chunks, in forward and again (recomputed)
-in backward, so no [tokens, vocab] float32 tensor of either model is ever held whole:
-the extra memory is a few [chunk, vocab / tp] tensors. Softmax statistics (max, sum of
+``LogitDistillation`` processes the tokens in chunks and computes the gradient in the
+same pass, so no [tokens, vocab] float32 tensor of either model is ever held whole: the
+extra memory is a few [chunk, vocab / tp] float32 tensors plus the gradient in the
+logits' own dtype (bf16 in training). Softmax statistics (max, sum of
 exponentials) and per-token sums are all-reduced over the tensor-parallel group; padded
 vocabulary columns (ids >= vocab_size) are excluded everywhere.
 
@@ -58,24 +59,27 @@ def _all_reduce(t: torch.Tensor, op, group, size: int) -> torch.Tensor:
 
 
 class _Shard:
-    """What one TP rank needs to compute softmaxes over the whole (padded) vocabulary."""
+    """What one TP rank needs to compute softmaxes over the whole vocabulary.
 
-    def __init__(self, local_vocab: int, vocab_size: int | None, device) -> None:
+    Vocabulary padding is the tail of the global vocabulary, so on every rank the valid
+    columns are a prefix: ``valid`` of the ``local`` columns take part, the rest are cut off."""
+
+    def __init__(self, local_vocab: int, vocab_size: int | None) -> None:
         self.group, rank, self.size = _tp_group_info()
-        start = rank * local_vocab
-        self.start = start
-        self.valid = None
-        if vocab_size is not None and start + local_vocab > vocab_size:
-            self.valid = torch.arange(start, start + local_vocab, device=device) < vocab_size
+        self.start = rank * local_vocab
+        self.local = local_vocab
+        end = local_vocab if vocab_size is None else min(local_vocab, max(0, vocab_size - self.start))
+        self.valid = end
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.valid is None else x.masked_fill(~self.valid, float("-inf"))
-
-    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [c, V/tp] float32 (padding already -inf) -> log-probabilities over the whole vocabulary."""
-        m = _all_reduce(x.max(dim=-1, keepdim=True).values.detach(), dist.ReduceOp.MAX, self.group, self.size)
-        s = _all_reduce((x - m).exp().sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, self.group, self.size)
-        return x - m - s.log()
+    def lse(self, x: torch.Tensor) -> torch.Tensor:
+        """log-sum-exp over the whole vocabulary of x [c, valid] (float32) -> [c, 1]."""
+        local = torch.logsumexp(x, dim=-1, keepdim=True) if x.shape[-1] else \
+            torch.full((x.shape[0], 1), float("-inf"), device=x.device)
+        if self.size == 1:
+            return local
+        m = _all_reduce(local.clone(), dist.ReduceOp.MAX, self.group, self.size)
+        total = _all_reduce((local - m).exp(), dist.ReduceOp.SUM, self.group, self.size)
+        return m + total.log()
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return _all_reduce(x, dist.ReduceOp.SUM, self.group, self.size)
@@ -91,88 +95,102 @@ class _Shard:
         return y >= threshold
 
 
+def _scaled(x: torch.Tensor, T: float) -> torch.Tensor:
+    """A float32 copy of x / T (always a copy: the caller works on it in place)."""
+    out = x.to(torch.float32, copy=True)
+    return out if T == 1 else out.div_(T)
+
+
 def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor | None, cfg: LogitLossConfig,
                  shard: _Shard, want_grad: bool):
-    """Per-token losses (kd, ce) of one chunk and, if asked, d(weighted sum)/dz."""
+    """Per-token losses (kd, ce) of one chunk and, if asked, d(weighted sum)/dz over the valid columns.
+
+    Written with log q - log p = (y' - z') - (lse(y') - lse(z')), y' = y/T, z' = z/T, so each
+    term costs a few passes over the chunk and no log-probability tensors are built.
+    Returns (kd, ce, grad, (lse_z, lse_y))."""
     T = cfg.temperature
-    zf = shard.mask(z.float())
-    kd = ce = None
-    grad = torch.zeros_like(zf) if want_grad else None
+    z = z[:, :shard.valid]
+    kd = ce = grad = None
+    zs = _scaled(z, T)
+    lse_z = shard.lse(zs)
+    lse_y = None
     if y is not None and cfg.kd_weight != 0:
-        yf = shard.mask(y.float())
+        ys = _scaled(y[:, :shard.valid], T)
         if cfg.top_k is not None:
-            yf = yf.masked_fill(~shard.top_k_mask(yf, cfg.top_k), float("-inf"))
-        log_p = shard.log_softmax(zf / T)
-        log_q = shard.log_softmax(yf / T)
-        p, q = log_p.exp(), log_q.exp()
+            ys.masked_fill_(~shard.top_k_mask(ys, cfg.top_k), float("-inf"))
+        lse_y = shard.lse(ys)
+        q = (ys - lse_y).exp_()
         if cfg.kind == "forward":
-            # q log q is 0 where q = 0 (padding, or outside the teacher's top-k)
-            kd = shard.sum(torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)) * T * T
-            if want_grad:
-                grad += cfg.kd_weight * T * (p - q)
-        else:
-            diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
-            kl = shard.sum((p * diff).sum(-1))
+            diff = ys.sub_(zs)  # y' - z', in place of y'
+            if cfg.top_k is not None:
+                diff.masked_fill_(q == 0, 0.0)  # outside the top-k: q = 0 and y' = -inf
+            kl = shard.sum(torch.linalg.vecdot(q, diff)) - lse_y.squeeze(-1) + lse_z.squeeze(-1)
             kd = kl * T * T
             if want_grad:
-                grad += cfg.kd_weight * T * p * (diff - kl.unsqueeze(-1))
+                grad = (zs - lse_z).exp_().sub_(q).mul_(cfg.kd_weight * T)        # T (p - q)
+        else:
+            log_p = zs - lse_z
+            p = log_p.exp()
+            log_ratio = log_p.sub_((ys - lse_y))                               # log p - log q
+            kl = shard.sum(torch.linalg.vecdot(p, log_ratio))
+            kd = kl * T * T
+            if want_grad:
+                grad = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(cfg.kd_weight * T)  # T p (log p/q - KL)
     if labels is not None and cfg.ce_weight != 0:
-        log_p1 = shard.log_softmax(zf)
+        z1 = zs if T == 1 else _scaled(z, 1.0)
+        lse_1 = lse_z if T == 1 else shard.lse(z1)
         local = labels - shard.start
-        mine = (local >= 0) & (local < zf.shape[-1])
-        picked = log_p1.gather(-1, local.clamp(0, zf.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-        ce = -shard.sum(torch.where(mine, picked, torch.zeros_like(picked)))
+        mine = (local >= 0) & (local < z1.shape[-1])
+        picked = z1.gather(-1, local.clamp(0, max(z1.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
+        ce = lse_1.squeeze(-1) - shard.sum(torch.where(mine, picked, torch.zeros_like(picked)))
         if want_grad:
-            g = log_p1.exp()
+            g = (z1 - lse_1).exp_()
             g[mine.nonzero(as_tuple=True)[0], local[mine]] -= 1.0
-            grad += cfg.ce_weight * g
-    return kd, ce, grad
+            g.mul_(cfg.ce_weight)
+            grad = g if grad is None else grad.add_(g)
+    return kd, ce, grad, (lse_z, lse_y)
 
 
 class LogitDistillation(torch.autograd.Function):
-    """Sum over tokens of kd_weight * KD + ce_weight * CE, chunked; returns (total, kd_sum, ce_sum)."""
+    """Sum over tokens of kd_weight * KD + ce_weight * CE, chunked; returns (total, kd_sum, ce_sum).
+
+    The gradient is computed chunk by chunk in the forward pass (where every softmax
+    statistic is at hand) and kept in the logits' own dtype until backward, which only
+    scales it: one [tokens, vocab] tensor of the input dtype instead of several float32
+    ones, and about half the passes over the logits of a recomputing backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, cfg: LogitLossConfig):
-        shard = _Shard(student.shape[-1], cfg.vocab_size, student.device)
+        shard = _Shard(student.shape[-1], cfg.vocab_size)
         z = student.reshape(-1, student.shape[-1])
         y = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
         lab = None if labels is None else labels.reshape(-1)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
         kd_sum = torch.zeros((), dtype=torch.float64, device=student.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
         with torch.no_grad():
             for i in range(0, z.shape[0], cfg.chunk_tokens):
                 sl = slice(i, i + cfg.chunk_tokens)
-                kd, ce, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
-                                         cfg, shard, want_grad=False)
+                kd, ce, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
+                                            cfg, shard, want_grad=want_grad)
+                if g is not None:
+                    grad[sl, :shard.valid] = g
                 if kd is not None:
                     kd_sum += kd.double().sum()
                 if ce is not None:
                     ce_sum += ce.double().sum()
-        ctx.save_for_backward(student, teacher, labels)
-        ctx.cfg = cfg
+        ctx.save_for_backward(grad)
+        ctx.student_shape = student.shape
         total = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum).float()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return total, kd_sum.float(), ce_sum.float()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        student, teacher, labels = ctx.saved_tensors
-        cfg = ctx.cfg
-        shard = _Shard(student.shape[-1], cfg.vocab_size, student.device)
-        z = student.reshape(-1, student.shape[-1])
-        y = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
-        lab = None if labels is None else labels.reshape(-1)
-        grad = torch.empty_like(z)
-        with torch.no_grad():
-            for i in range(0, z.shape[0], cfg.chunk_tokens):
-                sl = slice(i, i + cfg.chunk_tokens)
-                _, _, g = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
-                                       cfg, shard, want_grad=True)
-                if shard.valid is not None:
-                    g = g.masked_fill(~shard.valid, 0.0)
-                grad[sl] = (g * grad_total).to(grad.dtype)
-        return grad.reshape(student.shape), None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total).reshape(ctx.student_shape), None, None, None
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,

@@ -120,7 +120,7 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
             require(value <= limit, f"recipe key 'rounds.{i}.{key}' ({value}) exceeds the models' "
                                     f"max_position_embeddings ({limit})")
     out = Path(recipe.output_dir)
-    require(out.parent.exists() or not str(out.parent), f"recipe key 'output_dir': parent of '{out}' does not exist")
+    require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
     return descriptions
 
 
