@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, TESTS
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
-STAGES = ["convert", "width-importance", "width-prune", "width-distill", "depth-importance", "depth-prune",
+STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "depth-importance", "depth-prune",
           "depth-distill", "export", "report"]
 
 
@@ -38,12 +38,16 @@ def test_recipe_runs_end_to_end_and_resumes(tiny_hf, tmp_path):
     proc = _run(f"model.source={tiny_hf('llama')}", f"output_dir={out}")
     assert f"report: {out / 'report' / 'report.md'}" in proc.stdout
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == STAGES[:-1] + ["report"] or set(stages) == set(STAGES)
+    assert list(stages) == STAGES
     report = json.loads((out / "report" / "report.json").read_text())
     names = [m["model"] for m in report["models"]]
-    assert names == ["teacher (input)", "width: pruned", "width: distilled", "depth: pruned", "depth: distilled"]
+    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "depth: pruned",
+                     "depth: distilled"]
     params = [m["parameters"] for m in report["models"]]
-    assert params[0] > params[1] == params[2] > params[3] == params[4]
+    assert params[0] == params[1] > params[2] == params[3] > params[4] == params[5]
+    # the corrected teacher teaches (recorded in the student's summary)
+    assert json.loads((out / "width-3-distill" / "summary.json").read_text())["teacher"].endswith(
+        "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
     md = (out / "report" / "report.md").read_text()
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
@@ -73,7 +77,7 @@ def test_run_killed_mid_distillation_resumes_without_redoing_work(tiny_hf, tmp_p
     assert "width-distill" not in before and "width-prune" in before
     done = _run(*args)
     after = json.loads((out / "stages.json").read_text())
-    for stage in ("convert", "width-importance", "width-prune"):
+    for stage in ("convert", "teacher-correction", "width-importance", "width-prune"):
         assert after[stage] == before[stage]  # finished stages were not run again
         assert f"stage {stage}: complete" in done.stderr
     assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
@@ -92,7 +96,7 @@ def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "report" / "report.json").read_text())
-    assert len(report["models"]) == 5
+    assert len(report["models"]) == 6
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["parallel"] == {"tp": 1, "pp": 1}
     summary = json.loads((out / "width-3-distill" / "summary.json").read_text())

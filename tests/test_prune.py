@@ -1,8 +1,12 @@
-"""Pruning transforms on tiny models, the planner's counts, layouts, and bad input."""
+"""Pruning transforms on tiny models: identity, counts, every kept weight, baselines,
+layer choice, TP=2 / PP=2 against TP=1, and bad input rejected before any weight is read."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -10,26 +14,43 @@ import torch
 
 from conftest import run_cli, run_workers
 
-DATA = Path(__file__).parent / "data" / "hf_configs"
+_MADE: dict = {}
 
 
 @pytest.fixture(scope="module")
 def scored(tiny_checkpoint, tmp_path_factory):
-    """Factory: kind -> (checkpoint, importance directory with contiguous blocks of 1 and 2)."""
+    """Factory: kind -> (checkpoint, importance directory). ``llama`` and ``llama_tied`` get
+    real scores (contiguous blocks of 1 and 2 recorded); other kinds seeded random scores."""
+    from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.api import compute_importance
 
-    made = {}
-
     def get(kind="llama"):
-        if kind not in made:
+        if kind not in _MADE:
             out = tmp_path_factory.mktemp("imp") / kind
             ckpt = tiny_checkpoint(kind)
-            compute_importance(str(ckpt), ["builtin:calib"], str(out), samples=8, seq_len=32, layer_samples=4,
-                               drop_blocks=[1, 2], progress=False)
-            made[kind] = (ckpt, out)
-        return made[kind]
+            if kind in ("llama", "llama_tied"):
+                compute_importance(str(ckpt), ["builtin:calib"], str(out), samples=8, seq_len=32, layer_samples=4,
+                                   drop_blocks=[1, 2], progress=False)
+            else:
+                out.mkdir()
+                synthetic_scores(read_info(ckpt).description, out, seed=len(kind))
+            _MADE[kind] = (ckpt, out)
+        return _MADE[kind]
 
     return get
+
+
+def synthetic_scores(desc, directory: Path, seed: int) -> None:
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    g = torch.Generator().manual_seed(seed)
+    L, H = desc.num_layers, desc.hidden_size
+    heads = torch.rand(L, desc.num_attention_heads, generator=g)
+    tensors = {"heads": heads, "query_groups": heads.reshape(L, desc.num_query_groups, -1).sum(-1),
+               "ffn": torch.rand(L, desc.ffn_hidden_size, generator=g), "hidden": torch.rand(H, generator=g),
+               "hidden_per_layer": torch.rand(L, H, generator=g), "layer_block_importance": torch.rand(L, generator=g),
+               "layer_loss_drop": torch.rand(L, generator=g)}
+    ImportanceScores(tensors, {"model": desc.fingerprint()}).save(directory)
 
 
 def _state(checkpoint):
@@ -38,6 +59,79 @@ def _state(checkpoint):
 
     opened = open_model(str(checkpoint))
     return opened, {k: v.detach().clone() for k, v in named_weights(opened.model)}
+
+
+def _topk(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.topk(scores.double(), k).indices.tolist())
+
+
+def expected_kept(scores, old, new, dropped_layers) -> dict:
+    """What should be kept: the top-ranked units of every axis, recomputed here."""
+    hpg_new = new.heads_per_group
+    kept = {"hidden": _topk(scores["hidden"], new.hidden_size),
+            "layers": [i for i in range(old.num_layers) if i not in dropped_layers], "ffn": {}, "groups": {},
+            "heads": {}}
+    for layer in kept["layers"]:
+        kept["ffn"][layer] = _topk(scores["ffn"][layer], new.ffn_hidden_size)
+        kept["groups"][layer] = _topk(scores["query_groups"][layer], new.num_query_groups)
+        per_group = scores["heads"][layer].reshape(old.num_query_groups, -1)
+        kept["heads"][layer] = [g * old.heads_per_group + j for g in kept["groups"][layer]
+                                for j in _topk(per_group[g], hpg_new)]
+    return kept
+
+
+def expected_weights(before: dict, old, new, kept: dict) -> dict:
+    """The pruned model's every tensor, cut from the original ones by viewing each fused
+    matrix in its documented layout (qkv [group][q..., k, v][head_dim]; fc1 [gate; up])."""
+    h, d, G, hpg = torch.tensor(kept["hidden"]), old.head_dim, old.num_query_groups, old.heads_per_group
+    out = {"embedding.word_embeddings.weight": before["embedding.word_embeddings.weight"][:, h],
+           "decoder.final_layernorm.weight": before["decoder.final_layernorm.weight"][h]}
+    if not old.tie_embeddings:
+        out["output_layer.weight"] = before["output_layer.weight"][:, h]
+    for new_i, old_i in enumerate(kept["layers"]):
+        src, dst = f"decoder.layers.{old_i}.", f"decoder.layers.{new_i}."
+        heads, ffn = kept["heads"][old_i], torch.tensor(kept["ffn"][old_i])
+        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
+            out[dst + norm] = before[src + norm][h]
+        for suffix in ("weight", "bias"):
+            if src + "self_attention.linear_qkv." + suffix not in before:
+                continue
+            qkv = before[src + "self_attention.linear_qkv." + suffix]
+            qkv = qkv.reshape(G, hpg + 2, d, *qkv.shape[1:])
+            rows = []
+            for g in kept["groups"][old_i]:
+                rows += [qkv[g, j] for j in range(hpg) if g * hpg + j in heads] + [qkv[g, hpg], qkv[g, hpg + 1]]
+            cut = torch.cat(rows)
+            out[dst + "self_attention.linear_qkv." + suffix] = cut[:, h] if suffix == "weight" else cut
+        proj = before[src + "self_attention.linear_proj.weight"].reshape(old.hidden_size, G * hpg, d)
+        out[dst + "self_attention.linear_proj.weight"] = proj[h][:, torch.tensor(heads)].flatten(1)
+        fc1 = before[src + "mlp.linear_fc1.weight"].reshape(2, old.ffn_hidden_size, old.hidden_size)
+        out[dst + "mlp.linear_fc1.weight"] = fc1[:, ffn][:, :, h].flatten(0, 1)
+        out[dst + "mlp.linear_fc2.weight"] = before[src + "mlp.linear_fc2.weight"][h][:, ffn]
+    return out
+
+
+def _recorded_kept(out: Path) -> dict:
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.select import mask_to_indices
+
+    kept = read_info(out).provenance["kept"]
+    return {"hidden": kept["hidden"], "layers": kept["layers"],
+            "ffn": {int(k): mask_to_indices(v) for k, v in kept["ffn_mask"].items()},
+            "groups": {int(k): v for k, v in kept["query_groups"].items()},
+            "heads": {int(k): v for k, v in kept["heads"].items()}}
+
+
+def _check_pruned(ckpt: Path, out: Path, kept: dict) -> tuple:
+    """Every weight of ``out`` is the original cut at ``kept``; returns (pruned model, its state)."""
+    original, before = _state(ckpt)
+    pruned, after = _state(out)
+    assert _recorded_kept(out) == kept
+    expected = expected_weights(before, original.description, pruned.description, kept)
+    assert sorted(after) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(after[name], tensor), name
+    return pruned, after
 
 
 def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path):
@@ -49,54 +143,59 @@ def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path):
     d = original.description
     out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={
         "hidden": d.hidden_size, "ffn": d.ffn_hidden_size, "heads": d.num_attention_heads,
-        "query_groups": d.num_query_groups, "layers": d.num_layers}, progress=False)
+        "query_groups": d.num_query_groups, "layers": d.num_layers})
     pruned, after = _state(out)
+    assert pruned.description == d
     tokens = torch.randint(0, d.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(full_logits(original.model, tokens, d.vocab_size), full_logits(pruned.model, tokens, d.vocab_size))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("kind, target", [
-    ("llama", {"hidden": 40}),
-    ("llama", {"ffn": 48}),
-    ("llama", {"heads": 2}),                       # one head per group
-    ("llama", {"query_groups": 1}),                # a whole K/V group with its heads
-    ("llama", {"layers": 3}),
-    ("llama_tied", {"hidden": 48, "ffn": 64, "heads": 2, "query_groups": 2, "layers": 2}),
-    ("qwen2", {"hidden": 56, "query_groups": 1, "layers": 2}),   # q/k/v biases, tied
-    ("llama_pruned_shape", {"hidden": 40, "heads": 2, "layers": 4}),
+@pytest.mark.parametrize("kind, target, metric", [
+    ("llama", {"hidden": 40}, "contiguous"),
+    ("llama", {"ffn": 48}, "contiguous"),
+    ("llama", {"heads": 2}, "contiguous"),                 # one head kept in each group
+    ("llama", {"query_groups": 1}, "contiguous"),          # a whole K/V group with its heads
+    ("llama", {"layers": 2}, "contiguous"),                # the best contiguous block of 2
+    ("llama_tied", {"hidden": 48, "ffn": 64, "heads": 2, "query_groups": 2, "layers": 3}, "block"),
+    ("qwen2", {"hidden": 56, "heads": 2, "layers": 2}, "loss"),   # q/k/v biases, tied embeddings
+    ("llama_pruned_shape", {"hidden": 40, "ffn": 64, "query_groups": 1, "layers": 4}, "2"),
 ])
-def test_pruned_counts_and_kept_weights(scored, tmp_path, kind, target):
-    """Parameter count: description == megatron model == exported HF model; kept weights
-    are the original ones at the kept indices."""
+def test_pruned_counts_and_kept_weights(scored, tmp_path, kind, target, metric):
+    """Parameters: description == megatron model (padding excluded) == exported HF model;
+    every weight is the original one at the top-ranked indices; logits match HF's."""
     from nemo_minitron.checkpoint.api import export
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.model.forward import full_logits
     from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.targets import apply_target
 
     ckpt, imp = scored(kind)
-    original, before = _state(ckpt)
-    out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target=target, layer_metric="contiguous",
-                progress=False)
-    pruned, after = _state(out)
-    new = pruned.description
-    counted = sum(v.numel() for k, v in after.items() if "word_embeddings" not in k and "output_layer" not in k)
-    counted += new.vocab_size * new.hidden_size * (1 if new.tie_embeddings else 2)
+    old = read_info(ckpt).description
+    out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target=target, layer_metric=metric)
+    new = read_info(out).description
+    assert new == apply_target(old, target)
+
+    scores = ImportanceScores.load(imp)
+    drop = old.num_layers - new.num_layers
+    if metric == "contiguous":
+        dropped = scores.summary["layers"]["contiguous_blocks"][str(drop)]["layers"] if drop else []
+    elif metric in ("loss", "block"):
+        layer_scores = scores["layer_loss_drop" if metric == "loss" else "layer_block_importance"]
+        dropped = torch.topk(-layer_scores.double(), drop).indices.tolist()
+    else:
+        dropped = [int(i) for i in metric.split(",")]
+    pruned, after = _check_pruned(ckpt, out, expected_kept(scores, old, new, dropped))
+
+    counted = 0
+    for name, tensor in after.items():  # the padded vocabulary rows are no parameters
+        counted += tensor[: new.vocab_size].numel() if name.startswith(("embedding.", "output_layer.")) else tensor.numel()
+    assert ("output_layer.weight" in after) == (not new.tie_embeddings)
     assert counted == new.num_parameters()
     hf = load_hf_model(export(str(out), str(tmp_path / "hf")))
     assert sum(p.numel() for p in hf.parameters()) == new.num_parameters()
-
-    kept = read_info(out).provenance["kept"]
-    h = torch.tensor(kept["hidden"])
-    assert torch.equal(after["decoder.final_layernorm.weight"], before["decoder.final_layernorm.weight"][h])
-    assert torch.equal(after["embedding.word_embeddings.weight"], before["embedding.word_embeddings.weight"][:, h])
-    for new_i, old_i in enumerate(kept["layers"]):
-        ffn = torch.tensor(kept["ffn"][str(old_i)])
-        fc2_old = before[f"decoder.layers.{old_i}.mlp.linear_fc2.weight"]
-        assert torch.equal(after[f"decoder.layers.{new_i}.mlp.linear_fc2.weight"], fc2_old[h][:, ffn])
-        norm_old = before[f"decoder.layers.{old_i}.pre_mlp_layernorm.weight"]
-        assert torch.equal(after[f"decoder.layers.{new_i}.pre_mlp_layernorm.weight"], norm_old[h])
     tokens = torch.randint(0, new.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = full_logits(pruned.model, tokens, new.vocab_size)
@@ -104,106 +203,167 @@ def test_pruned_counts_and_kept_weights(scored, tmp_path, kind, target):
     assert torch.isfinite(ours).all() and (ours - theirs).abs().max() < 1e-4
 
 
-def test_heads_are_pruned_inside_groups(scored, tmp_path):
-    """The kept heads are each group's best; every kept group keeps the same number."""
+def test_magnitude_and_random_baselines(scored, tmp_path):
+    """magnitude keeps the units of largest weight mass; random the top of seeded random scores."""
+    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.select import random_scores
+    from nemo_minitron.prune.targets import apply_target
+
+    ckpt, imp = scored("llama")
+    original, w = _state(ckpt)
+    old = original.description
+    target = {"hidden": 48, "ffn": 64, "query_groups": 1, "layers": 3}
+    new = apply_target(old, target)
+
+    sq = {k: v.double().square() for k, v in w.items()}
+    G, hpg, d, F = old.num_query_groups, old.heads_per_group, old.head_dim, old.ffn_hidden_size
+    hidden = sq["embedding.word_embeddings.weight"][: old.vocab_size].sum(0)
+    hidden += sq["output_layer.weight"][: old.vocab_size].sum(0) + sq["decoder.final_layernorm.weight"]
+    L = old.num_layers
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    mass = {"hidden": hidden, "ffn": zeros(L, F), "heads": zeros(L, G * hpg), "query_groups": zeros(L, G)}
+    layer_mass = zeros(L)
+    for i in range(L):
+        p = {k.split(f"decoder.layers.{i}.")[1]: v for k, v in sq.items() if k.startswith(f"decoder.layers.{i}.")}
+        qkv, proj = p["self_attention.linear_qkv.weight"], p["self_attention.linear_proj.weight"]
+        fc1, fc2 = p["mlp.linear_fc1.weight"], p["mlp.linear_fc2.weight"]
+        hidden += p["input_layernorm.weight"] + p["pre_mlp_layernorm.weight"] + qkv.sum(0) + fc1.sum(0)
+        hidden += proj.sum(1) + fc2.sum(1)
+        mass["ffn"][i] = fc1[:F].sum(1) + fc1[F:].sum(1) + fc2.sum(0)
+        per_row = qkv.sum(1).reshape(G, hpg + 2, d).sum(-1)
+        heads = per_row[:, :hpg].reshape(-1) + proj.sum(0).reshape(G * hpg, d).sum(-1)
+        mass["heads"][i] = heads
+        mass["query_groups"][i] = heads.reshape(G, hpg).sum(-1) + per_row[:, hpg:].sum(-1)
+        layer_mass[i] = sum(v.sum() for v in p.values())
+    out = prune(str(ckpt), str(imp), str(tmp_path / "magnitude"), target=target, order="magnitude")
+    _check_pruned(ckpt, out, expected_kept(mass, old, new, [int(layer_mass.argmin())]))
+
+    rnd = random_scores(old, seed=7)
+    scores = {"hidden": rnd.hidden, "ffn": rnd.ffn, "heads": rnd.heads, "query_groups": rnd.query_groups}
+    out = prune(str(ckpt), str(imp), str(tmp_path / "random"), target=target, order="random", seed=7)
+    _check_pruned(ckpt, out, expected_kept(scores, old, new, [int(rnd.layers.argmin())]))
+
+
+def test_layer_choice(scored):
+    """contiguous (recorded blocks), loss, block, explicit lists; mistakes are one-line errors."""
+    from nemo_minitron.errors import UsageError
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.select import layers_to_keep
 
     ckpt, imp = scored("llama")
     scores = ImportanceScores.load(imp)
-    out = prune(str(ckpt), str(imp), str(tmp_path / "p"), target={"heads": 2}, progress=False)
-    kept = read_info(out).provenance["kept"]
-    for layer in range(4):
-        heads = kept["heads"][str(layer)]
-        assert len(heads) == 2 and {h // 2 for h in heads} == {0, 1}
-        per_group = scores["heads"][layer].reshape(2, 2)
-        assert heads == [g * 2 + int(per_group[g].argmax()) for g in range(2)]
+    old = read_info(ckpt).description
+    new = old.replace(num_layers=2)
+    block = scores.summary["layers"]["contiguous_blocks"]["2"]["layers"]
+    assert layers_to_keep(old, new, "contiguous", scores.summary, scores.tensors) == [
+        i for i in range(4) if i not in block]
+    by_loss = layers_to_keep(old, new, "loss", scores.summary, scores.tensors)
+    assert by_loss == sorted(scores.summary["layers"]["ranked_by_loss_drop"][:2])
+    by_block = layers_to_keep(old, new, "block", scores.summary, scores.tensors)
+    assert by_block == sorted(scores.summary["layers"]["ranked_by_block_importance"][:2])
+    assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
+    assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
+    for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
+                          ("1,9", "layers must be in 0..3"), ("best", "--layer-metric must be contiguous")):
+        with pytest.raises(UsageError, match=words):
+            layers_to_keep(old, new, metric, scores.summary, scores.tensors)
+    with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):
+        layers_to_keep(old, old.replace(num_layers=1), "contiguous", scores.summary, scores.tensors)
 
 
 @pytest.mark.multirank
 def test_prune_at_tp2_and_pp2_equals_tp1(scored, tmp_path):
-    """Width, whole query groups and depth, pruned on models loaded at TP=2 and at PP=2."""
+    """Hidden, ffn, whole query groups, heads inside groups and layers, by importance and by
+    magnitude (its scores reduced over ranks), pruned on models loaded at TP=2 and at PP=2:
+    exactly the TP=1 weights. The worker also counts the parameters held across ranks."""
     from nemo_minitron.prune.api import prune
 
-    ckpt, imp = scored("llama_tied")  # 4 heads in 4 groups: 2 groups survive, divisible by TP=2
-    target = "hidden=48,ffn=64,query_groups=2,layers=3"
-    reference = prune(str(ckpt), str(imp), str(tmp_path / "tp1"), progress=False,
-                      target={k: int(v) for k, v in (kv.split("=") for kv in target.split(","))})
-    _, expected = _state(reference)
-    for name, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
-        out = tmp_path / name
-        run_workers("prune_layouts.py", ckpt, imp, out, target, *flags)
-        _, got = _state(out)
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    jobs = []
+    for name, kind, target, order in (
+            ("groups", "llama_tied", {"hidden": 48, "ffn": 64, "query_groups": 2, "layers": 3}, "importance"),
+            ("heads", "llama", {"hidden": 40, "ffn": 48, "heads": 2, "layers": 3}, "magnitude")):
+        ckpt, imp = scored(kind)
+        jobs.append({"name": name, "checkpoint": str(ckpt), "importance": str(imp), "target": target,
+                     "order": order, "layer_metric": "contiguous", "seed": 1234})
+    expected = {}
+    for job in jobs:
+        args = {k: v for k, v in job.items() if k not in ("name", "checkpoint", "importance")}
+        expected[job["name"]] = _state(prune(job["checkpoint"], job["importance"],
+                                             str(tmp_path / f"tp1-{job['name']}"), **args))[1]
+    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
+        for job in jobs:
+            job["out"] = str(tmp_path / f"{layout}-{job['name']}")
+        (tmp_path / f"{layout}.json").write_text(json.dumps(jobs))
+        run_workers("prune_parallel.py", tmp_path / f"{layout}.json", *flags)
+        for job in jobs:
+            _, got = _state(job["out"])
+            want = expected[job["name"]]
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want), (layout, job["name"])
 
 
-def test_planner_reproduces_published_shapes():
-    from nemo_minitron.model.description import description_from_hf_config
-    from nemo_minitron.prune.plan import plan
-    from nemo_minitron.prune.targets import apply_target
-
-    llama = description_from_hf_config(json.loads((DATA / "meta-llama__Llama-3.1-8B.json").read_text()))
-    width = apply_target(llama, {"hidden": 3072, "ffn": 9216})
-    depth = apply_target(llama, {"layers": 16})
-    assert round(width.num_parameters() / 1e9, 1) == 4.5 and round(depth.num_parameters() / 1e9, 1) == 4.5
-    candidates = plan(llama, int(4.5e9))
-    assert all(abs(c.params / 4.5e9 - 1) <= 0.05 for c in candidates)
-    assert candidates[0].description.num_layers == 32  # width first
-    assert any(c.target() == {"hidden": 3072, "ffn": 9216, "heads": 32, "query_groups": 8, "layers": 32}
-               for c in candidates)
-    assert plan(llama, int(4.5e9), prefer="depth")[0].target() == {
-        "hidden": 4096, "ffn": 14336, "heads": 32, "query_groups": 8, "layers": 16}
-    nemo = description_from_hf_config(json.loads((DATA / "mistralai__Mistral-Nemo-Base-2407.json").read_text()))
-    assert round(apply_target(nemo, {"hidden": 4096, "ffn": 11520}).num_parameters() / 1e9, 1) == 8.4
-    for c in plan(llama, int(4.5e9), tp=8)[:50]:
-        d = c.description
-        assert d.num_query_groups % 8 == 0 and d.ffn_hidden_size % 8 == 0 and d.num_attention_heads % 8 == 0
+# ---------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def weightless(scored, tmp_path_factory):
+    """The tiny llama checkpoint with an empty weights/ directory: any prune that got as far
+    as loading weights would fail differently, so these errors prove nothing was loaded."""
+    ckpt, imp = scored("llama")
+    copy = tmp_path_factory.mktemp("weightless") / "ckpt"
+    copy.mkdir()
+    shutil.copy(ckpt / "nemo_minitron.json", copy)
+    shutil.copytree(ckpt / "tokenizer", copy / "tokenizer")
+    (copy / "weights").mkdir()
+    return copy, imp
 
 
-def test_plan_command_on_a_config_json(tmp_path):
-    proc = run_cli("plan", DATA / "meta-llama__Llama-3.1-8B.json", "--target-params", "4.5B",
-                   "--json", tmp_path / "plan.json")
-    assert proc.returncode == 0, proc.stderr
-    assert "GFLOPs/token" in proc.stdout and "KV bytes/token" in proc.stdout
-    rows = json.loads((tmp_path / "plan.json").read_text())
-    assert rows and all(abs(r["params"] / 4.5e9 - 1) <= 0.05 for r in rows)
+def _another_models_scores(ckpt: Path, directory: Path) -> Path:
+    from nemo_minitron.checkpoint.store import read_info
+
+    directory.mkdir()
+    synthetic_scores(read_info(ckpt).description.replace(hidden_size=48), directory, seed=0)
+    return directory
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--target", "hidden=100"], ["hidden=100 is larger than the original model's 64"]),
-    (["--target", "heads=3"], ["heads=3 is not a multiple of query_groups=2"]),
-    (["--target", "ffn=95", "--tp", "2"], ["ffn=95 is not divisible by --tp 2"]),
-    (["--target-params", "10K"], ["no architecture within 5%"]),
-    (["--target", "layers=2", "--layer-metric", "contiguous"], ["no best contiguous block of 2"]),
-    (["--target", "hidden=32", "--order", "largest"], ["--order must be one of importance, magnitude, random"]),
+    (["--target", "hidden=100"], "--target: hidden=100 is larger than the original model's 64"),
+    (["--target", "heads=3"], "--target: heads=3 is not a multiple of query_groups=2"),
+    (["--target", "query_groups=1", "--tp", "2"], "--target: query_groups=1 is not divisible by --tp 2"),
+    (["--target", "ffn=95", "--tp", "2"], "--target: ffn=95 is not divisible by --tp 2"),
+    (["--target-params", "10K"], "--target-params 10K: no architecture within 5%"),
+    (["--target", "hidden=32", "OTHER"], "--importance scores were computed on another model (hidden_size 48 vs 64)"),
 ])
-def test_bad_targets_are_rejected_before_loading(scored, tmp_path, flags, words):
-    ckpt, imp = scored("llama")
+def test_bad_input_is_one_line_before_any_weight_is_read(weightless, tmp_path, flags, words):
+    ckpt, imp = weightless
+    if "OTHER" in flags:
+        flags, imp = flags[:-1], _another_models_scores(ckpt, tmp_path / "other")
     out = tmp_path / "out"
-    # an importance run without a 2-layer block, for the contiguous case
-    proc = run_cli("prune", ckpt, "--importance", imp if "contiguous" not in flags else _no_blocks(imp, tmp_path),
-                   "--out", out, *flags)
+    start = time.time()
+    proc = run_cli("prune", ckpt, "--importance", imp, "--out", out, *flags)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
-    assert not out.exists()
+    assert proc.stderr.startswith("nemo-minitron prune: error: ") and words in proc.stderr, proc.stderr
+    assert not out.exists() and time.time() - start < 30
 
 
-def _no_blocks(imp: Path, tmp_path: Path) -> Path:
-    import shutil
+def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.prune.api import prune
 
-    copy = tmp_path / "imp_no_blocks"
-    shutil.copytree(imp, copy)
-    summary = json.loads((copy / "summary.json").read_text())
+    ckpt, imp = weightless
+    summary = json.loads((imp / "summary.json").read_text())
+    no_blocks = tmp_path / "no_blocks"
+    shutil.copytree(imp, no_blocks)
     summary["layers"]["contiguous_blocks"] = {}
-    (copy / "summary.json").write_text(json.dumps(summary))
-    return copy
-
-
-def test_scores_from_another_model_are_rejected(scored, tmp_path):
-    ckpt, _ = scored("llama")
-    _, other = scored("mistral")
-    out = tmp_path / "out"
-    proc = run_cli("prune", ckpt, "--importance", other, "--out", out, "--target", "hidden=32")
-    assert proc.returncode == 2 and "computed on another model" in proc.stderr and not out.exists()
+    (no_blocks / "summary.json").write_text(json.dumps(summary))
+    for kwargs, words in (
+            ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
+            ({"target": {"layers": 3}, "importance": no_blocks}, "no best contiguous block of 1 layers"),
+            ({"target": {"hidden": 32}, "layer_metric": "2"}, "drops 1 layers but the target removes 0"),
+            ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
+             "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
+            ({"target": {"layers": 3}, "target_params": "200K"}, "exactly one of a target and a budget"),
+            ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1")):
+        importance = kwargs.pop("importance", imp)
+        with pytest.raises(UsageError, match=re.escape(words)):
+            prune(str(ckpt), str(importance), str(tmp_path / "out"), **kwargs)
+        assert not (tmp_path / "out").exists()
