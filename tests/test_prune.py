@@ -147,7 +147,8 @@ def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path):
     pruned, after = _state(out)
     assert pruned.description == d
     tokens = torch.randint(0, d.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(full_logits(original.model, tokens, d.vocab_size), full_logits(pruned.model, tokens, d.vocab_size))
+    before_logits = full_logits(original.model, tokens, d.vocab_size)
+    assert torch.equal(before_logits, full_logits(pruned.model, tokens, d.vocab_size))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -191,7 +192,8 @@ def test_pruned_counts_and_kept_weights(scored, tmp_path, kind, target, metric):
 
     counted = 0
     for name, tensor in after.items():  # the padded vocabulary rows are no parameters
-        counted += tensor[: new.vocab_size].numel() if name.startswith(("embedding.", "output_layer.")) else tensor.numel()
+        vocab_rows = name.startswith(("embedding.", "output_layer."))
+        counted += tensor[: new.vocab_size].numel() if vocab_rows else tensor.numel()
     assert ("output_layer.weight" in after) == (not new.tie_embeddings)
     assert counted == new.num_parameters()
     hf = load_hf_model(export(str(out), str(tmp_path / "hf")))
@@ -244,6 +246,21 @@ def test_magnitude_and_random_baselines(scored, tmp_path):
     _check_pruned(ckpt, out, expected_kept(scores, old, new, [int(rnd.layers.argmin())]))
 
 
+def test_budget_prunes_to_the_planners_first_candidate(scored, tmp_path):
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.plan import plan
+
+    ckpt, imp = scored("llama")
+    old = read_info(ckpt).description
+    for prefer in ("width", "depth"):
+        out = prune(str(ckpt), str(imp), str(tmp_path / prefer), target_params="200K", prefer=prefer,
+                    layer_metric="loss")
+        assert read_info(out).description == plan(old, 200_000, prefer=prefer)[0].description
+    assert read_info(tmp_path / "width").description.num_layers == 4
+    assert read_info(tmp_path / "depth").description.num_layers < 4
+
+
 def test_layer_choice(scored):
     """contiguous (recorded blocks), loss, block, explicit lists; mistakes are one-line errors."""
     from nemo_minitron.errors import UsageError
@@ -280,12 +297,14 @@ def test_prune_at_tp2_and_pp2_equals_tp1(scored, tmp_path):
     from nemo_minitron.prune.api import prune
 
     jobs = []
-    for name, kind, target, order in (
-            ("groups", "llama_tied", {"hidden": 48, "ffn": 64, "query_groups": 2, "layers": 3}, "importance"),
-            ("heads", "llama", {"hidden": 40, "ffn": 48, "heads": 2, "layers": 3}, "magnitude")):
+    for name, kind, target, order, metric in (
+            # layer 1 goes: at PP=2 the new model is built with stages of 1 and 2 layers, saved,
+            # and reloaded balanced (2 and 1) for the parameter count
+            ("groups", "llama_tied", {"hidden": 48, "ffn": 64, "query_groups": 2, "layers": 3}, "importance", "1"),
+            ("heads", "llama", {"hidden": 40, "ffn": 48, "heads": 2, "layers": 3}, "magnitude", "contiguous")):
         ckpt, imp = scored(kind)
         jobs.append({"name": name, "checkpoint": str(ckpt), "importance": str(imp), "target": target,
-                     "order": order, "layer_metric": "contiguous", "seed": 1234})
+                     "order": order, "layer_metric": metric, "seed": 1234})
     expected = {}
     for job in jobs:
         args = {k: v for k, v in job.items() if k not in ("name", "checkpoint", "importance")}

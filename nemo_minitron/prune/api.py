@@ -4,23 +4,31 @@ Works on the model as loaded at any TP/PP layout: each weight is gathered over i
 tensor-parallel group, cut to the kept units (``transforms.prune_tensor``) and sliced
 again for this rank, so no rank ever holds more than one full tensor at a time. Layers
 never move between pipeline stages: the new model is built with, on each stage, the
-kept layers that stage already holds; its distributed checkpoint then loads at any
-layout. Everything the user gave is checked before the first weight is read.
+kept layers that stage already holds (megatron's ``pipeline_model_parallel_layout``);
+its distributed checkpoint then loads balanced at any layout. Everything the user gave
+is checked before the first weight is read.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.errors import require
+from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.plan import plan
-from nemo_minitron.prune.select import ORDERS, UnitScores, keep_plan, layers_to_keep, random_scores
+from nemo_minitron.prune.select import (
+    LAYER_METRICS,
+    ORDERS,
+    UnitScores,
+    keep_plan,
+    layers_to_keep,
+    parse_layer_metric,
+    random_scores,
+)
 from nemo_minitron.prune.targets import apply_target, describe_change, parse_param_count
 
 log = logging.getLogger("nemo_minitron")
@@ -39,14 +47,27 @@ def planned_description(desc: ModelDescription, *, target: dict[str, int] | None
                 tp=tp, pp=pp)[0].description
 
 
-def _stage_bounds(num_layers: int) -> list[tuple[int, int]]:
-    from megatron.core import parallel_state as ps
-
+def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
     from nemo_minitron.model.builder import balanced_stages
 
-    sizes = balanced_stages(num_layers, ps.get_pipeline_model_parallel_world_size())
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [(s, s + n) for s, n in zip(starts, sizes)]
+    sizes = balanced_stages(num_layers, pp)
+    return [sum(1 for i in kept_layers if sum(sizes[:s]) <= i < sum(sizes[:s + 1])) for s in range(pp)]
+
+
+def kept_layers_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
+    """How many kept layers each pipeline stage of the loaded (balanced) model holds;
+    a one-line error when a stage would hold none."""
+    per_stage = _count_per_stage(kept_layers, num_layers, pp)
+    if 0 in per_stage:
+        from nemo_minitron.model.builder import balanced_stages
+
+        empty = per_stage.index(0)
+        lo = sum(balanced_stages(num_layers, pp)[:empty])
+        hi = lo + balanced_stages(num_layers, pp)[empty]
+        workable = next(p for p in range(pp - 1, 0, -1) if 0 not in _count_per_stage(kept_layers, num_layers, p))
+        raise UsageError(f"--pp {pp}: pipeline stage {empty} holds layers {lo}..{hi - 1}, all of which are dropped; "
+                         f"prune with --pp {workable} (the pruned checkpoint loads at any --pp)")
+    return per_stage
 
 
 def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
@@ -55,6 +76,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
 
     from nemo_minitron.model.params import gather, layer_of, named_weights
     from nemo_minitron.prune.transforms import magnitudes
+    from nemo_minitron.runtime.distributed import current_device
 
     L = desc.num_layers
     out = {"hidden": torch.zeros(desc.hidden_size, dtype=torch.float64),
@@ -66,18 +88,17 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
     for name, param in named_weights(model):
         full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group()).cpu()
         if name == "output_layer.weight" and tied_copy:
-            continue
+            continue  # the last stage's copy of the tied embedding: counted once, on the first stage
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            full = full[: desc.vocab_size]  # padding rows are not weights of any channel
         layer = layer_of(name)
-        for axis, values in magnitudes(name, full[: desc.vocab_size] if "embedding" in name or "output" in name
-                                       else full, desc).items():
+        for axis, values in magnitudes(name, full, desc).items():
             if axis == "hidden":
                 out["hidden"] += values
             else:
                 out[axis][layer] += values
         if layer is not None:
             out["layers"][layer] += full.double().square().sum()
-    from nemo_minitron.runtime.distributed import current_device
-
     if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         for key, value in out.items():  # every stage adds what it holds
             moved = value.to(current_device())
@@ -89,14 +110,21 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
 def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] | None = None,
           target_params: str | int | None = None, order: str = "importance", layer_metric: str = "contiguous",
           seed: int = 1234, tp: int = 1, pp: int = 1, max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
-          progress: bool = True) -> Path:
-    """Write the pruned checkpoint ``out``; returns its path."""
+          prefer: str = "width", dtype: str | None = None) -> Path:
+    """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
+
+    ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers; or
+    ``target_params``: a budget such as "90M" (the planner's first candidate, ``prefer``
+    width or depth). ``order``: importance | magnitude | random. ``layer_metric``:
+    contiguous | loss | block | "3,7,9" (layers to drop). ``dtype``: of the saved
+    checkpoint (default: the source's)."""
     from nemo_minitron.checkpoint.store import (
-        DTYPES,
         CheckpointInfo,
         check_new_output,
+        dtype_name,
         load_checkpoint,
         load_tokenizer,
+        parse_dtype,
         read_info,
         save_checkpoint,
     )
@@ -107,62 +135,72 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     info = read_info(checkpoint)
     old = info.description
     require(order in ORDERS, f"--order must be one of {', '.join(ORDERS)} (got '{order}')")
+    parse_layer_metric(layer_metric, old.num_layers)
+    compute_dtype = parse_dtype(dtype) if dtype is not None else None
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     new = planned_description(old, target=target, target_params=target_params, tp=tp, pp=pp,
-                              max_width_cut=max_width_cut, max_depth_cut=max_depth_cut,
+                              max_width_cut=max_width_cut, max_depth_cut=max_depth_cut, prefer=prefer,
                               flag="--target" if target is not None else "--target-params")
-    # Layers: by --layer-metric with importance (or an explicit list, whatever the order); the
-    # baselines choose layers their own way (random: seeded; magnitude: weight mass, after loading).
+    # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
+    # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
+    # mass, known only once the weights are loaded).
     units = random_scores(old, seed) if order == "random" else None
-    by_metric = order == "importance" or layer_metric not in ("contiguous", "loss", "block")
-    if by_metric or old.num_layers == new.num_layers:
-        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary)
+    layers_by_metric = order == "importance" or layer_metric not in LAYER_METRICS or old.num_layers == new.num_layers
+    kept_layers = None
+    if layers_by_metric:
+        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors)
     elif order == "random":
-        kept_layers = layers_to_keep(old, new, "scores", {}, units.layers)
+        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
+    if kept_layers is not None:
+        kept_layers_per_stage(kept_layers, old.num_layers, pp)
     check_world_size(tp, pp)
 
     # ---- work
     init_distributed(tp, pp, seed)
-    model, info = load_checkpoint(checkpoint)
+    model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     if order == "importance":
         units = UnitScores(hidden=scores["hidden"], ffn=scores["ffn"], heads=scores["heads"],
                            query_groups=scores["query_groups"], layers=scores["layer_loss_drop"])
     elif order == "magnitude":
         units = _magnitude_scores(model, old)
-        if not (by_metric or old.num_layers == new.num_layers):
-            kept_layers = layers_to_keep(old, new, "scores", {}, units.layers)
-    plan_ = keep_plan(old, new, units, kept_layers)
-    log.info("pruning %s (%s): %s -> %s, order %s", checkpoint, describe_change(old, new),
-             f"{old.num_parameters() / 1e6:.1f}M", f"{new.num_parameters() / 1e6:.1f}M", order)
+    if kept_layers is None:  # magnitude with a layer drop
+        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
+    keep = keep_plan(old, new, units, kept_layers)
+    per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp)
+    log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
+             old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
 
-    new_model = _build_pruned(model, old, new, plan_)
+    new_model = _build_pruned(model, old, new, keep, per_stage)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "order": order,
                   "layer_metric": layer_metric, "seed": seed, "change": describe_change(old, new),
-                  "target": target, "target_params": target_params, "kept": plan_.summary(),
+                  "target": target, "target_params": target_params, "kept": keep.summary(),
                   "parent_model": old.to_dict()}
-    return save_checkpoint(new_model, CheckpointInfo(new, info.dtype, provenance), out_path,
+    saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
+    return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
                            tokenizer=load_tokenizer(checkpoint))
 
 
-def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep) -> torch.nn.Module:
+def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int]) -> torch.nn.Module:
     """Build the new model on this layout and fill it with the kept weights (collective)."""
     from megatron.core import parallel_state as ps
 
-    from nemo_minitron.errors import UsageError
     from nemo_minitron.model.builder import build_model
     from nemo_minitron.model.params import gather, layer_of, named_weights, rename_layer, shard
     from nemo_minitron.prune.transforms import prune_tensor
 
-    per_stage = [sum(1 for i in keep.layers if lo <= i < hi) for lo, hi in _stage_bounds(old.num_layers)]
-    if 0 in per_stage:
-        raise UsageError(f"pruning would leave pipeline stage {per_stage.index(0)} without layers "
-                         f"(kept per stage: {per_stage}); prune with a smaller --pp")
     dtype = next(model.parameters()).dtype
     new_model = build_model(new, dtype=dtype, layers_per_stage=per_stage)
     old_weights = dict(named_weights(model))
+    # megatron placed the new layers by the layout; each must be one this stage already holds
+    stage = ps.get_pipeline_model_parallel_rank()
+    held = {layer_of(n) for n in old_weights} - {None}
+    placed = sorted({layer_of(n) for n, _ in named_weights(new_model)} - {None})
+    assert placed == list(range(sum(per_stage[:stage]), sum(per_stage[:stage + 1]))), (stage, placed, per_stage)
+    assert all(keep.layers[i] in held for i in placed), (stage, placed, keep.layers, sorted(held))
+
     tp_group = ps.get_tensor_model_parallel_group()
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -22,15 +23,18 @@ def _description(path: str):
 
 
 def plan_main(args) -> int:
-    from nemo_minitron.prune.plan import format_table, plan
-    from nemo_minitron.prune.targets import parse_param_count
+    from nemo_minitron.prune.plan import RANKING, format_table, plan
+    from nemo_minitron.prune.targets import format_count, parse_param_count
 
     desc = _description(args.model)
     budget = parse_param_count(args.target_params)
     candidates = plan(desc, budget, tolerance=args.tolerance, max_width_cut=args.max_width_cut,
                       max_depth_cut=args.max_depth_cut, prefer=args.prefer, tp=args.tp, pp=args.pp)
+    if os.environ.get("RANK", "0") != "0":  # nothing to compute together: rank 0 answers
+        return 0
     print(f"{args.model}: {desc.summary()}")
-    print(f"budget {budget / 1e6:,.1f}M parameters (+-{args.tolerance:.0%}), {args.prefer} first\n")
+    print(f"budget {format_count(budget)} parameters (+-{args.tolerance:.0%}) at --tp {args.tp} --pp {args.pp}; "
+          f"ranked {RANKING[args.prefer]}\n")
     print(format_table(desc, candidates, budget, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([{"params": c.params, "target": c.target(), "why": c.why,
@@ -47,5 +51,5 @@ def prune_main(args) -> int:
     target = parse_target(args.target) if args.target else None
     prune(args.checkpoint, args.importance, args.out, target=target, target_params=args.target_params,
           order=args.order, layer_metric=args.layer_metric, seed=args.seed, tp=args.tp, pp=args.pp,
-          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut)
+          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut, prefer=args.prefer, dtype=args.dtype)
     return 0

@@ -11,8 +11,12 @@ within ``tolerance`` of the budget and no width lost more than ``max_width_cut``
 
 Ranking: ``width`` first (default; the paper found width pruning recovers best after
 retraining): keep every layer, keep attention whole, then the most even cut (smallest
-largest relative cut), then the closest count. ``depth`` first: keep every width, then
-the fewest layers removed, then the closest count.
+largest relative cut of hidden, ffn and heads), then the closest count. ``depth`` first:
+the smallest largest width cut (every width kept when the budget allows), attention
+kept, then the closest count.
+
+The MLP width is rounded to a multiple of 64 (128 from 2048 up) and of the TP size, so
+tensor parallel layouts stay valid; heads and query groups must divide by the TP size.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from typing import Iterator
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.prune.targets import describe_change
+from nemo_minitron.prune.targets import format_count
+
+
+#: How each preference orders the candidates (printed above the table).
+RANKING = {
+    "width": "width first (the paper's advice): all layers kept, then attention kept, then the most even "
+             "width cut, then the closest to the budget",
+    "depth": "depth first: widths kept (the smallest largest width cut), then attention kept, then the "
+             "closest to the budget",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +62,21 @@ def _cut(old: int, new: int) -> float:
     return 1 - new / old
 
 
+def _why(desc: ModelDescription, new: ModelDescription) -> str:
+    """How a candidate reaches the budget, in words: what it cuts and what it keeps whole."""
+    cuts = [f"{axis} -{_cut(a, b):.0%}" for axis, a, b in (
+        ("hidden", desc.hidden_size, new.hidden_size), ("ffn", desc.ffn_hidden_size, new.ffn_hidden_size),
+        ("heads", desc.num_attention_heads, new.num_attention_heads),
+        ("groups", desc.num_query_groups, new.num_query_groups)) if b != a]
+    dropped = desc.num_layers - new.num_layers
+    kind = "width + depth" if cuts and dropped else "width" if cuts else "depth"
+    what = cuts + ([f"-{dropped} layers"] if dropped else [])
+    kept = ([f"all {desc.num_layers} layers"] if not dropped else []) + (
+        ["attention"] if (new.num_attention_heads, new.num_query_groups)
+        == (desc.num_attention_heads, desc.num_query_groups) else [])
+    return f"{kind}: {', '.join(what)}" + (f"; keeps {' and '.join(kept)}" if kept else "")
+
+
 def _attention_options(desc: ModelDescription, tp: int, max_cut: float) -> Iterator[tuple[int, int]]:
     """(query_groups, heads) pairs: unchanged, fewer heads per group, fewer groups."""
     seen = set()
@@ -69,7 +97,7 @@ def enumerate_candidates(desc: ModelDescription, budget: int, *, tolerance: floa
                          max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
                          tp: int = 1, pp: int = 1) -> list[Candidate]:
     out: list[Candidate] = []
-    grid_h, grid_f = _grid(desc.hidden_size), max(_grid(desc.ffn_hidden_size), tp)
+    grid_h, grid_f = _grid(desc.hidden_size), math.lcm(_grid(desc.ffn_hidden_size), tp)
     min_layers = max(pp, math.ceil(desc.num_layers * (1 - max_depth_cut) - 1e-9))
     min_hidden = math.ceil(desc.hidden_size * (1 - max_width_cut) - 1e-9)
     hiddens = sorted({desc.hidden_size} | set(range(math.ceil(min_hidden / grid_h) * grid_h, desc.hidden_size, grid_h)))
@@ -88,7 +116,7 @@ def enumerate_candidates(desc: ModelDescription, budget: int, *, tolerance: floa
                         continue
                     cand = base.replace(ffn_hidden_size=ffn)
                     if abs(cand.num_parameters() - budget) <= tolerance * budget:
-                        out.append(Candidate(cand, describe_change(desc, cand)))
+                        out.append(Candidate(cand, _why(desc, cand)))
     return out
 
 
@@ -118,11 +146,11 @@ def plan(desc: ModelDescription, budget: int, *, tolerance: float = 0.05, max_wi
     require(0 < tolerance < 1, f"--tolerance must be between 0 and 1 (got {tolerance})")
     for name, value in (("--max-width-cut", max_width_cut), ("--max-depth-cut", max_depth_cut)):
         require(0 <= value < 1, f"{name} must be in [0, 1) (got {value})")
-    require(budget < desc.num_parameters(), f"{flag} {budget / 1e6:.1f}M is not smaller than the model "
-                                            f"({desc.num_parameters() / 1e6:.1f}M)")
+    require(budget < desc.num_parameters(), f"{flag} {format_count(budget)} is not smaller than the model "
+                                            f"({format_count(desc.num_parameters())})")
     found = enumerate_candidates(desc, budget, tolerance=tolerance, max_width_cut=max_width_cut,
                                  max_depth_cut=max_depth_cut, tp=tp, pp=pp)
-    require(bool(found), f"{flag} {budget / 1e6:.1f}M: no architecture within {tolerance:.0%} meets the limits "
+    require(bool(found), f"{flag} {format_count(budget)}: no architecture within {tolerance:.0%} meets the limits "
                          f"(--max-width-cut {max_width_cut}, --max-depth-cut {max_depth_cut}, --tp {tp}); "
                          "raise the limits or the budget")
     return rank(desc, found, budget, prefer)

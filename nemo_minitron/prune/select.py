@@ -9,13 +9,25 @@ each kept group by their own score, so every group keeps the same number of head
 (GQA stays balanced). ``magnitude`` scores a unit by the squared L2 norm of every
 weight it owns (a neuron: its gate and up rows and its down column; a head: its query
 rows and output-projection columns; a group: its heads, key and value rows; a channel:
-its column or row in every matrix, norm and embedding); ``random`` by a seeded
-permutation. Both are baselines.
+its column or row in every matrix, norm and embedding; a layer: all its weights);
+``random`` by a seeded permutation. Both are baselines.
+
+Layers to drop (``--layer-metric``):
+    contiguous  the best contiguous block of that many layers recorded by the importance
+                run (``summary["layers"]["contiguous_blocks"]``). When the run did not
+                record that block size this is an error telling the user to rerun
+                importance with ``--drop-blocks k`` or to choose ``loss``/``block``: a
+                silent fallback would hide that the paper's best choice was not made.
+    loss        the layers whose removal raised the LM loss least (``layer_loss_drop``)
+    block       the lowest Block Importance (``layer_block_importance``)
+    3,7,9       exactly these layers (original numbering)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import torch
 
@@ -23,6 +35,7 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
 ORDERS = ("importance", "magnitude", "random")
+LAYER_METRICS = ("contiguous", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -38,7 +51,7 @@ class UnitScores:
 
 @dataclasses.dataclass
 class KeepPlan:
-    """Kept original indices (ascending) for every axis; per layer where layers differ."""
+    """Kept original indices (ascending) for every axis; per original layer where layers differ."""
 
     hidden: torch.Tensor
     layers: list[int]                     # original layer index of each new layer
@@ -47,10 +60,27 @@ class KeepPlan:
     heads: dict[int, torch.Tensor]        # original layer -> kept heads (global head index)
 
     def summary(self) -> dict:
-        return {"hidden": self.hidden.tolist(), "layers": self.layers,
-                "ffn": {str(k): v.tolist() for k, v in self.ffn.items()},
-                "query_groups": {str(k): v.tolist() for k, v in self.groups.items()},
-                "heads": {str(k): v.tolist() for k, v in self.heads.items()}}
+        """JSON for the checkpoint's provenance. MLP neurons are stored as hex bit masks
+        (``mask_to_indices`` reads them back): an 8B model's index lists would be megabytes."""
+        out = {"hidden": self.hidden.tolist(), "layers": list(self.layers),
+               "query_groups": {str(k): v.tolist() for k, v in self.groups.items()},
+               "heads": {str(k): v.tolist() for k, v in self.heads.items()},
+               "ffn_mask": {str(k): indices_to_mask(v) for k, v in self.ffn.items()}}
+        out["sha256"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+        return out
+
+
+def indices_to_mask(indices: torch.Tensor) -> str:
+    """Ascending indices -> hex string of a bit mask (bit i set when unit i is kept)."""
+    bits = ["0"] * (int(indices.max()) + 1 if len(indices) else 1)
+    for i in indices.tolist():
+        bits[-1 - i] = "1"
+    return format(int("".join(bits), 2), "x")
+
+
+def mask_to_indices(mask: str) -> list[int]:
+    bits = bin(int(mask, 16))[2:][::-1]
+    return [i for i, bit in enumerate(bits) if bit == "1"]
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,37 +99,49 @@ def random_scores(desc: ModelDescription, seed: int) -> UnitScores:
                       layers=torch.rand(L, generator=g))
 
 
+def parse_layer_metric(metric: str, num_layers: int) -> str | list[int]:
+    """'contiguous' | 'loss' | 'block', or an explicit list of layers to drop."""
+    if metric in LAYER_METRICS:
+        return metric
+    try:
+        dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
+    except ValueError:
+        raise UsageError(f"--layer-metric must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+                         f"(got '{metric}')") from None
+    require(bool(dropped), f"--layer-metric '{metric}' names no layers")
+    require(all(0 <= i < num_layers for i in dropped),
+            f"--layer-metric {metric}: layers must be in 0..{num_layers - 1}")
+    return dropped
+
+
 def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, summary: dict,
-                   layer_scores: torch.Tensor | None = None) -> list[int]:
-    """Original indices of the kept layers. ``metric``: contiguous | loss | block | an explicit
-    comma-separated list of layers to drop. Raises before any weight is touched."""
+                   layer_scores: dict[str, torch.Tensor] | None = None) -> list[int]:
+    """Original indices of the kept layers, chosen by ``metric`` (see the module doc);
+    ``metric="scores"`` drops the lowest ``layer_scores["scores"]`` (the baselines).
+    Raises before any weight is touched."""
     drop = old.num_layers - new.num_layers
-    if drop == 0:
-        return list(range(old.num_layers))
-    layers = summary.get("layers", {})
-    if metric == "contiguous":
-        blocks = layers.get("contiguous_blocks", {})
+    if metric == "scores":
+        assert layer_scores is not None
+        dropped = torch.argsort(layer_scores["scores"].double(), stable=True)[:drop].tolist()
+        return [i for i in range(old.num_layers) if i not in dropped]
+    chosen = parse_layer_metric(metric, old.num_layers)
+    if isinstance(chosen, list):
+        require(len(chosen) == drop, f"--layer-metric {metric} drops {len(chosen)} layers but the target removes "
+                                     f"{drop}; set layers={old.num_layers - len(chosen)} in --target")
+        dropped = chosen
+    elif drop == 0:
+        dropped = []
+    elif chosen == "contiguous":
+        blocks = summary.get("layers", {}).get("contiguous_blocks", {})
         require(str(drop) in blocks, f"--layer-metric contiguous: the importance run has no best contiguous block "
                                      f"of {drop} layers; rerun importance with --drop-blocks {drop}, or use "
                                      "--layer-metric loss|block")
-        dropped = set(blocks[str(drop)]["layers"])
-    elif metric in ("loss", "block"):
-        ranked = layers["ranked_by_loss_drop" if metric == "loss" else "ranked_by_block_importance"]
-        dropped = set(ranked[-drop:])
-    elif metric == "scores":
-        assert layer_scores is not None
-        dropped = set(torch.argsort(layer_scores.double(), stable=True)[:drop].tolist())
+        dropped = list(blocks[str(drop)]["layers"])
     else:
-        try:
-            dropped = {int(i) for i in metric.split(",") if i.strip()}
-        except ValueError:
-            raise UsageError(f"--layer-metric must be contiguous, loss, block, or layers to drop such as 3,7,9 "
-                             f"(got '{metric}')") from None
-        require(all(0 <= i < old.num_layers for i in dropped), f"--layer-metric {metric}: layers must be in "
-                                                               f"0..{old.num_layers - 1}")
-        require(len(dropped) == drop, f"--layer-metric {metric} drops {len(dropped)} layers, the target "
-                                      f"removes {drop}")
-    return [i for i in range(old.num_layers) if i not in dropped]
+        assert layer_scores is not None
+        scores = layer_scores["layer_loss_drop" if chosen == "loss" else "layer_block_importance"]
+        dropped = torch.argsort(scores.double(), stable=True)[:drop].tolist()
+    return [i for i in range(old.num_layers) if i not in set(dropped)]
 
 
 def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, kept_layers: list[int]) -> KeepPlan:

@@ -43,6 +43,14 @@ def parse_param_count(text: str, flag: str = "--target-params") -> int:
     return value
 
 
+def format_count(n: int) -> str:
+    """8030261248 -> '8.03B', 90000000 -> '90M', 10000 -> '10K'."""
+    for suffix, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.4g}{suffix}"
+    return str(n)
+
+
 def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1, pp: int = 1,
                  flag: str = "--target") -> ModelDescription:
     """The pruned description, or a one-line error naming the axis that cannot be met."""
