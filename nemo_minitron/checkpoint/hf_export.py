@@ -26,6 +26,7 @@ from nemo_minitron.checkpoint.hf_format import canonical_to_hf
 from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import gather, named_weights
+from nemo_minitron.runtime.distributed import is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -136,7 +137,7 @@ def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenize
         maps = [None] * dist.get_world_size() if dist.is_initialized() else [local_map]
         if dist.is_initialized():
             dist.all_gather_object(maps, local_map)
-        if dist.get_rank() == 0 if dist.is_initialized() else True:
+        if is_rank0():
             weight_map = {k: v for m in maps for k, v in (m or {}).items()}
             files = sorted(set(weight_map.values()))
             total = sum((tmp / f).stat().st_size for f in files)

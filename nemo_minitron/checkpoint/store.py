@@ -165,7 +165,8 @@ def save_weights(model, directory: Path) -> None:
 
     from nemo_minitron.model.params import unwrap
 
-    directory.mkdir(parents=True, exist_ok=True) if is_rank0() else None
+    if is_rank0():
+        directory.mkdir(parents=True, exist_ok=True)
     barrier()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
 

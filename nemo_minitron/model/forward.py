@@ -21,16 +21,11 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-def vocab_range() -> tuple[int, int]:
-    """[start, end) of the vocabulary held by this tensor-parallel rank (padded vocab)."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Padding columns (global index >= vocab_size) get -inf-like logits on whichever rank holds them."""
-    rank, _ = vocab_range()
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_tensor_model_parallel_rank()
     local = logits.shape[-1]
     start = rank * local
     if start + local <= vocab_size:
