@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     module, func = args.handler.split(":")
+    owns_process_group = not _process_group_exists()
     try:
         handler = getattr(importlib.import_module(module), func)
         result = handler(args)
@@ -177,15 +178,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_error(args.command, "interrupted")
         return 130
     finally:
-        _close_process_group()
+        if owns_process_group:  # called in-process by a program that has its own: leave it
+            _close_process_group()
     return int(result or 0)
 
 
-def _close_process_group() -> None:
+def _process_group_exists() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return dist.is_available() and dist.is_initialized()
+
+
+def _close_process_group() -> None:
+    from nemo_minitron.runtime import distributed
+
+    if _process_group_exists():
+        distributed.shutdown(wait_for_all=False)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,12 @@ def smollm2(tmp_path_factory, runtime):
     torch.save({"tokens": tokens, "logits": reference}, root / "reference.pt")
     return {"checkpoint": checkpoint, "tokens": tokens, "logits": reference, "source": source,
             "reference_file": root / "reference.pt"}
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """``nemo-minitron ARGS`` in this process (fast, for input errors): (exit status, stderr)."""
+    from nemo_minitron.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err

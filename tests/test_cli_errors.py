@@ -7,7 +7,19 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
+
+
+class _Result:
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """The CLI in this process: input errors need no new interpreter (one test per command
+    below still runs it as a real process)."""
+    return lambda *args: _Result(*cli_in_process(capsys, *args))
 
 
 def _assert_clean_error(proc, out_path, *words, before_work=True):
@@ -31,51 +43,51 @@ def test_missing_source(tmp_path):
     _assert_clean_error(run_cli("convert", "--hf", tmp_path / "nope", "--out", out), out, "--hf", "does not exist")
 
 
-def test_unreadable_sources(tmp_path):
+def test_unreadable_sources(cli, tmp_path):
     bad_gguf = tmp_path / "model.gguf"
     bad_gguf.write_bytes(b"not a gguf file")
     out = tmp_path / "out"
-    _assert_clean_error(run_cli("convert", "--hf", bad_gguf, "--out", out), out, "not a GGUF file")
+    _assert_clean_error(cli("convert", "--hf", bad_gguf, "--out", out), out, "not a GGUF file")
     bad_dir = tmp_path / "hf"
     bad_dir.mkdir()
     (bad_dir / "config.json").write_text("{ not json")
     (bad_dir / "model.safetensors").write_bytes(b"")
-    _assert_clean_error(run_cli("convert", "--hf", bad_dir, "--out", out), out, "config.json")
+    _assert_clean_error(cli("convert", "--hf", bad_dir, "--out", out), out, "config.json")
 
 
-def test_pickle_weights_are_refused(tiny_hf, tmp_path):
+def test_pickle_weights_are_refused(cli, tiny_hf, tmp_path):
     src = tmp_path / "bin_only"
     shutil.copytree(tiny_hf("llama"), src)
     for f in src.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     out = tmp_path / "out"
-    _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "safetensors")
+    _assert_clean_error(cli("convert", "--hf", src, "--out", out), out, "safetensors")
 
 
-def test_unsupported_architecture(tiny_hf, tmp_path):
+def test_unsupported_architecture(cli, tiny_hf, tmp_path):
     src = tmp_path / "gpt2_like"
     shutil.copytree(tiny_hf("llama"), src)
     config = json.loads((src / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "unsupported architecture", "gpt2")
+    _assert_clean_error(cli("convert", "--hf", src, "--out", out), out, "unsupported architecture", "gpt2")
 
 
-def test_tp_must_divide_heads_and_groups(tiny_hf, tmp_path):
+def test_tp_must_divide_heads_and_groups(cli, tiny_hf, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("convert", "--hf", tiny_hf("llama"), "--out", out, "--tp", "3")
+    proc = cli("convert", "--hf", tiny_hf("llama"), "--out", out, "--tp", "3")
     _assert_clean_error(proc, out, "--tp 3", "allowed --tp values: 1, 2")
 
 
-def test_existing_output_is_never_touched(tiny_hf, tiny_checkpoint, tmp_path):
+def test_existing_output_is_never_touched(cli, tiny_hf, tiny_checkpoint, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run_cli("convert", "--hf", tiny_hf("llama"), "--out", out)
+    proc = cli("convert", "--hf", tiny_hf("llama"), "--out", out)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-    proc = run_cli("export", tiny_checkpoint("llama"), "--hf-out", out)
+    proc = cli("export", tiny_checkpoint("llama"), "--hf-out", out)
     assert proc.returncode == 2 and "--hf-out" in proc.stderr and "already exists" in proc.stderr
 
 
@@ -90,9 +102,9 @@ def test_failure_after_start_leaves_nothing(tiny_hf, tmp_path):
     _assert_clean_error(run_cli("convert", "--hf", src, "--out", out), out, "model.layers.4", before_work=False)
 
 
-def test_not_a_checkpoint(tmp_path):
+def test_not_a_checkpoint(cli, tmp_path):
     out = tmp_path / "hf"
-    _assert_clean_error(run_cli("export", tmp_path, "--hf-out", out), out, "not a nemo-minitron checkpoint")
+    _assert_clean_error(cli("export", tmp_path, "--hf-out", out), out, "not a nemo-minitron checkpoint")
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -100,6 +112,6 @@ def test_not_a_checkpoint(tmp_path):
     (["--data", "builtin:nope"], ["builtin:calib"]),
     (["--data", "builtin:heldout", "--seq-len", "0"], ["--seq-len"]),
 ])
-def test_eval_bad_data(tiny_checkpoint, tmp_path, flags, words):
-    proc = run_cli("eval", tiny_checkpoint("llama"), *flags, cwd=tmp_path)
+def test_eval_bad_data(cli, tiny_checkpoint, tmp_path, flags, words):
+    proc = cli("eval", tiny_checkpoint("llama"), *flags)
     _assert_clean_error(proc, None, *words)

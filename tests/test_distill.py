@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TESTS, run_cli, run_workers
+from conftest import ROOT, cli_in_process, run_cli, run_workers
 
 # student layer 0 sits on the first stage at PP=2 and teacher layer 3 on the second (the
 # student state is carried); student layer 2 / teacher layer 1 the other way round.
@@ -146,7 +146,7 @@ def _with_other_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:
     ("seq_len", ["--seq-len 100000 is longer than the models allow"]),
     ("pairs", ["--kd-pairs 1:9", "teacher layer 9 is out of range 0..3"]),
 ])
-def test_bad_input(tiny_checkpoint, tmp_path, case, words):
+def test_bad_input(tiny_checkpoint, tmp_path, capsys, case, words):
     teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
     flags = []
     if case == "vocab":
@@ -160,8 +160,8 @@ def test_bad_input(tiny_checkpoint, tmp_path, case, words):
     else:
         flags = ["--kd-pairs", "1:9"]
     out = tmp_path / "out"
-    proc = run_cli("distill", "--teacher", teacher, "--student", student, "--data", "builtin:train", "--out", out,
-                   "--steps", "2", "--seq-len", "16", *flags)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
+    code, stderr = cli_in_process(capsys, "distill", "--teacher", teacher, "--student", student, "--data",
+                                  "builtin:train", "--out", out, "--steps", "2", "--seq-len", "16", *flags)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert all(w in stderr for w in words), stderr
     assert not out.exists()

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, TESTS
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
-STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "depth-importance", "depth-prune",
-          "depth-distill", "export", "report"]
+STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "depth-importance",
+          "depth-prune", "depth-distill", "export", "report"]
 
 
 def _env():
@@ -33,12 +33,35 @@ def _steps(distill_dir: Path) -> list[int]:
     return [json.loads(x)["step"] for x in lines if x.strip() and json.loads(x)["kind"] == "train"]
 
 
-def test_recipe_runs_end_to_end_and_resumes(tiny_hf, tmp_path):
+def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path):
+    """The whole recipe, killed during the first distillation and started again: finished
+    stages are not redone, no training step is lost or repeated, every stage's output and
+    the report are complete, and a third start finds nothing left to do."""
     out = tmp_path / "run"
-    proc = _run(f"model.source={tiny_hf('llama')}", f"output_dir={out}")
-    assert f"report: {out / 'report' / 'report.md'}" in proc.stdout
-    stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == STAGES
+    args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
+            "rounds.0.distill.save_every=3"]
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "width-3-distill" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (marker.exists() and marker.read_text().strip() >= "step_0000006") and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before distillation was checkpointed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
+    proc.wait()
+    before = json.loads((out / "stages.json").read_text())
+    assert "width-distill" not in before and "width-prune" in before
+
+    done = _run(*args)
+    assert f"report: {out / 'report' / 'report.md'}" in done.stdout
+    after = json.loads((out / "stages.json").read_text())
+    for stage in ("convert", "teacher-correction", "width-importance", "width-prune"):
+        assert after[stage] == before[stage]  # finished stages were not run again
+        assert f"stage {stage}: complete" in done.stderr
+    assert "resumed from" in done.stderr
+    assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
+    assert list(after) == STAGES
+
     report = json.loads((out / "report" / "report.json").read_text())
     names = [m["model"] for m in report["models"]]
     assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "depth: pruned",
@@ -55,34 +78,9 @@ def test_recipe_runs_end_to_end_and_resumes(tiny_hf, tmp_path):
 
     hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))
     assert sum(p.numel() for p in hf.parameters()) == params[-1]
-    # a second start finds every stage complete
-    again = _run(f"model.source={tiny_hf('llama')}", f"output_dir={out}")
+
+    again = _run(*args)  # a third start finds every stage complete
     assert again.stderr.count("skipped") == len(STAGES)
-
-
-def test_run_killed_mid_distillation_resumes_without_redoing_work(tiny_hf, tmp_path):
-    out = tmp_path / "run"
-    args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
-            "rounds.0.distill.save_every=3", "export.enabled=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = out / "width-3-distill" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (marker.exists() and marker.read_text().strip() >= "step_0000006") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before distillation was checkpointed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
-    proc.wait()
-    before = json.loads((out / "stages.json").read_text())
-    assert "width-distill" not in before and "width-prune" in before
-    done = _run(*args)
-    after = json.loads((out / "stages.json").read_text())
-    for stage in ("convert", "teacher-correction", "width-importance", "width-prune"):
-        assert after[stage] == before[stage]  # finished stages were not run again
-        assert f"stage {stage}: complete" in done.stderr
-    assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
-    assert "resumed from" in done.stderr
-    assert (out / "report" / "report.md").is_file()
 
 
 @pytest.mark.multirank

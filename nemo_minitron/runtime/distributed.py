@@ -129,12 +129,13 @@ def layout() -> Layout:
     return _layout
 
 
-def shutdown() -> None:
-    """Tear down parallel state and the process group (tests and in-process chains use it)."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Tear down parallel state and the process group. ``wait_for_all=False`` on error
+    paths, where another rank may never reach a barrier."""
     global _layout
     from megatron.core import parallel_state
 
-    if dist.is_initialized():
+    if dist.is_initialized() and wait_for_all:
         dist.barrier()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
