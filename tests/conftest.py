@@ -119,3 +119,15 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def smollm2_importance(smollm2, tmp_path_factory):
+    """Importance of the real SmolLM2-135M on the built-in calibration split (computed once;
+    the importance and pruning tests both read it)."""
+    from nemo_minitron.importance.api import compute_importance
+
+    out = tmp_path_factory.mktemp("smollm2_importance") / "imp"
+    scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
+                                micro_batch=8, layer_samples=4, dtype="bfloat16", progress=False)
+    return out, scores

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, run_workers
+from conftest import cli_in_process, run_cli, run_workers
 
 SEQ, SAMPLES, LAYER_SAMPLES, SEED = 24, 6, 3, 11
 
@@ -170,13 +170,9 @@ def test_parallel_layouts_equal_tp1(tiny, tmp_path):
 
 
 @pytest.mark.smollm2
-def test_smollm2_summary_plots_and_layer_ranking(smollm2, tmp_path):
+def test_smollm2_summary_plots_and_layer_ranking(smollm2_importance):
     """First and last layers of the trained decoder rank among the most important by loss drop."""
-    from nemo_minitron.importance.api import compute_importance
-
-    out = tmp_path / "imp"
-    scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
-                                micro_batch=8, layer_samples=4, drop_blocks=[4], progress=False)
+    out, scores = smollm2_importance
     ranked = scores.summary["layers"]["ranked_by_loss_drop"]
     assert 0 in ranked[:5] and 29 in ranked[:5], ranked
     assert (out / "summary.json").is_file() and len(list(out.glob("*.png"))) == 4
@@ -188,12 +184,12 @@ def test_smollm2_summary_plots_and_layer_ranking(smollm2, tmp_path):
     (["--batch-agg", "median"], ["--batch-agg", "mean, l2, var"]),
     (["--seq-agg", "max"], ["--seq-agg", "mean, l2, var"]),
 ])
-def test_bad_input(tiny, tmp_path, flags, words):
+def test_bad_input(tiny, tmp_path, capsys, flags, words):
     out = tmp_path / "imp"
-    proc = run_cli("importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out, "--seq-len", "32",
-                   *flags)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert all(w in proc.stderr for w in words), proc.stderr
+    code, stderr = cli_in_process(capsys, "importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out,
+                                  "--seq-len", "32", *flags)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert all(w in stderr for w in words), stderr
     assert not out.exists()
 
 

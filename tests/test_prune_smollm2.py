@@ -9,20 +9,18 @@ TARGET = {"hidden": 480, "ffn": 1024, "heads": 6, "query_groups": 3}
 
 
 @pytest.mark.smollm2
-def test_importance_beats_magnitude_and_random(smollm2, tmp_path):
+def test_importance_beats_magnitude_and_random(smollm2, smollm2_importance, tmp_path):
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.prune.api import prune
 
     ckpt = str(smollm2["checkpoint"])
-    compute_importance(ckpt, ["builtin:calib"], str(tmp_path / "imp"), samples=16, seq_len=128, micro_batch=8,
-                       layer_samples=1, dtype="bfloat16", progress=False)
+    importance = smollm2_importance[0]
     heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(ckpt), 128)[:8]
     loss = {}
     for order in ("importance", "magnitude", "random"):
-        out = prune(ckpt, str(tmp_path / "imp"), str(tmp_path / order), target=TARGET, order=order)
+        out = prune(ckpt, str(importance), str(tmp_path / order), target=TARGET, order=order)
         model, info = load_checkpoint(out)
         assert (info.description.hidden_size, info.description.heads_per_group) == (480, 2)
         loss[order] = evaluate(model, info.description.vocab_size, heldout, micro_batch=8).loss
