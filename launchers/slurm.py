@@ -37,7 +37,8 @@ NCCL_ENV = {
 def render(recipe_path: str, overrides: list[str], *, nodes: int, gpus_per_node: int, job_name: str | None = None,
            partition: str | None = None, account: str | None = None, time: str = "04:00:00",
            container_image: str | None = None, container_mounts: str | None = None, workdir: str | None = None,
-           log_dir: str = "logs", requeue: bool = False, extra_env: dict[str, str] | None = None) -> str:
+           log_dir: str = "logs", requeue: bool = False, extra_env: dict[str, str] | None = None,
+           setup: str | None = None) -> str:
     """The sbatch script text (validates the recipe and the world size first)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from nemo_minitron.errors import require
@@ -82,8 +83,8 @@ def render(recipe_path: str, overrides: list[str], *, nodes: int, gpus_per_node:
         *[f"export {k}={shlex.quote(v)}" for k, v in env.items()],
         "",
         # Single quotes: $SLURM_* and $MASTER_* expand on each node, inside srun's task.
-        " ".join(srun) + " bash -c " + shlex.quote(" ".join(a if a.startswith(("--nnodes", "--rdzv")) else
-                                                            shlex.quote(a) for a in torchrun)),
+        " ".join(srun) + " bash -c " + shlex.quote((f"{setup} && " if setup else "") + " ".join(
+            a if a.startswith(("--nnodes", "--rdzv")) else shlex.quote(a) for a in torchrun)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="directory the job runs in (default: here)")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--requeue", action="store_true")
+    p.add_argument("--setup", help="command run on every node before torchrun, e.g. 'pip install -e .' "
+                                   "inside a container that lacks the package")
     p.add_argument("--output", "-o", help="write the script here instead of stdout")
     args = p.parse_intermixed_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render(args.recipe, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                       job_name=args.job_name, partition=args.partition, account=args.account, time=args.time,
                       container_image=args.container_image, container_mounts=args.container_mounts,
-                      workdir=args.workdir, log_dir=args.log_dir, requeue=args.requeue)
+                      workdir=args.workdir, log_dir=args.log_dir, requeue=args.requeue, setup=args.setup)
     except UsageError as e:
         print(f"slurm.py: error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,8 @@ def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
     spec.loader.exec_module(slurm)
     recipe = ROOT / "recipes" / "llama3.1-8b-4b-width.yaml"
     text = slurm.render(str(recipe), DATA, nodes=2, gpus_per_node=8, account="acct", partition="batch",
-                        container_image="nvcr.io/nvidia/pytorch:25.09-py3", container_mounts="/lustre:/lustre")
+                        container_image="nvcr.io/nvidia/pytorch:25.09-py3", container_mounts="/lustre:/lustre",
+                        setup="pip install -e .")
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--account=acct",
@@ -101,7 +102,7 @@ def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
     for part in ("--ntasks-per-node=1", "--container-image=nvcr.io/nvidia/pytorch:25.09-py3",
                  "--container-mounts=/lustre:/lustre", "torchrun --nnodes=$SLURM_NNODES", "--nproc-per-node=8",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID",
-                 "-m nemo_minitron run", str(recipe)):
+                 "-m nemo_minitron run", str(recipe), "pip install -e . && torchrun"):
         assert part in srun, part
     assert "tp=2 pp=1 dp=8" in text and "2 nodes x 8 GPUs = 16 ranks" in text
     assert "NCCL" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
