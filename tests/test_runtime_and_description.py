@@ -9,11 +9,10 @@ from nemo_minitron.errors import UsageError
 from nemo_minitron.model.description import ModelDescription, description_from_hf_config
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is only used without a GPU")
 def test_cpu_fallback_switches_on_and_off(runtime):
     from nemo_minitron.runtime import cpu_fallback
 
-    if torch.cuda.is_available():
-        pytest.skip("the fallback is only used without a GPU")
     assert cpu_fallback.is_enabled()  # the runtime turned it on
     assert torch.empty(2, device="cuda").device.type == "cpu"
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # what megatron's optimizer checks
