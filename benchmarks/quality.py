@@ -62,7 +62,9 @@ def main() -> None:
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.distill.api import distill, finetune
     from nemo_minitron.evaluate import evaluate
+    from nemo_minitron.runtime.distributed import init_distributed
 
+    init_distributed(1, 1, 1234)  # the evaluations below load checkpoints outside the stage APIs
     teacher = smollm2_checkpoint()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,9 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("megatron-core's parallel state is not initialised: call "
+                           "nemo_minitron.runtime.distributed.init_distributed(tp, pp) first")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     desc.check_layout(tp, pp)
     config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
