@@ -5,7 +5,8 @@ One target size (about 84.5M parameters: hidden 480, ffn 1024, 6 heads in 3 grou
 or 16 of 30 layers for depth) and one token budget (the same training steps, batch and
 learning-rate schedule for every row). Held-out LM loss on builtin:heldout for:
 
-    importance pruning + distillation      (ours)
+    importance pruning + distillation from the corrected teacher   (ours, the full method)
+    importance pruning + distillation      (ours, without teacher correction)
     random pruning + distillation
     magnitude pruning + distillation
     importance pruning + cross-entropy fine-tuning
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=0, help="held-out samples to score (0: all of them)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=str(CACHE / "quality"))
     args = p.parse_args()
@@ -75,14 +76,19 @@ def main() -> None:
         "depth": pruned_smollm2("importance", target={"layers": 16}),
     }
     students["random-init"] = random_init_copy(students["importance"], CACHE / "smollm2-84m-random-init", seed=7)
-    runs = [("importance pruning + distillation (ours)", "importance", "kd"),
+    # teacher correction (Sreenivas et al., 2024): the teacher first fine-tuned on the
+    # distillation data, whose distribution (Python docstrings) it has never been trained on
+    corrected = out / f"teacher-correction-{args.steps}steps"
+    runs = [("importance pruning + distillation from the corrected teacher (ours, full method)", "importance",
+             "kd-corrected"),
+            ("importance pruning + distillation (ours, no teacher correction)", "importance", "kd"),
             ("random pruning + distillation", "random", "kd"),
             ("magnitude pruning + distillation", "magnitude", "kd"),
             ("importance pruning + cross-entropy fine-tuning", "importance", "ce"),
             ("same architecture, random init + distillation", "random-init", "kd"),
             ("depth pruning (16 of 30 layers) + distillation", "depth", "kd")]
     heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(teacher), args.seq_len)
-    heldout = heldout[: args.eval_samples]
+    heldout = heldout[: args.eval_samples or None]
 
     def loss(path: Path) -> float:
         model, info = load_checkpoint(path)
@@ -95,9 +101,12 @@ def main() -> None:
     for label, student_key, objective in runs:
         student = students[student_key]
         run_dir = out / f"{student_key}-{objective}-{args.steps}steps"
+        if objective == "kd-corrected" and not (corrected / "summary.json").is_file():
+            finetune(str(teacher), ["builtin:train"], str(corrected), **train)
         if not (run_dir / "summary.json").is_file():
-            if objective == "kd":
-                distill(str(teacher), str(student), ["builtin:train"], str(run_dir), **train)
+            if objective.startswith("kd"):
+                kd_teacher = corrected / "final" if objective == "kd-corrected" else teacher
+                distill(str(kd_teacher), str(student), ["builtin:train"], str(run_dir), **train)
             else:
                 finetune(str(student), ["builtin:train"], str(run_dir), **train)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -107,7 +116,8 @@ def main() -> None:
     teacher_loss = loss(teacher)
     table = ["| setup | parameters | held-out loss right after pruning | after training |", "|---|---|---|---|",
              f"| teacher: SmolLM2-135M | {read_info(teacher).description.num_parameters() / 1e6:.1f}M | "
-             f"{teacher_loss:.3f} | - |"]
+             f"{teacher_loss:.3f} | - |",
+             f"| teacher after correction (same training, cross-entropy) | - | - | {loss(corrected / 'final'):.3f} |"]
     table += [f"| {r['setup']} | {r['parameters'] / 1e6:.1f}M | {r['before_training']:.3f} | "
               f"**{r['after_training']:.3f}** |" for r in rows]
     tokens = rows[0]["tokens"]
