@@ -138,7 +138,10 @@ def _plot(rows, teacher_loss, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [r["setup"].replace(" + ", "\n+ ") for r in rows]
-    ax.barh(labels, [r["after_training"] for r in rows], color=["tab:green"] + ["tab:grey"] * (len(rows) - 1))
+    bars = ax.barh(labels, [r["after_training"] for r in rows],
+                   color=["tab:green"] + ["tab:grey"] * (len(rows) - 1))
+    ax.bar_label(bars, fmt="%.3f", padding=3)
+    ax.set_xlim(0, max(r["after_training"] for r in rows) * 1.12)
     ax.axvline(teacher_loss, color="tab:blue", linestyle="--", label=f"teacher {teacher_loss:.2f}")
     ax.invert_yaxis()
     ax.set_xlabel("held-out LM loss after the same training (lower is better)")
