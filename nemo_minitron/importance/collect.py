@@ -128,7 +128,8 @@ class ActivationCollector:
 
             def heads(module, args, st=st, head_dim=head_dim):
                 x = args[0].detach()  # [s, b, heads_local * head_dim]
-                norms = x.unflatten(-1, (-1, head_dim)).float().square().sum(dim=-1).sqrt()
+                # float32 norms without a float32 copy of the activations
+                norms = torch.linalg.vector_norm(x.unflatten(-1, (-1, head_dim)), dim=-1, dtype=torch.float32)
                 st.heads.add(self._per_sample(norms))
             yield attn.linear_proj, "pre", heads
 
