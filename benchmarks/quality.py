@@ -114,10 +114,11 @@ def main() -> None:
                      "before_training": loss(student), "after_training": loss(run_dir / "final"),
                      "train_seconds": summary["train_seconds"], "tokens": summary["tokens"]})
     teacher_loss = loss(teacher)
+    teacher_params = f"{read_info(teacher).description.num_parameters() / 1e6:.1f}M"
     table = ["| setup | parameters | held-out loss right after pruning | after training |", "|---|---|---|---|",
-             f"| teacher: SmolLM2-135M | {read_info(teacher).description.num_parameters() / 1e6:.1f}M | "
-             f"{teacher_loss:.3f} | - |",
-             f"| teacher after correction (same training, cross-entropy) | - | - | {loss(corrected / 'final'):.3f} |"]
+             f"| teacher: SmolLM2-135M | {teacher_params} | {teacher_loss:.3f} | - |",
+             f"| teacher after correction (the same training, cross-entropy) | {teacher_params} | - | "
+             f"{loss(corrected / 'final'):.3f} |"]
     table += [f"| {r['setup']} | {r['parameters'] / 1e6:.1f}M | {r['before_training']:.3f} | "
               f"**{r['after_training']:.3f}** |" for r in rows]
     tokens = rows[0]["tokens"]
