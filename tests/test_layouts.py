@@ -43,7 +43,8 @@ def test_smollm2_logits_equal_huggingface(smollm2, tmp_path):
     """SmolLM2-135M from the GGUF: megatron-core logits equal HF's at TP=1, PP=2 and TP=3.
 
     TP=2 is impossible for this model in megatron-core (3 query groups, 9 heads); TP=3 is
-    the tensor-parallel check on the unmodified model (TP=2 is covered on pruned SmolLM2)."""
+    the tensor-parallel check on the unmodified model, and the next test runs TP=2 on
+    SmolLM2 pruned to 2 query groups."""
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.model.forward import full_logits
 
@@ -56,3 +57,26 @@ def test_smollm2_logits_equal_huggingface(smollm2, tmp_path):
         assert logits.shape == reference.shape, name
         assert (logits - reference).abs().max().item() <= 1e-3, name
         assert torch.equal(logits.argmax(-1), reference.argmax(-1)), name
+
+
+@pytest.mark.smollm2
+def test_smollm2_pruned_to_two_groups_at_tp2_equals_huggingface(smollm2, smollm2_importance, tmp_path):
+    """SmolLM2 with 2 of its 3 query groups (6 heads) runs at TP=2: megatron-core logits
+    there equal those of its Hugging Face export."""
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.prune.api import prune
+
+    pruned = prune(str(smollm2["checkpoint"]), str(smollm2_importance[0]), str(tmp_path / "pruned"),
+                   target={"query_groups": 2})
+    from nemo_minitron.checkpoint.store import read_info
+
+    desc = read_info(pruned).description
+    assert (desc.num_query_groups, desc.num_attention_heads) == (2, 6)
+    hf_dir = export(str(pruned), str(tmp_path / "hf"))
+    tokens = smollm2["tokens"]
+    reference = hf_logits(hf_dir, tokens)
+    at_tp2 = _logits_at(tmp_path, "tp2", tokens, "--tp", "2", "--checkpoint", pruned)
+    assert at_tp2.shape == reference.shape
+    print(f"pruned SmolLM2 at TP=2 vs HF: max abs diff {(at_tp2 - reference).abs().max().item():.2e}")
+    assert (at_tp2 - reference).abs().max().item() <= 1e-3
+    assert torch.equal(at_tp2.argmax(-1), reference.argmax(-1))
