@@ -181,10 +181,10 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
     log.info("%s of %s (%s)%s: %d steps x %d sequences x %d tokens", kind, student, s_desc.summary(),
              f" from {teacher}" if teacher else "", cfg.steps, cfg.global_batch, cfg.seq_len)
     if before is not None:
-        trainer._log({"kind": "eval", "step": 0, **before})
+        trainer.log_record({"kind": "eval", "step": 0, **before})
     result = trainer.train()
     after = trainer.evaluate(student_model)
-    trainer._log({"kind": "eval", "step": cfg.steps, **after})
+    trainer.log_record({"kind": "eval", "step": cfg.steps, **after})
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},

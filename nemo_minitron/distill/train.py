@@ -193,7 +193,7 @@ class Trainer:
         values = stats.tolist()
         return {"loss": values[0], "kd_loss": values[1], "ce_loss": values[2], "pair_losses": values[3:]}
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def log_record(self, record: dict[str, Any]) -> None:
         from nemo_minitron.runtime.distributed import is_rank0
 
         if not is_rank0():
@@ -252,17 +252,14 @@ class Trainer:
         save_training_state(self.out, self.step, self.module, self.optimizer, self.scheduler,
                             {"pair_weights": weights})
 
-    def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """One forward-backward pass over ``step``'s batches, no update: the logs and this
-        stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
-        from megatron.core import parallel_state as ps
+    def _forward_backward(self, step: int) -> dict[str, Any]:
+        """Forward and backward over ``step``'s micro-batches (megatron-core's schedule,
+        gradients accumulated); the step's losses, reduced to every rank."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from nemo_minitron.model.params import gather, named_weights
-
-        self.ddp.zero_grad_buffer()
+        distilling = isinstance(self.module, DistillationModel)
         extra = {}
-        if isinstance(self.module, DistillationModel):
+        if distilling:
             self.module.num_microbatches = self.num_microbatches
             self.module.step_pair_losses.zero_()
             if self.module.pp > 1:
@@ -271,8 +268,18 @@ class Trainer:
             forward_step_func=self.forward_step, data_iterator=iter(self._microbatches(step)), model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
-        pair_losses = self.module.step_pair_losses if isinstance(self.module, DistillationModel) else torch.zeros(0)
-        logs = self._reduce_logs(reported, pair_losses)
+        pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
+        return self._reduce_logs(reported, pair_losses)
+
+    def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One forward-backward pass over ``step``'s batches, no update: the logs and this
+        stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
+        from megatron.core import parallel_state as ps
+
+        from nemo_minitron.model.params import gather, named_weights
+
+        self.ddp.zero_grad_buffer()
+        logs = self._forward_backward(step)
         group = ps.get_tensor_model_parallel_group()
         grads = {name: gather(name, p.main_grad.detach().float(), group=group).cpu()
                  for name, p in named_weights(self.student)}
@@ -282,7 +289,6 @@ class Trainer:
         return logs, grads
 
     def train(self) -> dict[str, Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
         from tqdm import tqdm
 
         from nemo_minitron.runtime.distributed import is_rank0
@@ -292,7 +298,6 @@ class Trainer:
         tokens_per_step = cfg.global_batch * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distill" if distilling else "fine-tune", unit="step",
                    disable=not (self.progress and is_rank0()), dynamic_ncols=True)
-        fb = get_forward_backward_func()
         last = {}
         started, trained_steps = time.time(), 0
         while self.step < cfg.steps:
@@ -300,21 +305,11 @@ class Trainer:
             self.ddp.train()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            extra = {}
-            if distilling:
-                self.module.num_microbatches = self.num_microbatches
-                self.module.step_pair_losses.zero_()
-                if self.module.pp > 1:
-                    extra["adjust_tensor_shapes_fn"] = self.module.adjust_tensor_shapes
-            reported = fb(forward_step_func=self.forward_step, data_iterator=iter(self._microbatches(self.step)),
-                          model=[self.ddp], num_microbatches=self.num_microbatches, seq_length=cfg.seq_len,
-                          micro_batch_size=cfg.micro_batch, forward_only=False, **extra)
+            logs = self._forward_backward(self.step)
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
             trained_steps += 1
-            pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
-            logs = self._reduce_logs(reported, pair_losses)
             if distilling and cfg.pair_weight == "auto" and len(cfg.pairs):
                 logit_part = cfg.logit.kd_weight * logs["kd_loss"] + cfg.logit.ce_weight * logs["ce_loss"]
                 self.module.pair_weights.copy_(torch.tensor(
@@ -324,11 +319,11 @@ class Trainer:
                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
                     "tokens": self.step * tokens_per_step, "step_seconds": elapsed,
                     "tokens_per_second": tokens_per_step / elapsed}
-            self._log(last)
+            self.log_record(last)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self._log({"kind": "eval", "step": self.step, **self.evaluate(self.student)})
+                self.log_record({"kind": "eval", "step": self.step, **self.evaluate(self.student)})
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
         bar.close()
