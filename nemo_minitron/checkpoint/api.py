@@ -69,6 +69,13 @@ def _source_or_error(path: str, flag: str) -> Source:
     return resolve_source(path, flag)
 
 
+def model_tokenizer(path: str, flag: str = "MODEL"):
+    """The tokenizer of a checkpoint or source, without loading any weights."""
+    if is_checkpoint(path):
+        return load_tokenizer(path)
+    return _source_or_error(path, flag).tokenizer()
+
+
 def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto", flag: str = "MODEL") -> OpenedModel:
     """Load a project checkpoint, or convert a source in memory (runtime must be initialised)."""
     if is_checkpoint(path):

@@ -130,6 +130,13 @@ class ReportConfig:
     micro_batch: int = 4
     #: context length at which FLOPs per token are reported
     flops_seq_len: int = 4096
+    #: downstream tasks scored for every model (lm-eval names, or the built-in
+    #: minitron_lastword / minitron_nextsentence, which need no download); [] for none
+    tasks: list[str] = field(default_factory=lambda: ["minitron_lastword", "minitron_nextsentence"])
+    #: examples per task (None: all)
+    task_limit: Optional[int] = 100
+    #: folder of local lm-eval task definitions (YAML)
+    tasks_path: Optional[str] = None
 
 
 @dataclass
@@ -243,6 +250,8 @@ def validate(recipe: Recipe) -> None:
     _choice(recipe.export.dtype, DTYPES, "export.dtype")
     _positive(recipe.report.eval_samples, "report.eval_samples")
     _positive(recipe.report.seq_len, "report.seq_len")
+    if recipe.report.task_limit is not None:
+        _positive(recipe.report.task_limit, "report.task_limit")
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
