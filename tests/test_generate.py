@@ -184,3 +184,23 @@ def test_smollm2_greedy_generation_equals_transformers(smollm2, smollm2_hf, runt
         prompts, SamplingConfig(max_new_tokens=16))
     expected = hf_greedy(smollm2_hf["model"], prompts, 16, opened.description.eos_token_id)
     assert [g.tokens for g in got] == expected
+
+
+@pytest.mark.smollm2
+def test_chat_messages_use_the_tokenizer_chat_template(smollm2, tmp_path):
+    """SmolLM2's tokenizer has a ChatML template: a `messages` prompt becomes the turns with
+    their role markers and ends with the assistant's generation prompt, tokenised without
+    adding special tokens a second time."""
+    from nemo_minitron.checkpoint.store import load_tokenizer
+    from nemo_minitron.generate.prompts import read_prompt_file
+
+    tok = load_tokenizer(smollm2["checkpoint"])
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "Name a prime."}]},
+                                                  {"prompt": "plain text"}])
+    chat, plain = read_prompt_file(str(path), tok)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in chat.text
+    assert chat.text.endswith("<|im_start|>user\nName a prime.<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.tokens == tok(chat.text, add_special_tokens=False)["input_ids"]
+    assert chat.tokens.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+    assert chat.messages[1]["content"] == "Name a prime." and plain.messages is None

@@ -99,7 +99,10 @@ def run_tasks(lm, tasks: ResolvedTasks, *, limit: int | float | None = None, num
     results = None
     if out is not None:
         results = {}
-        for task, values in out["results"].items():
+        # the requested names only (a group such as mmlu reports its aggregate, not its 57 subtasks)
+        shown = {t: out["results"][t] for t in tasks.names if t in out["results"]} or out["results"]
+        counts = out.get("n-samples", {})
+        for task, values in shown.items():
             metrics, stderr = {}, {}
             for key, value in values.items():
                 name, _, filter_name = key.partition(",")
@@ -110,6 +113,13 @@ def run_tasks(lm, tasks: ResolvedTasks, *, limit: int | float | None = None, num
                         stderr[name[:-len("_stderr")]] = float(value)
                 else:
                     metrics[name] = float(value)
-            samples = out.get("n-samples", {}).get(task, {}).get("effective", 0)
-            results[task] = TaskResult(task, metrics, stderr, int(samples))
+            samples = _examples(task, counts, out.get("group_subtasks", {}))
+            results[task] = TaskResult(task, metrics, stderr, samples)
     return broadcast_object(results)
+
+
+def _examples(task: str, counts: dict, groups: dict) -> int:
+    """Examples scored for a task, or summed over a group's (nested) subtasks."""
+    if task in counts:
+        return int(counts[task].get("effective", 0))
+    return sum(_examples(m, counts, groups) for m in groups.get(task, []))
