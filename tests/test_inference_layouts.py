@@ -31,7 +31,8 @@ def test_smollm2_generation_scoring_and_tasks_at_tp3_pp3_dp3(smollm2, smollm2_hf
     tok, desc = opened.tokenizer, opened.description
     texts = [" ".join(d.split()[:3 + 2 * i]) for i, d in enumerate(builtin_documents("heldout")[10:17])]
     prompts = [tok(t)["input_ids"] for t in texts]
-    windows = [tok(" ".join(d.split()[:40]))["input_ids"] for d in builtin_documents("heldout")[30:33]]
+    long_docs = [d for d in builtin_documents("heldout") if len(d.split()) >= 40][:3]
+    windows = [tok(" ".join(d.split()[:40]))["input_ids"] for d in long_docs]
     pairs = [(w[:12 + 3 * i], w[12 + 3 * i:20 + 3 * i]) for i, w in enumerate(windows)]
     inputs = {"prompts": prompts[:4], "max_new_tokens": 12, "pairs": pairs, "task": "minitron_nextsentence",
               "limit": 12}

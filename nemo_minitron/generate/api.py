@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from nemo_minitron.errors import require
+from nemo_minitron.errors import UsageError, require
 from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
 
@@ -103,11 +103,19 @@ class ResumableJsonl:
         self.meta.unlink(missing_ok=True)
 
 
+def _resume(writer: ResumableJsonl) -> int | str:
+    try:
+        return writer.resume()
+    except UsageError as e:
+        return str(e)
+
+
 def _fingerprint(model: str, prompts: Sequence[Prompt], sampling: SamplingConfig, batch_size: int, seed: int) -> dict:
     digest = hashlib.sha1()
     for p in prompts:
         digest.update(json.dumps(p.tokens).encode())
-    return {"model": str(model), "prompts": len(prompts), "prompts_sha1": digest.hexdigest(),
+    label = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    return {"model": label, "prompts": len(prompts), "prompts_sha1": digest.hexdigest(),
             "sampling": dataclasses.asdict(sampling), "batch_size": batch_size, "seed": seed}
 
 
@@ -130,8 +138,9 @@ def _gather_round(records: list[dict]) -> list[list[dict]] | None:
         return [records] if dist.get_rank() == 0 else None
     if ps.get_tensor_model_parallel_rank() != 0 or ps.get_pipeline_model_parallel_rank() != 0:
         return None  # rank 0's data-parallel group holds every replica's copy
+    group = ps.get_data_parallel_group()
     out = [None] * dp if dist.get_rank() == 0 else None
-    dist.gather_object(records, out, dst=ps.get_data_parallel_global_ranks()[0], group=ps.get_data_parallel_group())
+    dist.gather_object(records, out, dst=dist.get_global_rank(group, 0), group=group)
     return out
 
 
@@ -173,7 +182,9 @@ def generate(model: str, out: str, *, prompts: str | None = None, data: Sequence
     # ---- work
     init_distributed(tp, pp, seed)
     writer = ResumableJsonl(out_path, _fingerprint(model, items, sampling, batch_size, seed), batch_size)
-    done = broadcast_object(writer.resume() if is_rank0() else None)
+    done = broadcast_object(_resume(writer) if is_rank0() else None)
+    if isinstance(done, str):  # every rank stops with rank 0's error
+        raise UsageError(done)
     if done:
         log.info("continuing %s after %d of %d records", writer.partial, done, len(items))
     opened = open_model(model, dtype=dtype)

@@ -57,6 +57,8 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
             dist.all_reduce(sum_exp, group=group)
         logprobs.append(target_logit - top - sum_exp.log())
         greedy.append(target_logit >= top)
+    if not logprobs:  # no positions to score (an empty continuation)
+        return logits.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=logits.device)
     return torch.cat(logprobs), torch.cat(greedy)
 
 
@@ -149,12 +151,11 @@ class MegatronLM(TemplateLM):
         return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj: Any, dst: int = 0):
-        from megatron.core import parallel_state as ps
-
         if self.world_size == 1:
             return [obj]
+        group = self._dp_group()
         out = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, out, dst=ps.get_data_parallel_global_ranks()[dst], group=self._dp_group())
+        dist.gather_object(obj, out, dst=dist.get_global_rank(group, dst), group=group)
         return out
 
     def barrier(self) -> None:
