@@ -12,6 +12,16 @@ from conftest import cli_in_process
 from tiny_models import hf_greedy
 
 
+@pytest.fixture
+def one_thread():
+    """Decoding a tiny model is hundreds of very small matrix products: one thread, so that
+    no product waits at a thread barrier on a busy machine (seconds instead of minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -25,7 +35,7 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_greedy_generation_equals_transformers(tiny_hf, runtime, tmp_path, capsys):
+def test_greedy_generation_equals_transformers(tiny_hf, runtime, one_thread, tmp_path, capsys):
     """``nemo-minitron generate`` (batches of 4 prompts of mixed lengths, KV cache) gives
     transformers' greedy tokens, prompt by prompt; the records hold what they say."""
     from nemo_minitron.checkpoint.verify import load_hf_model
@@ -50,7 +60,7 @@ def test_greedy_generation_equals_transformers(tiny_hf, runtime, tmp_path, capsy
     assert not list(tmp_path.glob("out.jsonl.partial*"))
 
 
-def test_sampling_is_seeded_and_never_picks_vocabulary_padding(tiny_checkpoint, runtime):
+def test_sampling_is_seeded_and_never_picks_vocabulary_padding(tiny_checkpoint, runtime, one_thread):
     """Sampling at a high temperature reaches every real token, never one of the 24 padding
     columns (1000 -> 1024), and the same seed gives the same tokens."""
     from nemo_minitron.checkpoint.api import open_model
@@ -69,12 +79,13 @@ def test_sampling_is_seeded_and_never_picks_vocabulary_padding(tiny_checkpoint, 
     # columns about 9 times; masked, never.
     assert int(ids.max()) < opened.description.vocab_size
     assert len(set(ids.flatten().tolist())) > 250
-    top_k = [g.tokens for g in gen.generate(prompts, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1), seed=5)]
+    top_k = [g.tokens for g in gen.generate(prompts, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1),
+                                            seed=5)]
     greedy = [g.tokens for g in gen.generate(prompts, SamplingConfig(max_new_tokens=8), seed=9)]
     assert top_k == greedy
 
 
-def test_stop_strings_end_generation(tiny_checkpoint, runtime):
+def test_stop_strings_end_generation(tiny_checkpoint, runtime, one_thread):
     """A stop string ends a prompt's generation where it appears, and is cut from the text."""
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
@@ -98,7 +109,8 @@ def test_stop_strings_end_generation(tiny_checkpoint, runtime):
     assert any(g.finish_reason == "stop" for g in stopped)
 
 
-def test_killed_generation_resumes_without_losing_or_repeating_records(tiny_hf, runtime, tmp_path, monkeypatch):
+def test_killed_generation_resumes_without_losing_or_repeating_records(tiny_hf, runtime, one_thread, tmp_path,
+                                                                      monkeypatch):
     """A run that dies after two batches, leaving a record of the third batch and half a line,
     continues from the last whole batch; the file equals an uninterrupted run's."""
     from nemo_minitron.generate import api

@@ -152,7 +152,8 @@ class TextGenerator:
         controller.eos_ids = torch.tensor(self.eos_ids, dtype=torch.long)
         return controller
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int = 1234) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seed: int = 1234) -> list[Generation]:
         """Complete each tokenised prompt; ``seed`` fixes the samples (ignored when greedy)."""
         from megatron.core.inference.inference_request import InferenceRequest
         from megatron.core.inference.sampling_params import SamplingParams

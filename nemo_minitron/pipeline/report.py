@@ -242,7 +242,8 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
             cells = []
             for t, k in columns:
                 res = r["tasks"].get(t)
-                cells.append(f"{res['metrics'][k]:.3f} ± {res['stderr'][k]:.3f}" if res and k in res["metrics"] else "-")
+                shown = res and k in res["metrics"]
+                cells.append(f"{res['metrics'][k]:.3f} ± {res['stderr'][k]:.3f}" if shown else "-")
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
         if task_plot:
             lines += ["", f"![{task_plot}]({task_plot})"]

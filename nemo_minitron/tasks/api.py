@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 from typing import Any, Sequence
@@ -43,6 +44,14 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(tasks_path: str | None, include_defaults: bool):
+    """lm-eval's task index (reading its ~15,000 task files takes seconds: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_path, include_defaults=include_defaults)
+
+
 @dataclasses.dataclass
 class ResolvedTasks:
     """Checked task names, the lm-eval specs and task manager that load them."""
@@ -58,16 +67,14 @@ def resolve_tasks(names: str | Sequence[str], tasks_path: str | None = None, *, 
     Raises UsageError for an unknown name or data that cannot be loaded."""
     from pathlib import Path
 
-    from lm_eval.tasks import TaskManager
-
     _quiet_lm_eval()
     names = parse_task_names(names, flag)
     if tasks_path is not None:
         require(Path(tasks_path).is_dir(), f"{path_flag} '{tasks_path}' is not a directory")
     others = [n for n in names if n not in BUILTIN_TASKS]
-    manager = TaskManager(include_path=tasks_path, include_defaults=False)
+    manager = _task_manager(tasks_path, include_defaults=False)
     if any(n not in manager.all_tasks for n in others):
-        manager = TaskManager(include_path=tasks_path, include_defaults=True)
+        manager = _task_manager(tasks_path, include_defaults=True)
     for n in others:
         if n not in manager.all_tasks:
             close = difflib.get_close_matches(n, list(manager.all_tasks) + list(BUILTIN_TASKS), n=5, cutoff=0.6)

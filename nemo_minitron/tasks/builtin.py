@@ -2,8 +2,9 @@
 that task accuracy needs no download. Both are lm-evaluation-harness task configs.
 
 - ``minitron_lastword`` (LAMBADA-style): the shortest passage (12 to 120 words) from the
-  start of a docstring that ends in a word which already appeared in it; the model sees the passage without that word and must produce it
-  greedily (``acc``: every token of `` word`` is the argmax). Chance is about zero.
+  start of a docstring that ends in a word which already appeared in it; the model sees
+  the passage without that word and must produce it greedily (``acc``: every token of
+  `` word`` is the argmax). Chance is about zero.
 - ``minitron_nextsentence`` (multiple choice, 4 options): the first sentences of a
   docstring (up to 3, at most 80 words); which of four sentences comes next: its own
   next sentence, or that of three other held-out docstrings, of about the same length

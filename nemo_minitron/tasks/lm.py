@@ -31,7 +31,8 @@ log = logging.getLogger("nemo_minitron")
 _CHUNK = 1024
 
 
-def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                          vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For vocab-parallel ``logits [n, V/tp]`` and global ``targets [n]``: each target's
     log-probability (fp32) and whether it is the argmax, identical on every TP rank."""
     from megatron.core import parallel_state as ps
@@ -241,10 +242,13 @@ class MegatronLM(TemplateLM):
             eot = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             sample = bool(kwargs.pop("do_sample", False)) and float(kwargs.get("temperature", 1.0)) > 0
-            sampling = SamplingConfig(max_new_tokens=max_new, temperature=float(kwargs.get("temperature", 1.0))
-                                      if sample else 0.0, top_p=float(kwargs.get("top_p", 0.0) or 0.0) if sample else 0.0,
-                                      top_k=int(kwargs.get("top_k", 0) or 0) if sample else 0,
-                                      stop=tuple(s for s in until + [eot] if s))
+            stop = tuple(s for s in until + [eot] if s)
+            if sample:
+                sampling = SamplingConfig(max_new_tokens=max_new, temperature=float(kwargs.get("temperature", 1.0)),
+                                          top_p=float(kwargs.get("top_p") or 0.0), top_k=int(kwargs.get("top_k") or 0),
+                                          stop=stop)
+            else:
+                sampling = SamplingConfig(max_new_tokens=max_new, stop=stop)
             for start in range(0, len(members), self.batch_size):
                 index = members[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in index]
