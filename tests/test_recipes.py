@@ -43,8 +43,7 @@ def test_recipe_validates_and_targets_published_size(path):
     else:
         desc = _source_description(recipe.model.source)
     for rnd in recipe.rounds:
-        desc = planned_description(desc, target=rnd.prune.target or None, target_params=rnd.prune.target_params,
-                                   tp=recipe.parallel.tp, pp=recipe.parallel.pp)
+        desc = planned_description(desc, rnd.prune, tp=recipe.parallel.tp, pp=recipe.parallel.pp)
     published = PUBLISHED_B[recipe.name]
     if published is not None:
         assert abs(desc.num_parameters() / 1e9 - published) < 0.05 * published

@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any, Mapping
 
+from nemo_minitron.config import DEFAULT_SEQ_LEN
 from nemo_minitron.errors import UsageError, divisors, require
 
 #: HF ``model_type`` values this project converts, builds and exports.
@@ -99,7 +100,7 @@ class ModelDescription:
         """Parameter count exactly as the exported Hugging Face model reports it."""
         return self.embedding_parameters() + self.num_layers * self.parameters_per_layer() + self.hidden_size
 
-    def flops_per_token(self, seq_len: int = 4096) -> int:
+    def flops_per_token(self, seq_len: int = DEFAULT_SEQ_LEN) -> int:
         """Forward FLOPs per token: 2 per weight of every matrix product (the output layer
         included, the embedding lookup excluded) plus attention scores and values over a
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""

@@ -34,7 +34,6 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-ORDERS = ("importance", "magnitude", "random")
 LAYER_METRICS = ("contiguous", "loss", "block")
 
 
@@ -99,23 +98,23 @@ def random_scores(desc: ModelDescription, seed: int) -> UnitScores:
                       layers=torch.rand(L, generator=g))
 
 
-def parse_layer_metric(metric: str, num_layers: int) -> str | list[int]:
+def parse_layer_metric(metric: str, num_layers: int, flag: str = "--layer-metric") -> str | list[int]:
     """'contiguous' | 'loss' | 'block', or an explicit list of layers to drop."""
     if metric in LAYER_METRICS:
         return metric
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"--layer-metric must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"{flag} must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
-    require(bool(dropped), f"--layer-metric '{metric}' names no layers")
+    require(bool(dropped), f"{flag} '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
-            f"--layer-metric {metric}: layers must be in 0..{num_layers - 1}")
+            f"{flag} {metric}: layers must be in 0..{num_layers - 1}")
     return dropped
 
 
 def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, summary: dict,
-                   layer_scores: dict[str, torch.Tensor] | None = None) -> list[int]:
+                   layer_scores: dict[str, torch.Tensor] | None = None, flag: str = "--layer-metric") -> list[int]:
     """Original indices of the kept layers, chosen by ``metric`` (see the module doc);
     ``metric="scores"`` drops the lowest ``layer_scores["scores"]`` (the baselines).
     Raises before any weight is touched."""
@@ -124,18 +123,18 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         assert layer_scores is not None
         dropped = torch.argsort(layer_scores["scores"].double(), stable=True)[:drop].tolist()
         return [i for i in range(old.num_layers) if i not in dropped]
-    chosen = parse_layer_metric(metric, old.num_layers)
+    chosen = parse_layer_metric(metric, old.num_layers, flag)
     if isinstance(chosen, list):
-        require(len(chosen) == drop, f"--layer-metric {metric} drops {len(chosen)} layers but the target removes "
+        require(len(chosen) == drop, f"{flag} {metric} drops {len(chosen)} layers but the target removes "
                                      f"{drop}; set layers={old.num_layers - len(chosen)} in --target")
         dropped = chosen
     elif drop == 0:
         dropped = []
     elif chosen == "contiguous":
         blocks = summary.get("layers", {}).get("contiguous_blocks", {})
-        require(str(drop) in blocks, f"--layer-metric contiguous: the importance run has no best contiguous block "
+        require(str(drop) in blocks, f"{flag} contiguous: the importance run has no best contiguous block "
                                      f"of {drop} layers; rerun importance with --drop-blocks {drop}, or use "
-                                     "--layer-metric loss|block")
+                                     f"{flag} loss|block")
         dropped = list(blocks[str(drop)]["layers"])
     else:
         assert layer_scores is not None
