@@ -146,7 +146,8 @@ def _hf_dir(tmp_path: Path, tiny_hf, kind: str, config_changes: dict, extra_weig
     ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, None, "rope_scaling.rope_type='yarn'"),
     ("qwen3", {}, "model.layers.0.self_attn.sinks", "weight 'model.layers.0.self_attn.sinks' is not part of a qwen3"),
     ("llama", {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "kv_lora_rank": 512}, None,
-     "unsupported architecture 'deepseek_v3' (supported: llama, mistral, qwen2, qwen3, nemotron); it uses kv_lora_rank"),
+     "unsupported architecture 'deepseek_v3' (supported: llama, mistral, qwen2, qwen3, nemotron); "
+     "it uses kv_lora_rank"),
 ])
 def test_unsupported_features_are_one_line_errors(tiny_hf, tmp_path, capsys, kind, changes, extra, words):
     src = _hf_dir(tmp_path, tiny_hf, kind, changes, extra)
@@ -155,3 +156,36 @@ def test_unsupported_features_are_one_line_errors(tiny_hf, tmp_path, capsys, kin
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("nemo-minitron convert: error: ") and words in stderr, stderr
     assert not out.exists()
+
+
+def test_distillation_pairs_networks_of_one_kind(tmp_path):
+    """A teacher teaches a student of its own kind: Llama and Mistral (whose tables fix the
+    same features) pair; Qwen3 (QK-norm) or Nemotron do not pair with Llama."""
+    from nemo_minitron.distill.api import check_compatible
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.model.description import ModelDescription
+
+    llama = ModelDescription(architecture="llama", vocab_size=1000, hidden_size=64, ffn_hidden_size=96, num_layers=4,
+                             num_attention_heads=4, num_query_groups=2, head_dim=16)
+    same_tokenizer = str(tmp_path)  # no tokenizer files on either side: equal fingerprints
+    check_compatible(llama, llama.replace(architecture="mistral", hidden_size=48), same_tokenizer, same_tokenizer)
+    for other in (llama.replace(architecture="qwen3", qk_norm=True),
+                  llama.replace(architecture="nemotron", activation="squared_relu", normalization="LayerNorm",
+                                zero_centered_gamma=True)):
+        with pytest.raises(UsageError, match=f"--student \\({other.architecture}\\) is not of the teacher's family"):
+            check_compatible(llama, other, same_tokenizer, same_tokenizer)
+
+
+def test_family_from_features():
+    """Sources that state features, not a family (Megatron-LM arguments), find the family."""
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.families import family_with
+
+    assert family_with({}).model_type == "llama"
+    assert family_with({"qkv_bias": True}).model_type == "qwen2"
+    assert family_with({"qk_norm": True}).model_type == "qwen3"
+    assert family_with({"activation": "squared_relu", "normalization": "LayerNorm",
+                        "zero_centered_gamma": True}).model_type == "nemotron"
+    with pytest.raises(UsageError, match="no supported model family has activation='squared_relu', "
+                                         "normalization='RMSNorm'"):
+        family_with({"activation": "squared_relu"})

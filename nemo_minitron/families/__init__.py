@@ -51,4 +51,20 @@ def family_of_hf_config(config: Mapping[str, Any]) -> Family:
                      f"(supported: {', '.join(FAMILIES)})" + (f"; it uses {used[0]}" if used else ""))
 
 
-__all__ = ["DEFAULT_FEATURES", "FAMILIES", "UNSUPPORTED_KEYS", "Family", "family", "family_of_hf_config"]
+def family_with(features: Mapping[str, Any]) -> Family:
+    """The first family whose table fixes exactly these features (any not given take the
+    defaults), for sources that state features rather than a family, such as Megatron-LM
+    arguments: RMSNorm + SwiGLU is Llama, + QKV bias Qwen2, + QK-norm Qwen3, LayerNorm
+    (zero-centred) + squared ReLU Nemotron."""
+    wanted = {**DEFAULT_FEATURES, **features}
+    unknown = sorted(set(wanted) - set(DEFAULT_FEATURES))
+    if unknown:
+        raise UsageError(f"unknown model features: {', '.join(unknown)} (known: {', '.join(DEFAULT_FEATURES)})")
+    for fam in FAMILIES.values():
+        if fam.feature_values() == wanted:
+            return fam
+    described = ", ".join(f"{k}={v!r}" for k, v in wanted.items())
+    raise UsageError(f"no supported model family has {described} (supported: {', '.join(FAMILIES)})")
+
+
+__all__ = ["DEFAULT_FEATURES", "FAMILIES", "UNSUPPORTED_KEYS", "Family", "family", "family_of_hf_config", "family_with"]
