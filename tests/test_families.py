@@ -28,35 +28,36 @@ QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab
             "eos_token_id": 151645, "torch_dtype": "bfloat16"}
 
 
-def _hf_count(config: dict) -> int:
-    """Parameters of transformers' own model for ``config``, built on the meta device (no memory)."""
+def _hf_model(config: dict):
+    """transformers' own model for ``config``, built on the meta device (no memory)."""
     import transformers
 
     from nemo_minitron.families import family
 
     cls = getattr(transformers, family(config["model_type"]).config_class)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cls(**config))
-    return sum(p.numel() for p in model.parameters())
+        return transformers.AutoModelForCausalLM.from_config(cls(**config))
 
 
 @pytest.mark.parametrize("config", [QWEN3_8B, "nvidia__Nemotron-4-15B.json"], ids=["qwen3-8b", "nemotron-4-15b"])
 def test_real_configs_count_like_transformers(config):
     """Parameter counts of the description (what the planner uses) equal transformers' model
-    for real Qwen3 and Nemotron configs, before and after a width prune; FLOPs count the
-    matrices the MLP really has."""
-    from nemo_minitron.model.description import description_from_hf_config
+    for real Qwen3 and Nemotron configs, before and after a width prune; FLOPs per token are
+    2 per weight of every matrix transformers' model multiplies by (the output layer, not the
+    embedding lookup) plus the attention term."""
     from nemo_minitron.checkpoint.hf_format import hf_config_dict
+    from nemo_minitron.model.description import description_from_hf_config
     from nemo_minitron.prune.targets import apply_target
 
     config = json.loads((DATA / config).read_text()) if isinstance(config, str) else config
     desc = description_from_hf_config(config)
-    assert desc.num_parameters() == _hf_count(config)
     pruned = apply_target(desc, {"hidden": 3072, "ffn": 8192, "query_groups": 4, "layers": 20})
-    assert pruned.num_parameters() == _hf_count(hf_config_dict(pruned))
-    h, f, L = pruned.hidden_size, pruned.ffn_hidden_size, pruned.num_layers
-    without_mlp = pruned.flops_per_token() - 2 * L * pruned.mlp_matrices * h * f
-    assert without_mlp == pruned.replace(ffn_hidden_size=1).flops_per_token() - 2 * L * pruned.mlp_matrices * h
+    for d in (desc, pruned):
+        model = _hf_model(hf_config_dict(d))
+        assert d.num_parameters() == sum(p.numel() for p in model.parameters())
+        matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        attention = d.num_layers * 2 * 2 * d.num_attention_heads * d.head_dim * (4096 / 2)
+        assert d.flops_per_token(4096) == int(2 * matrices + attention)
     if desc.architecture == "nemotron":
         assert (desc.mlp_matrices, desc.rotary_dim, desc.normalization) == (2, 64, "LayerNorm")
         assert round(desc.num_parameters() / 1e9, 1) == 15.6  # 3.1B embedding + 12.5B (arXiv 2402.16819)
@@ -189,3 +190,21 @@ def test_family_from_features():
     with pytest.raises(UsageError, match="no supported model family has activation='squared_relu', "
                                          "normalization='RMSNorm'"):
         family_with({"activation": "squared_relu"})
+
+
+def test_descriptions_round_trip_and_old_checkpoints_load():
+    """Descriptions of the new families survive JSON; descriptions written before the family
+    features existed (a null sliding_window key, no feature keys) read as Llama-like."""
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+
+    nemotron = description_from_hf_config(json.loads((DATA / "nvidia__Nemotron-4-15B.json").read_text()))
+    assert ModelDescription.from_dict(json.loads(nemotron.to_json())) == nemotron
+    old = {"architecture": "mistral", "vocab_size": 1000, "hidden_size": 64, "ffn_hidden_size": 96, "num_layers": 2,
+           "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16, "qkv_bias": False,
+           "sliding_window": None}
+    assert ModelDescription.from_dict(old).gated and ModelDescription.from_dict(old).normalization == "RMSNorm"
+    with pytest.raises(UsageError, match="sliding-window attention is not supported"):
+        ModelDescription.from_dict({**old, "sliding_window": 4096})
+    with pytest.raises(UsageError, match="a nemotron model has activation='squared_relu'"):
+        nemotron.replace(activation="swiglu")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from nemo_minitron.checkpoint.hf_format import canonical_to_hf, hf_config_dict
 from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
+from nemo_minitron.errors import require
 from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import gather, named_weights
@@ -40,6 +41,8 @@ def hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
     fam = family(desc.architecture)
+    require(hasattr(transformers, fam.config_class), f"transformers {transformers.__version__} has no "
+                                                     f"{fam.config_class}: upgrade it to export a {fam.model_type} model")
     candidate = {**hf_config_dict(desc), "torch_dtype": dtype_name(dtype)}
     try:
         getattr(transformers, fam.config_class)(**candidate)

@@ -74,7 +74,8 @@ def _rule(rule) -> tuple[str, tuple[str, ...]]:
 def _compiled(model_type: str) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
     out = []
     for pattern, rule in family(model_type).weights.items():
-        regex = re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        # placeholders ({i}: layer; an MoE table adds {e}: expert) match indices
+        regex = re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(pattern)) + "$")
         out.append((regex, *_rule(rule)))
     return out
 
