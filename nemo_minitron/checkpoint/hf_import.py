@@ -96,6 +96,8 @@ class Source:
             return json.loads(index.read_text())["weight_map"]
         weight_map = {}
         for f in sorted(self.path.glob("*.safetensors")):
+            if f.name.startswith("consolidated"):
+                continue  # Mistral's own format, shipped beside the HF weights in some repositories
             with safe_open(str(f), framework="pt") as h:
                 weight_map.update({k: f.name for k in h.keys()})
         return weight_map
