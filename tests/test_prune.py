@@ -123,17 +123,26 @@ def expected_kept(scores, old, new, dropped_layers) -> dict:
 
 def expected_weights(before: dict, old, new, kept: dict) -> dict:
     """The pruned model's every tensor, cut from the original ones by viewing each fused
-    matrix in its documented layout (qkv [group][q..., k, v][head_dim]; fc1 [gate; up])."""
+    matrix in its documented layout (qkv [group][q..., k, v][head_dim]; fc1 [gate; up], or
+    the neurons without a gate). Norms over hidden (weights and LayerNorm biases) lose the
+    pruned channels; QK-norms (over head_dim, shared by the heads) stay whole."""
     h, d, G, hpg = torch.tensor(kept["hidden"]), old.head_dim, old.num_query_groups, old.heads_per_group
-    out = {"embedding.word_embeddings.weight": before["embedding.word_embeddings.weight"][:, h],
-           "decoder.final_layernorm.weight": before["decoder.final_layernorm.weight"][h]}
+    out = {"embedding.word_embeddings.weight": before["embedding.word_embeddings.weight"][:, h]}
+    for part in ("weight", "bias"):
+        if f"decoder.final_layernorm.{part}" in before:
+            out[f"decoder.final_layernorm.{part}"] = before[f"decoder.final_layernorm.{part}"][h]
     if not old.tie_embeddings:
         out["output_layer.weight"] = before["output_layer.weight"][:, h]
     for new_i, old_i in enumerate(kept["layers"]):
         src, dst = f"decoder.layers.{old_i}.", f"decoder.layers.{new_i}."
         heads, ffn = kept["heads"][old_i], torch.tensor(kept["ffn"][old_i])
-        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
-            out[dst + norm] = before[src + norm][h]
+        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight", "input_layernorm.bias",
+                     "pre_mlp_layernorm.bias"):
+            if src + norm in before:
+                out[dst + norm] = before[src + norm][h]
+        for norm in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+            if src + norm in before:
+                out[dst + norm] = before[src + norm]
         for suffix in ("weight", "bias"):
             if src + "self_attention.linear_qkv." + suffix not in before:
                 continue
@@ -146,7 +155,7 @@ def expected_weights(before: dict, old, new, kept: dict) -> dict:
             out[dst + "self_attention.linear_qkv." + suffix] = cut[:, h] if suffix == "weight" else cut
         proj = before[src + "self_attention.linear_proj.weight"].reshape(old.hidden_size, G * hpg, d)
         out[dst + "self_attention.linear_proj.weight"] = proj[h][:, torch.tensor(heads)].flatten(1)
-        fc1 = before[src + "mlp.linear_fc1.weight"].reshape(2, old.ffn_hidden_size, old.hidden_size)
+        fc1 = before[src + "mlp.linear_fc1.weight"].reshape(-1, old.ffn_hidden_size, old.hidden_size)  # [gate; up]
         out[dst + "mlp.linear_fc1.weight"] = fc1[:, ffn][:, :, h].flatten(0, 1)
         out[dst + "mlp.linear_fc2.weight"] = before[src + "mlp.linear_fc2.weight"][h][:, ffn]
     return out
@@ -175,11 +184,12 @@ def _check_pruned(ckpt: Path, out: Path, kept: dict) -> tuple:
     return pruned, after
 
 
-def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron"])
+def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path, kind):
     from nemo_minitron.model.forward import full_logits
     from nemo_minitron.prune.api import prune
 
-    ckpt, imp = scored("llama")
+    ckpt, imp = scored(kind)
     original, before = _state(ckpt)
     d = original.description
     out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={
@@ -202,6 +212,8 @@ def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path):
     ("llama_tied", {"hidden": 48, "ffn": 64, "heads": 2, "query_groups": 2, "layers": 3}, "block"),
     ("qwen2", {"hidden": 56, "heads": 2, "layers": 2}, "loss"),   # q/k/v biases, tied embeddings
     ("llama_pruned_shape", {"hidden": 40, "ffn": 64, "query_groups": 1, "layers": 4}, "2"),
+    ("qwen3", {"hidden": 48, "ffn": 64, "heads": 2, "layers": 2}, "block"),      # QK-norm with fewer heads
+    ("nemotron", {"hidden": 40, "ffn": 48, "query_groups": 1, "layers": 2}, "1"),  # no gate, LayerNorm biases
 ])
 def test_pruned_counts_and_kept_weights(scored, layer_reference, tmp_path, kind, target, metric):
     """Parameters: description == megatron model (padding excluded) == exported HF model;
@@ -255,22 +267,27 @@ def test_pruned_counts_and_kept_weights(scored, layer_reference, tmp_path, kind,
     assert torch.isfinite(ours).all() and (ours - theirs).abs().max() <= tol
 
 
-def test_magnitude_and_random_baselines(scored, tmp_path):
-    """magnitude keeps the units of largest weight mass; random the top of seeded random scores."""
+@pytest.mark.parametrize("kind", ["llama", "nemotron"])
+def test_magnitude_and_random_baselines(scored, tmp_path, kind):
+    """magnitude keeps the units of largest weight mass; random the top of seeded random scores.
+    Nemotron: a neuron owns its up row (no gate) and down column; a channel its LayerNorm
+    biases and its gammas (stored zero-centred: the mass of weight + 1)."""
     from nemo_minitron.prune.api import prune
     from nemo_minitron.prune.select import random_scores
     from nemo_minitron.prune.targets import apply_target
 
-    ckpt, imp = scored("llama")
+    ckpt, imp = scored(kind)
     original, w = _state(ckpt)
     old = original.description
-    target = {"hidden": 48, "ffn": 64, "query_groups": 1, "layers": 3}
+    target = {"hidden": 48, "ffn": 64, "query_groups": 1, "layers": 3 if kind == "llama" else 2}
     new = apply_target(old, target)
 
-    sq = {k: v.double().square() for k, v in w.items()}
+    gamma = 1 if old.zero_centered_gamma else 0
+    sq = {k: (v + gamma if k.endswith("layernorm.weight") else v).double().square() for k, v in w.items()}
     G, hpg, d, F = old.num_query_groups, old.heads_per_group, old.head_dim, old.ffn_hidden_size
     hidden = sq["embedding.word_embeddings.weight"][: old.vocab_size].sum(0)
     hidden += sq["output_layer.weight"][: old.vocab_size].sum(0) + sq["decoder.final_layernorm.weight"]
+    hidden += sq.get("decoder.final_layernorm.bias", 0)
     L = old.num_layers
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
     mass = {"hidden": hidden, "ffn": zeros(L, F), "heads": zeros(L, G * hpg), "query_groups": zeros(L, G)}
@@ -280,15 +297,20 @@ def test_magnitude_and_random_baselines(scored, tmp_path):
         qkv, proj = p["self_attention.linear_qkv.weight"], p["self_attention.linear_proj.weight"]
         fc1, fc2 = p["mlp.linear_fc1.weight"], p["mlp.linear_fc2.weight"]
         hidden += p["input_layernorm.weight"] + p["pre_mlp_layernorm.weight"] + qkv.sum(0) + fc1.sum(0)
+        hidden += p.get("input_layernorm.bias", 0) + p.get("pre_mlp_layernorm.bias", 0)
         hidden += proj.sum(1) + fc2.sum(1)
-        mass["ffn"][i] = fc1[:F].sum(1) + fc1[F:].sum(1) + fc2.sum(0)
+        up_rows = fc1.sum(1).reshape(-1, F).sum(0)  # [gate; up] rows of a neuron, or its up row
+        mass["ffn"][i] = up_rows + fc2.sum(0)
         per_row = qkv.sum(1).reshape(G, hpg + 2, d).sum(-1)
         heads = per_row[:, :hpg].reshape(-1) + proj.sum(0).reshape(G * hpg, d).sum(-1)
         mass["heads"][i] = heads
         mass["query_groups"][i] = heads.reshape(G, hpg).sum(-1) + per_row[:, hpg:].sum(-1)
-        layer_mass[i] = sum(v.sum() for v in p.values())
+        layer_mass[i] = sum(v.double().square().sum() for k, v in w.items() if k.startswith(f"decoder.layers.{i}."))
+    dropped = torch.argsort(layer_mass)[: L - new.num_layers].tolist()
     out = prune(str(ckpt), str(imp), str(tmp_path / "magnitude"), target=target, order="magnitude")
-    _check_pruned(ckpt, out, expected_kept(mass, old, new, [int(layer_mass.argmin())]))
+    _check_pruned(ckpt, out, expected_kept(mass, old, new, dropped))
+    if kind != "llama":
+        return  # random scores do not depend on the family
 
     rnd = random_scores(old, seed=7)
     scores = {"hidden": rnd.hidden, "ffn": rnd.ffn, "heads": rnd.heads, "query_groups": rnd.query_groups}
@@ -359,7 +381,11 @@ def test_prune_at_tp2_and_pp2_equals_tp1(scored, tmp_path):
             # layer 1 goes: at PP=2 the new model is built with stages of 1 and 2 layers, saved,
             # and reloaded balanced (2 and 1) for the parameter count
             ("groups", "llama_tied", {"hidden": 48, "ffn": 64, "query_groups": 2, "layers": 3}, "importance", "1"),
-            ("heads", "llama", {"hidden": 40, "ffn": 48, "heads": 2, "layers": 3}, "magnitude", "contiguous")):
+            ("heads", "llama", {"hidden": 40, "ffn": 48, "heads": 2, "layers": 3}, "magnitude", "contiguous"),
+            # squared-ReLU MLP (fc1 without a gate, gathered and re-sliced whole), LayerNorm biases
+            ("nemotron", "nemotron", {"hidden": 48, "ffn": 48, "heads": 2}, "magnitude", "loss"),
+            # heads inside groups with QK-norm (replicated, never cut); drop layer 0 (stage 0 keeps 1)
+            ("qwen3", "qwen3", {"hidden": 48, "heads": 2, "layers": 2}, "importance", "0")):
         ckpt, imp = scored(kind)
         jobs.append({"name": name, "checkpoint": str(ckpt), "importance": str(imp), "target": target,
                      "order": order, "layer_metric": metric, "seed": 1234})

@@ -83,9 +83,10 @@ def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto
 def export(ckpt: str, hf_out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
            seed: int = DEFAULT_SEED, verify: bool = False) -> Path:
     """Project checkpoint -> Hugging Face model directory at ``hf_out``."""
-    from nemo_minitron.checkpoint.hf_export import export_hf
+    from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
 
     info = read_info(ckpt)
+    hf_config(info.description, dtype or DTYPES[info.dtype])  # transformers can hold this model
     out_path = check_new_output(hf_out, "--hf-out")
     info.description.check_layout(tp, pp)
     check_world_size(tp, pp)

@@ -32,6 +32,7 @@ from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.model import LayerPair
 from nemo_minitron.distill.train import Trainer
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
@@ -40,9 +41,6 @@ log = logging.getLogger("nemo_minitron")
 CONFIG_FILE = "config.yaml"        # the resolved settings of the run, checked on resume
 RESUMES_FILE = "resumes.jsonl"     # forced resumes: the step and the settings that changed
 DEFAULT_EVAL_DATA = "builtin:heldout"
-
-_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-
 
 def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: ModelDescription,
                 flag: str = "--kd-pairs") -> list[LayerPair]:
@@ -77,7 +75,8 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
             f"--teacher and --student have different vocabularies ({teacher.vocab_size} vs {student.vocab_size})")
     require(_tokenizer_fingerprint(teacher_ckpt) == _tokenizer_fingerprint(student_ckpt),
             "--teacher and --student have different tokenizers")
-    require(_FAMILIES[teacher.architecture] == _FAMILIES[student.architecture],
+    # the same kind of network (Llama and Mistral are: their family tables fix the same features)
+    require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
             f"--student ({student.architecture}) is not of the teacher's family ({teacher.architecture})")
     for axis, t, s in (("hidden", teacher.hidden_size, student.hidden_size),
                        ("ffn", teacher.ffn_hidden_size, student.ffn_hidden_size),
@@ -85,7 +84,8 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
                        ("query groups", teacher.num_query_groups, student.num_query_groups),
                        ("layers", teacher.num_layers, student.num_layers)):
         require(s <= t, f"--student is not a descendant of --teacher: its {axis} ({s}) exceeds the teacher's ({t})")
-    require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling,
+    require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
+            and teacher.rotary_percent == student.rotary_percent,
             "--student uses another rotary position encoding than --teacher")
 
 

@@ -296,12 +296,13 @@ class Trainer:
         stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
         from megatron.core import parallel_state as ps
 
-        from nemo_minitron.model.params import gather, named_weights
+        from nemo_minitron.model.params import gather, named_weights, unwrap
 
         self.ddp.zero_grad_buffer()
         logs = self._forward_backward(step)
         group = ps.get_tensor_model_parallel_group()
-        grads = {name: gather(name, p.main_grad.detach().float(), group=group).cpu()
+        gated = unwrap(self.student).config.gated_linear_unit
+        grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated).cpu()
                  for name, p in named_weights(self.student)}
         if isinstance(self.module, DistillationModel):
             for key, proj in self.module.projections.items():

@@ -85,7 +85,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
            "layers": torch.zeros(L, dtype=torch.float64)}
     tied_copy = desc.tie_embeddings and not ps.is_pipeline_first_stage()
     for name, param in named_weights(model):
-        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group()).cpu()
+        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated).cpu()
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of the tied embedding: counted once, on the first stage
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -210,8 +210,8 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             new_layer = layer_of(name)
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
-            full = gather(old_name, old_weights[old_name].detach(), group=tp_group)
+            full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
-            param.copy_(shard(name, cut, tp_rank, tp_size))
+            param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated))
     new_model.eval()
     return new_model

@@ -108,9 +108,11 @@ def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *
             for hidden in hiddens:
                 base = desc.replace(num_layers=layers, num_query_groups=groups, num_attention_heads=heads,
                                     hidden_size=hidden, ffn_hidden_size=grid_f)
-                # params are linear in ffn: count = fixed + layers * 3 * hidden * ffn
-                fixed = base.num_parameters() - layers * 3 * hidden * grid_f
-                exact = (budget - fixed) / (3 * hidden * layers)
+                # params are linear in ffn: count = fixed + layers * m * hidden * ffn
+                # (m: hidden x ffn matrices per MLP, 3 with a gate, 2 without)
+                m = base.mlp_matrices
+                fixed = base.num_parameters() - layers * m * hidden * grid_f
+                exact = (budget - fixed) / (m * hidden * layers)
                 options = {min(desc.ffn_hidden_size, max(grid_f, round(exact / grid_f) * grid_f)),
                            desc.ffn_hidden_size}
                 for ffn in options:

@@ -7,10 +7,10 @@ original sizes keeps every weight where it was (the identity), and relative orde
 Per layer, query groups are ranked by their ``query_groups`` score and heads inside
 each kept group by their own score, so every group keeps the same number of heads
 (GQA stays balanced). ``magnitude`` scores a unit by the squared L2 norm of every
-weight it owns (a neuron: its gate and up rows and its down column; a head: its query
-rows and output-projection columns; a group: its heads, key and value rows; a channel:
-its column or row in every matrix, norm and embedding; a layer: all its weights);
-``random`` by a seeded permutation. Both are baselines.
+weight it owns (a neuron: its gate and up rows, or its up row without a gate, and its
+down column; a head: its query rows and output-projection columns; a group: its heads,
+key and value rows; a channel: its column or row in every matrix, norm and embedding; a
+layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
     contiguous  the best contiguous block of that many layers recorded by the importance
