@@ -13,6 +13,11 @@ from nemo_minitron.errors import require
 log = logging.getLogger("nemo_minitron")
 
 
+def runtime_options(args) -> dict:
+    """--tp, --pp, --seed, --dtype as keyword options of the stage APIs."""
+    return {k: getattr(args, k) for k in ("tp", "pp", "seed", "dtype") if hasattr(args, k)}
+
+
 def _dtype(args):
     return parse_dtype(args.dtype) if args.dtype else None
 
@@ -34,41 +39,50 @@ def export(args) -> int:
 
 def evaluate(args) -> int:
     from nemo_minitron.checkpoint.api import describe_model, open_model
+    from nemo_minitron.config import from_args, to_dict, yaml_text
     from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
+    from nemo_minitron.tasks.config import TaskConfig
 
+    cfg = from_args(EvalConfig, args)
+    task_cfg = from_args(TaskConfig, args)
     dtype = _dtype(args)
-    require(args.data or args.tasks, "give --data (held-out loss) and/or --tasks (task accuracy)")
+    require(args.data or task_cfg.tasks, "give --data (held-out loss) and/or --tasks (task accuracy)")
     specs = parse_data_specs(args.data) if args.data else None
-    require(args.seq_len >= 1, f"--seq-len must be >= 1 (got {args.seq_len})")
-    require(args.micro_batch >= 1, f"--micro-batch must be >= 1 (got {args.micro_batch})")
-    require(args.max_tokens is None or args.max_tokens >= args.seq_len,
-            f"--max-tokens {args.max_tokens} is less than one sample of --seq-len {args.seq_len}")
-    require(args.tasks or not (args.tasks_path or args.limit or args.num_fewshot is not None),
-            "--tasks-path, --limit and --num-fewshot go with --tasks")
-    require(args.limit is None or args.limit > 0, f"--limit must be > 0 (got {args.limit})")
+    require(task_cfg.tasks or (task_cfg.tasks_path is None and task_cfg.task_limit is None
+                               and task_cfg.num_fewshot is None),
+            "--tasks-path, --task-limit and --num-fewshot go with --tasks")
     if args.json:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
+    if specs is not None:
+        require(cfg.seq_len <= desc.max_position_embeddings,
+                f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                f"({desc.max_position_embeddings})")
     desc.check_layout(args.tp, args.pp)
     check_world_size(args.tp, args.pp)
     tasks = None
-    if args.tasks:
+    if task_cfg.tasks:
         from nemo_minitron.tasks.api import resolve_tasks
 
-        tasks = resolve_tasks(args.tasks, args.tasks_path)
+        tasks = resolve_tasks(task_cfg.tasks, task_cfg.tasks_path)
     init_distributed(args.tp, args.pp, args.seed)
+    resolved = {"model": args.model, "data": list(args.data or []), "dtype": args.dtype, **to_dict(cfg),
+                **to_dict(task_cfg)}
+    if is_rank0():
+        log.info("eval config:\n%s", yaml_text(resolved).rstrip())
     opened = open_model(args.model, dtype=dtype)
-    record: dict = {"model": args.model}
+    record = dict(resolved)
     if specs is not None:
-        limit = None if args.max_tokens is None else args.max_tokens // args.seq_len
-        samples = load_samples(specs, opened.tokenizer, args.seq_len, vocab_size=desc.vocab_size)
+        limit = None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len
+        samples = load_samples(specs, opened.tokenizer, cfg.seq_len, vocab_size=desc.vocab_size)
         if limit is not None:
             samples = samples[:limit]
-        result = run(opened.model, desc.vocab_size, samples, micro_batch=args.micro_batch)
-        record.update(data=args.data, seq_len=args.seq_len, **result.to_dict())
+        result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
+        record.update(result.to_dict())
         if is_rank0():
             print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
                   f"tokens {result.tokens}  samples {result.samples}")
@@ -76,9 +90,8 @@ def evaluate(args) -> int:
         from nemo_minitron.tasks.api import run_tasks
         from nemo_minitron.tasks.lm import MegatronLM
 
-        lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=args.micro_batch)
-        limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-        results = run_tasks(lm, tasks, limit=limit, num_fewshot=args.num_fewshot, seed=args.seed)
+        lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=cfg.micro_batch)
+        results = run_tasks(lm, tasks, limit=task_cfg.task_limit, num_fewshot=task_cfg.num_fewshot, seed=args.seed)
         record["tasks"] = {name: r.to_dict() for name, r in results.items()}
         if is_rank0():
             for name, r in results.items():

@@ -114,12 +114,11 @@ def test_killed_generation_resumes_without_losing_or_repeating_records(tiny_hf, 
     """A run that dies after two batches, leaving a record of the third batch and half a line,
     continues from the last whole batch; the file equals an uninterrupted run's."""
     from nemo_minitron.generate import api
-    from nemo_minitron.generate.engine import SamplingConfig
 
     hf_dir = tiny_hf("llama")
     prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{p} {i}"} for i, p in enumerate(PROMPTS * 2)])
-    sampling = SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9)
-    kwargs = dict(prompts=str(prompts), sampling=sampling, batch_size=3, seed=11, progress=False)
+    kwargs = dict(prompts=str(prompts), max_new_tokens=6, temperature=0.8, top_p=0.9, batch_size=3, seed=11,
+                  progress=False)
     reference = api.generate(str(hf_dir), str(tmp_path / "ref.jsonl"), **kwargs)
 
     out = tmp_path / "out.jsonl"

@@ -15,7 +15,6 @@ uninterrupted one. Data-parallel ranks take turns at batches; rank 0 writes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,31 +27,22 @@ from typing import Sequence
 import torch
 
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
+from nemo_minitron.config import Names
+from nemo_minitron.generate.config import GenerateConfig
+from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
 
 log = logging.getLogger("nemo_minitron")
 
 
-def check_sampling(sampling: SamplingConfig) -> None:
-    require(sampling.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {sampling.max_new_tokens})")
-    require(sampling.temperature >= 0, f"--temperature must be >= 0 (0: greedy; got {sampling.temperature})")
-    require(0 <= sampling.top_p <= 1, f"--top-p must be between 0 (off) and 1 (got {sampling.top_p})")
-    require(sampling.top_k >= 0, f"--top-k must be >= 0 (0: off; got {sampling.top_k})")
-    require(not (sampling.top_k and sampling.top_p), "--top-k and --top-p cannot both be set; choose one")
-    require(sampling.temperature > 0 or not (sampling.top_k or sampling.top_p),
-            "--top-k/--top-p need --temperature > 0 (temperature 0 is greedy decoding)")
-    require(all(sampling.stop), "--stop strings must not be empty")
-
-
-def check_context(prompts: Sequence[Prompt], max_new_tokens: int, context: int) -> None:
+def check_context(prompts: Sequence[Prompt], max_new_tokens: int, context: int,
+                  flag: str = "--max-new-tokens") -> None:
     """Every prompt plus its new tokens must fit the model's context."""
-    require(max_new_tokens < context, f"--max-new-tokens {max_new_tokens} is beyond the model's context of "
-                                      f"{context} tokens")
+    require(max_new_tokens < context, f"{flag} {max_new_tokens} is beyond the model's context of {context} tokens")
     for p in prompts:
         require(len(p.tokens) + max_new_tokens <= context,
-                f"--max-new-tokens {max_new_tokens}: {p.source} has {len(p.tokens)} tokens, and with the new tokens "
-                f"that is beyond the model's context of {context} tokens")
+                f"{flag} {max_new_tokens}: {p.source} has {len(p.tokens)} tokens, and with the new tokens that is "
+                f"beyond the model's context of {context} tokens")
 
 
 class ResumableJsonl:
@@ -110,13 +100,15 @@ def _resume(writer: ResumableJsonl) -> int | str:
         return str(e)
 
 
-def _fingerprint(model: str, prompts: Sequence[Prompt], sampling: SamplingConfig, batch_size: int, seed: int) -> dict:
+def _fingerprint(model: str, prompts: Sequence[Prompt], cfg: GenerateConfig, seed: int) -> dict:
+    from nemo_minitron.config import to_dict
+
     digest = hashlib.sha1()
     for p in prompts:
         digest.update(json.dumps(p.tokens).encode())
     label = str(Path(model).resolve()) if Path(model).exists() else str(model)
-    return {"model": label, "prompts": len(prompts), "prompts_sha1": digest.hexdigest(),
-            "sampling": dataclasses.asdict(sampling), "batch_size": batch_size, "seed": seed}
+    return {"model": label, "prompts": len(prompts), "prompts_sha1": digest.hexdigest(), "config": to_dict(cfg),
+            "seed": seed}
 
 
 def _record(index: int, prompt: Prompt, result) -> dict:
@@ -144,15 +136,20 @@ def _gather_round(records: list[dict]) -> list[list[dict]] | None:
     return out
 
 
-def generate(model: str, out: str, *, prompts: str | None = None, data: Sequence[str] | None = None,
-             prefix_tokens: int | None = None, limit: int | None = None, sampling: SamplingConfig = SamplingConfig(),
-             batch_size: int = 8, seed: int = 1234, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-             progress: bool = True) -> Path:
-    """Complete every prompt with ``model`` (checkpoint, HF directory, .gguf or alias); write ``out``."""
+def generate(model: str, out: str, config: GenerateConfig | None = None, *, prompts: str | None = None,
+             data: Sequence[str] | None = None, progress: bool = True, names: Names | None = None,
+             **options) -> Path:
+    """Complete every prompt with ``model`` (checkpoint, HF directory, .gguf or alias); write ``out``.
+
+    Prompts come from ``prompts`` (a file) or ``data`` (with ``prefix_tokens``).
+    ``config``: a GenerateConfig (defaults if None); ``options``: any of its fields, or
+    ``tp``, ``pp``, ``seed``, ``dtype``, overriding it."""
     from tqdm import tqdm
 
     from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
-    from nemo_minitron.checkpoint.store import check_new_output
+    from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
+    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
+    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
     from nemo_minitron.runtime.distributed import (
         barrier,
         broadcast_object,
@@ -162,26 +159,36 @@ def generate(model: str, out: str, *, prompts: str | None = None, data: Sequence
     )
 
     # ---- everything the user gave is checked before any work
+    names = names or cli_names(GenerateConfig)
+    stage, par, run = split_overrides(options, GenerateConfig, ParallelConfig, RunConfig)
+    cfg = build(GenerateConfig, config, names, **stage)
+    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
+    tp, pp, seed, batch_size = parallel.tp, parallel.pp, run_cfg.seed, cfg.batch_size
+    sampling = cfg.sampling()
     out_path = check_new_output(out, "--out")
     require((prompts is None) != (data is None), "give either --prompts FILE or --data SPEC ... --prefix-tokens N")
-    require(data is None or prefix_tokens is not None, "--data needs --prefix-tokens N (the prompt length in tokens)")
-    require(prompts is None or prefix_tokens is None, "--prefix-tokens goes with --data, not with --prompts")
-    require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
-    require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
-    check_sampling(sampling)
+    require(data is None or cfg.prefix_tokens is not None,
+            f"--data needs {names('prefix_tokens')} N (the prompt length in tokens)")
+    require(prompts is None or cfg.prefix_tokens is None, f"{names('prefix_tokens')} goes with --data, not with "
+                                                          "--prompts")
     desc = describe_model(model)
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
     tokenizer = model_tokenizer(model)
     if prompts is not None:
-        items = read_prompt_file(prompts, tokenizer)[:limit]
+        items = read_prompt_file(prompts, tokenizer)[:cfg.limit]
     else:
-        items = data_prefixes(data, tokenizer, prefix_tokens, desc.vocab_size, limit)
-    check_context(items, sampling.max_new_tokens, desc.max_position_embeddings)
+        items = data_prefixes(data, tokenizer, cfg.prefix_tokens, desc.vocab_size, cfg.limit)
+    check_context(items, sampling.max_new_tokens, desc.max_position_embeddings, names("max_new_tokens"))
+    dtype = parse_dtype(run_cfg.dtype) if run_cfg.dtype else None
 
     # ---- work
     init_distributed(tp, pp, seed)
-    writer = ResumableJsonl(out_path, _fingerprint(model, items, sampling, batch_size, seed), batch_size)
+    if is_rank0():
+        log.info("generate config:\n%s", yaml_text({"model": model, "prompts": prompts, "data": data, **to_dict(cfg),
+                                                     "tp": tp, "pp": pp, "seed": seed, "dtype": run_cfg.dtype})
+                 .rstrip())
+    writer = ResumableJsonl(out_path, _fingerprint(model, items, cfg, seed), batch_size)
     done = broadcast_object(_resume(writer) if is_rank0() else None)
     if isinstance(done, str):  # every rank stops with rank 0's error
         raise UsageError(done)

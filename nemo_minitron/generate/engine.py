@@ -23,23 +23,11 @@ from typing import Sequence
 
 import torch
 
+from nemo_minitron.generate.config import SamplingConfig
+
 log = logging.getLogger("nemo_minitron")
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each new token. ``temperature == 0`` is greedy decoding."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 0.0  # 0: off
-    top_k: int = 0  # 0: off
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["Generation", "SamplingConfig", "TextGenerator"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
                               path_flag="recipe key 'report.tasks_path'")
     rows = []
     for name, path in models:
-        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype"))
+        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None)
         result = evaluate(model, info.description.vocab_size, samples, micro_batch=cfg.micro_batch)
         desc = info.description
         rows.append({"model": name, "checkpoint": str(path), "parameters": desc.num_parameters(),
@@ -71,7 +71,7 @@ def _task_scores(model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, di
     from nemo_minitron.tasks.lm import MegatronLM
 
     lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch)
-    results = run_tasks(lm, tasks, limit=cfg.task_limit, seed=seed)
+    results = run_tasks(lm, tasks, limit=cfg.task_limit, num_fewshot=cfg.num_fewshot, seed=seed)
     for r in results.values():
         log.info("report: %s: %s", r.task, ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))
     return {name: r.to_dict() for name, r in results.items()}

@@ -49,7 +49,7 @@ def main() -> None:
     del opened, lm
     # the file-level API: replicas take turns at batches of 2, rank 0 writes in prompt order
     generate(args.checkpoint, f"{args.generated_dir}/dp3.jsonl", prompts=args.prompts,
-             sampling=SamplingConfig(max_new_tokens=inputs["max_new_tokens"]), batch_size=2, progress=False)
+             max_new_tokens=inputs["max_new_tokens"], batch_size=2, progress=False)
     if is_rank0():
         torch.save(results, args.out)
 
