@@ -142,3 +142,13 @@ def smollm2_hf(smollm2, tmp_path_factory):
 
     out = export(str(smollm2["checkpoint"]), str(tmp_path_factory.mktemp("smollm2_hf") / "hf"))
     return {"dir": out, "model": load_hf_model(out).eval()}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run hundreds of very small matrix products: one thread, so that none of
+    them waits at a thread barrier on a busy machine (seconds instead of minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,16 +12,6 @@ from conftest import cli_in_process
 from tiny_models import hf_greedy
 
 
-@pytest.fixture
-def one_thread():
-    """Decoding a tiny model is hundreds of very small matrix products: one thread, so that
-    no product waits at a thread barrier on a busy machine (seconds instead of minutes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -25,7 +25,7 @@ def _instances(kind: str, args: list[tuple]):
 TOL = 1e-4
 
 
-def test_loglikelihoods_and_generation_equal_transformers(tiny_hf, tiny_checkpoint, runtime):
+def test_loglikelihoods_and_generation_equal_transformers(tiny_hf, tiny_checkpoint, runtime, one_thread):
     """Log-likelihoods (an empty context, a trailing space, an input cut to the context),
     rolling log-likelihoods over several windows and greedy generate-until: ours against
     transformers' logits, and against lm-eval's own Hugging Face model."""
@@ -80,7 +80,8 @@ def _local_task(directory):
     return directory
 
 
-def test_local_task_same_accuracy_as_lm_eval_hf_model(tiny_hf, tiny_checkpoint, runtime, tmp_path, capsys):
+def test_local_task_same_accuracy_as_lm_eval_hf_model(tiny_hf, tiny_checkpoint, runtime, one_thread, tmp_path,
+                                                       capsys):
     """``nemo-minitron eval --tasks-path DIR`` runs a local task; lm-eval's own HF model on the
     same (exported) model gets the same accuracies."""
     from lm_eval.models.huggingface import HFLM
@@ -90,7 +91,7 @@ def test_local_task_same_accuracy_as_lm_eval_hf_model(tiny_hf, tiny_checkpoint, 
     tasks_dir = _local_task(tmp_path / "tasks")
     out = tmp_path / "eval.json"
     code, err = cli_in_process(capsys, "eval", tiny_checkpoint("llama"), "--tasks", "local_arith", "--tasks-path",
-                               tasks_dir, "--json", out)
+                               tasks_dir, "--micro-batch", 8, "--json", out)
     assert code == 0, err
     ours = json.loads(out.read_text())["tasks"]["local_arith"]
     theirs = run_tasks(HFLM(pretrained=str(tiny_hf("llama")), batch_size=4, device="cpu"),
