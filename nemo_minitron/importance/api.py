@@ -17,10 +17,14 @@ from typing import Sequence
 import torch
 
 from nemo_minitron.errors import require
-from nemo_minitron.importance.collect import AGGREGATIONS, NEURON_ACTIVATIONS, ActivationCollector
+from nemo_minitron.importance.collect import AGGREGATIONS, HEAD_SCORES, NEURON_ACTIVATIONS, ActivationCollector
 from nemo_minitron.importance.scores import ImportanceScores
 
 log = logging.getLogger("nemo_minitron")
+
+#: which norms' outputs are summed into an embedding channel's score: every layer's input
+#: and pre-MLP norms (ModelOpt's choice), or those and the final norm
+CHANNEL_NORMS = ("layers", "layers+final")
 
 
 def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
@@ -28,8 +32,12 @@ def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
 
 
 def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores."""
+                     neuron_activation: str, num_layers: int, head_score: str = "token",
+                     channel_norms: str = "layers+final", second_moments: bool = False,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores
+    (``final_norm`` [hidden] is the final norm's own channel term, included in ``hidden``
+    only with ``channel_norms="layers+final"``)."""
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
@@ -39,7 +47,8 @@ def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg:
 
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
-    collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation)
+    collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation,
+                                    head_score=head_score, second_moments=second_moments)
     device = layout().device
     # Pipelines need several micro-batches in flight; with one stage, tick per micro-batch.
     chunk = max(1, 2 * ps.get_pipeline_model_parallel_world_size())
@@ -52,8 +61,14 @@ def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg:
             bar.update(len(run) * ps.get_data_parallel_world_size())
     bar.close()
     scores = collector.finalize(num_layers, batch_agg)
-    scores["hidden"] = scores["hidden_per_layer"].sum(dim=0) + scores.pop("final_norm")
+    scores["hidden"] = hidden_scores(scores, channel_norms)
     return scores
+
+
+def hidden_scores(scores: dict[str, torch.Tensor], channel_norms: str) -> torch.Tensor:
+    """Embedding-channel scores: the per-layer norm terms, plus the final norm's if asked."""
+    hidden = scores["hidden_per_layer"].sum(dim=0)
+    return hidden + scores["final_norm"] if channel_norms == "layers+final" else hidden
 
 
 def _scoring_step(device):
@@ -75,7 +90,8 @@ def _scoring_step(device):
 
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, samples: int = 1024, seq_len: int = 512,
                        micro_batch: int = 4, batch_agg: str = "l2", seq_agg: str = "mean",
-                       neuron_activation: str = "post", layer_samples: int | None = None,
+                       neuron_activation: str = "post", head_score: str = "token",
+                       channel_norms: str = "layers+final", layer_samples: int | None = None,
                        drop_blocks: Sequence[int] = (), seed: int = 1234, tp: int = 1, pp: int = 1,
                        dtype: str | torch.dtype | None = None, progress: bool = True) -> ImportanceScores:
     """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores."""
@@ -96,6 +112,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     _check_choice(batch_agg, AGGREGATIONS, "--batch-agg")
     _check_choice(seq_agg, AGGREGATIONS, "--seq-agg")
     _check_choice(neuron_activation, NEURON_ACTIVATIONS, "--neuron-activation")
+    _check_choice(head_score, HEAD_SCORES, "--head-score")
+    _check_choice(channel_norms, CHANNEL_NORMS, "--channel-norms")
     require(samples >= 1, f"--samples must be >= 1 (got {samples})")
     require(micro_batch >= 1, f"--micro-batch must be >= 1 (got {micro_batch})")
     require(seq_len <= desc.max_position_embeddings,
@@ -119,7 +137,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples)",
              checkpoint, samples, seq_len, seq_agg, batch_agg)
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=seq_agg, batch_agg=batch_agg,
-                               neuron_activation=neuron_activation, num_layers=desc.num_layers, progress=progress)
+                               neuron_activation=neuron_activation, num_layers=desc.num_layers,
+                               head_score=head_score, channel_norms=channel_norms, progress=progress)
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
@@ -139,6 +158,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
         "checkpoint": str(checkpoint),
         "settings": {"data": list(data), "samples": samples, "seq_len": seq_len, "micro_batch": micro_batch,
                      "seq_agg": seq_agg, "batch_agg": batch_agg, "neuron_activation": neuron_activation,
+                     "head_score": head_score, "channel_norms": channel_norms,
                      "layer_samples": layer_samples, "drop_blocks": list(drop_blocks), "seed": seed,
                      "tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},
         "samples": samples,

@@ -11,6 +11,7 @@ Tensors (global indices, whatever the parallel layout that computed them):
     ffn                     [layers, ffn]           MLP neurons
     hidden                  [hidden]                embedding channels, summed over every norm
     hidden_per_layer        [layers, hidden]        the per-layer part of ``hidden`` (both norms of the layer)
+    final_norm              [hidden]                the final norm's term (in ``hidden`` with channel_norms layers+final)
     layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
     layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
 Higher is more important on every axis.
