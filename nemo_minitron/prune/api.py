@@ -183,8 +183,11 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
                            tokenizer=load_tokenizer(checkpoint))
 
 
-def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int]) -> torch.nn.Module:
-    """Build the new model on this layout and fill it with the kept weights (collective)."""
+def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int],
+                  grams: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Build the new model on this layout and fill it with the kept weights (collective).
+    ``grams`` ({"proj_gram", "fc2_gram"}: [layers, n, n]): refit the output projection and
+    the second MLP linear by least squares for the heads and neurons removed (refit.py)."""
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.model.builder import build_model
@@ -209,7 +212,25 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
             full = gather(old_name, old_weights[old_name].detach(), group=tp_group)
+            if grams is not None:
+                full = _refit(old_name, full, old, keep, old_layer, grams)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
             param.copy_(shard(name, cut, tp_rank, tp_size))
     new_model.eval()
     return new_model
+
+
+def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer, grams) -> torch.Tensor:
+    """The full tensor with its kept input columns refit (prune_tensor then cuts as usual)."""
+    from nemo_minitron.prune.refit import refit_columns
+    from nemo_minitron.prune.transforms import _proj_columns
+
+    if name.endswith("self_attention.linear_proj.weight"):
+        columns, gram = _proj_columns(old, keep.heads[old_layer]), grams["proj_gram"][old_layer]
+    elif name.endswith("mlp.linear_fc2.weight"):
+        columns, gram = keep.ffn[old_layer], grams["fc2_gram"][old_layer]
+    else:
+        return full
+    full = full.clone()
+    full[:, columns] = refit_columns(full, gram, columns)
+    return full
