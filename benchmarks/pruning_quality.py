@@ -42,6 +42,9 @@ VARIANTS = {
 }
 DEPTH_METRICS = ("contiguous", "loss", "block")
 DEPTH_VARIANT = "channel heads, layer norms"  # the width variant scored with every depth metric
+# ideas ModelOpt lacks, applied on top of these variants' choices
+REFIT_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
+ITERATIVE_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
 # collectors sharing one forward pass: (seq_agg, neuron_activation, head_score)
 COLLECTORS = sorted({(v[0], v[2], v[3]) for v in VARIANTS.values()})
 
@@ -174,6 +177,32 @@ class Bench:
                            query_groups=heads.unflatten(1, (self.old.num_query_groups, -1)).sum(-1), layers=v["block"])
         return keep_plan(self.old, new, units, layers)
 
+    def iterative_keep(self, seed: int, keep, new, variant: str):
+        """Re-estimate channel scores after the cheap axes are cut: prune every other axis
+        first, score the channels of that model on the same calibration samples, then
+        choose the channels (the rest of ``keep`` unchanged)."""
+        import dataclasses
+
+        from nemo_minitron.importance.api import calibration_pass
+        from nemo_minitron.prune.api import _build_pruned
+        from nemo_minitron.prune.select import top
+
+        seq, batch, neuron, head, norms = VARIANTS[variant]
+        path = OUT / "iterative" / f"{keep.summary()['sha256'][:24]}-seed{seed}-{variant.replace(' ', '_')}.pt"
+        if path.is_file():
+            hidden = torch.load(path)
+        else:
+            partial = dataclasses.replace(new, hidden_size=self.old.hidden_size)
+            full_hidden = dataclasses.replace(keep, hidden=torch.arange(self.old.hidden_size))
+            model = _build_pruned(self.teacher, self.old, partial, full_hidden, [len(keep.layers)])
+            scores = calibration_pass(model, self.load_samples(seed), micro_batch=4, seq_agg=seq, batch_agg=batch,
+                                      neuron_activation=neuron, num_layers=partial.num_layers, head_score=head,
+                                      channel_norms=norms, progress=False)
+            hidden = top(scores["hidden"], new.hidden_size)
+            path.parent.mkdir(exist_ok=True)
+            torch.save(hidden, path)
+        return dataclasses.replace(keep, hidden=hidden)
+
     # ----------------------------------------------------------------- ModelOpt
     def modelopt(self, seed: int, target: dict, new, check: bool) -> dict:
         import modelopt_adapter
@@ -268,6 +297,18 @@ def main() -> None:
                             variant + (f" / depth {depth}" if len(depths) > 1 else ""))
                     per_seed[name] = {k: r[k] for k in ("docs", "heldout")}
                     per_seed[name]["same_units_as_modelopt"] = keep.summary()["sha256"] == mo["keep_sha256"]
+                    if depth != "contiguous" and not depth_only:
+                        continue
+                    if variant in REFIT_VARIANTS and {"ffn", "heads"} & set(ROWS[row]):
+                        r = bench.eval_keep(keep, new, grams=scores["grams"])
+                        per_seed[f"{variant} + refit"] = {k: r[k] for k in ("docs", "heldout")}
+                    if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1:
+                        again = bench.iterative_keep(seed, keep, new, variant)
+                        r = bench.eval_keep(again, new, tag="iterative")
+                        per_seed[f"{variant} + iterative channels"] = {k: r[k] for k in ("docs", "heldout")}
+                        if variant in REFIT_VARIANTS:
+                            r = bench.eval_keep(again, new, grams=scores["grams"], tag="iterative")
+                            per_seed[f"{variant} + iterative channels + refit"] = {k: r[k] for k in ("docs", "heldout")}
             entry["seeds"][seed] = per_seed
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {v['docs']:.3f}" for k, v in per_seed.items()), flush=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
