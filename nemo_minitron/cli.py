@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-agg", default="mean", help="aggregation over the sequence: mean, l2, var (default mean)")
     p.add_argument("--neuron-activation", default="post", help="post (input of the 2nd MLP linear, default) or "
                                                                "pre (the paper's X.W1 pre-activation)")
+    p.add_argument("--head-score", default=None, help="token: per-token head norm, then aggregated; channel: each "
+                                                      "channel aggregated, then the norm over the head's channels "
+                                                      "(ModelOpt's order) (default channel)")
+    p.add_argument("--channel-norms", default=None, help="norm outputs summed into embedding-channel scores: layers "
+                                                         "(every layer's two norms) or layers+final (default layers)")
     p.add_argument("--layer-samples", type=int, default=None,
                    help="samples for the loss-drop layer scores (default: all calibration samples)")
     p.add_argument("--drop-blocks", default="", help="comma-separated block sizes k for the best contiguous "

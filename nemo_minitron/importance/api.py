@@ -25,6 +25,9 @@ log = logging.getLogger("nemo_minitron")
 #: which norms' outputs are summed into an embedding channel's score: every layer's input
 #: and pre-MLP norms (ModelOpt's choice), or those and the final norm
 CHANNEL_NORMS = ("layers", "layers+final")
+#: defaults chosen by benchmarks/pruning_quality.py (figures in README.md)
+DEFAULT_HEAD_SCORE = "channel"
+DEFAULT_CHANNEL_NORMS = "layers"
 
 
 def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
@@ -32,8 +35,8 @@ def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
 
 
 def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, head_score: str = "token",
-                     channel_norms: str = "layers+final", second_moments: bool = False,
+                     neuron_activation: str, num_layers: int, head_score: str = DEFAULT_HEAD_SCORE,
+                     channel_norms: str = DEFAULT_CHANNEL_NORMS, second_moments: bool = False,
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """Forward over this rank's share of ``samples`` with the collector's hooks; global scores
     (``final_norm`` [hidden] is the final norm's own channel term, included in ``hidden``
@@ -90,8 +93,8 @@ def _scoring_step(device):
 
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, samples: int = 1024, seq_len: int = 512,
                        micro_batch: int = 4, batch_agg: str = "l2", seq_agg: str = "mean",
-                       neuron_activation: str = "post", head_score: str = "token",
-                       channel_norms: str = "layers+final", layer_samples: int | None = None,
+                       neuron_activation: str = "post", head_score: str = DEFAULT_HEAD_SCORE,
+                       channel_norms: str = DEFAULT_CHANNEL_NORMS, layer_samples: int | None = None,
                        drop_blocks: Sequence[int] = (), seed: int = 1234, tp: int = 1, pp: int = 1,
                        dtype: str | torch.dtype | None = None, progress: bool = True) -> ImportanceScores:
     """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores."""

@@ -76,6 +76,8 @@ class ImportanceConfig:
     batch_agg: str = "l2"
     seq_agg: str = "mean"
     neuron_activation: str = "post"
+    head_score: Optional[str] = None      # None: importance.api.DEFAULT_HEAD_SCORE
+    channel_norms: Optional[str] = None   # None: importance.api.DEFAULT_CHANNEL_NORMS
     layer_samples: Optional[int] = None
     drop_blocks: list[int] = field(default_factory=list)
 
@@ -227,6 +229,10 @@ def validate(recipe: Recipe) -> None:
         _choice(imp.batch_agg, AGGREGATIONS, f"{key}.importance.batch_agg")
         _choice(imp.seq_agg, AGGREGATIONS, f"{key}.importance.seq_agg")
         _choice(imp.neuron_activation, ("post", "pre"), f"{key}.importance.neuron_activation")
+        if imp.head_score is not None:
+            _choice(imp.head_score, ("token", "channel"), f"{key}.importance.head_score")
+        if imp.channel_norms is not None:
+            _choice(imp.channel_norms, ("layers", "layers+final"), f"{key}.importance.channel_norms")
         pr = rnd.prune
         require(bool(pr.target) != (pr.target_params is not None),
                 f"recipe key '{key}.prune': set exactly one of 'target' and 'target_params'")

@@ -187,12 +187,14 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
     tp, pp, seed, data = recipe.parallel.tp, recipe.parallel.pp, recipe.seed, recipe.data
 
     def importance(out: Path) -> dict:
-        from nemo_minitron.importance.api import compute_importance
+        from nemo_minitron.importance.api import DEFAULT_CHANNEL_NORMS, DEFAULT_HEAD_SCORE, compute_importance
 
         imp = rnd.importance
         scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), samples=imp.samples,
                                     seq_len=imp.seq_len, micro_batch=imp.micro_batch, batch_agg=imp.batch_agg,
                                     seq_agg=imp.seq_agg, neuron_activation=imp.neuron_activation,
+                                    head_score=imp.head_score or DEFAULT_HEAD_SCORE,
+                                    channel_norms=imp.channel_norms or DEFAULT_CHANNEL_NORMS,
                                     layer_samples=imp.layer_samples, drop_blocks=list(imp.drop_blocks),
                                     seed=seed, tp=tp, pp=pp, dtype=recipe.dtype)
         return {"tokens": int(scores.summary.get("tokens", 0))}
