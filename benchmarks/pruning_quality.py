@@ -252,8 +252,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-samples", type=int, default=8, help="held-out samples of each split")
-    p.add_argument("--layer-samples", type=int, default=2, help="calibration samples for the layer loss drops")
+    p.add_argument("--eval-samples", type=int, default=4, help="held-out samples of each split")
+    p.add_argument("--layer-samples", type=int, default=1, help="calibration samples for the layer loss drops")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--out", default=str(OUT), help="cache of every result (resumable)")
     args = p.parse_args()
@@ -311,8 +311,74 @@ def main() -> None:
                             per_seed[f"{variant} + iterative channels + refit"] = {k: r[k] for k in ("docs", "heldout")}
             entry["seeds"][seed] = per_seed
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {v['docs']:.3f}" for k, v in per_seed.items()), flush=True)
+    results["means"] = means(results)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (OUT / "table.md").write_text(table(results))
+    plot(results, OUT / "pruning_quality.png")
+    print(table(results))
     write_results(args, {"benchmark": "pruning_quality", **results})
+
+
+def means(results: dict) -> dict:
+    """{row: {setup: {split: mean over seeds, "seeds": n}}} over the seeds every setup has."""
+    out = {}
+    for row, entry in results["rows"].items():
+        setups: dict = {}
+        for per_seed in entry["seeds"].values():
+            for name, r in per_seed.items():
+                for split in ("docs", "heldout"):
+                    setups.setdefault(name, {}).setdefault(split, []).append(r[split])
+        out[row] = {name: {**{k: sum(v) / len(v) for k, v in d.items()}, "seeds": len(d["docs"])}
+                    for name, d in setups.items()}
+    return out
+
+
+def table(results: dict, split: str = "docs") -> str:
+    m = results["means"]
+    rows = list(m)
+    setups = list(dict.fromkeys(name for row in rows for name in m[row]))
+    head = "| setup | " + " | ".join(rows) + " |"
+    lines = [head, "|---" * (len(rows) + 1) + "|"]
+    for name in setups:
+        cells = []
+        for row in rows:
+            r = m[row].get(name)
+            if r is None:
+                cells.append("")
+                continue
+            best = min(v[split] for v in m[row].values())
+            cells.append(f"**{r[split]:.3f}**" if f"{r[split]:.3f}" == f"{best:.3f}" else f"{r[split]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = sorted({v["seeds"] for row in rows for v in m[row].values()})
+    return "\n".join(lines) + (f"\n\nheld-out loss on builtin:{split} right after pruning, mean over {seeds} "
+                               f"calibration seeds; teacher {results['teacher'][split]:.3f}\n")
+
+
+def plot(results: dict, path: Path, split: str = "docs", setups: tuple[str, ...] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = results["means"]
+    rows = list(m)
+    setups = setups or ("ModelOpt 0.47", "ours 0.1 (token heads, +final norm)")
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) * len(setups) / 2 + 1.5))
+    height = 0.8 / len(setups)
+    for j, name in enumerate(setups):
+        values = [m[row].get(name, {}).get(split, float("nan")) for row in rows]
+        bars = ax.barh([i + j * height for i in range(len(rows))], values, height=height, label=name)
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], rows, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(results["teacher"][split], color="black", linestyle="--", linewidth=1,
+               label=f"teacher {results['teacher'][split]:.2f}")
+    ax.set_xlabel(f"held-out loss on builtin:{split} right after pruning (lower is better)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(ModelOpt's order) (default channel)")
     p.add_argument("--channel-norms", default=None, help="norm outputs summed into embedding-channel scores: layers "
                                                          "(every layer's two norms) or layers+final (default layers)")
+    p.add_argument("--second-moments", action="store_true",
+                   help="also store the Gram matrices of each layer's output-projection and 2nd-MLP-linear inputs "
+                        "(for prune --refit; 4*(ffn^2 + (heads*head_dim)^2) bytes per layer)")
     p.add_argument("--layer-samples", type=int, default=None,
                    help="samples for the loss-drop layer scores (default: all calibration samples)")
     p.add_argument("--drop-blocks", default="", help="comma-separated block sizes k for the best contiguous "
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-metric", default="contiguous",
                    help="layers to drop: contiguous (default; the best block recorded by importance --drop-blocks), "
                         "loss (least loss increase), block (lowest Block Importance), or the list, e.g. 3,7,9")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of the output projection and 2nd MLP "
+                                                        "linear for removed heads and neurons (needs importance "
+                                                        "--second-moments)")
     p.add_argument("--max-width-cut", type=float, default=0.5, help="with --target-params: as for plan")
     p.add_argument("--max-depth-cut", type=float, default=0.5, help="with --target-params: as for plan")
     p.add_argument("--prefer", default="width", help="with --target-params: width (default) or depth")

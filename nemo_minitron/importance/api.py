@@ -94,7 +94,8 @@ def _scoring_step(device):
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, samples: int = 1024, seq_len: int = 512,
                        micro_batch: int = 4, batch_agg: str = "l2", seq_agg: str = "mean",
                        neuron_activation: str = "post", head_score: str = DEFAULT_HEAD_SCORE,
-                       channel_norms: str = DEFAULT_CHANNEL_NORMS, layer_samples: int | None = None,
+                       channel_norms: str = DEFAULT_CHANNEL_NORMS, second_moments: bool = False,
+                       layer_samples: int | None = None,
                        drop_blocks: Sequence[int] = (), seed: int = 1234, tp: int = 1, pp: int = 1,
                        dtype: str | torch.dtype | None = None, progress: bool = True) -> ImportanceScores:
     """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores."""
@@ -141,7 +142,9 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
              checkpoint, samples, seq_len, seq_agg, batch_agg)
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=seq_agg, batch_agg=batch_agg,
                                neuron_activation=neuron_activation, num_layers=desc.num_layers,
-                               head_score=head_score, channel_norms=channel_norms, progress=progress)
+                               head_score=head_score, channel_norms=channel_norms, second_moments=second_moments,
+                               progress=progress)
+    grams = {k: tensors.pop(k).float().cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
@@ -161,7 +164,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
         "checkpoint": str(checkpoint),
         "settings": {"data": list(data), "samples": samples, "seq_len": seq_len, "micro_batch": micro_batch,
                      "seq_agg": seq_agg, "batch_agg": batch_agg, "neuron_activation": neuron_activation,
-                     "head_score": head_score, "channel_norms": channel_norms,
+                     "head_score": head_score, "channel_norms": channel_norms, "second_moments": second_moments,
                      "layer_samples": layer_samples, "drop_blocks": list(drop_blocks), "seed": seed,
                      "tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},
         "samples": samples,
@@ -185,6 +188,12 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
             scores.save(tmp)
             summary["plots"] = write_plots(tensors, blocks, tmp)
             scores.save(tmp)
+            if grams:
+                from safetensors.torch import save_file
+
+                from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE
+
+                save_file(grams, str(tmp / SECOND_MOMENTS_FILE))
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,
              summary["wall_seconds"], top)

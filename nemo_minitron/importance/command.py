@@ -18,7 +18,8 @@ def main(args) -> int:
     compute_importance(args.checkpoint, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
                        neuron_activation=args.neuron_activation, head_score=args.head_score or DEFAULT_HEAD_SCORE,
-                       channel_norms=args.channel_norms or DEFAULT_CHANNEL_NORMS, layer_samples=args.layer_samples,
+                       channel_norms=args.channel_norms or DEFAULT_CHANNEL_NORMS,
+                       second_moments=args.second_moments, layer_samples=args.layer_samples,
                        drop_blocks=_block_sizes(args.drop_blocks), seed=args.seed, tp=args.tp, pp=args.pp,
                        dtype=args.dtype)
     return 0

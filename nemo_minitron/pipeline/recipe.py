@@ -78,6 +78,7 @@ class ImportanceConfig:
     neuron_activation: str = "post"
     head_score: Optional[str] = None      # None: importance.api.DEFAULT_HEAD_SCORE
     channel_norms: Optional[str] = None   # None: importance.api.DEFAULT_CHANNEL_NORMS
+    second_moments: bool = False          # Gram matrices for prune.refit
     layer_samples: Optional[int] = None
     drop_blocks: list[int] = field(default_factory=list)
 
@@ -90,6 +91,7 @@ class PruneConfig:
     target_params: Optional[str] = None
     order: str = "importance"
     layer_metric: str = "contiguous"
+    refit: bool = False                   # least-squares refit (needs importance.second_moments)
     max_width_cut: float = 0.5
     max_depth_cut: float = 0.5
 
@@ -240,6 +242,8 @@ def validate(recipe: Recipe) -> None:
             _choice(axis, ("hidden", "ffn", "heads", "query_groups", "layers"), f"{key}.prune.target.{axis}")
             _positive(value, f"{key}.prune.target.{axis}")
         _choice(pr.order, ("importance", "magnitude", "random"), f"{key}.prune.order")
+        require(not pr.refit or imp.second_moments,
+                f"recipe key '{key}.prune.refit' needs '{key}.importance.second_moments: true'")
         _validate_training(rnd.distill, f"{key}.distill")
         _choice(rnd.distill.teacher, ("original", "previous"), f"{key}.distill.teacher")
         _choice(rnd.distill.kd_loss, ("forward", "reverse"), f"{key}.distill.kd_loss")

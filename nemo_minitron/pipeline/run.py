@@ -195,6 +195,7 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
                                     seq_agg=imp.seq_agg, neuron_activation=imp.neuron_activation,
                                     head_score=imp.head_score or DEFAULT_HEAD_SCORE,
                                     channel_norms=imp.channel_norms or DEFAULT_CHANNEL_NORMS,
+                                    second_moments=imp.second_moments,
                                     layer_samples=imp.layer_samples, drop_blocks=list(imp.drop_blocks),
                                     seed=seed, tp=tp, pp=pp, dtype=recipe.dtype)
         return {"tokens": int(scores.summary.get("tokens", 0))}
@@ -204,7 +205,7 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
 
         pr = rnd.prune
         run(str(paths.round_input(i)), str(paths.importance(i)), str(out), target=pr.target or None,
-            target_params=pr.target_params, order=pr.order, layer_metric=pr.layer_metric,
+            target_params=pr.target_params, order=pr.order, layer_metric=pr.layer_metric, refit=pr.refit,
             max_width_cut=pr.max_width_cut, max_depth_cut=pr.max_depth_cut, seed=seed, tp=tp, pp=pp)
         return {}
 

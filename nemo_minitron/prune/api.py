@@ -110,14 +110,16 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
 def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] | None = None,
           target_params: str | int | None = None, order: str = "importance", layer_metric: str = "contiguous",
           seed: int = 1234, tp: int = 1, pp: int = 1, max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
-          prefer: str = "width", dtype: str | None = None) -> Path:
+          prefer: str = "width", refit: bool = False, dtype: str | None = None) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
     ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers; or
     ``target_params``: a budget such as "90M" (the planner's first candidate, ``prefer``
     width or depth). ``order``: importance | magnitude | random. ``layer_metric``:
-    contiguous | loss | block | "3,7,9" (layers to drop). ``dtype``: of the saved
-    checkpoint (default: the source's)."""
+    contiguous | loss | block | "3,7,9" (layers to drop). ``refit``: least-squares refit of
+    each layer's output projection and second MLP linear for the removed heads and
+    neurons (``refit.py``; needs an importance run with ``second_moments``). ``dtype``: of
+    the saved checkpoint (default: the source's)."""
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         check_new_output,
@@ -139,6 +141,8 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     compute_dtype = parse_dtype(dtype) if dtype is not None else None
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
+    require(not refit or order == "importance", f"--refit needs --order importance (got '{order}')")
+    grams = ImportanceScores.load_second_moments(importance) if refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     new = planned_description(old, target=target, target_params=target_params, tp=tp, pp=pp,
@@ -173,8 +177,8 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
 
-    new_model = _build_pruned(model, old, new, keep, per_stage)
-    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "order": order,
+    new_model = _build_pruned(model, old, new, keep, per_stage, grams=grams)
+    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "order": order, "refit": refit,
                   "layer_metric": layer_metric, "seed": seed, "change": describe_change(old, new),
                   "target": target, "target_params": target_params, "kept": keep.summary(),
                   "parent_model": old.to_dict()}

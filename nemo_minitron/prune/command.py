@@ -51,5 +51,5 @@ def prune_main(args) -> int:
     target = parse_target(args.target) if args.target else None
     prune(args.checkpoint, args.importance, args.out, target=target, target_params=args.target_params,
           order=args.order, layer_metric=args.layer_metric, seed=args.seed, tp=args.tp, pp=args.pp,
-          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut, prefer=args.prefer, dtype=args.dtype)
+          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut, prefer=args.prefer, refit=args.refit, dtype=args.dtype)
     return 0
