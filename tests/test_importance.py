@@ -236,6 +236,8 @@ def test_smollm2_summary_plots_and_layer_ranking(smollm2_importance):
     (["--samples", "100000"], ["--samples 100000 is more than the data holds"]),
     (["--batch-agg", "median"], ["--batch-agg", "mean, l2, var"]),
     (["--seq-agg", "max"], ["--seq-agg", "mean, l2, var"]),
+    (["--head-score", "mean"], ["--head-score", "token, channel"]),
+    (["--channel-norms", "final"], ["--channel-norms", "layers, layers+final"]),
 ])
 def test_bad_input(tiny, tmp_path, capsys, flags, words):
     out = tmp_path / "imp"

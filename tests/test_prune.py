@@ -381,7 +381,9 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
             ({"target": {"layers": 3}, "target_params": "200K"}, "exactly one of a target and a budget"),
-            ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1")):
+            ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1"),
+            ({"target": {"ffn": 64}, "refit": True}, "--refit: '"),
+            ({"target": {"ffn": 64}, "refit": True, "order": "random"}, "--refit needs --order importance")):
         importance = kwargs.pop("importance", imp)
         with pytest.raises(UsageError, match=re.escape(words)):
             prune(str(ckpt), str(importance), str(tmp_path / "out"), **kwargs)
