@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class Bench:
             return json.loads(path.read_text())
         result = compute()
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # seeds may run in parallel processes
         tmp.write_text(json.dumps({**result, "key": key}))
         tmp.replace(path)
         return result
@@ -152,7 +153,7 @@ class Bench:
         drops = sorted({L - t["layers"] for t in ROWS.values() if "layers" in t})
         out["blocks"] = best_contiguous_blocks(self.teacher, self.old.vocab_size, L, layer_set, 4, full, drops)
         out["seconds_layers"] = time.time() - start
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(out, tmp)
         tmp.replace(path)
         return out
