@@ -85,8 +85,15 @@ class Bench:
 
         return {name: evaluate(model, self.old.vocab_size, s, micro_batch=4).loss for name, s in self.heldout.items()}
 
+    @staticmethod
+    def _path(key: dict) -> Path:
+        return OUT / "evals" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+
+    def has(self, key: dict) -> bool:
+        return self._path(key).is_file()
+
     def cached(self, key: dict, compute) -> dict:
-        path = OUT / "evals" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+        path = self._path(key)
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
@@ -209,8 +216,10 @@ class Bench:
         import modelopt_adapter
 
         key = {"modelopt": modelopt_adapter.MODELOPT_VERSION, "seed": seed, "row": target,
-               "calib": [self.args.calib_samples, self.args.seq_len], "check": check,
+               "calib": [self.args.calib_samples, self.args.seq_len], "check": True,
                "eval": [self.args.eval_samples, self.args.seq_len]}
+        if not check and not self.has(key):  # a checked result serves an unchecked request too
+            key["check"] = False
 
         def compute():
             from nemo_minitron.checkpoint.store import load_checkpoint
@@ -257,6 +266,9 @@ def main() -> None:
     p.add_argument("--layer-samples", type=int, default=1, help="calibration samples for the layer loss drops")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--out", default=str(OUT), help="cache of every result (resumable)")
+    p.add_argument("--variants", nargs="*", default=None, help="our scoring variants to score (default: all)")
+    p.add_argument("--check-seeds", type=int, nargs="*", default=None,
+                   help="seeds on which ModelOpt's kept units are rebuilt by our code (default: the first)")
     args = p.parse_args()
     OUT = Path(args.out)
 
@@ -272,13 +284,14 @@ def main() -> None:
     results: dict = {"teacher": teacher, "rows": {}, "checks": {}}
     for seed in args.seeds:
         # ModelOpt's identity prune: the adapter must leave the model exactly as it was
-        identity = bench.modelopt(seed, {}, bench.old, check=False) if seed == args.seeds[0] else None
+        identity = bench.modelopt(seed, {}, bench.old, check=False) if seed == 1 else None
         if identity is not None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
         scores = bench.our_scores(seed)
         for row in rows:
             new = apply_target(bench.old, ROWS[row])
-            mo = bench.modelopt(seed, ROWS[row], new, check=seed == args.seeds[0])
+            checks = args.check_seeds if args.check_seeds is not None else args.seeds[:1]
+            mo = bench.modelopt(seed, ROWS[row], new, check=seed in checks)
             entry = results["rows"].setdefault(row, {"target": ROWS[row], "parameters": new.num_parameters(),
                                                      "seeds": {}})
             assert mo["parameters"] == new.num_parameters(), (row, mo["parameters"], new.num_parameters())
@@ -287,7 +300,7 @@ def main() -> None:
                 results["checks"].setdefault("modelopt_rebuilt_by_ours", {})[row] = {
                     "modelopt": per_seed["ModelOpt 0.47"], "rebuilt": mo["rebuilt_by_ours"]}
             depth_only = set(ROWS[row]) == {"layers"}
-            for variant in VARIANTS:
+            for variant in [v for v in VARIANTS if args.variants is None or v in args.variants]:
                 depths = DEPTH_METRICS if "layers" in ROWS[row] and (depth_only or variant == DEPTH_VARIANT) \
                     else ("contiguous",)
                 for depth in depths:
