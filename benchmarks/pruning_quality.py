@@ -41,7 +41,7 @@ VARIANTS = {
     "(seq mean, batch mean)": ("mean", "mean", "post", "channel", "layers"),
     "(seq l2, batch l2)": ("l2", "l2", "post", "channel", "layers"),
 }
-DEPTH_METRICS = ("contiguous", "loss", "block")
+DEPTH_METRICS = ("best", "contiguous", "loss", "block")
 DEPTH_VARIANT = "channel heads, layer norms"  # the width variant scored with every depth metric
 # ideas ModelOpt lacks, applied on top of these variants' choices
 REFIT_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
@@ -59,6 +59,10 @@ ROWS = {  # name: target (SmolLM2-135M: hidden 576, ffn 1536, 9 heads in 3 group
     "all axes: + 22 layers": {"hidden": 480, "ffn": 1024, "heads": 6, "layers": 22},
     "combined: hidden 384, ffn 768, heads 3": {"hidden": 384, "ffn": 768, "heads": 3},
 }
+
+
+class Missing(KeyError):
+    """--cached-only: this result has not been computed yet."""
 
 
 class Bench:
@@ -96,6 +100,8 @@ class Bench:
         path = self._path(key)
         if path.is_file():
             return json.loads(path.read_text())
+        if self.args.cached_only:
+            raise Missing(key)
         result = compute()
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # seeds may run in parallel processes
@@ -165,6 +171,18 @@ class Bench:
         tmp.replace(path)
         return out
 
+    def drop_sets(self, seed: int, scores: dict) -> dict:
+        """importance.layers.drop_set_losses on this seed's layer samples (cached)."""
+        path = OUT / f"drop-sets-seed{seed}-{self.args.select_samples}.json"
+        if not path.is_file():
+            from nemo_minitron.importance.layers import drop_set_losses
+
+            block = scores["variants"][DEPTH_VARIANT]["block"].tolist()
+            sets = drop_set_losses(self.teacher, self.old.vocab_size, self.load_samples(seed)[: self.args.select_samples],
+                                   4, scores["blocks"], scores["loss_drop"].tolist(), block)
+            path.write_text(json.dumps(sets))
+        return json.loads(path.read_text())
+
     def keep_for(self, scores: dict, variant: str, new, depth: str):
         from nemo_minitron.prune.select import UnitScores, keep_plan
 
@@ -173,6 +191,10 @@ class Bench:
         drop = L - new.num_layers
         if drop == 0:
             layers = list(range(L))
+        elif depth == "best":
+            sets = scores["drop_sets"][str(drop)]
+            dropped = set(sets[sets["best"]]["layers"])
+            layers = [i for i in range(L) if i not in dropped]
         elif depth == "contiguous":
             dropped = set(scores["blocks"][str(drop)]["layers"])
             layers = [i for i in range(L) if i not in dropped]
@@ -185,6 +207,10 @@ class Bench:
                            query_groups=heads.unflatten(1, (self.old.num_query_groups, -1)).sum(-1), layers=v["block"])
         return keep_plan(self.old, new, units, layers)
 
+    @staticmethod
+    def iterative_path(seed: int, keep, variant: str) -> Path:
+        return OUT / "iterative" / f"{keep.summary()['sha256'][:24]}-seed{seed}-{variant.replace(' ', '_')}.pt"
+
     def iterative_keep(self, seed: int, keep, new, variant: str):
         """Re-estimate channel scores after the cheap axes are cut: prune every other axis
         first, score the channels of that model on the same calibration samples, then
@@ -196,7 +222,7 @@ class Bench:
         from nemo_minitron.prune.select import top
 
         seq, batch, neuron, head, norms = VARIANTS[variant]
-        path = OUT / "iterative" / f"{keep.summary()['sha256'][:24]}-seed{seed}-{variant.replace(' ', '_')}.pt"
+        path = self.iterative_path(seed, keep, variant)
         if path.is_file():
             hidden = torch.load(path)
         else:
@@ -264,7 +290,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-samples", type=int, default=4, help="held-out samples of each split")
     p.add_argument("--layer-samples", type=int, default=1, help="calibration samples for the layer loss drops")
+    p.add_argument("--select-samples", type=int, default=8,
+                   help="calibration samples on which --layer-metric best compares its three layer sets")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
+    p.add_argument("--cached-only", action="store_true", help="only tabulate results already computed")
     p.add_argument("--out", default=str(OUT), help="cache of every result (resumable)")
     p.add_argument("--variants", nargs="*", default=None, help="our scoring variants to score (default: all)")
     p.add_argument("--check-seeds", type=int, nargs="*", default=None,
@@ -288,10 +317,14 @@ def main() -> None:
         if identity is not None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
         scores = bench.our_scores(seed)
+        scores["drop_sets"] = bench.drop_sets(seed, scores)
         for row in rows:
             new = apply_target(bench.old, ROWS[row])
             checks = args.check_seeds if args.check_seeds is not None else args.seeds[:1]
-            mo = bench.modelopt(seed, ROWS[row], new, check=seed in checks)
+            try:
+                mo = bench.modelopt(seed, ROWS[row], new, check=seed in checks)
+            except Missing:
+                continue
             entry = results["rows"].setdefault(row, {"target": ROWS[row], "parameters": new.num_parameters(),
                                                      "seeds": {}})
             assert mo["parameters"] == new.num_parameters(), (row, mo["parameters"], new.num_parameters())
@@ -305,7 +338,10 @@ def main() -> None:
                     else ("contiguous",)
                 for depth in depths:
                     keep = bench.keep_for(scores, variant, new, depth)
-                    r = bench.eval_keep(keep, new)
+                    try:
+                        r = bench.eval_keep(keep, new)
+                    except Missing:
+                        continue
                     assert r["parameters"] == mo["parameters"], (row, variant, r["parameters"], mo["parameters"])
                     name = (f"depth {depth}" if depth_only else
                             variant + (f" / depth {depth}" if len(depths) > 1 else ""))
@@ -313,16 +349,22 @@ def main() -> None:
                     per_seed[name]["same_units_as_modelopt"] = keep.summary()["sha256"] == mo["keep_sha256"]
                     if depth != "contiguous" and not depth_only:
                         continue
-                    if variant in REFIT_VARIANTS and {"ffn", "heads"} & set(ROWS[row]):
-                        r = bench.eval_keep(keep, new, grams=scores["grams"])
-                        per_seed[f"{variant} + refit"] = {k: r[k] for k in ("docs", "heldout")}
-                    if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1:
-                        again = bench.iterative_keep(seed, keep, new, variant)
-                        r = bench.eval_keep(again, new, tag="iterative")
-                        per_seed[f"{variant} + iterative channels"] = {k: r[k] for k in ("docs", "heldout")}
-                        if variant in REFIT_VARIANTS:
-                            r = bench.eval_keep(again, new, grams=scores["grams"], tag="iterative")
-                            per_seed[f"{variant} + iterative channels + refit"] = {k: r[k] for k in ("docs", "heldout")}
+                    try:
+                        if variant in REFIT_VARIANTS and {"ffn", "heads"} & set(ROWS[row]):
+                            r = bench.eval_keep(keep, new, grams=scores["grams"])
+                            per_seed[f"{variant} + refit"] = {k: r[k] for k in ("docs", "heldout")}
+                        if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1:
+                            if args.cached_only and not bench.iterative_path(seed, keep, variant).is_file():
+                                raise Missing(row)
+                            again = bench.iterative_keep(seed, keep, new, variant)
+                            r = bench.eval_keep(again, new, tag="iterative")
+                            per_seed[f"{variant} + iterative channels"] = {k: r[k] for k in ("docs", "heldout")}
+                            if variant in REFIT_VARIANTS:
+                                r = bench.eval_keep(again, new, grams=scores["grams"], tag="iterative")
+                                per_seed[f"{variant} + iterative channels + refit"] = {
+                                    k: r[k] for k in ("docs", "heldout")}
+                    except Missing:
+                        pass
             entry["seeds"][seed] = per_seed
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {v['docs']:.3f}" for k, v in per_seed.items()), flush=True)
     results["means"] = means(results)

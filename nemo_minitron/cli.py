@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "baselines magnitude (weight norms) and random (--seed)")
     p.add_argument("--layer-metric", default="contiguous",
                    help="layers to drop: contiguous (default; the best block recorded by importance --drop-blocks), "
-                        "loss (least loss increase), block (lowest Block Importance), or the list, e.g. 3,7,9")
+                        "best (of the contiguous, loss and block sets, the one whose removal cost least in the "
+                        "importance run), loss (least loss increase), block (lowest Block Importance), or the list, "
+                        "e.g. 3,7,9")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the output projection and 2nd MLP "
                                                         "linear for removed heads and neurons (needs importance "
                                                         "--second-moments)")

@@ -201,6 +201,19 @@ def test_loss_drop_equals_eval_without_the_layer(tiny, tmp_path):
         candidates.append(hf_loss(without))
     assert block["start"] == min(range(len(candidates)), key=candidates.__getitem__)
     assert abs(block["loss_increase"] - (min(candidates) - full)) < 1e-5
+    # the two other drop sets of 2 layers, and which of the three costs least
+    sets = scores.summary["layers"]["drop_sets"]["2"]
+    losses = {"contiguous": min(candidates)}
+    assert abs(sets["contiguous"]["loss"] - losses["contiguous"]) < 1e-5
+    for metric, axis in (("loss", "layer_loss_drop"), ("block", "layer_block_importance")):
+        expected = sorted(torch.argsort(scores[axis], stable=True)[:2].tolist())
+        assert sets[metric]["layers"] == expected, metric
+        without = copy.deepcopy(tiny["hf"])
+        for i in sorted(expected, reverse=True):
+            del without.model.layers[i]
+        losses[metric] = hf_loss(without)
+        assert abs(sets[metric]["loss"] - losses[metric]) < 1e-5, metric
+    assert sets["best"] == min(losses, key=losses.__getitem__)
 
 
 @pytest.mark.multirank

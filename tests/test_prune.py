@@ -281,12 +281,18 @@ def test_layer_choice(scored):
     assert by_block == sorted(scores.summary["layers"]["ranked_by_block_importance"][:2])
     assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
     assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
+    sets = scores.summary["layers"]["drop_sets"]["2"]
+    best = {"contiguous": [i for i in range(4) if i not in block], "loss": by_loss, "block": by_block}[sets["best"]]
+    assert layers_to_keep(old, new, "best", scores.summary, scores.tensors) == best
+    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "loss", "block"))
     for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
-                          ("1,9", "layers must be in 0..3"), ("best", "--layer-metric must be contiguous")):
+                          ("1,9", "layers must be in 0..3"), ("first", "--layer-metric must be best, contiguous")):
         with pytest.raises(UsageError, match=words):
             layers_to_keep(old, new, metric, scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "contiguous", scores.summary, scores.tensors)
+    with pytest.raises(UsageError, match="has not compared layer sets of 3 layers; rerun importance with --drop-blocks 3"):
+        layers_to_keep(old, old.replace(num_layers=1), "best", scores.summary, scores.tensors)
 
 
 @pytest.mark.multirank

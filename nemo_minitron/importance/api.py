@@ -104,7 +104,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
+    from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, layer_loss_drops
     from nemo_minitron.importance.plots import write_plots
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
@@ -148,12 +148,15 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
-    passes = desc.num_layers + sum(desc.num_layers - k + 1 for k in drop_blocks)
+    passes = desc.num_layers + sum(desc.num_layers - k + 1 + 3 for k in drop_blocks)
     bar = tqdm(total=passes, desc="layer loss", unit="pass", disable=not (progress and is_rank0()), dynamic_ncols=True)
     full_loss = evaluate(model, desc.vocab_size, layer_set, micro_batch=micro_batch).loss
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
                                     list(drop_blocks), bar)
+    drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
+                                tensors["layer_block_importance"].tolist())
+    bar.update(3 * len(drop_blocks))
     bar.close()
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -177,6 +180,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
             "loss_drop": ld.tolist(),
             "block_importance": bi.tolist(),
             "contiguous_blocks": blocks,
+            "drop_sets": drop_sets,
         },
         "wall_seconds": round(time.time() - start, 1),
     }

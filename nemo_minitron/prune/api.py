@@ -116,7 +116,7 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers; or
     ``target_params``: a budget such as "90M" (the planner's first candidate, ``prefer``
     width or depth). ``order``: importance | magnitude | random. ``layer_metric``:
-    contiguous | loss | block | "3,7,9" (layers to drop). ``refit``: least-squares refit of
+    best | contiguous | loss | block | "3,7,9" (layers to drop). ``refit``: least-squares refit of
     each layer's output projection and second MLP linear for the removed heads and
     neurons (``refit.py``; needs an importance run with ``second_moments``). ``dtype``: of
     the saved checkpoint (default: the source's)."""

@@ -13,6 +13,9 @@ its column or row in every matrix, norm and embedding; a layer: all its weights)
 ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
+    best        of the three sets below for that many layers, the one whose removal cost
+                least on the importance run's samples (``summary["layers"]["drop_sets"]``;
+                recorded for every ``--drop-blocks`` size, an error otherwise)
     contiguous  the best contiguous block of that many layers recorded by the importance
                 run (``summary["layers"]["contiguous_blocks"]``). When the run did not
                 record that block size this is an error telling the user to rerun
@@ -35,7 +38,7 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
 ORDERS = ("importance", "magnitude", "random")
-LAYER_METRICS = ("contiguous", "loss", "block")
+LAYER_METRICS = ("best", "contiguous", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -106,7 +109,7 @@ def parse_layer_metric(metric: str, num_layers: int) -> str | list[int]:
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"--layer-metric must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"--layer-metric must be best, contiguous, loss, block, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
     require(bool(dropped), f"--layer-metric '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
@@ -131,6 +134,12 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         dropped = chosen
     elif drop == 0:
         dropped = []
+    elif chosen == "best":
+        sets = summary.get("layers", {}).get("drop_sets", {})
+        require(str(drop) in sets, f"--layer-metric best: the importance run has not compared layer sets of {drop} "
+                                   f"layers; rerun importance with --drop-blocks {drop}, or use "
+                                   "--layer-metric loss|block")
+        dropped = list(sets[str(drop)][sets[str(drop)]["best"]]["layers"])
     elif chosen == "contiguous":
         blocks = summary.get("layers", {}).get("contiguous_blocks", {})
         require(str(drop) in blocks, f"--layer-metric contiguous: the importance run has no best contiguous block "
