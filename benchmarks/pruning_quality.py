@@ -294,6 +294,7 @@ def main() -> None:
                    help="calibration samples on which --layer-metric best compares its three layer sets")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--cached-only", action="store_true", help="only tabulate results already computed")
+    p.add_argument("--no-iterative", action="store_true", help="skip the iterative re-estimation variants")
     p.add_argument("--out", default=str(OUT), help="cache of every result (resumable)")
     p.add_argument("--variants", nargs="*", default=None, help="our scoring variants to score (default: all)")
     p.add_argument("--check-seeds", type=int, nargs="*", default=None,
@@ -353,7 +354,8 @@ def main() -> None:
                         if variant in REFIT_VARIANTS and {"ffn", "heads"} & set(ROWS[row]):
                             r = bench.eval_keep(keep, new, grams=scores["grams"])
                             per_seed[f"{variant} + refit"] = {k: r[k] for k in ("docs", "heldout")}
-                        if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1:
+                        if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1 \
+                                and not args.no_iterative:
                             if args.cached_only and not bench.iterative_path(seed, keep, variant).is_file():
                                 raise Missing(row)
                             again = bench.iterative_keep(seed, keep, new, variant)
@@ -369,7 +371,7 @@ def main() -> None:
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {v['docs']:.3f}" for k, v in per_seed.items()), flush=True)
     results["means"] = means(results)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (OUT / "table.md").write_text(table(results))
+    (OUT / "table.md").write_text(summary_table(results) + "\n" + table(results) + "\n" + table(results, "heldout"))
     plot(results, OUT / "pruning_quality.png")
     print(table(results))
     write_results(args, {"benchmark": "pruning_quality", **results})
@@ -387,6 +389,39 @@ def means(results: dict) -> dict:
         out[row] = {name: {**{k: sum(v) / len(v) for k, v in d.items()}, "seeds": len(d["docs"])}
                     for name, d in setups.items()}
     return out
+
+
+DEFAULT = "channel heads, layer norms"  # importance's defaults (head_score channel, channel_norms layers)
+
+
+def default_name(row: str, entries: dict, refit: bool = False) -> str | None:
+    """Our defaults' entry in a row (depth: --layer-metric contiguous), optionally + refit."""
+    target = ROWS[row]
+    if set(target) == {"layers"}:
+        return None if refit else "depth contiguous"
+    names = [f"{DEFAULT} + refit"] if refit else [f"{DEFAULT} / depth contiguous", DEFAULT]
+    return next((n for n in names if n in entries), None)
+
+
+def summary_table(results: dict) -> str:
+    """Per row: ModelOpt, ours 0.1, our defaults, our defaults + refit (both splits)."""
+    m = results["means"]
+    lines = ["| row | parameters | ModelOpt 0.47 | ours 0.1 | ours (defaults) | ours + refit | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for row, entries in m.items():
+        def cell(name):
+            if name is None or name not in entries:
+                return "-"
+            return f"{entries[name]['docs']:.3f} / {entries[name]['heldout']:.3f}"
+        old = "ours 0.1 (token heads, +final norm)" if "hidden" in ROWS[row] or "heads" in ROWS[row] or \
+            "ffn" in ROWS[row] else "depth contiguous"
+        shown = [n for n in ("ModelOpt 0.47", default_name(row, entries), default_name(row, entries, True)) if n]
+        seeds = min(entries[n]["seeds"] for n in shown if n in entries)
+        params = results["rows"][row]["parameters"] / 1e6
+        lines.append(f"| {row} | {params:.1f}M | {cell('ModelOpt 0.47')} | {cell(old)} | "
+                     f"{cell(default_name(row, entries))} | {cell(default_name(row, entries, refit=True))} | {seeds} |")
+    return "\n".join(lines) + ("\n\nheld-out loss right after pruning, builtin:docs / builtin:heldout, mean over "
+                               f"seeds; teacher {results['teacher']['docs']:.3f} / {results['teacher']['heldout']:.3f}\n")
 
 
 def table(results: dict, split: str = "docs") -> str:
@@ -418,11 +453,14 @@ def plot(results: dict, path: Path, split: str = "docs", setups: tuple[str, ...]
 
     m = results["means"]
     rows = list(m)
-    setups = setups or ("ModelOpt 0.47", "ours 0.1 (token heads, +final norm)")
+    labels = ("ModelOpt 0.47", "ours (defaults)", "ours + refit")
+    picks = {row: ("ModelOpt 0.47", default_name(row, m[row]), default_name(row, m[row], refit=True)) for row in rows}
+    setups = labels
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) * len(setups) / 2 + 1.5))
     height = 0.8 / len(setups)
     for j, name in enumerate(setups):
-        values = [m[row].get(name, {}).get(split, float("nan")) for row in rows]
+        values = [m[row].get(picks[row][j], {}).get(split, float("nan")) if picks[row][j] else float("nan")
+                  for row in rows]
         bars = ax.barh([i + j * height for i in range(len(rows))], values, height=height, label=name)
         ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], rows, fontsize=8)
