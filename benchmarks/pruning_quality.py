@@ -468,7 +468,7 @@ def plot(results: dict, path: Path, split: str = "docs", setups: tuple[str, ...]
     ax.axvline(results["teacher"][split], color="black", linestyle="--", linewidth=1,
                label=f"teacher {results['teacher'][split]:.2f}")
     ax.set_xlabel(f"held-out loss on builtin:{split} right after pruning (lower is better)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
