@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 
-def _block_sizes(text: str) -> list[int]:
-    from nemo_minitron.errors import UsageError
-
-    try:
-        return [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise UsageError(f"--drop-blocks must be comma-separated integers (got '{text}')") from None
-
-
 def main(args) -> int:
-    from nemo_minitron.importance.api import DEFAULT_CHANNEL_NORMS, DEFAULT_HEAD_SCORE, compute_importance
+    from nemo_minitron.commands import runtime_options
+    from nemo_minitron.config import from_args
+    from nemo_minitron.importance.api import compute_importance
+    from nemo_minitron.importance.config import ImportanceConfig
 
-    compute_importance(args.checkpoint, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
-                       micro_batch=args.micro_batch, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
-                       neuron_activation=args.neuron_activation, head_score=args.head_score or DEFAULT_HEAD_SCORE,
-                       channel_norms=args.channel_norms or DEFAULT_CHANNEL_NORMS,
-                       second_moments=args.second_moments, layer_samples=args.layer_samples,
-                       drop_blocks=_block_sizes(args.drop_blocks), seed=args.seed, tp=args.tp, pp=args.pp,
-                       dtype=args.dtype)
+    compute_importance(args.checkpoint, args.data, args.out, from_args(ImportanceConfig, args),
+                       **runtime_options(args))
     return 0
