@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron.config import add_flags
     from nemo_minitron.distill.config import DistillConfig
     from nemo_minitron.eval_config import EvalConfig
-    from nemo_minitron.generate.config import GenerateConfig
+    from nemo_minitron.generate.config import STOP_HELP, GenerateConfig
     from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.prune.config import PlanConfig, PruneConfig
     from nemo_minitron.tasks.config import TaskConfig
@@ -118,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", metavar="PATH", help="or prompts cut from data (with --prefix-tokens): "
                    + DATA_HELP)
     g = add_flags(p, GenerateConfig, title="generation")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable): a "
-                   "prompt's generation ends where it appears, and the text is cut before it")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help=STOP_HELP)
     _runtime(p)
 
     p = _sub(sub, "importance", "rank heads, query groups, neurons, channels and layers",

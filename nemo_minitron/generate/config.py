@@ -13,7 +13,8 @@ from nemo_minitron.errors import require
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each new token. ``temperature == 0`` is greedy decoding."""
+    """How to pick each new token. ``temperature == 0`` is greedy decoding. The defaults live
+    here; ``GenerateConfig``'s flags and ``generate()`` keywords take theirs from them."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -27,17 +28,22 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+STOP_HELP = ("stop string (repeatable): a prompt's generation ends where one appears, and the text is cut before "
+             "it")
+
+
 @dataclasses.dataclass
 class GenerateConfig:
     """``nemo-minitron generate``: how many tokens, how they are picked, in what batches."""
 
-    max_new_tokens: int = option(128, "new tokens per prompt at most", ge=1)
-    temperature: float = option(0.0, "0: greedy decoding; > 0: sample at this temperature", ge=0)
-    top_p: float = option(0.0, "sample from the smallest set of tokens with this probability (0: off)", ge=0, le=1)
-    top_k: int = option(0, "sample from the k most likely tokens (0: off)", ge=0)
-    stop: list[str] = option([], "stop strings: a prompt's generation ends where one appears, and the text is cut "
-                                 "before it (repeat --stop for several)", cli=False)
-    ignore_eos: bool = option(False, "generate past end-of-sequence tokens")
+    max_new_tokens: int = option(SamplingConfig.max_new_tokens, "new tokens per prompt at most", ge=1)
+    temperature: float = option(SamplingConfig.temperature, "0: greedy decoding; > 0: sample at this temperature",
+                                ge=0)
+    top_p: float = option(SamplingConfig.top_p, "sample from the smallest set of tokens with this probability "
+                                                "(0: off)", ge=0, le=1)
+    top_k: int = option(SamplingConfig.top_k, "sample from the k most likely tokens (0: off)", ge=0)
+    stop: list[str] = option(list(SamplingConfig.stop), STOP_HELP, cli=False)  # --stop is repeatable: cli.py
+    ignore_eos: bool = option(SamplingConfig.ignore_eos, "generate past end-of-sequence tokens")
     batch_size: int = option(8, "prompts per batch (data-parallel replicas take turns at batches)", ge=1)
     prefix_tokens: Optional[int] = option(None, "with --data: the prompts are the first N tokens of windows of the "
                                                 "data", ge=2, default_text="none", metavar="N")
