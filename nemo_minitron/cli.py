@@ -30,26 +30,47 @@ def _parallel(p: argparse.ArgumentParser, dtype_default: str | None = None) -> N
     g.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
 
 
+def _iteration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iteration", type=int, default=None, metavar="N",
+                   help="with a Megatron-LM / Megatron-Bridge checkpoint directory: the iteration to read "
+                        "(default: the latest, from latest_checkpointed_iteration.txt)")
+
+
+MODEL_HELP = ("checkpoint (nemo-minitron, or Megatron-LM / Megatron-Bridge directory or iter_N directory, "
+              "or NeMo 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("convert", help="Hugging Face directory, .gguf or alias -> project checkpoint")
-    p.add_argument("--hf", required=True, metavar="SRC", help="HF model directory, .gguf file, or 'smollm2-135m'")
+    p = sub.add_parser("convert", help="Hugging Face or Megatron checkpoint -> project checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="SRC", help="HF model directory, .gguf file, or 'smollm2-135m'")
+    src.add_argument("--megatron", metavar="SRC", help="Megatron-LM / Megatron-Bridge checkpoint directory (or its "
+                                                       "iter_N directory), or a NeMo 2 checkpoint")
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
+    _iteration(p)
     _parallel(p)
     p.set_defaults(handler="nemo_minitron.commands:convert")
 
-    p = sub.add_parser("export", help="project checkpoint -> Hugging Face directory")
-    p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--hf-out", required=True, metavar="DIR", help="new HF model directory (must not exist)")
-    p.add_argument("--verify", action="store_true", help="reload with transformers and compare logits")
+    p = sub.add_parser("export", help="checkpoint -> Hugging Face directory and/or Megatron-LM/Bridge checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    p.add_argument("--hf-out", metavar="DIR", help="new HF model directory (must not exist)")
+    p.add_argument("--verify", action="store_true", help="with --hf-out: reload with transformers and compare logits")
+    p.add_argument("--megatron-out", metavar="DIR", help="new Megatron-LM / Megatron-Bridge checkpoint directory "
+                                                         "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
+    p.add_argument("--vocab-padding", default="megatron", metavar="PAD",
+                   help="with --megatron-out: megatron (a multiple of 128 x --tp, Megatron-LM's rule; default), "
+                        "none (Bridge's should_pad_vocab false), or a multiple N (e.g. 128, the project's)")
+    _iteration(p)
     _parallel(p)
     p.set_defaults(handler="nemo_minitron.commands:export")
 
     p = sub.add_parser("eval", help="held-out loss and perplexity of a model")
-    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf or alias")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", HF directory, .gguf or alias")
+    _iteration(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
@@ -59,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="nemo_minitron.commands:evaluate")
 
     p = sub.add_parser("importance", help="rank heads, query groups, neurons, channels and layers")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    _iteration(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--samples", type=int, default=1024, help="calibration samples (default 1024)")
@@ -77,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="nemo_minitron.importance.command:main")
 
     p = sub.add_parser("plan", help="candidate pruned architectures for a parameter budget")
-    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf, alias or a config.json")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", HF directory, .gguf, alias or a config.json")
+    _iteration(p)
     p.add_argument("--target-params", required=True, help="budget, e.g. 90M, 4.5B")
     p.add_argument("--tolerance", type=float, default=0.05, help="accepted relative distance to the budget")
     p.add_argument("--max-width-cut", type=float, default=0.5, help="largest fraction of any width to remove")
@@ -90,17 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="nemo_minitron.prune.command:plan_main")
 
     p = sub.add_parser("prune", help="prune a checkpoint to a target architecture")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    _iteration(p)
     p.add_argument("--importance", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="CKPT2")
-    t = p.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target", help="e.g. hidden=480,ffn=1024,heads=6,query_groups=3,layers=24 (any subset)")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--target", help="e.g. hidden=480,ffn=1024,heads=6,query_groups=3,layers=24 (any subset; "
+                                    "ModelOpt's names hidden_size, ffn_hidden_size, num_attention_heads, "
+                                    "num_query_groups, num_layers also work)")
     t.add_argument("--target-params", help="parameter budget, e.g. 90M (uses the planner's first candidate)")
+    p.add_argument("--drop-layers", metavar="LIST",
+                   help="layers to drop, 1-indexed as ModelOpt and NeMo number them (e.g. 17,18,19); alone or "
+                        "with --target's width axes")
     p.add_argument("--order", default="importance", help="what to keep: importance (default), or the "
                                                          "baselines magnitude (weight norms) and random (--seed)")
     p.add_argument("--layer-metric", default="contiguous",
                    help="layers to drop: contiguous (default; the best block recorded by importance --drop-blocks), "
-                        "loss (least loss increase), block (lowest Block Importance), or the list, e.g. 3,7,9")
+                        "loss (least loss increase), block (lowest Block Importance), or an explicit 0-indexed "
+                        "list as megatron-core numbers decoder.layers, e.g. 3,7,9 (see --drop-layers for 1-indexed)")
     p.add_argument("--max-width-cut", type=float, default=0.5, help="with --target-params: as for plan")
     p.add_argument("--max-depth-cut", type=float, default=0.5, help="with --target-params: as for plan")
     p.add_argument("--prefer", default="width", help="with --target-params: width (default) or depth")
@@ -136,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--logit-chunk", type=int, default=1024, help="tokens per chunk of the logit loss")
+    p.add_argument("--config", metavar="KD.yaml", help="a ModelOpt / NeMo / Megatron-Bridge distillation YAML "
+                   "(logit_layers, intermediate_layer_pairs, skip_lm_loss, kd_loss_scale, logit_kl_temperature); "
+                   "its settings replace the --kd-* and --ce-weight flags")
     _parallel(p, dtype_default=None)
     p.set_defaults(handler="nemo_minitron.distill.command:main")
 

@@ -34,25 +34,38 @@ _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 def parse_pairs(text: str | Sequence[str], student: ModelDescription, teacher: ModelDescription) -> list[LayerPair]:
-    """'3:7,9:29' (student:teacher layer indices) -> pairs, each checked against both depths."""
+    """'3:7,9:29,embedding:embedding,final_norm:final_norm' (student:teacher; a 0-indexed
+    layer output, the embedding output or the final norm's output) -> pairs, each checked
+    against both depths."""
+    from nemo_minitron.distill.model import EMBEDDING, FINAL_NORM
+
+    def point(value: str, item: str, side: str, depth: int):
+        value = value.strip()
+        if value in (EMBEDDING, FINAL_NORM):
+            return value
+        try:
+            index = int(value)
+        except ValueError:
+            raise UsageError(f"--kd-pairs: '{item}' is not student:teacher, each a layer number, "
+                             f"{EMBEDDING} or {FINAL_NORM} (e.g. 3:7)") from None
+        require(0 <= index < depth, f"--kd-pairs {item}: {side} layer {index} is out of range 0..{depth - 1}")
+        return index
+
     items = text.split(",") if isinstance(text, str) else list(text)
     pairs = []
     for item in filter(None, (i.strip() for i in items)):
-        try:
-            s, t = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise UsageError(f"--kd-pairs: '{item}' is not student_layer:teacher_layer (e.g. 3:7)") from None
-        require(0 <= s < student.num_layers, f"--kd-pairs {item}: student layer {s} is out of range "
-                                             f"0..{student.num_layers - 1}")
-        require(0 <= t < teacher.num_layers, f"--kd-pairs {item}: teacher layer {t} is out of range "
-                                             f"0..{teacher.num_layers - 1}")
-        pairs.append(LayerPair(s, t))
+        parts = item.split(":")
+        require(len(parts) == 2, f"--kd-pairs: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")
+        pairs.append(LayerPair(point(parts[0], item, "student", student.num_layers),
+                               point(parts[1], item, "teacher", teacher.num_layers)))
     return pairs
 
 
 def _tokenizer_fingerprint(checkpoint: str) -> str:
+    from nemo_minitron.checkpoint.store import require_tokenizer
+
     digest = hashlib.sha256()
-    for f in sorted((Path(checkpoint) / "tokenizer").glob("*")):
+    for f in sorted(require_tokenizer(checkpoint).glob("*")):
         if f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
             digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()
@@ -226,16 +239,19 @@ def distill(teacher: str, student: str, data: Sequence[str], out: str, *, eval_d
             clip_grad: float = 1.0, eval_every: int = 0, eval_samples: int = 64, save_every: int = 0,
             kd_temperature: float = 1.0, kd_loss: str = "forward", kd_top_k: int | None = None,
             kd_weight: float = 1.0, ce_weight: float = 0.0, kd_pairs: str | Sequence[str] = "",
-            kd_pair_loss: str = "cosine", kd_pair_weight: str | float = "auto", logit_chunk: int = 1024,
-            seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
+            kd_pair_loss: str = "cosine", kd_pair_weight: str | float = "auto", kd_balance: bool = False,
+            logit_chunk: int = 1024, seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
             progress: bool = True) -> dict[str, Any]:
-    """Distil ``student`` from ``teacher`` (both project checkpoints) on ``data``."""
+    """Distil ``student`` from ``teacher`` on ``data``. Either may be a project checkpoint
+    or a Megatron-LM / Megatron-Bridge (iteration directory) / NeMo 2 checkpoint.
+    ``kd_balance``: rescale the KD term to the CE term's magnitude in every micro-batch
+    (ModelOpt's ``skip_lm_loss: false``; see ``distill.modelopt_yaml``)."""
     require(logit_chunk >= 1, f"--logit-chunk must be >= 1 (got {logit_chunk})")
     from nemo_minitron.checkpoint.store import read_info
 
     vocab = read_info(student).description.vocab_size
     logit = LogitLossConfig(temperature=kd_temperature, kind=kd_loss, top_k=kd_top_k, kd_weight=kd_weight,
-                            ce_weight=ce_weight, chunk_tokens=logit_chunk, vocab_size=vocab)
+                            ce_weight=ce_weight, chunk_tokens=logit_chunk, vocab_size=vocab, balance=kd_balance)
     return _run(teacher, student, data, out, eval_data=eval_data, logit=logit, kd_pairs=kd_pairs,
                 pair_loss=kd_pair_loss, pair_weight=kd_pair_weight, tp=tp, pp=pp, dtype=dtype, resume=resume,
                 progress=progress, cfg_kwargs=dict(

@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 
+_KD_FLAGS = {"kd_temperature": "--kd-temperature", "kd_loss": "--kd-loss", "kd_top_k": "--kd-top-k",
+             "kd_weight": "--kd-weight", "ce_weight": "--ce-weight", "kd_pairs": "--kd-pairs",
+             "kd_pair_loss": "--kd-pair-loss", "kd_pair_weight": "--kd-pair-weight"}
+
+
+def _kd_settings(args) -> dict:
+    """The loss settings: from the flags, or from a ModelOpt distillation YAML (--config),
+    which may not be combined with a loss flag."""
+    import inspect
+
+    from nemo_minitron.distill.api import distill
+    from nemo_minitron.errors import require
+
+    flags = {k: getattr(args, k) for k in _KD_FLAGS}
+    if not args.config:
+        return flags
+    from nemo_minitron.distill.modelopt_yaml import read_kd_yaml
+
+    defaults = inspect.signature(distill).parameters
+    for key, flag in _KD_FLAGS.items():
+        require(flags[key] == defaults[key].default or (key == "kd_pairs" and not flags[key]),
+                f"--config sets the distillation losses; drop {flag}")
+    require(args.teacher.lower() != "none", "--config needs a --teacher")
+    return read_kd_yaml(args.config).as_kwargs()
+
+
 def main(args) -> int:
     from nemo_minitron.distill.api import distill, finetune
 
@@ -12,11 +38,9 @@ def main(args) -> int:
                   eval_every=args.eval_every, eval_samples=args.eval_samples, save_every=args.save_every,
                   logit_chunk=args.logit_chunk, seed=args.seed, tp=args.tp, pp=args.pp, dtype=args.dtype,
                   resume=args.resume)
+    kd = _kd_settings(args)
     if args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline
         finetune(args.student, args.data, args.out, **common)
     else:
-        distill(args.teacher, args.student, args.data, args.out, kd_temperature=args.kd_temperature,
-                kd_loss=args.kd_loss, kd_top_k=args.kd_top_k, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-                kd_pairs=args.kd_pairs, kd_pair_loss=args.kd_pair_loss, kd_pair_weight=args.kd_pair_weight,
-                **common)
+        distill(args.teacher, args.student, args.data, args.out, **kd, **common)
     return 0

@@ -191,6 +191,11 @@ class Trainer:
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
         values = stats.tolist()
+        if isinstance(self.module, DistillationModel):
+            # the last stage's loss holds its own pairs only: add those computed on earlier stages
+            last = self.module.pp - 1
+            values[0] += sum(self.module.pair_weights[i].item() * values[3 + i]
+                             for i, stages in enumerate(self.module.pair_stages) if max(stages) != last)
         return {"loss": values[0], "kd_loss": values[1], "ce_loss": values[2], "pair_losses": values[3:]}
 
     def log_record(self, record: dict[str, Any]) -> None:
@@ -312,8 +317,7 @@ class Trainer:
             trained_steps += 1
             if distilling and cfg.pair_weight == "auto" and len(cfg.pairs):
                 logit_part = cfg.logit.kd_weight * logs["kd_loss"] + cfg.logit.ce_weight * logs["ce_loss"]
-                self.module.pair_weights.copy_(torch.tensor(
-                    [logit_part / p if p > 1e-12 else 1.0 for p in logs["pair_losses"]], dtype=torch.float64))
+                self.module.set_auto_pair_weights(logit_part, logs["pair_losses"])
             elapsed = time.time() - t0
             last = {"kind": "train", "step": self.step, **logs, "lr": self.optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,

@@ -13,9 +13,11 @@ def _block_sizes(text: str) -> list[int]:
 
 
 def main(args) -> int:
+    from nemo_minitron.checkpoint.api import model_path
     from nemo_minitron.importance.api import compute_importance
 
-    compute_importance(args.checkpoint, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
+    checkpoint = model_path(args.checkpoint, args.iteration, "CKPT")
+    compute_importance(checkpoint, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
                        neuron_activation=args.neuron_activation, layer_samples=args.layer_samples,
                        drop_blocks=_block_sizes(args.drop_blocks), seed=args.seed, tp=args.tp, pp=args.pp,

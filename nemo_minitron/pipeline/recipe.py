@@ -30,8 +30,11 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
-    #: HF directory, .gguf file, alias (smollm2-135m), Hugging Face Hub id, or a project checkpoint.
+    #: HF directory, .gguf file, alias (smollm2-135m), Hugging Face Hub id, a project checkpoint,
+    #: or a Megatron-LM / Megatron-Bridge checkpoint directory or a NeMo 2 checkpoint.
     source: str = "???"
+    #: with a Megatron-LM / Megatron-Bridge directory: the iteration (default: the latest)
+    iteration: Optional[int] = None
     #: dtype of the converted checkpoint (default: as the source stores it).
     dtype: Optional[str] = None
 
@@ -86,6 +89,8 @@ class PruneConfig:
     target: dict[str, int] = field(default_factory=dict)
     #: or a parameter budget such as "90M" (the planner's first candidate)
     target_params: Optional[str] = None
+    #: layers to drop, 1-indexed (ModelOpt / NeMo numbering); sets the depth of ``target``
+    drop_layers: list[int] = field(default_factory=list)
     order: str = "importance"
     layer_metric: str = "contiguous"
     max_width_cut: float = 0.5
@@ -228,10 +233,12 @@ def validate(recipe: Recipe) -> None:
         _choice(imp.seq_agg, AGGREGATIONS, f"{key}.importance.seq_agg")
         _choice(imp.neuron_activation, ("post", "pre"), f"{key}.importance.neuron_activation")
         pr = rnd.prune
-        require(bool(pr.target) != (pr.target_params is not None),
-                f"recipe key '{key}.prune': set exactly one of 'target' and 'target_params'")
+        require((bool(pr.target) or bool(pr.drop_layers)) != (pr.target_params is not None),
+                f"recipe key '{key}.prune': set exactly one of 'target' (and/or 'drop_layers') and 'target_params'")
         for axis, value in pr.target.items():
-            _choice(axis, ("hidden", "ffn", "heads", "query_groups", "layers"), f"{key}.prune.target.{axis}")
+            from nemo_minitron.prune.targets import canonical_axis
+
+            canonical_axis(axis, f"recipe key '{key}.prune.target'")
             _positive(value, f"{key}.prune.target.{axis}")
         _choice(pr.order, ("importance", "magnitude", "random"), f"{key}.prune.order")
         _validate_training(rnd.distill, f"{key}.distill")

@@ -95,11 +95,13 @@ class RunPaths:
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
-    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.api import describe_model, model_path
     from nemo_minitron.data.samples import parse_data_specs
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
+    recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
+                                     "recipe key 'model.iteration'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
     for split in ("calib", "train", "heldout"):
@@ -110,7 +112,14 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     descriptions = [desc]
     for i, rnd in enumerate(recipe.rounds):
         pr = rnd.prune
-        desc = planned_description(desc, target=pr.target or None, target_params=pr.target_params, tp=tp, pp=pp,
+        target = dict(pr.target)
+        if pr.drop_layers:
+            from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
+
+            target = canonical_target(target, f"rounds.{i}.prune.target")
+            target["layers"] = desc.num_layers - len(parse_drop_layers(list(pr.drop_layers), desc.num_layers,
+                                                                       f"rounds.{i}.prune.drop_layers"))
+        desc = planned_description(desc, target=target or None, target_params=pr.target_params, tp=tp, pp=pp,
                                    max_width_cut=pr.max_width_cut, max_depth_cut=pr.max_depth_cut,
                                    flag=f"rounds.{i}.prune")
         descriptions.append(desc)
@@ -203,6 +212,7 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         pr = rnd.prune
         run(str(paths.round_input(i)), str(paths.importance(i)), str(out), target=pr.target or None,
             target_params=pr.target_params, order=pr.order, layer_metric=pr.layer_metric,
+            drop_layers=list(pr.drop_layers) or None,
             max_width_cut=pr.max_width_cut, max_depth_cut=pr.max_depth_cut, seed=seed, tp=tp, pp=pp)
         return {}
 

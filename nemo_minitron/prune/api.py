@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -109,15 +110,18 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
 
 def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] | None = None,
           target_params: str | int | None = None, order: str = "importance", layer_metric: str = "contiguous",
-          seed: int = 1234, tp: int = 1, pp: int = 1, max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
-          prefer: str = "width", dtype: str | None = None) -> Path:
+          drop_layers: str | Sequence[int] | None = None, seed: int = 1234, tp: int = 1, pp: int = 1,
+          max_width_cut: float = 0.5, max_depth_cut: float = 0.5, prefer: str = "width",
+          dtype: str | None = None) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
-    ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers; or
-    ``target_params``: a budget such as "90M" (the planner's first candidate, ``prefer``
-    width or depth). ``order``: importance | magnitude | random. ``layer_metric``:
-    contiguous | loss | block | "3,7,9" (layers to drop). ``dtype``: of the saved
-    checkpoint (default: the source's)."""
+    ``checkpoint``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one.
+    ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers (or
+    ModelOpt's names); or ``target_params``: a budget such as "90M" (the planner's first
+    candidate, ``prefer`` width or depth). ``drop_layers``: 1-indexed layers to drop
+    (ModelOpt / NeMo numbering), alone or with a width ``target``. ``order``: importance |
+    magnitude | random. ``layer_metric``: contiguous | loss | block | "3,7,9" (0-indexed
+    layers to drop). ``dtype``: of the saved checkpoint (default: the source's)."""
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         check_new_output,
@@ -126,6 +130,7 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
         load_tokenizer,
         parse_dtype,
         read_info,
+        require_tokenizer,
         save_checkpoint,
     )
     from nemo_minitron.importance.scores import ImportanceScores
@@ -134,6 +139,9 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
+    require_tokenizer(checkpoint, "the pruned checkpoint carries it")
+    if drop_layers is not None:
+        target, layer_metric = _drop_layers_target(old, drop_layers, target, target_params, layer_metric)
     require(order in ORDERS, f"--order must be one of {', '.join(ORDERS)} (got '{order}')")
     parse_layer_metric(layer_metric, old.num_layers)
     compute_dtype = parse_dtype(dtype) if dtype is not None else None
@@ -181,6 +189,21 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
                            tokenizer=load_tokenizer(checkpoint))
+
+
+def _drop_layers_target(old: ModelDescription, drop_layers, target, target_params, layer_metric):
+    """--drop-layers (1-indexed) -> the target's depth and the explicit 0-indexed layer list."""
+    from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
+
+    require(target_params is None, "--drop-layers goes alone or with --target, not with --target-params")
+    require(layer_metric == "contiguous", "--drop-layers and --layer-metric both choose the layers to drop; give one")
+    dropped = parse_drop_layers(drop_layers, old.num_layers)
+    target = canonical_target(dict(target or {}))
+    depth = old.num_layers - len(dropped)
+    require(target.get("layers", depth) == depth, f"--target layers={target.get('layers')} disagrees with "
+                                                  f"--drop-layers, which leaves {depth} layers")
+    target["layers"] = depth
+    return target, ",".join(map(str, dropped))
 
 
 def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int]) -> torch.nn.Module:

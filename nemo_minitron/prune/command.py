@@ -23,10 +23,11 @@ def _description(path: str):
 
 
 def plan_main(args) -> int:
+    from nemo_minitron.checkpoint.api import model_path
     from nemo_minitron.prune.plan import RANKING, format_table, plan
     from nemo_minitron.prune.targets import format_count, parse_param_count
 
-    desc = _description(args.model)
+    desc = _description(model_path(args.model, args.iteration))
     budget = parse_param_count(args.target_params)
     candidates = plan(desc, budget, tolerance=args.tolerance, max_width_cut=args.max_width_cut,
                       max_depth_cut=args.max_depth_cut, prefer=args.prefer, tp=args.tp, pp=args.pp)
@@ -45,11 +46,16 @@ def plan_main(args) -> int:
 
 
 def prune_main(args) -> int:
+    from nemo_minitron.checkpoint.api import model_path
+    from nemo_minitron.errors import require
     from nemo_minitron.prune.api import prune
     from nemo_minitron.prune.targets import parse_target
 
+    require(args.target or args.target_params or args.drop_layers,
+            "give --target, --target-params or --drop-layers")
     target = parse_target(args.target) if args.target else None
-    prune(args.checkpoint, args.importance, args.out, target=target, target_params=args.target_params,
-          order=args.order, layer_metric=args.layer_metric, seed=args.seed, tp=args.tp, pp=args.pp,
+    prune(model_path(args.checkpoint, args.iteration, "CKPT"), args.importance, args.out, target=target,
+          target_params=args.target_params, order=args.order, layer_metric=args.layer_metric,
+          drop_layers=args.drop_layers, seed=args.seed, tp=args.tp, pp=args.pp,
           max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut, prefer=args.prefer, dtype=args.dtype)
     return 0
