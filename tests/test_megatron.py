@@ -152,6 +152,10 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
     args = torch.load(written / "common.pt", weights_only=True)["args"]
     expected_rows = {"96": 1056, "none": TINY_VOCAB, "megatron": 1024}[padding]
     assert args.padded_vocab_size == expected_rows and args.kv_channels == info.description.head_dim
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(str(written))["embedding.word_embeddings.weight"]
+    assert tuple(stored.global_shape) == (expected_rows, info.description.hidden_size)
     from nemo_minitron.model.forward import full_logits
 
     for model in (gpt_from_args(args), gpt_from_provider(yaml.safe_load((written / "run_config.yaml").read_text())["model"])):
@@ -159,8 +163,8 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
 
 
 # ---------------------------------------------------------------------- the integration
-def _trainer_step(teacher: str, student: str):
-    """The project's own trainer on the integration's settings, at TP=1 (the reference)."""
+def _trainer_step(teacher: str, student: str, tp: int = 1, pp: int = 1):
+    """The project's own trainer on the integration's settings (at TP=1: the reference)."""
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.distill.api import parse_pairs
@@ -173,7 +177,7 @@ def _trainer_step(teacher: str, student: str):
                       logit=LogitLossConfig(temperature=INTEGRATION["temperature"], ce_weight=INTEGRATION["ce_weight"],
                                             vocab_size=s_desc.vocab_size, chunk_tokens=INTEGRATION["chunk_tokens"]),
                       lr=1e-3, **BATCH)
-    init_distributed(1, 1, cfg.seed)
+    init_distributed(tp, pp, cfg.seed)
     samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student), cfg.seq_len,
                            num_samples=16, seed=0)
     trainer = Trainer(load_checkpoint(student)[0], load_checkpoint(teacher)[0], Path(student) / "tokenizer", samples,
@@ -216,6 +220,16 @@ def test_teacher_hook_and_forward_steps_match_the_project_trainer(interop, tiny_
     # fp32 cosines over 48/64-wide states: ~1e-7; the sums over 32 tokens keep well within 1e-5
     assert all(abs(a - b) <= 1e-5 for a, b in zip(logs["pair_losses"], expected_pairs)), (logs, expected_pairs)
 
+    # each token's loss is a difference of float32 terms as large as T^2 ln V (log-sum-exps over
+    # the vocabulary): a few float32 epsilons of that, whatever the (small) result
+    tol = 8 * torch.finfo(torch.float32).eps * INTEGRATION["temperature"] ** 2 * math.log(TINY_VOCAB)
+    # the project's trainer at PP=2 (the embedding pair on stage 0, carried states) logs the same loss
+    trainer_pp2 = next(r["trainer@pp2"] for r in interop["ranks"] if "trainer@pp2" in r)
+    for key in ("loss", "kd_loss", "ce_loss"):
+        assert abs(trainer_pp2[key] - logs[key]) <= tol, key
+    # pair losses are means of 1 - cos, O(1) terms: a few float32 epsilons
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(trainer_pp2["pair_losses"], logs["pair_losses"]))
+
     logit_part = logs["kd_loss"] + INTEGRATION["ce_weight"] * logs["ce_loss"]
     expected_weights = [logit_part / p for p in logs["pair_losses"]]
     for layout in ("tp2", "pp2"):
@@ -223,9 +237,6 @@ def test_teacher_hook_and_forward_steps_match_the_project_trainer(interop, tiny_
         reported = next(p["reported"] for p in parts if p["last_stage"])
         sums = {k: sum(r[k][0].item() for r in reported) / sum(r[k][1].item() for r in reported)
                 for k in ("distill loss", "kd loss", "lm loss")}
-        # each token's loss is a difference of float32 terms as large as T^2 ln V (log-sum-exps over
-        # the vocabulary): a few float32 epsilons of that, whatever the (small) result
-        tol = 8 * torch.finfo(torch.float32).eps * INTEGRATION["temperature"] ** 2 * math.log(TINY_VOCAB)
         # the last stage reports its own pairs; at PP=2 the embedding pair (pair 0) is on stage 0
         expected = {"distill loss": logs["loss"] - (logs["pair_losses"][0] if layout == "pp2" else 0.0),
                     "kd loss": logs["kd_loss"], "lm loss": logs["ce_loss"]}

@@ -152,6 +152,11 @@ def main() -> None:
     _write_and_read(spec, out, tokens, results)
     rank = dist.get_rank()
     results["integration"] = {"tp2": _integration(spec, 2, 1, "megatron-lm"), "pp2": _integration(spec, 1, 2, "bridge")}
+    from test_megatron import _trainer_step
+
+    logs, _, _ = _trainer_step(spec["teacher"], spec["student"], 1, 2)
+    if rank == 0:
+        results["trainer@pp2"] = logs
     torch.save(results, out / f"results-rank{rank}.pt")
 
 
