@@ -66,7 +66,7 @@ def _logits(path, tokens: torch.Tensor):
 
 # ---------------------------------------------------------------------- reading
 @pytest.mark.multirank
-def test_each_layout_reads_at_any_layout_with_the_source_logits(interop):
+def test_each_layout_reads_at_any_layout_with_the_source_logits(interop, capsys):
     """Megatron-LM (TP=2, stacked, vocab padded to 1152), NeMo 2 (TP=2, module. keys, 1024)
     and Megatron-Bridge (PP=2, per-layer keys, unpadded 1000, tied): read at TP=1 here and
     at the other layout in the worker, the logits are the Hugging Face model's."""
@@ -91,6 +91,12 @@ def test_each_layout_reads_at_any_layout_with_the_source_logits(interop):
     assert old.endswith("iter_0000005")
     at_5, _ = _logits(old, tokens)
     assert _diff(at_5, hf_logits(Path(interop["spec"]["mlm_hf_old"]), tokens)) <= LOGITS_TOL
+    from nemo_minitron.cli import main
+
+    capsys.readouterr()
+    code = main(["eval", str(out / "megatron_lm"), "--iteration", "5", "--data", "builtin:heldout", "--seq-len", "16",
+                 "--max-tokens", "64"])
+    assert code == 0 and "iter_0000005: loss" in capsys.readouterr().out
 
 
 @pytest.mark.multirank
@@ -160,6 +166,14 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
 
     for model in (gpt_from_args(args), gpt_from_provider(yaml.safe_load((written / "run_config.yaml").read_text())["model"])):
         assert _diff(full_logits(strict_load(model, written), tokens, TINY_VOCAB), ours) <= LOGITS_TOL
+    if name == "bridge":  # the Megatron checkpoint teaches its pruned student (one step, embedding pair)
+        from nemo_minitron.distill.api import distill
+
+        summary = distill(source, str(pruned), ["builtin:train"], str(tmp_path / "kd"), steps=1, global_batch=2,
+                          micro_batch=2, seq_len=16, eval_samples=2, kd_pairs="embedding:embedding", progress=False)
+        # depth pruning kept the teacher's embedding: 1 - cos of equal states, zero up to float32 rounding
+        assert abs(summary["final_pair_losses"][0]) < 1e-6
+        assert (tmp_path / "kd" / "final" / "nemo_minitron.json").is_file()
 
 
 # ---------------------------------------------------------------------- the integration
@@ -315,18 +329,33 @@ def test_bad_megatron_input_is_one_line(interop, tmp_path, capsys):
     assert code == 0
 
 
-def test_common_pt_runs_no_foreign_code(tmp_path):
-    """common.pt loads with torch's weights-only loader: Megatron classes stand in inertly,
-    anything else is refused before it is built."""
+def test_common_pt_runs_no_code(tmp_path):
+    """common.pt loads with torch's weights-only loader, every class or function it names
+    replaced by an inert stand-in: a pickled call is recorded, never made; what cannot be
+    represented so is refused, still without running anything."""
     import argparse
-    import os
 
     from nemo_minitron.checkpoint.megatron_format import load_common
     from nemo_minitron.errors import UsageError
 
-    torch.save({"args": argparse.Namespace(a=1), "callback": os.system}, tmp_path / "common.pt")
-    with pytest.raises(UsageError, match="posix.system|os.system"):
-        load_common(tmp_path / "common.pt")
+    class Say:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    marker = tmp_path / "ran"
+
+    class Touch:
+        def __reduce__(self):
+            return (Path.touch, (marker,))  # pickled as getattr(Path, "touch")(marker)
+
+    torch.save({"args": argparse.Namespace(a=1), "say": Say()}, tmp_path / "common.pt")
+    loaded = load_common(tmp_path / "common.pt")
+    assert loaded["args"].a == 1
+    assert type(loaded["say"]).__name__ == "print" and loaded["say"].args == ("this must not run",)
+    torch.save({"touch": Touch()}, tmp_path / "touch.pt")
+    with pytest.raises(UsageError, match="unreadable"):
+        load_common(tmp_path / "touch.pt")
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------- ModelOpt's vocabulary

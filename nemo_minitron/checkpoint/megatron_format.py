@@ -24,15 +24,16 @@ any vocabulary padding reads into the project's; rows past the true vocabulary a
 zeroed. Optimizer, RNG and Transformer Engine ``_extra_state`` entries are never read.
 
 Nothing executes code from the files: YAML is read with ``safe_load``; ``common.pt``
-with torch's ``weights_only`` loader, Megatron's own classes (enums, configs) standing
-in as inert objects; the ``.metadata`` index through the project's allow-list
-unpickler. Checkpoints in the legacy ``mp_rank_XX`` format, ``torch_dcp`` /
+with torch's ``weights_only`` loader, every class it names (Megatron's enums and configs,
+a trainer's callbacks) standing in as an inert object; the ``.metadata`` index through
+the project's allow-list unpickler. Checkpoints in the legacy ``mp_rank_XX`` format, ``torch_dcp`` /
 ``fsdp_dtensor`` and ``zarr`` are refused with a one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -147,8 +148,9 @@ def _check_format(weights: Path, label: str) -> None:
 
 # ---------------------------------------------------------------------- safe readers
 class _Inert:
-    """Stands in for a Megatron class (an enum, a config) named in ``common.pt``: it only
-    records what it was built from, so loading runs none of its code."""
+    """Stands in for any class or function a ``common.pt`` names (Megatron's enums and
+    configs, a trainer's callbacks): it only records what it was called with, so loading
+    runs none of the original code."""
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
@@ -157,28 +159,37 @@ class _Inert:
         self.state = state
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.args or getattr(self, 'state', '')}>"
+        return f"<inert {type(self).__name__} {self.args or getattr(self, 'state', '')}>"
 
 
-def load_common(path: Path) -> dict:
-    """``common.pt`` with torch's weights-only loader: Megatron's own classes become inert
-    stand-ins; any other class is refused."""
+@contextlib.contextmanager
+def inert_globals(common_pt: Path):
+    """torch's weights-only loader, with every global that ``common_pt`` names and torch does
+    not allow replaced by an inert stand-in, for as long as the block runs (megatron-core
+    loads ``common.pt`` itself inside ``dist_checkpointing.load``, whatever its version)."""
     import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe)
 
-    try:
-        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as e:  # not a torch zip file
-        raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
-    foreign = [g for g in unknown if not g.startswith("megatron.")]
-    require(not foreign, f"refusing to load '{path}': it references {foreign[:1]}, which is not a type a "
-                         "Megatron checkpoint holds")
-    stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
+    unknown: list[str] = []
+    if common_pt.is_file():
+        try:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(common_pt))
+        except Exception as e:  # not a torch zip file
+            raise UsageError(f"'{common_pt}' is unreadable: {str(e).splitlines()[0]}") from None
+    stand_ins: list = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
     # the context removes what it added on exit: add only what is not registered already
     if argparse.Namespace not in torch.serialization.get_safe_globals():
         stand_ins.append(argparse.Namespace)
+    with torch.serialization.safe_globals(stand_ins):
+        yield
+
+
+def load_common(path: Path) -> dict:
+    """``common.pt``, weights-only, every class it names but torch's own made inert."""
     try:
-        with torch.serialization.safe_globals(stand_ins):
+        with inert_globals(path):
             return torch.load(str(path), map_location="cpu", weights_only=True)
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
 
@@ -323,21 +334,15 @@ class MegatronCheckpoint:
         """Fill ``model`` (built from ``description`` at the current layout) from the stored weights."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedObject
-        from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
         from nemo_minitron.model.params import unwrap
-
-        class _SkipCommon(TorchCommonLoadStrategy):
-            """common.pt holds no weights; it is read (safely) only for Megatron-LM's args."""
-
-            def load_common(self, checkpoint_dir):
-                return {}
 
         inner = unwrap(model)
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
-        state = dist_checkpointing.load(request, str(self.weights), common_strategy=_SkipCommon())
+        with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
+            state = dist_checkpointing.load(request, str(self.weights))
         n = len(self.prefix)
         inner.load_state_dict({k[n:] if k.startswith(self.prefix) else k: v for k, v in state.items()}, strict=False)
         zero_vocab_padding(inner, self.description.vocab_size)
