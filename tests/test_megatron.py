@@ -98,6 +98,20 @@ def test_each_layout_reads_at_any_layout_with_the_source_logits(interop, capsys)
                  "--max-tokens", "64"])
     assert code == 0 and "iter_0000005: loss" in capsys.readouterr().out
 
+    # a recipe's model.source / model.iteration: checked and planned before any stage runs
+    from nemo_minitron.pipeline.recipe import load_recipe
+    from nemo_minitron.pipeline.run import RunPaths, preflight
+
+    recipe_file = interop["root"] / "recipe.yaml"
+    recipe_file.write_text(f"model: {{source: {out / 'megatron_lm'}, iteration: 5}}\noutput_dir: {interop['root'] / 'run'}\n"
+                           "data: {calib: [builtin:calib], train: [builtin:train], heldout: [builtin:heldout]}\n"
+                           "rounds: [{importance: {seq_len: 64}, distill: {seq_len: 64}, "
+                           "prune: {target: {ffn_hidden_size: 64}, drop_layers: [5]}}]\n")
+    recipe = load_recipe(recipe_file)
+    planned = preflight(recipe, RunPaths(Path(recipe.output_dir), recipe))
+    assert recipe.model.source.endswith("iter_0000005")
+    assert [(d.num_layers, d.ffn_hidden_size) for d in planned] == [(5, 80), (4, 64)]
+
 
 @pytest.mark.multirank
 def test_written_checkpoint_loads_strictly_where_megatron_builds_it(interop):
