@@ -13,6 +13,11 @@ from nemo_minitron.errors import require
 log = logging.getLogger("nemo_minitron")
 
 
+def runtime_options(args) -> dict:
+    """--tp, --pp, --seed, --dtype as keyword options of the stage APIs."""
+    return {k: getattr(args, k) for k in ("tp", "pp", "seed", "dtype") if hasattr(args, k)}
+
+
 def _dtype(args):
     return parse_dtype(args.dtype) if args.dtype else None
 
@@ -47,35 +52,38 @@ def export(args) -> int:
 
 def evaluate(args) -> int:
     from nemo_minitron.checkpoint.api import describe_model, model_path, open_model
+    from nemo_minitron.checkpoint.store import megatron_checkpoint, require_tokenizer
+    from nemo_minitron.config import from_args, to_dict, yaml_text
     from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     args.model = model_path(args.model, args.iteration)
+    cfg = from_args(EvalConfig, args)
     dtype = _dtype(args)
     specs = parse_data_specs(args.data)
-    require(args.seq_len >= 1, f"--seq-len must be >= 1 (got {args.seq_len})")
-    require(args.micro_batch >= 1, f"--micro-batch must be >= 1 (got {args.micro_batch})")
-    require(args.max_tokens is None or args.max_tokens >= args.seq_len,
-            f"--max-tokens {args.max_tokens} is less than one sample of --seq-len {args.seq_len}")
     if args.json:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
-    from nemo_minitron.checkpoint.store import megatron_checkpoint, require_tokenizer
-
     if megatron_checkpoint(args.model) is not None:
         require_tokenizer(args.model, "eval tokenizes --data")
+    require(cfg.seq_len <= desc.max_position_embeddings,
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({desc.max_position_embeddings})")
     desc.check_layout(args.tp, args.pp)
     check_world_size(args.tp, args.pp)
     init_distributed(args.tp, args.pp, args.seed)
+    resolved = {"model": args.model, "data": list(args.data), "dtype": args.dtype, **to_dict(cfg)}
+    if is_rank0():
+        log.info("eval config:\n%s", yaml_text(resolved).rstrip())
     opened = open_model(args.model, dtype=dtype)
-    limit = None if args.max_tokens is None else args.max_tokens // args.seq_len
-    samples = load_samples(specs, opened.tokenizer, args.seq_len, vocab_size=desc.vocab_size)
+    limit = None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len
+    samples = load_samples(specs, opened.tokenizer, cfg.seq_len, vocab_size=desc.vocab_size)
     if limit is not None:
         samples = samples[:limit]
-    result = run(opened.model, desc.vocab_size, samples, micro_batch=args.micro_batch)
-    record = {"model": args.model, "data": args.data, "seq_len": args.seq_len, **result.to_dict()}
+    result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
+    record = {**resolved, **result.to_dict()}
     if is_rank0():
         print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"tokens {result.tokens}  samples {result.samples}")

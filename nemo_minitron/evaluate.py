@@ -23,7 +23,7 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(model, vocab_size: int, samples: torch.Tensor, micro_batch: int = 4) -> EvalResult:
+def evaluate(model, vocab_size: int, samples: torch.Tensor, micro_batch: int = 1) -> EvalResult:
     """Mean next-token loss over all tokens of ``samples [N, s+1]`` (every rank gets the result)."""
     from megatron.core import parallel_state as ps
 

@@ -238,7 +238,7 @@ def fill_from_hf(model, hf_dir: Path, seed: int) -> None:
                 garbage = torch.randn(rows, full.shape[1], generator=g)
                 garbage[:desc.vocab_size] = full[:desc.vocab_size]
                 full = garbage
-            param.copy_(shard(name, full, tp_rank, tp_size))
+            param.copy_(shard(name, full, tp_rank, tp_size, gated=desc.gated))
 
 
 def _extras():

@@ -131,8 +131,8 @@ def test_written_checkpoint_loads_strictly_where_megatron_builds_it(interop):
 
 # ---------------------------------------------------------------------- prune and export
 PRUNES = {  # fixture -> (prune keyword arguments in ModelOpt's vocabulary, vocabulary padding of the export)
-    "megatron_lm": (dict(target={"num_query_groups": 1, "ffn_hidden_size": 64}, drop_layers="2,4"), "96"),
-    "nemo2": (dict(target={"hidden_size": 48, "num_attention_heads": 2}), "none"),
+    "megatron_lm": (dict(target={"num_query_groups": 1, "ffn_hidden_size": 64}, drop_layers=[2, 4]), "96"),
+    "nemo2": (dict(target={"hidden_size": 48, "num_attention_heads": 2}, layer_metric="loss"), "none"),
     "bridge": (dict(drop_layers=[1]), "megatron"),
 }
 
@@ -157,8 +157,7 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
     kwargs, padding = PRUNES[name]
     compute_importance(source, ["builtin:calib"], str(tmp_path / "imp"), samples=4, seq_len=16, micro_batch=4,
                        layer_samples=2, progress=False)
-    pruned = prune(source, str(tmp_path / "imp"), str(tmp_path / "pruned"), layer_metric="loss"
-                   if "drop_layers" not in kwargs else "contiguous", **kwargs)
+    pruned = prune(source, str(tmp_path / "imp"), str(tmp_path / "pruned"), **kwargs)
     info = read_info(pruned)
     if name == "megatron_lm":  # 1-indexed 2 and 4 are megatron's decoder.layers.1 and .3
         assert info.provenance["kept"]["layers"] == [0, 2, 4]
@@ -184,7 +183,7 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
         from nemo_minitron.distill.api import distill
 
         summary = distill(source, str(pruned), ["builtin:train"], str(tmp_path / "kd"), steps=1, global_batch=2,
-                          micro_batch=2, seq_len=16, eval_samples=2, kd_pairs="embedding:embedding", progress=False)
+                          micro_batch=2, seq_len=16, eval_samples=2, kd_pairs=["embedding:embedding"], progress=False)
         # depth pruning kept the teacher's embedding: 1 - cos of equal states, zero up to float32 rounding
         assert abs(summary["final_pair_losses"][0]) < 1e-6
         assert (tmp_path / "kd" / "final" / "nemo_minitron.json").is_file()
@@ -194,22 +193,24 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
 def _trainer_step(teacher: str, student: str, tp: int = 1, pp: int = 1):
     """The project's own trainer on the integration's settings (at TP=1: the reference)."""
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
+    from nemo_minitron.config import build
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.distill.api import parse_pairs
-    from nemo_minitron.distill.losses import LogitLossConfig
-    from nemo_minitron.distill.train import TrainConfig, Trainer
+    from nemo_minitron.distill.config import DistillConfig
+    from nemo_minitron.distill.train import Trainer
     from nemo_minitron.runtime.distributed import init_distributed
 
     s_desc, t_desc = read_info(student).description, read_info(teacher).description
-    cfg = TrainConfig(steps=1, pairs=parse_pairs(INTEGRATION["pairs"], s_desc, t_desc), pair_weight="auto",
-                      logit=LogitLossConfig(temperature=INTEGRATION["temperature"], ce_weight=INTEGRATION["ce_weight"],
-                                            vocab_size=s_desc.vocab_size, chunk_tokens=INTEGRATION["chunk_tokens"]),
-                      lr=1e-3, **BATCH)
-    init_distributed(tp, pp, cfg.seed)
+    seed = BATCH["seed"]
+    cfg = build(DistillConfig, kd_temperature=INTEGRATION["temperature"], ce_weight=INTEGRATION["ce_weight"],
+                logit_chunk=INTEGRATION["chunk_tokens"], kd_pairs=INTEGRATION["pairs"].split(","), steps=1, lr=1e-3,
+                **{k: v for k, v in BATCH.items() if k != "seed"})
+    init_distributed(tp, pp, seed)
     samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student), cfg.seq_len,
                            num_samples=16, seed=0)
-    trainer = Trainer(load_checkpoint(student)[0], load_checkpoint(teacher)[0], Path(student) / "tokenizer", samples,
-                      None, Path("/nonexistent"), cfg, student_desc=s_desc, teacher_desc=t_desc, progress=False)
+    trainer = Trainer(load_checkpoint(student)[0], load_checkpoint(teacher)[0], samples, None, Path("/nonexistent"),
+                      cfg, seed=seed, student_desc=s_desc, teacher_desc=t_desc,
+                      pairs=parse_pairs(cfg.kd_pairs, s_desc, t_desc), progress=False)
     logs, grads = trainer.gradients(step=0)
     return logs, grads, trainer
 
@@ -258,15 +259,18 @@ def test_teacher_hook_and_forward_steps_match_the_project_trainer(interop, tiny_
     # pair losses are means of 1 - cos, O(1) terms: a few float32 epsilons
     assert all(abs(a - b) <= 1e-5 for a, b in zip(trainer_pp2["pair_losses"], logs["pair_losses"]))
 
+    # "auto": the mean of the weighted pair losses matches the step's logit loss: w_i = logit / (n * loss_i)
+    n = len(logs["pair_losses"])
     logit_part = logs["kd_loss"] + INTEGRATION["ce_weight"] * logs["ce_loss"]
-    expected_weights = [logit_part / p for p in logs["pair_losses"]]
+    expected_weights = [logit_part / (n * p) for p in logs["pair_losses"]]
     for layout in ("tp2", "pp2"):
         parts = [r["integration"][layout] for r in interop["ranks"]]
         reported = next(p["reported"] for p in parts if p["last_stage"])
         sums = {k: sum(r[k][0].item() for r in reported) / sum(r[k][1].item() for r in reported)
                 for k in ("distill loss", "kd loss", "lm loss")}
         # the last stage reports its own pairs; at PP=2 the embedding pair (pair 0) is on stage 0
-        expected = {"distill loss": logs["loss"] - (logs["pair_losses"][0] if layout == "pp2" else 0.0),
+        earlier = logs["pair_weights"][0] * logs["pair_losses"][0] if layout == "pp2" else 0.0
+        expected = {"distill loss": logs["loss"] - earlier,
                     "kd loss": logs["kd_loss"], "lm loss": logs["ce_loss"]}
         for key, value in expected.items():
             assert abs(sums[key] - value) <= tol, (layout, key, sums[key], value)
@@ -450,8 +454,9 @@ def test_balanced_logit_loss_is_modelopts_balancer():
     y = torch.randn(6, 40, generator=g)
     labels = torch.randint(0, 40, (6,), generator=g)
     T, s = 2.0, 3.0
-    total, _, _ = logit_loss(z, y, labels, LogitLossConfig(temperature=T, kd_weight=s, ce_weight=1.0, balance=True,
-                                                           chunk_tokens=4))
+    cfg = LogitLossConfig(temperature=T, kind="forward", top_k=None, kd_weight=s, ce_weight=1.0, chunk_tokens=4,
+                          vocab_size=None, balance=True)
+    total, _, _ = logit_loss(z, y, labels, cfg)
     total.backward()
     z2 = z.detach().clone().requires_grad_()
     kd = (T * T * F.kl_div(F.log_softmax(z2 / T, -1), F.log_softmax(y / T, -1), log_target=True,

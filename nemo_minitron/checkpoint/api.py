@@ -26,6 +26,7 @@ from nemo_minitron.checkpoint.store import (
     save_checkpoint,
     tokenizer_dir,
 )
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed
@@ -46,7 +47,7 @@ def model_path(path: str, iteration: int | None = None, flag: str = "MODEL", ite
 
 
 def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-            spec: str = "auto", seed: int = 1234) -> Path:
+            spec: str = "auto", seed: int = DEFAULT_SEED) -> Path:
     """Hugging Face directory / .gguf / alias, or a Megatron-LM / Megatron-Bridge / NeMo 2
     checkpoint -> project checkpoint at ``out``."""
     if not isinstance(src, Source) and megatron_checkpoint(src) is not None:
@@ -113,16 +114,18 @@ def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto
 
 
 def export(ckpt: str, hf_out: str | None = None, *, megatron_out: str | None = None, vocab_padding: str = "megatron",
-           tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None, seed: int = 1234,
+           tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None, seed: int = DEFAULT_SEED,
            verify: bool = False) -> Path:
     """Checkpoint (project, Megatron-LM, Megatron-Bridge or NeMo 2) -> a Hugging Face model
     directory at ``hf_out`` and/or a Megatron-LM / Megatron-Bridge checkpoint at
     ``megatron_out`` (vocabulary padded as ``vocab_padding`` says: see
     ``megatron_export.padded_vocab``). Returns the last path written."""
-    from nemo_minitron.checkpoint.hf_export import export_hf
+    from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
 
     require(hf_out or megatron_out, "export: give --hf-out DIR and/or --megatron-out DIR")
     info = read_info(ckpt)
+    if hf_out:
+        hf_config(info.description, dtype or DTYPES[info.dtype])  # transformers can hold this model
     hf_path = check_new_output(hf_out, "--hf-out") if hf_out else None
     mg_path = check_new_output(megatron_out, "--megatron-out") if megatron_out else None
     require(not (hf_path and mg_path and hf_path.resolve() == mg_path.resolve()),

@@ -13,10 +13,13 @@ A Megatron checkpoint states its model in one of three vocabularies:
 
 ``normalize_args`` first rewrites Megatron-LM's argument names into the TransformerConfig
 vocabulary the other two use; ``FIELDS`` then maps that vocabulary onto
-``ModelDescription``, and ``FIXED`` lists every setting whose other values the
-description cannot express (MoE, MLA, another activation ...): reading one is an error
-naming the field. Writing goes the other way (``megatron_lm_args``,
-``bridge_model_section``). A new model family adds rows here.
+``ModelDescription``'s shape fields, ``features`` reads the features a family fixes
+(MLP activation, norm, zero-centred gamma, QKV bias, QK-norm; the family is the one
+``nemo_minitron.families.family_with`` finds), and ``FIXED`` lists every setting whose
+other values no description can express (MoE, MLA, biases on every linear ...): reading
+one is an error naming the field. Absent keys take megatron-core's defaults
+(``DEFAULTS``). Writing goes the other way (``megatron_lm_args``,
+``bridge_model_section``).
 """
 
 from __future__ import annotations
@@ -41,26 +44,28 @@ FIELDS = {
     "head_dim": "kv_channels",                     # None: hidden_size // num_attention_heads
     "norm_eps": "layernorm_epsilon",
     "rope_theta": "rotary_base",
+    "rotary_percent": "rotary_percent",
     "max_position_embeddings": "seq_length",       # GPTModel's max_sequence_length
     "tie_embeddings": "share_embeddings_and_output_weights",
-    "qkv_bias": "add_qkv_bias",
 }
 
-#: key -> (values a ModelDescription can express, what the key is). Absent keys take
-#: the first value.
+#: megatron-core's values of the keys read here when a config omits them
+#: (TransformerConfig, GPTModelProvider / GPTConfig).
+DEFAULTS: dict[str, Any] = {
+    "normalization": "LayerNorm", "gated_linear_unit": False, "activation_func": "gelu", "add_bias_linear": True,
+    "add_qkv_bias": False, "qk_layernorm": False, "layernorm_zero_centered_gamma": False,
+    "position_embedding_type": "learned_absolute", "rotary_percent": 1.0, "layernorm_epsilon": 1e-5,
+    "rotary_base": 10000, "share_embeddings_and_output_weights": True,
+}
+
+#: key -> (values a ModelDescription can express, what the key is).
 FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "normalization": (("RMSNorm",), "the normalization"),
-    "gated_linear_unit": ((True,), "a gated MLP"),
-    "activation_func": (("silu",), "the MLP activation"),
     "add_bias_linear": ((False,), "biases on every linear layer"),
     "position_embedding_type": (("rope",), "the position embedding"),
-    "rotary_percent": ((1.0,), "partial rotary embeddings"),
-    "rotary_interleaved": ((False,), "interleaved rotary embeddings"),
+    "rotary_interleaved": ((False, None), "interleaved rotary embeddings"),
     "num_moe_experts": ((None, 0), "mixture of experts"),
-    "multi_latent_attention": ((False,), "multi-latent attention (MLA)"),
-    "qk_layernorm": ((False,), "query/key layer norms"),
-    "layernorm_zero_centered_gamma": ((False,), "zero-centred norm weights"),
-    "apply_residual_connection_post_layernorm": ((False,), "post-norm residuals"),
+    "multi_latent_attention": ((False, None), "multi-latent attention (MLA)"),
+    "apply_residual_connection_post_layernorm": ((False, None), "post-norm residuals"),
     "mtp_num_layers": ((None, 0), "multi-token prediction layers"),
     "heterogeneous_layers_config_path": ((None,), "heterogeneous layers"),
     "hybrid_layer_pattern": ((None, ""), "hybrid (Mamba) layers"),
@@ -69,6 +74,10 @@ FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "softmax_scale": ((None,), "a custom attention softmax scale"),
     "no_rope_freq": ((None,), "layers without rotary embeddings"),
 }
+
+#: MLP activation: (gated_linear_unit, activation_func name) -> ModelDescription.activation
+ACTIVATIONS = {(True, "silu"): "swiglu", (False, "squared_relu"): "squared_relu"}
+
 
 #: Megatron-LM argument -> TransformerConfig / provider key (argument renames of
 #: core_transformer_config_from_args and of arguments.py before Jan 2026).
@@ -148,41 +157,58 @@ def _same(value: Any, allowed: tuple[Any, ...]) -> bool:
     return False
 
 
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    value = cfg.get(key)
+    return DEFAULTS.get(key) if value is None and key in DEFAULTS else value
+
+
 def check_supported(cfg: Mapping[str, Any], source: str) -> None:
     """A one-line error naming the first setting a ModelDescription cannot express."""
     for key, (allowed, what) in FIXED.items():
-        value = cfg.get(key, allowed[0])
-        if key == "activation_func":
-            value = _callable_name(value)
-        if isinstance(value, str) and isinstance(allowed[0], float):
-            value = _number(value, key, source)
+        value = _get(cfg, key)
         if not _same(value, allowed):
             shown = " or ".join(repr(a) for a in allowed)
-            raise UsageError(f"{source}: {key}={value!r} ({what}) is not supported; nemo-minitron reads "
-                             f"Llama-family models ({key} must be {shown})")
+            raise UsageError(f"{source}: {key}={value!r} ({what}) is not supported ({key} must be {shown})")
+
+
+def features(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The family features (nemo_minitron.families.DEFAULT_FEATURES) the config states."""
+    gated = bool(_get(cfg, "gated_linear_unit"))
+    act = _callable_name(_get(cfg, "activation_func"))
+    activation = ACTIVATIONS.get((gated, act))
+    require(activation is not None, f"{source}: activation_func={act!r} with gated_linear_unit={gated} (the MLP "
+                                    "activation) is not supported (supported: silu gated, i.e. SwiGLU; squared_relu)")
+    return {"activation": activation, "normalization": _get(cfg, "normalization"),
+            "zero_centered_gamma": bool(_get(cfg, "layernorm_zero_centered_gamma")),
+            "qkv_bias": bool(_get(cfg, "add_qkv_bias")), "qk_norm": bool(_get(cfg, "qk_layernorm"))}
 
 
 def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
     """ModelDescription from a config in TransformerConfig / provider vocabulary."""
+    from nemo_minitron.families import family_with
+
     check_supported(cfg, source)
+    feats = features(cfg, source)
+    try:
+        fam = family_with(feats)
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
     for ours, key in FIELDS.items():
-        if ours in ("num_query_groups", "head_dim"):
-            continue
-        require(cfg.get(key) is not None, f"{source}: {key} is missing")
+        if ours not in ("num_query_groups", "head_dim"):
+            require(_get(cfg, key) is not None, f"{source}: {key} is missing")
     heads = _number(cfg["num_attention_heads"], "num_attention_heads", source, int)
     hidden = _number(cfg["hidden_size"], "hidden_size", source, int)
-    values = {ours: cfg[key] for ours, key in FIELDS.items()}
+    values = {ours: _get(cfg, key) for ours, key in FIELDS.items()}
     values["num_query_groups"] = values["num_query_groups"] or heads
     values["head_dim"] = values["head_dim"] or hidden // heads
     for ours in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "head_dim", "max_position_embeddings"):
         values[ours] = _number(values[ours], FIELDS[ours], source, int)
-    for ours in ("norm_eps", "rope_theta"):
+    for ours in ("norm_eps", "rope_theta", "rotary_percent"):
         values[ours] = _number(values[ours], FIELDS[ours], source)
     values["tie_embeddings"] = bool(values["tie_embeddings"])
-    values["qkv_bias"] = bool(values["qkv_bias"])
-    return ModelDescription(architecture="qwen2" if values["qkv_bias"] else "llama", vocab_size=int(vocab_size),
-                            rope_scaling=_rope_scaling(cfg, source), name=name, **values)
+    return ModelDescription(architecture=fam.model_type, vocab_size=int(vocab_size),
+                            rope_scaling=_rope_scaling(cfg, source), name=name, **feats, **values)
 
 
 # ---------------------------------------------------------------------- writing
@@ -207,9 +233,10 @@ def _int_if_whole(x: float):
 
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
-    require(desc.sliding_window is None,
-            f"sliding_window={desc.sliding_window}: Megatron's window_size is not written by nemo-minitron")
     _rope_fields(desc)
+
+
+_ACTIVATION_TARGETS = {"swiglu": "torch.nn.functional.silu", "squared_relu": "megatron.core.activations.squared_relu"}
 
 
 def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype,
@@ -226,15 +253,17 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
         "num_attention_heads": desc.num_attention_heads,
         "num_query_groups": desc.num_query_groups,
         "kv_channels": desc.head_dim,
-        "normalization": "RMSNorm",
+        "normalization": desc.normalization,
         "layernorm_epsilon": desc.norm_eps,
-        "gated_linear_unit": True,
-        "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+        "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
+        "gated_linear_unit": desc.gated,
+        "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
         "add_bias_linear": False,
         "add_qkv_bias": desc.qkv_bias,
+        "qk_layernorm": desc.qk_norm,
         "position_embedding_type": "rope",
         "rotary_base": _int_if_whole(desc.rope_theta),
-        "rotary_percent": 1.0,
+        "rotary_percent": desc.rotary_percent,
         **_rope_fields(desc),
         "seq_length": desc.max_position_embeddings,
         "share_embeddings_and_output_weights": desc.tie_embeddings,
@@ -268,13 +297,14 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
         num_query_groups=desc.num_query_groups, group_query_attention=True, kv_channels=desc.head_dim,
         max_position_embeddings=desc.max_position_embeddings, position_embedding_type="rope",
         add_position_embedding=False, use_rotary_position_embeddings=True, rotary_base=_int_if_whole(desc.rope_theta),
-        rotary_percent=1.0, rotary_interleaved=False,
-        add_bias_linear=False, add_qkv_bias=desc.qkv_bias, squared_relu=False, swiglu=True, quick_geglu=False,
-        untie_embeddings_and_output_weights=not desc.tie_embeddings, apply_layernorm_1p=False,
-        layernorm_zero_centered_gamma=False, normalization="RMSNorm", apply_query_key_layer_scaling=False,
+        rotary_percent=desc.rotary_percent, rotary_interleaved=False,
+        add_bias_linear=False, add_qkv_bias=desc.qkv_bias, squared_relu=desc.activation == "squared_relu",
+        swiglu=desc.gated, quick_geglu=False, untie_embeddings_and_output_weights=not desc.tie_embeddings,
+        apply_layernorm_1p=desc.zero_centered_gamma, layernorm_zero_centered_gamma=desc.zero_centered_gamma,
+        normalization=desc.normalization, apply_query_key_layer_scaling=False,
         attention_dropout=0.0, hidden_dropout=0.0, mtp_num_layers=None, spec=None, num_experts=None,
         moe_layer_freq=1, moe_ffn_hidden_size=None, hybrid_layer_pattern=None, heterogeneous_layers_config_path=None,
-        heterogeneous_layers_config_encoded_json=None, multi_latent_attention=False, qk_layernorm=False,
+        heterogeneous_layers_config_encoded_json=None, multi_latent_attention=False, qk_layernorm=desc.qk_norm,
         experimental_attention_variant=None, window_size=None,
         # renamed in core_transformer_config_from_args; written under both names
         norm_epsilon=desc.norm_eps, layernorm_epsilon=desc.norm_eps,

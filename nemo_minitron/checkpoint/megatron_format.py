@@ -224,14 +224,29 @@ def read_index(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | 
 
 
 # ---------------------------------------------------------------------- the checkpoint
-_LAYER_WEIGHTS = {  # stored key suffix -> shape of one layer's tensor
-    "self_attention.linear_qkv.layer_norm_weight": lambda d: (d.hidden_size,),
-    "self_attention.linear_qkv.weight": lambda d: (d.qkv_rows, d.hidden_size),
-    "self_attention.linear_proj.weight": lambda d: (d.hidden_size, d.num_attention_heads * d.head_dim),
-    "mlp.linear_fc1.layer_norm_weight": lambda d: (d.hidden_size,),
-    "mlp.linear_fc1.weight": lambda d: (2 * d.ffn_hidden_size, d.hidden_size),
-    "mlp.linear_fc2.weight": lambda d: (d.hidden_size, d.ffn_hidden_size),
-}
+def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
+    """Stored key suffix -> shape of one layer's tensor (norms under Transformer Engine's names,
+    which megatron-core's local spec also uses in checkpoints)."""
+    shapes = {
+        "self_attention.linear_qkv.layer_norm_weight": (d.hidden_size,),
+        "self_attention.linear_qkv.weight": (d.qkv_rows, d.hidden_size),
+        "self_attention.linear_proj.weight": (d.hidden_size, d.num_attention_heads * d.head_dim),
+        "mlp.linear_fc1.layer_norm_weight": (d.hidden_size,),
+        "mlp.linear_fc1.weight": ((2 if d.gated else 1) * d.ffn_hidden_size, d.hidden_size),
+        "mlp.linear_fc2.weight": (d.hidden_size, d.ffn_hidden_size),
+    }
+    if d.qkv_bias:
+        shapes["self_attention.linear_qkv.bias"] = (d.qkv_rows,)
+    if d.normalization == "LayerNorm":
+        shapes.update({"self_attention.linear_qkv.layer_norm_bias": (d.hidden_size,),
+                       "mlp.linear_fc1.layer_norm_bias": (d.hidden_size,)})
+    if d.qk_norm:
+        for which in ("q", "k"):
+            shapes[f"self_attention.{which}_layernorm.weight"] = (d.head_dim,)
+            if d.normalization == "LayerNorm":
+                shapes[f"self_attention.{which}_layernorm.bias"] = (d.head_dim,)
+    return shapes
+
 
 
 @dataclasses.dataclass
@@ -311,17 +326,16 @@ class MegatronCheckpoint:
 
         h, L = desc.hidden_size, desc.num_layers
         expect("decoder.final_layernorm.weight", (h,))
+        if desc.normalization == "LayerNorm":
+            expect("decoder.final_layernorm.bias", (h,))
         if not desc.tie_embeddings:
             expect("output_layer.weight", (self.stored_vocab, h))
-        suffixes = dict(_LAYER_WEIGHTS)
-        if desc.qkv_bias:
-            suffixes["self_attention.linear_qkv.bias"] = lambda d: (d.qkv_rows,)
-        for suffix, shape in suffixes.items():
+        for suffix, shape in _layer_shapes(desc).items():
             if self.per_layer:
                 for i in range(L):
-                    expect(f"decoder.layers.{i}.{suffix}", shape(desc))
+                    expect(f"decoder.layers.{i}.{suffix}", shape)
             else:
-                expect(f"decoder.layers.{suffix}", (L, *shape(desc)))
+                expect(f"decoder.layers.{suffix}", (L, *shape))
         require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
                 f"'{self.weights}': the embedding width differs from {self.config_source}'s hidden_size {h}")
 

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.distill.losses import intermediate_loss
 
 
@@ -80,7 +81,7 @@ class _AddAuxLoss(torch.autograd.Function):
 class DistillationModel(torch.nn.Module):
     def __init__(self, student, teacher, pairs: list[LayerPair], pair_loss: str = "cosine",
                  student_layers: int | None = None, teacher_layers: int | None = None,
-                 projection_init: torch.Tensor | None = None, seed: int = 1234) -> None:
+                 projection_init: torch.Tensor | None = None, seed: int = DEFAULT_SEED) -> None:
         from megatron.core import parallel_state as ps
 
         super().__init__()
@@ -138,11 +139,6 @@ class DistillationModel(torch.nn.Module):
         self.last_teacher_logits: torch.Tensor | None = None
         self.last_pair_loss: torch.Tensor | None = None
         self._hook_layers()
-
-    def set_auto_pair_weights(self, logit_loss: float, pair_losses) -> None:
-        """"auto" pair weighting after a step: each pair weighs the step's logit loss over its own."""
-        self.pair_weights.copy_(torch.tensor([logit_loss / p if p > 1e-12 else 1.0 for p in pair_losses],
-                                             dtype=torch.float64))
 
     # ------------------------------------------------------------------ plumbing
     def _carried_over(self, boundary: int) -> list[tuple[int, str]]:

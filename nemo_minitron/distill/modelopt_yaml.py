@@ -16,13 +16,14 @@ Names and meanings verified against nvidia-modelopt 0.47,
     in every micro-batch (ModelOpt's ``LogitsAndIntermediatesLossBalancer``); the project's
     ``LogitLossConfig(balance=True)``. ``kd_loss_scale`` is unused when ``skip_lm_loss`` is true.
 ``intermediate_layer_pairs: [[student_module, teacher_module(, cosine|mse)], ...]``
-    losses between module outputs, the student's projected to the teacher's width, each
-    weighted to the logit loss's magnitude (``kd_pair_weight auto``). Modules:
-    ``decoder.layers.N`` (layer N's output, 0-indexed), ``embedding`` or
-    ``embedding.word_embeddings`` (the embedding output), ``decoder.final_layernorm``.
-    Differences, by design: ModelOpt shares one projection (with a bias) among all pairs and
-    scales the *mean* of the pair losses to the logit loss; the project gives each pair its
-    own projection and weight. Its ``mse`` compares the two states each divided by its RMS.
+    losses between module outputs, the student's projected to the teacher's width, their
+    mean weighted to the logit loss's magnitude (``kd_pair_weight auto``, as ModelOpt's
+    balancer does; the project's weights come from the previous step's losses, ModelOpt's
+    from the current micro-batch's). Modules: ``decoder.layers.N`` (layer N's output,
+    0-indexed), ``embedding`` or ``embedding.word_embeddings`` (the embedding output),
+    ``decoder.final_layernorm``. Differences, by design: ModelOpt shares one projection
+    (with a bias) among all pairs, the project gives each pair its own; its ``mse``
+    compares the two states each divided by its RMS.
 ``logit_kl_topk``
     refused: ModelOpt renormalises both distributions over the teacher's top k, the
     project's ``--kd-top-k`` only the teacher's, so the meaning would change.

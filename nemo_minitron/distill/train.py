@@ -14,7 +14,6 @@ gradient norm, tokens/s) and TensorBoard scalars; held-out evaluations are appen
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,40 +25,44 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel, LayerPair
 
 log = logging.getLogger("nemo_minitron")
 
+AUTO_PAIR_WEIGHTS = ("auto", "auto_sum")
 
-@dataclasses.dataclass
-class TrainConfig:
-    steps: int
-    global_batch: int = 8
-    micro_batch: int = 2
-    seq_len: int = 512
-    lr: float = 1e-4
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    eval_every: int = 0
-    eval_samples: int = 64
-    save_every: int = 0
-    seed: int = 1234
-    logit: LogitLossConfig = dataclasses.field(default_factory=LogitLossConfig)
-    pairs: list[LayerPair] = dataclasses.field(default_factory=list)
-    pair_loss: str = "cosine"
-    pair_weight: str | float = "auto"
 
-    @property
-    def min_lr_value(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
+# ---------------------------------------------------------------------- pair weights
+def _pairs_share(setting: str | float | None, n_pairs: int) -> float:
+    """The part of the logit loss's weight each pair gets under an automatic setting."""
+    return 1.0 / n_pairs if setting == "auto" else 1.0
 
-    @property
-    def warmup(self) -> int:
-        wanted = max(0, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
-        return min(wanted, self.steps - 1)  # the schedule needs at least one step of decay
+
+def initial_pair_weights(setting: str | float | None, n_pairs: int) -> torch.Tensor:
+    """Weights of the intermediate pair losses for the first step, before any logit loss is
+    known: a fixed number as given; automatic settings start at their share (1/n or 1)."""
+    if setting is None or n_pairs == 0:
+        return torch.ones(n_pairs, dtype=torch.float64)
+    value = _pairs_share(setting, n_pairs) if setting in AUTO_PAIR_WEIGHTS else float(setting)
+    return torch.full((n_pairs,), value, dtype=torch.float64)
+
+
+def next_pair_weights(setting: str | float | None, logit_loss_value: float, pair_losses: list[float]) -> torch.Tensor:
+    """Weights after a step with the given logit loss and pair losses.
+
+    ``auto``: weight_i = logit / (n * loss_i): the *mean* of the weighted pair losses equals
+    the logit loss, so the intermediate term weighs as much as the logit term whatever the
+    number of pairs (what ModelOpt does, by averaging pairs first). ``auto_sum``: weight_i =
+    logit / loss_i: every pair weighs as much as the logit loss, n times it together.
+    A number stays fixed."""
+    n = len(pair_losses)
+    if setting not in AUTO_PAIR_WEIGHTS:
+        return initial_pair_weights(setting, n)
+    share = _pairs_share(setting, n)
+    return torch.tensor([share * logit_loss_value / p if p > 1e-12 else share for p in pair_losses],
+                        dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------- data order
@@ -76,7 +79,7 @@ def step_indices(step: int, global_batch: int, num_samples: int, seed: int) -> t
 
 
 # ---------------------------------------------------------------------- forward steps
-def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
+def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool):
     """``forward_step(data_iterator, model)``: student logits, and a loss function that adds
     the logit loss (KD and/or CE) to the intermediate pair losses of the last stage."""
     from megatron.core.utils import get_attr_wrapped_model
@@ -91,12 +94,14 @@ def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
 
         def loss_func(student_logits: torch.Tensor):
             teacher_logits = holder.last_teacher_logits if holder is not None else None
-            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, cfg.logit)
+            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, loss_cfg)
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
-            # the schedule divides the returned loss in place: report a copy
-            return total, {"loss": total.detach().clone(), "kd": kd.detach(), "ce": ce.detach()}
+            # the schedule divides the returned loss in place: report copies; the logged total
+            # adds every stage's pair losses in _reduce_logs
+            return total, {"logit_loss": (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce).detach().clone(),
+                           "kd": kd.detach(), "ce": ce.detach()}
 
         return output, loss_func
 
@@ -105,9 +110,14 @@ def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
 
 # ---------------------------------------------------------------------- the loop
 class Trainer:
-    def __init__(self, student, teacher, tokenizer_path: Path, train_samples: torch.Tensor,
-                 eval_samples: torch.Tensor | None, out: Path, cfg: TrainConfig, *,
-                 student_desc, teacher_desc=None, projection_init: torch.Tensor | None = None, progress: bool = True):
+    def __init__(self, student, teacher, train_samples: torch.Tensor, eval_samples: torch.Tensor | None, out: Path,
+                 cfg: TrainingConfig, *, seed: int, student_desc, teacher_desc=None, pairs: list[LayerPair] = (),
+                 projection_init: torch.Tensor | None = None, progress: bool = True,
+                 override_schedule: bool = False):
+        """``cfg``: a DistillConfig when ``teacher`` is given, else the TrainingConfig of plain
+        fine-tuning; ``pairs``: the intermediate pairs, resolved against both models;
+        ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
+        rather than from the checkpoint (a forced resume with changed settings)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -115,22 +125,24 @@ class Trainer:
 
         from nemo_minitron.runtime.distributed import layout
 
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.cfg, self.out, self.progress, self.seed = cfg, Path(out), progress, seed
+        self.override_schedule = override_schedule
         self.student, self.teacher = student, teacher
         self.student_desc, self.teacher_desc = student_desc, teacher_desc
-        self.tokenizer_path = tokenizer_path
+        self.pairs = list(pairs)
+        self.loss_cfg = LogitLossConfig.of(cfg, student_desc.vocab_size)
+        self.pair_weight = cfg.kd_pair_weight if isinstance(cfg, DistillConfig) else None
         self.device = layout().device
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.train_samples, self.eval_samples = train_samples, eval_samples
         dtype = next(student.parameters()).dtype
         student.train()
         if teacher is not None:
-            self.module = DistillationModel(student, teacher, cfg.pairs, cfg.pair_loss,
+            self.module = DistillationModel(student, teacher, self.pairs, cfg.kd_pair_loss,
                                             student_layers=student_desc.num_layers,
                                             teacher_layers=teacher_desc.num_layers, projection_init=projection_init,
-                                            seed=cfg.seed)
-            if cfg.pair_weight != "auto":
-                self.module.pair_weights.fill_(float(cfg.pair_weight))
+                                            seed=seed)
+            self.module.pair_weights.copy_(initial_pair_weights(self.pair_weight, len(self.pairs)))
         else:
             self.module = student
         self.ddp = DistributedDataParallel(
@@ -146,12 +158,13 @@ class Trainer:
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr_value,
             lr_warmup_steps=cfg.warmup, lr_decay_steps=cfg.steps, lr_decay_style="cosine",
-            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant")
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant",
+            override_opt_param_scheduler=override_schedule, use_checkpoint_opt_param_scheduler=not override_schedule)
         config = self.ddp.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_step = make_forward_step(cfg, self.device, distilling=teacher is not None)
+        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None)
         self.step = 0
         self.metrics_file = self.out / "metrics.jsonl"
         self.writer = None
@@ -164,18 +177,20 @@ class Trainer:
     def _microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
         from nemo_minitron.model.forward import split_microbatches
 
-        idx = step_indices(step, self.cfg.global_batch, len(self.train_samples), self.cfg.seed)
+        idx = step_indices(step, self.cfg.global_batch, len(self.train_samples), self.seed)
         per_rank = self.cfg.global_batch // self.dp
         mine = self.train_samples[idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
         return split_microbatches(mine, self.cfg.micro_batch)
 
-    def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor) -> dict[str, Any]:
-        """Mean over micro-batches and DP ranks, from the last stage to every rank."""
+    def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor,
+                     pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
+        """Mean over micro-batches and DP ranks, from the last stage to every rank; ``loss`` is
+        the whole objective: the logit loss plus every stage's weighted pair losses."""
         from megatron.core import parallel_state as ps
 
         stats = torch.zeros(3 + len(pair_losses), dtype=torch.float64, device=self.device)
         if reported:
-            for key, i in (("loss", 0), ("kd", 1), ("ce", 2)):
+            for key, i in (("logit_loss", 0), ("kd", 1), ("ce", 2)):
                 stats[i] = sum(float(r[key]) for r in reported) / len(reported)
         stats[3:] = pair_losses.to(stats)
         if dist.is_initialized():
@@ -191,12 +206,11 @@ class Trainer:
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
         values = stats.tolist()
-        if isinstance(self.module, DistillationModel):
-            # the last stage's loss holds its own pairs only: add those computed on earlier stages
-            last = self.module.pp - 1
-            values[0] += sum(self.module.pair_weights[i].item() * values[3 + i]
-                             for i, stages in enumerate(self.module.pair_stages) if max(stages) != last)
-        return {"loss": values[0], "kd_loss": values[1], "ce_loss": values[2], "pair_losses": values[3:]}
+        pairs = values[3:]
+        weights = pair_weights.tolist() if pair_weights is not None else [0.0] * len(pairs)
+        total = values[0] + sum(w * p for w, p in zip(weights, pairs))
+        return {"loss": total, "kd_loss": values[1], "ce_loss": values[2], "pair_losses": pairs,
+                **({"pair_weights": weights} if pairs else {})}
 
     def log_record(self, record: dict[str, Any]) -> None:
         from nemo_minitron.runtime.distributed import is_rank0
@@ -241,7 +255,8 @@ class Trainer:
             if is_rank0() and self.metrics_file.exists():
                 self.metrics_file.unlink()  # a fresh run starts a fresh log
             return
-        state = load_training_state(path, self.module, self.optimizer, self.scheduler)
+        state = load_training_state(path, self.module, self.optimizer, self.scheduler,
+                                    override_schedule=self.override_schedule)
         self.step = state["step"]
         if isinstance(self.module, DistillationModel):
             self.module.pair_weights.copy_(torch.tensor(state["pair_weights"], dtype=torch.float64))
@@ -274,19 +289,20 @@ class Trainer:
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
         pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
-        return self._reduce_logs(reported, pair_losses)
+        return self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
 
     def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One forward-backward pass over ``step``'s batches, no update: the logs and this
         stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
         from megatron.core import parallel_state as ps
 
-        from nemo_minitron.model.params import gather, named_weights
+        from nemo_minitron.model.params import gather, named_weights, unwrap
 
         self.ddp.zero_grad_buffer()
         logs = self._forward_backward(step)
         group = ps.get_tensor_model_parallel_group()
-        grads = {name: gather(name, p.main_grad.detach().float(), group=group).cpu()
+        gated = unwrap(self.student).config.gated_linear_unit
+        grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated).cpu()
                  for name, p in named_weights(self.student)}
         if isinstance(self.module, DistillationModel):
             for key, proj in self.module.projections.items():
@@ -311,15 +327,16 @@ class Trainer:
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
             logs = self._forward_backward(self.step)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
             trained_steps += 1
-            if distilling and cfg.pair_weight == "auto" and len(cfg.pairs):
-                logit_part = cfg.logit.kd_weight * logs["kd_loss"] + cfg.logit.ce_weight * logs["ce_loss"]
-                self.module.set_auto_pair_weights(logit_part, logs["pair_losses"])
+            if distilling and self.pairs:
+                logit_part = self.loss_cfg.kd_weight * logs["kd_loss"] + self.loss_cfg.ce_weight * logs["ce_loss"]
+                self.module.pair_weights.copy_(next_pair_weights(self.pair_weight, logit_part, logs["pair_losses"]))
             elapsed = time.time() - t0
-            last = {"kind": "train", "step": self.step, **logs, "lr": self.optimizer.param_groups[0]["lr"],
+            last = {"kind": "train", "step": self.step, **logs, "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
                     "tokens": self.step * tokens_per_step, "step_seconds": elapsed,
                     "tokens_per_second": tokens_per_step / elapsed}

@@ -31,10 +31,10 @@ with ``tokens``, ``labels`` and optionally ``loss_mask`` and ``position_ids`` (w
 trainers' GPT datasets yield); pass ``get_batch=`` (with ``functools.partial``) to use the
 trainer's own batch function instead.
 
-"auto" pair weights (each pair weighs the last step's logit loss over its own) need
-``step_end(model)`` after every optimizer step, on every rank (Bridge:
-``PairWeights`` as a callback). Without it, or with Megatron-LM, give a fixed
-``pair_weight``.
+"auto" pair weights (as in ``nemo-minitron distill``: from the last step's logit and pair
+losses, ``distill.train.next_pair_weights``) need ``step_end(model)`` after every
+optimizer step, on every rank (Bridge: ``PairWeights`` as a callback). Without it, or
+with Megatron-LM, give a fixed ``pair_weight``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel
+from nemo_minitron.distill.train import initial_pair_weights, next_pair_weights
 from nemo_minitron.errors import UsageError, require
 
 log = logging.getLogger("nemo_minitron")
@@ -69,7 +70,7 @@ class KDLoss:
     balance: bool = False             # ModelOpt's skip_lm_loss: false (see distill.modelopt_yaml)
     pairs: str = ""                   # "student:teacher,...", layers 0-indexed, embedding, final_norm
     pair_loss: str = "cosine"
-    pair_weight: float | str = "auto"
+    pair_weight: float | str = "auto"  # auto (their mean matches the logit loss), auto_sum, or a number
     chunk_tokens: int = 1024
 
     @classmethod
@@ -85,8 +86,8 @@ class KDLoss:
         require(self.kind in ("forward", "reverse"), f"KDLoss.kind must be forward or reverse (got '{self.kind}')")
         require(self.temperature > 0, f"KDLoss.temperature must be > 0 (got {self.temperature})")
         require(self.pair_loss in ("cosine", "mse"), f"KDLoss.pair_loss must be cosine or mse (got '{self.pair_loss}')")
-        require(self.pair_weight == "auto" or isinstance(self.pair_weight, (int, float)),
-                f"KDLoss.pair_weight must be 'auto' or a number (got {self.pair_weight!r})")
+        require(self.pair_weight in ("auto", "auto_sum") or isinstance(self.pair_weight, (int, float)),
+                f"KDLoss.pair_weight must be auto, auto_sum or a number (got {self.pair_weight!r})")
         require(self.top_k is None or self.kind == "forward", "KDLoss.top_k needs the forward KL")
 
 
@@ -136,9 +137,8 @@ def teacher_hook(teacher: str, *, iteration: int | None = None, loss: KDLoss | N
         pairs = parse_pairs(loss.pairs, SimpleNamespace(num_layers=cfg.num_layers), t_desc)
         module = DistillationModel(student, teacher_model, pairs, loss.pair_loss, student_layers=cfg.num_layers,
                                    teacher_layers=t_desc.num_layers, seed=seed)
-        module.auto_pair_weights = loss.pair_weight == "auto"
-        if not module.auto_pair_weights:
-            module.pair_weights.fill_(float(loss.pair_weight))
+        module.pair_weight_setting = loss.pair_weight
+        module.pair_weights.copy_(initial_pair_weights(loss.pair_weight, len(pairs)))
         module.kd_logit = LogitLossConfig(temperature=loss.temperature, kind=loss.kind, top_k=loss.top_k,
                                           kd_weight=loss.kd_weight, ce_weight=loss.ce_weight,
                                           chunk_tokens=loss.chunk_tokens, vocab_size=t_desc.vocab_size,
@@ -249,8 +249,8 @@ def step_end(model) -> None:
         dist.all_reduce(stats, group=ps.get_data_parallel_group())
         stats /= ps.get_data_parallel_world_size()
     values = stats.tolist()
-    if holder.pairs and holder.auto_pair_weights:
-        holder.set_auto_pair_weights(values[0], values[1:])
+    if holder.pairs:
+        holder.pair_weights.copy_(next_pair_weights(holder.pair_weight_setting, values[0], values[1:]))
     holder.step_logit_loss = 0.0
     holder.step_pair_losses.zero_()
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.norms import zero_centered_local_spec
 
 Spec = Literal["auto", "local", "te"]
 
@@ -56,6 +57,7 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
                        overrides: Mapping[str, Any] | None = None):
     """The TransformerConfig of ``desc``; ``overrides`` replace fields (e.g. a trainer's
     sequence_parallel or precision settings, so a teacher matches the student it runs beside)."""
+    from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     layers_per_stage = list(layers_per_stage or balanced_stages(desc.num_layers, pp))
@@ -74,12 +76,14 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         num_attention_heads=desc.num_attention_heads,
         num_query_groups=desc.num_query_groups,
         kv_channels=desc.head_dim,
-        normalization="RMSNorm",
+        normalization=desc.normalization,
         layernorm_epsilon=desc.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        layernorm_zero_centered_gamma=desc.zero_centered_gamma,
+        gated_linear_unit=desc.gated,
+        activation_func=F.silu if desc.gated else squared_relu,
         add_bias_linear=False,
         add_qkv_bias=desc.qkv_bias,
+        qk_layernorm=desc.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # HF computes attention with softmax scale 1/sqrt(head_dim), as megatron does by default.
@@ -92,7 +96,8 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA; the plain PyTorch paths are numerically the reference.
-        bias_activation_fusion=on_gpu and have_transformer_engine(),
+        # (megatron fuses bias + SwiGLU or GeLU only)
+        bias_activation_fusion=on_gpu and have_transformer_engine() and desc.gated,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -109,7 +114,7 @@ def _apply_rope_scaling(model, desc: ModelDescription) -> None:
     if desc.rope_scaling is None or not hasattr(model, "rotary_pos_emb"):
         return
     rope = model.rotary_pos_emb
-    dim = desc.head_dim
+    dim = desc.rotary_dim
     base = 1.0 / (desc.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
     kind = desc.rope_scaling["rope_type"]
     if kind == "linear":
@@ -152,10 +157,12 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     vocab = padded_vocab_size or desc.padded_vocab_size
     require(vocab >= desc.vocab_size and vocab % tp == 0,
             f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
-    if resolve_spec(spec) == "te":
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    if resolve_spec(spec) == "te":  # TE's norms read normalization and zero-centred gamma from the config
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=desc.qk_norm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer_spec = get_gpt_layer_local_spec(normalization=desc.normalization, qk_layernorm=desc.qk_norm)
+        if desc.zero_centered_gamma:
+            layer_spec = zero_centered_local_spec(layer_spec, config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -166,7 +173,7 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
         share_embeddings_and_output_weights=desc.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=desc.rope_theta,
-        rotary_percent=1.0,
+        rotary_percent=desc.rotary_percent,
     )
     _apply_rope_scaling(model, desc)
     if torch.cuda.is_available():

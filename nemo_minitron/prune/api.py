@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.errors import UsageError, require
+from nemo_minitron.config import Names, cli_names
+from nemo_minitron.errors import UsageError
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
 from nemo_minitron.prune.select import (
     LAYER_METRICS,
-    ORDERS,
     UnitScores,
     keep_plan,
     layers_to_keep,
@@ -31,21 +31,33 @@ from nemo_minitron.prune.select import (
     random_scores,
 )
 from nemo_minitron.prune.targets import apply_target, describe_change, parse_param_count
+from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
 log = logging.getLogger("nemo_minitron")
 
 
-def planned_description(desc: ModelDescription, *, target: dict[str, int] | None = None,
-                        target_params: str | int | None = None, tp: int = 1, pp: int = 1,
-                        max_width_cut: float = 0.5, max_depth_cut: float = 0.5, prefer: str = "width",
-                        flag: str = "--target") -> ModelDescription:
-    """The pruned shape for an explicit target or a budget (the planner's first candidate)."""
-    require((target is None) != (target_params is None), f"{flag}: give exactly one of a target and a budget")
-    if target is not None:
-        return apply_target(desc, dict(target), tp=tp, pp=pp, flag=flag)
-    budget = target_params if isinstance(target_params, int) else parse_param_count(str(target_params))
-    return plan(desc, budget, max_width_cut=max_width_cut, max_depth_cut=max_depth_cut, prefer=prefer,
-                tp=tp, pp=pp)[0].description
+def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1, pp: int = 1,
+                        names: Names | None = None) -> ModelDescription:
+    """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
+    names = names or cli_names(PruneConfig)
+    if cfg.target or cfg.drop_layers:
+        return apply_target(desc, target_with_drops(desc, cfg, names), tp=tp, pp=pp, flag=names("target"))
+    budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
+    return plan(desc, budget, cfg, tp=tp, pp=pp, names=names)[0].description
+
+
+def target_with_drops(desc: ModelDescription, cfg: PruneConfig, names: Names) -> dict[str, int]:
+    """The explicit target, its depth set by ``drop_layers`` (1-indexed) when given."""
+    from nemo_minitron.errors import require
+    from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
+
+    target = canonical_target(dict(cfg.target), names("target"))
+    if cfg.drop_layers:
+        depth = desc.num_layers - len(parse_drop_layers(cfg.drop_layers, desc.num_layers, names("drop_layers")))
+        require(target.get("layers", depth) == depth, f"{names('target')} layers={target.get('layers')} disagrees "
+                                                      f"with {names('drop_layers')}, which leaves {depth} layers")
+        target["layers"] = depth
+    return target
 
 
 def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
@@ -87,7 +99,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
            "layers": torch.zeros(L, dtype=torch.float64)}
     tied_copy = desc.tie_embeddings and not ps.is_pipeline_first_stage()
     for name, param in named_weights(model):
-        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group()).cpu()
+        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated).cpu()
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of the tied embedding: counted once, on the first stage
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -108,20 +120,18 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
     return UnitScores(**out)
 
 
-def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] | None = None,
-          target_params: str | int | None = None, order: str = "importance", layer_metric: str = "contiguous",
-          drop_layers: str | Sequence[int] | None = None, seed: int = 1234, tp: int = 1, pp: int = 1,
-          max_width_cut: float = 0.5, max_depth_cut: float = 0.5, prefer: str = "width",
-          dtype: str | None = None) -> Path:
+def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None = None, *,
+          names: Names | None = None, **options) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
     ``checkpoint``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one.
-    ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers (or
-    ModelOpt's names); or ``target_params``: a budget such as "90M" (the planner's first
-    candidate, ``prefer`` width or depth). ``drop_layers``: 1-indexed layers to drop
-    (ModelOpt / NeMo numbering), alone or with a width ``target``. ``order``: importance |
-    magnitude | random. ``layer_metric``: contiguous | loss | block | "3,7,9" (0-indexed
-    layers to drop). ``dtype``: of the saved checkpoint (default: the source's)."""
+    ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
+    query_groups, layers (or ModelOpt's names), and/or ``drop_layers`` (1-indexed, as
+    ModelOpt and NeMo number them), or ``target_params`` a budget such as "90M"; ``order``
+    importance | magnitude | random; ``layer_metric`` contiguous | loss | block | "3,7,9",
+    0-indexed);
+    ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
+    checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         check_new_output,
@@ -133,25 +143,32 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
         require_tokenizer,
         save_checkpoint,
     )
+    from nemo_minitron.config import build, split_overrides, to_dict
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed
+
+    names = names or cli_names(PruneConfig)
+    stage, par, run = split_overrides(options, PruneConfig, ParallelConfig, RunConfig)
+    cfg = build(PruneConfig, config, names, **stage)
+    tp, pp = build(ParallelConfig, None, names, **par).tp, build(ParallelConfig, None, names, **par).pp
+    run_cfg = build(RunConfig, None, names, **run)
+    seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
     require_tokenizer(checkpoint, "the pruned checkpoint carries it")
-    if drop_layers is not None:
-        target, layer_metric = _drop_layers_target(old, drop_layers, target, target_params, layer_metric)
-    require(order in ORDERS, f"--order must be one of {', '.join(ORDERS)} (got '{order}')")
-    parse_layer_metric(layer_metric, old.num_layers)
-    compute_dtype = parse_dtype(dtype) if dtype is not None else None
+    if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
+        from nemo_minitron.prune.targets import parse_drop_layers
+
+        layer_metric = ",".join(map(str, parse_drop_layers(cfg.drop_layers, old.num_layers, names("drop_layers"))))
+    parse_layer_metric(layer_metric, old.num_layers, flag=names("layer_metric"))
+    compute_dtype = parse_dtype(dtype, names("dtype")) if dtype is not None else None
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    new = planned_description(old, target=target, target_params=target_params, tp=tp, pp=pp,
-                              max_width_cut=max_width_cut, max_depth_cut=max_depth_cut, prefer=prefer,
-                              flag="--target" if target is not None else "--target-params")
+    new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
     # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
     # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
     # mass, known only once the weights are loaded).
@@ -159,7 +176,8 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     layers_by_metric = order == "importance" or layer_metric not in LAYER_METRICS or old.num_layers == new.num_layers
     kept_layers = None
     if layers_by_metric:
-        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors)
+        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors,
+                                     flag=names("layer_metric"))
     elif order == "random":
         kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
     if kept_layers is not None:
@@ -182,28 +200,12 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
 
     new_model = _build_pruned(model, old, new, keep, per_stage)
-    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "order": order,
-                  "layer_metric": layer_metric, "seed": seed, "change": describe_change(old, new),
-                  "target": target, "target_params": target_params, "kept": keep.summary(),
+    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
+                  "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
                            tokenizer=load_tokenizer(checkpoint))
-
-
-def _drop_layers_target(old: ModelDescription, drop_layers, target, target_params, layer_metric):
-    """--drop-layers (1-indexed) -> the target's depth and the explicit 0-indexed layer list."""
-    from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
-
-    require(target_params is None, "--drop-layers goes alone or with --target, not with --target-params")
-    require(layer_metric == "contiguous", "--drop-layers and --layer-metric both choose the layers to drop; give one")
-    dropped = parse_drop_layers(drop_layers, old.num_layers)
-    target = canonical_target(dict(target or {}))
-    depth = old.num_layers - len(dropped)
-    require(target.get("layers", depth) == depth, f"--target layers={target.get('layers')} disagrees with "
-                                                  f"--drop-layers, which leaves {depth} layers")
-    target["layers"] = depth
-    return target, ",".join(map(str, dropped))
 
 
 def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int]) -> torch.nn.Module:
@@ -231,8 +233,8 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             new_layer = layer_of(name)
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
-            full = gather(old_name, old_weights[old_name].detach(), group=tp_group)
+            full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
-            param.copy_(shard(name, cut, tp_rank, tp_size))
+            param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated))
     new_model.eval()
     return new_model

@@ -133,7 +133,8 @@ def _integration(spec, tp: int, pp: int, form: str) -> dict:
                                            num_microbatches=num_mb, seq_length=BATCH["seq_len"],
                                            micro_batch_size=BATCH["micro_batch"], forward_only=False)
     group = ps.get_tensor_model_parallel_group()
-    grads = {name: gather(name, p.main_grad.detach().float(), group=group).cpu() for name, p in named_weights(student)}
+    grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=student.config.gated_linear_unit).cpu()
+             for name, p in named_weights(student)}
     for key, proj in module.projections.items():
         grads[f"kd_projection.{key}"] = proj.weight.main_grad.detach().float().cpu()
     step_end([ddp])
