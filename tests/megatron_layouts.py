@@ -94,11 +94,29 @@ def transformer_config_from_args(args: argparse.Namespace):
     kw["num_moe_experts"] = a.get("num_experts")
     if a.get("swiglu"):
         kw.update(activation_func=F.silu, gated_linear_unit=True)
+    elif a.get("squared_relu"):
+        from megatron.core.activations import squared_relu
+
+        kw.update(activation_func=squared_relu, gated_linear_unit=False)
     kw["num_query_groups"] = a["num_query_groups"] if a.get("group_query_attention") else None
     kw["pipeline_dtype"] = a["params_dtype"]
     kw.update(use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
     return TransformerConfig(**kw)
+
+
+def _local_spec(config):
+    """megatron-core's local layer spec for ``config`` (gpt_builder's choice without Transformer
+    Engine); zero-centred norms, which Transformer Engine computes on a GPU, by the project's
+    torch stand-in (nemo_minitron.model.norms) on a CPU."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    if config.layernorm_zero_centered_gamma:
+        from nemo_minitron.model.norms import zero_centered_local_spec
+
+        spec = zero_centered_local_spec(spec, config)
+    return spec
 
 
 def gpt_from_args(args: argparse.Namespace):
@@ -108,7 +126,7 @@ def gpt_from_args(args: argparse.Namespace):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     config = transformer_config_from_args(args)
-    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
+    return GPTModel(config=config, transformer_layer_spec=_local_spec(config),
                     vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -154,9 +172,12 @@ def gpt_from_provider(model: dict):
     kw = {f.name: model[f.name] for f in dataclasses.fields(TransformerConfig) if f.name in model and f.init}
     for key in ("activation_func", "params_dtype", "pipeline_dtype", "attention_backend"):
         kw.pop(key, None)
-    assert model["activation_func"]["_target_"] == "torch.nn.functional.silu"
+    from megatron.core.activations import squared_relu
+
+    activation = {"torch.nn.functional.silu": F.silu,
+                  "megatron.core.activations.squared_relu": squared_relu}[model["activation_func"]["_target_"]]
     dtype = getattr(torch, model["params_dtype"]["_target_"].split(".")[-1])
-    kw.update(activation_func=F.silu, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
+    kw.update(activation_func=activation, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
               bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
               apply_rope_fusion=False, gradient_accumulation_fusion=False)
     config = TransformerConfig(**kw)
@@ -164,7 +185,7 @@ def gpt_from_provider(model: dict):
     vocab = model["vocab_size"]
     if model["should_pad_vocab"]:
         vocab = padded(vocab, model["make_vocab_size_divisible_by"] * tp)
-    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=model["normalization"]),
+    return GPTModel(config=config, transformer_layer_spec=_local_spec(config),
                     vocab_size=vocab, max_sequence_length=model["seq_length"],
                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                     share_embeddings_and_output_weights=model["share_embeddings_and_output_weights"],
