@@ -57,6 +57,8 @@ def parse_drop_layers(items, num_layers: int, flag: str = "--drop-layers") -> li
             f"and NeMo count them; --layer-metric takes 0-indexed ones)")
     require(len(numbers) < num_layers, f"{flag} would drop every layer")
     return sorted(n - 1 for n in numbers)
+
+
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
