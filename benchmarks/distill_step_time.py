@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import parser, pruned_smollm2, smollm2_checkpoint, write_results
+from common import builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
 
 
 def main() -> None:
@@ -30,7 +30,6 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.distill.losses import LogitLossConfig
     from nemo_minitron.distill.train import TrainConfig, Trainer, make_forward_step
     from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
@@ -41,8 +40,7 @@ def main() -> None:
     dtype = parse_dtype(args.dtype)
     s_desc = read_info(student_ckpt).description
     gb = args.micro_batch * args.microbatches
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student_ckpt), args.seq_len,
-                           num_samples=gb, seed=0)
+    samples = builtin_samples("train", load_tokenizer(student_ckpt), args.seq_len, num_samples=gb).take()
     batches = split_microbatches(samples, args.micro_batch)
     student, _ = load_checkpoint(student_ckpt, dtype=dtype)
     teacher, _ = load_checkpoint(teacher_ckpt, dtype=dtype)

@@ -1,6 +1,6 @@
 """``nemo-minitron``: one command per pipeline stage.
 
-    convert -> importance -> plan/prune -> distill -> export   (and eval, run)
+    convert -> importance -> plan/prune -> distill -> export   (and eval, preprocess, run)
 
 Every command runs as a single process or under ``torchrun`` with ``--tp``/``--pp``
 (data parallel = world size / (tp * pp)). Bad input is reported as one line on
@@ -30,6 +30,18 @@ def _parallel(p: argparse.ArgumentParser, dtype_default: str | None = None) -> N
     g.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
 
 
+def _data(p: argparse.ArgumentParser, what: str = "PATH") -> None:
+    p.add_argument("--data", nargs="+", required=True, metavar=what,
+                   help="sources (Megatron prefixes, text/JSONL files or folders, builtin:train|calib|heldout), "
+                        "or Megatron's blend: WEIGHT PREFIX WEIGHT PREFIX ...")
+    p.add_argument("--split", default=None, metavar="S", help="train,validation,test shares of every source's "
+                   "documents (Megatron's split, e.g. 99,1,0): training and calibration read the first part, "
+                   "evaluation the second (default: every use reads all of --data)")
+    p.add_argument("--data-cache", default=None, metavar="DIR", help="where tokenised text and sample indices are "
+                   "cached, on a file system every rank sees (default $NEMO_MINITRON_DATA_CACHE or "
+                   "~/.cache/nemo_minitron/data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out loss and perplexity of a model")
     p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf or alias")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    _data(p)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--micro-batch", type=int, default=4)
@@ -60,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("importance", help="rank heads, query groups, neurons, channels and layers")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    _data(p)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--samples", type=int, default=1024, help="calibration samples (default 1024)")
     p.add_argument("--seq-len", type=int, default=512)
@@ -111,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint, or none for plain "
                    "cross-entropy fine-tuning (the baseline, and teacher correction)")
     p.add_argument("--student", required=True, metavar="CKPT")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out data (default builtin:heldout)")
+    _data(p)
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
+                   help="held-out data, read whole (default: the validation part of --data under --split, "
+                        "else builtin:heldout)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--global-batch", type=int, default=8)
@@ -138,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-chunk", type=int, default=1024, help="tokens per chunk of the logit loss")
     _parallel(p, dtype_default=None)
     p.set_defaults(handler="nemo_minitron.distill.command:main")
+
+    p = sub.add_parser("preprocess", help="text, JSONL or folders -> Megatron indexed data set (.bin/.idx)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text files, folders, .jsonl files (a 'text' field per line) or builtin:*")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.set_defaults(handler="nemo_minitron.data.command:preprocess_main")
 
     p = sub.add_parser("run", help="run a recipe: convert, importance, prune, distill, export, report")
     p.add_argument("recipe", metavar="RECIPE.yaml")

@@ -34,12 +34,12 @@ def export(args) -> int:
 
 def evaluate(args) -> int:
     from nemo_minitron.checkpoint.api import describe_model, open_model
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.data.preprocess import load_any_tokenizer
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     dtype = _dtype(args)
-    specs = parse_data_specs(args.data)
     require(args.seq_len >= 1, f"--seq-len must be >= 1 (got {args.seq_len})")
     require(args.micro_batch >= 1, f"--micro-batch must be >= 1 (got {args.micro_batch})")
     require(args.max_tokens is None or args.max_tokens >= args.seq_len,
@@ -48,16 +48,20 @@ def evaluate(args) -> int:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
+    tokenizer = load_any_tokenizer(args.model, "MODEL")
+    # with --split, the validation part of the data: what training on the rest did not see
+    corpus = check_corpus(args.data, vocab_size=desc.vocab_size, split=args.split, cache_dir=args.data_cache,
+                          tokenizer=tokenizer)
     desc.check_layout(args.tp, args.pp)
     check_world_size(args.tp, args.pp)
     init_distributed(args.tp, args.pp, args.seed)
+    samples = corpus.dataset(tokenizer, seq_len=args.seq_len, seed=args.seed, part="valid")
+    if args.max_tokens is not None:
+        samples = samples.first(args.max_tokens // args.seq_len)
     opened = open_model(args.model, dtype=dtype)
-    limit = None if args.max_tokens is None else args.max_tokens // args.seq_len
-    samples = load_samples(specs, opened.tokenizer, args.seq_len, vocab_size=desc.vocab_size)
-    if limit is not None:
-        samples = samples[:limit]
     result = run(opened.model, desc.vocab_size, samples, micro_batch=args.micro_batch)
-    record = {"model": args.model, "data": args.data, "seq_len": args.seq_len, **result.to_dict()}
+    record = {"model": args.model, "data": corpus.blend.label, "split": args.split, "seq_len": args.seq_len,
+              **result.to_dict()}
     if is_rank0():
         print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"tokens {result.tokens}  samples {result.samples}")

@@ -27,7 +27,7 @@ def one_step(teacher: str, student: str, tp: int, pp: int):
     import torch.distributed as dist
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.distill.api import parse_pairs
     from nemo_minitron.distill.losses import LogitLossConfig
     from nemo_minitron.distill.train import TrainConfig, Trainer
@@ -38,8 +38,8 @@ def one_step(teacher: str, student: str, tp: int, pp: int):
                       logit=LogitLossConfig(temperature=2.0, ce_weight=0.25, vocab_size=s_desc.vocab_size,
                                             chunk_tokens=7), **SETTINGS)
     init_distributed(tp, pp, cfg.seed)
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student), cfg.seq_len,
-                           num_samples=16, seed=0)
+    tokenizer = load_tokenizer(student)
+    samples = check_corpus(["builtin:train"]).dataset(tokenizer, seq_len=cfg.seq_len, seed=0, num_samples=16)
     s_model, _ = load_checkpoint(student)
     t_model, _ = load_checkpoint(teacher)
     trainer = Trainer(s_model, t_model, Path(student) / "tokenizer", samples, None, Path("/nonexistent"), cfg,

@@ -123,7 +123,8 @@ def _training_config(steps, global_batch, micro_batch, seq_len, lr, min_lr, warm
 
 def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, eval_data: Sequence[str] | None,
          cfg_kwargs: dict[str, Any], logit: LogitLossConfig, kd_pairs, pair_loss: str, pair_weight,
-         tp: int, pp: int, dtype, resume: bool, progress: bool) -> dict[str, Any]:
+         tp: int, pp: int, dtype, resume: bool, progress: bool, split: str | None = None,
+         data_cache: str | None = None) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -132,7 +133,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
         read_info,
         save_checkpoint,
     )
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
@@ -162,14 +163,18 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
     out_path = _check_output(out, resume)
     compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or parse_dtype(s_info.dtype))
     tokenizer = load_tokenizer(student)
-    train_samples = load_samples(parse_data_specs(data), tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size)
-    eval_specs = parse_data_specs(list(eval_data or ["builtin:heldout"]), flag="--eval-data")
-    eval_samples = load_samples(eval_specs, tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size)
-    eval_samples = eval_samples[: cfg.eval_samples]
+    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_cache, tokenizer=tokenizer)
+    train_corpus = check_corpus(data, split=split, **data_kwargs)
+    require(train_corpus.has_part("train"), f"--split {split} leaves no training part of --data")
+    heldout_corpus = eval_corpus(train_corpus, eval_data, **data_kwargs)
 
     # ---- work
     init_distributed(tp, pp, cfg.seed)
     started = time.time()
+    train_samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed, part="train",
+                                         num_samples=cfg.steps * cfg.global_batch, progress=progress)
+    eval_samples = heldout_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed, part="valid",
+                                          progress=progress).first(cfg.eval_samples)
     student_model, _ = load_checkpoint(student, dtype=compute_dtype)
     teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
     trainer = Trainer(student_model, teacher_model, Path(student) / "tokenizer", train_samples, eval_samples,
@@ -188,7 +193,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},
-                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": list(data),
+                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": train_corpus.blend.label,
                                            "steps": cfg.steps}}
     info = CheckpointInfo(s_desc, s_info.dtype, provenance)
     if compute_dtype != torch.float32 and s_info.dtype == "float32":
@@ -228,7 +233,7 @@ def distill(teacher: str, student: str, data: Sequence[str], out: str, *, eval_d
             kd_weight: float = 1.0, ce_weight: float = 0.0, kd_pairs: str | Sequence[str] = "",
             kd_pair_loss: str = "cosine", kd_pair_weight: str | float = "auto", logit_chunk: int = 1024,
             seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            split: str | None = None, data_cache: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` (both project checkpoints) on ``data``."""
     require(logit_chunk >= 1, f"--logit-chunk must be >= 1 (got {logit_chunk})")
     from nemo_minitron.checkpoint.store import read_info
@@ -238,7 +243,7 @@ def distill(teacher: str, student: str, data: Sequence[str], out: str, *, eval_d
                             ce_weight=ce_weight, chunk_tokens=logit_chunk, vocab_size=vocab)
     return _run(teacher, student, data, out, eval_data=eval_data, logit=logit, kd_pairs=kd_pairs,
                 pair_loss=kd_pair_loss, pair_weight=kd_pair_weight, tp=tp, pp=pp, dtype=dtype, resume=resume,
-                progress=progress, cfg_kwargs=dict(
+                progress=progress, split=split, data_cache=data_cache, cfg_kwargs=dict(
                     steps=steps, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
                     min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad,
                     eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed))
@@ -249,14 +254,15 @@ def finetune(model: str, data: Sequence[str], out: str, *, eval_data: Sequence[s
              min_lr: float | None = None, warmup_steps: int | None = None, weight_decay: float = 0.01,
              clip_grad: float = 1.0, eval_every: int = 0, eval_samples: int = 64, save_every: int = 0,
              logit_chunk: int = 1024, seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             split: str | None = None, data_cache: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Plain next-token cross-entropy training (teacher correction, and the baseline to distillation)."""
     from nemo_minitron.checkpoint.store import read_info
 
     vocab = read_info(model).description.vocab_size
     logit = LogitLossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=logit_chunk, vocab_size=vocab)
     return _run(None, model, data, out, eval_data=eval_data, logit=logit, kd_pairs="", pair_loss="cosine",
-                pair_weight="auto", tp=tp, pp=pp, dtype=dtype, resume=resume, progress=progress, cfg_kwargs=dict(
+                pair_weight="auto", tp=tp, pp=pp, dtype=dtype, resume=resume, progress=progress, split=split,
+                data_cache=data_cache, cfg_kwargs=dict(
                     steps=steps, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
                     min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad,
                     eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed))

@@ -11,7 +11,7 @@ def main(args) -> int:
                   warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                   eval_every=args.eval_every, eval_samples=args.eval_samples, save_every=args.save_every,
                   logit_chunk=args.logit_chunk, seed=args.seed, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                  resume=args.resume)
+                  resume=args.resume, split=args.split, data_cache=args.data_cache)
     if args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline
         finetune(args.student, args.data, args.out, **common)
     else:

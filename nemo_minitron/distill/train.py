@@ -4,8 +4,10 @@ Each step runs ``get_forward_backward_func()`` over the step's micro-batches wit
 Megatron-shaped ``forward_step(data_iterator, model) -> (output, loss_func)``, then the
 megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 params
 with float32 main weights when training in bf16), gradient clipping and a warm-up +
-cosine learning-rate schedule. Which samples a step sees is a function of the seed and
-the step alone, so a resumed run sees exactly what an uninterrupted one would.
+cosine learning-rate schedule. Step ``s`` reads samples ``[s * global_batch, (s + 1) *
+global_batch)`` of the training data set (megatron-core's GPTDataset, shuffled by seed),
+data-parallel rank ``r`` the ``r``-th share of them: the samples a step sees depend on
+the step alone, at every layout, and a resumed run sees what an uninterrupted one would.
 
 Per step, rank 0 appends a JSON line to ``metrics.jsonl`` (losses, learning rate,
 gradient norm, tokens/s) and TensorBoard scalars; held-out evaluations are appended as
@@ -63,16 +65,12 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- data order
-def step_indices(step: int, global_batch: int, num_samples: int, seed: int) -> torch.Tensor:
-    """Global sample indices of ``step``: consecutive slices of per-epoch seeded permutations."""
-    first = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        epoch, offset = divmod(first + len(out), num_samples)
-        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        take = min(global_batch - len(out), num_samples - offset)
-        out.extend(perm[offset:offset + take].tolist())
-    return torch.tensor(out)
+def step_samples(samples, step: int, global_batch: int, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """``[global_batch / dp, s+1]``: data-parallel rank ``dp_rank``'s share of ``step``'s samples,
+    ``samples`` being a TokenDataset or a ``[N, s+1]`` tensor (indices wrap around N)."""
+    per_rank = global_batch // dp_size
+    first = step * global_batch + dp_rank * per_rank
+    return torch.stack([samples[(first + j) % len(samples)] for j in range(per_rank)])
 
 
 # ---------------------------------------------------------------------- forward steps
@@ -105,9 +103,9 @@ def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
 
 # ---------------------------------------------------------------------- the loop
 class Trainer:
-    def __init__(self, student, teacher, tokenizer_path: Path, train_samples: torch.Tensor,
-                 eval_samples: torch.Tensor | None, out: Path, cfg: TrainConfig, *,
-                 student_desc, teacher_desc=None, projection_init: torch.Tensor | None = None, progress: bool = True):
+    def __init__(self, student, teacher, tokenizer_path: Path, train_samples, eval_samples, out: Path,
+                 cfg: TrainConfig, *, student_desc, teacher_desc=None, projection_init: torch.Tensor | None = None,
+                 progress: bool = True):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -164,9 +162,7 @@ class Trainer:
     def _microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
         from nemo_minitron.model.forward import split_microbatches
 
-        idx = step_indices(step, self.cfg.global_batch, len(self.train_samples), self.cfg.seed)
-        per_rank = self.cfg.global_batch // self.dp
-        mine = self.train_samples[idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
+        mine = step_samples(self.train_samples, step, self.cfg.global_batch, self.dp_rank, self.dp)
         return split_microbatches(mine, self.cfg.micro_batch)
 
     def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor) -> dict[str, Any]:

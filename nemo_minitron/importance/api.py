@@ -1,7 +1,7 @@
 """``compute_importance``: calibrate a checkpoint and write its importance directory.
 
-The calibration samples are drawn by seed from the data (the same samples whatever the
-parallel layout) and split over data-parallel ranks; one forward pass over them scores
+The calibration samples are the first ``samples`` of the data set megatron-core shuffles
+by seed (the same samples whatever the parallel layout), split over data-parallel ranks; one forward pass over them scores
 every head, query group, neuron and channel, and Block Importance per layer. Then the
 first ``layer_samples`` samples score depth by LM loss: each layer skipped in turn,
 and each contiguous block of every requested size.
@@ -27,13 +27,14 @@ def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
     require(value in allowed, f"{flag} must be one of {', '.join(allowed)} (got '{value}')")
 
 
-def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg: str, batch_agg: str,
+def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_agg: str,
                      neuron_activation: str, num_layers: int, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores."""
+    """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with
+    the collector's hooks; global scores."""
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from nemo_minitron.data.samples import data_parallel_slice
+    from nemo_minitron.data.dataset import data_parallel_slice
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
     from nemo_minitron.runtime.distributed import is_rank0, layout
 
@@ -73,16 +74,26 @@ def _scoring_step(device):
     return forward_step
 
 
+def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int,
+                        progress: bool = False) -> torch.Tensor:
+    """``[samples, seq_len + 1]``: the first samples of the train part, shuffled by ``seed``
+    (collective). Asking for more than one pass over the data holds is an error."""
+    dataset = corpus.dataset(tokenizer, seq_len=seq_len, seed=seed, part="train", num_samples=samples, exact=True,
+                             progress=progress)
+    return dataset.take(samples)
+
+
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, samples: int = 1024, seq_len: int = 512,
                        micro_batch: int = 4, batch_agg: str = "l2", seq_agg: str = "mean",
                        neuron_activation: str = "post", layer_samples: int | None = None,
                        drop_blocks: Sequence[int] = (), seed: int = 1234, tp: int = 1, pp: int = 1,
-                       dtype: str | torch.dtype | None = None, progress: bool = True) -> ImportanceScores:
+                       dtype: str | torch.dtype | None = None, split: str | None = None,
+                       data_cache: str | None = None, progress: bool = True) -> ImportanceScores:
     """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores."""
     from tqdm import tqdm
 
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
     from nemo_minitron.importance.plots import write_plots
@@ -91,7 +102,6 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     # ---- everything the user gave is checked before any work
     info = read_info(checkpoint)
     desc = info.description
-    specs = parse_data_specs(data)
     out_path = check_new_output(out)
     _check_choice(batch_agg, AGGREGATIONS, "--batch-agg")
     _check_choice(seq_agg, AGGREGATIONS, "--seq-agg")
@@ -110,11 +120,13 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     dp = check_world_size(tp, pp)
     require(samples >= dp, f"--samples {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
-    calibration = load_samples(specs, tokenizer, seq_len, num_samples=samples, seed=seed, vocab_size=desc.vocab_size)
+    corpus = check_corpus(data, vocab_size=desc.vocab_size, split=split, cache_dir=data_cache, tokenizer=tokenizer)
 
     # ---- work
     start = time.time()
     init_distributed(tp, pp, seed)
+    calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
+                                      progress=progress)
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples)",
              checkpoint, samples, seq_len, seq_agg, batch_agg)
@@ -137,7 +149,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     summary = {
         "model": desc.fingerprint(),
         "checkpoint": str(checkpoint),
-        "settings": {"data": list(data), "samples": samples, "seq_len": seq_len, "micro_batch": micro_batch,
+        "settings": {"data": corpus.blend.label, "split": split, "samples": samples, "seq_len": seq_len, "micro_batch": micro_batch,
                      "seq_agg": seq_agg, "batch_agg": batch_agg, "neuron_activation": neuron_activation,
                      "layer_samples": layer_samples, "drop_blocks": list(drop_blocks), "seed": seed,
                      "tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},

@@ -19,5 +19,5 @@ def main(args) -> int:
                        micro_batch=args.micro_batch, batch_agg=args.batch_agg, seq_agg=args.seq_agg,
                        neuron_activation=args.neuron_activation, layer_samples=args.layer_samples,
                        drop_blocks=_block_sizes(args.drop_blocks), seed=args.seed, tp=args.tp, pp=args.pp,
-                       dtype=args.dtype)
+                       dtype=args.dtype, split=args.split, data_cache=args.data_cache)
     return 0

@@ -38,11 +38,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``--data`` values for each use (e.g. ``[builtin:train]``, Megatron prefixes, JSONL files)."""
+    """The data of each use, each a blend: a list of sources (``[builtin:train]``, Megatron
+    prefixes, text/JSONL files or folders), Megatron's blend syntax (``[0.7, /data/a, 0.3,
+    /data/b]`` or the same as one string), or a list of ``{weight: 0.7, path: /data/a}``."""
 
-    calib: list[str] = MISSING
-    train: list[str] = MISSING
-    heldout: list[str] = MISSING
+    calib: Any = MISSING
+    train: Any = MISSING
+    #: held-out data, read whole; may be left out when ``split`` has a validation part
+    heldout: Any = None
+    #: Megatron's split of every source's documents, e.g. "99,1,0": calibration and
+    #: training read the first part; without ``heldout``, evaluation reads the second.
+    split: Optional[str] = None
+    #: tokenised text and sample indices (default $NEMO_MINITRON_DATA_CACHE or
+    #: ~/.cache/nemo_minitron/data); must be visible to every node
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -212,9 +221,18 @@ def validate(recipe: Recipe) -> None:
         _choice(recipe.model.dtype, DTYPES, "model.dtype")
     _positive(recipe.parallel.tp, "parallel.tp")
     _positive(recipe.parallel.pp, "parallel.pp")
-    for split in ("calib", "train", "heldout"):
-        specs = getattr(recipe.data, split)
-        require(specs and all(s not in ("", "???") for s in specs), f"recipe key 'data.{split}' must be set")
+    from nemo_minitron.data.blend import blend_words, split_fractions
+
+    fractions = split_fractions(recipe.data.split, "data.split")
+    for use in ("calib", "train", "heldout"):
+        value = getattr(recipe.data, use)
+        if use == "heldout" and value is None:
+            require(fractions is not None and fractions[1] > 0, "recipe key 'data.heldout' must be set, or "
+                                                                "'data.split' given a validation part (e.g. 99,1,0)")
+            continue
+        blend_words(value, f"data.{use}")
+    if fractions is not None:
+        require(fractions[0] > 0, f"recipe key 'data.split' ({recipe.data.split}) leaves no training part")
     if recipe.teacher_correction.enabled:
         _validate_training(recipe.teacher_correction, "teacher_correction")
     require(len(recipe.rounds) >= 1, "recipe key 'rounds' needs at least one round")

@@ -34,14 +34,15 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
 
 def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
+    from nemo_minitron.pipeline.run import data_corpus
 
     cfg = recipe.report
     first = models[0][1]
-    specs = parse_data_specs(recipe.data.heldout, flag="data.heldout")
-    samples = load_samples(specs, load_tokenizer(first), cfg.seq_len, vocab_size=read_info(first).description.vocab_size)
-    samples = samples[: cfg.eval_samples]
+    tokenizer = load_tokenizer(first)
+    kwargs = dict(vocab_size=read_info(first).description.vocab_size, tokenizer=tokenizer)
+    corpus = data_corpus(recipe, "heldout", **kwargs) or data_corpus(recipe, "train", **kwargs)
+    samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=recipe.seed, part="valid").first(cfg.eval_samples)
     rows = []
     for name, path in models:
         model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype"))

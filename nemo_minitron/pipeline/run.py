@@ -92,18 +92,30 @@ class RunPaths:
 
 
 # -------------------------------------------------------------------- validation
+def data_corpus(recipe: Recipe, use: str, **kwargs):
+    """The checked corpus of ``data.<use>`` (calib, train, heldout); None for a left-out
+    heldout (the validation part of ``train`` is read instead)."""
+    from nemo_minitron.data.dataset import check_corpus
+
+    value = getattr(recipe.data, use)
+    if value is None:
+        return None
+    return check_corpus(value, flag=f"data.{use}", split=None if use == "heldout" else recipe.data.split,
+                        split_flag="data.split", cache_dir=recipe.data.cache_dir, cache_flag="data.cache_dir",
+                        **kwargs)
+
+
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
     from nemo_minitron.checkpoint.api import describe_model
-    from nemo_minitron.data.samples import parse_data_specs
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
-    for split in ("calib", "train", "heldout"):
-        parse_data_specs(getattr(recipe.data, split), flag=f"data.{split}")
+    for use in ("calib", "train", "heldout"):
+        data_corpus(recipe, use, vocab_size=desc.vocab_size)
     tp, pp = recipe.parallel.tp, recipe.parallel.pp
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
@@ -148,7 +160,8 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
             from nemo_minitron.distill.api import finetune
 
             return finetune(str(paths.input_checkpoint()), data.train, str(out), eval_data=data.heldout,
-                            tp=tp, pp=pp, dtype=recipe.dtype, seed=seed, **_training_kwargs(tc))
+                            tp=tp, pp=pp, dtype=recipe.dtype, seed=seed, **_data_kwargs(recipe),
+                            **_training_kwargs(tc))
         stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct))
 
     for i, rnd in enumerate(recipe.rounds):
@@ -179,6 +192,10 @@ def _training_kwargs(cfg) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
+def _data_kwargs(recipe: Recipe) -> dict[str, Any]:
+    return {"split": recipe.data.split, "data_cache": recipe.data.cache_dir}
+
+
 def _distill_done(path: Path) -> bool:
     return (path / "summary.json").is_file() and (path / "final").is_dir()
 
@@ -194,7 +211,7 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
                                     seq_len=imp.seq_len, micro_batch=imp.micro_batch, batch_agg=imp.batch_agg,
                                     seq_agg=imp.seq_agg, neuron_activation=imp.neuron_activation,
                                     layer_samples=imp.layer_samples, drop_blocks=list(imp.drop_blocks),
-                                    seed=seed, tp=tp, pp=pp, dtype=recipe.dtype)
+                                    seed=seed, tp=tp, pp=pp, dtype=recipe.dtype, **_data_kwargs(recipe))
         return {"tokens": int(scores.summary.get("tokens", 0))}
 
     def prune(out: Path) -> dict:
@@ -214,7 +231,7 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
                    tp=tp, pp=pp, dtype=recipe.dtype, seed=seed, kd_temperature=d.kd_temperature,
                    kd_loss=d.kd_loss, kd_top_k=d.kd_top_k, kd_weight=d.kd_weight, ce_weight=d.ce_weight,
                    kd_pairs=list(d.kd_pairs), kd_pair_loss=d.kd_pair_loss, kd_pair_weight=d.kd_pair_weight,
-                   logit_chunk=d.logit_chunk, **_training_kwargs(d))
+                   logit_chunk=d.logit_chunk, **_data_kwargs(recipe), **_training_kwargs(d))
 
     from nemo_minitron.checkpoint.store import is_checkpoint
 
