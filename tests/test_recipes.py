@@ -108,3 +108,33 @@ def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
     assert "NCCL" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
     with pytest.raises(UsageError, match="multiple of the recipe's tp x pp"):
         slurm.render(str(ROOT / "recipes" / "mistral-nemo-12b-8b.yaml"), DATA, nodes=1, gpus_per_node=2)
+
+
+# Megatron's blend syntax in each recipe form, and a split that leaves out data.heldout
+BLENDS = ["data.calib=0.7 /data/a_text_document 0.3 /data/b_text_document",
+          "data.train=[{weight: 0.7, path: /data/a_text_document}, {weight: 0.3, path: /data/b_text_document}]",
+          "data.heldout=null", "data.split=99,1,0"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_with_blends(path):
+    from nemo_minitron.data.blend import blend_words
+
+    recipe = load_recipe(path, BLENDS)
+    assert blend_words(recipe.data.calib) == blend_words(recipe.data.train) == [
+        (0.7, "/data/a_text_document"), (0.3, "/data/b_text_document")]
+    assert recipe.data.heldout is None and recipe.data.split == "99,1,0"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.train=0.7 /data/a 0.3", "pairs of weight and source"),
+    ("data.train=[{weight: -1, path: /data/a}]", "must be > 0"),
+    ("data.split=99;1", "does not parse"),
+    ("data.split=0,1,0", "leaves no training part"),
+])
+def test_bad_recipe_blends_name_the_key(override, words):
+    recipe = RECIPES[0]
+    with pytest.raises(UsageError, match=words):
+        load_recipe(recipe, [*DATA, override])
+    with pytest.raises(UsageError, match="data.heldout"):
+        load_recipe(recipe, [*DATA, "data.heldout=null"])
