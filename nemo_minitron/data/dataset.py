@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -142,18 +143,27 @@ class Corpus:
             raise RuntimeError("rank 0 failed to tokenise the data (see its log)")
         return prefixes
 
-    def _part_tokens(self, header: IndexHeader, part: str) -> int:
-        """Tokens of the sequences in ``part``, using megatron-core's own document split."""
-        if self.fractions is None:
-            return header.tokens()
-        i = PARTS.index(part)
-        edges = np.cumsum([0.0, *self.fractions])
-        first = int(round(edges[i] * header.sequences))
-        last = int(round(edges[i + 1] * header.sequences))
+    def _split_matrix(self) -> list:
+        """megatron-core's bounds of each part (fractions of the documents), from its own parser."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
+
+        return convert_split_vector_to_split_matrix(parse_and_normalize_split(self._split_string()))
+
+    def _part_tokens(self, header: IndexHeader, index: int) -> int:
+        """Tokens of the sequences in part ``index``, split as megatron-core splits them."""
+        bounds = self._split_matrix()[index]
+        if bounds is None:
+            return 0
+        first = int(round(bounds[0] * float(header.sequences)))
+        last = int(round(bounds[1] * float(header.sequences)))
         return header.tokens(first, last)
 
     def _split_string(self) -> str:
-        return "1,0,0" if self.fractions is None else ",".join(repr(f) for f in self.fractions)
+        # fixed-point: megatron-core parses the string with the regex [.0-9]+ (no exponents)
+        return "1,0,0" if self.fractions is None else ",".join(f"{f:.12f}" for f in self.fractions)
 
     # ------------------------------------------------------------------ the data set
     def dataset(self, tokenizer, *, seq_len: int, seed: int, part: str = "train", num_samples: int | None = None,
@@ -170,9 +180,10 @@ class Corpus:
         require(seq_len >= 1, f"--seq-len must be >= 1 (got {seq_len})")
         require(self.has_part(part), f"{self.split_flag} {self.split} leaves no {'validation' if part == 'valid' else part} "
                                      f"part of {self.flag} to read")
+        index = PARTS.index(part) if self.fractions is not None else 0  # no split: all of it is "train"
         prefixes = self._prefixes(tokenizer, progress)
         headers = [IndexHeader(p, self.flag) for p in prefixes]
-        part_tokens = [self._part_tokens(h, part) for h in headers]
+        part_tokens = [self._part_tokens(h, index) for h in headers]
         one_pass = [max(0, (t - 1) // seq_len) for t in part_tokens]  # Megatron drops the last partial sample
         where = "" if self.fractions is None else f" in the {part} part ({self.split_flag} {self.split})"
         for item, tokens, samples in zip(self.blend.items, part_tokens, one_pass):
@@ -189,7 +200,6 @@ class Corpus:
             # Megatron needs weights to draw a given number of samples; without the user's,
             # sources are mixed in proportion to their tokens.
             weights = [i.weight for i in self.blend.items] if self.blend.weighted else [float(t) for t in part_tokens]
-        index = PARTS.index(part) if self.fractions is not None else 0  # no split: all of it is "train"
         sizes = [None] * 3
         if weights is not None:
             sizes = [0] * 3
@@ -213,13 +223,17 @@ class Corpus:
         if not complete:
             log.info("building the sample index of %s (%d samples of %d tokens) in %s", self.blend.label,
                      num_samples or sum(one_pass), seq_len + 1, directory)
+        started = time.time()
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
         if not complete:
             barrier()
             if is_rank0():
                 self.cache.mark_complete(Path(directory))
             barrier()
-        return TokenDataset(built, seq_len, num_samples)
+        dataset = TokenDataset(built, seq_len, num_samples)
+        log.info("data: %d samples of %d tokens from %s%s (sample index %s in %.2f s)", len(dataset), seq_len + 1,
+                 self.blend.label, where, "loaded" if complete else "built", time.time() - started)
+        return dataset
 
 
 def _megatron_version() -> str:

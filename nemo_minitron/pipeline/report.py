@@ -151,10 +151,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _heldout_label(recipe) -> str:
+    from nemo_minitron.data.blend import blend_words
+
+    if recipe.data.heldout is None:
+        words = blend_words(recipe.data.train, "data.train")
+        return f"the validation part (data.split {recipe.data.split}) of {_words_label(words)}"
+    return _words_label(blend_words(recipe.data.heldout, "data.heldout"))
+
+
+def _words_label(words) -> str:
+    return ", ".join(f"{w[0]:g} x {w[1]}" if isinstance(w, tuple) else w for w in words)
+
+
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
-             f"Held-out data: {', '.join(recipe.data.heldout)} ({rows[0]['heldout_tokens']} tokens, "
+             f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
              f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}.", "",
              "| model | parameters | FLOPs/token | KV cache bytes/token | held-out loss | perplexity | vs. teacher |",
              "|---|---|---|---|---|---|---|"]
