@@ -81,16 +81,22 @@ def test_overrides_apply():
     assert recipe.data.train == ["a.txt", "b.jsonl"]
 
 
-def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
+def _slurm():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("slurm_launcher", ROOT / "launchers" / "slurm.py")
     slurm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(slurm)
+    return slurm
+
+
+def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
+    slurm = _slurm()
     recipe = ROOT / "recipes" / "llama3.1-8b-4b-width.yaml"
     text = slurm.render(str(recipe), DATA, nodes=2, gpus_per_node=8, account="acct", partition="batch",
                         container_image="nvcr.io/nvidia/pytorch:25.09-py3", container_mounts="/lustre:/lustre",
-                        setup="pip install -e .")
+                        setup="pip install -e .",
+                        model_config=str(ROOT / "tests" / "data" / "hf_configs" / "meta-llama__Llama-3.1-8B.json"))
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--account=acct",
@@ -102,8 +108,11 @@ def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
     for part in ("--ntasks-per-node=1", "--container-image=nvcr.io/nvidia/pytorch:25.09-py3",
                  "--container-mounts=/lustre:/lustre", "torchrun --nnodes=$SLURM_NNODES", "--nproc-per-node=8",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID",
-                 "-m nemo_minitron run", str(recipe), "pip install -e . && torchrun"):
+                 "-m nemo_minitron run", str(recipe), 'trap "" USR1; pip install -e . && exec torchrun'):
         assert part in srun, part
+    # Slurm warns with SIGUSR1 before the time limit; an unfinished run requeues itself
+    assert "#SBATCH --signal=USR1@600" in lines and "#SBATCH --requeue" in lines
+    assert lines.index(srun) < lines.index('    scontrol requeue "$SLURM_JOB_ID"')
     assert "tp=2 pp=1 dp=8" in text and "2 nodes x 8 GPUs = 16 ranks" in text
     assert "NCCL" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
     with pytest.raises(UsageError, match="multiple of the recipe's tp x pp"):
@@ -138,3 +147,23 @@ def test_bad_recipe_blends_name_the_key(override, words):
         load_recipe(recipe, [*DATA, override])
     with pytest.raises(UsageError, match="data.heldout"):
         load_recipe(recipe, [*DATA, "data.heldout=null"])
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "smollm2" not in p.name], ids=lambda p: p.stem)
+def test_slurm_time_limit_reaches_every_first_checkpoint(path):
+    """With the launcher's default --time, every training stage of a published recipe
+    checkpoints before Slurm's warning, on one node of 8 GPUs; a save interval too long
+    for the time limit is refused, naming the key."""
+    slurm = _slurm()
+    recipe = load_recipe(path, DATA)
+    config = str(ROOT / "tests" / "data" / "hf_configs" / f"{recipe.model.source.replace('/', '__')}.json")
+    text = slurm.render(str(path), DATA, nodes=1, gpus_per_node=8, model_config=config)
+    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU): teacher_correction step 50" in text
+    # FLOPs of 50 steps written out: 1152 (or 768) sequences x 8192 tokens x (3 student + 1 teacher forwards)
+    desc = _source_description(recipe.model.source)
+    seconds = 50 * recipe.rounds[0].distill.global_batch * 8192 * 4 * desc.flops_per_token(8192) / (8 * 400e12)
+    assert seconds < slurm.parse_time("04:00:00") - 600  # the student is smaller: this bounds the distillation
+    with pytest.raises(UsageError, match=r"rounds\.0\.distill\.save_every"):
+        slurm.render(str(path), [*DATA, "rounds.0.distill.save_every=1000"], nodes=1, gpus_per_node=8,
+                     model_config=config)
+    assert slurm.parse_time("1-12:00:00") == 36 * 3600 and slurm.parse_time("90") == 90 * 60
