@@ -25,7 +25,7 @@ from nemo_minitron.errors import require
 
 log = logging.getLogger("nemo_minitron")
 
-BATCH_DOCUMENTS = 64  # documents per tokenizer call (and per message to a worker)
+BATCH_DOCUMENTS = 256  # documents per tokenizer call (and per message to a worker)
 
 _worker_tokenizer = None
 
@@ -58,8 +58,9 @@ def _encoded(docs: Iterable[str], tokenizer, workers: int) -> Iterator[tuple[lis
         for batch in _batches(docs):
             yield encode(tokenizer, batch), sum(len(d.encode("utf-8", "ignore")) for d in batch)
         return
-    # spawn: a fresh interpreter per worker (fork after a Rust tokenizer has run threads can hang)
-    ctx = multiprocessing.get_context("spawn")
+    # fork starts workers at once (Hugging Face tokenizers turn their own threads off in a
+    # forked child); spawn where fork does not exist
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         yield from pool.imap(_encode_in_worker, _batches(docs), chunksize=1)
 

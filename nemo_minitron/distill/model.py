@@ -97,6 +97,9 @@ class DistillationModel(torch.nn.Module):
         # auto balance: weight of each pair = last step's logit loss / its loss (1 at first)
         self.register_buffer("pair_weights", torch.ones(len(self.pairs), dtype=torch.float64), persistent=False)
         self.num_microbatches = 1
+        # float16 training: the schedule multiplies the last stage's loss by the optimizer's
+        # loss scale; a pair loss entering backward here must be scaled alike
+        self.loss_scale = 1.0
         self.input_tensor: torch.Tensor | None = None
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         self.step_pair_losses = torch.zeros(len(self.pairs), dtype=torch.float64)
@@ -207,8 +210,9 @@ class DistillationModel(torch.nn.Module):
         if out.shape[-1] < self.width:
             out = torch.nn.functional.pad(out, (0, self.width - out.shape[-1]))
         if pair_losses:
-            # the last stage divides its loss by the number of micro-batches; match it
-            out = _AddAuxLoss.apply(out, weighted, 1.0 / self.num_microbatches)
+            # the last stage divides its loss by the number of micro-batches (and multiplies
+            # it by the loss scale); match it
+            out = _AddAuxLoss.apply(out, weighted, self.loss_scale / self.num_microbatches)
         return out
 
     def adjust_tensor_shapes(self, recv_shapes, send_shapes):
