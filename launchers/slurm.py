@@ -82,6 +82,7 @@ def _source_description(source: str, model_config: str | None):
 
 def first_checkpoints(recipe, input_desc, world: int, tflops_per_gpu: float) -> list[tuple[str, int, float]]:
     """(recipe key, steps to the first checkpoint, estimated seconds) of every training stage."""
+    from nemo_minitron.config import recipe_names
     from nemo_minitron.distill.metrics import training_flops_per_token
     from nemo_minitron.prune.api import planned_description
 
@@ -91,9 +92,8 @@ def first_checkpoints(recipe, input_desc, world: int, tflops_per_gpu: float) -> 
     teacher, previous = input_desc, input_desc
     for i, rnd in enumerate(recipe.rounds):
         pr = rnd.prune
-        student = planned_description(previous, target=pr.target or None, target_params=pr.target_params,
-                                      tp=recipe.parallel.tp, pp=recipe.parallel.pp, max_width_cut=pr.max_width_cut,
-                                      max_depth_cut=pr.max_depth_cut, flag=f"rounds.{i}.prune")
+        student = planned_description(previous, pr, tp=recipe.parallel.tp, pp=recipe.parallel.pp,
+                                      names=recipe_names(f"rounds.{i}.prune"))
         stages.append((f"rounds.{i}.distill", rnd.distill, student, teacher if rnd.distill.teacher == "original"
                        else previous))
         previous = student
@@ -133,8 +133,8 @@ def render(recipe_path: str, overrides: list[str], *, nodes: int, gpus_per_node:
         for key, steps, seconds in checks:
             require(seconds <= limit - signal_seconds,
                     f"--time {time}: the first checkpoint of {key} ({steps} steps) needs about {seconds / 3600:.1f} h "
-                    f"at {tflops_per_gpu:g} TFLOP/s per GPU, after the time-limit warning {signal_seconds} s "
-                    f"before the end; lower {key}.save_every or raise --time")
+                    f"at {tflops_per_gpu:g} TFLOP/s per GPU, but Slurm's warning comes after "
+                    f"{(limit - signal_seconds) / 3600:.1f} h; lower {key}.save_every or raise --time")
         estimate = "first checkpoints (estimated at %g TFLOP/s per GPU): %s" % (tflops_per_gpu, ", ".join(
             f"{key} step {steps} after ~{seconds / 60:.0f} min" for key, steps, seconds in checks))
     name = job_name or f"minitron-{recipe.name}"

@@ -18,155 +18,165 @@ from typing import Sequence
 
 from nemo_minitron.errors import UsageError
 
-AGGREGATIONS = ("mean", "l2", "var")
+EXAMPLES = """examples:
+  nemo-minitron convert --hf smollm2-135m --out ckpt
+  nemo-minitron importance ckpt --data builtin:calib --out imp --samples 64 --seq-len 256
+  nemo-minitron plan ckpt --target-params 90M
+  nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6
+  nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40
+  nemo-minitron export distilled/final --hf-out hf --verify
+  nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20
+  torchrun --nproc-per-node 8 $(which nemo-minitron) importance ckpt --tp 2 --data /data/corpus_text_document --out imp
+"""
 
 
-def _parallel(p: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
-    g = p.add_argument_group("parallelism and precision")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
-    g.add_argument("--dtype", default=dtype_default, help="float32, bfloat16 or float16"
-                   + (f" (default {dtype_default})" if dtype_default else " (default: as stored)"))
-    g.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+def _runtime(p: argparse.ArgumentParser, *, dtype_help: str | None = None) -> None:
+    """--tp, --pp, --seed, --dtype: from the runtime's config dataclasses."""
+    from nemo_minitron.config import add_flags
+    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+
+    add_flags(p, ParallelConfig, title="parallelism (data parallel = world size / (tp x pp))")
+    group = add_flags(p, RunConfig, title="precision and seed")
+    if dtype_help:
+        for action in group._group_actions:
+            if action.dest == "dtype":
+                action.help = dtype_help
 
 
-def _data(p: argparse.ArgumentParser, what: str = "PATH") -> None:
-    p.add_argument("--data", nargs="+", required=True, metavar=what,
-                   help="sources (Megatron prefixes, text/JSONL files or folders, builtin:train|calib|heldout), "
-                        "or Megatron's blend: WEIGHT PREFIX WEIGHT PREFIX ...")
-    p.add_argument("--split", default=None, metavar="S", help="train,validation,test shares of every source's "
-                   "documents (Megatron's split, e.g. 99,1,0): training and calibration read the first part, "
-                   "evaluation the second (default: every use reads all of --data)")
-    p.add_argument("--data-cache", default=None, metavar="DIR", help="where tokenised text and sample indices are "
-                   "cached, on a file system every rank sees (default $NEMO_MINITRON_DATA_CACHE or "
-                   "~/.cache/nemo_minitron/data)")
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``nemo-minitron CMD: error: ...``), exit status 2, like
+    every other input error; ``--help`` shows the rest."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import re
+
+        choice = re.fullmatch(r"argument ([^:]+): invalid choice: (.+) \(choose from (.+)\)", message)
+        if choice:  # the same words as every other bad value
+            flag, value, allowed = choice.groups()
+            message = f"{flag.split('/')[0]} must be one of {allowed.replace(chr(39), '')} (got {value})"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _sub(sub, name: str, help: str, handler: str, example: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help + ".", epilog=f"example:\n  {example}" if example else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    """--data, --split, --data-cache."""
+    from nemo_minitron.config import add_flags
+    from nemo_minitron.data.config import DataOptions
+
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    add_flags(p, DataOptions, title="data")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from nemo_minitron import __version__
+    from nemo_minitron.config import add_flags
+    from nemo_minitron.distill.config import DistillConfig
+    from nemo_minitron.eval_config import EvalConfig
+    from nemo_minitron.importance.config import ImportanceConfig
+    from nemo_minitron.prune.config import PlanConfig, PruneConfig
+
+    parser = _Parser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("convert", help="Hugging Face directory, .gguf or alias -> project checkpoint")
-    p.add_argument("--hf", required=True, metavar="SRC", help="HF model directory, .gguf file, or 'smollm2-135m'")
+    p = _sub(sub, "convert", "Hugging Face directory, .gguf or alias -> project checkpoint",
+             "nemo_minitron.commands:convert", "nemo-minitron convert --hf smollm2-135m --out ckpt")
+    p.add_argument("--hf", required=True, metavar="SRC", help="HF model directory, .gguf file, Hub id, or the "
+                                                              "alias smollm2-135m")
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
-    _parallel(p)
-    p.set_defaults(handler="nemo_minitron.commands:convert")
+    _runtime(p, dtype_help="dtype of the stored weights [default: as in the source]")
 
-    p = sub.add_parser("export", help="project checkpoint -> Hugging Face directory")
+    p = _sub(sub, "export", "project checkpoint -> Hugging Face directory", "nemo_minitron.commands:export",
+             "nemo-minitron export distilled/final --hf-out hf --verify")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--hf-out", required=True, metavar="DIR", help="new HF model directory (must not exist)")
     p.add_argument("--verify", action="store_true", help="reload with transformers and compare logits")
-    _parallel(p)
-    p.set_defaults(handler="nemo_minitron.commands:export")
+    _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
 
-    p = sub.add_parser("eval", help="held-out loss and perplexity of a model")
+    p = _sub(sub, "eval", "held-out loss and perplexity of a model", "nemo_minitron.commands:evaluate",
+             "nemo-minitron eval distilled/final --data builtin:heldout --seq-len 512")
     p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf or alias")
     _data(p)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    p.add_argument("--micro-batch", type=int, default=4)
+    add_flags(p, EvalConfig, title="evaluation")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
-    _parallel(p)
-    p.set_defaults(handler="nemo_minitron.commands:evaluate")
+    _runtime(p)
 
-    p = sub.add_parser("importance", help="rank heads, query groups, neurons, channels and layers")
+    p = _sub(sub, "importance", "rank heads, query groups, neurons, channels and layers",
+             "nemo_minitron.importance.command:main",
+             "nemo-minitron importance ckpt --data builtin:calib --out imp --samples 64 --seq-len 256")
     p.add_argument("checkpoint", metavar="CKPT")
     _data(p)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--samples", type=int, default=1024, help="calibration samples (default 1024)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--batch-agg", default="l2", help="aggregation over samples: mean, l2, var (default l2)")
-    p.add_argument("--seq-agg", default="mean", help="aggregation over the sequence: mean, l2, var (default mean)")
-    p.add_argument("--neuron-activation", default="post", help="post (input of the 2nd MLP linear, default) or "
-                                                               "pre (the paper's X.W1 pre-activation)")
-    p.add_argument("--layer-samples", type=int, default=None,
-                   help="samples for the loss-drop layer scores (default: all calibration samples)")
-    p.add_argument("--drop-blocks", default="", help="comma-separated block sizes k for the best contiguous "
-                                                     "k-layer block to drop (e.g. 4,8)")
-    _parallel(p)
-    p.set_defaults(handler="nemo_minitron.importance.command:main")
+    p.add_argument("--out", required=True, metavar="DIR", help="new importance directory (must not exist)")
+    add_flags(p, ImportanceConfig, title="importance")
+    _runtime(p)
 
-    p = sub.add_parser("plan", help="candidate pruned architectures for a parameter budget")
-    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf, alias or a config.json")
-    p.add_argument("--target-params", required=True, help="budget, e.g. 90M, 4.5B")
-    p.add_argument("--tolerance", type=float, default=0.05, help="accepted relative distance to the budget")
-    p.add_argument("--max-width-cut", type=float, default=0.5, help="largest fraction of any width to remove")
-    p.add_argument("--max-depth-cut", type=float, default=0.5, help="largest fraction of layers to remove")
-    p.add_argument("--prefer", default="width", help="width (default, as the paper advises) or depth")
-    p.add_argument("--top", type=int, default=10, help="rows to print")
-    p.add_argument("--json", metavar="OUT")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.set_defaults(handler="nemo_minitron.prune.command:plan_main")
+    p = _sub(sub, "plan", "candidate pruned architectures for a parameter budget", "nemo_minitron.prune.command:plan_main",
+             "nemo-minitron plan meta-llama__Llama-3.1-8B/config.json --target-params 4.5B")
+    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory (config.json is enough), .gguf, alias "
+                                                  "or a config.json")
+    p.add_argument("--target-params", required=True, metavar="N", help="budget, e.g. 90M, 4.5B")
+    add_flags(p, PlanConfig, title="planner")
+    p.add_argument("--top", type=int, default=10, help="rows to print [default: 10]")
+    p.add_argument("--json", metavar="OUT", help="also write the candidates as JSON")
+    from nemo_minitron.runtime.config import ParallelConfig
 
-    p = sub.add_parser("prune", help="prune a checkpoint to a target architecture")
+    add_flags(p, ParallelConfig, title="parallelism the candidates must fit")
+
+    p = _sub(sub, "prune", "prune a checkpoint to a target architecture", "nemo_minitron.prune.command:prune_main",
+             "nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6")
     p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--importance", required=True, metavar="DIR")
-    p.add_argument("--out", required=True, metavar="CKPT2")
-    t = p.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target", help="e.g. hidden=480,ffn=1024,heads=6,query_groups=3,layers=24 (any subset)")
-    t.add_argument("--target-params", help="parameter budget, e.g. 90M (uses the planner's first candidate)")
-    p.add_argument("--order", default="importance", help="what to keep: importance (default), or the "
-                                                         "baselines magnitude (weight norms) and random (--seed)")
-    p.add_argument("--layer-metric", default="contiguous",
-                   help="layers to drop: contiguous (default; the best block recorded by importance --drop-blocks), "
-                        "loss (least loss increase), block (lowest Block Importance), or the list, e.g. 3,7,9")
-    p.add_argument("--max-width-cut", type=float, default=0.5, help="with --target-params: as for plan")
-    p.add_argument("--max-depth-cut", type=float, default=0.5, help="with --target-params: as for plan")
-    p.add_argument("--prefer", default="width", help="with --target-params: width (default) or depth")
-    _parallel(p)
-    p.set_defaults(handler="nemo_minitron.prune.command:prune_main")
+    p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
+    p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
+    add_flags(p, PruneConfig, title="pruning (give --target or --target-params)")
+    _runtime(p, dtype_help="dtype of the saved checkpoint [default: as stored]")
 
-    p = sub.add_parser("distill", help="knowledge distillation of a student from a teacher")
+    p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
+             "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
     p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint, or none for plain "
                    "cross-entropy fine-tuning (the baseline, and teacher correction)")
     p.add_argument("--student", required=True, metavar="CKPT")
     _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
-                   help="held-out data, read whole (default: the validation part of --data under --split, "
-                        "else builtin:heldout)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--kd-loss", default="forward", help="forward (KL(teacher||student), default) or reverse")
-    p.add_argument("--kd-top-k", type=int, default=None, help="keep only the teacher's top-k logits")
-    p.add_argument("--kd-weight", type=float, default=1.0)
-    p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--kd-pairs", default="", help="intermediate pairs 'student:teacher,...' e.g. 3:7,9:29")
-    p.add_argument("--kd-pair-loss", default="cosine", help="cosine (default) or mse")
-    p.add_argument("--kd-pair-weight", default="auto", help="auto (match the logit loss) or a number")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out eval every N steps (0: only at the end)")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--logit-chunk", type=int, default=1024, help="tokens per chunk of the logit loss")
-    _parallel(p, dtype_default=None)
-    p.set_defaults(handler="nemo_minitron.distill.command:main")
+                   help="held-out data, read whole [default: the validation part of --data under --split, "
+                        "else builtin:heldout]")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (a run with checkpoints there "
+                                                               "resumes)")
+    add_flags(p, DistillConfig, title="training and distillation")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
+    p.add_argument("--force", action="store_true", help="resume even though settings changed (the new ones apply "
+                                                        "from the resumed step)")
+    _runtime(p)
 
-    p = sub.add_parser("preprocess", help="text, JSONL or folders -> Megatron indexed data set (.bin/.idx)")
+    p = _sub(sub, "preprocess", "text, JSONL or folders -> Megatron indexed data set (PREFIX.bin/.idx)",
+             "nemo_minitron.data.command:preprocess_main",
+             "nemo-minitron preprocess --input corpus/ --model smollm2-135m --out corpus_text_document --workers 8")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="text files, folders, .jsonl files (a 'text' field per line) or builtin:*")
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.set_defaults(handler="nemo_minitron.data.command:preprocess_main")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes [default: 1]")
 
-    p = sub.add_parser("run", help="run a recipe: convert, importance, prune, distill, export, report")
+    p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",
+             "nemo_minitron.pipeline.run:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
     p.add_argument("recipe", metavar="RECIPE.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. distill.steps=20")
-    p.set_defaults(handler="nemo_minitron.pipeline.run:main")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rounds.0.distill.steps=20")
+    p.add_argument("--force", action="store_true", help="continue a run whose finished or in-progress stages were "
+                                                        "made with other settings (same as resume=force)")
     return parser
+
+
+DATA_HELP = ("sources: Megatron indexed data set prefixes (PREFIX.bin/.idx), text files or folders, JSONL with a "
+             "text field, builtin:calib|train|heldout; or Megatron's blend WEIGHT PREFIX WEIGHT PREFIX ...")
 
 
 def _report_error(command: str, message: str) -> None:
@@ -188,7 +198,10 @@ def _quiet_library_warnings() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_library_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return int(e.code or 0)
     module, func = args.handler.split(":")
     owns_process_group = not _process_group_exists()
     try:

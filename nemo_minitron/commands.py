@@ -13,6 +13,16 @@ from nemo_minitron.errors import require
 log = logging.getLogger("nemo_minitron")
 
 
+def runtime_options(args) -> dict:
+    """--tp, --pp, --seed, --dtype as keyword options of the stage APIs."""
+    return {k: getattr(args, k) for k in ("tp", "pp", "seed", "dtype") if hasattr(args, k)}
+
+
+def data_options(args) -> dict:
+    """--split, --data-cache as keyword options of the stage APIs."""
+    return {k: getattr(args, k) for k in ("split", "cache_dir") if hasattr(args, k)}
+
+
 def _dtype(args):
     return parse_dtype(args.dtype) if args.dtype else None
 
@@ -34,34 +44,40 @@ def export(args) -> int:
 
 def evaluate(args) -> int:
     from nemo_minitron.checkpoint.api import describe_model, open_model
+    from nemo_minitron.config import cli_names, from_args, to_dict, yaml_text
+    from nemo_minitron.data.config import DataOptions
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.data.preprocess import load_any_tokenizer
+    from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
+    cfg = from_args(EvalConfig, args)
+    data = from_args(DataOptions, args)
+    names = cli_names(DataOptions)
     dtype = _dtype(args)
-    require(args.seq_len >= 1, f"--seq-len must be >= 1 (got {args.seq_len})")
-    require(args.micro_batch >= 1, f"--micro-batch must be >= 1 (got {args.micro_batch})")
-    require(args.max_tokens is None or args.max_tokens >= args.seq_len,
-            f"--max-tokens {args.max_tokens} is less than one sample of --seq-len {args.seq_len}")
     if args.json:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
     tokenizer = load_any_tokenizer(args.model, "MODEL")
     # with --split, the validation part of the data: what training on the rest did not see
-    corpus = check_corpus(args.data, vocab_size=desc.vocab_size, split=args.split, cache_dir=args.data_cache,
-                          tokenizer=tokenizer)
+    corpus = check_corpus(args.data, vocab_size=desc.vocab_size, split=data.split, split_flag=names("split"),
+                          cache_dir=data.cache_dir, cache_flag=names("cache_dir"), tokenizer=tokenizer)
+    require(cfg.seq_len <= desc.max_position_embeddings,
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({desc.max_position_embeddings})")
     desc.check_layout(args.tp, args.pp)
     check_world_size(args.tp, args.pp)
     init_distributed(args.tp, args.pp, args.seed)
-    samples = corpus.dataset(tokenizer, seq_len=args.seq_len, seed=args.seed, part="valid")
-    if args.max_tokens is not None:
-        samples = samples.first(args.max_tokens // args.seq_len)
+    resolved = {"model": args.model, "data": corpus.blend.label, "dtype": args.dtype, **to_dict(data), **to_dict(cfg)}
+    if is_rank0():
+        log.info("eval config:\n%s", yaml_text(resolved).rstrip())
+    samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=args.seed, part="valid")
+    if cfg.max_tokens is not None:
+        samples = samples.first(cfg.max_tokens // cfg.seq_len)
     opened = open_model(args.model, dtype=dtype)
-    result = run(opened.model, desc.vocab_size, samples, micro_batch=args.micro_batch)
-    record = {"model": args.model, "data": corpus.blend.label, "split": args.split, "seq_len": args.seq_len,
-              **result.to_dict()}
+    result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
+    record = {**resolved, **result.to_dict()}
     if is_rank0():
         print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
               f"tokens {result.tokens}  samples {result.samples}")

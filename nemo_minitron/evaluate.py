@@ -25,7 +25,7 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(model, vocab_size: int, samples, micro_batch: int = 4) -> EvalResult:
+def evaluate(model, vocab_size: int, samples, micro_batch: int = 1) -> EvalResult:
     """Mean next-token loss over all tokens of ``samples``, a ``[N, s+1]`` tensor or a
     TokenDataset (read a chunk at a time); every rank gets the result."""
     from megatron.core import parallel_state as ps

@@ -6,6 +6,11 @@ import pytest
 import torch
 
 from tiny_models import TINY_CONFIGS, hf_logits
+from tolerances import log_softmax_sum, transformer_logits
+
+
+def widest(desc) -> int:
+    return max(desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads * desc.head_dim)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
@@ -23,7 +28,8 @@ def test_convert_load_export_roundtrip(kind, tiny_hf, tiny_checkpoint, tmp_path)
     opened = open_model(str(tiny_checkpoint(kind)))
     ours = full_logits(opened.model, tokens, opened.description.vocab_size)
     assert ours.shape == reference.shape
-    assert (ours - reference).abs().max().item() < 1e-4
+    desc = opened.description
+    assert (ours - reference).abs().max().item() <= transformer_logits(widest(desc), desc.num_layers, reference)
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
 
     out = export(str(tiny_checkpoint(kind)), str(tmp_path / "hf"))
@@ -32,7 +38,8 @@ def test_convert_load_export_roundtrip(kind, tiny_hf, tiny_checkpoint, tmp_path)
     assert sum(p.numel() for p in load_hf_model(hf_dir).parameters()) == opened.description.num_parameters()
     with torch.no_grad():
         again = reloaded(tokens).logits.float()
-    assert (again - reference).abs().max().item() < 1e-5
+    # the same library on the exported copies of the same float32 weights: the same arithmetic
+    assert torch.equal(again, reference)
 
 
 def test_vocab_padding_is_masked(tiny_hf, tiny_checkpoint):
@@ -49,7 +56,10 @@ def test_vocab_padding_is_masked(tiny_hf, tiny_checkpoint):
     logits = hf_logits(tiny_hf("llama"), samples[:, :-1])
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), samples[:, 1:].reshape(-1))
     assert result.tokens == 3 * 16
-    assert abs(result.loss - expected.item()) < 1e-5
+    # megatron float32 logits against HF's (a forward pass's rounding, logits below 2), then a
+    # log-softmax over the vocabulary
+    tol = log_softmax_sum(1000, 2.0) + 2 * transformer_logits(96, 4, logits)
+    assert abs(result.loss - expected.item()) <= tol
 
 
 @pytest.mark.smollm2
@@ -63,6 +73,8 @@ def test_smollm2_export_reloads_in_transformers(smollm2, tmp_path):
     reloaded = load_hf_model(out)
     with torch.no_grad():
         logits = reloaded(smollm2["tokens"]).logits.float()
-    assert (logits - smollm2["logits"]).abs().max().item() <= 1e-4
+    # transformers on the exported weights against transformers on the GGUF's: float32 copies of
+    # the same weights through the same library, up to reassembled fused tensors
+    assert (logits - smollm2["logits"]).abs().max().item() <= transformer_logits(1536, 30, smollm2["logits"])
     assert sum(p.numel() for p in reloaded.parameters()) == 134_515_008
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()

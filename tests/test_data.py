@@ -256,6 +256,6 @@ def test_bad_data_input_is_one_line_before_any_work(tiny_checkpoint, tmp_path, c
         (["--data", good, "--data-cache", not_a_dir / "cache"], "--data-cache"),
     ]
     for args, words in cases:
-        code, err = cli_in_process(capsys, "eval", ckpt, *args)
+        code, err = cli_in_process(capsys, "eval", ckpt, "--seq-len", "16", *args)
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import run_workers
 from tiny_models import hf_logits
+from tolerances import transformer_logits
 
 pytestmark = pytest.mark.multirank
 
@@ -32,9 +33,12 @@ def test_saved_at_tp2_loads_at_tp1_and_pp2(tiny_hf, tmp_path, runtime):
     opened = open_model(str(ckpt))
     at_tp1 = full_logits(opened.model, tokens, opened.description.vocab_size)
 
-    assert (at_tp2 - reference).abs().max().item() < 1e-4
+    # float32 forward passes of one model in another library or another split of the row-parallel
+    # sums (widest inner dimension 80, 5 layers)
+    tol = transformer_logits(80, 5, reference)
+    assert (at_tp2 - reference).abs().max().item() <= tol
     for other in (at_tp2, at_pp2):
-        assert (other - at_tp1).abs().max().item() < 1e-5
+        assert (other - at_tp1).abs().max().item() <= tol
         assert torch.equal(other.argmax(-1), at_tp1.argmax(-1))
 
 
@@ -55,7 +59,8 @@ def test_smollm2_logits_equal_huggingface(smollm2, tmp_path):
     results["tp3"] = _logits_at(tmp_path, "tp3", tokens, "--tp", "3", "--checkpoint", smollm2["checkpoint"], nproc=3)
     for name, logits in results.items():
         assert logits.shape == reference.shape, name
-        assert (logits - reference).abs().max().item() <= 1e-3, name
+        # megatron against transformers, float32, ffn 1536 wide, 30 layers
+        assert (logits - reference).abs().max().item() <= transformer_logits(1536, 30, reference), name
         assert torch.equal(logits.argmax(-1), reference.argmax(-1)), name
 
 
@@ -78,5 +83,5 @@ def test_smollm2_pruned_to_two_groups_at_tp2_equals_huggingface(smollm2, smollm2
     at_tp2 = _logits_at(tmp_path, "tp2", tokens, "--tp", "2", "--checkpoint", pruned)
     assert at_tp2.shape == reference.shape
     print(f"pruned SmolLM2 at TP=2 vs HF: max abs diff {(at_tp2 - reference).abs().max().item():.2e}")
-    assert (at_tp2 - reference).abs().max().item() <= 1e-3
+    assert (at_tp2 - reference).abs().max().item() <= transformer_logits(1536, 30, reference)
     assert torch.equal(at_tp2.argmax(-1), reference.argmax(-1))

@@ -16,9 +16,10 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_document]",
         "data.heldout=[/data/val_text_document]"]
 # Published parameter counts of the recipes' targets (Llama-3.1-Minitron 4B width and
-# depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B); None where no such model was published.
+# depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count);
+# None where no such model was published.
 PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
-               "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None}
+               "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None}
 
 
 def _source_description(source: str):
@@ -43,13 +44,15 @@ def test_recipe_validates_and_targets_published_size(path):
     else:
         desc = _source_description(recipe.model.source)
     for rnd in recipe.rounds:
-        desc = planned_description(desc, target=rnd.prune.target or None, target_params=rnd.prune.target_params,
-                                   tp=recipe.parallel.tp, pp=recipe.parallel.pp)
+        desc = planned_description(desc, rnd.prune, tp=recipe.parallel.tp, pp=recipe.parallel.pp)
     published = PUBLISHED_B[recipe.name]
     if published is not None:
         assert abs(desc.num_parameters() / 1e9 - published) < 0.05 * published
     if recipe.name == "smollm2-135m-to-90m":
         assert 80e6 < desc.num_parameters() < 95e6
+    if recipe.name == "nemotron-15b-8b":  # nvidia/Minitron-8B-Base's shape
+        assert (desc.architecture, desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads,
+                desc.num_query_groups, desc.head_dim, desc.num_layers) == ("nemotron", 4096, 16384, 48, 8, 128, 32)
 
 
 def test_cluster_recipes_need_only_data_paths():
@@ -158,11 +161,12 @@ def test_slurm_time_limit_reaches_every_first_checkpoint(path):
     recipe = load_recipe(path, DATA)
     config = str(ROOT / "tests" / "data" / "hf_configs" / f"{recipe.model.source.replace('/', '__')}.json")
     text = slurm.render(str(path), DATA, nodes=1, gpus_per_node=8, model_config=config)
-    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU): teacher_correction step 50" in text
-    # FLOPs of 50 steps written out: 1152 (or 768) sequences x 8192 tokens x (3 student + 1 teacher forwards)
-    desc = _source_description(recipe.model.source)
-    seconds = 50 * recipe.rounds[0].distill.global_batch * 8192 * 4 * desc.flops_per_token(8192) / (8 * 400e12)
-    assert seconds < slurm.parse_time("04:00:00") - 600  # the student is smaller: this bounds the distillation
+    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU):" in text and "rounds.0.distill step 50" in text
+    # FLOPs of 50 steps written out: batch x sequence x (3 student + 1 teacher forwards), bounded
+    # with the teacher's FLOPs per token for both (the student is smaller)
+    desc, d = _source_description(recipe.model.source), recipe.rounds[0].distill
+    seconds = 50 * d.global_batch * d.seq_len * 4 * desc.flops_per_token(d.seq_len) / (8 * 400e12)
+    assert seconds < slurm.parse_time("04:00:00") - 600
     with pytest.raises(UsageError, match=r"rounds\.0\.distill\.save_every"):
         slurm.render(str(path), [*DATA, "rounds.0.distill.save_every=1000"], nodes=1, gpus_per_node=8,
                      model_config=config)

@@ -36,6 +36,14 @@ TINY_CONFIGS = {
                                       tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)),
+    # QK-norm, explicit head_dim with heads x head_dim > hidden (as Qwen3 has), tied
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                                  use_sliding_window=False)),
+    # squared-ReLU MLP, LayerNorm1P with bias, RoPE on half of each head, head_dim != hidden/heads
+    "nemotron": ("NemotronConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                        partial_rotary_factor=0.5, tie_word_embeddings=False)),
 }
 
 
@@ -45,13 +53,15 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
 
     cls_name, kwargs = TINY_CONFIGS[kind]
     kwargs = {"vocab_size": TINY_VOCAB, **kwargs}
-    config = getattr(transformers, cls_name)(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **kwargs)
+    zero_centered = cls_name == "NemotronConfig"  # its norms store gamma - 1 (and name epsilon norm_eps)
+    kwargs[("norm_eps" if zero_centered else "rms_norm_eps")] = 1e-5
+    config = getattr(transformers, cls_name)(bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norms and biases, so that a mix-up of them cannot go unnoticed
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.copy_((0 if zero_centered else 1) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(directory), safe_serialization=True)

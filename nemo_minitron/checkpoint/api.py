@@ -23,6 +23,7 @@ from nemo_minitron.checkpoint.store import (
     read_info,
     save_checkpoint,
 )
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed
 
@@ -30,7 +31,7 @@ log = logging.getLogger("nemo_minitron")
 
 
 def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-            spec: str = "auto", seed: int = 1234) -> Path:
+            spec: str = "auto", seed: int = DEFAULT_SEED) -> Path:
     """Hugging Face directory / .gguf / alias -> project checkpoint at ``out``."""
     source = src if isinstance(src, Source) else resolve_source(src)
     src = source.label
@@ -80,11 +81,12 @@ def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto
 
 
 def export(ckpt: str, hf_out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-           seed: int = 1234, verify: bool = False) -> Path:
+           seed: int = DEFAULT_SEED, verify: bool = False) -> Path:
     """Project checkpoint -> Hugging Face model directory at ``hf_out``."""
-    from nemo_minitron.checkpoint.hf_export import export_hf
+    from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
 
     info = read_info(ckpt)
+    hf_config(info.description, dtype or DTYPES[info.dtype])  # transformers can hold this model
     out_path = check_new_output(hf_out, "--hf-out")
     info.description.check_layout(tp, pp)
     check_world_size(tp, pp)

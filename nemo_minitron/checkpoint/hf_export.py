@@ -4,10 +4,11 @@ by ``transformers.AutoModelForCausalLM`` with no custom code.
 
 Every pipeline stage writes the shards of its own layers (tensor-parallel slices are
 gathered per tensor), so no rank ever holds the whole model. The directory appears
-only when complete. Pruned shapes are handled: explicit ``head_dim``, any number of
-query groups and layers; if the installed transformers rejects a Llama config whose
-hidden size is not a multiple of the head count, the model is written as the
-numerically identical ``MistralForCausalLM`` (no sliding window) and the log says so.
+only when complete. Names and config keys come from the family's table
+(``checkpoint/hf_format.py``). Pruned shapes are handled: explicit ``head_dim``, any
+number of query groups and layers; if the installed transformers rejects a family's
+config for its shape, a family with a ``fallback`` (Llama -> Mistral) is written as
+that numerically identical family and the log says so.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.checkpoint.hf_format import canonical_to_hf
+from nemo_minitron.checkpoint.hf_format import canonical_to_hf, hf_config_dict
 from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
+from nemo_minitron.errors import require
+from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import gather, named_weights
 from nemo_minitron.runtime.distributed import is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
-_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
@@ -38,54 +40,21 @@ def hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
     """config.json contents, validated by the installed transformers' own config class."""
     import transformers
 
-    arch = desc.architecture
-    candidate = _config_dict(desc, arch, dtype)
+    fam = family(desc.architecture)
+    require(hasattr(transformers, fam.config_class), f"transformers {transformers.__version__} has no "
+                                                     f"{fam.config_class}: upgrade it to export a {fam.model_type} model")
+    candidate = {**hf_config_dict(desc), "torch_dtype": dtype_name(dtype)}
     try:
-        getattr(transformers, type_name(arch))(**candidate)
+        getattr(transformers, fam.config_class)(**candidate)
     except Exception as e:
-        if arch != "llama":
+        if fam.fallback is None:
             raise
-        log.warning("transformers %s rejects this Llama shape (%s); writing it as MistralForCausalLM, "
-                    "which computes the same function", transformers.__version__, str(e).strip().splitlines()[-1])
-        arch = "mistral"
-        candidate = _config_dict(desc, arch, dtype)
-        getattr(transformers, type_name(arch))(**candidate)
+        log.warning("transformers %s rejects this %s shape (%s); writing it as %s, which computes the same "
+                    "function", transformers.__version__, fam.hf_class, str(e).strip().splitlines()[-1],
+                    family(fam.fallback).hf_class)
+        candidate = {**hf_config_dict(desc, fam.fallback), "torch_dtype": dtype_name(dtype)}
+        getattr(transformers, family(fam.fallback).config_class)(**candidate)
     return candidate
-
-
-def type_name(arch: str) -> str:
-    return {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[arch]
-
-
-def _config_dict(desc: ModelDescription, arch: str, dtype: torch.dtype) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "architectures": [_CLASSES[arch]],
-        "model_type": arch,
-        "vocab_size": desc.vocab_size,
-        "hidden_size": desc.hidden_size,
-        "intermediate_size": desc.ffn_hidden_size,
-        "num_hidden_layers": desc.num_layers,
-        "num_attention_heads": desc.num_attention_heads,
-        "num_key_value_heads": desc.num_query_groups,
-        "head_dim": desc.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": desc.norm_eps,
-        "max_position_embeddings": desc.max_position_embeddings,
-        "tie_word_embeddings": desc.tie_embeddings,
-        "rope_theta": desc.rope_theta,
-        "rope_scaling": dict(desc.rope_scaling) if desc.rope_scaling else None,
-        "bos_token_id": desc.bos_token_id,
-        "eos_token_id": desc.eos_token_id,
-        "pad_token_id": desc.pad_token_id,
-        "torch_dtype": dtype_name(dtype),
-    }
-    if arch == "llama":
-        cfg.update(attention_bias=desc.qkv_bias, mlp_bias=False)
-    elif arch == "mistral":
-        cfg["sliding_window"] = desc.sliding_window
-    else:  # qwen2 always has q/k/v biases
-        cfg.update(use_sliding_window=desc.sliding_window is not None, sliding_window=desc.sliding_window)
-    return cfg
 
 
 def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: int) -> dict[str, str]:
@@ -111,7 +80,7 @@ def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: i
     for name, param in named_weights(model):
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of tied embeddings; the first stage writes them
-        full = gather(name, param.detach(), group=tp_group)
+        full = gather(name, param.detach(), group=tp_group, gated=desc.gated)
         if not writer:
             continue
         for hf_name, tensor in canonical_to_hf(desc, name, full):
@@ -130,6 +99,8 @@ def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenize
 
     out = Path(out)
     config = hf_config(desc, dtype)
+    if config["model_type"] != desc.architecture:  # the fallback family: its own table names the weights
+        desc = desc.replace(architecture=config["model_type"])
     with atomic_directory(out) as tmp:
         local_map: dict[str, str] = {}
         if ps.get_data_parallel_rank() == 0:

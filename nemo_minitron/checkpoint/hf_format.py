@@ -1,29 +1,34 @@
-"""Weight name and layout mapping between Hugging Face Llama-family models and
-megatron-core's canonical (TP=1) tensors. Pure tensor code: no files, no processes.
+"""The one converter between Hugging Face models and this project, for every family.
 
-Both directions are lazy (``get`` callbacks), so a rank reads only the tensors of the
-layers it holds.
+It reads a family table (``nemo_minitron.families``) in both directions:
+- configs: ``description_from_hf_config(config) -> ModelDescription`` and
+  ``hf_config_dict(desc) -> dict`` (``config.json``);
+- weights: ``hf_to_canonical(desc, name, get)`` builds one canonical megatron-core
+  tensor (TP=1 layout, see ``model/params.py``) from the HF tensors it needs, fetched
+  lazily with ``get`` so a rank reads only the layers it holds; ``canonical_to_hf``
+  yields the HF tensors of one canonical tensor; ``canonical_names`` / ``hf_names`` list
+  what a description's model holds on either side.
+Pure code: no files, no processes.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import functools
+import re
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.families import UNSUPPORTED_KEYS, Family, family, family_of_hf_config
+from nemo_minitron.families.spec import Check, Const, Field
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.params import layer_of
 
 Getter = Callable[[str], torch.Tensor]
-
-_LAYER_RENAMES = {  # canonical suffix -> HF suffix (one-to-one tensors)
-    "input_layernorm.weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
+_TIED = ("output_layer.weight", "embedding.word_embeddings.weight")
 
 
+# ---------------------------------------------------------------------- transforms
 def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     if t.shape[0] == padded:
         return t
@@ -48,68 +53,148 @@ def split_qkv(desc: ModelDescription, qkv: torch.Tensor) -> tuple[torch.Tensor, 
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
+# name -> (HF tensors -> canonical tensor, canonical tensor -> HF tensors in the table's order)
+TRANSFORMS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, ...]]]] = {
+    "same": (lambda desc, t: t, lambda desc, t: (t,)),
+    "vocab": (lambda desc, t: pad_vocab(t, desc.padded_vocab_size), lambda desc, t: (t[:desc.vocab_size],)),
+    "qkv": (interleave_qkv, split_qkv),
+    "gate_up": (lambda desc, gate, up: torch.cat([gate, up], dim=0), lambda desc, t: tuple(t.chunk(2, dim=0))),
+}
+
+
+# ---------------------------------------------------------------------- weight rules
+def _rule(rule) -> tuple[str, tuple[str, ...]]:
+    if isinstance(rule, str):
+        return "same", (rule,)
+    assert rule[0] in TRANSFORMS, rule
+    return rule[0], tuple(rule[1:])
+
+
+@functools.cache
+def _compiled(model_type: str) -> list[tuple[re.Pattern, str, tuple[str, ...]]]:
+    out = []
+    for pattern, rule in family(model_type).weights.items():
+        # placeholders ({i}: layer; an MoE table adds {e}: expert) match indices
+        regex = re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(pattern)) + "$")
+        out.append((regex, *_rule(rule)))
+    return out
+
+
+def _lookup(desc: ModelDescription, name: str) -> tuple[str, list[str]]:
+    """(transform, HF names) for the canonical tensor ``name``."""
+    if desc.tie_embeddings and name == _TIED[0]:
+        name = _TIED[1]  # the output layer is the embedding
+    for regex, transform, hf in _compiled(desc.architecture):
+        m = regex.match(name)
+        if m:
+            return transform, [h.format(**m.groupdict()) for h in hf]
+    raise KeyError(f"{name} is not a weight of a {desc.architecture} model")
+
+
 def hf_to_canonical(desc: ModelDescription, name: str, get: Getter) -> torch.Tensor:
     """The canonical megatron tensor ``name`` built from HF tensors fetched with ``get``."""
-    padded = desc.padded_vocab_size
-    if name == "embedding.word_embeddings.weight":
-        return pad_vocab(get("model.embed_tokens.weight"), padded)
-    if name == "output_layer.weight":
-        return pad_vocab(get("model.embed_tokens.weight" if desc.tie_embeddings else "lm_head.weight"), padded)
-    if name == "decoder.final_layernorm.weight":
-        return get("model.norm.weight")
-    i = layer_of(name)
-    if i is None:
-        raise KeyError(name)
-    prefix, suffix = f"model.layers.{i}.", name.split(f"decoder.layers.{i}.", 1)[1]
-    if suffix in _LAYER_RENAMES:
-        return get(prefix + _LAYER_RENAMES[suffix])
-    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        return interleave_qkv(desc, *(get(f"{prefix}self_attn.{p}_proj.{kind}") for p in "qkv"))
-    if suffix == "mlp.linear_fc1.weight":
-        return torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")], dim=0)
-    raise KeyError(name)
-
-
-def canonical_names(desc: ModelDescription) -> list[str]:
-    names = ["embedding.word_embeddings.weight"]
-    for i in range(desc.num_layers):
-        p = f"decoder.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight"]
-        if desc.qkv_bias:
-            names.append(p + "self_attention.linear_qkv.bias")
-        names += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight",
-                  p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
-    names.append("decoder.final_layernorm.weight")
-    if not desc.tie_embeddings:
-        names.append("output_layer.weight")
-    return names
+    transform, hf = _lookup(desc, name)
+    return TRANSFORMS[transform][0](desc, *(get(h) for h in hf))
 
 
 def canonical_to_hf(desc: ModelDescription, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """HF tensors (vocabulary padding removed) for one canonical megatron tensor."""
-    v = desc.vocab_size
-    if name == "embedding.word_embeddings.weight":
-        yield "model.embed_tokens.weight", tensor[:v]
-        return
-    if name == "output_layer.weight":
-        if not desc.tie_embeddings:
-            yield "lm_head.weight", tensor[:v]
-        return
-    if name == "decoder.final_layernorm.weight":
-        yield "model.norm.weight", tensor
-        return
-    i = layer_of(name)
-    prefix, suffix = f"model.layers.{i}.", name.split(f"decoder.layers.{i}.", 1)[1]
-    if suffix in _LAYER_RENAMES:
-        yield prefix + _LAYER_RENAMES[suffix], tensor
-    elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        for p, t in zip("qkv", split_qkv(desc, tensor)):
-            yield f"{prefix}self_attn.{p}_proj.{kind}", t
-    elif suffix == "mlp.linear_fc1.weight":
-        gate, up = tensor.chunk(2, dim=0)
-        yield prefix + "mlp.gate_proj.weight", gate
-        yield prefix + "mlp.up_proj.weight", up
+    if desc.tie_embeddings and name == _TIED[0]:
+        return  # written once, as the embedding
+    transform, hf = _lookup(desc, name)
+    yield from zip(hf, TRANSFORMS[transform][1](desc, tensor), strict=True)
+
+
+def canonical_names(desc: ModelDescription) -> list[str]:
+    """Every canonical weight of the model (TP=1, all layers): embedding, layers, the rest."""
+    patterns = list(family(desc.architecture).weights)
+    per_layer = [p for p in patterns if "{i}" in p]
+    rest = [p for p in patterns if "{i}" not in p and not (desc.tie_embeddings and p == _TIED[0])]
+    first = [p for p in rest if p.startswith("embedding.")]
+    return (first + [p.format(i=i) for i in range(desc.num_layers) for p in per_layer]
+            + [p for p in rest if p not in first])
+
+
+def hf_names(desc: ModelDescription) -> list[str]:
+    """Every HF weight name of the model, in canonical order."""
+    out: list[str] = []
+    for name in canonical_names(desc):
+        out += _lookup(desc, name)[1]
+    return out
+
+
+# ---------------------------------------------------------------------- configs
+def _unsupported(fam: Family, key: str, value: Any, feature: str, supported: Any = None) -> UsageError:
+    hint = "" if supported is None else f"; supported: {key}={supported!r}"
+    return UsageError(f"{fam.model_type} config: {key}={value!r} is not supported ({feature}){hint}")
+
+
+def _rope_from_hf(config: Mapping[str, Any], fam: Family) -> dict[str, Any]:
+    """HF keeps RoPE settings in ``rope_theta``/``rope_scaling``/``partial_rotary_factor``
+    (4.x) or ``rope_parameters`` (5.x)."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = float(config.get("rope_theta", params.get("rope_theta", 10000.0)))
+    partial = config.get("partial_rotary_factor", params.get("partial_rotary_factor"))
+    merged = {**params, **scaling}
+    merged.pop("rope_theta", None)
+    merged.pop("partial_rotary_factor", None)
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    rotary = 1.0 if fam.partial_rotary is None else float(partial if partial is not None else fam.partial_rotary)
+    if kind in (None, "default"):
+        return {"rope_theta": theta, "rope_scaling": None, "rotary_percent": rotary}
+    if kind not in fam.rope_scaling:
+        raise _unsupported(fam, "rope_scaling.rope_type", kind, f"supported: {', '.join(fam.rope_scaling)}")
+    merged["rope_type"] = kind
+    merged.pop("type", None)
+    return {"rope_theta": theta, "rope_scaling": merged, "rotary_percent": rotary}
+
+
+def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> ModelDescription:
+    """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription."""
+    fam = family_of_hf_config(config)
+    for key, feature in UNSUPPORTED_KEYS.items():
+        if config.get(key):
+            raise _unsupported(fam, key, config[key], feature)
+    values: dict[str, Any] = dict(fam.feature_values())
+    for entry in fam.config:
+        present = entry.hf in config and config[entry.hf] is not None
+        if isinstance(entry, Field):
+            if present:
+                value = config[entry.hf]
+            elif entry.required:
+                raise UsageError(f"{fam.model_type} config: '{entry.hf}' is missing")
+            else:
+                value = entry.default(config) if callable(entry.default) else entry.default
+            values[entry.field] = entry.cast(value) if entry.cast and value is not None else value
+        elif isinstance(entry, Const):
+            if entry.feature is not None and present and config[entry.hf] != entry.value:
+                raise _unsupported(fam, entry.hf, config[entry.hf], entry.feature, entry.value)
+        elif isinstance(entry, Check) and present and not entry.ok(config[entry.hf]):
+            raise _unsupported(fam, entry.hf, config[entry.hf], entry.feature)
+    values.update(_rope_from_hf(config, fam))
+    return ModelDescription(architecture=fam.model_type, name=name or str(config.get("_name_or_path", "")),
+                            **values)
+
+
+def hf_config_dict(desc: ModelDescription, architecture: str | None = None) -> dict[str, Any]:
+    """``config.json`` contents (without the dtype) for the description, written as
+    ``architecture``'s family (default: its own; a fallback must compute the same function)."""
+    fam = family(architecture or desc.architecture)
+    mismatched = {k: v for k, v in fam.feature_values().items() if getattr(desc, k) != v}
+    require(not mismatched, f"a {desc.architecture} model cannot be written as {fam.model_type} "
+                            f"(it needs {', '.join(f'{k}={v!r}' for k, v in mismatched.items())})")
+    cfg: dict[str, Any] = {"architectures": [fam.hf_class], "model_type": fam.model_type}
+    for entry in fam.config:
+        if isinstance(entry, Field):
+            cfg[entry.hf] = getattr(desc, entry.field)
+        elif isinstance(entry, Const):
+            cfg[entry.hf] = entry.value
+    cfg["rope_theta"] = desc.rope_theta
+    cfg["rope_scaling"] = dict(desc.rope_scaling) if desc.rope_scaling else None
+    if fam.partial_rotary is not None:
+        cfg["partial_rotary_factor"] = desc.rotary_percent
     else:
-        raise KeyError(name)
+        require(desc.rotary_percent == 1.0, f"{fam.model_type} rotates whole heads; this model rotates "
+                                            f"{desc.rotary_percent:.0%} of each")
+    return cfg

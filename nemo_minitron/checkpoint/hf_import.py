@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_minitron.checkpoint.hf_format import hf_to_canonical
+from nemo_minitron.checkpoint.hf_format import hf_names, hf_to_canonical
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription, description_from_hf_config
 
@@ -63,7 +63,44 @@ class Source:
 
     @cached_property
     def description(self) -> ModelDescription:
-        return description_from_hf_config(self.hf_config, name=self.label)
+        desc = description_from_hf_config(self.hf_config, name=self.label)
+        if self.kind == "hf":
+            self._check_weight_names(desc)
+        return desc
+
+    def _check_weight_names(self, desc: ModelDescription) -> None:
+        """Every stored weight must be one the family's table maps, and every mapped one stored:
+        a weight we would ignore (attention sinks, an output-projection bias, ...) is a
+        feature we do not support. Reads only the safetensors headers."""
+        stored = set(self._weight_map())
+        expected = set(hf_names(desc))
+        ignorable = {n for n in stored if n.endswith("rotary_emb.inv_freq")}  # saved RoPE buffers
+        if desc.tie_embeddings:
+            ignorable.add("lm_head.weight")  # some tied checkpoints store the copy; HF ignores it
+        extra, missing = sorted(stored - expected - ignorable), sorted(expected - stored)
+        if extra:
+            more = f"; {len(extra) - 1} more such weights" if len(extra) > 1 else ""
+            raise UsageError(f"--hf '{self.label}': weight '{extra[0]}' is not part of a {desc.architecture} model "
+                             f"as this project converts it (an unsupported feature{more})")
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UsageError(f"--hf '{self.label}': weight '{missing[0]}' is missing{more}")
+
+    @functools.cache
+    def _weight_map(self) -> dict[str, str]:
+        """HF weight name -> safetensors file (from the index, else from each file's header)."""
+        from safetensors import safe_open
+
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return json.loads(index.read_text())["weight_map"]
+        weight_map = {}
+        for f in sorted(self.path.glob("*.safetensors")):
+            if f.name.startswith("consolidated"):
+                continue  # Mistral's own format, shipped beside the HF weights in some repositories
+            with safe_open(str(f), framework="pt") as h:
+                weight_map.update({k: f.name for k in h.keys()})
+        return weight_map
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,15 +116,7 @@ class Source:
             return lambda name: state[name].to(dtype)
         from safetensors import safe_open
 
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            weight_map = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
+        weight_map = self._weight_map()
         handles: dict[str, object] = {}
 
         def get(name: str) -> torch.Tensor:
@@ -178,7 +207,7 @@ def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch
     with torch.no_grad():
         for name, param in named_weights(model):
             full = hf_to_canonical(desc, name, get)
-            local = shard(name, full, tp_rank, tp_size)
+            local = shard(name, full, tp_rank, tp_size, gated=desc.gated)
             require(local.shape == param.shape, f"shape mismatch for {name}: source {tuple(local.shape)} "
                                                 f"vs model {tuple(param.shape)}")
             param.copy_(local)

@@ -5,13 +5,18 @@
     OUT/metrics.jsonl   one line per step (and per evaluation)
     OUT/tensorboard/    the same as TensorBoard scalars
     OUT/checkpoints/    resumable training state (see checkpointing.py)
+    OUT/config.yaml     the resolved settings (also logged at the start)
 
 A run whose OUT holds a training checkpoint continues from it (also without
-``resume=True``); ``resume=True`` on a directory without one is an error.
+``resume=True``); ``resume=True`` on a directory without one is an error. A resumed run
+whose settings differ from the saved ones (other than logging and checkpoint cadence)
+is refused, naming the keys, unless forced; a forced resume follows the new settings,
+learning-rate schedule included, and ``summary.json`` lists what changed at which step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,30 +26,37 @@ from typing import Any, Sequence
 
 import torch
 
+from nemo_minitron.config import Names
+from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.checkpointing import latest_checkpoint
-from nemo_minitron.distill.losses import LogitLossConfig
+from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.model import LayerPair
-from nemo_minitron.distill.train import TrainConfig, Trainer
+from nemo_minitron.distill.train import Trainer
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
 log = logging.getLogger("nemo_minitron")
 
-_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+CONFIG_FILE = "config.yaml"        # the resolved settings of the run, checked on resume
+RESUMES_FILE = "resumes.jsonl"     # forced resumes: the step and the settings that changed
+DEFAULT_EVAL_DATA = "builtin:heldout"
 
-
-def parse_pairs(text: str | Sequence[str], student: ModelDescription, teacher: ModelDescription) -> list[LayerPair]:
-    """'3:7,9:29' (student:teacher layer indices) -> pairs, each checked against both depths."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: ModelDescription,
+                flag: str = "--kd-pairs") -> list[LayerPair]:
+    """['3:7', '9:29'] or '3:7,9:29' (student:teacher layer indices) -> pairs, each checked
+    against both depths."""
+    items = items.split(",") if isinstance(items, str) else list(items)
     pairs = []
-    for item in filter(None, (i.strip() for i in items)):
+    for item in filter(None, (str(i).strip() for i in items)):
         try:
             s, t = (int(x) for x in item.split(":"))
         except ValueError:
-            raise UsageError(f"--kd-pairs: '{item}' is not student_layer:teacher_layer (e.g. 3:7)") from None
-        require(0 <= s < student.num_layers, f"--kd-pairs {item}: student layer {s} is out of range "
+            raise UsageError(f"{flag}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)") from None
+        require(0 <= s < student.num_layers, f"{flag} {item}: student layer {s} is out of range "
                                              f"0..{student.num_layers - 1}")
-        require(0 <= t < teacher.num_layers, f"--kd-pairs {item}: teacher layer {t} is out of range "
+        require(0 <= t < teacher.num_layers, f"{flag} {item}: teacher layer {t} is out of range "
                                              f"0..{teacher.num_layers - 1}")
         pairs.append(LayerPair(s, t))
     return pairs
@@ -64,7 +76,8 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
             f"--teacher and --student have different vocabularies ({teacher.vocab_size} vs {student.vocab_size})")
     require(_tokenizer_fingerprint(teacher_ckpt) == _tokenizer_fingerprint(student_ckpt),
             "--teacher and --student have different tokenizers")
-    require(_FAMILIES[teacher.architecture] == _FAMILIES[student.architecture],
+    # the same kind of network (Llama and Mistral are: their family tables fix the same features)
+    require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
             f"--student ({student.architecture}) is not of the teacher's family ({teacher.architecture})")
     for axis, t, s in (("hidden", teacher.hidden_size, student.hidden_size),
                        ("ffn", teacher.ffn_hidden_size, student.ffn_hidden_size),
@@ -72,7 +85,8 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
                        ("query groups", teacher.num_query_groups, student.num_query_groups),
                        ("layers", teacher.num_layers, student.num_layers)):
         require(s <= t, f"--student is not a descendant of --teacher: its {axis} ({s}) exceeds the teacher's ({t})")
-    require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling,
+    require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
+            and teacher.rotary_percent == student.rotary_percent,
             "--student uses another rotary position encoding than --teacher")
 
 
@@ -103,28 +117,19 @@ def _check_output(out: str, resume: bool) -> Path:
     return path
 
 
-def _training_config(steps, global_batch, micro_batch, seq_len, lr, min_lr, warmup_steps, weight_decay, clip_grad,
-                     eval_every, eval_samples, save_every, seed, logit, pairs, pair_loss, pair_weight) -> TrainConfig:
-    for flag, value in (("--steps", steps), ("--global-batch", global_batch), ("--micro-batch", micro_batch),
-                        ("--seq-len", seq_len), ("--eval-samples", eval_samples)):
-        require(isinstance(value, int) and value >= 1, f"{flag} must be >= 1 (got {value})")
-    require(lr > 0, f"--lr must be > 0 (got {lr})")
-    require(pair_loss in ("cosine", "mse"), f"--kd-pair-loss must be cosine or mse (got '{pair_loss}')")
-    if pair_weight != "auto":
-        try:
-            pair_weight = float(pair_weight)
-        except ValueError:
-            raise UsageError(f"--kd-pair-weight must be 'auto' or a number (got '{pair_weight}')") from None
-    return TrainConfig(steps=steps, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
-                       min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad,
-                       eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed,
-                       logit=logit, pairs=pairs, pair_loss=pair_loss, pair_weight=pair_weight)
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    """The resolved config a resumable run in ``out`` was started (or last forced) with."""
+    import yaml
+
+    if latest_checkpoint(out) is None or not (out / CONFIG_FILE).is_file():
+        return None
+    return yaml.safe_load((out / CONFIG_FILE).read_text())
 
 
-def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, eval_data: Sequence[str] | None,
-         cfg_kwargs: dict[str, Any], logit: LogitLossConfig, kd_pairs, pair_loss: str, pair_weight,
-         tp: int, pp: int, dtype, resume: bool, progress: bool, split: str | None = None,
-         data_cache: str | None = None) -> dict[str, Any]:
+def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cfg: TrainingConfig,
+         parallel: ParallelConfig, run: RunConfig, data_opts: DataOptions, eval_data: Sequence[str] | None,
+         resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
+         force_hint: str) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -133,61 +138,83 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
         read_info,
         save_checkpoint,
     )
+    from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
     from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
+    tp, pp = parallel.tp, parallel.pp
     s_info = read_info(student)
     s_desc = s_info.description
     t_desc = None
     if teacher is not None:
         t_desc = read_info(teacher).description
         check_compatible(t_desc, s_desc, teacher, student)
-    pairs = parse_pairs(kd_pairs, s_desc, t_desc) if teacher is not None else []
-    require(not (pairs and teacher is None), "--kd-pairs needs a teacher")
-    require(logit.kind in ("forward", "reverse"), f"--kd-loss must be forward or reverse (got '{logit.kind}')")
-    require(logit.temperature > 0, f"--kd-temperature must be > 0 (got {logit.temperature})")
-    require(logit.top_k is None or logit.top_k >= 1, f"--kd-top-k must be >= 1 (got {logit.top_k})")
-    require(not (logit.top_k and logit.kind == "reverse"),
-            "--kd-top-k needs --kd-loss forward (reverse KL is infinite outside the teacher's top-k)")
-    cfg = _training_config(logit=logit, pairs=pairs, pair_loss=pair_loss, pair_weight=pair_weight, **cfg_kwargs)
+    pairs = parse_pairs(cfg.kd_pairs, s_desc, t_desc, flag=names("kd_pairs")) if teacher is not None else []
     limit = min(d.max_position_embeddings for d in (s_desc, t_desc) if d is not None)
-    require(cfg.seq_len <= limit, f"--seq-len {cfg.seq_len} is longer than the models allow ({limit})")
+    require(cfg.seq_len <= limit, f"{names('seq_len')} {cfg.seq_len} is longer than the models allow ({limit})")
     s_desc.check_layout(tp, pp)
     if t_desc is not None:
         t_desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
     require(cfg.global_batch % (dp * cfg.micro_batch) == 0,
-            f"--global-batch {cfg.global_batch} must be a multiple of --micro-batch {cfg.micro_batch} x "
-            f"{dp} data-parallel ranks")
+            f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
+            f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = _check_output(out, resume)
-    compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or parse_dtype(s_info.dtype))
+    kind = "distillation" if teacher is not None else "fine-tuning"
     tokenizer = load_tokenizer(student)
-    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_cache, tokenizer=tokenizer)
-    train_corpus = check_corpus(data, split=split, **data_kwargs)
-    require(train_corpus.has_part("train"), f"--split {split} leaves no training part of --data")
-    heldout_corpus = eval_corpus(train_corpus, eval_data, **data_kwargs)
+    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
+                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    train_corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+    require(train_corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+    heldout = eval_corpus(train_corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+    eval_label = (f"the validation part of {train_corpus.blend.label}" if heldout is train_corpus
+                  else heldout.blend.label)
+    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
+                "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
+    saved = _saved_config(out_path)
+    forced = check_resume(saved, resolved, what=f"the {kind} run in '{out}'", force=force,
+                          force_hint=force_hint, ignore=resume_safe_fields(type(cfg), DataOptions))
+    compute_dtype = parse_dtype(run.dtype, names("dtype")) if run.dtype else parse_dtype(s_info.dtype)
 
     # ---- work
-    init_distributed(tp, pp, cfg.seed)
+    init_distributed(tp, pp, run.seed)
+    if is_rank0():
+        log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
-    train_samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed, part="train",
+    train_samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train",
                                          num_samples=cfg.steps * cfg.global_batch, progress=progress)
-    eval_samples = heldout_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=cfg.seed, part="valid",
-                                          progress=progress).first(cfg.eval_samples)
+    eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
+                                   progress=progress).first(cfg.eval_samples)
     student_model, _ = load_checkpoint(student, dtype=compute_dtype)
     teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
-    trainer = Trainer(student_model, teacher_model, Path(student) / "tokenizer", train_samples, eval_samples,
-                      out_path, cfg, student_desc=s_desc, teacher_desc=t_desc, progress=progress,
-                      projection_init=_projection_init(student, s_desc, t_desc) if pairs else None)
-    resumed = trainer.prepare()
+    trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
+                      student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
+                      projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
+                      override_schedule=bool(forced))
+    resumed = trainer.prepare(config=resolved)
+    if is_rank0():
+        if forced:
+            record = {"step": trainer.step, "changed": {k: [flat_get(saved, k), flat_get(resolved, k)]
+                                                        for k in forced}}
+            with open(out_path / RESUMES_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.warning("resuming at step %d with changed settings (forced): %s", trainer.step,
+                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in record["changed"].items()))
+        tmp = out_path / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(yaml_text(resolved))
+        tmp.replace(out_path / CONFIG_FILE)
     before = None if resumed else trainer.evaluate(student_model)
-    kind = "distillation" if teacher is not None else "fine-tuning"
     log.info("%s of %s (%s)%s: %d steps x %d sequences x %d tokens", kind, student, s_desc.summary(),
              f" from {teacher}" if teacher else "", cfg.steps, cfg.global_batch, cfg.seq_len)
     if before is not None:
         trainer.log_record({"kind": "eval", "step": 0, **before})
     result = trainer.train()
+    if result["stopped"]:  # a stop signal: the checkpoint is saved, the run continues when started again
+        trainer.close()
+        log.info("%s stopped by %s at step %d of %d; start it again to continue", kind, result["stopped"],
+                 trainer.step, cfg.steps)
+        return {"kind": kind, "stopped": result["stopped"], "step": trainer.step, "steps": cfg.steps}
     after = trainer.evaluate(student_model)
     trainer.log_record({"kind": "eval", "step": cfg.steps, **after})
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
@@ -200,6 +227,8 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
         student_model.float()
     save_checkpoint(student_model, info, out_path / "final", tokenizer=tokenizer)
     final = result["final_train"]
+    resumes = [json.loads(line) for line in (out_path / RESUMES_FILE).read_text().splitlines() if line.strip()] \
+        if (out_path / RESUMES_FILE).is_file() else []
     summary = {
         "kind": kind, "teacher": teacher, "student": student, "steps": cfg.steps,
         "tokens": cfg.steps * cfg.global_batch * cfg.seq_len,
@@ -208,13 +237,14 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
         "student_before": before, "student_after": after, "teacher_eval": teacher_eval,
         "wall_seconds": round(time.time() - started, 1), "train_seconds": round(result["wall_seconds"], 1),
         "tokens_per_second": result["tokens_per_second"], "trained_steps_this_run": result["trained_steps"],
-        "settings": {"global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len,
-                     "lr": cfg.lr, "min_lr": cfg.min_lr_value, "warmup_steps": cfg.warmup,
-                     "kd_temperature": logit.temperature, "kd_loss": logit.kind, "kd_top_k": logit.top_k,
-                     "kd_weight": logit.kd_weight, "ce_weight": logit.ce_weight,
-                     "kd_pairs": [f"{p.student}:{p.teacher}" for p in pairs], "tp": tp, "pp": pp, "dp": dp,
-                     "dtype": str(compute_dtype).replace("torch.", "")},
+        "config": resolved,
+        # forced resumes: at which step which settings changed (the schedule follows the new ones)
+        "forced_resumes": resumes,
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype).replace("torch.", ""),
+                   "lr_min": cfg.min_lr_value, "warmup_steps": cfg.warmup,
+                   "kd_pairs": [f"{p.student}:{p.teacher}" for p in pairs]},
     }
+    trainer.close()
     if is_rank0():
         tmp = out_path / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -225,44 +255,43 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, ev
     return summary
 
 
-def distill(teacher: str, student: str, data: Sequence[str], out: str, *, eval_data: Sequence[str] | None = None,
-            steps: int, global_batch: int = 8, micro_batch: int = 2, seq_len: int = 512, lr: float = 1e-4,
-            min_lr: float | None = None, warmup_steps: int | None = None, weight_decay: float = 0.01,
-            clip_grad: float = 1.0, eval_every: int = 0, eval_samples: int = 64, save_every: int = 0,
-            kd_temperature: float = 1.0, kd_loss: str = "forward", kd_top_k: int | None = None,
-            kd_weight: float = 1.0, ce_weight: float = 0.0, kd_pairs: str | Sequence[str] = "",
-            kd_pair_loss: str = "cosine", kd_pair_weight: str | float = "auto", logit_chunk: int = 1024,
-            seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
-            split: str | None = None, data_cache: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Distil ``student`` from ``teacher`` (both project checkpoints) on ``data``."""
-    require(logit_chunk >= 1, f"--logit-chunk must be >= 1 (got {logit_chunk})")
-    from nemo_minitron.checkpoint.store import read_info
+def flat_get(tree: dict[str, Any] | None, key: str) -> Any:
+    from nemo_minitron.config import flatten
 
-    vocab = read_info(student).description.vocab_size
-    logit = LogitLossConfig(temperature=kd_temperature, kind=kd_loss, top_k=kd_top_k, kd_weight=kd_weight,
-                            ce_weight=ce_weight, chunk_tokens=logit_chunk, vocab_size=vocab)
-    return _run(teacher, student, data, out, eval_data=eval_data, logit=logit, kd_pairs=kd_pairs,
-                pair_loss=kd_pair_loss, pair_weight=kd_pair_weight, tp=tp, pp=pp, dtype=dtype, resume=resume,
-                progress=progress, split=split, data_cache=data_cache, cfg_kwargs=dict(
-                    steps=steps, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
-                    min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad,
-                    eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed))
+    return flatten(tree or {}).get(key)
 
 
-def finetune(model: str, data: Sequence[str], out: str, *, eval_data: Sequence[str] | None = None, steps: int,
-             global_batch: int = 8, micro_batch: int = 2, seq_len: int = 512, lr: float = 1e-4,
-             min_lr: float | None = None, warmup_steps: int | None = None, weight_decay: float = 0.01,
-             clip_grad: float = 1.0, eval_every: int = 0, eval_samples: int = 64, save_every: int = 0,
-             logit_chunk: int = 1024, seed: int = 1234, tp: int = 1, pp: int = 1, dtype=None, resume: bool = False,
-             split: str | None = None, data_cache: str | None = None, progress: bool = True) -> dict[str, Any]:
+def _configs(cls, config, options: dict[str, Any], names: Names | None, data_names: Names | None):
+    from nemo_minitron.config import build, cli_names, split_overrides
+
+    stage, par, run, dat = split_overrides(options, cls, ParallelConfig, RunConfig, DataOptions)
+    names = names or cli_names(cls)
+    data_names = data_names or cli_names(DataOptions)
+    return dict(cfg=build(cls, config, names, **stage), parallel=build(ParallelConfig, None, names, **par),
+                run=build(RunConfig, None, names, **run), data_opts=build(DataOptions, None, data_names, **dat),
+                names=names, data_names=data_names)
+
+
+def distill(teacher: str, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
+            eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False, progress: bool = True,
+            names: Names | None = None, data_names: Names | None = None, force_hint: str = "--force",
+            **options: Any) -> dict[str, Any]:
+    """Distil ``student`` from ``teacher`` (both project checkpoints) on ``data``.
+
+    ``config``: a DistillConfig (defaults if None); ``options``: any of its fields, or
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it. A run whose ``out`` holds a training
+    checkpoint continues from it, unless its settings changed: then ``force=True`` is
+    needed, and the new settings (learning-rate schedule included) apply from there."""
+    return _run(teacher, student, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, **_configs(DistillConfig, config, options, names, data_names))
+
+
+def finetune(model: str, data: Sequence[str], out: str, config: TrainingConfig | None = None, *,
+             eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False,
+             progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+             force_hint: str = "--force", **options: Any) -> dict[str, Any]:
     """Plain next-token cross-entropy training (teacher correction, and the baseline to distillation)."""
-    from nemo_minitron.checkpoint.store import read_info
-
-    vocab = read_info(model).description.vocab_size
-    logit = LogitLossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=logit_chunk, vocab_size=vocab)
-    return _run(None, model, data, out, eval_data=eval_data, logit=logit, kd_pairs="", pair_loss="cosine",
-                pair_weight="auto", tp=tp, pp=pp, dtype=dtype, resume=resume, progress=progress, split=split,
-                data_cache=data_cache, cfg_kwargs=dict(
-                    steps=steps, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, lr=lr,
-                    min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_grad=clip_grad,
-                    eval_every=eval_every, eval_samples=eval_samples, save_every=save_every, seed=seed))
+    if config is not None and type(config) is not TrainingConfig:  # e.g. a recipe's teacher_correction
+        config = TrainingConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingConfig)})
+    return _run(None, model, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, **_configs(TrainingConfig, config, options, names, data_names))

@@ -110,8 +110,10 @@ def save_training_state(out: Path, step: int, model, optimizer, scheduler, extra
     return final
 
 
-def load_training_state(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns state.json's content."""
+def load_training_state(path: Path, model, optimizer, scheduler, override_schedule: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns state.json's content.
+    ``override_schedule``: keep the scheduler's (new) learning rates and only take the step
+    count from the checkpoint (a forced resume with changed settings)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -127,6 +129,12 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> dict[str, An
     target = model if hasattr(model, "projections") else unwrap(model)
     _load_model_state(target, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+    if override_schedule:  # megatron reads the peak and floor from each parameter group first
+        for group in optimizer.param_groups:
+            if "max_lr" in group:
+                group["max_lr"] = scheduler.max_lr
+            if "min_lr" in group:
+                group["min_lr"] = scheduler.min_lr
     scheduler.load_state_dict(state["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     _set_rng_state(state["rng"][rank])

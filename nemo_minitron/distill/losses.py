@@ -34,13 +34,29 @@ import torch.distributed as dist
 
 @dataclasses.dataclass(frozen=True)
 class LogitLossConfig:
-    temperature: float = 1.0
-    kind: str = "forward"        # forward | reverse KL
-    top_k: int | None = None
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    chunk_tokens: int = 1024
-    vocab_size: int | None = None  # true vocabulary; columns beyond it are padding
+    """The logit loss's parameters, resolved from a training config (``of``): its defaults
+    live in ``distill.config`` only."""
+
+    temperature: float
+    kind: str                    # forward | reverse KL
+    top_k: int | None
+    kd_weight: float
+    ce_weight: float
+    chunk_tokens: int
+    vocab_size: int | None       # true vocabulary; columns beyond it are padding
+
+    @classmethod
+    def of(cls, cfg, vocab_size: int | None, **changes) -> "LogitLossConfig":
+        """From a DistillConfig, or from a TrainingConfig (plain fine-tuning: cross-entropy only)."""
+        from nemo_minitron.distill.config import DistillConfig
+
+        if isinstance(cfg, DistillConfig):
+            loss = cls(temperature=cfg.kd_temperature, kind=cfg.kd_loss, top_k=cfg.kd_top_k, kd_weight=cfg.kd_weight,
+                       ce_weight=cfg.ce_weight, chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
+        else:
+            loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=1.0,
+                       chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
+        return dataclasses.replace(loss, **changes)
 
 
 def _tp_group_info():

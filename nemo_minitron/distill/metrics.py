@@ -61,7 +61,8 @@ def log_line(r: dict[str, Any], total_steps: int) -> str:
         parts.append("skipped (inf/nan gradients)")
     parts += [f"{1000 * r['step_seconds']:.1f} ms/step", f"{r['tokens_per_second']:,.0f} tokens/s"]
     if r.get("tflops_per_device") is not None:
-        parts.append(f"{r['tflops_per_device']:.1f} TFLOP/s per device")
+        value = r["tflops_per_device"]
+        parts.append(f"{value:.1f} TFLOP/s per device" if value >= 1 else f"{value:.3g} TFLOP/s per device")
     parts.append(f"peak memory {r['peak_memory_gb']:.1f} GB")
     return " | ".join(parts)
 

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.distill.losses import intermediate_loss
 from nemo_minitron.model.builder import balanced_stages
 
@@ -58,7 +59,7 @@ class _AddAuxLoss(torch.autograd.Function):
 class DistillationModel(torch.nn.Module):
     def __init__(self, student, teacher, pairs: list[LayerPair], pair_loss: str = "cosine",
                  student_layers: int | None = None, teacher_layers: int | None = None,
-                 projection_init: torch.Tensor | None = None, seed: int = 1234) -> None:
+                 projection_init: torch.Tensor | None = None, seed: int = DEFAULT_SEED) -> None:
         from megatron.core import parallel_state as ps
 
         super().__init__()

@@ -2,79 +2,104 @@
 
 Each step runs ``get_forward_backward_func()`` over the step's micro-batches with a
 Megatron-shaped ``forward_step(data_iterator, model) -> (output, loss_func)``, then the
-megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 params
-with float32 main weights when training in bf16), gradient clipping and a warm-up +
-cosine learning-rate schedule. Step ``s`` reads samples ``[s * global_batch, (s + 1) *
-global_batch)`` of the training data set (megatron-core's GPTDataset, shuffled by seed),
-data-parallel rank ``r`` the ``r``-th share of them: the samples a step sees depend on
-the step alone, at every layout, and a resumed run sees what an uninterrupted one would.
+megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 or fp16
+params with float32 main weights, fp16 with megatron-core's dynamic loss scaler),
+gradient clipping and a warm-up + cosine learning-rate schedule.
 
-Per step, rank 0 appends a JSON line to ``metrics.jsonl`` (losses, learning rate,
-gradient norm, tokens/s) and TensorBoard scalars; held-out evaluations are appended as
-``{"kind": "eval", ...}`` records.
+Data: a DataLoader (``loader.py``) reads the training data set in Megatron's order from
+the number of consumed samples, which every checkpoint holds: a resumed run reads the
+samples an uninterrupted one would, at any layout. Each step's record carries a
+fingerprint of the tokens it trained on, so that this can be checked.
+
+Stopping: after every step the loop asks whether any rank got SIGTERM or SIGUSR1
+(``runtime/signals.py``); then it saves a checkpoint and returns ``stopped``.
+
+Per step, rank 0 appends a record to ``metrics.jsonl`` and TensorBoard (and W&B when
+configured), and every ``log_every`` steps logs a Megatron-style line (``metrics.py``);
+held-out evaluations are ``{"kind": "eval", ...}`` records.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel, LayerPair
 
+FINGERPRINT_MODULUS = 2**31 - 1
+
 log = logging.getLogger("nemo_minitron")
 
-
-@dataclasses.dataclass
-class TrainConfig:
-    steps: int
-    global_batch: int = 8
-    micro_batch: int = 2
-    seq_len: int = 512
-    lr: float = 1e-4
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    eval_every: int = 0
-    eval_samples: int = 64
-    save_every: int = 0
-    seed: int = 1234
-    logit: LogitLossConfig = dataclasses.field(default_factory=LogitLossConfig)
-    pairs: list[LayerPair] = dataclasses.field(default_factory=list)
-    pair_loss: str = "cosine"
-    pair_weight: str | float = "auto"
-
-    @property
-    def min_lr_value(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
-    @property
-    def warmup(self) -> int:
-        wanted = max(0, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
-        return min(wanted, self.steps - 1)  # the schedule needs at least one step of decay
+AUTO_PAIR_WEIGHTS = ("auto", "auto_sum")
 
 
-# ---------------------------------------------------------------------- data order
-def step_samples(samples, step: int, global_batch: int, dp_rank: int, dp_size: int) -> torch.Tensor:
-    """``[global_batch / dp, s+1]``: data-parallel rank ``dp_rank``'s share of ``step``'s samples,
-    ``samples`` being a TokenDataset or a ``[N, s+1]`` tensor (indices wrap around N)."""
-    per_rank = global_batch // dp_size
-    first = step * global_batch + dp_rank * per_rank
-    return torch.stack([samples[(first + j) % len(samples)] for j in range(per_rank)])
+# ---------------------------------------------------------------------- pair weights
+def _pairs_share(setting: str | float | None, n_pairs: int) -> float:
+    """The part of the logit loss's weight each pair gets under an automatic setting."""
+    return 1.0 / n_pairs if setting == "auto" else 1.0
+
+
+def initial_pair_weights(setting: str | float | None, n_pairs: int) -> torch.Tensor:
+    """Weights of the intermediate pair losses for the first step, before any logit loss is
+    known: a fixed number as given; automatic settings start at their share (1/n or 1)."""
+    if setting is None or n_pairs == 0:
+        return torch.ones(n_pairs, dtype=torch.float64)
+    value = _pairs_share(setting, n_pairs) if setting in AUTO_PAIR_WEIGHTS else float(setting)
+    return torch.full((n_pairs,), value, dtype=torch.float64)
+
+
+def next_pair_weights(setting: str | float | None, logit_loss_value: float, pair_losses: list[float]) -> torch.Tensor:
+    """Weights after a step with the given logit loss and pair losses.
+
+    ``auto``: weight_i = logit / (n * loss_i): the *mean* of the weighted pair losses equals
+    the logit loss, so the intermediate term weighs as much as the logit term whatever the
+    number of pairs (what ModelOpt does, by averaging pairs first). ``auto_sum``: weight_i =
+    logit / loss_i: every pair weighs as much as the logit loss, n times it together.
+    A number stays fixed."""
+    n = len(pair_losses)
+    if setting not in AUTO_PAIR_WEIGHTS:
+        return initial_pair_weights(setting, n)
+    share = _pairs_share(setting, n)
+    return torch.tensor([share * logit_loss_value / p if p > 1e-12 else share for p in pair_losses],
+                        dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------- data fingerprint
+def batch_fingerprint(batch: dict[str, torch.Tensor]) -> int:
+    """A number that changes when any token or its position in a sample changes (the order
+    of samples within a step does not matter): sum of (token + 1) x weight(position) mod p."""
+    total = 0
+    for key in ("tokens", "labels"):
+        ids = batch[key].to(torch.int64).cpu()
+        weights = (torch.arange(1, ids.shape[1] + 1, dtype=torch.int64) * 1_000_003) % FINGERPRINT_MODULUS
+        total += int((((ids + 1) * weights) % FINGERPRINT_MODULUS).sum()) % FINGERPRINT_MODULUS
+    return total % FINGERPRINT_MODULUS
+
+
+class _Fingerprinting:
+    """Passes micro-batches through to the schedule, adding up their fingerprints."""
+
+    def __init__(self, batches):
+        self.batches, self.value = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.value = (self.value + batch_fingerprint(batch)) % FINGERPRINT_MODULUS
+        return batch
 
 
 # ---------------------------------------------------------------------- forward steps
-def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
+def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool):
     """``forward_step(data_iterator, model)``: student logits, and a loss function that adds
     the logit loss (KD and/or CE) to the intermediate pair losses of the last stage."""
     from megatron.core.utils import get_attr_wrapped_model
@@ -89,12 +114,14 @@ def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
 
         def loss_func(student_logits: torch.Tensor):
             teacher_logits = holder.last_teacher_logits if holder is not None else None
-            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, cfg.logit)
+            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, loss_cfg)
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
-            # the schedule divides the returned loss in place: report a copy
-            return total, {"loss": total.detach().clone(), "kd": kd.detach(), "ce": ce.detach()}
+            # the schedule divides the returned loss in place: report copies; the logged total
+            # adds every stage's pair losses in _reduce_logs
+            return total, {"logit_loss": (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce).detach().clone(),
+                           "kd": kd.detach(), "ce": ce.detach()}
 
         return output, loss_func
 
@@ -103,9 +130,15 @@ def make_forward_step(cfg: TrainConfig, device: torch.device, distilling: bool):
 
 # ---------------------------------------------------------------------- the loop
 class Trainer:
-    def __init__(self, student, teacher, tokenizer_path: Path, train_samples, eval_samples, out: Path,
-                 cfg: TrainConfig, *, student_desc, teacher_desc=None, projection_init: torch.Tensor | None = None,
-                 progress: bool = True):
+    def __init__(self, student, teacher, train_samples, eval_samples, out: Path,
+                 cfg: TrainingConfig, *, seed: int, student_desc, teacher_desc=None, pairs: list[LayerPair] = (),
+                 projection_init: torch.Tensor | None = None, progress: bool = True,
+                 override_schedule: bool = False):
+        """``train_samples``: a TokenDataset (or a ``[N, s+1]`` tensor); ``eval_samples``: the
+        same, or None; ``cfg``: a DistillConfig when ``teacher`` is given, else the
+        TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs, resolved against both models;
+        ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
+        rather than from the checkpoint (a forced resume with changed settings)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -113,22 +146,24 @@ class Trainer:
 
         from nemo_minitron.runtime.distributed import layout
 
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.cfg, self.out, self.progress, self.seed = cfg, Path(out), progress, seed
+        self.override_schedule = override_schedule
         self.student, self.teacher = student, teacher
         self.student_desc, self.teacher_desc = student_desc, teacher_desc
-        self.tokenizer_path = tokenizer_path
+        self.pairs = list(pairs)
+        self.loss_cfg = LogitLossConfig.of(cfg, student_desc.vocab_size)
+        self.pair_weight = cfg.kd_pair_weight if isinstance(cfg, DistillConfig) else None
         self.device = layout().device
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.train_samples, self.eval_samples = train_samples, eval_samples
         dtype = next(student.parameters()).dtype
         student.train()
         if teacher is not None:
-            self.module = DistillationModel(student, teacher, cfg.pairs, cfg.pair_loss,
+            self.module = DistillationModel(student, teacher, self.pairs, cfg.kd_pair_loss,
                                             student_layers=student_desc.num_layers,
                                             teacher_layers=teacher_desc.num_layers, projection_init=projection_init,
-                                            seed=cfg.seed)
-            if cfg.pair_weight != "auto":
-                self.module.pair_weights.fill_(float(cfg.pair_weight))
+                                            seed=seed)
+            self.module.pair_weights.copy_(initial_pair_weights(self.pair_weight, len(self.pairs)))
         else:
             self.module = student
         self.ddp = DistributedDataParallel(
@@ -136,42 +171,63 @@ class Trainer:
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                           use_distributed_optimizer=self.dp > 1),
             self.module)
+        self.fp16 = dtype == torch.float16
+        # fp16: float32 main weights and megatron-core's dynamic loss scaler (Megatron-LM's
+        # window and hysteresis; a first scale of 2^16 rather than 2^32, fewer skipped steps)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr_value, weight_decay=cfg.weight_decay,
                             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.clip_grad,
-                            bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=self.dp > 1),
+                            bf16=dtype == torch.bfloat16, fp16=self.fp16, params_dtype=dtype,
+                            initial_loss_scale=2.0**16 if self.fp16 else None, loss_scale_window=1000,
+                            hysteresis=2, use_distributed_optimizer=self.dp > 1),
             [self.ddp])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr_value,
             lr_warmup_steps=cfg.warmup, lr_decay_steps=cfg.steps, lr_decay_style="cosine",
-            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant")
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.steps, wd_incr_style="constant",
+            override_opt_param_scheduler=override_schedule, use_checkpoint_opt_param_scheduler=not override_schedule)
         config = self.ddp.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_step = make_forward_step(cfg, self.device, distilling=teacher is not None)
+        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None)
         self.step = 0
-        self.metrics_file = self.out / "metrics.jsonl"
-        self.writer = None
+        self.consumed_samples = 0
+        self.metrics = None
+        self._batches = None
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     # -------------------------------------------------------------- helpers
     @property
     def num_microbatches(self) -> int:
         return self.cfg.global_batch // (self.dp * self.cfg.micro_batch)
 
-    def _microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        from nemo_minitron.model.forward import split_microbatches
+    def _loader(self, consumed: int, workers: int):
+        from nemo_minitron.distill.loader import training_batches
 
-        mine = step_samples(self.train_samples, step, self.cfg.global_batch, self.dp_rank, self.dp)
-        return split_microbatches(mine, self.cfg.micro_batch)
+        return training_batches(self.train_samples, consumed=consumed, global_batch=self.cfg.global_batch,
+                                micro_batch=self.cfg.micro_batch, dp_rank=self.dp_rank, dp_size=self.dp,
+                                workers=workers)
 
-    def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor) -> dict[str, Any]:
-        """Mean over micro-batches and DP ranks, from the last stage to every rank."""
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``step``, as the loader reads them for that step."""
+        batches = self._loader(step * self.cfg.global_batch, workers=0)
+        return [next(batches) for _ in range(self.num_microbatches)]
+
+    def flops_per_token(self) -> float:
+        from nemo_minitron.distill.metrics import training_flops_per_token
+
+        return training_flops_per_token(self.student_desc, self.teacher_desc, self.cfg.seq_len)
+
+    def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor,
+                     pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
+        """Mean over micro-batches and DP ranks, from the last stage to every rank; ``loss`` is
+        the whole objective: the logit loss plus every stage's weighted pair losses."""
         from megatron.core import parallel_state as ps
 
         stats = torch.zeros(3 + len(pair_losses), dtype=torch.float64, device=self.device)
         if reported:
-            for key, i in (("loss", 0), ("kd", 1), ("ce", 2)):
+            for key, i in (("logit_loss", 0), ("kd", 1), ("ce", 2)):
                 stats[i] = sum(float(r[key]) for r in reported) / len(reported)
         stats[3:] = pair_losses.to(stats)
         if dist.is_initialized():
@@ -187,20 +243,15 @@ class Trainer:
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
         values = stats.tolist()
-        return {"loss": values[0], "kd_loss": values[1], "ce_loss": values[2], "pair_losses": values[3:]}
+        pairs = values[3:]
+        weights = pair_weights.tolist() if pair_weights is not None else [0.0] * len(pairs)
+        total = values[0] + sum(w * p for w, p in zip(weights, pairs))
+        return {"loss": total, "kd_loss": values[1], "ce_loss": values[2], "pair_losses": pairs,
+                **({"pair_weights": weights} if pairs else {})}
 
     def log_record(self, record: dict[str, Any]) -> None:
-        from nemo_minitron.runtime.distributed import is_rank0
-
-        if not is_rank0():
-            return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-            self.writer.flush()
+        if self.metrics is not None:
+            self.metrics.record(record)
 
     def evaluate(self, model) -> dict[str, float]:
         from nemo_minitron.evaluate import evaluate
@@ -209,75 +260,83 @@ class Trainer:
         return {"heldout_loss": result.loss, "heldout_perplexity": result.perplexity, "heldout_tokens": result.tokens}
 
     # -------------------------------------------------------------- run
-    def prepare(self) -> bool:
+    def prepare(self, config: dict[str, Any] | None = None) -> bool:
         """Create the output directory and logs, and resume if it holds a checkpoint.
-        Returns True when resumed."""
+        Returns True when resumed. ``config``: the run's settings, for W&B."""
+        from nemo_minitron.distill.metrics import MetricsLog
         from nemo_minitron.runtime.distributed import barrier, is_rank0
 
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         barrier()
+        kind = "distillation" if isinstance(self.module, DistillationModel) else "fine-tuning"
+        self.metrics = MetricsLog(self.out, kind=kind, total_steps=self.cfg.steps, log_every=self.cfg.log_every,
+                                  config=config or {})
         self.resume_if_possible()
         return self.step > 0
 
     def resume_if_possible(self) -> None:
         from nemo_minitron.distill.checkpointing import latest_checkpoint, load_training_state
-        from nemo_minitron.runtime.distributed import is_rank0
 
         path = latest_checkpoint(self.out)
         if path is None:
-            if is_rank0() and self.metrics_file.exists():
-                self.metrics_file.unlink()  # a fresh run starts a fresh log
+            self.metrics.restart()  # a fresh run starts a fresh log
             return
-        state = load_training_state(path, self.module, self.optimizer, self.scheduler)
+        state = load_training_state(path, self.module, self.optimizer, self.scheduler,
+                                    override_schedule=self.override_schedule)
         self.step = state["step"]
+        # the data position; checkpoints from before it was saved consumed global_batch per step
+        self.consumed_samples = state.get("consumed_samples", self.step * self.cfg.global_batch)
         if isinstance(self.module, DistillationModel):
             self.module.pair_weights.copy_(torch.tensor(state["pair_weights"], dtype=torch.float64))
-        if is_rank0() and self.metrics_file.exists():
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        self.metrics.truncate(self.step)
 
     def save(self) -> None:
         from nemo_minitron.distill.checkpointing import save_training_state
 
         weights = self.module.pair_weights.tolist() if isinstance(self.module, DistillationModel) else []
         save_training_state(self.out, self.step, self.module, self.optimizer, self.scheduler,
-                            {"pair_weights": weights})
+                            {"pair_weights": weights, "consumed_samples": self.consumed_samples})
 
-    def _forward_backward(self, step: int) -> dict[str, Any]:
-        """Forward and backward over ``step``'s micro-batches (megatron-core's schedule,
-        gradients accumulated); the step's losses, reduced to every rank."""
+    def _forward_backward(self, batches) -> dict[str, Any]:
+        """Forward and backward over the next step's micro-batches from ``batches``
+        (megatron-core's schedule, gradients accumulated); the step's losses and the
+        fingerprint of its samples, reduced to every rank."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         distilling = isinstance(self.module, DistillationModel)
         extra = {}
         if distilling:
             self.module.num_microbatches = self.num_microbatches
+            self.module.loss_scale = float(self.optimizer.get_loss_scale())
             self.module.step_pair_losses.zero_()
             if self.module.pp > 1:
                 extra["adjust_tensor_shapes_fn"] = self.module.adjust_tensor_shapes
+        data = _Fingerprinting(batches)
         reported = get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=iter(self._microbatches(step)), model=[self.ddp],
+            forward_step_func=self.forward_step, data_iterator=data, model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
         pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
-        return self._reduce_logs(reported, pair_losses)
+        logs = self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
+        fingerprint = torch.tensor([data.value], dtype=torch.int64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(fingerprint, group=ps.get_data_parallel_group())
+        return {**logs, "samples_fingerprint": int(fingerprint.item()) % FINGERPRINT_MODULUS}
 
     def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One forward-backward pass over ``step``'s batches, no update: the logs and this
         stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
         from megatron.core import parallel_state as ps
 
-        from nemo_minitron.model.params import gather, named_weights
+        from nemo_minitron.model.params import gather, named_weights, unwrap
 
         self.ddp.zero_grad_buffer()
-        logs = self._forward_backward(step)
+        logs = self._forward_backward(iter(self.step_batches(step)))
         group = ps.get_tensor_model_parallel_group()
-        grads = {name: gather(name, p.main_grad.detach().float(), group=group).cpu()
+        gated = unwrap(self.student).config.gated_linear_unit
+        grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated).cpu()
                  for name, p in named_weights(self.student)}
         if isinstance(self.module, DistillationModel):
             for key, proj in self.module.projections.items():
@@ -285,44 +344,64 @@ class Trainer:
         return logs, grads
 
     def train(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
-        from nemo_minitron.runtime.distributed import is_rank0
+        """Train from the current step to ``cfg.steps``, or until a stop signal (then save and
+        return with ``stopped``: the signal's name)."""
+        from nemo_minitron.distill.metrics import peak_memory_gb
+        from nemo_minitron.runtime.progress import progress_bar
+        from nemo_minitron.runtime.signals import received, stop_requested
 
         cfg = self.cfg
         distilling = isinstance(self.module, DistillationModel)
         tokens_per_step = cfg.global_batch * cfg.seq_len
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="distill" if distilling else "fine-tune", unit="step",
-                   disable=not (self.progress and is_rank0()), dynamic_ncols=True)
-        last = {}
+        flops_per_step = self.flops_per_token() * tokens_per_step
+        bar = progress_bar(cfg.steps, "distill" if distilling else "fine-tune", self.progress, initial=self.step,
+                           unit="step")
+        self._batches = self._loader(self.consumed_samples, cfg.data_workers)
+        last, stopped = {}, None
         started, trained_steps = time.time(), 0
         while self.step < cfg.steps:
             t0 = time.time()
             self.ddp.train()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            logs = self._forward_backward(self.step)
+            logs = self._forward_backward(self._batches)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
+            self.consumed_samples += cfg.global_batch
             trained_steps += 1
-            if distilling and cfg.pair_weight == "auto" and len(cfg.pairs):
-                logit_part = cfg.logit.kd_weight * logs["kd_loss"] + cfg.logit.ce_weight * logs["ce_loss"]
-                self.module.pair_weights.copy_(torch.tensor(
-                    [logit_part / p if p > 1e-12 else 1.0 for p in logs["pair_losses"]], dtype=torch.float64))
+            if distilling and self.pairs:
+                logit_part = self.loss_cfg.kd_weight * logs["kd_loss"] + self.loss_cfg.ce_weight * logs["ce_loss"]
+                self.module.pair_weights.copy_(next_pair_weights(self.pair_weight, logit_part, logs["pair_losses"]))
             elapsed = time.time() - t0
-            last = {"kind": "train", "step": self.step, **logs, "lr": self.optimizer.param_groups[0]["lr"],
+            last = {"kind": "train", "step": self.step, **logs, "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
-                    "tokens": self.step * tokens_per_step, "step_seconds": elapsed,
-                    "tokens_per_second": tokens_per_step / elapsed}
+                    "loss_scale": float(self.optimizer.get_loss_scale()) if self.fp16 else None,
+                    "consumed_samples": self.consumed_samples, "tokens": self.consumed_samples * cfg.seq_len,
+                    "step_seconds": elapsed, "tokens_per_second": tokens_per_step / elapsed,
+                    "tflops_per_device": flops_per_step / elapsed / self.world_size / 1e12,
+                    "peak_memory_gb": peak_memory_gb()}
             self.log_record(last)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.log_record({"kind": "eval", "step": self.step, **self.evaluate(self.student)})
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps
+            if saved:
                 self.save()
+            if self.step < cfg.steps and stop_requested():
+                stopped = received() or "a signal on another rank"
+                log.warning("stop requested (%s): saving at step %d and exiting", stopped, self.step)
+                if not saved:
+                    self.save()
+                break
         bar.close()
+        self._batches = None  # ends the loader's worker processes
         wall = time.time() - started
-        return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall,
+        return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall, "stopped": stopped,
                 "tokens_per_second": trained_steps * tokens_per_step / wall if trained_steps else None}
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

@@ -16,21 +16,21 @@ from typing import Sequence
 
 import torch
 
+from nemo_minitron.config import Names
 from nemo_minitron.errors import require
-from nemo_minitron.importance.collect import AGGREGATIONS, NEURON_ACTIVATIONS, ActivationCollector
+from nemo_minitron.importance.collect import ActivationCollector
+from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import ImportanceScores
 
 log = logging.getLogger("nemo_minitron")
 
 
-def _check_choice(value: str, allowed: Sequence[str], flag: str) -> None:
-    require(value in allowed, f"{flag} must be one of {', '.join(allowed)} (got '{value}')")
-
-
 def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with
-    the collector's hooks; global scores."""
+                     neuron_activation: str, num_layers: int, progress: bool = True,
+                     layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with the
+    collector's hooks; global scores. After the first batches, logs the estimated time of the
+    whole stage (``layer_pass_tokens``: the tokens the loss-drop passes will cost afterwards)."""
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
@@ -48,13 +48,28 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
                disable=not (progress and is_rank0()), dynamic_ncols=True)
     with collector.active():
         for start in range(0, len(batches), chunk):
+            t0 = time.time()
             run = batches[start:start + chunk]
             run_forward_only(model, run, _scoring_step(device))
             bar.update(len(run) * ps.get_data_parallel_world_size())
+            if start == 0 and len(batches) > chunk:
+                per_token = (time.time() - t0) / sum(b["tokens"].numel() for b in run)
+                _log_estimate(per_token, sum(b["tokens"].numel() for b in batches[chunk:]),
+                              layer_pass_tokens // ps.get_data_parallel_world_size())
     bar.close()
     scores = collector.finalize(num_layers, batch_agg)
     scores["hidden"] = scores["hidden_per_layer"].sum(dim=0) + scores.pop("final_norm")
     return scores
+
+
+def _log_estimate(seconds_per_token: float, calibration_tokens: int, layer_tokens: int) -> None:
+    def fmt(seconds: float) -> str:
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+            else f"{seconds:.0f} s"
+
+    calib, layers = seconds_per_token * calibration_tokens, seconds_per_token * layer_tokens
+    log.info("estimated time from the first batch: calibration %s more, layer loss drops %s (lower --samples, "
+             "--layer-samples or --drop-blocks to shorten)", fmt(calib), fmt(layers))
 
 
 def _scoring_step(device):
@@ -74,73 +89,87 @@ def _scoring_step(device):
     return forward_step
 
 
-def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int,
-                        progress: bool = False) -> torch.Tensor:
+def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int, progress: bool = False,
+                        samples_flag: str = "--samples") -> torch.Tensor:
     """``[samples, seq_len + 1]``: the first samples of the train part, shuffled by ``seed``
     (collective). Asking for more than one pass over the data holds is an error."""
     dataset = corpus.dataset(tokenizer, seq_len=seq_len, seed=seed, part="train", num_samples=samples, exact=True,
-                             progress=progress)
+                             samples_flag=samples_flag, progress=progress)
     return dataset.take(samples)
 
 
-def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, samples: int = 1024, seq_len: int = 512,
-                       micro_batch: int = 4, batch_agg: str = "l2", seq_agg: str = "mean",
-                       neuron_activation: str = "post", layer_samples: int | None = None,
-                       drop_blocks: Sequence[int] = (), seed: int = 1234, tp: int = 1, pp: int = 1,
-                       dtype: str | torch.dtype | None = None, split: str | None = None,
-                       data_cache: str | None = None, progress: bool = True) -> ImportanceScores:
-    """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores."""
+def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: ImportanceConfig | None = None, *,
+                       progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+                       **options) -> ImportanceScores:
+    """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores.
+
+    ``config``: an ImportanceConfig (defaults if None); ``options``: any of its fields, or
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
     from tqdm import tqdm
 
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
+    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
+    from nemo_minitron.data.config import DataOptions
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
     from nemo_minitron.importance.plots import write_plots
+    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything the user gave is checked before any work
+    names = names or cli_names(ImportanceConfig)
+    data_names = data_names or cli_names(DataOptions)
+    stage, par, run, dat = split_overrides(options, ImportanceConfig, ParallelConfig, RunConfig, DataOptions)
+    cfg = build(ImportanceConfig, config, names, **stage)
+    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
+    data_opts = build(DataOptions, None, data_names, **dat)
+    tp, pp, seed = parallel.tp, parallel.pp, run_cfg.seed
+    samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
     out_path = check_new_output(out)
-    _check_choice(batch_agg, AGGREGATIONS, "--batch-agg")
-    _check_choice(seq_agg, AGGREGATIONS, "--seq-agg")
-    _check_choice(neuron_activation, NEURON_ACTIVATIONS, "--neuron-activation")
-    require(samples >= 1, f"--samples must be >= 1 (got {samples})")
-    require(micro_batch >= 1, f"--micro-batch must be >= 1 (got {micro_batch})")
     require(seq_len <= desc.max_position_embeddings,
-            f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({desc.max_position_embeddings})")
-    layer_samples = samples if layer_samples is None else layer_samples
-    require(1 <= layer_samples <= samples, f"--layer-samples must be between 1 and --samples ({samples}), "
-                                           f"got {layer_samples}")
-    for k in drop_blocks:
-        require(1 <= k < desc.num_layers, f"--drop-blocks {k}: a block must hold 1 to {desc.num_layers - 1} layers")
-    compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+            f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "
+            f"({desc.max_position_embeddings})")
+    layer_samples = cfg.layer_sample_count()
+    for k in cfg.drop_blocks:
+        require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
+                                          f"{desc.num_layers - 1} layers")
+    compute_dtype = parse_dtype(run_cfg.dtype, names("dtype")) if run_cfg.dtype else None
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
-    require(samples >= dp, f"--samples {samples} is fewer than the {dp} data-parallel ranks")
+    require(samples >= dp, f"{names('samples')} {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
-    corpus = check_corpus(data, vocab_size=desc.vocab_size, split=split, cache_dir=data_cache, tokenizer=tokenizer)
+    corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": run_cfg.dtype,
+                **to_dict(data_opts), **to_dict(cfg)}
 
     # ---- work
     start = time.time()
     init_distributed(tp, pp, seed)
     calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
-                                      progress=progress)
+                                      progress=progress, samples_flag=names("samples"))
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
-    log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples)",
-             checkpoint, samples, seq_len, seq_agg, batch_agg)
-    tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=seq_agg, batch_agg=batch_agg,
-                               neuron_activation=neuron_activation, num_layers=desc.num_layers, progress=progress)
+    if is_rank0():
+        log.info("importance config:\n%s", yaml_text(resolved).rstrip())
+    passes = desc.num_layers + sum(desc.num_layers - k + 1 for k in cfg.drop_blocks)
+    log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples); layer loss "
+             "drops on %d of them (%d passes)", checkpoint, samples, seq_len, cfg.seq_agg, cfg.batch_agg,
+             layer_samples, passes)
+    tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
+                               batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
+                               num_layers=desc.num_layers, progress=progress,
+                               layer_pass_tokens=passes * layer_samples * seq_len)
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
-    passes = desc.num_layers + sum(desc.num_layers - k + 1 for k in drop_blocks)
     bar = tqdm(total=passes, desc="layer loss", unit="pass", disable=not (progress and is_rank0()), dynamic_ncols=True)
     full_loss = evaluate(model, desc.vocab_size, layer_set, micro_batch=micro_batch).loss
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
-                                    list(drop_blocks), bar)
+                                    list(cfg.drop_blocks), bar)
     bar.close()
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -149,10 +178,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
     summary = {
         "model": desc.fingerprint(),
         "checkpoint": str(checkpoint),
-        "settings": {"data": corpus.blend.label, "split": split, "samples": samples, "seq_len": seq_len, "micro_batch": micro_batch,
-                     "seq_agg": seq_agg, "batch_agg": batch_agg, "neuron_activation": neuron_activation,
-                     "layer_samples": layer_samples, "drop_blocks": list(drop_blocks), "seed": seed,
-                     "tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},
+        "config": resolved,
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},
         "samples": samples,
         "tokens": samples * seq_len,
         "layer_tokens": layer_samples * seq_len,
@@ -174,6 +201,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, *, sample
             scores.save(tmp)
             summary["plots"] = write_plots(tensors, blocks, tmp)
             scores.save(tmp)
+            (tmp / "config.yaml").write_text(yaml_text(resolved))
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,
              summary["wall_seconds"], top)

@@ -5,7 +5,7 @@ Per token, each unit has one activation value x[b, s, u]:
                       of the output projection), as the paper's ||Attn_u(X)||;
 - query group:        the sum of its heads' final scores;
 - MLP neuron u:       the input of the second MLP linear (``post``, default), or the
-                      gate pre-activation X.W_gate,u (``pre``, the paper's X.W1_i);
+                      pre-activation X.W1_u (``pre``, the paper's; with a gate, X.W_gate,u);
 - embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm).
 
 Aggregation, first over the sequence of each sample, then over all samples:
@@ -91,9 +91,15 @@ class LayerStats:
     cos_tokens: int = 0
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _fused_norm(x: torch.Tensor, module, config) -> torch.Tensor:
+    """The output of the norm TE fused into ``module`` (RMSNorm, or LayerNorm with bias;
+    zero-centred weights apply as weight + 1), in float32."""
+    eps = getattr(module, "eps", config.layernorm_epsilon)
+    weight = module.layer_norm_weight.float() + (1 if config.layernorm_zero_centered_gamma else 0)
     xf = x.float()
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)) * weight.float()
+    if config.normalization == "LayerNorm":
+        return torch.nn.functional.layer_norm(xf, xf.shape[-1:], weight, module.layer_norm_bias.float(), eps)
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)) * weight
 
 
 class ActivationCollector:
@@ -140,16 +146,16 @@ class ActivationCollector:
             else:
                 def neurons(module, args, output, st=st):
                     out = output[0] if isinstance(output, tuple) else output
-                    gate = out.chunk(2, dim=-1)[0]  # [gate; up] per TP shard
-                    st.ffn.add(self._per_sample(gate))
+                    if self.model.config.gated_linear_unit:
+                        out = out.chunk(2, dim=-1)[0]  # [gate; up] per TP shard: the gate
+                    st.ffn.add(self._per_sample(out))
                 yield mlp.linear_fc1, "post", neurons
 
             for norm_name, fused_into, stat in (("input_layernorm", attn.linear_qkv, st.input_norm),
                                                 ("pre_mlp_layernorm", mlp.linear_fc1, st.pre_mlp_norm)):
                 if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
                     def fused(module, args, stat=stat):
-                        eps = getattr(module, "eps", self.model.config.layernorm_epsilon)
-                        stat.add(self._per_sample(_rms_norm(args[0].detach(), module.layer_norm_weight, eps)))
+                        stat.add(self._per_sample(_fused_norm(args[0].detach(), module, self.model.config)))
                     yield fused_into, "pre", fused
                 else:
                     def norm_out(module, args, output, stat=stat):

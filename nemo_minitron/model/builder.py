@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.norms import zero_centered_local_spec
 
 Spec = Literal["auto", "local", "te"]
 
@@ -53,6 +54,7 @@ def _pipeline_layout(layers_per_stage: Sequence[int]) -> list[list[str]]:
 
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        layers_per_stage: Sequence[int] | None = None, recompute: bool = False):
+    from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     layers_per_stage = list(layers_per_stage or balanced_stages(desc.num_layers, pp))
@@ -71,12 +73,14 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         num_attention_heads=desc.num_attention_heads,
         num_query_groups=desc.num_query_groups,
         kv_channels=desc.head_dim,
-        normalization="RMSNorm",
+        normalization=desc.normalization,
         layernorm_epsilon=desc.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        layernorm_zero_centered_gamma=desc.zero_centered_gamma,
+        gated_linear_unit=desc.gated,
+        activation_func=F.silu if desc.gated else squared_relu,
         add_bias_linear=False,
         add_qkv_bias=desc.qkv_bias,
+        qk_layernorm=desc.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # HF computes attention with softmax scale 1/sqrt(head_dim), as megatron does by default.
@@ -89,7 +93,8 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA; the plain PyTorch paths are numerically the reference.
-        bias_activation_fusion=on_gpu and have_transformer_engine(),
+        # (megatron fuses bias + SwiGLU or GeLU only)
+        bias_activation_fusion=on_gpu and have_transformer_engine() and desc.gated,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -104,7 +109,7 @@ def _apply_rope_scaling(model, desc: ModelDescription) -> None:
     if desc.rope_scaling is None or not hasattr(model, "rotary_pos_emb"):
         return
     rope = model.rotary_pos_emb
-    dim = desc.head_dim
+    dim = desc.rotary_dim
     base = 1.0 / (desc.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
     kind = desc.rope_scaling["rope_type"]
     if kind == "linear":
@@ -139,10 +144,12 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     desc.check_layout(tp, pp)
     config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
                                 recompute=recompute)
-    if resolve_spec(spec) == "te":
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    if resolve_spec(spec) == "te":  # TE's norms read normalization and zero-centred gamma from the config
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=desc.qk_norm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer_spec = get_gpt_layer_local_spec(normalization=desc.normalization, qk_layernorm=desc.qk_norm)
+        if desc.zero_centered_gamma:
+            layer_spec = zero_centered_local_spec(layer_spec, config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -153,7 +160,7 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
         share_embeddings_and_output_weights=desc.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=desc.rope_theta,
-        rotary_percent=1.0,
+        rotary_percent=desc.rotary_percent,
     )
     _apply_rope_scaling(model, desc)
     if torch.cuda.is_available():

@@ -1,12 +1,15 @@
-"""A model described as data: the Llama family's shapes, and what follows from them.
+"""A model described as data: a decoder's shapes and features, and what follows from them.
 
 A ``ModelDescription`` is all that is needed to build a megatron-core ``GPTModel``
 (``model.builder``), to write a Hugging Face ``config.json`` (``checkpoint.hf_export``)
 and to count parameters, FLOPs and KV-cache bytes (the pruning planner), so planning
 a 70B model needs no weights. It is stored as JSON inside every project checkpoint.
 
-Pruned shapes are first-class: ``head_dim`` is explicit and need not equal
-``hidden_size / num_attention_heads``.
+``architecture`` names the family (``nemo_minitron.families``: llama, mistral, qwen2,
+qwen3, nemotron), whose table fixes the features (MLP activation, norm kind, biases,
+QK-norm); the converter between HF configs and descriptions is
+``checkpoint.hf_format``. Pruned shapes are first-class: ``head_dim`` is explicit and
+need not equal ``hidden_size / num_attention_heads``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import json
 import math
 from typing import Any, Mapping
 
+from nemo_minitron.config import DEFAULT_SEQ_LEN
 from nemo_minitron.errors import UsageError, divisors, require
+from nemo_minitron.families import FAMILIES, family
 
 #: HF ``model_type`` values this project converts, builds and exports.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+ACTIVATIONS = ("swiglu", "squared_relu")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 #: The vocabulary is padded to a multiple of this so that every power-of-two tensor
 #: parallel size up to 128 divides it; the padding never depends on the layout, so a
@@ -41,20 +48,26 @@ class ModelDescription:
     rope_theta: float = 10000.0
     #: HF-style rope scaling, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
     rope_scaling: Mapping[str, Any] | None = None
+    #: fraction of each head's dimensions that RoPE rotates (the first ones; Nemotron: 0.5)
+    rotary_percent: float = 1.0
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
+    #: MLP: "swiglu" (gated: gate, up, down) or "squared_relu" (up, down; no gate)
+    activation: str = "swiglu"
+    #: "RMSNorm" (weight) or "LayerNorm" (weight and bias)
+    normalization: str = "RMSNorm"
+    #: norm weights stored as gamma - 1 (megatron's layernorm_zero_centered_gamma, HF's "1p")
+    zero_centered_gamma: bool = False
     qkv_bias: bool = False
-    sliding_window: int | None = None
+    #: per-head norm (over head_dim) of queries and keys before RoPE
+    qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
-        require(
-            self.architecture in SUPPORTED_ARCHITECTURES,
-            f"unsupported architecture '{self.architecture}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
-        )
+        fam = family(self.architecture)
         for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
                       "num_attention_heads", "num_query_groups", "head_dim"):
             value = getattr(self, field)
@@ -64,6 +77,18 @@ class ModelDescription:
             f"attention heads ({self.num_attention_heads}) must be a multiple of query groups "
             f"({self.num_query_groups})",
         )
+        require(self.activation in ACTIVATIONS,
+                f"model activation '{self.activation}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+        require(self.normalization in NORMALIZATIONS, f"model normalization '{self.normalization}' is not "
+                                                      f"supported (supported: {', '.join(NORMALIZATIONS)})")
+        for key, value in fam.feature_values().items():
+            require(getattr(self, key) == value,
+                    f"a {self.architecture} model has {key}={value!r}, this description {getattr(self, key)!r}")
+        require(0 < self.rotary_percent <= 1 and self.rotary_dim > 0 and self.rotary_dim % 2 == 0,
+                f"rotary_percent {self.rotary_percent} of head_dim {self.head_dim} must give an even number "
+                "of rotated dimensions")
+        require(fam.partial_rotary is not None or self.rotary_percent == 1.0,
+                f"a {self.architecture} model rotates whole heads (rotary_percent 1.0, got {self.rotary_percent})")
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -73,6 +98,25 @@ class ModelDescription:
     @property
     def padded_vocab_size(self) -> int:
         return int(math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones), as HF and megatron round it."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def gated(self) -> bool:
+        """The MLP's first linear is [gate; up] (SwiGLU)."""
+        return self.activation == "swiglu"
+
+    @property
+    def mlp_matrices(self) -> int:
+        """hidden x ffn matrices per MLP: gate, up, down (gated) or up, down."""
+        return 3 if self.gated else 2
+
+    def norm_parameters(self, size: int) -> int:
+        """Parameters of one norm over ``size`` channels (LayerNorm has a bias)."""
+        return size * (2 if self.normalization == "LayerNorm" else 1)
 
     @property
     def qkv_rows(self) -> int:
@@ -86,8 +130,9 @@ class ModelDescription:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down (SwiGLU)
-        norms = 2 * h
+        attention += 2 * self.norm_parameters(d) if self.qk_norm else 0  # one q and one k norm, shared by heads
+        mlp = self.mlp_matrices * h * self.ffn_hidden_size
+        norms = 2 * self.norm_parameters(h)
         return attention + mlp + norms
 
     def embedding_parameters(self) -> int:
@@ -97,15 +142,16 @@ class ModelDescription:
 
     def num_parameters(self) -> int:
         """Parameter count exactly as the exported Hugging Face model reports it."""
-        return self.embedding_parameters() + self.num_layers * self.parameters_per_layer() + self.hidden_size
+        return (self.embedding_parameters() + self.num_layers * self.parameters_per_layer()
+                + self.norm_parameters(self.hidden_size))
 
-    def flops_per_token(self, seq_len: int = 4096) -> int:
+    def flops_per_token(self, seq_len: int = DEFAULT_SEQ_LEN) -> int:
         """Forward FLOPs per token: 2 per weight of every matrix product (the output layer
         included, the embedding lookup excluded) plus attention scores and values over a
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        matmul_weights = self.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * self.ffn_hidden_size)
+        matmul_weights = self.num_layers * (h * q + 2 * h * kv + q * h + self.mlp_matrices * h * self.ffn_hidden_size)
         matmul_weights += self.vocab_size * h
         attention = self.num_layers * 2 * 2 * q * (seq_len / 2)
         return int(2 * matmul_weights + attention)
@@ -144,10 +190,13 @@ class ModelDescription:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelDescription":
+        data = dict(data)
+        # checkpoints written before sliding windows were refused stored this key as null
+        require(data.pop("sliding_window", None) is None, "sliding-window attention is not supported")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         require(not unknown, f"unknown model description keys: {', '.join(unknown)}")
-        return cls(**dict(data))
+        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -158,71 +207,21 @@ class ModelDescription:
                                               "num_layers", "num_attention_heads", "num_query_groups", "head_dim")}
 
     def summary(self) -> str:
+        features = [f for f, on in (
+            ("tied embeddings", self.tie_embeddings), ("squared-ReLU MLP", self.activation == "squared_relu"),
+            ("LayerNorm" + (" (zero-centred gamma)" if self.zero_centered_gamma else ""),
+             self.normalization == "LayerNorm"),
+            ("QKV bias", self.qkv_bias), ("QK-norm", self.qk_norm),
+            (f"RoPE on {self.rotary_percent:.0%} of head dims", self.rotary_percent != 1.0)) if on]
         return (f"{self.architecture} {self.num_parameters() / 1e6:.1f}M params: layers {self.num_layers}, "
                 f"hidden {self.hidden_size}, ffn {self.ffn_hidden_size}, heads {self.num_attention_heads}, "
                 f"query groups {self.num_query_groups}, head dim {self.head_dim}, vocab {self.vocab_size}"
-                f"{', tied embeddings' if self.tie_embeddings else ''}")
-
-
-# ---------------------------------------------------------------------- Hugging Face config
-_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-
-
-def _rope_from_hf(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """HF keeps RoPE settings in ``rope_theta``/``rope_scaling`` (4.x) or ``rope_parameters`` (5.x)."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = dict(config.get("rope_scaling") or {})
-    theta = float(config.get("rope_theta", params.get("rope_theta", 10000.0)))
-    merged = {**params, **scaling}
-    merged.pop("rope_theta", None)
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    require(kind in ("llama3", "linear"), f"unsupported rope scaling type '{kind}' (supported: llama3, linear)")
-    merged["rope_type"] = kind
-    merged.pop("type", None)
-    return theta, merged
+                + "".join(f", {f}" for f in features))
 
 
 def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> ModelDescription:
-    """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        classes = config.get("architectures") or []
-        model_type = next((_ARCH_BY_CLASS[c] for c in classes if c in _ARCH_BY_CLASS), model_type)
-    require(
-        model_type in SUPPORTED_ARCHITECTURES,
-        f"unsupported architecture '{model_type or config.get('architectures')}' "
-        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
-    )
-    act = config.get("hidden_act", "silu")
-    require(act == "silu", f"unsupported activation '{act}' (supported: silu, i.e. SwiGLU)")
-    require(not config.get("mlp_bias", False), "MLP biases are not supported")
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    theta, scaling = _rope_from_hf(config)
-    qkv_bias = bool(config.get("attention_bias", model_type == "qwen2"))
-    window = config.get("sliding_window")
-    if model_type == "qwen2" and not config.get("use_sliding_window", False):
-        window = None
-    return ModelDescription(
-        architecture=model_type,
-        vocab_size=int(config["vocab_size"]),
-        hidden_size=hidden,
-        ffn_hidden_size=int(config["intermediate_size"]),
-        num_layers=int(config["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
-        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
-        sliding_window=int(window) if window else None,
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"),
-        pad_token_id=config.get("pad_token_id"),
-        name=name or str(config.get("_name_or_path", "")),
-    )
+    """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription (the family
+    tables' converter, ``checkpoint.hf_format``); unsupported features are one-line errors."""
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config as read
+
+    return read(config, name=name)

@@ -9,7 +9,11 @@ both are translated here, so nothing else in the project needs to know.
 Tensor-parallel layout of the fused tensors (global, TP=1 form):
 - ``linear_qkv``: rows grouped by query group, each group ``[q heads..., k, v]`` of
   ``head_dim`` rows; TP ranks hold contiguous runs of whole groups.
-- ``linear_fc1``: ``[gate; up]``; each TP rank holds ``[gate_shard; up_shard]``.
+- ``linear_fc1``: ``[gate; up]`` (gated MLPs, SwiGLU); each TP rank holds
+  ``[gate_shard; up_shard]``. Without a gate (squared ReLU) it is one plain column-parallel
+  matrix: ``shard``/``gather`` take ``gated`` (the description's ``gated``).
+- Norms, including the per-head-dim QK-norms (``q_layernorm``/``k_layernorm``), are
+  replicated over TP ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch.distributed as dist
 
 _TE_RENAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -40,8 +46,9 @@ def tp_split_dim(name: str) -> int | None:
     return None
 
 
-def is_gated(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
+def is_gated(name: str, gated: bool = True) -> bool:
+    """Whether ``name`` is a stacked [gate; up] tensor (in a model whose MLP is ``gated``)."""
+    return gated and name.endswith("mlp.linear_fc1.weight")
 
 
 def unwrap(model):
@@ -85,26 +92,27 @@ def rename_layer(name: str, new_index: int) -> str:
 
 
 # ---------------------------------------------------------------------- TP split / gather
-def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's slice of a canonical (TP=1) tensor."""
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, *, gated: bool) -> torch.Tensor:
+    """This TP rank's slice of a canonical (TP=1) tensor (``gated``: the model's MLP has a gate)."""
     dim = tp_split_dim(name)
     if dim is None or tp_size == 1:
         return full
-    if is_gated(name):
+    if is_gated(name, gated):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
-def gather(name: str, local: torch.Tensor, group=None) -> torch.Tensor:
-    """The canonical (TP=1) tensor from every TP rank's slice (a collective over ``group``)."""
+def gather(name: str, local: torch.Tensor, group=None, *, gated: bool) -> torch.Tensor:
+    """The canonical (TP=1) tensor from every TP rank's slice (a collective over ``group``;
+    ``gated``: the model's MLP has a gate)."""
     dim = tp_split_dim(name)
     size = dist.get_world_size(group) if dist.is_initialized() else 1
     if dim is None or size == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    if is_gated(name):
+    if is_gated(name, gated):
         gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
         return torch.cat([*gates, *ups], dim=0)
     return torch.cat(parts, dim=dim)

@@ -45,7 +45,7 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
     samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=recipe.seed, part="valid").first(cfg.eval_samples)
     rows = []
     for name, path in models:
-        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype"))
+        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None)
         result = evaluate(model, info.description.vocab_size, samples, micro_batch=cfg.micro_batch)
         desc = info.description
         rows.append({"model": name, "checkpoint": str(path), "parameters": desc.num_parameters(),

@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
 from nemo_minitron.pipeline.recipe import Recipe, RoundConfig, load_recipe
 
 log = logging.getLogger("nemo_minitron")
 
 STAGES_FILE = "stages.json"
+FORCE_HINT = "resume=force (or run --force)"
 
 
 @dataclasses.dataclass
@@ -36,6 +39,8 @@ class Stage:
     directory: Path
     is_done: Callable[[Path], bool]
     work: Callable[[Path], dict[str, Any]]  # returns stats such as {"tokens": n}
+    #: the recipe keys (dotted, as the user writes them) this stage's output depends on
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -122,9 +127,7 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     descriptions = [desc]
     for i, rnd in enumerate(recipe.rounds):
         pr = rnd.prune
-        desc = planned_description(desc, target=pr.target or None, target_params=pr.target_params, tp=tp, pp=pp,
-                                   max_width_cut=pr.max_width_cut, max_depth_cut=pr.max_depth_cut,
-                                   flag=f"rounds.{i}.prune")
+        desc = planned_description(desc, pr, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
         descriptions.append(desc)
         for key, model in (("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)):
             value = model
@@ -142,6 +145,9 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
 
     tp, pp, seed = recipe.parallel.tp, recipe.parallel.pp, recipe.seed
     data = recipe.data
+    runtime = dict(tp=tp, pp=pp, seed=seed, dtype=recipe.dtype, split=data.split, cache_dir=data.cache_dir,
+                   data_names=recipe_names("data"))
+    force = recipe.resume == "force"
     stages: list[Stage] = []
 
     if not is_checkpoint(recipe.model.source):
@@ -152,17 +158,19 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
             dtype = parse_dtype(recipe.model.dtype, "model.dtype") if recipe.model.dtype else None
             run(recipe.model.source, str(out), tp=tp, pp=pp, dtype=dtype, seed=seed)
             return {}
-        stages.append(Stage("convert", paths.convert, is_checkpoint, convert))
+        stages.append(Stage("convert", paths.convert, is_checkpoint, convert, {"model": to_dict(recipe.model)}))
 
     tc = recipe.teacher_correction
     if tc.enabled:
         def correct(out: Path) -> dict:
             from nemo_minitron.distill.api import finetune
 
-            return finetune(str(paths.input_checkpoint()), data.train, str(out), eval_data=data.heldout,
-                            tp=tp, pp=pp, dtype=recipe.dtype, seed=seed, **_data_kwargs(recipe),
-                            **_training_kwargs(tc))
-        stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct))
+            return finetune(str(paths.input_checkpoint()), data.train, str(out), tc, eval_data=data.heldout,
+                            force=force, names=recipe_names("teacher_correction"), force_hint=FORCE_HINT,
+                            **runtime)
+        stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct,
+                            {"teacher_correction": to_dict(tc), "data.train": data.train, "data.heldout": data.heldout,
+                             "data.split": data.split, "seed": seed, "dtype": recipe.dtype}))
 
     for i, rnd in enumerate(recipe.rounds):
         stages += _round_stages(recipe, paths, i, rnd)
@@ -172,28 +180,20 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
             from nemo_minitron.checkpoint.api import export as run
             from nemo_minitron.checkpoint.store import parse_dtype
 
-            run(str(paths.student()), str(out), tp=tp, pp=pp, dtype=parse_dtype(recipe.export.dtype, "export.dtype"),
-                seed=seed, verify=recipe.export.verify)
+            dtype = parse_dtype(recipe.export.dtype, "export.dtype") if recipe.export.dtype else None
+            run(str(paths.student()), str(out), tp=tp, pp=pp, dtype=dtype, seed=seed, verify=recipe.export.verify)
             return {}
-        stages.append(Stage("export", paths.export, lambda p: (p / "config.json").is_file(), export))
+        stages.append(Stage("export", paths.export, lambda p: (p / "config.json").is_file(), export,
+                            {"export": to_dict(recipe.export)}))
 
     def report(out: Path) -> dict:
         from nemo_minitron.pipeline.report import write_report
 
         write_report(recipe, paths, out)
         return {}
-    stages.append(Stage("report", paths.report, lambda p: (p / "report.md").is_file(), report))
+    stages.append(Stage("report", paths.report, lambda p: (p / "report.md").is_file(), report,
+                        {"report": to_dict(recipe.report), "data.heldout": data.heldout}))
     return stages
-
-
-def _training_kwargs(cfg) -> dict[str, Any]:
-    keys = ("steps", "global_batch", "micro_batch", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay",
-            "clip_grad", "eval_every", "eval_samples", "save_every")
-    return {k: getattr(cfg, k) for k in keys}
-
-
-def _data_kwargs(recipe: Recipe) -> dict[str, Any]:
-    return {"split": recipe.data.split, "data_cache": recipe.data.cache_dir}
 
 
 def _distill_done(path: Path) -> bool:
@@ -201,45 +201,45 @@ def _distill_done(path: Path) -> bool:
 
 
 def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> list[Stage]:
-    tp, pp, seed, data = recipe.parallel.tp, recipe.parallel.pp, recipe.seed, recipe.data
+    from nemo_minitron.checkpoint.store import is_checkpoint
+
+    data, seed = recipe.data, recipe.seed
+    runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype)
+    key = f"rounds.{i}"
 
     def importance(out: Path) -> dict:
         from nemo_minitron.importance.api import compute_importance
 
-        imp = rnd.importance
-        scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), samples=imp.samples,
-                                    seq_len=imp.seq_len, micro_batch=imp.micro_batch, batch_agg=imp.batch_agg,
-                                    seq_agg=imp.seq_agg, neuron_activation=imp.neuron_activation,
-                                    layer_samples=imp.layer_samples, drop_blocks=list(imp.drop_blocks),
-                                    seed=seed, tp=tp, pp=pp, dtype=recipe.dtype, **_data_kwargs(recipe))
+        scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), rnd.importance,
+                                    names=recipe_names(f"{key}.importance"), **runtime)
         return {"tokens": int(scores.summary.get("tokens", 0))}
 
     def prune(out: Path) -> dict:
         from nemo_minitron.prune.api import prune as run
 
-        pr = rnd.prune
-        run(str(paths.round_input(i)), str(paths.importance(i)), str(out), target=pr.target or None,
-            target_params=pr.target_params, order=pr.order, layer_metric=pr.layer_metric,
-            max_width_cut=pr.max_width_cut, max_depth_cut=pr.max_depth_cut, seed=seed, tp=tp, pp=pp)
+        run(str(paths.round_input(i)), str(paths.importance(i)), str(out), rnd.prune,
+            names=recipe_names(f"{key}.prune"), tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed)
         return {}
 
     def distill(out: Path) -> dict:
         from nemo_minitron.distill.api import distill as run
 
         d = rnd.distill
-        return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), eval_data=data.heldout,
-                   tp=tp, pp=pp, dtype=recipe.dtype, seed=seed, kd_temperature=d.kd_temperature,
-                   kd_loss=d.kd_loss, kd_top_k=d.kd_top_k, kd_weight=d.kd_weight, ce_weight=d.ce_weight,
-                   kd_pairs=list(d.kd_pairs), kd_pair_loss=d.kd_pair_loss, kd_pair_weight=d.kd_pair_weight,
-                   logit_chunk=d.logit_chunk, **_data_kwargs(recipe), **_training_kwargs(d))
+        config = DistillConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)})
+        return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
+                   eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
+                   force_hint=FORCE_HINT, **runtime)
 
-    from nemo_minitron.checkpoint.store import is_checkpoint
-
+    common = {"seed": seed, "dtype": recipe.dtype}
     return [
         Stage(f"{rnd.name}-importance", paths.importance(i), lambda p: (p / "scores.safetensors").is_file(),
-              importance),
-        Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune),
-        Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill),
+              importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib,
+                           "data.split": data.split, **common}),
+        Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune,
+              {f"{key}.prune": to_dict(rnd.prune), "seed": seed}),
+        Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill,
+              {f"{key}.distill": to_dict(rnd.distill), "data.train": data.train, "data.heldout": data.heldout,
+               "data.split": data.split, **common}),
     ]
 
 
@@ -257,23 +257,67 @@ def _record(root: Path, name: str, entry: dict[str, Any]) -> None:
     tmp.replace(file)
 
 
-def run_recipe(recipe: Recipe) -> Path:
-    """Run (or resume) every stage of the recipe; returns the report directory."""
+def check_finished_stages(recipe: Recipe, root: Path, stages: list[Stage]) -> dict[str, list[str]]:
+    """A finished stage was made with the recipe's settings of that time; refuse to build on it
+    when they changed (naming the keys), unless ``resume=force``. Returns the accepted changes."""
+    from nemo_minitron.importance.config import ImportanceConfig
+    from nemo_minitron.prune.config import PruneConfig
+
+    file = root / STAGES_FILE
+    records = json.loads(file.read_text()) if file.is_file() else {}
+    safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig)
+    accepted = {}
+    for stage in stages:
+        saved = records.get(stage.name, {}).get("config")
+        if saved is None or not stage.is_done(stage.directory):
+            continue
+        changed = check_resume(saved, to_plain(stage.config), what=f"stage {stage.name} ({stage.directory})",
+                               force=recipe.resume == "force", force_hint=FORCE_HINT, ignore=safe)
+        if changed:
+            accepted[stage.name] = changed
+    return accepted
+
+
+def to_plain(tree: Any) -> Any:
+    return json.loads(json.dumps(tree, default=str))
+
+
+def _save_recipe(root: Path, recipe: Recipe) -> None:
+    """``recipe.yaml``: the resolved recipe of the latest start; an earlier, different one is
+    kept as ``recipe.previous-N.yaml``."""
+    text = yaml_text(to_plain(dataclasses.asdict(recipe)))
+    file = root / "recipe.yaml"
+    if file.is_file() and file.read_text() != text:
+        n = len(list(root.glob("recipe.previous-*.yaml"))) + 1
+        file.replace(root / f"recipe.previous-{n}.yaml")
+    tmp = root / ".recipe.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(file)
+
+
+def run_recipe(recipe: Recipe) -> Path | None:
+    """Run (or resume) every stage of the recipe; returns the report directory, or None when
+    a stop signal (SIGTERM, SIGUSR1) ended the run early (started again, it continues)."""
     from nemo_minitron.runtime.distributed import barrier, init_distributed, is_rank0
+    from nemo_minitron.runtime.signals import received, stop_requested
 
     root = Path(recipe.output_dir)
     paths = RunPaths(root, recipe)
     descriptions = preflight(recipe, paths)
+    stages = _stages(recipe, paths)
+    accepted = check_finished_stages(recipe, root, stages)
     init_distributed(recipe.parallel.tp, recipe.parallel.pp, recipe.seed)
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
-        from nemo_minitron.pipeline.recipe import to_dict
-
-        (root / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
+        _save_recipe(root, recipe)
+        log.info("recipe config:\n%s", yaml_text(to_plain(dataclasses.asdict(recipe))).rstrip())
         chain = " -> ".join(f"{d.num_parameters() / 1e6:.1f}M" for d in descriptions)
         log.info("recipe %s: %s, output in %s", recipe.name, chain, root)
+        for name, keys in accepted.items():
+            log.warning("stage %s was made with other settings (%s); kept because resume=force", name,
+                        ", ".join(keys))
     barrier()
-    for stage in _stages(recipe, paths):
+    for stage in stages:
         if stage.is_done(stage.directory):
             log.info("stage %s: complete in %s, skipped", stage.name, stage.directory)
             continue
@@ -281,20 +325,29 @@ def run_recipe(recipe: Recipe) -> Path:
         start = time.time()
         stats = stage.work(stage.directory) or {}
         wall = time.time() - start
+        if stats.get("stopped"):  # a stop signal: the stage saved its state; a new start continues it
+            log.warning("recipe stopped by %s in stage %s; start it again to continue", stats["stopped"],
+                        stage.name)
+            return None
         tokens = int(stats.get("tokens", 0) or 0)
         _record(root, stage.name, {"directory": str(stage.directory), "wall_seconds": round(wall, 2),
                                    "tokens": tokens, "tokens_per_second": round(tokens / wall, 1) if tokens else None,
-                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "config": to_plain(stage.config)})
         log.info("stage %s: done in %.0f s", stage.name, wall)
         barrier()
+        if stage is not stages[-1] and stop_requested():  # a signal during a stage that cannot pause
+            log.warning("recipe stopped by %s after stage %s; start it again to continue",
+                        received() or "a signal on another rank", stage.name)
+            return None
     return paths.report
 
 
 def main(args) -> int:
     from nemo_minitron.runtime.distributed import is_rank0
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
     report = run_recipe(recipe)
-    if is_rank0():
+    if is_rank0() and report is not None:
         print(f"report: {report / 'report.md'}")
     return 0

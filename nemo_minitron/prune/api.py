@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.errors import UsageError, require
+from nemo_minitron.config import Names, cli_names
+from nemo_minitron.errors import UsageError
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
 from nemo_minitron.prune.select import (
     LAYER_METRICS,
-    ORDERS,
     UnitScores,
     keep_plan,
     layers_to_keep,
@@ -30,21 +31,19 @@ from nemo_minitron.prune.select import (
     random_scores,
 )
 from nemo_minitron.prune.targets import apply_target, describe_change, parse_param_count
+from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
 log = logging.getLogger("nemo_minitron")
 
 
-def planned_description(desc: ModelDescription, *, target: dict[str, int] | None = None,
-                        target_params: str | int | None = None, tp: int = 1, pp: int = 1,
-                        max_width_cut: float = 0.5, max_depth_cut: float = 0.5, prefer: str = "width",
-                        flag: str = "--target") -> ModelDescription:
-    """The pruned shape for an explicit target or a budget (the planner's first candidate)."""
-    require((target is None) != (target_params is None), f"{flag}: give exactly one of a target and a budget")
-    if target is not None:
-        return apply_target(desc, dict(target), tp=tp, pp=pp, flag=flag)
-    budget = target_params if isinstance(target_params, int) else parse_param_count(str(target_params))
-    return plan(desc, budget, max_width_cut=max_width_cut, max_depth_cut=max_depth_cut, prefer=prefer,
-                tp=tp, pp=pp)[0].description
+def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1, pp: int = 1,
+                        names: Names | None = None) -> ModelDescription:
+    """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
+    names = names or cli_names(PruneConfig)
+    if cfg.target:
+        return apply_target(desc, dict(cfg.target), tp=tp, pp=pp, flag=names("target"))
+    budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
+    return plan(desc, budget, cfg, tp=tp, pp=pp, names=names)[0].description
 
 
 def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
@@ -86,7 +85,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
            "layers": torch.zeros(L, dtype=torch.float64)}
     tied_copy = desc.tie_embeddings and not ps.is_pipeline_first_stage()
     for name, param in named_weights(model):
-        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group()).cpu()
+        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated).cpu()
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of the tied embedding: counted once, on the first stage
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -107,17 +106,15 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
     return UnitScores(**out)
 
 
-def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] | None = None,
-          target_params: str | int | None = None, order: str = "importance", layer_metric: str = "contiguous",
-          seed: int = 1234, tp: int = 1, pp: int = 1, max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
-          prefer: str = "width", dtype: str | None = None) -> Path:
+def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None = None, *,
+          names: Names | None = None, **options) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
-    ``target``: {axis: size} for any of hidden, ffn, heads, query_groups, layers; or
-    ``target_params``: a budget such as "90M" (the planner's first candidate, ``prefer``
-    width or depth). ``order``: importance | magnitude | random. ``layer_metric``:
-    contiguous | loss | block | "3,7,9" (layers to drop). ``dtype``: of the saved
-    checkpoint (default: the source's)."""
+    ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
+    query_groups, layers, or ``target_params`` a budget such as "90M"; ``order``
+    importance | magnitude | random; ``layer_metric`` contiguous | loss | block | "3,7,9");
+    ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
+    checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         check_new_output,
@@ -128,22 +125,27 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
         read_info,
         save_checkpoint,
     )
+    from nemo_minitron.config import build, split_overrides, to_dict
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed
+
+    names = names or cli_names(PruneConfig)
+    stage, par, run = split_overrides(options, PruneConfig, ParallelConfig, RunConfig)
+    cfg = build(PruneConfig, config, names, **stage)
+    tp, pp = build(ParallelConfig, None, names, **par).tp, build(ParallelConfig, None, names, **par).pp
+    run_cfg = build(RunConfig, None, names, **run)
+    seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
-    require(order in ORDERS, f"--order must be one of {', '.join(ORDERS)} (got '{order}')")
-    parse_layer_metric(layer_metric, old.num_layers)
-    compute_dtype = parse_dtype(dtype) if dtype is not None else None
+    parse_layer_metric(layer_metric, old.num_layers, flag=names("layer_metric"))
+    compute_dtype = parse_dtype(dtype, names("dtype")) if dtype is not None else None
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    new = planned_description(old, target=target, target_params=target_params, tp=tp, pp=pp,
-                              max_width_cut=max_width_cut, max_depth_cut=max_depth_cut, prefer=prefer,
-                              flag="--target" if target is not None else "--target-params")
+    new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
     # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
     # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
     # mass, known only once the weights are loaded).
@@ -151,7 +153,8 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
     layers_by_metric = order == "importance" or layer_metric not in LAYER_METRICS or old.num_layers == new.num_layers
     kept_layers = None
     if layers_by_metric:
-        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors)
+        kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors,
+                                     flag=names("layer_metric"))
     elif order == "random":
         kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
     if kept_layers is not None:
@@ -174,9 +177,8 @@ def prune(checkpoint: str, importance: str, out: str, *, target: dict[str, int] 
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
 
     new_model = _build_pruned(model, old, new, keep, per_stage)
-    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "order": order,
-                  "layer_metric": layer_metric, "seed": seed, "change": describe_change(old, new),
-                  "target": target, "target_params": target_params, "kept": keep.summary(),
+    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
+                  "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
@@ -208,8 +210,8 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             new_layer = layer_of(name)
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
-            full = gather(old_name, old_weights[old_name].detach(), group=tp_group)
+            full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
-            param.copy_(shard(name, cut, tp_rank, tp_size))
+            param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated))
     new_model.eval()
     return new_model

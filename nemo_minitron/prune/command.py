@@ -23,18 +23,20 @@ def _description(path: str):
 
 
 def plan_main(args) -> int:
+    from nemo_minitron.config import from_args
+    from nemo_minitron.prune.config import PlanConfig
     from nemo_minitron.prune.plan import RANKING, format_table, plan
     from nemo_minitron.prune.targets import format_count, parse_param_count
 
+    cfg = from_args(PlanConfig, args)
     desc = _description(args.model)
     budget = parse_param_count(args.target_params)
-    candidates = plan(desc, budget, tolerance=args.tolerance, max_width_cut=args.max_width_cut,
-                      max_depth_cut=args.max_depth_cut, prefer=args.prefer, tp=args.tp, pp=args.pp)
+    candidates = plan(desc, budget, cfg, tp=args.tp, pp=args.pp)
     if os.environ.get("RANK", "0") != "0":  # nothing to compute together: rank 0 answers
         return 0
     print(f"{args.model}: {desc.summary()}")
-    print(f"budget {format_count(budget)} parameters (+-{args.tolerance:.0%}) at --tp {args.tp} --pp {args.pp}; "
-          f"ranked {RANKING[args.prefer]}\n")
+    print(f"budget {format_count(budget)} parameters (+-{cfg.tolerance:.0%}) at --tp {args.tp} --pp {args.pp}; "
+          f"ranked {RANKING[cfg.prefer]}\n")
     print(format_table(desc, candidates, budget, top=args.top))
     if args.json:
         Path(args.json).write_text(json.dumps([{"params": c.params, "target": c.target(), "why": c.why,
@@ -45,11 +47,10 @@ def plan_main(args) -> int:
 
 
 def prune_main(args) -> int:
+    from nemo_minitron.commands import runtime_options
+    from nemo_minitron.config import from_args
     from nemo_minitron.prune.api import prune
-    from nemo_minitron.prune.targets import parse_target
+    from nemo_minitron.prune.config import PruneConfig
 
-    target = parse_target(args.target) if args.target else None
-    prune(args.checkpoint, args.importance, args.out, target=target, target_params=args.target_params,
-          order=args.order, layer_metric=args.layer_metric, seed=args.seed, tp=args.tp, pp=args.pp,
-          max_width_cut=args.max_width_cut, max_depth_cut=args.max_depth_cut, prefer=args.prefer, dtype=args.dtype)
+    prune(args.checkpoint, args.importance, args.out, from_args(PruneConfig, args), **runtime_options(args))
     return 0

@@ -25,8 +25,10 @@ import dataclasses
 import math
 from typing import Iterator
 
+from nemo_minitron.config import DEFAULT_SEQ_LEN
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.prune.config import PlanConfig
 from nemo_minitron.prune.targets import format_count
 
 
@@ -93,10 +95,10 @@ def _attention_options(desc: ModelDescription, tp: int, max_cut: float) -> Itera
             yield g, heads
 
 
-def enumerate_candidates(desc: ModelDescription, budget: int, *, tolerance: float = 0.05,
-                         max_width_cut: float = 0.5, max_depth_cut: float = 0.5,
-                         tp: int = 1, pp: int = 1) -> list[Candidate]:
+def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *, tp: int = 1,
+                         pp: int = 1) -> list[Candidate]:
     out: list[Candidate] = []
+    max_width_cut, max_depth_cut, tolerance = cfg.max_width_cut, cfg.max_depth_cut, cfg.tolerance
     grid_h, grid_f = _grid(desc.hidden_size), math.lcm(_grid(desc.ffn_hidden_size), tp)
     min_layers = max(pp, math.ceil(desc.num_layers * (1 - max_depth_cut) - 1e-9))
     min_hidden = math.ceil(desc.hidden_size * (1 - max_width_cut) - 1e-9)
@@ -106,9 +108,11 @@ def enumerate_candidates(desc: ModelDescription, budget: int, *, tolerance: floa
             for hidden in hiddens:
                 base = desc.replace(num_layers=layers, num_query_groups=groups, num_attention_heads=heads,
                                     hidden_size=hidden, ffn_hidden_size=grid_f)
-                # params are linear in ffn: count = fixed + layers * 3 * hidden * ffn
-                fixed = base.num_parameters() - layers * 3 * hidden * grid_f
-                exact = (budget - fixed) / (3 * hidden * layers)
+                # params are linear in ffn: count = fixed + layers * m * hidden * ffn
+                # (m: hidden x ffn matrices per MLP, 3 with a gate, 2 without)
+                m = base.mlp_matrices
+                fixed = base.num_parameters() - layers * m * hidden * grid_f
+                exact = (budget - fixed) / (m * hidden * layers)
                 options = {min(desc.ffn_hidden_size, max(grid_f, round(exact / grid_f) * grid_f)),
                            desc.ffn_hidden_size}
                 for ffn in options:
@@ -138,26 +142,26 @@ def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefe
     return sorted(candidates, key=key)
 
 
-def plan(desc: ModelDescription, budget: int, *, tolerance: float = 0.05, max_width_cut: float = 0.5,
-         max_depth_cut: float = 0.5, prefer: str = "width", tp: int = 1, pp: int = 1,
-         flag: str = "--target-params") -> list[Candidate]:
-    """Ranked candidates meeting ``budget`` within ``tolerance``; raises when none does."""
-    require(prefer in ("width", "depth"), f"--prefer must be width or depth (got '{prefer}')")
-    require(0 < tolerance < 1, f"--tolerance must be between 0 and 1 (got {tolerance})")
-    for name, value in (("--max-width-cut", max_width_cut), ("--max-depth-cut", max_depth_cut)):
-        require(0 <= value < 1, f"{name} must be in [0, 1) (got {value})")
+def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, *, tp: int = 1, pp: int = 1,
+         names=None, **options) -> list[Candidate]:
+    """Ranked candidates meeting ``budget`` within the config's tolerance; raises when none
+    does. ``options``: PlanConfig fields overriding ``config``."""
+    from nemo_minitron.config import build, cli_names
+
+    names = names or cli_names(PlanConfig)
+    cfg = build(PlanConfig, config, names, **options)
+    flag = names("target_params")
     require(budget < desc.num_parameters(), f"{flag} {format_count(budget)} is not smaller than the model "
                                             f"({format_count(desc.num_parameters())})")
-    found = enumerate_candidates(desc, budget, tolerance=tolerance, max_width_cut=max_width_cut,
-                                 max_depth_cut=max_depth_cut, tp=tp, pp=pp)
-    require(bool(found), f"{flag} {format_count(budget)}: no architecture within {tolerance:.0%} meets the limits "
-                         f"(--max-width-cut {max_width_cut}, --max-depth-cut {max_depth_cut}, --tp {tp}); "
-                         "raise the limits or the budget")
-    return rank(desc, found, budget, prefer)
+    found = enumerate_candidates(desc, budget, cfg, tp=tp, pp=pp)
+    require(bool(found), f"{flag} {format_count(budget)}: no architecture within {cfg.tolerance:.0%} meets the "
+                         f"limits ({names('max_width_cut')} {cfg.max_width_cut}, {names('max_depth_cut')} "
+                         f"{cfg.max_depth_cut}, --tp {tp}); raise the limits or the budget")
+    return rank(desc, found, budget, cfg.prefer)
 
 
 def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, top: int = 10,
-                 seq_len: int = 4096) -> str:
+                 seq_len: int = DEFAULT_SEQ_LEN) -> str:
     rows = [("#", "params", "vs budget", "hidden", "ffn", "heads", "groups", "layers", "GFLOPs/token",
              "KV bytes/token", "how")]
     base = [("0", f"{desc.num_parameters() / 1e6:,.1f}M", "original", str(desc.hidden_size),

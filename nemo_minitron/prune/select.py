@@ -7,10 +7,10 @@ original sizes keeps every weight where it was (the identity), and relative orde
 Per layer, query groups are ranked by their ``query_groups`` score and heads inside
 each kept group by their own score, so every group keeps the same number of heads
 (GQA stays balanced). ``magnitude`` scores a unit by the squared L2 norm of every
-weight it owns (a neuron: its gate and up rows and its down column; a head: its query
-rows and output-projection columns; a group: its heads, key and value rows; a channel:
-its column or row in every matrix, norm and embedding; a layer: all its weights);
-``random`` by a seeded permutation. Both are baselines.
+weight it owns (a neuron: its gate and up rows, or its up row without a gate, and its
+down column; a head: its query rows and output-projection columns; a group: its heads,
+key and value rows; a channel: its column or row in every matrix, norm and embedding; a
+layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
     contiguous  the best contiguous block of that many layers recorded by the importance
@@ -34,7 +34,6 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-ORDERS = ("importance", "magnitude", "random")
 LAYER_METRICS = ("contiguous", "loss", "block")
 
 
@@ -99,23 +98,23 @@ def random_scores(desc: ModelDescription, seed: int) -> UnitScores:
                       layers=torch.rand(L, generator=g))
 
 
-def parse_layer_metric(metric: str, num_layers: int) -> str | list[int]:
+def parse_layer_metric(metric: str, num_layers: int, flag: str = "--layer-metric") -> str | list[int]:
     """'contiguous' | 'loss' | 'block', or an explicit list of layers to drop."""
     if metric in LAYER_METRICS:
         return metric
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"--layer-metric must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"{flag} must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
-    require(bool(dropped), f"--layer-metric '{metric}' names no layers")
+    require(bool(dropped), f"{flag} '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
-            f"--layer-metric {metric}: layers must be in 0..{num_layers - 1}")
+            f"{flag} {metric}: layers must be in 0..{num_layers - 1}")
     return dropped
 
 
 def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, summary: dict,
-                   layer_scores: dict[str, torch.Tensor] | None = None) -> list[int]:
+                   layer_scores: dict[str, torch.Tensor] | None = None, flag: str = "--layer-metric") -> list[int]:
     """Original indices of the kept layers, chosen by ``metric`` (see the module doc);
     ``metric="scores"`` drops the lowest ``layer_scores["scores"]`` (the baselines).
     Raises before any weight is touched."""
@@ -124,18 +123,18 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         assert layer_scores is not None
         dropped = torch.argsort(layer_scores["scores"].double(), stable=True)[:drop].tolist()
         return [i for i in range(old.num_layers) if i not in dropped]
-    chosen = parse_layer_metric(metric, old.num_layers)
+    chosen = parse_layer_metric(metric, old.num_layers, flag)
     if isinstance(chosen, list):
-        require(len(chosen) == drop, f"--layer-metric {metric} drops {len(chosen)} layers but the target removes "
+        require(len(chosen) == drop, f"{flag} {metric} drops {len(chosen)} layers but the target removes "
                                      f"{drop}; set layers={old.num_layers - len(chosen)} in --target")
         dropped = chosen
     elif drop == 0:
         dropped = []
     elif chosen == "contiguous":
         blocks = summary.get("layers", {}).get("contiguous_blocks", {})
-        require(str(drop) in blocks, f"--layer-metric contiguous: the importance run has no best contiguous block "
+        require(str(drop) in blocks, f"{flag} contiguous: the importance run has no best contiguous block "
                                      f"of {drop} layers; rerun importance with --drop-blocks {drop}, or use "
-                                     "--layer-metric loss|block")
+                                     f"{flag} loss|block")
         dropped = list(blocks[str(drop)]["layers"])
     else:
         assert layer_scores is not None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.errors import UsageError
 from nemo_minitron.runtime import cpu_fallback
 
@@ -69,7 +70,7 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = DEFAULT_SEED) -> Layout:
     """Initialise torch.distributed and megatron-core's parallel_state (idempotent for the same layout)."""
     global _layout
     dp = check_world_size(tp, pp)

@@ -1,45 +1,53 @@
 """Stop requests: SIGTERM or SIGUSR1 -> save at the next step boundary and exit cleanly.
 
 Slurm sends SIGUSR1 ahead of a time limit (``sbatch --signal=USR1@SECONDS``) and SIGTERM
-before preemption or cancellation (followed by SIGKILL after its KillWait). The handler
-only sets a flag; the training loop asks ``StopRequest.requested()`` after each step,
-which is true on every rank as soon as one rank got a signal (one all-reduce), so all
-ranks save the same step together and return.
+before preemption or cancellation (followed by SIGKILL after its KillWait). While
+``handle_stop_signals()`` is active (the CLI holds it for a command's whole run) either
+signal only sets a flag: the training loop asks ``stop_requested()`` after each step,
+true on every rank as soon as one rank got a signal (one all-reduce), so all ranks save
+the same step and return; a recipe stops before its next stage.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import signal
 import threading
-
-log = logging.getLogger("nemo_minitron")
+from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received: str | None = None
 
 
-class StopRequest:
-    def __init__(self, signals=SIGNALS):
-        self.signals, self.received = tuple(signals), None
-        self._previous: dict[int, object] = {}
+def _handle(signum, frame) -> None:
+    global _received
+    if _received is None:
+        _received = signal.Signals(signum).name
 
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
 
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+def received() -> str | None:
+    """The name of the first stop signal this process got (None: none)."""
+    return _received
 
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
 
-    def requested(self) -> bool:
-        """Collective: whether any rank received a stop signal."""
-        from nemo_minitron.runtime.distributed import all_ranks_ok
+@contextlib.contextmanager
+def handle_stop_signals(signals=SIGNALS) -> Iterator[None]:
+    """Catch the stop signals (main thread only) for the duration of the block."""
+    global _received
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous[sig] = signal.signal(sig, _handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received = None
 
-        return not all_ranks_ok(self.received is None)
+
+def stop_requested() -> bool:
+    """Collective: whether any rank received a stop signal."""
+    from nemo_minitron.runtime.distributed import all_ranks_ok
+
+    return not all_ranks_ok(_received is None)

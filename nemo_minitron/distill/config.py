@@ -1,0 +1,98 @@
+"""Training and distillation settings: the source of the ``distill`` flags, the
+``distill``/``finetune`` keywords and the recipes' ``rounds.N.distill`` and
+``teacher_correction`` keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional, Union
+
+from nemo_minitron.config import DEFAULT_SEQ_LEN, option
+from nemo_minitron.errors import UsageError, require
+
+
+def str_list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if str(text).lower() in ("none", "") else int(text)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The training loop: shared by distillation and plain fine-tuning (teacher correction)."""
+
+    steps: int = option(100, "optimizer steps", ge=1)
+    global_batch: int = option(8, "sequences per step, over all data-parallel ranks", ge=1)
+    micro_batch: int = option(2, "sequences per forward pass on one rank", ge=1, resume_safe=True)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per sequence", ge=1)
+    lr: float = option(1e-4, "peak learning rate (Adam)", gt=0)
+    min_lr: Optional[float] = option(None, "floor of the cosine decay", ge=0, default_text="lr / 10")
+    warmup_steps: Optional[int] = option(None, "linear warm-up steps", ge=0, default_text="5% of --steps",
+                                         parse=_optional_int)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
+    clip_grad: float = option(1.0, "gradient norm clipping (0: off)", ge=0)
+    eval_every: int = option(0, "held-out evaluation every N steps (0: only before and after)", ge=0,
+                             resume_safe=True)
+    eval_samples: int = option(64, "held-out sequences per evaluation", ge=1, resume_safe=True)
+    save_every: int = option(500, "resumable checkpoint every N steps (0: only the final model)", ge=0,
+                             resume_safe=True)
+    log_every: int = option(10, "a Megatron-style log line every N steps (every step goes to metrics.jsonl and "
+                                "TensorBoard)", ge=1, resume_safe=True)
+    data_workers: int = option(2, "DataLoader processes reading training batches ahead, per rank (0: read in the "
+                                  "training process)", ge=0, resume_safe=True)
+    logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes)", ge=1,
+                              resume_safe=True)
+
+    def check(self, names) -> None:
+        require(self.global_batch % self.micro_batch == 0,
+                f"{names('global_batch')} ({self.global_batch}) must be a multiple of {names('micro_batch')} "
+                f"({self.micro_batch})")
+
+    @property
+    def min_lr_value(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def warmup(self) -> int:
+        wanted = max(0, round(0.05 * self.steps)) if self.warmup_steps is None else self.warmup_steps
+        return min(wanted, self.steps - 1)  # the schedule needs at least one step of decay
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainingConfig):
+    """Distillation: the training loop plus what the student learns from the teacher."""
+
+    kd_temperature: float = option(1.0, "softmax temperature of the logit loss (scaled by T^2)", gt=0)
+    kd_loss: Literal["forward", "reverse"] = option("forward", "KL(teacher || student) (forward) or reverse")
+    kd_top_k: Optional[int] = option(None, "keep only the teacher's top-k logits", ge=1, default_text="all",
+                                     parse=_optional_int)
+    kd_weight: float = option(1.0, "weight of the logit KD loss", ge=0)
+    ce_weight: float = option(0.0, "weight of the cross-entropy loss with the data's next tokens", ge=0)
+    kd_pairs: list[str] = option([], "intermediate pairs student_layer:teacher_layer, e.g. 3:7,9:29",
+                                 parse=str_list, metavar="S:T,...")
+    kd_pair_loss: Literal["cosine", "mse"] = option("cosine", "loss between a projected student state and the "
+                                                              "teacher's")
+    kd_pair_weight: Union[str, float] = option(
+        "auto", "weight of the intermediate losses: auto (their mean matches the logit loss each step), auto_sum "
+                "(each one matches it) or a number", parse=str)
+
+    def check(self, names) -> None:
+        super().check(names)
+        require(not (self.kd_top_k and self.kd_loss == "reverse"),
+                f"{names('kd_top_k')} needs {names('kd_loss')} forward (reverse KL is infinite outside the "
+                "teacher's top-k)")
+        require(self.kd_weight > 0 or self.ce_weight > 0,
+                f"{names('kd_weight')} and {names('ce_weight')} are both 0: nothing to learn from")
+        if self.kd_pair_weight not in ("auto", "auto_sum"):
+            try:
+                self.kd_pair_weight = float(self.kd_pair_weight)
+            except (TypeError, ValueError):
+                raise UsageError(f"{names('kd_pair_weight')} must be auto, auto_sum or a number "
+                                 f"(got '{self.kd_pair_weight}')") from None
+            require(self.kd_pair_weight >= 0, f"{names('kd_pair_weight')} must be >= 0 (got {self.kd_pair_weight})")
+        for item in self.kd_pairs:
+            parts = str(item).split(":")
+            require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
+                    f"{names('kd_pairs')}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")

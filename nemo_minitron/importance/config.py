@@ -1,0 +1,48 @@
+"""Importance settings: one dataclass, the source of the ``importance`` flags, the
+``compute_importance`` keywords and the recipes' ``rounds.N.importance`` keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from nemo_minitron.config import DEFAULT_SEQ_LEN, option
+from nemo_minitron.errors import require
+
+Aggregation = Literal["mean", "l2", "var"]
+
+
+def int_list(text: str) -> list[int]:
+    from nemo_minitron.errors import UsageError
+
+    try:
+        return [int(k) for k in str(text).split(",") if k.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated whole numbers (got '{text}')") from None
+
+
+@dataclasses.dataclass
+class ImportanceConfig:
+    samples: int = option(1024, "calibration samples (the paper's 1024)", ge=1)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per calibration sample", ge=1)
+    micro_batch: int = option(1, "samples per forward pass", ge=1, resume_safe=True)
+    batch_agg: Aggregation = option("l2", "aggregation over samples")
+    seq_agg: Aggregation = option("mean", "aggregation over the sequence")
+    neuron_activation: Literal["post", "pre"] = option(
+        "post", "MLP neuron activation scored: post (input of the second MLP linear) or pre (the paper's "
+                "X.W1 gate pre-activation)")
+    layer_samples: Optional[int] = option(
+        64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
+            "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s))
+    drop_blocks: list[int] = option([], "block sizes k for which to find the best contiguous k-layer block to "
+                                        "drop, e.g. 4,8", parse=int_list, metavar="K,...")
+
+    def check(self, names) -> None:
+        for k in self.drop_blocks:
+            require(isinstance(k, int) and k >= 1, f"{names('drop_blocks')}: block sizes must be >= 1 (got {k})")
+
+    def layer_sample_count(self) -> int:
+        """How many calibration samples score layers by loss drop."""
+        if not self.layer_samples:
+            return self.samples
+        return min(self.layer_samples, self.samples)

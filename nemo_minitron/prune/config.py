@@ -1,0 +1,61 @@
+"""Planning and pruning settings: the source of the ``plan``/``prune`` flags, the Python
+API's keywords and the recipes' ``rounds.N.prune`` keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from nemo_minitron.config import option
+from nemo_minitron.errors import require
+
+
+def _target(text: str) -> dict[str, int]:
+    from nemo_minitron.prune.targets import parse_target
+
+    return parse_target(text)
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """How the planner enumerates and ranks candidate architectures for a budget."""
+
+    tolerance: float = option(0.05, "accepted relative distance of a candidate's parameter count to the budget",
+                              gt=0, lt=1)
+    max_width_cut: float = option(0.5, "largest fraction of any width (hidden, ffn, heads) to remove", ge=0, lt=1)
+    max_depth_cut: float = option(0.5, "largest fraction of the layers to remove", ge=0, lt=1)
+    prefer: Literal["width", "depth"] = option(
+        "width", "which candidates rank first: width (the paper's advice) or depth")
+
+
+@dataclasses.dataclass
+class PruneConfig(PlanConfig):
+    target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers, "
+                                        "e.g. hidden=480,ffn=1024,heads=6", parse=_target, metavar="AXIS=N,...")
+    target_params: Optional[str] = option(None, "or a parameter budget, e.g. 90M or 4.5B (the planner's first "
+                                                "candidate)", metavar="N")
+    order: Literal["importance", "magnitude", "random"] = option(
+        "importance", "what to keep: the most important units, or the baselines magnitude (weight norms) and "
+                      "random (by --seed)")
+    layer_metric: str = option(
+        "contiguous", "layers to drop: contiguous (the best block recorded by importance --drop-blocks), loss "
+                      "(least loss increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9")
+
+    def check(self, names) -> None:
+        from nemo_minitron.prune.select import LAYER_METRICS
+        from nemo_minitron.prune.targets import AXES, parse_param_count
+
+        require(bool(self.target) != (self.target_params is not None),
+                f"{names('target')} and {names('target_params')}: give exactly one of a target and a budget")
+        for axis, value in self.target.items():
+            require(axis in AXES, f"{names('target')}: unknown axis '{axis}' (allowed: {', '.join(AXES)})")
+            require(isinstance(value, int) and value >= 1, f"{names('target')}: {axis} must be a whole number >= 1 "
+                                                           f"(got {value})")
+        if self.target_params is not None:
+            self.target_params = str(self.target_params)
+            parse_param_count(self.target_params, flag=names("target_params"))
+        if self.layer_metric not in LAYER_METRICS:
+            items = [i.strip() for i in str(self.layer_metric).split(",") if i.strip()]
+            require(items and all(i.isdigit() for i in items),
+                    f"{names('layer_metric')} must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+                    f"(got '{self.layer_metric}')")
