@@ -204,9 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     module, func = args.handler.split(":")
     owns_process_group = not _process_group_exists()
+    # Training commands save and exit 0 on SIGTERM/SIGUSR1 (Slurm's warnings); others stop as usual.
     try:
         handler = getattr(importlib.import_module(module), func)
-        result = handler(args)
+        with _stop_signals(args.command in STOPPABLE):
+            result = handler(args)
     except UsageError as e:
         _report_error(args.command, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
@@ -217,6 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if owns_process_group:  # called in-process by a program that has its own: leave it
             _close_process_group()
     return int(result or 0)
+
+
+STOPPABLE = ("distill", "run")
+
+
+def _stop_signals(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from nemo_minitron.runtime.signals import handle_stop_signals
+
+    return handle_stop_signals()
 
 
 def _process_group_exists() -> bool:

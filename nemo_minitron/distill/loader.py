@@ -41,6 +41,18 @@ def collate(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"tokens": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker leaves SIGTERM/SIGUSR1 to the training process, which saves and then ends
+    its workers (Slurm signals every process of a job step; by default a worker would die
+    and take the step with it)."""
+    import signal
+
+    from nemo_minitron.runtime.signals import SIGNALS
+
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def training_batches(dataset, *, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                      workers: int = 2) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of this rank's micro-batches, to hand to the pipeline schedule."""
@@ -48,5 +60,6 @@ def training_batches(dataset, *, consumed: int, global_batch: int, micro_batch: 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None)
     return iter(loader)
