@@ -14,7 +14,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -65,20 +64,14 @@ def _encoded(docs: Iterable[str], tokenizer, workers: int) -> Iterator[tuple[lis
         yield from pool.imap(_encode_in_worker, _batches(docs), chunksize=1)
 
 
-def show_progress(progress: bool) -> bool:
-    """Progress bars only on a terminal, so that batch logs (Slurm) stay readable."""
-    return progress and sys.stderr.isatty()
-
-
 def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int = 1, total_bytes: int | None = None,
                   progress: bool = False, desc: str = "tokenise") -> None:
     """Tokenise ``docs`` into an ``IndexedWriter``, in document order."""
-    from tqdm import tqdm
+    from nemo_minitron.runtime.progress import progress_bar
 
     # One process per core: the Rust tokenizer's own thread pool would compete with the workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not show_progress(progress),
-               dynamic_ncols=True)
+    bar = progress_bar(total_bytes, desc, progress, unit="B", unit_scale=True)
     for encoded, nbytes in _encoded(docs, tokenizer, workers):
         for ids in encoded:
             writer.add(ids)

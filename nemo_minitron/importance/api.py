@@ -21,6 +21,7 @@ from nemo_minitron.errors import require
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
 
@@ -32,11 +33,10 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
     collector's hooks; global scores. After the first batches, logs the estimated time of the
     whole stage (``layer_pass_tokens``: the tokens the loss-drop passes will cost afterwards)."""
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
 
     from nemo_minitron.data.dataset import data_parallel_slice
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
-    from nemo_minitron.runtime.distributed import is_rank0, layout
+    from nemo_minitron.runtime.distributed import layout
 
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
@@ -44,8 +44,7 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
     device = layout().device
     # Pipelines need several micro-batches in flight; with one stage, tick per micro-batch.
     chunk = max(1, 2 * ps.get_pipeline_model_parallel_world_size())
-    bar = tqdm(total=len(batches) * ps.get_data_parallel_world_size(), desc="calibration", unit="batch",
-               disable=not (progress and is_rank0()), dynamic_ncols=True)
+    bar = progress_bar(len(batches) * ps.get_data_parallel_world_size(), "calibration", progress, unit="batch")
     with collector.active():
         for start in range(0, len(batches), chunk):
             t0 = time.time()
@@ -105,8 +104,6 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
 
     ``config``: an ImportanceConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
-    from tqdm import tqdm
-
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
     from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
     from nemo_minitron.data.config import DataOptions
@@ -165,7 +162,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
-    bar = tqdm(total=passes, desc="layer loss", unit="pass", disable=not (progress and is_rank0()), dynamic_ncols=True)
+    bar = progress_bar(passes, "layer loss", progress, unit="pass")
     full_loss = evaluate(model, desc.vocab_size, layer_set, micro_batch=micro_batch).loss
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
