@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DATA_HELP = ("sources: Megatron indexed data set prefixes (PREFIX.bin/.idx), text files or folders, JSONL with a "
-             "text field, builtin:calib|train|heldout; or Megatron's blend WEIGHT PREFIX WEIGHT PREFIX ...")
+             "text field, builtin:calib|train|heldout|docs; or Megatron's blend WEIGHT PREFIX WEIGHT PREFIX ...")
 
 
 def _report_error(command: str, message: str) -> None:

@@ -33,6 +33,12 @@ if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
     os.environ["NEMO_MINITRON_DATA_CACHE"] = tempfile.mkdtemp(prefix="nemo-minitron-test-data-")
     atexit.register(shutil.rmtree, os.environ["NEMO_MINITRON_DATA_CACHE"], True)
 
+# `make test THREADS=1`: the in-process tests (and single-process commands they start) run
+# with that many torch threads, so reduction-order differences between machines show up here.
+if os.environ.get("TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["TEST_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["TEST_THREADS"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

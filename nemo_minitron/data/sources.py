@@ -1,7 +1,7 @@
 """One ``--data`` source: what it is, its documents, and a digest of its content.
 
 A source is one of
-- ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` (see ``builtin.py``);
+- ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` / ``builtin:docs`` (see ``builtin.py``);
 - a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.text``, ``.jsonl`` inside, sorted);
 - a ``.jsonl`` file whose records have a ``text`` field;
 - a Megatron indexed data set, by prefix (``PREFIX.bin`` + ``PREFIX.idx``; already tokenised).
@@ -61,7 +61,7 @@ def parse_data_spec(spec: str, flag: str = "--data") -> DataSpec:
         check_prefix(spec, flag)
         return DataSpec("indexed", spec, spec)
     require(path.exists(), f"{flag} '{spec}' does not exist (give a text file or folder, a .jsonl file, a Megatron "
-                           "prefix with .bin/.idx files, or builtin:calib|train|heldout)")
+                           "prefix with .bin/.idx files, or builtin:" + "|".join(SPLITS) + ")")
     if path.is_dir():
         require(any(_is_text_file(p) for p in path.rglob("*")),
                 f"{flag} '{spec}': folder holds no .txt/.md/.rst/.jsonl files")
