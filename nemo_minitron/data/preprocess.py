@@ -91,9 +91,9 @@ def _source_bytes(specs) -> int | None:
 def load_any_tokenizer(model: str, flag: str = "--model"):
     """The tokenizer of a project checkpoint, HF directory, .gguf or alias (no weights read)."""
     from nemo_minitron.checkpoint.hf_import import resolve_source
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer
+    from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, megatron_checkpoint
 
-    if is_checkpoint(model):
+    if is_checkpoint(model) or megatron_checkpoint(model) is not None:  # Megatron: read in place
         return load_tokenizer(model)
     return resolve_source(model, flag).tokenizer()
 
