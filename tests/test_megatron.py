@@ -249,7 +249,7 @@ def _hf_pair_losses(trainer, teacher_hf: Path, student_hf: Path) -> list[float]:
 
     hf_s, hf_t = load_hf_model(student_hf), load_hf_model(teacher_hf)
     totals = [0.0, 0.0, 0.0]
-    batches = trainer._microbatches(0)
+    batches = trainer.step_batches(0)
     for batch in batches:
         with torch.no_grad():
             hs = hf_s(batch["tokens"], output_hidden_states=True).hidden_states
