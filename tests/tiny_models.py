@@ -59,6 +59,11 @@ TINY_CONFIGS = {
                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                                          num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                                          tie_word_embeddings=False, use_sliding_window=False)),
+    # a smaller mixture of experts: a student for the `mixtral` teacher
+    "mixtral_small": ("MixtralConfig", dict(hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            num_local_experts=3, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                                            sliding_window=None, tie_word_embeddings=False)),
 }
 MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 

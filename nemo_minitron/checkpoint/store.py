@@ -198,13 +198,15 @@ def save_checkpoint(model, info: CheckpointInfo, out: str | os.PathLike, tokeniz
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, spec: str = "auto",
-                    layers_per_stage=None):
-    """Build the model at the current parallel layout and load the weights into it (eval mode)."""
+                    layers_per_stage=None, sequence_parallel: bool = False):
+    """Build the model at the current parallel layout and load the weights into it (eval mode);
+    ``sequence_parallel``: for training a mixture of experts at TP > 1 (``build_model``)."""
     from nemo_minitron.model.builder import build_model
 
     info = read_info(path)
     stored = DTYPES[info.dtype]
-    model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage)
+    model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage,
+                        sequence_parallel=sequence_parallel)
     load_weights(model, Path(path) / "weights")
     if dtype is not None and dtype != stored:
         model = cast_model(model, dtype)

@@ -104,6 +104,21 @@ def _projection_init(student_ckpt: str, student: ModelDescription, teacher: Mode
     return init
 
 
+def load_training_models(student: str, teacher: str | None, dtype: torch.dtype, student_desc: ModelDescription):
+    """The student (and teacher) at the current layout, built for training: a
+    mixture-of-experts student at TP > 1 trains with sequence parallelism, and then so does
+    its teacher (their stages exchange activations split the same way)."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    sp = training_needs_sequence_parallel(student_desc, ps.get_tensor_model_parallel_world_size())
+    student_model, _ = load_checkpoint(student, dtype=dtype, sequence_parallel=sp)
+    teacher_model = load_checkpoint(teacher, dtype=dtype, sequence_parallel=sp)[0] if teacher is not None else None
+    return student_model, teacher_model
+
+
 def _check_output(out: str, resume: bool) -> Path:
     path = Path(out)
     if resume:
@@ -154,6 +169,14 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     s_desc.check_layout(tp, pp)
     if t_desc is not None:
         t_desc.check_layout(tp, pp)
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    require(not training_needs_sequence_parallel(s_desc, tp) or cfg.seq_len % tp == 0,
+            f"{names('seq_len')} {cfg.seq_len} must be a multiple of --tp {tp}: a mixture of experts trains with "
+            "sequence parallelism (megatron-core's requirement at --tp > 1)")
+    require(cfg.moe_aux_loss_coeff is None or s_desc.is_moe,
+            f"{names('moe_aux_loss_coeff')} applies to a mixture-of-experts student; this one is "
+            f"{s_desc.architecture} with a dense MLP")
     dp = check_world_size(tp, pp)
     require(cfg.global_batch % (dp * cfg.micro_batch) == 0,
             f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
@@ -178,8 +201,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     if is_rank0():
         log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
-    student_model, _ = load_checkpoint(student, dtype=compute_dtype)
-    teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
+    student_model, teacher_model = load_training_models(student, teacher, compute_dtype, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
@@ -220,7 +242,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
         "kind": kind, "teacher": teacher, "student": student, "steps": cfg.steps,
         "tokens": cfg.steps * cfg.global_batch * cfg.seq_len,
         "final_loss": final.get("loss"), "final_kd_loss": final.get("kd_loss"), "final_ce_loss": final.get("ce_loss"),
-        "final_pair_losses": final.get("pair_losses"),
+        "final_pair_losses": final.get("pair_losses"), "final_moe_aux_loss": final.get("moe_aux_loss"),
         "student_before": before, "student_after": after, "teacher_eval": teacher_eval,
         "wall_seconds": round(time.time() - started, 1), "train_seconds": round(result["wall_seconds"], 1),
         "tokens_per_second": result["tokens_per_second"], "trained_steps_this_run": result["trained_steps"],

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.norms import zero_centered_local_spec
+from nemo_minitron.model.norms import local_norm_spec
 
 Spec = Literal["auto", "local", "te"]
 
@@ -204,8 +204,8 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     else:
         layer_spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
                                               normalization=desc.normalization, qk_layernorm=desc.qk_norm)
-        if desc.zero_centered_gamma:
-            layer_spec = zero_centered_local_spec(layer_spec, config)
+        if desc.zero_centered_gamma or sequence_parallel:  # norms the local spec's torch norm refuses
+            layer_spec = local_norm_spec(layer_spec, config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

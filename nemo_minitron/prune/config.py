@@ -26,11 +26,15 @@ class PlanConfig:
     max_depth_cut: float = option(0.5, "largest fraction of the layers to remove", ge=0, lt=1)
     prefer: Literal["width", "depth"] = option(
         "width", "which candidates rank first: width (the paper's advice) or depth")
+    param_count: Literal["total", "active"] = option(
+        "total", "what a parameter budget counts in a mixture of experts: every parameter (total) or those one "
+                 "token uses (active: the top-k experts)")
 
 
 @dataclasses.dataclass
 class PruneConfig(PlanConfig):
-    target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers, "
+    target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
+                                        "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn), "
                                         "e.g. hidden=480,ffn=1024,heads=6", parse=_target, metavar="AXIS=N,...")
     target_params: Optional[str] = option(None, "or a parameter budget, e.g. 90M or 4.5B (the planner's first "
                                                 "candidate)", metavar="N")
