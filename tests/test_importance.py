@@ -260,27 +260,34 @@ def test_expert_scores_equal_reference(kind, tiny_hf, tiny_checkpoint):
 
 
 @pytest.mark.multirank
-def test_parallel_layouts_equal_tp1(tiny, tmp_path):
-    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples."""
+def test_parallel_layouts_equal_tp1(tiny, tiny_checkpoint, tmp_path):
+    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples,
+    for Llama and for a mixture of experts with a shared expert (at TP=2 every rank holds
+    every expert's half, and the all-gather dispatcher hands it both ranks' copies of the
+    tokens)."""
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.importance.scores import ImportanceScores
 
     kwargs = dict(samples=SAMPLES, seq_len=SEQ, layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED)
-    base = compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(tmp_path / "tp1"), progress=False,
-                              micro_batch=2, **kwargs)
+    models = {"llama": str(tiny["checkpoint"]), "qwen2_moe": str(tiny_checkpoint("qwen2_moe"))}
+    base = {kind: compute_importance(ckpt, ["builtin:calib"], str(tmp_path / f"tp1-{kind}"), progress=False,
+                                     micro_batch=2, **kwargs) for kind, ckpt in models.items()}
     for name, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
-        out = tmp_path / name
-        run_workers("importance_layouts.py", tiny["checkpoint"], out, *flags)
-        other = ImportanceScores.load(out)
-        for axis, ref in base.tensors.items():
-            # another split of the same float32 forward (row-parallel sums, stages), and DP's
-            # per-rank float64 sums added in another order
-            if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
-                assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (name, axis)
-            else:
-                assert _close(other[axis], ref, 2 * SCORE_RTOL), (name, axis)
-        assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
-            base.summary["layers"]["contiguous_blocks"]["2"]["start"]
+        out = {kind: tmp_path / f"{name}-{kind}" for kind in models}
+        run_workers("importance_layouts.py", models["llama"], out["llama"], *flags,
+                    "--also", models["qwen2_moe"], out["qwen2_moe"])
+        for kind in models:
+            other = ImportanceScores.load(out[kind])
+            assert other.tensors.keys() == base[kind].tensors.keys()
+            for axis, ref in base[kind].tensors.items():
+                # another split of the same float32 forward (row-parallel sums, stages), and DP's
+                # per-rank float64 sums added in another order
+                if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
+                    assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (name, kind, axis)
+                else:
+                    assert _close(other[axis], ref, 2 * SCORE_RTOL), (name, kind, axis)
+            assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
+                base[kind].summary["layers"]["contiguous_blocks"]["2"]["start"]
 
 
 @pytest.mark.smollm2

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_workers
+from tiny_models import MOE_KINDS
 from tolerances import transformer_logits
 
 _MADE: dict = {}
@@ -91,6 +92,10 @@ def synthetic_scores(desc, directory: Path, seed: int) -> None:
                "ffn": torch.rand(L, desc.ffn_hidden_size, generator=g), "hidden": torch.rand(H, generator=g),
                "hidden_per_layer": torch.rand(L, H, generator=g), "layer_block_importance": torch.rand(L, generator=g),
                "layer_loss_drop": torch.rand(L, generator=g)}
+    if desc.is_moe:
+        tensors.update(experts=torch.rand(L, desc.num_experts, generator=g),
+                       moe_ffn=torch.rand(L, desc.num_experts, desc.moe_ffn_hidden_size, generator=g),
+                       shared_ffn=torch.rand(L, desc.moe_shared_ffn_hidden_size, generator=g))
     ImportanceScores(tensors, {"model": desc.fingerprint()}).save(directory)
 
 
@@ -184,17 +189,17 @@ def _check_pruned(ckpt: Path, out: Path, kept: dict) -> tuple:
     return pruned, after
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron", *MOE_KINDS])
 def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path, kind):
     from nemo_minitron.model.forward import full_logits
     from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.targets import sizes
 
     ckpt, imp = scored(kind)
     original, before = _state(ckpt)
     d = original.description
-    out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={
-        "hidden": d.hidden_size, "ffn": d.ffn_hidden_size, "heads": d.num_attention_heads,
-        "query_groups": d.num_query_groups, "layers": d.num_layers})
+    # every axis the model has (a mixture of experts: experts, their width, top-k, shared expert)
+    out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={k: v for k, v in sizes(d).items() if v})
     pruned, after = _state(out)
     assert pruned.description == d
     tokens = torch.randint(0, d.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -78,12 +78,17 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
     # the same kind of network (Llama and Mistral are: their family tables fix the same features)
     require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
             f"--student ({student.architecture}) is not of the teacher's family ({teacher.architecture})")
-    for axis, t, s in (("hidden", teacher.hidden_size, student.hidden_size),
-                       ("ffn", teacher.ffn_hidden_size, student.ffn_hidden_size),
-                       ("heads", teacher.num_attention_heads, student.num_attention_heads),
-                       ("query groups", teacher.num_query_groups, student.num_query_groups),
-                       ("layers", teacher.num_layers, student.num_layers)):
-        require(s <= t, f"--student is not a descendant of --teacher: its {axis} ({s}) exceeds the teacher's ({t})")
+    require(teacher.is_moe == student.is_moe or teacher.is_moe,
+            f"--student ({student.architecture}) has experts, the teacher ({teacher.architecture}) a dense MLP")
+    from nemo_minitron.prune.targets import sizes
+
+    mine, theirs = sizes(student), sizes(teacher)
+    axes = ("hidden", "heads", "query_groups", "layers") + (
+        ("experts", "moe_ffn", "shared_ffn") if student.is_moe else () if teacher.is_moe else ("ffn",))
+    for axis in axes:
+        require(mine[axis] <= theirs[axis], f"--student is not a descendant of --teacher: its "
+                                            f"{axis.replace('_', ' ')} ({mine[axis]}) exceeds the teacher's "
+                                            f"({theirs[axis]})")
     require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
             and teacher.rotary_percent == student.rotary_percent,
             "--student uses another rotary position encoding than --teacher")

@@ -107,7 +107,7 @@ class ExpertHooks:
         expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=tokens.device),
                                                 torch.as_tensor(counts, device=tokens.device))
         contribution = output[0] if isinstance(output, tuple) else output  # p * E(x), per TP rank a partial sum
-        contribution = contribution.detach().float()
+        contribution = contribution.detach().float().clone()  # reduced below: never in the forward's tensor
         if self.tp_group is not None and dist.is_initialized() and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(contribution, group=self.tp_group)
         first_copy = tokens < seq_len * batch  # other TP ranks' copies of the same tokens
