@@ -128,6 +128,11 @@ class ModelDescription:
                 f"{self.moe_ffn_hidden_size})")
         require(1 <= self.moe_top_k <= self.num_experts,
                 f"top-k {self.moe_top_k} must be 1..{self.num_experts} (the model's experts)")
+        # renormalised top-1 weights are always 1 (no gradient reaches the router): megatron-core
+        # refuses top-1 without moe_router_pre_softmax
+        require(self.moe_top_k >= 2 or not self.moe_normalize_top_k,
+                f"top-k 1 with renormalised top-k probabilities (a {self.architecture} model's routing) is not "
+                "supported: megatron-core refuses it")
         require(self.ffn_hidden_size == 0, f"a {self.architecture} model has no dense MLP (ffn_hidden_size 0, got "
                                            f"{self.ffn_hidden_size})")
         require(not self.moe_shared_expert_gate or self.moe_shared_ffn_hidden_size > 0,

@@ -89,6 +89,9 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
         top_k = target.get("top_k", desc.moe_top_k)
         require(top_k <= kept, f"{flag}: top_k={top_k} is larger than the {kept} experts kept; lower top_k too "
                                f"(top_k=1..{kept})")
+        require(top_k >= 2 or not desc.moe_normalize_top_k,
+                f"{flag}: top_k=1: this {desc.architecture} model renormalises its top-k probabilities (a single "
+                "expert's weight would always be 1), which megatron-core refuses; keep top_k >= 2")
         experts = dict(num_experts=kept, moe_top_k=top_k,
                        moe_ffn_hidden_size=target.get("moe_ffn", desc.moe_ffn_hidden_size),
                        moe_shared_ffn_hidden_size=target.get("shared_ffn", desc.moe_shared_ffn_hidden_size))
