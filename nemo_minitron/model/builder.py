@@ -15,7 +15,7 @@ such models with ``sequence_parallel=True`` at TP > 1; inference needs no such t
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,10 @@ def moe_config(desc: ModelDescription, *, grouped_gemm: bool = False) -> dict:
 
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        layers_per_stage: Sequence[int] | None = None, recompute: bool = False,
-                       sequence_parallel: bool = False, grouped_gemm: bool = False):
+                       sequence_parallel: bool = False, grouped_gemm: bool = False,
+                       overrides: Mapping[str, Any] | None = None):
+    """The TransformerConfig of ``desc``; ``overrides`` replace fields (e.g. a trainer's
+    sequence_parallel or precision settings, so a teacher matches the student it runs beside)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -97,7 +100,7 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
     extra.update(moe_config(desc, grouped_gemm=grouped_gemm))
     require(not sequence_parallel or tp > 1, "sequence parallelism needs --tp > 1")
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    kwargs = dict(
         num_layers=desc.num_layers,
         hidden_size=desc.hidden_size,
         # a mixture of experts has no dense MLP; megatron sizes its experts by moe_ffn_hidden_size
@@ -134,6 +137,8 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         init_method_std=0.02,
         **extra,
     )
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
 
 
 def _apply_rope_scaling(model, desc: ModelDescription) -> None:
@@ -176,10 +181,14 @@ def training_needs_sequence_parallel(desc: ModelDescription, tp: int) -> bool:
 
 def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
                 layers_per_stage: Sequence[int] | None = None, spec: Spec = "auto", recompute: bool = False,
-                sequence_parallel: bool = False):
+                sequence_parallel: bool = False, padded_vocab_size: int | None = None,
+                config_overrides: Mapping[str, Any] | None = None):
     """Build the local part (this rank's TP shard and PP stage) of a GPTModel, on this rank's device.
+
     ``sequence_parallel``: activations between the tensor-parallel regions are split along the
-    sequence (training a mixture of experts at TP > 1 needs it)."""
+    sequence (training a mixture of experts at TP > 1 needs it). ``padded_vocab_size``: rows
+    of the embedding and output layer, when they must equal another model's (a teacher beside
+    a student built elsewhere); default the project's padding (``desc.padded_vocab_size``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -196,7 +205,11 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     if desc.is_moe:
         _router_without_transformer_engine()
     config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
-                                recompute=recompute, sequence_parallel=sequence_parallel, grouped_gemm=te)
+                                recompute=recompute, sequence_parallel=sequence_parallel, grouped_gemm=te,
+                                overrides=config_overrides)
+    vocab = padded_vocab_size or desc.padded_vocab_size
+    require(vocab >= desc.vocab_size and vocab % tp == 0,
+            f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
     experts = desc.num_experts or None
     if te:  # TE's norms read normalization and zero-centred gamma from the config
         layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=desc.is_moe,
@@ -204,12 +217,12 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     else:
         layer_spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
                                               normalization=desc.normalization, qk_layernorm=desc.qk_norm)
-        if desc.zero_centered_gamma or sequence_parallel:  # norms the local spec's torch norm refuses
+        if desc.zero_centered_gamma or config.sequence_parallel:  # norms the local spec's torch norm refuses
             layer_spec = local_norm_spec(layer_spec, config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
-        vocab_size=desc.padded_vocab_size,
+        vocab_size=vocab,
         max_sequence_length=desc.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
