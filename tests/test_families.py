@@ -210,7 +210,8 @@ def test_distillation_pairs_networks_of_one_kind(tmp_path):
 
     llama = ModelDescription(architecture="llama", vocab_size=1000, hidden_size=64, ffn_hidden_size=96, num_layers=4,
                              num_attention_heads=4, num_query_groups=2, head_dim=16)
-    same_tokenizer = str(tmp_path)  # no tokenizer files on either side: equal fingerprints
+    (tmp_path / "tokenizer").mkdir()  # an empty tokenizer directory on both sides: equal fingerprints
+    same_tokenizer = str(tmp_path)
     check_compatible(llama, llama.replace(architecture="mistral", hidden_size=48), same_tokenizer, same_tokenizer)
     for other in (llama.replace(architecture="qwen3", qk_norm=True),
                   llama.replace(architecture="nemotron", activation="squared_relu", normalization="LayerNorm",

@@ -75,7 +75,7 @@ def family_with(features: Mapping[str, Any]) -> Family:
     for fam in FAMILIES.values():
         if fam.feature_values() == wanted and fam.moe == moe:
             return fam
-    described = ", ".join(f"{k}={v!r}" for k, v in {"moe": moe, **wanted}.items())
+    described = ", ".join(f"{k}={v!r}" for k, v in {**wanted, **({"moe": True} if moe else {})}.items())
     raise UsageError(f"no supported model family has {described} (supported: {', '.join(FAMILIES)})")
 
 
