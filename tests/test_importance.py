@@ -84,6 +84,8 @@ def _reference(acts, desc, seq, batch, neuron_activation="post", head_score="cha
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    if ref.numel() == 0:  # an axis the model lacks (a mixture of experts' dense ffn: [layers, 0])
+        return ours.shape == ref.shape
     scale = ref.abs().max().item()
     return (ours.double() - ref.double()).abs().max().item() <= rtol * max(scale, 1e-12)
 
