@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_in_process, run_cli, run_workers
+from tolerances import fp32
 
 # At PP=2 (student layers 0-1 | 2, teacher 0-1 | 2-3): student layer 0 sits on the first stage
 # and teacher layer 3 on the second (the student state is carried); student layer 2 /
@@ -34,13 +35,24 @@ CONFIGS = {
     "fp16": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=PAIRS, kd_temperature=2.0,
                  ce_weight=0.25, logit_chunk=7, dtype="float16"),
 }
+#: a mixture-of-experts student (mixtral_small, 2 layers) taught by a mixture of experts (mixtral,
+#: 3 layers), its load-balancing loss weighted 0.05; at TP=2 both train with sequence
+#: parallelism (each rank holds half of the sequence: pair losses and router gradients
+#: come in parts), at PP=2 student layer 0 / teacher layer 2 and student 1 / teacher 0 sit on
+#: different stages
+MOE_PAIR = ("mixtral", "mixtral_small")
+AUX_TOL = fp32(32 * 4 * 64 * (2 * 3 + 1), 1.0)
+MOE_CONFIGS = {
+    "moe": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=["0:2", "1:0"], kd_temperature=1.5,
+                ce_weight=0.25, logit_chunk=7, moe_aux_loss_coeff=0.05),
+}
 
 
 def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict):
     """A trainer at a layout on 16 built-in training samples (any rank)."""
-    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.data.dataset import check_corpus
-    from nemo_minitron.distill.api import _projection_init, parse_pairs
+    from nemo_minitron.distill.api import _projection_init, load_training_models, parse_pairs
     from nemo_minitron.distill.config import DistillConfig
     from nemo_minitron.distill.train import Trainer
     from nemo_minitron.runtime.distributed import init_distributed
@@ -54,8 +66,7 @@ def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict):
     init_distributed(tp, pp, SEED)
     samples = check_corpus(["builtin:train"]).dataset(load_tokenizer(student), seq_len=cfg.seq_len, seed=0,
                                                       num_samples=16)
-    s_model, _ = load_checkpoint(student, dtype=dtype)
-    t_model, _ = load_checkpoint(teacher, dtype=dtype)
+    s_model, t_model = load_training_models(student, teacher, dtype, s_desc)
     pairs = parse_pairs(cfg.kd_pairs, s_desc, t_desc)
     return Trainer(s_model, t_model, samples, None, Path("/nonexistent"), cfg, seed=SEED, student_desc=s_desc,
                    teacher_desc=t_desc, pairs=pairs, progress=False,
@@ -75,22 +86,37 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
                    pair_weights: list[float]):
     """The step's losses and projection gradients written out directly, in float64, from the
     Hugging Face models (layer outputs captured with hooks): the definitions of
-    docs/design.md, independent of the training code."""
+    docs/design.md, independent of the training code. A mixture-of-experts student adds
+    its load-balancing loss per layer (Switch Transformer's, as megatron-core normalises it):
+    coeff * E / (k T^2) * sum_e (sum_t softmax(router logits)_te) * (tokens routed to e), and
+    its routers' gradients are returned too."""
     from nemo_minitron.checkpoint.verify import load_hf_model
 
     T, ce_w = settings["kd_temperature"], settings["ce_weight"]
     pairs = [tuple(int(x) for x in p.split(":")) for p in settings.get("kd_pairs", [])]
     models = {side: load_hf_model(d).double().eval() for side, d in (("teacher", teacher_hf), ("student", student_hf))}
+    for model in models.values():
+        if hasattr(model, "set_experts_implementation"):  # transformers 5: grouped_mm has no float64
+            model.set_experts_implementation("eager")
     proj = {k: v.detach().double().clone().requires_grad_(True) for k, v in projections.items()}
-    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs)}
+    student_layers = models["student"].model.layers
+    moe = hasattr(student_layers[0].mlp, "gate")
+    routers = {f"decoder.layers.{i}.mlp.router.weight": layer.mlp.gate.weight
+               for i, layer in enumerate(student_layers)} if moe else {}
+    config = models["student"].config
+    coeff = settings.get("moe_aux_loss_coeff", getattr(config, "router_aux_loss_coef", 0.0))
+    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs), "moe_aux_loss": 0.0}
     objective = 0.0
     for mb in microbatches:
-        states, logits = {}, {}
+        states, logits, router_logits = {}, {}, []
         for side, model in models.items():
             wanted = {s if side == "student" else t for s, t in pairs}
             hooks = [model.model.layers[i].register_forward_hook(
                 lambda m, a, o, i=i, side=side: states.__setitem__((side, i), o[0] if isinstance(o, tuple) else o))
                 for i in wanted]
+            if side == "student" and moe:
+                hooks += [layer.mlp.gate.register_forward_hook(lambda m, a, o: router_logits.append(o[0]))
+                          for layer in student_layers]
             with torch.set_grad_enabled(side == "student"):
                 logits[side] = model(mb["tokens"]).logits.double()
             for h in hooks:
@@ -107,40 +133,55 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
             projected = states[("student", s)] @ proj[str(i)].T if str(i) in proj else states[("student", s)]
             cos = torch.nn.functional.cosine_similarity(projected, states[("teacher", t)].detach(), dim=-1)
             pair_losses.append((1 - cos).mean())
-        loss = kd + ce_w * ce + sum(w * p for w, p in zip(pair_weights, pair_losses))
+        aux = 0.0
+        for z_router in router_logits:  # [tokens, experts], one per student layer
+            n_tokens, experts = z_router.shape
+            k = config.num_experts_per_tok
+            routed = torch.zeros_like(z_router).scatter(1, z_router.topk(k, dim=-1).indices, 1.0)
+            aux = aux + coeff * experts / (k * n_tokens ** 2) * (z_router.softmax(-1).sum(0) * routed.sum(0)).sum()
+        loss = kd + ce_w * ce + sum(w * p for w, p in zip(pair_weights, pair_losses)) + aux
         objective = objective + loss / len(microbatches)
         totals["loss"] += loss.item() / len(microbatches)
         totals["kd_loss"] += kd.item() / len(microbatches)
         totals["ce_loss"] += ce.item() / len(microbatches)
+        totals["moe_aux_loss"] += float(aux) / len(microbatches)
         for i, p in enumerate(pair_losses):
             totals["pair_losses"][i] += p.item() / len(microbatches)
-    grads = torch.autograd.grad(objective, list(proj.values())) if proj else []
-    return totals, {f"kd_projection.{k}": g for k, g in zip(proj, grads)}, max(
-        logits["student"].abs().max().item(), logits["teacher"].abs().max().item())
+    wrt = {**{f"kd_projection.{k}": v for k, v in proj.items()}, **routers}
+    grads = torch.autograd.grad(objective, list(wrt.values())) if wrt else []
+    return totals, dict(zip(wrt, grads)), max(logits["student"].abs().max().item(),
+                                              logits["teacher"].abs().max().item())
 
 
 @pytest.mark.multirank
 def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_checkpoint, tmp_path):
-    """At TP=1 the step's KD, CE and pair losses and the projections' gradients equal a
-    float64 reference written out from the HF models; at TP=2 and PP=2 (with pairs whose
-    states cross pipeline stages, with top-k under a split vocabulary, and in float16 with
-    the loss scale) losses and every gradient equal TP=1's; at every layout, DP=2 included,
-    the step reads the same samples (token fingerprint) and has the same losses."""
+    """At TP=1 the step's KD, CE and pair losses (and a mixture-of-experts student's
+    load-balancing loss) and the projections' (and routers') gradients equal a float64
+    reference written out from the HF models; at TP=2 and PP=2 (with pairs whose states
+    cross pipeline stages, with top-k under a split vocabulary, in float16 with the loss
+    scale, and an MoE student and teacher under sequence parallelism) losses and every
+    gradient equal TP=1's; at every layout, DP=2 included, the step reads the same samples
+    (token fingerprint) and has the same losses."""
     from tolerances import fp16_same_ops, fp32, log_softmax_sum, transformer_logits
 
     teacher, student = str(tiny_checkpoint("llama")), str(tiny_checkpoint("llama_small"))
+    moe_teacher, moe_student = (str(tiny_checkpoint(k)) for k in MOE_PAIR)
     width, layers = 96, 4  # the wider model's largest inner dimension and depth (tiny_models.py)
+    runs = {name: (teacher, student, "llama", "llama_small", settings) for name, settings in CONFIGS.items()}
+    runs.update({name: (moe_teacher, moe_student, *MOE_PAIR, settings) for name, settings in MOE_CONFIGS.items()})
     base: dict[str, tuple] = {}
-    for name, settings in CONFIGS.items():
-        trainer = make_trainer(teacher, student, 1, 1, settings)
+    for name, (t_ckpt, s_ckpt, t_kind, s_kind, settings) in runs.items():
+        trainer = make_trainer(t_ckpt, s_ckpt, 1, 1, settings)
         logs, grads = trainer.gradients(step=0)
         base[name] = (logs, grads)
         if settings.get("dtype") == "float16":
             continue  # the float64 reference is for float32 arithmetic; float16 is checked across layouts
         projections = {k: p.weight for k, p in trainer.module.projections.items()}
-        ref, ref_grads, max_logit = reference_step(tiny_hf("llama"), tiny_hf("llama_small"),
-                                                   trainer.step_batches(0), settings, projections,
-                                                   trainer.module.pair_weights.tolist())
+        ref, ref_grads, max_logit = reference_step(tiny_hf(t_kind), tiny_hf(s_kind), trainer.step_batches(0),
+                                                   settings, projections, trainer.module.pair_weights.tolist())
+        # the load-balancing loss sums, over 32 tokens x 4 experts, router probabilities whose inputs
+        # carry a float32 forward pass's rounding (matrix products <= 64 wide, 3 layers)
+        assert abs(logs.get("moe_aux_loss", 0.0) - ref["moe_aux_loss"]) <= AUX_TOL * (1 + ref["moe_aux_loss"])
         T = settings["kd_temperature"]
         # float32 (megatron) against float64 (HF): the logits differ by a forward pass's rounding;
         # KD and CE are per-token log-softmax sums over the vocabulary of those logits (T^2 KL
@@ -160,8 +201,8 @@ def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_c
 
     for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
         out = tmp_path / layout
-        run_workers("distill_layouts.py", teacher, student, out, *flags)
-        for name, settings in CONFIGS.items():
+        run_workers("distill_layouts.py", teacher, student, out, *flags, "--moe", moe_teacher, moe_student)
+        for name, (*_, settings) in runs.items():
             fp16 = settings.get("dtype") == "float16"
             if fp16 and layout == "tp2":
                 continue  # float16 sums in another order (TP) bound nothing useful; PP and DP keep the order
@@ -175,6 +216,9 @@ def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_c
                 tol = log_softmax_sum(1000, 10.0) * settings["kd_temperature"] ** 2
                 for key in ("loss", "kd_loss", "ce_loss"):
                     assert abs(saved["logs"][key] - logs[key]) <= tol, (layout, name, key)
+                assert ("moe_aux_loss" in saved["logs"]) == ("moe_aux_loss" in logs)
+                if "moe_aux_loss" in logs:  # the same sums, split over ranks
+                    assert abs(saved["logs"]["moe_aux_loss"] - logs["moe_aux_loss"]) <= AUX_TOL, layout
                 for a, b in zip(saved["logs"]["pair_losses"], logs["pair_losses"]):
                     assert abs(a - b) <= fp32(width * (2 * layers + 1), 2.0), (layout, name)
                 merged.update(saved["grads"])

@@ -19,7 +19,8 @@ DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_
 # depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count);
 # None where no such model was published.
 PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
-               "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None}
+               "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None,
+               "qwen3-30b-a3b-experts": None}
 
 
 def _source_description(source: str):
@@ -53,6 +54,9 @@ def test_recipe_validates_and_targets_published_size(path):
     if recipe.name == "nemotron-15b-8b":  # nvidia/Minitron-8B-Base's shape
         assert (desc.architecture, desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads,
                 desc.num_query_groups, desc.head_dim, desc.num_layers) == ("nemotron", 4096, 16384, 48, 8, 128, 32)
+    if recipe.name == "qwen3-30b-a3b-experts":  # half the experts: ~16B total, the active count kept
+        assert (desc.num_experts, desc.moe_top_k, desc.moe_ffn_hidden_size, desc.num_layers) == (64, 8, 768, 48)
+        assert round(desc.num_parameters() / 1e9) == 16 and int(desc.num_active_parameters() / 1e8) == 33
 
 
 def test_cluster_recipes_need_only_data_paths():

@@ -91,12 +91,17 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
     # the same kind of network (Llama and Mistral are: their family tables fix the same features)
     require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
             f"--student ({student.architecture}) is not of the teacher's family ({teacher.architecture})")
-    for axis, t, s in (("hidden", teacher.hidden_size, student.hidden_size),
-                       ("ffn", teacher.ffn_hidden_size, student.ffn_hidden_size),
-                       ("heads", teacher.num_attention_heads, student.num_attention_heads),
-                       ("query groups", teacher.num_query_groups, student.num_query_groups),
-                       ("layers", teacher.num_layers, student.num_layers)):
-        require(s <= t, f"--student is not a descendant of --teacher: its {axis} ({s}) exceeds the teacher's ({t})")
+    require(teacher.is_moe == student.is_moe or teacher.is_moe,
+            f"--student ({student.architecture}) has experts, the teacher ({teacher.architecture}) a dense MLP")
+    from nemo_minitron.prune.targets import sizes
+
+    mine, theirs = sizes(student), sizes(teacher)
+    axes = ("hidden", "heads", "query_groups", "layers") + (
+        ("experts", "moe_ffn", "shared_ffn") if student.is_moe else () if teacher.is_moe else ("ffn",))
+    for axis in axes:
+        require(mine[axis] <= theirs[axis], f"--student is not a descendant of --teacher: its "
+                                            f"{axis.replace('_', ' ')} ({mine[axis]}) exceeds the teacher's "
+                                            f"({theirs[axis]})")
     require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
             and teacher.rotary_percent == student.rotary_percent,
             "--student uses another rotary position encoding than --teacher")
@@ -115,6 +120,21 @@ def _projection_init(student_ckpt: str, student: ModelDescription, teacher: Mode
     init = torch.zeros(teacher.hidden_size, student.hidden_size)
     init[torch.tensor(kept), torch.arange(student.hidden_size)] = 1.0
     return init
+
+
+def load_training_models(student: str, teacher: str | None, dtype: torch.dtype, student_desc: ModelDescription):
+    """The student (and teacher) at the current layout, built for training: a
+    mixture-of-experts student at TP > 1 trains with sequence parallelism, and then so does
+    its teacher (their stages exchange activations split the same way)."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    sp = training_needs_sequence_parallel(student_desc, ps.get_tensor_model_parallel_world_size())
+    student_model, _ = load_checkpoint(student, dtype=dtype, sequence_parallel=sp)
+    teacher_model = load_checkpoint(teacher, dtype=dtype, sequence_parallel=sp)[0] if teacher is not None else None
+    return student_model, teacher_model
 
 
 def _check_output(out: str, resume: bool) -> Path:
@@ -168,6 +188,14 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     s_desc.check_layout(tp, pp)
     if t_desc is not None:
         t_desc.check_layout(tp, pp)
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    require(not training_needs_sequence_parallel(s_desc, tp) or cfg.seq_len % tp == 0,
+            f"{names('seq_len')} {cfg.seq_len} must be a multiple of --tp {tp}: a mixture of experts trains with "
+            "sequence parallelism (megatron-core's requirement at --tp > 1)")
+    require(cfg.moe_aux_loss_coeff is None or s_desc.is_moe,
+            f"{names('moe_aux_loss_coeff')} applies to a mixture-of-experts student; this one is "
+            f"{s_desc.architecture} with a dense MLP")
     dp = check_world_size(tp, pp)
     require(cfg.global_batch % (dp * cfg.micro_batch) == 0,
             f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
@@ -198,8 +226,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
                                          num_samples=cfg.steps * cfg.global_batch, progress=progress)
     eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
                                    progress=progress).first(cfg.eval_samples)
-    student_model, _ = load_checkpoint(student, dtype=compute_dtype)
-    teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
+    student_model, teacher_model = load_training_models(student, teacher, compute_dtype, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
@@ -245,7 +272,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
         "kind": kind, "teacher": teacher, "student": student, "steps": cfg.steps,
         "tokens": cfg.steps * cfg.global_batch * cfg.seq_len,
         "final_loss": final.get("loss"), "final_kd_loss": final.get("kd_loss"), "final_ce_loss": final.get("ce_loss"),
-        "final_pair_losses": final.get("pair_losses"),
+        "final_pair_losses": final.get("pair_losses"), "final_moe_aux_loss": final.get("moe_aux_loss"),
         "student_before": before, "student_after": after, "teacher_eval": teacher_eval,
         "wall_seconds": round(time.time() - started, 1), "train_seconds": round(result["wall_seconds"], 1),
         "tokens_per_second": result["tokens_per_second"], "trained_steps_this_run": result["trained_steps"],

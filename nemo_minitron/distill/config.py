@@ -44,6 +44,9 @@ class TrainingConfig:
                                   "training process)", ge=0, resume_safe=True)
     logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes)", ge=1,
                               resume_safe=True)
+    moe_aux_loss_coeff: Optional[float] = option(
+        None, "mixtures of experts: weight of the router's load-balancing loss per layer (0: off)", ge=0,
+        default_text="the model's, from its HF router_aux_loss_coef")
 
     def check(self, names) -> None:
         require(self.global_batch % self.micro_batch == 0,

@@ -17,6 +17,13 @@ Stopping: after every step the loop asks whether any rank got SIGTERM or SIGUSR1
 Per step, rank 0 appends a record to ``metrics.jsonl`` and TensorBoard (and W&B when
 configured), and every ``log_every`` steps logs a Megatron-style line (``metrics.py``);
 held-out evaluations are ``{"kind": "eval", ...}`` records.
+
+A mixture-of-experts student keeps its router's load-balancing loss: megatron-core's
+router attaches it to the routing probabilities (``MoEAuxLossAutoScaler``, scaled by the
+schedule like the main loss) and records it in its tracker, from which each step's
+``moe_aux_loss`` (the term added to the objective, summed over layers, averaged over
+micro-batches) is reported beside the KD loss and included in ``loss``. The teacher
+runs in eval mode, where routers add no such loss.
 """
 
 from __future__ import annotations
@@ -144,6 +151,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from nemo_minitron.model.params import unwrap
         from nemo_minitron.runtime.distributed import layout
 
         self.cfg, self.out, self.progress, self.seed = cfg, Path(out), progress, seed
@@ -191,6 +199,10 @@ class Trainer:
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
         self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None)
+        model_config = unwrap(student).config
+        if model_config.num_moe_experts and cfg.moe_aux_loss_coeff is not None:
+            model_config.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff  # the routers read it at every step
+        self.moe_aux_coeff = float(model_config.moe_aux_loss_coeff) if model_config.num_moe_experts else 0.0
         self.step = 0
         self.consumed_samples = 0
         self.metrics = None
@@ -236,9 +248,11 @@ class Trainer:
             head = stats[:3].clone()
             dist.broadcast(head, src=last, group=pp_group)
             stats[:3] = head
-            if len(pair_losses):  # each pair is computed on exactly one stage
+            if len(pair_losses):  # each pair is computed on exactly one stage (in parts, under SP)
                 tail = stats[3:].clone()
                 dist.all_reduce(tail, group=pp_group)
+                if getattr(self.module, "sequence_shards", 1) > 1:
+                    dist.all_reduce(tail, group=ps.get_tensor_model_parallel_group())
                 stats[3:] = tail
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
@@ -314,16 +328,40 @@ class Trainer:
             if self.module.pp > 1:
                 extra["adjust_tensor_shapes_fn"] = self.module.adjust_tensor_shapes
         data = _Fingerprinting(batches)
+        if self.moe_aux_coeff:
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()
         reported = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=data, model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
         pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
         logs = self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
+        if self.moe_aux_coeff:
+            logs["moe_aux_loss"] = self._moe_aux_loss()
+            logs["loss"] += logs["moe_aux_loss"]
         fingerprint = torch.tensor([data.value], dtype=torch.int64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(fingerprint, group=ps.get_data_parallel_group())
         return {**logs, "samples_fingerprint": int(fingerprint.item()) % FINGERPRINT_MODULUS}
+
+    def _moe_aux_loss(self) -> float:
+        """The step's load-balancing loss as it entered the objective (collective): megatron's
+        tracker holds, per layer, the loss without its coefficient, summed over micro-batches;
+        reduced over pipeline stages (each holds its layers), sequence-parallel ranks (each
+        holds its tokens' part) and data-parallel ranks (mean)."""
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        name = "load_balancing_loss"
+        reduce_aux_losses_tracker_across_ranks([name])
+        value = self.moe_aux_coeff * get_moe_layer_wise_logging_tracker()[name]["values"].double().sum().item()
+        clear_aux_losses_tracker()
+        return value / self.num_microbatches
 
     def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One forward-backward pass over ``step``'s batches, no update: the logs and this

@@ -143,6 +143,9 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     for k in cfg.drop_blocks:
         require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
                                           f"{desc.num_layers - 1} layers")
+    require(not (cfg.second_moments and desc.is_moe),
+            f"{names('second_moments')} (for prune --refit) is for dense MLPs; this {desc.architecture} model "
+            "has experts")
     compute_dtype = parse_dtype(run_cfg.dtype, names("dtype")) if run_cfg.dtype else None
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)

@@ -33,12 +33,16 @@ class PlanConfig:
     max_depth_cut: float = option(0.5, "largest fraction of the layers to remove", ge=0, lt=1)
     prefer: Literal["width", "depth"] = option(
         "width", "which candidates rank first: width (the paper's advice) or depth")
+    param_count: Literal["total", "active"] = option(
+        "total", "what a parameter budget counts in a mixture of experts: every parameter (total) or those one "
+                 "token uses (active: the top-k experts)")
 
 
 @dataclasses.dataclass
 class PruneConfig(PlanConfig):
     target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
-                                        "(or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
+                                        "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn; "
+                                        "or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
                                         "num_query_groups, num_layers), e.g. hidden=480,ffn=1024,heads=6",
                                     parse=_target, metavar="AXIS=N,...")
     drop_layers: list[int] = option([], "layers to drop, numbered from 1 as ModelOpt and NeMo do (e.g. 17,18,19); "
