@@ -41,7 +41,7 @@ VARIANTS = {
     "(seq mean, batch mean)": ("mean", "mean", "post", "channel", "layers"),
     "(seq l2, batch l2)": ("l2", "l2", "post", "channel", "layers"),
 }
-DEPTH_METRICS = ("best", "contiguous", "loss", "block")
+DEPTH_METRICS = ("best", "contiguous", "loss", "block", "greedy")
 DEPTH_VARIANT = "channel heads, layer norms"  # the width variant scored with every depth metric
 # ideas ModelOpt lacks, applied on top of these variants' choices
 REFIT_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
@@ -171,6 +171,30 @@ class Bench:
         tmp.replace(path)
         return out
 
+    def greedy(self, seed: int) -> list[dict]:
+        """importance.layers.greedy_drop_order on this seed's first --greedy-samples calibration
+        samples, down to the deepest cut of the rows (cached step by step: a killed run resumes)."""
+        from nemo_minitron.importance.layers import greedy_drop_order
+
+        path = OUT / f"greedy-seed{seed}-{self.args.greedy_samples}.json"
+        done = json.loads(path.read_text()) if path.is_file() else []
+        steps = max(self.old.num_layers - t["layers"] for t in ROWS.values() if "layers" in t)
+        if len(done) >= steps:
+            return done
+        if self.args.cached_only:
+            raise Missing(path.name)
+
+        def save(order):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(order))
+            tmp.replace(path)
+            print(f"seed {seed} greedy step {len(order)}: layer {order[-1]['layer']} loss {order[-1]['loss']:.4f}",
+                  flush=True)
+
+        samples = self.load_samples(seed)[: self.args.greedy_samples]
+        return greedy_drop_order(self.teacher, self.old.vocab_size, self.old.num_layers, samples, 4, steps,
+                                 done=done, on_step=save)
+
     def drop_sets(self, seed: int, scores: dict) -> dict:
         """importance.layers.drop_set_losses on this seed's layer samples (cached)."""
         path = OUT / f"drop-sets-seed{seed}-{self.args.select_samples}.json"
@@ -197,6 +221,11 @@ class Bench:
             layers = [i for i in range(L) if i not in dropped]
         elif depth == "contiguous":
             dropped = set(scores["blocks"][str(drop)]["layers"])
+            layers = [i for i in range(L) if i not in dropped]
+        elif depth == "greedy":
+            if "greedy" not in scores:
+                raise Missing("greedy")
+            dropped = {e["layer"] for e in scores["greedy"][:drop]}
             layers = [i for i in range(L) if i not in dropped]
         else:
             metric = scores["loss_drop"] if depth == "loss" else v["block"]
@@ -292,6 +321,9 @@ def main() -> None:
     p.add_argument("--layer-samples", type=int, default=1, help="calibration samples for the layer loss drops")
     p.add_argument("--select-samples", type=int, default=8,
                    help="calibration samples on which --layer-metric best compares its three layer sets")
+    p.add_argument("--greedy-samples", type=int, default=2,
+                   help="calibration samples for the greedy layer elimination")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy layer elimination")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--cached-only", action="store_true", help="only tabulate results already computed")
     p.add_argument("--no-iterative", action="store_true", help="skip the iterative re-estimation variants")
@@ -319,6 +351,11 @@ def main() -> None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
         scores = bench.our_scores(seed)
         scores["drop_sets"] = bench.drop_sets(seed, scores)
+        if not args.no_greedy:
+            try:
+                scores["greedy"] = bench.greedy(seed)
+            except Missing:
+                pass
         for row in rows:
             new = apply_target(bench.old, ROWS[row])
             checks = args.check_seeds if args.check_seeds is not None else args.seeds[:1]
@@ -338,8 +375,8 @@ def main() -> None:
                 depths = DEPTH_METRICS if "layers" in ROWS[row] and (depth_only or variant == DEPTH_VARIANT) \
                     else ("contiguous",)
                 for depth in depths:
-                    keep = bench.keep_for(scores, variant, new, depth)
                     try:
+                        keep = bench.keep_for(scores, variant, new, depth)
                         r = bench.eval_keep(keep, new)
                     except Missing:
                         continue

@@ -15,6 +15,15 @@ Tensors (global indices, whatever the parallel layout that computed them):
     layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
     layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
 Higher is more important on every axis.
+
+summary.json's ``layers`` (depth choices for prune --layer-metric): ``loss_drop``,
+``block_importance``, their rankings, ``contiguous_blocks`` {k: best block},
+``greedy`` {"order": layers in the order greedy elimination removed them, "loss": the loss
+after each removal, "candidates": per step, the loss without each remaining layer (null
+for removed ones)} and ``drop_sets`` {k: {metric: {"layers", "loss"}, "best"}}. Keys are
+only ever added: a directory written before ``greedy`` existed lacks it (and its
+``drop_sets`` lack "greedy"), and prune asks for a new importance run only when the
+metric chosen needs it.
 """
 
 from __future__ import annotations
