@@ -43,7 +43,10 @@ VARIANTS = {
 }
 DEPTH_METRICS = ("best", "contiguous", "loss", "block", "greedy")
 DEPTH_VARIANT = "channel heads, layer norms"  # the width variant scored with every depth metric
-DEFAULT_DEPTH = "contiguous"  # prune --layer-metric's default: refit and iterative variants build on it
+# prune --layer-metric's default (auto): greedy when only layers are cut, else contiguous (the
+# refit and iterative variants of the width+depth row build on the latter)
+DEFAULT_DEPTH_ONLY = "greedy"
+DEFAULT_DEPTH = "contiguous"
 # ideas ModelOpt lacks, applied on top of these variants' choices
 REFIT_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
 ITERATIVE_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
@@ -214,10 +217,8 @@ class Bench:
         path = OUT / f"greedy-seed{seed}-{self.args.greedy_samples}.json"
         done = json.loads(path.read_text()) if path.is_file() else []
         steps = max((self.old.num_layers - ROWS[r]["layers"] for r in rows if "layers" in ROWS[r]), default=0)
-        if len(done) >= steps:
+        if len(done) >= steps or self.args.cached_only:  # keep_for skips rows deeper than done
             return done
-        if self.args.cached_only:
-            raise Missing(path.name)
 
         def save(order):
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -421,7 +422,7 @@ def main() -> None:
     p.add_argument("--select-samples", type=int, default=8,
                    help="calibration samples on which --layer-metric best compares its three layer sets")
     p.add_argument("--greedy-samples", type=int, default=1,
-                   help="calibration samples for the greedy layer elimination (as --layer-samples: the contiguous block and loss drops)")
+                   help="calibration samples for the greedy layer elimination (as many as --layer-samples)")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy layer elimination")
     p.add_argument("--distill-steps", type=int, default=0,
                    help="also distil ModelOpt's and our two best setups per row this many steps (0: no)")
@@ -541,10 +542,11 @@ DEFAULT = "channel heads, layer norms"  # importance's defaults (head_score chan
 
 
 def default_name(row: str, entries: dict, refit: bool = False) -> str | None:
-    """Our defaults' entry in a row (depth: --layer-metric DEFAULT_DEPTH), optionally + refit."""
+    """Our defaults' entry in a row (--layer-metric auto: DEFAULT_DEPTH_ONLY or DEFAULT_DEPTH),
+    optionally + refit."""
     target = ROWS[row]
     if set(target) == {"layers"}:
-        return None if refit else f"depth {DEFAULT_DEPTH}"
+        return None if refit else f"depth {DEFAULT_DEPTH_ONLY}"
     names = [f"{DEFAULT} + refit"] if refit else [f"{DEFAULT} / depth {DEFAULT_DEPTH}", DEFAULT]
     return next((n for n in names if n in entries), None)
 

@@ -338,7 +338,7 @@ def test_budget_prunes_to_a_shape_within_the_budget(scored, tmp_path):
 
 
 def test_layer_choice(scored, layer_reference):
-    """greedy, contiguous, loss and block choose the layers that the definitions (layers deleted
+    """greedy, contiguous, loss, block (and auto, by the target) choose the layers that the definitions (layers deleted
     from the HF model; cosines of HF layer inputs and outputs) say; explicit lists; mistakes
     are one-line errors."""
     from nemo_minitron.errors import UsageError
@@ -360,6 +360,13 @@ def test_layer_choice(scored, layer_reference):
             kept = layers_to_keep(old, new, metric, scores.summary, scores.tensors)
             assert kept == [i for i in range(4) if i not in dropped], (metric, keep, ref)
     new = old.replace(num_layers=2)
+    # auto: greedy's set when only layers are cut, the contiguous block when width is cut too
+    # (the two sets differ on this model, or the check could not fail)
+    assert want["greedy"] != want["contiguous"], ref
+    assert layers_to_keep(old, new, "auto", scores.summary, scores.tensors) == [
+        i for i in range(4) if i not in want["greedy"]]
+    assert layers_to_keep(old, new.replace(ffn_hidden_size=old.ffn_hidden_size // 2), "auto", scores.summary,
+                          scores.tensors) == [i for i in range(4) if i not in want["contiguous"]]
     assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
     assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
     sets = scores.summary["layers"]["drop_sets"]["2"]
@@ -369,7 +376,7 @@ def test_layer_choice(scored, layer_reference):
     assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "greedy", "loss", "block"))
     for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
                           ("1,9", "layers must be in 0..3"),
-                          ("first", "--layer-metric must be greedy, best, contiguous, loss, block")):
+                          ("first", "--layer-metric must be auto, greedy, best, contiguous, loss, block")):
         with pytest.raises(UsageError, match=words):
             layers_to_keep(old, new, metric, scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):

@@ -13,6 +13,10 @@ key and value rows; a channel: its column or row in every matrix, norm and embed
 layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
+    auto        greedy when the target cuts only layers, contiguous when it cuts width too
+                (benchmarks/pruning_quality.py: greedy wins depth-only cuts, but its sets,
+                chosen on the full-width model, lose to the contiguous block once hidden,
+                ffn and heads are cut as well)
     greedy      the first layers removed by the importance run's greedy elimination
                 (``summary["layers"]["greedy"]["order"]``, recorded down to the largest
                 ``--drop-blocks`` size)
@@ -41,7 +45,7 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-LAYER_METRICS = ("greedy", "best", "contiguous", "loss", "block")
+LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -137,6 +141,9 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         dropped = chosen
     elif drop == 0:
         dropped = []
+    elif chosen == "auto":
+        depth_only = new == old.replace(num_layers=new.num_layers)
+        return layers_to_keep(old, new, "greedy" if depth_only else "contiguous", summary, layer_scores, flag)
     elif chosen == "greedy":
         order = summary.get("layers", {}).get("greedy", {}).get("order", [])
         require(len(order) >= drop, f"{flag} greedy: the importance run removed {len(order)} layers greedily, "
