@@ -74,6 +74,11 @@ def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path)
     assert report["generation"].startswith("The Python standard library")
     md = (out / "report" / "report.md").read_text()
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
+    for m in report["models"]:  # task accuracy with its standard error, for every model
+        assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
+        for result in m["tasks"].values():
+            assert result["samples"] == 4 and set(result["stderr"]) >= {"acc"} and 0 <= result["metrics"]["acc"] <= 1
+    assert "minitron_nextsentence acc" in md and "tasks.png" in md and (out / "report" / "tasks.png").is_file()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))

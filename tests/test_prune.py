@@ -338,9 +338,9 @@ def test_budget_prunes_to_a_shape_within_the_budget(scored, tmp_path):
 
 
 def test_layer_choice(scored, layer_reference):
-    """greedy, contiguous, loss, block (and auto, by the target) choose the layers that the definitions (layers deleted
-    from the HF model; cosines of HF layer inputs and outputs) say; explicit lists; mistakes
-    are one-line errors."""
+    """greedy, contiguous, loss, block (and auto, by the target) choose the layers that the
+    definitions (layers deleted from the HF model; cosines of HF layer inputs and outputs)
+    say; explicit lists; mistakes are one-line errors."""
     from nemo_minitron.errors import UsageError
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.scores import ImportanceScores

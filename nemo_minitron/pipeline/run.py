@@ -100,11 +100,13 @@ class RunPaths:
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
-    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.api import describe_model, model_path
     from nemo_minitron.data.samples import parse_data_specs
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
+    recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
+                                     "recipe key 'model.iteration'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
     for split in ("calib", "train", "heldout"):
@@ -122,6 +124,11 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
             limit = min(d.max_position_embeddings for d in descriptions)
             require(value <= limit, f"recipe key 'rounds.{i}.{key}' ({value}) exceeds the models' "
                                     f"max_position_embeddings ({limit})")
+    if recipe.report.tasks:
+        from nemo_minitron.tasks.api import resolve_tasks
+
+        resolve_tasks(recipe.report.tasks, recipe.report.tasks_path, flag="recipe key 'report.tasks'",
+                      path_flag="recipe key 'report.tasks_path'")
     out = Path(recipe.output_dir)
     require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
     return descriptions
