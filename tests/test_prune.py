@@ -485,10 +485,14 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
     no_blocks = tmp_path / "no_blocks"
     shutil.copytree(imp, no_blocks)
     summary["layers"]["contiguous_blocks"] = {}
+    summary["layers"].pop("greedy", None)
     (no_blocks / "summary.json").write_text(json.dumps(summary))
     for kwargs, words in (
             ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
-            ({"target": {"layers": 3}, "importance": no_blocks}, "no best contiguous block of 1 layers"),
+            ({"target": {"layers": 3}, "importance": no_blocks, "layer_metric": "contiguous"},
+             "no best contiguous block of 1 layers"),
+            # the default (auto) on a depth-only target needs the greedy order
+            ({"target": {"layers": 3}, "importance": no_blocks}, "greedy: the importance run removed 0 layers greedily"),
             ({"target": {"hidden": 32}, "layer_metric": "2"}, "drops 1 layers but the target removes 0"),
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
