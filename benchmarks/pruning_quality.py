@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import CACHE, parser, smollm2_checkpoint, write_results
+from common import CACHE, builtin_samples, parser, smollm2_checkpoint, write_results
 
 OUT = CACHE / "pruning_quality"  # --out
 
@@ -72,7 +72,6 @@ class Missing(KeyError):
 class Bench:
     def __init__(self, args):
         from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
-        from nemo_minitron.data.samples import load_samples, parse_data_specs
 
         self.args = args
         self.ckpt = smollm2_checkpoint()
@@ -80,11 +79,12 @@ class Bench:
         self.tokenizer = load_tokenizer(self.ckpt)
         self.teacher, _ = load_checkpoint(self.ckpt)
         self.teacher.eval()
-        self.heldout = {name: load_samples(parse_data_specs([f"builtin:{name}"]), self.tokenizer, args.seq_len,
-                                           num_samples=args.eval_samples, seed=4321)
+        # samples drawn by seed through the data API (megatron-core's GPTDataset order)
+        self.heldout = {name: builtin_samples(name, self.tokenizer, args.seq_len, num_samples=args.eval_samples,
+                                              seed=4321).take(args.eval_samples)
                         for name in ("docs", "heldout")}
-        self.load_samples = lambda seed: load_samples(parse_data_specs(["builtin:calib"]), self.tokenizer,
-                                                      args.seq_len, num_samples=args.calib_samples, seed=seed)
+        self.load_samples = lambda seed: builtin_samples("calib", self.tokenizer, args.seq_len,
+                                                         num_samples=args.calib_samples, seed=seed).take(args.calib_samples)
         OUT.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- evaluation (cached)

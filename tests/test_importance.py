@@ -17,11 +17,12 @@ SEQ, SAMPLES, LAYER_SAMPLES, SEED = 24, 6, 3, 11
 
 def _samples(checkpoint):
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
 
-    desc = read_info(checkpoint).description
-    return load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(checkpoint), SEQ, num_samples=SAMPLES,
-                        seed=SEED, vocab_size=desc.vocab_size)
+    tokenizer = load_tokenizer(checkpoint)
+    corpus = check_corpus(["builtin:calib"], vocab_size=read_info(checkpoint).description.vocab_size)
+    return calibration_samples(corpus, tokenizer, seq_len=SEQ, samples=SAMPLES, seed=SEED)
 
 
 def _capture(hf_model, tokens):

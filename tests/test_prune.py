@@ -51,14 +51,16 @@ def layer_reference(tiny_hf, tiny_checkpoint):
 
     from nemo_minitron.checkpoint.store import load_tokenizer
     from nemo_minitron.config import DEFAULT_SEED
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
 
     made: dict = {}
 
     def get(kind="llama"):
         if kind not in made:
-            calib = load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(tiny_checkpoint(kind)),
-                                 CALIBRATION["seq_len"], num_samples=CALIBRATION["samples"], seed=DEFAULT_SEED)
+            calib = calibration_samples(check_corpus(["builtin:calib"]), load_tokenizer(tiny_checkpoint(kind)),
+                                        seq_len=CALIBRATION["seq_len"], samples=CALIBRATION["samples"],
+                                        seed=DEFAULT_SEED)
             made[kind] = hf_layer_scores(tiny_hf(kind), calib, CALIBRATION["layer_samples"],
                                          tuple(CALIBRATION["drop_blocks"]))
         return made[kind]

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from nemo_minitron.config import Names
+from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.checkpointing import latest_checkpoint
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.model import LayerPair
@@ -137,9 +138,10 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
     return yaml.safe_load((out / CONFIG_FILE).read_text())
 
 
-def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: TrainingConfig, *,
-         parallel: ParallelConfig, run: RunConfig, eval_data: Sequence[str] | None, resume: bool, force: bool,
-         progress: bool, names: Names, force_hint: str) -> dict[str, Any]:
+def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cfg: TrainingConfig,
+         parallel: ParallelConfig, run: RunConfig, data_opts: DataOptions, eval_data: Sequence[str] | None,
+         resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
+         force_hint: str) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -149,7 +151,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
         save_checkpoint,
     )
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
@@ -172,31 +174,37 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = _check_output(out, resume)
     kind = "distillation" if teacher is not None else "fine-tuning"
-    eval_data = list(eval_data or [DEFAULT_EVAL_DATA])
-    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": list(data),
-                "eval_data": eval_data, "seed": run.seed, "dtype": run.dtype, **to_dict(cfg)}
+    tokenizer = load_tokenizer(student)
+    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
+                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    train_corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+    require(train_corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+    heldout = eval_corpus(train_corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+    eval_label = (f"the validation part of {train_corpus.blend.label}" if heldout is train_corpus
+                  else heldout.blend.label)
+    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
+                "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
     saved = _saved_config(out_path)
     forced = check_resume(saved, resolved, what=f"the {kind} run in '{out}'", force=force,
-                          force_hint=force_hint, ignore=resume_safe_fields(type(cfg)))
+                          force_hint=force_hint, ignore=resume_safe_fields(type(cfg), DataOptions))
     compute_dtype = parse_dtype(run.dtype, names("dtype")) if run.dtype else parse_dtype(s_info.dtype)
-    tokenizer = load_tokenizer(student)
-    train_samples = load_samples(parse_data_specs(data), tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size)
-    eval_specs = parse_data_specs(eval_data, flag="--eval-data")
-    eval_samples = load_samples(eval_specs, tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size)
-    eval_samples = eval_samples[: cfg.eval_samples]
 
     # ---- work
     init_distributed(tp, pp, run.seed)
     if is_rank0():
         log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
+    train_samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train",
+                                         num_samples=cfg.steps * cfg.global_batch, progress=progress)
+    eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
+                                   progress=progress).first(cfg.eval_samples)
     student_model, _ = load_checkpoint(student, dtype=compute_dtype)
     teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
                       override_schedule=bool(forced))
-    resumed = trainer.prepare()
+    resumed = trainer.prepare(config=resolved)
     if is_rank0():
         if forced:
             record = {"step": trainer.step, "changed": {k: [flat_get(saved, k), flat_get(resolved, k)]
@@ -214,12 +222,17 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     if before is not None:
         trainer.log_record({"kind": "eval", "step": 0, **before})
     result = trainer.train()
+    if result["stopped"]:  # a stop signal: the checkpoint is saved, the run continues when started again
+        trainer.close()
+        log.info("%s stopped by %s at step %d of %d; start it again to continue", kind, result["stopped"],
+                 trainer.step, cfg.steps)
+        return {"kind": kind, "stopped": result["stopped"], "step": trainer.step, "steps": cfg.steps}
     after = trainer.evaluate(student_model)
     trainer.log_record({"kind": "eval", "step": cfg.steps, **after})
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},
-                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": list(data),
+                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": train_corpus.blend.label,
                                            "steps": cfg.steps}}
     info = CheckpointInfo(s_desc, s_info.dtype, provenance)
     if compute_dtype != torch.float32 and s_info.dtype == "float32":
@@ -243,6 +256,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
                    "lr_min": cfg.min_lr_value, "warmup_steps": cfg.warmup,
                    "kd_pairs": [f"{p.student}:{p.teacher}" for p in pairs]},
     }
+    trainer.close()
     if is_rank0():
         tmp = out_path / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -259,37 +273,38 @@ def flat_get(tree: dict[str, Any] | None, key: str) -> Any:
     return flatten(tree or {}).get(key)
 
 
-def _configs(cls, config, options: dict[str, Any], names: Names | None):
+def _configs(cls, config, options: dict[str, Any], names: Names | None, data_names: Names | None):
     from nemo_minitron.config import build, cli_names, split_overrides
 
-    stage, par, run = split_overrides(options, cls, ParallelConfig, RunConfig)
+    stage, par, run, dat = split_overrides(options, cls, ParallelConfig, RunConfig, DataOptions)
     names = names or cli_names(cls)
-    return build(cls, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), names
+    data_names = data_names or cli_names(DataOptions)
+    return dict(cfg=build(cls, config, names, **stage), parallel=build(ParallelConfig, None, names, **par),
+                run=build(RunConfig, None, names, **run), data_opts=build(DataOptions, None, data_names, **dat),
+                names=names, data_names=data_names)
 
 
 def distill(teacher: str, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
             eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False, progress: bool = True,
-            names: Names | None = None, force_hint: str = "--force", **options: Any) -> dict[str, Any]:
+            names: Names | None = None, data_names: Names | None = None, force_hint: str = "--force",
+            **options: Any) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` on ``data``; either may be a project checkpoint or a
     Megatron-LM / Megatron-Bridge (an ``iter_N`` directory chooses the iteration) / NeMo 2 one.
 
     ``config``: a DistillConfig (defaults if None); ``options``: any of its fields, or
-    ``tp``, ``pp``, ``seed``, ``dtype``, overriding it. A run whose ``out`` holds a training
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it. A run whose ``out`` holds a training
     checkpoint continues from it, unless its settings changed: then ``force=True`` is
     needed, and the new settings (learning-rate schedule included) apply from there."""
-    cfg, parallel, run, names = _configs(DistillConfig, config, options, names)
-    return _run(teacher, student, data, out, cfg, parallel=parallel, run=run, eval_data=eval_data, resume=resume,
-                force=force, progress=progress, names=names, force_hint=force_hint)
+    return _run(teacher, student, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, **_configs(DistillConfig, config, options, names, data_names))
 
 
 def finetune(model: str, data: Sequence[str], out: str, config: TrainingConfig | None = None, *,
              eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False,
-             progress: bool = True, names: Names | None = None, force_hint: str = "--force",
-             **options: Any) -> dict[str, Any]:
+             progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+             force_hint: str = "--force", **options: Any) -> dict[str, Any]:
     """Plain next-token cross-entropy training (teacher correction, and the baseline to distillation)."""
     if config is not None and type(config) is not TrainingConfig:  # e.g. a recipe's teacher_correction
         config = TrainingConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingConfig)})
-    cfg, parallel, run, names = _configs(TrainingConfig, config, options, names)
-    return _run(None, model, data, out, cfg, parallel=parallel, run=run, eval_data=eval_data, resume=resume,
-                force=force, progress=progress, names=names, force_hint=force_hint)
+    return _run(None, model, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, **_configs(TrainingConfig, config, options, names, data_names))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 
 def main(args) -> int:
-    from nemo_minitron.commands import runtime_options
+    from nemo_minitron.commands import data_options, runtime_options
     from nemo_minitron.config import from_args
     from nemo_minitron.distill.api import distill, finetune
     from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 
-    common = dict(eval_data=args.eval_data, resume=args.resume, force=args.force, **runtime_options(args))
+    common = dict(eval_data=args.eval_data, resume=args.resume, force=args.force, **runtime_options(args),
+                  **data_options(args))
     if args.config:
         _apply_kd_yaml(args)
     if args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline

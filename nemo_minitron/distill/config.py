@@ -38,6 +38,10 @@ class TrainingConfig:
     eval_samples: int = option(64, "held-out sequences per evaluation", ge=1, resume_safe=True)
     save_every: int = option(500, "resumable checkpoint every N steps (0: only the final model)", ge=0,
                              resume_safe=True)
+    log_every: int = option(10, "a Megatron-style log line every N steps (every step goes to metrics.jsonl and "
+                                "TensorBoard)", ge=1, resume_safe=True)
+    data_workers: int = option(2, "DataLoader processes reading training batches ahead, per rank (0: read in the "
+                                  "training process)", ge=0, resume_safe=True)
     logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes)", ge=1,
                               resume_safe=True)
 

@@ -130,6 +130,9 @@ class DistillationModel(torch.nn.Module):
         # auto balance: weight of each pair = last step's logit loss / its loss (1 at first)
         self.register_buffer("pair_weights", torch.ones(len(self.pairs), dtype=torch.float64), persistent=False)
         self.num_microbatches = 1
+        # float16 training: the schedule multiplies the last stage's loss by the optimizer's
+        # loss scale; a pair loss entering backward here must be scaled alike
+        self.loss_scale = 1.0
         #: gradient of a non-last stage's pair loss; None: 1 / num_microbatches, as the last
         #: stage's loss is scaled by megatron's schedule (per-token losses: the tokens)
         self.aux_loss_scale: float | None = None
@@ -257,9 +260,10 @@ class DistillationModel(torch.nn.Module):
         if out.shape[-1] < self.width:
             out = torch.nn.functional.pad(out, (0, self.width - out.shape[-1]))
         if pair_losses:
-            # the last stage divides its loss by the number of micro-batches; match it
+            # the last stage divides its loss by the number of micro-batches (and multiplies
+            # it by the float16 loss scale); match it
             scale = self.aux_loss_scale if self.aux_loss_scale is not None else 1.0 / self.num_microbatches
-            out = _AddAuxLoss.apply(out, weighted, scale)
+            out = _AddAuxLoss.apply(out, weighted, self.loss_scale * scale)
         return out
 
     def adjust_tensor_shapes(self, recv_shapes, send_shapes):
