@@ -228,7 +228,24 @@ def test_loss_drop_equals_eval_without_the_layer(tiny, tmp_path):
             del without.model.layers[i]
         losses[metric] = hf_loss(without)
         assert abs(sets[metric]["loss"] - losses[metric]) < 2 * LOSS_TOL, metric
-    assert sets["best"] == min(losses, key=losses.__getitem__)
+    # greedy elimination: the reference deletes, at each step, the layer whose deletion (with
+    # the earlier ones deleted) leaves the lowest loss
+    greedy, gone = scores.summary["layers"]["greedy"], []
+    for step in range(2):
+        ref = {}
+        for j in (j for j in range(tiny["desc"].num_layers) if j not in gone):
+            without = copy.deepcopy(tiny["hf"])
+            for i in sorted(gone + [j], reverse=True):
+                del without.model.layers[i]
+            ref[j] = hf_loss(without)
+            assert abs(greedy["candidates"][step][j] - ref[j]) < 2 * LOSS_TOL, (step, j)
+        gone.append(min(ref, key=ref.__getitem__))
+        assert greedy["order"][step] == gone[-1] and abs(greedy["loss"][step] - ref[gone[-1]]) < 2 * LOSS_TOL
+        assert all(greedy["candidates"][step][i] is None for i in gone[:-1])
+    losses["greedy"] = greedy["loss"][1]
+    assert sets["greedy"]["layers"] == sorted(gone) and abs(sets["greedy"]["loss"] - losses["greedy"]) < 2 * LOSS_TOL
+    # the cheapest set (sets that coincide, e.g. greedy and loss, tie exactly)
+    assert abs(losses[sets["best"]] - min(losses.values())) < 2 * LOSS_TOL
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "nemotron"])

@@ -430,9 +430,9 @@ def test_budget_prunes_to_a_shape_within_the_budget(scored, tmp_path):
 
 
 def test_layer_choice(scored, layer_reference):
-    """contiguous, loss and block choose the layers that the definitions (layers deleted from
-    the HF model; cosines of HF layer inputs and outputs) say; explicit lists; mistakes are
-    one-line errors."""
+    """greedy, contiguous, loss, block (and auto, by the target) choose the layers that the
+    definitions (layers deleted from the HF model; cosines of HF layer inputs and outputs)
+    say; explicit lists; mistakes are one-line errors."""
     from nemo_minitron.errors import UsageError
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.scores import ImportanceScores
@@ -446,26 +446,47 @@ def test_layer_choice(scored, layer_reference):
         new = old.replace(num_layers=keep)
         drop = 4 - keep
         want = {"contiguous": ref["blocks"][drop]["layers"], "loss": _lowest(ref["loss_drop"], drop),
-                "block": _lowest(ref["block_importance"], drop)}
+                "block": _lowest(ref["block_importance"], drop),
+                "greedy": sorted(e["layer"] for e in ref["greedy"][:drop])}
         for metric, dropped in want.items():
             kept = layers_to_keep(old, new, metric, scores.summary, scores.tensors)
             assert kept == [i for i in range(4) if i not in dropped], (metric, keep, ref)
     new = old.replace(num_layers=2)
+    # auto: greedy's set when only layers are cut, the contiguous block when width is cut too
+    # (the two sets differ on this model, or the check could not fail)
+    assert want["greedy"] != want["contiguous"], ref
+    assert layers_to_keep(old, new, "auto", scores.summary, scores.tensors) == [
+        i for i in range(4) if i not in want["greedy"]]
+    assert layers_to_keep(old, new.replace(ffn_hidden_size=old.ffn_hidden_size // 2), "auto", scores.summary,
+                          scores.tensors) == [i for i in range(4) if i not in want["contiguous"]]
     assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
     assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
     sets = scores.summary["layers"]["drop_sets"]["2"]
-    # `want` holds the three sets of 2 layers from the reference (last loop pass)
+    # `want` holds the four sets of 2 layers from the reference (last loop pass)
     assert layers_to_keep(old, new, "best", scores.summary, scores.tensors) == [
         i for i in range(4) if i not in want[sets["best"]]]
-    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "loss", "block"))
+    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "greedy", "loss", "block"))
     for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
-                          ("1,9", "layers must be in 0..3"), ("first", "--layer-metric must be contiguous, best, loss, block")):
+                          ("1,9", "layers must be in 0..3"),
+                          ("first", "--layer-metric must be auto, greedy, best, contiguous, loss, block")):
         with pytest.raises(UsageError, match=words):
             layers_to_keep(old, new, metric, scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "contiguous", scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="has not compared layer sets of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "best", scores.summary, scores.tensors)
+    with pytest.raises(UsageError, match="removed 2 layers greedily, the target removes 3; rerun importance with "
+                                         "--drop-blocks 3"):
+        layers_to_keep(old, old.replace(num_layers=1), "greedy", scores.summary, scores.tensors)
+    # a directory written before greedy elimination existed: the other metrics still work
+    older = json.loads(json.dumps(scores.summary))
+    del older["layers"]["greedy"]
+    for sets_k in older["layers"]["drop_sets"].values():
+        sets_k.pop("greedy")
+    assert layers_to_keep(old, new, "contiguous", older, scores.tensors) == [
+        i for i in range(4) if i not in want["contiguous"]]
+    with pytest.raises(UsageError, match="removed 0 layers greedily"):
+        layers_to_keep(old, new, "greedy", older, scores.tensors)
 
 
 @pytest.mark.multirank
@@ -556,10 +577,14 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
     no_blocks = tmp_path / "no_blocks"
     shutil.copytree(imp, no_blocks)
     summary["layers"]["contiguous_blocks"] = {}
+    summary["layers"].pop("greedy", None)
     (no_blocks / "summary.json").write_text(json.dumps(summary))
     for kwargs, words in (
             ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
-            ({"target": {"layers": 3}, "importance": no_blocks}, "no best contiguous block of 1 layers"),
+            ({"target": {"layers": 3}, "importance": no_blocks, "layer_metric": "contiguous"},
+             "no best contiguous block of 1 layers"),
+            # the default (auto) on a depth-only target needs the greedy order
+            ({"target": {"layers": 3}, "importance": no_blocks}, "greedy: the importance run removed 0 layers greedily"),
             ({"target": {"hidden": 32}, "layer_metric": "2"}, "drops 1 layers but the target removes 0"),
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),

@@ -4,7 +4,8 @@ The calibration samples are the first ``samples`` of the data set megatron-core 
 by seed (the same samples whatever the parallel layout), split over data-parallel ranks; one forward pass over them scores
 every head, query group, neuron and channel, and Block Importance per layer. Then the
 first ``layer_samples`` samples score depth by LM loss: each layer skipped in turn,
-and each contiguous block of every requested size.
+each contiguous block of every requested size, and (``greedy_layers``) a greedy
+elimination down to the largest requested size.
 """
 
 from __future__ import annotations
@@ -119,7 +120,12 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     from nemo_minitron.data.config import DataOptions
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, layer_loss_drops
+    from nemo_minitron.importance.layers import (
+        best_contiguous_blocks,
+        drop_set_losses,
+        greedy_drop_order,
+        layer_loss_drops,
+    )
     from nemo_minitron.importance.plots import write_plots
     from nemo_minitron.runtime.config import ParallelConfig, RunConfig
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
@@ -164,7 +170,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     if is_rank0():
         log.info("importance config:\n%s", yaml_text(resolved).rstrip())
-    passes = desc.num_layers + sum(desc.num_layers - k + 1 + 3 for k in cfg.drop_blocks)
+    passes = cfg.layer_passes(desc.num_layers)
     log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples); layer loss "
              "drops on %d of them (%d passes)", checkpoint, samples, seq_len, cfg.seq_agg, cfg.batch_agg,
              layer_samples, passes)
@@ -182,9 +188,10 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
                                     list(cfg.drop_blocks), bar)
+    greedy_steps = max(cfg.drop_blocks) if cfg.greedy_layers and cfg.drop_blocks else 0
+    greedy = greedy_drop_order(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, greedy_steps, bar)
     drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
-                                tensors["layer_block_importance"].tolist())
-    bar.update(3 * len(cfg.drop_blocks))
+                                tensors["layer_block_importance"].tolist(), greedy, bar)
     bar.close()
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -205,6 +212,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             "loss_drop": ld.tolist(),
             "block_importance": bi.tolist(),
             "contiguous_blocks": blocks,
+            "greedy": {"order": [e["layer"] for e in greedy], "loss": [e["loss"] for e in greedy],
+                       "candidates": [e["candidates"] for e in greedy]},
             "drop_sets": drop_sets,
         },
         "wall_seconds": round(time.time() - start, 1),

@@ -19,6 +19,15 @@ Mixtures of experts (``ffn`` is then [layers, 0]: no dense MLP) add:
     moe_ffn                 [layers, experts, moe_ffn] each expert's neurons
     shared_ffn              [layers, shared_ffn]       the shared expert's neurons (when it has one)
 Higher is more important on every axis.
+
+summary.json's ``layers`` (depth choices for prune --layer-metric): ``loss_drop``,
+``block_importance``, their rankings, ``contiguous_blocks`` {k: best block},
+``greedy`` {"order": layers in the order greedy elimination removed them, "loss": the loss
+after each removal, "candidates": per step, the loss without each remaining layer (null
+for removed ones)} and ``drop_sets`` {k: {metric: {"layers", "loss"}, "best"}}. Keys are
+only ever added: a directory written before ``greedy`` existed lacks it (and its
+``drop_sets`` lack "greedy"), and prune asks for a new importance run only when the
+metric chosen needs it.
 """
 
 from __future__ import annotations

@@ -136,9 +136,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
     query_groups, layers (or ModelOpt's names), and/or ``drop_layers`` (1-indexed, as
     ModelOpt and NeMo number them), or ``target_params`` a budget such as "90M"; ``order``
-    importance | magnitude | random; ``layer_metric`` contiguous | best | loss | block |
-    "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed heads
-    and neurons, from the importance run's second moments, see refit.py);
+    importance | magnitude | random; ``layer_metric`` auto | greedy | best | contiguous | loss |
+    block | "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed
+    heads and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (

@@ -16,14 +16,22 @@ key and value rows; a channel: its column or row in every matrix, norm and embed
 layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
-    best        of the contiguous, loss and block sets for that many layers, the one whose
-                removal cost least on the importance run's samples
+    auto        greedy when the target cuts only layers, contiguous when it cuts width too
+                (benchmarks/pruning_quality.py: greedy wins depth-only cuts, but its sets,
+                chosen on the full-width model, lose to the contiguous block once hidden,
+                ffn and heads are cut as well)
+    greedy      the first layers removed by the importance run's greedy elimination
+                (``summary["layers"]["greedy"]["order"]``, recorded down to the largest
+                ``--drop-blocks`` size)
+    best        of the contiguous, greedy, loss and block sets for that many layers, the
+                one whose removal cost least on the importance run's samples
                 (``summary["layers"]["drop_sets"]``, recorded for every ``--drop-blocks`` size)
     contiguous  the best contiguous block of that many layers recorded by the importance
                 run (``summary["layers"]["contiguous_blocks"]``). When the run did not
                 record that block size this is an error telling the user to rerun
                 importance with ``--drop-blocks k`` or to choose ``loss``/``block``: a
-                silent fallback would hide that the paper's best choice was not made.
+                silent fallback would hide that the chosen rule was not applied (the
+                same for ``greedy`` and ``best``).
     loss        the layers whose removal raised the LM loss least (``layer_loss_drop``)
     block       the lowest Block Importance (``layer_block_importance``)
     3,7,9       exactly these layers (original numbering)
@@ -40,7 +48,7 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-LAYER_METRICS = ("contiguous", "best", "loss", "block")
+LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -121,13 +129,13 @@ def random_scores(desc: ModelDescription, seed: int) -> UnitScores:
 
 
 def parse_layer_metric(metric: str, num_layers: int, flag: str = "--layer-metric") -> str | list[int]:
-    """'contiguous' | 'loss' | 'block', or an explicit list of layers to drop."""
+    """One of LAYER_METRICS, or an explicit list of layers to drop."""
     if metric in LAYER_METRICS:
         return metric
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"{flag} must be contiguous, best, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"{flag} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
     require(bool(dropped), f"{flag} '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
@@ -152,6 +160,15 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         dropped = chosen
     elif drop == 0:
         dropped = []
+    elif chosen == "auto":
+        depth_only = new == old.replace(num_layers=new.num_layers)
+        return layers_to_keep(old, new, "greedy" if depth_only else "contiguous", summary, layer_scores, flag)
+    elif chosen == "greedy":
+        order = summary.get("layers", {}).get("greedy", {}).get("order", [])
+        require(len(order) >= drop, f"{flag} greedy: the importance run removed {len(order)} layers greedily, "
+                                    f"the target removes {drop}; rerun importance with --drop-blocks {drop} "
+                                    f"(and --greedy-layers), or use {flag} loss|block")
+        dropped = list(order[:drop])
     elif chosen == "best":
         sets = summary.get("layers", {}).get("drop_sets", {})
         require(str(drop) in sets, f"{flag} best: the importance run has not compared layer sets of {drop} "
