@@ -40,8 +40,9 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     (teacher correction too) logs to TensorBoard and Megatron-style lines, the report is
     complete, and a third start finds nothing left to do."""
     out = tmp_path / "run"
+    cache = tmp_path / "data-cache"
     args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
-            "rounds.0.distill.save_every=100"]
+            "rounds.0.distill.save_every=100", f"data.cache_dir={cache}"]
     log = tmp_path / "first.log"  # a file, not a pipe nobody reads while it fills
     proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,6 +73,14 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         assert list((out / stage / "tensorboard").glob("events.*")), stage
     assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
     assert list(after) == STAGES
+    # the recipe's data settings reach every stage that reads data (rounds included)
+    import yaml
+
+    configs = [out / "01-teacher-correction" / "config.yaml", *sorted(out.glob("*-importance/config.yaml")),
+               *sorted(out.glob("*-distill/config.yaml"))]
+    assert len(configs) == 5, configs  # teacher correction, and importance and distillation of both rounds
+    for config in configs:
+        assert yaml.safe_load(config.read_text())["cache_dir"] == str(cache), config
 
     report = json.loads((out / "report" / "report.json").read_text())
     names = [m["model"] for m in report["models"]]

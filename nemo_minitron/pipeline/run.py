@@ -211,7 +211,9 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
     from nemo_minitron.checkpoint.store import is_checkpoint
 
     data, seed = recipe.data, recipe.seed
-    runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype)
+    # data.split and data.cache_dir reach every stage that reads data (they are in its stage keys)
+    runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype, split=data.split,
+                   cache_dir=data.cache_dir, data_names=recipe_names("data"))
     key = f"rounds.{i}"
 
     def importance(out: Path) -> dict:
