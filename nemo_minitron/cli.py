@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   nemo-minitron plan ckpt --target-params 90M
   nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6
   nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40
+  nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search --steps 100
   nemo-minitron export distilled/final --hf-out hf --verify
   nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20
   torchrun --nproc-per-node 8 $(which nemo-minitron) importance ckpt --tp 2 --data /data/corpus_text_document --out imp
@@ -69,10 +70,11 @@ def _sub(sub, name: str, help: str, handler: str, example: str = "") -> argparse
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
     from nemo_minitron.config import add_flags
-    from nemo_minitron.distill.config import DistillConfig
+    from nemo_minitron.distill.config import DistillConfig, TeacherLogitsConfig
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.prune.config import PlanConfig, PruneConfig
+    from nemo_minitron.search.config import SearchConfig
 
     parser = _Parser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
-    p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint, or none for plain "
-                   "cross-entropy fine-tuning (the baseline, and teacher correction)")
+    p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint, or none for plain cross-entropy "
+                   "fine-tuning (the baseline, and teacher correction)")
+    p.add_argument("--teacher-logits", metavar="DIR", help="or a teacher-logit cache (from teacher-logits): no "
+                   "teacher runs; trains on the samples it covers")
     p.add_argument("--student", required=True, metavar="CKPT")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
@@ -146,6 +150,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "from the resumed step)")
     _runtime(p)
 
+    p = _sub(sub, "teacher-logits", "store a teacher's top-k log-probabilities of the training samples, for "
+             "distillation without the teacher", "nemo_minitron.distill.command:teacher_logits_main",
+             "nemo-minitron teacher-logits --teacher ckpt --data builtin:train --top-k 64 --seq-len 128 --out logits")
+    p.add_argument("--teacher", required=True, metavar="CKPT")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
+    add_flags(p, TeacherLogitsConfig, title="cache")
+    _runtime(p, dtype_help="the teacher's compute dtype [default: as stored]")
+
+    p = _sub(sub, "search", "choose the pruned architecture by distilling candidates briefly",
+             "nemo_minitron.search.command:main",
+             "nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search "
+             "--steps 100")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
+                   help="held-out data the candidates are ranked on [default: builtin:heldout]")
+    p.add_argument("--out", required=True, metavar="DIR", help="search directory (a killed search there resumes)")
+    p.add_argument("--teacher", metavar="CKPT", help="who teaches the candidates [default: CKPT]")
+    p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
+                   "(one teacher pass for all) instead of CKPT itself")
+    plan_fields, distill_fields = _field_names(PlanConfig), _field_names(DistillConfig)
+    own = [f for f in _field_names(SearchConfig) if f not in plan_fields + distill_fields]
+    add_flags(p, SearchConfig, skip=plan_fields + distill_fields, title="search")
+    add_flags(p, SearchConfig, skip=own + distill_fields, title="planner (which shapes meet the budget)")
+    add_flags(p, SearchConfig, skip=own + plan_fields, title="each candidate's distillation (the same for all)")
+    p.add_argument("--force", action="store_true", help="resume even though settings changed")
+    _runtime(p)
+
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",
              "nemo_minitron.pipeline.run:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
     p.add_argument("recipe", metavar="RECIPE.yaml")
@@ -153,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="continue a run whose finished or in-progress stages were "
                                                         "made with other settings (same as resume=force)")
     return parser
+
+
+def _field_names(cls) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 DATA_HELP = ("text files or folders, JSONL with a text field, Megatron indexed data set prefixes (PREFIX.bin/.idx), "

@@ -92,3 +92,19 @@ class DistillConfig(TrainingConfig):
             parts = str(item).split(":")
             require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
                     f"{names('kd_pairs')}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")
+
+
+@dataclasses.dataclass
+class TeacherLogitsConfig:
+    """``teacher-logits``: which samples, how many log-probabilities per token, in what precision."""
+
+    top_k: int = option(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)",
+                        ge=1)
+    samples: Optional[int] = option(None, "training samples to cover: the first N of --data (distillation from "
+                                          "the cache trains on these)", ge=1, default_text="all the data holds",
+                                    parse=_optional_int)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per sequence (distill must use the same)", ge=1)
+    micro_batch: int = option(1, "sequences per teacher forward pass", ge=1)
+    kd_temperature: float = option(1.0, "softmax temperature of the stored log-probabilities (distill must use "
+                                        "the same)", gt=0)
+    value_dtype: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the stored log-probabilities")

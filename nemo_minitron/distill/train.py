@@ -7,6 +7,10 @@ with float32 main weights when training in bf16), gradient clipping and a warm-u
 cosine learning-rate schedule. Which samples a step sees is a function of the seed and
 the step alone, so a resumed run sees exactly what an uninterrupted one would.
 
+The teacher is a live model (``DistillationModel`` runs both networks stage by stage) or
+a teacher-logit cache (``teacher_logits.TeacherLogits``): then only the student runs, and
+the last stage reads each micro-batch's cached top-K distributions by sample index.
+
 Per step, rank 0 appends a JSON line to ``metrics.jsonl`` (losses, learning rate,
 gradient norm, tokens/s) and TensorBoard scalars; held-out evaluations are appended as
 ``{"kind": "eval", ...}`` records.
@@ -79,9 +83,11 @@ def step_indices(step: int, global_batch: int, num_samples: int, seed: int) -> t
 
 
 # ---------------------------------------------------------------------- forward steps
-def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool):
+def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool, teacher_logits=None):
     """``forward_step(data_iterator, model)``: student logits, and a loss function that adds
-    the logit loss (KD and/or CE) to the intermediate pair losses of the last stage."""
+    the logit loss (KD and/or CE) to the intermediate pair losses of the last stage.
+    ``teacher_logits``: a cache to read the teacher's distributions from (by each batch's
+    sample ``index``) instead of a live teacher."""
     from megatron.core.utils import get_attr_wrapped_model
 
     from nemo_minitron.model.forward import position_ids, to_device
@@ -93,8 +99,11 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
         holder = get_attr_wrapped_model(model, "pair_weights", return_model_obj=True) if distilling else None
 
         def loss_func(student_logits: torch.Tensor):
-            teacher_logits = holder.last_teacher_logits if holder is not None else None
-            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, loss_cfg)
+            if teacher_logits is not None:  # only the last stage reads the cache
+                teacher = teacher_logits.read(batch["index"].cpu()).to(student_logits.device)
+            else:
+                teacher = holder.last_teacher_logits if holder is not None else None
+            total, kd, ce = logit_loss(student_logits, teacher, labels, loss_cfg)
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
@@ -113,9 +122,11 @@ class Trainer:
     def __init__(self, student, teacher, train_samples: torch.Tensor, eval_samples: torch.Tensor | None, out: Path,
                  cfg: TrainingConfig, *, seed: int, student_desc, teacher_desc=None, pairs: list[LayerPair] = (),
                  projection_init: torch.Tensor | None = None, progress: bool = True,
-                 override_schedule: bool = False):
-        """``cfg``: a DistillConfig when ``teacher`` is given, else the TrainingConfig of plain
-        fine-tuning; ``pairs``: the intermediate pairs, resolved against both models;
+                 override_schedule: bool = False, teacher_logits=None):
+        """``cfg``: a DistillConfig when ``teacher`` or ``teacher_logits`` (a cache, read by
+        sample index: ``train_samples`` are the samples it was written for) is given, else the
+        TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs, resolved
+        against both models (live teacher only);
         ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
         rather than from the checkpoint (a forced resume with changed settings)."""
         from megatron.core import parallel_state as ps
@@ -164,8 +175,11 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None)
+        self.teacher_logits = teacher_logits
+        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None,
+                                              teacher_logits=teacher_logits)
         self.step = 0
+        self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation of train()
         self.metrics_file = self.out / "metrics.jsonl"
         self.writer = None
 
@@ -175,12 +189,16 @@ class Trainer:
         return self.cfg.global_batch // (self.dp * self.cfg.micro_batch)
 
     def _microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``step``: tokens, labels and the samples' global indices."""
         from nemo_minitron.model.forward import split_microbatches
 
         idx = step_indices(step, self.cfg.global_batch, len(self.train_samples), self.seed)
         per_rank = self.cfg.global_batch // self.dp
-        mine = self.train_samples[idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]]
-        return split_microbatches(mine, self.cfg.micro_batch)
+        chosen = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        batches = split_microbatches(self.train_samples[chosen], self.cfg.micro_batch)
+        for i, batch in enumerate(batches):
+            batch["index"] = chosen[i * self.cfg.micro_batch:(i + 1) * self.cfg.micro_batch]
+        return batches
 
     def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor,
                      pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
@@ -309,19 +327,24 @@ class Trainer:
                 grads[f"kd_projection.{key}"] = proj.weight.main_grad.detach().float().cpu()
         return logs, grads
 
-    def train(self) -> dict[str, Any]:
+    def train(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to the last step, or only up to ``stop_at`` (then a checkpoint is saved there,
+        and a later run resumes from it on the same schedule)."""
         from tqdm import tqdm
 
         from nemo_minitron.runtime.distributed import is_rank0
 
         cfg = self.cfg
+        until = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         distilling = isinstance(self.module, DistillationModel)
         tokens_per_step = cfg.global_batch * cfg.seq_len
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="distill" if distilling else "fine-tune", unit="step",
+        kind = "distill" if distilling or self.teacher_logits is not None else "fine-tune"
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=kind, unit="step",
                    disable=not (self.progress and is_rank0()), dynamic_ncols=True)
         last = {}
         started, trained_steps = time.time(), 0
-        while self.step < cfg.steps:
+        saved_at = self.step
+        while self.step < until:
             t0 = time.time()
             self.ddp.train()
             self.ddp.zero_grad_buffer()
@@ -344,10 +367,14 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.log_record({"kind": "eval", "step": self.step, **self.evaluate(self.student)})
+                self.last_eval = {"kind": "eval", "step": self.step, **self.evaluate(self.student)}
+                self.log_record(self.last_eval)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
+                saved_at = self.step
         bar.close()
+        if self.step < cfg.steps and saved_at != self.step:
+            self.save()  # stopped before the end: resumable from here
         wall = time.time() - started
         return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall,
                 "tokens_per_second": trained_steps * tokens_per_step / wall if trained_steps else None}
