@@ -158,8 +158,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
         save_checkpoint,
     )
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
-    from nemo_minitron.distill.data import training_samples
+    from nemo_minitron.distill.data import samples_of, training_samples
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
@@ -204,8 +203,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
                             vocab_size=s_desc.vocab_size, samples=train_samples, temperature=cfg.kd_temperature,
                             names=names)
         train_samples = train_samples[: cache.num_samples]  # the samples the cache covers
-    eval_specs = parse_data_specs(eval_data, flag="--eval-data")
-    eval_samples = load_samples(eval_specs, tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size)
+    eval_samples = samples_of(eval_data, tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size, flag="--eval-data")
     eval_samples = eval_samples[: cfg.eval_samples]
 
     # ---- work

@@ -126,6 +126,7 @@ class _Shard:
         if self.size == 1:
             return local
         m = _all_reduce(local.clone(), dist.ReduceOp.MAX, self.group, self.size)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no column left: -inf below
         total = _all_reduce((local - m).exp(), dist.ReduceOp.SUM, self.group, self.size)
         return m + total.log()
 

@@ -143,13 +143,13 @@ class TeacherLogits:
             s = bisect.bisect_right(self.starts, g) - 1
             row = g - self.starts[s]
             arrays = self._shard(s)
-            ids.append(torch.from_numpy(np.ascontiguousarray(arrays["ids"][row])).long())
-            raw = np.ascontiguousarray(arrays["log_probs"][row])
+            ids.append(torch.from_numpy(np.array(arrays["ids"][row])).long())
+            raw = np.array(arrays["log_probs"][row])
             if self.index["value_dtype"] == "bfloat16":
                 values.append(torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float())
             else:
                 values.append(torch.from_numpy(raw))
-            rest.append(torch.from_numpy(np.ascontiguousarray(arrays["log_rest"][row])))
+            rest.append(torch.from_numpy(np.array(arrays["log_rest"][row])))
         return SparseTeacher(torch.stack(ids), torch.stack(values), torch.stack(rest))
 
 

@@ -264,7 +264,7 @@ def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, 
         path.parent.mkdir(parents=True, exist_ok=True)
     barrier()
     prune(checkpoint, importance, str(path), target=cand.target(), layer_metric=layer_metric, order="importance",
-          tp=tp, pp=pp, seed=run.seed)
+          tp=tp, pp=pp, seed=run.seed, dtype=run.dtype)  # candidates are stored in the compute dtype
 
 
 def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval_data, cfg: SearchConfig, step: int,
