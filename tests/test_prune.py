@@ -361,12 +361,19 @@ def test_layer_choice(scored, layer_reference):
     new = old.replace(num_layers=2)
     assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
     assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
+    sets = scores.summary["layers"]["drop_sets"]["2"]
+    # `want` holds the three sets of 2 layers from the reference (last loop pass)
+    assert layers_to_keep(old, new, "best", scores.summary, scores.tensors) == [
+        i for i in range(4) if i not in want[sets["best"]]]
+    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "loss", "block"))
     for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
-                          ("1,9", "layers must be in 0..3"), ("best", "--layer-metric must be contiguous")):
+                          ("1,9", "layers must be in 0..3"), ("first", "--layer-metric must be contiguous, best, loss, block")):
         with pytest.raises(UsageError, match=words):
             layers_to_keep(old, new, metric, scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "contiguous", scores.summary, scores.tensors)
+    with pytest.raises(UsageError, match="has not compared layer sets of 3 layers; rerun importance with --drop-blocks 3"):
+        layers_to_keep(old, old.replace(num_layers=1), "best", scores.summary, scores.tensors)
 
 
 @pytest.mark.multirank
@@ -465,7 +472,9 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
             ({"target": {"layers": 3}, "target_params": "200K"}, "exactly one of a target and a budget"),
-            ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1")):
+            ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1"),
+            ({"target": {"ffn": 64}, "refit": True}, "--refit: '"),
+            ({"target": {"ffn": 64}, "refit": True, "order": "random"}, "--refit needs --order importance")):
         importance = kwargs.pop("importance", imp)
         with pytest.raises(UsageError, match=re.escape(words)):
             prune(str(ckpt), str(importance), str(tmp_path / "out"), **kwargs)

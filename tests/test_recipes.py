@@ -65,6 +65,7 @@ def test_cluster_recipes_need_only_data_paths():
 
 @pytest.mark.parametrize("override, words", [
     ("rounds.0.distill.stepz=3", ["unknown recipe key", "stepz", "steps"]),
+    ("distill.steps=3", ["unknown recipe key 'distill.steps'", "did you mean 'rounds.0.distill.steps'"]),
     ("colour=blue", ["unknown recipe key 'colour'"]),
     ("rounds.0.importance.batch_agg=median", ["batch_agg", "mean, l2, var"]),
     ("rounds.0.distill.global_batch=7", ["global_batch", "multiple"]),

@@ -65,9 +65,26 @@ def describe_model(path: str, flag: str = "MODEL") -> ModelDescription:
 
 def _source_or_error(path: str, flag: str) -> Source:
     p = Path(path)
-    if p.is_dir() and not (p / "config.json").exists() and (p / "weights").exists():
-        read_info(p)  # raises a clear error about the broken checkpoint
+    if p.is_dir() and not (p / "config.json").exists():
+        if (p / "weights").exists():
+            read_info(p)  # raises a clear error about the broken checkpoint
+        _name_the_checkpoint_inside(p, flag)
     return resolve_source(path, flag)
+
+
+def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
+    """A stage's output directory (distill, a pipeline run) is not itself a model: say which
+    checkpoint inside it is."""
+    from nemo_minitron.errors import UsageError, require
+
+    if is_checkpoint(p / "final"):
+        raise UsageError(f"{flag} '{p}' is a training output directory; its model is '{p / 'final'}'")
+    if (p / "checkpoints").is_dir():
+        raise UsageError(f"{flag} '{p}' is a training output directory without a final model yet (training "
+                         "checkpoints only); finish or resume the run first")
+    inside = sorted(d for d in p.glob("*") if is_checkpoint(d) or is_checkpoint(d / "final"))
+    require(not inside, f"{flag} '{p}' is not a model; it holds: "
+                        + ", ".join(str(d if is_checkpoint(d) else d / "final") for d in inside[:4]))
 
 
 def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto", flag: str = "MODEL") -> OpenedModel:

@@ -1,10 +1,13 @@
-"""The built-in corpus: English docstrings of the running interpreter's standard library.
+"""The built-in corpus: English text shipped with the running Python interpreter.
 
 Needs no download, is the same on every machine with the same Python, and is real
-English prose about code. Documents are split by *source file* (a hash of its path),
-so calibration, training and held-out text never share a module (and a docstring that
-appears in several modules is kept once, in the split of its first module):
-about 10% calibration, 80% training, 10% held-out.
+English prose about code. ``calib``, ``train`` and ``heldout`` are the standard
+library's docstrings, split by *source file* (a hash of its path), so they never share
+a module (and a docstring that appears in several modules is kept once, in the split of
+its first module): about 10% calibration, 80% training, 10% held-out. ``docs`` is
+another text altogether: the prose of Python's reference manual as the interpreter
+ships it for ``help()`` (``pydoc_data.topics``, one document per topic), held out from
+all three.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-SPLITS = ("calib", "train", "heldout")
+SPLITS = ("calib", "train", "heldout", "docs")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 _MIN_CHARS = 40
 
@@ -65,6 +68,8 @@ def builtin_documents(split: str) -> list[str]:
         from nemo_minitron.errors import UsageError
 
         raise UsageError(f"--data builtin:{split}: unknown split (allowed: {', '.join('builtin:' + s for s in SPLITS)})")
+    if split == "docs":
+        return _reference_manual()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     cache = _cache_file(stdlib)
     try:
@@ -72,6 +77,7 @@ def builtin_documents(split: str) -> list[str]:
     except (OSError, json.JSONDecodeError, KeyError):
         pass
     corpus = _extract(stdlib)
+    corpus.pop("docs", None)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=cache.parent, delete=False, suffix=".tmp") as f:
@@ -80,3 +86,10 @@ def builtin_documents(split: str) -> list[str]:
     except OSError:
         pass  # a read-only home only costs the extraction again next time
     return corpus[split]
+
+
+def _reference_manual() -> list[str]:
+    """The reference manual's topics (``help('TOPIC')`` text), in topic order."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics) if _is_english(topics[name])]

@@ -1,7 +1,7 @@
 """Text in, fixed-length token samples out: the data layer every stage shares.
 
 ``--data`` accepts, any number of times:
-- ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` (see ``builtin.py``);
+- ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` / ``builtin:docs`` (see ``builtin.py``);
 - a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.jsonl`` inside, sorted);
 - a ``.jsonl`` file whose records have a ``text`` field;
 - a Megatron indexed data set, by prefix (``PREFIX.bin`` + ``PREFIX.idx``), read with
@@ -55,7 +55,7 @@ def parse_data_spec(spec: str, flag: str = "--data") -> DataSpec:
                 f"{flag} '{spec}': a Megatron indexed data set needs both {spec}.bin and {spec}.idx")
         return DataSpec("indexed", spec, spec)
     require(path.exists(), f"{flag} '{spec}' does not exist (give a text file or folder, a .jsonl file, a Megatron "
-                           "prefix with .bin/.idx files, or builtin:calib|train|heldout)")
+                           "prefix with .bin/.idx files, or builtin:" + "|".join(SPLITS) + ")")
     if path.is_dir():
         files = [p for p in sorted(path.rglob("*")) if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")]
         require(files, f"{flag} '{spec}': folder holds no .txt/.md/.rst/.jsonl files")

@@ -26,9 +26,12 @@ log = logging.getLogger("nemo_minitron")
 
 
 def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, progress: bool = True,
+                     neuron_activation: str, num_layers: int, head_score: str = "channel",
+                     channel_norms: str = "layers", second_moments: bool = False, progress: bool = True,
                      layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
-    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores.
+    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores
+    (``final_norm`` [hidden] is the final norm's own channel term, included in ``hidden``
+    only with ``channel_norms="layers+final"``; ``second_moments`` adds the Gram matrices).
     After the first batches, logs the estimated time of the whole stage (``layer_pass_tokens``:
     the tokens the loss-drop passes will cost afterwards)."""
     from megatron.core import parallel_state as ps
@@ -40,7 +43,8 @@ def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg:
 
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
-    collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation)
+    collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation,
+                                    head_score=head_score, second_moments=second_moments)
     device = layout().device
     # Pipelines need several micro-batches in flight; with one stage, tick per micro-batch.
     chunk = max(1, 2 * ps.get_pipeline_model_parallel_world_size())
@@ -58,8 +62,14 @@ def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg:
                               layer_pass_tokens // ps.get_data_parallel_world_size())
     bar.close()
     scores = collector.finalize(num_layers, batch_agg)
-    scores["hidden"] = scores["hidden_per_layer"].sum(dim=0) + scores.pop("final_norm")
+    scores["hidden"] = hidden_scores(scores, channel_norms)
     return scores
+
+
+def hidden_scores(scores: dict[str, torch.Tensor], channel_norms: str) -> torch.Tensor:
+    """Embedding-channel scores: the per-layer norm terms, plus the final norm's if asked."""
+    hidden = scores["hidden_per_layer"].sum(dim=0)
+    return hidden + scores["final_norm"] if channel_norms == "layers+final" else hidden
 
 
 def _log_estimate(seconds_per_token: float, calibration_tokens: int, layer_tokens: int) -> None:
@@ -101,7 +111,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
+    from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, layer_loss_drops
     from nemo_minitron.importance.plots import write_plots
     from nemo_minitron.runtime.config import ParallelConfig, RunConfig
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
@@ -140,14 +150,16 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     if is_rank0():
         log.info("importance config:\n%s", yaml_text(resolved).rstrip())
-    passes = desc.num_layers + sum(desc.num_layers - k + 1 for k in cfg.drop_blocks)
+    passes = desc.num_layers + sum(desc.num_layers - k + 1 + 3 for k in cfg.drop_blocks)
     log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples); layer loss "
              "drops on %d of them (%d passes)", checkpoint, samples, seq_len, cfg.seq_agg, cfg.batch_agg,
              layer_samples, passes)
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
                                batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
-                               num_layers=desc.num_layers, progress=progress,
+                               num_layers=desc.num_layers, head_score=cfg.head_score,
+                               channel_norms=cfg.channel_norms, second_moments=cfg.second_moments, progress=progress,
                                layer_pass_tokens=passes * layer_samples * seq_len)
+    grams = {k: tensors.pop(k).float().cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
@@ -156,6 +168,9 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
                                     list(cfg.drop_blocks), bar)
+    drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
+                                tensors["layer_block_importance"].tolist())
+    bar.update(3 * len(cfg.drop_blocks))
     bar.close()
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -176,6 +191,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             "loss_drop": ld.tolist(),
             "block_importance": bi.tolist(),
             "contiguous_blocks": blocks,
+            "drop_sets": drop_sets,
         },
         "wall_seconds": round(time.time() - start, 1),
     }
@@ -188,6 +204,12 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             summary["plots"] = write_plots(tensors, blocks, tmp)
             scores.save(tmp)
             (tmp / "config.yaml").write_text(yaml_text(resolved))
+            if grams:
+                from safetensors.torch import save_file
+
+                from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE
+
+                save_file(grams, str(tmp / SECOND_MOMENTS_FILE))
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,
              summary["wall_seconds"], top)

@@ -1,8 +1,11 @@
 """Activation statistics for every prunable width unit, streamed over calibration batches.
 
 Per token, each unit has one activation value x[b, s, u]:
-- attention head u:   the L2 norm of the head's output (its head_dim values at the input
-                      of the output projection), as the paper's ||Attn_u(X)||;
+- attention head u:   ``token`` (default): the L2 norm of the head's output (its head_dim
+                      values at the input of the output projection), as the paper's
+                      ||Attn_u(X)||, aggregated like any unit; ``channel`` (ModelOpt's
+                      order): each of the head's channels aggregated on its own (sequence,
+                      then samples), then the L2 norm over the head's channels;
 - query group:        the sum of its heads' final scores;
 - MLP neuron u:       the input of the second MLP linear (``post``, default), or the
                       pre-activation X.W1_u (``pre``, the paper's; with a gate, X.W_gate,u);
@@ -15,6 +18,10 @@ Aggregation, first over the sequence of each sample, then over all samples:
 (float64), so nothing scales with the number of samples, and data-parallel ranks add
 their sums. Channel scores are computed per norm and summed over all norms.
 
+With ``second_moments`` the collector also sums x x^T over all tokens of the inputs of
+each layer's output projection and second MLP linear (the Gram matrices the pruning
+stage's least-squares refit solves with; float64, TP-gathered, so each is [n, n]).
+
 Layers: Block Importance BI = 1 - mean over tokens of cos(layer input, layer output).
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -29,6 +37,7 @@ import torch.distributed as dist
 
 AGGREGATIONS = ("mean", "l2", "var")
 NEURON_ACTIVATIONS = ("post", "pre")
+HEAD_SCORES = ("token", "channel")
 
 
 def aggregate_sequence(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -89,6 +98,8 @@ class LayerStats:
     pre_mlp_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
     cos_sum: torch.Tensor | float = 0.0  # stays on the device: no synchronisation per batch
     cos_tokens: int = 0
+    proj_gram: torch.Tensor | None = None  # sum over tokens of x x^T at the input of linear_proj
+    fc2_gram: torch.Tensor | None = None   # ... and of linear_fc2
 
 
 def _fused_norm(x: torch.Tensor, module, config) -> torch.Tensor:
@@ -109,13 +120,16 @@ class ActivationCollector:
     input and pre-MLP norms are fused into ``linear_qkv`` / ``linear_fc1`` and their
     outputs are recomputed here from the fused module's input and its norm weight)."""
 
-    def __init__(self, model, seq_agg: str = "mean", neuron_activation: str = "post") -> None:
+    def __init__(self, model, seq_agg: str = "mean", neuron_activation: str = "post", head_score: str = "token",
+                 second_moments: bool = False) -> None:
         from nemo_minitron.model.params import unwrap
 
-        assert seq_agg in AGGREGATIONS and neuron_activation in NEURON_ACTIVATIONS
+        assert seq_agg in AGGREGATIONS and neuron_activation in NEURON_ACTIVATIONS and head_score in HEAD_SCORES
         self.model = unwrap(model)
         self.seq_agg = seq_agg
         self.neuron_activation = neuron_activation
+        self.head_score = head_score
+        self.second_moments = second_moments
         self.layers = {layer.layer_number - 1: layer for layer in self.model.decoder.layers}
         self.stats = {i: LayerStats() for i in self.layers}
         self.final_norm = BatchStat()
@@ -134,10 +148,19 @@ class ActivationCollector:
 
             def heads(module, args, st=st, head_dim=head_dim):
                 x = args[0].detach()  # [s, b, heads_local * head_dim]
+                if self.head_score == "channel":  # per channel; the head norm is taken in finalize
+                    st.heads.add(self._per_sample(x))
+                    return
                 # float32 norms without a float32 copy of the activations
                 norms = torch.linalg.vector_norm(x.unflatten(-1, (-1, head_dim)), dim=-1, dtype=torch.float32)
                 st.heads.add(self._per_sample(norms))
             yield attn.linear_proj, "pre", heads
+
+            if self.second_moments:
+                def grams(module, args, st=st, name="proj_gram"):
+                    setattr(st, name, _add_gram(getattr(st, name), args[0]))
+                yield attn.linear_proj, "pre", grams
+                yield mlp.linear_fc2, "pre", functools.partial(grams, st=st, name="fc2_gram")
 
             if self.neuron_activation == "post":
                 def neurons(module, args, st=st):
@@ -222,7 +245,10 @@ class ActivationCollector:
         for index, st in self.stats.items():
             for stat in (st.heads, st.ffn, st.input_norm, st.pre_mlp_norm):
                 stat.all_reduce(dp_group)
-            out["heads"][index] = _gather_tp(st.heads.finalize(batch_agg), tp_group)
+            heads = st.heads.finalize(batch_agg)
+            if self.head_score == "channel":
+                heads = heads.view(-1, self.layers[index].self_attention.hidden_size_per_attention_head).norm(dim=-1)
+            out["heads"][index] = _gather_tp(heads, tp_group)
             out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
             out["hidden_per_layer"][index] = st.input_norm.finalize(batch_agg) + st.pre_mlp_norm.finalize(batch_agg)
             cos = torch.tensor([float(st.cos_sum), float(st.cos_tokens)], dtype=torch.float64, device=device)
@@ -232,10 +258,36 @@ class ActivationCollector:
         if self.final_norm.total is not None:
             self.final_norm.all_reduce(dp_group)
             out["final_norm"] = self.final_norm.finalize(batch_agg)
+        if self.second_moments:
+            out.update(self._grams(num_layers, dp_group, pp_group, device))
         if dist.is_initialized() and dist.get_world_size(pp_group) > 1:
             for tensor in out.values():
                 dist.all_reduce(tensor, group=pp_group)
         return out
+
+    def _grams(self, num_layers: int, dp_group, pp_group, device) -> dict[str, torch.Tensor]:
+        """[layers, n, n] Gram matrices, summed over DP; zeros for layers of other stages."""
+        cfg = self.model.config
+        sizes = {"proj_gram": cfg.num_attention_heads * self.model.decoder.layers[0].self_attention.
+                 hidden_size_per_attention_head, "fc2_gram": cfg.ffn_hidden_size}
+        out = {k: torch.zeros(num_layers, n, n, dtype=torch.float64, device=device) for k, n in sizes.items()}
+        for index, st in self.stats.items():
+            for key in sizes:
+                gram = getattr(st, key)
+                if dist.is_initialized():
+                    dist.all_reduce(gram, group=dp_group)
+                out[key][index] = gram
+        return out
+
+
+def _add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """total + sum over tokens of x x^T, x being [s, b, n_local] split over TP ranks
+    (gathered first: the Gram matrix couples units of different ranks)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    x = gather_from_tensor_model_parallel_region(x.detach()).flatten(0, 1).float()
+    gram = (x.T @ x).double()  # float32 products: the refit tolerates 1e-6 relative error
+    return gram if total is None else total.add_(gram)
 
 
 def _gather_tp(local: torch.Tensor, group) -> torch.Tensor:

@@ -31,6 +31,16 @@ class ImportanceConfig:
     neuron_activation: Literal["post", "pre"] = option(
         "post", "MLP neuron activation scored: post (input of the second MLP linear) or pre (the paper's "
                 "X.W1 gate pre-activation)")
+    head_score: Literal["token", "channel"] = option(
+        "channel", "attention heads: channel (each channel aggregated, then the L2 norm over the head's channels, "
+                   "ModelOpt's order) or token (each token's head norm, then aggregated, as the paper writes it); "
+                   "chosen by benchmarks/pruning_quality.py")
+    channel_norms: Literal["layers", "layers+final"] = option(
+        "layers", "norm outputs summed into embedding-channel scores: layers (every layer's two norms) or "
+                  "layers+final (also the final norm); chosen by benchmarks/pruning_quality.py")
+    second_moments: bool = option(
+        False, "also store the Gram matrices of each layer's output-projection and second-MLP-linear inputs, for "
+               "prune --refit (4 * (ffn^2 + (heads * head_dim)^2) bytes per layer)")
     layer_samples: Optional[int] = option(
         64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
             "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s))

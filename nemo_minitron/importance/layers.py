@@ -5,6 +5,11 @@ full model's LM loss, on the same samples. For each requested block size k, ever
 contiguous run of k layers is skipped in turn and the run whose removal raises the loss
 least is the best block to drop (the paper found this beats dropping the k individually
 least important layers). Skipping works on whichever pipeline stage holds the layer.
+
+No single rule wins at every depth (benchmarks/pruning_quality.py): for each block size k
+``drop_set_losses`` also measures, on the same samples, the loss without the k layers of
+lowest loss drop and without the k of lowest Block Importance (ModelOpt's rule), and
+names the set of the three whose removal costs least (``--layer-metric best``).
 """
 
 from __future__ import annotations
@@ -66,3 +71,19 @@ def best_contiguous_blocks(model, vocab_size: int, num_layers: int, samples: tor
         best[str(k)] = {"start": start, "layers": list(range(start, start + k)), "loss": losses[start],
                         "loss_increase": losses[start] - full_loss, "candidates": losses}
     return best
+
+
+def drop_set_losses(model, vocab_size: int, samples: torch.Tensor, micro_batch: int, blocks: dict[str, dict],
+                    loss_drop: Sequence[float], block_importance: Sequence[float]) -> dict[str, dict]:
+    """{k: {"contiguous"|"loss"|"block": {"layers", "loss"}, "best": the metric of least loss}}
+    for every block size of ``blocks`` (ties go to the first of contiguous, loss, block)."""
+    out: dict[str, dict] = {}
+    for k, block in blocks.items():
+        candidates = {"contiguous": list(block["layers"])}
+        for metric, scores in (("loss", loss_drop), ("block", block_importance)):
+            candidates[metric] = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[: int(k)])
+        sets = {metric: {"layers": layers, "loss": loss_without(model, vocab_size, samples, layers, micro_batch)}
+                for metric, layers in candidates.items()}
+        sets["best"] = min(("contiguous", "loss", "block"), key=lambda m: sets[m]["loss"])
+        out[k] = sets
+    return out

@@ -11,6 +11,7 @@ Tensors (global indices, whatever the parallel layout that computed them):
     ffn                     [layers, ffn]           MLP neurons
     hidden                  [hidden]                embedding channels, summed over every norm
     hidden_per_layer        [layers, hidden]        the per-layer part of ``hidden`` (both norms of the layer)
+    final_norm              [hidden]                the final norm's term (in ``hidden`` with channel_norms layers+final)
     layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
     layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
 Higher is more important on every axis.
@@ -29,6 +30,9 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
 SCORES_FILE = "scores.safetensors"
+#: optional (importance --second-moments): Gram matrices for prune --refit
+#:   proj_gram [layers, heads * head_dim, heads * head_dim], fc2_gram [layers, ffn, ffn]
+SECOND_MOMENTS_FILE = "second_moments.safetensors"
 SUMMARY_FILE = "summary.json"
 AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
 
@@ -58,6 +62,15 @@ class ImportanceScores:
         assert not missing, f"importance scores miss axes {missing}"
         save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(directory / SCORES_FILE))
         (directory / SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2))
+
+    @staticmethod
+    def load_second_moments(directory: str | Path, flag: str = "--refit") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / SECOND_MOMENTS_FILE
+        require(path.is_file(), f"{flag}: '{directory}' has no {SECOND_MOMENTS_FILE}; rerun importance with "
+                                "--second-moments")
+        return load_file(str(path))
 
     @classmethod
     def load(cls, directory: str | Path, flag: str = "--importance") -> "ImportanceScores":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import Names, cli_names
-from nemo_minitron.errors import UsageError
+from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
@@ -112,7 +112,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
 
     ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
     query_groups, layers, or ``target_params`` a budget such as "90M"; ``order``
-    importance | magnitude | random; ``layer_metric`` contiguous | loss | block | "3,7,9");
+    importance | magnitude | random; ``layer_metric`` contiguous | best | loss | block | "3,7,9";
+    ``refit``: least-squares refit of the layers reading removed heads and neurons, from the
+    importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (
@@ -143,6 +145,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     compute_dtype = parse_dtype(dtype, names("dtype")) if dtype is not None else None
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
+    require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
+                                                      f"(got '{order}')")
+    grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
@@ -176,7 +181,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
 
-    new_model = _build_pruned(model, old, new, keep, per_stage)
+    new_model = _build_pruned(model, old, new, keep, per_stage, grams=grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
                   "parent_model": old.to_dict()}
@@ -185,8 +190,11 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
                            tokenizer=load_tokenizer(checkpoint))
 
 
-def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int]) -> torch.nn.Module:
-    """Build the new model on this layout and fill it with the kept weights (collective)."""
+def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per_stage: list[int],
+                  grams: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Build the new model on this layout and fill it with the kept weights (collective).
+    ``grams`` ({"proj_gram", "fc2_gram"}: [layers, n, n]): refit the output projection and
+    the second MLP linear by least squares for the heads and neurons removed (refit.py)."""
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.model.builder import build_model
@@ -211,7 +219,25 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
             full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
+            if grams is not None:
+                full = _refit(old_name, full, old, keep, old_layer, grams)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
             param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated))
     new_model.eval()
     return new_model
+
+
+def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer, grams) -> torch.Tensor:
+    """The full tensor with its kept input columns refit (prune_tensor then cuts as usual)."""
+    from nemo_minitron.prune.refit import refit_columns
+    from nemo_minitron.prune.transforms import _proj_columns
+
+    if name.endswith("self_attention.linear_proj.weight"):
+        columns, gram = _proj_columns(old, keep.heads[old_layer]), grams["proj_gram"][old_layer]
+    elif name.endswith("mlp.linear_fc2.weight"):
+        columns, gram = keep.ffn[old_layer], grams["fc2_gram"][old_layer]
+    else:
+        return full
+    full = full.clone()
+    full[:, columns] = refit_columns(full, gram, columns)
+    return full

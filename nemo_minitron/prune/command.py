@@ -13,7 +13,11 @@ def _description(path: str):
     from nemo_minitron.errors import UsageError
     from nemo_minitron.model.description import description_from_hf_config
 
+    from nemo_minitron.checkpoint.store import is_checkpoint
+
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not is_checkpoint(p):
+        p = p / "config.json"  # planning needs the shapes only: no weights have to be there
     if p.is_file() and p.suffix == ".json":
         try:
             return description_from_hf_config(json.loads(p.read_text()), name=p.parent.name)

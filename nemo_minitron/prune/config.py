@@ -38,8 +38,13 @@ class PruneConfig(PlanConfig):
         "importance", "what to keep: the most important units, or the baselines magnitude (weight norms) and "
                       "random (by --seed)")
     layer_metric: str = option(
-        "contiguous", "layers to drop: contiguous (the best block recorded by importance --drop-blocks), loss "
-                      "(least loss increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9")
+        "contiguous", "layers to drop: contiguous (the best block recorded by importance --drop-blocks), best (of "
+                      "the contiguous, loss and block sets, the one whose removal cost least in the importance run), "
+                      "loss (least loss increase), block (lowest Block Importance), or the 0-indexed layers, e.g. "
+                      "3,7,9")
+    refit: bool = option(
+        False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
+               "and neurons (needs importance --second-moments)")
 
     def check(self, names) -> None:
         from nemo_minitron.prune.select import LAYER_METRICS
@@ -57,5 +62,5 @@ class PruneConfig(PlanConfig):
         if self.layer_metric not in LAYER_METRICS:
             items = [i.strip() for i in str(self.layer_metric).split(",") if i.strip()]
             require(items and all(i.isdigit() for i in items),
-                    f"{names('layer_metric')} must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+                    f"{names('layer_metric')} must be contiguous, best, loss, block, or the layers to drop such as 3,7,9 "
                     f"(got '{self.layer_metric}')")

@@ -13,6 +13,9 @@ key and value rows; a channel: its column or row in every matrix, norm and embed
 layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
+    best        of the contiguous, loss and block sets for that many layers, the one whose
+                removal cost least on the importance run's samples
+                (``summary["layers"]["drop_sets"]``, recorded for every ``--drop-blocks`` size)
     contiguous  the best contiguous block of that many layers recorded by the importance
                 run (``summary["layers"]["contiguous_blocks"]``). When the run did not
                 record that block size this is an error telling the user to rerun
@@ -34,7 +37,7 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-LAYER_METRICS = ("contiguous", "loss", "block")
+LAYER_METRICS = ("contiguous", "best", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -105,7 +108,7 @@ def parse_layer_metric(metric: str, num_layers: int, flag: str = "--layer-metric
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"{flag} must be contiguous, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"{flag} must be contiguous, best, loss, block, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
     require(bool(dropped), f"{flag} '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
@@ -130,6 +133,11 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         dropped = chosen
     elif drop == 0:
         dropped = []
+    elif chosen == "best":
+        sets = summary.get("layers", {}).get("drop_sets", {})
+        require(str(drop) in sets, f"{flag} best: the importance run has not compared layer sets of {drop} "
+                                   f"layers; rerun importance with --drop-blocks {drop}, or use {flag} loss|block")
+        dropped = list(sets[str(drop)][sets[str(drop)]["best"]]["layers"])
     elif chosen == "contiguous":
         blocks = summary.get("layers", {}).get("contiguous_blocks", {})
         require(str(drop) in blocks, f"{flag} contiguous: the importance run has no best contiguous block "

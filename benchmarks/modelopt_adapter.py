@@ -1,0 +1,286 @@
+"""NVIDIA ModelOpt 0.47 ``mcore_minitron`` pruning as a live peer, on megatron-core 0.16.1's
+local layer spec on a CPU. Benchmark-only: ModelOpt is installed into
+benchmarks/.cache/modelopt-site on first use, never into the project's environment.
+
+As shipped, 0.47's ``mcore_minitron`` mode does not register on megatron-core 0.16.1
+(it imports ``megatron.core.models.hybrid`` and Transformer Engine; both failures are
+swallowed, so the mode is simply missing), and its head and hidden-channel importance
+assume the TE layer spec. What this adapter changes, and nothing else:
+
+1. ``megatron.core.models.hybrid`` is aliased to 0.16.1's ``megatron.core.models.mamba``
+   (``HybridModel`` = ``MambaModel``; the TE hybrid stack spec is never used here).
+2. Import stubs for Transformer Engine: megatron-core replaces TE by a MagicMock when TE
+   is missing, so its ``TE*`` classes are mocks, which ModelOpt cannot register; they are
+   replaced by empty ``nn.Module`` subclasses no local-spec module is an instance of, and
+   ``transformer_engine.pytorch.{LayerNorm,RMSNorm}`` likewise.
+3. Local-spec dynamic modules, built from ModelOpt's own pieces: ``torch.nn.RMSNorm``
+   (ModelOpt's ``_DynamicLayerNorm`` with the shared hidden-size hparam); the local
+   ``SelfAttention`` (ModelOpt's ``NumAttentionHeadsHp`` and its QKV / projection index
+   maps on ``ColumnParallelLinear`` / ``RowParallelLinear`` and the local core attention).
+4. Hidden-size importance on the local spec: ModelOpt hooks the TE-fused norms; here its
+   own ``_layernorm_forward_hook`` (its own aggregation: mean |x| over the sequence, L2
+   over samples, summed over norms) is put on the separate ``input_layernorm`` and
+   ``pre_mlp_layernorm`` modules instead.
+5. A 0-d tensor handed to ``all_gather_into_tensor`` (layer dropping) is reshaped to 1-d,
+   which gloo requires.
+6. The search-space divisors (hidden 256, ffn 512 by default) are relaxed to 1 so that
+   the targets of a 135M model (hidden 480, ffn 1024) are valid choices.
+
+The benchmark checks the adapter two ways: an identity prune reproduces the teacher's
+loss, and ModelOpt's kept units rebuilt by nemo-minitron's own pruning code reproduce
+ModelOpt's pruned loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+MODELOPT_VERSION = "0.47.0"
+SITE = Path(__file__).parent / ".cache" / "modelopt-site"
+# ModelOpt's pure-Python dependencies that the project's environment lacks
+EXTRA_PACKAGES = [f"nvidia-modelopt=={MODELOPT_VERSION}", "pulp<4", "nvidia-ml-py>=12"]
+
+_READY = False
+
+
+def install() -> None:
+    """pip-install ModelOpt (no dependencies) into the benchmark's own folder, once."""
+    if not (SITE / f"nvidia_modelopt-{MODELOPT_VERSION}.dist-info").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(SITE), "--no-deps",
+                        *EXTRA_PACKAGES], check=True)
+    if str(SITE) not in sys.path:
+        sys.path.insert(0, str(SITE))
+
+
+def _stub_transformer_engine() -> None:
+    from unittest.mock import MagicMock
+
+    import megatron.core.extensions.transformer_engine as mte
+
+    for name in dir(mte):
+        value = getattr(mte, name)
+        if name.startswith("TE") and (isinstance(value, MagicMock) or value is None):
+            setattr(mte, name, type(name, (torch.nn.Module,), {"__module__": mte.__name__}))
+    te = types.ModuleType("transformer_engine")
+    te.__path__ = []
+    te_pytorch = types.ModuleType("transformer_engine.pytorch")
+    for name in ("LayerNorm", "RMSNorm"):
+        setattr(te_pytorch, name, type(name, (torch.nn.Module,), {}))
+    te.pytorch = te_pytorch
+    sys.modules.setdefault("transformer_engine", te)
+    sys.modules.setdefault("transformer_engine.pytorch", te_pytorch)
+
+
+def _alias_hybrid_module() -> None:
+    import megatron.core.models.mamba.mamba_model as mamba_model
+
+    hybrid = types.ModuleType("megatron.core.models.hybrid")
+    hybrid.__path__ = []
+    model = types.ModuleType("megatron.core.models.hybrid.hybrid_model")
+    specs = types.ModuleType("megatron.core.models.hybrid.hybrid_layer_specs")
+    model.HybridModel = hybrid.HybridModel = mamba_model.MambaModel
+    specs.hybrid_stack_spec = None  # the TE hybrid spec (needs triton); unused on GPT models
+    sys.modules.setdefault("megatron.core.models.hybrid", hybrid)
+    sys.modules.setdefault("megatron.core.models.hybrid.hybrid_model", model)
+    sys.modules.setdefault("megatron.core.models.hybrid.hybrid_layer_specs", specs)
+
+
+def _gloo_safe_all_gather() -> None:
+    original = torch.distributed.all_gather_into_tensor
+    if getattr(original, "_adapted", False):
+        return
+
+    @functools.wraps(original)
+    def all_gather_into_tensor(output, input, *args, **kwargs):
+        return original(output, input.reshape(1) if input.dim() == 0 else input, *args, **kwargs)
+
+    all_gather_into_tensor._adapted = True
+    torch.distributed.all_gather_into_tensor = all_gather_into_tensor
+
+
+def _register_local_spec() -> None:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from modelopt.torch.nas.modules.norm import _DynamicLayerNorm
+    from modelopt.torch.nas.modules.utils import get_sliced_tensor, get_sliced_tensor_by_slices
+    from modelopt.torch.nas.plugins import megatron as mo
+    from modelopt.torch.nas.registry import DMRegistry
+    from modelopt.torch.opt.dynamic import DynamicModule
+    from modelopt.torch.prune.plugins import mcore_minitron as mm
+
+    @DMRegistry.register({torch.nn.RMSNorm: "torch.nn.RMSNorm"})
+    class _DynamicRMSNorm(_DynamicLayerNorm):
+        """torch.nn.RMSNorm (the local spec's norm) on the shared hidden-size hparam."""
+
+        def _setup(self, *, num_features):
+            self._register_hparam("num_features", num_features)
+            self._register_dynamic_attribute("weight", self._cut_to_active_features)
+            self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
+
+    te_qkv, te_proj = mo._DynamicTEQKVLayerNormColumnParallelLinear, mo._DynamicTEProjRowParallelLinear
+
+    class _LocalQKV(DynamicModule, ColumnParallelLinear):
+        """ModelOpt's QKV index map (group-aware heads, K/V kept) on the local ColumnParallelLinear."""
+
+        def _setup(self, *, num_attention_heads, hidden_size):
+            self._register_hparam("input_size", hidden_size)
+            self._register_hparam("num_attention_heads", num_attention_heads)
+            self._register_dynamic_attribute("output_size_per_partition", lambda mod, val: (
+                (num_attention_heads.active + 2 * mod.config.num_query_groups) * mod.config.kv_channels))
+            self._register_dynamic_attribute("weight", te_qkv._get_weight)
+            if getattr(self, "bias", None) is not None:
+                self._register_dynamic_attribute("bias", te_qkv._get_bias)
+
+        _get_output_size_indices = te_qkv._get_output_size_indices
+
+    class _LocalProj(DynamicModule, RowParallelLinear):
+        """ModelOpt's output-projection index map on the local RowParallelLinear."""
+
+        def _setup(self, *, num_attention_heads, hidden_size):
+            self._register_hparam("output_size", hidden_size)
+            self._register_hparam("num_attention_heads", num_attention_heads)
+            heads_width = lambda mod, val: num_attention_heads.active * mod.config.kv_channels  # noqa: E731
+            self._register_dynamic_attribute("input_size", heads_width)
+            self._register_dynamic_attribute("input_size_per_partition", heads_width)
+            self._register_dynamic_attribute("weight", te_proj._get_weight)
+            if getattr(self, "bias", None) is not None:
+                self._register_dynamic_attribute("bias", lambda mod, b: get_sliced_tensor(mod, b, "output_size"))
+
+        _get_input_size_indices = te_proj._get_input_size_indices
+
+    class _LocalCoreAttention(DynamicModule, DotProductAttention):
+        def _setup(self, *, attention):
+            self._register_dynamic_attribute("num_attention_heads_per_partition",
+                                             lambda mod, val: attention.num_attention_heads)
+            self._register_dynamic_attribute("hidden_size_per_partition", lambda mod, val: (
+                attention.num_attention_heads * attention.config.kv_channels))
+
+    original_setup = mo._DynamicSelfAttention._setup
+
+    def _setup(self, *, hidden_size):
+        if not isinstance(self.linear_qkv, ColumnParallelLinear):  # TE spec: ModelOpt's own code
+            return original_setup(self, hidden_size=hidden_size)
+        heads = mo.NumAttentionHeadsHp(self.num_attention_heads_per_partition, self.num_query_groups_per_partition)
+        self._register_hparam("num_attention_heads", heads)
+        self._register_dynamic_attribute("num_attention_heads_per_partition", lambda mod, val: mod.num_attention_heads)
+        _LocalCoreAttention.convert(self.core_attention, attention=self)
+        _LocalQKV.convert(self.linear_qkv, num_attention_heads=heads, hidden_size=hidden_size)
+        _LocalProj.convert(self.linear_proj, num_attention_heads=heads, hidden_size=hidden_size)
+        self._has_fused_input_layernorm = False  # the local spec's input norm is its own module
+
+    mo._DynamicSelfAttention._setup = _setup
+
+    original_register = mm._register_hidden_size_importance
+
+    def _register_hidden_size_importance(module, registry):
+        """ModelOpt's registration, then its norm hook moved from the fused-norm linears to
+        the local spec's separate norms (the input norms are already hooked that way)."""
+        original_register(module, registry)
+        norm_hook = None
+        for owner, handle in registry._hooks:
+            fn = owner._forward_hooks.get(handle.id)
+            if getattr(getattr(fn, "func", None), "__name__", "") == "_layernorm_forward_hook":
+                norm_hook = fn
+                break
+        kept = []
+        for owner, handle in registry._hooks:
+            fn = owner._forward_hooks.get(handle.id)
+            if getattr(getattr(fn, "func", None), "__name__", "") == "_fused_ln_linear_forward_hook":
+                assert isinstance(owner, ColumnParallelLinear), "only local-spec fused hooks are moved"
+                handle.remove()
+            else:
+                kept.append((owner, handle))
+        registry._hooks[:] = kept
+        assert norm_hook is not None, "ModelOpt registered no separate-norm hook"
+        for layer in module.decoder.layers:
+            registry.register_hook(layer.pre_mlp_layernorm, norm_hook, hook_type="forward")
+
+    mm._register_hidden_size_importance = _register_hidden_size_importance
+
+
+def load() -> types.SimpleNamespace:
+    """Install (once), adapt, import; returns the ModelOpt entry points used here."""
+    global _READY
+    install()
+    if not _READY:
+        import warnings
+
+        _stub_transformer_engine()
+        _alias_hybrid_module()
+        _gloo_safe_all_gather()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import modelopt.torch.nas  # noqa: F401
+            import modelopt.torch.prune  # noqa: F401
+            from modelopt.torch.prune.plugins import mcore_minitron  # noqa: F401  (raises if it did not import)
+        _register_local_spec()
+        _READY = True
+    import modelopt.torch.nas as mtn
+    import modelopt.torch.prune as mtp
+    from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
+
+    return types.SimpleNamespace(mtp=mtp, mtn=mtn, config=get_mcore_minitron_config(
+        hidden_size_divisor=1, ffn_hidden_size_divisor=1, mamba_head_dim_divisor=1, num_moe_experts_divisor=1,
+        num_layers_divisor=1))
+
+
+def export_config(old, new) -> dict:
+    """ModelOpt's constraint for our target (query groups are not prunable in ModelOpt)."""
+    assert new.num_query_groups == old.num_query_groups, "ModelOpt cannot prune query groups"
+    out = {}
+    for key, a, b in (("hidden_size", old.hidden_size, new.hidden_size),
+                      ("ffn_hidden_size", old.ffn_hidden_size, new.ffn_hidden_size),
+                      ("num_attention_heads", old.num_attention_heads, new.num_attention_heads),
+                      ("num_layers", old.num_layers, new.num_layers)):
+        if a != b:
+            out[key] = b
+    return out
+
+
+def prune(model, old, new, forward_loop, scores_path: Path):
+    """Prune ``model`` in place with ModelOpt to ``new``'s shape; returns the kept units in
+    nemo-minitron's terms (original indices, ascending) and the pruned (exported) model.
+    ``scores_path``: ModelOpt's own cache of activations and layer scores, so that every
+    target of one seed reuses one calibration pass, as ModelOpt itself intends."""
+    mo = load()
+    from modelopt.torch.prune.plugins.mcore_minitron import MCoreMinitronSearcher
+
+    original_index = {id(layer): layer.layer_number - 1 for layer in model.decoder.layers}
+    kept: dict = {}
+    original_prune = MCoreMinitronSearcher._prune
+
+    def _prune(searcher, config):
+        """ModelOpt's own _prune, then its chosen units read from its hparams (before export)."""
+        original_prune(searcher, config)
+        m = searcher.model
+        kept.update(hidden=_ascending(m.get_hparam("hidden_size").active_slice, old.hidden_size), layers=[],
+                    ffn={}, heads={})
+        for layer in m.decoder.layers:
+            index = original_index[id(layer)]
+            kept["layers"].append(index)
+            kept["ffn"][index] = _ascending(layer.mlp.get_hparam("ffn_hidden_size").active_slice,
+                                            old.ffn_hidden_size)
+            kept["heads"][index] = _ascending(layer.self_attention.get_hparam("num_attention_heads").active_slice,
+                                              old.num_attention_heads)
+
+    MCoreMinitronSearcher._prune = _prune
+    try:
+        model, _ = mo.mtp.prune(model, mode=[("mcore_minitron", mo.config)],
+                                constraints={"export_config": export_config(old, new)}, dummy_input=None,
+                                config={"forward_loop": forward_loop, "scores_path": str(scores_path)})
+    finally:
+        MCoreMinitronSearcher._prune = original_prune
+    assert kept, "ModelOpt did not prune"
+    return kept, model
+
+
+def _ascending(active_slice, size: int) -> list[int]:
+    if isinstance(active_slice, slice):
+        return list(range(size))[active_slice]
+    return sorted(int(i) for i in active_slice)
