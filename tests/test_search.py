@@ -59,7 +59,8 @@ def tiny_importance(tiny_checkpoint, tmp_path_factory):
     return directory
 
 
-def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importance, tmp_path, monkeypatch, runtime):
+def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importance, tmp_path, monkeypatch, runtime,
+                                                  caplog):
     """Four candidates (three of the planner's, one explicit) distilled from one teacher-logit
     cache with successive halving: the two with the lowest held-out loss at half the steps
     continue, the one with the lowest final loss wins and is kept alone. A search killed
@@ -101,6 +102,7 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
     for v in calls.values():
         v.clear()
     monkeypatch.setattr(distill_api, "distill", spy("distill"))
+    caplog.set_level("INFO", logger="nemo_minitron")
     result = search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False, **TINY_SEARCH)
     assert calls["prune"] == [] and calls["cache"] == []  # pruned candidates and the cache were reused
     # the killed (fourth) distillation runs again, then the two survivors the rest of the way
@@ -115,6 +117,11 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
     assert all(rows[n]["stopped_at"] == STEPS // 2 for n in rows if n not in ahead)
     finals = {n: rows[n]["final_loss"] for n in ahead}
     assert result["best"] == min(finals, key=finals.get)
+    # the ranking table in the log: one row per candidate, best first and marked
+    table = caplog.text.split("search ranking")[1].splitlines()
+    ranked = sorted(rows, key=lambda n: (rows[n]["final_loss"] is None, rows[n]["final_loss"] or 0,
+                                         rows[n]["rung_losses"][str(STEPS // 2)]))
+    assert [line.split()[1] for line in table[3:7]] == ranked and table[3].split()[2] == "*"
     for r in rows.values():  # curves: held-out loss at every step trained (eval_every 1), from step 0
         last = r["stopped_at"] or STEPS
         assert [s for s, _ in r["heldout_curve"]] == list(range(last + 1))
@@ -139,6 +146,16 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
                **{**TINY_SEARCH, "lr": 2e-3})
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_checkpoint, tmp_path_factory):
+    """A teacher-logit cache of the tiny teacher at sequence length 8 (the search asks for 16)."""
+    from nemo_minitron.distill.teacher_logits import write_teacher_logits
+
+    out = tmp_path_factory.mktemp("search_cache") / "cache"
+    return write_teacher_logits(str(tiny_checkpoint("llama")), ["builtin:train"], str(out), top_k=4, samples=4,
+                                seq_len=8, progress=False)
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--target-params", "10K"], ["--target-params 10K: no architecture within 5% meets the limits"]),
     (["--target-params", "0.22M", "--cache-top-k", "5000"], ["--cache-top-k 5000 is larger than the vocabulary"]),
@@ -147,8 +164,13 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
                                                                 "original model's 64"]),
     (["--target-params", "0.22M", "--cache-top-k", "8", "--kd-pairs", "0:1"], ["--cache-top-k with --kd-pairs"]),
     (["--candidates", "2"], ["--target-params is required"]),
+    (["--target-params", "0.22M", "--teacher-logits", "CACHE"], ["--teacher-logits", "was written for --seq-len 8, "
+                                                                  "not --seq-len 16"]),
+    (["--target-params", "0.22M", "--teacher-logits", "CACHE", "--cache-top-k", "8"],
+     ["--teacher-logits and --cache-top-k: give one"]),
 ])
-def test_bad_input(tiny_checkpoint, tiny_importance, tmp_path, capsys, flags, words):
+def test_bad_input(tiny_checkpoint, tiny_importance, tiny_cache, tmp_path, capsys, flags, words):
+    flags = [str(tiny_cache) if f == "CACHE" else f for f in flags]
     out = tmp_path / "out"
     code, stderr = cli_in_process(capsys, "search", tiny_checkpoint("llama"), "--importance", tiny_importance,
                                   "--data", "builtin:train", "--out", out, "--seq-len", "16", *flags)
