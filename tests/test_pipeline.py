@@ -121,4 +121,4 @@ def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["parallel"] == {"tp": 1, "pp": 1}
     summary = json.loads((out / "width-3-distill" / "summary.json").read_text())
-    assert summary["settings"]["dp"] == 2  # two processes, data parallel
+    assert summary["layout"]["dp"] == 2  # two processes, data parallel
