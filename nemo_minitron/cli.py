@@ -44,6 +44,16 @@ def _runtime(p: argparse.ArgumentParser, *, dtype_help: str | None = None) -> No
                 action.help = dtype_help
 
 
+def _iteration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iteration", type=int, default=None, metavar="N",
+                   help="with a Megatron-LM / Megatron-Bridge checkpoint directory: the iteration to read "
+                        "[default: the latest, from latest_checkpointed_iteration.txt]")
+
+
+MODEL_HELP = ("checkpoint: nemo-minitron's, a Megatron-LM / Megatron-Bridge directory (or its iter_N "
+              "directory) or a NeMo 2 checkpoint")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``nemo-minitron CMD: error: ...``), exit status 2, like
     every other input error; ``--help`` shows the rest."""
@@ -81,23 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = _sub(sub, "convert", "Hugging Face directory, .gguf or alias -> project checkpoint",
+    p = _sub(sub, "convert", "Hugging Face or Megatron checkpoint -> project checkpoint",
              "nemo_minitron.commands:convert", "nemo-minitron convert --hf smollm2-135m --out ckpt")
-    p.add_argument("--hf", required=True, metavar="SRC", help="HF model directory, .gguf file, Hub id, or the "
-                                                              "alias smollm2-135m")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="SRC", help="HF model directory, .gguf file, Hub id, or the alias smollm2-135m")
+    src.add_argument("--megatron", metavar="SRC", help="Megatron-LM / Megatron-Bridge checkpoint directory (or its "
+                                                       "iter_N directory), or a NeMo 2 checkpoint")
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
+    _iteration(p)
     _runtime(p, dtype_help="dtype of the stored weights [default: as in the source]")
 
-    p = _sub(sub, "export", "project checkpoint -> Hugging Face directory", "nemo_minitron.commands:export",
-             "nemo-minitron export distilled/final --hf-out hf --verify")
-    p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--hf-out", required=True, metavar="DIR", help="new HF model directory (must not exist)")
-    p.add_argument("--verify", action="store_true", help="reload with transformers and compare logits")
+    p = _sub(sub, "export", "checkpoint -> Hugging Face directory and/or Megatron-LM / Megatron-Bridge checkpoint",
+             "nemo_minitron.commands:export", "nemo-minitron export distilled/final --hf-out hf --verify")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    p.add_argument("--hf-out", metavar="DIR", help="new HF model directory (must not exist)")
+    p.add_argument("--verify", action="store_true", help="with --hf-out: reload with transformers and compare logits")
+    p.add_argument("--megatron-out", metavar="DIR", help="new Megatron-LM / Megatron-Bridge checkpoint directory "
+                                                         "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
+    p.add_argument("--vocab-padding", default="megatron", metavar="PAD",
+                   help="with --megatron-out: megatron (a multiple of 128 x --tp, Megatron-LM's rule), none "
+                        "(Bridge's should_pad_vocab false), or a multiple N (e.g. 128, the project's) "
+                        "[default: megatron]")
+    _iteration(p)
     _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
 
     p = _sub(sub, "eval", "held-out loss and perplexity of a model", "nemo_minitron.commands:evaluate",
              "nemo-minitron eval distilled/final --data builtin:heldout --seq-len 512")
-    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory, .gguf or alias")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory, .gguf or alias")
+    _iteration(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
     add_flags(p, EvalConfig, title="evaluation")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
@@ -106,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "importance", "rank heads, query groups, neurons, channels and layers",
              "nemo_minitron.importance.command:main",
              "nemo-minitron importance ckpt --data builtin:calib --out imp --samples 64 --seq-len 256")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    _iteration(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="new importance directory (must not exist)")
     add_flags(p, ImportanceConfig, title="importance")
@@ -114,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "plan", "candidate pruned architectures for a parameter budget", "nemo_minitron.prune.command:plan_main",
              "nemo-minitron plan meta-llama__Llama-3.1-8B/config.json --target-params 4.5B")
-    p.add_argument("model", metavar="MODEL", help="checkpoint, HF directory (config.json is enough), .gguf, alias "
-                                                  "or a config.json")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory (config.json is enough), .gguf, "
+                                                  "alias or a config.json")
+    _iteration(p)
     p.add_argument("--target-params", required=True, metavar="N", help="budget, e.g. 90M, 4.5B")
     add_flags(p, PlanConfig, title="planner")
     p.add_argument("--top", type=int, default=10, help="rows to print [default: 10]")
@@ -126,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "prune", "prune a checkpoint to a target architecture", "nemo_minitron.prune.command:prune_main",
              "nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    _iteration(p)
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
-    add_flags(p, PruneConfig, title="pruning (give --target or --target-params)")
+    add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
     _runtime(p, dtype_help="dtype of the saved checkpoint [default: as stored]")
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
@@ -138,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fine-tuning (the baseline, and teacher correction)")
     p.add_argument("--teacher-logits", metavar="DIR", help="or a teacher-logit cache (from teacher-logits): no "
                    "teacher runs; trains on the samples it covers")
-    p.add_argument("--student", required=True, metavar="CKPT")
+    p.add_argument("--student", required=True, metavar="CKPT", help=MODEL_HELP + " (Megatron: give the iter_N "
+                   "directory to choose an iteration; also for --teacher)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data [default: builtin:heldout]")
@@ -148,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from")
     p.add_argument("--force", action="store_true", help="resume even though settings changed (the new ones apply "
                                                         "from the resumed step)")
+    p.add_argument("--config", metavar="KD.yaml", help="a ModelOpt / NeMo / Megatron-Bridge distillation YAML "
+                   "(logit_layers, intermediate_layer_pairs, skip_lm_loss, kd_loss_scale, logit_kl_temperature) "
+                   "setting the --kd-* and --ce-weight options")
     _runtime(p)
 
     p = _sub(sub, "teacher-logits", "store a teacher's top-k log-probabilities of the training samples, for "

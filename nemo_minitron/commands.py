@@ -24,27 +24,42 @@ def _dtype(args):
 
 def convert(args) -> int:
     from nemo_minitron.checkpoint.api import convert as run
+    from nemo_minitron.checkpoint.api import model_path
+    from nemo_minitron.checkpoint.store import megatron_checkpoint
 
-    run(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=_dtype(args), seed=args.seed)
+    if args.megatron:
+        src = model_path(args.megatron, args.iteration, "--megatron")
+        require(megatron_checkpoint(src) is not None, f"--megatron '{args.megatron}' is not a Megatron-LM, "
+                                                      "Megatron-Bridge or NeMo 2 checkpoint")
+    else:
+        require(args.iteration is None, "--iteration goes with --megatron")
+        src = args.hf
+    run(src, args.out, tp=args.tp, pp=args.pp, dtype=_dtype(args), seed=args.seed)
     return 0
 
 
 def export(args) -> int:
     from nemo_minitron.checkpoint.api import export as run
+    from nemo_minitron.checkpoint.api import model_path
 
-    run(args.checkpoint, args.hf_out, tp=args.tp, pp=args.pp, dtype=_dtype(args), seed=args.seed,
+    require(args.hf_out or args.megatron_out, "give --hf-out DIR and/or --megatron-out DIR")
+    require(not args.verify or args.hf_out, "--verify goes with --hf-out")
+    run(model_path(args.checkpoint, args.iteration, "CKPT"), args.hf_out, megatron_out=args.megatron_out,
+        vocab_padding=args.vocab_padding, tp=args.tp, pp=args.pp, dtype=_dtype(args), seed=args.seed,
         verify=args.verify)
     return 0
 
 
 def evaluate(args) -> int:
-    from nemo_minitron.checkpoint.api import describe_model, open_model
+    from nemo_minitron.checkpoint.api import describe_model, model_path, open_model
+    from nemo_minitron.checkpoint.store import megatron_checkpoint, require_tokenizer
     from nemo_minitron.config import from_args, to_dict, yaml_text
     from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
+    args.model = model_path(args.model, args.iteration)
     cfg = from_args(EvalConfig, args)
     dtype = _dtype(args)
     specs = parse_data_specs(args.data)
@@ -52,6 +67,8 @@ def evaluate(args) -> int:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
+    if megatron_checkpoint(args.model) is not None:
+        require_tokenizer(args.model, "eval tokenizes --data")
     require(cfg.seq_len <= desc.max_position_embeddings,
             f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({desc.max_position_embeddings})")
     desc.check_layout(args.tp, args.pp)

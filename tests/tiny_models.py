@@ -23,6 +23,14 @@ TINY_CONFIGS = {
                                         max_position_embeddings=256,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # pruned shapes with Llama 3.1 RoPE scaling as megatron-core applies it (original length 8192)
+    "llama31_pruned_shape": ("LlamaConfig", dict(hidden_size=48, intermediate_size=80, num_hidden_layers=5,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                                 rope_theta=500000.0, max_position_embeddings=256,
+                                                 tie_word_embeddings=False,
+                                                 rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                               "original_max_position_embeddings": 8192})),
     # a smaller model of the `llama` family: a student for the `llama` teacher
     "llama_small": ("LlamaConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -20,19 +20,38 @@ from nemo_minitron.checkpoint.store import (
     is_checkpoint,
     load_checkpoint,
     load_tokenizer,
+    megatron_checkpoint,
     read_info,
+    require_tokenizer,
     save_checkpoint,
+    tokenizer_dir,
 )
 from nemo_minitron.config import DEFAULT_SEED
+from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed
 
 log = logging.getLogger("nemo_minitron")
 
 
+def model_path(path: str, iteration: int | None = None, flag: str = "MODEL", iteration_flag: str = "--iteration") -> str:
+    """``path`` with ``--iteration`` applied: the iteration directory of a Megatron-LM /
+    Megatron-Bridge checkpoint directory (``path`` itself when no iteration is given)."""
+    from nemo_minitron.checkpoint import megatron_format
+
+    if iteration is None:
+        return path
+    require(megatron_format.detect(path), f"{iteration_flag} applies to Megatron-LM / Megatron-Bridge checkpoint "
+                                          f"directories; {flag} '{path}' is not one")
+    return str(megatron_format.resolve_iteration(path, iteration, flag, iteration_flag))
+
+
 def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
             spec: str = "auto", seed: int = DEFAULT_SEED) -> Path:
-    """Hugging Face directory / .gguf / alias -> project checkpoint at ``out``."""
+    """Hugging Face directory / .gguf / alias, or a Megatron-LM / Megatron-Bridge / NeMo 2
+    checkpoint -> project checkpoint at ``out``."""
+    if not isinstance(src, Source) and megatron_checkpoint(src) is not None:
+        return _convert_megatron(src, out, tp=tp, pp=pp, dtype=dtype, spec=spec, seed=seed)
     source = src if isinstance(src, Source) else resolve_source(src)
     src = source.label
     out_path = check_new_output(out)
@@ -47,6 +66,20 @@ def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: t
     return save_checkpoint(model, info, out_path, tokenizer=source.tokenizer())
 
 
+def _convert_megatron(src: str, out: str, *, tp: int, pp: int, dtype: torch.dtype | None, spec: str,
+                      seed: int) -> Path:
+    info = read_info(src)
+    require_tokenizer(src, "a converted checkpoint carries its tokenizer")
+    out_path = check_new_output(out)
+    info.description.check_layout(tp, pp)
+    check_world_size(tp, pp)
+    init_distributed(tp, pp, seed)
+    log.info("converting %s: %s", src, info.description.summary())
+    model, info = load_checkpoint(src, dtype=dtype, spec=spec)
+    saved = CheckpointInfo(info.description, dtype_name(dtype) if dtype else info.dtype, info.provenance)
+    return save_checkpoint(model, saved, out_path, tokenizer=load_tokenizer(src))
+
+
 class OpenedModel:
     """A model at the current layout, from a checkpoint or any convertible source."""
 
@@ -58,7 +91,7 @@ class OpenedModel:
 
 def describe_model(path: str, flag: str = "MODEL") -> ModelDescription:
     """The description of a checkpoint or source, validated, without loading weights."""
-    if is_checkpoint(path):
+    if is_checkpoint(path) or megatron_checkpoint(path) is not None:
         return read_info(path).description
     return _source_or_error(path, flag).description
 
@@ -89,7 +122,7 @@ def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
 
 def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto", flag: str = "MODEL") -> OpenedModel:
     """Load a project checkpoint, or convert a source in memory (runtime must be initialised)."""
-    if is_checkpoint(path):
+    if is_checkpoint(path) or megatron_checkpoint(path) is not None:
         model, info = load_checkpoint(path, dtype=dtype, spec=spec)
         return OpenedModel(model, info.description, load_tokenizer(path), path, Path(path), info)
     source = _source_or_error(path, flag)
@@ -97,22 +130,43 @@ def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto
     return OpenedModel(model, source.description, source.tokenizer(), path, None)
 
 
-def export(ckpt: str, hf_out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-           seed: int = DEFAULT_SEED, verify: bool = False) -> Path:
-    """Project checkpoint -> Hugging Face model directory at ``hf_out``."""
+def export(ckpt: str, hf_out: str | None = None, *, megatron_out: str | None = None, vocab_padding: str = "megatron",
+           tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None, seed: int = DEFAULT_SEED,
+           verify: bool = False) -> Path:
+    """Checkpoint (project, Megatron-LM, Megatron-Bridge or NeMo 2) -> a Hugging Face model
+    directory at ``hf_out`` and/or a Megatron-LM / Megatron-Bridge checkpoint at
+    ``megatron_out`` (vocabulary padded as ``vocab_padding`` says: see
+    ``megatron_export.padded_vocab``). Returns the last path written."""
     from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
 
+    require(hf_out or megatron_out, "export: give --hf-out DIR and/or --megatron-out DIR")
     info = read_info(ckpt)
-    hf_config(info.description, dtype or DTYPES[info.dtype])  # transformers can hold this model
-    out_path = check_new_output(hf_out, "--hf-out")
+    if hf_out:
+        hf_config(info.description, dtype or DTYPES[info.dtype])  # transformers can hold this model
+    hf_path = check_new_output(hf_out, "--hf-out") if hf_out else None
+    mg_path = check_new_output(megatron_out, "--megatron-out") if megatron_out else None
+    require(not (hf_path and mg_path and hf_path.resolve() == mg_path.resolve()),
+            "--hf-out and --megatron-out must differ")
     info.description.check_layout(tp, pp)
+    if mg_path is not None:
+        from nemo_minitron.checkpoint.megatron_export import check_export, padded_vocab
+
+        check_export(info.description, padded_vocab(info.description.vocab_size, vocab_padding, tp))
+        require_tokenizer(ckpt, "--megatron-out writes it into the checkpoint")
     check_world_size(tp, pp)
     init_distributed(tp, pp, seed)
     model, info = load_checkpoint(ckpt, dtype=dtype)
     out_dtype = dtype or DTYPES[info.dtype]
-    path = export_hf(model, info.description, out_path, tokenizer_dir=Path(ckpt) / "tokenizer", dtype=out_dtype)
-    if verify:
-        from nemo_minitron.checkpoint.verify import verify_export
+    path = None
+    if hf_path is not None:
+        path = export_hf(model, info.description, hf_path, tokenizer_dir=tokenizer_dir(ckpt), dtype=out_dtype)
+        if verify:
+            from nemo_minitron.checkpoint.verify import verify_export
 
-        verify_export(model, info.description, path)
+            verify_export(model, info.description, path)
+    if mg_path is not None:
+        from nemo_minitron.checkpoint.megatron_export import export_megatron
+
+        path = export_megatron(model, info, mg_path, tokenizer_dir=tokenizer_dir(ckpt), vocab_padding=vocab_padding,
+                               dtype=out_dtype)
     return path

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -68,12 +69,36 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / INFO_FILE).is_file()
 
 
+def megatron_checkpoint(path: str | os.PathLike):
+    """The Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint at ``path`` (validated, cached),
+    or None when ``path`` is not one. Such checkpoints are read in place wherever a
+    project checkpoint is (``read_info``, ``load_checkpoint``, ``load_tokenizer``)."""
+    from nemo_minitron.checkpoint import megatron_format
+
+    if is_checkpoint(path) or not megatron_format.detect(path):
+        return None
+    return _open_megatron(str(Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _open_megatron(path: str):
+    from nemo_minitron.checkpoint import megatron_format
+
+    return megatron_format.open_checkpoint(path)
+
+
 def read_info(path: str | os.PathLike) -> CheckpointInfo:
     """Read a checkpoint's metadata without touching its weights (cheap; validates the input)."""
     path = Path(path)
     require(path.exists(), f"checkpoint '{path}' does not exist")
-    require(is_checkpoint(path), f"'{path}' is not a nemo-minitron checkpoint (no {INFO_FILE}); "
-                                 "convert it first with: nemo-minitron convert --hf SRC --out CKPT")
+    megatron = megatron_checkpoint(path)
+    if megatron is not None:
+        stored = {v: k for k, v in DTYPES.items()}.get(megatron.dtype)
+        require(stored is not None, f"'{path}' stores {megatron.dtype} weights (supported: {', '.join(DTYPES)})")
+        return CheckpointInfo(megatron.description, stored, megatron.provenance)
+    require(is_checkpoint(path), f"'{path}' is not a nemo-minitron checkpoint (no {INFO_FILE}) nor a Megatron-LM, "
+                                 "Megatron-Bridge or NeMo 2 checkpoint; convert a Hugging Face model first with: "
+                                 "nemo-minitron convert --hf SRC --out CKPT")
     try:
         data = json.loads((path / INFO_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -126,10 +151,28 @@ def write_tokenizer(tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(str(directory))
 
 
+def tokenizer_dir(path: str | os.PathLike) -> Path | None:
+    """Where a checkpoint's Hugging Face tokenizer files are (None if it has none)."""
+    megatron = megatron_checkpoint(path)
+    if megatron is not None:
+        return megatron.tokenizer_dir
+    directory = Path(path) / "tokenizer"
+    return directory if directory.is_dir() else None
+
+
+def require_tokenizer(path: str | os.PathLike, why: str = "") -> Path:
+    directory = tokenizer_dir(path)
+    require(directory is not None, f"'{path}' holds no tokenizer{f' ({why})' if why else ''}: a Megatron-Bridge "
+                                   "checkpoint keeps it in iter_N/tokenizer/, NeMo 2 in context/nemo_tokenizer/, "
+                                   "Megatron-LM names it in args.tokenizer_model; copy the Hugging Face tokenizer "
+                                   "files there")
+    return directory
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(require_tokenizer(path)))
 
 
 # ---------------------------------------------------------------------- weights
@@ -198,14 +241,26 @@ def save_checkpoint(model, info: CheckpointInfo, out: str | os.PathLike, tokeniz
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, spec: str = "auto",
-                    layers_per_stage=None):
-    """Build the model at the current parallel layout and load the weights into it (eval mode)."""
+                    layers_per_stage=None, padded_vocab_size: int | None = None, config_overrides=None):
+    """Build the model at the current parallel layout and load the weights into it (eval mode).
+
+    ``path``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one (read
+    in place). ``padded_vocab_size``/``config_overrides``: see ``model.builder.build_model``."""
     from nemo_minitron.model.builder import build_model
 
     info = read_info(path)
     stored = DTYPES[info.dtype]
-    model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage)
-    load_weights(model, Path(path) / "weights")
+    model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage,
+                        padded_vocab_size=padded_vocab_size, config_overrides=config_overrides)
+    megatron = megatron_checkpoint(path)
+    if megatron is not None:
+        megatron.load_into(model)
+    else:
+        load_weights(model, Path(path) / "weights")
+        if padded_vocab_size not in (None, info.description.padded_vocab_size):
+            from nemo_minitron.checkpoint.megatron_format import zero_vocab_padding
+
+            zero_vocab_padding(model, info.description.vocab_size)
     if dtype is not None and dtype != stored:
         model = cast_model(model, dtype)
     model.eval()

@@ -49,26 +49,38 @@ DEFAULT_EVAL_DATA = "builtin:heldout"
 
 def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: ModelDescription,
                 flag: str = "--kd-pairs") -> list[LayerPair]:
-    """['3:7', '9:29'] or '3:7,9:29' (student:teacher layer indices) -> pairs, each checked
-    against both depths."""
+    """['3:7', 'embedding:embedding'] or '3:7,final_norm:final_norm' (student:teacher; a
+    0-indexed layer output, the embedding output or the final norm's output) -> pairs,
+    each checked against both depths."""
+    from nemo_minitron.distill.model import EMBEDDING, FINAL_NORM
+
+    def point(value: str, item: str, side: str, depth: int):
+        value = value.strip()
+        if value in (EMBEDDING, FINAL_NORM):
+            return value
+        try:
+            index = int(value)
+        except ValueError:
+            raise UsageError(f"{flag}: '{item}' is not student:teacher, each a layer number, {EMBEDDING} or "
+                             f"{FINAL_NORM} (e.g. 3:7)") from None
+        require(0 <= index < depth, f"{flag} {item}: {side} layer {index} is out of range 0..{depth - 1}")
+        return index
+
     items = items.split(",") if isinstance(items, str) else list(items)
     pairs = []
     for item in filter(None, (str(i).strip() for i in items)):
-        try:
-            s, t = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise UsageError(f"{flag}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)") from None
-        require(0 <= s < student.num_layers, f"{flag} {item}: student layer {s} is out of range "
-                                             f"0..{student.num_layers - 1}")
-        require(0 <= t < teacher.num_layers, f"{flag} {item}: teacher layer {t} is out of range "
-                                             f"0..{teacher.num_layers - 1}")
-        pairs.append(LayerPair(s, t))
+        parts = item.split(":")
+        require(len(parts) == 2, f"{flag}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")
+        pairs.append(LayerPair(point(parts[0], item, "student", student.num_layers),
+                               point(parts[1], item, "teacher", teacher.num_layers)))
     return pairs
 
 
 def tokenizer_fingerprint(checkpoint: str) -> str:
+    from nemo_minitron.checkpoint.store import require_tokenizer
+
     digest = hashlib.sha256()
-    for f in sorted((Path(checkpoint) / "tokenizer").glob("*")):
+    for f in sorted(require_tokenizer(checkpoint).glob("*")):
         if f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
             digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()
@@ -303,8 +315,9 @@ def distill(teacher: str | None, student: str, data: Sequence[str], out: str, co
             teacher_logits: str | None = None, eval_data: Sequence[str] | None = None, resume: bool = False,
             force: bool = False, progress: bool = True, names: Names | None = None, force_hint: str = "--force",
             stop_at: int | None = None, **options: Any) -> dict[str, Any]:
-    """Distil ``student`` from ``teacher`` (both project checkpoints) on ``data``; or, with
-    ``teacher=None`` and ``teacher_logits`` a cache directory, from the cached teacher.
+    """Distil ``student`` from ``teacher`` on ``data``; either may be a project checkpoint or a
+    Megatron-LM / Megatron-Bridge (an ``iter_N`` directory chooses the iteration) / NeMo 2 one.
+    With ``teacher=None`` and ``teacher_logits`` a cache directory, from the cached teacher.
 
     ``config``: a DistillConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, overriding it. A run whose ``out`` holds a training

@@ -66,13 +66,15 @@ class DistillConfig(TrainingConfig):
                                      parse=_optional_int)
     kd_weight: float = option(1.0, "weight of the logit KD loss", ge=0)
     ce_weight: float = option(0.0, "weight of the cross-entropy loss with the data's next tokens", ge=0)
-    kd_pairs: list[str] = option([], "intermediate pairs student_layer:teacher_layer, e.g. 3:7,9:29",
-                                 parse=str_list, metavar="S:T,...")
+    kd_pairs: list[str] = option([], "intermediate pairs student:teacher, each a layer (0-indexed), embedding or "
+                                     "final_norm, e.g. 3:7,9:29,embedding:embedding", parse=str_list, metavar="S:T,...")
     kd_pair_loss: Literal["cosine", "mse"] = option("cosine", "loss between a projected student state and the "
                                                               "teacher's")
     kd_pair_weight: Union[str, float] = option(
         "auto", "weight of the intermediate losses: auto (their mean matches the logit loss each step), auto_sum "
                 "(each one matches it) or a number", parse=str)
+    kd_balance: bool = option(False, "rescale the KD term to the cross-entropy term's magnitude every micro-batch "
+                                     "(ModelOpt's skip_lm_loss: false)")
 
     def check(self, names) -> None:
         super().check(names)
@@ -90,8 +92,13 @@ class DistillConfig(TrainingConfig):
             require(self.kd_pair_weight >= 0, f"{names('kd_pair_weight')} must be >= 0 (got {self.kd_pair_weight})")
         for item in self.kd_pairs:
             parts = str(item).split(":")
-            require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
-                    f"{names('kd_pairs')}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")
+            require(len(parts) == 2 and all(p.strip().isdigit() or p.strip() in ("embedding", "final_norm")
+                                            for p in parts),
+                    f"{names('kd_pairs')}: '{item}' is not student:teacher, each a layer number, embedding or "
+                    "final_norm (e.g. 3:7)")
+        require(not self.kd_balance or (self.kd_weight > 0 and self.ce_weight > 0),
+                f"{names('kd_balance')} rescales the KD term to the cross-entropy term: give both "
+                f"{names('kd_weight')} and {names('ce_weight')} > 0")
 
 
 @dataclasses.dataclass

@@ -55,6 +55,10 @@ class LogitLossConfig:
     ce_weight: float
     chunk_tokens: int
     vocab_size: int | None       # true vocabulary; columns beyond it are padding
+    #: rescale the KD term to the CE term's magnitude in every micro-batch (weight
+    #: kd_weight * CE/KD, the ratio held constant in backward): ModelOpt's balancer with
+    #: ``skip_lm_loss: false``. Costs a second pass over the logits.
+    balance: bool = False
 
     @classmethod
     def of(cls, cfg, vocab_size: int | None, **changes) -> "LogitLossConfig":
@@ -63,7 +67,8 @@ class LogitLossConfig:
 
         if isinstance(cfg, DistillConfig):
             loss = cls(temperature=cfg.kd_temperature, kind=cfg.kd_loss, top_k=cfg.kd_top_k, kd_weight=cfg.kd_weight,
-                       ce_weight=cfg.ce_weight, chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
+                       ce_weight=cfg.ce_weight, chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size,
+                       balance=cfg.kd_balance)
         else:
             loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=1.0,
                        chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
@@ -237,6 +242,22 @@ def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTea
     grad = p.sub_(zs.add_(shift).exp_())
     grad.scatter_add_(-1, cols, torch.where(mine, -q, torch.zeros_like(q)))
     return kl * T * T, grad.mul_(weight * T)
+def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None):
+    """Token sums of KD and CE over all chunks (float64); the gradient into ``grad`` if given."""
+    kd_sum = torch.zeros((), dtype=torch.float64, device=z.device)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=z.device)
+    with torch.no_grad():
+        for i in range(0, z.shape[0], cfg.chunk_tokens):
+            sl = slice(i, i + cfg.chunk_tokens)
+            kd, ce, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
+                                        cfg, shard, want_grad=grad is not None)
+            if g is not None:
+                grad[sl, :shard.valid] = g
+            if kd is not None:
+                kd_sum += kd.double().sum()
+            if ce is not None:
+                ce_sum += ce.double().sum()
+    return kd_sum, ce_sum
 
 
 class LogitDistillation(torch.autograd.Function):
@@ -260,22 +281,15 @@ class LogitDistillation(torch.autograd.Function):
         lab = None if labels is None else labels.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
-        kd_sum = torch.zeros((), dtype=torch.float64, device=student.device)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
-        with torch.no_grad():
-            for i in range(0, z.shape[0], cfg.chunk_tokens):
-                sl = slice(i, i + cfg.chunk_tokens)
-                kd, ce, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
-                                            cfg, shard, want_grad=want_grad)
-                if g is not None:
-                    grad[sl, :shard.valid] = g
-                if kd is not None:
-                    kd_sum += kd.double().sum()
-                if ce is not None:
-                    ce_sum += ce.double().sum()
+        weights = cfg
+        if cfg.balance and y is not None:  # a first pass for the two sums, then the weighted gradient
+            kd_sum, ce_sum = _sums(z, y, lab, cfg, shard, None)
+            ratio = float(ce_sum / kd_sum) if kd_sum > 0 and ce_sum > 0 else 0.0
+            weights = dataclasses.replace(cfg, kd_weight=cfg.kd_weight * ratio)
+        kd_sum, ce_sum = _sums(z, y, lab, weights, shard, grad)
         ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
-        total = (cfg.kd_weight * kd_sum + cfg.ce_weight * ce_sum).float()
+        total = (weights.kd_weight * kd_sum + weights.ce_weight * ce_sum).float()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return total, kd_sum.float(), ce_sum.float()
 

@@ -2,43 +2,65 @@
 
 On every pipeline stage it runs the student's layers (with gradients) and the frozen
 teacher's layers (``no_grad``, eval mode) of that stage. Between stages the p2p tensor
-is the concatenation [student hidden | teacher hidden | carried states] (the schedule's
-shapes are widened with ``adjust_tensor_shapes_fn``), so teacher and student may differ
-in width and depth.
+is the concatenation [student hidden | teacher hidden | carried states], so teacher and
+student may differ in width and depth. The schedule sizes p2p buffers by its model
+config's ``hidden_size``: the project's trainer widens them with
+``adjust_tensor_shapes_fn``; for other trainers (Megatron-LM, Megatron-Bridge, through
+``nemo_minitron.integrations``) this module's ``config`` is a copy of the student's
+whose ``hidden_size`` is the p2p width.
 
-Intermediate pairs (student layer i, teacher layer j) are computed on the later of the
-two layers' stages; the earlier state is carried forward in the p2p tensor (a carried
-student state keeps its gradient path). A pair whose stage is not the last adds its
-loss through an autograd hook on the stage's output (as megatron's MoE auxiliary
-losses do), so it works on any stage. Each pair has its own projection (student width
-to teacher width) when the widths differ; it starts as the channel selection when the
-student was pruned from the teacher's width, random otherwise.
+Intermediate pairs compare a student state with a teacher state: a layer's output
+(layer i, 0-indexed), the embedding output (``embedding``) or the final norm's output
+(``final_norm``). A pair is computed on the later of its two states' stages; the earlier
+state is carried forward in the p2p tensor (a carried student state keeps its gradient
+path). A pair whose stage is not the last adds its loss through an autograd hook on the
+stage's output (as megatron's MoE auxiliary losses do), so it works on any stage. Each
+pair has its own projection (student width to teacher width) when the widths differ; it
+starts as the channel selection when the student was pruned from the teacher's width,
+random otherwise.
+
+The state dict (plain and sharded) holds the student and the projections only, so any
+trainer's checkpointing saves and restores the student.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 
 from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.distill.losses import intermediate_loss
-from nemo_minitron.model.builder import balanced_stages
+
+
+#: Pair endpoints besides layer outputs (0-indexed layer numbers).
+EMBEDDING, FINAL_NORM = "embedding", "final_norm"
+Point = int | str
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPair:
-    student: int
-    teacher: int
+    student: Point
+    teacher: Point
+
+    def __str__(self) -> str:
+        return f"{self.student}:{self.teacher}"
 
 
-def stage_of(layer: int, num_layers: int, pp: int) -> int:
-    bounds, start = [], 0
-    for n in balanced_stages(num_layers, pp):
-        bounds.append((start, start + n))
-        start += n
-    return next(s for s, (lo, hi) in enumerate(bounds) if lo <= layer < hi)
+def _layer_stages(model, pp: int) -> dict[int, int]:
+    """Global layer index -> pipeline stage holding it, from the models themselves (any
+    pipeline layout, also another trainer's); collective over the pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    held = [layer.layer_number - 1 for layer in model.decoder.layers]
+    if pp == 1:
+        return {i: 0 for i in held}
+    everyone: list = [None] * pp
+    dist.all_gather_object(everyone, held, group=ps.get_pipeline_model_parallel_group())
+    return {i: stage for stage, layers in enumerate(everyone) for i in layers}
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -67,7 +89,6 @@ class DistillationModel(torch.nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self.config = student.config
         self.model_type = student.model_type
         self.pairs, self.pair_loss = list(pairs), pair_loss
         self.pp, self.stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
@@ -76,11 +97,22 @@ class DistillationModel(torch.nn.Module):
         self.ls, self.lt = student_layers or student.config.num_layers, teacher_layers or teacher.config.num_layers
 
         # where each pair's states live and where its loss is computed
-        self.pair_stages = [(stage_of(p.student, self.ls, self.pp), stage_of(p.teacher, self.lt, self.pp))
-                            for p in self.pairs]
+        stages = {"student": _layer_stages(student, self.pp), "teacher": _layer_stages(teacher, self.pp)}
+
+        def stage(side: str, point: Point) -> int:
+            if point == EMBEDDING:
+                return 0
+            if point == FINAL_NORM:
+                return self.pp - 1
+            return stages[side][point]
+
+        self.pair_stages = [(stage("student", p.student), stage("teacher", p.teacher)) for p in self.pairs]
         self.carry = [self._carried_over(b) for b in range(self.pp - 1)]
         carried = [sum(self.hs if side == "student" else self.ht for _, side in items) for items in self.carry]
         self.width = self.hs + self.ht + max(carried, default=0)
+        # other trainers size the p2p buffers by their model config's hidden_size: make it the p2p width
+        self.config = copy.copy(student.config)
+        self.config.hidden_size = self.width
 
         self.projections = torch.nn.ModuleDict()
         dtype = next(student.parameters()).dtype
@@ -98,6 +130,9 @@ class DistillationModel(torch.nn.Module):
         # auto balance: weight of each pair = last step's logit loss / its loss (1 at first)
         self.register_buffer("pair_weights", torch.ones(len(self.pairs), dtype=torch.float64), persistent=False)
         self.num_microbatches = 1
+        #: gradient of a non-last stage's pair loss; None: 1 / num_microbatches, as the last
+        #: stage's loss is scaled by megatron's schedule (per-token losses: the tokens)
+        self.aux_loss_scale: float | None = None
         self.input_tensor: torch.Tensor | None = None
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         self.step_pair_losses = torch.zeros(len(self.pairs), dtype=torch.float64)
@@ -120,12 +155,16 @@ class DistillationModel(torch.nn.Module):
     def _hook_layers(self) -> None:
         wanted = {("student", p.student) for p in self.pairs} | {("teacher", p.teacher) for p in self.pairs}
         for side, model in (("student", self.student), ("teacher", self.teacher)):
-            for layer in model.decoder.layers:
-                index = layer.layer_number - 1
-                if (side, index) in wanted:
-                    def capture(module, args, output, key=(side, index)):
+            modules = {layer.layer_number - 1: layer for layer in model.decoder.layers}
+            if getattr(model, "pre_process", False):
+                modules[EMBEDDING] = model.embedding
+            if getattr(model, "post_process", False) and getattr(model.decoder, "final_layernorm", None) is not None:
+                modules[FINAL_NORM] = model.decoder.final_layernorm
+            for point, module in modules.items():
+                if (side, point) in wanted:
+                    def capture(module, args, output, key=(side, point)):
                         self._captured[key] = output[0] if isinstance(output, tuple) else output
-                    layer.register_forward_hook(capture)
+                    module.register_forward_hook(capture)
 
     # megatron's gradient finalisation looks these up on the wrapped model (tied embeddings under PP)
     @property
@@ -148,6 +187,16 @@ class DistillationModel(torch.nn.Module):
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The inverse of ``sharded_state_dict``: student keys, plus ``kd_projection.<i>``."""
+        projections = {k: v for k, v in state_dict.items() if k.startswith("kd_projection.")}
+        student = {k: v for k, v in state_dict.items() if not k.startswith("kd_projection.")}
+        result = self.student.load_state_dict(student, strict=strict, assign=assign)
+        with torch.no_grad():
+            for key, value in projections.items():
+                self.projections[key.split(".", 1)[1]].weight.copy_(value)
+        return result
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """The student's state and this stage's projections; never the teacher's."""
@@ -209,7 +258,8 @@ class DistillationModel(torch.nn.Module):
             out = torch.nn.functional.pad(out, (0, self.width - out.shape[-1]))
         if pair_losses:
             # the last stage divides its loss by the number of micro-batches; match it
-            out = _AddAuxLoss.apply(out, weighted, 1.0 / self.num_microbatches)
+            scale = self.aux_loss_scale if self.aux_loss_scale is not None else 1.0 / self.num_microbatches
+            out = _AddAuxLoss.apply(out, weighted, scale)
         return out
 
     def adjust_tensor_shapes(self, recv_shapes, send_shapes):

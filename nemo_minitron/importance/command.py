@@ -4,11 +4,12 @@ from __future__ import annotations
 
 
 def main(args) -> int:
+    from nemo_minitron.checkpoint.api import model_path
     from nemo_minitron.commands import runtime_options
     from nemo_minitron.config import from_args
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.importance.config import ImportanceConfig
 
-    compute_importance(args.checkpoint, args.data, args.out, from_args(ImportanceConfig, args),
+    compute_importance(model_path(args.checkpoint, args.iteration, "CKPT"), args.data, args.out, from_args(ImportanceConfig, args),
                        **runtime_options(args))
     return 0

@@ -8,7 +8,7 @@ given by ``layers_per_stage`` (depth pruning keeps each kept layer on its stage)
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,10 @@ def _pipeline_layout(layers_per_stage: Sequence[int]) -> list[list[str]]:
 
 
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
-                       layers_per_stage: Sequence[int] | None = None, recompute: bool = False):
+                       layers_per_stage: Sequence[int] | None = None, recompute: bool = False,
+                       overrides: Mapping[str, Any] | None = None):
+    """The TransformerConfig of ``desc``; ``overrides`` replace fields (e.g. a trainer's
+    sequence_parallel or precision settings, so a teacher matches the student it runs beside)."""
     from megatron.core.activations import squared_relu
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -66,7 +69,7 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    kwargs = dict(
         num_layers=desc.num_layers,
         hidden_size=desc.hidden_size,
         ffn_hidden_size=desc.ffn_hidden_size,
@@ -102,6 +105,8 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         init_method_std=0.02,
         **extra,
     )
+    kwargs.update(overrides or {})
+    return TransformerConfig(**kwargs)
 
 
 def _apply_rope_scaling(model, desc: ModelDescription) -> None:
@@ -128,8 +133,13 @@ def _apply_rope_scaling(model, desc: ModelDescription) -> None:
 
 
 def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
-                layers_per_stage: Sequence[int] | None = None, spec: Spec = "auto", recompute: bool = False):
-    """Build the local part (this rank's TP shard and PP stage) of a GPTModel, on this rank's device."""
+                layers_per_stage: Sequence[int] | None = None, spec: Spec = "auto", recompute: bool = False,
+                padded_vocab_size: int | None = None, config_overrides: Mapping[str, Any] | None = None):
+    """Build the local part (this rank's TP shard and PP stage) of a GPTModel, on this rank's device.
+
+    ``padded_vocab_size``: rows of the embedding and output layer, when they must equal
+    another model's (a teacher beside a student built elsewhere); default the project's
+    padding (``desc.padded_vocab_size``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -143,7 +153,10 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     desc.check_layout(tp, pp)
     config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
-                                recompute=recompute)
+                                recompute=recompute, overrides=config_overrides)
+    vocab = padded_vocab_size or desc.padded_vocab_size
+    require(vocab >= desc.vocab_size and vocab % tp == 0,
+            f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
     if resolve_spec(spec) == "te":  # TE's norms read normalization and zero-centred gamma from the config
         layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=desc.qk_norm)
     else:
@@ -153,7 +166,7 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
-        vocab_size=desc.padded_vocab_size,
+        vocab_size=vocab,
         max_sequence_length=desc.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),

@@ -27,8 +27,11 @@ from nemo_minitron.search.config import SearchConfig
 
 @dataclass
 class ModelConfig:
-    source: str = option("???", "HF directory, .gguf file, alias (smollm2-135m), Hugging Face Hub id, or a project "
+    source: str = option("???", "HF directory, .gguf file, alias (smollm2-135m), Hugging Face Hub id, a project "
+                                "checkpoint, a Megatron-LM / Megatron-Bridge checkpoint directory or a NeMo 2 "
                                 "checkpoint")
+    iteration: Optional[int] = option(None, "with a Megatron-LM / Megatron-Bridge directory: the iteration to read",
+                                      ge=0, default_text="the latest")
     dtype: Optional[Dtype] = option(None, "dtype of the converted checkpoint", default_text="as the source stores it")
 
 

@@ -107,11 +107,13 @@ class RunPaths:
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
-    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.api import describe_model, model_path
     from nemo_minitron.data.samples import parse_data_specs
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
+    recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
+                                     "recipe key 'model.iteration'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
     for split in ("calib", "train", "heldout"):

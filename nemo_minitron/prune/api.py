@@ -40,10 +40,24 @@ def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1
                         names: Names | None = None) -> ModelDescription:
     """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
     names = names or cli_names(PruneConfig)
-    if cfg.target:
-        return apply_target(desc, dict(cfg.target), tp=tp, pp=pp, flag=names("target"))
+    if cfg.target or cfg.drop_layers:
+        return apply_target(desc, target_with_drops(desc, cfg, names), tp=tp, pp=pp, flag=names("target"))
     budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
     return plan(desc, budget, cfg, tp=tp, pp=pp, names=names)[0].description
+
+
+def target_with_drops(desc: ModelDescription, cfg: PruneConfig, names: Names) -> dict[str, int]:
+    """The explicit target, its depth set by ``drop_layers`` (1-indexed) when given."""
+    from nemo_minitron.errors import require
+    from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
+
+    target = canonical_target(dict(cfg.target), names("target"))
+    if cfg.drop_layers:
+        depth = desc.num_layers - len(parse_drop_layers(cfg.drop_layers, desc.num_layers, names("drop_layers")))
+        require(target.get("layers", depth) == depth, f"{names('target')} layers={target.get('layers')} disagrees "
+                                                      f"with {names('drop_layers')}, which leaves {depth} layers")
+        target["layers"] = depth
+    return target
 
 
 def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
@@ -110,11 +124,13 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
           names: Names | None = None, **options) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
+    ``checkpoint``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one.
     ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
-    query_groups, layers, or ``target_params`` a budget such as "90M"; ``order``
-    importance | magnitude | random; ``layer_metric`` contiguous | best | loss | block | "3,7,9";
-    ``refit``: least-squares refit of the layers reading removed heads and neurons, from the
-    importance run's second moments, see refit.py);
+    query_groups, layers (or ModelOpt's names), and/or ``drop_layers`` (1-indexed, as
+    ModelOpt and NeMo number them), or ``target_params`` a budget such as "90M"; ``order``
+    importance | magnitude | random; ``layer_metric`` contiguous | best | loss | block |
+    "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed heads
+    and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (
@@ -125,6 +141,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
         load_tokenizer,
         parse_dtype,
         read_info,
+        require_tokenizer,
         save_checkpoint,
     )
     from nemo_minitron.config import build, split_overrides, to_dict
@@ -141,6 +158,11 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
+    require_tokenizer(checkpoint, "the pruned checkpoint carries it")
+    if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
+        from nemo_minitron.prune.targets import parse_drop_layers
+
+        layer_metric = ",".join(map(str, parse_drop_layers(cfg.drop_layers, old.num_layers, names("drop_layers"))))
     parse_layer_metric(layer_metric, old.num_layers, flag=names("layer_metric"))
     compute_dtype = parse_dtype(dtype, names("dtype")) if dtype is not None else None
     scores = ImportanceScores.load(importance)

@@ -32,8 +32,10 @@ def plan_main(args) -> int:
     from nemo_minitron.prune.plan import RANKING, format_table, plan
     from nemo_minitron.prune.targets import format_count, parse_param_count
 
+    from nemo_minitron.checkpoint.api import model_path
+
     cfg = from_args(PlanConfig, args)
-    desc = _description(args.model)
+    desc = _description(model_path(args.model, args.iteration))
     budget = parse_param_count(args.target_params)
     candidates = plan(desc, budget, cfg, tp=args.tp, pp=args.pp)
     if os.environ.get("RANK", "0") != "0":  # nothing to compute together: rank 0 answers
@@ -56,5 +58,8 @@ def prune_main(args) -> int:
     from nemo_minitron.prune.api import prune
     from nemo_minitron.prune.config import PruneConfig
 
-    prune(args.checkpoint, args.importance, args.out, from_args(PruneConfig, args), **runtime_options(args))
+    from nemo_minitron.checkpoint.api import model_path
+
+    prune(model_path(args.checkpoint, args.iteration, "CKPT"), args.importance, args.out,
+          from_args(PruneConfig, args), **runtime_options(args))
     return 0

@@ -10,6 +10,13 @@ from nemo_minitron.config import option
 from nemo_minitron.errors import require
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in str(text).split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a comma-separated list of layer numbers") from None
+
+
 def _target(text: str) -> dict[str, int]:
     from nemo_minitron.prune.targets import parse_target
 
@@ -30,8 +37,13 @@ class PlanConfig:
 
 @dataclasses.dataclass
 class PruneConfig(PlanConfig):
-    target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers, "
-                                        "e.g. hidden=480,ffn=1024,heads=6", parse=_target, metavar="AXIS=N,...")
+    target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
+                                        "(or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
+                                        "num_query_groups, num_layers), e.g. hidden=480,ffn=1024,heads=6",
+                                    parse=_target, metavar="AXIS=N,...")
+    drop_layers: list[int] = option([], "layers to drop, numbered from 1 as ModelOpt and NeMo do (e.g. 17,18,19); "
+                                        "sets the target's depth; --layer-metric takes 0-indexed lists",
+                                    parse=_int_list, metavar="N,...")
     target_params: Optional[str] = option(None, "or a parameter budget, e.g. 90M or 4.5B (the planner's first "
                                                 "candidate)", metavar="N")
     order: Literal["importance", "magnitude", "random"] = option(
@@ -48,14 +60,20 @@ class PruneConfig(PlanConfig):
 
     def check(self, names) -> None:
         from nemo_minitron.prune.select import LAYER_METRICS
-        from nemo_minitron.prune.targets import AXES, parse_param_count
+        from nemo_minitron.prune.targets import canonical_target, parse_param_count
 
-        require(bool(self.target) != (self.target_params is not None),
-                f"{names('target')} and {names('target_params')}: give exactly one of a target and a budget")
+        require(bool(self.target or self.drop_layers) != (self.target_params is not None),
+                f"{names('target')} (and/or {names('drop_layers')}) and {names('target_params')}: give exactly one "
+                "of a target and a budget")
+        self.target = canonical_target(dict(self.target), names("target"))
         for axis, value in self.target.items():
-            require(axis in AXES, f"{names('target')}: unknown axis '{axis}' (allowed: {', '.join(AXES)})")
             require(isinstance(value, int) and value >= 1, f"{names('target')}: {axis} must be a whole number >= 1 "
                                                            f"(got {value})")
+        if self.drop_layers:
+            require(all(isinstance(n, int) and not isinstance(n, bool) for n in self.drop_layers),
+                    f"{names('drop_layers')} must be whole layer numbers (1-indexed)")
+            require(self.layer_metric == "contiguous", f"{names('drop_layers')} and {names('layer_metric')} both "
+                                                       "choose the layers to drop; give one")
         if self.target_params is not None:
             self.target_params = str(self.target_params)
             parse_param_count(self.target_params, flag=names("target_params"))

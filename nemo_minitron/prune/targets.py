@@ -6,6 +6,11 @@ A target names any subset of the five prunable axes; the rest keep their size:
     heads         query heads per layer (the same number kept in every query group)
     query_groups  K/V groups per layer, each with its query heads
     layers        transformer layers
+
+ModelOpt's names for the same axes (``mcore_minitron`` in nvidia-modelopt 0.47:
+``SUPPORTED_HPARAMS``; Megatron-LM's ``--prune-export-config``) are accepted too:
+hidden_size, ffn_hidden_size, num_attention_heads (all heads, as ours), num_query_groups,
+num_layers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,44 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
 AXES = ("hidden", "ffn", "heads", "query_groups", "layers")
+MODELOPT_AXES = {"hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
+                 "num_query_groups": "query_groups", "num_layers": "layers"}
+_ALLOWED = ", ".join(AXES) + " (or ModelOpt's " + ", ".join(MODELOPT_AXES) + ")"
+
+
+def canonical_axis(name: str, flag: str = "--target") -> str:
+    """Our axis name for ``name`` (ours or ModelOpt's)."""
+    axis = MODELOPT_AXES.get(name, name)
+    require(axis in AXES, f"{flag}: unknown axis '{name}' (allowed: {_ALLOWED})")
+    return axis
+
+
+def canonical_target(target: dict, flag: str = "--target") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, value in target.items():
+        axis = canonical_axis(str(name), flag)
+        require(axis not in out, f"{flag}: axis '{axis}' given twice")
+        out[axis] = value
+    return out
+
+
+def parse_drop_layers(items, num_layers: int, flag: str = "--drop-layers") -> list[int]:
+    """1-indexed layer numbers (ModelOpt's ``drop_mcore_language_model_layers``, NeMo's
+    ``prune.drop_layers``), as a string '17,18' or a list -> sorted 0-indexed layers."""
+    parts = [p.strip() for p in items.split(",")] if isinstance(items, str) else list(items)
+    try:
+        numbers = [int(p) for p in parts if str(p).strip()]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be 1-indexed layer numbers such as 17,18,19 (got '{items}')") from None
+    require(numbers, f"{flag} names no layers")
+    require(len(set(numbers)) == len(numbers), f"{flag} names a layer twice")
+    require(all(1 <= n <= num_layers for n in numbers),
+            f"{flag} {','.join(map(str, numbers))}: layers are numbered 1..{num_layers} (1-indexed, as ModelOpt "
+            f"and NeMo count them; --layer-metric takes 0-indexed ones)")
+    require(len(numbers) < num_layers, f"{flag} would drop every layer")
+    return sorted(n - 1 for n in numbers)
+
+
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
@@ -23,8 +66,8 @@ def parse_target(text: str, flag: str = "--target") -> dict[str, int]:
     """'hidden=480,ffn=1024' -> {'hidden': 480, 'ffn': 1024}."""
     target: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = item.partition("=")
-        require(key in AXES, f"{flag}: unknown axis '{key}' (allowed: {', '.join(AXES)})")
+        name, _, value = item.partition("=")
+        key = canonical_axis(name, flag)
         require(key not in target, f"{flag}: axis '{key}' given twice")
         try:
             target[key] = int(value)
@@ -54,8 +97,7 @@ def format_count(n: int) -> str:
 def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1, pp: int = 1,
                  flag: str = "--target") -> ModelDescription:
     """The pruned description, or a one-line error naming the axis that cannot be met."""
-    for key in target:
-        require(key in AXES, f"{flag}: unknown axis '{key}' (allowed: {', '.join(AXES)})")
+    target = canonical_target(target, flag)
     original = {"hidden": desc.hidden_size, "ffn": desc.ffn_hidden_size, "heads": desc.num_attention_heads,
                 "query_groups": desc.num_query_groups, "layers": desc.num_layers}
     for key, value in target.items():

@@ -1,0 +1,323 @@
+"""Megatron model configurations <-> ``ModelDescription``, through one table.
+
+A Megatron checkpoint states its model in one of three vocabularies:
+
+- Megatron-LM: the ``args`` Namespace in ``common.pt`` (argument names, read by
+  ``megatron/training/checkpointing.py: load_args_from_checkpoint`` and turned into a
+  ``TransformerConfig`` by ``megatron/training/argument_utils.py:
+  core_transformer_config_from_args``; ``gpt_builders.py: gpt_builder`` reads the rest);
+- Megatron-Bridge: ``run_config.yaml``'s ``model:`` section, a ``GPTModelProvider``
+  (``megatron/bridge/models/gpt_provider.py``: TransformerConfig fields plus GPT fields);
+- NeMo 2: ``context/model.yaml``'s ``config:`` section, a ``GPTConfig``/``LlamaConfig``
+  (``nemo/collections/llm/gpt/model/{base,llama}.py``: the same TransformerConfig fields).
+
+``normalize_args`` first rewrites Megatron-LM's argument names into the TransformerConfig
+vocabulary the other two use; ``FIELDS`` then maps that vocabulary onto
+``ModelDescription``'s shape fields, ``features`` reads the features a family fixes
+(MLP activation, norm, zero-centred gamma, QKV bias, QK-norm; the family is the one
+``nemo_minitron.families.family_with`` finds), and ``FIXED`` lists every setting whose
+other values no description can express (MoE, MLA, biases on every linear ...): reading
+one is an error naming the field. Absent keys take megatron-core's defaults
+(``DEFAULTS``). Writing goes the other way (``megatron_lm_args``,
+``bridge_model_section``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Mapping
+
+import torch
+
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
+
+#: ModelDescription field <- TransformerConfig / GPTModelProvider key. ``None`` in the
+#: config means the default in the comment.
+FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",        # None: one group per head
+    "head_dim": "kv_channels",                     # None: hidden_size // num_attention_heads
+    "norm_eps": "layernorm_epsilon",
+    "rope_theta": "rotary_base",
+    "rotary_percent": "rotary_percent",
+    "max_position_embeddings": "seq_length",       # GPTModel's max_sequence_length
+    "tie_embeddings": "share_embeddings_and_output_weights",
+}
+
+#: megatron-core's values of the keys read here when a config omits them
+#: (TransformerConfig, GPTModelProvider / GPTConfig).
+DEFAULTS: dict[str, Any] = {
+    "normalization": "LayerNorm", "gated_linear_unit": False, "activation_func": "gelu", "add_bias_linear": True,
+    "add_qkv_bias": False, "qk_layernorm": False, "layernorm_zero_centered_gamma": False,
+    "position_embedding_type": "learned_absolute", "rotary_percent": 1.0, "layernorm_epsilon": 1e-5,
+    "rotary_base": 10000, "share_embeddings_and_output_weights": True,
+}
+
+#: key -> (values a ModelDescription can express, what the key is).
+FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "add_bias_linear": ((False,), "biases on every linear layer"),
+    "position_embedding_type": (("rope",), "the position embedding"),
+    "rotary_interleaved": ((False, None), "interleaved rotary embeddings"),
+    "num_moe_experts": ((None, 0), "mixture of experts"),
+    "multi_latent_attention": ((False, None), "multi-latent attention (MLA)"),
+    "apply_residual_connection_post_layernorm": ((False, None), "post-norm residuals"),
+    "mtp_num_layers": ((None, 0), "multi-token prediction layers"),
+    "heterogeneous_layers_config_path": ((None,), "heterogeneous layers"),
+    "hybrid_layer_pattern": ((None, ""), "hybrid (Mamba) layers"),
+    "experimental_attention_variant": ((None,), "an experimental attention variant"),
+    "window_size": ((None,), "sliding-window attention"),
+    "softmax_scale": ((None,), "a custom attention softmax scale"),
+    "no_rope_freq": ((None,), "layers without rotary embeddings"),
+}
+
+#: MLP activation: (gated_linear_unit, activation_func name) -> ModelDescription.activation
+ACTIVATIONS = {(True, "silu"): "swiglu", (False, "squared_relu"): "squared_relu"}
+
+
+#: Megatron-LM argument -> TransformerConfig / provider key (argument renames of
+#: core_transformer_config_from_args and of arguments.py before Jan 2026).
+_ARG_RENAMES = {
+    "norm_epsilon": "layernorm_epsilon",
+    "apply_layernorm_1p": "layernorm_zero_centered_gamma",
+    "num_experts": "num_moe_experts",
+    "use_rope_scaling": "rope_scaling",
+    "rotary_seq_len_interpolation_factor": "seq_len_interpolation_factor",
+    "hybrid_override_pattern": "hybrid_layer_pattern",
+}
+
+# megatron-core's Llama 3 RoPE scaling (RotaryEmbedding._apply_scaling defaults)
+_MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def normalize_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """Megatron-LM's ``args`` in TransformerConfig / provider vocabulary."""
+    a = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    cfg = dict(a)
+    for old, new in _ARG_RENAMES.items():
+        if a.get(old) is not None and a.get(new) is None:
+            cfg[new] = a[old]
+    if "disable_bias_linear" in a and "add_bias_linear" not in a:
+        cfg["add_bias_linear"] = not a["disable_bias_linear"]
+    cfg["share_embeddings_and_output_weights"] = not a.get("untie_embeddings_and_output_weights", False)
+    cfg["seq_length"] = a.get("max_position_embeddings") or a.get("seq_length")
+    if a.get("swiglu"):
+        cfg.update(gated_linear_unit=True, activation_func="silu")
+    elif a.get("squared_relu"):
+        cfg.update(gated_linear_unit=False, activation_func="squared_relu")
+    elif a.get("quick_geglu"):
+        cfg.update(gated_linear_unit=True, activation_func="quick_gelu")
+    else:
+        cfg.update(gated_linear_unit=False, activation_func="gelu")
+    if not a.get("group_query_attention", False):
+        cfg["num_query_groups"] = None
+    return cfg
+
+
+def _callable_name(value: Any) -> Any:
+    """``{_target_: torch.nn.functional.silu, _call_: false}`` (YAML) or a function -> 'silu'."""
+    if isinstance(value, Mapping) and "_target_" in value:
+        value = value["_target_"]
+    if callable(value):
+        value = getattr(value, "__name__", str(value))
+    return str(value).rsplit(".", 1)[-1] if isinstance(value, str) else value
+
+
+def _number(value: Any, key: str, source: str, kind=float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: {key}={value!r} is not a number") from None
+
+
+def _rope_scaling(cfg: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    if cfg.get("rope_scaling"):
+        factor = _number(cfg.get("rope_scaling_factor", 8.0), "rope_scaling_factor", source)
+        return {"rope_type": "llama3", "factor": factor, **_MCORE_LLAMA3}
+    if cfg.get("old_context_len") is not None and cfg.get("scale_factor") is not None:
+        # NeMo 2's Llama31Config applies Llama 3 scaling with its own four fields
+        return {"rope_type": "llama3", "factor": _number(cfg["scale_factor"], "scale_factor", source),
+                "low_freq_factor": _number(cfg.get("low_freq_factor", 1.0), "low_freq_factor", source),
+                "high_freq_factor": _number(cfg.get("high_freq_factor", 4.0), "high_freq_factor", source),
+                "original_max_position_embeddings": _number(cfg["old_context_len"], "old_context_len", source, int)}
+    if cfg.get("seq_len_interpolation_factor") is not None:
+        return {"rope_type": "linear",
+                "factor": _number(cfg["seq_len_interpolation_factor"], "seq_len_interpolation_factor", source)}
+    return None
+
+
+def _same(value: Any, allowed: tuple[Any, ...]) -> bool:
+    for a in allowed:
+        if value == a or (isinstance(a, float) and isinstance(value, (int, float)) and math.isclose(value, a)):
+            return True
+    return False
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    value = cfg.get(key)
+    return DEFAULTS.get(key) if value is None and key in DEFAULTS else value
+
+
+def check_supported(cfg: Mapping[str, Any], source: str) -> None:
+    """A one-line error naming the first setting a ModelDescription cannot express."""
+    for key, (allowed, what) in FIXED.items():
+        value = _get(cfg, key)
+        if not _same(value, allowed):
+            shown = " or ".join(repr(a) for a in allowed)
+            raise UsageError(f"{source}: {key}={value!r} ({what}) is not supported ({key} must be {shown})")
+
+
+def features(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The family features (nemo_minitron.families.DEFAULT_FEATURES) the config states."""
+    gated = bool(_get(cfg, "gated_linear_unit"))
+    act = _callable_name(_get(cfg, "activation_func"))
+    activation = ACTIVATIONS.get((gated, act))
+    require(activation is not None, f"{source}: activation_func={act!r} with gated_linear_unit={gated} (the MLP "
+                                    "activation) is not supported (supported: silu gated, i.e. SwiGLU; squared_relu)")
+    return {"activation": activation, "normalization": _get(cfg, "normalization"),
+            "zero_centered_gamma": bool(_get(cfg, "layernorm_zero_centered_gamma")),
+            "qkv_bias": bool(_get(cfg, "add_qkv_bias")), "qk_norm": bool(_get(cfg, "qk_layernorm"))}
+
+
+def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
+    """ModelDescription from a config in TransformerConfig / provider vocabulary."""
+    from nemo_minitron.families import family_with
+
+    check_supported(cfg, source)
+    feats = features(cfg, source)
+    try:
+        fam = family_with(feats)
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
+    for ours, key in FIELDS.items():
+        if ours not in ("num_query_groups", "head_dim"):
+            require(_get(cfg, key) is not None, f"{source}: {key} is missing")
+    heads = _number(cfg["num_attention_heads"], "num_attention_heads", source, int)
+    hidden = _number(cfg["hidden_size"], "hidden_size", source, int)
+    values = {ours: _get(cfg, key) for ours, key in FIELDS.items()}
+    values["num_query_groups"] = values["num_query_groups"] or heads
+    values["head_dim"] = values["head_dim"] or hidden // heads
+    for ours in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "head_dim", "max_position_embeddings"):
+        values[ours] = _number(values[ours], FIELDS[ours], source, int)
+    for ours in ("norm_eps", "rope_theta", "rotary_percent"):
+        values[ours] = _number(values[ours], FIELDS[ours], source)
+    values["tie_embeddings"] = bool(values["tie_embeddings"])
+    return ModelDescription(architecture=fam.model_type, vocab_size=int(vocab_size),
+                            rope_scaling=_rope_scaling(cfg, source), name=name, **feats, **values)
+
+
+# ---------------------------------------------------------------------- writing
+def _rope_fields(desc: ModelDescription) -> dict[str, Any]:
+    """The rope keys of a provider; an error when Megatron cannot express the scaling."""
+    sc = desc.rope_scaling
+    if sc is None:
+        return {"rope_scaling": False, "rope_scaling_factor": 1.0, "seq_len_interpolation_factor": None}
+    if sc["rope_type"] == "linear":
+        return {"rope_scaling": False, "rope_scaling_factor": 1.0, "seq_len_interpolation_factor": float(sc["factor"])}
+    params = {k: float(sc.get(k, v)) for k, v in _MCORE_LLAMA3.items()}
+    require(params == {k: float(v) for k, v in _MCORE_LLAMA3.items()},
+            f"rope_scaling {dict(sc)}: megatron-core applies Llama 3 scaling only with "
+            f"{_MCORE_LLAMA3}; this model cannot be written as a Megatron checkpoint")
+    return {"rope_scaling": True, "rope_scaling_factor": float(sc["factor"]), "seq_len_interpolation_factor": None}
+
+
+def _int_if_whole(x: float):
+    """Megatron declares rotary_base an int (it may be a float in our description)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def check_writable(desc: ModelDescription) -> None:
+    """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
+    _rope_fields(desc)
+
+
+_ACTIVATION_TARGETS = {"swiglu": "torch.nn.functional.silu", "squared_relu": "megatron.core.activations.squared_relu"}
+
+
+def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype,
+                         make_vocab_size_divisible_by: int, should_pad_vocab: bool) -> dict[str, Any]:
+    """run_config.yaml ``model:`` as Megatron-Bridge's GPTModelProvider writes it (YAML
+    representers of megatron/training/config/yaml_utils.py: functions and dtypes as
+    ``{_target_, _call_: false}``)."""
+    check_writable(desc)
+    return {
+        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+        "num_layers": desc.num_layers,
+        "hidden_size": desc.hidden_size,
+        "ffn_hidden_size": desc.ffn_hidden_size,
+        "num_attention_heads": desc.num_attention_heads,
+        "num_query_groups": desc.num_query_groups,
+        "kv_channels": desc.head_dim,
+        "normalization": desc.normalization,
+        "layernorm_epsilon": desc.norm_eps,
+        "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
+        "gated_linear_unit": desc.gated,
+        "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
+        "add_bias_linear": False,
+        "add_qkv_bias": desc.qkv_bias,
+        "qk_layernorm": desc.qk_norm,
+        "position_embedding_type": "rope",
+        "rotary_base": _int_if_whole(desc.rope_theta),
+        "rotary_percent": desc.rotary_percent,
+        **_rope_fields(desc),
+        "seq_length": desc.max_position_embeddings,
+        "share_embeddings_and_output_weights": desc.tie_embeddings,
+        "vocab_size": desc.vocab_size,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "should_pad_vocab": should_pad_vocab,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "params_dtype": {"_target_": str(dtype), "_call_": False},
+        "pipeline_dtype": {"_target_": str(dtype), "_call_": False},
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+    }
+
+
+def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype, padded_vocab_size: int,
+                     make_vocab_size_divisible_by: int, tokenizer_model: str | None,
+                     iteration: int) -> argparse.Namespace:
+    """The ``args`` Namespace Megatron-LM saves in ``common.pt``, with every field its
+    loader and model builder read: the model list of load_args_from_checkpoint, the
+    renamed arguments of core_transformer_config_from_args (both the pre-2026 names
+    and the TransformerConfig names), and what gpt_builder reads."""
+    rope = _rope_fields(desc)
+    check_writable(desc)
+    return argparse.Namespace(
+        # model shape (load_args_from_checkpoint: "Model args")
+        num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=desc.ffn_hidden_size,
+        seq_length=desc.max_position_embeddings, num_attention_heads=desc.num_attention_heads,
+        num_query_groups=desc.num_query_groups, group_query_attention=True, kv_channels=desc.head_dim,
+        max_position_embeddings=desc.max_position_embeddings, position_embedding_type="rope",
+        add_position_embedding=False, use_rotary_position_embeddings=True, rotary_base=_int_if_whole(desc.rope_theta),
+        rotary_percent=desc.rotary_percent, rotary_interleaved=False,
+        add_bias_linear=False, add_qkv_bias=desc.qkv_bias, squared_relu=desc.activation == "squared_relu",
+        swiglu=desc.gated, quick_geglu=False, untie_embeddings_and_output_weights=not desc.tie_embeddings,
+        apply_layernorm_1p=desc.zero_centered_gamma, layernorm_zero_centered_gamma=desc.zero_centered_gamma,
+        normalization=desc.normalization, apply_query_key_layer_scaling=False,
+        attention_dropout=0.0, hidden_dropout=0.0, mtp_num_layers=None, spec=None, num_experts=None,
+        moe_layer_freq=1, moe_ffn_hidden_size=None, hybrid_layer_pattern=None, heterogeneous_layers_config_path=None,
+        heterogeneous_layers_config_encoded_json=None, multi_latent_attention=False, qk_layernorm=desc.qk_norm,
+        experimental_attention_variant=None, window_size=None,
+        # renamed in core_transformer_config_from_args; written under both names
+        norm_epsilon=desc.norm_eps, layernorm_epsilon=desc.norm_eps,
+        use_rope_scaling=rope["rope_scaling"], rope_scaling_factor=rope["rope_scaling_factor"],
+        rotary_seq_len_interpolation_factor=rope["seq_len_interpolation_factor"],
+        # vocabulary and tokenizer
+        vocab_size=desc.vocab_size, padded_vocab_size=padded_vocab_size,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tokenizer_type="HuggingFaceTokenizer" if tokenizer_model else None, tokenizer_model=tokenizer_model,
+        # precision, parallel layout and format at save time
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=1, decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        transformer_impl="local", ckpt_format="torch_dist", use_dist_ckpt=True, iteration=iteration,
+        fp16_lm_cross_entropy=False,
+    )

@@ -1,0 +1,451 @@
+"""Read the checkpoints Megatron users hold, in place: Megatron-LM, Megatron-Bridge, NeMo 2.
+
+    Megatron-LM / Megatron-Bridge            NeMo 2
+    DIR/latest_checkpointed_iteration.txt    CKPT/context/model.yaml   (config:, tokenizer:)
+    DIR/latest_train_state.pt   (Bridge)     CKPT/context/nemo_tokenizer/
+    DIR/iter_0000010/                        CKPT/weights/             (torch_dist, keys
+      metadata.json .metadata *.distcp                                  under ``module.``)
+      common.pt        (Megatron-LM: the ``args`` Namespace)
+      run_config.yaml  (Bridge: ``model:`` provider section)
+      train_state.pt tokenizer/  (Bridge)
+
+The layouts follow Megatron-LM ``megatron/training/checkpointing.py``
+(``get_checkpoint_name``, ``read_metadata``, ``save_checkpoint``), Megatron-Bridge
+``megatron/bridge/training/checkpointing.py`` (``save_checkpoint``) and
+``utils/checkpoint_utils.py``, and NeMo 2 ``nemo/lightning/io/mixin.py`` (``io_dump``:
+``context/model.yaml``) with ``nemo/lightning/io/connector.py`` (``nemo_tokenizer``).
+
+Weights are read directly, not converted: a GPTModel is built from the description
+(``megatron_config``) at the current layout and filled by megatron-core's
+``dist_checkpointing.load`` from the stored keys, stacked (one key per weight kind,
+leading layer axis) or per layer (``decoder.layers.{i}.``), whatever TP/PP saved them.
+The embedding and output layer are loaded with megatron's ``allow_shape_mismatch``, so
+any vocabulary padding reads into the project's; rows past the true vocabulary are
+zeroed. Optimizer, RNG and Transformer Engine ``_extra_state`` entries are never read.
+
+Nothing executes code from the files: YAML is read with ``safe_load``; ``common.pt``
+with torch's ``weights_only`` loader, every class it names (Megatron's enums and configs,
+a trainer's callbacks) standing in as an inert object; the ``.metadata`` index through
+the project's allow-list unpickler. Checkpoints in the legacy ``mp_rank_XX`` format, ``torch_dcp`` /
+``fsdp_dtensor`` and ``zarr`` are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import pickle
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.checkpoint import megatron_config
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
+
+log = logging.getLogger("nemo_minitron")
+
+TRACKER = "latest_checkpointed_iteration.txt"    # Megatron-LM and Bridge
+BRIDGE_TRACKER = "latest_train_state.pt"         # Bridge only
+RUN_CONFIG = "run_config.yaml"
+SUPPORTED = ("torch_dist checkpoints of Megatron-LM and Megatron-Bridge (DIR with "
+             "latest_checkpointed_iteration.txt and iter_NNNNNNN/), and NeMo 2 checkpoints (context/ + weights/)")
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+# ---------------------------------------------------------------------- layout detection
+def _is_weights_dir(p: Path) -> bool:
+    return (p / "metadata.json").is_file() or (p / ".metadata").is_file() or any(p.glob("mp_rank_*"))
+
+
+def is_nemo2(path: Path) -> bool:
+    return (path / "context" / "model.yaml").is_file() and (path / "weights").is_dir()
+
+
+def is_megatron_root(path: Path) -> bool:
+    return (path / TRACKER).is_file() or (path / BRIDGE_TRACKER).is_file() or any(
+        _ITER.match(p.name) for p in path.glob("iter_*") if p.is_dir())
+
+
+def is_iteration_dir(path: Path) -> bool:
+    return _is_weights_dir(path) and (bool(_ITER.match(path.name)) or path.name == "release"
+                                      or (path / RUN_CONFIG).is_file() or (path / "common.pt").is_file())
+
+
+def detect(path: str | Path) -> bool:
+    """Cheap (no file is parsed): is ``path`` a Megatron-LM / Bridge / NeMo 2 checkpoint?"""
+    p = Path(path)
+    return p.is_dir() and (is_nemo2(p) or is_megatron_root(p) or is_iteration_dir(p))
+
+
+def _iterations(root: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER.match(p.name)) and p.is_dir())
+
+
+def _available(root: Path) -> str:
+    found = _iterations(root)
+    return f"iterations here: {', '.join(map(str, found))}" if found else "no iter_* directories here"
+
+
+def resolve_iteration(path: str | Path, iteration: int | None = None, flag: str = "MODEL",
+                      iteration_flag: str = "--iteration") -> Path:
+    """The iteration directory of a Megatron checkpoint directory (the latest one unless
+    ``iteration`` is given), or the NeMo 2 checkpoint directory itself."""
+    root = Path(path)
+    it = iteration_flag
+    if is_nemo2(root):
+        require(iteration is None, f"{it} {iteration}: '{root}' is a NeMo 2 checkpoint, which holds "
+                                   "one step; give the directory of the step you want")
+        return root
+    if is_iteration_dir(root) and not is_megatron_root(root):
+        if iteration is not None:
+            m = _ITER.match(root.name)
+            require(m is not None and int(m.group(1)) == iteration,
+                    f"{it} {iteration} does not match the iteration directory '{root}' given as {flag}")
+        return root
+    if iteration is not None:
+        require(iteration >= 0, f"{it} must be >= 0 (got {iteration})")
+        chosen = root / f"iter_{iteration:07d}"
+        require(chosen.is_dir(), f"{it} {iteration}: '{chosen}' does not exist ({_available(root)})")
+        return chosen
+    tracker = root / TRACKER
+    require(tracker.is_file(), f"{flag} '{root}' has no {TRACKER} to say which iteration is the latest; "
+                               f"pass {it} N or the iteration directory ({_available(root)})")
+    text = tracker.read_text().strip()
+    if text == "release":
+        chosen = root / "release"
+    else:
+        require(text.isdigit(), f"{flag} '{root}': {TRACKER} holds '{text[:40]}', not an iteration number")
+        chosen = root / f"iter_{int(text):07d}"
+    require(chosen.is_dir(), f"{flag} '{root}': {TRACKER} names '{chosen.name}', which does not exist "
+                             f"({_available(root)})")
+    return chosen
+
+
+def _check_format(weights: Path, label: str) -> None:
+    """torch_dist only; a one-line error naming what was found otherwise."""
+    if any(weights.glob("mp_rank_*")):
+        raise UsageError(f"'{label}' is a legacy Megatron-LM checkpoint (mp_rank_XX/model_optim_rng.pt); "
+                         f"nemo-minitron reads {SUPPORTED}. Re-save it with Megatron-LM's "
+                         "--ckpt-convert-format torch_dist --ckpt-convert-save DIR")
+    meta = weights / "metadata.json"
+    if not meta.is_file():
+        kind = "torch_dcp / fsdp_dtensor" if (weights / ".metadata").is_file() else "no"
+        raise UsageError(f"'{label}' holds a {kind} checkpoint (no metadata.json), not megatron-core's "
+                         f"torch_dist; nemo-minitron reads {SUPPORTED}. Save with --ckpt-format torch_dist")
+    try:
+        backend = json.loads(meta.read_text()).get("sharded_backend")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"'{label}': unreadable metadata.json: {e}") from None
+    require(backend == "torch_dist", f"'{label}' is a '{backend}' checkpoint; nemo-minitron reads {SUPPORTED}")
+
+
+# ---------------------------------------------------------------------- safe readers
+class _Inert:
+    """Stands in for any class or function a ``common.pt`` names (Megatron's enums and
+    configs, a trainer's callbacks): it only records what it was called with, so loading
+    runs none of the original code."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {type(self).__name__} {self.args or getattr(self, 'state', '')}>"
+
+
+@contextlib.contextmanager
+def inert_globals(common_pt: Path):
+    """torch's weights-only loader, with every global that ``common_pt`` names and torch does
+    not allow replaced by an inert stand-in, for as long as the block runs (megatron-core
+    loads ``common.pt`` itself inside ``dist_checkpointing.load``, whatever its version)."""
+    import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe)
+
+    unknown: list[str] = []
+    if common_pt.is_file():
+        try:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(common_pt))
+        except Exception as e:  # not a torch zip file
+            raise UsageError(f"'{common_pt}' is unreadable: {str(e).splitlines()[0]}") from None
+    stand_ins: list = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
+    # the context removes what it added on exit: add only what is not registered already
+    if argparse.Namespace not in torch.serialization.get_safe_globals():
+        stand_ins.append(argparse.Namespace)
+    with torch.serialization.safe_globals(stand_ins):
+        yield
+
+
+def load_common(path: Path) -> dict:
+    """``common.pt``, weights-only, every class it names but torch's own made inert."""
+    try:
+        with inert_globals(path):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
+    require(isinstance(data, dict), f"'{path}' is not a YAML mapping")
+    return data
+
+
+def read_index(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """The torch_dist index: every stored key with its global shape and dtype (None for objects)."""
+    from nemo_minitron.checkpoint.store import _CheckpointIndexUnpickler, verify_dcp_metadata
+
+    verify_dcp_metadata(weights)
+    with open(weights / ".metadata", "rb") as f:
+        try:
+            meta = _CheckpointIndexUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise UsageError(f"'{weights}/.metadata' is unreadable: {e}") from None
+    out = {}
+    for key, md in meta.state_dict_metadata.items():
+        size = getattr(md, "size", None)
+        dtype = getattr(getattr(md, "properties", None), "dtype", None)
+        out[key] = (tuple(size) if size is not None else (), dtype if size is not None else None)
+    return out
+
+
+# ---------------------------------------------------------------------- the checkpoint
+def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
+    """Stored key suffix -> shape of one layer's tensor (norms under Transformer Engine's names,
+    which megatron-core's local spec also uses in checkpoints)."""
+    shapes = {
+        "self_attention.linear_qkv.layer_norm_weight": (d.hidden_size,),
+        "self_attention.linear_qkv.weight": (d.qkv_rows, d.hidden_size),
+        "self_attention.linear_proj.weight": (d.hidden_size, d.num_attention_heads * d.head_dim),
+        "mlp.linear_fc1.layer_norm_weight": (d.hidden_size,),
+        "mlp.linear_fc1.weight": ((2 if d.gated else 1) * d.ffn_hidden_size, d.hidden_size),
+        "mlp.linear_fc2.weight": (d.hidden_size, d.ffn_hidden_size),
+    }
+    if d.qkv_bias:
+        shapes["self_attention.linear_qkv.bias"] = (d.qkv_rows,)
+    if d.normalization == "LayerNorm":
+        shapes.update({"self_attention.linear_qkv.layer_norm_bias": (d.hidden_size,),
+                       "mlp.linear_fc1.layer_norm_bias": (d.hidden_size,)})
+    if d.qk_norm:
+        for which in ("q", "k"):
+            shapes[f"self_attention.{which}_layernorm.weight"] = (d.head_dim,)
+            if d.normalization == "LayerNorm":
+                shapes[f"self_attention.{which}_layernorm.bias"] = (d.head_dim,)
+    return shapes
+
+
+
+@dataclasses.dataclass
+class MegatronCheckpoint:
+    """One step of a Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint, validated."""
+
+    kind: str                   # megatron-lm | megatron-bridge | nemo2
+    path: Path                  # the iteration directory (NeMo 2: the checkpoint directory)
+    weights: Path               # the torch_dist directory
+    config: dict[str, Any]      # the model config in TransformerConfig / provider vocabulary
+    config_source: str          # where ``config`` was read, for messages
+    index: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+    tokenizer_dir: Path | None
+    declared_vocab: int | None  # the true vocabulary the config states, if it does
+
+    @property
+    def iteration(self) -> int | None:
+        m = _ITER.match(self.path.name)
+        return int(m.group(1)) if m else None
+
+    @cached_property
+    def prefix(self) -> str:
+        """'module.' for NeMo 2; '' for Megatron-LM and Bridge (read from the keys)."""
+        for key in self.index:
+            if key.endswith("embedding.word_embeddings.weight"):
+                return key[: -len("embedding.word_embeddings.weight")]
+        raise UsageError(f"'{self.weights}' holds no embedding.word_embeddings.weight: not a GPT checkpoint")
+
+    @cached_property
+    def per_layer(self) -> bool:
+        """Per-layer keys (decoder.layers.{i}.*) rather than stacked ones (decoder.layers.*)."""
+        return any(re.match(rf"^{re.escape(self.prefix)}decoder\.layers\.\d+\.", k) for k in self.index)
+
+    @property
+    def stored_vocab(self) -> int:
+        return self.index[self.prefix + "embedding.word_embeddings.weight"][0][0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.index[self.prefix + "embedding.word_embeddings.weight"][1] or torch.float32
+
+    @cached_property
+    def description(self) -> ModelDescription:
+        tokenizer = self._tokenizer()
+        # Megatron-LM and NeMo size the vocabulary by the tokenizer (len(tokenizer)) unless the config says
+        vocab = self.declared_vocab or (len(tokenizer) if tokenizer is not None else None)
+        require(vocab is not None, f"'{self.path}': cannot tell the vocabulary size: {self.config_source} states "
+                                   "none and the checkpoint holds no tokenizer")
+        require(vocab <= self.stored_vocab, f"'{self.path}': the vocabulary ({vocab}) is larger than the stored "
+                                            f"embedding ({self.stored_vocab} rows)")
+        desc = megatron_config.description_from_config(self.config, vocab_size=vocab, source=self.config_source,
+                                                       name=str(self.path))
+        if tokenizer is not None:  # special tokens for a later Hugging Face export
+            desc = desc.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        self._check_shapes(desc)
+        return desc
+
+    def _tokenizer(self):
+        if self.tokenizer_dir is None:
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        except Exception as e:  # broken or partial tokenizer files
+            raise UsageError(f"'{self.tokenizer_dir}': unreadable tokenizer: {str(e).splitlines()[0]}") from None
+
+    def _check_shapes(self, desc: ModelDescription) -> None:
+        """Config and weights agree (a one-line error naming the tensor otherwise)."""
+        def expect(key: str, shape: tuple[int, ...]) -> None:
+            stored = self.index.get(self.prefix + key)
+            require(stored is not None, f"'{self.weights}' has no tensor '{self.prefix}{key}' "
+                                        f"that {self.config_source} implies")
+            require(stored[0] == shape, f"'{self.weights}': tensor '{self.prefix}{key}' has shape "
+                                        f"{list(stored[0])}, but {self.config_source} implies {list(shape)}")
+
+        h, L = desc.hidden_size, desc.num_layers
+        expect("decoder.final_layernorm.weight", (h,))
+        if desc.normalization == "LayerNorm":
+            expect("decoder.final_layernorm.bias", (h,))
+        if not desc.tie_embeddings:
+            expect("output_layer.weight", (self.stored_vocab, h))
+        for suffix, shape in _layer_shapes(desc).items():
+            if self.per_layer:
+                for i in range(L):
+                    expect(f"decoder.layers.{i}.{suffix}", shape)
+            else:
+                expect(f"decoder.layers.{suffix}", (L, *shape))
+        require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
+                f"'{self.weights}': the embedding width differs from {self.config_source}'s hidden_size {h}")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"converted_from": str(self.path), "source_kind": self.kind, "iteration": self.iteration}
+
+    # -------------------------------------------------------------- weights
+    def load_into(self, model) -> None:
+        """Fill ``model`` (built from ``description`` at the current layout) from the stored weights."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from nemo_minitron.model.params import unwrap
+
+        inner = unwrap(model)
+        metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
+        request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
+        request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
+        with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
+            state = dist_checkpointing.load(request, str(self.weights))
+        n = len(self.prefix)
+        inner.load_state_dict({k[n:] if k.startswith(self.prefix) else k: v for k, v in state.items()}, strict=False)
+        zero_vocab_padding(inner, self.description.vocab_size)
+
+
+def zero_vocab_padding(model, vocab_size: int) -> None:
+    """Zero the embedding/output rows of ids >= vocab_size on this rank (the project's
+    convention; another trainer's padding rows hold whatever it trained into them)."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    with torch.no_grad():
+        for module in (getattr(model, "embedding", None), getattr(model, "output_layer", None)):
+            if module is None:
+                continue
+            weight = module.word_embeddings.weight if hasattr(module, "word_embeddings") else module.weight
+            if weight is None:
+                continue
+            start = tp_rank * weight.shape[0]
+            first_pad = max(0, vocab_size - start)
+            if first_pad < weight.shape[0]:
+                weight[first_pad:].zero_()
+
+
+# ---------------------------------------------------------------------- opening
+def _bridge_config(path: Path) -> tuple[dict, str, int | None]:
+    run_config = _read_yaml(path / RUN_CONFIG)
+    model = run_config.get("model")
+    source = f"'{path / RUN_CONFIG}' model"
+    require(isinstance(model, dict), f"'{path / RUN_CONFIG}' has no model: section")
+    vocab = model.get("vocab_size")
+    return dict(model), source, int(vocab) if vocab is not None else None
+
+
+def _megatron_lm_config(path: Path) -> tuple[dict, str, int | None]:
+    common = load_common(path / "common.pt")
+    args = common.get("args") if isinstance(common, dict) else None
+    source = f"'{path / 'common.pt'}' args"
+    require(isinstance(args, argparse.Namespace), f"'{path}' has neither {RUN_CONFIG} (Megatron-Bridge) nor an "
+                                                  "args Namespace in common.pt (Megatron-LM): no model config")
+    vocab = getattr(args, "vocab_size", None)
+    return megatron_config.normalize_args(args), source, int(vocab) if vocab is not None else None
+
+
+def _nemo2_config(path: Path) -> tuple[dict, str, int | None, Path | None]:
+    model_yaml = _read_yaml(path / "context" / "model.yaml")
+    config = model_yaml.get("config")
+    source = f"'{path / 'context' / 'model.yaml'}' config"
+    require(isinstance(config, dict), f"'{path / 'context' / 'model.yaml'}' has no config: section")
+    tokenizer = None
+    name = (model_yaml.get("tokenizer") or {}).get("pretrained_model_name") if isinstance(
+        model_yaml.get("tokenizer"), dict) else None
+    for candidate in ([path / "context" / str(name)] if isinstance(name, str) else []) + [
+            path / "context" / "nemo_tokenizer"]:
+        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+            tokenizer = candidate
+            break
+    vocab = config.get("vocab_size")
+    return dict(config), source, int(vocab) if vocab is not None else None, tokenizer
+
+
+def _hf_tokenizer_dir(p: Path | None) -> Path | None:
+    if p is not None and p.is_dir() and ((p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()):
+        return p
+    return None
+
+
+def open_checkpoint(path: str | Path, iteration: int | None = None, flag: str = "MODEL") -> MegatronCheckpoint:
+    """Validate a Megatron-LM / Bridge / NeMo 2 checkpoint (no weights are read)."""
+    chosen = resolve_iteration(path, iteration, flag)
+    if is_nemo2(chosen):
+        weights = chosen / "weights"
+        _check_format(weights, str(weights))
+        config, source, vocab, tokenizer = _nemo2_config(chosen)
+        kind = "nemo2"
+    else:
+        weights = chosen
+        _check_format(weights, str(chosen))
+        if (chosen / RUN_CONFIG).is_file():
+            config, source, vocab = _bridge_config(chosen)
+            kind = "megatron-bridge"
+        else:
+            config, source, vocab = _megatron_lm_config(chosen)
+            kind = "megatron-lm"
+        tokenizer = _hf_tokenizer_dir(chosen / "tokenizer")
+        if tokenizer is None and kind == "megatron-lm":  # Megatron-LM records where its HF tokenizer was
+            model_path = config.get("tokenizer_model")
+            if config.get("tokenizer_type") == "HuggingFaceTokenizer" and isinstance(model_path, str):
+                tokenizer = _hf_tokenizer_dir(Path(model_path))
+    ckpt = MegatronCheckpoint(kind, chosen, weights, config, source, read_index(weights), tokenizer, vocab)
+    ckpt.description  # noqa: B018  (validates config against weights now, before any work)
+    return ckpt

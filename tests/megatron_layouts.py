@@ -1,0 +1,368 @@
+"""Megatron-LM, Megatron-Bridge and NeMo 2 checkpoints written the way those projects write
+them, with megatron-core alone (no nemo_minitron code writes or builds them), and the
+models those projects would build from a checkpoint's config. Test-side references for
+``nemo_minitron.checkpoint.megatron_*``.
+
+Which code each piece follows (read at Megatron-LM d98e8a6, Megatron-Bridge 067f987,
+NeMo 8cfedd7):
+- Megatron-LM ``megatron/training/checkpointing.py``: ``save_checkpoint`` /
+  ``generate_state_dict`` (``{"args", "checkpoint_version": 3.0, "iteration", "model",
+  "optimizer", "rng_state"}`` saved with ``dist_checkpointing.save(...,
+  content_metadata=_build_sharded_state_dict_metadata(args))`` into ``iter_%07d``, then
+  ``latest_checkpointed_iteration.txt``); the args as ``arguments.py`` parses them (names
+  before and after the Jan 2026 switch to TransformerConfig field names, both present);
+  ``argument_utils.core_transformer_config_from_args`` and ``gpt_builders.gpt_builder``
+  for the model built from them (``gpt_from_args``).
+- Megatron-Bridge ``src/megatron/bridge/training/checkpointing.py``: ``save_checkpoint``
+  (no args; ``run_config.yaml`` from the ConfigContainer, ``train_state.pt``,
+  ``latest_train_state.pt``, the Megatron-LM tracker, ``tokenizer/``);
+  ``models/gpt_provider.py: GPTModelProvider.provide`` for the model (``gpt_from_provider``;
+  ``should_pad_vocab`` false keeps the vocabulary unpadded).
+- NeMo 2 ``nemo/lightning/io/mixin.py: IOMixin.io_dump`` (``context/model.yaml`` with
+  ``_target_`` entries, ``context/io.json``), ``nemo/lightning/io/connector.py``
+  (``nemo_tokenizer``), and weights under ``module.`` in ``weights/`` (MegatronParallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MEGATRON_LM_CONTENT = {"singleton_local_shards": False, "distrib_optim_sharding_type": "dp_reshardable"}
+BRIDGE_CONTENT = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+def hf_config(hf_dir: Path) -> dict:
+    """config.json, with rope_theta at the top (transformers 5 nests it in rope_parameters)."""
+    c = json.loads((Path(hf_dir) / "config.json").read_text())
+    c.setdefault("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return c
+
+
+def padded(vocab: int, multiple: int) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+# ---------------------------------------------------------------------- Megatron-LM
+def megatron_lm_args(hf_dir: Path, *, tp: int, pp: int, divisible_by: int, tokenizer_model: str) -> argparse.Namespace:
+    """The args Megatron-LM would save for a Llama-style model given as a HF config."""
+    from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+
+    c = hf_config(hf_dir)
+    scaling = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    heads = c["num_attention_heads"]
+    vocab = c["vocab_size"]
+    return argparse.Namespace(
+        num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+        num_attention_heads=heads, group_query_attention=True, num_query_groups=c["num_key_value_heads"],
+        kv_channels=c.get("head_dim") or c["hidden_size"] // heads, seq_length=64,
+        max_position_embeddings=c["max_position_embeddings"], position_embedding_type="rope",
+        rotary_base=int(c.get("rope_theta", 10000)), rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=scaling.get("rope_type") == "llama3", rope_scaling_factor=float(scaling.get("factor", 8.0)),
+        rotary_seq_len_interpolation_factor=None, swiglu=True, squared_relu=False, quick_geglu=False,
+        normalization="RMSNorm", norm_epsilon=c["rms_norm_eps"], apply_layernorm_1p=False,
+        disable_bias_linear=True, add_bias_linear=False, add_qkv_bias=False,
+        untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
+        hidden_dropout=0.0, attention_dropout=0.0, num_experts=None, multi_latent_attention=False,
+        qk_layernorm=False, mtp_num_layers=None, heterogeneous_layers_config_path=None, hybrid_override_pattern=None,
+        spec=None, transformer_impl="transformer_engine", attention_backend=AttnBackend.auto,
+        # a megatron enum this megatron-core does not register as safe (newer ones add more)
+        attn_mask_type=AttnMaskType.causal,
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_model, vocab_size=None,
+        make_vocab_size_divisible_by=divisible_by, padded_vocab_size=padded(vocab, divisible_by * tp),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=torch.float32, bf16=False,
+        fp16=False, ckpt_format="torch_dist", use_distributed_optimizer=True, iteration=0)
+
+
+def transformer_config_from_args(args: argparse.Namespace):
+    """core_transformer_config_from_args: every TransformerConfig field found in args, and
+    its renames (norm_epsilon, swiglu, group_query_attention, num_experts)."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    a = vars(args)
+    kw = {f.name: a[f.name] for f in dataclasses.fields(TransformerConfig) if f.name in a and f.init}
+    kw.pop("attention_backend", None)  # the default (auto) here
+    kw["layernorm_epsilon"] = a.get("layernorm_epsilon", a.get("norm_epsilon"))
+    kw["layernorm_zero_centered_gamma"] = a.get("layernorm_zero_centered_gamma", a.get("apply_layernorm_1p", False))
+    kw["num_moe_experts"] = a.get("num_experts")
+    if a.get("swiglu"):
+        kw.update(activation_func=F.silu, gated_linear_unit=True)
+    elif a.get("squared_relu"):
+        from megatron.core.activations import squared_relu
+
+        kw.update(activation_func=squared_relu, gated_linear_unit=False)
+    kw["num_query_groups"] = a["num_query_groups"] if a.get("group_query_attention") else None
+    kw["pipeline_dtype"] = a["params_dtype"]
+    kw.update(use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
+              persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    return TransformerConfig(**kw)
+
+
+def _local_spec(config):
+    """megatron-core's local layer spec for ``config`` (gpt_builder's choice without Transformer
+    Engine); zero-centred norms, which Transformer Engine computes on a GPU, by the project's
+    torch stand-in (nemo_minitron.model.norms) on a CPU."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    if config.layernorm_zero_centered_gamma:
+        from nemo_minitron.model.norms import zero_centered_local_spec
+
+        spec = zero_centered_local_spec(spec, config)
+    return spec
+
+
+def gpt_from_args(args: argparse.Namespace):
+    """gpt_builder with the local layer spec (no Transformer Engine on a CPU)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config_from_args(args)
+    return GPTModel(config=config, transformer_layer_spec=_local_spec(config),
+                    vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                    position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+                    rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling,
+                    rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0))
+
+
+# ---------------------------------------------------------------------- Megatron-Bridge
+def bridge_model_section(hf_dir: Path, *, tp: int, pp: int, should_pad_vocab: bool) -> dict:
+    """run_config.yaml ``model:`` as GPTModelProvider serializes (LlamaBridge's settings)."""
+    c = hf_config(hf_dir)
+    return {
+        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+        "num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
+        "ffn_hidden_size": c["intermediate_size"], "num_attention_heads": c["num_attention_heads"],
+        "num_query_groups": c["num_key_value_heads"], "kv_channels": c.get("head_dim"),
+        "normalization": "RMSNorm", "layernorm_epsilon": c["rms_norm_eps"], "gated_linear_unit": True,
+        "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+        "add_bias_linear": False, "add_qkv_bias": False, "position_embedding_type": "rope",
+        "rotary_base": int(c.get("rope_theta", 10000)), "rotary_percent": 1.0, "rope_scaling": False,
+        "rope_scaling_factor": 1.0, "seq_length": c["max_position_embeddings"],
+        "share_embeddings_and_output_weights": c.get("tie_word_embeddings", False), "vocab_size": c["vocab_size"],
+        "make_vocab_size_divisible_by": 128, "should_pad_vocab": should_pad_vocab, "hidden_dropout": 0.0,
+        "attention_dropout": 0.0, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "params_dtype": {"_target_": "torch.float32", "_call_": False}, "bf16": False, "fp16": False,
+        "attention_backend": {"_target_": "megatron.core.transformer.enums.AttnBackend", "_call_": True,
+                              "_args_": [5], "_name_": "auto"},
+        "hf_model_id": None,
+    }
+
+
+def gpt_from_provider(model: dict):
+    """GPTModelProvider.provide: TransformerConfig fields from the section, padded vocabulary
+    only with should_pad_vocab (calculate_padded_vocab_size)."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = {f.name: model[f.name] for f in dataclasses.fields(TransformerConfig) if f.name in model and f.init}
+    for key in ("activation_func", "params_dtype", "pipeline_dtype", "attention_backend"):
+        kw.pop(key, None)
+    from megatron.core.activations import squared_relu
+
+    activation = {"torch.nn.functional.silu": F.silu,
+                  "megatron.core.activations.squared_relu": squared_relu}[model["activation_func"]["_target_"]]
+    dtype = getattr(torch, model["params_dtype"]["_target_"].split(".")[-1])
+    kw.update(activation_func=activation, params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=True,
+              bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+              apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    config = TransformerConfig(**kw)
+    tp = ps.get_tensor_model_parallel_world_size()
+    vocab = model["vocab_size"]
+    if model["should_pad_vocab"]:
+        vocab = padded(vocab, model["make_vocab_size_divisible_by"] * tp)
+    return GPTModel(config=config, transformer_layer_spec=_local_spec(config),
+                    vocab_size=vocab, max_sequence_length=model["seq_length"],
+                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                    share_embeddings_and_output_weights=model["share_embeddings_and_output_weights"],
+                    position_embedding_type=model["position_embedding_type"], rotary_percent=model["rotary_percent"],
+                    rotary_base=model["rotary_base"], rope_scaling=model["rope_scaling"],
+                    rope_scaling_factor=model["rope_scaling_factor"],
+                    seq_len_interpolation_factor=model.get("seq_len_interpolation_factor"))
+
+
+# ---------------------------------------------------------------------- NeMo 2
+def nemo2_model_yaml(hf_dir: Path) -> dict:
+    """context/model.yaml of a NeMo 2 Qwen2Model (Qwen2Config fields, io_dump's _target_ form)."""
+    c = hf_config(hf_dir)
+    return {
+        "_target_": "nemo.collections.llm.gpt.model.qwen2.Qwen2Model",
+        "config": {
+            "_target_": "nemo.collections.llm.gpt.model.qwen2.Qwen2Config",
+            "num_layers": c["num_hidden_layers"], "hidden_size": c["hidden_size"],
+            "ffn_hidden_size": c["intermediate_size"], "num_attention_heads": c["num_attention_heads"],
+            "num_query_groups": c["num_key_value_heads"], "kv_channels": None, "normalization": "RMSNorm",
+            "layernorm_epsilon": c["rms_norm_eps"], "gated_linear_unit": True,
+            "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+            "add_bias_linear": False, "add_qkv_bias": True, "position_embedding_type": "rope",
+            "rotary_base": int(c.get("rope_theta", 10000)), "rotary_percent": 1.0,
+            "seq_length": c["max_position_embeddings"],
+            "share_embeddings_and_output_weights": c.get("tie_word_embeddings", False),
+            "make_vocab_size_divisible_by": 128, "vocab_size": None, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        },
+        "tokenizer": {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                      "pretrained_model_name": "nemo_tokenizer"},
+        "optim": None, "model_transform": None,
+    }
+
+
+def nemo2_config_as_args(model_yaml: dict, *, tp: int, vocab: int) -> argparse.Namespace:
+    """The same model in Megatron-LM argument form, to build it with ``gpt_from_args``."""
+    c = model_yaml["config"]
+    return argparse.Namespace(
+        num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
+        num_attention_heads=c["num_attention_heads"], group_query_attention=True,
+        num_query_groups=c["num_query_groups"], kv_channels=c["kv_channels"], add_qkv_bias=c["add_qkv_bias"],
+        add_bias_linear=False, swiglu=True, normalization="RMSNorm", norm_epsilon=c["layernorm_epsilon"],
+        untie_embeddings_and_output_weights=not c["share_embeddings_and_output_weights"],
+        max_position_embeddings=c["seq_length"], position_embedding_type="rope", rotary_base=c["rotary_base"],
+        rotary_percent=1.0, use_rope_scaling=False, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.float32, padded_vocab_size=padded(vocab, c["make_vocab_size_divisible_by"] * tp))
+
+
+# ---------------------------------------------------------------------- weights
+def fill_from_hf(model, hf_dir: Path, seed: int) -> None:
+    """Copy a HF model's weights into a megatron-core GPTModel at this rank's layout; the
+    vocabulary padding rows get random values, as a trained Megatron model's have."""
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import load_file
+
+    from nemo_minitron.checkpoint.hf_format import hf_to_canonical
+    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.model.params import named_weights, shard
+
+    desc = description_from_hf_config(hf_config(hf_dir))
+    state = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    g = torch.Generator().manual_seed(seed)
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in named_weights(model):
+            full = hf_to_canonical(desc, name, lambda n: state[n].float())
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                rows = param.shape[0] * tp_size
+                garbage = torch.randn(rows, full.shape[1], generator=g)
+                garbage[:desc.vocab_size] = full[:desc.vocab_size]
+                full = garbage
+            param.copy_(shard(name, full, tp_rank, tp_size, gated=desc.gated))
+
+
+def _extras():
+    """Optimizer and RNG entries as Megatron-LM saves them next to the model (ignored on a
+    model-only load)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    rng = ShardedObject("rng_state", [{"random_rng_state": 1}], (ps.get_pipeline_model_parallel_world_size(),
+                        ps.get_tensor_model_parallel_world_size()), (pp, tp), replica_id=0)
+    moment = ShardedTensor.from_rank_offsets("optimizer.state.exp_avg.stage_marker", torch.ones(3) * pp,
+                                             (0, pp, ps.get_pipeline_model_parallel_world_size()),
+                                             replica_id=(0, tp, 0))
+    return {"rng_state": rng, "optimizer": {"state": {"marker": moment}, "param_groups": [{"lr": 1e-4}]}}
+
+
+def _save(state: dict, directory: Path, content: dict) -> None:
+    from megatron.core import dist_checkpointing
+
+    from nemo_minitron.runtime.distributed import barrier, is_rank0
+
+    if is_rank0():
+        directory.mkdir(parents=True, exist_ok=True)
+    barrier()
+    dist_checkpointing.save(state, str(directory), content_metadata=content)
+    barrier()
+
+
+def save_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int, *, latest: bool) -> Path:
+    """Megatron-LM's save_checkpoint (torch_dist), stacked layer keys."""
+    from nemo_minitron.runtime.distributed import is_rank0
+
+    it_dir = root / f"iter_{iteration:07d}"
+    args = argparse.Namespace(**{**vars(args), "iteration": iteration})
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
+             "model": model.sharded_state_dict(metadata=dict(MEGATRON_LM_CONTENT)),
+             "opt_param_scheduler": {"num_steps": iteration * 8}, "num_floating_point_operations_so_far": 1.0,
+             **_extras()}
+    _save(state, it_dir, MEGATRON_LM_CONTENT)
+    if is_rank0() and latest:
+        (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return it_dir
+
+
+def save_bridge(model, model_section: dict, root: Path, iteration: int, tokenizer_dir: Path) -> Path:
+    """Megatron-Bridge's save_checkpoint, per-layer keys (as for heterogeneous layers)."""
+    import yaml
+
+    from nemo_minitron.runtime.distributed import barrier, is_rank0
+
+    it_dir = root / f"iter_{iteration:07d}"
+    content = {**BRIDGE_CONTENT, "non_homogeneous_layers": True}
+    state = {"checkpoint_version": 3.0, "iteration": iteration,
+             "model": model.sharded_state_dict(metadata=dict(content)), **_extras()}
+    _save(state, it_dir, content)
+    if is_rank0():
+        run_config = {"model": model_section,
+                      "checkpoint": {"save": str(root), "ckpt_format": "torch_dist", "save_optim": True,
+                                     "save_rng": True, "fully_parallel_save": True},
+                      "train": {"train_iters": 100, "global_batch_size": 8, "micro_batch_size": 1}}
+        (it_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        train_state = {"step": torch.tensor(iteration), "consumed_train_samples": torch.tensor(iteration * 8),
+                       "skipped_train_samples": torch.tensor(0), "consumed_valid_samples": torch.tensor(0),
+                       "floating_point_operations_so_far": torch.tensor(1.0, dtype=torch.float64),
+                       "do_train": torch.tensor(True), "do_valid": torch.tensor(False), "do_test": torch.tensor(False)}
+        torch.save(train_state, it_dir / "train_state.pt")
+        shutil.copy(it_dir / "train_state.pt", root / "latest_train_state.pt")
+        (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        shutil.copytree(tokenizer_dir, it_dir / "tokenizer")
+    barrier()
+    return it_dir
+
+
+def save_nemo2(model, model_yaml: dict, root: Path, tokenizer_dir: Path) -> Path:
+    """A NeMo 2 checkpoint: weights/ under the ``module.`` prefix, context/ with model.yaml."""
+    import yaml
+
+    from nemo_minitron.runtime.distributed import barrier, is_rank0
+
+    content = {"singleton_local_shards": False}
+    state = {"state_dict": model.sharded_state_dict(prefix="module.", metadata=dict(content)),
+             "global_step": 20, "pytorch-lightning_version": "2.5.0"}
+    _save(state, root / "weights", content)
+    if is_rank0():
+        (root / "context").mkdir()
+        (root / "context" / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
+        (root / "context" / "io.json").write_text(json.dumps({"root": {"type": "ref", "key": "trainer_context_1"}}))
+        shutil.copytree(tokenizer_dir, root / "context" / "nemo_tokenizer")
+    barrier()
+    return root
+
+
+def strict_load(model, directory: Path):
+    """As Megatron-LM's load_checkpoint: the sharded state dict of the model built from the
+    checkpoint's config, with the checkpoint's content metadata; nothing may be missing
+    or unexpected (StrictHandling.RAISE_ALL); then the module's own strict load_state_dict."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    metadata = dist_checkpointing.load_content_metadata(str(directory))
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, str(directory),
+                                    strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(state["model"], strict=True)
+    model.eval()
+    return model
