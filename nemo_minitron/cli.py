@@ -1,6 +1,6 @@
 """``nemo-minitron``: one command per pipeline stage.
 
-    convert -> importance -> plan/prune -> distill -> export   (and eval, run)
+    convert -> importance -> plan/prune -> distill -> export   (and eval, generate, run)
 
 Every command runs as a single process or under ``torchrun`` with ``--tp``/``--pp``
 (data parallel = world size / (tp * pp)). Bad input is reported as one line on
@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40
   nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search --steps 100
   nemo-minitron export distilled/final --hf-out hf --verify
+  nemo-minitron eval distilled/final --data builtin:heldout --tasks minitron_lastword,minitron_nextsentence
+  nemo-minitron generate ckpt --prompts prompts.jsonl --out completions.jsonl --max-new-tokens 64
   nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20
   torchrun --nproc-per-node 8 $(which nemo-minitron) importance ckpt --tp 2 --data /data/corpus_text_document --out imp
 """
@@ -82,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron.config import add_flags
     from nemo_minitron.distill.config import DistillConfig, TeacherLogitsConfig
     from nemo_minitron.eval_config import EvalConfig
+    from nemo_minitron.generate.config import STOP_HELP, GenerateConfig
     from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.prune.config import PlanConfig, PruneConfig
     from nemo_minitron.search.config import SearchConfig
+    from nemo_minitron.tasks.config import TaskConfig
 
     parser = _Parser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,13 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     _iteration(p)
     _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
 
-    p = _sub(sub, "eval", "held-out loss and perplexity of a model", "nemo_minitron.commands:evaluate",
-             "nemo-minitron eval distilled/final --data builtin:heldout --seq-len 512")
+    p = _sub(sub, "eval", "held-out loss and perplexity, and downstream task accuracy, of a model",
+             "nemo_minitron.commands:evaluate",
+             "nemo-minitron eval distilled/final --data builtin:heldout --tasks minitron_lastword,hellaswag")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory, .gguf or alias")
     _iteration(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    p.add_argument("--data", nargs="+", metavar="PATH", help="held-out data for loss and perplexity: " + DATA_HELP)
     add_flags(p, EvalConfig, title="evaluation")
+    add_flags(p, TaskConfig, title="downstream tasks (lm-evaluation-harness)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
+    _runtime(p)
+
+    p = _sub(sub, "generate", "complete prompts with a model (batched, KV cache) into a JSONL file",
+             "nemo_minitron.generate.command:main",
+             "nemo-minitron generate ckpt --prompts prompts.jsonl --out completions.jsonl --max-new-tokens 64")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory, .gguf or alias")
+    _iteration(p)
+    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="new JSONL file (a killed run continues its "
+                   "OUT.jsonl.partial when started again with the same settings)")
+    p.add_argument("--prompts", metavar="FILE", help="JSONL with a 'prompt' or 'messages' (chat) field per line, or "
+                   "text with one prompt per line")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="or prompts cut from data (with --prefix-tokens): "
+                   + DATA_HELP)
+    g = add_flags(p, GenerateConfig, title="generation")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help=STOP_HELP)
     _runtime(p)
 
     p = _sub(sub, "importance", "rank heads, query groups, neurons, channels and layers",

@@ -58,35 +58,63 @@ def evaluate(args) -> int:
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
+    from nemo_minitron.tasks.config import TaskConfig
 
     args.model = model_path(args.model, args.iteration)
     cfg = from_args(EvalConfig, args)
+    task_cfg = from_args(TaskConfig, args)
     dtype = _dtype(args)
-    specs = parse_data_specs(args.data)
+    require(args.data or task_cfg.tasks, "give --data (held-out loss) and/or --tasks (task accuracy)")
+    specs = parse_data_specs(args.data) if args.data else None
+    require(task_cfg.tasks or (task_cfg.tasks_path is None and task_cfg.task_limit is None
+                               and task_cfg.num_fewshot is None),
+            "--tasks-path, --task-limit and --num-fewshot go with --tasks")
     if args.json:
         require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
                 f"--json '{args.json}': directory does not exist")
     desc = describe_model(args.model)
     if megatron_checkpoint(args.model) is not None:
-        require_tokenizer(args.model, "eval tokenizes --data")
-    require(cfg.seq_len <= desc.max_position_embeddings,
-            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({desc.max_position_embeddings})")
+        require_tokenizer(args.model, "eval tokenizes --data and --tasks")
+    if specs is not None:
+        require(cfg.seq_len <= desc.max_position_embeddings,
+                f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                f"({desc.max_position_embeddings})")
     desc.check_layout(args.tp, args.pp)
     check_world_size(args.tp, args.pp)
+    tasks = None
+    if task_cfg.tasks:
+        from nemo_minitron.tasks.api import resolve_tasks
+
+        tasks = resolve_tasks(task_cfg.tasks, task_cfg.tasks_path)
     init_distributed(args.tp, args.pp, args.seed)
-    resolved = {"model": args.model, "data": list(args.data), "dtype": args.dtype, **to_dict(cfg)}
+    resolved = {"model": args.model, "data": list(args.data or []), "dtype": args.dtype, **to_dict(cfg),
+                **to_dict(task_cfg)}
     if is_rank0():
         log.info("eval config:\n%s", yaml_text(resolved).rstrip())
     opened = open_model(args.model, dtype=dtype)
-    limit = None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len
-    samples = load_samples(specs, opened.tokenizer, cfg.seq_len, vocab_size=desc.vocab_size)
-    if limit is not None:
-        samples = samples[:limit]
-    result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
-    record = {**resolved, **result.to_dict()}
-    if is_rank0():
-        print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
-              f"tokens {result.tokens}  samples {result.samples}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=2))
+    record = dict(resolved)
+    if specs is not None:
+        limit = None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len
+        samples = load_samples(specs, opened.tokenizer, cfg.seq_len, vocab_size=desc.vocab_size)
+        if limit is not None:
+            samples = samples[:limit]
+        result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
+        record.update(result.to_dict())
+        if is_rank0():
+            print(f"{args.model}: loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+                  f"tokens {result.tokens}  samples {result.samples}")
+    if tasks is not None:
+        from nemo_minitron.tasks.api import run_tasks
+        from nemo_minitron.tasks.lm import MegatronLM
+
+        lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=cfg.micro_batch)
+        results = run_tasks(lm, tasks, limit=task_cfg.task_limit, num_fewshot=task_cfg.num_fewshot, seed=args.seed)
+        record["tasks"] = {name: r.to_dict() for name, r in results.items()}
+        if is_rank0():
+            for name, r in results.items():
+                shown = "  ".join(f"{k} {v:.4f}" + (f" ± {r.stderr[k]:.4f}" if k in r.stderr else "")
+                                  for k, v in r.metrics.items())
+                print(f"{args.model}: {name}: {shown}  ({r.samples} examples)")
+    if is_rank0() and args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
     return 0

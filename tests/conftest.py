@@ -137,3 +137,24 @@ def smollm2_importance(smollm2, tmp_path_factory):
     scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
                                 micro_batch=8, layer_samples=4, dtype="bfloat16", progress=False)
     return out, scores
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2, tmp_path_factory):
+    """SmolLM2-135M exported to a Hugging Face directory (float32) and loaded with transformers:
+    the reference for generation and scoring."""
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    out = export(str(smollm2["checkpoint"]), str(tmp_path_factory.mktemp("smollm2_hf") / "hf"))
+    return {"dir": out, "model": load_hf_model(out).eval()}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run hundreds of very small matrix products: one thread, so that none of
+    them waits at a thread barrier on a busy machine (seconds instead of minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

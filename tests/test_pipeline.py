@@ -84,6 +84,11 @@ def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path)
     assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
         "budget-2-search/best/pruned")
     assert "## Architecture search: budget" in md and (out / "report" / "budget-search.png").is_file()
+    for m in report["models"]:  # task accuracy with its standard error, for every model
+        assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
+        for result in m["tasks"].values():
+            assert result["samples"] == 4 and set(result["stderr"]) >= {"acc"} and 0 <= result["metrics"]["acc"] <= 1
+    assert "minitron_nextsentence acc" in md and "tasks.png" in md and (out / "report" / "tasks.png").is_file()
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))

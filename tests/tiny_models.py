@@ -109,3 +109,29 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
 
     with torch.no_grad():
         return load_hf_model(directory)(tokens).logits.float()
+
+
+def hf_greedy(model, prompts, max_new_tokens: int, eos_token_id) -> list[list[int]]:
+    """transformers' greedy ``generate``, one prompt at a time (no padding), new tokens only,
+    cut before the first end-of-sequence token."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([list(p)]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos) or None,
+                                 pad_token_id=0)[0, len(p):].tolist()
+            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+            out.append(ids[:cut])
+    return out
+
+
+def hf_continuation_logprob(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """log P(continuation | context) and whether every continuation token is the argmax,
+    from transformers' logits (fp64 log-softmax)."""
+    tokens = torch.tensor([list(context) + list(continuation)])
+    with torch.no_grad():
+        logits = model(tokens).logits[0, len(context) - 1:-1].double()
+    logprobs = torch.log_softmax(logits, -1)
+    target = torch.tensor(continuation)
+    return float(logprobs[torch.arange(len(target)), target].sum()), bool((logits.argmax(-1) == target).all())

@@ -105,6 +105,13 @@ def _source_or_error(path: str, flag: str) -> Source:
     return resolve_source(path, flag)
 
 
+def model_tokenizer(path: str, flag: str = "MODEL"):
+    """The tokenizer of a checkpoint or source, without loading any weights."""
+    if is_checkpoint(path) or megatron_checkpoint(path) is not None:
+        return load_tokenizer(path)
+    return _source_or_error(path, flag).tokenizer()
+
+
 def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
     """A stage's output directory (distill, a pipeline run) is not itself a model: say which
     checkpoint inside it is."""

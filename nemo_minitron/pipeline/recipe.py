@@ -23,6 +23,7 @@ from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 from nemo_minitron.search.config import SearchConfig
+from nemo_minitron.tasks.builtin import BUILTIN_TASKS
 
 
 @dataclass
@@ -82,6 +83,12 @@ class ReportConfig:
     seq_len: int = option(1024, "tokens per held-out sample", ge=1)
     micro_batch: int = option(4, "samples per forward pass", ge=1)
     flops_seq_len: int = option(DEFAULT_SEQ_LEN, "context length at which FLOPs per token are reported", ge=1)
+    tasks: list[str] = option(list(BUILTIN_TASKS), "downstream tasks every model of the run is scored on, through "
+                                                   "lm-evaluation-harness (the built-in ones need no download; [] "
+                                                   "for none)")
+    task_limit: Optional[int] = option(100, "examples per task (none: all)", ge=1)
+    tasks_path: Optional[str] = option(None, "folder of local lm-eval task definitions (YAML)", default_text="none")
+    num_fewshot: Optional[int] = option(None, "few-shot examples", ge=0, default_text="the task's, else 0")
 
 
 @dataclass

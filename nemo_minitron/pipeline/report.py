@@ -1,7 +1,8 @@
 """The run's report: how good each model is, what it costs, and what each stage did.
 
 Every model of the run (the input teacher, the corrected teacher, and each round's
-pruned and distilled students) is evaluated on the same held-out samples. Writes
+pruned and distilled students) is evaluated on the same held-out samples and the same
+downstream task examples (``report.tasks``, through lm-evaluation-harness). Writes
 ``report.md`` (for people), ``report.json`` (for programs) and PNG plots; a round that
 chose its architecture by search gets the search's ranking and loss curves.
 """
@@ -43,6 +44,12 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
     specs = parse_data_specs(recipe.data.heldout, flag="data.heldout")
     samples = load_samples(specs, load_tokenizer(first), cfg.seq_len, vocab_size=read_info(first).description.vocab_size)
     samples = samples[: cfg.eval_samples]
+    tasks = None
+    if cfg.tasks:
+        from nemo_minitron.tasks.api import resolve_tasks
+
+        tasks = resolve_tasks(cfg.tasks, cfg.tasks_path, flag="recipe key 'report.tasks'",
+                              path_flag="recipe key 'report.tasks_path'")
     rows = []
     for name, path in models:
         model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None)
@@ -52,10 +59,69 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
                      "flops_per_token": desc.flops_per_token(cfg.flops_seq_len),
                      "kv_cache_bytes_per_token": desc.kv_cache_bytes_per_token(),
                      "heldout_loss": result.loss, "heldout_perplexity": result.perplexity,
-                     "heldout_tokens": result.tokens, "shape": desc.summary()})
+                     "heldout_tokens": result.tokens, "shape": desc.summary(),
+                     "tasks": _task_scores(model, desc, path, tasks, cfg, recipe.seed) if tasks else {}})
         log.info("report: %s: loss %.4f, %s", name, result.loss, desc.summary())
         del model
     return rows
+
+
+def _task_scores(model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, dict[str, Any]]:
+    from nemo_minitron.checkpoint.store import load_tokenizer
+    from nemo_minitron.tasks.api import run_tasks
+    from nemo_minitron.tasks.lm import MegatronLM
+
+    lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch)
+    results = run_tasks(lm, tasks, limit=cfg.task_limit, num_fewshot=cfg.num_fewshot, seed=seed)
+    for r in results.values():
+        log.info("report: %s: %s", r.task, ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))
+    return {name: r.to_dict() for name, r in results.items()}
+
+
+def _task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) pairs to show: every metric that has a standard error, in task order."""
+    columns: list[tuple[str, str]] = []
+    for r in rows:
+        for task, result in r.get("tasks", {}).items():
+            for metric in result["metrics"]:
+                if metric in result["stderr"] and (task, metric) not in columns:
+                    columns.append((task, metric))
+    return columns
+
+
+def _plot_tasks(rows: list[dict[str, Any]], out: Path) -> str | None:
+    """Grouped bars: one group per task metric, one bar per model, standard errors as
+    whiskers, and a dashed line at chance for the built-in tasks."""
+    columns = _task_columns(rows)
+    if not columns:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nemo_minitron.tasks.builtin import CHANCE
+
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 2), 4))
+    for m, r in enumerate(rows):
+        values = [r["tasks"].get(t, {}).get("metrics", {}).get(k, float("nan")) for t, k in columns]
+        errors = [r["tasks"].get(t, {}).get("stderr", {}).get(k, 0.0) for t, k in columns]
+        positions = [c + (m - (len(rows) - 1) / 2) * width for c in range(len(columns))]
+        ax.bar(positions, values, width, yerr=errors, capsize=3, label=r["model"])
+    for c, (task, _) in enumerate(columns):
+        if task in CHANCE:
+            ax.hlines(CHANCE[task], c - 0.45, c + 0.45, colors="gray", linestyles="dashed")
+    ax.set_xticks(range(len(columns)), [f"{t}\n{k}" for t, k in columns], fontsize=8)
+    ax.set_ylabel("accuracy (± standard error; dashed: chance)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    name = "tasks.png"
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
 
 
 def _read_metrics(directory: Path) -> list[dict[str, Any]]:
@@ -181,6 +247,7 @@ def write_report(recipe: Recipe, paths, out: Path) -> None:
         if not is_rank0():
             return
         curves = _plot_curves(recipe, paths, tmp)
+        task_plot = _plot_tasks(rows, tmp)
         importance_plots = _copy_importance_plots(recipe, paths, tmp)
         searches = _searches(recipe, paths, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
@@ -190,14 +257,14 @@ def write_report(recipe: Recipe, paths, out: Path) -> None:
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 searches))
+                                                 task_plot, searches))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, searches=None) -> str:
+def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {', '.join(recipe.data.heldout)} ({rows[0]['heldout_tokens']} tokens, "
@@ -209,6 +276,23 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, sea
                      f"| {_fmt_count(r['flops_per_token'])} | {r['kv_cache_bytes_per_token']:,} "
                      f"| {r['heldout_loss']:.4f} | {r['heldout_perplexity']:.2f} "
                      f"| {r['heldout_loss'] - base['heldout_loss']:+.4f} |")
+    columns = _task_columns(rows)
+    if columns:
+        samples = {t: max(r["tasks"][t]["samples"] for r in rows if t in r["tasks"]) for t, _ in columns}
+        lines += ["", "## Downstream tasks", "",
+                  "Accuracy ± standard error (lm-evaluation-harness; " +
+                  ", ".join(f"{t}: {n} examples" for t, n in samples.items()) + ").", "",
+                  "| model | " + " | ".join(f"{t} {k}" for t, k in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for r in rows:
+            cells = []
+            for t, k in columns:
+                res = r["tasks"].get(t)
+                shown = res and k in res["metrics"]
+                cells.append(f"{res['metrics'][k]:.3f} ± {res['stderr'][k]:.3f}" if shown else "-")
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        if task_plot:
+            lines += ["", f"![{task_plot}]({task_plot})"]
     lines += ["", "Shapes:", ""] + [f"- {r['model']}: {r['shape']}" for r in rows]
     if stages:
         lines += ["", "## Stages", "", "| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]

@@ -136,6 +136,11 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
             limit = min(d.max_position_embeddings for d in descriptions)
             require(value <= limit, f"recipe key 'rounds.{i}.{key}' ({value}) exceeds the models' "
                                     f"max_position_embeddings ({limit})")
+    if recipe.report.tasks:
+        from nemo_minitron.tasks.api import resolve_tasks
+
+        resolve_tasks(recipe.report.tasks, recipe.report.tasks_path, flag="recipe key 'report.tasks'",
+                      path_flag="recipe key 'report.tasks_path'")
     out = Path(recipe.output_dir)
     require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
     return descriptions

@@ -6,6 +6,11 @@ megatron-core assumes CUDA in a handful of places: it passes
 tensor-parallel RNG states in the CUDA generator. On a CPU-only machine each of those
 is redirected to the CPU here, and nowhere else in the project.
 
+The inference engine (``megatron.core.inference``) also times its decode steps with
+``torch.cuda.Event`` and asserts that the logits it broadcasts between pipeline stages
+are CUDA tensors: events become wall-clock stand-ins, and the assertion accepts CPU
+tensors.
+
 ``enable()`` switches the redirection on (idempotent), ``disable()`` restores every
 original. The runtime calls ``enable()`` only when ``torch.cuda.is_available()`` is
 false, so on GPUs megatron-core runs untouched.
@@ -14,6 +19,7 @@ false, so on GPUs megatron-core runs untouched.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable
 
 import torch
@@ -75,6 +81,33 @@ def _cuda_type_name(original_type: Callable[..., Any]) -> Callable[..., Any]:
     return type_
 
 
+class _WallClockEvent:
+    """``torch.cuda.Event`` stand-in: ``record()`` notes the time, ``elapsed_time`` in ms."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        self._t: float | None = None
+
+    def record(self, *_args: Any, **_kwargs: Any) -> None:
+        self._t = time.perf_counter()
+
+    def elapsed_time(self, end: "_WallClockEvent") -> float:
+        return 1000.0 * ((end._t or 0.0) - (self._t or 0.0))
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+def _tensor_present(tensor: Any) -> None:
+    # megatron.core.inference.communication_utils._is_cuda without the device check
+    assert tensor is not None
+
+
 def is_enabled() -> bool:
     return _mode is not None
 
@@ -84,6 +117,7 @@ def enable() -> None:
     global _mode
     if _mode is not None:
         return
+    import megatron.core.inference.communication_utils as mc_inference_comm
     import megatron.core.tensor_parallel.random as mc_random
 
     # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the CPU
@@ -91,6 +125,8 @@ def enable() -> None:
     cuda_rng_seed: Callable[[int], Any] = torch.default_generator.manual_seed
     _patch(torch.cuda, "current_device", lambda: _CPU)
     _patch(torch.cuda, "synchronize", _noop)
+    _patch(torch.cuda, "Event", _WallClockEvent)
+    _patch(mc_inference_comm, "_is_cuda", _tensor_present)
     _patch(torch.cuda, "manual_seed", cuda_rng_seed)
     _patch(torch.cuda, "get_rng_state", _cpu_rng_state)
     _patch(torch.cuda, "set_rng_state", _set_cpu_rng_state)
