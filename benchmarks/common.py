@@ -41,6 +41,17 @@ def write_results(args, results: dict) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def builtin_samples(split: str, tokenizer, seq_len: int, *, num_samples: int | None = None,
+                    seed: int = 0):
+    """Samples of the built-in corpus through the data API (runtime must be initialised):
+    ``num_samples`` of the ``builtin:train``-style training order, or one pass when None."""
+    from nemo_minitron.data.dataset import check_corpus
+
+    corpus = check_corpus([f"builtin:{split}"])
+    part = "train" if num_samples is not None else "valid"
+    return corpus.dataset(tokenizer, seq_len=seq_len, seed=seed, part=part, num_samples=num_samples)
+
+
 PRUNED_TARGET = {"hidden": 480, "ffn": 1024, "heads": 6, "query_groups": 3}
 
 

@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import parser, pruned_smollm2, smollm2_checkpoint, write_results
+from common import builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
 
 
 def main() -> None:
@@ -30,9 +30,9 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.distill.config import DistillConfig, TrainingConfig
     from nemo_minitron.distill.losses import LogitLossConfig
-    from nemo_minitron.distill.train import TrainConfig, Trainer, make_forward_step
+    from nemo_minitron.distill.train import Trainer, make_forward_step
     from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
     from nemo_minitron.runtime.distributed import init_distributed, layout
 
@@ -41,17 +41,16 @@ def main() -> None:
     dtype = parse_dtype(args.dtype)
     s_desc = read_info(student_ckpt).description
     gb = args.micro_batch * args.microbatches
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student_ckpt), args.seq_len,
-                           num_samples=gb, seed=0)
+    samples = builtin_samples("train", load_tokenizer(student_ckpt), args.seq_len, num_samples=gb).take()
     batches = split_microbatches(samples, args.micro_batch)
     student, _ = load_checkpoint(student_ckpt, dtype=dtype)
     teacher, _ = load_checkpoint(teacher_ckpt, dtype=dtype)
-    cfg = TrainConfig(steps=10, global_batch=gb, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                      logit=LogitLossConfig(vocab_size=s_desc.vocab_size, chunk_tokens=256))
-    trainer = Trainer(student, teacher, Path(student_ckpt) / "tokenizer", samples, None, Path("/nonexistent"), cfg,
-                      student_desc=s_desc, teacher_desc=read_info(teacher_ckpt).description, progress=False)
-    finetune_step = make_forward_step(TrainConfig(steps=10, logit=LogitLossConfig(
-        kd_weight=0.0, ce_weight=1.0, vocab_size=s_desc.vocab_size, chunk_tokens=256)), layout().device, False)
+    cfg = DistillConfig(steps=10, global_batch=gb, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                        logit_chunk=256)
+    trainer = Trainer(student, teacher, samples, None, Path("/nonexistent"), cfg, seed=1234, student_desc=s_desc,
+                      teacher_desc=read_info(teacher_ckpt).description, progress=False)
+    finetune_step = make_forward_step(LogitLossConfig.of(TrainingConfig(steps=10, logit_chunk=256), s_desc.vocab_size),
+                                      layout().device, False)
     fb = get_forward_backward_func()
     common = dict(num_microbatches=len(batches), seq_length=args.seq_len, micro_batch_size=args.micro_batch,
                   forward_only=False)

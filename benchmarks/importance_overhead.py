@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from common import parser, smollm2_checkpoint, write_results
+from common import builtin_samples, parser, smollm2_checkpoint, write_results
 
 
 def main() -> None:
@@ -24,7 +24,6 @@ def main() -> None:
     import torch
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.importance.api import _scoring_step
     from nemo_minitron.importance.collect import ActivationCollector
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
@@ -33,8 +32,7 @@ def main() -> None:
     ckpt = smollm2_checkpoint()
     init_distributed(1, 1)
     model, info = load_checkpoint(ckpt, dtype=parse_dtype(args.dtype))
-    samples = load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(ckpt), args.seq_len,
-                           num_samples=args.samples, seed=0)
+    samples = builtin_samples("calib", load_tokenizer(ckpt), args.seq_len, num_samples=args.samples).take()
     batches = split_microbatches(samples, args.micro_batch)
     step = _scoring_step(layout().device)
 

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import PRUNED_TARGET, parser, smollm2_checkpoint, smollm2_importance, write_results
+from common import PRUNED_TARGET, builtin_samples, parser, smollm2_checkpoint, smollm2_importance, write_results
 
 
 def main() -> None:
@@ -22,15 +22,13 @@ def main() -> None:
     args = p.parse_args()
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.prune.api import prune
     from nemo_minitron.runtime.distributed import init_distributed, is_rank0
 
     init_distributed(1, 1)
     ckpt, importance = smollm2_checkpoint(), smollm2_importance()
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(ckpt), args.seq_len)
-    heldout = heldout[: args.eval_samples]
+    heldout = builtin_samples("heldout", load_tokenizer(ckpt), args.seq_len).take(args.eval_samples)
     work = Path(tempfile.mkdtemp(prefix="prune_order_"))  # five 84M-parameter checkpoints: removed at the end
 
     def loss(path: Path) -> float:

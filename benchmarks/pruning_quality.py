@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import CACHE, parser, smollm2_checkpoint, write_results
+from common import CACHE, builtin_samples, parser, smollm2_checkpoint, write_results
 
 OUT = CACHE / "pruning_quality"  # --out
 
@@ -41,8 +41,12 @@ VARIANTS = {
     "(seq mean, batch mean)": ("mean", "mean", "post", "channel", "layers"),
     "(seq l2, batch l2)": ("l2", "l2", "post", "channel", "layers"),
 }
-DEPTH_METRICS = ("best", "contiguous", "loss", "block")
+DEPTH_METRICS = ("best", "contiguous", "loss", "block", "greedy")
 DEPTH_VARIANT = "channel heads, layer norms"  # the width variant scored with every depth metric
+# prune --layer-metric's default (auto): greedy when only layers are cut, else contiguous (the
+# refit and iterative variants of the width+depth row build on the latter)
+DEFAULT_DEPTH_ONLY = "greedy"
+DEFAULT_DEPTH = "contiguous"
 # ideas ModelOpt lacks, applied on top of these variants' choices
 REFIT_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
 ITERATIVE_VARIANTS = ("channel heads, layer norms", "token heads, layer norms")
@@ -68,7 +72,6 @@ class Missing(KeyError):
 class Bench:
     def __init__(self, args):
         from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
-        from nemo_minitron.data.samples import load_samples, parse_data_specs
 
         self.args = args
         self.ckpt = smollm2_checkpoint()
@@ -76,11 +79,12 @@ class Bench:
         self.tokenizer = load_tokenizer(self.ckpt)
         self.teacher, _ = load_checkpoint(self.ckpt)
         self.teacher.eval()
-        self.heldout = {name: load_samples(parse_data_specs([f"builtin:{name}"]), self.tokenizer, args.seq_len,
-                                           num_samples=args.eval_samples, seed=4321)
+        # samples drawn by seed through the data API (megatron-core's GPTDataset order)
+        self.heldout = {name: builtin_samples(name, self.tokenizer, args.seq_len, num_samples=args.eval_samples,
+                                              seed=4321).take(args.eval_samples)
                         for name in ("docs", "heldout")}
-        self.load_samples = lambda seed: load_samples(parse_data_specs(["builtin:calib"]), self.tokenizer,
-                                                      args.seq_len, num_samples=args.calib_samples, seed=seed)
+        self.load_samples = lambda seed: builtin_samples("calib", self.tokenizer, args.seq_len,
+                                                         num_samples=args.calib_samples, seed=seed).take(args.calib_samples)
         OUT.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- evaluation (cached)
@@ -119,6 +123,39 @@ class Bench:
         def compute():
             model = _build_pruned(self.teacher, self.old, new, keep, [len(keep.layers)], grams=grams)
             return {**self.evaluate(model), "parameters": _param_count(model)}
+
+        return self.cached(key, compute)
+
+    def distilled(self, keep, new, grams, steps: int) -> dict:
+        """Held-out losses of the pruned model after ``steps`` of distillation (cached); the
+        student and training directories are deleted once evaluated."""
+        import shutil
+
+        sha = keep.summary()["sha256"][:24] + ("-refit" if grams is not None else "")
+        key = {"distill": steps, "keep": sha, "train": TRAIN, "eval": [self.args.eval_samples, self.args.seq_len]}
+
+        def compute():
+            from nemo_minitron.checkpoint.store import CheckpointInfo, load_checkpoint, save_checkpoint
+            from nemo_minitron.distill.api import distill
+            from nemo_minitron.prune.api import _build_pruned
+
+            student, run_dir = OUT / "students" / sha, OUT / "distill" / f"{sha}-{steps}steps"
+            for d in (student, run_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            model = _build_pruned(self.teacher, self.old, new, keep, [len(keep.layers)], grams=grams)
+            save_checkpoint(model, CheckpointInfo(new, "float32", {"kept": keep.summary()}), student,
+                            tokenizer=self.tokenizer)
+            del model
+            start = time.time()
+            distill(str(self.ckpt), str(student), ["builtin:train"], str(run_dir), steps=steps,
+                    warmup_steps=max(1, steps // 10), progress=False, **TRAIN)
+            seconds = time.time() - start
+            trained, _ = load_checkpoint(run_dir / "final", dtype=torch.float32)
+            result = {**self.evaluate(trained), "train_seconds": seconds}
+            del trained
+            for d in (student, run_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            return result
 
         return self.cached(key, compute)
 
@@ -171,17 +208,60 @@ class Bench:
         tmp.replace(path)
         return out
 
-    def drop_sets(self, seed: int, scores: dict) -> dict:
-        """importance.layers.drop_set_losses on this seed's layer samples (cached)."""
-        path = OUT / f"drop-sets-seed{seed}-{self.args.select_samples}.json"
-        if not path.is_file():
-            from nemo_minitron.importance.layers import drop_set_losses
+    def greedy(self, seed: int, rows: list[str]) -> list[dict]:
+        """importance.layers.greedy_drop_order on this seed's first --greedy-samples calibration
+        samples, down to the deepest cut of ``rows`` (cached step by step: a killed run resumes,
+        and a deeper row continues where a shallower one stopped)."""
+        from nemo_minitron.importance.layers import greedy_drop_order
 
+        path = OUT / f"greedy-seed{seed}-{self.args.greedy_samples}.json"
+        done = json.loads(path.read_text()) if path.is_file() else []
+        steps = max((self.old.num_layers - ROWS[r]["layers"] for r in rows if "layers" in ROWS[r]), default=0)
+        if len(done) >= steps or self.args.cached_only:  # keep_for skips rows deeper than done
+            return done
+
+        def save(order):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(order))
+            tmp.replace(path)
+            print(f"seed {seed} greedy step {len(order)}: layer {order[-1]['layer']} loss {order[-1]['loss']:.4f}",
+                  flush=True)
+
+        samples = self.load_samples(seed)[: self.args.greedy_samples]
+        return greedy_drop_order(self.teacher, self.old.vocab_size, self.old.num_layers, samples, 4, steps,
+                                 done=done, on_step=save)
+
+    def drop_sets(self, seed: int, scores: dict) -> dict:
+        """importance.layers.drop_set_losses on this seed's first --select-samples calibration
+        samples (cached): the contiguous, loss and block sets, and the greedy set for every
+        size the greedy elimination has reached (added to the cache when it reaches it)."""
+        from nemo_minitron.importance.layers import drop_set_losses, loss_without
+
+        path = OUT / f"drop-sets-seed{seed}-{self.args.select_samples}.json"
+        samples = self.load_samples(seed)[: self.args.select_samples]
+        if not path.is_file():
             block = scores["variants"][DEPTH_VARIANT]["block"].tolist()
-            sets = drop_set_losses(self.teacher, self.old.vocab_size, self.load_samples(seed)[: self.args.select_samples],
-                                   4, scores["blocks"], scores["loss_drop"].tolist(), block)
+            sets = drop_set_losses(self.teacher, self.old.vocab_size, samples, 4, scores["blocks"],
+                                   scores["loss_drop"].tolist(), block)
             path.write_text(json.dumps(sets))
-        return json.loads(path.read_text())
+        sets = json.loads(path.read_text())
+        greedy, changed = scores.get("greedy", []), False
+        for k, s in sets.items():
+            made_by = self.args.greedy_samples
+            if len(greedy) < int(k) or s.get("greedy", {}).get("greedy_samples") == made_by or self.args.cached_only:
+                continue
+            layers = sorted(e["layer"] for e in greedy[: int(k)])
+            s["greedy"] = {"layers": layers, "greedy_samples": made_by,
+                           "loss": loss_without(self.teacher, self.old.vocab_size, samples, layers, 4)}
+            # the tie order of drop_set_losses
+            s["best"] = min((m for m in ("contiguous", "greedy", "loss", "block") if m in s),
+                            key=lambda m: s[m]["loss"])
+            changed = True
+        if changed:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(sets))
+            tmp.replace(path)
+        return sets
 
     def keep_for(self, scores: dict, variant: str, new, depth: str):
         from nemo_minitron.prune.select import UnitScores, keep_plan
@@ -197,6 +277,11 @@ class Bench:
             layers = [i for i in range(L) if i not in dropped]
         elif depth == "contiguous":
             dropped = set(scores["blocks"][str(drop)]["layers"])
+            layers = [i for i in range(L) if i not in dropped]
+        elif depth == "greedy":
+            if len(scores.get("greedy", [])) < drop:
+                raise Missing("greedy")
+            dropped = {e["layer"] for e in scores["greedy"][:drop]}
             layers = [i for i in range(L) if i not in dropped]
         else:
             metric = scores["loss_drop"] if depth == "loss" else v["block"]
@@ -251,7 +336,6 @@ class Bench:
             from nemo_minitron.checkpoint.store import load_checkpoint
             from nemo_minitron.importance.api import _scoring_step
             from nemo_minitron.model.forward import run_forward_only, split_microbatches
-            from nemo_minitron.prune.select import KeepPlan
             from nemo_minitron.runtime.distributed import layout
 
             samples = self.load_samples(seed)
@@ -263,10 +347,7 @@ class Bench:
             kept, pruned = modelopt_adapter.prune(model, self.old, new, forward_loop, OUT / f"modelopt-scores-seed{seed}")
             result = {**self.evaluate(pruned), "parameters": _param_count(pruned), "kept": kept}
             del pruned, model
-            keep = KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"],
-                            ffn={i: torch.tensor(v) for i, v in kept["ffn"].items()},
-                            groups={i: torch.arange(self.old.num_query_groups) for i in kept["layers"]},
-                            heads={i: torch.tensor(v) for i, v in kept["heads"].items()})
+            keep = modelopt_keep(kept, self.old)
             result["keep_sha256"] = keep.summary()["sha256"]
             if check:  # ModelOpt's kept units, rebuilt by our pruning code
                 from nemo_minitron.prune.api import _build_pruned
@@ -276,6 +357,54 @@ class Bench:
             return result
 
         return self.cached(key, compute)
+
+
+def modelopt_keep(kept: dict, old):
+    """ModelOpt's kept units (benchmarks/modelopt_adapter.py's record) as our KeepPlan."""
+    from nemo_minitron.prune.select import KeepPlan
+
+    return KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"],
+                    ffn={int(i): torch.tensor(v) for i, v in kept["ffn"].items()},
+                    groups={i: torch.arange(old.num_query_groups) for i in kept["layers"]},
+                    heads={int(i): torch.tensor(v) for i, v in kept["heads"].items()})
+
+
+# distillation after pruning: the same for every student (the settings of benchmarks/quality.py)
+TRAIN = dict(global_batch=8, micro_batch=4, seq_len=256, lr=3e-4, min_lr=3e-5, eval_samples=4, save_every=0,
+             dtype="bfloat16")
+
+
+def distill_rows(bench: "Bench", results: dict, keeps: dict, rows: list[str]) -> dict:
+    """Per row: ModelOpt's and our best ``--distill-setups`` setups (by held-out loss right
+    after pruning, mean of both splits and the seeds), pruned with --distill-seed's
+    calibration, distilled ``--distill-steps`` steps from the unpruned teacher on
+    builtin:train, then evaluated like the rest. {row: {setup: {docs, heldout}}}"""
+    from nemo_minitron.prune.targets import apply_target
+
+    args = bench.args
+    out: dict = {}
+    for row in rows:
+        m = results["means"].get(row)
+        if not m or (args.distill_seed, row) not in keeps:
+            continue
+        available = keeps[(args.distill_seed, row)]
+        ours = sorted((n for n in m if n != "ModelOpt 0.47" and n in available),
+                      key=lambda n: (m[n]["docs"] + m[n]["heldout"]) / 2)
+        picks = ["ModelOpt 0.47"] + ours[: args.distill_setups]
+        default = default_name(row, m)
+        if default in available and default not in picks:
+            picks.append(default)
+        new = apply_target(bench.old, ROWS[row])
+        for name in picks:
+            keep, grams = available[name]
+            try:
+                r = bench.distilled(keep, new, grams, args.distill_steps)
+            except Missing:
+                continue
+            out.setdefault(row, {})[name] = r
+            print(f"distilled {args.distill_steps} steps, {row}, {name}: {r['docs']:.3f} / {r['heldout']:.3f}",
+                  flush=True)
+    return out
 
 
 def _param_count(model) -> int:
@@ -292,6 +421,13 @@ def main() -> None:
     p.add_argument("--layer-samples", type=int, default=1, help="calibration samples for the layer loss drops")
     p.add_argument("--select-samples", type=int, default=8,
                    help="calibration samples on which --layer-metric best compares its three layer sets")
+    p.add_argument("--greedy-samples", type=int, default=1,
+                   help="calibration samples for the greedy layer elimination (as many as --layer-samples)")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy layer elimination")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="also distil ModelOpt's and our two best setups per row this many steps (0: no)")
+    p.add_argument("--distill-seed", type=int, default=1, help="the calibration seed whose pruned models are distilled")
+    p.add_argument("--distill-setups", type=int, default=2, help="how many of our setups per row to distil")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--cached-only", action="store_true", help="only tabulate results already computed")
     p.add_argument("--no-iterative", action="store_true", help="skip the iterative re-estimation variants")
@@ -312,12 +448,18 @@ def main() -> None:
                            lambda: bench.evaluate(bench.teacher))
     print(f"teacher: {teacher}", flush=True)
     results: dict = {"teacher": teacher, "rows": {}, "checks": {}}
+    keeps: dict = {}  # (seed, row) -> {setup: (KeepPlan, grams for refit or None)}
     for seed in args.seeds:
         # ModelOpt's identity prune: the adapter must leave the model exactly as it was
         identity = bench.modelopt(seed, {}, bench.old, check=False) if seed == 1 else None
         if identity is not None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
         scores = bench.our_scores(seed)
+        if not args.no_greedy:
+            try:
+                scores["greedy"] = bench.greedy(seed, rows)
+            except Missing:
+                pass
         scores["drop_sets"] = bench.drop_sets(seed, scores)
         for row in rows:
             new = apply_target(bench.old, ROWS[row])
@@ -330,16 +472,17 @@ def main() -> None:
                                                      "seeds": {}})
             assert mo["parameters"] == new.num_parameters(), (row, mo["parameters"], new.num_parameters())
             per_seed = {"ModelOpt 0.47": {k: mo[k] for k in ("docs", "heldout")}}
+            keeps[(seed, row)] = {"ModelOpt 0.47": (modelopt_keep(mo["kept"], bench.old), None)}
             if "rebuilt_by_ours" in mo:
                 results["checks"].setdefault("modelopt_rebuilt_by_ours", {})[row] = {
                     "modelopt": per_seed["ModelOpt 0.47"], "rebuilt": mo["rebuilt_by_ours"]}
             depth_only = set(ROWS[row]) == {"layers"}
             for variant in [v for v in VARIANTS if args.variants is None or v in args.variants]:
                 depths = DEPTH_METRICS if "layers" in ROWS[row] and (depth_only or variant == DEPTH_VARIANT) \
-                    else ("contiguous",)
+                    else (DEFAULT_DEPTH,)
                 for depth in depths:
-                    keep = bench.keep_for(scores, variant, new, depth)
                     try:
+                        keep = bench.keep_for(scores, variant, new, depth)
                         r = bench.eval_keep(keep, new)
                     except Missing:
                         continue
@@ -348,12 +491,14 @@ def main() -> None:
                             variant + (f" / depth {depth}" if len(depths) > 1 else ""))
                     per_seed[name] = {k: r[k] for k in ("docs", "heldout")}
                     per_seed[name]["same_units_as_modelopt"] = keep.summary()["sha256"] == mo["keep_sha256"]
-                    if depth != "contiguous" and not depth_only:
+                    keeps[(seed, row)][name] = (keep, None)
+                    if depth != DEFAULT_DEPTH and not depth_only:
                         continue
                     try:
                         if variant in REFIT_VARIANTS and {"ffn", "heads"} & set(ROWS[row]):
                             r = bench.eval_keep(keep, new, grams=scores["grams"])
                             per_seed[f"{variant} + refit"] = {k: r[k] for k in ("docs", "heldout")}
+                            keeps[(seed, row)][f"{variant} + refit"] = (keep, scores["grams"])
                         if variant in ITERATIVE_VARIANTS and "hidden" in ROWS[row] and len(ROWS[row]) > 1 \
                                 and not args.no_iterative:
                             if args.cached_only and not bench.iterative_path(seed, keep, variant).is_file():
@@ -370,6 +515,8 @@ def main() -> None:
             entry["seeds"][seed] = per_seed
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {v['docs']:.3f}" for k, v in per_seed.items()), flush=True)
     results["means"] = means(results)
+    if args.distill_steps:
+        results["distilled"] = distill_rows(bench, results, keeps, rows)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (OUT / "table.md").write_text(summary_table(results) + "\n" + table(results) + "\n" + table(results, "heldout"))
     plot(results, OUT / "pruning_quality.png")
@@ -395,11 +542,12 @@ DEFAULT = "channel heads, layer norms"  # importance's defaults (head_score chan
 
 
 def default_name(row: str, entries: dict, refit: bool = False) -> str | None:
-    """Our defaults' entry in a row (depth: --layer-metric contiguous), optionally + refit."""
+    """Our defaults' entry in a row (--layer-metric auto: DEFAULT_DEPTH_ONLY or DEFAULT_DEPTH),
+    optionally + refit."""
     target = ROWS[row]
     if set(target) == {"layers"}:
-        return None if refit else "depth contiguous"
-    names = [f"{DEFAULT} + refit"] if refit else [f"{DEFAULT} / depth contiguous", DEFAULT]
+        return None if refit else f"depth {DEFAULT_DEPTH_ONLY}"
+    names = [f"{DEFAULT} + refit"] if refit else [f"{DEFAULT} / depth {DEFAULT_DEPTH}", DEFAULT]
     return next((n for n in names if n in entries), None)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import CACHE, PRUNED_TARGET, parser, pruned_smollm2, smollm2_checkpoint, write_results
+from common import CACHE, PRUNED_TARGET, builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
 
 
 def random_init_copy(like: Path, out: Path, seed: int) -> Path:
@@ -60,7 +60,6 @@ def main() -> None:
     args = p.parse_args()
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.distill.api import distill, finetune
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.runtime.distributed import init_distributed
@@ -87,8 +86,7 @@ def main() -> None:
             ("importance pruning + cross-entropy fine-tuning", "importance", "ce"),
             ("same architecture, random init + distillation", "random-init", "kd"),
             ("depth pruning (16 of 30 layers) + distillation", "depth", "kd")]
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(teacher), args.seq_len)
-    heldout = heldout[: args.eval_samples or None]
+    heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples or None)
 
     def loss(path: Path) -> float:
         model, info = load_checkpoint(path)

@@ -130,7 +130,7 @@ def step_time(teacher: str, data: str, cache_dir: Path, args) -> dict:
     """Forward-backward of one step, live teacher vs cache, alternating."""
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
     from nemo_minitron.distill.config import DistillConfig
-    from nemo_minitron.distill.data import training_samples
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.distill.teacher_logits import TeacherLogits
     from nemo_minitron.distill.train import Trainer
     from nemo_minitron.runtime.distributed import init_distributed
@@ -138,10 +138,10 @@ def step_time(teacher: str, data: str, cache_dir: Path, args) -> dict:
     init_distributed(1, 1)
     student_ckpt, dtype = pruned_smollm2(), parse_dtype(args.dtype)
     s_desc, t_desc = read_info(student_ckpt).description, read_info(teacher).description
-    samples = training_samples([data], load_tokenizer(student_ckpt), args.seq_len, seed=1234,
-                               vocab_size=s_desc.vocab_size)
     logits = TeacherLogits.open(cache_dir)
-    samples = samples[: logits.num_samples]
+    samples = check_corpus([data], vocab_size=s_desc.vocab_size).dataset(
+        load_tokenizer(student_ckpt), seq_len=args.seq_len, seed=1234, part="train",
+        num_samples=logits.dataset_samples).first(logits.num_samples)  # the samples the cache was written for
     cfg = DistillConfig(steps=10, global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len)
     trainers = {}
     for kind in ("live", "cache"):

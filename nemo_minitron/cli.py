@@ -1,6 +1,6 @@
 """``nemo-minitron``: one command per pipeline stage.
 
-    convert -> importance -> plan/prune -> distill -> export   (and eval, generate, run)
+    convert -> importance -> plan/prune -> distill -> export   (and eval, generate, preprocess, run)
 
 Every command runs as a single process or under ``torchrun`` with ``--tp``/``--pp``
 (data parallel = world size / (tp * pp)). Bad input is reported as one line on
@@ -79,6 +79,15 @@ def _sub(sub, name: str, help: str, handler: str, example: str = "") -> argparse
     return p
 
 
+def _data(p: argparse.ArgumentParser, *, required: bool = True, help: str | None = None) -> None:
+    """--data, --split, --data-cache."""
+    from nemo_minitron.config import add_flags
+    from nemo_minitron.data.config import DataOptions
+
+    p.add_argument("--data", nargs="+", required=required, metavar="PATH", help=help or DATA_HELP)
+    add_flags(p, DataOptions, title="data")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
     from nemo_minitron.config import add_flags
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nemo-minitron eval distilled/final --data builtin:heldout --tasks minitron_lastword,hellaswag")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory, .gguf or alias")
     _iteration(p)
-    p.add_argument("--data", nargs="+", metavar="PATH", help="held-out data for loss and perplexity: " + DATA_HELP)
+    _data(p, required=False, help="held-out data for loss and perplexity: " + DATA_HELP)
     add_flags(p, EvalConfig, title="evaluation")
     add_flags(p, TaskConfig, title="downstream tasks (lm-evaluation-harness)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
@@ -150,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
              "nemo-minitron importance ckpt --data builtin:calib --out imp --samples 64 --seq-len 256")
     p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
     _iteration(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new importance directory (must not exist)")
     add_flags(p, ImportanceConfig, title="importance")
     _runtime(p)
@@ -185,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher runs; trains on the samples it covers")
     p.add_argument("--student", required=True, metavar="CKPT", help=MODEL_HELP + " (Megatron: give the iter_N "
                    "directory to choose an iteration; also for --teacher)")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
-                   help="held-out data [default: builtin:heldout]")
+                   help="held-out data, read whole [default: the validation part of --data under --split, "
+                        "else builtin:heldout]")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (a run with checkpoints there "
                                                                "resumes)")
     add_flags(p, DistillConfig, title="training and distillation")
@@ -203,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
              "distillation without the teacher", "nemo_minitron.distill.command:teacher_logits_main",
              "nemo-minitron teacher-logits --teacher ckpt --data builtin:train --top-k 64 --seq-len 128 --out logits")
     p.add_argument("--teacher", required=True, metavar="CKPT")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
     add_flags(p, TeacherLogitsConfig, title="cache")
     _runtime(p, dtype_help="the teacher's compute dtype [default: as stored]")
@@ -214,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
              "--steps 100")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
-                   help="held-out data the candidates are ranked on [default: builtin:heldout]")
+                   help="held-out data the candidates are ranked on, read whole [default: the validation part of "
+                        "--data under --split, else builtin:heldout]")
     p.add_argument("--out", required=True, metavar="DIR", help="search directory (a killed search there resumes)")
     p.add_argument("--teacher", metavar="CKPT", help="who teaches the candidates [default: CKPT]")
     p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
@@ -228,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, SearchConfig, skip=own + plan_fields, title="each candidate's distillation (the same for all)")
     p.add_argument("--force", action="store_true", help="resume even though settings changed")
     _runtime(p)
+
+    p = _sub(sub, "preprocess", "text, JSONL or folders -> Megatron indexed data set (PREFIX.bin/.idx)",
+             "nemo_minitron.data.command:preprocess_main",
+             "nemo-minitron preprocess --input corpus/ --model smollm2-135m --out corpus_text_document --workers 8")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text files, folders, .jsonl files (a 'text' field per line) or builtin:*")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes [default: 1]")
 
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",
              "nemo_minitron.pipeline.run:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
@@ -244,8 +265,8 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-DATA_HELP = ("text files or folders, JSONL with a text field, Megatron indexed data set prefixes (PREFIX.bin/.idx), "
-             "or builtin:calib|train|heldout|docs")
+DATA_HELP = ("sources: Megatron indexed data set prefixes (PREFIX.bin/.idx), text files or folders, JSONL with a "
+             "text field, builtin:calib|train|heldout|docs; or Megatron's blend WEIGHT PREFIX WEIGHT PREFIX ...")
 
 
 def _report_error(command: str, message: str) -> None:
@@ -273,9 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     module, func = args.handler.split(":")
     owns_process_group = not _process_group_exists()
+    # Training commands save and exit 0 on SIGTERM/SIGUSR1 (Slurm's warnings); others stop as usual.
     try:
         handler = getattr(importlib.import_module(module), func)
-        result = handler(args)
+        with _stop_signals(args.command in STOPPABLE):
+            result = handler(args)
     except UsageError as e:
         _report_error(args.command, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
@@ -286,6 +309,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if owns_process_group:  # called in-process by a program that has its own: leave it
             _close_process_group()
     return int(result or 0)
+
+
+STOPPABLE = ("distill", "run")
+
+
+def _stop_signals(enabled: bool):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from nemo_minitron.runtime.signals import handle_stop_signals
+
+    return handle_stop_signals()
 
 
 def _process_group_exists() -> bool:

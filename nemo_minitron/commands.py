@@ -18,6 +18,11 @@ def runtime_options(args) -> dict:
     return {k: getattr(args, k) for k in ("tp", "pp", "seed", "dtype") if hasattr(args, k)}
 
 
+def data_options(args) -> dict:
+    """--split, --data-cache as keyword options of the stage APIs."""
+    return {k: getattr(args, k) for k in ("split", "cache_dir") if hasattr(args, k)}
+
+
 def _dtype(args):
     return parse_dtype(args.dtype) if args.dtype else None
 
@@ -53,8 +58,10 @@ def export(args) -> int:
 def evaluate(args) -> int:
     from nemo_minitron.checkpoint.api import describe_model, model_path, open_model
     from nemo_minitron.checkpoint.store import megatron_checkpoint, require_tokenizer
-    from nemo_minitron.config import from_args, to_dict, yaml_text
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.config import cli_names, from_args, to_dict, yaml_text
+    from nemo_minitron.data.config import DataOptions
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.data.preprocess import load_any_tokenizer
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.evaluate import evaluate as run
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
@@ -63,9 +70,10 @@ def evaluate(args) -> int:
     args.model = model_path(args.model, args.iteration)
     cfg = from_args(EvalConfig, args)
     task_cfg = from_args(TaskConfig, args)
+    data = from_args(DataOptions, args)
+    names = cli_names(DataOptions)
     dtype = _dtype(args)
     require(args.data or task_cfg.tasks, "give --data (held-out loss) and/or --tasks (task accuracy)")
-    specs = parse_data_specs(args.data) if args.data else None
     require(task_cfg.tasks or (task_cfg.tasks_path is None and task_cfg.task_limit is None
                                and task_cfg.num_fewshot is None),
             "--tasks-path, --task-limit and --num-fewshot go with --tasks")
@@ -75,7 +83,12 @@ def evaluate(args) -> int:
     desc = describe_model(args.model)
     if megatron_checkpoint(args.model) is not None:
         require_tokenizer(args.model, "eval tokenizes --data and --tasks")
-    if specs is not None:
+    corpus = tokenizer = None
+    if args.data:
+        tokenizer = load_any_tokenizer(args.model, "MODEL")
+        # with --split, the validation part of the data: what training on the rest did not see
+        corpus = check_corpus(args.data, vocab_size=desc.vocab_size, split=data.split, split_flag=names("split"),
+                              cache_dir=data.cache_dir, cache_flag=names("cache_dir"), tokenizer=tokenizer)
         require(cfg.seq_len <= desc.max_position_embeddings,
                 f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"({desc.max_position_embeddings})")
@@ -87,17 +100,16 @@ def evaluate(args) -> int:
 
         tasks = resolve_tasks(task_cfg.tasks, task_cfg.tasks_path)
     init_distributed(args.tp, args.pp, args.seed)
-    resolved = {"model": args.model, "data": list(args.data or []), "dtype": args.dtype, **to_dict(cfg),
-                **to_dict(task_cfg)}
+    resolved = {"model": args.model, "data": corpus.blend.label if corpus else None, "dtype": args.dtype,
+                **to_dict(data), **to_dict(cfg), **to_dict(task_cfg)}
     if is_rank0():
         log.info("eval config:\n%s", yaml_text(resolved).rstrip())
     opened = open_model(args.model, dtype=dtype)
     record = dict(resolved)
-    if specs is not None:
-        limit = None if cfg.max_tokens is None else cfg.max_tokens // cfg.seq_len
-        samples = load_samples(specs, opened.tokenizer, cfg.seq_len, vocab_size=desc.vocab_size)
-        if limit is not None:
-            samples = samples[:limit]
+    if corpus is not None:
+        samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=args.seed, part="valid")
+        if cfg.max_tokens is not None:
+            samples = samples.first(cfg.max_tokens // cfg.seq_len)
         result = run(opened.model, desc.vocab_size, samples, micro_batch=cfg.micro_batch)
         record.update(result.to_dict())
         if is_rank0():

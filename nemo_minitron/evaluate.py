@@ -8,8 +8,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.data.samples import data_parallel_slice
+from nemo_minitron.data.dataset import data_parallel_bounds
 from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
+
+CHUNK_MICROBATCHES = 32  # micro-batches read and run at a time: memory stays flat in the data size
 
 
 @dataclasses.dataclass
@@ -23,17 +25,23 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
-def evaluate(model, vocab_size: int, samples: torch.Tensor, micro_batch: int = 1) -> EvalResult:
-    """Mean next-token loss over all tokens of ``samples [N, s+1]`` (every rank gets the result)."""
+def evaluate(model, vocab_size: int, samples, micro_batch: int = 1) -> EvalResult:
+    """Mean next-token loss over all tokens of ``samples``, a ``[N, s+1]`` tensor or a
+    TokenDataset (read a chunk at a time); every rank gets the result."""
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.runtime.distributed import layout
 
     lay = layout()
-    mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    lo, hi = data_parallel_bounds(len(samples), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     was_training = model.training
     model.eval()
-    reported = run_forward_only(model, split_microbatches(mine, micro_batch), lm_forward_step(vocab_size, lay.device))
+    step = lm_forward_step(vocab_size, lay.device)
+    reported = []
+    for start in range(lo, hi, CHUNK_MICROBATCHES * micro_batch):
+        stop = min(hi, start + CHUNK_MICROBATCHES * micro_batch)
+        chunk = samples[start:stop] if isinstance(samples, torch.Tensor) else samples.take(stop - start, start)
+        reported += run_forward_only(model, split_microbatches(chunk, micro_batch), step)
     model.train(was_training)
     totals = torch.zeros(2, dtype=torch.float64, device=lay.device)
     for r in reported:

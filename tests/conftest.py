@@ -23,6 +23,16 @@ from tiny_models import make_tiny_hf_model  # noqa: E402
 
 ROOT = TESTS.parent
 
+# The data cache (tokenised text, sample indices) of this test session, shared by its
+# subprocesses, never the user's.
+if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["NEMO_MINITRON_DATA_CACHE"] = tempfile.mkdtemp(prefix="nemo-minitron-test-data-")
+    atexit.register(shutil.rmtree, os.environ["NEMO_MINITRON_DATA_CACHE"], True)
+
 # `make test THREADS=1`: the in-process tests (and single-process commands they start) run
 # with that many torch threads, so reduction-order differences between machines show up here.
 if os.environ.get("TEST_THREADS"):

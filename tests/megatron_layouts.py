@@ -113,9 +113,9 @@ def _local_spec(config):
 
     spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     if config.layernorm_zero_centered_gamma:
-        from nemo_minitron.model.norms import zero_centered_local_spec
+        from nemo_minitron.model.norms import local_norm_spec
 
-        spec = zero_centered_local_spec(spec, config)
+        spec = local_norm_spec(spec, config)
     return spec
 
 

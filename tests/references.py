@@ -20,7 +20,9 @@ def hf_layer_scores(hf_dir: Path, calibration: torch.Tensor, layer_samples: int,
                     block_sizes: tuple[int, ...] = ()) -> dict:
     """Depth importance by definition: the loss increase when a layer (or a contiguous block)
     is deleted from the HF model, on the first ``layer_samples`` samples; Block Importance
-    1 - mean cos(layer input, layer output) over all calibration tokens."""
+    1 - mean cos(layer input, layer output) over all calibration tokens; greedy elimination
+    (each step deletes the layer whose deletion, with the earlier ones deleted, leaves the
+    lowest loss) down to the largest block size."""
     from nemo_minitron.checkpoint.verify import load_hf_model
 
     model = load_hf_model(hf_dir).double().eval()
@@ -52,5 +54,11 @@ def hf_layer_scores(hf_dir: Path, calibration: torch.Tensor, layer_samples: int,
         losses = [without(range(s, s + k)) for s in range(n - k + 1)]
         start = min(range(len(losses)), key=losses.__getitem__)
         blocks[k] = {"start": start, "layers": list(range(start, start + k)), "losses": losses}
+    greedy: list[dict] = []
+    for _ in range(max(block_sizes, default=0)):
+        gone = [e["layer"] for e in greedy]
+        losses = {j: without(gone + [j]) for j in range(n) if j not in gone}
+        layer = min(losses, key=losses.__getitem__)
+        greedy.append({"layer": layer, "loss": losses[layer], "candidates": losses})
     return {"full_loss": full, "loss_drop": [without([i]) - full for i in range(n)],
-            "block_importance": (1 - cos_sum / count).tolist(), "blocks": blocks}
+            "block_importance": (1 - cos_sum / count).tolist(), "blocks": blocks, "greedy": greedy}

@@ -10,7 +10,10 @@ from tolerances import log_softmax_sum, transformer_logits
 
 
 def widest(desc) -> int:
-    return max(desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads * desc.head_dim)
+    """The longest accumulation of a forward pass: a matrix product's inner dimension (a
+    mixture of experts adds its top-k experts' outputs: a few terms more, negligible)."""
+    return max(desc.hidden_size, desc.ffn_hidden_size, desc.moe_ffn_hidden_size, desc.moe_shared_ffn_hidden_size,
+               desc.num_attention_heads * desc.head_dim)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))

@@ -1,15 +1,18 @@
-"""The data layer: built-in corpus, text/JSONL/indexed sources, deterministic samples."""
+"""The data layer: blends of Megatron indexed data sets and text, read through megatron-core;
+``preprocess``; bad data input."""
 
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import cli_in_process
 from nemo_minitron.data.builtin import SPLITS, builtin_documents
-from nemo_minitron.data.samples import data_parallel_slice, load_samples, parse_data_spec, parse_data_specs
+from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
 from nemo_minitron.errors import UsageError
 from tiny_models import tiny_tokenizer
 
@@ -42,6 +45,7 @@ def test_builtin_docs_is_other_text_than_the_docstring_splits():
     assert sum(r in seen for r in manual_runs) < 0.03 * len(manual_runs)
 
 
+# ---------------------------------------------------------------------- helpers
 def _write_sources(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text(" ".join(f"w{i}" for i in range(300)))
@@ -50,65 +54,227 @@ def _write_sources(tmp_path):
     return text, jsonl
 
 
-def test_text_and_jsonl_samples_are_deterministic(tmp_path):
+def _indexed(prefix, docs, dtype=np.uint16):
+    """A Megatron data set written with megatron-core's own builder (one sequence per document)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
+    for d in docs:
+        builder.add_document(torch.tensor(d), [len(d)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def _read_indexed(prefix) -> list[list[int]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix), multimodal=False, mmap=True)
+    return [np.asarray(ds[i]).tolist() for i in range(len(ds))]
+
+
+def _assert_windows_of(samples: torch.Tensor, docs: list[list[int]], eos: int):
+    """Each sample is a run of the corpus: the end of one document, whole documents, the
+    start of another (documents end with ``eos``), however they were shuffled."""
+    docs = [tuple(d) for d in docs]
+
+    def ends_a_doc(p):
+        return any(d[len(d) - len(p):] == p for d in docs if len(d) >= len(p))
+
+    def starts_a_doc(p):
+        return any(d[:len(p)] == p for d in docs)
+
+    def inside_a_doc(p):
+        return any(d[i:i + len(p)] == p for d in docs for i in range(len(d) - len(p) + 1))
+
+    for row in samples.tolist():
+        cuts = [i + 1 for i, t in enumerate(row) if t == eos]
+        if not cuts:
+            assert inside_a_doc(tuple(row)), row
+            continue
+        pieces = [tuple(row[a:b]) for a, b in zip([0] + cuts, cuts + [len(row)])]
+        assert ends_a_doc(pieces[0]), row
+        assert all(p in docs for p in pieces[1:-1]), row
+        assert starts_a_doc(pieces[-1]), row
+
+
+# ---------------------------------------------------------------------- text sources
+def test_text_sources_are_tokenised_once_into_megatron_data_sets(runtime, tmp_path):
     text, jsonl = _write_sources(tmp_path)
     tok = tiny_tokenizer()
-    specs = parse_data_specs([str(text), str(jsonl)])
-    all_windows = load_samples(specs, tok, seq_len=15)
-    # 300 + 1 eos + 5 * (50 + 1) tokens, cut into windows of 16
-    assert all_windows.shape == ((301 + 255) // 16, 16)
-    assert all_windows[0, :3].tolist() == tok.convert_tokens_to_ids(["w0", "w1", "w2"])
-    assert all_windows[18, 12].item() == tok.eos_token_id  # the end of the text file's document
-    a = load_samples(specs, tok, seq_len=15, num_samples=7, seed=5)
-    b = load_samples(specs, tok, seq_len=15, num_samples=7, seed=5)
-    c = load_samples(specs, tok, seq_len=15, num_samples=7, seed=6)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert all(any(torch.equal(row, w) for w in all_windows) for row in a)
+    cache = tmp_path / "cache"
+    corpus = check_corpus([str(text), str(jsonl)], vocab_size=1000, tokenizer=tok, cache_dir=str(cache))
+    one_pass = corpus.dataset(tok, seq_len=15, seed=5)
 
+    # the cache holds Megatron data sets: each document's ids, then end-of-sequence
+    expected = [tok(text.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    expected += [tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                 for line in jsonl.read_text().splitlines()]
+    prefixes = sorted(str(p.with_suffix("")) for p in (cache / "tokens").glob("*/data.idx"))
+    stored = [d for p in prefixes for d in _read_indexed(p)]
+    assert len(prefixes) == 2 and sorted(stored) == sorted(expected)
+    assert all(open(p + ".idx", "rb").read(18)[17] == 8 for p in prefixes)  # dtype code 8: uint16 below 65,500 ids
 
-def test_folder_source(tmp_path):
+    # one pass: every source cut into windows of 16 tokens overlapping by one, the last partial one dropped
+    tokens = [301, 5 * 51]
+    assert len(one_pass) == sum((t - 1) // 15 for t in tokens)
+    samples = one_pass.take()
+    assert samples.shape == (len(one_pass), 16)
+    _assert_windows_of(samples, expected, tok.eos_token_id)
+
+    # the same data and seed: the same samples, from the cache (nothing tokenised again);
+    # another seed: another order
+    again = check_corpus([str(text), str(jsonl)], vocab_size=1000, tokenizer=tok, cache_dir=str(cache))
+    mtimes = [p.stat().st_mtime_ns for p in (cache / "tokens").glob("*/data.bin")]
+    assert torch.equal(again.dataset(tok, seq_len=15, seed=5).take(), samples)
+    assert [p.stat().st_mtime_ns for p in (cache / "tokens").glob("*/data.bin")] == mtimes
+    assert not torch.equal(again.dataset(tok, seq_len=15, seed=6).take(), samples)
+
     folder = tmp_path / "corpus"
     folder.mkdir()
     _write_sources(folder)
-    assert parse_data_spec(str(folder)).kind == "folder"
-    assert load_samples([parse_data_spec(str(folder))], tiny_tokenizer(), seq_len=15).shape[0] == (301 + 255) // 16
+    from_folder = check_corpus([str(folder)], tokenizer=tok, cache_dir=str(cache)).dataset(tok, seq_len=15, seed=5)
+    assert len(from_folder) == (sum(tokens) - 1) // 15  # one source: both files' documents together
 
 
-def test_megatron_indexed_dataset(tmp_path):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = tmp_path / "corpus_text_document"
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
-    docs = [np.arange(10, 40, dtype=np.int32), np.arange(100, 117, dtype=np.int32)]
-    for d in docs:
-        builder.add_document(torch.from_numpy(d), [len(d)])
-    builder.finalize(str(prefix) + ".idx")
-    spec = parse_data_spec(str(prefix))
-    assert spec.kind == "indexed"
-    samples = load_samples([spec], None, seq_len=9, vocab_size=1000)
-    assert torch.equal(samples.flatten(), torch.from_numpy(np.concatenate(docs)[:40]).long())
-    with pytest.raises(UsageError, match="outside the model's vocabulary"):
-        load_samples([spec], None, seq_len=9, vocab_size=50)
-
-
-def test_errors_name_the_problem(tmp_path):
-    text, _ = _write_sources(tmp_path)
-    tok = tiny_tokenizer()
-    with pytest.raises(UsageError, match="more than the data holds"):
-        load_samples([parse_data_spec(str(text))], tok, seq_len=15, num_samples=100, seed=0)
-    with pytest.raises(UsageError, match="shorter than one sample"):
-        load_samples([parse_data_spec(str(text))], tok, seq_len=1000)
+def test_malformed_jsonl_is_reported_before_any_work(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')
     with pytest.raises(UsageError, match="line 2"):
-        load_samples([parse_data_spec(str(bad))], tok, seq_len=2)
-    (tmp_path / "half.bin").write_bytes(b"")
-    with pytest.raises(UsageError, match="needs both"):
-        parse_data_spec(str(tmp_path / "half"))
+        check_corpus([str(bad)], tokenizer=tiny_tokenizer(), cache_dir=str(tmp_path / "cache"))
 
 
-def test_data_parallel_slices_cover_every_sample_once():
-    samples = torch.arange(10).unsqueeze(1)
-    parts = [data_parallel_slice(samples, r, 3) for r in range(3)]
-    assert sorted(torch.cat(parts).flatten().tolist()) == list(range(10))
-    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+# ---------------------------------------------------------------------- blends and splits
+def _two_sources(tmp_path):
+    """Source a: token ids 10..499; source b: 500..999, twice a's tokens."""
+    rng = np.random.default_rng(0)
+    a = [rng.integers(10, 500, rng.integers(20, 60)).tolist() for _ in range(40)]
+    b = [rng.integers(500, 1000, rng.integers(40, 120)).tolist() for _ in range(40)]
+    return _indexed(tmp_path / "a", a), _indexed(tmp_path / "b", b), a, b
+
+
+def test_blend_draws_sources_by_weight(runtime, tmp_path):
+    pa, pb, a, b = _two_sources(tmp_path)
+    cache = str(tmp_path / "cache")
+    n = 100
+
+    def from_a(values):
+        samples = check_corpus(values, vocab_size=1000, cache_dir=cache).dataset(None, seq_len=8, seed=1,
+                                                                                num_samples=n).take()
+        assert samples.shape == (n, 9)
+        in_a = (samples < 500).all(dim=1)
+        assert bool((in_a | (samples >= 500).all(dim=1)).all())  # a sample never mixes sources
+        return samples, int(in_a.sum())
+
+    # megatron-core's blending keeps each source's count within one sample of weight x n
+    weighted, count = from_a(["0.7", pa, "0.3", pb])
+    assert abs(count - 0.7 * n) <= 1
+    for form in ([{"weight": 0.7, "path": pa}, {"weight": 0.3, "path": pb}], f"7 {pa} 3 {pb}"):
+        assert torch.equal(from_a(form)[0], weighted)  # the recipe forms: the same blend
+    # without weights: in proportion to the sources' tokens
+    tokens_a, tokens_b = sum(map(len, a)), sum(map(len, b))
+    assert abs(from_a([pa, pb])[1] - n * tokens_a / (tokens_a + tokens_b)) <= 1
+
+
+def test_split_parts_read_disjoint_documents(runtime, tmp_path):
+    # document k is token 10 + k repeated, so every token names its document
+    docs = [[10 + k] * (20 + k % 7) for k in range(40)]
+    prefix = _indexed(tmp_path / "c", docs)
+    corpus = check_corpus([prefix], vocab_size=1000, split="75,25,0", cache_dir=str(tmp_path / "cache"))
+    train = corpus.dataset(None, seq_len=8, seed=2, part="train", num_samples=30).take()
+    valid = corpus.dataset(None, seq_len=8, seed=2, part="valid").take()
+    # megatron-core splits by document index: the first 30 documents train, the last 10 validate
+    assert set(train.unique().tolist()) <= set(range(10, 40))
+    assert set(valid.unique().tolist()) <= set(range(40, 50)) and len(valid) > 0
+    with pytest.raises(UsageError, match="more than the data holds"):
+        corpus.dataset(None, seq_len=8, seed=2, part="train", num_samples=10_000, exact=True)
+    with pytest.raises(UsageError, match="shorter than one sample"):
+        corpus.dataset(None, seq_len=5000, seed=2)
+
+
+def test_an_interrupted_index_build_is_rebuilt(runtime, tmp_path):
+    pa, pb, _, _ = _two_sources(tmp_path)
+    cache = tmp_path / "cache"
+    corpus = check_corpus(["0.5", pa, "0.5", pb], vocab_size=1000, cache_dir=str(cache))
+    first = corpus.dataset(None, seq_len=8, seed=3, num_samples=20).take()
+    (marker,) = (cache / "index").glob("*/complete")
+    attempt = marker.parent / marker.read_text()
+    marker.unlink()  # as if killed while megatron-core wrote its files
+    for npy in attempt.glob("*.npy"):
+        npy.write_bytes(npy.read_bytes()[:40])
+    again = corpus.dataset(None, seq_len=8, seed=3, num_samples=20).take()
+    assert torch.equal(again, first)
+    assert marker.is_file() and marker.read_text() != attempt.name
+
+
+def test_data_parallel_shares_cover_every_sample_once():
+    shares = [data_parallel_bounds(10, r, 3) for r in range(3)]
+    assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]] and shares[0][0] == 0 and shares[-1][1] == 10
+    assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+# ---------------------------------------------------------------------- preprocess
+def test_preprocess_writes_what_megatron_reads(tiny_hf, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("The first document.\nIt has two lines.")
+    (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Record {i}: caf\u00e9 {i * i}"}) for i in range(7)))
+    model = tiny_hf("llama")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    texts = [(folder / "a.txt").read_text()] + [json.loads(line)["text"] for line in
+                                                (folder / "b.jsonl").read_text().splitlines()]
+    expected = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+
+    files = {}
+    for workers in (1, 2):
+        prefix = tmp_path / f"out{workers}_text_document"
+        code, err = cli_in_process(capsys, "preprocess", "--input", folder, "--model", model, "--out", prefix,
+                                   "--workers", workers)
+        assert code == 0, err
+        assert _read_indexed(prefix) == expected  # documents in order, one sequence each, end-of-sequence last
+        files[workers] = [(tmp_path / f"out{workers}_text_document{s}").read_bytes() for s in (".bin", ".idx")]
+    assert files[1] == files[2]  # workers change the speed, not the bytes
+    assert files[1][1][17] == 8  # uint16, as Megatron-LM chooses below 65,500 ids
+    assert not list(tmp_path.glob("*.tmp-*"))
+    code, err = cli_in_process(capsys, "preprocess", "--input", folder, "--model", model, "--out",
+                               tmp_path / "out1_text_document")
+    assert code == 2 and "already exists" in err
+
+
+def test_token_dtype_follows_megatron_lm():
+    from nemo_minitron.data.indexed import token_dtype
+
+    assert token_dtype(49152) == np.uint16 and token_dtype(128256) == np.int32
+
+
+# ---------------------------------------------------------------------- bad input
+def _bad_idx(tmp_path, name, offset, value: bytes):
+    prefix = _indexed(tmp_path / name, [[5, 6, 7]])
+    raw = bytearray(open(prefix + ".idx", "rb").read())
+    raw[offset:offset + len(value)] = value
+    open(prefix + ".idx", "wb").write(bytes(raw))
+    return prefix
+
+
+def test_bad_data_input_is_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tiny_checkpoint("llama")
+    good = _indexed(tmp_path / "good", [[5, 6, 7, 8] * 10])
+    half = tmp_path / "half"
+    (tmp_path / "half.bin").write_bytes(b"\0\0")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cases = [
+        (["--data", "0.7", good, "0.3"], "pairs of weight and source"),
+        (["--data", "0.7", good, "0", good], "must be > 0"),
+        (["--data", str(half)], "half.idx is missing"),
+        (["--data", _bad_idx(tmp_path, "v2", 9, struct.pack("<Q", 2))], "index version 2"),
+        (["--data", _bad_idx(tmp_path, "f32", 17, bytes([7]))], "dtype code 7"),
+        (["--data", _indexed(tmp_path / "big", [[5, 6, 7000]])], "outside the model's vocabulary"),
+        (["--data", good, "--split", "99,x"], "--split '99,x' does not parse"),
+        (["--data", good, "--data-cache", not_a_dir / "cache"], "--data-cache"),
+    ]
+    for args, words in cases:
+        code, err = cli_in_process(capsys, "eval", ckpt, "--seq-len", "16", *args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_in_process, run_cli, run_workers
+from tolerances import fp32
 
 # At PP=2 (student layers 0-1 | 2, teacher 0-1 | 2-3): student layer 0 sits on the first stage
 # and teacher layer 3 on the second (the student state is carried); student layer 2 /
@@ -29,25 +30,43 @@ CONFIGS = {
                   ce_weight=0.25, logit_chunk=7),
     "top_k": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_top_k=5, kd_temperature=1.5,
                   ce_weight=0.5, logit_chunk=5),
+    # float16 with megatron-core's loss scale: the pair on the first stage enters the backward
+    # pass at PP=2 through the stage output and must be scaled like the last stage's loss
+    "fp16": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=PAIRS, kd_temperature=2.0,
+                 ce_weight=0.25, logit_chunk=7, dtype="float16"),
+}
+#: a mixture-of-experts student (mixtral_small, 2 layers) taught by a mixture of experts (mixtral,
+#: 3 layers), its load-balancing loss weighted 0.05; at TP=2 both train with sequence
+#: parallelism (each rank holds half of the sequence: pair losses and router gradients
+#: come in parts), at PP=2 student layer 0 / teacher layer 2 and student 1 / teacher 0 sit on
+#: different stages
+MOE_PAIR = ("mixtral", "mixtral_small")
+AUX_TOL = fp32(32 * 4 * 64 * (2 * 3 + 1), 1.0)
+MOE_CONFIGS = {
+    "moe": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=["0:2", "1:0"], kd_temperature=1.5,
+                ce_weight=0.25, logit_chunk=7, moe_aux_loss_coeff=0.05),
 }
 
 
 def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict):
     """A trainer at a layout on 16 built-in training samples (any rank)."""
-    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
-    from nemo_minitron.distill.api import _projection_init, parse_pairs
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.distill.api import _projection_init, load_training_models, parse_pairs
     from nemo_minitron.distill.config import DistillConfig
     from nemo_minitron.distill.train import Trainer
     from nemo_minitron.runtime.distributed import init_distributed
 
+    from nemo_minitron.checkpoint.store import parse_dtype
+
+    settings = dict(settings)
+    dtype = parse_dtype(settings.pop("dtype")) if "dtype" in settings else None
     s_desc, t_desc = read_info(student).description, read_info(teacher).description
     cfg = DistillConfig(steps=1, **settings)
     init_distributed(tp, pp, SEED)
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student), cfg.seq_len,
-                           num_samples=16, seed=0)
-    s_model, _ = load_checkpoint(student)
-    t_model, _ = load_checkpoint(teacher)
+    samples = check_corpus(["builtin:train"]).dataset(load_tokenizer(student), seq_len=cfg.seq_len, seed=0,
+                                                      num_samples=16)
+    s_model, t_model = load_training_models(student, teacher, dtype, s_desc)
     pairs = parse_pairs(cfg.kd_pairs, s_desc, t_desc)
     return Trainer(s_model, t_model, samples, None, Path("/nonexistent"), cfg, seed=SEED, student_desc=s_desc,
                    teacher_desc=t_desc, pairs=pairs, progress=False,
@@ -67,22 +86,37 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
                    pair_weights: list[float]):
     """The step's losses and projection gradients written out directly, in float64, from the
     Hugging Face models (layer outputs captured with hooks): the definitions of
-    docs/design.md, independent of the training code."""
+    docs/design.md, independent of the training code. A mixture-of-experts student adds
+    its load-balancing loss per layer (Switch Transformer's, as megatron-core normalises it):
+    coeff * E / (k T^2) * sum_e (sum_t softmax(router logits)_te) * (tokens routed to e), and
+    its routers' gradients are returned too."""
     from nemo_minitron.checkpoint.verify import load_hf_model
 
     T, ce_w = settings["kd_temperature"], settings["ce_weight"]
     pairs = [tuple(int(x) for x in p.split(":")) for p in settings.get("kd_pairs", [])]
     models = {side: load_hf_model(d).double().eval() for side, d in (("teacher", teacher_hf), ("student", student_hf))}
+    for model in models.values():
+        if hasattr(model, "set_experts_implementation"):  # transformers 5: grouped_mm has no float64
+            model.set_experts_implementation("eager")
     proj = {k: v.detach().double().clone().requires_grad_(True) for k, v in projections.items()}
-    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs)}
+    student_layers = models["student"].model.layers
+    moe = hasattr(student_layers[0].mlp, "gate")
+    routers = {f"decoder.layers.{i}.mlp.router.weight": layer.mlp.gate.weight
+               for i, layer in enumerate(student_layers)} if moe else {}
+    config = models["student"].config
+    coeff = settings.get("moe_aux_loss_coeff", getattr(config, "router_aux_loss_coef", 0.0))
+    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs), "moe_aux_loss": 0.0}
     objective = 0.0
     for mb in microbatches:
-        states, logits = {}, {}
+        states, logits, router_logits = {}, {}, []
         for side, model in models.items():
             wanted = {s if side == "student" else t for s, t in pairs}
             hooks = [model.model.layers[i].register_forward_hook(
                 lambda m, a, o, i=i, side=side: states.__setitem__((side, i), o[0] if isinstance(o, tuple) else o))
                 for i in wanted]
+            if side == "student" and moe:
+                hooks += [layer.mlp.gate.register_forward_hook(lambda m, a, o: router_logits.append(o[0]))
+                          for layer in student_layers]
             with torch.set_grad_enabled(side == "student"):
                 logits[side] = model(mb["tokens"]).logits.double()
             for h in hooks:
@@ -99,37 +133,55 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
             projected = states[("student", s)] @ proj[str(i)].T if str(i) in proj else states[("student", s)]
             cos = torch.nn.functional.cosine_similarity(projected, states[("teacher", t)].detach(), dim=-1)
             pair_losses.append((1 - cos).mean())
-        loss = kd + ce_w * ce + sum(w * p for w, p in zip(pair_weights, pair_losses))
+        aux = 0.0
+        for z_router in router_logits:  # [tokens, experts], one per student layer
+            n_tokens, experts = z_router.shape
+            k = config.num_experts_per_tok
+            routed = torch.zeros_like(z_router).scatter(1, z_router.topk(k, dim=-1).indices, 1.0)
+            aux = aux + coeff * experts / (k * n_tokens ** 2) * (z_router.softmax(-1).sum(0) * routed.sum(0)).sum()
+        loss = kd + ce_w * ce + sum(w * p for w, p in zip(pair_weights, pair_losses)) + aux
         objective = objective + loss / len(microbatches)
         totals["loss"] += loss.item() / len(microbatches)
         totals["kd_loss"] += kd.item() / len(microbatches)
         totals["ce_loss"] += ce.item() / len(microbatches)
+        totals["moe_aux_loss"] += float(aux) / len(microbatches)
         for i, p in enumerate(pair_losses):
             totals["pair_losses"][i] += p.item() / len(microbatches)
-    grads = torch.autograd.grad(objective, list(proj.values())) if proj else []
-    return totals, {f"kd_projection.{k}": g for k, g in zip(proj, grads)}, max(
-        logits["student"].abs().max().item(), logits["teacher"].abs().max().item())
+    wrt = {**{f"kd_projection.{k}": v for k, v in proj.items()}, **routers}
+    grads = torch.autograd.grad(objective, list(wrt.values())) if wrt else []
+    return totals, dict(zip(wrt, grads)), max(logits["student"].abs().max().item(),
+                                              logits["teacher"].abs().max().item())
 
 
 @pytest.mark.multirank
 def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_checkpoint, tmp_path):
-    """At TP=1 the step's KD, CE and pair losses and the projections' gradients equal a
-    float64 reference written out from the HF models; at TP=2 and PP=2 (with pairs whose
-    states cross pipeline stages, and with top-k under a split vocabulary) losses and every
-    gradient equal TP=1's."""
-    from tolerances import fp32, log_softmax_sum, transformer_logits
+    """At TP=1 the step's KD, CE and pair losses (and a mixture-of-experts student's
+    load-balancing loss) and the projections' (and routers') gradients equal a float64
+    reference written out from the HF models; at TP=2 and PP=2 (with pairs whose states
+    cross pipeline stages, with top-k under a split vocabulary, in float16 with the loss
+    scale, and an MoE student and teacher under sequence parallelism) losses and every
+    gradient equal TP=1's; at every layout, DP=2 included, the step reads the same samples
+    (token fingerprint) and has the same losses."""
+    from tolerances import fp16_same_ops, fp32, log_softmax_sum, transformer_logits
 
     teacher, student = str(tiny_checkpoint("llama")), str(tiny_checkpoint("llama_small"))
+    moe_teacher, moe_student = (str(tiny_checkpoint(k)) for k in MOE_PAIR)
     width, layers = 96, 4  # the wider model's largest inner dimension and depth (tiny_models.py)
+    runs = {name: (teacher, student, "llama", "llama_small", settings) for name, settings in CONFIGS.items()}
+    runs.update({name: (moe_teacher, moe_student, *MOE_PAIR, settings) for name, settings in MOE_CONFIGS.items()})
     base: dict[str, tuple] = {}
-    for name, settings in CONFIGS.items():
-        trainer = make_trainer(teacher, student, 1, 1, settings)
+    for name, (t_ckpt, s_ckpt, t_kind, s_kind, settings) in runs.items():
+        trainer = make_trainer(t_ckpt, s_ckpt, 1, 1, settings)
         logs, grads = trainer.gradients(step=0)
         base[name] = (logs, grads)
+        if settings.get("dtype") == "float16":
+            continue  # the float64 reference is for float32 arithmetic; float16 is checked across layouts
         projections = {k: p.weight for k, p in trainer.module.projections.items()}
-        ref, ref_grads, max_logit = reference_step(tiny_hf("llama"), tiny_hf("llama_small"),
-                                                   trainer._microbatches(0), settings, projections,
-                                                   trainer.module.pair_weights.tolist())
+        ref, ref_grads, max_logit = reference_step(tiny_hf(t_kind), tiny_hf(s_kind), trainer.step_batches(0),
+                                                   settings, projections, trainer.module.pair_weights.tolist())
+        # the load-balancing loss sums, over 32 tokens x 4 experts, router probabilities whose inputs
+        # carry a float32 forward pass's rounding (matrix products <= 64 wide, 3 layers)
+        assert abs(logs.get("moe_aux_loss", 0.0) - ref["moe_aux_loss"]) <= AUX_TOL * (1 + ref["moe_aux_loss"])
         T = settings["kd_temperature"]
         # float32 (megatron) against float64 (HF): the logits differ by a forward pass's rounding;
         # KD and CE are per-token log-softmax sums over the vocabulary of those logits (T^2 KL
@@ -147,27 +199,38 @@ def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_c
             got = grads[key].double()
             assert (got - want).abs().max().item() <= fp32(width * (2 * layers + 1) * 32, want.abs().max().item()), key
 
-    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
+    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
         out = tmp_path / layout
-        run_workers("distill_layouts.py", teacher, student, out, *flags)
-        for name, settings in CONFIGS.items():
+        run_workers("distill_layouts.py", teacher, student, out, *flags, "--moe", moe_teacher, moe_student)
+        for name, (*_, settings) in runs.items():
+            fp16 = settings.get("dtype") == "float16"
+            if fp16 and layout == "tp2":
+                continue  # float16 sums in another order (TP) bound nothing useful; PP and DP keep the order
             logs, grads = base[name]
             merged: dict[str, torch.Tensor] = {}
             for part in sorted(out.glob("rank*.pt")):
                 saved = torch.load(part)[name]
+                assert saved["logs"]["samples_fingerprint"] == logs["samples_fingerprint"], (layout, name)
                 # another split of the same float32 arithmetic: row-parallel sums and vocabulary
                 # shards reduced in another order; the loss terms are log-softmax sums
                 tol = log_softmax_sum(1000, 10.0) * settings["kd_temperature"] ** 2
                 for key in ("loss", "kd_loss", "ce_loss"):
                     assert abs(saved["logs"][key] - logs[key]) <= tol, (layout, name, key)
+                assert ("moe_aux_loss" in saved["logs"]) == ("moe_aux_loss" in logs)
+                if "moe_aux_loss" in logs:  # the same sums, split over ranks
+                    assert abs(saved["logs"]["moe_aux_loss"] - logs["moe_aux_loss"]) <= AUX_TOL, layout
                 for a, b in zip(saved["logs"]["pair_losses"], logs["pair_losses"]):
                     assert abs(a - b) <= fp32(width * (2 * layers + 1), 2.0), (layout, name)
                 merged.update(saved["grads"])
+            if layout == "dp2":
+                continue  # the distributed optimizer leaves each rank only its shard of the reduced gradients
             assert merged.keys() == grads.keys(), (layout, name)
             for key, ref in grads.items():
-                # each gradient is a sum over the step's 64 tokens of products that passed through
-                # the layers: float32 accumulation over tokens x widths x layers
-                tol = fp32(64 * width * (2 * layers + 1), ref.abs().max().item())
+                # float32: each gradient is a sum over the step's 64 tokens of products that passed
+                # through the layers (accumulation over tokens x widths x layers); float16 at PP=2:
+                # the same operations, the first stage's pair gradient joining at another point
+                scale = ref.abs().max().item()
+                tol = fp16_same_ops(layers, scale) if fp16 else fp32(64 * width * (2 * layers + 1), scale)
                 assert (merged[key] - ref).abs().max().item() <= tol, (layout, name, key)
 
 
@@ -197,10 +260,28 @@ def _kill_at_checkpoint(cmd, env, out: Path, step: int) -> None:
     assert not (out / "summary.json").exists()
 
 
+def _terminate_after_step(cmd, env, out: Path, step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Start a run and send ``sig`` to it (and its helper processes, as Slurm does) once it
+    has trained ``step`` steps."""
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe nobody reads while it fills
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before the signal"
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in _records(out)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
+
+
 def test_killed_run_resumes_with_identical_losses_and_checks_its_settings(tiny_checkpoint, tmp_path):
-    """A run killed after a checkpoint resumes with the losses of an uninterrupted run; the
-    automatic pair weights follow their definition; a resume with a changed learning rate is
-    refused naming the key, and with --force follows the new schedule."""
+    """A run stopped by SIGTERM saves at the next step and exits 0; killed (SIGKILL) after a
+    later checkpoint and started again, it ends with the losses and the samples (token
+    fingerprints) of an uninterrupted run; the automatic pair weights follow their
+    definition; a resume with a changed learning rate is refused naming the key, and with
+    --force follows the new schedule."""
     teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     straight = tmp_path / "straight"
@@ -219,7 +300,12 @@ def test_killed_run_resumes_with_identical_losses_and_checks_its_settings(tiny_c
         assert abs(after["loss"] - total) <= 1e-6 * total
 
     killed = tmp_path / "killed"
-    _kill_at_checkpoint(_distill_cmd(teacher, student, killed), env, killed, 3)
+    stopped = _terminate_after_step(_distill_cmd(teacher, student, killed), env, killed, 4)
+    assert stopped.returncode == 0 and "stop requested (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
+    at = int((killed / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 4 <= at < 8 and [r["step"] for r in _records(killed)] == list(range(1, at + 1))
+    assert not (killed / "summary.json").exists()
+    _kill_at_checkpoint(_distill_cmd(teacher, student, killed), env, killed, 6)
     resumed = subprocess.run(_distill_cmd(teacher, student, killed), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = _records(killed)
@@ -227,6 +313,9 @@ def test_killed_run_resumes_with_identical_losses_and_checks_its_settings(tiny_c
     for a, b in zip(got, expected):
         # the same float32 operations on bit-identical restored state: equal up to the last bits
         assert abs(a["loss"] - b["loss"]) <= 4 * 2.0 ** -24 * abs(b["loss"]), (a, b)
+        # the same tokens in the same positions of each step's samples
+        assert a["samples_fingerprint"] == b["samples_fingerprint"] and a["consumed_samples"] == 4 * a["step"]
+    assert len({r["samples_fingerprint"] for r in expected}) == len(expected)  # every step reads new samples
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["student_after"]["heldout_loss"] > 0 and not summary["forced_resumes"]
     assert (killed / "final" / "nemo_minitron.json").is_file() and (killed / "tensorboard").is_dir()
@@ -272,11 +361,11 @@ def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path
     not (so a broken KD term, replaced by or reduced to CE, fails here). Fine-tuning lowers
     the held-out loss, and both final students are checkpoints the other commands read."""
     from nemo_minitron.checkpoint.store import load_tokenizer
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
 
     teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(student), 32, num_samples=16,
-                           seed=3)
+    heldout = check_corpus(["builtin:heldout"]).dataset(load_tokenizer(student), seq_len=32, seed=3,
+                                                        num_samples=16).take()
     before = _kl_to_teacher(teacher, student, heldout)
     kl = {}
     for name, teacher_arg in (("kd", teacher), ("ce", "none")):

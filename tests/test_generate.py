@@ -176,10 +176,12 @@ def test_smollm2_greedy_generation_equals_transformers(smollm2, smollm2_hf, runt
     batch: megatron-core's KV-cached generation gives transformers' tokens on the export."""
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.generate.prompts import data_prefixes
 
     opened = open_model(str(smollm2["checkpoint"]))
-    prefixes = data_prefixes(["builtin:heldout"], opened.tokenizer, 28, opened.description.vocab_size, limit=8)
+    corpus = check_corpus(["builtin:heldout"], vocab_size=opened.description.vocab_size, tokenizer=opened.tokenizer)
+    prefixes = data_prefixes(corpus, opened.tokenizer, 28, seed=1234, limit=8)
     prompts = [p.tokens[:6 + 3 * i] for i, p in enumerate(prefixes)]
     got = TextGenerator(opened.model, opened.description, opened.tokenizer).generate(
         prompts, SamplingConfig(max_new_tokens=16))

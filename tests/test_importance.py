@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import cli_in_process, run_cli, run_workers
+from tiny_models import MOE_KINDS
 from tolerances import fp32, log_softmax_sum
 
 SEQ, SAMPLES, LAYER_SAMPLES, SEED = 24, 6, 3, 11
@@ -17,11 +18,12 @@ SEQ, SAMPLES, LAYER_SAMPLES, SEED = 24, 6, 3, 11
 
 def _samples(checkpoint):
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
 
-    desc = read_info(checkpoint).description
-    return load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(checkpoint), SEQ, num_samples=SAMPLES,
-                        seed=SEED, vocab_size=desc.vocab_size)
+    tokenizer = load_tokenizer(checkpoint)
+    corpus = check_corpus(["builtin:calib"], vocab_size=read_info(checkpoint).description.vocab_size)
+    return calibration_samples(corpus, tokenizer, seq_len=SEQ, samples=SAMPLES, seed=SEED)
 
 
 def _capture(hf_model, tokens):
@@ -35,10 +37,11 @@ def _capture(hf_model, tokens):
 
     handles = []
     for i, layer in enumerate(hf_model.model.layers):
-        first = getattr(layer.mlp, "gate_proj", None) or layer.mlp.up_proj  # X.W1: the gate, or up without one
+        if not hasattr(layer.mlp, "experts"):  # a dense MLP (experts: _moe_reference)
+            first = getattr(layer.mlp, "gate_proj", None) or layer.mlp.up_proj  # X.W1: the gate, or up without one
+            handles += [layer.mlp.down_proj.register_forward_hook(keep(f"{i}.ffn_post", "in")),
+                        first.register_forward_hook(keep(f"{i}.ffn_pre", "out"))]
         handles += [layer.self_attn.o_proj.register_forward_hook(keep(f"{i}.attn_out", "in")),
-                    layer.mlp.down_proj.register_forward_hook(keep(f"{i}.ffn_post", "in")),
-                    first.register_forward_hook(keep(f"{i}.ffn_pre", "out")),
                     layer.input_layernorm.register_forward_hook(keep(f"{i}.norm1", "out")),
                     layer.post_attention_layernorm.register_forward_hook(keep(f"{i}.norm2", "out")),
                     layer.register_forward_hook(keep(f"{i}.layer_in", "in")),
@@ -69,7 +72,8 @@ def _reference(acts, desc, seq, batch, neuron_activation="post", head_score="cha
         heads = torch.stack([_aggregate(acts[f"{i}.attn_out"], seq, batch).unflatten(-1, (-1, d)).norm(dim=-1)
                              for i in range(L)])
     final = _aggregate(acts["final_norm"], seq, batch)
-    ffn = torch.stack([_aggregate(acts[f"{i}.ffn_{neuron_activation}"], seq, batch) for i in range(L)])
+    ffn = torch.stack([_aggregate(acts[f"{i}.ffn_{neuron_activation}"], seq, batch) for i in range(L)]) \
+        if f"0.ffn_{neuron_activation}" in acts else None
     per_layer = torch.stack([_aggregate(acts[f"{i}.norm1"], seq, batch) + _aggregate(acts[f"{i}.norm2"], seq, batch)
                              for i in range(L)])
     cos = [torch.nn.functional.cosine_similarity(acts[f"{i}.layer_in"], acts[f"{i}.layer_out"], dim=-1).mean()
@@ -81,6 +85,8 @@ def _reference(acts, desc, seq, batch, neuron_activation="post", head_score="cha
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    if ref.numel() == 0:  # an axis the model lacks (a mixture of experts' dense ffn: [layers, 0])
+        return ours.shape == ref.shape
     scale = ref.abs().max().item()
     return (ours.double() - ref.double()).abs().max().item() <= rtol * max(scale, 1e-12)
 
@@ -222,7 +228,24 @@ def test_loss_drop_equals_eval_without_the_layer(tiny, tmp_path):
             del without.model.layers[i]
         losses[metric] = hf_loss(without)
         assert abs(sets[metric]["loss"] - losses[metric]) < 2 * LOSS_TOL, metric
-    assert sets["best"] == min(losses, key=losses.__getitem__)
+    # greedy elimination: the reference deletes, at each step, the layer whose deletion (with
+    # the earlier ones deleted) leaves the lowest loss
+    greedy, gone = scores.summary["layers"]["greedy"], []
+    for step in range(2):
+        ref = {}
+        for j in (j for j in range(tiny["desc"].num_layers) if j not in gone):
+            without = copy.deepcopy(tiny["hf"])
+            for i in sorted(gone + [j], reverse=True):
+                del without.model.layers[i]
+            ref[j] = hf_loss(without)
+            assert abs(greedy["candidates"][step][j] - ref[j]) < 2 * LOSS_TOL, (step, j)
+        gone.append(min(ref, key=ref.__getitem__))
+        assert greedy["order"][step] == gone[-1] and abs(greedy["loss"][step] - ref[gone[-1]]) < 2 * LOSS_TOL
+        assert all(greedy["candidates"][step][i] is None for i in gone[:-1])
+    losses["greedy"] = greedy["loss"][1]
+    assert sets["greedy"]["layers"] == sorted(gone) and abs(sets["greedy"]["loss"] - losses["greedy"]) < 2 * LOSS_TOL
+    # the cheapest set (sets that coincide, e.g. greedy and loss, tie exactly)
+    assert abs(losses[sets["best"]] - min(losses.values())) < 2 * LOSS_TOL
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "nemotron"])
@@ -252,28 +275,108 @@ def test_new_families_scores_equal_reference(kind, tiny_hf, tiny_checkpoint):
             assert _close(scores[axis], ref, 1e-5), (kind, neurons, axis)
 
 
+def _moe_reference(hf_model, tokens, acts, seq, batch, neurons):
+    """Expert axes by definition, in float64 from the HF model's own routing (its router's
+    top-k weights and indices, captured) and its expert weights: each expert's output on
+    the tokens routed to it, times the token's routing weight; zero for the other tokens."""
+    routing, shared = {}, {}
+    handles = []
+    for i, layer in enumerate(hf_model.model.layers):
+        handles.append(layer.mlp.gate.register_forward_hook(
+            lambda m, a, o, i=i: routing.setdefault(i, []).append((o[1].detach().double(), o[2].detach()))))
+        if hasattr(layer.mlp, "shared_expert"):
+            down, gate = layer.mlp.shared_expert.down_proj, layer.mlp.shared_expert.gate_proj
+            handles += [down.register_forward_hook(lambda m, a, o, i=i: shared.__setitem__((i, "post"), a[0])),
+                        gate.register_forward_hook(lambda m, a, o, i=i: shared.__setitem__((i, "pre"), o))]
+    with torch.no_grad():
+        hf_model(tokens)
+    for h in handles:
+        h.remove()
+    b, s = tokens.shape
+    out = {"experts": [], "moe_ffn": [], "shared_ffn": []}
+    for i, layer in enumerate(hf_model.model.layers):
+        x = acts[f"{i}.norm2"].reshape(b * s, -1)                          # the MoE block's input
+        weights, chosen = routing[i][0]                                     # [tokens, top-k]
+        gate_up, down = layer.mlp.experts.gate_up_proj.double(), layer.mlp.experts.down_proj.double()
+        experts, ffn = [], []
+        for e in range(gate_up.shape[0]):
+            p = (weights * (chosen == e)).sum(-1, keepdim=True)              # 0 when not routed to e
+            gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+            act = p * torch.nn.functional.silu(gate) * up                   # the input of the second linear
+            experts.append(_aggregate((act @ down[e].T).norm(dim=-1).reshape(b, s, 1), seq, batch)[0])
+            ffn.append(_aggregate((act if neurons == "post" else gate * (p > 0)).reshape(b, s, -1), seq, batch))
+        out["experts"].append(torch.stack(experts))
+        out["moe_ffn"].append(torch.stack(ffn))
+        if shared:
+            out["shared_ffn"].append(_aggregate(shared[(i, neurons)].double().reshape(b, s, -1), seq, batch))
+    return {k: torch.stack(v) for k, v in out.items() if v}
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_expert_scores_equal_reference(kind, tiny_hf, tiny_checkpoint):
+    """Mixtures of experts: experts (routing weight x norm of the expert's output), each
+    expert's neurons (post: the routing-weighted input of its second linear; pre: its gate
+    pre-activation on the tokens routed to it), the shared expert's neurons, and the channels
+    and heads as in dense models, equal the HF model's activations aggregated by definition.
+    Mixtral and Qwen3-MoE renormalise the top-k weights; Qwen2-MoE does not and has a shared
+    expert."""
+    from nemo_minitron.checkpoint.api import open_model
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.importance.api import calibration_pass
+
+    ckpt = tiny_checkpoint(kind)
+    samples = _samples(ckpt)
+    hf = load_hf_model(tiny_hf(kind))
+    tokens = samples[:, :-1]
+    acts = _capture(hf, tokens)
+    opened = open_model(str(ckpt))
+    desc = opened.description
+    for neurons, (seq, batch) in (("post", ("mean", "l2")), ("pre", ("var", "mean"))):
+        scores = calibration_pass(opened.model, samples, micro_batch=4, seq_agg=seq, batch_agg=batch,
+                                  neuron_activation=neurons, num_layers=desc.num_layers, progress=False)
+        reference = {**_reference(acts, desc, seq, batch), **_moe_reference(hf, tokens, acts, seq, batch, neurons)}
+        for axis in ("ffn", "query_groups"):  # no dense MLP; groups are summed heads (tested above)
+            reference.pop(axis)
+        assert scores["ffn"].shape == (desc.num_layers, 0)
+        assert set(reference) <= set(scores), set(reference) - set(scores)
+        # float32 activations of 3 layers at most 64 wide, against float64: a forward pass's rounding
+        for axis, ref in reference.items():
+            assert scores[axis].shape == ref.shape, axis
+            assert _close(scores[axis], ref, fp32(64 * (2 * 3 + 1), 1.0)), (kind, neurons, axis)
+
+
 @pytest.mark.multirank
-def test_parallel_layouts_equal_tp1(tiny, tmp_path):
-    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples."""
+def test_parallel_layouts_equal_tp1(tiny, tiny_checkpoint, tmp_path):
+    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples,
+    for Llama and (TP=2, PP=2) for a mixture of experts with a shared expert (at TP=2 every rank holds
+    every expert's half, and the all-gather dispatcher hands it both ranks' copies of the
+    tokens)."""
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.importance.scores import ImportanceScores
 
     kwargs = dict(samples=SAMPLES, seq_len=SEQ, layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED)
-    base = compute_importance(str(tiny["checkpoint"]), ["builtin:calib"], str(tmp_path / "tp1"), progress=False,
-                              micro_batch=2, **kwargs)
+    models = {"llama": str(tiny["checkpoint"]), "qwen2_moe": str(tiny_checkpoint("qwen2_moe"))}
+    base = {kind: compute_importance(ckpt, ["builtin:calib"], str(tmp_path / f"tp1-{kind}"), progress=False,
+                                     micro_batch=2, **kwargs) for kind, ckpt in models.items()}
     for name, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
-        out = tmp_path / name
-        run_workers("importance_layouts.py", tiny["checkpoint"], out, *flags)
-        other = ImportanceScores.load(out)
-        for axis, ref in base.tensors.items():
-            # another split of the same float32 forward (row-parallel sums, stages), and DP's
-            # per-rank float64 sums added in another order
-            if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
-                assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (name, axis)
-            else:
-                assert _close(other[axis], ref, 2 * SCORE_RTOL), (name, axis)
-        assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
-            base.summary["layers"]["contiguous_blocks"]["2"]["start"]
+        # a mixture of experts at DP=2 is not covered: it stops in BatchStat.all_reduce (a rank
+        # with no statistic of an expert axis); open in issue 12
+        kinds = [k for k in models if name != "dp2" or k == "llama"]
+        out = {kind: tmp_path / f"{name}-{kind}" for kind in kinds}
+        also = ["--also", models["qwen2_moe"], out["qwen2_moe"]] if "qwen2_moe" in kinds else []
+        run_workers("importance_layouts.py", models["llama"], out["llama"], *flags, *also)
+        for kind in kinds:
+            other = ImportanceScores.load(out[kind])
+            assert other.tensors.keys() == base[kind].tensors.keys()
+            for axis, ref in base[kind].tensors.items():
+                # another split of the same float32 forward (row-parallel sums, stages), and DP's
+                # per-rank float64 sums added in another order
+                if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
+                    assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (name, kind, axis)
+                else:
+                    assert _close(other[axis], ref, 2 * SCORE_RTOL), (name, kind, axis)
+            assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
+                base[kind].summary["layers"]["contiguous_blocks"]["2"]["start"]
 
 
 @pytest.mark.smollm2

@@ -219,7 +219,7 @@ def _trainer_step(teacher: str, student: str, tp: int = 1, pp: int = 1):
     """The project's own trainer on the integration's settings (at TP=1: the reference)."""
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
     from nemo_minitron.config import build
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.distill.api import parse_pairs
     from nemo_minitron.distill.config import DistillConfig
     from nemo_minitron.distill.train import Trainer
@@ -231,8 +231,8 @@ def _trainer_step(teacher: str, student: str, tp: int = 1, pp: int = 1):
                 logit_chunk=INTEGRATION["chunk_tokens"], kd_pairs=INTEGRATION["pairs"].split(","), steps=1, lr=1e-3,
                 **{k: v for k, v in BATCH.items() if k != "seed"})
     init_distributed(tp, pp, seed)
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(student), cfg.seq_len,
-                           num_samples=16, seed=0)
+    samples = check_corpus(["builtin:train"]).dataset(load_tokenizer(student), seq_len=cfg.seq_len, seed=0,
+                                                      num_samples=16)
     trainer = Trainer(load_checkpoint(student)[0], load_checkpoint(teacher)[0], samples, None, Path("/nonexistent"),
                       cfg, seed=seed, student_desc=s_desc, teacher_desc=t_desc,
                       pairs=parse_pairs(cfg.kd_pairs, s_desc, t_desc), progress=False)
@@ -249,7 +249,7 @@ def _hf_pair_losses(trainer, teacher_hf: Path, student_hf: Path) -> list[float]:
 
     hf_s, hf_t = load_hf_model(student_hf), load_hf_model(teacher_hf)
     totals = [0.0, 0.0, 0.0]
-    batches = trainer._microbatches(0)
+    batches = trainer.step_batches(0)
     for batch in batches:
         with torch.no_grad():
             hs = hf_s(batch["tokens"], output_hidden_states=True).hidden_states

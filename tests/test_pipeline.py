@@ -33,22 +33,30 @@ def _steps(distill_dir: Path) -> list[int]:
     return [json.loads(x)["step"] for x in lines if x.strip() and json.loads(x)["kind"] == "train"]
 
 
-def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path):
-    """The whole recipe, killed during the first distillation and started again: finished
-    stages are not redone, no training step is lost or repeated, every stage's output and
-    the report are complete, and a third start finds nothing left to do."""
+def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path):
+    """The whole recipe, stopped by SIGUSR1 (Slurm's time-limit warning) during the first
+    distillation: it saves, exits 0 without a report, and started again continues: finished
+    stages are not redone, no training step is lost or repeated, every training stage
+    (teacher correction too) logs to TensorBoard and Megatron-style lines, the report is
+    complete, and a third start finds nothing left to do."""
     out = tmp_path / "run"
     args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
-            "rounds.0.distill.save_every=3"]
+            "rounds.0.distill.save_every=100"]
+    log = tmp_path / "first.log"  # a file, not a pipe nobody reads while it fills
     proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = out / "width-3-distill" / "checkpoints" / "latest"
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = out / "width-3-distill" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (marker.exists() and marker.read_text().strip() >= "step_0000006") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before distillation was checkpointed"
+    while not (metrics.exists() and _steps(out / "width-3-distill")[-1:] >= [5]) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before distillation"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGUSR1)  # every process of the run, as Slurm signals a job step
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0 and "recipe stopped by SIGUSR1" in text, text[-3000:]
+    assert not (out / "report").exists()
+    stopped_at = int((out / "width-3-distill" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 5 <= stopped_at < 12  # saved at the step boundary after the signal, not at save_every
     before = json.loads((out / "stages.json").read_text())
     assert "width-distill" not in before and "width-prune" in before
 
@@ -60,6 +68,9 @@ def test_recipe_killed_mid_distillation_resumes_and_completes(tiny_hf, tmp_path)
         assert f"stage {stage}: complete" in done.stderr
     assert "resumed from" in done.stderr
     assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
+    for stage in ("01-teacher-correction", "width-3-distill", "depth-3-distill"):
+        assert list((out / stage / "tensorboard").glob("events.*")), stage
+    assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
     assert list(after) == STAGES
 
     report = json.loads((out / "report" / "report.json").read_text())

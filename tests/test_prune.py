@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_workers
+from tiny_models import MOE_KINDS
 from tolerances import transformer_logits
 
 _MADE: dict = {}
@@ -51,14 +52,16 @@ def layer_reference(tiny_hf, tiny_checkpoint):
 
     from nemo_minitron.checkpoint.store import load_tokenizer
     from nemo_minitron.config import DEFAULT_SEED
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
 
     made: dict = {}
 
     def get(kind="llama"):
         if kind not in made:
-            calib = load_samples(parse_data_specs(["builtin:calib"]), load_tokenizer(tiny_checkpoint(kind)),
-                                 CALIBRATION["seq_len"], num_samples=CALIBRATION["samples"], seed=DEFAULT_SEED)
+            calib = calibration_samples(check_corpus(["builtin:calib"]), load_tokenizer(tiny_checkpoint(kind)),
+                                        seq_len=CALIBRATION["seq_len"], samples=CALIBRATION["samples"],
+                                        seed=DEFAULT_SEED)
             made[kind] = hf_layer_scores(tiny_hf(kind), calib, CALIBRATION["layer_samples"],
                                          tuple(CALIBRATION["drop_blocks"]))
         return made[kind]
@@ -76,9 +79,15 @@ def shape_from_weights(after: dict, head_dim: int) -> dict[str, int]:
     first = f"decoder.layers.{layers[0]}."
     heads = after[first + "self_attention.linear_proj.weight"].shape[1] // head_dim
     groups = (after[first + "self_attention.linear_qkv.weight"].shape[0] // head_dim - heads) // 2
-    return {"hidden": after["embedding.word_embeddings.weight"].shape[1],
-            "ffn": after[first + "mlp.linear_fc2.weight"].shape[1], "heads": heads, "query_groups": groups,
-            "layers": len(layers)}
+    shape = {"hidden": after["embedding.word_embeddings.weight"].shape[1], "heads": heads, "query_groups": groups,
+             "layers": len(layers)}
+    if first + "mlp.router.weight" not in after:
+        return {**shape, "ffn": after[first + "mlp.linear_fc2.weight"].shape[1]}
+    shape["experts"] = after[first + "mlp.router.weight"].shape[0]
+    shape["moe_ffn"] = after[first + "mlp.experts.local_experts.0.linear_fc2.weight"].shape[1]
+    if first + "mlp.shared_experts.linear_fc2.weight" in after:
+        shape["shared_ffn"] = after[first + "mlp.shared_experts.linear_fc2.weight"].shape[1]
+    return shape
 
 
 def synthetic_scores(desc, directory: Path, seed: int) -> None:
@@ -91,6 +100,10 @@ def synthetic_scores(desc, directory: Path, seed: int) -> None:
                "ffn": torch.rand(L, desc.ffn_hidden_size, generator=g), "hidden": torch.rand(H, generator=g),
                "hidden_per_layer": torch.rand(L, H, generator=g), "layer_block_importance": torch.rand(L, generator=g),
                "layer_loss_drop": torch.rand(L, generator=g)}
+    if desc.is_moe:
+        tensors.update(experts=torch.rand(L, desc.num_experts, generator=g),
+                       moe_ffn=torch.rand(L, desc.num_experts, desc.moe_ffn_hidden_size, generator=g),
+                       shared_ffn=torch.rand(L, desc.moe_shared_ffn_hidden_size, generator=g))
     ImportanceScores(tensors, {"model": desc.fingerprint()}).save(directory)
 
 
@@ -112,8 +125,17 @@ def expected_kept(scores, old, new, dropped_layers) -> dict:
     kept = {"hidden": _topk(scores["hidden"], new.hidden_size),
             "layers": [i for i in range(old.num_layers) if i not in dropped_layers], "ffn": {}, "groups": {},
             "heads": {}}
+    if old.is_moe:  # experts by their scores; inside each kept expert its own neurons
+        kept.update(ffn=None, experts={}, moe_ffn={}, shared_ffn={})
     for layer in kept["layers"]:
-        kept["ffn"][layer] = _topk(scores["ffn"][layer], new.ffn_hidden_size)
+        if old.is_moe:
+            kept["experts"][layer] = _topk(scores["experts"][layer], new.num_experts)
+            kept["moe_ffn"][layer] = [_topk(scores["moe_ffn"][layer, e], new.moe_ffn_hidden_size)
+                                      for e in kept["experts"][layer]]
+            if old.moe_shared_ffn_hidden_size:
+                kept["shared_ffn"][layer] = _topk(scores["shared_ffn"][layer], new.moe_shared_ffn_hidden_size)
+        else:
+            kept["ffn"][layer] = _topk(scores["ffn"][layer], new.ffn_hidden_size)
         kept["groups"][layer] = _topk(scores["query_groups"][layer], new.num_query_groups)
         per_group = scores["heads"][layer].reshape(old.num_query_groups, -1)
         kept["heads"][layer] = [g * old.heads_per_group + j for g in kept["groups"][layer]
@@ -135,7 +157,7 @@ def expected_weights(before: dict, old, new, kept: dict) -> dict:
         out["output_layer.weight"] = before["output_layer.weight"][:, h]
     for new_i, old_i in enumerate(kept["layers"]):
         src, dst = f"decoder.layers.{old_i}.", f"decoder.layers.{new_i}."
-        heads, ffn = kept["heads"][old_i], torch.tensor(kept["ffn"][old_i])
+        heads = kept["heads"][old_i]
         for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight", "input_layernorm.bias",
                      "pre_mlp_layernorm.bias"):
             if src + norm in before:
@@ -155,10 +177,27 @@ def expected_weights(before: dict, old, new, kept: dict) -> dict:
             out[dst + "self_attention.linear_qkv." + suffix] = cut[:, h] if suffix == "weight" else cut
         proj = before[src + "self_attention.linear_proj.weight"].reshape(old.hidden_size, G * hpg, d)
         out[dst + "self_attention.linear_proj.weight"] = proj[h][:, torch.tensor(heads)].flatten(1)
-        fc1 = before[src + "mlp.linear_fc1.weight"].reshape(-1, old.ffn_hidden_size, old.hidden_size)  # [gate; up]
-        out[dst + "mlp.linear_fc1.weight"] = fc1[:, ffn][:, :, h].flatten(0, 1)
-        out[dst + "mlp.linear_fc2.weight"] = before[src + "mlp.linear_fc2.weight"][h][:, ffn]
+        if not old.is_moe:
+            _cut_mlp(out, before, src + "mlp.", dst + "mlp.", kept["ffn"][old_i], h)
+            continue
+        # the router keeps the kept experts' rows; new expert j is the j-th kept one (original order)
+        out[dst + "mlp.router.weight"] = before[src + "mlp.router.weight"][torch.tensor(kept["experts"][old_i])][:, h]
+        for j, (e, neurons) in enumerate(zip(kept["experts"][old_i], kept["moe_ffn"][old_i])):
+            _cut_mlp(out, before, f"{src}mlp.experts.local_experts.{e}.", f"{dst}mlp.experts.local_experts.{j}.",
+                     neurons, h)
+        if old.moe_shared_ffn_hidden_size:
+            _cut_mlp(out, before, src + "mlp.shared_experts.", dst + "mlp.shared_experts.",
+                     kept["shared_ffn"][old_i], h)
+            out[dst + "mlp.shared_experts.gate_weight"] = before[src + "mlp.shared_experts.gate_weight"][:, h]
     return out
+
+
+def _cut_mlp(out: dict, before: dict, src: str, dst: str, neurons: list, h: torch.Tensor) -> None:
+    """One MLP (dense, an expert, the shared expert) cut to ``neurons`` and channels ``h``;
+    fc1 is [gate; up] with a gate, the neurons' rows without one."""
+    fc1, fc2, ffn = before[src + "linear_fc1.weight"], before[src + "linear_fc2.weight"], torch.tensor(neurons)
+    out[dst + "linear_fc1.weight"] = fc1.reshape(-1, fc2.shape[1], fc1.shape[1])[:, ffn][:, :, h].flatten(0, 1)
+    out[dst + "linear_fc2.weight"] = fc2[h][:, ffn]
 
 
 def _recorded_kept(out: Path) -> dict:
@@ -166,10 +205,15 @@ def _recorded_kept(out: Path) -> dict:
     from nemo_minitron.prune.select import mask_to_indices
 
     kept = read_info(out).provenance["kept"]
-    return {"hidden": kept["hidden"], "layers": kept["layers"],
-            "ffn": {int(k): mask_to_indices(v) for k, v in kept["ffn_mask"].items()},
-            "groups": {int(k): v for k, v in kept["query_groups"].items()},
-            "heads": {int(k): v for k, v in kept["heads"].items()}}
+    out = {"hidden": kept["hidden"], "layers": kept["layers"],
+           "ffn": {int(k): mask_to_indices(v) for k, v in kept["ffn_mask"].items()} or None,
+           "groups": {int(k): v for k, v in kept["query_groups"].items()},
+           "heads": {int(k): v for k, v in kept["heads"].items()}}
+    if "experts" in kept:
+        out["experts"] = {int(k): v for k, v in kept["experts"].items()}
+        out["moe_ffn"] = {int(k): [mask_to_indices(m) for m in v] for k, v in kept["moe_ffn_mask"].items()}
+        out["shared_ffn"] = {int(k): mask_to_indices(v) for k, v in kept.get("shared_ffn_mask", {}).items()}
+    return out
 
 
 def _check_pruned(ckpt: Path, out: Path, kept: dict) -> tuple:
@@ -184,17 +228,17 @@ def _check_pruned(ckpt: Path, out: Path, kept: dict) -> tuple:
     return pruned, after
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron", *MOE_KINDS])
 def test_prune_to_original_sizes_is_bit_identical(scored, tmp_path, kind):
     from nemo_minitron.model.forward import full_logits
     from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.targets import sizes
 
     ckpt, imp = scored(kind)
     original, before = _state(ckpt)
     d = original.description
-    out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={
-        "hidden": d.hidden_size, "ffn": d.ffn_hidden_size, "heads": d.num_attention_heads,
-        "query_groups": d.num_query_groups, "layers": d.num_layers})
+    # every axis the model has (a mixture of experts: experts, their width, top-k, shared expert)
+    out = prune(str(ckpt), str(imp), str(tmp_path / "same"), target={k: v for k, v in sizes(d).items() if v})
     pruned, after = _state(out)
     assert pruned.description == d
     tokens = torch.randint(0, d.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -264,6 +308,54 @@ def test_pruned_counts_and_kept_weights(scored, layer_reference, tmp_path, kind,
     # megatron against transformers on the same float32 weights: a forward pass's rounding
     tol = transformer_logits(max(new.hidden_size, new.ffn_hidden_size, new.num_attention_heads * new.head_dim),
                              new.num_layers, theirs)
+    assert torch.isfinite(ours).all() and (ours - theirs).abs().max() <= tol
+
+
+@pytest.mark.parametrize("kind, target, metric", [
+    ("mixtral", {"experts": 3, "moe_ffn": 32, "hidden": 48}, "1"),                   # renormalised top-2 of 3
+    ("qwen3_moe", {"experts": 3, "moe_ffn": 24, "heads": 2}, "0"),                     # QK-norm
+    # shared expert, QKV biases; top-1 of the (not renormalised) probabilities
+    ("qwen2_moe", {"experts": 2, "top_k": 1, "moe_ffn": 40, "shared_ffn": 32, "query_groups": 1}, "2"),
+])
+def test_pruned_experts_counts_and_kept_weights(scored, tmp_path, kind, target, metric):
+    """Fewer and narrower experts: parameters counted from the tensors == the planned
+    description == the exported HF model; the router keeps the kept experts' rows and every
+    kept expert its own top neurons (bit-equal to the original rows and columns); top-k is
+    the target's; logits match HF's on the exported model."""
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.model.forward import full_logits
+    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.targets import apply_target, sizes
+
+    ckpt, imp = scored(kind)
+    old = read_info(ckpt).description
+    target = {**target, "layers": old.num_layers - 1}
+    out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target=target, layer_metric=metric)
+    new = read_info(out).description
+    assert new == apply_target(old, target)  # the planner's shape
+    want = {k: v for k, v in {**sizes(old), **target}.items() if k != "ffn" and v}
+    if "query_groups" in target:  # whole groups go with their heads
+        want["heads"] = target["query_groups"] * old.heads_per_group
+    assert sizes(new) == {**sizes(old), **want}
+    pruned, after = _check_pruned(ckpt, out, expected_kept(ImportanceScores.load(imp), old, new, [int(metric)]))
+    assert shape_from_weights(after, old.head_dim) == {k: v for k, v in want.items() if k != "top_k"}
+
+    counted = sum(t[: new.vocab_size].numel() if k.startswith(("embedding.", "output_layer.")) else t.numel()
+                  for k, t in after.items())  # the padded vocabulary rows are no parameters
+    hf = load_hf_model(export(str(out), str(tmp_path / "hf")))
+    assert counted == new.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert (hf.config.num_experts_per_tok, len(hf.model.layers[0].mlp.experts.down_proj)) == \
+        (new.moe_top_k, new.num_experts)
+    tokens = torch.randint(0, new.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = full_logits(pruned.model, tokens, new.vocab_size)
+        theirs = hf(tokens).logits.float()
+    # megatron against transformers on the same float32 weights: a forward pass's rounding
+    # (the widest product: heads x head_dim = 64); a wrong expert or router row moves logits by ~0.1
+    tol = transformer_logits(64, new.num_layers, theirs)
     assert torch.isfinite(ours).all() and (ours - theirs).abs().max() <= tol
 
 
@@ -338,9 +430,9 @@ def test_budget_prunes_to_a_shape_within_the_budget(scored, tmp_path):
 
 
 def test_layer_choice(scored, layer_reference):
-    """contiguous, loss and block choose the layers that the definitions (layers deleted from
-    the HF model; cosines of HF layer inputs and outputs) say; explicit lists; mistakes are
-    one-line errors."""
+    """greedy, contiguous, loss, block (and auto, by the target) choose the layers that the
+    definitions (layers deleted from the HF model; cosines of HF layer inputs and outputs)
+    say; explicit lists; mistakes are one-line errors."""
     from nemo_minitron.errors import UsageError
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.scores import ImportanceScores
@@ -354,26 +446,47 @@ def test_layer_choice(scored, layer_reference):
         new = old.replace(num_layers=keep)
         drop = 4 - keep
         want = {"contiguous": ref["blocks"][drop]["layers"], "loss": _lowest(ref["loss_drop"], drop),
-                "block": _lowest(ref["block_importance"], drop)}
+                "block": _lowest(ref["block_importance"], drop),
+                "greedy": sorted(e["layer"] for e in ref["greedy"][:drop])}
         for metric, dropped in want.items():
             kept = layers_to_keep(old, new, metric, scores.summary, scores.tensors)
             assert kept == [i for i in range(4) if i not in dropped], (metric, keep, ref)
     new = old.replace(num_layers=2)
+    # auto: greedy's set when only layers are cut, the contiguous block when width is cut too
+    # (the two sets differ on this model, or the check could not fail)
+    assert want["greedy"] != want["contiguous"], ref
+    assert layers_to_keep(old, new, "auto", scores.summary, scores.tensors) == [
+        i for i in range(4) if i not in want["greedy"]]
+    assert layers_to_keep(old, new.replace(ffn_hidden_size=old.ffn_hidden_size // 2), "auto", scores.summary,
+                          scores.tensors) == [i for i in range(4) if i not in want["contiguous"]]
     assert layers_to_keep(old, new, "3,0", scores.summary, scores.tensors) == [1, 2]
     assert layers_to_keep(old, old, "contiguous", {}, scores.tensors) == [0, 1, 2, 3]
     sets = scores.summary["layers"]["drop_sets"]["2"]
-    # `want` holds the three sets of 2 layers from the reference (last loop pass)
+    # `want` holds the four sets of 2 layers from the reference (last loop pass)
     assert layers_to_keep(old, new, "best", scores.summary, scores.tensors) == [
         i for i in range(4) if i not in want[sets["best"]]]
-    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "loss", "block"))
+    assert sets[sets["best"]]["loss"] == min(sets[m]["loss"] for m in ("contiguous", "greedy", "loss", "block"))
     for metric, words in (("1", "drops 1 layers but the target removes 2; set layers=3"),
-                          ("1,9", "layers must be in 0..3"), ("first", "--layer-metric must be contiguous, best, loss, block")):
+                          ("1,9", "layers must be in 0..3"),
+                          ("first", "--layer-metric must be auto, greedy, best, contiguous, loss, block")):
         with pytest.raises(UsageError, match=words):
             layers_to_keep(old, new, metric, scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="no best contiguous block of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "contiguous", scores.summary, scores.tensors)
     with pytest.raises(UsageError, match="has not compared layer sets of 3 layers; rerun importance with --drop-blocks 3"):
         layers_to_keep(old, old.replace(num_layers=1), "best", scores.summary, scores.tensors)
+    with pytest.raises(UsageError, match="removed 2 layers greedily, the target removes 3; rerun importance with "
+                                         "--drop-blocks 3"):
+        layers_to_keep(old, old.replace(num_layers=1), "greedy", scores.summary, scores.tensors)
+    # a directory written before greedy elimination existed: the other metrics still work
+    older = json.loads(json.dumps(scores.summary))
+    del older["layers"]["greedy"]
+    for sets_k in older["layers"]["drop_sets"].values():
+        sets_k.pop("greedy")
+    assert layers_to_keep(old, new, "contiguous", older, scores.tensors) == [
+        i for i in range(4) if i not in want["contiguous"]]
+    with pytest.raises(UsageError, match="removed 0 layers greedily"):
+        layers_to_keep(old, new, "greedy", older, scores.tensors)
 
 
 @pytest.mark.multirank
@@ -464,10 +577,14 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
     no_blocks = tmp_path / "no_blocks"
     shutil.copytree(imp, no_blocks)
     summary["layers"]["contiguous_blocks"] = {}
+    summary["layers"].pop("greedy", None)
     (no_blocks / "summary.json").write_text(json.dumps(summary))
     for kwargs, words in (
             ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
-            ({"target": {"layers": 3}, "importance": no_blocks}, "no best contiguous block of 1 layers"),
+            ({"target": {"layers": 3}, "importance": no_blocks, "layer_metric": "contiguous"},
+             "no best contiguous block of 1 layers"),
+            # the default (auto) on a depth-only target needs the greedy order
+            ({"target": {"layers": 3}, "importance": no_blocks}, "greedy: the importance run removed 0 layers greedily"),
             ({"target": {"hidden": 32}, "layer_metric": "2"}, "drops 1 layers but the target removes 0"),
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
@@ -479,3 +596,41 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
         with pytest.raises(UsageError, match=re.escape(words)):
             prune(str(ckpt), str(importance), str(tmp_path / "out"), **kwargs)
         assert not (tmp_path / "out").exists()
+
+
+def test_expert_targets_bad_input_before_any_weight_is_read(weightless, scored, tmp_path, capsys):
+    """Mixtures of experts: more experts than the model has, top-k above the experts kept
+    (given, or the model's own top-2 left above one expert), expert widths the TP size does
+    not divide, dense axes on an MoE model and expert axes on a dense one, the dense-only
+    refit: one line, exit 2, nothing written, no weight read (the checkpoints have none)."""
+    from conftest import cli_in_process
+
+    ckpt, imp = scored("qwen3_moe")
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    shutil.copy(ckpt / "nemo_minitron.json", moe)
+    shutil.copytree(ckpt / "tokenizer", moe / "tokenizer")
+    (moe / "weights").mkdir()
+    dense, dense_imp = weightless
+    out = tmp_path / "out"
+    for model, scores, flags, words in (
+            (moe, imp, ["--target", "experts=5"], "--target: experts=5 is larger than the original model's 4"),
+            (moe, imp, ["--target", "top_k=3"], "--target: top_k=3 is larger than the original model's 2"),
+            (moe, imp, ["--target", "experts=1"],  # the model's own top-2
+             "--target: top_k=2 is larger than the 1 experts kept; lower top_k too (top_k=1..1)"),
+            (moe, imp, ["--target", "top_k=1"], "--target: top_k=1: this qwen3_moe model renormalises its top-k "
+                                                 "probabilities"),
+            (moe, imp, ["--target", "moe_ffn=25", "--tp", "2"], "--target: moe_ffn=25 is not divisible by --tp 2"),
+            (moe, imp, ["--target", "ffn=32"], "--target: ffn: this qwen3_moe model has no dense MLP; prune moe_ffn"),
+            (moe, imp, ["--target", "shared_ffn=32"], "--target: shared_ffn: this qwen3_moe model has no shared"),
+            (moe, imp, ["--target", "experts=2", "--refit"], "--refit refits dense MLPs and attention; this "
+                                                             "qwen3_moe model has experts"),
+            (dense, dense_imp, ["--target", "moe_ffn=32"],
+             "--target: moe_ffn applies to mixtures of experts; this llama model has a dense MLP (prune ffn)")):
+        code, stderr = cli_in_process(capsys, "prune", model, "--importance", scores, "--out", out, *flags)
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert stderr.startswith("nemo-minitron prune: error: ") and words in stderr, (flags, stderr)
+        assert not out.exists()
+    code, stderr = cli_in_process(capsys, "importance", moe, "--data", "builtin:calib", "--out", out,
+                                  "--second-moments")
+    assert code == 2 and "--second-moments (for prune --refit) is for dense MLPs" in stderr, stderr

@@ -11,13 +11,14 @@ TARGET = {"hidden": 480, "ffn": 1024, "heads": 6, "query_groups": 3}
 @pytest.mark.smollm2
 def test_importance_beats_magnitude_and_random(smollm2, smollm2_importance, tmp_path):
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.prune.api import prune
 
     ckpt = str(smollm2["checkpoint"])
     importance = smollm2_importance[0]
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(ckpt), 128)[:8]
+    tokenizer = load_tokenizer(ckpt)
+    heldout = check_corpus(["builtin:heldout"]).dataset(tokenizer, seq_len=128, seed=0, part="valid").take(8)
     loss = {}
     for order in ("importance", "magnitude", "random"):
         out = prune(ckpt, str(importance), str(tmp_path / order), target=TARGET, order=order)

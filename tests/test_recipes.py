@@ -19,7 +19,8 @@ DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_
 # depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count);
 # None where no such model was published.
 PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
-               "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None}
+               "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None,
+               "qwen3-30b-a3b-experts": None}
 
 
 def _source_description(source: str):
@@ -53,6 +54,9 @@ def test_recipe_validates_and_targets_published_size(path):
     if recipe.name == "nemotron-15b-8b":  # nvidia/Minitron-8B-Base's shape
         assert (desc.architecture, desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads,
                 desc.num_query_groups, desc.head_dim, desc.num_layers) == ("nemotron", 4096, 16384, 48, 8, 128, 32)
+    if recipe.name == "qwen3-30b-a3b-experts":  # half the experts: ~16B total, the active count kept
+        assert (desc.num_experts, desc.moe_top_k, desc.moe_ffn_hidden_size, desc.num_layers) == (64, 8, 768, 48)
+        assert round(desc.num_parameters() / 1e9) == 16 and int(desc.num_active_parameters() / 1e8) == 33
 
 
 def test_cluster_recipes_need_only_data_paths():
@@ -85,16 +89,22 @@ def test_overrides_apply():
     assert recipe.data.train == ["a.txt", "b.jsonl"]
 
 
-def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
+def _slurm():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("slurm_launcher", ROOT / "launchers" / "slurm.py")
     slurm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(slurm)
+    return slurm
+
+
+def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
+    slurm = _slurm()
     recipe = ROOT / "recipes" / "llama3.1-8b-4b-width.yaml"
     text = slurm.render(str(recipe), DATA, nodes=2, gpus_per_node=8, account="acct", partition="batch",
                         container_image="nvcr.io/nvidia/pytorch:25.09-py3", container_mounts="/lustre:/lustre",
-                        setup="pip install -e .")
+                        setup="pip install -e .",
+                        model_config=str(ROOT / "tests" / "data" / "hf_configs" / "meta-llama__Llama-3.1-8B.json"))
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--account=acct",
@@ -106,9 +116,63 @@ def test_slurm_script_for_two_nodes_of_eight_gpus(tmp_path):
     for part in ("--ntasks-per-node=1", "--container-image=nvcr.io/nvidia/pytorch:25.09-py3",
                  "--container-mounts=/lustre:/lustre", "torchrun --nnodes=$SLURM_NNODES", "--nproc-per-node=8",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID",
-                 "-m nemo_minitron run", str(recipe), "pip install -e . && torchrun"):
+                 "-m nemo_minitron run", str(recipe), 'trap "" USR1; pip install -e . && exec torchrun'):
         assert part in srun, part
+    # Slurm warns with SIGUSR1 before the time limit; an unfinished run requeues itself
+    assert "#SBATCH --signal=USR1@600" in lines and "#SBATCH --requeue" in lines
+    assert lines.index(srun) < lines.index('    scontrol requeue "$SLURM_JOB_ID"')
     assert "tp=2 pp=1 dp=8" in text and "2 nodes x 8 GPUs = 16 ranks" in text
     assert "NCCL" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
     with pytest.raises(UsageError, match="multiple of the recipe's tp x pp"):
         slurm.render(str(ROOT / "recipes" / "mistral-nemo-12b-8b.yaml"), DATA, nodes=1, gpus_per_node=2)
+
+
+# Megatron's blend syntax in each recipe form, and a split that leaves out data.heldout
+BLENDS = ["data.calib=0.7 /data/a_text_document 0.3 /data/b_text_document",
+          "data.train=[{weight: 0.7, path: /data/a_text_document}, {weight: 0.3, path: /data/b_text_document}]",
+          "data.heldout=null", "data.split=99,1,0"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_with_blends(path):
+    from nemo_minitron.data.blend import blend_words
+
+    recipe = load_recipe(path, BLENDS)
+    assert blend_words(recipe.data.calib) == blend_words(recipe.data.train) == [
+        (0.7, "/data/a_text_document"), (0.3, "/data/b_text_document")]
+    assert recipe.data.heldout is None and recipe.data.split == "99,1,0"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.train=0.7 /data/a 0.3", "pairs of weight and source"),
+    ("data.train=[{weight: -1, path: /data/a}]", "must be > 0"),
+    ("data.split=99;1", "does not parse"),
+    ("data.split=0,1,0", "leaves no training part"),
+])
+def test_bad_recipe_blends_name_the_key(override, words):
+    recipe = RECIPES[0]
+    with pytest.raises(UsageError, match=words):
+        load_recipe(recipe, [*DATA, override])
+    with pytest.raises(UsageError, match="data.heldout"):
+        load_recipe(recipe, [*DATA, "data.heldout=null"])
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "smollm2" not in p.name], ids=lambda p: p.stem)
+def test_slurm_time_limit_reaches_every_first_checkpoint(path):
+    """With the launcher's default --time, every training stage of a published recipe
+    checkpoints before Slurm's warning, on one node of 8 GPUs; a save interval too long
+    for the time limit is refused, naming the key."""
+    slurm = _slurm()
+    recipe = load_recipe(path, DATA)
+    config = str(ROOT / "tests" / "data" / "hf_configs" / f"{recipe.model.source.replace('/', '__')}.json")
+    text = slurm.render(str(path), DATA, nodes=1, gpus_per_node=8, model_config=config)
+    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU):" in text and "rounds.0.distill step 50" in text
+    # FLOPs of 50 steps written out: batch x sequence x (3 student + 1 teacher forwards), bounded
+    # with the teacher's FLOPs per token for both (the student is smaller)
+    desc, d = _source_description(recipe.model.source), recipe.rounds[0].distill
+    seconds = 50 * d.global_batch * d.seq_len * 4 * desc.flops_per_token(d.seq_len) / (8 * 400e12)
+    assert seconds < slurm.parse_time("04:00:00") - 600
+    with pytest.raises(UsageError, match=r"rounds\.0\.distill\.save_every"):
+        slurm.render(str(path), [*DATA, "rounds.0.distill.save_every=1000"], nodes=1, gpus_per_node=8,
+                     model_config=config)
+    assert slurm.parse_time("1-12:00:00") == 36 * 3600 and slurm.parse_time("90") == 90 * 60

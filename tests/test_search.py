@@ -14,7 +14,17 @@ from conftest import cli_in_process
 STEPS = 4
 TINY_SEARCH = dict(target_params="0.22M", candidates=3, candidate=[{"ffn": 32}], halving=True, steps=STEPS,
                    global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, warmup_steps=1, eval_every=1, eval_samples=4,
-                   cache_top_k=16, seed=3)
+                   cache_top_k=16, seed=3, layer_metric="loss")  # synthetic scores: no greedy order, no blocks
+
+
+def heldout_samples(checkpoint, seq_len: int, seed: int, count: int) -> torch.Tensor:
+    """The held-out samples a distillation evaluates on (builtin:heldout read whole, in
+    megatron-core's order for the seed), built here through the data layer."""
+    from nemo_minitron.checkpoint.store import load_tokenizer
+    from nemo_minitron.data.dataset import check_corpus
+
+    return check_corpus(["builtin:heldout"], flag="--eval-data").dataset(
+        load_tokenizer(checkpoint), seq_len=seq_len, seed=seed, part="valid").take(count)
 
 
 def test_candidates_differ_and_meet_the_budget():
@@ -71,8 +81,7 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
     import nemo_minitron.prune.api as prune_api
     from tolerances import fp32
 
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, read_info
     from nemo_minitron.errors import UsageError
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.search.api import search
@@ -136,7 +145,7 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
     assert is_checkpoint(out / "best" / "pruned") and not (out / "best" / "distill" / "checkpoints").exists()
     assert read_info(out / "best" / "pruned").description.num_parameters() == best["params"]
     # its final held-out loss, evaluated again here on the same held-out samples
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(teacher), 16)[:4]
+    heldout = heldout_samples(teacher, 16, TINY_SEARCH["seed"], 4)
     model, info = load_checkpoint(out / "best" / "distill" / "final")
     loss = evaluate(model, info.description.vocab_size, heldout, micro_batch=2).loss
     assert abs(loss - best["final_loss"]) <= fp32(64 * 1000, loss)  # a mean of 64 tokens' log-softmax sums
@@ -168,12 +177,16 @@ def tiny_cache(tiny_checkpoint, tmp_path_factory):
                                                                   "not --seq-len 16"]),
     (["--target-params", "0.22M", "--teacher-logits", "CACHE", "--cache-top-k", "8"],
      ["--teacher-logits and --cache-top-k: give one"]),
+    # prune's default: a depth-only candidate drops the layers of importance's greedy elimination
+    (["--target-params", "0.22M", "--layer-metric", "auto"],
+     ["--layer-metric greedy: the importance run removed 0 layers greedily"]),
 ])
 def test_bad_input(tiny_checkpoint, tiny_importance, tiny_cache, tmp_path, capsys, flags, words):
     flags = [str(tiny_cache) if f == "CACHE" else f for f in flags]
     out = tmp_path / "out"
     code, stderr = cli_in_process(capsys, "search", tiny_checkpoint("llama"), "--importance", tiny_importance,
-                                  "--data", "builtin:train", "--out", out, "--seq-len", "16", *flags)
+                                  "--data", "builtin:train", "--out", out, "--seq-len", "16", "--layer-metric", "loss",
+                                  *flags)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert all(w in stderr for w in words), stderr
     assert not out.exists()
@@ -186,8 +199,7 @@ def test_smollm2_search_picks_the_lowest_heldout_loss(smollm2, smollm2_importanc
     held-out loss among the candidates' final checkpoints, evaluated here."""
     from tolerances import fp32
 
-    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.checkpoint.store import load_checkpoint
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.model.description import ModelDescription
     from nemo_minitron.search.api import search
@@ -195,8 +207,11 @@ def test_smollm2_search_picks_the_lowest_heldout_loss(smollm2, smollm2_importanc
     ckpt, out = str(smollm2["checkpoint"]), tmp_path / "search"
     result = search(ckpt, str(smollm2_importance[0]), ["builtin:train"], str(out), target_params="90M",
                     candidates=4, steps=2, global_batch=2, micro_batch=2, seq_len=32, lr=3e-4, warmup_steps=0,
-                    eval_samples=2, eval_every=1, cache_top_k=64, keep_all=True, dtype="bfloat16", progress=False)
-    heldout = load_samples(parse_data_specs(["builtin:heldout"]), load_tokenizer(ckpt), 32)[:2]
+                    eval_samples=2, eval_every=1, cache_top_k=64, keep_all=True, dtype="bfloat16",
+                    layer_metric="loss", progress=False)  # the importance fixture records no greedy order
+    from nemo_minitron.runtime.config import DEFAULT_SEED
+
+    heldout = heldout_samples(ckpt, 32, DEFAULT_SEED, 2)
     assert len(result["candidates"]) == 4 and {c["kind"] for c in result["candidates"]} == {"width", "depth",
                                                                                             "mixed"}
     losses = {}

@@ -47,11 +47,14 @@ def write_cache(teacher, data: str, out, top_k: int, tp: int = 1, pp: int = 1, v
                                 pp=pp, seed=SEED, progress=False)
 
 
-def first_samples(checkpoint, data: str) -> torch.Tensor:
+def first_samples(checkpoint, data: str, count: int = SAMPLES, seed: int = SEED) -> torch.Tensor:
+    """The training data set a distillation of ``count`` samples reads (what a cache of
+    ``samples=count`` holds), through megatron-core's GPTDataset."""
     from nemo_minitron.checkpoint.store import load_tokenizer
-    from nemo_minitron.distill.data import training_samples
+    from nemo_minitron.data.dataset import check_corpus
 
-    return training_samples([data], load_tokenizer(checkpoint), SEQ_LEN, seed=SEED, vocab_size=VOCAB)[:SAMPLES]
+    return check_corpus([data], vocab_size=VOCAB).dataset(load_tokenizer(checkpoint), seq_len=SEQ_LEN, seed=seed,
+                                                          part="train", num_samples=count).take()
 
 
 def make_trainer(teacher, student, data: str, tp: int, pp: int, cache=None):
@@ -178,7 +181,7 @@ def test_cache_trains_as_the_live_teacher_at_every_layout(tiny_checkpoint, corpu
     logs, _ = trainer.gradients(step=0)
     s_model = open_model(str(student)).model
     kd, ce = [], []
-    for mb in trainer._microbatches(0):
+    for mb in trainer.step_batches(0):
         z = full_logits(s_model, mb["tokens"], VOCAB).double()
         y_log_q = ref[mb["index"]]
         kd.append(bucket_reference(z, y_log_q, 8).mean())
@@ -222,8 +225,10 @@ def test_bf16_cache_and_reading_by_index(tiny_checkpoint, corpus, small_cache, r
     hold the arrays and nothing more."""
     from nemo_minitron.distill.teacher_logits import TeacherLogits, bytes_per_token
 
+    from nemo_minitron.runtime.config import DEFAULT_SEED
+
     teacher = tiny_checkpoint("llama")
-    ref, max_logit = teacher_log_probs(teacher, first_samples(teacher, corpus)[:8], temperature=1.0)
+    ref, max_logit = teacher_log_probs(teacher, first_samples(teacher, corpus, 8, DEFAULT_SEED), temperature=1.0)
     check_contents(small_cache, ref, content_tolerance(max_logit, 1.0), rel=2.0 ** -8)
     cache = TeacherLogits.open(small_cache)
     every, some = cache.read(torch.arange(8)), cache.read([5, 0, 7])
@@ -248,7 +253,9 @@ def small_cache(tiny_checkpoint, corpus, tmp_path_factory):
 @pytest.mark.parametrize("case, words", [
     ("tokenizer", ["--teacher-logits", "another tokenizer"]),
     ("seq_len", ["--teacher-logits", "--seq-len 16, not --seq-len 32"]),
-    ("data", ["--teacher-logits", "was written for other data", "sample 0 and 7 more differ"]),
+    ("data", ["--teacher-logits", "was written for other data", "not --data"]),
+    ("rewritten", ["--teacher-logits", "was written for other data", "sample 0 and 7 more of those checked differ"]),
+    ("split", ["--teacher-logits", "was written for --split None, not --split 90,10,0"]),
     ("temperature", ["temperature 1, not --kd-temperature 2"]),
     ("pairs", ["--teacher-logits with --kd-pairs", "live teacher"]),
     ("both", ["--teacher or --teacher-logits, not both"]),
@@ -260,7 +267,7 @@ def test_bad_input(tiny_checkpoint, corpus, small_cache, tmp_path, capsys, case,
     student = tiny_checkpoint("llama_small")
     out = tmp_path / "out"
     flags = ["--steps", "2", "--seq-len", str(SEQ_LEN), "--global-batch", "2", "--micro-batch", "2"]
-    data = corpus
+    data, small = corpus, small_cache
     if case == "top_k_too_large":
         code, stderr = cli_in_process(capsys, "teacher-logits", "--teacher", tiny_checkpoint("llama"), "--data",
                                       corpus, "--top-k", "1001", "--seq-len", "16", "--out", out)
@@ -271,14 +278,22 @@ def test_bad_input(tiny_checkpoint, corpus, small_cache, tmp_path, capsys, case,
             flags[flags.index("--seq-len") + 1] = "32"
         elif case == "data":
             data = write_corpus(tmp_path / "other.txt")
+        elif case == "rewritten":  # the same file name and settings, other text: caught by the samples' hashes
+            from nemo_minitron.distill.teacher_logits import write_teacher_logits
+
+            data = write_corpus(tmp_path / "train.txt")
+            small = write_teacher_logits(tiny_checkpoint("llama"), [data], str(tmp_path / "cache"), top_k=4,
+                                         samples=8, seq_len=SEQ_LEN, progress=False)
             Path(data).write_text(Path(data).read_text()[::-1])
+        elif case == "split":
+            flags += ["--split", "90,10,0"]
         elif case == "temperature":
             flags += ["--kd-temperature", "2"]
         elif case == "pairs":
             flags += ["--kd-pairs", "0:1"]
         elif case == "both":
             flags += ["--teacher", tiny_checkpoint("llama")]
-        code, stderr = cli_in_process(capsys, "distill", "--teacher-logits", small_cache, "--student", student,
+        code, stderr = cli_in_process(capsys, "distill", "--teacher-logits", small, "--student", student,
                                       "--data", data, "--out", out, *flags)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert all(w in stderr for w in words), stderr

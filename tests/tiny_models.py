@@ -52,7 +52,28 @@ TINY_CONFIGS = {
     "nemotron": ("NemotronConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                         partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    # mixtures of experts: 4 experts, top-2. Mixtral renormalises the top-k probabilities
+    # (megatron: softmax over the top-k logits); this Qwen3-MoE too (norm_topk_prob), with
+    # QK-norm; Qwen2-MoE does not (megatron: top-k of the softmax) and adds a gated shared expert
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, router_aux_loss_coef=0.02, sliding_window=None,
+                                      tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, moe_intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                         num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.02,
+                                         tie_word_embeddings=False, use_sliding_window=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                         tie_word_embeddings=False, use_sliding_window=False)),
+    # a smaller mixture of experts: a student for the `mixtral` teacher
+    "mixtral_small": ("MixtralConfig", dict(hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            num_local_experts=3, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                                            sliding_window=None, tie_word_embeddings=False)),
 }
+MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:

@@ -19,6 +19,7 @@ import torch
 
 U32 = 2.0 ** -24    # float32 unit roundoff
 U_BF16 = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits)
+U16 = 2.0 ** -11    # float16 unit roundoff (11 significant bits)
 SAFETY = 8.0
 
 
@@ -43,3 +44,11 @@ def log_softmax_sum(vocab: int, max_abs_logit: float) -> float:
     per token are differences of such terms and of a ``vocab``-term dot product of the
     same size."""
     return SAFETY * U32 * (math.sqrt(vocab) + math.log(vocab) + max_abs_logit)
+
+
+def fp16_same_ops(layers: int, magnitude: float) -> float:
+    """Two float16 evaluations of the same operations that differ only in where a few terms
+    join a sum (another pipeline split: a stage's incoming gradient added to a local loss's):
+    the difference starts at one float16 rounding (u16) and passes through the
+    ``2 * layers + 1`` products of the backward pass, each rounding to float16 again."""
+    return SAFETY * (2 * layers + 1) * U16 * magnitude

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.families import UNSUPPORTED_KEYS, Family, family, family_of_hf_config
+from nemo_minitron.families import Family, family, family_of_hf_config, unsupported_keys
 from nemo_minitron.families.spec import Check, Const, Field
 from nemo_minitron.model.description import ModelDescription
 
@@ -106,13 +106,15 @@ def canonical_to_hf(desc: ModelDescription, name: str, tensor: torch.Tensor) -> 
 
 
 def canonical_names(desc: ModelDescription) -> list[str]:
-    """Every canonical weight of the model (TP=1, all layers): embedding, layers, the rest."""
+    """Every canonical weight of the model (TP=1, all layers and experts): embedding,
+    layers, the rest."""
     patterns = list(family(desc.architecture).weights)
     per_layer = [p for p in patterns if "{i}" in p]
     rest = [p for p in patterns if "{i}" not in p and not (desc.tie_embeddings and p == _TIED[0])]
     first = [p for p in rest if p.startswith("embedding.")]
-    return (first + [p.format(i=i) for i in range(desc.num_layers) for p in per_layer]
-            + [p for p in rest if p not in first])
+    layers = [name for i in range(desc.num_layers) for p in per_layer
+              for name in ([p.format(i=i, e=e) for e in range(desc.num_experts)] if "{e}" in p else [p.format(i=i)])]
+    return first + layers + [p for p in rest if p not in first]
 
 
 def hf_names(desc: ModelDescription) -> list[str]:
@@ -153,10 +155,12 @@ def _rope_from_hf(config: Mapping[str, Any], fam: Family) -> dict[str, Any]:
 def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> ModelDescription:
     """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription."""
     fam = family_of_hf_config(config)
-    for key, feature in UNSUPPORTED_KEYS.items():
+    for key, feature in unsupported_keys(fam).items():
         if config.get(key):
             raise _unsupported(fam, key, config[key], feature)
     values: dict[str, Any] = dict(fam.feature_values())
+    if fam.moe:
+        values["ffn_hidden_size"] = 0  # no dense MLP: every layer's MLP is experts
     for entry in fam.config:
         present = entry.hf in config and config[entry.hf] is not None
         if isinstance(entry, Field):

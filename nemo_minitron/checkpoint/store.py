@@ -241,17 +241,20 @@ def save_checkpoint(model, info: CheckpointInfo, out: str | os.PathLike, tokeniz
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, spec: str = "auto",
-                    layers_per_stage=None, padded_vocab_size: int | None = None, config_overrides=None):
+                    layers_per_stage=None, sequence_parallel: bool = False, padded_vocab_size: int | None = None,
+                    config_overrides=None):
     """Build the model at the current parallel layout and load the weights into it (eval mode).
 
     ``path``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one (read
-    in place). ``padded_vocab_size``/``config_overrides``: see ``model.builder.build_model``."""
+    in place). ``sequence_parallel`` (for training a mixture of experts at TP > 1),
+    ``padded_vocab_size``/``config_overrides``: see ``model.builder.build_model``."""
     from nemo_minitron.model.builder import build_model
 
     info = read_info(path)
     stored = DTYPES[info.dtype]
     model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage,
-                        padded_vocab_size=padded_vocab_size, config_overrides=config_overrides)
+                        sequence_parallel=sequence_parallel, padded_vocab_size=padded_vocab_size,
+                        config_overrides=config_overrides)
     megatron = megatron_checkpoint(path)
     if megatron is not None:
         megatron.load_into(model)

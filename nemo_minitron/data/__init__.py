@@ -1,1 +1,1 @@
-
+"""Data: ``--data`` blends of Megatron indexed data sets and text, streamed through megatron-core."""

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from nemo_minitron.config import Names
+from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.checkpointing import latest_checkpoint
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.model import LayerPair
@@ -100,12 +101,17 @@ def check_descendant(teacher: ModelDescription, student: ModelDescription, flag:
     # the same kind of network (Llama and Mistral are: their family tables fix the same features)
     require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
             f"--student ({student.architecture}) is not of the {flag} model's family ({teacher.architecture})")
-    for axis, t, s in (("hidden", teacher.hidden_size, student.hidden_size),
-                       ("ffn", teacher.ffn_hidden_size, student.ffn_hidden_size),
-                       ("heads", teacher.num_attention_heads, student.num_attention_heads),
-                       ("query groups", teacher.num_query_groups, student.num_query_groups),
-                       ("layers", teacher.num_layers, student.num_layers)):
-        require(s <= t, f"--student is not a descendant of {flag}: its {axis} ({s}) exceeds the teacher's ({t})")
+    require(teacher.is_moe == student.is_moe or teacher.is_moe,
+            f"--student ({student.architecture}) has experts, the {flag} model ({teacher.architecture}) a dense MLP")
+    from nemo_minitron.prune.targets import sizes
+
+    mine, theirs = sizes(student), sizes(teacher)
+    axes = ("hidden", "heads", "query_groups", "layers") + (
+        ("experts", "moe_ffn", "shared_ffn") if student.is_moe else () if teacher.is_moe else ("ffn",))
+    for axis in axes:
+        require(mine[axis] <= theirs[axis], f"--student is not a descendant of {flag}: its "
+                                            f"{axis.replace('_', ' ')} ({mine[axis]}) exceeds the teacher's "
+                                            f"({theirs[axis]})")
     require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
             and teacher.rotary_percent == student.rotary_percent,
             f"--student uses another rotary position encoding than {flag}")
@@ -124,6 +130,21 @@ def _projection_init(student_ckpt: str, student: ModelDescription, teacher: Mode
     init = torch.zeros(teacher.hidden_size, student.hidden_size)
     init[torch.tensor(kept), torch.arange(student.hidden_size)] = 1.0
     return init
+
+
+def load_training_models(student: str, teacher: str | None, dtype: torch.dtype, student_desc: ModelDescription):
+    """The student (and teacher) at the current layout, built for training: a
+    mixture-of-experts student at TP > 1 trains with sequence parallelism, and then so does
+    its teacher (their stages exchange activations split the same way)."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    sp = training_needs_sequence_parallel(student_desc, ps.get_tensor_model_parallel_world_size())
+    student_model, _ = load_checkpoint(student, dtype=dtype, sequence_parallel=sp)
+    teacher_model = load_checkpoint(teacher, dtype=dtype, sequence_parallel=sp)[0] if teacher is not None else None
+    return student_model, teacher_model
 
 
 def _check_output(out: str, resume: bool) -> Path:
@@ -157,10 +178,10 @@ def _check_cache_settings(cfg: DistillConfig, names: Names, teacher: str | None)
                                   "was written (teacher-logits --top-k)")
 
 
-def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: TrainingConfig, *,
-         parallel: ParallelConfig, run: RunConfig, eval_data: Sequence[str] | None, resume: bool, force: bool,
-         progress: bool, names: Names, force_hint: str, teacher_logits: str | None = None,
-         stop_at: int | None = None) -> dict[str, Any]:
+def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cfg: TrainingConfig,
+         parallel: ParallelConfig, run: RunConfig, data_opts: DataOptions, eval_data: Sequence[str] | None,
+         resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
+         force_hint: str, teacher_logits: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -170,7 +191,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
         save_checkpoint,
     )
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.distill.data import samples_of, training_samples
+    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
@@ -193,43 +214,62 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     s_desc.check_layout(tp, pp)
     if t_desc is not None:
         t_desc.check_layout(tp, pp)
+    from nemo_minitron.model.builder import training_needs_sequence_parallel
+
+    require(not training_needs_sequence_parallel(s_desc, tp) or cfg.seq_len % tp == 0,
+            f"{names('seq_len')} {cfg.seq_len} must be a multiple of --tp {tp}: a mixture of experts trains with "
+            "sequence parallelism (megatron-core's requirement at --tp > 1)")
+    require(cfg.moe_aux_loss_coeff is None or s_desc.is_moe,
+            f"{names('moe_aux_loss_coeff')} applies to a mixture-of-experts student; this one is "
+            f"{s_desc.architecture} with a dense MLP")
     dp = check_world_size(tp, pp)
     require(cfg.global_batch % (dp * cfg.micro_batch) == 0,
             f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = _check_output(out, resume)
     kind = "distillation" if teacher is not None or cache is not None else "fine-tuning"
-    eval_data = list(eval_data or [DEFAULT_EVAL_DATA])
-    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": list(data),
-                "eval_data": eval_data, "seed": run.seed, "dtype": run.dtype, **to_dict(cfg)}
+    tokenizer = load_tokenizer(student)
+    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
+                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    train_corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+    require(train_corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+    heldout = eval_corpus(train_corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+    eval_label = (f"the validation part of {train_corpus.blend.label}" if heldout is train_corpus
+                  else heldout.blend.label)
+    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
+                "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
     if cache is not None:  # which cache, by content: another one is another teacher
         resolved.update(teacher_logits=str(teacher_logits), teacher_logits_id=cache.identity)
+        cache.check_settings(tokenizer=tokenizer_fingerprint(student), seq_len=cfg.seq_len, seed=run.seed,
+                             vocab_size=s_desc.vocab_size, temperature=cfg.kd_temperature,
+                             data=train_corpus.blend.label, split=data_opts.split, names=names,
+                             data_names=data_names)
     saved = _saved_config(out_path)
     forced = check_resume(saved, resolved, what=f"the {kind} run in '{out}'", force=force,
-                          force_hint=force_hint, ignore=resume_safe_fields(type(cfg)))
+                          force_hint=force_hint, ignore=resume_safe_fields(type(cfg), DataOptions))
     compute_dtype = parse_dtype(run.dtype, names("dtype")) if run.dtype else parse_dtype(s_info.dtype)
-    tokenizer = load_tokenizer(student)
-    train_samples = training_samples(data, tokenizer, cfg.seq_len, seed=run.seed, vocab_size=s_desc.vocab_size)
-    if cache is not None:
-        cache.check_matches(tokenizer=tokenizer_fingerprint(student), seq_len=cfg.seq_len, seed=run.seed,
-                            vocab_size=s_desc.vocab_size, samples=train_samples, temperature=cfg.kd_temperature,
-                            names=names)
-        train_samples = train_samples[: cache.num_samples]  # the samples the cache covers
-    eval_samples = samples_of(eval_data, tokenizer, cfg.seq_len, vocab_size=s_desc.vocab_size, flag="--eval-data")
-    eval_samples = eval_samples[: cfg.eval_samples]
 
     # ---- work
     init_distributed(tp, pp, run.seed)
     if is_rank0():
         log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
-    student_model, _ = load_checkpoint(student, dtype=compute_dtype)
-    teacher_model = load_checkpoint(teacher, dtype=compute_dtype)[0] if teacher is not None else None
+    # the cache was computed for the data set it names (built with its sample count): the
+    # very samples the live teacher reads when steps x global batch equals that count
+    train_samples = train_corpus.dataset(
+        tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train", progress=progress,
+        num_samples=cache.dataset_samples if cache is not None else cfg.steps * cfg.global_batch)
+    if cache is not None:
+        cache.check_samples(train_samples)
+        train_samples = train_samples.first(cache.num_samples)  # the samples the cache covers
+    eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
+                                   progress=progress).first(cfg.eval_samples)
+    student_model, teacher_model = load_training_models(student, teacher, compute_dtype, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
                       override_schedule=bool(forced), teacher_logits=cache)
-    resumed = trainer.prepare()
+    resumed = trainer.prepare(config=resolved)
     if is_rank0():
         if forced:
             record = {"step": trainer.step, "changed": {k: [flat_get(saved, k), flat_get(resolved, k)]
@@ -248,11 +288,17 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     if before is not None:
         trainer.log_record({"kind": "eval", "step": 0, **before})
     result = trainer.train(stop_at)
+    if result["stopped"]:  # a stop signal: the checkpoint is saved, the run continues when started again
+        trainer.close()
+        log.info("%s stopped by %s at step %d of %d; start it again to continue", kind, result["stopped"],
+                 trainer.step, cfg.steps)
+        return {"kind": kind, "stopped": result["stopped"], "step": trainer.step, "steps": cfg.steps}
     if trainer.step < cfg.steps:  # stopped early (stop_at): resumable, nothing final written
         last = trainer.last_eval
         if last is None or last["step"] != trainer.step:
             last = {"kind": "eval", "step": trainer.step, **trainer.evaluate(student_model)}
             trainer.log_record(last)
+        trainer.close()
         return {"stopped_at": trainer.step, "student_before": before, "student_now": last,
                 "final_train": result["final_train"]}
     after = trainer.evaluate(student_model)
@@ -260,7 +306,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},
-                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": list(data),
+                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": train_corpus.blend.label,
                                            "steps": cfg.steps,
                                            **({"teacher_logits": str(teacher_logits)} if cache else {})}}
     info = CheckpointInfo(s_desc, s_info.dtype, provenance)
@@ -275,7 +321,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
         "teacher_logits": str(teacher_logits) if cache is not None else None,
         "tokens": cfg.steps * cfg.global_batch * cfg.seq_len,
         "final_loss": final.get("loss"), "final_kd_loss": final.get("kd_loss"), "final_ce_loss": final.get("ce_loss"),
-        "final_pair_losses": final.get("pair_losses"),
+        "final_pair_losses": final.get("pair_losses"), "final_moe_aux_loss": final.get("moe_aux_loss"),
         "student_before": before, "student_after": after, "teacher_eval": teacher_eval,
         "wall_seconds": round(time.time() - started, 1), "train_seconds": round(result["wall_seconds"], 1),
         "tokens_per_second": result["tokens_per_second"], "trained_steps_this_run": result["trained_steps"],
@@ -286,6 +332,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, cfg: 
                    "lr_min": cfg.min_lr_value, "warmup_steps": cfg.warmup,
                    "kd_pairs": [f"{p.student}:{p.teacher}" for p in pairs]},
     }
+    trainer.close()
     if is_rank0():
         tmp = out_path / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -302,44 +349,44 @@ def flat_get(tree: dict[str, Any] | None, key: str) -> Any:
     return flatten(tree or {}).get(key)
 
 
-def _configs(cls, config, options: dict[str, Any], names: Names | None):
+def _configs(cls, config, options: dict[str, Any], names: Names | None, data_names: Names | None):
     from nemo_minitron.config import build, cli_names, split_overrides
 
-    stage, par, run = split_overrides(options, cls, ParallelConfig, RunConfig)
+    stage, par, run, dat = split_overrides(options, cls, ParallelConfig, RunConfig, DataOptions)
     names = names or cli_names(cls)
-    return build(cls, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), names
+    data_names = data_names or cli_names(DataOptions)
+    return dict(cfg=build(cls, config, names, **stage), parallel=build(ParallelConfig, None, names, **par),
+                run=build(RunConfig, None, names, **run), data_opts=build(DataOptions, None, data_names, **dat),
+                names=names, data_names=data_names)
 
 
 def distill(teacher: str | None, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
             teacher_logits: str | None = None, eval_data: Sequence[str] | None = None, resume: bool = False,
-            force: bool = False, progress: bool = True, names: Names | None = None, force_hint: str = "--force",
-            stop_at: int | None = None, **options: Any) -> dict[str, Any]:
+            force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+            force_hint: str = "--force", stop_at: int | None = None, **options: Any) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` on ``data``; either may be a project checkpoint or a
     Megatron-LM / Megatron-Bridge (an ``iter_N`` directory chooses the iteration) / NeMo 2 one.
     With ``teacher=None`` and ``teacher_logits`` a cache directory, from the cached teacher.
 
     ``config``: a DistillConfig (defaults if None); ``options``: any of its fields, or
-    ``tp``, ``pp``, ``seed``, ``dtype``, overriding it. A run whose ``out`` holds a training
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it. A run whose ``out`` holds a training
     checkpoint continues from it, unless its settings changed: then ``force=True`` is
     needed, and the new settings (learning-rate schedule included) apply from there.
     ``stop_at``: train only up to that step on the full schedule, save a training
     checkpoint there and evaluate (returns ``{"stopped_at", "student_now", ...}``); a later
     call continues (successive halving in ``search``)."""
-    cfg, parallel, run, names = _configs(DistillConfig, config, options, names)
     require(teacher is not None or teacher_logits is not None, "give --teacher or --teacher-logits")
-    return _run(teacher, student, data, out, cfg, parallel=parallel, run=run, eval_data=eval_data, resume=resume,
-                force=force, progress=progress, names=names, force_hint=force_hint, teacher_logits=teacher_logits,
-                stop_at=stop_at)
+    return _run(teacher, student, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, teacher_logits=teacher_logits, stop_at=stop_at,
+                **_configs(DistillConfig, config, options, names, data_names))
 
 
 def finetune(model: str, data: Sequence[str], out: str, config: TrainingConfig | None = None, *,
              eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False,
-             progress: bool = True, names: Names | None = None, force_hint: str = "--force",
-             **options: Any) -> dict[str, Any]:
+             progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+             force_hint: str = "--force", **options: Any) -> dict[str, Any]:
     """Plain next-token cross-entropy training (teacher correction, and the baseline to distillation)."""
     if config is not None and type(config) is not TrainingConfig:  # e.g. a recipe's teacher_correction
         config = TrainingConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingConfig)})
-    cfg, parallel, run, names = _configs(TrainingConfig, config, options, names)
-    return _run(None, model, data, out, cfg, parallel=parallel, run=run, eval_data=eval_data, resume=resume,
-                force=force, progress=progress, names=names, force_hint=force_hint)
+    return _run(None, model, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
+                force_hint=force_hint, **_configs(TrainingConfig, config, options, names, data_names))

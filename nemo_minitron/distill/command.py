@@ -7,12 +7,13 @@ from nemo_minitron.errors import require
 
 
 def main(args) -> int:
-    from nemo_minitron.commands import runtime_options
+    from nemo_minitron.commands import data_options, runtime_options
     from nemo_minitron.config import from_args
     from nemo_minitron.distill.api import distill, finetune
     from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 
-    common = dict(eval_data=args.eval_data, resume=args.resume, force=args.force, **runtime_options(args))
+    common = dict(eval_data=args.eval_data, resume=args.resume, force=args.force, **runtime_options(args),
+                  **data_options(args))
     require(args.teacher is not None or args.teacher_logits is not None,
             "give --teacher CKPT (or none), or --teacher-logits DIR")
     if args.config:
@@ -27,13 +28,13 @@ def main(args) -> int:
 
 
 def teacher_logits_main(args) -> int:
-    from nemo_minitron.commands import runtime_options
+    from nemo_minitron.commands import data_options, runtime_options
     from nemo_minitron.config import from_args
     from nemo_minitron.distill.config import TeacherLogitsConfig
     from nemo_minitron.distill.teacher_logits import write_teacher_logits
 
     write_teacher_logits(args.teacher, args.data, args.out, from_args(TeacherLogitsConfig, args),
-                         **runtime_options(args))
+                         **runtime_options(args), **data_options(args))
     return 0
 
 

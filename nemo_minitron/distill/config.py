@@ -38,8 +38,15 @@ class TrainingConfig:
     eval_samples: int = option(64, "held-out sequences per evaluation", ge=1, resume_safe=True)
     save_every: int = option(500, "resumable checkpoint every N steps (0: only the final model)", ge=0,
                              resume_safe=True)
+    log_every: int = option(10, "a Megatron-style log line every N steps (every step goes to metrics.jsonl and "
+                                "TensorBoard)", ge=1, resume_safe=True)
+    data_workers: int = option(2, "DataLoader processes reading training batches ahead, per rank (0: read in the "
+                                  "training process)", ge=0, resume_safe=True)
     logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes)", ge=1,
                               resume_safe=True)
+    moe_aux_loss_coeff: Optional[float] = option(
+        None, "mixtures of experts: weight of the router's load-balancing loss per layer (0: off)", ge=0,
+        default_text="the model's, from its HF router_aux_loss_coef")
 
     def check(self, names) -> None:
         require(self.global_batch % self.micro_batch == 0,
@@ -107,8 +114,8 @@ class TeacherLogitsConfig:
 
     top_k: int = option(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)",
                         ge=1)
-    samples: Optional[int] = option(None, "training samples to cover: the first N of --data (distillation from "
-                                          "the cache trains on these)", ge=1, default_text="all the data holds",
+    samples: Optional[int] = option(None, "training samples to cover: the N a distillation of --steps x "
+                                          "--global-batch = N reads (distillation from the cache trains on these)", ge=1, default_text="all the data holds",
                                     parse=_optional_int)
     seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per sequence (distill must use the same)", ge=1)
     micro_batch: int = option(1, "sequences per teacher forward pass", ge=1)

@@ -9,6 +9,12 @@ config's ``hidden_size``: the project's trainer widens them with
 ``nemo_minitron.integrations``) this module's ``config`` is a copy of the student's
 whose ``hidden_size`` is the p2p width.
 
+With sequence parallelism (a mixture-of-experts student at TP > 1) every tensor-parallel
+rank holds a slice of the sequence: a pair's loss on a rank is its slice's mean divided
+by the TP size (the ranks' parts add up to the mean over all tokens, in the logs and in
+the gradients), and the projections' gradients are summed over the TP ranks by
+megatron's gradient finalisation (``sequence_parallel`` parameters).
+
 Intermediate pairs compare a student state with a teacher state: a layer's output
 (layer i, 0-indexed), the embedding output (``embedding``) or the final norm's output
 (``final_norm``). A pair is computed on the later of its two states' stages; the earlier
@@ -92,6 +98,8 @@ class DistillationModel(torch.nn.Module):
         self.model_type = student.model_type
         self.pairs, self.pair_loss = list(pairs), pair_loss
         self.pp, self.stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        # sequence-parallel ranks each hold 1/tp of the tokens: their pair losses add up to the mean
+        self.sequence_shards = ps.get_tensor_model_parallel_world_size() if student.config.sequence_parallel else 1
         self.is_first, self.is_last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.hs, self.ht = student.config.hidden_size, teacher.config.hidden_size
         self.ls, self.lt = student_layers or student.config.num_layers, teacher_layers or teacher.config.num_layers
@@ -126,10 +134,14 @@ class DistillationModel(torch.nn.Module):
                     else:  # seeded per pair, so every layout starts from the same projections
                         g = torch.Generator().manual_seed(seed * 1000 + i)
                         proj.weight.copy_(torch.randn(self.ht, self.hs, generator=g) / math.sqrt(self.hs))
+                proj.weight.sequence_parallel = student.config.sequence_parallel  # each rank sees its tokens
                 self.projections[str(i)] = proj
         # auto balance: weight of each pair = last step's logit loss / its loss (1 at first)
         self.register_buffer("pair_weights", torch.ones(len(self.pairs), dtype=torch.float64), persistent=False)
         self.num_microbatches = 1
+        # float16 training: the schedule multiplies the last stage's loss by the optimizer's
+        # loss scale; a pair loss entering backward here must be scaled alike
+        self.loss_scale = 1.0
         #: gradient of a non-last stage's pair loss; None: 1 / num_microbatches, as the last
         #: stage's loss is scaled by megatron's schedule (per-token losses: the tokens)
         self.aux_loss_scale: float | None = None
@@ -217,7 +229,7 @@ class DistillationModel(torch.nn.Module):
         t = self._captured[("teacher", pair.teacher)]
         if str(i) in self.projections:
             s = self.projections[str(i)](s)
-        return intermediate_loss(s, t, self.pair_loss)
+        return intermediate_loss(s, t, self.pair_loss) / self.sequence_shards
 
     def forward(self, input_ids, position_ids, attention_mask=None):
         self._captured.clear()
@@ -257,9 +269,10 @@ class DistillationModel(torch.nn.Module):
         if out.shape[-1] < self.width:
             out = torch.nn.functional.pad(out, (0, self.width - out.shape[-1]))
         if pair_losses:
-            # the last stage divides its loss by the number of micro-batches; match it
+            # the last stage divides its loss by the number of micro-batches (and multiplies
+            # it by the float16 loss scale); match it
             scale = self.aux_loss_scale if self.aux_loss_scale is not None else 1.0 / self.num_microbatches
-            out = _AddAuxLoss.apply(out, weighted, scale)
+            out = _AddAuxLoss.apply(out, weighted, self.loss_scale * scale)
         return out
 
     def adjust_tensor_shapes(self, recv_shapes, send_shapes):

@@ -2,15 +2,17 @@
 computed once and read by memory mapping, so that many students (the candidates of an
 architecture search) are distilled without running the teacher again.
 
-    DIR/index.json               what it was made from (teacher, tokenizer, data, sequence
-                                 length, seed, temperature), K, dtypes, the shards
+    DIR/index.json               what it was made from (teacher, tokenizer, data and split,
+                                 sequence length, seed, temperature), K, dtypes, the shards
     DIR/dpNNNNN.ids.npy          int32 [n, seq_len, K]   top-K token ids, most probable first
     DIR/dpNNNNN.log_probs.npy    bf16 (stored as uint16) or float32 [n, seq_len, K]
     DIR/dpNNNNN.log_rest.npy     float32 [n, seq_len]    log of the mass outside the top-K
     DIR/dpNNNNN.hashes.npy       int64 [n]               each sample's token hash
 
-Samples are identified by their global index in the training data
-(``distill.data.training_samples``). Each data-parallel rank of the writing run writes
+Samples are identified by their index in the training data set: the ``train`` part of
+``--data`` as megatron-core's GPTDataset orders it for the seed and sequence length,
+built for ``dataset_samples`` samples (``--samples``; None: one pass), which is what a
+live-teacher run of ``steps x global_batch`` equal samples reads. Each data-parallel rank of the writing run writes
 one shard, a contiguous range of indices, from its last pipeline stage (the top-K is
 found across the tensor-parallel vocabulary shards first); readers map any index to
 its shard, so a cache written at one TP/PP/DP layout is read at any other. Everything
@@ -100,11 +102,16 @@ class TeacherLogits:
         return np.concatenate([self._shard(i)["hashes"] for i in range(len(self.starts))]) if self.starts else \
             np.zeros(0, dtype=np.int64)
 
-    def check_matches(self, *, tokenizer: str, seq_len: int, seed: int, vocab_size: int, samples: torch.Tensor,
-                      temperature: float, names: Names, flag: str = "--teacher-logits") -> None:
+    @property
+    def dataset_samples(self) -> int | None:
+        """The sample count the training data set was built for (None: one pass)."""
+        return self.index["dataset_samples"]
+
+    def check_settings(self, *, tokenizer: str, seq_len: int, seed: int, vocab_size: int, temperature: float,
+                       data: str, split: str | None, names: Names, data_names: Names,
+                       flag: str = "--teacher-logits") -> None:
         """Refuse a cache made for another tokenizer, sequence length, seed, vocabulary,
-        temperature or data (one line, naming what differs). ``samples``: the training samples,
-        index order; the cache must hold the first ``num_samples`` of them, token for token."""
+        temperature, data or split (one line, naming what differs); before any work."""
         made = self.index
         where = f"{flag} '{self.path}'"
         require(made["tokenizer"] == tokenizer, f"{where} was written with another tokenizer (teacher "
@@ -117,14 +124,23 @@ class TeacherLogits:
         require(abs(made["temperature"] - temperature) <= 1e-12 * max(1.0, temperature),
                 f"{where} holds log-probabilities at temperature {made['temperature']:g}, not "
                 f"{names('kd_temperature')} {temperature:g}")
-        data = ", ".join(made["data"])
-        require(len(samples) >= self.num_samples, f"{where} was written for other data ({data}): it covers "
-                                                  f"{self.num_samples} samples, --data holds {len(samples)}")
+        require(made["data"] == data, f"{where} was written for other data ({made['data']}), not --data {data}")
+        require(made["split"] == split, f"{where} was written for --split {made['split']}, not "
+                                        f"{data_names('split')} {split}")
+
+    def check_samples(self, samples, flag: str = "--teacher-logits") -> None:
+        """The training data set must hold the cached samples token for token (checked on up
+        to 64 samples spread over the cache: the same data files, rewritten, are other data)."""
         from nemo_minitron.distill.data import sample_hashes
 
-        differ = np.flatnonzero(sample_hashes(samples[: self.num_samples]) != self.hashes())
-        require(differ.size == 0, f"{where} was written for other data ({data}): sample {differ[0] if differ.size else 0}"
-                                  f" and {max(differ.size - 1, 0)} more differ from --data's")
+        where = f"{flag} '{self.path}'"
+        require(len(samples) >= self.num_samples, f"{where} was written for other data ({self.index['data']}): it "
+                                                  f"covers {self.num_samples} samples, --data holds {len(samples)}")
+        checked = sorted({int(i) for i in np.linspace(0, self.num_samples - 1, min(64, self.num_samples))})
+        stored = self.hashes()[checked]
+        differ = [i for i, a, b in zip(checked, sample_hashes(samples, checked), stored) if a != b]
+        require(not differ, f"{where} was written for other data ({self.index['data']}): sample {differ[0] if differ else 0}"
+                            f" and {max(len(differ) - 1, 0)} more of those checked differ from --data's")
 
     # reading samples
     def _shard(self, i: int) -> dict[str, np.ndarray]:
@@ -188,23 +204,28 @@ class _ShardWriter:
             a.flush()
 
 
-def _configs(config, options: dict[str, Any], names: Names | None):
+def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
     from nemo_minitron.config import build, cli_names, split_overrides
+    from nemo_minitron.data.config import DataOptions
     from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
-    stage, par, run = split_overrides(options, TeacherLogitsConfig, ParallelConfig, RunConfig)
+    stage, par, run, dat = split_overrides(options, TeacherLogitsConfig, ParallelConfig, RunConfig, DataOptions)
     names = names or cli_names(TeacherLogitsConfig)
+    data_names = data_names or cli_names(DataOptions)
     return build(TeacherLogitsConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), names
+        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
 
 
 def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: TeacherLogitsConfig | None = None, *,
-                         progress: bool = True, names: Names | None = None, **options: Any) -> Path:
+                         progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+                         **options: Any) -> Path:
     """Run ``teacher`` over the first ``samples`` training samples of ``data`` and store its
     top-K log-probabilities in the new directory ``out`` (collective over all ranks).
 
     ``config``: a TeacherLogitsConfig; ``options``: any of its fields, or ``tp``, ``pp``,
-    ``seed``, ``dtype`` (the teacher's compute dtype; default: as stored)."""
+    ``seed``, ``dtype`` (the teacher's compute dtype; default: as stored), ``split``,
+    ``cache_dir``. The samples are those of the training data set a distillation of
+    ``steps x global_batch = samples`` reads (one pass over the train part without ``samples``)."""
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.checkpoint.store import (
@@ -215,13 +236,13 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
         parse_dtype,
         read_info,
     )
-    from nemo_minitron.data.samples import data_parallel_slice
+    from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
     from nemo_minitron.distill.api import tokenizer_fingerprint
-    from nemo_minitron.distill.data import sample_hashes, training_samples
+    from nemo_minitron.distill.data import sample_hashes
     from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
 
-    cfg, parallel, run, names = _configs(config, options, names)
+    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
     tp, pp = parallel.tp, parallel.pp
 
     # ---- everything is checked before the teacher is loaded
@@ -236,20 +257,18 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
     tokenizer = load_tokenizer(teacher)
-    samples = training_samples(data, tokenizer, cfg.seq_len, seed=run.seed, vocab_size=desc.vocab_size)
-    if cfg.samples is not None:
-        require(cfg.samples <= len(samples), f"{names('samples')} {cfg.samples} is more than --data holds "
-                                             f"({len(samples)} samples of {cfg.seq_len + 1} tokens)")
-        samples = samples[: cfg.samples]
-    hashes = sample_hashes(samples)
+    corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    require(corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
 
     # ---- work
     init_distributed(tp, pp, run.seed)
+    samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train", num_samples=cfg.samples,
+                             samples_flag=names("samples"), progress=progress)
     model, _ = load_checkpoint(teacher, dtype=compute_dtype)
-    bounds = np.linspace(0, len(samples), dp + 1).round().astype(int)
     dp_rank = ps.get_data_parallel_rank()
-    mine = data_parallel_slice(samples, dp_rank, dp)
-    lo = int(bounds[dp_rank])
+    lo, hi = data_parallel_bounds(len(samples), dp_rank, dp)
+    mine = samples.take(hi - lo, lo)
     is_writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     device = layout().device
     log.info("teacher logits of %s: %d samples x %d tokens, top %d at T=%g (%s), %d bytes per token", teacher,
@@ -262,7 +281,7 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     with atomic_directory(out_path) as tmp:
         name = f"dp{dp_rank:05d}"
         writer = _ShardWriter(tmp, name, len(mine), cfg.seq_len, cfg.top_k, cfg.value_dtype,
-                              hashes[lo:lo + len(mine)]) if is_writer else None
+                              sample_hashes(mine)) if is_writer else None
         batches = [{"tokens": mine[i:i + cfg.micro_batch, :-1].contiguous(),
                     "row": torch.arange(i, min(i + cfg.micro_batch, len(mine)))}
                    for i in range(0, len(mine), cfg.micro_batch)]
@@ -286,14 +305,15 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
             writer.close()
         if is_rank0():
             index = {"format": FORMAT, "version": VERSION, "teacher": str(teacher), "teacher_model": desc.to_dict(),
-                     "tokenizer": tokenizer_fingerprint(teacher), "data": list(data), "seed": run.seed,
-                     "seq_len": cfg.seq_len, "num_samples": len(samples), "vocab_size": desc.vocab_size,
+                     "tokenizer": tokenizer_fingerprint(teacher), "data": corpus.blend.label,
+                     "split": data_opts.split, "seed": run.seed, "seq_len": cfg.seq_len,
+                     "dataset_samples": cfg.samples, "num_samples": len(samples), "vocab_size": desc.vocab_size,
                      "top_k": cfg.top_k, "temperature": cfg.kd_temperature, "value_dtype": cfg.value_dtype,
                      "compute_dtype": run.dtype or info.dtype,
                      "bytes_per_token": bytes_per_token(cfg.top_k, cfg.value_dtype),
                      "written_at": {"tp": tp, "pp": pp, "dp": dp},
-                     "shards": [{"name": f"dp{r:05d}", "start": int(bounds[r]), "count": int(bounds[r + 1] - bounds[r])}
-                                for r in range(dp)]}
+                     "shards": [{"name": f"dp{r:05d}", "start": start, "count": stop - start}
+                                for r in range(dp) for start, stop in [data_parallel_bounds(len(samples), r, dp)]]}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
     log.info("wrote %s (%.1f MB)", out_path, sum(f.stat().st_size for f in out_path.iterdir()) / 1e6
              if is_rank0() else 0.0)

@@ -2,27 +2,39 @@
 
 Each step runs ``get_forward_backward_func()`` over the step's micro-batches with a
 Megatron-shaped ``forward_step(data_iterator, model) -> (output, loss_func)``, then the
-megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 params
-with float32 main weights when training in bf16), gradient clipping and a warm-up +
-cosine learning-rate schedule. Which samples a step sees is a function of the seed and
-the step alone, so a resumed run sees exactly what an uninterrupted one would.
+megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 or fp16
+params with float32 main weights, fp16 with megatron-core's dynamic loss scaler),
+gradient clipping and a warm-up + cosine learning-rate schedule.
 
 The teacher is a live model (``DistillationModel`` runs both networks stage by stage) or
 a teacher-logit cache (``teacher_logits.TeacherLogits``): then only the student runs, and
-the last stage reads each micro-batch's cached top-K distributions by sample index.
+the last stage reads each micro-batch's cached top-K distributions by sample index (the
+loader passes each sample's index in the training data set along).
 
-Per step, rank 0 appends a JSON line to ``metrics.jsonl`` (losses, learning rate,
-gradient norm, tokens/s) and TensorBoard scalars; held-out evaluations are appended as
-``{"kind": "eval", ...}`` records.
+Data: a DataLoader (``loader.py``) reads the training data set in Megatron's order from
+the number of consumed samples, which every checkpoint holds: a resumed run reads the
+samples an uninterrupted one would, at any layout. Each step's record carries a
+fingerprint of the tokens it trained on, so that this can be checked.
+
+Stopping: after every step the loop asks whether any rank got SIGTERM or SIGUSR1
+(``runtime/signals.py``); then it saves a checkpoint and returns ``stopped``.
+
+Per step, rank 0 appends a record to ``metrics.jsonl`` and TensorBoard (and W&B when
+configured), and every ``log_every`` steps logs a Megatron-style line (``metrics.py``);
+held-out evaluations are ``{"kind": "eval", ...}`` records.
+
+A mixture-of-experts student keeps its router's load-balancing loss: megatron-core's
+router attaches it to the routing probabilities (``MoEAuxLossAutoScaler``, scaled by the
+schedule like the main loss) and records it in its tracker, from which each step's
+``moe_aux_loss`` (the term added to the objective, summed over layers, averaged over
+micro-batches) is reported beside the KD loss and included in ``loss``. The teacher
+runs in eval mode, where routers add no such loss.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,8 @@ import torch.distributed as dist
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel, LayerPair
+
+FINGERPRINT_MODULUS = 2**31 - 1
 
 log = logging.getLogger("nemo_minitron")
 
@@ -69,17 +83,31 @@ def next_pair_weights(setting: str | float | None, logit_loss_value: float, pair
                         dtype=torch.float64)
 
 
-# ---------------------------------------------------------------------- data order
-def step_indices(step: int, global_batch: int, num_samples: int, seed: int) -> torch.Tensor:
-    """Global sample indices of ``step``: consecutive slices of per-epoch seeded permutations."""
-    first = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        epoch, offset = divmod(first + len(out), num_samples)
-        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        take = min(global_batch - len(out), num_samples - offset)
-        out.extend(perm[offset:offset + take].tolist())
-    return torch.tensor(out)
+# ---------------------------------------------------------------------- data fingerprint
+def batch_fingerprint(batch: dict[str, torch.Tensor]) -> int:
+    """A number that changes when any token or its position in a sample changes (the order
+    of samples within a step does not matter): sum of (token + 1) x weight(position) mod p."""
+    total = 0
+    for key in ("tokens", "labels"):
+        ids = batch[key].to(torch.int64).cpu()
+        weights = (torch.arange(1, ids.shape[1] + 1, dtype=torch.int64) * 1_000_003) % FINGERPRINT_MODULUS
+        total += int((((ids + 1) * weights) % FINGERPRINT_MODULUS).sum()) % FINGERPRINT_MODULUS
+    return total % FINGERPRINT_MODULUS
+
+
+class _Fingerprinting:
+    """Passes micro-batches through to the schedule, adding up their fingerprints."""
+
+    def __init__(self, batches):
+        self.batches, self.value = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.value = (self.value + batch_fingerprint(batch)) % FINGERPRINT_MODULUS
+        return batch
 
 
 # ---------------------------------------------------------------------- forward steps
@@ -119,14 +147,15 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
 
 # ---------------------------------------------------------------------- the loop
 class Trainer:
-    def __init__(self, student, teacher, train_samples: torch.Tensor, eval_samples: torch.Tensor | None, out: Path,
+    def __init__(self, student, teacher, train_samples, eval_samples, out: Path,
                  cfg: TrainingConfig, *, seed: int, student_desc, teacher_desc=None, pairs: list[LayerPair] = (),
                  projection_init: torch.Tensor | None = None, progress: bool = True,
                  override_schedule: bool = False, teacher_logits=None):
-        """``cfg``: a DistillConfig when ``teacher`` or ``teacher_logits`` (a cache, read by
-        sample index: ``train_samples`` are the samples it was written for) is given, else the
-        TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs, resolved
-        against both models (live teacher only);
+        """``train_samples``: a TokenDataset (or a ``[N, s+1]`` tensor); ``eval_samples``: the
+        same, or None; ``cfg``: a DistillConfig when ``teacher`` or ``teacher_logits`` (a cache,
+        read by sample index: ``train_samples`` are the samples it was written for) is given,
+        else the TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs,
+        resolved against both models (live teacher only);
         ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
         rather than from the checkpoint (a forced resume with changed settings)."""
         from megatron.core import parallel_state as ps
@@ -134,6 +163,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        from nemo_minitron.model.params import unwrap
         from nemo_minitron.runtime.distributed import layout
 
         self.cfg, self.out, self.progress, self.seed = cfg, Path(out), progress, seed
@@ -161,10 +191,15 @@ class Trainer:
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                           use_distributed_optimizer=self.dp > 1),
             self.module)
+        self.fp16 = dtype == torch.float16
+        # fp16: float32 main weights and megatron-core's dynamic loss scaler (Megatron-LM's
+        # window and hysteresis; a first scale of 2^16 rather than 2^32, fewer skipped steps)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr_value, weight_decay=cfg.weight_decay,
                             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.clip_grad,
-                            bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=self.dp > 1),
+                            bf16=dtype == torch.bfloat16, fp16=self.fp16, params_dtype=dtype,
+                            initial_loss_scale=2.0**16 if self.fp16 else None, loss_scale_window=1000,
+                            hysteresis=2, use_distributed_optimizer=self.dp > 1),
             [self.ddp])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr_value,
@@ -178,27 +213,38 @@ class Trainer:
         self.teacher_logits = teacher_logits
         self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None,
                                               teacher_logits=teacher_logits)
+        model_config = unwrap(student).config
+        if model_config.num_moe_experts and cfg.moe_aux_loss_coeff is not None:
+            model_config.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff  # the routers read it at every step
+        self.moe_aux_coeff = float(model_config.moe_aux_loss_coeff) if model_config.num_moe_experts else 0.0
         self.step = 0
         self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation of train()
-        self.metrics_file = self.out / "metrics.jsonl"
-        self.writer = None
+        self.consumed_samples = 0
+        self.metrics = None
+        self._batches = None
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     # -------------------------------------------------------------- helpers
     @property
     def num_microbatches(self) -> int:
         return self.cfg.global_batch // (self.dp * self.cfg.micro_batch)
 
-    def _microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of ``step``: tokens, labels and the samples' global indices."""
-        from nemo_minitron.model.forward import split_microbatches
+    def _loader(self, consumed: int, workers: int):
+        from nemo_minitron.distill.loader import training_batches
 
-        idx = step_indices(step, self.cfg.global_batch, len(self.train_samples), self.seed)
-        per_rank = self.cfg.global_batch // self.dp
-        chosen = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        batches = split_microbatches(self.train_samples[chosen], self.cfg.micro_batch)
-        for i, batch in enumerate(batches):
-            batch["index"] = chosen[i * self.cfg.micro_batch:(i + 1) * self.cfg.micro_batch]
-        return batches
+        return training_batches(self.train_samples, consumed=consumed, global_batch=self.cfg.global_batch,
+                                micro_batch=self.cfg.micro_batch, dp_rank=self.dp_rank, dp_size=self.dp,
+                                workers=workers, with_index=self.teacher_logits is not None)
+
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``step``, as the loader reads them for that step."""
+        batches = self._loader(step * self.cfg.global_batch, workers=0)
+        return [next(batches) for _ in range(self.num_microbatches)]
+
+    def flops_per_token(self) -> float:
+        from nemo_minitron.distill.metrics import training_flops_per_token
+
+        return training_flops_per_token(self.student_desc, self.teacher_desc, self.cfg.seq_len)
 
     def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor,
                      pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
@@ -217,9 +263,11 @@ class Trainer:
             head = stats[:3].clone()
             dist.broadcast(head, src=last, group=pp_group)
             stats[:3] = head
-            if len(pair_losses):  # each pair is computed on exactly one stage
+            if len(pair_losses):  # each pair is computed on exactly one stage (in parts, under SP)
                 tail = stats[3:].clone()
                 dist.all_reduce(tail, group=pp_group)
+                if getattr(self.module, "sequence_shards", 1) > 1:
+                    dist.all_reduce(tail, group=ps.get_tensor_model_parallel_group())
                 stats[3:] = tail
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
@@ -231,17 +279,8 @@ class Trainer:
                 **({"pair_weights": weights} if pairs else {})}
 
     def log_record(self, record: dict[str, Any]) -> None:
-        from nemo_minitron.runtime.distributed import is_rank0
-
-        if not is_rank0():
-            return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-            self.writer.flush()
+        if self.metrics is not None:
+            self.metrics.record(record)
 
     def evaluate(self, model) -> dict[str, float]:
         from nemo_minitron.evaluate import evaluate
@@ -250,64 +289,95 @@ class Trainer:
         return {"heldout_loss": result.loss, "heldout_perplexity": result.perplexity, "heldout_tokens": result.tokens}
 
     # -------------------------------------------------------------- run
-    def prepare(self) -> bool:
+    def prepare(self, config: dict[str, Any] | None = None) -> bool:
         """Create the output directory and logs, and resume if it holds a checkpoint.
-        Returns True when resumed."""
+        Returns True when resumed. ``config``: the run's settings, for W&B."""
+        from nemo_minitron.distill.metrics import MetricsLog
         from nemo_minitron.runtime.distributed import barrier, is_rank0
 
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         barrier()
+        kind = ("distillation" if isinstance(self.module, DistillationModel) or self.teacher_logits is not None
+                else "fine-tuning")
+        self.metrics = MetricsLog(self.out, kind=kind, total_steps=self.cfg.steps, log_every=self.cfg.log_every,
+                                  config=config or {})
         self.resume_if_possible()
         return self.step > 0
 
     def resume_if_possible(self) -> None:
         from nemo_minitron.distill.checkpointing import latest_checkpoint, load_training_state
-        from nemo_minitron.runtime.distributed import is_rank0
 
         path = latest_checkpoint(self.out)
         if path is None:
-            if is_rank0() and self.metrics_file.exists():
-                self.metrics_file.unlink()  # a fresh run starts a fresh log
+            self.metrics.restart()  # a fresh run starts a fresh log
             return
         state = load_training_state(path, self.module, self.optimizer, self.scheduler,
                                     override_schedule=self.override_schedule)
         self.step = state["step"]
+        # the data position; checkpoints from before it was saved consumed global_batch per step
+        self.consumed_samples = state.get("consumed_samples", self.step * self.cfg.global_batch)
         if isinstance(self.module, DistillationModel):
             self.module.pair_weights.copy_(torch.tensor(state["pair_weights"], dtype=torch.float64))
-        if is_rank0() and self.metrics_file.exists():
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        self.metrics.truncate(self.step)
 
     def save(self) -> None:
         from nemo_minitron.distill.checkpointing import save_training_state
 
         weights = self.module.pair_weights.tolist() if isinstance(self.module, DistillationModel) else []
         save_training_state(self.out, self.step, self.module, self.optimizer, self.scheduler,
-                            {"pair_weights": weights})
+                            {"pair_weights": weights, "consumed_samples": self.consumed_samples})
 
-    def _forward_backward(self, step: int) -> dict[str, Any]:
-        """Forward and backward over ``step``'s micro-batches (megatron-core's schedule,
-        gradients accumulated); the step's losses, reduced to every rank."""
+    def _forward_backward(self, batches) -> dict[str, Any]:
+        """Forward and backward over the next step's micro-batches from ``batches``
+        (megatron-core's schedule, gradients accumulated); the step's losses and the
+        fingerprint of its samples, reduced to every rank."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         distilling = isinstance(self.module, DistillationModel)
         extra = {}
         if distilling:
             self.module.num_microbatches = self.num_microbatches
+            self.module.loss_scale = float(self.optimizer.get_loss_scale())
             self.module.step_pair_losses.zero_()
             if self.module.pp > 1:
                 extra["adjust_tensor_shapes_fn"] = self.module.adjust_tensor_shapes
+        data = _Fingerprinting(batches)
+        if self.moe_aux_coeff:
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()
         reported = get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=iter(self._microbatches(step)), model=[self.ddp],
+            forward_step_func=self.forward_step, data_iterator=data, model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
         pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
-        return self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
+        logs = self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
+        if self.moe_aux_coeff:
+            logs["moe_aux_loss"] = self._moe_aux_loss()
+            logs["loss"] += logs["moe_aux_loss"]
+        fingerprint = torch.tensor([data.value], dtype=torch.int64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(fingerprint, group=ps.get_data_parallel_group())
+        return {**logs, "samples_fingerprint": int(fingerprint.item()) % FINGERPRINT_MODULUS}
+
+    def _moe_aux_loss(self) -> float:
+        """The step's load-balancing loss as it entered the objective (collective): megatron's
+        tracker holds, per layer, the loss without its coefficient, summed over micro-batches;
+        reduced over pipeline stages (each holds its layers), sequence-parallel ranks (each
+        holds its tokens' part) and data-parallel ranks (mean)."""
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks,
+        )
+
+        name = "load_balancing_loss"
+        reduce_aux_losses_tracker_across_ranks([name])
+        value = self.moe_aux_coeff * get_moe_layer_wise_logging_tracker()[name]["values"].double().sum().item()
+        clear_aux_losses_tracker()
+        return value / self.num_microbatches
 
     def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One forward-backward pass over ``step``'s batches, no update: the logs and this
@@ -317,7 +387,7 @@ class Trainer:
         from nemo_minitron.model.params import gather, named_weights, unwrap
 
         self.ddp.zero_grad_buffer()
-        logs = self._forward_backward(step)
+        logs = self._forward_backward(iter(self.step_batches(step)))
         group = ps.get_tensor_model_parallel_group()
         gated = unwrap(self.student).config.gated_linear_unit
         grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated).cpu()
@@ -328,20 +398,22 @@ class Trainer:
         return logs, grads
 
     def train(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to the last step, or only up to ``stop_at`` (then a checkpoint is saved there,
-        and a later run resumes from it on the same schedule)."""
-        from tqdm import tqdm
-
-        from nemo_minitron.runtime.distributed import is_rank0
+        """Train from the current step to ``cfg.steps`` (or only up to ``stop_at``: then a
+        checkpoint is saved there, and a later run resumes from it on the same schedule), or
+        until a stop signal (then save and return with ``stopped``: the signal's name)."""
+        from nemo_minitron.distill.metrics import peak_memory_gb
+        from nemo_minitron.runtime.progress import progress_bar
+        from nemo_minitron.runtime.signals import received, stop_requested
 
         cfg = self.cfg
         until = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         distilling = isinstance(self.module, DistillationModel)
         tokens_per_step = cfg.global_batch * cfg.seq_len
+        flops_per_step = self.flops_per_token() * tokens_per_step
         kind = "distill" if distilling or self.teacher_logits is not None else "fine-tune"
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=kind, unit="step",
-                   disable=not (self.progress and is_rank0()), dynamic_ncols=True)
-        last = {}
+        bar = progress_bar(cfg.steps, kind, self.progress, initial=self.step, unit="step")
+        self._batches = self._loader(self.consumed_samples, cfg.data_workers)
+        last, stopped = {}, None
         started, trained_steps = time.time(), 0
         saved_at = self.step
         while self.step < until:
@@ -349,11 +421,12 @@ class Trainer:
             self.ddp.train()
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
-            logs = self._forward_backward(self.step)
+            logs = self._forward_backward(self._batches)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
+            self.consumed_samples += cfg.global_batch
             trained_steps += 1
             if distilling and self.pairs:
                 logit_part = self.loss_cfg.kd_weight * logs["kd_loss"] + self.loss_cfg.ce_weight * logs["ce_loss"]
@@ -361,20 +434,36 @@ class Trainer:
             elapsed = time.time() - t0
             last = {"kind": "train", "step": self.step, **logs, "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not ok,
-                    "tokens": self.step * tokens_per_step, "step_seconds": elapsed,
-                    "tokens_per_second": tokens_per_step / elapsed}
+                    "loss_scale": float(self.optimizer.get_loss_scale()) if self.fp16 else None,
+                    "consumed_samples": self.consumed_samples, "tokens": self.consumed_samples * cfg.seq_len,
+                    "step_seconds": elapsed, "tokens_per_second": tokens_per_step / elapsed,
+                    "tflops_per_device": flops_per_step / elapsed / self.world_size / 1e12,
+                    "peak_memory_gb": peak_memory_gb()}
             self.log_record(last)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.last_eval = {"kind": "eval", "step": self.step, **self.evaluate(self.student)}
                 self.log_record(self.last_eval)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps
+            if saved:
                 self.save()
                 saved_at = self.step
+            if self.step < cfg.steps and stop_requested():
+                stopped = received() or "a signal on another rank"
+                log.warning("stop requested (%s): saving at step %d and exiting", stopped, self.step)
+                if not saved:
+                    self.save()
+                    saved_at = self.step
+                break
         bar.close()
         if self.step < cfg.steps and saved_at != self.step:
-            self.save()  # stopped before the end: resumable from here
+            self.save()  # stopped before the end (stop_at): resumable from here
+        self._batches = None  # ends the loader's worker processes
         wall = time.time() - started
-        return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall,
+        return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall, "stopped": stopped,
                 "tokens_per_second": trained_steps * tokens_per_step / wall if trained_steps else None}
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

@@ -10,23 +10,32 @@ from typing import Any, Mapping
 
 from nemo_minitron.errors import UsageError
 from nemo_minitron.families.llama import LLAMA, MISTRAL
+from nemo_minitron.families.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from nemo_minitron.families.nemotron import NEMOTRON
 from nemo_minitron.families.qwen import QWEN2, QWEN3
-from nemo_minitron.families.spec import DEFAULT_FEATURES, Family
+from nemo_minitron.families.spec import DEFAULT_FEATURES, Family, Field
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, MIXTRAL, QWEN3_MOE,
+                                                         QWEN2_MOE)}
 
-#: HF config keys of features no family here has (checked whatever the family), so that
-#: the error names the feature, not only the architecture.
+#: HF config keys of features a family may lack (checked unless the family's table reads
+#: the key), so that the error names the feature, not only the architecture.
 UNSUPPORTED_KEYS: Mapping[str, str] = {
     "num_local_experts": "mixture of experts",
     "num_experts": "mixture of experts",
-    "n_routed_experts": "mixture of experts",
+    "n_routed_experts": "mixture of experts (DeepSeek-style)",
+    "n_shared_experts": "shared experts (DeepSeek-style)",
     "kv_lora_rank": "multi-head latent attention (MLA)",
     "q_lora_rank": "multi-head latent attention (MLA)",
     "attn_logit_softcapping": "attention logit soft-capping",
     "final_logit_softcapping": "final logit soft-capping",
 }
+
+
+def unsupported_keys(fam: Family) -> dict[str, str]:
+    """UNSUPPORTED_KEYS less those the family's own table reads (Mixtral's num_local_experts)."""
+    read = {entry.hf for entry in fam.config if isinstance(entry, Field)}
+    return {k: v for k, v in UNSUPPORTED_KEYS.items() if k not in read and not (fam.moe and k == "num_local_experts")}
 
 
 def family(architecture: str) -> Family:
@@ -55,16 +64,20 @@ def family_with(features: Mapping[str, Any]) -> Family:
     """The first family whose table fixes exactly these features (any not given take the
     defaults), for sources that state features rather than a family, such as Megatron-LM
     arguments: RMSNorm + SwiGLU is Llama, + QKV bias Qwen2, + QK-norm Qwen3, LayerNorm
-    (zero-centred) + squared ReLU Nemotron."""
+    (zero-centred) + squared ReLU Nemotron; with ``moe=True`` (experts) Mixtral, Qwen3-MoE
+    (QK-norm) and Qwen2-MoE (QKV bias and a gated shared expert)."""
+    features = dict(features)
+    moe = bool(features.pop("moe", False))
     wanted = {**DEFAULT_FEATURES, **features}
     unknown = sorted(set(wanted) - set(DEFAULT_FEATURES))
     if unknown:
-        raise UsageError(f"unknown model features: {', '.join(unknown)} (known: {', '.join(DEFAULT_FEATURES)})")
+        raise UsageError(f"unknown model features: {', '.join(unknown)} (known: moe, {', '.join(DEFAULT_FEATURES)})")
     for fam in FAMILIES.values():
-        if fam.feature_values() == wanted:
+        if fam.feature_values() == wanted and fam.moe == moe:
             return fam
-    described = ", ".join(f"{k}={v!r}" for k, v in wanted.items())
+    described = ", ".join(f"{k}={v!r}" for k, v in {**wanted, **({"moe": True} if moe else {})}.items())
     raise UsageError(f"no supported model family has {described} (supported: {', '.join(FAMILIES)})")
 
 
-__all__ = ["DEFAULT_FEATURES", "FAMILIES", "UNSUPPORTED_KEYS", "Family", "family", "family_of_hf_config", "family_with"]
+__all__ = ["DEFAULT_FEATURES", "FAMILIES", "UNSUPPORTED_KEYS", "Family", "family", "family_of_hf_config", "family_with",
+           "unsupported_keys"]

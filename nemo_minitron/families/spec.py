@@ -18,11 +18,12 @@ A ``Family`` states, as data only:
     ``("qkv", q, k, v)``             megatron's fused QKV, rows grouped by query group
     ``("gate_up", gate, up)``        megatron's fused [gate; up] first MLP linear
   ``output_layer.weight`` of a model with tied embeddings is the embedding (never written).
+  A mixture-of-experts family (``moe=True``) also has ``{e}`` (the expert) in its names:
+  megatron's ``mlp.experts.local_experts.{e}.linear_fc1.weight`` <-> HF's
+  ``mlp.experts.{e}.gate_proj.weight`` and ``up_proj``, and a rule for the router.
 
-Adding a family is adding one such table (see ``llama.py``, ``qwen.py``, ``nemotron.py``)
-and its tests. A mixture-of-experts family adds an ``{e}`` (expert) placeholder to the
-same kind of table (megatron's ``mlp.experts.local_experts.{e}.linear_fc1.weight`` <->
-HF's ``mlp.experts.{e}.gate_proj.weight``), and a router rule.
+Adding a family is adding one such table (see ``llama.py``, ``qwen.py``, ``nemotron.py``,
+``moe.py``) and its tests.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULT_FEATURES: Mapping[str, Any] = {
     "zero_centered_gamma": False,  # norm weight stored as gamma - 1 ("1p")
     "qkv_bias": False,
     "qk_norm": False,              # RMSNorm/LayerNorm over head_dim on queries and keys
+    "moe_shared_expert_gate": False,  # the shared expert's output scaled by sigmoid(x . w) (Qwen2-MoE)
 }
 
 _REQUIRED = object()
@@ -89,18 +91,22 @@ class Family:
     partial_rotary: float | None = None
     #: another family to write the model as when transformers refuses this one's shape
     fallback: str | None = None
+    #: every layer's MLP is a mixture of experts (the description's num_experts > 0)
+    moe: bool = False
 
     def feature_values(self) -> dict[str, Any]:
         return {**DEFAULT_FEATURES, **self.features}
 
 
 # ------------------------------------------------------------------ shared table parts
-def common_config(norm_eps_key: str, default_act: str) -> tuple[ConfigEntry, ...]:
-    """The shape keys every decoder family shares, and its norm epsilon and activation."""
+def common_config(norm_eps_key: str, default_act: str,
+                  mlp_width: tuple[str, str] = ("intermediate_size", "ffn_hidden_size")) -> tuple[ConfigEntry, ...]:
+    """The shape keys every decoder family shares, and its norm epsilon and activation;
+    ``mlp_width``: the HF key of the MLP's width and the description field it holds."""
     return (
         Field("vocab_size", "vocab_size", cast=int),
         Field("hidden_size", "hidden_size", cast=int),
-        Field("intermediate_size", "ffn_hidden_size", cast=int),
+        Field(*mlp_width, cast=int),
         Field("num_hidden_layers", "num_layers", cast=int),
         Field("num_attention_heads", "num_attention_heads", cast=int),
         Field("num_key_value_heads", "num_query_groups", default=lambda c: c["num_attention_heads"], cast=int),

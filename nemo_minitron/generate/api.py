@@ -28,6 +28,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.config import Names
+from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
@@ -175,15 +176,22 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
     tokenizer = model_tokenizer(model)
+    corpus = None
     if prompts is not None:
         items = read_prompt_file(prompts, tokenizer)[:cfg.limit]
+        check_context(items, sampling.max_new_tokens, desc.max_position_embeddings, names("max_new_tokens"))
     else:
-        items = data_prefixes(data, tokenizer, cfg.prefix_tokens, desc.vocab_size, cfg.limit)
-    check_context(items, sampling.max_new_tokens, desc.max_position_embeddings, names("max_new_tokens"))
+        require(cfg.prefix_tokens >= 2, f"{names('prefix_tokens')} must be >= 2 (got {cfg.prefix_tokens})")
+        corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer)
+        require(cfg.prefix_tokens + sampling.max_new_tokens <= desc.max_position_embeddings,
+                f"{names('prefix_tokens')} {cfg.prefix_tokens} + {names('max_new_tokens')} "
+                f"{sampling.max_new_tokens} exceeds the model's context of {desc.max_position_embeddings} tokens")
     dtype = parse_dtype(run_cfg.dtype) if run_cfg.dtype else None
 
     # ---- work
     init_distributed(tp, pp, seed)
+    if corpus is not None:  # the sample index is built collectively
+        items = data_prefixes(corpus, tokenizer, cfg.prefix_tokens, seed=seed, limit=cfg.limit)
     if is_rank0():
         log.info("generate config:\n%s", yaml_text({"model": model, "prompts": prompts, "data": data, **to_dict(cfg),
                                                      "tp": tp, "pp": pp, "seed": seed, "dtype": run_cfg.dtype})

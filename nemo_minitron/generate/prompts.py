@@ -5,7 +5,7 @@
   tokenizer's chat template, generation prompt added);
 - ``--prompts FILE`` (any other suffix): one prompt a line, blank lines skipped;
 - ``--data SPEC ... --prefix-tokens N``: the first N tokens of consecutive windows of
-  any ``--data`` source (``data.samples``), e.g. to let a teacher continue real text.
+  any ``--data`` source (read through megatron-core's GPTDataset), e.g. to let a teacher continue real text.
 """
 
 from __future__ import annotations
@@ -73,15 +73,13 @@ def read_prompt_file(path: str, tokenizer, flag: str = "--prompts") -> list[Prom
     return prompts
 
 
-def data_prefixes(data: Sequence[str], tokenizer, prefix_tokens: int, vocab_size: int,
-                  limit: int | None = None) -> list[Prompt]:
-    """The first ``prefix_tokens`` tokens of consecutive windows of ``data``."""
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
-
+def data_prefixes(corpus, tokenizer, prefix_tokens: int, *, seed: int, limit: int | None = None) -> list[Prompt]:
+    """The first ``prefix_tokens`` tokens of samples of ``corpus`` (a checked ``data.dataset.Corpus``),
+    in megatron-core's GPTDataset order. Collective: every rank calls it after ``init_distributed``."""
     require(prefix_tokens >= 2, f"--prefix-tokens must be >= 2 (got {prefix_tokens})")
-    specs = parse_data_specs(data)
-    windows = load_samples(specs, tokenizer, prefix_tokens - 1, num_samples=limit, vocab_size=vocab_size,
-                           samples_flag="--limit")
-    label = ",".join(data)
-    return [Prompt(tokenizer.decode(w.tolist()), w.tolist(), f"--data {label} window {i}")
-            for i, w in enumerate(windows)]
+    # a sample of seq_len s holds s + 1 tokens
+    windows = corpus.dataset(tokenizer, seq_len=prefix_tokens - 1, seed=seed, num_samples=limit, exact=True,
+                             samples_flag="--limit")
+    label = corpus.blend.label
+    return [Prompt(tokenizer.decode(w.tolist()), w.tolist(), f"--data {label} sample {i}")
+            for i, w in enumerate(windows.take())]

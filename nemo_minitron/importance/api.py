@@ -1,10 +1,11 @@
 """``compute_importance``: calibrate a checkpoint and write its importance directory.
 
-The calibration samples are drawn by seed from the data (the same samples whatever the
-parallel layout) and split over data-parallel ranks; one forward pass over them scores
+The calibration samples are the first ``samples`` of the data set megatron-core shuffles
+by seed (the same samples whatever the parallel layout), split over data-parallel ranks; one forward pass over them scores
 every head, query group, neuron and channel, and Block Importance per layer. Then the
 first ``layer_samples`` samples score depth by LM loss: each layer skipped in turn,
-and each contiguous block of every requested size.
+each contiguous block of every requested size, and (``greedy_layers``) a greedy
+elimination down to the largest requested size.
 """
 
 from __future__ import annotations
@@ -21,25 +22,25 @@ from nemo_minitron.errors import require
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
 
 
-def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg: str, batch_agg: str,
+def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_agg: str,
                      neuron_activation: str, num_layers: int, head_score: str = "channel",
                      channel_norms: str = "layers", second_moments: bool = False, progress: bool = True,
                      layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
-    """Forward over this rank's share of ``samples`` with the collector's hooks; global scores
-    (``final_norm`` [hidden] is the final norm's own channel term, included in ``hidden``
-    only with ``channel_norms="layers+final"``; ``second_moments`` adds the Gram matrices).
-    After the first batches, logs the estimated time of the whole stage (``layer_pass_tokens``:
-    the tokens the loss-drop passes will cost afterwards)."""
+    """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with the
+    collector's hooks; global scores (``final_norm`` [hidden] is the final norm's own channel
+    term, included in ``hidden`` only with ``channel_norms="layers+final"``; ``second_moments``
+    adds the Gram matrices). After the first batches, logs the estimated time of the whole
+    stage (``layer_pass_tokens``: the tokens the loss-drop passes will cost afterwards)."""
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
 
-    from nemo_minitron.data.samples import data_parallel_slice
+    from nemo_minitron.data.dataset import data_parallel_slice
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
-    from nemo_minitron.runtime.distributed import is_rank0, layout
+    from nemo_minitron.runtime.distributed import layout
 
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
@@ -48,8 +49,7 @@ def calibration_pass(model, samples: torch.Tensor, *, micro_batch: int, seq_agg:
     device = layout().device
     # Pipelines need several micro-batches in flight; with one stage, tick per micro-batch.
     chunk = max(1, 2 * ps.get_pipeline_model_parallel_world_size())
-    bar = tqdm(total=len(batches) * ps.get_data_parallel_world_size(), desc="calibration", unit="batch",
-               disable=not (progress and is_rank0()), dynamic_ncols=True)
+    bar = progress_bar(len(batches) * ps.get_data_parallel_world_size(), "calibration", progress, unit="batch")
     with collector.active():
         for start in range(0, len(batches), chunk):
             t0 = time.time()
@@ -99,33 +99,48 @@ def _scoring_step(device):
     return forward_step
 
 
+def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int, progress: bool = False,
+                        samples_flag: str = "--samples") -> torch.Tensor:
+    """``[samples, seq_len + 1]``: the first samples of the train part, shuffled by ``seed``
+    (collective). Asking for more than one pass over the data holds is an error."""
+    dataset = corpus.dataset(tokenizer, seq_len=seq_len, seed=seed, part="train", num_samples=samples, exact=True,
+                             samples_flag=samples_flag, progress=progress)
+    return dataset.take(samples)
+
+
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: ImportanceConfig | None = None, *,
-                       progress: bool = True, names: Names | None = None, **options) -> ImportanceScores:
+                       progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+                       **options) -> ImportanceScores:
     """Score every prunable unit of ``checkpoint`` on ``data``; write and return the scores.
 
     ``config``: an ImportanceConfig (defaults if None); ``options``: any of its fields, or
-    ``tp``, ``pp``, ``seed``, ``dtype``, overriding it."""
-    from tqdm import tqdm
-
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
     from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
+    from nemo_minitron.data.config import DataOptions
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, layer_loss_drops
+    from nemo_minitron.importance.layers import (
+        best_contiguous_blocks,
+        drop_set_losses,
+        greedy_drop_order,
+        layer_loss_drops,
+    )
     from nemo_minitron.importance.plots import write_plots
     from nemo_minitron.runtime.config import ParallelConfig, RunConfig
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything the user gave is checked before any work
     names = names or cli_names(ImportanceConfig)
-    stage, par, run = split_overrides(options, ImportanceConfig, ParallelConfig, RunConfig)
+    data_names = data_names or cli_names(DataOptions)
+    stage, par, run, dat = split_overrides(options, ImportanceConfig, ParallelConfig, RunConfig, DataOptions)
     cfg = build(ImportanceConfig, config, names, **stage)
     parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
+    data_opts = build(DataOptions, None, data_names, **dat)
     tp, pp, seed = parallel.tp, parallel.pp, run_cfg.seed
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
-    specs = parse_data_specs(data)
     out_path = check_new_output(out)
     require(seq_len <= desc.max_position_embeddings,
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "
@@ -134,23 +149,28 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     for k in cfg.drop_blocks:
         require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
                                           f"{desc.num_layers - 1} layers")
+    require(not (cfg.second_moments and desc.is_moe),
+            f"{names('second_moments')} (for prune --refit) is for dense MLPs; this {desc.architecture} model "
+            "has experts")
     compute_dtype = parse_dtype(run_cfg.dtype, names("dtype")) if run_cfg.dtype else None
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
     require(samples >= dp, f"{names('samples')} {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
-    calibration = load_samples(specs, tokenizer, seq_len, num_samples=samples, seed=seed, vocab_size=desc.vocab_size,
-                               samples_flag=names("samples"))
-    resolved = {"checkpoint": str(checkpoint), "data": list(data), "seed": seed, "dtype": run_cfg.dtype,
-                **to_dict(cfg)}
+    corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": run_cfg.dtype,
+                **to_dict(data_opts), **to_dict(cfg)}
 
     # ---- work
     start = time.time()
     init_distributed(tp, pp, seed)
+    calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
+                                      progress=progress, samples_flag=names("samples"))
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     if is_rank0():
         log.info("importance config:\n%s", yaml_text(resolved).rstrip())
-    passes = desc.num_layers + sum(desc.num_layers - k + 1 + 3 for k in cfg.drop_blocks)
+    passes = cfg.layer_passes(desc.num_layers)
     log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples); layer loss "
              "drops on %d of them (%d passes)", checkpoint, samples, seq_len, cfg.seq_agg, cfg.batch_agg,
              layer_samples, passes)
@@ -163,14 +183,15 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
     layer_set = calibration[:layer_samples]
-    bar = tqdm(total=passes, desc="layer loss", unit="pass", disable=not (progress and is_rank0()), dynamic_ncols=True)
+    bar = progress_bar(passes, "layer loss", progress, unit="pass")
     full_loss = evaluate(model, desc.vocab_size, layer_set, micro_batch=micro_batch).loss
     drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
     blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
                                     list(cfg.drop_blocks), bar)
+    greedy_steps = max(cfg.drop_blocks) if cfg.greedy_layers and cfg.drop_blocks else 0
+    greedy = greedy_drop_order(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, greedy_steps, bar)
     drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
-                                tensors["layer_block_importance"].tolist())
-    bar.update(3 * len(cfg.drop_blocks))
+                                tensors["layer_block_importance"].tolist(), greedy, bar)
     bar.close()
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -191,6 +212,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             "loss_drop": ld.tolist(),
             "block_importance": bi.tolist(),
             "contiguous_blocks": blocks,
+            "greedy": {"order": [e["layer"] for e in greedy], "loss": [e["loss"] for e in greedy],
+                       "candidates": [e["candidates"] for e in greedy]},
             "drop_sets": drop_sets,
         },
         "wall_seconds": round(time.time() - start, 1),

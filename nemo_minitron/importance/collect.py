@@ -9,7 +9,9 @@ Per token, each unit has one activation value x[b, s, u]:
 - query group:        the sum of its heads' final scores;
 - MLP neuron u:       the input of the second MLP linear (``post``, default), or the
                       pre-activation X.W1_u (``pre``, the paper's; with a gate, X.W_gate,u);
-- embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm).
+- embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm);
+- mixtures of experts: each expert, each expert's neurons, the shared expert's neurons
+                      (``experts.py``).
 
 Aggregation, first over the sequence of each sample, then over all samples:
     seq   mean: mean_s |x|      l2: sqrt(sum_s x^2)      var: mean_s (x - mean_s x)^2
@@ -34,6 +36,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from nemo_minitron.importance.experts import ExpertHooks, ExpertStats, is_moe_layer
 
 AGGREGATIONS = ("mean", "l2", "var")
 NEURON_ACTIVATIONS = ("post", "pre")
@@ -98,6 +102,7 @@ class LayerStats:
     pre_mlp_norm: BatchStat = dataclasses.field(default_factory=BatchStat)
     cos_sum: torch.Tensor | float = 0.0  # stays on the device: no synchronisation per batch
     cos_tokens: int = 0
+    moe: ExpertStats | None = None  # a mixture-of-experts layer's experts (experts.py)
     proj_gram: torch.Tensor | None = None  # sum over tokens of x x^T at the input of linear_proj
     fc2_gram: torch.Tensor | None = None   # ... and of linear_fc2
 
@@ -132,6 +137,10 @@ class ActivationCollector:
         self.second_moments = second_moments
         self.layers = {layer.layer_number - 1: layer for layer in self.model.decoder.layers}
         self.stats = {i: LayerStats() for i in self.layers}
+        for i, layer in self.layers.items():
+            if is_moe_layer(layer.mlp):
+                shared = BatchStat() if getattr(layer.mlp, "shared_experts", None) is not None else None
+                self.stats[i].moe = ExpertStats(BatchStat(), BatchStat(), shared)
         self.final_norm = BatchStat()
         self._last_output_sq: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -156,13 +165,15 @@ class ActivationCollector:
                 st.heads.add(self._per_sample(norms))
             yield attn.linear_proj, "pre", heads
 
-            if self.second_moments:
+            if self.second_moments:  # dense models only (the API refuses a mixture of experts)
                 def grams(module, args, st=st, name="proj_gram"):
                     setattr(st, name, _add_gram(getattr(st, name), args[0]))
                 yield attn.linear_proj, "pre", grams
                 yield mlp.linear_fc2, "pre", functools.partial(grams, st=st, name="fc2_gram")
 
-            if self.neuron_activation == "post":
+            if st.moe is not None:
+                yield from ExpertHooks(mlp, st.moe, self.seq_agg, self.neuron_activation, self._per_sample).hooks()
+            elif self.neuron_activation == "post":
                 def neurons(module, args, st=st):
                     st.ffn.add(self._per_sample(args[0]))
                 yield mlp.linear_fc2, "pre", neurons
@@ -175,7 +186,8 @@ class ActivationCollector:
                 yield mlp.linear_fc1, "post", neurons
 
             for norm_name, fused_into, stat in (("input_layernorm", attn.linear_qkv, st.input_norm),
-                                                ("pre_mlp_layernorm", mlp.linear_fc1, st.pre_mlp_norm)):
+                                                ("pre_mlp_layernorm", getattr(mlp, "linear_fc1", None),
+                                                 st.pre_mlp_norm)):
                 if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
                     def fused(module, args, stat=stat):
                         stat.add(self._per_sample(_fused_norm(args[0].detach(), module, self.model.config)))
@@ -242,6 +254,15 @@ class ActivationCollector:
             "layer_block_importance": torch.zeros(num_layers, dtype=torch.float64, device=device),
             "final_norm": torch.zeros(hidden, dtype=torch.float64, device=device),
         }
+        config = self.model.config
+        if config.num_moe_experts:  # every layer is a mixture of experts: no dense MLP
+            E = config.num_moe_experts
+            out["ffn"] = torch.zeros(num_layers, 0, dtype=torch.float64, device=device)
+            out["experts"] = torch.zeros(num_layers, E, dtype=torch.float64, device=device)
+            out["moe_ffn"] = torch.zeros(num_layers, E, config.moe_ffn_hidden_size, dtype=torch.float64, device=device)
+            if config.moe_shared_expert_intermediate_size:
+                out["shared_ffn"] = torch.zeros(num_layers, config.moe_shared_expert_intermediate_size,
+                                                dtype=torch.float64, device=device)
         for index, st in self.stats.items():
             for stat in (st.heads, st.ffn, st.input_norm, st.pre_mlp_norm):
                 stat.all_reduce(dp_group)
@@ -249,7 +270,16 @@ class ActivationCollector:
             if self.head_score == "channel":
                 heads = heads.view(-1, self.layers[index].self_attention.hidden_size_per_attention_head).norm(dim=-1)
             out["heads"][index] = _gather_tp(heads, tp_group)
-            out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
+            if st.moe is not None:
+                for key, stat in (("experts", st.moe.experts), ("moe_ffn", st.moe.moe_ffn),
+                                  ("shared_ffn", st.moe.shared_ffn)):
+                    if stat is not None:
+                        stat.all_reduce(dp_group)
+                        # expert scores are whole on every rank; neurons split over TP like a dense MLP's
+                        value = stat.finalize(batch_agg)
+                        out[key][index] = value if key == "experts" else _gather_tp(value, tp_group)
+            else:
+                out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
             out["hidden_per_layer"][index] = st.input_norm.finalize(batch_agg) + st.pre_mlp_norm.finalize(batch_agg)
             cos = torch.tensor([float(st.cos_sum), float(st.cos_tokens)], dtype=torch.float64, device=device)
             if dist.is_initialized():
@@ -291,9 +321,10 @@ def _add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_tp(local: torch.Tensor, group) -> torch.Tensor:
-    """Heads and neurons are split contiguously over TP ranks: concatenate in rank order."""
+    """Heads and neurons are split contiguously over TP ranks: concatenate in rank order
+    (along the last dimension: an expert's neurons are ``[experts, neurons / tp]``)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
+    return torch.cat(parts, dim=-1)

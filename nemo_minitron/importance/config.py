@@ -44,12 +44,25 @@ class ImportanceConfig:
     layer_samples: Optional[int] = option(
         64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
             "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s))
-    drop_blocks: list[int] = option([], "block sizes k for which to find the best contiguous k-layer block to "
-                                        "drop, e.g. 4,8", parse=int_list, metavar="K,...")
+    drop_blocks: list[int] = option([], "layer counts k to prepare depth pruning for: the best contiguous k-layer "
+                                        "block to drop, and the layer sets prune --layer-metric compares, e.g. 4,8",
+                                    parse=int_list, metavar="K,...")
+    greedy_layers: bool = option(
+        True, "also remove layers one at a time by LM loss, each step the one whose removal costs least with the "
+              "earlier ones gone, down to the largest --drop-blocks size (prune --layer-metric greedy); costs "
+              "sum over steps of the layers left in passes over the --layer-samples")
 
     def check(self, names) -> None:
         for k in self.drop_blocks:
             require(isinstance(k, int) and k >= 1, f"{names('drop_blocks')}: block sizes must be >= 1 (got {k})")
+
+    def layer_passes(self, num_layers: int) -> int:
+        """Forward passes over the layer samples: one per layer, one per contiguous block of
+        every size, the greedy elimination's steps."""
+        passes = num_layers + sum(num_layers - k + 1 for k in self.drop_blocks)
+        if self.greedy_layers and self.drop_blocks:
+            passes += sum(num_layers - i for i in range(max(self.drop_blocks)))
+        return passes + 4 * len(self.drop_blocks)  # the sets compared by drop_set_losses
 
     def layer_sample_count(self) -> int:
         """How many calibration samples score layers by loss drop."""

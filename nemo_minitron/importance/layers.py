@@ -6,10 +6,14 @@ contiguous run of k layers is skipped in turn and the run whose removal raises t
 least is the best block to drop (the paper found this beats dropping the k individually
 least important layers). Skipping works on whichever pipeline stage holds the layer.
 
+Greedy backward elimination (``greedy_drop_order``) accounts for how layers interact:
+it removes one layer at a time, each time the one whose removal raises the loss least
+with the earlier ones already gone; its first k removals are the k-layer set.
+
 No single rule wins at every depth (benchmarks/pruning_quality.py): for each block size k
-``drop_set_losses`` also measures, on the same samples, the loss without the k layers of
-lowest loss drop and without the k of lowest Block Importance (ModelOpt's rule), and
-names the set of the three whose removal costs least (``--layer-metric best``).
+``drop_set_losses`` measures, on the same samples, the loss without the contiguous block,
+the greedy set, the k layers of lowest loss drop and the k of lowest Block Importance
+(ModelOpt's rule), and names the set whose removal costs least (``--layer-metric best``).
 """
 
 from __future__ import annotations
@@ -73,17 +77,51 @@ def best_contiguous_blocks(model, vocab_size: int, num_layers: int, samples: tor
     return best
 
 
+def greedy_drop_order(model, vocab_size: int, num_layers: int, samples: torch.Tensor, micro_batch: int,
+                      steps: int, progress=None, done: Sequence[dict] = (), on_step=None) -> list[dict]:
+    """Backward elimination by LM loss: at each step skip, in addition to the layers already
+    removed, the layer whose removal raises the loss least (ties: the lower index), and
+    re-score the rest with it gone. Returns one entry per step, ``{"layer", "loss",
+    "candidates": [loss without each layer too, None for those already removed]}``; the first k entries are the k layers to drop. Costs
+    sum over steps of (layers left) passes. ``done``: steps of an interrupted run to resume
+    from; ``on_step(entries)`` is called after each step."""
+    order = list(done)
+    removed = [e["layer"] for e in order]
+    while len(order) < steps:
+        candidates: list[float | None] = [None] * num_layers
+        for j in range(num_layers):
+            if j in removed:
+                continue
+            candidates[j] = loss_without(model, vocab_size, samples, removed + [j], micro_batch)
+            if progress is not None:
+                progress.update(1)
+        layer = min((j for j in range(num_layers) if j not in removed), key=lambda j: (candidates[j], j))
+        removed.append(layer)
+        order.append({"layer": layer, "loss": candidates[layer], "candidates": candidates})
+        if on_step is not None:
+            on_step(order)
+    return order
+
+
 def drop_set_losses(model, vocab_size: int, samples: torch.Tensor, micro_batch: int, blocks: dict[str, dict],
-                    loss_drop: Sequence[float], block_importance: Sequence[float]) -> dict[str, dict]:
-    """{k: {"contiguous"|"loss"|"block": {"layers", "loss"}, "best": the metric of least loss}}
-    for every block size of ``blocks`` (ties go to the first of contiguous, loss, block)."""
+                    loss_drop: Sequence[float], block_importance: Sequence[float],
+                    greedy: Sequence[dict] = (), progress=None) -> dict[str, dict]:
+    """{k: {"contiguous"|"greedy"|"loss"|"block": {"layers", "loss"}, "best": the metric of least
+    loss}} for every block size of ``blocks``, each set's loss measured on ``samples``;
+    ``greedy`` (``greedy_drop_order``'s steps) adds its first k removals where it reaches k.
+    Ties go to the first of contiguous, greedy, loss, block."""
     out: dict[str, dict] = {}
     for k, block in blocks.items():
         candidates = {"contiguous": list(block["layers"])}
+        if len(greedy) >= int(k):
+            candidates["greedy"] = sorted(e["layer"] for e in greedy[: int(k)])
         for metric, scores in (("loss", loss_drop), ("block", block_importance)):
             candidates[metric] = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[: int(k)])
-        sets = {metric: {"layers": layers, "loss": loss_without(model, vocab_size, samples, layers, micro_batch)}
-                for metric, layers in candidates.items()}
-        sets["best"] = min(("contiguous", "loss", "block"), key=lambda m: sets[m]["loss"])
+        sets = {}
+        for metric, layers in candidates.items():
+            sets[metric] = {"layers": layers, "loss": loss_without(model, vocab_size, samples, layers, micro_batch)}
+            if progress is not None:
+                progress.update(1)
+        sets["best"] = min(candidates, key=lambda m: sets[m]["loss"])
         out[k] = sets
     return out

@@ -73,7 +73,13 @@ def plot_hidden(hidden: torch.Tensor, out: Path) -> None:
 def write_plots(tensors: dict[str, torch.Tensor], blocks: dict, directory: Path) -> list[str]:
     plot_layers(tensors["layer_block_importance"], tensors["layer_loss_drop"], blocks, directory / "layer_importance.png")
     plot_heatmap(tensors["heads"], "Attention head importance", "head (grouped by query group)", directory / "heads.png")
-    plot_heatmap(tensors["ffn"], "MLP neuron importance (sorted within each layer)", "neuron rank",
-                 directory / "ffn.png", sort=True)
+    written = ["layer_importance.png", "heads.png"]
+    if tensors["ffn"].numel():
+        plot_heatmap(tensors["ffn"], "MLP neuron importance (sorted within each layer)", "neuron rank",
+                     directory / "ffn.png", sort=True)
+        written.append("ffn.png")
+    if "experts" in tensors:  # a mixture of experts
+        plot_heatmap(tensors["experts"], "Expert importance", "expert", directory / "experts.png")
+        written.append("experts.png")
     plot_hidden(tensors["hidden"], directory / "hidden.png")
-    return ["layer_importance.png", "heads.png", "ffn.png", "hidden.png"]
+    return written + ["hidden.png"]

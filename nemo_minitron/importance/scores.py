@@ -14,7 +14,20 @@ Tensors (global indices, whatever the parallel layout that computed them):
     final_norm              [hidden]                the final norm's term (in ``hidden`` with channel_norms layers+final)
     layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
     layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
+Mixtures of experts (``ffn`` is then [layers, 0]: no dense MLP) add:
+    experts                 [layers, experts]          router probability x norm of the expert's output
+    moe_ffn                 [layers, experts, moe_ffn] each expert's neurons
+    shared_ffn              [layers, shared_ffn]       the shared expert's neurons (when it has one)
 Higher is more important on every axis.
+
+summary.json's ``layers`` (depth choices for prune --layer-metric): ``loss_drop``,
+``block_importance``, their rankings, ``contiguous_blocks`` {k: best block},
+``greedy`` {"order": layers in the order greedy elimination removed them, "loss": the loss
+after each removal, "candidates": per step, the loss without each remaining layer (null
+for removed ones)} and ``drop_sets`` {k: {metric: {"layers", "loss"}, "best"}}. Keys are
+only ever added: a directory written before ``greedy`` existed lacks it (and its
+``drop_sets`` lack "greedy"), and prune asks for a new importance run only when the
+metric chosen needs it.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ SCORES_FILE = "scores.safetensors"
 SECOND_MOMENTS_FILE = "second_moments.safetensors"
 SUMMARY_FILE = "summary.json"
 AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
+MOE_AXES = ("experts", "moe_ffn")  # and shared_ffn where the model has a shared expert
 
 
 @dataclasses.dataclass
@@ -86,6 +100,7 @@ class ImportanceScores:
             summary = json.loads((directory / SUMMARY_FILE).read_text())
         except Exception as e:  # corrupt file: report it as bad input
             raise UsageError(f"{flag} '{directory}': unreadable scores: {e}") from None
-        missing = [a for a in AXES if a not in tensors]
+        moe = bool((summary.get("model") or {}).get("num_experts"))
+        missing = [a for a in AXES + (MOE_AXES if moe else ()) if a not in tensors]
         require(not missing, f"{flag} '{directory}': scores miss axes {', '.join(missing)}")
         return cls(tensors, summary)

@@ -3,6 +3,13 @@
 Transformer Engine's layer spec is used when TE imports (GPUs), megatron-core's local
 spec otherwise. Layers are spread over pipeline stages as evenly as possible, or as
 given by ``layers_per_stage`` (depth pruning keeps each kept layer on its stage).
+
+Mixtures of experts are megatron-core's ``MoELayer``: top-k softmax router, the
+all-gather token dispatcher, experts as ``SequentialMLP`` (local spec; grouped GEMM with
+TE), each expert's MLP split over the tensor-parallel ranks (no expert parallelism).
+megatron-core trains a MoE layer under tensor parallelism only with sequence parallelism
+(without it every TP rank would feed the experts the same tokens), so training builds
+such models with ``sequence_parallel=True`` at TP > 1; inference needs no such thing.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch.nn.functional as F
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.norms import zero_centered_local_spec
+from nemo_minitron.model.norms import local_norm_spec
 
 Spec = Literal["auto", "local", "te"]
 
@@ -52,8 +59,30 @@ def _pipeline_layout(layers_per_stage: Sequence[int]) -> list[list[str]]:
     return stages
 
 
+def moe_config(desc: ModelDescription, *, grouped_gemm: bool = False) -> dict:
+    """megatron-core's TransformerConfig settings of a mixture of experts (empty for a dense model)."""
+    if not desc.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=desc.num_experts,
+        moe_router_topk=desc.moe_top_k,
+        moe_ffn_hidden_size=desc.moe_ffn_hidden_size,
+        # softmax over the top-k logits (= renormalised top-k probabilities), or top-k of the
+        # softmax over all experts without renormalising
+        moe_router_pre_softmax=not desc.moe_normalize_top_k,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=desc.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=grouped_gemm,
+        moe_shared_expert_intermediate_size=desc.moe_shared_ffn_hidden_size or None,
+        moe_shared_expert_gate=desc.moe_shared_expert_gate,
+    )
+
+
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        layers_per_stage: Sequence[int] | None = None, recompute: bool = False,
+                       sequence_parallel: bool = False, grouped_gemm: bool = False,
                        overrides: Mapping[str, Any] | None = None):
     """The TransformerConfig of ``desc``; ``overrides`` replace fields (e.g. a trainer's
     sequence_parallel or precision settings, so a teacher matches the student it runs beside)."""
@@ -68,11 +97,14 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         extra["pipeline_model_parallel_layout"] = _pipeline_layout(layers_per_stage)
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    extra.update(moe_config(desc, grouped_gemm=grouped_gemm))
+    require(not sequence_parallel or tp > 1, "sequence parallelism needs --tp > 1")
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=desc.num_layers,
         hidden_size=desc.hidden_size,
-        ffn_hidden_size=desc.ffn_hidden_size,
+        # a mixture of experts has no dense MLP; megatron sizes its experts by moe_ffn_hidden_size
+        ffn_hidden_size=desc.ffn_hidden_size or desc.moe_ffn_hidden_size,
         num_attention_heads=desc.num_attention_heads,
         num_query_groups=desc.num_query_groups,
         kv_channels=desc.head_dim,
@@ -89,7 +121,7 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         # HF computes attention with softmax scale 1/sqrt(head_dim), as megatron does by default.
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -132,14 +164,31 @@ def _apply_rope_scaling(model, desc: ModelDescription) -> None:
     rope.inv_freq = inv_freq
 
 
+def _router_without_transformer_engine() -> None:
+    """megatron-core 0.16's router GEMM tests ``te_general_gemm is not None``, a name its
+    module defines only when Transformer Engine imports: without TE, define it as None so
+    the router takes its plain torch.mm path."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def training_needs_sequence_parallel(desc: ModelDescription, tp: int) -> bool:
+    """megatron-core refuses to train a MoE layer at TP > 1 without sequence parallelism."""
+    return desc.is_moe and tp > 1
+
+
 def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
                 layers_per_stage: Sequence[int] | None = None, spec: Spec = "auto", recompute: bool = False,
-                padded_vocab_size: int | None = None, config_overrides: Mapping[str, Any] | None = None):
+                sequence_parallel: bool = False, padded_vocab_size: int | None = None,
+                config_overrides: Mapping[str, Any] | None = None):
     """Build the local part (this rank's TP shard and PP stage) of a GPTModel, on this rank's device.
 
-    ``padded_vocab_size``: rows of the embedding and output layer, when they must equal
-    another model's (a teacher beside a student built elsewhere); default the project's
-    padding (``desc.padded_vocab_size``)."""
+    ``sequence_parallel``: activations between the tensor-parallel regions are split along the
+    sequence (training a mixture of experts at TP > 1 needs it). ``padded_vocab_size``: rows
+    of the embedding and output layer, when they must equal another model's (a teacher beside
+    a student built elsewhere); default the project's padding (``desc.padded_vocab_size``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -152,17 +201,24 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
                            "nemo_minitron.runtime.distributed.init_distributed(tp, pp) first")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     desc.check_layout(tp, pp)
+    te = resolve_spec(spec) == "te"
+    if desc.is_moe:
+        _router_without_transformer_engine()
     config = transformer_config(desc, tp=tp, pp=pp, dtype=dtype, layers_per_stage=layers_per_stage,
-                                recompute=recompute, overrides=config_overrides)
+                                recompute=recompute, sequence_parallel=sequence_parallel, grouped_gemm=te,
+                                overrides=config_overrides)
     vocab = padded_vocab_size or desc.padded_vocab_size
     require(vocab >= desc.vocab_size and vocab % tp == 0,
             f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
-    if resolve_spec(spec) == "te":  # TE's norms read normalization and zero-centred gamma from the config
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=desc.qk_norm)
+    experts = desc.num_experts or None
+    if te:  # TE's norms read normalization and zero-centred gamma from the config
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=desc.is_moe,
+                                                                qk_layernorm=desc.qk_norm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization=desc.normalization, qk_layernorm=desc.qk_norm)
-        if desc.zero_centered_gamma:
-            layer_spec = zero_centered_local_spec(layer_spec, config)
+        layer_spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                              normalization=desc.normalization, qk_layernorm=desc.qk_norm)
+        if desc.zero_centered_gamma or config.sequence_parallel:  # norms the local spec's torch norm refuses
+            layer_spec = local_norm_spec(layer_spec, config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

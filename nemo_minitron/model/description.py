@@ -6,10 +6,18 @@ and to count parameters, FLOPs and KV-cache bytes (the pruning planner), so plan
 a 70B model needs no weights. It is stored as JSON inside every project checkpoint.
 
 ``architecture`` names the family (``nemo_minitron.families``: llama, mistral, qwen2,
-qwen3, nemotron), whose table fixes the features (MLP activation, norm kind, biases,
-QK-norm); the converter between HF configs and descriptions is
-``checkpoint.hf_format``. Pruned shapes are first-class: ``head_dim`` is explicit and
-need not equal ``hidden_size / num_attention_heads``.
+qwen3, nemotron, and the mixture-of-experts mixtral, qwen3_moe, qwen2_moe), whose table
+fixes the features (MLP activation, norm kind, biases, QK-norm, shared-expert gate); the
+converter between HF configs and descriptions is ``checkpoint.hf_format``. Pruned shapes
+are first-class: ``head_dim`` is explicit and need not equal ``hidden_size /
+num_attention_heads``.
+
+Mixture of experts (``num_experts > 0``): every layer's MLP is megatron's MoE layer, a
+router (``num_experts x hidden``) sending each token to its ``moe_top_k`` experts, each
+a SwiGLU MLP of width ``moe_ffn_hidden_size``, plus optionally one shared expert of width
+``moe_shared_ffn_hidden_size`` that every token passes through. Such a model has no dense
+MLP: ``ffn_hidden_size`` is 0. It counts *total* parameters (every expert) and *active*
+ones (those one token uses: ``moe_top_k`` experts), and FLOPs per token of the active ones.
 """
 
 from __future__ import annotations
@@ -61,6 +69,20 @@ class ModelDescription:
     qkv_bias: bool = False
     #: per-head norm (over head_dim) of queries and keys before RoPE
     qk_norm: bool = False
+    #: routed experts per layer (0: a dense model; otherwise every layer is a MoE layer)
+    num_experts: int = 0
+    #: experts each token is routed to
+    moe_top_k: int = 0
+    #: width of each routed expert's MLP
+    moe_ffn_hidden_size: int = 0
+    #: width of the shared expert every token passes through (0: none)
+    moe_shared_ffn_hidden_size: int = 0
+    #: the shared expert's output is scaled by sigmoid(x . w) (Qwen2-MoE)
+    moe_shared_expert_gate: bool = False
+    #: the top-k router probabilities are renormalised to sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    moe_normalize_top_k: bool = True
+    #: weight of the router's load-balancing loss per layer in training (HF's router_aux_loss_coef)
+    moe_aux_loss_coeff: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -68,10 +90,12 @@ class ModelDescription:
 
     def __post_init__(self) -> None:
         fam = family(self.architecture)
-        for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
+        dense_ffn = () if self.is_moe else ("ffn_hidden_size",)
+        for field in ("vocab_size", "hidden_size", *dense_ffn, "num_layers",
                       "num_attention_heads", "num_query_groups", "head_dim"):
             value = getattr(self, field)
             require(isinstance(value, int) and value > 0, f"model {field} must be a positive integer, got {value!r}")
+        self._check_experts(fam.moe)
         require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"attention heads ({self.num_attention_heads}) must be a multiple of query groups "
@@ -90,7 +114,36 @@ class ModelDescription:
         require(fam.partial_rotary is not None or self.rotary_percent == 1.0,
                 f"a {self.architecture} model rotates whole heads (rotary_percent 1.0, got {self.rotary_percent})")
 
+    def _check_experts(self, moe_family: bool) -> None:
+        moe_fields = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
+        if not moe_family:
+            require(all(getattr(self, f) == 0 for f in moe_fields),
+                    f"a {self.architecture} model has no experts (num_experts 0, got {self.num_experts})")
+            return
+        for field in moe_fields:
+            value = getattr(self, field)
+            require(isinstance(value, int) and value >= 0, f"model {field} must be a whole number >= 0, got {value!r}")
+        require(self.num_experts >= 1 and self.moe_ffn_hidden_size >= 1,
+                f"a {self.architecture} model needs experts (num_experts {self.num_experts}, moe_ffn_hidden_size "
+                f"{self.moe_ffn_hidden_size})")
+        require(1 <= self.moe_top_k <= self.num_experts,
+                f"top-k {self.moe_top_k} must be 1..{self.num_experts} (the model's experts)")
+        # renormalised top-1 weights are always 1 (no gradient reaches the router): megatron-core
+        # refuses top-1 without moe_router_pre_softmax
+        require(self.moe_top_k >= 2 or not self.moe_normalize_top_k,
+                f"top-k 1 with renormalised top-k probabilities (a {self.architecture} model's routing) is not "
+                "supported: megatron-core refuses it")
+        require(self.ffn_hidden_size == 0, f"a {self.architecture} model has no dense MLP (ffn_hidden_size 0, got "
+                                           f"{self.ffn_hidden_size})")
+        require(not self.moe_shared_expert_gate or self.moe_shared_ffn_hidden_size > 0,
+                f"a {self.architecture} model has a shared expert (moe_shared_ffn_hidden_size > 0)")
+        require(self.gated, "experts are SwiGLU MLPs")
+
     # ------------------------------------------------------------------ derived shapes
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -122,28 +175,49 @@ class ModelDescription:
     def qkv_rows(self) -> int:
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
 
+    def mlp_widths(self) -> list[tuple[str, int]]:
+        """The MLP widths tensor parallelism splits: the dense MLP's, or each expert's and the shared one's."""
+        if not self.is_moe:
+            return [("ffn hidden size", self.ffn_hidden_size)]
+        shared = [("shared expert's ffn hidden size", self.moe_shared_ffn_hidden_size)]
+        return [("experts' ffn hidden size", self.moe_ffn_hidden_size)] + (shared if self.moe_shared_ffn_hidden_size else [])
+
     def replace(self, **changes: Any) -> "ModelDescription":
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ counting
-    def parameters_per_layer(self) -> int:
+    def attention_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        attention += 2 * self.norm_parameters(d) if self.qk_norm else 0  # one q and one k norm, shared by heads
-        mlp = self.mlp_matrices * h * self.ffn_hidden_size
-        norms = 2 * self.norm_parameters(h)
-        return attention + mlp + norms
+        return attention + (2 * self.norm_parameters(d) if self.qk_norm else 0)  # q and k norms, shared by heads
+
+    def mlp_parameters(self, active: bool = False) -> int:
+        """One layer's MLP: the dense MLP, or router + experts (``active``: the top-k a token
+        uses) + the shared expert and its gate."""
+        h, m = self.hidden_size, self.mlp_matrices
+        if not self.is_moe:
+            return m * h * self.ffn_hidden_size
+        experts = self.moe_top_k if active else self.num_experts
+        shared = m * h * self.moe_shared_ffn_hidden_size + (h if self.moe_shared_expert_gate else 0)
+        return self.num_experts * h + experts * m * h * self.moe_ffn_hidden_size + shared
+
+    def parameters_per_layer(self, active: bool = False) -> int:
+        return self.attention_parameters() + self.mlp_parameters(active) + 2 * self.norm_parameters(self.hidden_size)
 
     def embedding_parameters(self) -> int:
         """Input embedding plus output layer (counted once when tied); true vocabulary."""
         per_table = self.vocab_size * self.hidden_size
         return per_table if self.tie_embeddings else 2 * per_table
 
-    def num_parameters(self) -> int:
-        """Parameter count exactly as the exported Hugging Face model reports it."""
-        return (self.embedding_parameters() + self.num_layers * self.parameters_per_layer()
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count exactly as the exported Hugging Face model reports it; ``active``:
+        only those one token uses (a mixture of experts' top-k experts, not all of them)."""
+        return (self.embedding_parameters() + self.num_layers * self.parameters_per_layer(active)
                 + self.norm_parameters(self.hidden_size))
+
+    def num_active_parameters(self) -> int:
+        return self.num_parameters(active=True)
 
     def flops_per_token(self, seq_len: int = DEFAULT_SEQ_LEN) -> int:
         """Forward FLOPs per token: 2 per weight of every matrix product (the output layer
@@ -151,7 +225,8 @@ class ModelDescription:
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        matmul_weights = self.num_layers * (h * q + 2 * h * kv + q * h + self.mlp_matrices * h * self.ffn_hidden_size)
+        # a mixture of experts multiplies by its router, top-k experts and shared expert (and gate)
+        matmul_weights = self.num_layers * (h * q + 2 * h * kv + q * h + self.mlp_parameters(active=True))
         matmul_weights += self.vocab_size * h
         attention = self.num_layers * 2 * 2 * q * (seq_len / 2)
         return int(2 * matmul_weights + attention)
@@ -163,11 +238,12 @@ class ModelDescription:
     def check_layout(self, tp: int, pp: int) -> None:
         """Raise a one-line UsageError when --tp/--pp cannot hold this model."""
         require(tp >= 1 and pp >= 1, f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
+        widths = self.mlp_widths()
         for what, n in (("query groups", self.num_query_groups), ("attention heads", self.num_attention_heads),
-                        ("ffn hidden size", self.ffn_hidden_size)):
+                        *widths):
             if n % tp:
                 ok = [t for t in divisors(self.num_query_groups) if self.num_attention_heads % t == 0
-                      and self.ffn_hidden_size % t == 0 and self.padded_vocab_size % t == 0]
+                      and all(w % t == 0 for _, w in widths) and self.padded_vocab_size % t == 0]
                 raise UsageError(
                     f"--tp {tp} does not divide the model's {what} ({n}); allowed --tp values: "
                     f"{', '.join(map(str, ok))}"
@@ -203,8 +279,11 @@ class ModelDescription:
 
     def fingerprint(self) -> dict[str, Any]:
         """The shape facts that importance scores must match to be applied to a model."""
-        return {k: getattr(self, k) for k in ("architecture", "vocab_size", "hidden_size", "ffn_hidden_size",
-                                              "num_layers", "num_attention_heads", "num_query_groups", "head_dim")}
+        keys = ("architecture", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                "num_query_groups", "head_dim")
+        if self.is_moe:  # dense fingerprints stay as they were written before experts existed
+            keys += ("num_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
+        return {k: getattr(self, k) for k in keys}
 
     def summary(self) -> str:
         features = [f for f, on in (
@@ -213,8 +292,14 @@ class ModelDescription:
              self.normalization == "LayerNorm"),
             ("QKV bias", self.qkv_bias), ("QK-norm", self.qk_norm),
             (f"RoPE on {self.rotary_percent:.0%} of head dims", self.rotary_percent != 1.0)) if on]
-        return (f"{self.architecture} {self.num_parameters() / 1e6:.1f}M params: layers {self.num_layers}, "
-                f"hidden {self.hidden_size}, ffn {self.ffn_hidden_size}, heads {self.num_attention_heads}, "
+        if self.is_moe:
+            mlp = (f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
+                   + (f" + shared expert {self.moe_shared_ffn_hidden_size}" if self.moe_shared_ffn_hidden_size else ""))
+            size = f"{self.num_parameters() / 1e6:.1f}M params ({self.num_active_parameters() / 1e6:.1f}M active)"
+        else:
+            mlp, size = f"ffn {self.ffn_hidden_size}", f"{self.num_parameters() / 1e6:.1f}M params"
+        return (f"{self.architecture} {size}: layers {self.num_layers}, "
+                f"hidden {self.hidden_size}, {mlp}, heads {self.num_attention_heads}, "
                 f"query groups {self.num_query_groups}, head dim {self.head_dim}, vocab {self.vocab_size}"
                 + "".join(f", {f}" for f in features))
 

@@ -14,6 +14,12 @@ Tensor-parallel layout of the fused tensors (global, TP=1 form):
   matrix: ``shard``/``gather`` take ``gated`` (the description's ``gated``).
 - Norms, including the per-head-dim QK-norms (``q_layernorm``/``k_layernorm``), are
   replicated over TP ranks.
+- Mixtures of experts: ``mlp.router.weight`` (experts x hidden) and the shared expert's
+  ``gate_weight`` are replicated; every expert
+  (``mlp.experts.local_experts.{e}.linear_fc1/2.weight``, ``e`` the global expert index:
+  no expert parallelism) and the shared expert (``mlp.shared_experts.linear_fc1/2``) are
+  split like the dense MLP. TE's grouped GEMM names (``mlp.experts.linear_fc1.weight{e}``)
+  are translated to these.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ _TE_RENAMES = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_TE_GROUPED = re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 
-# canonical suffix -> dimension split over TP (None: replicated)
-_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight")
-_ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+# canonical suffix -> dimension split over TP (None: replicated); experts' and the shared
+# expert's MLPs end the same way as the dense MLP's
+_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "linear_fc1.weight")
+_ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -48,7 +57,7 @@ def tp_split_dim(name: str) -> int | None:
 
 def is_gated(name: str, gated: bool = True) -> bool:
     """Whether ``name`` is a stacked [gate; up] tensor (in a model whose MLP is ``gated``)."""
-    return gated and name.endswith("mlp.linear_fc1.weight")
+    return gated and name.endswith("linear_fc1.weight")
 
 
 def unwrap(model):
@@ -67,6 +76,7 @@ def canonical_name(model, local_name: str) -> str:
     for te_suffix, local_suffix in _TE_RENAMES.items():
         if local_name.endswith(te_suffix):
             local_name = local_name[: -len(te_suffix)] + local_suffix
+    local_name = _TE_GROUPED.sub(r"mlp.experts.local_experts.\2.\1.weight", local_name)
     m = _LAYER.match(local_name)
     if m:
         local_name = f"decoder.layers.{int(m.group(1)) + layer_offset(model)}.{m.group(2)}"
@@ -89,6 +99,18 @@ def rename_layer(name: str, new_index: int) -> str:
     m = _LAYER.match(name)
     assert m, name
     return f"decoder.layers.{new_index}.{m.group(2)}"
+
+
+def expert_of(name: str) -> int | None:
+    """The routed expert a canonical weight belongs to (None: not an expert's)."""
+    m = _EXPERT.match(name)
+    return int(m.group(2)) if m else None
+
+
+def rename_expert(name: str, new_index: int) -> str:
+    m = _EXPERT.match(name)
+    assert m, name
+    return f"{m.group(1)}{new_index}{m.group(3)}"
 
 
 # ---------------------------------------------------------------------- TP split / gather

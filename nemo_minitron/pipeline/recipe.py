@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Sequence
 from omegaconf import MISSING
 
 from nemo_minitron.config import DEFAULT_SEQ_LEN, Dtype, Names, option, recipe_names, validate as validate_config
+from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.importance.config import ImportanceConfig
@@ -37,12 +38,30 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """``--data`` values for each use (e.g. ``[builtin:train]``, Megatron prefixes, JSONL files)."""
+class DataConfig(DataOptions):
+    """The data of each use, each a blend: a list of sources (``[builtin:train]``, Megatron
+    prefixes, text/JSONL files or folders), Megatron's blend syntax (``[0.7, /data/a, 0.3,
+    /data/b]`` or the same as one string), or a list of ``{weight: 0.7, path: /data/a}``.
+    With ``split``, calibration and training read the first part of every source."""
 
-    calib: list[str] = MISSING
-    train: list[str] = MISSING
-    heldout: list[str] = MISSING
+    calib: Any = MISSING
+    train: Any = MISSING
+    #: held-out data, read whole; may be left out when ``split`` has a validation part (read then)
+    heldout: Optional[Any] = None
+
+    def check(self, names) -> None:
+        from nemo_minitron.data.blend import blend_words, split_fractions
+
+        fractions = split_fractions(self.split, names("split"))
+        for use in ("calib", "train", "heldout"):
+            value = getattr(self, use)
+            if use == "heldout" and value is None:
+                require(fractions is not None and fractions[1] > 0,
+                        f"{names('heldout')} must be set, or {names('split')} given a validation part (e.g. 99,1,0)")
+                continue
+            blend_words(value, f"data.{use}")
+        if fractions is not None:
+            require(fractions[0] > 0, f"{names('split')} ({self.split}) leaves no training part")
 
 
 @dataclass
@@ -178,9 +197,7 @@ def validate(recipe: Recipe) -> None:
     validate_config(recipe.model, recipe_names("model"))
     validate_config(recipe.parallel, recipe_names("parallel"))
     validate_config(recipe, _TopLevelNames())
-    for split in ("calib", "train", "heldout"):
-        specs = getattr(recipe.data, split)
-        require(specs and all(s not in ("", "???") for s in specs), f"recipe key 'data.{split}' must be set")
+    validate_config(recipe.data, recipe_names("data"))
     if recipe.teacher_correction.enabled:
         validate_config(recipe.teacher_correction, recipe_names("teacher_correction"))
     require(len(recipe.rounds) >= 1, "recipe key 'rounds' needs at least one round")

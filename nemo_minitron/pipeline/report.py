@@ -36,14 +36,15 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
 
 def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
     from nemo_minitron.evaluate import evaluate
+    from nemo_minitron.pipeline.run import data_corpus
 
     cfg = recipe.report
     first = models[0][1]
-    specs = parse_data_specs(recipe.data.heldout, flag="data.heldout")
-    samples = load_samples(specs, load_tokenizer(first), cfg.seq_len, vocab_size=read_info(first).description.vocab_size)
-    samples = samples[: cfg.eval_samples]
+    tokenizer = load_tokenizer(first)
+    kwargs = dict(vocab_size=read_info(first).description.vocab_size, tokenizer=tokenizer)
+    corpus = data_corpus(recipe, "heldout", **kwargs) or data_corpus(recipe, "train", **kwargs)
+    samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=recipe.seed, part="valid").first(cfg.eval_samples)
     tasks = None
     if cfg.tasks:
         from nemo_minitron.tasks.api import resolve_tasks
@@ -264,10 +265,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _heldout_label(recipe) -> str:
+    from nemo_minitron.data.blend import blend_words
+
+    if recipe.data.heldout is None:
+        words = blend_words(recipe.data.train, "data.train")
+        return f"the validation part (data.split {recipe.data.split}) of {_words_label(words)}"
+    return _words_label(blend_words(recipe.data.heldout, "data.heldout"))
+
+
+def _words_label(words) -> str:
+    return ", ".join(f"{w[0]:g} x {w[1]}" if isinstance(w, tuple) else w for w in words)
+
+
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
-             f"Held-out data: {', '.join(recipe.data.heldout)} ({rows[0]['heldout_tokens']} tokens, "
+             f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
              f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}.", "",
              "| model | parameters | FLOPs/token | KV cache bytes/token | held-out loss | perplexity | vs. teacher |",
              "|---|---|---|---|---|---|---|"]

@@ -104,11 +104,23 @@ class RunPaths:
 
 
 # -------------------------------------------------------------------- validation
+def data_corpus(recipe: Recipe, use: str, **kwargs):
+    """The checked corpus of ``data.<use>`` (calib, train, heldout); None for a left-out
+    heldout (the validation part of ``train`` is read instead)."""
+    from nemo_minitron.data.dataset import check_corpus
+
+    value = getattr(recipe.data, use)
+    if value is None:
+        return None
+    return check_corpus(value, flag=f"data.{use}", split=None if use == "heldout" else recipe.data.split,
+                        split_flag="data.split", cache_dir=recipe.data.cache_dir, cache_flag="data.cache_dir",
+                        **kwargs)
+
+
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
     from nemo_minitron.checkpoint.api import describe_model, model_path
-    from nemo_minitron.data.samples import parse_data_specs
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
@@ -116,8 +128,8 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
                                      "recipe key 'model.iteration'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
-    for split in ("calib", "train", "heldout"):
-        parse_data_specs(getattr(recipe.data, split), flag=f"data.{split}")
+    for use in ("calib", "train", "heldout"):
+        data_corpus(recipe, use, vocab_size=desc.vocab_size)
     tp, pp = recipe.parallel.tp, recipe.parallel.pp
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
@@ -170,7 +182,8 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
 
     tp, pp, seed = recipe.parallel.tp, recipe.parallel.pp, recipe.seed
     data = recipe.data
-    runtime = dict(tp=tp, pp=pp, seed=seed, dtype=recipe.dtype)
+    runtime = dict(tp=tp, pp=pp, seed=seed, dtype=recipe.dtype, split=data.split, cache_dir=data.cache_dir,
+                   data_names=recipe_names("data"))
     force = recipe.resume == "force"
     stages: list[Stage] = []
 
@@ -194,7 +207,7 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
                             **runtime)
         stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct,
                             {"teacher_correction": to_dict(tc), "data.train": data.train, "data.heldout": data.heldout,
-                             "seed": seed, "dtype": recipe.dtype}))
+                             "data.split": data.split, "seed": seed, "dtype": recipe.dtype}))
 
     for i, rnd in enumerate(recipe.rounds):
         stages += _round_stages(recipe, paths, i, rnd)
@@ -236,13 +249,14 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
 
     data, seed = recipe.data, recipe.seed
     runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype)
+    data_runtime = dict(split=data.split, cache_dir=data.cache_dir, data_names=recipe_names("data"))
     key = f"rounds.{i}"
 
     def importance(out: Path) -> dict:
         from nemo_minitron.importance.api import compute_importance
 
         scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), rnd.importance,
-                                    names=recipe_names(f"{key}.importance"), **runtime)
+                                    names=recipe_names(f"{key}.importance"), **runtime, **data_runtime)
         return {"tokens": int(scores.summary.get("tokens", 0))}
 
     def prune(out: Path) -> dict:
@@ -259,14 +273,14 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         config = DistillConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)})
         return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
                    eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
-                   force_hint=FORCE_HINT, **runtime)
+                   force_hint=FORCE_HINT, **runtime, **data_runtime)
 
     def search(out: Path) -> dict:
         from nemo_minitron.search.api import search as run
 
         result = run(str(paths.round_input(i)), str(paths.importance(i)), data.train, str(out), rnd.search,
                      teacher=str(paths.round_teacher(i)), eval_data=data.heldout, force=recipe.resume == "force",
-                     names=recipe_names(f"{key}.search"), force_hint=FORCE_HINT, **runtime)
+                     names=recipe_names(f"{key}.search"), force_hint=FORCE_HINT, **runtime, **data_runtime)
         steps = sum(c["stopped_at"] or result["steps"] for c in result["candidates"])  # over all candidates
         return {"tokens": steps * rnd.search.global_batch * rnd.search.seq_len}
 
@@ -274,17 +288,18 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
     if rnd.search is not None:
         pick = Stage(f"{rnd.name}-search", paths.search(i), _search_done, search,
                      {f"{key}.search": to_dict(rnd.search), "data.train": data.train, "data.heldout": data.heldout,
-                      **common})
+                      "data.split": data.split, **common})
     else:
         pick = Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune,
                      {f"{key}.prune": to_dict(rnd.prune), "seed": seed})
     return [
         Stage(f"{rnd.name}-importance", paths.importance(i), lambda p: (p / "scores.safetensors").is_file(),
-              importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib, **common}),
+              importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib,
+                           "data.split": data.split, **common}),
         pick,
         Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill,
               {f"{key}.distill": to_dict(rnd.distill), "data.train": data.train, "data.heldout": data.heldout,
-               **common}),
+               "data.split": data.split, **common}),
     ]
 
 
@@ -341,9 +356,11 @@ def _save_recipe(root: Path, recipe: Recipe) -> None:
     tmp.replace(file)
 
 
-def run_recipe(recipe: Recipe) -> Path:
-    """Run (or resume) every stage of the recipe; returns the report directory."""
+def run_recipe(recipe: Recipe) -> Path | None:
+    """Run (or resume) every stage of the recipe; returns the report directory, or None when
+    a stop signal (SIGTERM, SIGUSR1) ended the run early (started again, it continues)."""
     from nemo_minitron.runtime.distributed import barrier, init_distributed, is_rank0
+    from nemo_minitron.runtime.signals import received, stop_requested
 
     root = Path(recipe.output_dir)
     paths = RunPaths(root, recipe)
@@ -369,6 +386,10 @@ def run_recipe(recipe: Recipe) -> Path:
         start = time.time()
         stats = stage.work(stage.directory) or {}
         wall = time.time() - start
+        if stats.get("stopped"):  # a stop signal: the stage saved its state; a new start continues it
+            log.warning("recipe stopped by %s in stage %s; start it again to continue", stats["stopped"],
+                        stage.name)
+            return None
         tokens = int(stats.get("tokens", 0) or 0)
         _record(root, stage.name, {"directory": str(stage.directory), "wall_seconds": round(wall, 2),
                                    "tokens": tokens, "tokens_per_second": round(tokens / wall, 1) if tokens else None,
@@ -376,6 +397,10 @@ def run_recipe(recipe: Recipe) -> Path:
                                    "config": to_plain(stage.config)})
         log.info("stage %s: done in %.0f s", stage.name, wall)
         barrier()
+        if stage is not stages[-1] and stop_requested():  # a signal during a stage that cannot pause
+            log.warning("recipe stopped by %s after stage %s; start it again to continue",
+                        received() or "a signal on another rank", stage.name)
+            return None
     return paths.report
 
 
@@ -384,6 +409,6 @@ def main(args) -> int:
 
     recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
     report = run_recipe(recipe)
-    if is_rank0():
+    if is_rank0() and report is not None:
         print(f"report: {report / 'report.md'}")
     return 0

@@ -87,7 +87,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
     """Weight-mass scores of every unit, from full (TP-gathered) tensors; collective."""
     from megatron.core import parallel_state as ps
 
-    from nemo_minitron.model.params import gather, layer_of, named_weights
+    from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights
     from nemo_minitron.prune.transforms import magnitudes
     from nemo_minitron.runtime.distributed import current_device
 
@@ -97,6 +97,10 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
            "heads": torch.zeros(L, desc.num_attention_heads, dtype=torch.float64),
            "query_groups": torch.zeros(L, desc.num_query_groups, dtype=torch.float64),
            "layers": torch.zeros(L, dtype=torch.float64)}
+    if desc.is_moe:
+        out.update(experts=torch.zeros(L, desc.num_experts, dtype=torch.float64),
+                   moe_ffn=torch.zeros(L, desc.num_experts, desc.moe_ffn_hidden_size, dtype=torch.float64),
+                   shared_ffn=torch.zeros(L, desc.moe_shared_ffn_hidden_size, dtype=torch.float64))
     tied_copy = desc.tie_embeddings and not ps.is_pipeline_first_stage()
     for name, param in named_weights(model):
         full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated).cpu()
@@ -104,10 +108,14 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
             continue  # the last stage's copy of the tied embedding: counted once, on the first stage
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             full = full[: desc.vocab_size]  # padding rows are not weights of any channel
-        layer = layer_of(name)
+        layer, expert = layer_of(name), expert_of(name)
         for axis, values in magnitudes(name, full, desc).items():
             if axis == "hidden":
                 out["hidden"] += values
+            elif axis == "expert":  # an expert's own tensor: its mass, and its neurons'
+                out["experts"][layer, expert] += values
+            elif axis == "moe_ffn":
+                out["moe_ffn"][layer, expert] += values
             else:
                 out[axis][layer] += values
         if layer is not None:
@@ -128,9 +136,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     ``config``: a PruneConfig (``target`` {axis: size} for any of hidden, ffn, heads,
     query_groups, layers (or ModelOpt's names), and/or ``drop_layers`` (1-indexed, as
     ModelOpt and NeMo number them), or ``target_params`` a budget such as "90M"; ``order``
-    importance | magnitude | random; ``layer_metric`` contiguous | best | loss | block |
-    "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed heads
-    and neurons, from the importance run's second moments, see refit.py);
+    importance | magnitude | random; ``layer_metric`` auto | greedy | best | contiguous | loss |
+    block | "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed
+    heads and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; default: the source's)."""
     from nemo_minitron.checkpoint.store import (
@@ -169,6 +177,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     scores.check_matches(old)
     require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
                                                       f"(got '{order}')")
+    require(not (cfg.refit and old.is_moe), f"{names('refit')} refits dense MLPs and attention; this "
+                                             f"{old.architecture} model has experts")
     grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
@@ -193,7 +203,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     if order == "importance":
         units = UnitScores(hidden=scores["hidden"], ffn=scores["ffn"], heads=scores["heads"],
-                           query_groups=scores["query_groups"], layers=scores["layer_loss_drop"])
+                           query_groups=scores["query_groups"], layers=scores["layer_loss_drop"],
+                           experts=scores.tensors.get("experts"), moe_ffn=scores.tensors.get("moe_ffn"),
+                           shared_ffn=scores.tensors.get("shared_ffn"))
     elif order == "magnitude":
         units = _magnitude_scores(model, old)
     if kept_layers is None:  # magnitude with a layer drop
@@ -220,7 +232,15 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.model.builder import build_model
-    from nemo_minitron.model.params import gather, layer_of, named_weights, rename_layer, shard
+    from nemo_minitron.model.params import (
+        expert_of,
+        gather,
+        layer_of,
+        named_weights,
+        rename_expert,
+        rename_layer,
+        shard,
+    )
     from nemo_minitron.prune.transforms import prune_tensor
 
     dtype = next(model.parameters()).dtype
@@ -240,6 +260,8 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             new_layer = layer_of(name)
             old_layer = None if new_layer is None else keep.layers[new_layer]
             old_name = name if old_layer is None else rename_layer(name, old_layer)
+            if expert_of(name) is not None:  # the new model's expert e is the e-th kept one
+                old_name = rename_expert(old_name, int(keep.experts[old_layer][expert_of(name)]))
             full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
             if grams is not None:
                 full = _refit(old_name, full, old, keep, old_layer, grams)

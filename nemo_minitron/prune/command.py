@@ -41,11 +41,13 @@ def plan_main(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # nothing to compute together: rank 0 answers
         return 0
     print(f"{args.model}: {desc.summary()}")
-    print(f"budget {format_count(budget)} parameters (+-{cfg.tolerance:.0%}) at --tp {args.tp} --pp {args.pp}; "
+    kind = f"{cfg.param_count} " if desc.is_moe else ""
+    print(f"budget {format_count(budget)} {kind}parameters (+-{cfg.tolerance:.0%}) at --tp {args.tp} --pp {args.pp}; "
           f"ranked {RANKING[cfg.prefer]}\n")
-    print(format_table(desc, candidates, budget, top=args.top))
+    print(format_table(desc, candidates, budget, top=args.top, param_count=cfg.param_count))
     if args.json:
-        Path(args.json).write_text(json.dumps([{"params": c.params, "target": c.target(), "why": c.why,
+        Path(args.json).write_text(json.dumps([{"params": c.params, "active_params": c.active_params,
+                                                "target": c.target(), "why": c.why,
                                                 "flops_per_token": c.description.flops_per_token(),
                                                 "kv_cache_bytes_per_token": c.description.kv_cache_bytes_per_token()}
                                                for c in candidates], indent=2))

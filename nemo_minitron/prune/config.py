@@ -33,12 +33,16 @@ class PlanConfig:
     max_depth_cut: float = option(0.5, "largest fraction of the layers to remove", ge=0, lt=1)
     prefer: Literal["width", "depth"] = option(
         "width", "which candidates rank first: width (the paper's advice) or depth")
+    param_count: Literal["total", "active"] = option(
+        "total", "what a parameter budget counts in a mixture of experts: every parameter (total) or those one "
+                 "token uses (active: the top-k experts)")
 
 
 @dataclasses.dataclass
 class PruneConfig(PlanConfig):
     target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
-                                        "(or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
+                                        "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn; "
+                                        "or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
                                         "num_query_groups, num_layers), e.g. hidden=480,ffn=1024,heads=6",
                                     parse=_target, metavar="AXIS=N,...")
     drop_layers: list[int] = option([], "layers to drop, numbered from 1 as ModelOpt and NeMo do (e.g. 17,18,19); "
@@ -50,10 +54,11 @@ class PruneConfig(PlanConfig):
         "importance", "what to keep: the most important units, or the baselines magnitude (weight norms) and "
                       "random (by --seed)")
     layer_metric: str = option(
-        "contiguous", "layers to drop: contiguous (the best block recorded by importance --drop-blocks), best (of "
-                      "the contiguous, loss and block sets, the one whose removal cost least in the importance run), "
-                      "loss (least loss increase), block (lowest Block Importance), or the 0-indexed layers, e.g. "
-                      "3,7,9")
+        "auto", "layers to drop: auto (greedy when the target cuts only layers, else contiguous), greedy (the "
+                      "first removed by importance's greedy elimination), contiguous "
+                      "(the best block recorded by importance --drop-blocks), best (of the contiguous, greedy, loss "
+                      "and block sets, the one whose removal cost least in the importance run), loss (least loss "
+                      "increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9")
     refit: bool = option(
         False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
                "and neurons (needs importance --second-moments)")
@@ -80,5 +85,5 @@ class PruneConfig(PlanConfig):
         if self.layer_metric not in LAYER_METRICS:
             items = [i.strip() for i in str(self.layer_metric).split(",") if i.strip()]
             require(items and all(i.isdigit() for i in items),
-                    f"{names('layer_metric')} must be contiguous, best, loss, block, or the layers to drop such as 3,7,9 "
-                    f"(got '{self.layer_metric}')")
+                    f"{names('layer_metric')} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as "
+                    f"3,7,9 (got '{self.layer_metric}')")

@@ -17,6 +17,13 @@ kept, then the closest count.
 
 The MLP width is rounded to a multiple of 64 (128 from 2048 up) and of the TP size, so
 tensor parallel layouts stay valid; heads and query groups must divide by the TP size.
+
+Mixtures of experts: the number of experts is enumerated too (the original, then steps
+of 1/16 of it down to the width limit, never below top-k), and the experts' width is
+solved from the budget as the MLP width is (shared experts and top-k stay as they are:
+target them explicitly). ``param_count`` says whether the budget counts every parameter
+(``total``) or those one token uses (``active``: top-k experts, not all); the table shows
+both, and FLOPs per token of the active ones.
 """
 
 from __future__ import annotations
@@ -50,10 +57,33 @@ class Candidate:
     def params(self) -> int:
         return self.description.num_parameters()
 
+    @property
+    def active_params(self) -> int:
+        return self.description.num_active_parameters()
+
     def target(self) -> dict[str, int]:
         d = self.description
-        return {"hidden": d.hidden_size, "ffn": d.ffn_hidden_size, "heads": d.num_attention_heads,
-                "query_groups": d.num_query_groups, "layers": d.num_layers}
+        shape = {"hidden": d.hidden_size, "heads": d.num_attention_heads, "query_groups": d.num_query_groups,
+                 "layers": d.num_layers}
+        if not d.is_moe:
+            return {**shape, "ffn": d.ffn_hidden_size}
+        return {**shape, "experts": d.num_experts, "moe_ffn": d.moe_ffn_hidden_size, "top_k": d.moe_top_k,
+                **({"shared_ffn": d.moe_shared_ffn_hidden_size} if d.moe_shared_ffn_hidden_size else {})}
+
+
+def counted(desc: ModelDescription, param_count: str = "total") -> int:
+    """The parameters a budget counts: all of them, or those one token uses."""
+    return desc.num_parameters(active=param_count == "active")
+
+
+def _mlp_width(d: ModelDescription) -> int:
+    return d.moe_ffn_hidden_size if d.is_moe else d.ffn_hidden_size
+
+
+def _widths(d: ModelDescription) -> dict[str, int]:
+    """The widths the planner cuts (and ranks candidates by)."""
+    out = {"hidden": d.hidden_size, "ffn": _mlp_width(d), "heads": d.num_attention_heads}
+    return {**out, "experts": d.num_experts} if d.is_moe else out
 
 
 def _grid(size: int) -> int:
@@ -66,8 +96,10 @@ def _cut(old: int, new: int) -> float:
 
 def _why(desc: ModelDescription, new: ModelDescription) -> str:
     """How a candidate reaches the budget, in words: what it cuts and what it keeps whole."""
+    ffn = "moe_ffn" if desc.is_moe else "ffn"
     cuts = [f"{axis} -{_cut(a, b):.0%}" for axis, a, b in (
-        ("hidden", desc.hidden_size, new.hidden_size), ("ffn", desc.ffn_hidden_size, new.ffn_hidden_size),
+        ("hidden", desc.hidden_size, new.hidden_size), (ffn, _mlp_width(desc), _mlp_width(new)),
+        ("experts", desc.num_experts, new.num_experts),
         ("heads", desc.num_attention_heads, new.num_attention_heads),
         ("groups", desc.num_query_groups, new.num_query_groups)) if b != a]
     dropped = desc.num_layers - new.num_layers
@@ -95,43 +127,55 @@ def _attention_options(desc: ModelDescription, tp: int, max_cut: float) -> Itera
             yield g, heads
 
 
+def _expert_options(desc: ModelDescription, max_cut: float) -> list[int]:
+    """Numbers of experts to try: the original, then steps of 1/16 of it down to the limit (>= top-k)."""
+    if not desc.is_moe:
+        return [0]
+    step = max(1, desc.num_experts // 16)
+    lowest = max(desc.moe_top_k, math.ceil(desc.num_experts * (1 - max_cut) - 1e-9))
+    return [e for e in range(desc.num_experts, lowest - 1, -step)]
+
+
 def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *, tp: int = 1,
                          pp: int = 1) -> list[Candidate]:
     out: list[Candidate] = []
     max_width_cut, max_depth_cut, tolerance = cfg.max_width_cut, cfg.max_depth_cut, cfg.tolerance
-    grid_h, grid_f = _grid(desc.hidden_size), math.lcm(_grid(desc.ffn_hidden_size), tp)
+    width_field = "moe_ffn_hidden_size" if desc.is_moe else "ffn_hidden_size"
+    width = _mlp_width(desc)
+    grid_h, grid_f = _grid(desc.hidden_size), math.lcm(_grid(width), tp)
     min_layers = max(pp, math.ceil(desc.num_layers * (1 - max_depth_cut) - 1e-9))
     min_hidden = math.ceil(desc.hidden_size * (1 - max_width_cut) - 1e-9)
     hiddens = sorted({desc.hidden_size} | set(range(math.ceil(min_hidden / grid_h) * grid_h, desc.hidden_size, grid_h)))
     for layers in range(min_layers, desc.num_layers + 1):
         for groups, heads in _attention_options(desc, tp, max_width_cut):
             for hidden in hiddens:
-                base = desc.replace(num_layers=layers, num_query_groups=groups, num_attention_heads=heads,
-                                    hidden_size=hidden, ffn_hidden_size=grid_f)
-                # params are linear in ffn: count = fixed + layers * m * hidden * ffn
-                # (m: hidden x ffn matrices per MLP, 3 with a gate, 2 without)
-                m = base.mlp_matrices
-                fixed = base.num_parameters() - layers * m * hidden * grid_f
-                exact = (budget - fixed) / (m * hidden * layers)
-                options = {min(desc.ffn_hidden_size, max(grid_f, round(exact / grid_f) * grid_f)),
-                           desc.ffn_hidden_size}
-                for ffn in options:
-                    if ffn % tp or _cut(desc.ffn_hidden_size, ffn) > max_width_cut + 1e-9:
-                        continue
-                    cand = base.replace(ffn_hidden_size=ffn)
-                    if abs(cand.num_parameters() - budget) <= tolerance * budget:
-                        out.append(Candidate(cand, _why(desc, cand)))
+                for experts in _expert_options(desc, max_width_cut):
+                    base = desc.replace(num_layers=layers, num_query_groups=groups, num_attention_heads=heads,
+                                        hidden_size=hidden, num_experts=experts, **{width_field: grid_f})
+                    # the count is linear in the MLP width: fixed + slope * width (slope: layers x
+                    # hidden x the matrices per MLP (3 with a gate, 2 without) x the experts counted)
+                    per_layer = (base.moe_top_k if cfg.param_count == "active" else experts) if desc.is_moe else 1
+                    slope = layers * hidden * base.mlp_matrices * per_layer
+                    exact = grid_f + (budget - counted(base, cfg.param_count)) / slope
+                    options = {min(width, max(grid_f, round(exact / grid_f) * grid_f)), width}
+                    for ffn in options:
+                        if ffn % tp or _cut(width, ffn) > max_width_cut + 1e-9:
+                            continue
+                        cand = base.replace(**{width_field: ffn})
+                        if abs(counted(cand, cfg.param_count) - budget) <= tolerance * budget:
+                            out.append(Candidate(cand, _why(desc, cand)))
     return out
 
 
-def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefer: str = "width") -> list[Candidate]:
+def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefer: str = "width",
+         param_count: str = "total") -> list[Candidate]:
     def widths_cut(c: ModelDescription) -> list[float]:
-        return [_cut(desc.hidden_size, c.hidden_size), _cut(desc.ffn_hidden_size, c.ffn_hidden_size),
-                _cut(desc.num_attention_heads, c.num_attention_heads)]
+        before = _widths(desc)
+        return [_cut(before[axis], size) for axis, size in _widths(c).items()]
 
     def key(cand: Candidate):
         c = cand.description
-        closeness = abs(c.num_parameters() - budget) / budget
+        closeness = abs(counted(c, param_count) - budget) / budget
         attention_changed = (c.num_attention_heads, c.num_query_groups) != (desc.num_attention_heads,
                                                                              desc.num_query_groups)
         if prefer == "width":
@@ -151,30 +195,34 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
     names = names or cli_names(PlanConfig)
     cfg = build(PlanConfig, config, names, **options)
     flag = names("target_params")
-    require(budget < desc.num_parameters(), f"{flag} {format_count(budget)} is not smaller than the model "
-                                            f"({format_count(desc.num_parameters())})")
+    kind = "active " if desc.is_moe and cfg.param_count == "active" else ""
+    require(budget < counted(desc, cfg.param_count), f"{flag} {format_count(budget)} is not smaller than the "
+                                                     f"model's {kind}parameters "
+                                                     f"({format_count(counted(desc, cfg.param_count))})")
     found = enumerate_candidates(desc, budget, cfg, tp=tp, pp=pp)
     require(bool(found), f"{flag} {format_count(budget)}: no architecture within {cfg.tolerance:.0%} meets the "
                          f"limits ({names('max_width_cut')} {cfg.max_width_cut}, {names('max_depth_cut')} "
                          f"{cfg.max_depth_cut}, --tp {tp}); raise the limits or the budget")
-    return rank(desc, found, budget, cfg.prefer)
+    return rank(desc, found, budget, cfg.prefer, cfg.param_count)
 
 
 def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, top: int = 10,
-                 seq_len: int = DEFAULT_SEQ_LEN) -> str:
-    rows = [("#", "params", "vs budget", "hidden", "ffn", "heads", "groups", "layers", "GFLOPs/token",
+                 seq_len: int = DEFAULT_SEQ_LEN, param_count: str = "total") -> str:
+    moe = desc.is_moe
+    rows = [("#", "params", *(("active",) if moe else ()), "vs budget", "hidden",
+             *(("experts", "moe_ffn") if moe else ("ffn",)), "heads", "groups", "layers", "GFLOPs/token",
              "KV bytes/token", "how")]
-    base = [("0", f"{desc.num_parameters() / 1e6:,.1f}M", "original", str(desc.hidden_size),
-             str(desc.ffn_hidden_size), str(desc.num_attention_heads), str(desc.num_query_groups),
-             str(desc.num_layers), f"{desc.flops_per_token(seq_len) / 1e9:.2f}",
-             f"{desc.kv_cache_bytes_per_token():,}", "")]
-    body = []
-    for i, c in enumerate(candidates[:top], 1):
-        d = c.description
-        body.append((str(i), f"{d.num_parameters() / 1e6:,.1f}M", f"{d.num_parameters() / budget - 1:+.1%}",
-                     str(d.hidden_size), str(d.ffn_hidden_size), str(d.num_attention_heads),
-                     str(d.num_query_groups), str(d.num_layers), f"{d.flops_per_token(seq_len) / 1e9:.2f}",
-                     f"{d.kv_cache_bytes_per_token():,}", c.why))
+
+    def row(label: str, d: ModelDescription, versus: str, why: str) -> tuple:
+        return (label, f"{d.num_parameters() / 1e6:,.1f}M",
+                *((f"{d.num_active_parameters() / 1e6:,.1f}M",) if moe else ()), versus, str(d.hidden_size),
+                *((str(d.num_experts), str(d.moe_ffn_hidden_size)) if moe else (str(d.ffn_hidden_size),)),
+                str(d.num_attention_heads), str(d.num_query_groups), str(d.num_layers),
+                f"{d.flops_per_token(seq_len) / 1e9:.2f}", f"{d.kv_cache_bytes_per_token():,}", why)
+
+    base = [row("0", desc, "original", "")]
+    body = [row(str(i), c.description, f"{counted(c.description, param_count) / budget - 1:+.1%}", c.why)
+            for i, c in enumerate(candidates[:top], 1)]
     table = rows + base + body
     widths = [max(len(r[i]) for r in table) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i < len(widths) - 1 else cell for i, (cell, w) in enumerate(zip(r, widths)))

@@ -6,21 +6,32 @@ original sizes keeps every weight where it was (the identity), and relative orde
 
 Per layer, query groups are ranked by their ``query_groups`` score and heads inside
 each kept group by their own score, so every group keeps the same number of heads
-(GQA stays balanced). ``magnitude`` scores a unit by the squared L2 norm of every
+(GQA stays balanced). Mixtures of experts: experts are ranked per layer, then each kept
+expert's neurons by that expert's own scores (every expert keeps the same number), and
+the shared expert's neurons like a dense MLP's; a kept expert keeps its place in the
+original order (and its router row). ``magnitude`` scores a unit by the squared L2 norm of every
 weight it owns (a neuron: its gate and up rows, or its up row without a gate, and its
 down column; a head: its query rows and output-projection columns; a group: its heads,
 key and value rows; a channel: its column or row in every matrix, norm and embedding; a
 layer: all its weights); ``random`` by a seeded permutation. Both are baselines.
 
 Layers to drop (``--layer-metric``):
-    best        of the contiguous, loss and block sets for that many layers, the one whose
-                removal cost least on the importance run's samples
+    auto        greedy when the target cuts only layers, contiguous when it cuts width too
+                (benchmarks/pruning_quality.py: greedy wins depth-only cuts, but its sets,
+                chosen on the full-width model, lose to the contiguous block once hidden,
+                ffn and heads are cut as well)
+    greedy      the first layers removed by the importance run's greedy elimination
+                (``summary["layers"]["greedy"]["order"]``, recorded down to the largest
+                ``--drop-blocks`` size)
+    best        of the contiguous, greedy, loss and block sets for that many layers, the
+                one whose removal cost least on the importance run's samples
                 (``summary["layers"]["drop_sets"]``, recorded for every ``--drop-blocks`` size)
     contiguous  the best contiguous block of that many layers recorded by the importance
                 run (``summary["layers"]["contiguous_blocks"]``). When the run did not
                 record that block size this is an error telling the user to rerun
                 importance with ``--drop-blocks k`` or to choose ``loss``/``block``: a
-                silent fallback would hide that the paper's best choice was not made.
+                silent fallback would hide that the chosen rule was not applied (the
+                same for ``greedy`` and ``best``).
     loss        the layers whose removal raised the LM loss least (``layer_loss_drop``)
     block       the lowest Block Importance (``layer_block_importance``)
     3,7,9       exactly these layers (original numbering)
@@ -37,7 +48,7 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-LAYER_METRICS = ("contiguous", "best", "loss", "block")
+LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
 
 
 @dataclasses.dataclass
@@ -49,6 +60,9 @@ class UnitScores:
     heads: torch.Tensor           # [L, heads]
     query_groups: torch.Tensor    # [L, groups]
     layers: torch.Tensor          # [L]
+    experts: torch.Tensor | None = None      # [L, E]        mixtures of experts
+    moe_ffn: torch.Tensor | None = None      # [L, E, F_moe]
+    shared_ffn: torch.Tensor | None = None   # [L, F_shared]
 
 
 @dataclasses.dataclass
@@ -60,6 +74,9 @@ class KeepPlan:
     ffn: dict[int, torch.Tensor]          # original layer -> kept neurons
     groups: dict[int, torch.Tensor]       # original layer -> kept query groups
     heads: dict[int, torch.Tensor]        # original layer -> kept heads (global head index)
+    experts: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)     # layer -> kept experts
+    moe_ffn: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)     # layer -> [kept experts, neurons]
+    shared_ffn: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> kept shared neurons
 
     def summary(self) -> dict:
         """JSON for the checkpoint's provenance. MLP neurons are stored as hex bit masks
@@ -68,6 +85,11 @@ class KeepPlan:
                "query_groups": {str(k): v.tolist() for k, v in self.groups.items()},
                "heads": {str(k): v.tolist() for k, v in self.heads.items()},
                "ffn_mask": {str(k): indices_to_mask(v) for k, v in self.ffn.items()}}
+        if self.experts:
+            out["experts"] = {str(k): v.tolist() for k, v in self.experts.items()}
+            out["moe_ffn_mask"] = {str(k): [indices_to_mask(row) for row in v] for k, v in self.moe_ffn.items()}
+            if self.shared_ffn:
+                out["shared_ffn_mask"] = {str(k): indices_to_mask(v) for k, v in self.shared_ffn.items()}
         out["sha256"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
         return out
 
@@ -94,21 +116,26 @@ def top(scores: torch.Tensor, k: int) -> torch.Tensor:
 def random_scores(desc: ModelDescription, seed: int) -> UnitScores:
     g = torch.Generator().manual_seed(seed)
     L = desc.num_layers
-    return UnitScores(hidden=torch.rand(desc.hidden_size, generator=g),
-                      ffn=torch.rand(L, desc.ffn_hidden_size, generator=g),
-                      heads=torch.rand(L, desc.num_attention_heads, generator=g),
-                      query_groups=torch.rand(L, desc.num_query_groups, generator=g),
-                      layers=torch.rand(L, generator=g))
+    scores = UnitScores(hidden=torch.rand(desc.hidden_size, generator=g),
+                        ffn=torch.rand(L, desc.ffn_hidden_size, generator=g),
+                        heads=torch.rand(L, desc.num_attention_heads, generator=g),
+                        query_groups=torch.rand(L, desc.num_query_groups, generator=g),
+                        layers=torch.rand(L, generator=g))
+    if desc.is_moe:  # drawn after the dense axes: a dense model's draws are unchanged
+        scores.experts = torch.rand(L, desc.num_experts, generator=g)
+        scores.moe_ffn = torch.rand(L, desc.num_experts, desc.moe_ffn_hidden_size, generator=g)
+        scores.shared_ffn = torch.rand(L, desc.moe_shared_ffn_hidden_size, generator=g)
+    return scores
 
 
 def parse_layer_metric(metric: str, num_layers: int, flag: str = "--layer-metric") -> str | list[int]:
-    """'contiguous' | 'loss' | 'block', or an explicit list of layers to drop."""
+    """One of LAYER_METRICS, or an explicit list of layers to drop."""
     if metric in LAYER_METRICS:
         return metric
     try:
         dropped = sorted({int(i) for i in metric.split(",") if i.strip()})
     except ValueError:
-        raise UsageError(f"{flag} must be contiguous, best, loss, block, or the layers to drop such as 3,7,9 "
+        raise UsageError(f"{flag} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as 3,7,9 "
                          f"(got '{metric}')") from None
     require(bool(dropped), f"{flag} '{metric}' names no layers")
     require(all(0 <= i < num_layers for i in dropped),
@@ -133,6 +160,15 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         dropped = chosen
     elif drop == 0:
         dropped = []
+    elif chosen == "auto":
+        depth_only = new == old.replace(num_layers=new.num_layers)
+        return layers_to_keep(old, new, "greedy" if depth_only else "contiguous", summary, layer_scores, flag)
+    elif chosen == "greedy":
+        order = summary.get("layers", {}).get("greedy", {}).get("order", [])
+        require(len(order) >= drop, f"{flag} greedy: the importance run removed {len(order)} layers greedily, "
+                                    f"the target removes {drop}; rerun importance with --drop-blocks {drop} "
+                                    f"(and --greedy-layers), or use {flag} loss|block")
+        dropped = list(order[:drop])
     elif chosen == "best":
         sets = summary.get("layers", {}).get("drop_sets", {})
         require(str(drop) in sets, f"{flag} best: the importance run has not compared layer sets of {drop} "
@@ -155,9 +191,18 @@ def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, 
     hpg_old, hpg_new = old.heads_per_group, new.heads_per_group
     ffn, groups, heads = {}, {}, {}
     for layer in kept_layers:
-        ffn[layer] = top(scores.ffn[layer], new.ffn_hidden_size)
+        if not old.is_moe:
+            ffn[layer] = top(scores.ffn[layer], new.ffn_hidden_size)
         groups[layer] = top(scores.query_groups[layer], new.num_query_groups)
         per_group = scores.heads[layer].reshape(old.num_query_groups, hpg_old)
         heads[layer] = torch.cat([g * hpg_old + top(per_group[g], hpg_new) for g in groups[layer].tolist()])
-    return KeepPlan(hidden=top(scores.hidden, new.hidden_size), layers=kept_layers, ffn=ffn, groups=groups,
+    plan = KeepPlan(hidden=top(scores.hidden, new.hidden_size), layers=kept_layers, ffn=ffn, groups=groups,
                     heads=heads)
+    if old.is_moe:
+        for layer in kept_layers:
+            plan.experts[layer] = top(scores.experts[layer], new.num_experts)
+            plan.moe_ffn[layer] = torch.stack([top(scores.moe_ffn[layer, e], new.moe_ffn_hidden_size)
+                                               for e in plan.experts[layer].tolist()])
+            if old.moe_shared_ffn_hidden_size:
+                plan.shared_ffn[layer] = top(scores.shared_ffn[layer], new.moe_shared_ffn_hidden_size)
+    return plan

@@ -1,11 +1,17 @@
 """Pruning targets: what the smaller model's shape should be, checked against the original.
 
-A target names any subset of the five prunable axes; the rest keep their size:
+A target names any subset of the prunable axes; the rest keep their size:
     hidden        embedding channels (the residual stream width)
-    ffn           MLP neurons per layer
+    ffn           MLP neurons per layer (dense models)
     heads         query heads per layer (the same number kept in every query group)
     query_groups  K/V groups per layer, each with its query heads
     layers        transformer layers
+Mixtures of experts:
+    experts       routed experts per layer (each with its router row)
+    moe_ffn       neurons of each expert (the same number kept in every expert)
+    shared_ffn    neurons of the shared expert
+    top_k         experts each token is routed to (not a pruning axis: the router's setting,
+                  at most the experts kept)
 
 ModelOpt's names for the same axes (``mcore_minitron`` in nvidia-modelopt 0.47:
 ``SUPPORTED_HPARAMS``; Megatron-LM's ``--prune-export-config``) are accepted too:
@@ -20,7 +26,8 @@ import re
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
-AXES = ("hidden", "ffn", "heads", "query_groups", "layers")
+AXES = ("hidden", "ffn", "heads", "query_groups", "layers", "experts", "moe_ffn", "shared_ffn", "top_k")
+MOE_AXES = ("experts", "moe_ffn", "shared_ffn", "top_k")
 MODELOPT_AXES = {"hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
                  "num_query_groups": "query_groups", "num_layers": "layers"}
 _ALLOWED = ", ".join(AXES) + " (or ModelOpt's " + ", ".join(MODELOPT_AXES) + ")"
@@ -98,8 +105,16 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
                  flag: str = "--target") -> ModelDescription:
     """The pruned description, or a one-line error naming the axis that cannot be met."""
     target = canonical_target(target, flag)
-    original = {"hidden": desc.hidden_size, "ffn": desc.ffn_hidden_size, "heads": desc.num_attention_heads,
-                "query_groups": desc.num_query_groups, "layers": desc.num_layers}
+    original = sizes(desc)
+    for key in target:
+        if desc.is_moe:
+            require(key != "ffn", f"{flag}: ffn: this {desc.architecture} model has no dense MLP; prune moe_ffn "
+                                  "(each expert's neurons), experts or shared_ffn")
+            require(key != "shared_ffn" or desc.moe_shared_ffn_hidden_size,
+                    f"{flag}: shared_ffn: this {desc.architecture} model has no shared expert")
+        else:
+            require(key not in MOE_AXES, f"{flag}: {key} applies to mixtures of experts; this {desc.architecture} "
+                                         "model has a dense MLP (prune ffn)")
     for key, value in target.items():
         require(value >= 1, f"{flag}: {key}={value} must be at least 1")
         require(value <= original[key], f"{flag}: {key}={value} is larger than the original model's "
@@ -110,22 +125,43 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
     require(heads // groups <= desc.heads_per_group,
             f"{flag}: heads={heads} over {groups} query groups needs {heads // groups} heads per group, "
             f"but the original groups hold {desc.heads_per_group}")
+    experts = {}
+    if desc.is_moe:
+        kept = target.get("experts", desc.num_experts)
+        top_k = target.get("top_k", desc.moe_top_k)
+        require(top_k <= kept, f"{flag}: top_k={top_k} is larger than the {kept} experts kept; lower top_k too "
+                               f"(top_k=1..{kept})")
+        require(top_k >= 2 or not desc.moe_normalize_top_k,
+                f"{flag}: top_k=1: this {desc.architecture} model renormalises its top-k probabilities (a single "
+                "expert's weight would always be 1), which megatron-core refuses; keep top_k >= 2")
+        experts = dict(num_experts=kept, moe_top_k=top_k,
+                       moe_ffn_hidden_size=target.get("moe_ffn", desc.moe_ffn_hidden_size),
+                       moe_shared_ffn_hidden_size=target.get("shared_ffn", desc.moe_shared_ffn_hidden_size))
     new = desc.replace(hidden_size=target.get("hidden", desc.hidden_size),
                        ffn_hidden_size=target.get("ffn", desc.ffn_hidden_size),
                        num_attention_heads=heads, num_query_groups=groups,
-                       num_layers=target.get("layers", desc.num_layers))
-    for key, value in (("query_groups", groups), ("heads", heads), ("ffn", new.ffn_hidden_size)):
+                       num_layers=target.get("layers", desc.num_layers), **experts)
+    widths = (("moe_ffn", new.moe_ffn_hidden_size), ("shared_ffn", new.moe_shared_ffn_hidden_size)) \
+        if desc.is_moe else (("ffn", new.ffn_hidden_size),)
+    for key, value in (("query_groups", groups), ("heads", heads), *widths):
         require(value % tp == 0, f"{flag}: {key}={value} is not divisible by --tp {tp}")
     require(new.num_layers >= pp, f"{flag}: layers={new.num_layers} is fewer than the --pp {pp} pipeline stages")
     return new
 
 
+def sizes(desc: ModelDescription) -> dict[str, int]:
+    """The size of every axis a target may name (a dense model's MoE axes are 0)."""
+    return {"hidden": desc.hidden_size, "ffn": desc.ffn_hidden_size, "heads": desc.num_attention_heads,
+            "query_groups": desc.num_query_groups, "layers": desc.num_layers, "experts": desc.num_experts,
+            "moe_ffn": desc.moe_ffn_hidden_size, "shared_ffn": desc.moe_shared_ffn_hidden_size,
+            "top_k": desc.moe_top_k}
+
+
 def describe_change(old: ModelDescription, new: ModelDescription) -> str:
     parts = []
-    for axis, a, b in (("hidden", old.hidden_size, new.hidden_size), ("ffn", old.ffn_hidden_size, new.ffn_hidden_size),
-                       ("heads", old.num_attention_heads, new.num_attention_heads),
-                       ("query_groups", old.num_query_groups, new.num_query_groups),
-                       ("layers", old.num_layers, new.num_layers)):
+    before, after = sizes(old), sizes(new)
+    for axis in AXES:
+        a, b = before[axis], after[axis]
         if a != b:
             parts.append(f"{axis} {a}->{b} (-{1 - b / a:.0%})")
     return ", ".join(parts) or "no change"

@@ -7,6 +7,11 @@ stream (hidden) is the input dimension of qkv and fc1, the output dimension of p
 fc2, the embedding and output-layer columns, and every norm over it (weights and
 LayerNorm biases). The QK-norms (``q_layernorm``/``k_layernorm``) run over head_dim,
 shared by every head, so no pruning axis cuts them.
+
+Mixtures of experts: the router (``mlp.router.weight``, experts x hidden) keeps the rows
+of the kept experts; each kept expert (``mlp.experts.local_experts.{e}``, named here by
+its original index) is a SwiGLU MLP cut to its own kept neurons; the shared expert like
+a dense MLP, its gate (``gate_weight``, 1 x hidden) over hidden only.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.params import layer_of
+from nemo_minitron.model.params import expert_of, layer_of
 from nemo_minitron.prune.select import KeepPlan
 
 #: norms over head_dim (one per layer for queries, one for keys): never cut
@@ -43,9 +48,20 @@ def _proj_columns(old: ModelDescription, heads: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads.tolist()])
 
 
+def _cut_mlp(suffix: str, full: torch.Tensor, neurons: torch.Tensor, h: torch.Tensor, gated: bool) -> torch.Tensor:
+    """An MLP's first ([gate; up] or the neurons) or second linear cut to ``neurons`` and channels ``h``."""
+    if suffix.endswith("linear_fc2.weight"):
+        return full[h][:, neurons]
+    if not gated:
+        return full[neurons][:, h]
+    gate, up = full.chunk(2, dim=0)
+    return torch.cat([gate[neurons], up[neurons]], dim=0)[:, h]
+
+
 def prune_tensor(name: str, full: torch.Tensor, old: ModelDescription, keep: KeepPlan,
                  old_layer: int | None) -> torch.Tensor:
-    """The kept part of the canonical tensor ``name`` (``old_layer``: its original layer)."""
+    """The kept part of the canonical tensor ``name`` (``old_layer``: its original layer; an
+    expert's tensor is named by its original expert index)."""
     h = keep.hidden
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return full[:, h]
@@ -62,14 +78,18 @@ def prune_tensor(name: str, full: torch.Tensor, old: ModelDescription, keep: Kee
         return full[_qkv_rows(old, keep.groups[old_layer], keep.heads[old_layer])]
     if suffix == "self_attention.linear_proj.weight":
         return full[h][:, _proj_columns(old, keep.heads[old_layer])]
-    if suffix == "mlp.linear_fc1.weight":
-        rows = keep.ffn[old_layer]
-        if not old.gated:
-            return full[rows][:, h]
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate[rows], up[rows]], dim=0)[:, h]
-    if suffix == "mlp.linear_fc2.weight":
-        return full[h][:, keep.ffn[old_layer]]
+    if suffix in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+        return _cut_mlp(suffix, full, keep.ffn[old_layer], h, old.gated)
+    if suffix == "mlp.router.weight":
+        return full[keep.experts[old_layer]][:, h]
+    expert = expert_of(name)
+    if expert is not None:
+        position = keep.experts[old_layer].tolist().index(expert)
+        return _cut_mlp(suffix, full, keep.moe_ffn[old_layer][position], h, old.gated)
+    if suffix in ("mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight"):
+        return _cut_mlp(suffix, full, keep.shared_ffn[old_layer], h, old.gated)
+    if suffix == "mlp.shared_experts.gate_weight":
+        return full[:, h]
     raise KeyError(name)
 
 
@@ -77,8 +97,10 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
     """Squared-L2 weight mass per unit that this tensor contributes (for --order magnitude).
 
     Keys: "hidden" [H] for any tensor touching the residual stream; per-layer "ffn" [F],
-    "heads" [heads], "query_groups" [groups]. A zero-centred norm weight counts as the
-    gamma it applies (weight + 1); the QK-norms belong to no unit."""
+    "heads" [heads], "query_groups" [groups]; a mixture of experts' per-layer "experts"
+    [E] (an expert: its router row and its MLP), "shared_ffn" [F_shared], and for one
+    expert's tensor "expert" (a number) and "moe_ffn" [F_moe]. A zero-centred norm weight
+    counts as the gamma it applies (weight + 1); the QK-norms belong to no unit."""
     if name.endswith(_HEAD_DIM_NORMS):
         return {}
     if desc.zero_centered_gamma and name.endswith("layernorm.weight"):
@@ -99,11 +121,22 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
     if name.endswith("linear_proj.weight"):
         heads = w.sum(0).reshape(G * hpg, d).sum(-1)
         return {"hidden": w.sum(1), "heads": heads, "query_groups": heads.reshape(G, hpg).sum(-1)}
+    if name.endswith("mlp.router.weight"):
+        return {"hidden": w.sum(0), "experts": w.sum(1)}
+    if name.endswith("gate_weight"):
+        return {"hidden": w.sum(0)}
+    axis = "moe_ffn" if expert_of(name) is not None else "shared_ffn" if ".shared_experts." in name else "ffn"
     if name.endswith("linear_fc1.weight"):
         if not desc.gated:
-            return {"hidden": w.sum(0), "ffn": w.sum(1)}
-        gate, up = w.chunk(2, dim=0)
-        return {"hidden": w.sum(0), "ffn": gate.sum(1) + up.sum(1)}
-    if name.endswith("linear_fc2.weight"):
-        return {"hidden": w.sum(1), "ffn": w.sum(0)}
-    return {}
+            neurons = w.sum(1)
+        else:
+            gate, up = w.chunk(2, dim=0)
+            neurons = gate.sum(1) + up.sum(1)
+        out = {"hidden": w.sum(0), axis: neurons}
+    elif name.endswith("linear_fc2.weight"):
+        out = {"hidden": w.sum(1), axis: w.sum(0)}
+    else:
+        return {}
+    if axis == "moe_ffn":
+        out["expert"] = w.sum()
+    return out

@@ -83,47 +83,41 @@ def _heldout_at(directory: Path, step: int) -> float | None:
     return next((loss for s, loss in held if s == step), None)
 
 
-def _configs(config, options: dict[str, Any], names: Names | None):
+def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
     from nemo_minitron.config import build, cli_names, split_overrides
+    from nemo_minitron.data.config import DataOptions
 
-    stage, par, run = split_overrides(options, SearchConfig, ParallelConfig, RunConfig)
+    stage, par, run, dat = split_overrides(options, SearchConfig, ParallelConfig, RunConfig, DataOptions)
     names = names or cli_names(SearchConfig)
+    data_names = data_names or cli_names(DataOptions)
     return build(SearchConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), names
-
-
-def _layer_metric(cfg: SearchConfig, original, cand: SearchCandidate, scores) -> str:
-    """The layer choice of one candidate: ``auto`` is the best contiguous block when the
-    importance run recorded that size, else the least loss increase per layer."""
-    drop = original.num_layers - cand.description.num_layers
-    if cfg.layer_metric != "auto":
-        return cfg.layer_metric
-    blocks = scores.summary.get("layers", {}).get("contiguous_blocks", {})
-    return "contiguous" if drop and str(drop) in blocks else "loss"
+        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
 
 
 def search(checkpoint: str, importance: str, data: Sequence[str], out: str, config: SearchConfig | None = None, *,
            teacher: str | None = None, teacher_logits: str | None = None, eval_data: Sequence[str] | None = None,
-           force: bool = False, progress: bool = True, names: Names | None = None, force_hint: str = "--force",
-           **options: Any) -> dict[str, Any]:
+           force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+           force_hint: str = "--force", **options: Any) -> dict[str, Any]:
     """Search the pruned architecture of ``checkpoint`` for the config's parameter budget
     (collective); returns the content of ``OUT/search.json``.
 
     ``teacher``: who teaches the candidates (default: ``checkpoint`` itself);
     ``teacher_logits``: a cache to distil from instead (or ``cache_top_k`` in the config
     to write one first); ``options``: SearchConfig fields, or ``tp``, ``pp``, ``seed``,
-    ``dtype``."""
+    ``dtype``, ``split``, ``cache_dir``."""
     import yaml
 
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
     from nemo_minitron.distill.api import DEFAULT_EVAL_DATA, _check_cache_settings, parse_pairs, tokenizer_fingerprint
+    from nemo_minitron.data.config import DataOptions
+    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
     from nemo_minitron.prune.targets import parse_param_count
     from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
 
-    cfg, parallel, run, names = _configs(config, options, names)
+    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
     tp, pp = parallel.tp, parallel.pp
     teacher = str(teacher or checkpoint)
 
@@ -134,12 +128,10 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     scores.check_matches(original)
     budget = parse_param_count(cfg.target_params, flag=names("target_params"))
     candidates = search_candidates(original, budget, cfg, tp=tp, pp=pp, names=names)
-    for cand in candidates:
-        metric = _layer_metric(cfg, original, cand, scores)
-        if metric not in ("contiguous", "loss", "block"):
-            parse_layer_metric(metric, original.num_layers, flag=names("layer_metric"))
+    parse_layer_metric(cfg.layer_metric, original.num_layers, flag=names("layer_metric"))
+    for cand in candidates:  # prune's meaning of layer_metric (auto: greedy for depth-only cuts, else contiguous)
         if cand.description.num_layers != original.num_layers:
-            layers_to_keep(original, cand.description, metric, scores.summary, scores.tensors,
+            layers_to_keep(original, cand.description, cfg.layer_metric, scores.summary, scores.tensors,
                            flag=names("layer_metric"))
         parse_pairs(cfg.kd_pairs, cand.description, teacher_desc, flag=names("kd_pairs"))
         cand.description.check_layout(tp, pp)
@@ -150,33 +142,36 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         require(cfg.cache_top_k <= teacher_desc.vocab_size, f"{names('cache_top_k')} {cfg.cache_top_k} is larger "
                                                             f"than the vocabulary ({teacher_desc.vocab_size})")
     tokenizer = load_tokenizer(checkpoint)
-    if teacher_logits is not None:
-        from nemo_minitron.distill.data import training_samples
+    data_kwargs = dict(vocab_size=original.vocab_size, cache_dir=data_opts.cache_dir,
+                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+    require(corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+    heldout = eval_corpus(corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+    eval_label = f"the validation part of {corpus.blend.label}" if heldout is corpus else heldout.blend.label
+    if teacher_logits is not None:  # its samples are checked by each candidate's distill
         from nemo_minitron.distill.teacher_logits import TeacherLogits
 
         _check_cache_settings(cfg, names, None)
-        cache = TeacherLogits.open(teacher_logits)
-        cache.check_matches(tokenizer=tokenizer_fingerprint(checkpoint), seq_len=cfg.seq_len, seed=run.seed,
-                            vocab_size=original.vocab_size, names=names, temperature=cfg.kd_temperature,
-                            samples=training_samples(data, tokenizer, cfg.seq_len, seed=run.seed,
-                                                     vocab_size=original.vocab_size))
+        TeacherLogits.open(teacher_logits).check_settings(
+            tokenizer=tokenizer_fingerprint(checkpoint), seq_len=cfg.seq_len, seed=run.seed,
+            vocab_size=original.vocab_size, temperature=cfg.kd_temperature, data=corpus.blend.label,
+            split=data_opts.split, names=names, data_names=data_names)
     dp = check_world_size(tp, pp)
     require(cfg.global_batch % (dp * cfg.micro_batch) == 0,
             f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = Path(out)
     require(out_path.parent.exists(), f"--out '{out}': parent directory does not exist")
-    eval_data = list(eval_data or [DEFAULT_EVAL_DATA])
     resolved = {"checkpoint": str(checkpoint), "importance": str(importance), "teacher": teacher,
-                "teacher_logits": teacher_logits, "data": list(data), "eval_data": eval_data, "seed": run.seed,
-                "dtype": run.dtype, "tp": tp, "pp": pp, **to_dict(cfg)}
+                "teacher_logits": teacher_logits, "data": corpus.blend.label, "eval_data": eval_label,
+                "seed": run.seed, "dtype": run.dtype, "tp": tp, "pp": pp, **to_dict(data_opts), **to_dict(cfg)}
     if out_path.exists():
         saved_file = out_path / CONFIG_FILE
         require(saved_file.is_file() or not any(out_path.iterdir()),
                 f"--out '{out}' exists and is not a search directory; choose a new path")
         saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None
         check_resume(saved, resolved, what=f"the search in '{out}'", force=force, force_hint=force_hint,
-                     ignore=[*resume_safe_fields(SearchConfig), "tp", "pp"])
+                     ignore=[*resume_safe_fields(SearchConfig, DataOptions), "tp", "pp"])
 
     # ---- work
     init_distributed(tp, pp, run.seed)
@@ -196,12 +191,12 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
                            for c in candidates))
     barrier()
     if cfg.cache_top_k is not None:
-        teacher_logits = _write_cache(teacher, data, out_path / CACHE_DIR, cfg, run, tp, pp, progress)
+        teacher_logits = _write_cache(teacher, data, out_path / CACHE_DIR, cfg, run, data_opts, data_names, tp, pp,
+                                      progress)
 
     dirs = {c.name: out_path / "candidates" / c.directory_name for c in candidates}
     for cand in candidates:
-        _prune(checkpoint, importance, dirs[cand.name] / "pruned", cand, _layer_metric(cfg, original, cand, scores),
-               tp, pp, run)
+        _prune(checkpoint, importance, dirs[cand.name] / "pruned", cand, cfg.layer_metric, tp, pp, run)
 
     rungs = halving_rungs(cfg.steps, len(candidates)) if cfg.halving else [cfg.steps]
     alive = [c.name for c in candidates]
@@ -210,7 +205,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     for i, step in enumerate(rungs):
         for name in alive:
             rung_losses[name][step] = _train(teacher, teacher_logits, dirs[name], data, eval_data, cfg, step,
-                                             run, tp, pp, progress, names, force_hint, force)
+                                             run, data_opts, data_names, tp, pp, progress, names, force_hint,
+                                             force)
         if i < len(rungs) - 1:
             keep = survivors({n: rung_losses[n][step] for n in alive}, alive)
             for name in alive:
@@ -224,7 +220,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     result = _result(original, candidates, dirs, rungs, stopped, rung_losses, cfg, resolved, budget, teacher_logits)
     if is_rank0():
         log.info("search ranking (held-out loss after %d steps, on %d samples of %s):\n%s", cfg.steps,
-                 cfg.eval_samples, ", ".join(eval_data), format_ranking(result))
+                 cfg.eval_samples, eval_label, format_ranking(result))
         plot_curves(result, out_path / PLOT)
         tmp = out_path / f".{RESULT}.tmp"
         tmp.write_text(json.dumps(result, indent=2))
@@ -234,19 +230,17 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     return result
 
 
-def _write_cache(teacher: str, data, path: Path, cfg: SearchConfig, run: RunConfig, tp: int, pp: int,
-                 progress: bool) -> str:
-    """One teacher pass over the samples the candidates train on (every sample once)."""
-    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
-    from nemo_minitron.distill.data import training_samples
+def _write_cache(teacher: str, data, path: Path, cfg: SearchConfig, run: RunConfig, data_opts, data_names: Names,
+                 tp: int, pp: int, progress: bool) -> str:
+    """One teacher pass over the samples the candidates train on: the training data set of
+    ``steps x global_batch`` samples that each candidate's distillation reads."""
     from nemo_minitron.distill.teacher_logits import INDEX, write_teacher_logits
 
     if not (path / INDEX).is_file():
-        available = len(training_samples(data, load_tokenizer(teacher), cfg.seq_len, seed=run.seed,
-                                         vocab_size=read_info(teacher).description.vocab_size))
         write_teacher_logits(teacher, data, str(path), top_k=cfg.cache_top_k, seq_len=cfg.seq_len,
-                             samples=min(available, cfg.steps * cfg.global_batch), micro_batch=cfg.micro_batch,
+                             samples=cfg.steps * cfg.global_batch, micro_batch=cfg.micro_batch,
                              kd_temperature=cfg.kd_temperature, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
+                             split=data_opts.split, cache_dir=data_opts.cache_dir, data_names=data_names,
                              progress=progress)
     return str(path)
 
@@ -268,7 +262,8 @@ def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, 
 
 
 def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval_data, cfg: SearchConfig, step: int,
-           run: RunConfig, tp: int, pp: int, progress: bool, names: Names, force_hint: str, force: bool) -> float:
+           run: RunConfig, data_opts, data_names: Names, tp: int, pp: int, progress: bool, names: Names,
+           force_hint: str, force: bool) -> float:
     """Distil one candidate up to ``step`` of the schedule (resuming what is there) and return
     its held-out loss at that step."""
     from nemo_minitron.distill.api import distill
@@ -287,7 +282,8 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
     result = distill(None if teacher_logits else teacher, str(directory / "pruned"), list(data), str(out),
                      cfg.distill_config(), teacher_logits=teacher_logits, eval_data=eval_data, force=force,
                      progress=progress, names=names, force_hint=force_hint,
-                     stop_at=step if step < cfg.steps else None, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype)
+                     stop_at=step if step < cfg.steps else None, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
+                     split=data_opts.split, cache_dir=data_opts.cache_dir, data_names=data_names)
     now = result["student_now"] if step < cfg.steps else {"heldout_loss": result["student_after"]["heldout_loss"]}
     return now["heldout_loss"]
 

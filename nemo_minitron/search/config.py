@@ -38,9 +38,9 @@ class SearchConfig(DistillConfig, PlanConfig):
                                   "half continues (halving again until two remain for the last stretch)")
     keep_all: bool = option(False, "keep every candidate's checkpoints (default: only the best candidate's)",
                             resume_safe=True)
-    layer_metric: str = option("auto", "layers each candidate drops: auto (the best contiguous block when the "
-                                       "importance run recorded one of that size, else loss), contiguous, loss, "
-                                       "block, or the 0-indexed layers, e.g. 3,7,9")
+    layer_metric: str = option("auto", "layers each candidate drops, as prune --layer-metric: auto (greedy when "
+                                       "the candidate cuts only layers, else contiguous), greedy, best, "
+                                       "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9")
     cache_top_k: Optional[int] = option(None, "write a teacher-logit cache of the teacher's top-K first and distil "
                                               "every candidate from it (one teacher pass for all)", ge=1,
                                          parse=_optional_int, default_text="live teacher")
@@ -64,10 +64,10 @@ class SearchConfig(DistillConfig, PlanConfig):
                 require(axis in AXES, f"{names('candidate')}: unknown axis '{axis}' (allowed: {', '.join(AXES)})")
                 require(isinstance(value, int) and value >= 1,
                         f"{names('candidate')}: {axis} must be a whole number >= 1 (got {value})")
-        if self.layer_metric not in LAYER_METRICS + ("auto",):
+        if self.layer_metric not in LAYER_METRICS:
             items = [i.strip() for i in str(self.layer_metric).split(",") if i.strip()]
             require(items and all(i.isdigit() for i in items),
-                    f"{names('layer_metric')} must be auto, contiguous, loss, block, or the layers to drop such as "
+                    f"{names('layer_metric')} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as "
                     f"3,7,9 (got '{self.layer_metric}')")
         if self.cache_top_k is not None:
             require(not self.kd_pairs, f"{names('cache_top_k')} with {names('kd_pairs')}: intermediate losses need "

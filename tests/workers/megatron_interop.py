@@ -103,8 +103,7 @@ def _integration(spec, tp: int, pp: int, form: str) -> dict:
     from megatron.core.utils import get_model_config
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
-    from nemo_minitron.data.samples import load_samples, parse_data_specs
-    from nemo_minitron.distill.train import step_indices
+    from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.integrations import KDLoss, forward_step, megatron_lm_forward_step, step_end, teacher_hook
     from nemo_minitron.model.forward import split_microbatches
     from nemo_minitron.model.params import gather, named_weights
@@ -122,10 +121,10 @@ def _integration(spec, tp: int, pp: int, form: str) -> dict:
     config.no_sync_func = ddp.no_sync
     num_mb = BATCH["global_batch"] // BATCH["micro_batch"]
     init_num_microbatches_calculator(0, None, BATCH["global_batch"], BATCH["micro_batch"], 1)
-    samples = load_samples(parse_data_specs(["builtin:train"]), load_tokenizer(spec["student"]), BATCH["seq_len"],
-                           num_samples=16, seed=0)
-    batches = split_microbatches(samples[step_indices(0, BATCH["global_batch"], len(samples), BATCH["seed"])],
-                                 BATCH["micro_batch"])
+    samples = check_corpus(["builtin:train"]).dataset(load_tokenizer(spec["student"]), seq_len=BATCH["seq_len"],
+                                                      seed=0, num_samples=16)
+    # the trainer's step 0 at DP=1: the first global batch, in order (distill/loader.py)
+    batches = split_microbatches(samples.take(BATCH["global_batch"]), BATCH["micro_batch"])
     state = SimpleNamespace(cfg=None, train_state=SimpleNamespace(step=0))  # what Bridge would inject
     step = partial(forward_step, state) if form == "bridge" else megatron_lm_forward_step
     ddp.zero_grad_buffer()

@@ -1,0 +1,146 @@
+"""One ``--data`` source: what it is, its documents, and a digest of its content.
+
+A source is one of
+- ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` / ``builtin:docs`` (see ``builtin.py``);
+- a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.text``, ``.jsonl`` inside, sorted);
+- a ``.jsonl`` file whose records have a ``text`` field;
+- a Megatron indexed data set, by prefix (``PREFIX.bin`` + ``PREFIX.idx``; already tokenised).
+
+Everything but an indexed data set is text: it is tokenised once into an indexed data set
+in the data cache (``cache.py``) and read like one from then on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+from nemo_minitron.data.builtin import SPLITS, builtin_documents
+from nemo_minitron.errors import UsageError, require
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+KINDS = ("builtin", "text", "jsonl", "folder", "indexed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    kind: str  # one of KINDS
+    path: str  # the split name for builtin, the prefix for indexed
+    label: str  # as the user wrote it, for messages
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind != "indexed"
+
+
+def _is_text_file(p: Path) -> bool:
+    return p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")
+
+
+def _spec_for_file(path: Path, label: str, flag: str) -> DataSpec:
+    if path.suffix == ".jsonl":
+        return DataSpec("jsonl", str(path), label)
+    if path.suffix in (".bin", ".idx"):
+        return parse_data_spec(str(path.with_suffix("")), flag)
+    return DataSpec("text", str(path), label)
+
+
+def parse_data_spec(spec: str, flag: str = "--data") -> DataSpec:
+    """Validate one source (existence, readability, kind) without reading it."""
+    from nemo_minitron.data.indexed import check_prefix
+
+    if spec.startswith("builtin:"):
+        split = spec.split(":", 1)[1]
+        require(split in SPLITS, f"{flag} '{spec}': unknown split (allowed: {', '.join('builtin:' + s for s in SPLITS)})")
+        return DataSpec("builtin", split, spec)
+    path = Path(spec)
+    if Path(spec + ".bin").exists() or Path(spec + ".idx").exists():
+        check_prefix(spec, flag)
+        return DataSpec("indexed", spec, spec)
+    require(path.exists(), f"{flag} '{spec}' does not exist (give a text file or folder, a .jsonl file, a Megatron "
+                           "prefix with .bin/.idx files, or builtin:" + "|".join(SPLITS) + ")")
+    if path.is_dir():
+        require(any(_is_text_file(p) for p in path.rglob("*")),
+                f"{flag} '{spec}': folder holds no .txt/.md/.rst/.jsonl files")
+        return DataSpec("folder", spec, spec)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"{flag} '{spec}' is not readable: {e.strerror}") from None
+    return _spec_for_file(path, spec, flag)
+
+
+def _files(spec: DataSpec) -> list[Path]:
+    if spec.kind == "folder":
+        return [p for p in sorted(Path(spec.path).rglob("*")) if _is_text_file(p)]
+    return [Path(spec.path)]
+
+
+def _jsonl_texts(path: Path, flag: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{flag} '{path}' line {n}: not JSON ({e.msg})") from None
+            require(isinstance(record, dict) and isinstance(record.get("text"), str),
+                    f"{flag} '{path}' line {n}: record has no string 'text' field")
+            yield record["text"]
+
+
+def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
+    """The source's documents in a fixed order (blank ones skipped). JSONL errors are UsageErrors."""
+    if spec.kind == "builtin":
+        yield from (d for d in builtin_documents(spec.path) if d.strip())
+        return
+    require(spec.is_text, f"{flag} '{spec.label}' is already tokenised")
+    for path in _files(spec):
+        if path.suffix == ".jsonl":
+            yield from (t for t in _jsonl_texts(path, flag) if t.strip())
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text
+
+
+def check_documents(spec: DataSpec, flag: str = "--data") -> None:
+    """Read every record of a JSONL source once, so that a malformed line is reported
+    before any work starts (only done when the source is not in the cache yet)."""
+    for path in _files(spec) if spec.kind in ("jsonl", "folder") else []:
+        if path.suffix == ".jsonl":
+            for _ in _jsonl_texts(path, flag):
+                pass
+
+
+def content_digest(spec: DataSpec) -> str:
+    """sha256 of what the source holds (file names relative to a folder, and bytes)."""
+    digest = hashlib.sha256(spec.kind.encode())
+    if spec.kind == "builtin":
+        digest.update(json.dumps(builtin_documents(spec.path)).encode())
+        return digest.hexdigest()
+    root = Path(spec.path)
+    for path in _files(spec):
+        name = path.relative_to(root).as_posix() if spec.kind == "folder" else ""
+        digest.update(f"\0{name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stat_fingerprint(spec: DataSpec) -> str | None:
+    """Path, size and modification time of every file (None for builtin): a cheap key under
+    which a content digest is remembered, so an unchanged corpus is not hashed at every start."""
+    if spec.kind == "builtin":
+        return None
+    parts = []
+    for path in _files(spec):
+        st = path.stat()
+        parts.append(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
