@@ -68,7 +68,7 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         assert f"stage {stage}: complete" in done.stderr
     assert "resumed from" in done.stderr
     assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
-    for stage in ("01-teacher-correction", "width-3-distill", "depth-3-distill"):
+    for stage in ("01-teacher-correction", "width-3-distill", "budget-3-distill"):
         assert list((out / stage / "tensorboard").glob("events.*")), stage
     assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
     assert list(after) == STAGES

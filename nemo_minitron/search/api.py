@@ -175,6 +175,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
 
     # ---- work
     init_distributed(tp, pp, run.seed)
+    barrier()  # every rank has checked OUT before rank 0 writes into it (a slower rank saw a half-made OUT)
     if (out_path / RESULT).is_file():  # finished: only the clean-up may be left
         result = json.loads((out_path / RESULT).read_text())
         _finish(out_path, result, cfg.keep_all)
