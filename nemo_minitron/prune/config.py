@@ -77,7 +77,7 @@ class PruneConfig(PlanConfig):
         if self.drop_layers:
             require(all(isinstance(n, int) and not isinstance(n, bool) for n in self.drop_layers),
                     f"{names('drop_layers')} must be whole layer numbers (1-indexed)")
-            require(self.layer_metric == "contiguous", f"{names('drop_layers')} and {names('layer_metric')} both "
+            require(self.layer_metric == _default(type(self), "layer_metric"), f"{names('drop_layers')} and {names('layer_metric')} both "
                                                        "choose the layers to drop; give one")
         if self.target_params is not None:
             self.target_params = str(self.target_params)
@@ -87,3 +87,8 @@ class PruneConfig(PlanConfig):
             require(items and all(i.isdigit() for i in items),
                     f"{names('layer_metric')} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as "
                     f"3,7,9 (got '{self.layer_metric}')")
+
+
+def _default(cls, name: str):
+    """A field's default (the dataclass is where it is defined)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
