@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   nemo-minitron plan ckpt --target-params 90M
   nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6
   nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40
+  nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search --steps 100
   nemo-minitron export distilled/final --hf-out hf --verify
   nemo-minitron eval distilled/final --data builtin:heldout --tasks minitron_lastword,minitron_nextsentence
   nemo-minitron generate ckpt --prompts prompts.jsonl --out completions.jsonl --max-new-tokens 64
@@ -90,11 +91,12 @@ def _data(p: argparse.ArgumentParser, *, required: bool = True, help: str | None
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
     from nemo_minitron.config import add_flags
-    from nemo_minitron.distill.config import DistillConfig
+    from nemo_minitron.distill.config import DistillConfig, TeacherLogitsConfig
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.generate.config import STOP_HELP, GenerateConfig
     from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.prune.config import PlanConfig, PruneConfig
+    from nemo_minitron.search.config import SearchConfig
     from nemo_minitron.tasks.config import TaskConfig
 
     parser = _Parser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
@@ -186,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
-    p.add_argument("--teacher", required=True, metavar="CKPT", help="teacher checkpoint, or none for plain "
-                   "cross-entropy fine-tuning (the baseline, and teacher correction)")
+    p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint, or none for plain cross-entropy "
+                   "fine-tuning (the baseline, and teacher correction)")
+    p.add_argument("--teacher-logits", metavar="DIR", help="or a teacher-logit cache (from teacher-logits): no "
+                   "teacher runs; trains on the samples it covers")
     p.add_argument("--student", required=True, metavar="CKPT", help=MODEL_HELP + " (Megatron: give the iter_N "
                    "directory to choose an iteration; also for --teacher)")
     _data(p)
@@ -203,6 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="KD.yaml", help="a ModelOpt / NeMo / Megatron-Bridge distillation YAML "
                    "(logit_layers, intermediate_layer_pairs, skip_lm_loss, kd_loss_scale, logit_kl_temperature) "
                    "setting the --kd-* and --ce-weight options")
+    _runtime(p)
+
+    p = _sub(sub, "teacher-logits", "store a teacher's top-k log-probabilities of the training samples, for "
+             "distillation without the teacher", "nemo_minitron.distill.command:teacher_logits_main",
+             "nemo-minitron teacher-logits --teacher ckpt --data builtin:train --top-k 64 --seq-len 128 --out logits")
+    p.add_argument("--teacher", required=True, metavar="CKPT")
+    _data(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
+    add_flags(p, TeacherLogitsConfig, title="cache")
+    _runtime(p, dtype_help="the teacher's compute dtype [default: as stored]")
+
+    p = _sub(sub, "search", "choose the pruned architecture by distilling candidates briefly",
+             "nemo_minitron.search.command:main",
+             "nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search "
+             "--steps 100")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
+    _data(p)
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
+                   help="held-out data the candidates are ranked on, read whole [default: the validation part of "
+                        "--data under --split, else builtin:heldout]")
+    p.add_argument("--out", required=True, metavar="DIR", help="search directory (a killed search there resumes)")
+    p.add_argument("--teacher", metavar="CKPT", help="who teaches the candidates [default: CKPT]")
+    p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
+                   "(one teacher pass for all) instead of CKPT itself")
+    plan_fields, distill_fields = _field_names(PlanConfig), _field_names(DistillConfig)
+    own = [f for f in _field_names(SearchConfig) if f not in plan_fields + distill_fields]
+    add_flags(p, SearchConfig, skip=plan_fields + distill_fields, title="search")
+    add_flags(p, SearchConfig, skip=own + distill_fields, title="planner (which shapes meet the budget)")
+    add_flags(p, SearchConfig, skip=own + plan_fields, title="each candidate's distillation (the same for all)")
+    p.add_argument("--force", action="store_true", help="resume even though settings changed")
     _runtime(p)
 
     p = _sub(sub, "preprocess", "text, JSONL or folders -> Megatron indexed data set (PREFIX.bin/.idx)",
@@ -222,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="continue a run whose finished or in-progress stages were "
                                                         "made with other settings (same as resume=force)")
     return parser
+
+
+def _field_names(cls) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 DATA_HELP = ("sources: Megatron indexed data set prefixes (PREFIX.bin/.idx), text files or folders, JSONL with a "

@@ -38,14 +38,15 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, parse: Callable[[str], Any] | None = None,
            flag: str | None = None, cli: bool = True, resume_safe: bool = False, default_text: str | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, repeat: bool = False) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt``: bounds checked by :func:`validate`; ``parse``: how
     the command line's string becomes the value (lists, mappings); ``flag``: the flag's name
     when it is not ``--field-name``; ``cli=False``: recipe/API only; ``resume_safe``: may
     change when a run resumes (logging and checkpoint cadence); ``default_text``: what a
-    ``None`` default means, for --help."""
+    ``None`` default means, for --help; ``repeat``: a list field whose flag is given once per
+    item (``parse`` reads one item)."""
     meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, parse=parse, flag=flag, cli=cli, resume_safe=resume_safe,
-                default_text=default_text, metavar=metavar)
+                default_text=default_text, metavar=metavar, repeat=repeat)
     if isinstance(default, (list, dict)):
         frozen = json.loads(json.dumps(default))
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(frozen)), metadata=meta)
@@ -203,6 +204,9 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls, *, skip: Sequence[str]
             kwargs["metavar"] = f.metadata["metavar"]
         if f.metadata.get("parse") is not None:
             kwargs["type"] = _argparse_type(f.metadata["parse"])
+            if f.metadata.get("repeat"):
+                kwargs["action"] = "append"  # argparse copies the default list before appending
+                kwargs["help"] += " (repeat the flag for more)"
         elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

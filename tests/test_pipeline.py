@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, TESTS
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
-STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "depth-importance",
-          "depth-prune", "depth-distill", "export", "report"]
+STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "budget-importance",
+          "budget-search", "budget-distill", "export", "report"]
 
 
 def _env():
@@ -69,7 +69,7 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         assert f"stage {stage}: complete" in done.stderr
     assert "resumed from" in done.stderr
     assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
-    for stage in ("01-teacher-correction", "width-3-distill", "depth-3-distill"):
+    for stage in ("01-teacher-correction", "width-3-distill", "budget-3-distill"):
         assert list((out / stage / "tensorboard").glob("events.*")), stage
     assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
     assert list(after) == STAGES
@@ -84,8 +84,8 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
 
     report = json.loads((out / "report" / "report.json").read_text())
     names = [m["model"] for m in report["models"]]
-    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "depth: pruned",
-                     "depth: distilled"]
+    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "budget: pruned",
+                     "budget: distilled"]
     params = [m["parameters"] for m in report["models"]]
     assert params[0] == params[1] > params[2] == params[3] > params[4] == params[5]
     # the corrected teacher teaches (recorded in the student's summary)
@@ -94,6 +94,16 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     assert report["generation"].startswith("The Python standard library")
     md = (out / "report" / "report.md").read_text()
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
+    # the second round chose its shape by search: the winner has the lowest final held-out loss
+    # of its candidates, is the round's pruned model, and the report shows the search
+    search = report["search"]["budget"]
+    finals = {c["name"]: c["final_loss"] for c in search["candidates"]}
+    assert len(finals) == 2 and search["best"] == min(finals, key=finals.get)
+    best = next(c for c in search["candidates"] if c["name"] == search["best"])
+    assert best["params"] == params[4] and best["directory"] == "best"
+    assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
+        "budget-2-search/best/pruned")
+    assert "## Architecture search: budget" in md and (out / "report" / "budget-search.png").is_file()
     for m in report["models"]:  # task accuracy with its standard error, for every model
         assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
         for result in m["tasks"].values():

@@ -7,6 +7,11 @@
     OUT/checkpoints/    resumable training state (see checkpointing.py)
     OUT/config.yaml     the resolved settings (also logged at the start)
 
+The teacher is a checkpoint (run alongside the student) or a teacher-logit cache
+(``teacher_logits``, written by ``teacher-logits``): then no teacher runs, the loss is
+forward KL over the cached top-K plus the remainder bucket, and the run trains on the
+samples the cache covers.
+
 A run whose OUT holds a training checkpoint continues from it (also without
 ``resume=True``); ``resume=True`` on a directory without one is an error. A resumed run
 whose settings differ from the saved ones (other than logging and checkpoint cadence)
@@ -72,7 +77,7 @@ def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: 
     return pairs
 
 
-def _tokenizer_fingerprint(checkpoint: str) -> str:
+def tokenizer_fingerprint(checkpoint: str) -> str:
     from nemo_minitron.checkpoint.store import require_tokenizer
 
     digest = hashlib.sha256()
@@ -86,25 +91,30 @@ def check_compatible(teacher: ModelDescription, student: ModelDescription, teach
     """The student must be a model the teacher can teach: a (pruned) descendant of it."""
     require(teacher.vocab_size == student.vocab_size,
             f"--teacher and --student have different vocabularies ({teacher.vocab_size} vs {student.vocab_size})")
-    require(_tokenizer_fingerprint(teacher_ckpt) == _tokenizer_fingerprint(student_ckpt),
+    require(tokenizer_fingerprint(teacher_ckpt) == tokenizer_fingerprint(student_ckpt),
             "--teacher and --student have different tokenizers")
+    check_descendant(teacher, student)
+
+
+def check_descendant(teacher: ModelDescription, student: ModelDescription, flag: str = "--teacher") -> None:
+    """Same family, no axis larger than the teacher's, the same rotary encoding."""
     # the same kind of network (Llama and Mistral are: their family tables fix the same features)
     require(family(teacher.architecture).feature_values() == family(student.architecture).feature_values(),
-            f"--student ({student.architecture}) is not of the teacher's family ({teacher.architecture})")
+            f"--student ({student.architecture}) is not of the {flag} model's family ({teacher.architecture})")
     require(teacher.is_moe == student.is_moe or teacher.is_moe,
-            f"--student ({student.architecture}) has experts, the teacher ({teacher.architecture}) a dense MLP")
+            f"--student ({student.architecture}) has experts, the {flag} model ({teacher.architecture}) a dense MLP")
     from nemo_minitron.prune.targets import sizes
 
     mine, theirs = sizes(student), sizes(teacher)
     axes = ("hidden", "heads", "query_groups", "layers") + (
         ("experts", "moe_ffn", "shared_ffn") if student.is_moe else () if teacher.is_moe else ("ffn",))
     for axis in axes:
-        require(mine[axis] <= theirs[axis], f"--student is not a descendant of --teacher: its "
+        require(mine[axis] <= theirs[axis], f"--student is not a descendant of {flag}: its "
                                             f"{axis.replace('_', ' ')} ({mine[axis]}) exceeds the teacher's "
                                             f"({theirs[axis]})")
     require(teacher.rope_theta == student.rope_theta and teacher.rope_scaling == student.rope_scaling
             and teacher.rotary_percent == student.rotary_percent,
-            "--student uses another rotary position encoding than --teacher")
+            f"--student uses another rotary position encoding than {flag}")
 
 
 def _projection_init(student_ckpt: str, student: ModelDescription, teacher: ModelDescription) -> torch.Tensor | None:
@@ -158,10 +168,20 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
     return yaml.safe_load((out / CONFIG_FILE).read_text())
 
 
+def _check_cache_settings(cfg: DistillConfig, names: Names, teacher: str | None) -> None:
+    require(teacher is None, "give --teacher or --teacher-logits, not both")
+    require(not cfg.kd_pairs, f"--teacher-logits with {names('kd_pairs')}: intermediate losses need the live "
+                              f"teacher (give --teacher, or drop {names('kd_pairs')})")
+    require(cfg.kd_loss == "forward", f"--teacher-logits needs {names('kd_loss')} forward (the cache holds the "
+                                      "teacher's top-K, reverse KL needs all of it)")
+    require(cfg.kd_top_k is None, f"--teacher-logits with {names('kd_top_k')}: the cache's K was chosen when it "
+                                  "was written (teacher-logits --top-k)")
+
+
 def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cfg: TrainingConfig,
          parallel: ParallelConfig, run: RunConfig, data_opts: DataOptions, eval_data: Sequence[str] | None,
          resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
-         force_hint: str) -> dict[str, Any]:
+         force_hint: str, teacher_logits: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -178,8 +198,14 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     tp, pp = parallel.tp, parallel.pp
     s_info = read_info(student)
     s_desc = s_info.description
-    t_desc = None
-    if teacher is not None:
+    t_desc = cache = None
+    if teacher_logits is not None:
+        from nemo_minitron.distill.teacher_logits import TeacherLogits
+
+        _check_cache_settings(cfg, names, teacher)
+        cache = TeacherLogits.open(teacher_logits)
+        check_descendant(ModelDescription.from_dict(cache.index["teacher_model"]), s_desc, "--teacher-logits")
+    elif teacher is not None:
         t_desc = read_info(teacher).description
         check_compatible(t_desc, s_desc, teacher, student)
     pairs = parse_pairs(cfg.kd_pairs, s_desc, t_desc, flag=names("kd_pairs")) if teacher is not None else []
@@ -201,7 +227,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
             f"{names('global_batch')} {cfg.global_batch} must be a multiple of {names('micro_batch')} "
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = _check_output(out, resume)
-    kind = "distillation" if teacher is not None else "fine-tuning"
+    kind = "distillation" if teacher is not None or cache is not None else "fine-tuning"
     tokenizer = load_tokenizer(student)
     data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
                        cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
@@ -212,6 +238,12 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
                   else heldout.blend.label)
     resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
                 "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
+    if cache is not None:  # which cache, by content: another one is another teacher
+        resolved.update(teacher_logits=str(teacher_logits), teacher_logits_id=cache.identity)
+        cache.check_settings(tokenizer=tokenizer_fingerprint(student), seq_len=cfg.seq_len, seed=run.seed,
+                             vocab_size=s_desc.vocab_size, temperature=cfg.kd_temperature,
+                             data=train_corpus.blend.label, split=data_opts.split, names=names,
+                             data_names=data_names)
     saved = _saved_config(out_path)
     forced = check_resume(saved, resolved, what=f"the {kind} run in '{out}'", force=force,
                           force_hint=force_hint, ignore=resume_safe_fields(type(cfg), DataOptions))
@@ -222,15 +254,21 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     if is_rank0():
         log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
-    train_samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train",
-                                         num_samples=cfg.steps * cfg.global_batch, progress=progress)
+    # the cache was computed for the data set it names (built with its sample count): the
+    # very samples the live teacher reads when steps x global batch equals that count
+    train_samples = train_corpus.dataset(
+        tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train", progress=progress,
+        num_samples=cache.dataset_samples if cache is not None else cfg.steps * cfg.global_batch)
+    if cache is not None:
+        cache.check_samples(train_samples)
+        train_samples = train_samples.first(cache.num_samples)  # the samples the cache covers
     eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
                                    progress=progress).first(cfg.eval_samples)
     student_model, teacher_model = load_training_models(student, teacher, compute_dtype, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
-                      override_schedule=bool(forced))
+                      override_schedule=bool(forced), teacher_logits=cache)
     resumed = trainer.prepare(config=resolved)
     if is_rank0():
         if forced:
@@ -244,23 +282,33 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
         tmp.write_text(yaml_text(resolved))
         tmp.replace(out_path / CONFIG_FILE)
     before = None if resumed else trainer.evaluate(student_model)
-    log.info("%s of %s (%s)%s: %d steps x %d sequences x %d tokens", kind, student, s_desc.summary(),
-             f" from {teacher}" if teacher else "", cfg.steps, cfg.global_batch, cfg.seq_len)
+    source = f" from {teacher}" if teacher else f" from the cached teacher logits {teacher_logits}" if cache else ""
+    log.info("%s of %s (%s)%s: %d steps x %d sequences x %d tokens", kind, student, s_desc.summary(), source,
+             cfg.steps, cfg.global_batch, cfg.seq_len)
     if before is not None:
         trainer.log_record({"kind": "eval", "step": 0, **before})
-    result = trainer.train()
+    result = trainer.train(stop_at)
     if result["stopped"]:  # a stop signal: the checkpoint is saved, the run continues when started again
         trainer.close()
         log.info("%s stopped by %s at step %d of %d; start it again to continue", kind, result["stopped"],
                  trainer.step, cfg.steps)
         return {"kind": kind, "stopped": result["stopped"], "step": trainer.step, "steps": cfg.steps}
+    if trainer.step < cfg.steps:  # stopped early (stop_at): resumable, nothing final written
+        last = trainer.last_eval
+        if last is None or last["step"] != trainer.step:
+            last = {"kind": "eval", "step": trainer.step, **trainer.evaluate(student_model)}
+            trainer.log_record(last)
+        trainer.close()
+        return {"stopped_at": trainer.step, "student_before": before, "student_now": last,
+                "final_train": result["final_train"]}
     after = trainer.evaluate(student_model)
     trainer.log_record({"kind": "eval", "step": cfg.steps, **after})
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},
                   kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": train_corpus.blend.label,
-                                           "steps": cfg.steps}}
+                                           "steps": cfg.steps,
+                                           **({"teacher_logits": str(teacher_logits)} if cache else {})}}
     info = CheckpointInfo(s_desc, s_info.dtype, provenance)
     if compute_dtype != torch.float32 and s_info.dtype == "float32":
         student_model.float()
@@ -270,6 +318,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
         if (out_path / RESUMES_FILE).is_file() else []
     summary = {
         "kind": kind, "teacher": teacher, "student": student, "steps": cfg.steps,
+        "teacher_logits": str(teacher_logits) if cache is not None else None,
         "tokens": cfg.steps * cfg.global_batch * cfg.seq_len,
         "final_loss": final.get("loss"), "final_kd_loss": final.get("kd_loss"), "final_ce_loss": final.get("ce_loss"),
         "final_pair_losses": final.get("pair_losses"), "final_moe_aux_loss": final.get("moe_aux_loss"),
@@ -311,19 +360,25 @@ def _configs(cls, config, options: dict[str, Any], names: Names | None, data_nam
                 names=names, data_names=data_names)
 
 
-def distill(teacher: str, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
-            eval_data: Sequence[str] | None = None, resume: bool = False, force: bool = False, progress: bool = True,
-            names: Names | None = None, data_names: Names | None = None, force_hint: str = "--force",
-            **options: Any) -> dict[str, Any]:
+def distill(teacher: str | None, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
+            teacher_logits: str | None = None, eval_data: Sequence[str] | None = None, resume: bool = False,
+            force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
+            force_hint: str = "--force", stop_at: int | None = None, **options: Any) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` on ``data``; either may be a project checkpoint or a
     Megatron-LM / Megatron-Bridge (an ``iter_N`` directory chooses the iteration) / NeMo 2 one.
+    With ``teacher=None`` and ``teacher_logits`` a cache directory, from the cached teacher.
 
     ``config``: a DistillConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it. A run whose ``out`` holds a training
     checkpoint continues from it, unless its settings changed: then ``force=True`` is
-    needed, and the new settings (learning-rate schedule included) apply from there."""
+    needed, and the new settings (learning-rate schedule included) apply from there.
+    ``stop_at``: train only up to that step on the full schedule, save a training
+    checkpoint there and evaluate (returns ``{"stopped_at", "student_now", ...}``); a later
+    call continues (successive halving in ``search``)."""
+    require(teacher is not None or teacher_logits is not None, "give --teacher or --teacher-logits")
     return _run(teacher, student, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
-                force_hint=force_hint, **_configs(DistillConfig, config, options, names, data_names))
+                force_hint=force_hint, teacher_logits=teacher_logits, stop_at=stop_at,
+                **_configs(DistillConfig, config, options, names, data_names))
 
 
 def finetune(model: str, data: Sequence[str], out: str, config: TrainingConfig | None = None, *,

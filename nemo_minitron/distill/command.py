@@ -1,6 +1,9 @@
-"""``nemo-minitron distill``: argument handling; the work is in ``distill.api``."""
+"""``nemo-minitron distill`` and ``teacher-logits``: argument handling; the work is in
+``distill.api`` and ``distill.teacher_logits``."""
 
 from __future__ import annotations
+
+from nemo_minitron.errors import require
 
 
 def main(args) -> int:
@@ -11,12 +14,27 @@ def main(args) -> int:
 
     common = dict(eval_data=args.eval_data, resume=args.resume, force=args.force, **runtime_options(args),
                   **data_options(args))
+    require(args.teacher is not None or args.teacher_logits is not None,
+            "give --teacher CKPT (or none), or --teacher-logits DIR")
     if args.config:
         _apply_kd_yaml(args)
-    if args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline
+    if args.teacher is not None and args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline
+        require(args.teacher_logits is None, "--teacher none with --teacher-logits: give one of them")
         finetune(args.student, args.data, args.out, from_args(TrainingConfig, args), **common)
     else:
-        distill(args.teacher, args.student, args.data, args.out, from_args(DistillConfig, args), **common)
+        distill(args.teacher, args.student, args.data, args.out, from_args(DistillConfig, args),
+                teacher_logits=args.teacher_logits, **common)
+    return 0
+
+
+def teacher_logits_main(args) -> int:
+    from nemo_minitron.commands import data_options, runtime_options
+    from nemo_minitron.config import from_args
+    from nemo_minitron.distill.config import TeacherLogitsConfig
+    from nemo_minitron.distill.teacher_logits import write_teacher_logits
+
+    write_teacher_logits(args.teacher, args.data, args.out, from_args(TeacherLogitsConfig, args),
+                         **runtime_options(args), **data_options(args))
     return 0
 
 
@@ -30,7 +48,8 @@ def _apply_kd_yaml(args) -> None:
     from nemo_minitron.distill.modelopt_yaml import KDSettings, read_kd_yaml
     from nemo_minitron.errors import require
 
-    require(args.teacher.lower() != "none", "--config needs a --teacher")
+    require(args.teacher_logits is not None or args.teacher.lower() != "none",
+            "--config needs a --teacher or --teacher-logits")
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(DistillConfig)}
     settings = read_kd_yaml(args.config)

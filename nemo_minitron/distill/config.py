@@ -106,3 +106,19 @@ class DistillConfig(TrainingConfig):
         require(not self.kd_balance or (self.kd_weight > 0 and self.ce_weight > 0),
                 f"{names('kd_balance')} rescales the KD term to the cross-entropy term: give both "
                 f"{names('kd_weight')} and {names('ce_weight')} > 0")
+
+
+@dataclasses.dataclass
+class TeacherLogitsConfig:
+    """``teacher-logits``: which samples, how many log-probabilities per token, in what precision."""
+
+    top_k: int = option(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)",
+                        ge=1)
+    samples: Optional[int] = option(None, "training samples to cover: the N a distillation of --steps x "
+                                          "--global-batch = N reads (distillation from the cache trains on these)", ge=1, default_text="all the data holds",
+                                    parse=_optional_int)
+    seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per sequence (distill must use the same)", ge=1)
+    micro_batch: int = option(1, "sequences per teacher forward pass", ge=1)
+    kd_temperature: float = option(1.0, "softmax temperature of the stored log-probabilities (distill must use "
+                                        "the same)", gt=0)
+    value_dtype: Literal["bfloat16", "float32"] = option("bfloat16", "dtype of the stored log-probabilities")

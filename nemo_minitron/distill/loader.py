@@ -41,6 +41,26 @@ def collate(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"tokens": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
 
+class _WithIndex(torch.utils.data.Dataset):
+    """Each sample with its index in the data set (what a teacher-logit cache is read by)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return index, self.dataset[index]
+
+
+def collate_with_index(items: list[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """As ``collate``, plus ``index``: the samples' indices in the training data set."""
+    batch = collate([window for _, window in items])
+    batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+    return batch
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """A worker leaves SIGTERM/SIGUSR1 to the training process, which saves and then ends
     its workers (Slurm signals every process of a job step; by default a worker would die
@@ -54,11 +74,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def training_batches(dataset, *, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                     workers: int = 2) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless iterator of this rank's micro-batches, to hand to the pipeline schedule."""
+                     workers: int = 2, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of this rank's micro-batches, to hand to the pipeline schedule;
+    ``with_index``: each carries its samples' indices (``index``) too."""
     sampler = StepSampler(len(dataset), consumed, global_batch, micro_batch, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        _WithIndex(dataset) if with_index else dataset, batch_sampler=sampler,
+        collate_fn=collate_with_index if with_index else collate, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None)

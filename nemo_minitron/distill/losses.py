@@ -11,6 +11,17 @@ The T^2 factor keeps gradient magnitudes independent of T (Hinton et al.), which
 NVIDIA's reference omits. With ``top_k``, the teacher distribution keeps only its k
 largest logits (found across all TP shards) and is renormalised over them.
 
+A teacher can also come from a cache (``SparseTeacher``: per token its top-K
+log-probabilities q_i, i in S, and the log of the remaining mass q_R = 1 - sum_S q_i).
+Forward KL then treats the vocabulary outside S as one bucket on both sides,
+
+    KL = sum_{i in S} q_i (log q_i - log p_i) + q_R (log q_R - log p_R),   p_R = sum_{j not in S} p_j
+    dKL/dz_j = T (p_j - q_j)  (j in S),    T (p_j - q_R p_j / p_R)  (j not in S)
+
+(the bucket's teacher mass is spread over its tokens as the student spreads its own).
+With K = vocabulary it is exactly the full forward KL. The student's log-softmax is
+still over the whole vocabulary; each TP rank handles the cached ids in its shard.
+
 ``LogitDistillation`` processes the tokens in chunks and computes the gradient in the
 same pass, so no [tokens, vocab] float32 tensor of either model is ever held whole: the
 extra memory is a few [chunk, vocab / tp] float32 tensors plus the gradient in the
@@ -64,6 +75,27 @@ class LogitLossConfig:
         return dataclasses.replace(loss, **changes)
 
 
+@dataclasses.dataclass
+class SparseTeacher:
+    """A teacher distribution kept as its top-K, at the loss's temperature: ``ids`` [..., K]
+    (global vocabulary ids), ``log_probs`` [..., K] and ``log_rest`` [...] (log of the mass
+    outside the top-K; -inf when K is the whole vocabulary)."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    log_rest: torch.Tensor
+
+    def flat(self) -> "SparseTeacher":
+        k = self.ids.shape[-1]
+        return SparseTeacher(self.ids.reshape(-1, k), self.log_probs.reshape(-1, k), self.log_rest.reshape(-1))
+
+    def __getitem__(self, rows) -> "SparseTeacher":
+        return SparseTeacher(self.ids[rows], self.log_probs[rows], self.log_rest[rows])
+
+    def to(self, device) -> "SparseTeacher":
+        return SparseTeacher(self.ids.to(device, torch.long), self.log_probs.to(device), self.log_rest.to(device))
+
+
 def _tp_group_info():
     from megatron.core import parallel_state as ps
 
@@ -99,6 +131,7 @@ class _Shard:
         if self.size == 1:
             return local
         m = _all_reduce(local.clone(), dist.ReduceOp.MAX, self.group, self.size)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no column left: -inf below
         total = _all_reduce((local - m).exp(), dist.ReduceOp.SUM, self.group, self.size)
         return m + total.log()
 
@@ -135,7 +168,11 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
     zs = _scaled(z, T)
     lse_z = shard.lse(zs)
     lse_y = None
-    if y is not None and cfg.kd_weight != 0:
+    if isinstance(y, SparseTeacher) and cfg.kd_weight != 0:
+        ce_reuses = T == 1 and labels is not None and cfg.ce_weight != 0  # the KL overwrites its copy
+        kd, grad = _sparse_forward_kl(zs.clone() if ce_reuses else zs, lse_z, y, shard, T,
+                                      cfg.kd_weight if want_grad else None)
+    elif y is not None and cfg.kd_weight != 0:
         ys = _scaled(y[:, :shard.valid], T)
         if cfg.top_k is not None:
             ys.masked_fill_(~shard.top_k_mask(ys, cfg.top_k), float("-inf"))
@@ -172,6 +209,39 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
     return kd, ce, grad, (lse_z, lse_y)
 
 
+def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTeacher, shard: _Shard, T: float,
+                       weight: float | None):
+    """Forward KL against a top-K teacher with its remainder bucket (module docstring), for
+    one chunk: zs [c, valid] the student's logits / T (float32, overwritten), lse_z [c, 1].
+    Returns (T^2 KL per token [c], weight * dL/dz over the valid columns, or None)."""
+    # the stored values are rounded (bf16): renormalise top-K + bucket into a distribution
+    log_q, log_r = teacher.log_probs.float(), teacher.log_rest.float().unsqueeze(-1)
+    norm = torch.logsumexp(torch.cat([log_q, log_r], dim=-1), dim=-1, keepdim=True)
+    log_q, log_r = log_q - norm, log_r - norm
+    q = log_q.exp()
+    local = teacher.ids - shard.start
+    mine = (local >= 0) & (local < zs.shape[-1])          # the cached ids this rank holds
+    cols = torch.where(mine, local, torch.zeros_like(local))
+    picked = zs.gather(-1, cols)
+    # log p_i at the cached ids: each id lives on exactly one rank
+    log_p = shard.sum(torch.where(mine, picked, torch.zeros_like(picked))) - lse_z
+    p = (zs - lse_z).exp_() if weight is not None else None
+    # the student's mass outside the top-K from its own logits (no 1 - sum cancellation):
+    # the top-K columns of zs become -inf
+    zs[mine.nonzero(as_tuple=True)[0], local[mine]] = float("-inf")
+    lse_rest = shard.lse(zs)                              # [c, 1]; -inf when the top-K is everything
+    has_rest = torch.isfinite(lse_rest)
+    q_r = log_r.exp()
+    bucket = torch.where((q_r > 0) & has_rest, q_r * (log_r - (lse_rest - lse_z)), torch.zeros_like(q_r))
+    kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1) + bucket.squeeze(-1)
+    if weight is None:
+        return kl * T * T, None
+    # target outside the top-K: q_R p_j / p_R = exp(log q_R + z'_j - lse_rest) (0 on the top-K
+    # columns, which hold -inf); on the top-K: q_i
+    shift = torch.where(has_rest, log_r - lse_rest, torch.full_like(lse_rest, float("-inf")))
+    grad = p.sub_(zs.add_(shift).exp_())
+    grad.scatter_add_(-1, cols, torch.where(mine, -q, torch.zeros_like(q)))
+    return kl * T * T, grad.mul_(weight * T)
 def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None):
     """Token sums of KD and CE over all chunks (float64); the gradient into ``grad`` if given."""
     kd_sum = torch.zeros((), dtype=torch.float64, device=z.device)
@@ -202,7 +272,12 @@ class LogitDistillation(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, cfg: LogitLossConfig):
         shard = _Shard(student.shape[-1], cfg.vocab_size)
         z = student.reshape(-1, student.shape[-1])
-        y = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
+        if isinstance(teacher, SparseTeacher):
+            y = teacher.flat()
+            require_forward = cfg.kind == "forward" and cfg.top_k is None
+            assert require_forward, "a cached (top-K) teacher takes forward KL without a further top-k"
+        else:
+            y = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
         lab = None if labels is None else labels.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
@@ -223,6 +298,45 @@ class LogitDistillation(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_total).reshape(ctx.student_shape), None, None, None
+
+
+def sparse_teacher(logits: torch.Tensor, top_k: int, temperature: float, vocab_size: int | None,
+                   chunk_tokens: int = 1024) -> SparseTeacher:
+    """The top-K of a teacher's vocab-parallel logits [..., V/tp] at temperature T, over the
+    whole vocabulary (padding excluded): global ids, log-probabilities and the log of the
+    remaining mass, as float32 on every TP rank. Chunked like the loss."""
+    shard = _Shard(logits.shape[-1], vocab_size)
+    flat = logits.reshape(-1, logits.shape[-1])
+    ids, log_probs, log_rest = [], [], []
+    with torch.no_grad():
+        for i in range(0, flat.shape[0], chunk_tokens):
+            ys = _scaled(flat[i:i + chunk_tokens, :shard.valid], temperature)
+            lse = shard.lse(ys)
+            k_local = min(top_k, ys.shape[-1])
+            values, local = ys.topk(k_local, dim=-1)
+            if k_local < top_k:  # a small shard: pad with -inf candidates
+                pad = top_k - k_local
+                values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], dim=-1)
+                local = torch.cat([local, local.new_zeros((local.shape[0], pad))], dim=-1)
+            glob = local + shard.start
+            if shard.size > 1:
+                vs, gs = [torch.empty_like(values) for _ in range(shard.size)], [torch.empty_like(glob)
+                                                                                 for _ in range(shard.size)]
+                dist.all_gather(vs, values.contiguous(), group=shard.group)
+                dist.all_gather(gs, glob.contiguous(), group=shard.group)
+                values, glob = torch.cat(vs, dim=-1), torch.cat(gs, dim=-1)
+            values, pick = values.topk(top_k, dim=-1)
+            glob = glob.gather(-1, pick)
+            # the mass outside the top-K: this rank's columns without the chosen ids
+            mine = (glob >= shard.start) & (glob < shard.start + ys.shape[-1])
+            rows = mine.nonzero(as_tuple=True)[0]
+            ys[rows, glob[mine] - shard.start] = float("-inf")
+            ids.append(glob)
+            log_probs.append(values - lse)
+            log_rest.append((shard.lse(ys) - lse).squeeze(-1))
+    lead = logits.shape[:-1]
+    return SparseTeacher(torch.cat(ids).reshape(*lead, top_k), torch.cat(log_probs).reshape(*lead, top_k),
+                         torch.cat(log_rest).reshape(lead))
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,

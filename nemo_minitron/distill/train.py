@@ -6,6 +6,11 @@ megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 
 params with float32 main weights, fp16 with megatron-core's dynamic loss scaler),
 gradient clipping and a warm-up + cosine learning-rate schedule.
 
+The teacher is a live model (``DistillationModel`` runs both networks stage by stage) or
+a teacher-logit cache (``teacher_logits.TeacherLogits``): then only the student runs, and
+the last stage reads each micro-batch's cached top-K distributions by sample index (the
+loader passes each sample's index in the training data set along).
+
 Data: a DataLoader (``loader.py``) reads the training data set in Megatron's order from
 the number of consumed samples, which every checkpoint holds: a resumed run reads the
 samples an uninterrupted one would, at any layout. Each step's record carries a
@@ -106,9 +111,11 @@ class _Fingerprinting:
 
 
 # ---------------------------------------------------------------------- forward steps
-def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool):
+def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool, teacher_logits=None):
     """``forward_step(data_iterator, model)``: student logits, and a loss function that adds
-    the logit loss (KD and/or CE) to the intermediate pair losses of the last stage."""
+    the logit loss (KD and/or CE) to the intermediate pair losses of the last stage.
+    ``teacher_logits``: a cache to read the teacher's distributions from (by each batch's
+    sample ``index``) instead of a live teacher."""
     from megatron.core.utils import get_attr_wrapped_model
 
     from nemo_minitron.model.forward import position_ids, to_device
@@ -120,8 +127,11 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
         holder = get_attr_wrapped_model(model, "pair_weights", return_model_obj=True) if distilling else None
 
         def loss_func(student_logits: torch.Tensor):
-            teacher_logits = holder.last_teacher_logits if holder is not None else None
-            total, kd, ce = logit_loss(student_logits, teacher_logits, labels, loss_cfg)
+            if teacher_logits is not None:  # only the last stage reads the cache
+                teacher = teacher_logits.read(batch["index"].cpu()).to(student_logits.device)
+            else:
+                teacher = holder.last_teacher_logits if holder is not None else None
+            total, kd, ce = logit_loss(student_logits, teacher, labels, loss_cfg)
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
@@ -140,10 +150,12 @@ class Trainer:
     def __init__(self, student, teacher, train_samples, eval_samples, out: Path,
                  cfg: TrainingConfig, *, seed: int, student_desc, teacher_desc=None, pairs: list[LayerPair] = (),
                  projection_init: torch.Tensor | None = None, progress: bool = True,
-                 override_schedule: bool = False):
+                 override_schedule: bool = False, teacher_logits=None):
         """``train_samples``: a TokenDataset (or a ``[N, s+1]`` tensor); ``eval_samples``: the
-        same, or None; ``cfg``: a DistillConfig when ``teacher`` is given, else the
-        TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs, resolved against both models;
+        same, or None; ``cfg``: a DistillConfig when ``teacher`` or ``teacher_logits`` (a cache,
+        read by sample index: ``train_samples`` are the samples it was written for) is given,
+        else the TrainingConfig of plain fine-tuning; ``pairs``: the intermediate pairs,
+        resolved against both models (live teacher only);
         ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
         rather than from the checkpoint (a forced resume with changed settings)."""
         from megatron.core import parallel_state as ps
@@ -198,12 +210,15 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None)
+        self.teacher_logits = teacher_logits
+        self.forward_step = make_forward_step(self.loss_cfg, self.device, distilling=teacher is not None,
+                                              teacher_logits=teacher_logits)
         model_config = unwrap(student).config
         if model_config.num_moe_experts and cfg.moe_aux_loss_coeff is not None:
             model_config.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff  # the routers read it at every step
         self.moe_aux_coeff = float(model_config.moe_aux_loss_coeff) if model_config.num_moe_experts else 0.0
         self.step = 0
+        self.last_eval: dict[str, Any] | None = None  # the latest held-out evaluation of train()
         self.consumed_samples = 0
         self.metrics = None
         self._batches = None
@@ -219,7 +234,7 @@ class Trainer:
 
         return training_batches(self.train_samples, consumed=consumed, global_batch=self.cfg.global_batch,
                                 micro_batch=self.cfg.micro_batch, dp_rank=self.dp_rank, dp_size=self.dp,
-                                workers=workers)
+                                workers=workers, with_index=self.teacher_logits is not None)
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``step``, as the loader reads them for that step."""
@@ -283,7 +298,8 @@ class Trainer:
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
-        kind = "distillation" if isinstance(self.module, DistillationModel) else "fine-tuning"
+        kind = ("distillation" if isinstance(self.module, DistillationModel) or self.teacher_logits is not None
+                else "fine-tuning")
         self.metrics = MetricsLog(self.out, kind=kind, total_steps=self.cfg.steps, log_every=self.cfg.log_every,
                                   config=config or {})
         self.resume_if_possible()
@@ -381,23 +397,26 @@ class Trainer:
                 grads[f"kd_projection.{key}"] = proj.weight.main_grad.detach().float().cpu()
         return logs, grads
 
-    def train(self) -> dict[str, Any]:
-        """Train from the current step to ``cfg.steps``, or until a stop signal (then save and
-        return with ``stopped``: the signal's name)."""
+    def train(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train from the current step to ``cfg.steps`` (or only up to ``stop_at``: then a
+        checkpoint is saved there, and a later run resumes from it on the same schedule), or
+        until a stop signal (then save and return with ``stopped``: the signal's name)."""
         from nemo_minitron.distill.metrics import peak_memory_gb
         from nemo_minitron.runtime.progress import progress_bar
         from nemo_minitron.runtime.signals import received, stop_requested
 
         cfg = self.cfg
+        until = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         distilling = isinstance(self.module, DistillationModel)
         tokens_per_step = cfg.global_batch * cfg.seq_len
         flops_per_step = self.flops_per_token() * tokens_per_step
-        bar = progress_bar(cfg.steps, "distill" if distilling else "fine-tune", self.progress, initial=self.step,
-                           unit="step")
+        kind = "distill" if distilling or self.teacher_logits is not None else "fine-tune"
+        bar = progress_bar(cfg.steps, kind, self.progress, initial=self.step, unit="step")
         self._batches = self._loader(self.consumed_samples, cfg.data_workers)
         last, stopped = {}, None
         started, trained_steps = time.time(), 0
-        while self.step < cfg.steps:
+        saved_at = self.step
+        while self.step < until:
             t0 = time.time()
             self.ddp.train()
             self.ddp.zero_grad_buffer()
@@ -424,17 +443,22 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.log_record({"kind": "eval", "step": self.step, **self.evaluate(self.student)})
+                self.last_eval = {"kind": "eval", "step": self.step, **self.evaluate(self.student)}
+                self.log_record(self.last_eval)
             saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps
             if saved:
                 self.save()
+                saved_at = self.step
             if self.step < cfg.steps and stop_requested():
                 stopped = received() or "a signal on another rank"
                 log.warning("stop requested (%s): saving at step %d and exiting", stopped, self.step)
                 if not saved:
                     self.save()
+                    saved_at = self.step
                 break
         bar.close()
+        if self.step < cfg.steps and saved_at != self.step:
+            self.save()  # stopped before the end (stop_at): resumable from here
         self._batches = None  # ends the loader's worker processes
         wall = time.time() - started
         return {"final_train": last, "trained_steps": trained_steps, "wall_seconds": wall, "stopped": stopped,

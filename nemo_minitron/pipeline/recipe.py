@@ -23,6 +23,7 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+from nemo_minitron.search.config import SearchConfig
 from nemo_minitron.tasks.builtin import BUILTIN_TASKS
 
 
@@ -82,6 +83,9 @@ class RoundConfig:
     name: str = ""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    #: an architecture search instead of prune's fixed target: its winner is the round's
+    #: pruned model, which ``distill`` then distils (from the pruned weights)
+    search: Optional[SearchConfig] = None
     distill: RoundDistillConfig = field(default_factory=RoundDistillConfig)
 
 
@@ -126,7 +130,7 @@ def _known_keys() -> list[str]:
     """Every dotted key of the schema (with one round), for suggestions."""
     from nemo_minitron.config import flatten
 
-    return sorted(flatten(dataclasses.asdict(Recipe(rounds=[RoundConfig()]))))
+    return sorted(flatten(dataclasses.asdict(Recipe(rounds=[RoundConfig(search=SearchConfig())]))))
 
 
 def _dotted(key: str) -> str:
@@ -198,7 +202,13 @@ def validate(recipe: Recipe) -> None:
         validate_config(recipe.teacher_correction, recipe_names("teacher_correction"))
     require(len(recipe.rounds) >= 1, "recipe key 'rounds' needs at least one round")
     for i, rnd in enumerate(recipe.rounds):
-        for stage in ("importance", "prune", "distill"):
+        stages = ("importance", "prune", "distill")
+        if rnd.search is not None:
+            require(rnd.prune == PruneConfig(), f"recipe key 'rounds.{i}.search' replaces 'rounds.{i}.prune': remove "
+                                                f"it (the search prunes by importance; set layer_metric and the "
+                                                f"planner's limits under rounds.{i}.search)")
+            stages = ("importance", "search", "distill")
+        for stage in stages:
             validate_config(getattr(rnd, stage), recipe_names(f"rounds.{i}.{stage}"))
         if not rnd.name:
             rnd.name = f"round{i + 1}"

@@ -3,7 +3,8 @@
 Every model of the run (the input teacher, the corrected teacher, and each round's
 pruned and distilled students) is evaluated on the same held-out samples and the same
 downstream task examples (``report.tasks``, through lm-evaluation-harness). Writes
-``report.md`` (for people), ``report.json`` (for programs) and PNG plots.
+``report.md`` (for people), ``report.json`` (for programs) and PNG plots; a round that
+chose its architecture by search gets the search's ranking and loss curves.
 """
 
 from __future__ import annotations
@@ -171,6 +172,49 @@ def _copy_importance_plots(recipe: Recipe, paths, out: Path) -> list[str]:
     return files
 
 
+def _searches(recipe: Recipe, paths, out: Path) -> dict[str, dict[str, Any]]:
+    """Each searched round's search.json (without its config), its plot copied into ``out``."""
+    from nemo_minitron.search.api import PLOT, RESULT
+
+    found = {}
+    for i, rnd in enumerate(recipe.rounds):
+        if rnd.search is None or not (paths.search(i) / RESULT).is_file():
+            continue
+        result = {k: v for k, v in _read_json(paths.search(i) / RESULT).items() if k != "config"}
+        if (paths.search(i) / PLOT).is_file():
+            result["plot"] = f"{rnd.name}-search.png"
+            shutil.copy2(paths.search(i) / PLOT, out / result["plot"])
+        found[rnd.name] = result
+    return found
+
+
+def _search_markdown(name: str, result: dict[str, Any]) -> list[str]:
+    rungs = [str(s) for s in result["rungs"][:-1]]
+    source = "cached teacher logits" if result.get("teacher_logits") else "the live teacher"
+    lines = ["", f"## Architecture search: {name}", "",
+             f"{len(result['candidates'])} candidates for {result['target_params']} parameters, each pruned from the "
+             f"same importance scores and distilled {result['steps']} steps from {source}"
+             + (" (successive halving at steps " + ", ".join(rungs) + ")" if rungs else "")
+             + f"; held-out loss on {result['eval_samples']} samples. The best ({result['best']}) is this round's "
+             "pruned model.", "",
+             "| rank | candidate | kind | parameters | FLOPs/token | KV cache bytes/token | loss after pruning | "
+             + "".join(f"loss @{s} | " for s in rungs) + f"loss @{result['steps']} | shape |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|"]
+    for r in sorted(result["candidates"], key=lambda r: r["rank"]):
+        t = r["target"]
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        final = fmt(r["final_loss"]) if r["final_loss"] is not None else f"stopped @{r['stopped_at']}"
+        name_cell = f"**{r['name']}**" if r["name"] == result["best"] else r["name"]
+        lines.append(f"| {r['rank']} | {name_cell} | {r['kind']} | {_fmt_count(r['params'])} "
+                     f"| {_fmt_count(r['flops_per_token'])} | {r['kv_cache_bytes_per_token']:,} "
+                     f"| {fmt(r['loss_after_pruning'])} | " + "".join(f"{fmt(r['rung_losses'].get(s))} | " for s in rungs)
+                     + f"{final} | hidden {t['hidden']}, ffn {t['ffn']}, heads {t['heads']}/{t['query_groups']}, "
+                       f"layers {t['layers']} |")
+    if result.get("plot"):
+        lines += ["", f"![{result['plot']}]({result['plot']})"]
+    return lines
+
+
 def _generate_sample(export_dir: Path) -> str | None:
     if not (export_dir / "config.json").is_file():
         return None
@@ -206,13 +250,15 @@ def write_report(recipe: Recipe, paths, out: Path) -> None:
         curves = _plot_curves(recipe, paths, tmp)
         task_plot = _plot_tasks(rows, tmp)
         importance_plots = _copy_importance_plots(recipe, paths, tmp)
+        searches = _searches(recipe, paths, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
         summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
-        report = {"recipe": recipe.name, "models": rows, "stages": stages, "distillation": summaries,
+        report = {"recipe": recipe.name, "models": rows, "stages": stages, "search": searches,
+                  "distillation": summaries,
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot))
+                                                 task_plot, searches))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -232,7 +278,7 @@ def _words_label(words) -> str:
     return ", ".join(f"{w[0]:g} x {w[1]}" if isinstance(w, tuple) else w for w in words)
 
 
-def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None) -> str:
+def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
@@ -267,6 +313,8 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
         for name, s in stages.items():
             tps = f"{s['tokens_per_second']:,.0f}" if s.get("tokens_per_second") else "-"
             lines.append(f"| {name} | {s['wall_seconds']:.0f} s | {s['tokens'] or '-'} | {tps} |")
+    for name, result in (searches or {}).items():
+        lines += _search_markdown(name, result)
     if curves:
         lines += ["", "## Distillation", ""] + [f"![{c}]({c})" for c in curves]
     if importance_plots:

@@ -4,6 +4,7 @@
     OUT/01-teacher-correction      (optional) the teacher fine-tuned on the training data
     OUT/<round>-1-importance       importance scores, plots
     OUT/<round>-2-prune            pruned checkpoint
+    OUT/<round>-2-search           or, with a search: every candidate's result, the winner in best/
     OUT/<round>-3-distill          distilled student (final/), metrics, checkpoints
     OUT/export                     Hugging Face directory of the last student
     OUT/report                     report.md, report.json, plots
@@ -62,7 +63,13 @@ class RunPaths:
         return self.root / f"{self.recipe.rounds[i].name}-1-importance"
 
     def prune(self, i: int) -> Path:
+        """The round's pruned checkpoint: its prune stage's, or its search's winner."""
+        if self.recipe.rounds[i].search is not None:
+            return self.search(i) / "best" / "pruned"
         return self.root / f"{self.recipe.rounds[i].name}-2-prune"
+
+    def search(self, i: int) -> Path:
+        return self.root / f"{self.recipe.rounds[i].name}-2-search"
 
     def distill(self, i: int) -> Path:
         return self.root / f"{self.recipe.rounds[i].name}-3-distill"
@@ -128,10 +135,15 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     check_world_size(tp, pp)
     descriptions = [desc]
     for i, rnd in enumerate(recipe.rounds):
-        pr = rnd.prune
-        desc = planned_description(desc, pr, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
+        if rnd.search is not None:
+            desc = _searched_description(desc, rnd, paths.search(i), tp, pp, recipe_names(f"rounds.{i}.search"))
+        else:
+            desc = planned_description(desc, rnd.prune, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
         descriptions.append(desc)
-        for key, model in (("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)):
+        lengths = [("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)]
+        if rnd.search is not None:
+            lengths.append(("search.seq_len", rnd.search.seq_len))
+        for key, model in lengths:
             value = model
             limit = min(d.max_position_embeddings for d in descriptions)
             require(value <= limit, f"recipe key 'rounds.{i}.{key}' ({value}) exceeds the models' "
@@ -144,6 +156,24 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     out = Path(recipe.output_dir)
     require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
     return descriptions
+
+
+def _searched_description(desc, rnd: RoundConfig, directory: Path, tp: int, pp: int, names):
+    """The round's result shape: the winner of a finished search; before that, the first
+    candidate stands in (for the checks of later rounds). Raises when no candidate meets
+    the budget."""
+    from nemo_minitron.model.description import ModelDescription
+    from nemo_minitron.prune.targets import parse_param_count
+    from nemo_minitron.search.api import RESULT
+    from nemo_minitron.search.candidates import search_candidates
+
+    budget = parse_param_count(rnd.search.target_params, flag=names("target_params"))
+    candidates = search_candidates(desc, budget, rnd.search, tp=tp, pp=pp, names=names)
+    if (directory / RESULT).is_file():
+        result = json.loads((directory / RESULT).read_text())
+        best = next(c for c in result["candidates"] if c["name"] == result["best"])
+        return ModelDescription.from_dict(best["architecture"])
+    return candidates[0].description
 
 
 # -------------------------------------------------------------------- stages
@@ -207,20 +237,27 @@ def _distill_done(path: Path) -> bool:
     return (path / "summary.json").is_file() and (path / "final").is_dir()
 
 
+def _search_done(path: Path) -> bool:
+    from nemo_minitron.checkpoint.store import is_checkpoint
+    from nemo_minitron.search.api import RESULT
+
+    return (path / RESULT).is_file() and is_checkpoint(path / "best" / "pruned")
+
+
 def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> list[Stage]:
     from nemo_minitron.checkpoint.store import is_checkpoint
 
     data, seed = recipe.data, recipe.seed
+    runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype)
     # data.split and data.cache_dir reach every stage that reads data (they are in its stage keys)
-    runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype, split=data.split,
-                   cache_dir=data.cache_dir, data_names=recipe_names("data"))
+    data_runtime = dict(split=data.split, cache_dir=data.cache_dir, data_names=recipe_names("data"))
     key = f"rounds.{i}"
 
     def importance(out: Path) -> dict:
         from nemo_minitron.importance.api import compute_importance
 
         scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), rnd.importance,
-                                    names=recipe_names(f"{key}.importance"), **runtime)
+                                    names=recipe_names(f"{key}.importance"), **runtime, **data_runtime)
         return {"tokens": int(scores.summary.get("tokens", 0))}
 
     def prune(out: Path) -> dict:
@@ -237,15 +274,30 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         config = DistillConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)})
         return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
                    eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
-                   force_hint=FORCE_HINT, **runtime)
+                   force_hint=FORCE_HINT, **runtime, **data_runtime)
+
+    def search(out: Path) -> dict:
+        from nemo_minitron.search.api import search as run
+
+        result = run(str(paths.round_input(i)), str(paths.importance(i)), data.train, str(out), rnd.search,
+                     teacher=str(paths.round_teacher(i)), eval_data=data.heldout, force=recipe.resume == "force",
+                     names=recipe_names(f"{key}.search"), force_hint=FORCE_HINT, **runtime, **data_runtime)
+        steps = sum(c["stopped_at"] or result["steps"] for c in result["candidates"])  # over all candidates
+        return {"tokens": steps * rnd.search.global_batch * rnd.search.seq_len}
 
     common = {"seed": seed, "dtype": recipe.dtype}
+    if rnd.search is not None:
+        pick = Stage(f"{rnd.name}-search", paths.search(i), _search_done, search,
+                     {f"{key}.search": to_dict(rnd.search), "data.train": data.train, "data.heldout": data.heldout,
+                      "data.split": data.split, **common})
+    else:
+        pick = Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune,
+                     {f"{key}.prune": to_dict(rnd.prune), "seed": seed})
     return [
         Stage(f"{rnd.name}-importance", paths.importance(i), lambda p: (p / "scores.safetensors").is_file(),
               importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib,
                            "data.split": data.split, **common}),
-        Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune,
-              {f"{key}.prune": to_dict(rnd.prune), "seed": seed}),
+        pick,
         Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill,
               {f"{key}.distill": to_dict(rnd.distill), "data.train": data.train, "data.heldout": data.heldout,
                "data.split": data.split, **common}),
@@ -271,10 +323,11 @@ def check_finished_stages(recipe: Recipe, root: Path, stages: list[Stage]) -> di
     when they changed (naming the keys), unless ``resume=force``. Returns the accepted changes."""
     from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.prune.config import PruneConfig
+    from nemo_minitron.search.config import SearchConfig
 
     file = root / STAGES_FILE
     records = json.loads(file.read_text()) if file.is_file() else {}
-    safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig)
+    safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig, SearchConfig)
     accepted = {}
     for stage in stages:
         saved = records.get(stage.name, {}).get("config")

@@ -1,0 +1,1 @@
+"""Architecture search: candidates for a budget, each pruned and briefly distilled, the best kept."""
