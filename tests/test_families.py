@@ -216,7 +216,8 @@ def test_distillation_pairs_networks_of_one_kind(tmp_path):
     for other in (llama.replace(architecture="qwen3", qk_norm=True),
                   llama.replace(architecture="nemotron", activation="squared_relu", normalization="LayerNorm",
                                 zero_centered_gamma=True)):
-        with pytest.raises(UsageError, match=f"--student \\({other.architecture}\\) is not of the teacher's family"):
+        words = f"--student \\({other.architecture}\\) is not of the --teacher model's family"
+        with pytest.raises(UsageError, match=words):
             check_compatible(llama, other, same_tokenizer, same_tokenizer)
 
 
