@@ -147,6 +147,22 @@ def load_training_models(student: str, teacher: str | None, dtype: torch.dtype, 
     return student_model, teacher_model
 
 
+def training_corpora(data: Sequence[str], eval_data: Sequence[str] | None, data_opts: DataOptions,
+                     data_names: Names, *, vocab_size: int, tokenizer):
+    """The training data (checked, with a training part) and the held-out data of a run, and
+    how the held-out data is named in logs: ``eval_data`` when given, else the training
+    data's validation part when its split has one, else the built-in held-out split."""
+    from nemo_minitron.data.dataset import check_corpus, eval_corpus
+
+    data_kwargs = dict(vocab_size=vocab_size, cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"),
+                       tokenizer=tokenizer)
+    train = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+    require(train.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+    heldout = eval_corpus(train, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+    label = f"the validation part of {train.blend.label}" if heldout is train else heldout.blend.label
+    return train, heldout, label
+
+
 def _check_output(out: str, resume: bool) -> Path:
     path = Path(out)
     if resume:
@@ -191,7 +207,6 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
         save_checkpoint,
     )
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything is checked before training starts
@@ -229,13 +244,8 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     out_path = _check_output(out, resume)
     kind = "distillation" if teacher is not None or cache is not None else "fine-tuning"
     tokenizer = load_tokenizer(student)
-    data_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
-                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
-    train_corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
-    require(train_corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
-    heldout = eval_corpus(train_corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
-    eval_label = (f"the validation part of {train_corpus.blend.label}" if heldout is train_corpus
-                  else heldout.blend.label)
+    train_corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
+                                                         vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
     resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
                 "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
     if cache is not None:  # which cache, by content: another one is another teacher

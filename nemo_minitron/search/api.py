@@ -109,9 +109,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
 
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.distill.api import DEFAULT_EVAL_DATA, _check_cache_settings, parse_pairs, tokenizer_fingerprint
+    from nemo_minitron.distill.api import _check_cache_settings, parse_pairs, tokenizer_fingerprint, training_corpora
     from nemo_minitron.data.config import DataOptions
-    from nemo_minitron.data.dataset import check_corpus, eval_corpus
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
     from nemo_minitron.prune.targets import parse_param_count
@@ -142,12 +141,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         require(cfg.cache_top_k <= teacher_desc.vocab_size, f"{names('cache_top_k')} {cfg.cache_top_k} is larger "
                                                             f"than the vocabulary ({teacher_desc.vocab_size})")
     tokenizer = load_tokenizer(checkpoint)
-    data_kwargs = dict(vocab_size=original.vocab_size, cache_dir=data_opts.cache_dir,
-                       cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
-    corpus = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
-    require(corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
-    heldout = eval_corpus(corpus, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
-    eval_label = f"the validation part of {corpus.blend.label}" if heldout is corpus else heldout.blend.label
+    corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
+                                                   vocab_size=original.vocab_size, tokenizer=tokenizer)
     if teacher_logits is not None:  # its samples are checked by each candidate's distill
         from nemo_minitron.distill.teacher_logits import TeacherLogits
 
