@@ -159,7 +159,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     names = names or cli_names(PruneConfig)
     stage, par, run = split_overrides(options, PruneConfig, ParallelConfig, RunConfig)
     cfg = build(PruneConfig, config, names, **stage)
-    tp, pp = build(ParallelConfig, None, names, **par).tp, build(ParallelConfig, None, names, **par).pp
+    parallel = build(ParallelConfig, None, names, **par)
+    tp, pp = parallel.tp, parallel.pp
     run_cfg = build(RunConfig, None, names, **run)
     seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
