@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT.jsonl.partial when started again with the same settings)")
     p.add_argument("--prompts", metavar="FILE", help="JSONL with a 'prompt' or 'messages' (chat) field per line, or "
                    "text with one prompt per line")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="or prompts cut from data (with --prefix-tokens): "
-                   + DATA_HELP)
+    _data(p, required=False, help="or prompts cut from data (with --prefix-tokens; the training part under "
+                                  "--split): " + DATA_HELP)
     g = add_flags(p, GenerateConfig, title="generation")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help=STOP_HELP)
     _runtime(p)
@@ -194,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher runs; trains on the samples it covers")
     p.add_argument("--student", required=True, metavar="CKPT", help=MODEL_HELP + " (Megatron: give the iter_N "
                    "directory to choose an iteration; also for --teacher)")
-    _data(p)
+    _data(p, required=False, help=DATA_HELP + "; a .jsonl of completions (from generate) trains on the "
+                                              "completions' tokens only [required unless --method synthetic]")
+    p.add_argument("--synthetic-data", nargs="+", default=None, metavar="PATH",
+                   help="--method synthetic/both: the teacher's generations (a .jsonl from generate: prompt tokens "
+                        "are not trained on), or any --data source")
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data, read whole [default: the validation part of --data under --split, "
                         "else builtin:heldout]")

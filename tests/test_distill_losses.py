@@ -123,3 +123,52 @@ def test_intermediate_losses():
     rms = lambda x: x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
     mse = (rms(a64) - rms(b64)).square().mean().item()
     assert abs(intermediate_loss(a, b, "mse").item() - mse) <= fp32(16, 4.0)
+
+
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_per_token_weights_equal_a_masked_reference(runtime, chunk):
+    """Completions and mixed runs weigh each token: prompt tokens (mask 0) count for nothing,
+    synthetic samples get cross-entropy only. The mean is over the weighted tokens."""
+    import dataclasses
+
+    from nemo_minitron.distill.train import token_weights
+
+    cfg = loss_config(vocab_size=200, temperature=2.0, kd_weight=0.7, ce_weight=0.2, synthetic_weight=1.5,
+                      chunk_tokens=chunk)
+    z, y, labels = _inputs(seed=3, tokens=(3, 7))
+    mask = torch.ones(3, 7)
+    mask[0, :4] = 0  # a prompt of 4 tokens
+    mask[2, :2] = 0
+    batch = {"labels": labels, "loss_mask": mask, "synthetic": torch.tensor([True, False, True])}
+    kd_w, ce_w = token_weights(batch, cfg)
+    z1 = z.clone().requires_grad_(True)
+    total, kd, ce = logit_loss(z1, y, labels, cfg, kd_w, ce_w)
+    total.backward()
+
+    # the reference: per-token KD and CE in float64, weighted by hand from the masks
+    z2 = z.clone().double().requires_grad_(True)
+    T = cfg.temperature
+    log_p = torch.log_softmax(z2[..., :200] / T, -1)
+    log_q = torch.log_softmax(y[..., :200].double() / T, -1)
+    kd_tok = T * T * (log_q.exp() * (log_q - log_p)).sum(-1)
+    ce_tok = torch.nn.functional.cross_entropy(z2[..., :200].reshape(-1, 200), labels.reshape(-1),
+                                               reduction="none").reshape(3, 7)
+    synthetic = torch.tensor([1.0, 0.0, 1.0]).unsqueeze(-1)
+    kd_ref_w = 0.7 * mask * (1 - synthetic)                 # KD on real samples' trained tokens
+    ce_ref_w = (0.2 * (1 - synthetic) + 1.5 * synthetic) * mask
+    counted = ((kd_ref_w > 0) | (ce_ref_w > 0)).sum()       # 7 + 3 + 5 = 15 tokens
+    assert counted == 15
+    ref_total = (kd_ref_w * kd_tok + ce_ref_w * ce_tok).sum() / counted
+    ref_total.backward()
+    max_logit = max(z.abs().max().item(), y.abs().max().item())
+    tol = log_softmax_sum(200, max_logit) * T * T
+    assert abs(total.item() - ref_total.item()) <= tol * 2.2
+    assert abs(kd.item() - (kd_tok * (kd_ref_w > 0)).sum().item() / 7) <= tol
+    assert abs(ce.item() - (ce_tok * (ce_ref_w > 0)).sum().item() / 15) <= tol
+    ref_grad = torch.zeros_like(z2.grad)
+    ref_grad[..., :200] = z2.grad[..., :200]
+    scale = ref_grad.abs().max().item()
+    assert (z1.grad.double() - ref_grad).abs().max().item() <= log_softmax_sum(200, max_logit) * scale
+    assert z1.grad[0, :4].abs().max() == 0  # a prompt's tokens get no gradient
+    # plain data: no weights, the config's weights over every token
+    assert token_weights({"labels": labels}, cfg) == (None, None)

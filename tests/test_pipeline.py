@@ -16,7 +16,7 @@ from conftest import ROOT, TESTS
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
 STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "budget-importance",
-          "budget-search", "budget-distill", "export", "report"]
+          "budget-search", "budget-synthetic", "budget-distill", "export", "report"]
 
 
 def _env():
@@ -104,6 +104,11 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
         "budget-2-search/best/pruned")
     assert "## Architecture search: budget" in md and (out / "report" / "budget-search.png").is_file()
+    # the second round trained on the round teacher's generations too (method both)
+    generations = (out / "budget-3-synthetic" / "completions.jsonl").read_text().splitlines()
+    assert len(generations) == 8 and all(len(json.loads(g)["prompt_ids"]) == 8 for g in generations)
+    budget = json.loads((out / "budget-3-distill" / "summary.json").read_text())
+    assert budget["config"]["method"] == "both" and budget["config"]["synthetic_data"].endswith("completions.jsonl")
     for m in report["models"]:  # task accuracy with its standard error, for every model
         assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
         for result in m["tasks"].values():

@@ -1,6 +1,7 @@
 """The data cache: tokenised text sources and megatron-core's sample index files.
 
     CACHE/tokens/<key>/data.bin, data.idx, source.json   a text source, tokenised
+    CACHE/tokens/<key>/mask.bin, mask.idx                 completions: 1 where a token is trained on
         key = sha256(content of the source, the tokenizer, the tokenisation settings)
     CACHE/index/<key>/<attempt>/...npy                    GPTDataset/BlendedDataset indices
     CACHE/index/<key>/complete                            names the finished attempt
@@ -111,7 +112,10 @@ class DataCache:
         tmp.mkdir()
         try:
             writer = IndexedWriter(str(tmp / "data.bin"), str(tmp / "data.idx"), token_dtype(len(tokenizer)))
-            tokenize_into(writer, documents(spec), tokenizer, progress=progress, desc=f"tokenise {spec.label}")
+            if spec.kind == "completions":
+                self._tokenize_completions(spec, tokenizer, writer, tmp)
+            else:
+                tokenize_into(writer, documents(spec), tokenizer, progress=progress, desc=f"tokenise {spec.label}")
             writer.finalize()
             _write_json(tmp / "source.json", {"source": spec.label, "kind": spec.kind, "documents": writer.documents,
                                               "tokens": writer.tokens})
@@ -122,6 +126,23 @@ class DataCache:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _tokenize_completions(spec: DataSpec, tokenizer, writer, directory: Path) -> None:
+        """Each record as one document (prompt + completion) and, in ``mask``, the same
+        documents with 0 for prompt tokens and 1 for completion tokens: megatron-core cuts
+        both into the same samples (same document lengths, same seed)."""
+        import numpy as np
+
+        from nemo_minitron.data.indexed import IndexedWriter
+        from nemo_minitron.data.sources import completion_records
+
+        mask = IndexedWriter(str(directory / "mask.bin"), str(directory / "mask.idx"), np.dtype(np.uint8))
+        for prompt, completion in completion_records(spec, tokenizer):
+            if completion:  # a record with nothing to learn from is left out
+                writer.add(np.asarray(prompt + completion, dtype=np.int64))
+                mask.add(np.asarray([0] * len(prompt) + [1] * len(completion), dtype=np.uint8))
+        mask.finalize()
 
     # ---------------------------------------------------------------- sample indices
     def index_dir(self, key: str) -> tuple[Path, bool]:

@@ -46,26 +46,42 @@ PARTS = ("train", "valid")
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """``len(ds)`` samples; ``ds[i]`` is a LongTensor of ``seq_len + 1`` token ids."""
+    """``len(ds)`` samples; ``ds[i]`` is a LongTensor of ``seq_len + 1`` token ids. Made from
+    completions, ``ds.loss_mask(i)`` is 1.0 where token ``i`` of the window is trained on
+    (a completion's) and 0.0 where it is not (a prompt's); without, None."""
 
-    def __init__(self, megatron_dataset, seq_len: int, length: int | None = None):
+    def __init__(self, megatron_dataset, seq_len: int, length: int | None = None, mask_dataset=None):
         self.megatron_dataset = megatron_dataset
+        self.mask_dataset = mask_dataset
         self.seq_len = seq_len
         self.length = len(megatron_dataset) if length is None else min(length, len(megatron_dataset))
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not -self.length <= index < self.length:
-            raise IndexError(f"sample {index} of {self.length}")
-        sample = self.megatron_dataset[index % self.length]
+    @staticmethod
+    def _window(dataset, index: int) -> torch.Tensor:
+        sample = dataset[index]
         # GPTDataset returns tokens [0, s) and labels [1, s]: the window is tokens + the last label
         return torch.cat([sample["tokens"], sample["labels"][-1:]])
 
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"sample {index} of {self.length}")
+        return self._window(self.megatron_dataset, index % self.length)
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_dataset is not None
+
+    def loss_mask(self, index: int) -> torch.Tensor | None:
+        if self.mask_dataset is None:
+            return None
+        return self._window(self.mask_dataset, index % self.length).float()
+
     def first(self, count: int) -> "TokenDataset":
         """The first ``count`` samples (or all, if fewer) as a data set."""
-        return TokenDataset(self.megatron_dataset, self.seq_len, min(count, self.length))
+        return TokenDataset(self.megatron_dataset, self.seq_len, min(count, self.length), self.mask_dataset)
 
     def take(self, count: int | None = None, start: int = 0) -> torch.Tensor:
         """Samples ``[start, start + count)`` stacked into ``[count, seq_len + 1]``."""
@@ -115,6 +131,11 @@ class Corpus:
     @property
     def flag(self) -> str:
         return self.blend.flag
+
+    @property
+    def masked(self) -> bool:
+        """Made of completions (prompt + completion records): training reads a loss mask too."""
+        return any(i.source.kind == "completions" for i in self.blend.items)
 
     def has_part(self, part: str) -> bool:
         return self.fractions is None or self.fractions[PARTS.index(part)] > 0
@@ -171,11 +192,6 @@ class Corpus:
         """Collective. ``num_samples`` given: that many samples, sources drawn by weight
         (Megatron repeats a source that runs out, unless ``exact``: then asking for more than
         one pass holds is an error). None: one pass over the part, sources in proportion to size."""
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-        from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
-
         require(part in PARTS, f"unknown data part '{part}' (allowed: {', '.join(PARTS)})")
         require(seq_len >= 1, f"--seq-len must be >= 1 (got {seq_len})")
         require(self.has_part(part), f"{self.split_flag} {self.split} leaves no {'validation' if part == 'valid' else part} "
@@ -205,13 +221,35 @@ class Corpus:
             sizes = [0] * 3
         sizes[index] = num_samples
         eod = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else 0
+        started = time.time()
+        built, complete = self._build(prefixes, headers, weights, sizes, index, seed, seq_len, eod,
+                                      num_samples or sum(one_pass))
+        mask = None
+        if self.masked:  # same document lengths, seed and sizes: megatron-core cuts the same samples
+            mask, _ = self._build([str(Path(p).with_name("mask")) for p in prefixes], None, weights, sizes, index,
+                                  seed, seq_len, 0, num_samples or sum(one_pass))
+        dataset = TokenDataset(built, seq_len, num_samples, mask)
+        log.info("data: %d samples of %d tokens from %s%s (sample index %s in %.2f s)%s", len(dataset), seq_len + 1,
+                 self.blend.label, where, "loaded" if complete else "built", time.time() - started,
+                 "; trained on the completions' tokens only" if mask is not None else "")
+        return dataset
+
+    def _build(self, prefixes: list[str], headers: list[IndexHeader] | None, weights, sizes, index: int, seed: int,
+               seq_len: int, eod: int, count: int):
+        """megatron-core's data set of part ``index`` over ``prefixes``, its sample index
+        cached (collective); returns (data set, whether the index was cached)."""
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
+
         config = GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_len, blend=(prefixes, weights), split=self._split_string(),
             tokenizer=_TokenizerView(eod), reset_position_ids=False, reset_attention_mask=False,
             eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
         # Build only the part that is read (megatron-core builds every part with a share).
         config.split_matrix = [m if i == index else None for i, m in enumerate(config.split_matrix)]
-
+        headers = headers or [IndexHeader(p, self.flag) for p in prefixes]
         key = hashlib.sha256(json.dumps({
             "prefixes": [[str(Path(p).resolve()), h.bin_size, Path(p + ".idx").stat().st_mtime_ns]
                          for p, h in zip(prefixes, headers)],
@@ -222,18 +260,14 @@ class Corpus:
         config.path_to_cache = directory
         if not complete:
             log.info("building the sample index of %s (%d samples of %d tokens) in %s", self.blend.label,
-                     num_samples or sum(one_pass), seq_len + 1, directory)
-        started = time.time()
+                     count, seq_len + 1, directory)
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
         if not complete:
             barrier()
             if is_rank0():
                 self.cache.mark_complete(Path(directory))
             barrier()
-        dataset = TokenDataset(built, seq_len, num_samples)
-        log.info("data: %d samples of %d tokens from %s%s (sample index %s in %.2f s)", len(dataset), seq_len + 1,
-                 self.blend.label, where, "loaded" if complete else "built", time.time() - started)
-        return dataset
+        return built, complete
 
 
 def _megatron_version() -> str:
@@ -255,6 +289,10 @@ def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = 
     from nemo_minitron.data.sources import check_documents
 
     blend = parse_blend(values, flag)
+    completions = [i.source.kind == "completions" for i in blend.items]
+    require(all(completions) or not any(completions),
+            f"{flag}: completions ({', '.join(i.source.label for i in blend.items if i.source.kind == 'completions')}) "
+            "cannot be blended with other sources: a blend trains either on every token or on completions only")
     fractions = split_fractions(split, split_flag)
     cache = DataCache(check_cache_dir(cache_dir, cache_flag))
     for item in blend.items:
@@ -264,7 +302,7 @@ def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = 
         key = tokenizer_fingerprint(tokenizer)
         for item in blend.items:
             if item.source.is_text and not cache.is_complete(cache.text_prefix(item.source, key)):
-                check_documents(item.source, flag)
+                check_documents(item.source, flag, tokenizer)
     return Corpus(blend, split, fractions, cache, vocab_size, split_flag)
 
 

@@ -4,6 +4,9 @@ A source is one of
 - ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` / ``builtin:docs`` (see ``builtin.py``);
 - a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.text``, ``.jsonl`` inside, sorted);
 - a ``.jsonl`` file whose records have a ``text`` field;
+- a ``.jsonl`` file of completions (records with ``prompt`` and ``completion``, as
+  ``generate`` writes them): each record is one document, prompt then completion, and
+  only the completion's tokens are trained on (``completion_records``);
 - a Megatron indexed data set, by prefix (``PREFIX.bin`` + ``PREFIX.idx``; already tokenised).
 
 Everything but an indexed data set is text: it is tokenised once into an indexed data set
@@ -16,13 +19,13 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from nemo_minitron.data.builtin import SPLITS, builtin_documents
 from nemo_minitron.errors import UsageError, require
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-KINDS = ("builtin", "text", "jsonl", "folder", "indexed")
+KINDS = ("builtin", "text", "jsonl", "completions", "folder", "indexed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +43,22 @@ def _is_text_file(p: Path) -> bool:
     return p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")
 
 
+def _first_record(path: Path) -> Any:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    return None  # reported, with its line number, when the file is read
+    return None
+
+
 def _spec_for_file(path: Path, label: str, flag: str) -> DataSpec:
     if path.suffix == ".jsonl":
-        return DataSpec("jsonl", str(path), label)
+        first = _first_record(path)
+        completions = isinstance(first, dict) and "completion" in first and "text" not in first
+        return DataSpec("completions" if completions else "jsonl", str(path), label)
     if path.suffix in (".bin", ".idx"):
         return parse_data_spec(str(path.with_suffix("")), flag)
     return DataSpec("text", str(path), label)
@@ -100,6 +116,7 @@ def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
         yield from (d for d in builtin_documents(spec.path) if d.strip())
         return
     require(spec.is_text, f"{flag} '{spec.label}' is already tokenised")
+    require(spec.kind != "completions", f"{flag} '{spec.label}' holds completions (prompt + completion records)")
     for path in _files(spec):
         if path.suffix == ".jsonl":
             yield from (t for t in _jsonl_texts(path, flag) if t.strip())
@@ -109,9 +126,48 @@ def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
                 yield text
 
 
-def check_documents(spec: DataSpec, flag: str = "--data") -> None:
+def completion_records(spec: DataSpec, tokenizer, flag: str = "--data") -> Iterator[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of every record of a completions file, in order.
+
+    The ids ``generate`` recorded are used as they are (``prompt_ids``; ``completion_ids``
+    unless a stop string cut the text), so the student trains on the teacher's very tokens;
+    otherwise the text is tokenised (a chat prompt, with ``messages``, holds its special
+    tokens already). A completion that ended at end-of-sequence gets that token, so the
+    student learns to stop."""
+    eos = tokenizer.eos_token_id
+    with open(spec.path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{flag} '{spec.label}' line {n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not JSON ({e.msg})") from None
+            require(isinstance(record, dict) and isinstance(record.get("completion"), str),
+                    f"{where}: record has no string 'completion' field")
+            if isinstance(record.get("prompt_ids"), list):
+                prompt = [int(i) for i in record["prompt_ids"]]
+            else:
+                require(isinstance(record.get("prompt"), str), f"{where}: record has neither 'prompt' nor 'prompt_ids'")
+                prompt = tokenizer(record["prompt"], add_special_tokens="messages" not in record)["input_ids"]
+            reason = record.get("finish_reason")
+            if isinstance(record.get("completion_ids"), list) and reason != "stop":
+                completion = [int(i) for i in record["completion_ids"]]
+            else:
+                completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+            if reason == "eos" and eos is not None and (not completion or completion[-1] != eos):
+                completion.append(eos)
+            yield prompt, completion
+
+
+def check_documents(spec: DataSpec, flag: str = "--data", tokenizer=None) -> None:
     """Read every record of a JSONL source once, so that a malformed line is reported
     before any work starts (only done when the source is not in the cache yet)."""
+    if spec.kind == "completions":
+        for _ in completion_records(spec, tokenizer, flag):
+            pass
+        return
     for path in _files(spec) if spec.kind in ("jsonl", "folder") else []:
         if path.suffix == ".jsonl":
             for _ in _jsonl_texts(path, flag):

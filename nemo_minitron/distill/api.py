@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from nemo_minitron.config import Names
+from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.checkpointing import latest_checkpoint
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
@@ -194,10 +195,53 @@ def _check_cache_settings(cfg: DistillConfig, names: Names, teacher: str | None)
                                   "was written (teacher-logits --top-k)")
 
 
+def _check_method(cfg: TrainingConfig, names: Names, data, synthetic_data, teacher_logits) -> str:
+    """What the run trains on, from ``method``; its inputs checked."""
+    method = cfg.method if isinstance(cfg, DistillConfig) else "logits"
+    if method == "logits":
+        require(not synthetic_data, f"--synthetic-data needs {names('method')} synthetic or both")
+    else:
+        require(bool(synthetic_data), f"{names('method')} {method} trains on the teacher's generations: give "
+                                      "--synthetic-data (a .jsonl from generate)")
+        require(teacher_logits is None, f"{names('method')} {method} runs without a teacher-logit cache (the cache "
+                                        "covers samples of --data only)")
+        require(not cfg.kd_pairs, f"{names('kd_pairs')} with {names('method')} {method}: intermediate losses are "
+                                  "for logit distillation on --data only")
+    require(bool(data) or method == "synthetic", f"--data is required (unless {names('method')} synthetic)")
+    return method
+
+
+def _training_samples(method: str, train_corpus, synthetic_corpus, cfg: TrainingConfig, tokenizer, *, seed: int,
+                      progress: bool, cache=None):
+    """The run's training samples (collective): the data's, the generations', or both interleaved."""
+    from nemo_minitron.distill.loader import MixedSamples
+
+    total = cfg.steps * cfg.global_batch
+    if method == "synthetic":
+        return synthetic_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=seed, part="train", progress=progress,
+                                        num_samples=total)
+    if method == "both":
+        share = cfg.synthetic_fraction
+        real = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=seed, part="train", progress=progress,
+                                    num_samples=total - int(total * share) + 1)
+        synthetic = synthetic_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=seed, part="train",
+                                             progress=progress, num_samples=int(total * share) + 1)
+        return MixedSamples(real, synthetic, share, total)
+    # the cache was computed for the data set it names (built with its sample count): the
+    # very samples the live teacher reads when steps x global batch equals that count
+    samples = train_corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=seed, part="train", progress=progress,
+                                   num_samples=cache.dataset_samples if cache is not None else total)
+    if cache is not None:
+        cache.check_samples(samples)
+        samples = samples.first(cache.num_samples)  # the samples the cache covers
+    return samples
+
+
 def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cfg: TrainingConfig,
          parallel: ParallelConfig, run: RunConfig, data_opts: DataOptions, eval_data: Sequence[str] | None,
          resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
-         force_hint: str, teacher_logits: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
+         force_hint: str, teacher_logits: str | None = None, stop_at: int | None = None,
+         synthetic_data: Sequence[str] | None = None) -> dict[str, Any]:
     from nemo_minitron.checkpoint.store import (
         CheckpointInfo,
         load_checkpoint,
@@ -223,6 +267,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     elif teacher is not None:
         t_desc = read_info(teacher).description
         check_compatible(t_desc, s_desc, teacher, student)
+    method = _check_method(cfg, names, data, synthetic_data, teacher_logits)
     pairs = parse_pairs(cfg.kd_pairs, s_desc, t_desc, flag=names("kd_pairs")) if teacher is not None else []
     limit = min(d.max_position_embeddings for d in (s_desc, t_desc) if d is not None)
     require(cfg.seq_len <= limit, f"{names('seq_len')} {cfg.seq_len} is longer than the models allow ({limit})")
@@ -244,9 +289,23 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     out_path = _check_output(out, resume)
     kind = "distillation" if teacher is not None or cache is not None else "fine-tuning"
     tokenizer = load_tokenizer(student)
-    train_corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
-                                                         vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
-    resolved = {"kind": kind, "teacher": teacher, "student": str(student), "data": train_corpus.blend.label,
+    corpus_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
+                         cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+    if data:
+        train_corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
+                                                             vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
+    else:  # method synthetic alone: held-out data is --eval-data or the built-in split
+        train_corpus = None
+        heldout = check_corpus(list(eval_data or [DEFAULT_EVAL_DATA]), flag="--eval-data", **corpus_kwargs)
+        eval_label = heldout.blend.label
+    # generations are training data only: read whole, no split
+    synthetic_corpus = check_corpus(list(synthetic_data), flag="--synthetic-data", **corpus_kwargs) \
+        if synthetic_data else None
+    require(not heldout.masked, "--eval-data: completions (prompt + completion records) are training data; "
+                                "evaluate on text")
+    resolved = {"kind": kind, "teacher": teacher, "student": str(student),
+                "data": train_corpus.blend.label if train_corpus else None,
+                **({"synthetic_data": synthetic_corpus.blend.label} if synthetic_corpus else {}),
                 "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
     if cache is not None:  # which cache, by content: another one is another teacher
         resolved.update(teacher_logits=str(teacher_logits), teacher_logits_id=cache.identity)
@@ -264,17 +323,13 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     if is_rank0():
         log.info("%s config:\n%s", kind, yaml_text(resolved).rstrip())
     started = time.time()
-    # the cache was computed for the data set it names (built with its sample count): the
-    # very samples the live teacher reads when steps x global batch equals that count
-    train_samples = train_corpus.dataset(
-        tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train", progress=progress,
-        num_samples=cache.dataset_samples if cache is not None else cfg.steps * cfg.global_batch)
-    if cache is not None:
-        cache.check_samples(train_samples)
-        train_samples = train_samples.first(cache.num_samples)  # the samples the cache covers
+    train_samples = _training_samples(method, train_corpus, synthetic_corpus, cfg, tokenizer, seed=run.seed,
+                                      progress=progress, cache=cache)
     eval_samples = heldout.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="valid",
                                    progress=progress).first(cfg.eval_samples)
-    student_model, teacher_model = load_training_models(student, teacher, compute_dtype, s_desc)
+    # synthetic: the student learns from the teacher's generations; the teacher does not run
+    student_model, teacher_model = load_training_models(student, teacher if method != "synthetic" else None,
+                                                        compute_dtype, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, out_path, cfg, seed=run.seed,
                       student_desc=s_desc, teacher_desc=t_desc, pairs=pairs, progress=progress,
                       projection_init=_projection_init(student, s_desc, t_desc) if pairs else None,
@@ -316,7 +371,10 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     teacher_eval = trainer.evaluate(teacher_model) if teacher_model is not None else None
 
     provenance = {**{k: v for k, v in s_info.provenance.items() if k != "created"},
-                  kind.replace("-", "_"): {"teacher": teacher, "student": student, "data": train_corpus.blend.label,
+                  kind.replace("-", "_"): {"teacher": teacher, "student": student,
+                                           "data": train_corpus.blend.label if train_corpus else None,
+                                           **({"method": method, "synthetic_data": synthetic_corpus.blend.label}
+                                              if synthetic_corpus else {}),
                                            "steps": cfg.steps,
                                            **({"teacher_logits": str(teacher_logits)} if cache else {})}}
     info = CheckpointInfo(s_desc, s_info.dtype, provenance)
@@ -373,7 +431,8 @@ def _configs(cls, config, options: dict[str, Any], names: Names | None, data_nam
 def distill(teacher: str | None, student: str, data: Sequence[str], out: str, config: DistillConfig | None = None, *,
             teacher_logits: str | None = None, eval_data: Sequence[str] | None = None, resume: bool = False,
             force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
-            force_hint: str = "--force", stop_at: int | None = None, **options: Any) -> dict[str, Any]:
+            force_hint: str = "--force", stop_at: int | None = None, synthetic_data: Sequence[str] | None = None,
+            **options: Any) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` on ``data``; either may be a project checkpoint or a
     Megatron-LM / Megatron-Bridge (an ``iter_N`` directory chooses the iteration) / NeMo 2 one.
     With ``teacher=None`` and ``teacher_logits`` a cache directory, from the cached teacher.
@@ -384,10 +443,15 @@ def distill(teacher: str | None, student: str, data: Sequence[str], out: str, co
     needed, and the new settings (learning-rate schedule included) apply from there.
     ``stop_at``: train only up to that step on the full schedule, save a training
     checkpoint there and evaluate (returns ``{"stopped_at", "student_now", ...}``); a later
-    call continues (successive halving in ``search``)."""
+    call continues (successive halving in ``search``).
+
+    ``synthetic_data``: the teacher's generations (a ``generate`` JSONL: only completion
+    tokens are trained on), for ``method="synthetic"`` (cross-entropy on them alone; the
+    teacher does not run, ``data`` may be empty) or ``"both"`` (KD on ``data`` plus
+    cross-entropy on them, a ``synthetic_fraction`` of every step's samples)."""
     require(teacher is not None or teacher_logits is not None, "give --teacher or --teacher-logits")
     return _run(teacher, student, data, out, eval_data=eval_data, resume=resume, force=force, progress=progress,
-                force_hint=force_hint, teacher_logits=teacher_logits, stop_at=stop_at,
+                force_hint=force_hint, teacher_logits=teacher_logits, stop_at=stop_at, synthetic_data=synthetic_data,
                 **_configs(DistillConfig, config, options, names, data_names))
 
 

@@ -20,10 +20,12 @@ def main(args) -> int:
         _apply_kd_yaml(args)
     if args.teacher is not None and args.teacher.lower() == "none":  # cross-entropy fine-tuning, the baseline
         require(args.teacher_logits is None, "--teacher none with --teacher-logits: give one of them")
+        require(args.synthetic_data is None, "--synthetic-data goes with a --teacher (--method synthetic or both)")
+        require(args.data is not None, "--data is required for fine-tuning")
         finetune(args.student, args.data, args.out, from_args(TrainingConfig, args), **common)
     else:
         distill(args.teacher, args.student, args.data, args.out, from_args(DistillConfig, args),
-                teacher_logits=args.teacher_logits, **common)
+                teacher_logits=args.teacher_logits, synthetic_data=args.synthetic_data, **common)
     return 0
 
 

@@ -82,6 +82,14 @@ class DistillConfig(TrainingConfig):
                 "(each one matches it) or a number", parse=str)
     kd_balance: bool = option(False, "rescale the KD term to the cross-entropy term's magnitude every micro-batch "
                                      "(ModelOpt's skip_lm_loss: false)")
+    method: Literal["logits", "synthetic", "both"] = option(
+        "logits", "what the student learns from: the teacher's logits on --data (logits), cross-entropy on the "
+                  "completions of --synthetic-data, the teacher's generations (synthetic: no teacher runs), or KD on "
+                  "--data plus cross-entropy on --synthetic-data (both)")
+    synthetic_fraction: float = option(0.5, "method both: share of each step's samples taken from "
+                                            "--synthetic-data", gt=0, lt=1)
+    synthetic_weight: float = option(1.0, "method synthetic/both: weight of the cross-entropy on synthetic samples "
+                                          "(KD on real ones has --kd-weight)", gt=0)
 
     def check(self, names) -> None:
         super().check(names)

@@ -59,16 +59,22 @@ class LogitLossConfig:
     #: kd_weight * CE/KD, the ratio held constant in backward): ModelOpt's balancer with
     #: ``skip_lm_loss: false``. Costs a second pass over the logits.
     balance: bool = False
+    #: weight of cross-entropy on synthetic samples (the teacher's generations) in a run that
+    #: mixes them with real data (per-token weights, ``token_weights``)
+    synthetic_weight: float = 1.0
 
     @classmethod
     def of(cls, cfg, vocab_size: int | None, **changes) -> "LogitLossConfig":
         """From a DistillConfig, or from a TrainingConfig (plain fine-tuning: cross-entropy only)."""
         from nemo_minitron.distill.config import DistillConfig
 
-        if isinstance(cfg, DistillConfig):
+        if isinstance(cfg, DistillConfig) and cfg.method == "synthetic":  # cross-entropy on generations only
+            loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=cfg.synthetic_weight,
+                       chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size, synthetic_weight=cfg.synthetic_weight)
+        elif isinstance(cfg, DistillConfig):
             loss = cls(temperature=cfg.kd_temperature, kind=cfg.kd_loss, top_k=cfg.kd_top_k, kd_weight=cfg.kd_weight,
                        ce_weight=cfg.ce_weight, chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size,
-                       balance=cfg.kd_balance)
+                       balance=cfg.kd_balance, synthetic_weight=cfg.synthetic_weight)
         else:
             loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=1.0,
                        chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
@@ -156,13 +162,17 @@ def _scaled(x: torch.Tensor, T: float) -> torch.Tensor:
 
 
 def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor | None, cfg: LogitLossConfig,
-                 shard: _Shard, want_grad: bool):
+                 shard: _Shard, want_grad: bool, kd_scale=None, ce_scale=None):
     """Per-token losses (kd, ce) of one chunk and, if asked, d(weighted sum)/dz over the valid columns.
+    The weights are ``cfg``'s, or per token ``kd_scale``/``ce_scale`` [c, 1] (then ``cfg``'s
+    weights only say whether a term is computed at all).
 
     Written with log q - log p = (y' - z') - (lse(y') - lse(z')), y' = y/T, z' = z/T, so each
     term costs a few passes over the chunk and no log-probability tensors are built.
     Returns (kd, ce, grad, (lse_z, lse_y))."""
     T = cfg.temperature
+    kd_scale = cfg.kd_weight if kd_scale is None else kd_scale
+    ce_scale = cfg.ce_weight if ce_scale is None else ce_scale
     z = z[:, :shard.valid]
     kd = ce = grad = None
     zs = _scaled(z, T)
@@ -171,7 +181,7 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
     if isinstance(y, SparseTeacher) and cfg.kd_weight != 0:
         ce_reuses = T == 1 and labels is not None and cfg.ce_weight != 0  # the KL overwrites its copy
         kd, grad = _sparse_forward_kl(zs.clone() if ce_reuses else zs, lse_z, y, shard, T,
-                                      cfg.kd_weight if want_grad else None)
+                                      kd_scale if want_grad else None)
     elif y is not None and cfg.kd_weight != 0:
         ys = _scaled(y[:, :shard.valid], T)
         if cfg.top_k is not None:
@@ -185,7 +195,7 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
             kl = shard.sum(torch.linalg.vecdot(q, diff)) - lse_y.squeeze(-1) + lse_z.squeeze(-1)
             kd = kl * T * T
             if want_grad:
-                grad = (zs - lse_z).exp_().sub_(q).mul_(cfg.kd_weight * T)        # T (p - q)
+                grad = (zs - lse_z).exp_().sub_(q).mul_(kd_scale * T)             # T (p - q)
         else:
             log_p = zs - lse_z
             p = log_p.exp()
@@ -193,7 +203,7 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
             kl = shard.sum(torch.linalg.vecdot(p, log_ratio))
             kd = kl * T * T
             if want_grad:
-                grad = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(cfg.kd_weight * T)  # T p (log p/q - KL)
+                grad = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(kd_scale * T)  # T p (log p/q - KL)
     if labels is not None and cfg.ce_weight != 0:
         z1 = zs if T == 1 else _scaled(z, 1.0)
         lse_1 = lse_z if T == 1 else shard.lse(z1)
@@ -204,7 +214,7 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
         if want_grad:
             g = (z1 - lse_1).exp_()
             g[mine.nonzero(as_tuple=True)[0], local[mine]] -= 1.0
-            g.mul_(cfg.ce_weight)
+            g.mul_(ce_scale)
             grad = g if grad is None else grad.add_(g)
     return kd, ce, grad, (lse_z, lse_y)
 
@@ -242,26 +252,42 @@ def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTea
     grad = p.sub_(zs.add_(shift).exp_())
     grad.scatter_add_(-1, cols, torch.where(mine, -q, torch.zeros_like(q)))
     return kl * T * T, grad.mul_(weight * T)
-def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None):
-    """Token sums of KD and CE over all chunks (float64); the gradient into ``grad`` if given."""
-    kd_sum = torch.zeros((), dtype=torch.float64, device=z.device)
-    ce_sum = torch.zeros((), dtype=torch.float64, device=z.device)
+def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None, weights=None):
+    """(weighted total, KD sum, CE sum) over all chunks (float64); the gradient into ``grad``
+    if given. ``weights``: per-token (kd, ce) weights [N]; then the KD and CE sums are over
+    the tokens each applies to."""
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=z.device)  # noqa: E731
+    total, kd_sum, ce_sum = zero(), zero(), zero()
     with torch.no_grad():
         for i in range(0, z.shape[0], cfg.chunk_tokens):
             sl = slice(i, i + cfg.chunk_tokens)
+            kd_w, ce_w = (None, None) if weights is None else (weights[0][sl], weights[1][sl])
             kd, ce, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
-                                        cfg, shard, want_grad=grad is not None)
+                                        cfg, shard, want_grad=grad is not None,
+                                        kd_scale=None if kd_w is None else kd_w.unsqueeze(-1),
+                                        ce_scale=None if ce_w is None else ce_w.unsqueeze(-1))
             if g is not None:
                 grad[sl, :shard.valid] = g
-            if kd is not None:
-                kd_sum += kd.double().sum()
-            if ce is not None:
-                ce_sum += ce.double().sum()
-    return kd_sum, ce_sum
+            for term, w, which in ((kd, kd_w, 0), (ce, ce_w, 1)):
+                if term is None:
+                    continue
+                term = term.double()
+                if w is None:
+                    part = term.sum()
+                    total += (cfg.kd_weight if which == 0 else cfg.ce_weight) * part
+                else:
+                    total += (term * w.double()).sum()
+                    part = torch.where(w > 0, term, torch.zeros_like(term)).sum()
+                if which == 0:
+                    kd_sum += part
+                else:
+                    ce_sum += part
+    return total, kd_sum, ce_sum
 
 
 class LogitDistillation(torch.autograd.Function):
     """Sum over tokens of kd_weight * KD + ce_weight * CE, chunked; returns (total, kd_sum, ce_sum).
+    With per-token ``weights`` (kd [N], ce [N]) those replace the config's weights.
 
     The gradient is computed chunk by chunk in the forward pass (where every softmax
     statistic is at hand) and kept in the logits' own dtype until backward, which only
@@ -269,7 +295,7 @@ class LogitDistillation(torch.autograd.Function):
     ones, and about half the passes over the logits of a recomputing backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, cfg: LogitLossConfig):
+    def forward(ctx, student, teacher, labels, cfg: LogitLossConfig, weights=None):
         shard = _Shard(student.shape[-1], cfg.vocab_size)
         z = student.reshape(-1, student.shape[-1])
         if isinstance(teacher, SparseTeacher):
@@ -281,23 +307,32 @@ class LogitDistillation(torch.autograd.Function):
         lab = None if labels is None else labels.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
-        weights = cfg
-        if cfg.balance and y is not None:  # a first pass for the two sums, then the weighted gradient
-            kd_sum, ce_sum = _sums(z, y, lab, cfg, shard, None)
-            ratio = float(ce_sum / kd_sum) if kd_sum > 0 and ce_sum > 0 else 0.0
-            weights = dataclasses.replace(cfg, kd_weight=cfg.kd_weight * ratio)
-        kd_sum, ce_sum = _sums(z, y, lab, weights, shard, grad)
+        weights_cfg = cfg
+        if weights is not None:  # the config's weights now only say which terms are computed
+            kd_w, ce_w = (w.reshape(-1).to(torch.float32) for w in weights)
+            weights = (kd_w if y is not None else torch.zeros_like(kd_w), ce_w)
+            weights_cfg = dataclasses.replace(cfg, kd_weight=float(bool((weights[0] > 0).any())),
+                                              ce_weight=float(bool((ce_w > 0).any())))
+        if cfg.balance and y is not None:  # a first pass for the two means, then the weighted gradient
+            _, kd_sum, ce_sum = _sums(z, y, lab, weights_cfg, shard, None, weights)
+            n_kd = float((weights[0] > 0).sum()) if weights is not None else 1.0
+            n_ce = float((weights[1] > 0).sum()) if weights is not None else 1.0
+            ratio = float((ce_sum / n_ce) / (kd_sum / n_kd)) if kd_sum > 0 and ce_sum > 0 else 0.0
+            if weights is None:
+                weights_cfg = dataclasses.replace(cfg, kd_weight=cfg.kd_weight * ratio)
+            else:
+                weights = (weights[0] * ratio, weights[1])
+        total, kd_sum, ce_sum = _sums(z, y, lab, weights_cfg, shard, grad, weights)
         ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
-        total = (weights.kd_weight * kd_sum + weights.ce_weight * ce_sum).float()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return total, kd_sum.float(), ce_sum.float()
+        return total.float(), kd_sum.float(), ce_sum.float()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_total).reshape(ctx.student_shape), None, None, None
+        return grad.mul_(grad_total).reshape(ctx.student_shape), None, None, None, None
 
 
 def sparse_teacher(logits: torch.Tensor, top_k: int, temperature: float, vocab_size: int | None,
@@ -340,13 +375,24 @@ def sparse_teacher(logits: torch.Tensor, top_k: int, temperature: float, vocab_s
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
-               cfg: LogitLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cfg: LogitLossConfig, kd_weights: torch.Tensor | None = None,
+               ce_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over tokens of (kd_weight * KD + ce_weight * CE), and the mean KD and CE for logs.
 
-    ``student``/``teacher``: vocab-parallel logits [..., V/tp]; ``labels``: [...] token ids."""
-    tokens = student.numel() // student.shape[-1]
-    total, kd, ce = LogitDistillation.apply(student, teacher, labels, cfg)
-    return total / tokens, kd / tokens, ce / tokens
+    ``student``/``teacher``: vocab-parallel logits [..., V/tp]; ``labels``: [...] token ids.
+    ``kd_weights``/``ce_weights`` [...] (both or neither): per-token weights in place of the
+    config's; the mean is then over the tokens with any weight (a prompt's tokens, weighted
+    0, do not count), and KD's and CE's over the tokens each applies to."""
+    if kd_weights is None and ce_weights is None:
+        tokens = student.numel() // student.shape[-1]
+        total, kd, ce = LogitDistillation.apply(student, teacher, labels, cfg)
+        return total / tokens, kd / tokens, ce / tokens
+    kd_w, ce_w = kd_weights.reshape(-1).float(), ce_weights.reshape(-1).float()
+    if teacher is None:
+        kd_w = torch.zeros_like(kd_w)
+    total, kd, ce = LogitDistillation.apply(student, teacher, labels, cfg, (kd_w, ce_w))
+    count = lambda mask: mask.sum().clamp(min=1).to(total.dtype)  # noqa: E731
+    return total / count((kd_w > 0) | (ce_w > 0)), kd / count(kd_w > 0), ce / count(ce_w > 0)
 
 
 def intermediate_loss(student_state: torch.Tensor, teacher_state: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

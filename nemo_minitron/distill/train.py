@@ -111,6 +111,21 @@ class _Fingerprinting:
 
 
 # ---------------------------------------------------------------------- forward steps
+def token_weights(batch: dict[str, torch.Tensor], loss_cfg: LogitLossConfig):
+    """Per-token (KD, CE) weights of a batch with a loss mask (completions: prompt tokens are
+    not trained on) or synthetic samples (a mixed run: cross-entropy with the synthetic
+    weight, no KD); (None, None) for plain data, where the config's weights apply."""
+    mask, synthetic = batch.get("loss_mask"), batch.get("synthetic")
+    if mask is None and synthetic is None:
+        return None, None
+    if mask is None:
+        mask = torch.ones(batch["labels"].shape, device=batch["labels"].device)
+    real = torch.ones_like(mask) if synthetic is None else (~synthetic.bool()).float().unsqueeze(-1).expand_as(mask)
+    kd = loss_cfg.kd_weight * mask * real
+    ce = (loss_cfg.ce_weight * real + loss_cfg.synthetic_weight * (1 - real)) * mask
+    return kd, ce
+
+
 def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distilling: bool, teacher_logits=None):
     """``forward_step(data_iterator, model)``: student logits, and a loss function that adds
     the logit loss (KD and/or CE) to the intermediate pair losses of the last stage.
@@ -131,14 +146,15 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
                 teacher = teacher_logits.read(batch["index"].cpu()).to(student_logits.device)
             else:
                 teacher = holder.last_teacher_logits if holder is not None else None
-            total, kd, ce = logit_loss(student_logits, teacher, labels, loss_cfg)
+            kd_w, ce_w = token_weights(batch, loss_cfg)
+            total, kd, ce = logit_loss(student_logits, teacher, labels, loss_cfg, kd_w, ce_w)
+            logged = (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce) if kd_w is None else total
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
             # the schedule divides the returned loss in place: report copies; the logged total
             # adds every stage's pair losses in _reduce_logs
-            return total, {"logit_loss": (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce).detach().clone(),
-                           "kd": kd.detach(), "ce": ce.detach()}
+            return total, {"logit_loss": logged.detach().clone(), "kd": kd.detach(), "ce": ce.detach()}
 
         return output, loss_func
 

@@ -2,8 +2,10 @@
 
 Output records (one a line, in prompt order)::
 
-    {"index": 0, "prompt": "...", "completion": "...", "prompt_tokens": 12,
+    {"index": 0, "prompt": "...", "prompt_ids": [...], "completion": "...", "prompt_tokens": 12,
      "completion_tokens": 32, "completion_ids": [...], "finish_reason": "length"}
+
+(the token ids let ``distill --synthetic-data`` train on exactly the teacher's tokens).
 
 (``messages`` too when the prompt was a chat). Records are appended to ``OUT.partial``
 one batch at a time, flushed to disk, and the file is renamed to ``OUT`` when every
@@ -28,6 +30,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.config import Names
+from nemo_minitron.data.config import DataOptions
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
@@ -113,7 +116,7 @@ def _fingerprint(model: str, prompts: Sequence[Prompt], cfg: GenerateConfig, see
 
 
 def _record(index: int, prompt: Prompt, result) -> dict:
-    record = {"index": index, "prompt": prompt.text}
+    record = {"index": index, "prompt": prompt.text, "prompt_ids": list(prompt.tokens)}
     if prompt.messages is not None:
         record["messages"] = prompt.messages
     record.update(completion=result.text, prompt_tokens=len(prompt.tokens), completion_tokens=len(result.tokens),
@@ -139,12 +142,13 @@ def _gather_round(records: list[dict]) -> list[list[dict]] | None:
 
 def generate(model: str, out: str, config: GenerateConfig | None = None, *, prompts: str | None = None,
              data: Sequence[str] | None = None, progress: bool = True, names: Names | None = None,
-             **options) -> Path:
+             data_names: Names | None = None, **options) -> Path:
     """Complete every prompt with ``model`` (checkpoint, HF directory, .gguf or alias); write ``out``.
 
-    Prompts come from ``prompts`` (a file) or ``data`` (with ``prefix_tokens``).
+    Prompts come from ``prompts`` (a file) or ``data`` (with ``prefix_tokens``; its training
+    part under ``split``, so that generations never see held-out text).
     ``config``: a GenerateConfig (defaults if None); ``options``: any of its fields, or
-    ``tp``, ``pp``, ``seed``, ``dtype``, overriding it."""
+    ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
     from tqdm import tqdm
 
     from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
@@ -161,8 +165,10 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
 
     # ---- everything the user gave is checked before any work
     names = names or cli_names(GenerateConfig)
-    stage, par, run = split_overrides(options, GenerateConfig, ParallelConfig, RunConfig)
+    stage, par, run, dat = split_overrides(options, GenerateConfig, ParallelConfig, RunConfig, DataOptions)
     cfg = build(GenerateConfig, config, names, **stage)
+    data_names = data_names or cli_names(DataOptions)
+    data_opts = build(DataOptions, None, data_names, **dat)
     parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
     tp, pp, seed, batch_size = parallel.tp, parallel.pp, run_cfg.seed, cfg.batch_size
     sampling = cfg.sampling()
@@ -182,7 +188,9 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         check_context(items, sampling.max_new_tokens, desc.max_position_embeddings, names("max_new_tokens"))
     else:
         require(cfg.prefix_tokens >= 2, f"{names('prefix_tokens')} must be >= 2 (got {cfg.prefix_tokens})")
-        corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer)
+        corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer, split=data_opts.split,
+                              split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
+                              cache_flag=data_names("cache_dir"))
         require(cfg.prefix_tokens + sampling.max_new_tokens <= desc.max_position_embeddings,
                 f"{names('prefix_tokens')} {cfg.prefix_tokens} + {names('max_new_tokens')} "
                 f"{sampling.max_new_tokens} exceeds the model's context of {desc.max_position_embeddings} tokens")

@@ -20,6 +20,7 @@ from nemo_minitron.config import DEFAULT_SEQ_LEN, Dtype, Names, option, recipe_n
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.runtime.config import ParallelConfig, RunConfig
@@ -79,6 +80,27 @@ class RoundDistillConfig(DistillConfig):
 
 
 @dataclass
+class SyntheticDataConfig(GenerateConfig):
+    """The teacher's generations a round trains on when ``distill.method`` is synthetic or
+    both: completions of prompts, written by ``generate``. Sampled by default (greedy
+    continuations of a base model repeat themselves)."""
+
+    prompts: Optional[str] = option(None, "a prompts file (JSONL with prompt or messages, or text lines)",
+                                    default_text="prefixes of data.train (prefix_tokens long)")
+    prefix_tokens: Optional[int] = option(32, "without prompts: the first N tokens of samples of data.train", ge=2)
+    limit: Optional[int] = option(256, "prompts to complete", ge=1)
+    max_new_tokens: int = option(224, "new tokens per prompt at most", ge=1)
+    temperature: float = option(1.0, "0: greedy decoding; > 0: sample at this temperature", ge=0)
+    top_p: float = option(0.95, "sample from the smallest set of tokens with this probability (0: off)", ge=0,
+                          le=1)
+
+    def check(self, names) -> None:
+        super().check(names)
+        require(self.prompts is not None or self.prefix_tokens is not None,
+                f"{names('prefix_tokens')} must be set when {names('prompts')} is not")
+
+
+@dataclass
 class RoundConfig:
     name: str = ""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
@@ -87,6 +109,8 @@ class RoundConfig:
     #: pruned model, which ``distill`` then distils (from the pruned weights)
     search: Optional[SearchConfig] = None
     distill: RoundDistillConfig = field(default_factory=RoundDistillConfig)
+    #: generation settings, used when distill.method is synthetic or both
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
 @dataclass
@@ -208,6 +232,8 @@ def validate(recipe: Recipe) -> None:
                                                 f"it (the search prunes by importance; set layer_metric and the "
                                                 f"planner's limits under rounds.{i}.search)")
             stages = ("importance", "search", "distill")
+        if rnd.distill.method != "logits":
+            stages += ("synthetic",)
         for stage in stages:
             validate_config(getattr(rnd, stage), recipe_names(f"rounds.{i}.{stage}"))
         if not rnd.name:

@@ -5,6 +5,7 @@
     OUT/<round>-1-importance       importance scores, plots
     OUT/<round>-2-prune            pruned checkpoint
     OUT/<round>-2-search           or, with a search: every candidate's result, the winner in best/
+    OUT/<round>-3-synthetic        with distill.method synthetic/both: the teacher's generations
     OUT/<round>-3-distill          distilled student (final/), metrics, checkpoints
     OUT/export                     Hugging Face directory of the last student
     OUT/report                     report.md, report.json, plots
@@ -31,6 +32,7 @@ from nemo_minitron.pipeline.recipe import Recipe, RoundConfig, load_recipe
 log = logging.getLogger("nemo_minitron")
 
 STAGES_FILE = "stages.json"
+SYNTHETIC_FILE = "completions.jsonl"
 FORCE_HINT = "resume=force (or run --force)"
 
 
@@ -70,6 +72,10 @@ class RunPaths:
 
     def search(self, i: int) -> Path:
         return self.root / f"{self.recipe.rounds[i].name}-2-search"
+
+    def synthetic(self, i: int) -> Path:
+        """The round's generated training data (``completions.jsonl`` inside)."""
+        return self.root / f"{self.recipe.rounds[i].name}-3-synthetic"
 
     def distill(self, i: int) -> Path:
         return self.root / f"{self.recipe.rounds[i].name}-3-distill"
@@ -143,6 +149,12 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
         lengths = [("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)]
         if rnd.search is not None:
             lengths.append(("search.seq_len", rnd.search.seq_len))
+        if rnd.distill.method != "logits":  # the round teacher generates: prompts and context checked now
+            g, names = rnd.synthetic, recipe_names(f"rounds.{i}.synthetic")
+            if g.prompts is not None:
+                require(Path(g.prompts).is_file(), f"{names('prompts')} '{g.prompts}' does not exist")
+            else:
+                lengths.append(("synthetic.prefix_tokens + max_new_tokens", g.prefix_tokens + g.max_new_tokens))
         for key, model in lengths:
             value = model
             limit = min(d.max_position_embeddings for d in descriptions)
@@ -272,9 +284,29 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
 
         d = rnd.distill
         config = DistillConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)})
+        # method synthetic trains on the generations alone; data.train then only provides the
+        # held-out part under data.split
+        synthetic = [str(paths.synthetic(i) / SYNTHETIC_FILE)] if d.method != "logits" else None
         return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
                    eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
-                   force_hint=FORCE_HINT, **runtime, **data_runtime)
+                   force_hint=FORCE_HINT, synthetic_data=synthetic, **runtime, **data_runtime)
+
+    def generate(out: Path) -> dict:
+        from nemo_minitron.generate.api import generate as run
+        from nemo_minitron.generate.config import GenerateConfig
+        from nemo_minitron.runtime.distributed import barrier, is_rank0
+
+        g = rnd.synthetic
+        config = GenerateConfig(**{f.name: getattr(g, f.name) for f in dataclasses.fields(GenerateConfig)})
+        source = dict(prompts=g.prompts) if g.prompts else dict(data=data.train)
+        if g.prompts:
+            config.prefix_tokens = None
+        if is_rank0():
+            out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        run(str(paths.round_teacher(i)), str(out / SYNTHETIC_FILE), config, names=recipe_names(f"{key}.synthetic"),
+            **source, **runtime, **data_runtime)
+        return {}
 
     def search(out: Path) -> dict:
         from nemo_minitron.search.api import search as run
@@ -293,11 +325,18 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
     else:
         pick = Stage(f"{rnd.name}-prune", paths.prune(i), is_checkpoint, prune,
                      {f"{key}.prune": to_dict(rnd.prune), "seed": seed})
+    generation = []
+    if rnd.distill.method != "logits":
+        generation = [Stage(f"{rnd.name}-synthetic", paths.synthetic(i), lambda p: (p / SYNTHETIC_FILE).is_file(),
+                            generate, {f"{key}.synthetic": to_dict(rnd.synthetic), f"{key}.distill.teacher":
+                                       rnd.distill.teacher, "data.train": data.train, "data.split": data.split,
+                                       **common})]
     return [
         Stage(f"{rnd.name}-importance", paths.importance(i), lambda p: (p / "scores.safetensors").is_file(),
               importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib,
                            "data.split": data.split, **common}),
         pick,
+        *generation,
         Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill,
               {f"{key}.distill": to_dict(rnd.distill), "data.train": data.train, "data.heldout": data.heldout,
                "data.split": data.split, **common}),
