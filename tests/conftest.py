@@ -46,15 +46,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: A rank aborted from C++ with no Python error (seen once in about 80 two-rank runs of
+#: distill_layouts.py, not reproduced in 12 more): a crash in the runtime, not a failed check
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def run_workers(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks."""
+    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks.
+
+    A run in which a rank aborted natively (``NATIVE_ABORT``, SIGABRT, no Python traceback
+    of its own) is run once more, with a warning: the workers are deterministic, so a
+    second run checks the same thing. Any other failure fails the test. Each rank dumps
+    its Python stack on a fatal signal (faulthandler), to find the abort's place."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
+    for attempt in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return proc
+        text = proc.stdout + proc.stderr
+        if attempt == 1 and NATIVE_ABORT in text and "(SIGABRT)" in text and "[rank" not in text:
+            import warnings
+
+            warnings.warn(f"{script}: a rank aborted natively ({NATIVE_ABORT}); running it again. Its stacks:\n"
+                          + "\n".join(text.splitlines()[-80:]))
+            continue
+        tail = "\n".join(text.splitlines()[-60:])
         raise AssertionError(f"{script} failed with exit {proc.returncode}:\n{tail}")
     return proc
 
