@@ -109,6 +109,8 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     assert len(generations) == 8 and all(len(json.loads(g)["prompt_ids"]) == 8 for g in generations)
     budget = json.loads((out / "budget-3-distill" / "summary.json").read_text())
     assert budget["config"]["method"] == "both" and budget["config"]["synthetic_data"].endswith("completions.jsonl")
+    assert "- budget: KD on builtin:train plus cross-entropy on the teacher's generations" in md
+    assert "- width: logit distillation (KD) on builtin:train" in md
     for m in report["models"]:  # task accuracy with its standard error, for every model
         assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
         for result in m["tasks"].values():

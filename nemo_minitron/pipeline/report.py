@@ -258,7 +258,7 @@ def write_report(recipe: Recipe, paths, out: Path) -> None:
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot, searches))
+                                                 task_plot, searches, summaries))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -278,7 +278,23 @@ def _words_label(words) -> str:
     return ", ".join(f"{w[0]:g} x {w[1]}" if isinstance(w, tuple) else w for w in words)
 
 
-def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None) -> str:
+def _trained_on(name: str, summary: dict[str, Any]) -> str:
+    """One line: what a round's student learned from, and how much."""
+    config = summary.get("config") or {}
+    method = config.get("method", "logits")
+    if method == "synthetic":
+        what = f"cross-entropy on the teacher's generations ({config.get('synthetic_data')})"
+    elif method == "both":
+        what = (f"KD on {config.get('data')} plus cross-entropy on the teacher's generations "
+                f"({config.get('synthetic_data')}, {config.get('synthetic_fraction', 0):.0%} of the samples)")
+    else:
+        what = f"logit distillation (KD) on {config.get('data')}"
+    return (f"- {name}: {what}; {summary.get('steps')} steps, {summary.get('tokens', 0):,} tokens, teacher "
+            f"{summary.get('teacher')}")
+
+
+def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None,
+              summaries=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
@@ -315,8 +331,9 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
             lines.append(f"| {name} | {s['wall_seconds']:.0f} s | {s['tokens'] or '-'} | {tps} |")
     for name, result in (searches or {}).items():
         lines += _search_markdown(name, result)
-    if curves:
-        lines += ["", "## Distillation", ""] + [f"![{c}]({c})" for c in curves]
+    trained = [_trained_on(name, summary) for name, summary in (summaries or {}).items() if summary]
+    if curves or trained:
+        lines += ["", "## Distillation", ""] + trained + [""] + [f"![{c}]({c})" for c in curves]
     if importance_plots:
         lines += ["", "## Importance", ""] + [f"![{p}]({p})" for p in importance_plots]
     if recipe.export.enabled:
