@@ -314,8 +314,8 @@ class Trainer:
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
-        kind = ("distillation" if isinstance(self.module, DistillationModel) or self.teacher_logits is not None
-                else "fine-tuning")
+        # a DistillConfig: distillation, also from a cache or from the teacher's generations alone
+        kind = "distillation" if isinstance(self.cfg, DistillConfig) else "fine-tuning"
         self.metrics = MetricsLog(self.out, kind=kind, total_steps=self.cfg.steps, log_every=self.cfg.log_every,
                                   config=config or {})
         self.resume_if_possible()
@@ -426,7 +426,7 @@ class Trainer:
         distilling = isinstance(self.module, DistillationModel)
         tokens_per_step = cfg.global_batch * cfg.seq_len
         flops_per_step = self.flops_per_token() * tokens_per_step
-        kind = "distill" if distilling or self.teacher_logits is not None else "fine-tune"
+        kind = "distill" if isinstance(cfg, DistillConfig) else "fine-tune"
         bar = progress_bar(cfg.steps, kind, self.progress, initial=self.step, unit="step")
         self._batches = self._loader(self.consumed_samples, cfg.data_workers)
         last, stopped = {}, None
