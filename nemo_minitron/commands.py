@@ -119,7 +119,8 @@ def evaluate(args) -> int:
         from nemo_minitron.tasks.api import run_tasks
         from nemo_minitron.tasks.lm import MegatronLM
 
-        lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=cfg.micro_batch)
+        lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=cfg.micro_batch,
+                        seed=args.seed)
         results = run_tasks(lm, tasks, limit=task_cfg.task_limit, num_fewshot=task_cfg.num_fewshot, seed=args.seed)
         record["tasks"] = {name: r.to_dict() for name, r in results.items()}
         if is_rank0():

@@ -242,14 +242,7 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
          resume: bool, force: bool, progress: bool, names: Names, data_names: Names,
          force_hint: str, teacher_logits: str | None = None, stop_at: int | None = None,
          synthetic_data: Sequence[str] | None = None) -> dict[str, Any]:
-    from nemo_minitron.checkpoint.store import (
-        CheckpointInfo,
-        load_checkpoint,
-        load_tokenizer,
-        parse_dtype,
-        read_info,
-        save_checkpoint,
-    )
+    from nemo_minitron.checkpoint.store import CheckpointInfo, load_tokenizer, parse_dtype, read_info, save_checkpoint
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 

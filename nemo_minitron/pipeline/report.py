@@ -72,7 +72,7 @@ def _task_scores(model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, di
     from nemo_minitron.tasks.api import run_tasks
     from nemo_minitron.tasks.lm import MegatronLM
 
-    lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch)
+    lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch, seed=seed)
     results = run_tasks(lm, tasks, limit=cfg.task_limit, num_fewshot=cfg.num_fewshot, seed=seed)
     for r in results.values():
         log.info("report: %s: %s", r.task, ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))

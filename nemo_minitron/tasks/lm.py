@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
 
+from nemo_minitron.config import DEFAULT_SEED
+
 log = logging.getLogger("nemo_minitron")
 
 #: positions whose log-softmax is materialised at once (bounds the fp32 [positions, vocab/tp] temporaries)
@@ -90,7 +92,8 @@ class MegatronLM(TemplateLM):
     """lm-eval's view of a megatron-core GPTModel (built at the current layout)."""
 
     def __init__(self, model, description, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256):
+                 max_gen_toks: int = 256, seed: int = DEFAULT_SEED):
+        """``seed``: sampled generate-until requests draw from seed + the batch's position."""
         from megatron.core import parallel_state as ps
 
         from nemo_minitron.runtime.distributed import layout
@@ -100,6 +103,7 @@ class MegatronLM(TemplateLM):
         self.batch_size = batch_size
         self._max_length = max_length or description.max_position_embeddings
         self.max_gen_toks = max_gen_toks
+        self.seed = seed
         self._device = layout().device
         self._rank, self._world_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self._generator = None
@@ -252,7 +256,7 @@ class MegatronLM(TemplateLM):
             for start in range(0, len(members), self.batch_size):
                 index = members[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in index]
-                for i, gen in zip(index, self._generator.generate(prompts, sampling, seed=start)):
+                for i, gen in zip(index, self._generator.generate(prompts, sampling, seed=self.seed + start)):
                     results[i] = gen.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
         return results  # type: ignore[return-value]
