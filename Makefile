@@ -28,8 +28,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nemo-minitron run recipes/smollm2-135m.yaml
 
+# FULL=1: every benchmark at its full size (hours on a 2-core CPU)
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(if $(FULL),--full)
 
 clean:
 	rm -rf $(VENV) runs

