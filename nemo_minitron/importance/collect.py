@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -58,6 +59,10 @@ def aggregate_sequence(x: torch.Tensor, kind: str) -> torch.Tensor:
     return v.double()
 
 
+#: dimensions a statistic may have (per unit, or per expert and unit)
+MAX_DIMS = 4
+
+
 class BatchStat:
     """Running sum and sum of squares of per-sample values, for one axis of one layer."""
 
@@ -76,13 +81,30 @@ class BatchStat:
         self.count += per_sample.shape[0]
 
     def all_reduce(self, group) -> None:
+        """Sum over ``group``. A rank that saw nothing (its total is None: a stat no hook of
+        this layer feeds, such as the dense MLP's of a mixture of experts, or an expert no
+        token of its share reached) takes part with zeros of the others' size."""
         if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return
-        packed = torch.cat([self.total, self.total_sq, torch.tensor([float(self.count)], dtype=torch.float64,
-                                                                      device=self.total.device)])
+        from nemo_minitron.runtime.distributed import layout
+
+        device = self.total.device if self.total is not None else layout().device
+        # the shape (at most MAX_DIMS dimensions, 0-padded): ranks that saw nothing send zeros
+        dims = torch.zeros(MAX_DIMS, dtype=torch.long, device=device)
+        if self.total is not None:
+            dims[:self.total.dim()] = torch.tensor(self.total.shape, dtype=torch.long)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        shape = tuple(int(d) for d in dims.tolist() if d > 0)
+        if not shape:
+            return  # nobody saw anything
+        n = math.prod(shape)
+        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        total = zeros if self.total is None else self.total.reshape(-1).double()
+        total_sq = zeros if self.total_sq is None else self.total_sq.reshape(-1).double()
+        packed = torch.cat([total, total_sq, torch.tensor([float(self.count)], dtype=torch.float64, device=device)])
         dist.all_reduce(packed, group=group)
-        n = self.total.numel()
-        self.total, self.total_sq, self.count = packed[:n], packed[n:2 * n], int(packed[-1].item())
+        self.total, self.total_sq = packed[:n].reshape(shape), packed[n:2 * n].reshape(shape)
+        self.count = int(packed[-1].item())
 
     def finalize(self, kind: str) -> torch.Tensor:
         n = max(self.count, 1)
