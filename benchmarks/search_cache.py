@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--target-params", default="90M", help="ranking: the budget")
     p.add_argument("--ranking-steps", type=int, default=300, help="ranking: steps every candidate trains")
     p.add_argument("--checkpoints", default="20,50,100", help="ranking: the early steps compared with the end")
+    p.add_argument("--layer-metric", default="loss", help="ranking: how depth candidates choose their layers "
+                                                         "(loss: no greedy importance pass needed)")
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--work", default=str(CACHE / "search-cache"), help="where caches and runs go (reused)")
@@ -203,11 +205,12 @@ def ranking(teacher: str, work: Path, args) -> dict:
     result = search(teacher, str(smollm2_importance()), [data], str(out), target_params=args.target_params,
                     candidates=args.candidates, steps=steps, global_batch=args.global_batch,
                     micro_batch=args.micro_batch, seq_len=args.seq_len, eval_every=every,
-                    eval_samples=args.eval_samples, cache_top_k=64, dtype=args.dtype, keep_all=True, progress=False)
+                    eval_samples=args.eval_samples, cache_top_k=64, dtype=args.dtype, keep_all=True, progress=False,
+                    layer_metric=args.layer_metric)
     curves = {c["name"]: dict((int(s), v) for s, v in c["heldout_curve"]) for c in result["candidates"]}
     names = sorted(curves)
     final = [curves[n][steps] for n in names]
-    return {"target_params": args.target_params, "steps": steps, "candidates": [
+    return {"target_params": args.target_params, "steps": steps, "layer_metric": args.layer_metric, "candidates": [
         {k: c[k] for k in ("name", "kind", "params", "target", "loss_after_pruning", "final_loss")}
         for c in result["candidates"]],
         "losses": {n: {str(s): curves[n][s] for s in points + [steps]} for n in names},
