@@ -96,18 +96,26 @@ def _files(spec: DataSpec) -> list[Path]:
     return [Path(spec.path)]
 
 
-def _jsonl_texts(path: Path, flag: str) -> Iterator[str]:
+def _jsonl_records(path: Path, name: str, field: str) -> Iterator[tuple[str, dict]]:
+    """(``NAME line N``, record) of every non-blank line; a line that is not JSON, or whose
+    record lacks a string ``field``, is a UsageError naming it."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{name} line {n}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{flag} '{path}' line {n}: not JSON ({e.msg})") from None
-            require(isinstance(record, dict) and isinstance(record.get("text"), str),
-                    f"{flag} '{path}' line {n}: record has no string 'text' field")
-            yield record["text"]
+                raise UsageError(f"{where}: not JSON ({e.msg})") from None
+            require(isinstance(record, dict) and isinstance(record.get(field), str),
+                    f"{where}: record has no string '{field}' field")
+            yield where, record
+
+
+def _jsonl_texts(path: Path, flag: str) -> Iterator[str]:
+    for _, record in _jsonl_records(path, f"{flag} '{path}'", "text"):
+        yield record["text"]
 
 
 def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
@@ -135,30 +143,20 @@ def completion_records(spec: DataSpec, tokenizer, flag: str = "--data") -> Itera
     tokens already). A completion that ended at end-of-sequence gets that token, so the
     student learns to stop."""
     eos = tokenizer.eos_token_id
-    with open(spec.path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{flag} '{spec.label}' line {n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not JSON ({e.msg})") from None
-            require(isinstance(record, dict) and isinstance(record.get("completion"), str),
-                    f"{where}: record has no string 'completion' field")
-            if isinstance(record.get("prompt_ids"), list):
-                prompt = [int(i) for i in record["prompt_ids"]]
-            else:
-                require(isinstance(record.get("prompt"), str), f"{where}: record has neither 'prompt' nor 'prompt_ids'")
-                prompt = tokenizer(record["prompt"], add_special_tokens="messages" not in record)["input_ids"]
-            reason = record.get("finish_reason")
-            if isinstance(record.get("completion_ids"), list) and reason != "stop":
-                completion = [int(i) for i in record["completion_ids"]]
-            else:
-                completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-            if reason == "eos" and eos is not None and (not completion or completion[-1] != eos):
-                completion.append(eos)
-            yield prompt, completion
+    for where, record in _jsonl_records(Path(spec.path), f"{flag} '{spec.label}'", "completion"):
+        if isinstance(record.get("prompt_ids"), list):
+            prompt = [int(i) for i in record["prompt_ids"]]
+        else:
+            require(isinstance(record.get("prompt"), str), f"{where}: record has neither 'prompt' nor 'prompt_ids'")
+            prompt = tokenizer(record["prompt"], add_special_tokens="messages" not in record)["input_ids"]
+        reason = record.get("finish_reason")
+        if isinstance(record.get("completion_ids"), list) and reason != "stop":
+            completion = [int(i) for i in record["completion_ids"]]
+        else:
+            completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        if reason == "eos" and eos is not None and (not completion or completion[-1] != eos):
+            completion.append(eos)
+        yield prompt, completion
 
 
 def check_documents(spec: DataSpec, flag: str = "--data", tokenizer=None) -> None:

@@ -148,19 +148,26 @@ def load_training_models(student: str, teacher: str | None, dtype: torch.dtype, 
     return student_model, teacher_model
 
 
-def training_corpora(data: Sequence[str], eval_data: Sequence[str] | None, data_opts: DataOptions,
+def training_corpora(data: Sequence[str] | None, eval_data: Sequence[str] | None, data_opts: DataOptions,
                      data_names: Names, *, vocab_size: int, tokenizer):
-    """The training data (checked, with a training part) and the held-out data of a run, and
-    how the held-out data is named in logs: ``eval_data`` when given, else the training
-    data's validation part when its split has one, else the built-in held-out split."""
-    from nemo_minitron.data.dataset import check_corpus, eval_corpus
+    """The training data (checked, with a training part; None without ``data``) and the
+    held-out data of a run, and how the held-out data is named in logs: ``eval_data`` when
+    given, else the training data's validation part when its split has one, else the
+    built-in held-out split."""
+    from nemo_minitron.data.dataset import eval_corpus
 
     data_kwargs = dict(vocab_size=vocab_size, cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"),
                        tokenizer=tokenizer)
-    train = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
-    require(train.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
-    heldout = eval_corpus(train, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
-    label = f"the validation part of {train.blend.label}" if heldout is train else heldout.blend.label
+    if not data:  # a run on the teacher's generations alone
+        heldout = check_corpus(list(eval_data or [DEFAULT_EVAL_DATA]), flag="--eval-data", **data_kwargs)
+        train, label = None, heldout.blend.label
+    else:
+        train = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), **data_kwargs)
+        require(train.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+        heldout = eval_corpus(train, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
+        label = f"the validation part of {train.blend.label}" if heldout is train else heldout.blend.label
+    require(not heldout.masked, "--eval-data: completions (prompt + completion records) are training data; "
+                                "evaluate on text")
     return train, heldout, label
 
 
@@ -282,20 +289,12 @@ def _run(teacher: str | None, student: str, data: Sequence[str], out: str, *, cf
     out_path = _check_output(out, resume)
     kind = "distillation" if teacher is not None or cache is not None else "fine-tuning"
     tokenizer = load_tokenizer(student)
-    corpus_kwargs = dict(vocab_size=s_desc.vocab_size, cache_dir=data_opts.cache_dir,
-                         cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
-    if data:
-        train_corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
-                                                             vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
-    else:  # method synthetic alone: held-out data is --eval-data or the built-in split
-        train_corpus = None
-        heldout = check_corpus(list(eval_data or [DEFAULT_EVAL_DATA]), flag="--eval-data", **corpus_kwargs)
-        eval_label = heldout.blend.label
+    train_corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
+                                                         vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
     # generations are training data only: read whole, no split
-    synthetic_corpus = check_corpus(list(synthetic_data), flag="--synthetic-data", **corpus_kwargs) \
-        if synthetic_data else None
-    require(not heldout.masked, "--eval-data: completions (prompt + completion records) are training data; "
-                                "evaluate on text")
+    synthetic_corpus = check_corpus(list(synthetic_data), flag="--synthetic-data", vocab_size=s_desc.vocab_size,
+                                    cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"),
+                                    tokenizer=tokenizer) if synthetic_data else None
     resolved = {"kind": kind, "teacher": teacher, "student": str(student),
                 "data": train_corpus.blend.label if train_corpus else None,
                 **({"synthetic_data": synthetic_corpus.blend.label} if synthetic_corpus else {}),
