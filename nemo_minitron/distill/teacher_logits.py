@@ -35,6 +35,7 @@ from nemo_minitron.config import Names
 from nemo_minitron.distill.config import TeacherLogitsConfig
 from nemo_minitron.distill.losses import SparseTeacher, sparse_teacher
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.runtime.config import stage_configs
 
 log = logging.getLogger("nemo_minitron")
 
@@ -204,18 +205,6 @@ class _ShardWriter:
             a.flush()
 
 
-def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
-    from nemo_minitron.config import build, cli_names, split_overrides
-    from nemo_minitron.data.config import DataOptions
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
-
-    stage, par, run, dat = split_overrides(options, TeacherLogitsConfig, ParallelConfig, RunConfig, DataOptions)
-    names = names or cli_names(TeacherLogitsConfig)
-    data_names = data_names or cli_names(DataOptions)
-    return build(TeacherLogitsConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
-
-
 def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: TeacherLogitsConfig | None = None, *,
                          progress: bool = True, names: Names | None = None, data_names: Names | None = None,
                          **options: Any) -> Path:
@@ -237,13 +226,14 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
         read_info,
     )
     from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
-    from nemo_minitron.distill.api import tokenizer_fingerprint
+    from nemo_minitron.distill.checks import tokenizer_fingerprint
     from nemo_minitron.distill.data import sample_hashes
     from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
 
-    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
-    tp, pp = parallel.tp, parallel.pp
+    configs = stage_configs(TeacherLogitsConfig, config, options, names, data_names)
+    cfg, run, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, configs.data_names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
 
     # ---- everything is checked before the teacher is loaded
     info = read_info(teacher)

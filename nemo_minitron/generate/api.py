@@ -30,7 +30,6 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.config import Names
-from nemo_minitron.data.config import DataOptions
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
@@ -153,8 +152,8 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
 
     from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
     from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
-    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+    from nemo_minitron.config import to_dict, yaml_text
+    from nemo_minitron.runtime.config import stage_configs
     from nemo_minitron.runtime.distributed import (
         barrier,
         broadcast_object,
@@ -164,13 +163,10 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
     )
 
     # ---- everything the user gave is checked before any work
-    names = names or cli_names(GenerateConfig)
-    stage, par, run, dat = split_overrides(options, GenerateConfig, ParallelConfig, RunConfig, DataOptions)
-    cfg = build(GenerateConfig, config, names, **stage)
-    data_names = data_names or cli_names(DataOptions)
-    data_opts = build(DataOptions, None, data_names, **dat)
-    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
-    tp, pp, seed, batch_size = parallel.tp, parallel.pp, run_cfg.seed, cfg.batch_size
+    configs = stage_configs(GenerateConfig, config, options, names, data_names)
+    cfg, run_cfg, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, \
+        configs.data_names
+    tp, pp, seed, batch_size = configs.parallel.tp, configs.parallel.pp, run_cfg.seed, cfg.batch_size
     sampling = cfg.sampling()
     out_path = check_new_output(out, "--out")
     require((prompts is None) != (data is None), "give either --prompts FILE or --data SPEC ... --prefix-tokens N")

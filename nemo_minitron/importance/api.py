@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from nemo_minitron.config import Names
+from nemo_minitron.config import Names, default_of
 from nemo_minitron.errors import require
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
@@ -28,8 +28,10 @@ log = logging.getLogger("nemo_minitron")
 
 
 def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, head_score: str = "channel",
-                     channel_norms: str = "layers", second_moments: bool = False, progress: bool = True,
+                     neuron_activation: str, num_layers: int,
+                     head_score: str = default_of(ImportanceConfig, "head_score"),
+                     channel_norms: str = default_of(ImportanceConfig, "channel_norms"),
+                     second_moments: bool = False, progress: bool = True,
                      layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with the
     collector's hooks; global scores (``final_norm`` [hidden] is the final norm's own channel
@@ -116,8 +118,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     ``config``: an ImportanceConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
     from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
-    from nemo_minitron.data.config import DataOptions
+    from nemo_minitron.config import to_dict, yaml_text
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.layers import (
@@ -127,17 +128,14 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         layer_loss_drops,
     )
     from nemo_minitron.importance.plots import write_plots
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+    from nemo_minitron.runtime.config import stage_configs
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 
     # ---- everything the user gave is checked before any work
-    names = names or cli_names(ImportanceConfig)
-    data_names = data_names or cli_names(DataOptions)
-    stage, par, run, dat = split_overrides(options, ImportanceConfig, ParallelConfig, RunConfig, DataOptions)
-    cfg = build(ImportanceConfig, config, names, **stage)
-    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
-    data_opts = build(DataOptions, None, data_names, **dat)
-    tp, pp, seed = parallel.tp, parallel.pp, run_cfg.seed
+    configs = stage_configs(ImportanceConfig, config, options, names, data_names)
+    cfg, run_cfg, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, \
+        configs.data_names
+    tp, pp, seed = configs.parallel.tp, configs.parallel.pp, run_cfg.seed
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description

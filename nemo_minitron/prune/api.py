@@ -31,7 +31,7 @@ from nemo_minitron.prune.select import (
     random_scores,
 )
 from nemo_minitron.prune.targets import apply_target, describe_change, parse_param_count
-from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+from nemo_minitron.runtime.config import stage_configs
 
 log = logging.getLogger("nemo_minitron")
 
@@ -152,16 +152,13 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
         require_tokenizer,
         save_checkpoint,
     )
-    from nemo_minitron.config import build, split_overrides, to_dict
+    from nemo_minitron.config import to_dict
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.runtime.distributed import check_world_size, init_distributed
 
-    names = names or cli_names(PruneConfig)
-    stage, par, run = split_overrides(options, PruneConfig, ParallelConfig, RunConfig)
-    cfg = build(PruneConfig, config, names, **stage)
-    parallel = build(ParallelConfig, None, names, **par)
-    tp, pp = parallel.tp, parallel.pp
-    run_cfg = build(RunConfig, None, names, **run)
+    configs = stage_configs(PruneConfig, config, options, names, data=False)
+    cfg, run_cfg, names = configs.stage, configs.run, configs.names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
     seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
     # ---- validate everything before any weight is read

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from nemo_minitron.config import DEFAULT_SEQ_LEN, Names
 from nemo_minitron.errors import require
 from nemo_minitron.prune.targets import format_count
-from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+from nemo_minitron.runtime.config import RunConfig, stage_configs
 from nemo_minitron.search.candidates import SearchCandidate, search_candidates
 from nemo_minitron.search.config import SearchConfig
 
@@ -83,17 +83,6 @@ def _heldout_at(directory: Path, step: int) -> float | None:
     return next((loss for s, loss in held if s == step), None)
 
 
-def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
-    from nemo_minitron.config import build, cli_names, split_overrides
-    from nemo_minitron.data.config import DataOptions
-
-    stage, par, run, dat = split_overrides(options, SearchConfig, ParallelConfig, RunConfig, DataOptions)
-    names = names or cli_names(SearchConfig)
-    data_names = data_names or cli_names(DataOptions)
-    return build(SearchConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
-
-
 def search(checkpoint: str, importance: str, data: Sequence[str], out: str, config: SearchConfig | None = None, *,
            teacher: str | None = None, teacher_logits: str | None = None, eval_data: Sequence[str] | None = None,
            force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
@@ -109,15 +98,18 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
 
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.distill.api import _check_cache_settings, parse_pairs, tokenizer_fingerprint, training_corpora
+    from nemo_minitron.distill.checks import check_cache_settings, tokenizer_fingerprint
+    from nemo_minitron.distill.corpora import training_corpora
+    from nemo_minitron.distill.model import parse_pairs
     from nemo_minitron.data.config import DataOptions
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
     from nemo_minitron.prune.targets import parse_param_count
     from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
 
-    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
-    tp, pp = parallel.tp, parallel.pp
+    configs = stage_configs(SearchConfig, config, options, names, data_names)
+    cfg, run, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, configs.data_names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
     teacher = str(teacher or checkpoint)
 
     # ---- everything is checked before the first candidate is pruned
@@ -146,7 +138,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     if teacher_logits is not None:  # its samples are checked by each candidate's distill
         from nemo_minitron.distill.teacher_logits import TeacherLogits
 
-        _check_cache_settings(cfg, names, None)
+        check_cache_settings(cfg, names, None)
         TeacherLogits.open(teacher_logits).check_settings(
             tokenizer=tokenizer_fingerprint(checkpoint), seq_len=cfg.seq_len, seed=run.seed,
             vocab_size=original.vocab_size, temperature=cfg.kd_temperature, data=corpus.blend.label,
@@ -280,8 +272,7 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
                      progress=progress, names=names, force_hint=force_hint,
                      stop_at=step if step < cfg.steps else None, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
                      split=data_opts.split, cache_dir=data_opts.cache_dir, data_names=data_names)
-    now = result["student_now"] if step < cfg.steps else {"heldout_loss": result["student_after"]["heldout_loss"]}
-    return now["heldout_loss"]
+    return result.heldout_loss
 
 
 def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], rungs: list[int],
