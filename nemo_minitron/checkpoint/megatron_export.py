@@ -101,7 +101,7 @@ def _repad(sharded: dict, vocab_size: int, rows: int) -> None:
 
 
 def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_dir: Path | None,
-                    vocab_padding: str | int = "megatron", dtype: torch.dtype = torch.float32) -> Path:
+                    vocab_padding: str | int, dtype: torch.dtype = torch.float32) -> Path:
     """Collective over all ranks: write ``model`` (at the current layout) as a Megatron-LM /
     Megatron-Bridge checkpoint directory ``out``."""
     import yaml

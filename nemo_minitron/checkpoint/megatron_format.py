@@ -46,86 +46,14 @@ from typing import Any
 import torch
 
 from nemo_minitron.checkpoint import megatron_config
+from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 
 log = logging.getLogger("nemo_minitron")
 
-TRACKER = "latest_checkpointed_iteration.txt"    # Megatron-LM and Bridge
-BRIDGE_TRACKER = "latest_train_state.pt"         # Bridge only
-RUN_CONFIG = "run_config.yaml"
 SUPPORTED = ("torch_dist checkpoints of Megatron-LM and Megatron-Bridge (DIR with "
              "latest_checkpointed_iteration.txt and iter_NNNNNNN/), and NeMo 2 checkpoints (context/ + weights/)")
-_ITER = re.compile(r"^iter_(\d{7,})$")
-
-
-# ---------------------------------------------------------------------- layout detection
-def _is_weights_dir(p: Path) -> bool:
-    return (p / "metadata.json").is_file() or (p / ".metadata").is_file() or any(p.glob("mp_rank_*"))
-
-
-def is_nemo2(path: Path) -> bool:
-    return (path / "context" / "model.yaml").is_file() and (path / "weights").is_dir()
-
-
-def is_megatron_root(path: Path) -> bool:
-    return (path / TRACKER).is_file() or (path / BRIDGE_TRACKER).is_file() or any(
-        _ITER.match(p.name) for p in path.glob("iter_*") if p.is_dir())
-
-
-def is_iteration_dir(path: Path) -> bool:
-    return _is_weights_dir(path) and (bool(_ITER.match(path.name)) or path.name == "release"
-                                      or (path / RUN_CONFIG).is_file() or (path / "common.pt").is_file())
-
-
-def detect(path: str | Path) -> bool:
-    """Cheap (no file is parsed): is ``path`` a Megatron-LM / Bridge / NeMo 2 checkpoint?"""
-    p = Path(path)
-    return p.is_dir() and (is_nemo2(p) or is_megatron_root(p) or is_iteration_dir(p))
-
-
-def _iterations(root: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER.match(p.name)) and p.is_dir())
-
-
-def _available(root: Path) -> str:
-    found = _iterations(root)
-    return f"iterations here: {', '.join(map(str, found))}" if found else "no iter_* directories here"
-
-
-def resolve_iteration(path: str | Path, iteration: int | None = None, flag: str = "MODEL",
-                      iteration_flag: str = "--iteration") -> Path:
-    """The iteration directory of a Megatron checkpoint directory (the latest one unless
-    ``iteration`` is given), or the NeMo 2 checkpoint directory itself."""
-    root = Path(path)
-    it = iteration_flag
-    if is_nemo2(root):
-        require(iteration is None, f"{it} {iteration}: '{root}' is a NeMo 2 checkpoint, which holds "
-                                   "one step; give the directory of the step you want")
-        return root
-    if is_iteration_dir(root) and not is_megatron_root(root):
-        if iteration is not None:
-            m = _ITER.match(root.name)
-            require(m is not None and int(m.group(1)) == iteration,
-                    f"{it} {iteration} does not match the iteration directory '{root}' given as {flag}")
-        return root
-    if iteration is not None:
-        require(iteration >= 0, f"{it} must be >= 0 (got {iteration})")
-        chosen = root / f"iter_{iteration:07d}"
-        require(chosen.is_dir(), f"{it} {iteration}: '{chosen}' does not exist ({_available(root)})")
-        return chosen
-    tracker = root / TRACKER
-    require(tracker.is_file(), f"{flag} '{root}' has no {TRACKER} to say which iteration is the latest; "
-                               f"pass {it} N or the iteration directory ({_available(root)})")
-    text = tracker.read_text().strip()
-    if text == "release":
-        chosen = root / "release"
-    else:
-        require(text.isdigit(), f"{flag} '{root}': {TRACKER} holds '{text[:40]}', not an iteration number")
-        chosen = root / f"iter_{int(text):07d}"
-    require(chosen.is_dir(), f"{flag} '{root}': {TRACKER} names '{chosen.name}', which does not exist "
-                             f"({_available(root)})")
-    return chosen
 
 
 def _check_format(weights: Path, label: str) -> None:
@@ -264,7 +192,7 @@ class MegatronCheckpoint:
 
     @property
     def iteration(self) -> int | None:
-        m = _ITER.match(self.path.name)
+        m = ITERATION_DIR.match(self.path.name)
         return int(m.group(1)) if m else None
 
     @cached_property

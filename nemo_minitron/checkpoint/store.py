@@ -73,9 +73,9 @@ def megatron_checkpoint(path: str | os.PathLike):
     """The Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint at ``path`` (validated, cached),
     or None when ``path`` is not one. Such checkpoints are read in place wherever a
     project checkpoint is (``read_info``, ``load_checkpoint``, ``load_tokenizer``)."""
-    from nemo_minitron.checkpoint import megatron_format
+    from nemo_minitron.checkpoint import megatron_layout
 
-    if is_checkpoint(path) or not megatron_format.detect(path):
+    if is_checkpoint(path) or not megatron_layout.detect(path):
         return None
     return _open_megatron(str(Path(path).resolve()))
 

@@ -115,7 +115,9 @@ class DataCache:
             if spec.kind == "completions":
                 self._tokenize_completions(spec, tokenizer, writer, tmp)
             else:
-                tokenize_into(writer, documents(spec), tokenizer, progress=progress, desc=f"tokenise {spec.label}")
+                # tokenised in this process (preprocess --workers is for bulk jobs)
+                tokenize_into(writer, documents(spec), tokenizer, workers=1, progress=progress,
+                              desc=f"tokenise {spec.label}")
             writer.finalize()
             _write_json(tmp / "source.json", {"source": spec.label, "kind": spec.kind, "documents": writer.documents,
                                               "tokens": writer.tokens})

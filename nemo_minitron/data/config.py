@@ -25,3 +25,10 @@ class DataOptions:
         from nemo_minitron.data.blend import split_fractions
 
         split_fractions(self.split, names("split"))
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """``nemo-minitron preprocess``: how the text is tokenised."""
+
+    workers: int = option(1, "tokenizer processes", ge=1)

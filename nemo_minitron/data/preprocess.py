@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from nemo_minitron.config import build, cli_names
+from nemo_minitron.data.config import PreprocessConfig
 from nemo_minitron.errors import require
 
 log = logging.getLogger("nemo_minitron")
@@ -64,7 +66,7 @@ def _encoded(docs: Iterable[str], tokenizer, workers: int) -> Iterator[tuple[lis
         yield from pool.imap(_encode_in_worker, _batches(docs), chunksize=1)
 
 
-def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int = 1, total_bytes: int | None = None,
+def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int, total_bytes: int | None = None,
                   progress: bool = False, desc: str = "tokenise") -> None:
     """Tokenise ``docs`` into an ``IndexedWriter``, in document order."""
     from nemo_minitron.runtime.progress import progress_bar
@@ -98,15 +100,16 @@ def load_any_tokenizer(model: str, flag: str = "--model"):
     return resolve_source(model, flag).tokenizer()
 
 
-def preprocess(inputs: Sequence[str], model: str, out: str, *, workers: int = 1,
-               progress: bool = True) -> dict[str, Any]:
-    """Tokenise ``inputs`` with ``model``'s tokenizer into ``out.bin``/``out.idx`` (atomic)."""
+def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessConfig | None = None, *,
+               progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Tokenise ``inputs`` with ``model``'s tokenizer into ``out.bin``/``out.idx`` (atomic).
+    ``config``: a PreprocessConfig (defaults if None); ``options``: any of its fields (``workers``)."""
     from nemo_minitron.data.indexed import atomic_indexed, token_dtype
     from nemo_minitron.data.sources import check_documents, documents, parse_data_spec
 
     # ---- everything is checked before any work
+    workers = build(PreprocessConfig, config, cli_names(PreprocessConfig), **options).workers
     require(len(inputs) > 0, "--input is required (text files, folders, .jsonl files or builtin:*)")
-    require(isinstance(workers, int) and workers >= 1, f"--workers must be >= 1 (got {workers})")
     specs = [parse_data_spec(i, "--input") for i in inputs]
     for spec in specs:
         require(spec.is_text, f"--input '{spec.label}' is already a Megatron indexed data set")

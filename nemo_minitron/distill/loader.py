@@ -125,8 +125,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def training_batches(dataset, *, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                     workers: int = 2, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                     workers: int, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of this rank's micro-batches, to hand to the pipeline schedule;
+    ``workers``: DataLoader processes (TrainingConfig.data_workers; 0: none);
     ``with_index``: each carries its samples' indices (``index``) too."""
     sampler = StepSampler(len(dataset), consumed, global_batch, micro_batch, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.distill.model import EMBEDDING, FINAL_NORM
+from nemo_minitron.distill.config import EMBEDDING, FINAL_NORM
 from nemo_minitron.errors import UsageError, require
 
 KEYS = ("intermediate_layer_pairs", "logit_layers", "skip_lm_loss", "kd_loss_scale", "logit_kl_temperature",

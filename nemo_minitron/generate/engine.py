@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.generate.config import SamplingConfig
 
 log = logging.getLogger("nemo_minitron")
@@ -141,7 +142,7 @@ class TextGenerator:
         return controller
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int = 1234) -> list[Generation]:
+                 seed: int = DEFAULT_SEED) -> list[Generation]:
         """Complete each tokenised prompt; ``seed`` fixes the samples (ignored when greedy)."""
         from megatron.core.inference.inference_request import InferenceRequest
         from megatron.core.inference.sampling_params import SamplingParams

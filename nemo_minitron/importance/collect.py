@@ -147,7 +147,7 @@ class ActivationCollector:
     input and pre-MLP norms are fused into ``linear_qkv`` / ``linear_fc1`` and their
     outputs are recomputed here from the fused module's input and its norm weight)."""
 
-    def __init__(self, model, seq_agg: str = "mean", neuron_activation: str = "post", head_score: str = "token",
+    def __init__(self, model, *, seq_agg: str, neuron_activation: str, head_score: str,
                  second_moments: bool = False) -> None:
         from nemo_minitron.model.params import unwrap
 

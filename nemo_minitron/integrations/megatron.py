@@ -47,6 +47,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.config import DEFAULT_SEED, default_of
+from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel
 from nemo_minitron.distill.train import initial_pair_weights, next_pair_weights
@@ -62,16 +64,16 @@ _SHARED_SETTINGS = ("sequence_parallel", "bf16", "fp16", "params_dtype", "pipeli
 class KDLoss:
     """The distillation loss (the meaning of every field as in ``nemo-minitron distill``)."""
 
-    temperature: float = 1.0
-    kind: str = "forward"             # forward | reverse KL
-    top_k: int | None = None
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    balance: bool = False             # ModelOpt's skip_lm_loss: false (see distill.modelopt_yaml)
+    temperature: float = default_of(DistillConfig, "kd_temperature")
+    kind: str = default_of(DistillConfig, "kd_loss")            # forward | reverse KL
+    top_k: int | None = default_of(DistillConfig, "kd_top_k")
+    kd_weight: float = default_of(DistillConfig, "kd_weight")
+    ce_weight: float = default_of(DistillConfig, "ce_weight")
+    balance: bool = default_of(DistillConfig, "kd_balance")     # ModelOpt's skip_lm_loss: false (distill.modelopt_yaml)
     pairs: str = ""                   # "student:teacher,...", layers 0-indexed, embedding, final_norm
-    pair_loss: str = "cosine"
-    pair_weight: float | str = "auto"  # auto (their mean matches the logit loss), auto_sum, or a number
-    chunk_tokens: int = 1024
+    pair_loss: str = default_of(DistillConfig, "kd_pair_loss")
+    pair_weight: float | str = default_of(DistillConfig, "kd_pair_weight")  # auto, auto_sum, or a number
+    chunk_tokens: int = default_of(DistillConfig, "logit_chunk")
 
     @classmethod
     def from_modelopt_yaml(cls, path: str) -> "KDLoss":
@@ -102,11 +104,11 @@ def _distillation_module(model) -> DistillationModel:
 
 
 def teacher_hook(teacher: str, *, iteration: int | None = None, loss: KDLoss | None = None,
-                 seed: int = 1234) -> Callable[[list], list]:
+                 seed: int = DEFAULT_SEED) -> Callable[[list], list]:
     """A pre-wrap hook that attaches the teacher at ``teacher`` (any checkpoint the project
     reads; ``iteration`` for a Megatron-LM / Bridge directory) to the student. The
     teacher's checkpoint is validated now; its weights load when the hook runs."""
-    from nemo_minitron.checkpoint.api import model_path
+    from nemo_minitron.checkpoint.megatron_layout import model_path
     from nemo_minitron.checkpoint.store import read_info
 
     loss = loss or KDLoss()

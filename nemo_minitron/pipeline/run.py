@@ -27,7 +27,7 @@ from typing import Any, Callable
 from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields, to_dict, yaml_text
 from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
-from nemo_minitron.pipeline.recipe import Recipe, RoundConfig, load_recipe
+from nemo_minitron.pipeline.recipe import Recipe, RoundConfig
 
 log = logging.getLogger("nemo_minitron")
 
@@ -126,7 +126,8 @@ def data_corpus(recipe: Recipe, use: str, **kwargs):
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
-    from nemo_minitron.checkpoint.api import describe_model, model_path
+    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.megatron_layout import model_path
     from nemo_minitron.prune.api import planned_description
     from nemo_minitron.runtime.distributed import check_world_size
 
@@ -214,9 +215,10 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
         def correct(out: Path) -> dict:
             from nemo_minitron.distill.api import finetune
 
-            return finetune(str(paths.input_checkpoint()), data.train, str(out), tc, eval_data=data.heldout,
-                            force=force, names=recipe_names("teacher_correction"), force_hint=FORCE_HINT,
-                            **runtime)
+            return _training_stats(finetune(str(paths.input_checkpoint()), data.train, str(out), tc,
+                                            eval_data=data.heldout, force=force,
+                                            names=recipe_names("teacher_correction"), force_hint=FORCE_HINT,
+                                            **runtime))
         stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct,
                             {"teacher_correction": to_dict(tc), "data.train": data.train, "data.heldout": data.heldout,
                              "data.split": data.split, "seed": seed, "dtype": recipe.dtype}))
@@ -243,6 +245,13 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
     stages.append(Stage("report", paths.report, lambda p: (p / "report.md").is_file(), report,
                         {"report": to_dict(recipe.report), "data.heldout": data.heldout}))
     return stages
+
+
+def _training_stats(result) -> dict[str, Any]:
+    """A training stage's stats: the tokens it trained on, or the signal that stopped it."""
+    if result.status == "stopped":
+        return {"stopped": result.signal}
+    return {"tokens": result.summary["tokens"]}
 
 
 def _distill_done(path: Path) -> bool:
@@ -287,9 +296,10 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         # method synthetic trains on the generations alone; data.train then only provides the
         # held-out part under data.split
         synthetic = [str(paths.synthetic(i) / SYNTHETIC_FILE)] if d.method != "logits" else None
-        return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
-                   eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
-                   force_hint=FORCE_HINT, synthetic_data=synthetic, **runtime, **data_runtime)
+        return _training_stats(run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
+                                   eval_data=data.heldout, force=recipe.resume == "force",
+                                   names=recipe_names(f"{key}.distill"), force_hint=FORCE_HINT,
+                                   synthetic_data=synthetic, **runtime, **data_runtime))
 
     def generate(out: Path) -> dict:
         from nemo_minitron.generate.api import generate as run
@@ -443,12 +453,3 @@ def run_recipe(recipe: Recipe) -> Path | None:
             return None
     return paths.report
 
-
-def main(args) -> int:
-    from nemo_minitron.runtime.distributed import is_rank0
-
-    recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
-    report = run_recipe(recipe)
-    if is_rank0() and report is not None:
-        print(f"report: {report / 'report.md'}")
-    return 0

@@ -15,6 +15,7 @@ import logging
 import math
 from typing import Any, Sequence
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.tasks.builtin import BUILTIN_TASKS, task_config
 
@@ -92,7 +93,7 @@ def resolve_tasks(names: str | Sequence[str], tasks_path: str | None = None, *, 
 
 
 def run_tasks(lm, tasks: ResolvedTasks, *, limit: int | float | None = None, num_fewshot: int | None = None,
-              seed: int = 1234, bootstrap_iters: int = 1000) -> dict[str, TaskResult]:
+              seed: int = DEFAULT_SEED, bootstrap_iters: int = 1000) -> dict[str, TaskResult]:
     """Score the tasks with ``lm`` (a ``MegatronLM``, or any lm-eval LM); results on every rank."""
     from lm_eval.evaluator import simple_evaluate
 
