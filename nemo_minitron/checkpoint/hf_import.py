@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from nemo_minitron.checkpoint.hf_format import hf_names, hf_to_canonical
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config, hf_names, hf_to_canonical
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+from nemo_minitron.model.description import ModelDescription
 
 log = logging.getLogger("nemo_minitron")
 

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pickle
 import re
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.checkpoint import megatron_config
+from nemo_minitron.checkpoint.dcp_index import read_index
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
@@ -131,24 +131,6 @@ def _read_yaml(path: Path) -> dict:
         raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
     require(isinstance(data, dict), f"'{path}' is not a YAML mapping")
     return data
-
-
-def read_index(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """The torch_dist index: every stored key with its global shape and dtype (None for objects)."""
-    from nemo_minitron.checkpoint.store import _CheckpointIndexUnpickler, verify_dcp_metadata
-
-    verify_dcp_metadata(weights)
-    with open(weights / ".metadata", "rb") as f:
-        try:
-            meta = _CheckpointIndexUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise UsageError(f"'{weights}/.metadata' is unreadable: {e}") from None
-    out = {}
-    for key, md in meta.state_dict_metadata.items():
-        size = getattr(md, "size", None)
-        dtype = getattr(getattr(md, "properties", None), "dtype", None)
-        out[key] = (tuple(size) if size is not None else (), dtype if size is not None else None)
-    return out
 
 
 # ---------------------------------------------------------------------- the checkpoint

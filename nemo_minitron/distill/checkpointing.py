@@ -117,7 +117,7 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from nemo_minitron.checkpoint.store import verify_dcp_metadata
+    from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
     from nemo_minitron.model.params import unwrap
 
     verify_dcp_metadata(path / "weights")

@@ -304,10 +304,3 @@ class ModelDescription:
                 f"query groups {self.num_query_groups}, head dim {self.head_dim}, vocab {self.vocab_size}"
                 + "".join(f", {f}" for f in features))
 
-
-def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> ModelDescription:
-    """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription (the family
-    tables' converter, ``checkpoint.hf_format``); unsupported features are one-line errors."""
-    from nemo_minitron.checkpoint.hf_format import description_from_hf_config as read
-
-    return read(config, name=name)

@@ -37,7 +37,7 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
 def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.pipeline.run import data_corpus
+    from nemo_minitron.pipeline.corpora import data_corpus
 
     cfg = recipe.report
     first = models[0][1]

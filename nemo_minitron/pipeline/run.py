@@ -27,6 +27,7 @@ from typing import Any, Callable
 from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields, to_dict, yaml_text
 from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
+from nemo_minitron.pipeline.corpora import data_corpus
 from nemo_minitron.pipeline.recipe import Recipe, RoundConfig
 
 log = logging.getLogger("nemo_minitron")
@@ -110,19 +111,6 @@ class RunPaths:
 
 
 # -------------------------------------------------------------------- validation
-def data_corpus(recipe: Recipe, use: str, **kwargs):
-    """The checked corpus of ``data.<use>`` (calib, train, heldout); None for a left-out
-    heldout (the validation part of ``train`` is read instead)."""
-    from nemo_minitron.data.dataset import check_corpus
-
-    value = getattr(recipe.data, use)
-    if value is None:
-        return None
-    return check_corpus(value, flag=f"data.{use}", split=None if use == "heldout" else recipe.data.split,
-                        split_flag="data.split", cache_dir=recipe.data.cache_dir, cache_flag="data.cache_dir",
-                        **kwargs)
-
-
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
