@@ -305,7 +305,7 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], *, what:
 
 
 def yaml_text(resolved: dict[str, Any]) -> str:
-    import yaml
+    import yaml  # deferred: start-up time of --help, which reads this module
 
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 

@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
+from nemo_minitron.checkpoint.config import ExportConfig
+from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
 from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.checkpoint.hf_import import Source, build_from_source, resolve_source
+from nemo_minitron.checkpoint.megatron_export import check_export, export_megatron, padded_vocab
 from nemo_minitron.checkpoint.store import (
     DTYPES,
     CheckpointInfo,
@@ -29,7 +32,7 @@ from nemo_minitron.checkpoint.store import (
     save_checkpoint,
     tokenizer_dir,
 )
-from nemo_minitron.checkpoint.config import ExportConfig
+from nemo_minitron.checkpoint.verify import verify_export
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.config import stage_configs
@@ -124,8 +127,6 @@ def model_tokenizer(path: str, flag: str = "MODEL"):
 def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
     """A stage's output directory (distill, a pipeline run) is not itself a model: say which
     checkpoint inside it is."""
-    from nemo_minitron.errors import UsageError, require
-
     if is_checkpoint(p / "final"):
         raise UsageError(f"{flag} '{p}' is a training output directory; its model is '{p / 'final'}'")
     if (p / "checkpoints").is_dir():
@@ -154,8 +155,6 @@ def export(ckpt: str, hf_out: str | None = None, config: ExportConfig | None = N
     ``megatron_export.padded_vocab``); ``dtype``: of the exported weights, default as
     stored. ``config``: an ExportConfig (defaults if None); ``options``: any of its fields
     (``verify``, ``vocab_padding``), or ``tp``, ``pp``, ``seed``. Returns the last path written."""
-    from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
-
     configs = stage_configs(ExportConfig, config, options, data=False)
     tp, pp, seed = configs.parallel.tp, configs.parallel.pp, configs.run.seed
     verify, vocab_padding = configs.stage.verify, configs.stage.vocab_padding
@@ -169,8 +168,6 @@ def export(ckpt: str, hf_out: str | None = None, config: ExportConfig | None = N
             "--hf-out and --megatron-out must differ")
     info.description.check_layout(tp, pp)
     if mg_path is not None:
-        from nemo_minitron.checkpoint.megatron_export import check_export, padded_vocab
-
         check_export(info.description, padded_vocab(info.description.vocab_size, vocab_padding, tp))
         require_tokenizer(ckpt, "--megatron-out writes it into the checkpoint")
     check_world_size(tp, pp)
@@ -181,12 +178,8 @@ def export(ckpt: str, hf_out: str | None = None, config: ExportConfig | None = N
     if hf_path is not None:
         path = export_hf(model, info.description, hf_path, tokenizer_dir=tokenizer_dir(ckpt), dtype=out_dtype)
         if verify:
-            from nemo_minitron.checkpoint.verify import verify_export
-
             verify_export(model, info.description, path)
     if mg_path is not None:
-        from nemo_minitron.checkpoint.megatron_export import export_megatron
-
         path = export_megatron(model, info, mg_path, tokenizer_dir=tokenizer_dir(ckpt), vocab_padding=vocab_padding,
                                dtype=out_dtype)
     return path

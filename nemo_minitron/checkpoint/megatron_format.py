@@ -42,13 +42,19 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe globals)
 import torch
+import yaml
+from megatron.core import dist_checkpointing, parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_config
 from nemo_minitron.checkpoint.dcp_index import read_index
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.params import unwrap
 
 log = logging.getLogger("nemo_minitron")
 
@@ -95,8 +101,6 @@ def inert_globals(common_pt: Path):
     """torch's weights-only loader, with every global that ``common_pt`` names and torch does
     not allow replaced by an inert stand-in, for as long as the block runs (megatron-core
     loads ``common.pt`` itself inside ``dist_checkpointing.load``, whatever its version)."""
-    import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe)
-
     unknown: list[str] = []
     if common_pt.is_file():
         try:
@@ -123,8 +127,6 @@ def load_common(path: Path) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -156,7 +158,6 @@ def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
             if d.normalization == "LayerNorm":
                 shapes[f"self_attention.{which}_layernorm.bias"] = (d.head_dim,)
     return shapes
-
 
 
 @dataclasses.dataclass
@@ -218,7 +219,6 @@ class MegatronCheckpoint:
     def _tokenizer(self):
         if self.tokenizer_dir is None:
             return None
-        from transformers import AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
@@ -256,11 +256,6 @@ class MegatronCheckpoint:
     # -------------------------------------------------------------- weights
     def load_into(self, model) -> None:
         """Fill ``model`` (built from ``description`` at the current layout) from the stored weights."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        from nemo_minitron.model.params import unwrap
-
         inner = unwrap(model)
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
@@ -275,8 +270,6 @@ class MegatronCheckpoint:
 def zero_vocab_padding(model, vocab_size: int) -> None:
     """Zero the embedding/output rows of ids >= vocab_size on this rank (the project's
     convention; another trainer's padding rows hold whatever it trained into them)."""
-    from megatron.core import parallel_state as ps
-
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     with torch.no_grad():
         for module in (getattr(model, "embedding", None), getattr(model, "output_layer", None)):

@@ -31,12 +31,17 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_format, megatron_layout
 from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
+from nemo_minitron.model.params import unwrap
+from nemo_minitron.runtime.distributed import all_ranks_ok, barrier, broadcast_object, is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -132,8 +137,6 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         ok = True
     finally:
-        from nemo_minitron.runtime.distributed import all_ranks_ok
-
         everyone_ok = all_ranks_ok(ok) if dist.is_initialized() else ok
         if is_rank0():
             if everyone_ok:
@@ -167,17 +170,11 @@ def require_tokenizer(path: str | os.PathLike, why: str = "") -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(require_tokenizer(path)))
 
 
 # ---------------------------------------------------------------------- weights
 def save_weights(model, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    from nemo_minitron.model.params import unwrap
-
     if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -185,11 +182,6 @@ def save_weights(model, directory: Path) -> None:
 
 
 def load_weights(model, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from nemo_minitron.model.params import unwrap
-
     verify_dcp_metadata(directory)
     inner = unwrap(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
@@ -218,8 +210,6 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     ``path``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one (read
     in place). ``sequence_parallel`` (for training a mixture of experts at TP > 1),
     ``padded_vocab_size``/``config_overrides``: see ``model.builder.build_model``."""
-    from nemo_minitron.model.builder import build_model
-
     info = read_info(path)
     stored = DTYPES[info.dtype]
     model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage,

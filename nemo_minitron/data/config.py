@@ -22,7 +22,7 @@ class DataOptions:
         default_text="$NEMO_MINITRON_DATA_CACHE or ~/.cache/nemo_minitron/data", metavar="DIR")
 
     def check(self, names) -> None:
-        from nemo_minitron.data.blend import split_fractions
+        from nemo_minitron.data.blend import split_fractions  # deferred: start-up time of --help
 
         split_fractions(self.split, names("split"))
 

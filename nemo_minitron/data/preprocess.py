@@ -20,9 +20,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from nemo_minitron.checkpoint.hf_import import resolve_source
+from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, megatron_checkpoint
 from nemo_minitron.config import build, cli_names
 from nemo_minitron.data.config import PreprocessConfig
+from nemo_minitron.data.indexed import atomic_indexed, token_dtype
+from nemo_minitron.data.sources import _files, check_documents, documents, parse_data_spec
 from nemo_minitron.errors import require
+from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
 
@@ -69,8 +74,6 @@ def _encoded(docs: Iterable[str], tokenizer, workers: int) -> Iterator[tuple[lis
 def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int, total_bytes: int | None = None,
                   progress: bool = False, desc: str = "tokenise") -> None:
     """Tokenise ``docs`` into an ``IndexedWriter``, in document order."""
-    from nemo_minitron.runtime.progress import progress_bar
-
     # One process per core: the Rust tokenizer's own thread pool would compete with the workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     bar = progress_bar(total_bytes, desc, progress, unit="B", unit_scale=True)
@@ -83,8 +86,6 @@ def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int, total
 
 
 def _source_bytes(specs) -> int | None:
-    from nemo_minitron.data.sources import _files
-
     if any(s.kind == "builtin" for s in specs):
         return None
     return sum(p.stat().st_size for s in specs for p in _files(s))
@@ -92,9 +93,6 @@ def _source_bytes(specs) -> int | None:
 
 def load_any_tokenizer(model: str, flag: str = "--model"):
     """The tokenizer of a project checkpoint, HF directory, .gguf or alias (no weights read)."""
-    from nemo_minitron.checkpoint.hf_import import resolve_source
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, megatron_checkpoint
-
     if is_checkpoint(model) or megatron_checkpoint(model) is not None:  # Megatron: read in place
         return load_tokenizer(model)
     return resolve_source(model, flag).tokenizer()
@@ -104,9 +102,6 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
                progress: bool = True, **options: Any) -> dict[str, Any]:
     """Tokenise ``inputs`` with ``model``'s tokenizer into ``out.bin``/``out.idx`` (atomic).
     ``config``: a PreprocessConfig (defaults if None); ``options``: any of its fields (``workers``)."""
-    from nemo_minitron.data.indexed import atomic_indexed, token_dtype
-    from nemo_minitron.data.sources import check_documents, documents, parse_data_spec
-
     # ---- everything is checked before any work
     workers = build(PreprocessConfig, config, cli_names(PreprocessConfig), **options).workers
     require(len(inputs) > 0, "--input is required (text files, folders, .jsonl files or builtin:*)")

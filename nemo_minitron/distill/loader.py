@@ -16,9 +16,12 @@ teacher's generations); with a teacher-logit cache ``index`` [b].
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator
 
 import torch
+
+from nemo_minitron.runtime.signals import SIGNALS
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -116,10 +119,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A worker leaves SIGTERM/SIGUSR1 to the training process, which saves and then ends
     its workers (Slurm signals every process of a job step; by default a worker would die
     and take the step with it)."""
-    import signal
-
-    from nemo_minitron.runtime.signals import SIGNALS
-
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 

@@ -41,6 +41,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from nemo_minitron.config import default_of
 from nemo_minitron.distill.config import DistillConfig
@@ -104,8 +105,6 @@ class SparseTeacher:
 
 
 def _tp_group_info():
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         return None, 0, 1
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), \

@@ -38,6 +38,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.distill.config import EMBEDDING, FINAL_NORM
@@ -88,8 +90,6 @@ def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: 
 def _layer_stages(model, pp: int) -> dict[int, int]:
     """Global layer index -> pipeline stage holding it, from the models themselves (any
     pipeline layout, also another trainer's); collective over the pipeline group."""
-    from megatron.core import parallel_state as ps
-
     held = [layer.layer_number - 1 for layer in model.decoder.layers]
     if pp == 1:
         return {i: 0 for i in held}
@@ -117,8 +117,6 @@ class DistillationModel(torch.nn.Module):
     def __init__(self, student, teacher, pairs: list[LayerPair], pair_loss: str = "cosine",
                  student_layers: int | None = None, teacher_layers: int | None = None,
                  projection_init: torch.Tensor | None = None, seed: int = DEFAULT_SEED) -> None:
-        from megatron.core import parallel_state as ps
-
         super().__init__()
         self.student, self.teacher = student, teacher
         for p in self.teacher.parameters():
@@ -241,9 +239,6 @@ class DistillationModel(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """The student's state and this stage's projections; never the teacher's."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         state = self.student.sharded_state_dict(prefix=prefix, metadata=metadata)
         replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
         for name, proj in self.projections.items():

@@ -39,6 +39,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nemo_minitron.distill.config import EMBEDDING, FINAL_NORM
 from nemo_minitron.errors import UsageError, require
 
@@ -78,8 +80,6 @@ def _point(name: Any, flag: str) -> str:
 
 def read_kd_yaml(path: str | Path, flag: str = "--config") -> KDSettings:
     """Parse and validate a ModelOpt distillation YAML (one-line errors naming the key)."""
-    import yaml
-
     path = Path(path)
     require(path.is_file(), f"{flag} '{path}' does not exist")
     try:

@@ -8,6 +8,11 @@ from typing import Literal, Optional
 
 from nemo_minitron.config import default_of, option
 from nemo_minitron.errors import require
+from nemo_minitron.prune.targets import canonical_target, parse_param_count, parse_target
+
+
+#: How ``layer_metric`` names the layers to drop (or it lists them: "3,7,9").
+LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
 
 
 def _int_list(text: str) -> list[int]:
@@ -18,8 +23,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def _target(text: str) -> dict[str, int]:
-    from nemo_minitron.prune.targets import parse_target
-
     return parse_target(text)
 
 
@@ -72,9 +75,6 @@ class PruneConfig(PlanConfig):
                "and neurons (needs importance --second-moments)")
 
     def check(self, names) -> None:
-        from nemo_minitron.prune.select import LAYER_METRICS
-        from nemo_minitron.prune.targets import canonical_target, parse_param_count
-
         require(bool(self.target or self.drop_layers) != (self.target_params is not None),
                 f"{names('target')} (and/or {names('drop_layers')}) and {names('target_params')}: give exactly one "
                 "of a target and a budget")

@@ -32,7 +32,7 @@ import dataclasses
 import math
 from typing import Iterator
 
-from nemo_minitron.config import DEFAULT_SEQ_LEN
+from nemo_minitron.config import DEFAULT_SEQ_LEN, build, cli_names
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.config import PlanConfig
@@ -190,8 +190,6 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
          names=None, **options) -> list[Candidate]:
     """Ranked candidates meeting ``budget`` within the config's tolerance; raises when none
     does. ``options``: PlanConfig fields overriding ``config``."""
-    from nemo_minitron.config import build, cli_names
-
     names = names or cli_names(PlanConfig)
     cfg = build(PlanConfig, config, names, **options)
     flag = names("target_params")
