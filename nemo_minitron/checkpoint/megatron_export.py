@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing, parallel_state as ps
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_minitron.checkpoint import megatron_config

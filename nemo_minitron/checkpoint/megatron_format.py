@@ -45,7 +45,8 @@ from typing import Any
 import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe globals)
 import torch
 import yaml
-from megatron.core import dist_checkpointing, parallel_state as ps
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from transformers import AutoTokenizer
 

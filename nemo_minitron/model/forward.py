@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps, tensor_parallel
+from megatron.core import tensor_parallel
+from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_minitron.runtime.distributed import layout

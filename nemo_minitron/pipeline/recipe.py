@@ -18,16 +18,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_minitron.config import (
-    DEFAULT_SEQ_LEN,
-    Dtype,
-    Names,
-    flatten,
-    nearest_key,
-    option,
-    recipe_names,
-    validate as validate_config,
-)
+from nemo_minitron.config import DEFAULT_SEQ_LEN, Dtype, Names, flatten, nearest_key, option, recipe_names
+from nemo_minitron.config import validate as validate_config
 from nemo_minitron.data.blend import blend_words, split_fractions
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig

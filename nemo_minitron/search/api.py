@@ -36,7 +36,8 @@ import yaml
 from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, read_info
 from nemo_minitron.config import DEFAULT_SEQ_LEN, Names, check_resume, resume_safe_fields, to_dict, yaml_text
 from nemo_minitron.data.config import DataOptions
-from nemo_minitron.distill import api as distill_api, teacher_logits as logit_cache
+from nemo_minitron.distill import api as distill_api
+from nemo_minitron.distill import teacher_logits as logit_cache
 from nemo_minitron.distill.checkpointing import latest_checkpoint
 from nemo_minitron.distill.checks import check_cache_settings, tokenizer_fingerprint
 from nemo_minitron.distill.corpora import training_corpora
