@@ -185,9 +185,9 @@ def top_k_quality(teacher: str, data: str, cache, work: Path, args) -> dict:
 
             summary = json.loads((run_dir / "summary.json").read_text())
         elif k:
-            summary = distill(None, student_ckpt, [data], str(run_dir), teacher_logits=str(cache(k)), **settings)
+            summary = distill(None, student_ckpt, [data], str(run_dir), teacher_logits=str(cache(k)), **settings).summary
         else:
-            summary = distill(teacher, student_ckpt, [data], str(run_dir), **settings)
+            summary = distill(teacher, student_ckpt, [data], str(run_dir), **settings).summary
         out[name] = {"heldout_loss": summary["student_after"]["heldout_loss"],
                      "wall_seconds": round(time.time() - started, 1)}
     return {"steps": args.steps, "student": "SmolLM2-135M pruned to 84.5M", "results": out}

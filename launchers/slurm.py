@@ -64,7 +64,7 @@ def _source_description(source: str, model_config: str | None):
     config.json alone (None when none of them can be read: the time check is skipped)."""
     import json
 
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 
     if model_config:
         return description_from_hf_config(json.loads(Path(model_config).read_text()))

@@ -90,12 +90,15 @@ def _data(p: argparse.ArgumentParser, *, required: bool = True, help: str | None
 
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
+    from nemo_minitron.checkpoint.config import ConvertConfig, ExportConfig
     from nemo_minitron.config import add_flags
+    from nemo_minitron.data.config import PreprocessConfig
     from nemo_minitron.distill.config import DistillConfig, TeacherLogitsConfig
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.generate.config import STOP_HELP, GenerateConfig
     from nemo_minitron.importance.config import ImportanceConfig
-    from nemo_minitron.prune.config import PlanConfig, PruneConfig
+    from nemo_minitron.prune.config import PlanConfig, PlanOutputConfig, PruneConfig
+    from nemo_minitron.runtime.config import ParallelConfig
     from nemo_minitron.search.config import SearchConfig
     from nemo_minitron.tasks.config import TaskConfig
 
@@ -106,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "convert", "Hugging Face or Megatron checkpoint -> project checkpoint",
              "nemo_minitron.commands:convert", "nemo-minitron convert --hf smollm2-135m --out ckpt")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", metavar="SRC", help="HF model directory, .gguf file, Hub id, or the alias smollm2-135m")
-    src.add_argument("--megatron", metavar="SRC", help="Megatron-LM / Megatron-Bridge checkpoint directory (or its "
-                                                       "iter_N directory), or a NeMo 2 checkpoint")
+    add_flags(p.add_mutually_exclusive_group(required=True), ConvertConfig)
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
     _iteration(p)
     _runtime(p, dtype_help="dtype of the stored weights [default: as in the source]")
@@ -118,13 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
              "nemo_minitron.commands:export", "nemo-minitron export distilled/final --hf-out hf --verify")
     p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
     p.add_argument("--hf-out", metavar="DIR", help="new HF model directory (must not exist)")
-    p.add_argument("--verify", action="store_true", help="with --hf-out: reload with transformers and compare logits")
     p.add_argument("--megatron-out", metavar="DIR", help="new Megatron-LM / Megatron-Bridge checkpoint directory "
                                                          "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
-    p.add_argument("--vocab-padding", default="megatron", metavar="PAD",
-                   help="with --megatron-out: megatron (a multiple of 128 x --tp, Megatron-LM's rule), none "
-                        "(Bridge's should_pad_vocab false), or a multiple N (e.g. 128, the project's) "
-                        "[default: megatron]")
+    add_flags(p, ExportConfig, title="export")
     _iteration(p)
     _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
 
@@ -171,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _iteration(p)
     p.add_argument("--target-params", required=True, metavar="N", help="budget, e.g. 90M, 4.5B")
     add_flags(p, PlanConfig, title="planner")
-    p.add_argument("--top", type=int, default=10, help="rows to print [default: 10]")
-    p.add_argument("--json", metavar="OUT", help="also write the candidates as JSON")
-    from nemo_minitron.runtime.config import ParallelConfig
-
+    add_flags(p, PlanOutputConfig, title="output")
     add_flags(p, ParallelConfig, title="parallelism the candidates must fit")
 
     p = _sub(sub, "prune", "prune a checkpoint to a target architecture", "nemo_minitron.prune.command:prune_main",
@@ -252,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes [default: 1]")
+    add_flags(p, PreprocessConfig, title="tokenisation")
 
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",
-             "nemo_minitron.pipeline.run:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
+             "nemo_minitron.pipeline.command:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
     p.add_argument("recipe", metavar="RECIPE.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rounds.0.distill.steps=20")
     p.add_argument("--force", action="store_true", help="continue a run whose finished or in-progress stages were "
@@ -329,15 +322,14 @@ def _stop_signals(enabled: bool):
 
 
 def _process_group_exists() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    dist = sys.modules.get("torch.distributed")  # not imported yet: no process group can exist
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _close_process_group() -> None:
-    from nemo_minitron.runtime import distributed
-
     if _process_group_exists():
+        from nemo_minitron.runtime import distributed
+
         distributed.shutdown(wait_for_all=False)
 
 

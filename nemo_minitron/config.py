@@ -153,6 +153,14 @@ def build(cls: type[C], base: C | None = None, names: Names | None = None, **ove
     return validate(cfg, names)
 
 
+def default_of(cls, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``cls`` (where it is defined, once)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    raise KeyError(f"{cls.__name__} has no field {name}")
+
+
 def split_overrides(overrides: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
     """Distribute keyword arguments over several config classes by field name."""
     parts: list[dict[str, Any]] = [{} for _ in classes]
@@ -297,7 +305,7 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], *, what:
 
 
 def yaml_text(resolved: dict[str, Any]) -> str:
-    import yaml
+    import yaml  # deferred: start-up time of --help, which reads this module
 
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
 
@@ -314,4 +322,4 @@ def nearest_key(key: str, known: Sequence[str]) -> str | None:
 
 __all__ = ["option", "validate", "build", "add_flags", "from_args", "Names", "cli_names", "recipe_names",
            "to_dict", "config_hash", "differing_keys", "check_resume", "yaml_text", "nearest_key", "DEFAULT_SEED",
-           "Dtype", "Optional", "split_overrides", "DEFAULT_SEQ_LEN", "resume_safe_fields"]
+           "Dtype", "Optional", "split_overrides", "default_of", "DEFAULT_SEQ_LEN", "resume_safe_fields"]

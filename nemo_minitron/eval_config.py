@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from nemo_minitron.config import DEFAULT_SEQ_LEN, option
+from nemo_minitron.errors import require
 
 
 @dataclasses.dataclass
@@ -17,8 +18,6 @@ class EvalConfig:
     micro_batch: int = option(1, "samples per forward pass", ge=1)
 
     def check(self, names) -> None:
-        from nemo_minitron.errors import require
-
         require(self.max_tokens is None or self.max_tokens >= self.seq_len,
                 f"{names('max_tokens')} {self.max_tokens} is less than one sample of {names('seq_len')} "
                 f"{self.seq_len}")

@@ -7,9 +7,11 @@ import math
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_bounds
 from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
+from nemo_minitron.runtime.distributed import layout
 
 CHUNK_MICROBATCHES = 32  # micro-batches read and run at a time: memory stays flat in the data size
 
@@ -28,10 +30,6 @@ class EvalResult:
 def evaluate(model, vocab_size: int, samples, micro_batch: int = 1) -> EvalResult:
     """Mean next-token loss over all tokens of ``samples``, a ``[N, s+1]`` tensor or a
     TokenDataset (read a chunk at a time); every rank gets the result."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.runtime.distributed import layout
-
     lay = layout()
     lo, hi = data_parallel_bounds(len(samples), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     was_training = model.training

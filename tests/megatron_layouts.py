@@ -242,7 +242,7 @@ def fill_from_hf(model, hf_dir: Path, seed: int) -> None:
     from safetensors.torch import load_file
 
     from nemo_minitron.checkpoint.hf_format import hf_to_canonical
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
     from nemo_minitron.model.params import named_weights, shard
 
     desc = description_from_hf_config(hf_config(hf_dir))

@@ -47,7 +47,7 @@ def test_real_configs_count_like_transformers(config):
     2 per weight of every matrix transformers' model multiplies by (the output layer, not the
     embedding lookup) plus the attention term."""
     from nemo_minitron.checkpoint.hf_format import hf_config_dict
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
     from nemo_minitron.prune.targets import apply_target
 
     config = json.loads((DATA / config).read_text()) if isinstance(config, str) else config
@@ -70,7 +70,7 @@ def test_minitron_8b_is_among_the_planners_candidates():
     """Nemotron-4 15B to the Minitron-8B budget: the published width shape (hidden 4096, ffn
     16384, 48 heads, 32 layers) is a candidate, so the MLP width is solved with the two
     matrices a squared-ReLU MLP has (three would put ffn elsewhere on the grid)."""
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
     from nemo_minitron.prune.plan import plan
     from nemo_minitron.prune.targets import apply_target
 
@@ -88,7 +88,7 @@ def test_qwen3_30b_a3b_counts_and_plans_total_or_active():
     layer; attention scores and values); the planner meets a total or an active budget with
     the count it was given, and its candidates prune experts and their width."""
     from nemo_minitron.checkpoint.hf_format import hf_config_dict
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
     from nemo_minitron.prune.plan import plan
     from nemo_minitron.prune.targets import apply_target
 
@@ -239,8 +239,9 @@ def test_family_from_features():
 def test_descriptions_round_trip_and_old_checkpoints_load():
     """Descriptions of the new families survive JSON; descriptions written before the family
     features existed (a null sliding_window key, no feature keys) read as Llama-like."""
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
     from nemo_minitron.errors import UsageError
-    from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+    from nemo_minitron.model.description import ModelDescription
 
     nemotron = description_from_hf_config(json.loads((DATA / "nvidia__Nemotron-4-15B.json").read_text()))
     assert ModelDescription.from_dict(json.loads(nemotron.to_json())) == nemotron

@@ -70,7 +70,8 @@ def test_each_layout_reads_at_any_layout_with_the_source_logits(interop, capsys)
     """Megatron-LM (TP=2, stacked, vocab padded to 1152), NeMo 2 (TP=2, module. keys, 1024)
     and Megatron-Bridge (PP=2, per-layer keys, unpadded 1000, tied): read at TP=1 here and
     at the other layout in the worker, the logits are the Hugging Face model's."""
-    from nemo_minitron.checkpoint.api import describe_model, model_path
+    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.megatron_layout import model_path
 
     out, res, tokens = interop["out"], interop["ranks"][0], interop["tokens"]
     for name, hf_dir in interop["hf"].items():
@@ -183,7 +184,7 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
         from nemo_minitron.distill.api import distill
 
         summary = distill(source, str(pruned), ["builtin:train"], str(tmp_path / "kd"), steps=1, global_batch=2,
-                          micro_batch=2, seq_len=16, eval_samples=2, kd_pairs=["embedding:embedding"], progress=False)
+                          micro_batch=2, seq_len=16, eval_samples=2, kd_pairs=["embedding:embedding"], progress=False).summary
         # depth pruning kept the teacher's embedding: 1 - cos of equal states, zero up to float32 rounding
         assert abs(summary["final_pair_losses"][0]) < 1e-6
         assert (tmp_path / "kd" / "final" / "nemo_minitron.json").is_file()

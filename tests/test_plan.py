@@ -32,7 +32,7 @@ SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M
 
 
 def _desc(config):
-    from nemo_minitron.model.description import description_from_hf_config
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 
     return description_from_hf_config(config)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.errors import UsageError
-from nemo_minitron.model.description import description_from_hf_config
 from nemo_minitron.pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).parent.parent

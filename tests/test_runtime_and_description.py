@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.errors import UsageError
-from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+from nemo_minitron.model.description import ModelDescription
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is only used without a GPU")

@@ -307,7 +307,7 @@ def test_cached_distillation_without_a_teacher(tiny_checkpoint, corpus, small_ca
     out = tmp_path / "d"
     summary = distill(None, str(tiny_checkpoint("llama_small")), [corpus], str(out),
                       teacher_logits=str(small_cache), steps=2, global_batch=2, micro_batch=2, seq_len=SEQ_LEN,
-                      eval_samples=2, progress=False)
+                      eval_samples=2, progress=False).summary
     assert summary["teacher"] is None and summary["teacher_logits"] == str(small_cache)
     assert summary["teacher_eval"] is None and math.isfinite(summary["final_kd_loss"])
     assert summary["config"]["teacher_logits_id"] and (out / "final" / "nemo_minitron.json").is_file()

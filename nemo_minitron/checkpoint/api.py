@@ -6,12 +6,18 @@ initialises the runtime at the requested layout.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from nemo_minitron.checkpoint.config import ExportConfig
+from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.checkpoint.hf_import import Source, build_from_source, resolve_source
+from nemo_minitron.checkpoint.megatron_export import check_export, export_megatron, padded_vocab
 from nemo_minitron.checkpoint.store import (
     DTYPES,
     CheckpointInfo,
@@ -26,30 +32,22 @@ from nemo_minitron.checkpoint.store import (
     save_checkpoint,
     tokenizer_dir,
 )
-from nemo_minitron.config import DEFAULT_SEED
-from nemo_minitron.errors import require
+from nemo_minitron.checkpoint.verify import verify_export
+from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed
 
 log = logging.getLogger("nemo_minitron")
 
 
-def model_path(path: str, iteration: int | None = None, flag: str = "MODEL", iteration_flag: str = "--iteration") -> str:
-    """``path`` with ``--iteration`` applied: the iteration directory of a Megatron-LM /
-    Megatron-Bridge checkpoint directory (``path`` itself when no iteration is given)."""
-    from nemo_minitron.checkpoint import megatron_format
-
-    if iteration is None:
-        return path
-    require(megatron_format.detect(path), f"{iteration_flag} applies to Megatron-LM / Megatron-Bridge checkpoint "
-                                          f"directories; {flag} '{path}' is not one")
-    return str(megatron_format.resolve_iteration(path, iteration, flag, iteration_flag))
-
-
-def convert(src: "str | Source", out: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-            spec: str = "auto", seed: int = DEFAULT_SEED) -> Path:
+def convert(src: "str | Source", out: str, *, dtype: torch.dtype | None = None, spec: str = "auto",
+            **options: Any) -> Path:
     """Hugging Face directory / .gguf / alias, or a Megatron-LM / Megatron-Bridge / NeMo 2
-    checkpoint -> project checkpoint at ``out``."""
+    checkpoint -> project checkpoint at ``out`` (``dtype``: of the stored weights, default
+    the source's). ``options``: ``tp``, ``pp``, ``seed``."""
+    configs = stage_configs(None, None, options, data=False)
+    tp, pp, seed = configs.parallel.tp, configs.parallel.pp, configs.run.seed
     if not isinstance(src, Source) and megatron_checkpoint(src) is not None:
         return _convert_megatron(src, out, tp=tp, pp=pp, dtype=dtype, spec=spec, seed=seed)
     source = src if isinstance(src, Source) else resolve_source(src)
@@ -96,6 +94,20 @@ def describe_model(path: str, flag: str = "MODEL") -> ModelDescription:
     return _source_or_error(path, flag).description
 
 
+def describe_shapes(path: str, flag: str = "MODEL") -> ModelDescription:
+    """``describe_model``, and also for a plain Hugging Face ``config.json`` (or a directory
+    holding one and no weights): planning needs the shapes only."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not is_checkpoint(p):
+        p = p / "config.json"
+    if p.is_file() and p.suffix == ".json":
+        try:
+            return description_from_hf_config(json.loads(p.read_text()), name=p.parent.name)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag} '{path}': not JSON ({e.msg})") from None
+    return describe_model(path, flag)
+
+
 def _source_or_error(path: str, flag: str) -> Source:
     p = Path(path)
     if p.is_dir() and not (p / "config.json").exists():
@@ -115,8 +127,6 @@ def model_tokenizer(path: str, flag: str = "MODEL"):
 def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
     """A stage's output directory (distill, a pipeline run) is not itself a model: say which
     checkpoint inside it is."""
-    from nemo_minitron.errors import UsageError, require
-
     if is_checkpoint(p / "final"):
         raise UsageError(f"{flag} '{p}' is a training output directory; its model is '{p / 'final'}'")
     if (p / "checkpoints").is_dir():
@@ -137,15 +147,17 @@ def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto
     return OpenedModel(model, source.description, source.tokenizer(), path, None)
 
 
-def export(ckpt: str, hf_out: str | None = None, *, megatron_out: str | None = None, vocab_padding: str = "megatron",
-           tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None, seed: int = DEFAULT_SEED,
-           verify: bool = False) -> Path:
+def export(ckpt: str, hf_out: str | None = None, config: ExportConfig | None = None, *,
+           megatron_out: str | None = None, dtype: torch.dtype | None = None, **options: Any) -> Path:
     """Checkpoint (project, Megatron-LM, Megatron-Bridge or NeMo 2) -> a Hugging Face model
     directory at ``hf_out`` and/or a Megatron-LM / Megatron-Bridge checkpoint at
     ``megatron_out`` (vocabulary padded as ``vocab_padding`` says: see
-    ``megatron_export.padded_vocab``). Returns the last path written."""
-    from nemo_minitron.checkpoint.hf_export import export_hf, hf_config
-
+    ``megatron_export.padded_vocab``); ``dtype``: of the exported weights, default as
+    stored. ``config``: an ExportConfig (defaults if None); ``options``: any of its fields
+    (``verify``, ``vocab_padding``), or ``tp``, ``pp``, ``seed``. Returns the last path written."""
+    configs = stage_configs(ExportConfig, config, options, data=False)
+    tp, pp, seed = configs.parallel.tp, configs.parallel.pp, configs.run.seed
+    verify, vocab_padding = configs.stage.verify, configs.stage.vocab_padding
     require(hf_out or megatron_out, "export: give --hf-out DIR and/or --megatron-out DIR")
     info = read_info(ckpt)
     if hf_out:
@@ -156,8 +168,6 @@ def export(ckpt: str, hf_out: str | None = None, *, megatron_out: str | None = N
             "--hf-out and --megatron-out must differ")
     info.description.check_layout(tp, pp)
     if mg_path is not None:
-        from nemo_minitron.checkpoint.megatron_export import check_export, padded_vocab
-
         check_export(info.description, padded_vocab(info.description.vocab_size, vocab_padding, tp))
         require_tokenizer(ckpt, "--megatron-out writes it into the checkpoint")
     check_world_size(tp, pp)
@@ -168,12 +178,8 @@ def export(ckpt: str, hf_out: str | None = None, *, megatron_out: str | None = N
     if hf_path is not None:
         path = export_hf(model, info.description, hf_path, tokenizer_dir=tokenizer_dir(ckpt), dtype=out_dtype)
         if verify:
-            from nemo_minitron.checkpoint.verify import verify_export
-
             verify_export(model, info.description, path)
     if mg_path is not None:
-        from nemo_minitron.checkpoint.megatron_export import export_megatron
-
         path = export_megatron(model, info, mg_path, tokenizer_dir=tokenizer_dir(ckpt), vocab_padding=vocab_padding,
                                dtype=out_dtype)
     return path

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
 
 from nemo_minitron.checkpoint.hf_format import canonical_to_hf, hf_config_dict
 from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
@@ -38,8 +41,6 @@ MAX_SHARD_BYTES = 4 * 1024**3
 
 def hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
     """config.json contents, validated by the installed transformers' own config class."""
-    import transformers
-
     fam = family(desc.architecture)
     require(hasattr(transformers, fam.config_class), f"transformers {transformers.__version__} has no "
                                                      f"{fam.config_class}: upgrade it to export a {fam.model_type} model")
@@ -59,9 +60,6 @@ def hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
 
 def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: int) -> dict[str, str]:
     """Gather this stage's tensors over TP and write them (TP rank 0 writes); returns name -> file."""
-    from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
-
     writer = ps.get_tensor_model_parallel_rank() == 0
     tp_group = ps.get_tensor_model_parallel_group()
     weight_map: dict[str, str] = {}
@@ -95,8 +93,6 @@ def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: i
 def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenizer_dir: Path | None,
               dtype: torch.dtype) -> Path:
     """Collective over all ranks: write ``out`` as a Hugging Face model directory."""
-    from megatron.core import parallel_state as ps
-
     out = Path(out)
     config = hf_config(desc, dtype)
     if config["model_type"] != desc.architecture:  # the fallback family: its own table names the weights

@@ -21,7 +21,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.families import Family, family, family_of_hf_config, unsupported_keys
-from nemo_minitron.families.spec import Check, Const, Field
+from nemo_minitron.families.spec import DEFAULT_ROPE_THETA, Check, Const, Field
 from nemo_minitron.model.description import ModelDescription
 
 Getter = Callable[[str], torch.Tensor]
@@ -136,7 +136,7 @@ def _rope_from_hf(config: Mapping[str, Any], fam: Family) -> dict[str, Any]:
     (4.x) or ``rope_parameters`` (5.x)."""
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
-    theta = float(config.get("rope_theta", params.get("rope_theta", 10000.0)))
+    theta = float(config.get("rope_theta", params.get("rope_theta", DEFAULT_ROPE_THETA)))
     partial = config.get("partial_rotary_factor", params.get("partial_rotary_factor"))
     merged = {**params, **scaling}
     merged.pop("rope_theta", None)

@@ -20,10 +20,17 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import snapshot_download
+from megatron.core import parallel_state as ps
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nemo_minitron.checkpoint.hf_format import hf_names, hf_to_canonical
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config, hf_names, hf_to_canonical
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.model.description import ModelDescription, description_from_hf_config
+from nemo_minitron.model.builder import build_model
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.params import named_weights, shard
 
 log = logging.getLogger("nemo_minitron")
 
@@ -54,7 +61,7 @@ class Source:
                 return json.loads((self.path / "config.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise UsageError(f"--hf '{self.label}': unreadable config.json: {e}") from None
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # deferred: 1 s, .gguf sources only
 
         try:
             return dict(load_gguf_checkpoint(str(self.path), return_tensors=False)["config"])
@@ -89,8 +96,6 @@ class Source:
     @functools.cache
     def _weight_map(self) -> dict[str, str]:
         """HF weight name -> safetensors file (from the index, else from each file's header)."""
-        from safetensors import safe_open
-
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             return json.loads(index.read_text())["weight_map"]
@@ -114,7 +119,6 @@ class Source:
         if self.kind == "gguf":
             state = self._gguf_state_dict()
             return lambda name: state[name].to(dtype)
-        from safetensors import safe_open
 
         weight_map = self._weight_map()
         handles: dict[str, object] = {}
@@ -135,9 +139,6 @@ class Source:
     @functools.cache
     def hf_model(self):
         """The source as a transformers model (float32). GGUF is dequantised by transformers."""
-        import transformers
-        from transformers import AutoModelForCausalLM
-
         key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         if self.kind == "gguf":
             log.info("dequantising %s with transformers' GGUF reader", self.path.name)
@@ -149,8 +150,6 @@ class Source:
 
     @functools.cache
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         if self.kind == "gguf":
             return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         return AutoTokenizer.from_pretrained(str(self.path))
@@ -161,8 +160,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _hub_snapshot(repo_id: str, flag: str) -> Path:
     """Download a Hugging Face Hub model (config, tokenizer, safetensors only) into the HF cache."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
                                                                "*.tiktoken", "*.txt"]))
@@ -198,10 +195,6 @@ def resolve_source(src: str, flag: str = "--hf") -> Source:
 
 def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch.dtype) -> None:
     """Fill this rank's shard of ``model`` from the source's HF tensors."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.model.params import named_weights, shard
-
     get = source.tensor_getter(dtype)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():
@@ -215,8 +208,6 @@ def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch
 
 def build_from_source(source: Source, *, dtype: torch.dtype | None = None, spec: str = "auto"):
     """A megatron-core model holding the source's weights, at the current parallel layout."""
-    from nemo_minitron.model.builder import build_model
-
     desc = source.description
     dtype = dtype or source.dtype
     model = build_model(desc, dtype=dtype, spec=spec)

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.families import family_with
 from nemo_minitron.model.description import ModelDescription
 
 #: ModelDescription field <- TransformerConfig / GPTModelProvider key. ``None`` in the
@@ -185,8 +186,6 @@ def features(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
     """ModelDescription from a config in TransformerConfig / provider vocabulary."""
-    from nemo_minitron.families import family_with
-
     check_supported(cfg, source)
     feats = features(cfg, source)
     try:

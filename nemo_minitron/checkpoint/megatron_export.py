@@ -34,11 +34,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_minitron.checkpoint import megatron_config
 from nemo_minitron.checkpoint.store import CheckpointInfo, atomic_directory
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.params import unwrap
 from nemo_minitron.runtime.distributed import barrier, is_rank0
 
 log = logging.getLogger("nemo_minitron")
@@ -78,9 +83,6 @@ def check_export(desc: ModelDescription, padding: tuple[int, int, bool]) -> None
 def _repad(sharded: dict, vocab_size: int, rows: int) -> None:
     """Replace the embedding / output-layer entries by tensors of ``rows`` global rows
     (TP-gathered, cut to the true vocabulary, zero-padded, re-sliced); collective over TP."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     group = ps.get_tensor_model_parallel_group()
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for name, sh in sharded.items():
@@ -101,15 +103,9 @@ def _repad(sharded: dict, vocab_size: int, rows: int) -> None:
 
 
 def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_dir: Path | None,
-                    vocab_padding: str | int = "megatron", dtype: torch.dtype = torch.float32) -> Path:
+                    vocab_padding: str | int, dtype: torch.dtype = torch.float32) -> Path:
     """Collective over all ranks: write ``model`` (at the current layout) as a Megatron-LM /
     Megatron-Bridge checkpoint directory ``out``."""
-    import yaml
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.model.params import unwrap
-
     desc = info.description
     out = Path(out)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()

@@ -37,95 +37,30 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pickle
 import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe globals)
 import torch
+import yaml
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_config
+from nemo_minitron.checkpoint.dcp_index import read_index
+from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.params import unwrap
 
 log = logging.getLogger("nemo_minitron")
 
-TRACKER = "latest_checkpointed_iteration.txt"    # Megatron-LM and Bridge
-BRIDGE_TRACKER = "latest_train_state.pt"         # Bridge only
-RUN_CONFIG = "run_config.yaml"
 SUPPORTED = ("torch_dist checkpoints of Megatron-LM and Megatron-Bridge (DIR with "
              "latest_checkpointed_iteration.txt and iter_NNNNNNN/), and NeMo 2 checkpoints (context/ + weights/)")
-_ITER = re.compile(r"^iter_(\d{7,})$")
-
-
-# ---------------------------------------------------------------------- layout detection
-def _is_weights_dir(p: Path) -> bool:
-    return (p / "metadata.json").is_file() or (p / ".metadata").is_file() or any(p.glob("mp_rank_*"))
-
-
-def is_nemo2(path: Path) -> bool:
-    return (path / "context" / "model.yaml").is_file() and (path / "weights").is_dir()
-
-
-def is_megatron_root(path: Path) -> bool:
-    return (path / TRACKER).is_file() or (path / BRIDGE_TRACKER).is_file() or any(
-        _ITER.match(p.name) for p in path.glob("iter_*") if p.is_dir())
-
-
-def is_iteration_dir(path: Path) -> bool:
-    return _is_weights_dir(path) and (bool(_ITER.match(path.name)) or path.name == "release"
-                                      or (path / RUN_CONFIG).is_file() or (path / "common.pt").is_file())
-
-
-def detect(path: str | Path) -> bool:
-    """Cheap (no file is parsed): is ``path`` a Megatron-LM / Bridge / NeMo 2 checkpoint?"""
-    p = Path(path)
-    return p.is_dir() and (is_nemo2(p) or is_megatron_root(p) or is_iteration_dir(p))
-
-
-def _iterations(root: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER.match(p.name)) and p.is_dir())
-
-
-def _available(root: Path) -> str:
-    found = _iterations(root)
-    return f"iterations here: {', '.join(map(str, found))}" if found else "no iter_* directories here"
-
-
-def resolve_iteration(path: str | Path, iteration: int | None = None, flag: str = "MODEL",
-                      iteration_flag: str = "--iteration") -> Path:
-    """The iteration directory of a Megatron checkpoint directory (the latest one unless
-    ``iteration`` is given), or the NeMo 2 checkpoint directory itself."""
-    root = Path(path)
-    it = iteration_flag
-    if is_nemo2(root):
-        require(iteration is None, f"{it} {iteration}: '{root}' is a NeMo 2 checkpoint, which holds "
-                                   "one step; give the directory of the step you want")
-        return root
-    if is_iteration_dir(root) and not is_megatron_root(root):
-        if iteration is not None:
-            m = _ITER.match(root.name)
-            require(m is not None and int(m.group(1)) == iteration,
-                    f"{it} {iteration} does not match the iteration directory '{root}' given as {flag}")
-        return root
-    if iteration is not None:
-        require(iteration >= 0, f"{it} must be >= 0 (got {iteration})")
-        chosen = root / f"iter_{iteration:07d}"
-        require(chosen.is_dir(), f"{it} {iteration}: '{chosen}' does not exist ({_available(root)})")
-        return chosen
-    tracker = root / TRACKER
-    require(tracker.is_file(), f"{flag} '{root}' has no {TRACKER} to say which iteration is the latest; "
-                               f"pass {it} N or the iteration directory ({_available(root)})")
-    text = tracker.read_text().strip()
-    if text == "release":
-        chosen = root / "release"
-    else:
-        require(text.isdigit(), f"{flag} '{root}': {TRACKER} holds '{text[:40]}', not an iteration number")
-        chosen = root / f"iter_{int(text):07d}"
-    require(chosen.is_dir(), f"{flag} '{root}': {TRACKER} names '{chosen.name}', which does not exist "
-                             f"({_available(root)})")
-    return chosen
 
 
 def _check_format(weights: Path, label: str) -> None:
@@ -167,8 +102,6 @@ def inert_globals(common_pt: Path):
     """torch's weights-only loader, with every global that ``common_pt`` names and torch does
     not allow replaced by an inert stand-in, for as long as the block runs (megatron-core
     loads ``common.pt`` itself inside ``dist_checkpointing.load``, whatever its version)."""
-    import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe)
-
     unknown: list[str] = []
     if common_pt.is_file():
         try:
@@ -195,32 +128,12 @@ def load_common(path: Path) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
     require(isinstance(data, dict), f"'{path}' is not a YAML mapping")
     return data
-
-
-def read_index(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """The torch_dist index: every stored key with its global shape and dtype (None for objects)."""
-    from nemo_minitron.checkpoint.store import _CheckpointIndexUnpickler, verify_dcp_metadata
-
-    verify_dcp_metadata(weights)
-    with open(weights / ".metadata", "rb") as f:
-        try:
-            meta = _CheckpointIndexUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise UsageError(f"'{weights}/.metadata' is unreadable: {e}") from None
-    out = {}
-    for key, md in meta.state_dict_metadata.items():
-        size = getattr(md, "size", None)
-        dtype = getattr(getattr(md, "properties", None), "dtype", None)
-        out[key] = (tuple(size) if size is not None else (), dtype if size is not None else None)
-    return out
 
 
 # ---------------------------------------------------------------------- the checkpoint
@@ -248,7 +161,6 @@ def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-
 @dataclasses.dataclass
 class MegatronCheckpoint:
     """One step of a Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint, validated."""
@@ -264,7 +176,7 @@ class MegatronCheckpoint:
 
     @property
     def iteration(self) -> int | None:
-        m = _ITER.match(self.path.name)
+        m = ITERATION_DIR.match(self.path.name)
         return int(m.group(1)) if m else None
 
     @cached_property
@@ -308,7 +220,6 @@ class MegatronCheckpoint:
     def _tokenizer(self):
         if self.tokenizer_dir is None:
             return None
-        from transformers import AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
@@ -346,11 +257,6 @@ class MegatronCheckpoint:
     # -------------------------------------------------------------- weights
     def load_into(self, model) -> None:
         """Fill ``model`` (built from ``description`` at the current layout) from the stored weights."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        from nemo_minitron.model.params import unwrap
-
         inner = unwrap(model)
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
@@ -365,8 +271,6 @@ class MegatronCheckpoint:
 def zero_vocab_padding(model, vocab_size: int) -> None:
     """Zero the embedding/output rows of ids >= vocab_size on this rank (the project's
     convention; another trainer's padding rows hold whatever it trained into them)."""
-    from megatron.core import parallel_state as ps
-
     tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     with torch.no_grad():
         for module in (getattr(model, "embedding", None), getattr(model, "output_layer", None)):

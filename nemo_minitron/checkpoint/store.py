@@ -11,8 +11,8 @@ a temporary sibling directory and renamed into place only when complete.
 
 Loading executes no code from the files: JSON for our metadata, safetensors/JSON for
 the tokenizer, and for the weights megatron-core's loader, whose only pickle (the
-torch ``.metadata`` index) is first checked here against an allow-list of checkpoint
-types (``verify_dcp_metadata``); tensors and objects load with ``weights_only=True``.
+torch ``.metadata`` index) is first checked against an allow-list of checkpoint
+types (``dcp_index.verify_dcp_metadata``); tensors and objects load with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -32,10 +31,17 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from transformers import AutoTokenizer
 
+from nemo_minitron.checkpoint import megatron_format, megatron_layout
+from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
+from nemo_minitron.model.params import unwrap
+from nemo_minitron.runtime.distributed import all_ranks_ok, barrier, broadcast_object, is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -73,17 +79,13 @@ def megatron_checkpoint(path: str | os.PathLike):
     """The Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint at ``path`` (validated, cached),
     or None when ``path`` is not one. Such checkpoints are read in place wherever a
     project checkpoint is (``read_info``, ``load_checkpoint``, ``load_tokenizer``)."""
-    from nemo_minitron.checkpoint import megatron_format
-
-    if is_checkpoint(path) or not megatron_format.detect(path):
+    if is_checkpoint(path) or not megatron_layout.detect(path):
         return None
     return _open_megatron(str(Path(path).resolve()))
 
 
 @functools.lru_cache(maxsize=8)
 def _open_megatron(path: str):
-    from nemo_minitron.checkpoint import megatron_format
-
     return megatron_format.open_checkpoint(path)
 
 
@@ -135,8 +137,6 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         ok = True
     finally:
-        from nemo_minitron.runtime.distributed import all_ranks_ok
-
         everyone_ok = all_ranks_ok(ok) if dist.is_initialized() else ok
         if is_rank0():
             if everyone_ok:
@@ -170,44 +170,11 @@ def require_tokenizer(path: str | os.PathLike, why: str = "") -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(require_tokenizer(path)))
 
 
 # ---------------------------------------------------------------------- weights
-_ALLOWED_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                           "torch.distributed.checkpoint.filesystem")
-
-
-class _CheckpointIndexUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module in _ALLOWED_PICKLE_MODULES and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def verify_dcp_metadata(weights_dir: Path) -> None:
-    """torch's checkpoint reader unpickles ``.metadata`` unrestricted; check it first."""
-    index = weights_dir / ".metadata"
-    require(index.is_file(), f"'{weights_dir}' has no torch_dist index (.metadata)")
-    try:
-        with open(index, "rb") as f:
-            _CheckpointIndexUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise UsageError(f"refusing to load '{weights_dir}': its index references '{e}', "
-                         "which is not a checkpoint type") from None
-
-
 def save_weights(model, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    from nemo_minitron.model.params import unwrap
-
     if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -215,11 +182,6 @@ def save_weights(model, directory: Path) -> None:
 
 
 def load_weights(model, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from nemo_minitron.model.params import unwrap
-
     verify_dcp_metadata(directory)
     inner = unwrap(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
@@ -248,8 +210,6 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     ``path``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one (read
     in place). ``sequence_parallel`` (for training a mixture of experts at TP > 1),
     ``padded_vocab_size``/``config_overrides``: see ``model.builder.build_model``."""
-    from nemo_minitron.model.builder import build_model
-
     info = read_info(path)
     stored = DTYPES[info.dtype]
     model = build_model(info.description, dtype=stored, spec=spec, layers_per_stage=layers_per_stage,
@@ -261,9 +221,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     else:
         load_weights(model, Path(path) / "weights")
         if padded_vocab_size not in (None, info.description.padded_vocab_size):
-            from nemo_minitron.checkpoint.megatron_format import zero_vocab_padding
-
-            zero_vocab_padding(model, info.description.vocab_size)
+            megatron_format.zero_vocab_padding(model, info.description.vocab_size)
     if dtype is not None and dtype != stored:
         model = cast_model(model, dtype)
     model.eval()

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import full_logits
@@ -15,9 +17,6 @@ log = logging.getLogger("nemo_minitron")
 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
     return model.eval()

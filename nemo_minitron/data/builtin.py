@@ -21,6 +21,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from nemo_minitron.errors import UsageError
+
 SPLITS = ("calib", "train", "heldout", "docs")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 _MIN_CHARS = 40
@@ -65,8 +67,6 @@ def _cache_file(stdlib: Path) -> Path:
 def builtin_documents(split: str) -> list[str]:
     """The docstrings of one split, in a fixed order (extracted once, then cached as JSON)."""
     if split not in SPLITS:
-        from nemo_minitron.errors import UsageError
-
         raise UsageError(f"--data builtin:{split}: unknown split (allowed: {', '.join('builtin:' + s for s in SPLITS)})")
     if split == "docs":
         return _reference_manual()
@@ -90,6 +90,6 @@ def builtin_documents(split: str) -> list[str]:
 
 def _reference_manual() -> list[str]:
     """The reference manual's topics (``help('TOPIC')`` text), in topic order."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # deferred: 700 KB of text, read when the corpus is built
 
     return [topics[name] for name in sorted(topics) if _is_english(topics[name])]

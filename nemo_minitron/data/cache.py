@@ -26,7 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-from nemo_minitron.data.sources import DataSpec, content_digest, stat_fingerprint
+import numpy as np
+
+from nemo_minitron.data.indexed import IndexedWriter, token_dtype
+from nemo_minitron.data.preprocess import tokenize_into
+from nemo_minitron.data.sources import DataSpec, completion_records, content_digest, documents, stat_fingerprint
 from nemo_minitron.errors import UsageError
 
 TOKENIZE_VERSION = 1  # bump when tokenisation changes, so old cache entries are not reused
@@ -102,10 +106,6 @@ class DataCache:
 
     def tokenize(self, spec: DataSpec, tokenizer, prefix: str, *, progress: bool = False) -> None:
         """Tokenise ``spec`` into ``prefix`` (written into a temporary directory, renamed into place)."""
-        from nemo_minitron.data.indexed import IndexedWriter, token_dtype
-        from nemo_minitron.data.preprocess import tokenize_into
-        from nemo_minitron.data.sources import documents
-
         final = Path(prefix).parent
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -115,7 +115,9 @@ class DataCache:
             if spec.kind == "completions":
                 self._tokenize_completions(spec, tokenizer, writer, tmp)
             else:
-                tokenize_into(writer, documents(spec), tokenizer, progress=progress, desc=f"tokenise {spec.label}")
+                # tokenised in this process (preprocess --workers is for bulk jobs)
+                tokenize_into(writer, documents(spec), tokenizer, workers=1, progress=progress,
+                              desc=f"tokenise {spec.label}")
             writer.finalize()
             _write_json(tmp / "source.json", {"source": spec.label, "kind": spec.kind, "documents": writer.documents,
                                               "tokens": writer.tokens})
@@ -132,11 +134,6 @@ class DataCache:
         """Each record as one document (prompt + completion) and, in ``mask``, the same
         documents with 0 for prompt tokens and 1 for completion tokens: megatron-core cuts
         both into the same samples (same document lengths, same seed)."""
-        import numpy as np
-
-        from nemo_minitron.data.indexed import IndexedWriter
-        from nemo_minitron.data.sources import completion_records
-
         mask = IndexedWriter(str(directory / "mask.bin"), str(directory / "mask.idx"), np.dtype(np.uint8))
         for prompt, completion in completion_records(spec, tokenizer):
             if completion:  # a record with nothing to learn from is left out

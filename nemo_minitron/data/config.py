@@ -22,6 +22,13 @@ class DataOptions:
         default_text="$NEMO_MINITRON_DATA_CACHE or ~/.cache/nemo_minitron/data", metavar="DIR")
 
     def check(self, names) -> None:
-        from nemo_minitron.data.blend import split_fractions
+        from nemo_minitron.data.blend import split_fractions  # deferred: start-up time of --help
 
         split_fractions(self.split, names("split"))
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """``nemo-minitron preprocess``: how the text is tokenised."""
+
+    workers: int = option(1, "tokenizer processes", ge=1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -34,11 +35,19 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from nemo_minitron.data.blend import DataBlend, parse_blend, split_fractions
 from nemo_minitron.data.cache import DataCache, check_cache_dir, tokenizer_fingerprint
 from nemo_minitron.data.indexed import IndexHeader, check_vocabulary
+from nemo_minitron.data.sources import check_documents
 from nemo_minitron.errors import require
+from nemo_minitron.runtime.distributed import all_ranks_ok, barrier, broadcast_object, is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -144,8 +153,6 @@ class Corpus:
     def _prefixes(self, tokenizer, progress: bool) -> list[str]:
         """Every source as a Megatron prefix; text sources are tokenised into the cache by
         rank 0 (collective: every rank waits for it)."""
-        from nemo_minitron.runtime.distributed import all_ranks_ok, is_rank0
-
         key = tokenizer_fingerprint(tokenizer) if any(i.source.is_text for i in self.blend.items) else ""
         prefixes = [self.cache.text_prefix(i.source, key) if i.source.is_text else i.source.path
                     for i in self.blend.items]
@@ -166,11 +173,6 @@ class Corpus:
 
     def _split_matrix(self) -> list:
         """megatron-core's bounds of each part (fractions of the documents), from its own parser."""
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix,
-            parse_and_normalize_split,
-        )
-
         return convert_split_vector_to_split_matrix(parse_and_normalize_split(self._split_string()))
 
     def _part_tokens(self, header: IndexHeader, index: int) -> int:
@@ -238,11 +240,6 @@ class Corpus:
                seq_len: int, eod: int, count: int):
         """megatron-core's data set of part ``index`` over ``prefixes``, its sample index
         cached (collective); returns (data set, whether the index was cached)."""
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-        from nemo_minitron.runtime.distributed import barrier, broadcast_object, is_rank0
-
         config = GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_len, blend=(prefixes, weights), split=self._split_string(),
             tokenizer=_TokenizerView(eod), reset_position_ids=False, reset_attention_mask=False,
@@ -271,8 +268,6 @@ class Corpus:
 
 
 def _megatron_version() -> str:
-    import importlib.metadata
-
     try:
         return importlib.metadata.version("megatron-core")
     except importlib.metadata.PackageNotFoundError:
@@ -286,8 +281,6 @@ def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = 
     every source, token ids of a sample of each indexed source against ``vocab_size``,
     the split and the cache directory. With ``tokenizer``, JSONL sources not yet in the
     cache are read once for malformed records."""
-    from nemo_minitron.data.sources import check_documents
-
     blend = parse_blend(values, flag)
     completions = [i.source.kind == "completions" for i in blend.items]
     require(all(completions) or not any(completions),

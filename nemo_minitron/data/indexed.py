@@ -112,6 +112,7 @@ def check_vocabulary(header: IndexHeader, vocab_size: int, flag: str = "--data")
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """Megatron-LM's rule (``DType.optimal_dtype``): uint16 below 65,500 ids, int32 above."""
+    # deferred (also below): recipe and --data checks read headers here without megatron-core
     from megatron.core.datasets.indexed_dataset import DType
 
     return np.dtype(DType.optimal_dtype(vocab_size))
@@ -121,7 +122,7 @@ class IndexedWriter:
     """Documents in, ``PREFIX.bin/.idx`` out (one sequence per document)."""
 
     def __init__(self, bin_path: str, idx_path: str, dtype: np.dtype):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # deferred: see token_dtype
 
         self.idx_path, self.dtype = idx_path, np.dtype(dtype)
         self.builder = IndexedDatasetBuilder(bin_path, dtype=self.dtype.type)

@@ -20,7 +20,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from nemo_minitron.checkpoint.hf_import import resolve_source
+from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, megatron_checkpoint
+from nemo_minitron.config import build, cli_names
+from nemo_minitron.data.config import PreprocessConfig
+from nemo_minitron.data.indexed import atomic_indexed, token_dtype
+from nemo_minitron.data.sources import _files, check_documents, documents, parse_data_spec
 from nemo_minitron.errors import require
+from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
 
@@ -64,11 +71,9 @@ def _encoded(docs: Iterable[str], tokenizer, workers: int) -> Iterator[tuple[lis
         yield from pool.imap(_encode_in_worker, _batches(docs), chunksize=1)
 
 
-def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int = 1, total_bytes: int | None = None,
+def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int, total_bytes: int | None = None,
                   progress: bool = False, desc: str = "tokenise") -> None:
     """Tokenise ``docs`` into an ``IndexedWriter``, in document order."""
-    from nemo_minitron.runtime.progress import progress_bar
-
     # One process per core: the Rust tokenizer's own thread pool would compete with the workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     bar = progress_bar(total_bytes, desc, progress, unit="B", unit_scale=True)
@@ -81,8 +86,6 @@ def tokenize_into(writer, docs: Iterable[str], tokenizer, *, workers: int = 1, t
 
 
 def _source_bytes(specs) -> int | None:
-    from nemo_minitron.data.sources import _files
-
     if any(s.kind == "builtin" for s in specs):
         return None
     return sum(p.stat().st_size for s in specs for p in _files(s))
@@ -90,23 +93,18 @@ def _source_bytes(specs) -> int | None:
 
 def load_any_tokenizer(model: str, flag: str = "--model"):
     """The tokenizer of a project checkpoint, HF directory, .gguf or alias (no weights read)."""
-    from nemo_minitron.checkpoint.hf_import import resolve_source
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, megatron_checkpoint
-
     if is_checkpoint(model) or megatron_checkpoint(model) is not None:  # Megatron: read in place
         return load_tokenizer(model)
     return resolve_source(model, flag).tokenizer()
 
 
-def preprocess(inputs: Sequence[str], model: str, out: str, *, workers: int = 1,
-               progress: bool = True) -> dict[str, Any]:
-    """Tokenise ``inputs`` with ``model``'s tokenizer into ``out.bin``/``out.idx`` (atomic)."""
-    from nemo_minitron.data.indexed import atomic_indexed, token_dtype
-    from nemo_minitron.data.sources import check_documents, documents, parse_data_spec
-
+def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessConfig | None = None, *,
+               progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Tokenise ``inputs`` with ``model``'s tokenizer into ``out.bin``/``out.idx`` (atomic).
+    ``config``: a PreprocessConfig (defaults if None); ``options``: any of its fields (``workers``)."""
     # ---- everything is checked before any work
+    workers = build(PreprocessConfig, config, cli_names(PreprocessConfig), **options).workers
     require(len(inputs) > 0, "--input is required (text files, folders, .jsonl files or builtin:*)")
-    require(isinstance(workers, int) and workers >= 1, f"--workers must be >= 1 (got {workers})")
     specs = [parse_data_spec(i, "--input") for i in inputs]
     for spec in specs:
         require(spec.is_text, f"--input '{spec.label}' is already a Megatron indexed data set")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nemo_minitron.data.builtin import SPLITS, builtin_documents
+from nemo_minitron.data.indexed import check_prefix
 from nemo_minitron.errors import UsageError, require
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -66,8 +67,6 @@ def _spec_for_file(path: Path, label: str, flag: str) -> DataSpec:
 
 def parse_data_spec(spec: str, flag: str = "--data") -> DataSpec:
     """Validate one source (existence, readability, kind) without reading it."""
-    from nemo_minitron.data.indexed import check_prefix
-
     if spec.startswith("builtin:"):
         split = spec.split(":", 1)[1]
         require(split in SPLITS, f"{flag} '{spec}': unknown split (allowed: {', '.join('builtin:' + s for s in SPLITS)})")

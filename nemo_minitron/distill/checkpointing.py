@@ -23,6 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
+from nemo_minitron.checkpoint.store import atomic_directory
+from nemo_minitron.model.params import unwrap
+from nemo_minitron.runtime.distributed import barrier, is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -42,8 +50,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     np_state = np.random.get_state()
     return {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -55,8 +61,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
@@ -76,11 +80,6 @@ def _gather_json(obj: Any) -> list[Any]:
 
 def save_training_state(out: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any]) -> Path:
     """Collective. ``model``: the module whose sharded_state_dict holds the student (+ projections)."""
-    from megatron.core import dist_checkpointing
-
-    from nemo_minitron.checkpoint.store import atomic_directory
-    from nemo_minitron.runtime.distributed import barrier, is_rank0
-
     root = checkpoints_dir(out)
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
@@ -114,12 +113,6 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     """Restore weights, optimizer, scheduler and this rank's RNG; returns state.json's content.
     ``override_schedule``: keep the scheduler's (new) learning rates and only take the step
     count from the checkpoint (a forced resume with changed settings)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from nemo_minitron.checkpoint.store import verify_dcp_metadata
-    from nemo_minitron.model.params import unwrap
-
     verify_dcp_metadata(path / "weights")
     state = json.loads((path / "state.json").read_text())
     model_state = model.sharded_state_dict()

@@ -11,6 +11,10 @@ from nemo_minitron.config import DEFAULT_SEQ_LEN, option
 from nemo_minitron.errors import UsageError, require
 
 
+#: Intermediate pair endpoints besides layer outputs (0-indexed layer numbers).
+EMBEDDING, FINAL_NORM = "embedding", "final_norm"
+
+
 def str_list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -107,10 +111,10 @@ class DistillConfig(TrainingConfig):
             require(self.kd_pair_weight >= 0, f"{names('kd_pair_weight')} must be >= 0 (got {self.kd_pair_weight})")
         for item in self.kd_pairs:
             parts = str(item).split(":")
-            require(len(parts) == 2 and all(p.strip().isdigit() or p.strip() in ("embedding", "final_norm")
+            require(len(parts) == 2 and all(p.strip().isdigit() or p.strip() in (EMBEDDING, FINAL_NORM)
                                             for p in parts),
-                    f"{names('kd_pairs')}: '{item}' is not student:teacher, each a layer number, embedding or "
-                    "final_norm (e.g. 3:7)")
+                    f"{names('kd_pairs')}: '{item}' is not student:teacher, each a layer number, {EMBEDDING} or "
+                    f"{FINAL_NORM} (e.g. 3:7)")
         require(not self.kd_balance or (self.kd_weight > 0 and self.ce_weight > 0),
                 f"{names('kd_balance')} rescales the KD term to the cross-entropy term: give both "
                 f"{names('kd_weight')} and {names('ce_weight')} > 0")

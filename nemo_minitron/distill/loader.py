@@ -16,9 +16,12 @@ teacher's generations); with a teacher-logit cache ``index`` [b].
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator
 
 import torch
+
+from nemo_minitron.runtime.signals import SIGNALS
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -116,17 +119,14 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A worker leaves SIGTERM/SIGUSR1 to the training process, which saves and then ends
     its workers (Slurm signals every process of a job step; by default a worker would die
     and take the step with it)."""
-    import signal
-
-    from nemo_minitron.runtime.signals import SIGNALS
-
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
 def training_batches(dataset, *, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                     workers: int = 2, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                     workers: int, with_index: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of this rank's micro-batches, to hand to the pipeline schedule;
+    ``workers``: DataLoader processes (TrainingConfig.data_workers; 0: none);
     ``with_index``: each carries its samples' indices (``index``) too."""
     sampler = StepSampler(len(dataset), consumed, global_batch, micro_batch, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(

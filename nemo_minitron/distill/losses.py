@@ -41,6 +41,10 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from nemo_minitron.config import default_of
+from nemo_minitron.distill.config import DistillConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +62,14 @@ class LogitLossConfig:
     #: rescale the KD term to the CE term's magnitude in every micro-batch (weight
     #: kd_weight * CE/KD, the ratio held constant in backward): ModelOpt's balancer with
     #: ``skip_lm_loss: false``. Costs a second pass over the logits.
-    balance: bool = False
+    balance: bool = default_of(DistillConfig, "kd_balance")
     #: weight of cross-entropy on synthetic samples (the teacher's generations) in a run that
     #: mixes them with real data (per-token weights, ``token_weights``)
-    synthetic_weight: float = 1.0
+    synthetic_weight: float = default_of(DistillConfig, "synthetic_weight")
 
     @classmethod
     def of(cls, cfg, vocab_size: int | None, **changes) -> "LogitLossConfig":
         """From a DistillConfig, or from a TrainingConfig (plain fine-tuning: cross-entropy only)."""
-        from nemo_minitron.distill.config import DistillConfig
-
         if isinstance(cfg, DistillConfig) and cfg.method == "synthetic":  # cross-entropy on generations only
             loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=cfg.synthetic_weight,
                        chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size, synthetic_weight=cfg.synthetic_weight)
@@ -103,8 +105,6 @@ class SparseTeacher:
 
 
 def _tp_group_info():
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         return None, 0, 1
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), \
@@ -336,7 +336,7 @@ class LogitDistillation(torch.autograd.Function):
 
 
 def sparse_teacher(logits: torch.Tensor, top_k: int, temperature: float, vocab_size: int | None,
-                   chunk_tokens: int = 1024) -> SparseTeacher:
+                   chunk_tokens: int = default_of(DistillConfig, "logit_chunk")) -> SparseTeacher:
     """The top-K of a teacher's vocab-parallel logits [..., V/tp] at temperature T, over the
     whole vocabulary (padding excluded): global ids, log-probabilities and the log of the
     remaining mass, as float32 on every TP rank. Chunked like the loss."""

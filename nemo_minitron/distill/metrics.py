@@ -18,10 +18,14 @@ import json
 import logging
 import os
 import resource
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from nemo_minitron.runtime.distributed import is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -71,19 +75,16 @@ class MetricsLog:
     """Rank 0 writes; other ranks' calls do nothing."""
 
     def __init__(self, out: Path, *, kind: str, total_steps: int, log_every: int, config: dict[str, Any]):
-        from nemo_minitron.runtime.distributed import is_rank0
-
         self.out, self.kind, self.total_steps, self.log_every = Path(out), kind, total_steps, log_every
         self.file = self.out / "metrics.jsonl"
         self.writer = self.wandb = None
         if not is_rank0():
             return
-        from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.out / "tensorboard"))
         if os.environ.get("WANDB_PROJECT"):
             try:
-                import wandb
+                import wandb  # deferred: an optional dependency
             except ImportError:
                 log.warning("WANDB_PROJECT is set but wandb is not installed; logging to TensorBoard only")
             else:
@@ -138,7 +139,6 @@ def _wandb_run_id(out: Path) -> str:
     file = out / ".wandb_run_id"
     if file.is_file():
         return file.read_text().strip()
-    import uuid
 
     run_id = uuid.uuid4().hex[:12]
     file.write_text(run_id)

@@ -34,17 +34,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_minitron.config import DEFAULT_SEED
+from nemo_minitron.distill.config import EMBEDDING, FINAL_NORM
 from nemo_minitron.distill.losses import intermediate_loss
+from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.description import ModelDescription
 
 
-#: Pair endpoints besides layer outputs (0-indexed layer numbers).
-EMBEDDING, FINAL_NORM = "embedding", "final_norm"
-Point = int | str
+Point = int | str  # a layer number (0-indexed), EMBEDDING or FINAL_NORM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +60,36 @@ class LayerPair:
         return f"{self.student}:{self.teacher}"
 
 
+def parse_pairs(items: str | Sequence[str], student: ModelDescription, teacher: ModelDescription,
+                flag: str = "--kd-pairs") -> list[LayerPair]:
+    """['3:7', 'embedding:embedding'] or '3:7,final_norm:final_norm' (student:teacher; a
+    0-indexed layer output, the embedding output or the final norm's output) -> pairs,
+    each checked against both depths."""
+    def point(value: str, item: str, side: str, depth: int):
+        value = value.strip()
+        if value in (EMBEDDING, FINAL_NORM):
+            return value
+        try:
+            index = int(value)
+        except ValueError:
+            raise UsageError(f"{flag}: '{item}' is not student:teacher, each a layer number, {EMBEDDING} or "
+                             f"{FINAL_NORM} (e.g. 3:7)") from None
+        require(0 <= index < depth, f"{flag} {item}: {side} layer {index} is out of range 0..{depth - 1}")
+        return index
+
+    items = items.split(",") if isinstance(items, str) else list(items)
+    pairs = []
+    for item in filter(None, (str(i).strip() for i in items)):
+        parts = item.split(":")
+        require(len(parts) == 2, f"{flag}: '{item}' is not student_layer:teacher_layer (e.g. 3:7)")
+        pairs.append(LayerPair(point(parts[0], item, "student", student.num_layers),
+                               point(parts[1], item, "teacher", teacher.num_layers)))
+    return pairs
+
+
 def _layer_stages(model, pp: int) -> dict[int, int]:
     """Global layer index -> pipeline stage holding it, from the models themselves (any
     pipeline layout, also another trainer's); collective over the pipeline group."""
-    from megatron.core import parallel_state as ps
-
     held = [layer.layer_number - 1 for layer in model.decoder.layers]
     if pp == 1:
         return {i: 0 for i in held}
@@ -88,8 +117,6 @@ class DistillationModel(torch.nn.Module):
     def __init__(self, student, teacher, pairs: list[LayerPair], pair_loss: str = "cosine",
                  student_layers: int | None = None, teacher_layers: int | None = None,
                  projection_init: torch.Tensor | None = None, seed: int = DEFAULT_SEED) -> None:
-        from megatron.core import parallel_state as ps
-
         super().__init__()
         self.student, self.teacher = student, teacher
         for p in self.teacher.parameters():
@@ -212,9 +239,6 @@ class DistillationModel(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """The student's state and this stage's projections; never the teacher's."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         state = self.student.sharded_state_dict(prefix=prefix, metadata=metadata)
         replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
         for name, proj in self.projections.items():

@@ -39,7 +39,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.distill.model import EMBEDDING, FINAL_NORM
+import yaml
+
+from nemo_minitron.distill.config import EMBEDDING, FINAL_NORM
 from nemo_minitron.errors import UsageError, require
 
 KEYS = ("intermediate_layer_pairs", "logit_layers", "skip_lm_loss", "kd_loss_scale", "logit_kl_temperature",
@@ -78,8 +80,6 @@ def _point(name: Any, flag: str) -> str:
 
 def read_kd_yaml(path: str | Path, flag: str = "--config") -> KDSettings:
     """Parse and validate a ModelOpt distillation YAML (one-line errors naming the key)."""
-    import yaml
-
     path = Path(path)
     require(path.is_file(), f"{flag} '{path}' does not exist")
     try:

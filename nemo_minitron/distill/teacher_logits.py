@@ -30,11 +30,27 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
+from nemo_minitron.checkpoint.store import (
+    atomic_directory,
+    check_new_output,
+    load_checkpoint,
+    load_tokenizer,
+    parse_dtype,
+    read_info,
+)
 from nemo_minitron.config import Names
+from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
+from nemo_minitron.distill.checks import tokenizer_fingerprint
 from nemo_minitron.distill.config import TeacherLogitsConfig
+from nemo_minitron.distill.data import sample_hashes
 from nemo_minitron.distill.losses import SparseTeacher, sparse_teacher
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
+from nemo_minitron.runtime.config import stage_configs
+from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
 
 log = logging.getLogger("nemo_minitron")
 
@@ -131,8 +147,6 @@ class TeacherLogits:
     def check_samples(self, samples, flag: str = "--teacher-logits") -> None:
         """The training data set must hold the cached samples token for token (checked on up
         to 64 samples spread over the cache: the same data files, rewritten, are other data)."""
-        from nemo_minitron.distill.data import sample_hashes
-
         where = f"{flag} '{self.path}'"
         require(len(samples) >= self.num_samples, f"{where} was written for other data ({self.index['data']}): it "
                                                   f"covers {self.num_samples} samples, --data holds {len(samples)}")
@@ -204,18 +218,6 @@ class _ShardWriter:
             a.flush()
 
 
-def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
-    from nemo_minitron.config import build, cli_names, split_overrides
-    from nemo_minitron.data.config import DataOptions
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
-
-    stage, par, run, dat = split_overrides(options, TeacherLogitsConfig, ParallelConfig, RunConfig, DataOptions)
-    names = names or cli_names(TeacherLogitsConfig)
-    data_names = data_names or cli_names(DataOptions)
-    return build(TeacherLogitsConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
-
-
 def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: TeacherLogitsConfig | None = None, *,
                          progress: bool = True, names: Names | None = None, data_names: Names | None = None,
                          **options: Any) -> Path:
@@ -226,24 +228,9 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     ``seed``, ``dtype`` (the teacher's compute dtype; default: as stored), ``split``,
     ``cache_dir``. The samples are those of the training data set a distillation of
     ``steps x global_batch = samples`` reads (one pass over the train part without ``samples``)."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.checkpoint.store import (
-        atomic_directory,
-        check_new_output,
-        load_checkpoint,
-        load_tokenizer,
-        parse_dtype,
-        read_info,
-    )
-    from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
-    from nemo_minitron.distill.api import tokenizer_fingerprint
-    from nemo_minitron.distill.data import sample_hashes
-    from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
-    from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
-
-    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
-    tp, pp = parallel.tp, parallel.pp
+    configs = stage_configs(TeacherLogitsConfig, config, options, names, data_names)
+    cfg, run, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, configs.data_names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
 
     # ---- everything is checked before the teacher is loaded
     info = read_info(teacher)
@@ -274,7 +261,6 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     log.info("teacher logits of %s: %d samples x %d tokens, top %d at T=%g (%s), %d bytes per token", teacher,
              len(samples), cfg.seq_len, cfg.top_k, cfg.kd_temperature, cfg.value_dtype,
              bytes_per_token(cfg.top_k, cfg.value_dtype))
-    from tqdm import tqdm
 
     bar = tqdm(total=len(mine), desc="teacher logits", unit="sample", disable=not (progress and is_rank0()),
                dynamic_ncols=True)

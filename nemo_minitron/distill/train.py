@@ -40,10 +40,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+from megatron.core.utils import get_attr_wrapped_model
 
+from nemo_minitron.distill.checkpointing import latest_checkpoint, load_training_state, save_training_state
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
+from nemo_minitron.distill.loader import training_batches
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
+from nemo_minitron.distill.metrics import MetricsLog, peak_memory_gb, training_flops_per_token
 from nemo_minitron.distill.model import DistillationModel, LayerPair
+from nemo_minitron.evaluate import evaluate
+from nemo_minitron.model.forward import position_ids, to_device
+from nemo_minitron.model.params import gather, named_weights, unwrap
+from nemo_minitron.runtime.distributed import barrier, is_rank0, layout
+from nemo_minitron.runtime.progress import progress_bar
+from nemo_minitron.runtime.signals import received, stop_requested
 
 FINGERPRINT_MODULUS = 2**31 - 1
 
@@ -131,10 +151,6 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
     the logit loss (KD and/or CE) to the intermediate pair losses of the last stage.
     ``teacher_logits``: a cache to read the teacher's distributions from (by each batch's
     sample ``index``) instead of a live teacher."""
-    from megatron.core.utils import get_attr_wrapped_model
-
-    from nemo_minitron.model.forward import position_ids, to_device
-
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)
         tokens, labels = batch["tokens"], batch["labels"]
@@ -174,14 +190,6 @@ class Trainer:
         resolved against both models (live teacher only);
         ``override_schedule``: on resume, take the learning-rate schedule from ``cfg``
         rather than from the checkpoint (a forced resume with changed settings)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from nemo_minitron.model.params import unwrap
-        from nemo_minitron.runtime.distributed import layout
-
         self.cfg, self.out, self.progress, self.seed = cfg, Path(out), progress, seed
         self.override_schedule = override_schedule
         self.student, self.teacher = student, teacher
@@ -246,8 +254,6 @@ class Trainer:
         return self.cfg.global_batch // (self.dp * self.cfg.micro_batch)
 
     def _loader(self, consumed: int, workers: int):
-        from nemo_minitron.distill.loader import training_batches
-
         return training_batches(self.train_samples, consumed=consumed, global_batch=self.cfg.global_batch,
                                 micro_batch=self.cfg.micro_batch, dp_rank=self.dp_rank, dp_size=self.dp,
                                 workers=workers, with_index=self.teacher_logits is not None)
@@ -258,16 +264,12 @@ class Trainer:
         return [next(batches) for _ in range(self.num_microbatches)]
 
     def flops_per_token(self) -> float:
-        from nemo_minitron.distill.metrics import training_flops_per_token
-
         return training_flops_per_token(self.student_desc, self.teacher_desc, self.cfg.seq_len)
 
     def _reduce_logs(self, reported: list[dict], pair_losses: torch.Tensor,
                      pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
         """Mean over micro-batches and DP ranks, from the last stage to every rank; ``loss`` is
         the whole objective: the logit loss plus every stage's weighted pair losses."""
-        from megatron.core import parallel_state as ps
-
         stats = torch.zeros(3 + len(pair_losses), dtype=torch.float64, device=self.device)
         if reported:
             for key, i in (("logit_loss", 0), ("kd", 1), ("ce", 2)):
@@ -299,8 +301,6 @@ class Trainer:
             self.metrics.record(record)
 
     def evaluate(self, model) -> dict[str, float]:
-        from nemo_minitron.evaluate import evaluate
-
         result = evaluate(model, self.student_desc.vocab_size, self.eval_samples, micro_batch=self.cfg.micro_batch)
         return {"heldout_loss": result.loss, "heldout_perplexity": result.perplexity, "heldout_tokens": result.tokens}
 
@@ -308,9 +308,6 @@ class Trainer:
     def prepare(self, config: dict[str, Any] | None = None) -> bool:
         """Create the output directory and logs, and resume if it holds a checkpoint.
         Returns True when resumed. ``config``: the run's settings, for W&B."""
-        from nemo_minitron.distill.metrics import MetricsLog
-        from nemo_minitron.runtime.distributed import barrier, is_rank0
-
         if is_rank0():
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -322,8 +319,6 @@ class Trainer:
         return self.step > 0
 
     def resume_if_possible(self) -> None:
-        from nemo_minitron.distill.checkpointing import latest_checkpoint, load_training_state
-
         path = latest_checkpoint(self.out)
         if path is None:
             self.metrics.restart()  # a fresh run starts a fresh log
@@ -338,8 +333,6 @@ class Trainer:
         self.metrics.truncate(self.step)
 
     def save(self) -> None:
-        from nemo_minitron.distill.checkpointing import save_training_state
-
         weights = self.module.pair_weights.tolist() if isinstance(self.module, DistillationModel) else []
         save_training_state(self.out, self.step, self.module, self.optimizer, self.scheduler,
                             {"pair_weights": weights, "consumed_samples": self.consumed_samples})
@@ -348,9 +341,6 @@ class Trainer:
         """Forward and backward over the next step's micro-batches from ``batches``
         (megatron-core's schedule, gradients accumulated); the step's losses and the
         fingerprint of its samples, reduced to every rank."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         distilling = isinstance(self.module, DistillationModel)
         extra = {}
         if distilling:
@@ -361,8 +351,6 @@ class Trainer:
                 extra["adjust_tensor_shapes_fn"] = self.module.adjust_tensor_shapes
         data = _Fingerprinting(batches)
         if self.moe_aux_coeff:
-            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
-
             clear_aux_losses_tracker()
         reported = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=data, model=[self.ddp],
@@ -383,12 +371,6 @@ class Trainer:
         tracker holds, per layer, the loss without its coefficient, summed over micro-batches;
         reduced over pipeline stages (each holds its layers), sequence-parallel ranks (each
         holds its tokens' part) and data-parallel ranks (mean)."""
-        from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker,
-            get_moe_layer_wise_logging_tracker,
-            reduce_aux_losses_tracker_across_ranks,
-        )
-
         name = "load_balancing_loss"
         reduce_aux_losses_tracker_across_ranks([name])
         value = self.moe_aux_coeff * get_moe_layer_wise_logging_tracker()[name]["values"].double().sum().item()
@@ -398,10 +380,6 @@ class Trainer:
     def gradients(self, step: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One forward-backward pass over ``step``'s batches, no update: the logs and this
         stage's full (TP-gathered) gradients by canonical name. For layout-equality checks."""
-        from megatron.core import parallel_state as ps
-
-        from nemo_minitron.model.params import gather, named_weights, unwrap
-
         self.ddp.zero_grad_buffer()
         logs = self._forward_backward(iter(self.step_batches(step)))
         group = ps.get_tensor_model_parallel_group()
@@ -417,10 +395,6 @@ class Trainer:
         """Train from the current step to ``cfg.steps`` (or only up to ``stop_at``: then a
         checkpoint is saved there, and a later run resumes from it on the same schedule), or
         until a stop signal (then save and return with ``stopped``: the signal's name)."""
-        from nemo_minitron.distill.metrics import peak_memory_gb
-        from nemo_minitron.runtime.progress import progress_bar
-        from nemo_minitron.runtime.signals import received, stop_requested
-
         cfg = self.cfg
         until = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         distilling = isinstance(self.module, DistillationModel)

@@ -13,6 +13,7 @@ the coefficient of megatron's per-layer load-balancing loss when the model is tr
 Dense layers among the MoE layers (``mlp_only_layers``, ``decoder_sparse_step``) are refused.
 """
 
+from nemo_minitron.errors import UsageError
 from nemo_minitron.families.qwen import _NO_SLIDING_WINDOW
 from nemo_minitron.families.spec import ATTENTION, EMBEDDINGS, Const, Family, Field, L, M, common_config
 
@@ -35,8 +36,6 @@ def _layer(hf_mlp: str, hf_router: str, hf_expert: str, gate: str, up: str, down
 def _num_local_experts(config) -> int:
     """transformers 5 writes Qwen's ``num_experts`` as ``num_local_experts``."""
     if config.get("num_local_experts") is None:
-        from nemo_minitron.errors import UsageError
-
         raise UsageError(f"{config.get('model_type')} config: 'num_experts' is missing")
     return config["num_local_experts"]
 

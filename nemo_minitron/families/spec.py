@@ -31,6 +31,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Union
 
+#: What a config that leaves these out means (also the ModelDescription defaults).
+DEFAULT_NORM_EPS = 1e-5
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_MAX_POSITION_EMBEDDINGS = 4096
+
 #: Description features every family states; the defaults are the Llama family's.
 DEFAULT_FEATURES: Mapping[str, Any] = {
     "activation": "swiglu",        # swiglu (gated, silu) | squared_relu (no gate)
@@ -112,8 +117,8 @@ def common_config(norm_eps_key: str, default_act: str,
         Field("num_key_value_heads", "num_query_groups", default=lambda c: c["num_attention_heads"], cast=int),
         Field("head_dim", "head_dim", default=lambda c: c["hidden_size"] // c["num_attention_heads"], cast=int),
         Const("hidden_act", default_act, "the MLP activation"),
-        Field(norm_eps_key, "norm_eps", default=1e-5, cast=float),
-        Field("max_position_embeddings", "max_position_embeddings", default=4096, cast=int),
+        Field(norm_eps_key, "norm_eps", default=DEFAULT_NORM_EPS, cast=float),
+        Field("max_position_embeddings", "max_position_embeddings", default=DEFAULT_MAX_POSITION_EMBEDDINGS, cast=int),
         Field("tie_word_embeddings", "tie_embeddings", default=False, cast=bool),
         Field("bos_token_id", "bos_token_id", default=None),
         Field("eos_token_id", "eos_token_id", default=None),

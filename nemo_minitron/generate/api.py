@@ -26,15 +26,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
-from nemo_minitron.errors import UsageError, require
-from nemo_minitron.config import Names
-from nemo_minitron.data.config import DataOptions
+from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
+from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
+from nemo_minitron.config import Names, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus
+from nemo_minitron.errors import UsageError, require
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
+from nemo_minitron.runtime.config import stage_configs
+from nemo_minitron.runtime.distributed import barrier, broadcast_object, check_world_size, init_distributed, is_rank0
 
 log = logging.getLogger("nemo_minitron")
 
@@ -105,8 +110,6 @@ def _resume(writer: ResumableJsonl) -> int | str:
 
 
 def _fingerprint(model: str, prompts: Sequence[Prompt], cfg: GenerateConfig, seed: int) -> dict:
-    from nemo_minitron.config import to_dict
-
     digest = hashlib.sha1()
     for p in prompts:
         digest.update(json.dumps(p.tokens).encode())
@@ -126,9 +129,6 @@ def _record(index: int, prompt: Prompt, result) -> dict:
 
 def _gather_round(records: list[dict]) -> list[list[dict]] | None:
     """Each data-parallel rank's records, on global rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     dp = ps.get_data_parallel_world_size()
     if dp == 1:
         return [records] if dist.get_rank() == 0 else None
@@ -149,28 +149,11 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
     part under ``split``, so that generations never see held-out text).
     ``config``: a GenerateConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
-    from tqdm import tqdm
-
-    from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
-    from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
-    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
-    from nemo_minitron.runtime.distributed import (
-        barrier,
-        broadcast_object,
-        check_world_size,
-        init_distributed,
-        is_rank0,
-    )
-
     # ---- everything the user gave is checked before any work
-    names = names or cli_names(GenerateConfig)
-    stage, par, run, dat = split_overrides(options, GenerateConfig, ParallelConfig, RunConfig, DataOptions)
-    cfg = build(GenerateConfig, config, names, **stage)
-    data_names = data_names or cli_names(DataOptions)
-    data_opts = build(DataOptions, None, data_names, **dat)
-    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
-    tp, pp, seed, batch_size = parallel.tp, parallel.pp, run_cfg.seed, cfg.batch_size
+    configs = stage_configs(GenerateConfig, config, options, names, data_names)
+    cfg, run_cfg, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, \
+        configs.data_names
+    tp, pp, seed, batch_size = configs.parallel.tp, configs.parallel.pp, run_cfg.seed, cfg.batch_size
     sampling = cfg.sampling()
     out_path = check_new_output(out, "--out")
     require((prompts is None) != (data is None), "give either --prompts FILE or --data SPEC ... --prefix-tokens N")
@@ -212,7 +195,6 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         log.info("continuing %s after %d of %d records", writer.partial, done, len(items))
     opened = open_model(model, dtype=dtype)
     generator = TextGenerator(opened.model, opened.description, opened.tokenizer)
-    from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     starts = list(range(done, len(items), batch_size))

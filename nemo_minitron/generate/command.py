@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from nemo_minitron.checkpoint.megatron_layout import model_path
+from nemo_minitron.commands import data_options, runtime_options
+from nemo_minitron.config import from_args
+from nemo_minitron.generate.config import GenerateConfig
+
 
 def main(args) -> int:
-    from nemo_minitron.checkpoint.api import model_path
-    from nemo_minitron.commands import data_options, runtime_options
-    from nemo_minitron.config import from_args
-    from nemo_minitron.generate.api import generate
-    from nemo_minitron.generate.config import GenerateConfig
+    path = model_path(args.model, args.iteration)
+    cfg = from_args(GenerateConfig, args)
+    from nemo_minitron.generate.api import generate  # deferred: start-up time of the error path
 
-    generate(model_path(args.model, args.iteration), args.out, from_args(GenerateConfig, args), prompts=args.prompts,
-             data=args.data, **runtime_options(args), **data_options(args))
+    generate(path, args.out, cfg, prompts=args.prompts, data=args.data, **runtime_options(args),
+             **data_options(args))
     return 0

@@ -22,7 +22,14 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.inference_request import InferenceRequest
+from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+from megatron.core.inference.sampling_params import SamplingParams
+from megatron.core.inference.text_generation_controllers.text_generation_controller import TextGenerationController
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.generate.config import SamplingConfig
 
 log = logging.getLogger("nemo_minitron")
@@ -52,12 +59,6 @@ class _TokenizerAdapter:
 
 def _classes():
     """The megatron-core wrapper and controller, subclassed (imported lazily: megatron is slow to import)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
-
     class VocabMaskedWrapper(GPTInferenceWrapper):
         vocab_size: int = 0
 
@@ -119,8 +120,6 @@ class TextGenerator:
 
     def _controller(self, batch: int, seq_len: int):
         """A fresh KV cache sized for this batch; the wrapper and controller around it."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         context = StaticInferenceContext(batch, seq_len)
         try:  # megatron-core 0.16: the settings travel in an InferenceWrapperConfig
             from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
@@ -141,11 +140,8 @@ class TextGenerator:
         return controller
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int = 1234) -> list[Generation]:
+                 seed: int = DEFAULT_SEED) -> list[Generation]:
         """Complete each tokenised prompt; ``seed`` fixes the samples (ignored when greedy)."""
-        from megatron.core.inference.inference_request import InferenceRequest
-        from megatron.core.inference.sampling_params import SamplingParams
-
         if not prompts:
             return []
         longest = max(len(p) for p in prompts)

@@ -12,36 +12,48 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
 
-from nemo_minitron.config import Names
+from nemo_minitron.checkpoint.store import (
+    atomic_directory,
+    check_new_output,
+    load_checkpoint,
+    load_tokenizer,
+    parse_dtype,
+    read_info,
+)
+from nemo_minitron.config import Names, default_of, to_dict, yaml_text
+from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
+from nemo_minitron.evaluate import evaluate
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
-from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
+from nemo_minitron.importance.plots import write_plots
+from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
+from nemo_minitron.model.forward import position_ids, run_forward_only, split_microbatches, to_device
+from nemo_minitron.runtime.config import stage_configs
+from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
 from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
 
 
 def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_agg: str,
-                     neuron_activation: str, num_layers: int, head_score: str = "channel",
-                     channel_norms: str = "layers", second_moments: bool = False, progress: bool = True,
+                     neuron_activation: str, num_layers: int,
+                     head_score: str = default_of(ImportanceConfig, "head_score"),
+                     channel_norms: str = default_of(ImportanceConfig, "channel_norms"),
+                     second_moments: bool = False, progress: bool = True,
                      layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with the
     collector's hooks; global scores (``final_norm`` [hidden] is the final norm's own channel
     term, included in ``hidden`` only with ``channel_norms="layers+final"``; ``second_moments``
     adds the Gram matrices). After the first batches, logs the estimated time of the whole
     stage (``layer_pass_tokens``: the tokens the loss-drop passes will cost afterwards)."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.data.dataset import data_parallel_slice
-    from nemo_minitron.model.forward import run_forward_only, split_microbatches
-    from nemo_minitron.runtime.distributed import layout
-
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
     collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation,
@@ -84,8 +96,6 @@ def _log_estimate(seconds_per_token: float, calibration_tokens: int, layer_token
 
 def _scoring_step(device):
     """A Megatron forward step whose only product is what the hooks record."""
-    from nemo_minitron.model.forward import position_ids, to_device
-
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)
         tokens = batch["tokens"]
@@ -115,29 +125,11 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
 
     ``config``: an ImportanceConfig (defaults if None); ``options``: any of its fields, or
     ``tp``, ``pp``, ``seed``, ``dtype``, ``split``, ``cache_dir``, overriding it."""
-    from nemo_minitron.checkpoint.store import check_new_output, load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.config import build, cli_names, split_overrides, to_dict, yaml_text
-    from nemo_minitron.data.config import DataOptions
-    from nemo_minitron.data.dataset import check_corpus
-    from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.layers import (
-        best_contiguous_blocks,
-        drop_set_losses,
-        greedy_drop_order,
-        layer_loss_drops,
-    )
-    from nemo_minitron.importance.plots import write_plots
-    from nemo_minitron.runtime.config import ParallelConfig, RunConfig
-    from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
-
     # ---- everything the user gave is checked before any work
-    names = names or cli_names(ImportanceConfig)
-    data_names = data_names or cli_names(DataOptions)
-    stage, par, run, dat = split_overrides(options, ImportanceConfig, ParallelConfig, RunConfig, DataOptions)
-    cfg = build(ImportanceConfig, config, names, **stage)
-    parallel, run_cfg = build(ParallelConfig, None, names, **par), build(RunConfig, None, names, **run)
-    data_opts = build(DataOptions, None, data_names, **dat)
-    tp, pp, seed = parallel.tp, parallel.pp, run_cfg.seed
+    configs = stage_configs(ImportanceConfig, config, options, names, data_names)
+    cfg, run_cfg, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, \
+        configs.data_names
+    tp, pp, seed = configs.parallel.tp, configs.parallel.pp, run_cfg.seed
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
@@ -219,7 +211,6 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         "wall_seconds": round(time.time() - start, 1),
     }
     scores = ImportanceScores(tensors, summary)
-    from nemo_minitron.checkpoint.store import atomic_directory
 
     with atomic_directory(out_path) as tmp:
         if is_rank0():
@@ -228,10 +219,6 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             scores.save(tmp)
             (tmp / "config.yaml").write_text(yaml_text(resolved))
             if grams:
-                from safetensors.torch import save_file
-
-                from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE
-
                 save_file(grams, str(tmp / SECOND_MOMENTS_FILE))
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,

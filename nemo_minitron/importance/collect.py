@@ -37,8 +37,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from nemo_minitron.importance.experts import ExpertHooks, ExpertStats, is_moe_layer
+from nemo_minitron.model.params import unwrap
+from nemo_minitron.runtime.distributed import layout
 
 AGGREGATIONS = ("mean", "l2", "var")
 NEURON_ACTIVATIONS = ("post", "pre")
@@ -86,7 +90,6 @@ class BatchStat:
         token of its share reached) takes part with zeros of the others' size."""
         if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return
-        from nemo_minitron.runtime.distributed import layout
 
         device = self.total.device if self.total is not None else layout().device
         # the shape (at most MAX_DIMS dimensions, 0-padded): ranks that saw nothing send zeros
@@ -147,10 +150,8 @@ class ActivationCollector:
     input and pre-MLP norms are fused into ``linear_qkv`` / ``linear_fc1`` and their
     outputs are recomputed here from the fused module's input and its norm weight)."""
 
-    def __init__(self, model, seq_agg: str = "mean", neuron_activation: str = "post", head_score: str = "token",
+    def __init__(self, model, *, seq_agg: str, neuron_activation: str, head_score: str,
                  second_moments: bool = False) -> None:
-        from nemo_minitron.model.params import unwrap
-
         assert seq_agg in AGGREGATIONS and neuron_activation in NEURON_ACTIVATIONS and head_score in HEAD_SCORES
         self.model = unwrap(model)
         self.seq_agg = seq_agg
@@ -261,8 +262,6 @@ class ActivationCollector:
     # ------------------------------------------------------------------ reduction
     def finalize(self, num_layers: int, batch_agg: str) -> dict[str, torch.Tensor]:
         """Collective: reduce over DP (sums), TP (sharded units), PP (layers); global scores."""
-        from megatron.core import parallel_state as ps
-
         dp_group, tp_group, pp_group = (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
                                         ps.get_pipeline_model_parallel_group())
         desc_heads = self.model.config.num_attention_heads
@@ -335,8 +334,6 @@ class ActivationCollector:
 def _add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """total + sum over tokens of x x^T, x being [s, b, n_local] split over TP ranks
     (gathered first: the Gram matrix couples units of different ranks)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     x = gather_from_tensor_model_parallel_region(x.detach()).flatten(0, 1).float()
     gram = (x.T @ x).double()  # float32 products: the refit tolerates 1e-6 relative error
     return gram if total is None else total.add_(gram)

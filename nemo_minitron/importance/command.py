@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from nemo_minitron.checkpoint.megatron_layout import model_path
+from nemo_minitron.commands import data_options, runtime_options
+from nemo_minitron.config import from_args
+from nemo_minitron.importance.config import ImportanceConfig
+
 
 def main(args) -> int:
-    from nemo_minitron.checkpoint.api import model_path
-    from nemo_minitron.commands import data_options, runtime_options
-    from nemo_minitron.config import from_args
-    from nemo_minitron.importance.api import compute_importance
-    from nemo_minitron.importance.config import ImportanceConfig
+    path = model_path(args.checkpoint, args.iteration, "CKPT")
+    cfg = from_args(ImportanceConfig, args)
+    from nemo_minitron.importance.api import compute_importance  # deferred: start-up time of the error path
 
-    compute_importance(model_path(args.checkpoint, args.iteration, "CKPT"), args.data, args.out,
-                       from_args(ImportanceConfig, args), **runtime_options(args), **data_options(args))
+    compute_importance(path, args.data, args.out, cfg, **runtime_options(args), **data_options(args))
     return 0

@@ -7,14 +7,12 @@ import dataclasses
 from typing import Literal, Optional
 
 from nemo_minitron.config import DEFAULT_SEQ_LEN, option
-from nemo_minitron.errors import require
+from nemo_minitron.errors import UsageError, require
 
 Aggregation = Literal["mean", "l2", "var"]
 
 
 def int_list(text: str) -> list[int]:
-    from nemo_minitron.errors import UsageError
-
     try:
         return [int(k) for k in str(text).split(",") if k.strip()]
     except ValueError:

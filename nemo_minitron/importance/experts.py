@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 
 def is_moe_layer(mlp) -> bool:
@@ -63,8 +64,6 @@ class ExpertHooks:
 
     def __init__(self, mlp, stats: ExpertStats, seq_agg: str, neuron_activation: str,
                  per_sample: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        from megatron.core import parallel_state as ps
-
         assert not mlp.config.sequence_parallel, "importance runs without sequence parallelism"
         self.mlp, self.stats, self.seq_agg, self.neuron_activation = mlp, stats, seq_agg, neuron_activation
         self.per_sample = per_sample  # dense [s, b, U] -> [b, U], for the shared expert

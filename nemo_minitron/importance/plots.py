@@ -6,18 +6,11 @@ from pathlib import Path
 
 import torch
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from nemo_minitron.runtime.plotting import pyplot
 
 
 def plot_layers(block_importance: torch.Tensor, loss_drop: torch.Tensor, blocks: dict, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     layers = list(range(len(block_importance)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, len(layers) * 0.28), 6), sharex=True)
     top.bar(layers, block_importance.tolist(), color="tab:blue")
@@ -39,7 +32,7 @@ def plot_layers(block_importance: torch.Tensor, loss_drop: torch.Tensor, blocks:
 
 def plot_heatmap(scores: torch.Tensor, title: str, xlabel: str, out: Path, sort: bool = False) -> None:
     """Layers x units; with ``sort``, each layer's units in descending order (shows the spread)."""
-    plt = _plt()
+    plt = pyplot()
     data = scores.float()
     if sort:
         data = data.sort(dim=1, descending=True).values
@@ -56,7 +49,7 @@ def plot_heatmap(scores: torch.Tensor, title: str, xlabel: str, out: Path, sort:
 
 
 def plot_hidden(hidden: torch.Tensor, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     ranked = hidden.float().sort(descending=True).values
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(ranked.numpy())

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
@@ -70,8 +71,6 @@ class ImportanceScores:
         require(not diffs, f"{directory} scores were computed on another model ({', '.join(diffs)})")
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
         missing = [a for a in AXES if a not in self.tensors]
         assert not missing, f"importance scores miss axes {missing}"
         save_file({k: v.contiguous().float().cpu() for k, v in self.tensors.items()}, str(directory / SCORES_FILE))
@@ -79,8 +78,6 @@ class ImportanceScores:
 
     @staticmethod
     def load_second_moments(directory: str | Path, flag: str = "--refit") -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         path = Path(directory) / SECOND_MOMENTS_FILE
         require(path.is_file(), f"{flag}: '{directory}' has no {SECOND_MOMENTS_FILE}; rerun importance with "
                                 "--second-moments")
@@ -88,8 +85,6 @@ class ImportanceScores:
 
     @classmethod
     def load(cls, directory: str | Path, flag: str = "--importance") -> "ImportanceScores":
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         require(directory.is_dir(), f"{flag} '{directory}' does not exist")
         require((directory / SCORES_FILE).is_file() and (directory / SUMMARY_FILE).is_file(),

@@ -46,11 +46,22 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.utils import get_model_config
 
+from nemo_minitron.checkpoint.megatron_layout import model_path
+from nemo_minitron.checkpoint.store import load_checkpoint, read_info
+from nemo_minitron.config import DEFAULT_SEED, default_of
+from nemo_minitron.distill.api import parse_pairs
+from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.model import DistillationModel
+from nemo_minitron.distill.modelopt_yaml import read_kd_yaml
 from nemo_minitron.distill.train import initial_pair_weights, next_pair_weights
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.forward import position_ids as positions
+from nemo_minitron.model.params import unwrap
 
 log = logging.getLogger("nemo_minitron")
 
@@ -62,22 +73,20 @@ _SHARED_SETTINGS = ("sequence_parallel", "bf16", "fp16", "params_dtype", "pipeli
 class KDLoss:
     """The distillation loss (the meaning of every field as in ``nemo-minitron distill``)."""
 
-    temperature: float = 1.0
-    kind: str = "forward"             # forward | reverse KL
-    top_k: int | None = None
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    balance: bool = False             # ModelOpt's skip_lm_loss: false (see distill.modelopt_yaml)
+    temperature: float = default_of(DistillConfig, "kd_temperature")
+    kind: str = default_of(DistillConfig, "kd_loss")            # forward | reverse KL
+    top_k: int | None = default_of(DistillConfig, "kd_top_k")
+    kd_weight: float = default_of(DistillConfig, "kd_weight")
+    ce_weight: float = default_of(DistillConfig, "ce_weight")
+    balance: bool = default_of(DistillConfig, "kd_balance")     # ModelOpt's skip_lm_loss: false (distill.modelopt_yaml)
     pairs: str = ""                   # "student:teacher,...", layers 0-indexed, embedding, final_norm
-    pair_loss: str = "cosine"
-    pair_weight: float | str = "auto"  # auto (their mean matches the logit loss), auto_sum, or a number
-    chunk_tokens: int = 1024
+    pair_loss: str = default_of(DistillConfig, "kd_pair_loss")
+    pair_weight: float | str = default_of(DistillConfig, "kd_pair_weight")  # auto, auto_sum, or a number
+    chunk_tokens: int = default_of(DistillConfig, "logit_chunk")
 
     @classmethod
     def from_modelopt_yaml(cls, path: str) -> "KDLoss":
         """ModelOpt / NeMo / Megatron-Bridge distillation YAML (``kd_config``)."""
-        from nemo_minitron.distill.modelopt_yaml import read_kd_yaml
-
         s = read_kd_yaml(path, flag="kd config")
         return cls(temperature=s.kd_temperature, kd_weight=s.kd_weight, ce_weight=s.ce_weight, balance=s.kd_balance,
                    pairs=",".join(s.kd_pairs), pair_loss=s.kd_pair_loss, pair_weight=s.kd_pair_weight)
@@ -102,25 +111,16 @@ def _distillation_module(model) -> DistillationModel:
 
 
 def teacher_hook(teacher: str, *, iteration: int | None = None, loss: KDLoss | None = None,
-                 seed: int = 1234) -> Callable[[list], list]:
+                 seed: int = DEFAULT_SEED) -> Callable[[list], list]:
     """A pre-wrap hook that attaches the teacher at ``teacher`` (any checkpoint the project
     reads; ``iteration`` for a Megatron-LM / Bridge directory) to the student. The
     teacher's checkpoint is validated now; its weights load when the hook runs."""
-    from nemo_minitron.checkpoint.api import model_path
-    from nemo_minitron.checkpoint.store import read_info
-
     loss = loss or KDLoss()
     loss.check()
     path = model_path(teacher, iteration, "teacher")
     t_desc = read_info(path).description
 
     def hook(model_chunks: list) -> list:
-        from megatron.core import parallel_state as ps
-
-        from nemo_minitron.checkpoint.store import load_checkpoint
-        from nemo_minitron.distill.api import parse_pairs
-        from nemo_minitron.model.params import unwrap
-
         require(len(model_chunks) == 1, "teacher_hook: virtual pipeline parallelism (several model chunks) is not "
                                         "supported")
         require(ps.get_context_parallel_world_size() == 1, "teacher_hook: context parallelism is not supported")
@@ -154,8 +154,6 @@ def teacher_hook(teacher: str, *, iteration: int | None = None, loss: KDLoss | N
 # ---------------------------------------------------------------------- forward steps
 def _default_batch(data_iterator) -> dict[str, torch.Tensor] | None:
     """Both trainers' GPT datasets yield dicts; the middle pipeline stages read none."""
-    from megatron.core import parallel_state as ps
-
     if data_iterator is None or not (ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()):
         return None
     return next(data_iterator)
@@ -171,10 +169,6 @@ def _as_dict(batch) -> dict[str, Any]:
 
 
 def _forward(data_iterator, model, return_schedule_plan: bool, get_batch: Callable | None):
-    from megatron.core.utils import get_model_config
-
-    from nemo_minitron.model.forward import position_ids as positions
-
     if return_schedule_plan:
         raise UsageError("nemo_minitron.integrations: return_schedule_plan (combined 1F1B with MoE overlap) is "
                          "not supported")
@@ -183,7 +177,6 @@ def _forward(data_iterator, model, return_schedule_plan: bool, get_batch: Callab
     if getattr(config, "calculate_per_token_loss", False):
         require(all(max(st) == holder.pp - 1 for st in holder.pair_stages),
                 "calculate_per_token_loss with intermediate pairs before the last pipeline stage is not supported")
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     holder.num_microbatches = get_num_microbatches()
     batch = _as_dict((get_batch or _default_batch)(data_iterator))
@@ -239,8 +232,6 @@ def megatron_lm_forward_step(data_iterator, model, return_schedule_plan: bool = 
 def step_end(model) -> None:
     """Collective, after every optimizer step: "auto" pair weights from the step's losses
     (reduced over pipeline and data-parallel ranks, as the project's trainer does)."""
-    from megatron.core import parallel_state as ps
-
     holder = _distillation_module(model)
     stats = torch.tensor([holder.step_logit_loss, *holder.step_pair_losses.tolist()], dtype=torch.float64,
                          device=next(holder.student.parameters()).device)

@@ -17,8 +17,17 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Mapping, Sequence
 
+import megatron.core.transformer.moe.moe_utils as moe_utils
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.activations import squared_relu
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
@@ -86,9 +95,6 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
                        overrides: Mapping[str, Any] | None = None):
     """The TransformerConfig of ``desc``; ``overrides`` replace fields (e.g. a trainer's
     sequence_parallel or precision settings, so a teacher matches the student it runs beside)."""
-    from megatron.core.activations import squared_relu
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     layers_per_stage = list(layers_per_stage or balanced_stages(desc.num_layers, pp))
     require(len(layers_per_stage) == pp and sum(layers_per_stage) == desc.num_layers,
             f"layers per stage {layers_per_stage} do not add up to {desc.num_layers} layers on {pp} stages")
@@ -168,8 +174,6 @@ def _router_without_transformer_engine() -> None:
     """megatron-core 0.16's router GEMM tests ``te_general_gemm is not None``, a name its
     module defines only when Transformer Engine imports: without TE, define it as None so
     the router takes its plain torch.mm path."""
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
@@ -189,13 +193,6 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     sequence (training a mixture of experts at TP > 1 needs it). ``padded_vocab_size``: rows
     of the embedding and output layer, when they must equal another model's (a teacher beside
     a student built elsewhere); default the project's padding (``desc.padded_vocab_size``)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("megatron-core's parallel state is not initialised: call "
                            "nemo_minitron.runtime.distributed.init_distributed(tp, pp) first")

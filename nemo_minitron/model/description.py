@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from nemo_minitron.config import DEFAULT_SEQ_LEN
 from nemo_minitron.errors import UsageError, divisors, require
 from nemo_minitron.families import FAMILIES, family
+from nemo_minitron.families.spec import DEFAULT_MAX_POSITION_EMBEDDINGS, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA
 
 #: HF ``model_type`` values this project converts, builds and exports.
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
@@ -52,13 +53,13 @@ class ModelDescription:
     num_attention_heads: int
     num_query_groups: int
     head_dim: int
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = DEFAULT_NORM_EPS
+    rope_theta: float = DEFAULT_ROPE_THETA
     #: HF-style rope scaling, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None for plain RoPE.
     rope_scaling: Mapping[str, Any] | None = None
     #: fraction of each head's dimensions that RoPE rotates (the first ones; Nemotron: 0.5)
     rotary_percent: float = 1.0
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = DEFAULT_MAX_POSITION_EMBEDDINGS
     tie_embeddings: bool = False
     #: MLP: "swiglu" (gated: gate, up, down) or "squared_relu" (up, down; no gate)
     activation: str = "swiglu"
@@ -303,10 +304,3 @@ class ModelDescription:
                 f"query groups {self.num_query_groups}, head dim {self.head_dim}, vocab {self.vocab_size}"
                 + "".join(f", {f}" for f in features))
 
-
-def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> ModelDescription:
-    """Read a Hugging Face ``config.json`` (as a dict) into a ModelDescription (the family
-    tables' converter, ``checkpoint.hf_format``); unsupported features are one-line errors."""
-    from nemo_minitron.checkpoint.hf_format import description_from_hf_config as read
-
-    return read(config, name=name)

@@ -13,6 +13,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_minitron.runtime.distributed import layout
 
 Batch = dict[str, torch.Tensor]
 
@@ -23,8 +28,6 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Padding columns (global index >= vocab_size) get -inf-like logits on whichever rank holds them."""
-    from megatron.core import parallel_state as ps
-
     rank = ps.get_tensor_model_parallel_rank()
     local = logits.shape[-1]
     start = rank * local
@@ -36,8 +39,6 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Per-token CE in fp32 from vocab-parallel logits ``[b, s, V/tp]``; returns ``[b, s]``."""
-    from megatron.core import tensor_parallel
-
     logits = mask_padded_vocab(logits.float(), vocab_size)
     # megatron's kernel wants [s, b, V/tp] and targets [s, b]
     return tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
@@ -46,8 +47,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
 
 def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits from vocab-parallel ones (padding removed)."""
-    from megatron.core import tensor_parallel
-
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
 
 
@@ -65,9 +64,6 @@ def run_forward_only(model, microbatches: Sequence[Batch], forward_step: Callabl
     """Run ``forward_step`` over the micro-batches; returns what the loss functions reported,
     on every rank of this pipeline (broadcast from the last stage). Pipeline schedules need
     one tensor shape per call, so runs of equally shaped micro-batches go separately."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     reported: list[Any] = []
     for run in _same_shape_runs(microbatches):
         b, s = run[0]["tokens"].shape
@@ -128,8 +124,6 @@ def logits_forward_step(vocab_size: int, device: torch.device | None = None) -> 
 
 def full_logits(model, tokens: torch.Tensor, vocab_size: int, micro_batch: int = 1) -> torch.Tensor:
     """fp32 full-vocabulary logits for ``tokens [n, s]`` on every rank (tests, export checks)."""
-    from nemo_minitron.runtime.distributed import layout
-
     device = layout().device
     batches = [{"tokens": tokens[i:i + micro_batch]} for i in range(0, len(tokens), micro_batch)]
     out = run_forward_only(model, batches, logits_forward_step(vocab_size, device))

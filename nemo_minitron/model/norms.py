@@ -21,6 +21,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 
 class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
@@ -60,9 +62,6 @@ def local_norm_spec(layer_spec, config):
     """The local layer spec with every norm (input, pre-MLP, QK, final) built by
     ``LocalNorm``, as the block spec megatron-core's ``GPTModel`` accepts (its own block
     would build the final norm with the torch norm, which refuses these settings)."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
     def swap(spec):
         if spec is WrappedTorchNorm:
             return LocalNorm

@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from omegaconf import MISSING
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from nemo_minitron.config import DEFAULT_SEQ_LEN, Dtype, Names, option, recipe_names, validate as validate_config
+from nemo_minitron.config import DEFAULT_SEQ_LEN, Dtype, Names, flatten, nearest_key, option, recipe_names
+from nemo_minitron.config import validate as validate_config
+from nemo_minitron.data.blend import blend_words, split_fractions
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.errors import UsageError, require
@@ -51,8 +55,6 @@ class DataConfig(DataOptions):
     heldout: Optional[Any] = None
 
     def check(self, names) -> None:
-        from nemo_minitron.data.blend import blend_words, split_fractions
-
         fractions = split_fractions(self.split, names("split"))
         for use in ("calib", "train", "heldout"):
             value = getattr(self, use)
@@ -152,8 +154,6 @@ class Recipe(RunConfig):
 
 def _known_keys() -> list[str]:
     """Every dotted key of the schema (with one round), for suggestions."""
-    from nemo_minitron.config import flatten
-
     return sorted(flatten(dataclasses.asdict(Recipe(rounds=[RoundConfig(search=SearchConfig())]))))
 
 
@@ -162,8 +162,6 @@ def _dotted(key: str) -> str:
 
 
 def _omegaconf_error(e: Exception, attempted: str | None = None) -> UsageError:
-    from nemo_minitron.config import nearest_key
-
     key = _dotted(str(getattr(e, "full_key", None) or getattr(e, "key", None) or ""))
     msg = str(e).splitlines()[0]
     name = type(e).__name__
@@ -182,10 +180,6 @@ def _omegaconf_error(e: Exception, attempted: str | None = None) -> UsageError:
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge overrides and validate a recipe; raise UsageError naming the bad key."""
-    import yaml
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path)
     require(path.is_file(), f"recipe '{path}' does not exist")
     for o in overrides:

@@ -16,8 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
+from nemo_minitron.checkpoint.store import atomic_directory, load_checkpoint, load_tokenizer, parse_dtype, read_info
+from nemo_minitron.checkpoint.verify import load_hf_model
+from nemo_minitron.data.blend import blend_words
+from nemo_minitron.evaluate import evaluate
+from nemo_minitron.pipeline.corpora import data_corpus
 from nemo_minitron.pipeline.recipe import Recipe
+from nemo_minitron.runtime.distributed import is_rank0
+from nemo_minitron.runtime.plotting import pyplot
+from nemo_minitron.search.api import PLOT, RESULT
+from nemo_minitron.tasks.api import resolve_tasks, run_tasks
+from nemo_minitron.tasks.builtin import CHANCE
+from nemo_minitron.tasks.lm import MegatronLM
 
 log = logging.getLogger("nemo_minitron")
 
@@ -35,10 +47,6 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
 
 
 def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
-    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype, read_info
-    from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.pipeline.run import data_corpus
-
     cfg = recipe.report
     first = models[0][1]
     tokenizer = load_tokenizer(first)
@@ -47,8 +55,6 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
     samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=recipe.seed, part="valid").first(cfg.eval_samples)
     tasks = None
     if cfg.tasks:
-        from nemo_minitron.tasks.api import resolve_tasks
-
         tasks = resolve_tasks(cfg.tasks, cfg.tasks_path, flag="recipe key 'report.tasks'",
                               path_flag="recipe key 'report.tasks_path'")
     rows = []
@@ -68,10 +74,6 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
 
 
 def _task_scores(model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, dict[str, Any]]:
-    from nemo_minitron.checkpoint.store import load_tokenizer
-    from nemo_minitron.tasks.api import run_tasks
-    from nemo_minitron.tasks.lm import MegatronLM
-
     lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch, seed=seed)
     results = run_tasks(lm, tasks, limit=cfg.task_limit, num_fewshot=cfg.num_fewshot, seed=seed)
     for r in results.values():
@@ -96,12 +98,7 @@ def _plot_tasks(rows: list[dict[str, Any]], out: Path) -> str | None:
     columns = _task_columns(rows)
     if not columns:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nemo_minitron.tasks.builtin import CHANCE
+    plt = pyplot()
 
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) + 2), 4))
@@ -133,10 +130,7 @@ def _read_metrics(directory: Path) -> list[dict[str, Any]]:
 
 
 def _plot_curves(recipe: Recipe, paths, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     files = []
     for i, rnd in enumerate(recipe.rounds):
@@ -174,8 +168,6 @@ def _copy_importance_plots(recipe: Recipe, paths, out: Path) -> list[str]:
 
 def _searches(recipe: Recipe, paths, out: Path) -> dict[str, dict[str, Any]]:
     """Each searched round's search.json (without its config), its plot copied into ``out``."""
-    from nemo_minitron.search.api import PLOT, RESULT
-
     found = {}
     for i, rnd in enumerate(recipe.rounds):
         if rnd.search is None or not (paths.search(i) / RESULT).is_file():
@@ -218,9 +210,6 @@ def _search_markdown(name: str, result: dict[str, Any]) -> list[str]:
 def _generate_sample(export_dir: Path) -> str | None:
     if not (export_dir / "config.json").is_file():
         return None
-    from transformers import AutoTokenizer
-
-    from nemo_minitron.checkpoint.verify import load_hf_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
     model = load_hf_model(export_dir)
@@ -239,9 +228,6 @@ def _fmt_count(n: float) -> str:
 
 def write_report(recipe: Recipe, paths, out: Path) -> None:
     """Collective (evaluation runs on every rank); rank 0 writes the files, atomically."""
-    from nemo_minitron.checkpoint.store import atomic_directory
-    from nemo_minitron.runtime.distributed import is_rank0
-
     rows = _evaluate_all(recipe, _models(recipe, paths))
     stages = json.loads((paths.root / "stages.json").read_text()) if (paths.root / "stages.json").is_file() else {}
     with atomic_directory(out) as tmp:
@@ -266,8 +252,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _heldout_label(recipe) -> str:
-    from nemo_minitron.data.blend import blend_words
-
     if recipe.data.heldout is None:
         words = blend_words(recipe.data.train, "data.train")
         return f"the validation part (data.split {recipe.data.split}) of {_words_label(words)}"

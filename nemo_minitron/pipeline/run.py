@@ -24,10 +24,33 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from nemo_minitron.checkpoint import api as checkpoint_api
+from nemo_minitron.checkpoint.api import describe_model
+from nemo_minitron.checkpoint.megatron_layout import model_path
+from nemo_minitron.checkpoint.store import is_checkpoint, parse_dtype
 from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.distill import api as distill_api
 from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
-from nemo_minitron.pipeline.recipe import Recipe, RoundConfig, load_recipe
+from nemo_minitron.generate import api as generate_api
+from nemo_minitron.generate.config import GenerateConfig
+from nemo_minitron.importance import api as importance_api
+from nemo_minitron.importance.config import ImportanceConfig
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.pipeline.corpora import data_corpus
+from nemo_minitron.pipeline.recipe import Recipe, RoundConfig
+from nemo_minitron.pipeline.report import write_report
+from nemo_minitron.prune import api as prune_api
+from nemo_minitron.prune.api import planned_description
+from nemo_minitron.prune.config import PruneConfig
+from nemo_minitron.prune.targets import parse_param_count
+from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.signals import received, stop_requested
+from nemo_minitron.search import api as search_api
+from nemo_minitron.search.api import RESULT
+from nemo_minitron.search.candidates import search_candidates
+from nemo_minitron.search.config import SearchConfig
+from nemo_minitron.tasks.api import resolve_tasks
 
 log = logging.getLogger("nemo_minitron")
 
@@ -90,8 +113,6 @@ class RunPaths:
 
     # ---------------------------------------------------------------- checkpoints
     def input_checkpoint(self) -> Path:
-        from nemo_minitron.checkpoint.store import is_checkpoint
-
         source = self.recipe.model.source
         return Path(source) if is_checkpoint(source) else self.convert
 
@@ -110,26 +131,9 @@ class RunPaths:
 
 
 # -------------------------------------------------------------------- validation
-def data_corpus(recipe: Recipe, use: str, **kwargs):
-    """The checked corpus of ``data.<use>`` (calib, train, heldout); None for a left-out
-    heldout (the validation part of ``train`` is read instead)."""
-    from nemo_minitron.data.dataset import check_corpus
-
-    value = getattr(recipe.data, use)
-    if value is None:
-        return None
-    return check_corpus(value, flag=f"data.{use}", split=None if use == "heldout" else recipe.data.split,
-                        split_flag="data.split", cache_dir=recipe.data.cache_dir, cache_flag="data.cache_dir",
-                        **kwargs)
-
-
 def preflight(recipe: Recipe, paths: RunPaths) -> list:
     """Check every input before any work: source, data, layout, targets of every round.
     Returns the model description after each round (the planned architectures)."""
-    from nemo_minitron.checkpoint.api import describe_model, model_path
-    from nemo_minitron.prune.api import planned_description
-    from nemo_minitron.runtime.distributed import check_world_size
-
     recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
                                      "recipe key 'model.iteration'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
@@ -161,8 +165,6 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
             require(value <= limit, f"recipe key 'rounds.{i}.{key}' ({value}) exceeds the models' "
                                     f"max_position_embeddings ({limit})")
     if recipe.report.tasks:
-        from nemo_minitron.tasks.api import resolve_tasks
-
         resolve_tasks(recipe.report.tasks, recipe.report.tasks_path, flag="recipe key 'report.tasks'",
                       path_flag="recipe key 'report.tasks_path'")
     out = Path(recipe.output_dir)
@@ -174,11 +176,6 @@ def _searched_description(desc, rnd: RoundConfig, directory: Path, tp: int, pp: 
     """The round's result shape: the winner of a finished search; before that, the first
     candidate stands in (for the checks of later rounds). Raises when no candidate meets
     the budget."""
-    from nemo_minitron.model.description import ModelDescription
-    from nemo_minitron.prune.targets import parse_param_count
-    from nemo_minitron.search.api import RESULT
-    from nemo_minitron.search.candidates import search_candidates
-
     budget = parse_param_count(rnd.search.target_params, flag=names("target_params"))
     candidates = search_candidates(desc, budget, rnd.search, tp=tp, pp=pp, names=names)
     if (directory / RESULT).is_file():
@@ -190,8 +187,6 @@ def _searched_description(desc, rnd: RoundConfig, directory: Path, tp: int, pp: 
 
 # -------------------------------------------------------------------- stages
 def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
-    from nemo_minitron.checkpoint.store import is_checkpoint
-
     tp, pp, seed = recipe.parallel.tp, recipe.parallel.pp, recipe.seed
     data = recipe.data
     runtime = dict(tp=tp, pp=pp, seed=seed, dtype=recipe.dtype, split=data.split, cache_dir=data.cache_dir,
@@ -201,22 +196,18 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
 
     if not is_checkpoint(recipe.model.source):
         def convert(out: Path) -> dict:
-            from nemo_minitron.checkpoint.api import convert as run
-            from nemo_minitron.checkpoint.store import parse_dtype
-
             dtype = parse_dtype(recipe.model.dtype, "model.dtype") if recipe.model.dtype else None
-            run(recipe.model.source, str(out), tp=tp, pp=pp, dtype=dtype, seed=seed)
+            checkpoint_api.convert(recipe.model.source, str(out), tp=tp, pp=pp, dtype=dtype, seed=seed)
             return {}
         stages.append(Stage("convert", paths.convert, is_checkpoint, convert, {"model": to_dict(recipe.model)}))
 
     tc = recipe.teacher_correction
     if tc.enabled:
         def correct(out: Path) -> dict:
-            from nemo_minitron.distill.api import finetune
-
-            return finetune(str(paths.input_checkpoint()), data.train, str(out), tc, eval_data=data.heldout,
-                            force=force, names=recipe_names("teacher_correction"), force_hint=FORCE_HINT,
-                            **runtime)
+            return _training_stats(distill_api.finetune(str(paths.input_checkpoint()), data.train, str(out), tc,
+                                                        eval_data=data.heldout, force=force,
+                                                        names=recipe_names("teacher_correction"),
+                                                        force_hint=FORCE_HINT, **runtime))
         stages.append(Stage("teacher-correction", paths.teacher_correction, _distill_done, correct,
                             {"teacher_correction": to_dict(tc), "data.train": data.train, "data.heldout": data.heldout,
                              "data.split": data.split, "seed": seed, "dtype": recipe.dtype}))
@@ -226,18 +217,14 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
 
     if recipe.export.enabled:
         def export(out: Path) -> dict:
-            from nemo_minitron.checkpoint.api import export as run
-            from nemo_minitron.checkpoint.store import parse_dtype
-
             dtype = parse_dtype(recipe.export.dtype, "export.dtype") if recipe.export.dtype else None
-            run(str(paths.student()), str(out), tp=tp, pp=pp, dtype=dtype, seed=seed, verify=recipe.export.verify)
+            checkpoint_api.export(str(paths.student()), str(out), tp=tp, pp=pp, dtype=dtype, seed=seed,
+                                  verify=recipe.export.verify)
             return {}
         stages.append(Stage("export", paths.export, lambda p: (p / "config.json").is_file(), export,
                             {"export": to_dict(recipe.export)}))
 
     def report(out: Path) -> dict:
-        from nemo_minitron.pipeline.report import write_report
-
         write_report(recipe, paths, out)
         return {}
     stages.append(Stage("report", paths.report, lambda p: (p / "report.md").is_file(), report,
@@ -245,20 +232,22 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
     return stages
 
 
+def _training_stats(result) -> dict[str, Any]:
+    """A training stage's stats: the tokens it trained on, or the signal that stopped it."""
+    if result.status == "stopped":
+        return {"stopped": result.signal}
+    return {"tokens": result.summary["tokens"]}
+
+
 def _distill_done(path: Path) -> bool:
     return (path / "summary.json").is_file() and (path / "final").is_dir()
 
 
 def _search_done(path: Path) -> bool:
-    from nemo_minitron.checkpoint.store import is_checkpoint
-    from nemo_minitron.search.api import RESULT
-
     return (path / RESULT).is_file() and is_checkpoint(path / "best" / "pruned")
 
 
 def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> list[Stage]:
-    from nemo_minitron.checkpoint.store import is_checkpoint
-
     data, seed = recipe.data, recipe.seed
     runtime = dict(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed, dtype=recipe.dtype)
     # data.split and data.cache_dir reach every stage that reads data (they are in its stage keys)
@@ -266,36 +255,29 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
     key = f"rounds.{i}"
 
     def importance(out: Path) -> dict:
-        from nemo_minitron.importance.api import compute_importance
-
-        scores = compute_importance(str(paths.round_input(i)), data.calib, str(out), rnd.importance,
-                                    names=recipe_names(f"{key}.importance"), **runtime, **data_runtime)
+        scores = importance_api.compute_importance(str(paths.round_input(i)), data.calib, str(out), rnd.importance,
+                                                   names=recipe_names(f"{key}.importance"), **runtime,
+                                                   **data_runtime)
         return {"tokens": int(scores.summary.get("tokens", 0))}
 
     def prune(out: Path) -> dict:
-        from nemo_minitron.prune.api import prune as run
-
-        run(str(paths.round_input(i)), str(paths.importance(i)), str(out), rnd.prune,
-            names=recipe_names(f"{key}.prune"), tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed)
+        prune_api.prune(str(paths.round_input(i)), str(paths.importance(i)), str(out), rnd.prune,
+                        names=recipe_names(f"{key}.prune"), tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=seed)
         return {}
 
     def distill(out: Path) -> dict:
-        from nemo_minitron.distill.api import distill as run
-
         d = rnd.distill
         config = DistillConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DistillConfig)})
         # method synthetic trains on the generations alone; data.train then only provides the
         # held-out part under data.split
         synthetic = [str(paths.synthetic(i) / SYNTHETIC_FILE)] if d.method != "logits" else None
-        return run(str(paths.round_teacher(i)), str(paths.prune(i)), data.train, str(out), config,
-                   eval_data=data.heldout, force=recipe.resume == "force", names=recipe_names(f"{key}.distill"),
-                   force_hint=FORCE_HINT, synthetic_data=synthetic, **runtime, **data_runtime)
+        return _training_stats(distill_api.distill(str(paths.round_teacher(i)), str(paths.prune(i)), data.train,
+                                                   str(out), config, eval_data=data.heldout,
+                                                   force=recipe.resume == "force",
+                                                   names=recipe_names(f"{key}.distill"), force_hint=FORCE_HINT,
+                                                   synthetic_data=synthetic, **runtime, **data_runtime))
 
     def generate(out: Path) -> dict:
-        from nemo_minitron.generate.api import generate as run
-        from nemo_minitron.generate.config import GenerateConfig
-        from nemo_minitron.runtime.distributed import barrier, is_rank0
-
         g = rnd.synthetic
         config = GenerateConfig(**{f.name: getattr(g, f.name) for f in dataclasses.fields(GenerateConfig)})
         source = dict(prompts=g.prompts) if g.prompts else dict(data=data.train)
@@ -304,16 +286,15 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         if is_rank0():
             out.mkdir(parents=True, exist_ok=True)
         barrier()
-        run(str(paths.round_teacher(i)), str(out / SYNTHETIC_FILE), config, names=recipe_names(f"{key}.synthetic"),
-            **source, **runtime, **data_runtime)
+        generate_api.generate(str(paths.round_teacher(i)), str(out / SYNTHETIC_FILE), config,
+                              names=recipe_names(f"{key}.synthetic"), **source, **runtime, **data_runtime)
         return {}
 
     def search(out: Path) -> dict:
-        from nemo_minitron.search.api import search as run
-
-        result = run(str(paths.round_input(i)), str(paths.importance(i)), data.train, str(out), rnd.search,
-                     teacher=str(paths.round_teacher(i)), eval_data=data.heldout, force=recipe.resume == "force",
-                     names=recipe_names(f"{key}.search"), force_hint=FORCE_HINT, **runtime, **data_runtime)
+        result = search_api.search(str(paths.round_input(i)), str(paths.importance(i)), data.train, str(out),
+                                   rnd.search, teacher=str(paths.round_teacher(i)), eval_data=data.heldout,
+                                   force=recipe.resume == "force", names=recipe_names(f"{key}.search"),
+                                   force_hint=FORCE_HINT, **runtime, **data_runtime)
         steps = sum(c["stopped_at"] or result["steps"] for c in result["candidates"])  # over all candidates
         return {"tokens": steps * rnd.search.global_batch * rnd.search.seq_len}
 
@@ -345,8 +326,6 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
 
 # -------------------------------------------------------------------- runner
 def _record(root: Path, name: str, entry: dict[str, Any]) -> None:
-    from nemo_minitron.runtime.distributed import is_rank0
-
     if not is_rank0():
         return
     file = root / STAGES_FILE
@@ -360,10 +339,6 @@ def _record(root: Path, name: str, entry: dict[str, Any]) -> None:
 def check_finished_stages(recipe: Recipe, root: Path, stages: list[Stage]) -> dict[str, list[str]]:
     """A finished stage was made with the recipe's settings of that time; refuse to build on it
     when they changed (naming the keys), unless ``resume=force``. Returns the accepted changes."""
-    from nemo_minitron.importance.config import ImportanceConfig
-    from nemo_minitron.prune.config import PruneConfig
-    from nemo_minitron.search.config import SearchConfig
-
     file = root / STAGES_FILE
     records = json.loads(file.read_text()) if file.is_file() else {}
     safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig, SearchConfig)
@@ -399,9 +374,6 @@ def _save_recipe(root: Path, recipe: Recipe) -> None:
 def run_recipe(recipe: Recipe) -> Path | None:
     """Run (or resume) every stage of the recipe; returns the report directory, or None when
     a stop signal (SIGTERM, SIGUSR1) ended the run early (started again, it continues)."""
-    from nemo_minitron.runtime.distributed import barrier, init_distributed, is_rank0
-    from nemo_minitron.runtime.signals import received, stop_requested
-
     root = Path(recipe.output_dir)
     paths = RunPaths(root, recipe)
     descriptions = preflight(recipe, paths)
@@ -443,12 +415,3 @@ def run_recipe(recipe: Recipe) -> Path | None:
             return None
     return paths.report
 
-
-def main(args) -> int:
-    from nemo_minitron.runtime.distributed import is_rank0
-
-    recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
-    report = run_recipe(recipe)
-    if is_rank0() and report is not None:
-        print(f"report: {report / 'report.md'}")
-    return 0

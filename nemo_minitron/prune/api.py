@@ -16,12 +16,28 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from nemo_minitron.config import Names, cli_names
+from nemo_minitron.checkpoint.store import (
+    CheckpointInfo,
+    check_new_output,
+    dtype_name,
+    load_checkpoint,
+    load_tokenizer,
+    parse_dtype,
+    read_info,
+    require_tokenizer,
+    save_checkpoint,
+)
+from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights, rename_expert, rename_layer, shard
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
+from nemo_minitron.prune.refit import refit_columns
 from nemo_minitron.prune.select import (
     LAYER_METRICS,
     UnitScores,
@@ -30,8 +46,16 @@ from nemo_minitron.prune.select import (
     parse_layer_metric,
     random_scores,
 )
-from nemo_minitron.prune.targets import apply_target, describe_change, parse_param_count
-from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+from nemo_minitron.prune.targets import (
+    apply_target,
+    canonical_target,
+    describe_change,
+    parse_drop_layers,
+    parse_param_count,
+)
+from nemo_minitron.prune.transforms import _proj_columns, magnitudes, prune_tensor
+from nemo_minitron.runtime.config import stage_configs
+from nemo_minitron.runtime.distributed import check_world_size, current_device, init_distributed
 
 log = logging.getLogger("nemo_minitron")
 
@@ -48,9 +72,6 @@ def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1
 
 def target_with_drops(desc: ModelDescription, cfg: PruneConfig, names: Names) -> dict[str, int]:
     """The explicit target, its depth set by ``drop_layers`` (1-indexed) when given."""
-    from nemo_minitron.errors import require
-    from nemo_minitron.prune.targets import canonical_target, parse_drop_layers
-
     target = canonical_target(dict(cfg.target), names("target"))
     if cfg.drop_layers:
         depth = desc.num_layers - len(parse_drop_layers(cfg.drop_layers, desc.num_layers, names("drop_layers")))
@@ -61,8 +82,6 @@ def target_with_drops(desc: ModelDescription, cfg: PruneConfig, names: Names) ->
 
 
 def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
-    from nemo_minitron.model.builder import balanced_stages
-
     sizes = balanced_stages(num_layers, pp)
     return [sum(1 for i in kept_layers if sum(sizes[:s]) <= i < sum(sizes[:s + 1])) for s in range(pp)]
 
@@ -72,8 +91,6 @@ def kept_layers_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> l
     a one-line error when a stage would hold none."""
     per_stage = _count_per_stage(kept_layers, num_layers, pp)
     if 0 in per_stage:
-        from nemo_minitron.model.builder import balanced_stages
-
         empty = per_stage.index(0)
         lo = sum(balanced_stages(num_layers, pp)[:empty])
         hi = lo + balanced_stages(num_layers, pp)[empty]
@@ -85,12 +102,6 @@ def kept_layers_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> l
 
 def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
     """Weight-mass scores of every unit, from full (TP-gathered) tensors; collective."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights
-    from nemo_minitron.prune.transforms import magnitudes
-    from nemo_minitron.runtime.distributed import current_device
-
     L = desc.num_layers
     out = {"hidden": torch.zeros(desc.hidden_size, dtype=torch.float64),
            "ffn": torch.zeros(L, desc.ffn_hidden_size, dtype=torch.float64),
@@ -141,27 +152,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     heads and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; default: the source's)."""
-    from nemo_minitron.checkpoint.store import (
-        CheckpointInfo,
-        check_new_output,
-        dtype_name,
-        load_checkpoint,
-        load_tokenizer,
-        parse_dtype,
-        read_info,
-        require_tokenizer,
-        save_checkpoint,
-    )
-    from nemo_minitron.config import build, split_overrides, to_dict
-    from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.runtime.distributed import check_world_size, init_distributed
-
-    names = names or cli_names(PruneConfig)
-    stage, par, run = split_overrides(options, PruneConfig, ParallelConfig, RunConfig)
-    cfg = build(PruneConfig, config, names, **stage)
-    parallel = build(ParallelConfig, None, names, **par)
-    tp, pp = parallel.tp, parallel.pp
-    run_cfg = build(RunConfig, None, names, **run)
+    configs = stage_configs(PruneConfig, config, options, names, data=False)
+    cfg, run_cfg, names = configs.stage, configs.run, configs.names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
     seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
     # ---- validate everything before any weight is read
@@ -169,7 +162,6 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     old = info.description
     require_tokenizer(checkpoint, "the pruned checkpoint carries it")
     if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
-        from nemo_minitron.prune.targets import parse_drop_layers
 
         layer_metric = ",".join(map(str, parse_drop_layers(cfg.drop_layers, old.num_layers, names("drop_layers"))))
     parse_layer_metric(layer_metric, old.num_layers, flag=names("layer_metric"))
@@ -230,20 +222,6 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
     """Build the new model on this layout and fill it with the kept weights (collective).
     ``grams`` ({"proj_gram", "fc2_gram"}: [layers, n, n]): refit the output projection and
     the second MLP linear by least squares for the heads and neurons removed (refit.py)."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.model.builder import build_model
-    from nemo_minitron.model.params import (
-        expert_of,
-        gather,
-        layer_of,
-        named_weights,
-        rename_expert,
-        rename_layer,
-        shard,
-    )
-    from nemo_minitron.prune.transforms import prune_tensor
-
     dtype = next(model.parameters()).dtype
     new_model = build_model(new, dtype=dtype, layers_per_stage=per_stage)
     old_weights = dict(named_weights(model))
@@ -274,9 +252,6 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
 
 def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer, grams) -> torch.Tensor:
     """The full tensor with its kept input columns refit (prune_tensor then cuts as usual)."""
-    from nemo_minitron.prune.refit import refit_columns
-    from nemo_minitron.prune.transforms import _proj_columns
-
     if name.endswith("self_attention.linear_proj.weight"):
         columns, gram = _proj_columns(old, keep.heads[old_layer]), grams["proj_gram"][old_layer]
     elif name.endswith("mlp.linear_fc2.weight"):

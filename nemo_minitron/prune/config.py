@@ -6,8 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from nemo_minitron.config import option
+from nemo_minitron.config import default_of, option
 from nemo_minitron.errors import require
+from nemo_minitron.prune.targets import canonical_target, parse_param_count, parse_target
+
+
+#: How ``layer_metric`` names the layers to drop (or it lists them: "3,7,9").
+LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
 
 
 def _int_list(text: str) -> list[int]:
@@ -18,8 +23,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def _target(text: str) -> dict[str, int]:
-    from nemo_minitron.prune.targets import parse_target
-
     return parse_target(text)
 
 
@@ -36,6 +39,14 @@ class PlanConfig:
     param_count: Literal["total", "active"] = option(
         "total", "what a parameter budget counts in a mixture of experts: every parameter (total) or those one "
                  "token uses (active: the top-k experts)")
+
+
+@dataclasses.dataclass
+class PlanOutputConfig:
+    """What ``nemo-minitron plan`` prints and writes."""
+
+    top: int = option(10, "rows to print")
+    json: Optional[str] = option(None, "also write the candidates as JSON", metavar="OUT")
 
 
 @dataclasses.dataclass
@@ -64,9 +75,6 @@ class PruneConfig(PlanConfig):
                "and neurons (needs importance --second-moments)")
 
     def check(self, names) -> None:
-        from nemo_minitron.prune.select import LAYER_METRICS
-        from nemo_minitron.prune.targets import canonical_target, parse_param_count
-
         require(bool(self.target or self.drop_layers) != (self.target_params is not None),
                 f"{names('target')} (and/or {names('drop_layers')}) and {names('target_params')}: give exactly one "
                 "of a target and a budget")
@@ -77,8 +85,8 @@ class PruneConfig(PlanConfig):
         if self.drop_layers:
             require(all(isinstance(n, int) and not isinstance(n, bool) for n in self.drop_layers),
                     f"{names('drop_layers')} must be whole layer numbers (1-indexed)")
-            require(self.layer_metric == _default(type(self), "layer_metric"), f"{names('drop_layers')} and {names('layer_metric')} both "
-                                                       "choose the layers to drop; give one")
+            require(self.layer_metric == default_of(type(self), "layer_metric"),
+                    f"{names('drop_layers')} and {names('layer_metric')} both choose the layers to drop; give one")
         if self.target_params is not None:
             self.target_params = str(self.target_params)
             parse_param_count(self.target_params, flag=names("target_params"))
@@ -88,7 +96,3 @@ class PruneConfig(PlanConfig):
                     f"{names('layer_metric')} must be {', '.join(LAYER_METRICS)}, or the layers to drop such as "
                     f"3,7,9 (got '{self.layer_metric}')")
 
-
-def _default(cls, name: str):
-    """A field's default (the dataclass is where it is defined)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

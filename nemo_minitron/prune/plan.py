@@ -32,7 +32,7 @@ import dataclasses
 import math
 from typing import Iterator
 
-from nemo_minitron.config import DEFAULT_SEQ_LEN
+from nemo_minitron.config import DEFAULT_SEQ_LEN, build, cli_names
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.config import PlanConfig
@@ -71,7 +71,7 @@ class Candidate:
                 **({"shared_ffn": d.moe_shared_ffn_hidden_size} if d.moe_shared_ffn_hidden_size else {})}
 
 
-def counted(desc: ModelDescription, param_count: str = "total") -> int:
+def counted(desc: ModelDescription, param_count: str) -> int:
     """The parameters a budget counts: all of them, or those one token uses."""
     return desc.num_parameters(active=param_count == "active")
 
@@ -167,8 +167,8 @@ def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *
     return out
 
 
-def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefer: str = "width",
-         param_count: str = "total") -> list[Candidate]:
+def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefer: str,
+         param_count: str) -> list[Candidate]:
     def widths_cut(c: ModelDescription) -> list[float]:
         before = _widths(desc)
         return [_cut(before[axis], size) for axis, size in _widths(c).items()]
@@ -190,8 +190,6 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
          names=None, **options) -> list[Candidate]:
     """Ranked candidates meeting ``budget`` within the config's tolerance; raises when none
     does. ``options``: PlanConfig fields overriding ``config``."""
-    from nemo_minitron.config import build, cli_names
-
     names = names or cli_names(PlanConfig)
     cfg = build(PlanConfig, config, names, **options)
     flag = names("target_params")
@@ -206,8 +204,8 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
     return rank(desc, found, budget, cfg.prefer, cfg.param_count)
 
 
-def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, top: int = 10,
-                 seq_len: int = DEFAULT_SEQ_LEN, param_count: str = "total") -> str:
+def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, *, top: int, param_count: str,
+                 seq_len: int = DEFAULT_SEQ_LEN) -> str:
     moe = desc.is_moe
     rows = [("#", "params", *(("active",) if moe else ()), "vs budget", "hidden",
              *(("experts", "moe_ffn") if moe else ("ffn",)), "heads", "groups", "layers", "GFLOPs/token",

@@ -47,8 +47,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
-
-LAYER_METRICS = ("auto", "greedy", "best", "contiguous", "loss", "block")
+from nemo_minitron.prune.config import LAYER_METRICS
 
 
 @dataclasses.dataclass

@@ -22,9 +22,12 @@ num_layers.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.model.description import ModelDescription
+
+if TYPE_CHECKING:  # annotations only: the flag parsers here are read by --help, which stays light
+    from nemo_minitron.model.description import ModelDescription
 
 AXES = ("hidden", "ffn", "heads", "query_groups", "layers", "experts", "moe_ffn", "shared_ffn", "top_k")
 MOE_AXES = ("experts", "moe_ffn", "shared_ffn", "top_k")

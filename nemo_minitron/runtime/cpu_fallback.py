@@ -22,6 +22,8 @@ import contextlib
 import time
 from typing import Any, Callable
 
+import megatron.core.inference.communication_utils as mc_inference_comm
+import megatron.core.tensor_parallel.random as mc_random
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -117,8 +119,6 @@ def enable() -> None:
     global _mode
     if _mode is not None:
         return
-    import megatron.core.inference.communication_utils as mc_inference_comm
-    import megatron.core.tensor_parallel.random as mc_random
 
     # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the CPU
     # generator directly and leave manual_seed_all alone.

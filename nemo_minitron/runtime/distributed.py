@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.errors import UsageError
@@ -77,7 +79,6 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = DEFAULT_SEED) -> Layo
     if _layout is not None:
         if (_layout.tp, _layout.pp) != (tp, pp):
             # A later stage of the same run wants another layout: same processes, new groups.
-            from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -100,8 +101,6 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = DEFAULT_SEED) -> Layo
         if local_world > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
-    from megatron.core import parallel_state
-
     if not dist.is_initialized():
         if launched:
             dist.init_process_group(backend=backend)
@@ -116,8 +115,6 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = DEFAULT_SEED) -> Layo
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and megatron-core's tensor-parallel RNG tracker."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -134,7 +131,6 @@ def shutdown(wait_for_all: bool = True) -> None:
     """Tear down parallel state and the process group. ``wait_for_all=False`` on error
     paths, where another rank may never reach a barrier."""
     global _layout
-    from megatron.core import parallel_state
 
     if dist.is_initialized() and wait_for_all:
         dist.barrier()

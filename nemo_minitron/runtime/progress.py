@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
+from nemo_minitron.runtime.distributed import is_rank0
+
 
 def show_progress(progress: bool = True) -> bool:
-    from nemo_minitron.runtime.distributed import is_rank0
-
     return bool(progress) and is_rank0() and sys.stderr.isatty()
 
 
 def progress_bar(total: int | None, desc: str, progress: bool = True, **kwargs):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, disable=not show_progress(progress), dynamic_ncols=True, **kwargs)

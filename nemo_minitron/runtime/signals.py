@@ -36,6 +36,7 @@ def _shield_checkpoint_writer() -> None:
     kill that helper, and with it the save the signal asks for. Start it now with the stop
     signals ignored: an ignored signal stays ignored in a new process."""
     try:
+        # deferred: cli.py sets the handlers up before a command imports megatron-core
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
         start = filesystem_async._get_write_results_queue  # megatron-core 0.16: created on first use
@@ -68,6 +69,6 @@ def handle_stop_signals(signals=SIGNALS) -> Iterator[None]:
 
 def stop_requested() -> bool:
     """Collective: whether any rank received a stop signal."""
-    from nemo_minitron.runtime.distributed import all_ranks_ok
+    from nemo_minitron.runtime.distributed import all_ranks_ok  # deferred: torch (see above)
 
     return not all_ranks_ok(_received is None)

@@ -31,10 +31,25 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from nemo_minitron.config import DEFAULT_SEQ_LEN, Names
+import yaml
+
+from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, read_info
+from nemo_minitron.config import DEFAULT_SEQ_LEN, Names, check_resume, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.data.config import DataOptions
+from nemo_minitron.distill import api as distill_api
+from nemo_minitron.distill import teacher_logits as logit_cache
+from nemo_minitron.distill.checkpointing import latest_checkpoint
+from nemo_minitron.distill.checks import check_cache_settings, tokenizer_fingerprint
+from nemo_minitron.distill.corpora import training_corpora
+from nemo_minitron.distill.model import parse_pairs
 from nemo_minitron.errors import require
-from nemo_minitron.prune.targets import format_count
-from nemo_minitron.runtime.config import ParallelConfig, RunConfig
+from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.prune import api as prune_api
+from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
+from nemo_minitron.prune.targets import format_count, parse_param_count
+from nemo_minitron.runtime.config import RunConfig, stage_configs
+from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.plotting import pyplot
 from nemo_minitron.search.candidates import SearchCandidate, search_candidates
 from nemo_minitron.search.config import SearchConfig
 
@@ -83,17 +98,6 @@ def _heldout_at(directory: Path, step: int) -> float | None:
     return next((loss for s, loss in held if s == step), None)
 
 
-def _configs(config, options: dict[str, Any], names: Names | None, data_names: Names | None):
-    from nemo_minitron.config import build, cli_names, split_overrides
-    from nemo_minitron.data.config import DataOptions
-
-    stage, par, run, dat = split_overrides(options, SearchConfig, ParallelConfig, RunConfig, DataOptions)
-    names = names or cli_names(SearchConfig)
-    data_names = data_names or cli_names(DataOptions)
-    return build(SearchConfig, config, names, **stage), build(ParallelConfig, None, names, **par), \
-        build(RunConfig, None, names, **run), build(DataOptions, None, data_names, **dat), names, data_names
-
-
 def search(checkpoint: str, importance: str, data: Sequence[str], out: str, config: SearchConfig | None = None, *,
            teacher: str | None = None, teacher_logits: str | None = None, eval_data: Sequence[str] | None = None,
            force: bool = False, progress: bool = True, names: Names | None = None, data_names: Names | None = None,
@@ -105,19 +109,9 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     ``teacher_logits``: a cache to distil from instead (or ``cache_top_k`` in the config
     to write one first); ``options``: SearchConfig fields, or ``tp``, ``pp``, ``seed``,
     ``dtype``, ``split``, ``cache_dir``."""
-    import yaml
-
-    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
-    from nemo_minitron.config import check_resume, resume_safe_fields, to_dict, yaml_text
-    from nemo_minitron.distill.api import _check_cache_settings, parse_pairs, tokenizer_fingerprint, training_corpora
-    from nemo_minitron.data.config import DataOptions
-    from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
-    from nemo_minitron.prune.targets import parse_param_count
-    from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
-
-    cfg, parallel, run, data_opts, names, data_names = _configs(config, options, names, data_names)
-    tp, pp = parallel.tp, parallel.pp
+    configs = stage_configs(SearchConfig, config, options, names, data_names)
+    cfg, run, data_opts, names, data_names = configs.stage, configs.run, configs.data, configs.names, configs.data_names
+    tp, pp = configs.parallel.tp, configs.parallel.pp
     teacher = str(teacher or checkpoint)
 
     # ---- everything is checked before the first candidate is pruned
@@ -144,10 +138,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     corpus, heldout, eval_label = training_corpora(data, eval_data, data_opts, data_names,
                                                    vocab_size=original.vocab_size, tokenizer=tokenizer)
     if teacher_logits is not None:  # its samples are checked by each candidate's distill
-        from nemo_minitron.distill.teacher_logits import TeacherLogits
-
-        _check_cache_settings(cfg, names, None)
-        TeacherLogits.open(teacher_logits).check_settings(
+        check_cache_settings(cfg, names, None)
+        logit_cache.TeacherLogits.open(teacher_logits).check_settings(
             tokenizer=tokenizer_fingerprint(checkpoint), seq_len=cfg.seq_len, seed=run.seed,
             vocab_size=original.vocab_size, temperature=cfg.kd_temperature, data=corpus.blend.label,
             split=data_opts.split, names=names, data_names=data_names)
@@ -230,10 +222,8 @@ def _write_cache(teacher: str, data, path: Path, cfg: SearchConfig, run: RunConf
                  tp: int, pp: int, progress: bool) -> str:
     """One teacher pass over the samples the candidates train on: the training data set of
     ``steps x global_batch`` samples that each candidate's distillation reads."""
-    from nemo_minitron.distill.teacher_logits import INDEX, write_teacher_logits
-
-    if not (path / INDEX).is_file():
-        write_teacher_logits(teacher, data, str(path), top_k=cfg.cache_top_k, seq_len=cfg.seq_len,
+    if not (path / logit_cache.INDEX).is_file():
+        logit_cache.write_teacher_logits(teacher, data, str(path), top_k=cfg.cache_top_k, seq_len=cfg.seq_len,
                              samples=cfg.steps * cfg.global_batch, micro_batch=cfg.micro_batch,
                              kd_temperature=cfg.kd_temperature, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
                              split=data_opts.split, cache_dir=data_opts.cache_dir, data_names=data_names,
@@ -243,18 +233,14 @@ def _write_cache(teacher: str, data, path: Path, cfg: SearchConfig, run: RunConf
 
 def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, layer_metric: str, tp: int, pp: int,
            run: RunConfig) -> None:
-    from nemo_minitron.checkpoint.store import is_checkpoint
-    from nemo_minitron.prune.api import prune
-    from nemo_minitron.runtime.distributed import barrier, is_rank0
-
     if is_checkpoint(path):
         log.info("search: %s already pruned (%s)", cand.name, path)
         return
     if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    prune(checkpoint, importance, str(path), target=cand.target(), layer_metric=layer_metric, order="importance",
-          tp=tp, pp=pp, seed=run.seed, dtype=run.dtype)  # candidates are stored in the compute dtype
+    prune_api.prune(checkpoint, importance, str(path), target=cand.target(), layer_metric=layer_metric,
+                    order="importance", tp=tp, pp=pp, seed=run.seed, dtype=run.dtype)  # stored in the compute dtype
 
 
 def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval_data, cfg: SearchConfig, step: int,
@@ -262,10 +248,6 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
            force_hint: str, force: bool) -> float:
     """Distil one candidate up to ``step`` of the schedule (resuming what is there) and return
     its held-out loss at that step."""
-    from nemo_minitron.distill.api import distill
-    from nemo_minitron.distill.checkpointing import latest_checkpoint
-    from nemo_minitron.runtime.distributed import barrier, is_rank0
-
     out = directory / "distill"
     known = _heldout_at(out, step)
     finished = (out / "summary.json").is_file()
@@ -275,13 +257,14 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
         if is_rank0():  # killed before its first checkpoint: start it again
             shutil.rmtree(out)
         barrier()
-    result = distill(None if teacher_logits else teacher, str(directory / "pruned"), list(data), str(out),
-                     cfg.distill_config(), teacher_logits=teacher_logits, eval_data=eval_data, force=force,
-                     progress=progress, names=names, force_hint=force_hint,
-                     stop_at=step if step < cfg.steps else None, tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
-                     split=data_opts.split, cache_dir=data_opts.cache_dir, data_names=data_names)
-    now = result["student_now"] if step < cfg.steps else {"heldout_loss": result["student_after"]["heldout_loss"]}
-    return now["heldout_loss"]
+    # the stages are called through their modules (looked up at call time: tests stand in for them)
+    result = distill_api.distill(None if teacher_logits else teacher, str(directory / "pruned"), list(data),
+                                 str(out), cfg.distill_config(), teacher_logits=teacher_logits, eval_data=eval_data,
+                                 force=force, progress=progress, names=names, force_hint=force_hint,
+                                 stop_at=step if step < cfg.steps else None, tp=tp, pp=pp, seed=run.seed,
+                                 dtype=run.dtype, split=data_opts.split, cache_dir=data_opts.cache_dir,
+                                 data_names=data_names)
+    return result.heldout_loss
 
 
 def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], rungs: list[int],
@@ -319,8 +302,6 @@ def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], 
 def _finish(out: Path, result: dict[str, Any], keep_all: bool) -> None:
     """Move the winner to OUT/best and, unless ``keep_all``, delete the other candidates;
     training checkpoints (optimizer states) are deleted either way. Idempotent."""
-    from nemo_minitron.runtime.distributed import barrier, is_rank0
-
     if is_rank0():
         best = next(r for r in result["candidates"] if r["name"] == result["best"])
         source = next((p for p in (out / "candidates").glob(f"{best['name']}-*")), None) \
@@ -365,10 +346,7 @@ def _num(value: float | None) -> str:
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in sorted(result["candidates"], key=lambda r: r["rank"]):

@@ -13,15 +13,14 @@ from typing import Optional
 from nemo_minitron.config import option
 from nemo_minitron.distill.config import DistillConfig, _optional_int
 from nemo_minitron.errors import require
-from nemo_minitron.prune.config import PlanConfig
+from nemo_minitron.prune.config import LAYER_METRICS, PlanConfig
+from nemo_minitron.prune.targets import AXES, parse_param_count, parse_target
 
 #: how far apart (largest relative difference of any axis) two chosen candidates must be
 MIN_DISTANCE = 0.1
 
 
 def _one_target(text: str) -> dict[str, int]:
-    from nemo_minitron.prune.targets import parse_target
-
     return parse_target(text, flag="--candidate")
 
 
@@ -48,9 +47,6 @@ class SearchConfig(DistillConfig, PlanConfig):
                              resume_safe=True)
 
     def check(self, names) -> None:
-        from nemo_minitron.prune.select import LAYER_METRICS
-        from nemo_minitron.prune.targets import AXES, parse_param_count
-
         super().check(names)
         require(self.target_params is not None, f"{names('target_params')} is required (e.g. 90M)")
         self.target_params = str(self.target_params)

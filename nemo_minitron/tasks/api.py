@@ -13,9 +13,12 @@ import difflib
 import functools
 import logging
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
+from nemo_minitron.config import DEFAULT_SEED
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.runtime.distributed import broadcast_object
 from nemo_minitron.tasks.builtin import BUILTIN_TASKS, task_config
 
 log = logging.getLogger("nemo_minitron")
@@ -47,7 +50,7 @@ def _quiet_lm_eval() -> None:
 @functools.lru_cache(maxsize=4)
 def _task_manager(tasks_path: str | None, include_defaults: bool):
     """lm-eval's task index (reading its ~15,000 task files takes seconds: once per process)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # deferred: lm-eval takes seconds; only runs with --tasks
 
     return TaskManager(include_path=tasks_path, include_defaults=include_defaults)
 
@@ -65,8 +68,6 @@ def resolve_tasks(names: str | Sequence[str], tasks_path: str | None = None, *, 
                   path_flag: str = "--tasks-path") -> ResolvedTasks:
     """Check task names and load their data once (no collective; every rank may call it).
     Raises UsageError for an unknown name or data that cannot be loaded."""
-    from pathlib import Path
-
     _quiet_lm_eval()
     names = parse_task_names(names, flag)
     if tasks_path is not None:
@@ -92,11 +93,9 @@ def resolve_tasks(names: str | Sequence[str], tasks_path: str | None = None, *, 
 
 
 def run_tasks(lm, tasks: ResolvedTasks, *, limit: int | float | None = None, num_fewshot: int | None = None,
-              seed: int = 1234, bootstrap_iters: int = 1000) -> dict[str, TaskResult]:
+              seed: int = DEFAULT_SEED, bootstrap_iters: int = 1000) -> dict[str, TaskResult]:
     """Score the tasks with ``lm`` (a ``MegatronLM``, or any lm-eval LM); results on every rank."""
-    from lm_eval.evaluator import simple_evaluate
-
-    from nemo_minitron.runtime.distributed import broadcast_object
+    from lm_eval.evaluator import simple_evaluate  # deferred: see _task_manager
 
     _quiet_lm_eval()
     out = simple_evaluate(model=lm, tasks=tasks.specs, task_manager=tasks.manager, num_fewshot=num_fewshot,

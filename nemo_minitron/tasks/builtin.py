@@ -21,6 +21,8 @@ import random
 import re
 from functools import lru_cache
 
+from nemo_minitron.data.builtin import builtin_documents
+
 LASTWORD, NEXTSENTENCE = "minitron_lastword", "minitron_nextsentence"
 BUILTIN_TASKS = (LASTWORD, NEXTSENTENCE)
 CHANCE = {LASTWORD: 0.0, NEXTSENTENCE: 0.25}
@@ -43,8 +45,6 @@ def _sentences(doc: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def lastword_examples() -> list[dict]:
-    from nemo_minitron.data.builtin import builtin_documents
-
     out = []
     for doc in builtin_documents("heldout"):
         sentences, passage = _sentences(doc), ""
@@ -63,8 +63,6 @@ def lastword_examples() -> list[dict]:
 
 @lru_cache(maxsize=1)
 def nextsentence_examples() -> list[dict]:
-    from nemo_minitron.data.builtin import builtin_documents
-
     pairs = []
     for doc in builtin_documents("heldout"):
         s = _sentences(doc)
@@ -90,7 +88,7 @@ def nextsentence_examples() -> list[dict]:
 
 def _dataset(name: str):
     def load(**_kwargs):
-        import datasets
+        import datasets  # deferred: 2 s to import, needed when a built-in task loads its data
 
         rows = lastword_examples() if name == LASTWORD else nextsentence_examples()
         return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

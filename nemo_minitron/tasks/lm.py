@@ -19,13 +19,19 @@ gathered over the data-parallel group.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lm_eval import utils
 from lm_eval.api.model import TemplateLM
+from megatron.core import parallel_state as ps
 
 from nemo_minitron.config import DEFAULT_SEED
+from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
+from nemo_minitron.model.forward import mask_padded_vocab, position_ids, run_forward_only, to_device
+from nemo_minitron.runtime.distributed import layout
 
 log = logging.getLogger("nemo_minitron")
 
@@ -37,10 +43,6 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor,
                           vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For vocab-parallel ``logits [n, V/tp]`` and global ``targets [n]``: each target's
     log-probability (fp32) and whether it is the argmax, identical on every TP rank."""
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.model.forward import mask_padded_vocab
-
     group = ps.get_tensor_model_parallel_group()
     logprobs, greedy = [], []
     for start in range(0, len(targets), _CHUNK):
@@ -68,8 +70,6 @@ def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor,
 def _scoring_step(vocab_size: int, device: torch.device):
     """Megatron forward step: per row, the summed log-probability of the positions marked
     in ``score`` and whether each of them is the argmax."""
-    from nemo_minitron.model.forward import position_ids, to_device
-
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)
         tokens = batch["tokens"]
@@ -94,10 +94,6 @@ class MegatronLM(TemplateLM):
     def __init__(self, model, description, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, seed: int = DEFAULT_SEED):
         """``seed``: sampled generate-until requests draw from seed + the batch's position."""
-        from megatron.core import parallel_state as ps
-
-        from nemo_minitron.runtime.distributed import layout
-
         super().__init__()
         self.model, self.description, self.tokenizer = model, description, tokenizer
         self.batch_size = batch_size
@@ -144,8 +140,6 @@ class MegatronLM(TemplateLM):
 
     # ------------------------------------------------------------------ data-parallel collectives
     def _dp_group(self):
-        from megatron.core import parallel_state as ps
-
         return ps.get_data_parallel_group()
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -169,16 +163,12 @@ class MegatronLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        import sys
-
         # lm-eval's tokenizing progress bar, only on a terminal
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty() or self.rank != 0)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``requests``: ``(key, context_tokens, continuation_tokens)``; the input is cut on the
         left to the model's context, as lm-eval's HF model does."""
-        from nemo_minitron.model.forward import run_forward_only
-
         rows = []
         for _, context, continuation in requests:
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
@@ -212,8 +202,6 @@ class MegatronLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lm_eval import utils
-
         windows, owners = [], []
         for i, (text,) in enumerate(req.args for req in requests):
             for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
@@ -231,8 +219,6 @@ class MegatronLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from nemo_minitron.generate.engine import SamplingConfig, TextGenerator
-
         if self._generator is None:
             self._generator = TextGenerator(self.model, self.description, self.tokenizer)
         results: list[str | None] = [None] * len(requests)
