@@ -28,9 +28,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nemo-minitron run recipes/smollm2-135m.yaml
 
-# FULL=1: every benchmark at its full size (hours on a 2-core CPU)
+# FULL=1: every benchmark at its full size (hours on a 2-core CPU); ONLY="quality search_cache": those only
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py $(if $(FULL),--full)
+	$(PY) benchmarks/run_all.py $(if $(FULL),--full) $(ONLY)
 
 clean:
 	rm -rf $(VENV) runs
