@@ -23,6 +23,7 @@ import torch
 
 from nemo_minitron.checkpoint.hf_format import hf_names, hf_to_canonical
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.hybrid import tp_sections
 from nemo_minitron.model.description import ModelDescription, description_from_hf_config
 
 log = logging.getLogger("nemo_minitron")
@@ -207,7 +208,7 @@ def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch
     with torch.no_grad():
         for name, param in named_weights(model):
             full = hf_to_canonical(desc, name, get)
-            local = shard(name, full, tp_rank, tp_size, gated=desc.gated)
+            local = shard(name, full, tp_rank, tp_size, gated=desc.gated, sections=tp_sections(desc, name))
             require(local.shape == param.shape, f"shape mismatch for {name}: source {tuple(local.shape)} "
                                                 f"vs model {tuple(param.shape)}")
             param.copy_(local)
