@@ -72,6 +72,13 @@ TINY_CONFIGS = {
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                             num_local_experts=3, num_experts_per_tok=2, router_aux_loss_coef=0.02,
                                             sliding_window=None, tie_word_embeddings=False)),
+    # hybrid Mamba-2 / attention / MLP (Nemotron-H): 8 Mamba heads in 2 groups (a TP=2 rank
+    # holds one group), 6 layers (3 per PP=2 stage, each with a Mamba layer); transformers'
+    # scan runs in chunks of 16 (megatron-core's mixer: 128)
+    "nemotron_h": ("NemotronHConfig", dict(hidden_size=64, intermediate_size=96, hybrid_override_pattern="M*-M-M",
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
+                                           conv_kernel=4, chunk_size=16, tie_word_embeddings=False)),
 }
 MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -83,7 +90,8 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
     cls_name, kwargs = TINY_CONFIGS[kind]
     kwargs = {"vocab_size": TINY_VOCAB, **kwargs}
     zero_centered = cls_name == "NemotronConfig"  # its norms store gamma - 1 (and name epsilon norm_eps)
-    kwargs[("norm_eps" if zero_centered else "rms_norm_eps")] = 1e-5
+    epsilon_key = {"NemotronConfig": "norm_eps", "NemotronHConfig": "layer_norm_epsilon"}.get(cls_name, "rms_norm_eps")
+    kwargs[epsilon_key] = 1e-5
     config = getattr(transformers, cls_name)(bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -93,6 +101,8 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
                 p.copy_((0 if zero_centered else 1) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith((".D", ".A_log")):  # Mamba heads' skip and decay: distinct per head
+                p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(str(directory), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(directory))
     return directory

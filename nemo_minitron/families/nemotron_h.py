@@ -59,6 +59,7 @@ NEMOTRON_H = Family(
         Field("n_groups", "mamba_num_groups", default=lambda c: c.get("mamba_n_groups", 8), cast=int),
         Field("ssm_state_size", "mamba_state_dim", default=128, cast=int),
         Field("conv_kernel", "mamba_conv_kernel", default=lambda c: c.get("mamba_d_conv", 4), cast=int),
+        Field("chunk_size", "mamba_chunk_size", default=lambda c: c.get("mamba_chunk_size", 128), cast=int),
         Field("layer_norm_epsilon", "norm_eps", default=1e-5, cast=float),
         Field("max_position_embeddings", "max_position_embeddings", default=4096, cast=int),
         Field("tie_word_embeddings", "tie_embeddings", default=False, cast=bool),

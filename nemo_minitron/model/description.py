@@ -93,12 +93,14 @@ class ModelDescription:
     #: * attention, - MLP); "" for a decoder whose every layer is attention + MLP
     hybrid_pattern: str = ""
     #: Mamba-2 mixers: heads, channels per head, B/C groups (heads of a group share B and C),
-    #: state size, causal conv width
+    #: state size, causal conv width, and the scan's chunk length (arithmetic only: the
+    #: function is the same at any chunk length, the rounding is not)
     mamba_num_heads: int = 0
     mamba_head_dim: int = 0
     mamba_num_groups: int = 0
     mamba_state_dim: int = 0
     mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None

@@ -131,7 +131,8 @@ def check_description(desc: "ModelDescription") -> None:
     pattern = check_pattern(desc.hybrid_pattern, "hybrid pattern")
     require(len(pattern) == desc.num_layers,
             f"hybrid pattern {pattern!r} has {len(pattern)} layers, the model {desc.num_layers}")
-    for field in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel"):
+    for field in ("mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
+                  "mamba_chunk_size"):
         value = getattr(desc, field)
         require(isinstance(value, int) and value > 0, f"model {field} must be a positive integer, got {value!r}")
     require(desc.mamba_num_heads % desc.mamba_num_groups == 0,

@@ -38,6 +38,11 @@ _mamba_mixer = import_mamba_mixer()  # (its module needs a stand-in for Triton w
 MambaMixer, MambaMixerSubmodules = _mamba_mixer.MambaMixer, _mamba_mixer.MambaMixerSubmodules
 
 
+def mixer_params(desc: ModelDescription) -> dict:
+    """MambaMixer's constructor settings that the config does not carry."""
+    return {"d_conv": desc.mamba_conv_kernel, "chunk_size": desc.mamba_chunk_size}
+
+
 class LocalNormMambaStack(MambaStack):
     """``MambaStack`` whose final norm is a ``LocalNorm`` (the config's RMSNorm) instead of TE's."""
 
@@ -52,7 +57,7 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
     """The local-spec MambaStack for ``desc`` (its norms: ``LocalNorm``; the Mamba layer's norm
     takes LocalNorm's default epsilon 1e-5, which hybrid descriptions require)."""
     gpt = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
-    mixer = ModuleSpec(module=MambaMixer, params={"d_conv": desc.mamba_conv_kernel},
+    mixer = ModuleSpec(module=MambaMixer, params=mixer_params(desc),
                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
     return ModuleSpec(module=LocalNormMambaStack, submodules=MambaStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
@@ -65,11 +70,11 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
 
 
 def te_stack_spec(desc: ModelDescription) -> ModuleSpec:
-    """megatron-core's Transformer Engine stack spec, with the description's conv width."""
+    """megatron-core's Transformer Engine stack spec, with the description's conv width and chunk length."""
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
     layer = mamba_stack_spec.submodules.mamba_layer
-    mixer = dataclasses.replace(layer.submodules.mixer, params={"d_conv": desc.mamba_conv_kernel})
+    mixer = dataclasses.replace(layer.submodules.mixer, params=mixer_params(desc))
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mixer=mixer))
     return dataclasses.replace(mamba_stack_spec,
                                submodules=dataclasses.replace(mamba_stack_spec.submodules, mamba_layer=layer))
