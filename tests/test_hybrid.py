@@ -213,3 +213,34 @@ def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
         converted = open_model(str(out / "converted"))
         again = full_logits(converted.model, tokens, desc.vocab_size)
         assert (again - at_tp1).abs().max().item() <= tol, layout
+
+
+@pytest.mark.parametrize("command,words", [
+    (("importance", "--data", "builtin:calib", "--out", "{tmp}/imp"), "importance of a hybrid Mamba-Transformer"),
+    (("plan", "--target-params", "150000"), "planning and pruning of a hybrid Mamba-Transformer"),
+    (("export", "--megatron-out", "{tmp}/meg"), "a Megatron-LM / Megatron-Bridge export of a hybrid"),
+])
+def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys, command, words):
+    """Stages that do not handle hybrid models yet say so in one line, before any work."""
+    name, *flags = command
+    code, stderr = cli_in_process(capsys, name, tiny_checkpoint(KIND), *(f.format(tmp=tmp_path) for f in flags))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and words in stderr, stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_greedy_generation_equals_transformers(tiny_hf, runtime, one_thread, tmp_path, capsys):
+    """``generate`` on the hybrid model (megatron-core's static-batch engine: the mixer's
+    prefill with a state cache, then its one-token decode step; batches of 4 prompts of mixed
+    lengths) gives transformers' greedy tokens, prompt by prompt."""
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from test_generate import PROMPTS, _records, _write_jsonl
+    from tiny_models import byte_tokenizer, hf_greedy
+
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    out = tmp_path / "out.jsonl"
+    code, err = cli_in_process(capsys, "generate", tiny_hf(KIND), "--prompts", prompts, "--out", out,
+                               "--max-new-tokens", 12, "--batch-size", 4)
+    assert code == 0, err
+    tok = byte_tokenizer()
+    expected = hf_greedy(load_hf_model(tiny_hf(KIND)), [tok(p)["input_ids"] for p in PROMPTS], 12, eos_token_id=2)
+    assert [r["completion_ids"] for r in _records(out)] == expected

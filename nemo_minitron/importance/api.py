@@ -22,6 +22,7 @@ from nemo_minitron.errors import require
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
@@ -141,6 +142,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
+    not_yet(desc, "importance")
     out_path = check_new_output(out)
     require(seq_len <= desc.max_position_embeddings,
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "

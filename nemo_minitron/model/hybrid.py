@@ -181,3 +181,9 @@ def layer_holds(desc: "ModelDescription", layer: int, name: str) -> bool:
         return True
     module = name.split(".", 3)[3]
     return module.startswith(_LAYER_MODULES[desc.hybrid_pattern[layer]])
+
+
+def not_yet(desc: "ModelDescription", what: str) -> None:
+    """A one-line refusal of a stage that does not handle hybrid models yet."""
+    require(not desc.is_hybrid, f"{what} of a hybrid Mamba-Transformer model ({desc.architecture}) is not "
+                                "supported yet")
