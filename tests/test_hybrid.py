@@ -128,6 +128,33 @@ def test_prefill_path_matches_transformers(tiny_hf, runtime):
     assert (mine - reference).abs().max().item() <= transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
 
 
+def test_prefill_then_decode_match_transformers(tiny_hf, runtime):
+    """Inference with megatron-core's static context: a prefill of 9 tokens (the mixer keeps
+    its conv window and SSM state), then one token at a time (the mixer's decode step from
+    those states; attention from its KV cache): each step's logits are transformers' logits
+    of the whole sequence at that position."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from test_conversion import widest
+
+    ours, _, desc = _ours_and_hf(tiny_hf)
+    ours.eval()
+    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    reference = hf_logits(tiny_hf(KIND), tokens)
+    context, prefill = StaticInferenceContext(2, SEQ), 9
+    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, SEQ)]
+    last = []
+    with torch.no_grad():
+        for start, end in steps:
+            chunk = tokens[:, start:end]
+            out = ours(chunk, torch.arange(start, end).expand_as(chunk), None, inference_context=context,
+                       runtime_gather_output=True)
+            last.append(out[:, -1, :1000])
+            context.increment_sequence_len_offset(end - start)
+    tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
+    assert (torch.stack(last, 1) - reference[:, prefill - 1:]).abs().max().item() <= tol
+
+
 def test_counts_and_state_bytes(tiny_hf):
     """The description counts what transformers' model holds; KV bytes come from the
     attention layers only, the SSM state from the Mamba layers (heads x head_dim x state

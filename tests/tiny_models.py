@@ -99,10 +99,18 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_((0 if zero_centered else 1) + 0.2 * torch.randn_like(p))
+            elif name.endswith(".D"):  # Mamba heads' skip: distinct per head
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith(".A_log"):  # slow decays (A in -0.2..-0.02) and time steps near 0.3
+                p.copy_(torch.empty_like(p).uniform_(0.02, 0.2).log())  # (HF: 0.001..0.1): the SSM
+            elif name.endswith(".dt_bias"):  # state remembers tens of tokens and weighs in the output
+                p.copy_(torch.randn_like(p) * 0.5 - 1)
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith((".D", ".A_log")):  # Mamba heads' skip and decay: distinct per head
-                p.add_(0.2 * torch.randn_like(p))
+            elif cls_name == "NemotronHConfig" and p.dim() == 2 and "embeddings" not in name and "lm_head" not in name:
+                # unit-gain projections: at HF's init (std 0.02, out_proj scaled down) the layers
+                # barely move the residual stream and the model is nearly a bigram model
+                p.normal_(0.0, p.shape[1] ** -0.5)
     model.save_pretrained(str(directory), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(directory))
     return directory
