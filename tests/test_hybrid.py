@@ -245,6 +245,8 @@ def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
 @pytest.mark.parametrize("command,words", [
     (("importance", "--data", "builtin:calib", "--out", "{tmp}/imp"), "importance of a hybrid Mamba-Transformer"),
     (("plan", "--target-params", "150000"), "planning and pruning of a hybrid Mamba-Transformer"),
+    (("prune", "--importance", "{tmp}", "--target", "hidden=48", "--out", "{tmp}/pruned"),
+     "planning and pruning of a hybrid Mamba-Transformer"),
     (("export", "--megatron-out", "{tmp}/meg"), "a Megatron-LM / Megatron-Bridge export of a hybrid"),
 ])
 def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys, command, words):

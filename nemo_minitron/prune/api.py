@@ -20,6 +20,7 @@ import torch.distributed as dist
 from nemo_minitron.config import Names, cli_names
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
 from nemo_minitron.prune.select import (
@@ -40,6 +41,7 @@ def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1
                         names: Names | None = None) -> ModelDescription:
     """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
     names = names or cli_names(PruneConfig)
+    not_yet(desc, "planning and pruning")
     if cfg.target or cfg.drop_layers:
         return apply_target(desc, target_with_drops(desc, cfg, names), tp=tp, pp=pp, flag=names("target"))
     budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
@@ -167,6 +169,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
+    not_yet(old, "planning and pruning")
     require_tokenizer(checkpoint, "the pruned checkpoint carries it")
     if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
         from nemo_minitron.prune.targets import parse_drop_layers
