@@ -139,10 +139,11 @@ def test_prefill_then_decode_match_transformers(tiny_hf, runtime):
 
     ours, _, desc = _ours_and_hf(tiny_hf)
     ours.eval()
-    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    length, prefill = 24, 9
+    tokens = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(6))
     reference = hf_logits(tiny_hf(KIND), tokens)
-    context, prefill = StaticInferenceContext(2, SEQ), 9
-    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, SEQ)]
+    context = StaticInferenceContext(2, length)
+    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
     last = []
     with torch.no_grad():
         for start, end in steps:
@@ -151,7 +152,7 @@ def test_prefill_then_decode_match_transformers(tiny_hf, runtime):
                        runtime_gather_output=True)
             last.append(out[:, -1, :1000])
             context.increment_sequence_len_offset(end - start)
-    tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
+    tol = transformer_logits(widest(desc, length), desc.num_layers, reference)
     assert (torch.stack(last, 1) - reference[:, prefill - 1:]).abs().max().item() <= tol
 
 

@@ -37,6 +37,8 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nemo_minitron.model import ssm_kernels
+
 _CPU = torch.device("cpu")
 _saved: dict[tuple[Any, str], Any] = {}
 _mode: "_CudaToCpuMode | None" = None
@@ -156,8 +158,6 @@ def import_mamba_mixer():
 
 def _mamba_without_cuda_kernels() -> None:
     """The PyTorch Mamba-2 kernels in place of the ``mamba_ssm`` ones that did not import."""
-    from nemo_minitron.model import ssm_kernels
-
     mamba_mixer = import_mamba_mixer()
     if mamba_mixer.HAVE_MAMBA_SSM:
         return
