@@ -9,11 +9,14 @@ from tiny_models import TINY_CONFIGS, hf_logits
 from tolerances import log_softmax_sum, transformer_logits
 
 
-def widest(desc) -> int:
+def widest(desc, seq_len: int = 48) -> int:
     """The longest accumulation of a forward pass: a matrix product's inner dimension (a
-    mixture of experts adds its top-k experts' outputs: a few terms more, negligible)."""
+    mixture of experts adds its top-k experts' outputs: a few terms more, negligible); a
+    Mamba mixer's out-projection sums its heads x head_dim channels and its scan, per
+    output, the state (C . B) and then the ``seq_len`` positions."""
     return max(desc.hidden_size, desc.ffn_hidden_size, desc.moe_ffn_hidden_size, desc.moe_shared_ffn_hidden_size,
-               desc.num_attention_heads * desc.head_dim)
+               desc.num_attention_heads * desc.head_dim, desc.mamba_num_heads * desc.mamba_head_dim,
+               desc.mamba_state_dim + seq_len)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))

@@ -72,6 +72,13 @@ TINY_CONFIGS = {
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                             num_local_experts=3, num_experts_per_tok=2, router_aux_loss_coef=0.02,
                                             sliding_window=None, tie_word_embeddings=False)),
+    # hybrid Mamba-2 / attention / MLP (Nemotron-H): 8 Mamba heads in 2 groups (a TP=2 rank
+    # holds one group), 6 layers (3 per PP=2 stage, each with a Mamba layer); transformers'
+    # scan runs in chunks of 16 (megatron-core's mixer: 128)
+    "nemotron_h": ("NemotronHConfig", dict(hidden_size=64, intermediate_size=96, hybrid_override_pattern="M*-M-M",
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
+                                           conv_kernel=4, chunk_size=16, tie_word_embeddings=False)),
 }
 MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -83,7 +90,8 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
     cls_name, kwargs = TINY_CONFIGS[kind]
     kwargs = {"vocab_size": TINY_VOCAB, **kwargs}
     zero_centered = cls_name == "NemotronConfig"  # its norms store gamma - 1 (and name epsilon norm_eps)
-    kwargs[("norm_eps" if zero_centered else "rms_norm_eps")] = 1e-5
+    epsilon_key = {"NemotronConfig": "norm_eps", "NemotronHConfig": "layer_norm_epsilon"}.get(cls_name, "rms_norm_eps")
+    kwargs[epsilon_key] = 1e-5
     config = getattr(transformers, cls_name)(bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -91,8 +99,18 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_((0 if zero_centered else 1) + 0.2 * torch.randn_like(p))
+            elif name.endswith(".D"):  # Mamba heads' skip: distinct per head
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith(".A_log"):  # slow decays (A in -0.2..-0.02) and time steps near 0.3
+                p.copy_(torch.empty_like(p).uniform_(0.02, 0.2).log())  # (HF: 0.001..0.1): the SSM
+            elif name.endswith(".dt_bias"):  # state remembers tens of tokens and weighs in the output
+                p.copy_(torch.randn_like(p) * 0.5 - 1)
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif cls_name == "NemotronHConfig" and p.dim() == 2 and "embeddings" not in name and "lm_head" not in name:
+                # unit-gain projections: at HF's init (std 0.02, out_proj scaled down) the layers
+                # barely move the residual stream and the model is nearly a bigram model
+                p.normal_(0.0, p.shape[1] ** -0.5)
     model.save_pretrained(str(directory), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(directory))
     return directory

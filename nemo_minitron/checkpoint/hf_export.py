@@ -31,6 +31,7 @@ from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
 from nemo_minitron.errors import require
 from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.hybrid import tp_sections
 from nemo_minitron.model.params import gather, named_weights
 from nemo_minitron.runtime.distributed import is_rank0
 
@@ -78,7 +79,7 @@ def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: i
     for name, param in named_weights(model):
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of tied embeddings; the first stage writes them
-        full = gather(name, param.detach(), group=tp_group, gated=desc.gated)
+        full = gather(name, param.detach(), group=tp_group, gated=desc.gated, sections=tp_sections(desc, name))
         if not writer:
             continue
         for hf_name, tensor in canonical_to_hf(desc, name, full):

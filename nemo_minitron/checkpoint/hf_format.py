@@ -23,6 +23,7 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.families import Family, family, family_of_hf_config, unsupported_keys
 from nemo_minitron.families.spec import DEFAULT_ROPE_THETA, Check, Const, Field
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.hybrid import layer_holds
 
 Getter = Callable[[str], torch.Tensor]
 _TIED = ("output_layer.weight", "embedding.word_embeddings.weight")
@@ -112,7 +113,7 @@ def canonical_names(desc: ModelDescription) -> list[str]:
     per_layer = [p for p in patterns if "{i}" in p]
     rest = [p for p in patterns if "{i}" not in p and not (desc.tie_embeddings and p == _TIED[0])]
     first = [p for p in rest if p.startswith("embedding.")]
-    layers = [name for i in range(desc.num_layers) for p in per_layer
+    layers = [name for i in range(desc.num_layers) for p in per_layer if layer_holds(desc, i, p)
               for name in ([p.format(i=i, e=e) for e in range(desc.num_experts)] if "{e}" in p else [p.format(i=i)])]
     return first + layers + [p for p in rest if p not in first]
 
@@ -133,7 +134,9 @@ def _unsupported(fam: Family, key: str, value: Any, feature: str, supported: Any
 
 def _rope_from_hf(config: Mapping[str, Any], fam: Family) -> dict[str, Any]:
     """HF keeps RoPE settings in ``rope_theta``/``rope_scaling``/``partial_rotary_factor``
-    (4.x) or ``rope_parameters`` (5.x)."""
+    (4.x) or ``rope_parameters`` (5.x). A family without RoPE reads none of them."""
+    if not fam.rope:
+        return {}
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
     theta = float(config.get("rope_theta", params.get("rope_theta", DEFAULT_ROPE_THETA)))
@@ -194,6 +197,8 @@ def hf_config_dict(desc: ModelDescription, architecture: str | None = None) -> d
             cfg[entry.hf] = getattr(desc, entry.field)
         elif isinstance(entry, Const):
             cfg[entry.hf] = entry.value
+    if not fam.rope:
+        return cfg
     cfg["rope_theta"] = desc.rope_theta
     cfg["rope_scaling"] = dict(desc.rope_scaling) if desc.rope_scaling else None
     if fam.partial_rotary is not None:

@@ -31,6 +31,7 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import named_weights, shard
+from nemo_minitron.model.hybrid import tp_sections
 
 log = logging.getLogger("nemo_minitron")
 
@@ -200,7 +201,7 @@ def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch
     with torch.no_grad():
         for name, param in named_weights(model):
             full = hf_to_canonical(desc, name, get)
-            local = shard(name, full, tp_rank, tp_size, gated=desc.gated)
+            local = shard(name, full, tp_rank, tp_size, gated=desc.gated, sections=tp_sections(desc, name))
             require(local.shape == param.shape, f"shape mismatch for {name}: source {tuple(local.shape)} "
                                                 f"vs model {tuple(param.shape)}")
             param.copy_(local)

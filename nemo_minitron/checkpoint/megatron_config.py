@@ -33,6 +33,7 @@ import torch
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.families import family_with
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.hybrid import not_yet
 
 #: ModelDescription field <- TransformerConfig / GPTModelProvider key. ``None`` in the
 #: config means the default in the comment.
@@ -232,6 +233,7 @@ def _int_if_whole(x: float):
 
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
+    not_yet(desc, "a Megatron-LM / Megatron-Bridge export")
     _rope_fields(desc)
 
 

@@ -12,11 +12,12 @@ from nemo_minitron.errors import UsageError
 from nemo_minitron.families.llama import LLAMA, MISTRAL
 from nemo_minitron.families.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from nemo_minitron.families.nemotron import NEMOTRON
+from nemo_minitron.families.nemotron_h import NEMOTRON_H
 from nemo_minitron.families.qwen import QWEN2, QWEN3
 from nemo_minitron.families.spec import DEFAULT_FEATURES, Family, Field
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, MIXTRAL, QWEN3_MOE,
-                                                         QWEN2_MOE)}
+                                                         QWEN2_MOE, NEMOTRON_H)}
 
 #: HF config keys of features a family may lack (checked unless the family's table reads
 #: the key), so that the error names the feature, not only the architecture.
@@ -33,8 +34,9 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
 
 
 def unsupported_keys(fam: Family) -> dict[str, str]:
-    """UNSUPPORTED_KEYS less those the family's own table reads (Mixtral's num_local_experts)."""
-    read = {entry.hf for entry in fam.config if isinstance(entry, Field)}
+    """UNSUPPORTED_KEYS less those the family's own table reads (Mixtral's num_local_experts)
+    or ignores (Nemotron-H's MoE sizes)."""
+    read = {entry.hf for entry in fam.config if isinstance(entry, Field)} | set(fam.ignored_keys)
     return {k: v for k, v in UNSUPPORTED_KEYS.items() if k not in read and not (fam.moe and k == "num_local_experts")}
 
 
@@ -65,15 +67,17 @@ def family_with(features: Mapping[str, Any]) -> Family:
     defaults), for sources that state features rather than a family, such as Megatron-LM
     arguments: RMSNorm + SwiGLU is Llama, + QKV bias Qwen2, + QK-norm Qwen3, LayerNorm
     (zero-centred) + squared ReLU Nemotron; with ``moe=True`` (experts) Mixtral, Qwen3-MoE
-    (QK-norm) and Qwen2-MoE (QKV bias and a gated shared expert)."""
+    (QK-norm) and Qwen2-MoE (QKV bias and a gated shared expert); with ``hybrid=True`` (a
+    Mamba layer pattern) Nemotron-H."""
     features = dict(features)
     moe = bool(features.pop("moe", False))
+    hybrid = bool(features.pop("hybrid", False))
     wanted = {**DEFAULT_FEATURES, **features}
     unknown = sorted(set(wanted) - set(DEFAULT_FEATURES))
     if unknown:
-        raise UsageError(f"unknown model features: {', '.join(unknown)} (known: moe, {', '.join(DEFAULT_FEATURES)})")
+        raise UsageError(f"unknown model features: {', '.join(unknown)} (known: moe, hybrid, {', '.join(DEFAULT_FEATURES)})")
     for fam in FAMILIES.values():
-        if fam.feature_values() == wanted and fam.moe == moe:
+        if fam.feature_values() == wanted and fam.moe == moe and fam.hybrid == hybrid:
             return fam
     described = ", ".join(f"{k}={v!r}" for k, v in {**wanted, **({"moe": True} if moe else {})}.items())
     raise UsageError(f"no supported model family has {described} (supported: {', '.join(FAMILIES)})")

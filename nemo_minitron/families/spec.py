@@ -98,6 +98,12 @@ class Family:
     fallback: str | None = None
     #: every layer's MLP is a mixture of experts (the description's num_experts > 0)
     moe: bool = False
+    #: a hybrid Mamba-Transformer family (the description's hybrid_pattern is set; model/hybrid.py)
+    hybrid: bool = False
+    #: the family's attention has rotary position embeddings (RoPE keys are read and written)
+    rope: bool = True
+    #: config keys the family's configs carry without using them here (not refused as unsupported)
+    ignored_keys: tuple[str, ...] = ()
 
     def feature_values(self) -> dict[str, Any]:
         return {**DEFAULT_FEATURES, **self.features}

@@ -35,6 +35,7 @@ from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
 from nemo_minitron.importance.plots import write_plots
 from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
+from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.model.forward import position_ids, run_forward_only, split_microbatches, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
@@ -133,6 +134,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
+    not_yet(desc, "importance")
     out_path = check_new_output(out)
     require(seq_len <= desc.max_position_embeddings,
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "

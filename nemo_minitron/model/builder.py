@@ -30,6 +30,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_minitron.errors import require
+from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import local_norm_spec
 
@@ -99,6 +100,9 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
     require(len(layers_per_stage) == pp and sum(layers_per_stage) == desc.num_layers,
             f"layers per stage {layers_per_stage} do not add up to {desc.num_layers} layers on {pp} stages")
     extra = {}
+    if desc.is_hybrid:
+        hybrid.check_stages(desc, layers_per_stage)
+        extra.update(hybrid.mamba_config(desc))
     if pp > 1 and len(set(layers_per_stage)) > 1:
         extra["pipeline_model_parallel_layout"] = _pipeline_layout(layers_per_stage)
     if recompute:
@@ -207,6 +211,13 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     vocab = padded_vocab_size or desc.padded_vocab_size
     require(vocab >= desc.vocab_size and vocab % tp == 0,
             f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
+    if desc.is_hybrid:  # megatron-core's MambaModel (model/mamba.py)
+        from nemo_minitron.model.mamba import build_mamba_model
+
+        model = build_mamba_model(desc, config, vocab_size=vocab, te=te)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        return model
     experts = desc.num_experts or None
     if te:  # TE's norms read normalization and zero-centred gamma from the config
         layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=desc.is_moe,

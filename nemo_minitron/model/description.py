@@ -18,6 +18,11 @@ a SwiGLU MLP of width ``moe_ffn_hidden_size``, plus optionally one shared expert
 ``moe_shared_ffn_hidden_size`` that every token passes through. Such a model has no dense
 MLP: ``ffn_hidden_size`` is 0. It counts *total* parameters (every expert) and *active*
 ones (those one token uses: ``moe_top_k`` experts), and FLOPs per token of the active ones.
+
+Hybrid Mamba-Transformer models (``hybrid_pattern`` non-empty, Nemotron-H): each layer is
+one kind, a Mamba-2 mixer (``M``, shaped by the ``mamba_*`` fields), attention (``*``) or an
+MLP (``-``); the attention and MLP fields shape those layers. ``model/hybrid.py`` holds
+their shape rules and counts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from nemo_minitron.config import DEFAULT_SEQ_LEN
 from nemo_minitron.errors import UsageError, divisors, require
 from nemo_minitron.families import FAMILIES, family
 from nemo_minitron.families.spec import DEFAULT_MAX_POSITION_EMBEDDINGS, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA
+from nemo_minitron.model import hybrid
 
 #: HF ``model_type`` values this project converts, builds and exports.
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
@@ -84,6 +90,18 @@ class ModelDescription:
     moe_normalize_top_k: bool = True
     #: weight of the router's load-balancing loss per layer in training (HF's router_aux_loss_coef)
     moe_aux_loss_coeff: float = 0.0
+    #: hybrid models: one symbol per layer, megatron's hybrid_override_pattern (M Mamba-2 mixer,
+    #: * attention, - MLP); "" for a decoder whose every layer is attention + MLP
+    hybrid_pattern: str = ""
+    #: Mamba-2 mixers: heads, channels per head, B/C groups (heads of a group share B and C),
+    #: state size, causal conv width, and the scan's chunk length (arithmetic only: the
+    #: function is the same at any chunk length, the rounding is not)
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_num_groups: int = 0
+    mamba_state_dim: int = 0
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -114,6 +132,10 @@ class ModelDescription:
                 "of rotated dimensions")
         require(fam.partial_rotary is not None or self.rotary_percent == 1.0,
                 f"a {self.architecture} model rotates whole heads (rotary_percent 1.0, got {self.rotary_percent})")
+        require(fam.hybrid == self.is_hybrid, f"a {self.architecture} model " + (
+            "has a hybrid layer pattern" if fam.hybrid else f"has no hybrid layer pattern (got {self.hybrid_pattern!r})"))
+        if self.is_hybrid:
+            hybrid.check_description(self)
 
     def _check_experts(self, moe_family: bool) -> None:
         moe_fields = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
@@ -144,6 +166,10 @@ class ModelDescription:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.hybrid_pattern)
 
     @property
     def heads_per_group(self) -> int:
@@ -214,8 +240,11 @@ class ModelDescription:
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count exactly as the exported Hugging Face model reports it; ``active``:
         only those one token uses (a mixture of experts' top-k experts, not all of them)."""
-        return (self.embedding_parameters() + self.num_layers * self.parameters_per_layer(active)
-                + self.norm_parameters(self.hidden_size))
+        if self.is_hybrid:
+            layers = sum(hybrid.layer_parameters(self, symbol, active) for symbol in self.hybrid_pattern)
+        else:
+            layers = self.num_layers * self.parameters_per_layer(active)
+        return self.embedding_parameters() + layers + self.norm_parameters(self.hidden_size)
 
     def num_active_parameters(self) -> int:
         return self.num_parameters(active=True)
@@ -226,14 +255,25 @@ class ModelDescription:
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        if self.is_hybrid:  # each layer one kind; Mamba mixers: see hybrid.mixer_flops_per_token
+            attention_layers, mlp_layers = self.hybrid_pattern.count("*"), self.hybrid_pattern.count("-")
+            mixers = self.hybrid_pattern.count("M") * hybrid.mixer_flops_per_token(self)
+        else:
+            attention_layers = mlp_layers = self.num_layers
+            mixers = 0
         # a mixture of experts multiplies by its router, top-k experts and shared expert (and gate)
-        matmul_weights = self.num_layers * (h * q + 2 * h * kv + q * h + self.mlp_parameters(active=True))
-        matmul_weights += self.vocab_size * h
-        attention = self.num_layers * 2 * 2 * q * (seq_len / 2)
-        return int(2 * matmul_weights + attention)
+        matmul_weights = (attention_layers * (h * q + 2 * h * kv + q * h)
+                          + mlp_layers * self.mlp_parameters(active=True) + self.vocab_size * h)
+        attention = attention_layers * 2 * 2 * q * (seq_len / 2)
+        return int(2 * matmul_weights + attention + mixers)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        return 2 * self.num_layers * self.num_query_groups * self.head_dim * bytes_per_element
+        attention_layers = self.hybrid_pattern.count("*") if self.is_hybrid else self.num_layers
+        return 2 * attention_layers * self.num_query_groups * self.head_dim * bytes_per_element
+
+    def ssm_state_bytes(self, bytes_per_element: int = 2) -> int:
+        """Recurrent state per sequence of a hybrid model's Mamba layers (0 for others)."""
+        return hybrid.ssm_state_bytes(self, bytes_per_element) if self.is_hybrid else 0
 
     # ------------------------------------------------------------------ layout rules
     def check_layout(self, tp: int, pp: int) -> None:
@@ -257,6 +297,8 @@ class ModelDescription:
             pp <= self.num_layers,
             f"--pp {pp} is larger than the number of layers ({self.num_layers}); allowed: 1..{self.num_layers}",
         )
+        if self.is_hybrid:
+            hybrid.check_layout(self, tp, pp)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +326,8 @@ class ModelDescription:
                 "num_query_groups", "head_dim")
         if self.is_moe:  # dense fingerprints stay as they were written before experts existed
             keys += ("num_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
+        if self.is_hybrid:
+            keys += ("hybrid_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
         return {k: getattr(self, k) for k in keys}
 
     def summary(self) -> str:
@@ -292,7 +336,9 @@ class ModelDescription:
             ("LayerNorm" + (" (zero-centred gamma)" if self.zero_centered_gamma else ""),
              self.normalization == "LayerNorm"),
             ("QKV bias", self.qkv_bias), ("QK-norm", self.qk_norm),
-            (f"RoPE on {self.rotary_percent:.0%} of head dims", self.rotary_percent != 1.0)) if on]
+            (f"RoPE on {self.rotary_percent:.0%} of head dims", self.rotary_percent != 1.0),
+            (f"layers {self.hybrid_pattern}, Mamba heads {self.mamba_num_heads} x {self.mamba_head_dim} in "
+             f"{self.mamba_num_groups} groups, state {self.mamba_state_dim}", self.is_hybrid)) if on]
         if self.is_moe:
             mlp = (f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
                    + (f" + shared expert {self.moe_shared_ffn_hidden_size}" if self.moe_shared_ffn_hidden_size else ""))

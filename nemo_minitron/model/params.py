@@ -20,12 +20,17 @@ Tensor-parallel layout of the fused tensors (global, TP=1 form):
   no expert parallelism) and the shared expert (``mlp.shared_experts.linear_fc1/2``) are
   split like the dense MLP. TE's grouped GEMM names (``mlp.experts.linear_fc1.weight{e}``)
   are translated to these.
+- Hybrid models' Mamba mixers (``model/hybrid.py``): ``in_proj`` rows ``[z, x, B, C, dt]`` and
+  ``conv1d`` channels ``[x, B, C]`` are split section by section (``shard``/``gather`` take
+  the ``sections``, from ``hybrid.tp_sections``), ``A_log``/``D``/``dt_bias`` and the gated
+  norm's weight by heads/channels, ``out_proj`` by columns; the layer's input norm is
+  replicated.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,6 +40,7 @@ _TE_RENAMES = {
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    "mixer.in_proj.layer_norm_weight": "norm.weight",  # a hybrid model's Mamba layer
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _TE_GROUPED = re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
@@ -42,8 +48,10 @@ _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d
 
 # canonical suffix -> dimension split over TP (None: replicated); experts' and the shared
 # expert's MLPs end the same way as the dense MLP's
-_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "linear_fc1.weight")
-_ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
+_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "linear_fc1.weight",
+                    "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.A_log", "mixer.D",
+                    "mixer.dt_bias", "mixer.norm.weight")
+_ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight", "mixer.out_proj.weight")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -114,26 +122,35 @@ def rename_expert(name: str, new_index: int) -> str:
 
 
 # ---------------------------------------------------------------------- TP split / gather
-def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, *, gated: bool) -> torch.Tensor:
-    """This TP rank's slice of a canonical (TP=1) tensor (``gated``: the model's MLP has a gate)."""
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, *, gated: bool,
+          sections: Sequence[int] | None = None) -> torch.Tensor:
+    """This TP rank's slice of a canonical (TP=1) tensor (``gated``: the model's MLP has a gate;
+    ``sections``: the row blocks split one by one, e.g. a Mamba in_proj's)."""
     dim = tp_split_dim(name)
     if dim is None or tp_size == 1:
         return full
+    if sections:
+        return torch.cat([part.chunk(tp_size, 0)[tp_rank] for part in full.split(list(sections), dim=0)], dim=0)
     if is_gated(name, gated):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
-def gather(name: str, local: torch.Tensor, group=None, *, gated: bool) -> torch.Tensor:
+def gather(name: str, local: torch.Tensor, group=None, *, gated: bool,
+           sections: Sequence[int] | None = None) -> torch.Tensor:
     """The canonical (TP=1) tensor from every TP rank's slice (a collective over ``group``;
-    ``gated``: the model's MLP has a gate)."""
+    ``gated``: the model's MLP has a gate; ``sections``: the full tensor's row blocks, split one by one)."""
     dim = tp_split_dim(name)
     size = dist.get_world_size(group) if dist.is_initialized() else 1
     if dim is None or size == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
+    if sections:
+        per_rank = [s // size for s in sections]
+        blocks = [p.split(per_rank, dim=0) for p in parts]  # [rank][section]
+        return torch.cat([blocks[r][i] for i in range(len(sections)) for r in range(size)], dim=0)
     if is_gated(name, gated):
         gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
         return torch.cat([*gates, *ups], dim=0)

@@ -35,6 +35,7 @@ from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights, rename_expert, rename_layer, shard
+from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
 from nemo_minitron.prune.refit import refit_columns
@@ -64,6 +65,7 @@ def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1
                         names: Names | None = None) -> ModelDescription:
     """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
     names = names or cli_names(PruneConfig)
+    not_yet(desc, "planning and pruning")
     if cfg.target or cfg.drop_layers:
         return apply_target(desc, target_with_drops(desc, cfg, names), tp=tp, pp=pp, flag=names("target"))
     budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
@@ -160,6 +162,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
+    not_yet(old, "planning and pruning")
     require_tokenizer(checkpoint, "the pruned checkpoint carries it")
     if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
 

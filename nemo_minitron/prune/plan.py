@@ -35,6 +35,7 @@ from typing import Iterator
 from nemo_minitron.config import DEFAULT_SEQ_LEN, build, cli_names
 from nemo_minitron.errors import require
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.prune.config import PlanConfig
 from nemo_minitron.prune.targets import format_count
 
@@ -192,6 +193,7 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
     does. ``options``: PlanConfig fields overriding ``config``."""
     names = names or cli_names(PlanConfig)
     cfg = build(PlanConfig, config, names, **options)
+    not_yet(desc, "planning and pruning")
     flag = names("target_params")
     kind = "active " if desc.is_moe and cfg.param_count == "active" else ""
     require(budget < counted(desc, cfg.param_count), f"{flag} {format_count(budget)} is not smaller than the "

@@ -11,6 +11,14 @@ The inference engine (``megatron.core.inference``) also times its decode steps w
 are CUDA tensors: events become wall-clock stand-ins, and the assertion accepts CPU
 tensors.
 
+Hybrid (Mamba) models: megatron-core's ``MambaMixer`` calls the ``mamba_ssm`` /
+``causal_conv1d`` CUDA kernels, whose imports it guards (without them it refuses to build).
+Where they do not import, ``enable()`` puts the PyTorch implementations of
+``model/ssm_kernels.py`` in their place (the chunked SSD scan, the fused conv + scan of the
+training path and the gated grouped RMSNorm). megatron-core 0.16 also imports Triton
+helpers of its dynamic-batching inference unconditionally from the mixer's module; without
+Triton a stand-in module lets the mixer import, and refuses those helpers if called.
+
 ``enable()`` switches the redirection on (idempotent), ``disable()`` restores every
 original. The runtime calls ``enable()`` only when ``torch.cuda.is_available()`` is
 false, so on GPUs megatron-core runs untouched.
@@ -19,7 +27,11 @@ false, so on GPUs megatron-core runs untouched.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import sys
 import time
+import types
 from typing import Any, Callable
 
 import megatron.core.inference.communication_utils as mc_inference_comm
@@ -27,9 +39,12 @@ import megatron.core.tensor_parallel.random as mc_random
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nemo_minitron.model import ssm_kernels
+
 _CPU = torch.device("cpu")
 _saved: dict[tuple[Any, str], Any] = {}
 _mode: "_CudaToCpuMode | None" = None
+_ABSENT = object()  # an attribute a patch added (removed again by disable)
 
 
 def _is_cuda(device: Any) -> bool:
@@ -55,7 +70,7 @@ class _CudaToCpuMode(TorchFunctionMode):
 def _patch(owner: Any, name: str, value: Any) -> None:
     key = (owner, name)
     if key not in _saved:
-        _saved[key] = getattr(owner, name)
+        _saved[key] = getattr(owner, name, _ABSENT)
     setattr(owner, name, value)
 
 
@@ -105,9 +120,53 @@ class _WallClockEvent:
         return True
 
 
+class _SameGeneratorFilter(logging.Filter):
+    """megatron's RNG tracker warns when the CPU generator moves inside a fork of the CUDA
+    one (MambaMixer initialises its parameters in such a fork); here the CUDA generator *is*
+    the CPU one, so the warning is a false alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context"
+
+
+_RNG_LOGGER = logging.getLogger("megatron.core.tensor_parallel.random")
+_rng_filter = _SameGeneratorFilter()
+
+
 def _tensor_present(tensor: Any) -> None:
     # megatron.core.inference.communication_utils._is_cuda without the device check
     assert tensor is not None
+
+
+_TRITON_TENSOR_OPS = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
+
+
+def _needs_triton(*_args: Any, **_kwargs: Any) -> None:
+    raise NotImplementedError("dynamic-batching inference of a hybrid (Mamba) model needs Triton and a GPU")
+
+
+def import_mamba_mixer():
+    """megatron-core's ``mamba_mixer`` module; where Triton is missing, its inference helpers'
+    module is first replaced by a stand-in whose functions refuse to run."""
+    if importlib.util.find_spec("triton") is None and _TRITON_TENSOR_OPS not in sys.modules:
+        stand_in = types.ModuleType(_TRITON_TENSOR_OPS)
+        for name in ("tensor_get_slice_after", "tensor_masked_update", "tensor_merge"):
+            setattr(stand_in, name, _needs_triton)
+        sys.modules[_TRITON_TENSOR_OPS] = stand_in
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
+
+    return mamba_mixer
+
+
+def _mamba_without_cuda_kernels() -> None:
+    """The PyTorch Mamba-2 kernels in place of the ``mamba_ssm`` ones that did not import."""
+    mamba_mixer = import_mamba_mixer()
+    if mamba_mixer.HAVE_MAMBA_SSM:
+        return
+    _patch(mamba_mixer, "HAVE_MAMBA_SSM", True)
+    _patch(mamba_mixer, "ExtendedRMSNorm", ssm_kernels.GatedGroupRMSNorm)
+    _patch(mamba_mixer, "mamba_chunk_scan_combined", ssm_kernels.mamba_chunk_scan_combined)
+    _patch(mamba_mixer, "mamba_split_conv1d_scan_combined", ssm_kernels.mamba_split_conv1d_scan_combined)
 
 
 def is_enabled() -> bool:
@@ -136,6 +195,8 @@ def enable() -> None:
     _patch(mc_random, "_set_cuda_rng_state", _set_cpu_rng_state)
     _patch(torch.Tensor, "cuda", lambda self, *a, **k: self)
     _patch(torch.Tensor, "type", _cuda_type_name(torch.Tensor.type))
+    _mamba_without_cuda_kernels()
+    _RNG_LOGGER.addFilter(_rng_filter)
     _mode = _CudaToCpuMode()
     _mode.__enter__()
 
@@ -147,8 +208,12 @@ def disable() -> None:
         return
     _mode.__exit__(None, None, None)
     _mode = None
+    _RNG_LOGGER.removeFilter(_rng_filter)
     for (owner, name), original in reversed(list(_saved.items())):
-        setattr(owner, name, original)
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     _saved.clear()
 
 

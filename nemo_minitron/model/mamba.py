@@ -1,0 +1,95 @@
+"""Build megatron-core's ``MambaModel`` (a hybrid Mamba-Transformer, Nemotron-H) for a
+hybrid ``ModelDescription``; ``model.builder.build_model`` calls this for such models.
+
+megatron-core 0.16 ships only a Transformer Engine stack spec for it (``mamba_stack_spec``),
+and its ``MambaStack`` builds the final norm with TE's ``TENorm`` whatever the spec says.
+Without TE this module builds the equivalent local spec: Mamba layers of ``LocalNorm`` +
+``MambaMixer`` (plain column/row-parallel in/out projections), attention and MLP layers
+from megatron's own local GPT layer spec (each layer one kind, so a ``TransformerLayer``
+with only its attention half, and an ``MLPLayer`` with only its MLP half), and a
+``MambaStack`` whose final norm is a ``LocalNorm``. Canonical weight names are then the
+local spec's (``decoder.layers.{i}.norm.weight``, ``.mixer.in_proj.weight``, ...,
+``decoder.final_norm.weight``); TE's fused names are translated in ``model/params.py``.
+
+On a CPU the mixer's CUDA kernels are replaced by ``model/ssm_kernels.py`` (switched on
+with the rest of ``runtime.cpu_fallback``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core import parallel_state as ps
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.mamba import MambaModel
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.norms import LocalNorm
+from nemo_minitron.runtime.cpu_fallback import import_mamba_mixer
+
+_mamba_mixer = import_mamba_mixer()  # (its module needs a stand-in for Triton where Triton is missing)
+MambaMixer, MambaMixerSubmodules = _mamba_mixer.MambaMixer, _mamba_mixer.MambaMixerSubmodules
+
+
+def mixer_params(desc: ModelDescription) -> dict:
+    """MambaMixer's constructor settings that the config does not carry."""
+    return {"d_conv": desc.mamba_conv_kernel, "chunk_size": desc.mamba_chunk_size}
+
+
+class LocalNormMambaStack(MambaStack):
+    """``MambaStack`` whose final norm is a ``LocalNorm`` (the config's RMSNorm) instead of TE's."""
+
+    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs) -> None:
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = LocalNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+
+
+def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
+    """The local-spec MambaStack for ``desc`` (its norms: ``LocalNorm``; the Mamba layer's norm
+    takes LocalNorm's default epsilon 1e-5, which hybrid descriptions require)."""
+    gpt = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    mixer = ModuleSpec(module=MambaMixer, params=mixer_params(desc),
+                       submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
+    return ModuleSpec(module=LocalNormMambaStack, submodules=MambaStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=LocalNorm, mixer=mixer, mamba_bda=get_bias_dropout_add)),
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=LocalNorm, self_attention=gpt.self_attention, self_attn_bda=gpt.self_attn_bda)),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=LocalNorm, mlp=gpt.mlp, mlp_bda=gpt.mlp_bda)),
+    ))
+
+
+def te_stack_spec(desc: ModelDescription) -> ModuleSpec:
+    """megatron-core's Transformer Engine stack spec, with the description's conv width and chunk length."""
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    layer = mamba_stack_spec.submodules.mamba_layer
+    mixer = dataclasses.replace(layer.submodules.mixer, params=mixer_params(desc))
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mixer=mixer))
+    return dataclasses.replace(mamba_stack_spec,
+                               submodules=dataclasses.replace(mamba_stack_spec.submodules, mamba_layer=layer))
+
+
+def build_mamba_model(desc: ModelDescription, config, *, vocab_size: int, te: bool) -> MambaModel:
+    """This rank's part of the MambaModel (``config``: model.builder.transformer_config's)."""
+    return MambaModel(
+        config=config,
+        mamba_stack_spec=te_stack_spec(desc) if te else local_stack_spec(desc),
+        vocab_size=vocab_size,
+        max_sequence_length=desc.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        hybrid_override_pattern=desc.hybrid_pattern,
+        share_embeddings_and_output_weights=desc.tie_embeddings,
+        position_embedding_type="none",  # Nemotron-H's attention has no position embeddings
+    )

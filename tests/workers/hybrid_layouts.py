@@ -1,0 +1,45 @@
+"""Worker: a hybrid (Nemotron-H) model at each TP/PP layout in turn: built from the HF
+source (logits, then exported back to HF from the layout), the TP=1 checkpoint loaded at
+the layout (logits), and the HF source converted to a checkpoint at the layout.
+
+    python -m torch.distributed.run --nproc-per-node 2 hybrid_layouts.py JOB.json
+    JOB.json: {"src", "checkpoint", "tokens", "layouts": {"tp2": [2, 1], ...}, "out": ".../{layout}"}
+    writes OUT/from_hf.pt, OUT/hf/, OUT/from_checkpoint.pt, OUT/converted/
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from nemo_minitron.checkpoint.api import convert, open_model
+    from nemo_minitron.checkpoint.hf_export import export_hf
+    from nemo_minitron.checkpoint.hf_import import build_from_source, resolve_source
+    from nemo_minitron.model.forward import full_logits
+    from nemo_minitron.runtime.distributed import init_distributed, is_rank0
+
+    job = json.loads(open(sys.argv[1]).read())
+    tokens = torch.load(job["tokens"])
+    for name, (tp, pp) in job["layouts"].items():
+        out = Path(job["out"].format(layout=name))
+        init_distributed(tp, pp)
+        source = resolve_source(job["src"])
+        model = build_from_source(source, dtype=torch.float32)
+        logits = full_logits(model, tokens, source.description.vocab_size)
+        if is_rank0():
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(logits, out / "from_hf.pt")
+        export_hf(model, source.description, out / "hf", tokenizer_dir=None, dtype=torch.float32)
+
+        opened = open_model(job["checkpoint"])
+        logits = full_logits(opened.model, tokens, opened.description.vocab_size)
+        if is_rank0():
+            torch.save(logits, out / "from_checkpoint.pt")
+        convert(job["src"], str(out / "converted"), tp=tp, pp=pp)
+
+
+if __name__ == "__main__":
+    main()
