@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # would download a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test demo bench setup clean
+.PHONY: test test-all demo bench setup clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # THREADS=1 runs the suite with one torch thread (the default is all cores).
+# `make test` leaves out the tests marked slow (heavy end-to-end runs); `make test-all` runs every test.
 test: $(STAMP)
+	$(if $(THREADS),TEST_THREADS=$(THREADS)) $(PY) -m pytest -q tests -m "not slow"
+
+test-all: $(STAMP)
 	$(if $(THREADS),TEST_THREADS=$(THREADS)) $(PY) -m pytest -q tests
 
 demo: $(STAMP)

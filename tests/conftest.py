@@ -7,11 +7,18 @@ grouped so the suite stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -23,6 +30,26 @@ from tiny_models import make_tiny_hf_model  # noqa: E402
 
 ROOT = TESTS.parent
 
+
+def _memory_temp_root(need: int = 6 << 30) -> str | None:
+    """/dev/shm when it is there with ``need`` bytes free and as much memory available: the
+    suite writes checkpoints (megatron-core fsyncs every file) and data caches and reads
+    them back, gigabytes in all, which on a slow disk is minutes of I/O wait."""
+    try:
+        shm = os.statvfs("/dev/shm")
+        meminfo = Path("/proc/meminfo").read_text().split()
+        available = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return "/dev/shm" if min(shm.f_bavail * shm.f_frsize, available) >= need else None
+
+
+# Temporary directories (pytest's tmp_path, unless --basetemp or PYTEST_DEBUG_TEMPROOT says
+# otherwise) in memory where there is room; pyproject's tmp_path_retention_policy frees a
+# passed test's directory at once.
+if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (temp_root := _memory_temp_root()):
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = temp_root
+
 # The data cache (tokenised text, sample indices) of this test session, shared by its
 # subprocesses, never the user's.
 if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
@@ -30,7 +57,8 @@ if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
     import shutil
     import tempfile
 
-    os.environ["NEMO_MINITRON_DATA_CACHE"] = tempfile.mkdtemp(prefix="nemo-minitron-test-data-")
+    os.environ["NEMO_MINITRON_DATA_CACHE"] = tempfile.mkdtemp(prefix="nemo-minitron-test-data-",
+                                                              dir=os.environ.get("PYTEST_DEBUG_TEMPROOT"))
     atexit.register(shutil.rmtree, os.environ["NEMO_MINITRON_DATA_CACHE"], True)
 
 # `make test THREADS=1`: the in-process tests (and single-process commands they start) run
@@ -47,35 +75,53 @@ def _free_port() -> int:
 
 
 #: A rank aborted from C++ with no Python error (seen once in about 80 two-rank runs of
-#: distill_layouts.py, not reproduced in 12 more): a crash in the runtime, not a failed check
+#: distill_layouts.py, before the workers tore their process groups down): a crash in the
+#: runtime, not a failed check
 NATIVE_ABORT = "terminate called without an active exception"
+#: A line of a rank (torch.distributed.run --tee prefixes them with ``[ROLE RANK]:``) that
+#: starts a Python traceback: a check failed there, whatever the runtime did after it. The
+#: launcher's own traceback (ChildFailedError, after any failure) has no such prefix.
+RANK_TRACEBACK = re.compile(r"^\[[^\]]+\]:.*Traceback \(most recent call last\)", re.MULTILINE)
 
 
-def run_workers(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks.
+class WorkerRerun(Warning):
+    """A worker run was repeated after a native abort. Its own category, not a UserWarning
+    (pyproject's filterwarnings hides those), so that every rerun shows in the summary."""
 
-    A run in which a rank aborted natively (``NATIVE_ABORT``, SIGABRT, no Python traceback
-    of its own) is run once more, with a warning: the workers are deterministic, so a
-    second run checks the same thing. Any other failure fails the test. Each rank dumps
-    its Python stack on a fatal signal (faulthandler), to find the abort's place."""
+
+def is_native_abort(text: str) -> bool:
+    """A rank died of SIGABRT after std::terminate's line, and no rank printed a Python
+    traceback (then the abort followed a failed check: the check is what failed)."""
+    return NATIVE_ABORT in text and "SIGABRT" in text and not RANK_TRACEBACK.search(text)
+
+
+def run_workers(script: str, *args: str, out: Path, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks;
+    the workers write into ``out``, a directory made here (it must not exist yet).
+
+    A run in which a rank aborted natively (``is_native_abort``) is run once more, into a
+    fresh ``out`` (the aborted run's is kept beside it as ``OUT.aborted``), with a
+    ``WorkerRerun`` warning: the workers are deterministic, so a second run checks the same
+    thing. Any other failure, and a second abort, fails the test. Each rank dumps its
+    Python stack on a fatal signal (faulthandler), to find the abort's place."""
+    out = Path(out)
+    assert not out.exists(), f"{out}: run_workers makes the workers' output directory"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     for attempt in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--tee=3",
                f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0:
             return proc
         text = proc.stdout + proc.stderr
-        if attempt == 1 and NATIVE_ABORT in text and "(SIGABRT)" in text and "[rank" not in text:
-            import warnings
-
-            warnings.warn(f"{script}: a rank aborted natively ({NATIVE_ABORT}); running it again. Its stacks:\n"
-                          + "\n".join(text.splitlines()[-80:]))
-            continue
-        tail = "\n".join(text.splitlines()[-60:])
-        raise AssertionError(f"{script} failed with exit {proc.returncode}:\n{tail}")
-    return proc
+        if attempt == 2 or not is_native_abort(text):
+            tail = "\n".join(text.splitlines()[-60:])
+            raise AssertionError(f"{script} failed with exit {proc.returncode} (run {attempt}):\n{tail}")
+        out.rename(out.with_name(out.name + ".aborted"))
+        warnings.warn(WorkerRerun(f"{script}: a rank aborted natively ({NATIVE_ABORT}); running it again. "
+                                  "Its stacks:\n" + "\n".join(text.splitlines()[-80:])), stacklevel=2)
 
 
 def run_cli(*args: str, nproc: int = 1, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -89,6 +135,45 @@ def run_cli(*args: str, nproc: int = 1, timeout: int = 600, cwd: Path | None = N
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", "-m", "nemo_minitron", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def train_records(metrics: Path) -> list[dict]:
+    """The training records in a metrics.jsonl that a run may be writing (whole lines only)."""
+    if not metrics.exists():
+        return []
+    lines = metrics.read_text().split("\n")[:-1]  # the last piece is empty or a line being written
+    return [r for r in map(json.loads, filter(None, lines)) if r["kind"] == "train"]
+
+
+@contextlib.contextmanager
+def frozen_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300) -> Iterator[None]:
+    """Wait until ``ready()`` holds for the run ``proc`` (started with start_new_session),
+    then hold its whole process group stopped (SIGSTOP) for the block, and continue it
+    (SIGCONT) after: inside, the test reads where the run stands and signals it while
+    nothing moves, so that a signal lands where the test saw the run, not wherever it got
+    to in the meantime. ``what``: the awaited event, for the message if the run ends first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a group the block killed
+            os.killpg(proc.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -159,23 +244,23 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture(scope="session")
 def smollm2_importance(smollm2, tmp_path_factory):
     """Importance of the real SmolLM2-135M on the built-in calibration split (computed once;
-    the importance and pruning tests both read it)."""
+    the importance and pruning tests both read it), in float32 as everything else here."""
     from nemo_minitron.importance.api import compute_importance
 
     out = tmp_path_factory.mktemp("smollm2_importance") / "imp"
     scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
-                                micro_batch=8, layer_samples=4, dtype="bfloat16", progress=False)
+                                micro_batch=8, layer_samples=4, progress=False)
     return out, scores
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2, tmp_path_factory):
-    """SmolLM2-135M exported to a Hugging Face directory (float32) and loaded with transformers:
-    the reference for generation and scoring."""
+    """SmolLM2-135M exported to a Hugging Face directory (float32, checked by export's own
+    verification) and loaded with transformers: the reference for generation and scoring."""
     from nemo_minitron.checkpoint.api import export
     from nemo_minitron.checkpoint.verify import load_hf_model
 
-    out = export(str(smollm2["checkpoint"]), str(tmp_path_factory.mktemp("smollm2_hf") / "hf"))
+    out = export(str(smollm2["checkpoint"]), str(tmp_path_factory.mktemp("smollm2_hf") / "hf"), verify=True)
     return {"dir": out, "model": load_hf_model(out).eval()}
 
 
@@ -183,7 +268,5 @@ def smollm2_hf(smollm2, tmp_path_factory):
 def one_thread():
     """Tiny models run hundreds of very small matrix products: one thread, so that none of
     them waits at a thread barrier on a busy machine (seconds instead of minutes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield

@@ -69,14 +69,10 @@ def test_vocab_padding_is_masked(tiny_hf, tiny_checkpoint):
 
 
 @pytest.mark.smollm2
-def test_smollm2_export_reloads_in_transformers(smollm2, tmp_path):
-    """The converted SmolLM2-135M exports to a directory transformers loads with no custom
-    code, giving the GGUF model's logits and parameter count."""
-    from nemo_minitron.checkpoint.api import export
-    from nemo_minitron.checkpoint.verify import load_hf_model
-
-    out = export(str(smollm2["checkpoint"]), str(tmp_path / "hf"), verify=True)
-    reloaded = load_hf_model(out)
+def test_smollm2_export_reloads_in_transformers(smollm2, smollm2_hf):
+    """The converted SmolLM2-135M exports (with --verify) to a directory transformers loads
+    with no custom code, giving the GGUF model's logits and parameter count."""
+    out, reloaded = smollm2_hf["dir"], smollm2_hf["model"]
     with torch.no_grad():
         logits = reloaded(smollm2["tokens"]).logits.float()
     # transformers on the exported weights against transformers on the GGUF's: float32 copies of

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, cli_in_process, run_cli, run_workers
+from conftest import ROOT, cli_in_process, frozen_when, run_workers, torch_threads, train_records
 from tolerances import fp32
 
 # At PP=2 (student layers 0-1 | 2, teacher 0-1 | 2-3): student layer 0 sits on the first stage
@@ -153,190 +153,257 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
                                               logits["teacher"].abs().max().item())
 
 
-@pytest.mark.multirank
-def test_losses_and_gradients_equal_a_reference_and_every_layout(tiny_hf, tiny_checkpoint, tmp_path):
-    """At TP=1 the step's KD, CE and pair losses (and a mixture-of-experts student's
-    load-balancing loss) and the projections' (and routers') gradients equal a float64
-    reference written out from the HF models; at TP=2 and PP=2 (with pairs whose states
-    cross pipeline stages, with top-k under a split vocabulary, in float16 with the loss
-    scale, and an MoE student and teacher under sequence parallelism) losses and every
-    gradient equal TP=1's; at every layout, DP=2 included, the step reads the same samples
-    (token fingerprint) and has the same losses."""
-    from tolerances import fp16_same_ops, fp32, log_softmax_sum, transformer_logits
+#: the wider model's largest inner dimension and depth (tiny_models.py)
+WIDTH, LAYERS = 96, 4
 
+
+def _runs(tiny_checkpoint) -> dict[str, tuple]:
+    """name -> (teacher, student, teacher kind, student kind, settings) of every configuration."""
     teacher, student = str(tiny_checkpoint("llama")), str(tiny_checkpoint("llama_small"))
     moe_teacher, moe_student = (str(tiny_checkpoint(k)) for k in MOE_PAIR)
-    width, layers = 96, 4  # the wider model's largest inner dimension and depth (tiny_models.py)
     runs = {name: (teacher, student, "llama", "llama_small", settings) for name, settings in CONFIGS.items()}
     runs.update({name: (moe_teacher, moe_student, *MOE_PAIR, settings) for name, settings in MOE_CONFIGS.items()})
-    base: dict[str, tuple] = {}
-    for name, (t_ckpt, s_ckpt, t_kind, s_kind, settings) in runs.items():
+    return runs
+
+
+@pytest.fixture(scope="module")
+def tp1_steps(tiny_checkpoint):
+    """name -> (logs, gradients, trainer) of each configuration's step at TP=1, in process."""
+    steps = {}
+    for name, (t_ckpt, s_ckpt, _, _, settings) in _runs(tiny_checkpoint).items():
         trainer = make_trainer(t_ckpt, s_ckpt, 1, 1, settings)
-        logs, grads = trainer.gradients(step=0)
-        base[name] = (logs, grads)
-        if settings.get("dtype") == "float16":
-            continue  # the float64 reference is for float32 arithmetic; float16 is checked across layouts
-        projections = {k: p.weight for k, p in trainer.module.projections.items()}
-        ref, ref_grads, max_logit = reference_step(tiny_hf(t_kind), tiny_hf(s_kind), trainer.step_batches(0),
-                                                   settings, projections, trainer.module.pair_weights.tolist())
-        # the load-balancing loss sums, over 32 tokens x 4 experts, router probabilities whose inputs
-        # carry a float32 forward pass's rounding (matrix products <= 64 wide, 3 layers)
-        assert abs(logs.get("moe_aux_loss", 0.0) - ref["moe_aux_loss"]) <= AUX_TOL * (1 + ref["moe_aux_loss"])
-        T = settings["kd_temperature"]
-        # float32 (megatron) against float64 (HF): the logits differ by a forward pass's rounding;
-        # KD and CE are per-token log-softmax sums over the vocabulary of those logits (T^2 KL
-        # moves by at most 2 T times the logit error); pair losses are 1 - cos of hidden states
-        # carrying a forward pass's relative rounding.
-        logit_err = transformer_logits(width, layers, torch.tensor(max_logit))
-        loss_tol = T * T * log_softmax_sum(1000, max_logit / T) + 2 * T * logit_err
-        for key in ("kd_loss", "ce_loss", "loss"):
-            assert abs(logs[key] - ref[key]) <= loss_tol * (1 + len(PAIRS)), (name, key, logs[key], ref[key])
-        pair_tol = fp32(width * (2 * layers + 1), 2.0)
-        assert len(logs["pair_losses"]) == len(ref["pair_losses"])
-        for ours, want in zip(logs["pair_losses"], ref["pair_losses"]):
-            assert abs(ours - want) <= pair_tol, (name, ours, want)
-        for key, want in ref_grads.items():
-            got = grads[key].double()
-            assert (got - want).abs().max().item() <= fp32(width * (2 * layers + 1) * 32, want.abs().max().item()), key
-
-    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
-        out = tmp_path / layout
-        run_workers("distill_layouts.py", teacher, student, out, *flags, "--moe", moe_teacher, moe_student)
-        for name, (*_, settings) in runs.items():
-            fp16 = settings.get("dtype") == "float16"
-            if fp16 and layout == "tp2":
-                continue  # float16 sums in another order (TP) bound nothing useful; PP and DP keep the order
-            logs, grads = base[name]
-            merged: dict[str, torch.Tensor] = {}
-            for part in sorted(out.glob("rank*.pt")):
-                saved = torch.load(part)[name]
-                assert saved["logs"]["samples_fingerprint"] == logs["samples_fingerprint"], (layout, name)
-                # another split of the same float32 arithmetic: row-parallel sums and vocabulary
-                # shards reduced in another order; the loss terms are log-softmax sums
-                tol = log_softmax_sum(1000, 10.0) * settings["kd_temperature"] ** 2
-                for key in ("loss", "kd_loss", "ce_loss"):
-                    assert abs(saved["logs"][key] - logs[key]) <= tol, (layout, name, key)
-                assert ("moe_aux_loss" in saved["logs"]) == ("moe_aux_loss" in logs)
-                if "moe_aux_loss" in logs:  # the same sums, split over ranks
-                    assert abs(saved["logs"]["moe_aux_loss"] - logs["moe_aux_loss"]) <= AUX_TOL, layout
-                for a, b in zip(saved["logs"]["pair_losses"], logs["pair_losses"]):
-                    assert abs(a - b) <= fp32(width * (2 * layers + 1), 2.0), (layout, name)
-                merged.update(saved["grads"])
-            if layout == "dp2":
-                continue  # the distributed optimizer leaves each rank only its shard of the reduced gradients
-            assert merged.keys() == grads.keys(), (layout, name)
-            for key, ref in grads.items():
-                # float32: each gradient is a sum over the step's 64 tokens of products that passed
-                # through the layers (accumulation over tokens x widths x layers); float16 at PP=2:
-                # the same operations, the first stage's pair gradient joining at another point
-                scale = ref.abs().max().item()
-                tol = fp16_same_ops(layers, scale) if fp16 else fp32(64 * width * (2 * layers + 1), scale)
-                assert (merged[key] - ref).abs().max().item() <= tol, (layout, name, key)
+        steps[name] = (*trainer.gradients(step=0), trainer)
+    return steps
 
 
-def _distill_cmd(teacher, student, out, steps=8, save_every=3, *extra):
-    return [sys.executable, "-m", "nemo_minitron", "distill", "--teacher", str(teacher), "--student", str(student),
-            "--data", "builtin:train", "--out", str(out), "--steps", str(steps), "--global-batch", "4",
-            "--micro-batch", "2", "--seq-len", "16", "--lr", "1e-3", "--save-every", str(save_every),
-            "--eval-every", "4", "--eval-samples", "4", "--kd-pairs", "1:2,0:1", "--ce-weight", "0.5",
-            "--dtype", "float32", *extra]
+@pytest.fixture(scope="module")
+def layout_steps(tiny_checkpoint, tmp_path_factory):
+    """The same steps at TP=2, PP=2 and DP=2 (one 2-process run): layout -> its directory."""
+    runs = _runs(tiny_checkpoint)
+    (teacher, student, *_), (moe_teacher, moe_student, *_) = runs["pairs"], runs["moe"]
+    out = tmp_path_factory.mktemp("distill_layouts") / "out"
+    run_workers("distill_layouts.py", teacher, student, out, "tp2", "pp2", "dp2", "--moe", moe_teacher, moe_student,
+                out=out)
+    return {layout: out / layout for layout in ("tp2", "pp2", "dp2")}
 
 
-def _records(out: Path, kind: str = "train") -> list[dict]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in records if r["kind"] == kind]
+@pytest.mark.parametrize("name", [n for n, s in {**CONFIGS, **MOE_CONFIGS}.items() if s.get("dtype") != "float16"])
+def test_step_equals_a_float64_reference_at_tp1(tiny_hf, tiny_checkpoint, tp1_steps, name):
+    """At TP=1 the step's KD, CE and pair losses (and a mixture-of-experts student's
+    load-balancing loss) and the projections' (and routers') gradients equal a float64
+    reference written out from the HF models (float16 is checked across layouts only)."""
+    from tolerances import fp32, log_softmax_sum, transformer_logits
+
+    *_, t_kind, s_kind, settings = _runs(tiny_checkpoint)[name]
+    logs, grads, trainer = tp1_steps[name]
+    projections = {k: p.weight for k, p in trainer.module.projections.items()}
+    ref, ref_grads, max_logit = reference_step(tiny_hf(t_kind), tiny_hf(s_kind), trainer.step_batches(0),
+                                               settings, projections, trainer.module.pair_weights.tolist())
+    # the load-balancing loss sums, over 32 tokens x 4 experts, router probabilities whose inputs
+    # carry a float32 forward pass's rounding (matrix products <= 64 wide, 3 layers)
+    assert abs(logs.get("moe_aux_loss", 0.0) - ref["moe_aux_loss"]) <= AUX_TOL * (1 + ref["moe_aux_loss"])
+    T = settings["kd_temperature"]
+    # float32 (megatron) against float64 (HF): the logits differ by a forward pass's rounding;
+    # KD and CE are per-token log-softmax sums over the vocabulary of those logits (T^2 KL
+    # moves by at most 2 T times the logit error); pair losses are 1 - cos of hidden states
+    # carrying a forward pass's relative rounding.
+    logit_err = transformer_logits(WIDTH, LAYERS, torch.tensor(max_logit))
+    loss_tol = T * T * log_softmax_sum(1000, max_logit / T) + 2 * T * logit_err
+    for key in ("kd_loss", "ce_loss", "loss"):
+        assert abs(logs[key] - ref[key]) <= loss_tol * (1 + len(PAIRS)), (key, logs[key], ref[key])
+    pair_tol = fp32(WIDTH * (2 * LAYERS + 1), 2.0)
+    assert len(logs["pair_losses"]) == len(ref["pair_losses"])
+    for ours, want in zip(logs["pair_losses"], ref["pair_losses"]):
+        assert abs(ours - want) <= pair_tol, (ours, want)
+    for key, want in ref_grads.items():
+        got = grads[key].double()
+        assert (got - want).abs().max().item() <= fp32(WIDTH * (2 * LAYERS + 1) * 32, want.abs().max().item()), key
 
 
-def _kill_at_checkpoint(cmd, env, out: Path, step: int) -> None:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_every_layout_equals_tp1(tiny_checkpoint, tp1_steps, layout_steps, layout):
+    """At TP=2 and PP=2 (with pairs whose states cross pipeline stages, with top-k under a
+    split vocabulary, in float16 with the loss scale, and an MoE student and teacher under
+    sequence parallelism) losses and every gradient equal TP=1's; at every layout, DP=2
+    included, the step reads the same samples (token fingerprint) and has the same losses."""
+    from tolerances import fp16_same_ops, fp32, log_softmax_sum
+
+    for name, (*_, settings) in _runs(tiny_checkpoint).items():
+        fp16 = settings.get("dtype") == "float16"
+        if fp16 and layout == "tp2":
+            continue  # float16 sums in another order (TP) bound nothing useful; PP and DP keep the order
+        logs, grads, _ = tp1_steps[name]
+        merged: dict[str, torch.Tensor] = {}
+        parts = sorted(layout_steps[layout].glob("rank*.pt"))
+        assert len(parts) == 2, parts  # every rank writes its part
+        for part in parts:
+            saved = torch.load(part)[name]
+            assert saved["logs"]["samples_fingerprint"] == logs["samples_fingerprint"], name
+            # another split of the same float32 arithmetic: row-parallel sums and vocabulary
+            # shards reduced in another order; the loss terms are log-softmax sums
+            tol = log_softmax_sum(1000, 10.0) * settings["kd_temperature"] ** 2
+            for key in ("loss", "kd_loss", "ce_loss"):
+                assert abs(saved["logs"][key] - logs[key]) <= tol, (name, key)
+            assert ("moe_aux_loss" in saved["logs"]) == ("moe_aux_loss" in logs)
+            if "moe_aux_loss" in logs:  # the same sums, split over ranks
+                assert abs(saved["logs"]["moe_aux_loss"] - logs["moe_aux_loss"]) <= AUX_TOL
+            for a, b in zip(saved["logs"]["pair_losses"], logs["pair_losses"]):
+                assert abs(a - b) <= fp32(WIDTH * (2 * LAYERS + 1), 2.0), name
+            merged.update(saved["grads"])
+        if layout == "dp2":
+            continue  # the distributed optimizer leaves each rank only its shard of the reduced gradients
+        assert merged.keys() == grads.keys(), name
+        for key, ref in grads.items():
+            # float32: each gradient is a sum over the step's 64 tokens of products that passed
+            # through the layers (accumulation over tokens x widths x layers); float16 at PP=2:
+            # the same operations, the first stage's pair gradient joining at another point
+            scale = ref.abs().max().item()
+            tol = fp16_same_ops(LAYERS, scale) if fp16 else fp32(64 * WIDTH * (2 * LAYERS + 1), scale)
+            assert (merged[key] - ref).abs().max().item() <= tol, (name, key)
+
+
+STEPS = 12  # checkpoints at 3, 6 and 9: a signal seen anywhere before step 8 leaves a later one
+
+
+def _distill_args(teacher, student, out, *extra) -> list[str]:
+    return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", "builtin:train", "--out",
+            str(out), "--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2", "--seq-len", "16", "--lr",
+            "1e-3", "--warmup-steps", "0", "--save-every", "3", "--eval-every", "4", "--eval-samples", "4",
+            "--kd-pairs", "1:2,0:1", "--ce-weight", "0.5", "--dtype", "float32", *map(str, extra)]
+
+
+def _distill_here(*args) -> None:
+    """``nemo-minitron ARGS`` in this process, with one torch thread as the runs started as
+    processes have (OMP_NUM_THREADS=1): the same kernels, the same last bits."""
+    from nemo_minitron.cli import main
+
+    with torch_threads(1):
+        assert main(list(args)) == 0
+
+
+def _start(args, log: Path) -> subprocess.Popen:
+    """``nemo-minitron ARGS`` as a process group of its own (as Slurm signals a job step: the
+    run and its checkpoint writer's helper process), logging to a file, not a pipe."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "nemo_minitron", *args], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _latest(out: Path) -> int:
     marker = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (marker.exists() and marker.read_text().strip() == f"step_{step:07d}") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before its checkpoint"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint writer's helper process
-    proc.wait()
-    assert not (out / "summary.json").exists()
+    return int(marker.read_text().strip().split("_")[1]) if marker.exists() else 0
 
 
-def _terminate_after_step(cmd, env, out: Path, step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
-    """Start a run and send ``sig`` to it (and its helper processes, as Slurm does) once it
-    has trained ``step`` steps."""
-    log = out.parent / f"{out.name}.log"  # a file, not a pipe nobody reads while it fills
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, "the run ended before the signal"
-        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in _records(out)):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, sig)
+@pytest.fixture(scope="module")
+def straight(tiny_checkpoint, tmp_path_factory):
+    """The training records of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _distill_here(*_distill_args(tiny_checkpoint("llama"), tiny_checkpoint("llama_small"), out))
+    return train_records(out / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_checkpoint, tmp_path_factory):
+    """The same run stopped by SIGTERM right after its first step, started again and killed
+    (SIGKILL) right after its next checkpoint, then finished; and a copy of the killed run."""
+    root = tmp_path_factory.mktemp("interrupted")
+    out = root / "run"
+    args = _distill_args(tiny_checkpoint("llama"), tiny_checkpoint("llama_small"), out)
+    proc = _start(args, root / "stopped.log")
+    with frozen_when(proc, lambda: train_records(out / "metrics.jsonl"), "its first step"):
+        signalled_after = train_records(out / "metrics.jsonl")[-1]["step"]
+        os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=300)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "", log.read_text())
+    stopped = {"returncode": proc.returncode, "log": (root / "stopped.log").read_text(), "at": _latest(out),
+               "signalled_after": signalled_after, "steps": [r["step"] for r in train_records(out / "metrics.jsonl")],
+               "summary": (out / "summary.json").exists()}
+    assert stopped["at"] < 9, stopped  # a later checkpoint is still to come
+
+    proc = _start(args, root / "killed.log")
+    with frozen_when(proc, lambda: _latest(out) > stopped["at"], "its next checkpoint"):
+        assert not (out / "summary.json").exists(), "the run finished before it was killed"
+        killed_at = _latest(out)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.copytree(out, root / "killed-copy")
+    _distill_here(*args)
+    return {"stopped": stopped, "killed_at": killed_at, "out": out, "killed_copy": root / "killed-copy",
+            "args": args}
 
 
-def test_killed_run_resumes_with_identical_losses_and_checks_its_settings(tiny_checkpoint, tmp_path):
-    """A run stopped by SIGTERM saves at the next step and exits 0; killed (SIGKILL) after a
-    later checkpoint and started again, it ends with the losses and the samples (token
-    fingerprints) of an uninterrupted run; the automatic pair weights follow their
-    definition; a resume with a changed learning rate is refused naming the key, and with
-    --force follows the new schedule."""
-    teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    straight = tmp_path / "straight"
-    subprocess.run(_distill_cmd(teacher, student, straight), env=env, check=True, capture_output=True)
-    expected = _records(straight)
-    assert [r["step"] for r in expected] == list(range(1, 9))
-    # auto: after each step every pair is weighted so that the pairs' weighted mean equals
-    # that step's logit loss (kd + 0.5 ce): w_i = logit / (2 pair_i); 1/2 each at the start
-    assert expected[0]["pair_weights"] == [0.5, 0.5]
-    for before, after in zip(expected, expected[1:]):
+def test_auto_pair_weights_follow_their_definition(straight):
+    """After each step every pair is weighted so that the pairs' weighted mean equals that
+    step's logit loss (kd + 0.5 ce): w_i = logit / (2 pair_i); 1/2 each at the start."""
+    assert [r["step"] for r in straight] == list(range(1, STEPS + 1))
+    assert straight[0]["pair_weights"] == [0.5, 0.5]
+    for before, after in zip(straight, straight[1:]):
         logit = before["kd_loss"] + 0.5 * before["ce_loss"]
         want = [logit / (2 * p) for p in before["pair_losses"]]
         assert all(abs(w - v) <= 1e-6 * v for w, v in zip(after["pair_weights"], want)), (after, want)
-        total = logit_part = after["kd_loss"] + 0.5 * after["ce_loss"]
+        logit_part = after["kd_loss"] + 0.5 * after["ce_loss"]
         total = logit_part + sum(w * p for w, p in zip(after["pair_weights"], after["pair_losses"]))
         assert abs(after["loss"] - total) <= 1e-6 * total
 
-    killed = tmp_path / "killed"
-    stopped = _terminate_after_step(_distill_cmd(teacher, student, killed), env, killed, 4)
-    assert stopped.returncode == 0 and "stop requested (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
-    at = int((killed / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert 4 <= at < 8 and [r["step"] for r in _records(killed)] == list(range(1, at + 1))
-    assert not (killed / "summary.json").exists()
-    _kill_at_checkpoint(_distill_cmd(teacher, student, killed), env, killed, 6)
-    resumed = subprocess.run(_distill_cmd(teacher, student, killed), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _records(killed)
-    assert [r["step"] for r in got] == [r["step"] for r in expected]  # no step lost or repeated
-    for a, b in zip(got, expected):
+
+def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(interrupted):
+    """The signal reached the run (held stopped) after step N: it finishes the step it is in
+    (N + 1) or stops at N, saves a training checkpoint there, logs why, and exits 0 with
+    nothing final written."""
+    stopped = interrupted["stopped"]
+    assert stopped["returncode"] == 0 and "stop requested (SIGTERM)" in stopped["log"], stopped["log"][-3000:]
+    assert stopped["at"] in (stopped["signalled_after"], stopped["signalled_after"] + 1), stopped
+    assert stopped["steps"] == list(range(1, stopped["at"] + 1)) and not stopped["summary"]
+
+
+def test_killed_run_resumes_with_the_losses_and_samples_of_an_uninterrupted_run(interrupted, straight):
+    """Killed (SIGKILL) after a checkpoint and started again, the run ends with the losses
+    and the samples (token fingerprints) of an uninterrupted run."""
+    out = interrupted["out"]
+    got = train_records(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in straight]  # no step lost or repeated
+    for a, b in zip(got, straight):
         # the same float32 operations on bit-identical restored state: equal up to the last bits
         assert abs(a["loss"] - b["loss"]) <= 4 * 2.0 ** -24 * abs(b["loss"]), (a, b)
         # the same tokens in the same positions of each step's samples
         assert a["samples_fingerprint"] == b["samples_fingerprint"] and a["consumed_samples"] == 4 * a["step"]
-    assert len({r["samples_fingerprint"] for r in expected}) == len(expected)  # every step reads new samples
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["student_after"]["heldout_loss"] > 0 and not summary["forced_resumes"]
-    assert (killed / "final" / "nemo_minitron.json").is_file() and (killed / "tensorboard").is_dir()
+    assert len({r["samples_fingerprint"] for r in straight}) == len(straight)  # every step reads new samples
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["student_after"]["heldout_loss"] > 0
+    assert not summary["forced_resumes"]
+    assert (out / "final" / "nemo_minitron.json").is_file() and (out / "tensorboard").is_dir()
 
-    changed = tmp_path / "changed"
-    _kill_at_checkpoint(_distill_cmd(teacher, student, changed), env, changed, 3)
-    new_lr = _distill_cmd(teacher, student, changed)
-    new_lr[new_lr.index("--lr") + 1] = "5e-4"
-    refused = subprocess.run(new_lr, env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "lr 0.001 -> 0.0005" in refused.stderr and "--force" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    forced = subprocess.run(new_lr + ["--force"], env=env, capture_output=True, text=True)
-    assert forced.returncode == 0, forced.stderr[-3000:]
-    summary = json.loads((changed / "summary.json").read_text())
-    assert summary["forced_resumes"] == [{"step": 3, "changed": {"lr": [0.001, 0.0005]}}]
+
+def _changed_run(interrupted, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the killed run, and its arguments with another learning rate."""
+    out = tmp_path / "run"
+    shutil.copytree(interrupted["killed_copy"], out)
+    args = [str(out) if a == str(interrupted["out"]) else a for a in interrupted["args"]]
+    args[args.index("--lr") + 1] = "5e-4"
+    return out, args
+
+
+def test_a_resume_with_changed_settings_is_refused_naming_the_key(interrupted, tmp_path, capsys):
+    out, args = _changed_run(interrupted, tmp_path)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, stderr = cli_in_process(capsys, *args)
+    assert code == 2 and "lr 0.001 -> 0.0005" in stderr and "--force" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+
+
+def test_a_forced_resume_follows_the_new_schedule(interrupted, tmp_path):
+    out, args = _changed_run(interrupted, tmp_path)
+    _distill_here(*args, "--force")
+    at = interrupted["killed_at"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["forced_resumes"] == [{"step": at, "changed": {"lr": [0.001, 0.0005]}}]
     assert summary["config"]["lr"] == 5e-4
-    # the schedule is the new one: warm-up (0 steps at 5% of 8) then cosine from 5e-4 to 5e-5
-    import math
-
-    for record in _records(changed)[3:]:
-        progress = (record["step"] - 1) / 8
+    # the schedule is the new one from the checkpoint on: cosine from 5e-4 to 5e-5 (no warm-up)
+    records = train_records(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records[at:]:
+        progress = (record["step"] - 1) / STEPS
         want = 5e-5 + 0.5 * (5e-4 - 5e-5) * (1 + math.cos(math.pi * progress))
         assert abs(record["lr"] - want) <= 1e-9, record
 
@@ -355,7 +422,7 @@ def _kl_to_teacher(teacher, student, samples) -> float:
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
 
 
-def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path, runtime):
+def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path, runtime, one_thread, capsys):
     """Distillation with the logit loss alone makes the student's next-token distributions
     approach the teacher's on held-out text; cross-entropy training on the same data does
     not (so a broken KD term, replaced by or reduced to CE, fails here). Fine-tuning lowers
@@ -370,19 +437,20 @@ def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path
     kl = {}
     for name, teacher_arg in (("kd", teacher), ("ce", "none")):
         out = tmp_path / name
-        proc = run_cli("distill", "--teacher", teacher_arg, "--student", student, "--data", "builtin:train",
-                       "--out", out, "--steps", "12", "--global-batch", "4", "--micro-batch", "4",
-                       "--seq-len", "32", "--lr", "3e-3", "--eval-samples", "8", "--warmup-steps", "1")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        code, stderr = cli_in_process(capsys, "distill", "--teacher", teacher_arg, "--student", student, "--data",
+                                      "builtin:train", "--out", out, "--steps", "12", "--global-batch", "4",
+                                      "--micro-batch", "4", "--seq-len", "32", "--lr", "3e-3", "--eval-samples", "8",
+                                      "--warmup-steps", "1")
+        assert code == 0, stderr[-3000:]
         kl[name] = _kl_to_teacher(teacher, out / "final", heldout)
         summary = json.loads((out / "summary.json").read_text())
         if name == "ce":
             assert summary["student_after"]["heldout_loss"] < summary["student_before"]["heldout_loss"]
     # the teacher is a random model: the data does not resemble it, so only KD can approach it
     assert kl["kd"] < 0.5 * before and kl["kd"] < 0.5 * kl["ce"], (before, kl)
-    proc = run_cli("eval", tmp_path / "kd" / "final", "--data", "builtin:heldout", "--seq-len", "32",
-                   "--max-tokens", "256")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, stderr = cli_in_process(capsys, "eval", tmp_path / "kd" / "final", "--data", "builtin:heldout", "--seq-len",
+                                  "32", "--max-tokens", "256")
+    assert code == 0, stderr[-2000:]
 
 
 def test_projection_starts_as_the_channel_selection(tiny_checkpoint, tmp_path, runtime):

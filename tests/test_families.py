@@ -138,11 +138,12 @@ def test_new_families_round_trip_at_tp2_and_pp2(tiny_hf, tmp_path):
     tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(5))
     torch.save(tokens, tmp_path / "tokens.pt")
     layouts = {"tp2": [2, 1], "pp2": [1, 2]}
-    jobs = [{"src": str(tiny_hf(k)), "hf_out": str(tmp_path / f"{{layout}}-{k}-hf"),
-             "logits": str(tmp_path / f"{{layout}}-{k}.pt")} for k in NEW_FAMILIES]
+    out = tmp_path / "out"
+    jobs = [{"src": str(tiny_hf(k)), "hf_out": str(out / f"{{layout}}-{k}-hf"),
+             "logits": str(out / f"{{layout}}-{k}.pt")} for k in NEW_FAMILIES]
     (tmp_path / "jobs.json").write_text(json.dumps({"tokens": str(tmp_path / "tokens.pt"), "layouts": layouts,
                                                     "jobs": jobs}))
-    run_workers("families_layouts.py", tmp_path / "jobs.json")
+    run_workers("families_layouts.py", tmp_path / "jobs.json", out=out)
     for kind, job in zip(NEW_FAMILIES, jobs):
         reference = hf_logits(tiny_hf(kind), tokens)
         # megatron (split over 2 ranks) against transformers, both float32: the rounding of two

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli_in_process, run_cli, run_workers
+from conftest import cli_in_process, run_workers
 from tiny_models import MOE_KINDS
 from tolerances import fp32, log_softmax_sum
 
@@ -345,37 +345,51 @@ def test_expert_scores_equal_reference(kind, tiny_hf, tiny_checkpoint):
             assert _close(scores[axis], ref, fp32(64 * (2 * 3 + 1), 1.0)), (kind, neurons, axis)
 
 
+LAYOUTS = {"tp2": [2, 1], "pp2": [1, 2], "dp2": [1, 1]}
+
+
+@pytest.fixture(scope="module")
+def layout_scores(tiny, tiny_checkpoint, tmp_path_factory):
+    """Importance of Llama and of a mixture of experts with a shared expert, at TP=1 in
+    process and at TP=2, PP=2 and DP=2 in one 2-process run: (TP=1 scores, directory)."""
+    from nemo_minitron.importance.api import compute_importance
+
+    root = tmp_path_factory.mktemp("importance_layouts")
+    models = {"llama": str(tiny["checkpoint"]), "qwen2_moe": str(tiny_checkpoint("qwen2_moe"))}
+    base = {kind: compute_importance(ckpt, ["builtin:calib"], str(root / f"tp1-{kind}"), progress=False,
+                                     micro_batch=2, samples=SAMPLES, seq_len=SEQ, layer_samples=LAYER_SAMPLES,
+                                     drop_blocks=[2], seed=SEED) for kind, ckpt in models.items()}
+    out = root / "out"
+    (root / "spec.json").write_text(json.dumps({"out": str(out), "layouts": LAYOUTS, "models": models}))
+    run_workers("importance_layouts.py", root / "spec.json", out=out)
+    return base, out
+
+
 @pytest.mark.multirank
-def test_parallel_layouts_equal_tp1(tiny, tiny_checkpoint, tmp_path):
-    """TP=2, PP=2 and DP=2 (2 CPU processes each) give the TP=1 scores on the same samples,
-    for Llama and for a mixture of experts with a shared expert (at TP=2 every rank holds
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_equal_tp1(layout_scores, layout):
+    """TP=2, PP=2 and DP=2 (2 CPU processes) give the TP=1 scores on the same samples, for
+    Llama and for a mixture of experts with a shared expert (at TP=2 every rank holds
     every expert's half, and the all-gather dispatcher hands it both ranks' copies of the
     tokens; at DP=2 the dense-MLP statistics no rank feeds are skipped collectively)."""
-    from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.importance.scores import ImportanceScores
 
-    kwargs = dict(samples=SAMPLES, seq_len=SEQ, layer_samples=LAYER_SAMPLES, drop_blocks=[2], seed=SEED)
-    models = {"llama": str(tiny["checkpoint"]), "qwen2_moe": str(tiny_checkpoint("qwen2_moe"))}
-    base = {kind: compute_importance(ckpt, ["builtin:calib"], str(tmp_path / f"tp1-{kind}"), progress=False,
-                                     micro_batch=2, **kwargs) for kind, ckpt in models.items()}
-    for name, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]), ("dp2", [])):
-        out = {kind: tmp_path / f"{name}-{kind}" for kind in models}
-        run_workers("importance_layouts.py", models["llama"], out["llama"], *flags,
-                    "--also", models["qwen2_moe"], out["qwen2_moe"])
-        for kind in models:
-            other = ImportanceScores.load(out[kind])
-            assert other.tensors.keys() == base[kind].tensors.keys()
-            for axis, ref in base[kind].tensors.items():
-                # another split of the same float32 forward (row-parallel sums, stages), and DP's
-                # per-rank float64 sums added in another order
-                if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
-                    assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (name, kind, axis)
-                else:
-                    assert _close(other[axis], ref, 2 * SCORE_RTOL), (name, kind, axis)
-            assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
-                base[kind].summary["layers"]["contiguous_blocks"]["2"]["start"]
+    base, out = layout_scores
+    for kind in base:
+        other = ImportanceScores.load(out / f"{layout}-{kind}")
+        assert other.tensors.keys() == base[kind].tensors.keys()
+        for axis, ref in base[kind].tensors.items():
+            # another split of the same float32 forward (row-parallel sums, stages), and DP's
+            # per-rank float64 sums added in another order
+            if axis == "layer_loss_drop":  # differences of two losses, each a log-softmax sum
+                assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (kind, axis)
+            else:
+                assert _close(other[axis], ref, 2 * SCORE_RTOL), (kind, axis)
+        assert other.summary["layers"]["contiguous_blocks"]["2"]["start"] == \
+            base[kind].summary["layers"]["contiguous_blocks"]["2"]["start"]
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_summary_plots_and_layer_ranking(smollm2_importance):
     """First and last layers of the trained decoder rank among the most important by loss drop."""
@@ -402,15 +416,16 @@ def test_bad_input(tiny, tmp_path, capsys, flags, words):
     assert not out.exists()
 
 
-def test_bad_input_short_data_and_existing_output(tiny, tmp_path):
+def test_bad_input_short_data_and_existing_output(tiny, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short")
     out = tmp_path / "imp"
-    proc = run_cli("importance", tiny["checkpoint"], "--data", short, "--out", out, "--seq-len", "64")
-    assert proc.returncode == 2 and "shorter than one sample" in proc.stderr and not out.exists()
+    code, stderr = cli_in_process(capsys, "importance", tiny["checkpoint"], "--data", short, "--out", out,
+                                  "--seq-len", "64")
+    assert code == 2 and "shorter than one sample" in stderr and not out.exists()
     out.mkdir()
-    proc = run_cli("importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out)
-    assert proc.returncode == 2 and "already exists" in proc.stderr and not list(out.iterdir())
+    code, stderr = cli_in_process(capsys, "importance", tiny["checkpoint"], "--data", "builtin:calib", "--out", out)
+    assert code == 2 and "already exists" in stderr and not list(out.iterdir())
 
 
 def test_prune_refit_reaches_the_least_squares_optimum(tiny, tmp_path):

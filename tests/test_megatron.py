@@ -42,9 +42,8 @@ def interop(tiny_hf, tiny_checkpoint, tmp_path_factory, runtime):
             "mlm_hf_old": str(make_tiny_hf_model("llama31_pruned_shape", root / "hf_old", seed=1)),
             "bridge_hf": str(tiny_hf("llama_tied")), "nemo_hf": str(tiny_hf("qwen2")),
             "student": str(tiny_checkpoint("llama_small")), "teacher": str(tiny_checkpoint("llama"))}
-    (root / "out").mkdir()
     (root / "spec.json").write_text(json.dumps(spec))
-    run_workers("megatron_interop.py", root / "spec.json")
+    run_workers("megatron_interop.py", root / "spec.json", out=root / "out")
     ranks = [torch.load(root / "out" / f"results-rank{r}.pt", weights_only=False) for r in (0, 1)]
     return {"spec": spec, "root": root, "out": root / "out", "tokens": tokens, "ranks": ranks,
             "hf": {"megatron_lm": Path(spec["mlm_hf"]), "nemo2": Path(spec["nemo_hf"]),

@@ -1,4 +1,7 @@
-"""The whole pipeline on a tiny model: stages, report, resumption, and the NeMo-Run launcher."""
+"""The whole pipeline on a tiny model: stages, report, resumption, and the NeMo-Run launcher.
+
+One recipe run (stopped during its first distillation, then finished) is shared by the
+tests of what it did; later starts of the finished run are made in process."""
 
 from __future__ import annotations
 
@@ -7,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TESTS
+from conftest import ROOT, TESTS, cli_in_process, frozen_when, train_records
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
 STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "budget-importance",
@@ -20,120 +22,185 @@ STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "w
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    # one torch thread: a tiny model's small products would wait at thread barriers on a busy machine
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS="1")
 
 
-def _run(*overrides, check=True):
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *overrides], env=_env(),
-                          capture_output=True, text=True, check=check)
+def _run(*overrides) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *overrides], env=_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
-def _steps(distill_dir: Path) -> list[int]:
-    lines = (distill_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["step"] for x in lines if x.strip() and json.loads(x)["kind"] == "train"]
+WIDTH_STEPS = 12  # the first distillation: a signal seen after any of its first 10 steps stops it
 
 
-def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path):
-    """The whole recipe, stopped by SIGUSR1 (Slurm's time-limit warning) during the first
-    distillation: it saves, exits 0 without a report, and started again continues: finished
-    stages are not redone, no training step is lost or repeated, every training stage
-    (teacher correction too) logs to TensorBoard and Megatron-style lines, the report is
-    complete, and a third start finds nothing left to do."""
-    out = tmp_path / "run"
-    cache = tmp_path / "data-cache"
-    args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", "rounds.0.distill.steps=12",
+@pytest.fixture(scope="module")
+def recipe_run(tiny_hf, tmp_path_factory):
+    """The whole recipe, stopped by SIGUSR1 (Slurm's time-limit warning) right after the
+    first distillation's first step, then started again and run to the end."""
+    root = tmp_path_factory.mktemp("recipe")
+    out, cache = root / "run", root / "data-cache"
+    args = [f"model.source={tiny_hf('llama')}", f"output_dir={out}", f"rounds.0.distill.steps={WIDTH_STEPS}",
             "rounds.0.distill.save_every=100", f"data.cache_dir={cache}"]
-    log = tmp_path / "first.log"  # a file, not a pipe nobody reads while it fills
+    log = root / "first.log"  # a file, not a pipe nobody reads while it fills
     proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     metrics = out / "width-3-distill" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and _steps(out / "width-3-distill")[-1:] >= [5]) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before distillation"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGUSR1)  # every process of the run, as Slurm signals a job step
+    with frozen_when(proc, lambda: train_records(metrics), "the first distillation step"):
+        signalled_after = train_records(metrics)[-1]["step"]
+        os.killpg(proc.pid, signal.SIGUSR1)  # every process of the run, as Slurm signals a job step
     proc.wait(timeout=300)
-    text = log.read_text()
-    assert proc.returncode == 0 and "recipe stopped by SIGUSR1" in text, text[-3000:]
-    assert not (out / "report").exists()
-    stopped_at = int((out / "width-3-distill" / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert 5 <= stopped_at < 12  # saved at the step boundary after the signal, not at save_every
-    before = json.loads((out / "stages.json").read_text())
-    assert "width-distill" not in before and "width-prune" in before
-
+    latest = out / "width-3-distill" / "checkpoints" / "latest"
+    first = {"returncode": proc.returncode, "log": log.read_text(), "signalled_after": signalled_after,
+             "stopped_at": int(latest.read_text().strip().split("_")[1]) if latest.exists() else None,
+             "report": (out / "report").exists(), "stages": json.loads((out / "stages.json").read_text())}
+    assert signalled_after < WIDTH_STEPS - 1, first  # the signal had a step boundary left to stop at
     done = _run(*args)
-    assert f"report: {out / 'report' / 'report.md'}" in done.stdout
-    after = json.loads((out / "stages.json").read_text())
+    return {"out": out, "cache": cache, "args": args, "first": first, "done": done,
+            "stages": json.loads((out / "stages.json").read_text()),
+            "report": json.loads((out / "report" / "report.json").read_text()),
+            "md": (out / "report" / "report.md").read_text()}
+
+
+def test_sigusr1_stops_the_recipe_at_a_step_boundary_with_exit_0_and_no_report(recipe_run):
+    """The signal reached the run (held stopped) after distillation step N: the run saves at
+    N or N + 1 (the step it was in), not at save_every, says why, exits 0, and writes no
+    report; the stages before the distillation are recorded as finished."""
+    first = recipe_run["first"]
+    assert first["returncode"] == 0 and "recipe stopped by SIGUSR1" in first["log"], first["log"][-3000:]
+    assert first["stopped_at"] in (first["signalled_after"], first["signalled_after"] + 1), first
+    assert not first["report"]
+    assert "width-distill" not in first["stages"] and "width-prune" in first["stages"]
+
+
+def test_started_again_it_redoes_no_finished_stage_and_loses_no_step(recipe_run):
+    done, before, after = recipe_run["done"], recipe_run["first"]["stages"], recipe_run["stages"]
+    assert f"report: {recipe_run['out'] / 'report' / 'report.md'}" in done.stdout
     for stage in ("convert", "teacher-correction", "width-importance", "width-prune"):
         assert after[stage] == before[stage]  # finished stages were not run again
         assert f"stage {stage}: complete" in done.stderr
     assert "resumed from" in done.stderr
-    assert _steps(out / "width-3-distill") == list(range(1, 13))  # no step lost or repeated
+    steps = [r["step"] for r in train_records(recipe_run["out"] / "width-3-distill" / "metrics.jsonl")]
+    assert steps == list(range(1, WIDTH_STEPS + 1))  # no step lost or repeated
+    assert list(after) == STAGES
+
+
+def test_every_training_stage_logs_to_tensorboard_and_megatron_style_lines(recipe_run):
+    out = recipe_run["out"]
     for stage in ("01-teacher-correction", "width-3-distill", "budget-3-distill"):
         assert list((out / stage / "tensorboard").glob("events.*")), stage
-    assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
-    assert list(after) == STAGES
-    # the recipe's data settings reach every stage that reads data (rounds included)
+    assert "consumed samples" in recipe_run["done"].stderr and "TFLOP/s per device" in recipe_run["done"].stderr
+
+
+def test_the_recipe_data_settings_reach_every_stage_that_reads_data(recipe_run):
     import yaml
 
+    out = recipe_run["out"]
     configs = [out / "01-teacher-correction" / "config.yaml", *sorted(out.glob("*-importance/config.yaml")),
                *sorted(out.glob("*-distill/config.yaml"))]
     assert len(configs) == 5, configs  # teacher correction, and importance and distillation of both rounds
     for config in configs:
-        assert yaml.safe_load(config.read_text())["cache_dir"] == str(cache), config
+        assert yaml.safe_load(config.read_text())["cache_dir"] == str(recipe_run["cache"]), config
 
-    report = json.loads((out / "report" / "report.json").read_text())
+
+def test_the_report_follows_every_model_and_the_corrected_teacher_teaches(recipe_run):
+    """Six models, each smaller after pruning and the same size after distillation; the
+    corrected teacher is the one the student learns from; the report has the generation,
+    the loss curves and the pruned heads."""
+    out, report, md = recipe_run["out"], recipe_run["report"], recipe_run["md"]
     names = [m["model"] for m in report["models"]]
     assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "budget: pruned",
                      "budget: distilled"]
     params = [m["parameters"] for m in report["models"]]
     assert params[0] == params[1] > params[2] == params[3] > params[4] == params[5]
-    # the corrected teacher teaches (recorded in the student's summary)
     assert json.loads((out / "width-3-distill" / "summary.json").read_text())["teacher"].endswith(
         "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
-    md = (out / "report" / "report.md").read_text()
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
-    # the second round chose its shape by search: the winner has the lowest final held-out loss
-    # of its candidates, is the round's pruned model, and the report shows the search
+
+
+def test_the_second_round_chose_its_shape_by_search(recipe_run):
+    """The winner has the lowest final held-out loss of its candidates, is the round's
+    pruned model, and the report shows the search."""
+    out, report = recipe_run["out"], recipe_run["report"]
     search = report["search"]["budget"]
     finals = {c["name"]: c["final_loss"] for c in search["candidates"]}
     assert len(finals) == 2 and search["best"] == min(finals, key=finals.get)
     best = next(c for c in search["candidates"] if c["name"] == search["best"])
-    assert best["params"] == params[4] and best["directory"] == "best"
+    assert best["params"] == report["models"][4]["parameters"] and best["directory"] == "best"
     assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
         "budget-2-search/best/pruned")
-    assert "## Architecture search: budget" in md and (out / "report" / "budget-search.png").is_file()
-    # the second round trained on the round teacher's generations too (method both)
+    assert "## Architecture search: budget" in recipe_run["md"] and (out / "report" / "budget-search.png").is_file()
+
+
+def test_the_second_round_trained_on_the_teachers_generations_too(recipe_run):
+    out, md = recipe_run["out"], recipe_run["md"]
     generations = (out / "budget-3-synthetic" / "completions.jsonl").read_text().splitlines()
     assert len(generations) == 8 and all(len(json.loads(g)["prompt_ids"]) == 8 for g in generations)
     budget = json.loads((out / "budget-3-distill" / "summary.json").read_text())
     assert budget["config"]["method"] == "both" and budget["config"]["synthetic_data"].endswith("completions.jsonl")
     assert "- budget: KD on builtin:train plus cross-entropy on the teacher's generations" in md
     assert "- width: logit distillation (KD) on builtin:train" in md
-    for m in report["models"]:  # task accuracy with its standard error, for every model
+
+
+def test_every_model_has_task_accuracy_with_its_standard_error(recipe_run):
+    out, md = recipe_run["out"], recipe_run["md"]
+    for m in recipe_run["report"]["models"]:
         assert set(m["tasks"]) == {"minitron_lastword", "minitron_nextsentence"}
         for result in m["tasks"].values():
             assert result["samples"] == 4 and set(result["stderr"]) >= {"acc"} and 0 <= result["metrics"]["acc"] <= 1
     assert "minitron_nextsentence acc" in md and "tasks.png" in md and (out / "report" / "tasks.png").is_file()
+
+
+def test_the_export_is_the_last_model(recipe_run):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))
-    assert sum(p.numel() for p in hf.parameters()) == params[-1]
+    hf = AutoModelForCausalLM.from_pretrained(str(recipe_run["out"] / "export"))
+    assert sum(p.numel() for p in hf.parameters()) == recipe_run["report"]["models"][-1]["parameters"]
 
-    again = _run(*args)  # a third start finds every stage complete
-    assert again.stderr.count("skipped") == len(STAGES)
-    assert (out / "recipe.yaml").is_file() and not list(out.glob("recipe.previous-*.yaml"))
 
-    # a finished stage made with other settings is not built upon silently
-    changed = _run(*args, "rounds.0.importance.samples=6", check=False)
-    assert changed.returncode == 2, changed.stderr[-2000:]
-    error = changed.stderr.strip().splitlines()[-1]
+def _run_here(capsys, caplog, recipe_run, *overrides) -> tuple[int, str, list[str]]:
+    """``nemo-minitron run`` of the finished recipe in this process (its runtime already set
+    up: the tests take the ``runtime`` fixture): (exit status, stderr, the log's messages)."""
+    caplog.clear()
+    caplog.set_level("INFO", logger="nemo_minitron")
+    code, stderr = cli_in_process(capsys, "run", RECIPE, *recipe_run["args"], *overrides)
+    return code, stderr, [r.getMessage() for r in caplog.records]
+
+
+def test_a_third_start_finds_nothing_left_to_do(recipe_run, runtime, capsys, caplog):
+    out = recipe_run["out"]
+    previous = sorted(out.glob("recipe.previous-*.yaml"))
+    code, stderr, messages = _run_here(capsys, caplog, recipe_run)
+    assert code == 0, stderr
+    assert sum(m.startswith(f"stage {s}: complete") and m.endswith("skipped") for s in STAGES for m in messages) == \
+        len(STAGES), messages
+    assert not any(m.startswith("stage ") and ": starting" in m for m in messages), messages
+    assert (out / "recipe.yaml").is_file() and sorted(out.glob("recipe.previous-*.yaml")) == previous
+
+
+def test_a_finished_stage_made_with_other_settings_is_refused(recipe_run, runtime, capsys, caplog):
+    out = recipe_run["out"]
+    previous = sorted(out.glob("recipe.previous-*.yaml"))
+    code, stderr, _ = _run_here(capsys, caplog, recipe_run, "rounds.0.importance.samples=6")
+    assert code == 2, stderr[-2000:]
+    error = stderr.strip().splitlines()[-1]
     assert "stage width-importance" in error and "rounds.0.importance.samples 8 -> 6" in error
     assert "resume=force" in error
-    forced = _run(*args, "rounds.0.importance.samples=6", "resume=force")
-    assert forced.stderr.count("skipped") == len(STAGES) and "kept because resume=force" in forced.stderr
-    assert (out / "recipe.previous-1.yaml").is_file()
+    assert sorted(out.glob("recipe.previous-*.yaml")) == previous  # nothing recorded
+
+
+def test_resume_force_keeps_finished_stages_made_with_other_settings(recipe_run, runtime, capsys, caplog):
+    out = recipe_run["out"]
+    previous = len(list(out.glob("recipe.previous-*.yaml")))
+    code, stderr, messages = _run_here(capsys, caplog, recipe_run, "rounds.0.importance.samples=6", "resume=force")
+    assert code == 0, stderr[-2000:]
+    assert sum(m.endswith("skipped") for m in messages) == len(STAGES), messages
+    assert any("kept because resume=force" in m for m in messages), messages
+    assert (out / f"recipe.previous-{previous + 1}.yaml").is_file()
 
 
 @pytest.mark.multirank

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, run_workers
+from conftest import cli_in_process, run_workers
 from tiny_models import MOE_KINDS
 from tolerances import transformer_logits
 
@@ -365,7 +365,6 @@ def test_magnitude_and_random_baselines(scored, tmp_path, kind):
     Nemotron: a neuron owns its up row (no gate) and down column; a channel its LayerNorm
     biases and its gammas (stored zero-centred: the mass of weight + 1)."""
     from nemo_minitron.prune.api import prune
-    from nemo_minitron.prune.select import random_scores
     from nemo_minitron.prune.targets import apply_target
 
     ckpt, imp = scored(kind)
@@ -404,10 +403,15 @@ def test_magnitude_and_random_baselines(scored, tmp_path, kind):
     if kind != "llama":
         return  # random scores do not depend on the family
 
-    rnd = random_scores(old, seed=7)
-    scores = {"hidden": rnd.hidden, "ffn": rnd.ffn, "heads": rnd.heads, "query_groups": rnd.query_groups}
+    # random: every unit's score is a uniform draw of torch's generator seeded with --seed,
+    # axis after axis (hidden channels, each layer's neurons, heads, query groups, then one
+    # per layer); the lowest-scored layers go
+    g = torch.Generator().manual_seed(7)
+    draws = {"hidden": torch.rand(old.hidden_size, generator=g), "ffn": torch.rand(L, F, generator=g),
+             "heads": torch.rand(L, G * hpg, generator=g), "query_groups": torch.rand(L, G, generator=g)}
+    dropped = torch.argsort(torch.rand(L, generator=g))[: L - new.num_layers].tolist()
     out = prune(str(ckpt), str(imp), str(tmp_path / "random"), target=target, order="random", seed=7)
-    _check_pruned(ckpt, out, expected_kept(scores, old, new, [int(rnd.layers.argmin())]))
+    _check_pruned(ckpt, out, expected_kept(draws, old, new, dropped))
 
 
 def test_budget_prunes_to_a_shape_within_the_budget(scored, tmp_path):
@@ -514,13 +518,14 @@ def test_prune_at_tp2_and_pp2_equals_tp1(scored, tmp_path):
         args = {k: v for k, v in job.items() if k not in ("name", "checkpoint", "importance")}
         expected[job["name"]] = _state(prune(job["checkpoint"], job["importance"],
                                              str(tmp_path / f"tp1-{job['name']}"), **args))[1]
-    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
+    out = tmp_path / "out"
+    for job in jobs:
+        job["out"] = str(out / f"{{layout}}-{job['name']}")
+    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": jobs}))
+    run_workers("prune_parallel.py", tmp_path / "jobs.json", out=out)
+    for layout in ("tp2", "pp2"):
         for job in jobs:
-            job["out"] = str(tmp_path / f"{layout}-{job['name']}")
-        (tmp_path / f"{layout}.json").write_text(json.dumps(jobs))
-        run_workers("prune_parallel.py", tmp_path / f"{layout}.json", *flags)
-        for job in jobs:
-            _, got = _state(job["out"])
+            _, got = _state(job["out"].format(layout=layout))
             want = expected[job["name"]]
             assert got.keys() == want.keys()
             assert all(torch.equal(got[k], want[k]) for k in want), (layout, job["name"])
@@ -556,15 +561,15 @@ def _another_models_scores(ckpt: Path, directory: Path) -> Path:
     (["--target-params", "10K"], "--target-params 10K: no architecture within 5%"),
     (["--target", "hidden=32", "OTHER"], "--importance scores were computed on another model (hidden_size 48 vs 64)"),
 ])
-def test_bad_input_is_one_line_before_any_weight_is_read(weightless, tmp_path, flags, words):
+def test_bad_input_is_one_line_before_any_weight_is_read(weightless, tmp_path, capsys, flags, words):
     ckpt, imp = weightless
     if "OTHER" in flags:
         flags, imp = flags[:-1], _another_models_scores(ckpt, tmp_path / "other")
     out = tmp_path / "out"
     start = time.time()
-    proc = run_cli("prune", ckpt, "--importance", imp, "--out", out, *flags)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("nemo-minitron prune: error: ") and words in proc.stderr, proc.stderr
+    code, stderr = cli_in_process(capsys, "prune", ckpt, "--importance", imp, "--out", out, *flags)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("nemo-minitron prune: error: ") and words in stderr, stderr
     assert not out.exists() and time.time() - start < 30
 
 
@@ -603,8 +608,6 @@ def test_expert_targets_bad_input_before_any_weight_is_read(weightless, scored, 
     (given, or the model's own top-2 left above one expert), expert widths the TP size does
     not divide, dense axes on an MoE model and expert axes on a dense one, the dense-only
     refit: one line, exit 2, nothing written, no weight read (the checkpoints have none)."""
-    from conftest import cli_in_process
-
     ckpt, imp = scored("qwen3_moe")
     moe = tmp_path / "moe"
     moe.mkdir()

@@ -8,6 +8,7 @@ import pytest
 TARGET = {"hidden": 480, "ffn": 1024, "heads": 6, "query_groups": 3}
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_importance_beats_magnitude_and_random(smollm2, smollm2_importance, tmp_path):
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer

@@ -3,7 +3,9 @@ tiny model; bad input; and the real SmolLM2-135M searched for 90M parameters."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -69,25 +71,20 @@ def tiny_importance(tiny_checkpoint, tmp_path_factory):
     return directory
 
 
-def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importance, tmp_path, monkeypatch, runtime,
-                                                  caplog):
+@pytest.fixture(scope="module")
+def halving_search(tiny_checkpoint, tiny_importance, tmp_path_factory, runtime):
     """Four candidates (three of the planner's, one explicit) distilled from one teacher-logit
-    cache with successive halving: the two with the lowest held-out loss at half the steps
-    continue, the one with the lowest final loss wins and is kept alone. A search killed
-    during its fourth distillation resumes without pruning, caching or distilling anything
-    twice; a changed setting is refused."""
+    cache with successive halving; killed during its fourth distillation, then started
+    again. What the two runs pruned, cached and distilled (the calls, with stop_at), the
+    second run's result and log."""
     import nemo_minitron.distill.api as distill_api
     import nemo_minitron.distill.teacher_logits as cache_api
     import nemo_minitron.prune.api as prune_api
-    from tolerances import fp32
 
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, read_info
-    from nemo_minitron.errors import UsageError
-    from nemo_minitron.evaluate import evaluate
     from nemo_minitron.search.api import search
 
     teacher = str(tiny_checkpoint("llama"))
-    out = tmp_path / "search"
+    out = tmp_path_factory.mktemp("halving") / "search"
     calls: dict[str, list] = {"prune": [], "distill": [], "cache": []}
     real = {"prune": prune_api.prune, "distill": distill_api.distill, "cache": cache_api.write_teacher_logits}
 
@@ -99,26 +96,45 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
             return real[kind](*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(prune_api, "prune", spy("prune"))
-    monkeypatch.setattr(cache_api, "write_teacher_logits", spy("cache"))
-    monkeypatch.setattr(distill_api, "distill", spy("distill", kill_at=4))
-    with pytest.raises(KeyboardInterrupt):
-        search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False, **TINY_SEARCH)
-    assert not (out / "search.json").exists()
-    first = {k: list(v) for k, v in calls.items()}
-    assert len(first["prune"]) == 4 and len(first["cache"]) == 1 and len(first["distill"]) == 4
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_api, "prune", spy("prune"))
+        mp.setattr(cache_api, "write_teacher_logits", spy("cache"))
+        mp.setattr(distill_api, "distill", spy("distill", kill_at=4))
+        with pytest.raises(KeyboardInterrupt):
+            search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False, **TINY_SEARCH)
+        killed = {"calls": {k: list(v) for k, v in calls.items()}, "search_json": (out / "search.json").exists()}
+        for v in calls.values():
+            v.clear()
+        mp.setattr(distill_api, "distill", spy("distill"))
+        logger = logging.getLogger("nemo_minitron")
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            result = search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False, **TINY_SEARCH)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    return {"teacher": teacher, "out": out, "killed": killed, "calls": calls, "result": result, "log": log.getvalue(),
+            "rows": {r["name"]: r for r in result["candidates"]}}
 
-    for v in calls.values():
-        v.clear()
-    monkeypatch.setattr(distill_api, "distill", spy("distill"))
-    caplog.set_level("INFO", logger="nemo_minitron")
-    result = search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False, **TINY_SEARCH)
+
+def test_a_killed_search_resumes_without_doing_anything_twice(halving_search):
+    """Killed during its fourth distillation (no search.json yet), the search started again
+    prunes and caches nothing again, runs the killed distillation again to half the steps,
+    then the two survivors the rest of the way."""
+    first, calls = halving_search["killed"]["calls"], halving_search["calls"]
+    assert not halving_search["killed"]["search_json"]
+    assert len(first["prune"]) == 4 and len(first["cache"]) == 1 and len(first["distill"]) == 4
     assert calls["prune"] == [] and calls["cache"] == []  # pruned candidates and the cache were reused
-    # the killed (fourth) distillation runs again, then the two survivors the rest of the way
     assert calls["distill"][0] == first["distill"][3] and calls["distill"][0][1] == STEPS // 2
     assert len(calls["distill"]) == 3 and all(stop is None for _, stop in calls["distill"][1:])
 
-    rows = {r["name"]: r for r in result["candidates"]}
+
+def test_successive_halving_keeps_the_two_best_at_half_and_the_best_wins(halving_search):
+    result, rows = halving_search["result"], halving_search["rows"]
     assert result["rungs"] == [STEPS // 2, STEPS] and len(rows) == 4 and rows["c4"]["source"] == "explicit"
     at_half = {n: r["rung_losses"][str(STEPS // 2)] for n, r in rows.items()}
     ahead = sorted(at_half, key=at_half.get)[:2]
@@ -126,33 +142,54 @@ def test_search_halves_resumes_and_keeps_the_best(tiny_checkpoint, tiny_importan
     assert all(rows[n]["stopped_at"] == STEPS // 2 for n in rows if n not in ahead)
     finals = {n: rows[n]["final_loss"] for n in ahead}
     assert result["best"] == min(finals, key=finals.get)
-    # the ranking table in the log: one row per candidate, best first and marked
-    table = caplog.text.split("search ranking")[1].splitlines()
+
+
+def test_the_log_ranks_every_candidate_best_first(halving_search):
+    rows = halving_search["rows"]
+    table = halving_search["log"].split("search ranking")[1].splitlines()
     ranked = sorted(rows, key=lambda n: (rows[n]["final_loss"] is None, rows[n]["final_loss"] or 0,
                                          rows[n]["rung_losses"][str(STEPS // 2)]))
     assert [line.split()[1] for line in table[3:7]] == ranked and table[3].split()[2] == "*"
-    for r in rows.values():  # curves: held-out loss at every step trained (eval_every 1), from step 0
+
+
+def test_each_candidate_has_its_heldout_curve_from_step_0(halving_search):
+    """eval_every 1: the held-out loss at every step trained, from step 0 (right after
+    pruning) to where the candidate stopped; the training loss at every step."""
+    for r in halving_search["rows"].values():
         last = r["stopped_at"] or STEPS
         assert [s for s, _ in r["heldout_curve"]] == list(range(last + 1))
         assert r["heldout_curve"][0][1] == r["loss_after_pruning"]
         assert r["heldout_curve"][-1][1] == r["rung_losses"][str(last)]
         assert [s for s, _ in r["train_curve"]] == list(range(1, last + 1))
 
-    # only the winner is kept: its pruned checkpoint (the shape it was scored as) and its student
+
+def test_only_the_winner_is_kept_and_its_final_loss_is_its_own(halving_search):
+    """The winner's pruned checkpoint (the shape it was scored as) and its student stay, the
+    rest goes; its final held-out loss, evaluated again here on the same held-out samples,
+    is the one the search ranked it by."""
+    from tolerances import fp32
+
+    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, read_info
+    from nemo_minitron.evaluate import evaluate
+
+    out, best = halving_search["out"], halving_search["rows"][halving_search["result"]["best"]]
     assert sorted(p.name for p in out.iterdir()) == ["best", "config.yaml", "search.json", "search.png",
                                                      "teacher-logits"]
-    best = rows[result["best"]]
     assert is_checkpoint(out / "best" / "pruned") and not (out / "best" / "distill" / "checkpoints").exists()
     assert read_info(out / "best" / "pruned").description.num_parameters() == best["params"]
-    # its final held-out loss, evaluated again here on the same held-out samples
-    heldout = heldout_samples(teacher, 16, TINY_SEARCH["seed"], 4)
+    heldout = heldout_samples(halving_search["teacher"], 16, TINY_SEARCH["seed"], 4)
     model, info = load_checkpoint(out / "best" / "distill" / "final")
     loss = evaluate(model, info.description.vocab_size, heldout, micro_batch=2).loss
     assert abs(loss - best["final_loss"]) <= fp32(64 * 1000, loss)  # a mean of 64 tokens' log-softmax sums
 
+
+def test_a_changed_setting_is_refused(halving_search, tiny_importance):
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.search.api import search
+
     with pytest.raises(UsageError, match="lr 0.001 -> 0.002"):
-        search(teacher, str(tiny_importance), ["builtin:train"], str(out), progress=False,
-               **{**TINY_SEARCH, "lr": 2e-3})
+        search(halving_search["teacher"], str(tiny_importance), ["builtin:train"], str(halving_search["out"]),
+               progress=False, **{**TINY_SEARCH, "lr": 2e-3})
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +229,7 @@ def test_bad_input(tiny_checkpoint, tiny_importance, tiny_cache, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_search_picks_the_lowest_heldout_loss(smollm2, smollm2_importance, tmp_path):
     """SmolLM2-135M searched for 90M parameters over 4 candidates (a short schedule from a
@@ -207,7 +245,7 @@ def test_smollm2_search_picks_the_lowest_heldout_loss(smollm2, smollm2_importanc
     ckpt, out = str(smollm2["checkpoint"]), tmp_path / "search"
     result = search(ckpt, str(smollm2_importance[0]), ["builtin:train"], str(out), target_params="90M",
                     candidates=4, steps=2, global_batch=2, micro_batch=2, seq_len=32, lr=3e-4, warmup_steps=0,
-                    eval_samples=2, eval_every=1, cache_top_k=64, keep_all=True, dtype="bfloat16",
+                    eval_samples=2, eval_every=1, cache_top_k=64, keep_all=True,
                     layer_metric="loss", progress=False)  # the importance fixture records no greedy order
     from nemo_minitron.runtime.config import DEFAULT_SEED
 
@@ -217,11 +255,11 @@ def test_smollm2_search_picks_the_lowest_heldout_loss(smollm2, smollm2_importanc
     losses = {}
     for c in result["candidates"]:
         assert abs(c["params"] / 90e6 - 1) <= 0.05 and [s for s, _ in c["heldout_curve"]] == [0, 1, 2]
-        model, info = load_checkpoint(out / c["directory"] / "distill" / "final", dtype=torch.bfloat16)
+        model, info = load_checkpoint(out / c["directory"] / "distill" / "final")
         assert info.description == ModelDescription.from_dict(c["architecture"])
         losses[c["name"]] = evaluate(model, info.description.vocab_size, heldout, micro_batch=2).loss
         del model
-    # the same bf16 model on the same tokens: equal up to the float32 sum of 64 token losses
+    # the same model on the same tokens: equal up to the float32 sum of 64 token losses
     tol = fp32(64, max(losses.values()))
     for c in result["candidates"]:
         assert abs(losses[c["name"]] - c["final_loss"]) <= tol, (c["name"], losses, c["final_loss"])

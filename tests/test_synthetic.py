@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_in_process, run_cli
+from conftest import cli_in_process
 
 # prompt and completion tokens come from disjoint id ranges, so which tokens of a sample are
 # a completion's can be read off the ids alone, independently of the data code
@@ -136,23 +136,24 @@ def test_mixed_samples_hold_their_share_in_a_fixed_order():
     assert all(torch.equal(mixed.item(i)["window"], items[i]["window"]) for i in (399, 0, 123))  # order-free
 
 
-def test_generate_then_distill_with_both_methods(tiny_checkpoint, tmp_path):
+def test_generate_then_distill_with_both_methods(tiny_checkpoint, tmp_path, runtime, one_thread, capsys):
     """The synthetic route end to end: the teacher generates from data prefixes, the student
     trains on its generations alone (no --data) and mixed with real data; both runs finish
     with a checkpoint and say what they trained on."""
     teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
     gen = tmp_path / "gen.jsonl"
-    proc = run_cli("generate", teacher, "--data", "builtin:train", "--prefix-tokens", "8", "--max-new-tokens", "8",
-                   "--limit", "8", "--temperature", "1.0", "--top-k", "50", "--out", gen)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stderr = cli_in_process(capsys, "generate", teacher, "--data", "builtin:train", "--prefix-tokens", "8",
+                                  "--max-new-tokens", "8", "--limit", "8", "--temperature", "1.0", "--top-k", "50",
+                                  "--out", gen)
+    assert code == 0, stderr[-3000:]
     records = [json.loads(line) for line in gen.read_text().splitlines()]
     assert len(records) == 8 and all(len(r["prompt_ids"]) == 8 for r in records)
     common = ["--teacher", teacher, "--student", student, "--synthetic-data", gen, "--steps", "2",
               "--global-batch", "4", "--micro-batch", "2", "--seq-len", "12", "--eval-samples", "4"]
     for method, extra in (("synthetic", []), ("both", ["--data", "builtin:train"])):
         out = tmp_path / method
-        proc = run_cli("distill", *common, "--method", method, *extra, "--out", out)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        code, stderr = cli_in_process(capsys, "distill", *common, "--method", method, *extra, "--out", out)
+        assert code == 0, stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["config"]["method"] == method and summary["config"]["synthetic_data"] == str(gen)
         assert summary["config"]["data"] == ("builtin:train" if method == "both" else None)

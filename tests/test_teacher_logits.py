@@ -137,86 +137,122 @@ def bucket_reference(z: torch.Tensor, ref_log_q: torch.Tensor, k: int) -> torch.
     return T * T * kl
 
 
-@pytest.mark.multirank
-def test_cache_trains_as_the_live_teacher_at_every_layout(tiny_checkpoint, corpus, tmp_path):
-    """Written at TP=1, TP=2 and DP=2, the cache holds the teacher's top-K log-probabilities
-    at T and the rest of the mass. With K = the vocabulary, a step distilled from it has the
-    live teacher's losses and gradients at TP=1, TP=2 and PP=2; the cache written at TP=2 trains
-    identically at TP=1 and PP=2. With K = 8 the step's KD loss is the top-8 + bucket KL computed
-    independently from both models' full logits."""
-    from tolerances import fp32, log_softmax_sum, transformer_logits
+# another split of the same float32 arithmetic (vocabulary shards, row-parallel sums, or the
+# teacher's log-probabilities computed once and stored): per-token log-softmax sums over the
+# vocabulary (T^2 KL); gradients are sums over the step's 64 tokens of products through the
+# layers, as in test_distill's layout comparison
+def assert_same(a: dict, b: dict, what: str) -> None:
+    from tolerances import fp32, log_softmax_sum
+
+    loss_tol = log_softmax_sum(VOCAB, 10.0) * T * T
+    for key in ("loss", "kd_loss", "ce_loss"):
+        assert abs(a["logs"][key] - b["logs"][key]) <= loss_tol, (what, key, a["logs"][key], b["logs"][key])
+    assert a["grads"].keys() == b["grads"].keys(), what
+    for key, want in b["grads"].items():
+        tol = fp32(64 * WIDTH * (2 * LAYERS + 1), want.abs().max().item())
+        assert (a["grads"][key] - want).abs().max().item() <= tol, (what, key)
+
+
+@pytest.fixture(scope="module")
+def tp1(tiny_checkpoint, corpus, tmp_path_factory):
+    """At TP=1: caches with K = the vocabulary and K = 8, the teacher's float64 reference
+    log-probabilities on the samples they cover (and its largest logit), and one step
+    distilled from the live teacher."""
+    root = tmp_path_factory.mktemp("tp1_caches")
+    teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
+    ref, max_logit = teacher_log_probs(teacher, first_samples(teacher, corpus))
+    assert max_logit < 10  # the bound the layout tolerances assume
+    return {"teacher": teacher, "student": student, "full": write_cache(teacher, corpus, root / "full", VOCAB),
+            "top8": write_cache(teacher, corpus, root / "top8", 8), "ref": ref, "max_logit": max_logit,
+            "live": one_step(teacher, student, corpus, 1, 1)}
+
+
+@pytest.fixture(scope="module")
+def layouts(tp1, corpus, tmp_path_factory):
+    """One 2-process run: a K = vocabulary cache written at TP=2 (``cache-tp2``); a step from
+    the live teacher and one from that cache at TP=2 and at PP=2 (``tp2/``, ``pp2/``:
+    rank files); a K = 8 cache written at DP=2 (``cache-dp2``)."""
+    out = tmp_path_factory.mktemp("teacher_logits_layouts") / "out"
+    run_workers("teacher_logits_layouts.py", tp1["teacher"], tp1["student"], corpus, out, out=out)
+    steps = {}
+    for layout in ("tp2", "pp2"):
+        parts = [torch.load(p) for p in sorted((out / layout).glob("rank*.pt"))]
+        assert len(parts) == 2, layout
+        steps[layout] = {kind: {"logs": parts[-1][kind]["logs"],  # losses: every rank has them
+                                "grads": {k: v for p in parts for k, v in p[kind]["grads"].items()}}
+                         for kind in ("live", "cached")}
+    return {"out": out, "steps": steps}
+
+
+def test_the_cache_holds_the_top_k_log_probabilities_and_the_rest(tp1):
+    """Written at TP=1, with K = the vocabulary and K = 8: the teacher's largest K
+    log-probabilities at T, most probable first, and the log of the rest of the mass."""
+    tol = content_tolerance(tp1["max_logit"])
+    check_contents(tp1["full"], tp1["ref"], tol)
+    check_contents(tp1["top8"], tp1["ref"], tol)
+
+
+def test_a_full_cache_trains_as_the_live_teacher(tp1, corpus):
+    live = tp1["live"]
+    assert_same(one_step(tp1["teacher"], tp1["student"], corpus, 1, 1, tp1["full"]), live,
+                "TP=1: cache (K = vocabulary) vs live")
+    assert live["logs"]["kd_loss"] > 0.01  # the student is not the teacher: the comparison has content
+
+
+def test_a_top_8_cache_trains_on_the_top_8_and_a_bucket_for_the_rest(tp1, corpus):
+    """With K = 8 the step's KD loss is the top-8 + bucket KL computed independently from
+    both models' full logits, and not the live teacher's loss."""
+    from tolerances import log_softmax_sum, transformer_logits
 
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.model.forward import full_logits
 
-    teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
-    full, top8 = write_cache(teacher, corpus, tmp_path / "full", VOCAB), write_cache(teacher, corpus, tmp_path / "top8", 8)
-    samples = first_samples(teacher, corpus)
-    ref, max_logit = teacher_log_probs(teacher, samples)
-    assert max_logit < 10  # the bound the layout tolerances below assume
-    content_tol = content_tolerance(max_logit)
-    check_contents(full, ref, content_tol)
-    check_contents(top8, ref, content_tol)
-
-    # another split of the same float32 arithmetic (vocabulary shards, row-parallel sums, or the
-    # teacher's log-probabilities computed once and stored): per-token log-softmax sums over the
-    # vocabulary (T^2 KL); gradients are sums over the step's 64 tokens of products through the
-    # layers, as in test_distill's layout comparison
-    loss_tol = log_softmax_sum(VOCAB, 10.0) * T * T
-
-    def assert_same(a: dict, b: dict, what: str) -> None:
-        for key in ("loss", "kd_loss", "ce_loss"):
-            assert abs(a["logs"][key] - b["logs"][key]) <= loss_tol, (what, key, a["logs"][key], b["logs"][key])
-        assert a["grads"].keys() == b["grads"].keys(), what
-        for key, want in b["grads"].items():
-            tol = fp32(64 * WIDTH * (2 * LAYERS + 1), want.abs().max().item())
-            assert (a["grads"][key] - want).abs().max().item() <= tol, (what, key)
-
-    live = one_step(teacher, student, corpus, 1, 1)
-    assert_same(one_step(teacher, student, corpus, 1, 1, full), live, "TP=1: cache (K = vocabulary) vs live")
-    assert live["logs"]["kd_loss"] > 0.01  # the student is not the teacher: the comparison has content
-
-    # K = 8 against the independent top-8 + bucket formula from both models' full logits
-    trainer = make_trainer(teacher, student, corpus, 1, 1, top8)
+    trainer = make_trainer(tp1["teacher"], tp1["student"], corpus, 1, 1, tp1["top8"])
     logs, _ = trainer.gradients(step=0)
-    s_model = open_model(str(student)).model
+    s_model = open_model(str(tp1["student"])).model
     kd, ce = [], []
     for mb in trainer.step_batches(0):
         z = full_logits(s_model, mb["tokens"], VOCAB).double()
-        y_log_q = ref[mb["index"]]
+        y_log_q = tp1["ref"][mb["index"]]
         kd.append(bucket_reference(z, y_log_q, 8).mean())
         ce.append(torch.nn.functional.cross_entropy(z.flatten(0, 1), mb["labels"].flatten()))
     want_kd, want_ce = torch.stack(kd).mean().item(), torch.stack(ce).mean().item()
     # float32 (training forward, float32 cache) against float64 from the same float32 logits: a
     # log-softmax sum over the vocabulary, plus the student logits' rounding (KL moves by at most
     # 2 T per unit of logit error) between the training forward and full_logits
+    max_logit = tp1["max_logit"]
     tol = T * T * log_softmax_sum(VOCAB, max_logit / T) + 2 * T * transformer_logits(WIDTH, LAYERS,
                                                                                       torch.tensor(max_logit))
     assert abs(logs["kd_loss"] - want_kd) <= tol, (logs["kd_loss"], want_kd)
     assert abs(logs["loss"] - (want_kd + 0.25 * want_ce)) <= 2 * tol
     # the bucket is what makes K = 8 differ from the full KL: it is not the live loss
-    assert abs(logs["kd_loss"] - live["logs"]["kd_loss"]) > 100 * tol
+    assert abs(logs["kd_loss"] - tp1["live"]["logs"]["kd_loss"]) > 100 * tol
 
-    tp2_cache = tmp_path / "cache-tp2"
-    results = {}
-    for layout, flags in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
-        run_workers("teacher_logits_layouts.py", teacher, student, corpus, tp2_cache, tmp_path / layout, *flags)
-        parts = [torch.load(p) for p in sorted((tmp_path / layout).glob("rank*.pt"))]
-        results[layout] = {kind: {"logs": parts[-1][kind]["logs"],  # losses: every rank has them
-                                  "grads": {k: v for p in parts for k, v in p[kind]["grads"].items()}}
-                           for kind in ("live", "cached")}
-    assert_same(results["tp2"]["cached"], results["tp2"]["live"], "TP=2: cache written at TP=2 vs live")
-    assert_same(results["pp2"]["cached"], results["pp2"]["live"], "PP=2: cache written at TP=2 vs live")
-    # the cache written at TP=2, read at TP=1 and at PP=2
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_a_cache_written_at_tp2_trains_as_the_live_teacher_at_tp2_and_pp2(layouts, layout):
+    steps = layouts["steps"][layout]
+    assert_same(steps["cached"], steps["live"], f"{layout}: cache written at TP=2 vs live")
+
+
+@pytest.mark.multirank
+def test_a_cache_written_at_tp2_is_read_at_tp1(tp1, layouts, corpus):
+    """The cache written at TP=2 says so, holds what a TP=1 cache holds, and trains at TP=1
+    as the live teacher and as at PP=2."""
+    tp2_cache = layouts["out"] / "cache-tp2"
     assert json.loads((tp2_cache / "index.json").read_text())["written_at"] == {"tp": 2, "pp": 1, "dp": 1}
-    check_contents(tp2_cache, ref, content_tol)
-    at_tp1 = one_step(teacher, student, corpus, 1, 1, tp2_cache)
-    assert_same(at_tp1, live, "TP=1: cache written at TP=2 vs live")
-    assert_same(results["pp2"]["cached"], at_tp1, "cache written at TP=2: PP=2 vs TP=1")
-    # written at DP=2: one shard per data-parallel rank, read by global sample index
-    dp2 = tmp_path / "pp2" / "cache-dp2"
+    check_contents(tp2_cache, tp1["ref"], content_tolerance(tp1["max_logit"]))
+    at_tp1 = one_step(tp1["teacher"], tp1["student"], corpus, 1, 1, tp2_cache)
+    assert_same(at_tp1, tp1["live"], "TP=1: cache written at TP=2 vs live")
+    assert_same(layouts["steps"]["pp2"]["cached"], at_tp1, "cache written at TP=2: PP=2 vs TP=1")
+
+
+@pytest.mark.multirank
+def test_a_cache_written_at_dp2_has_a_shard_per_rank_read_by_sample_index(tp1, layouts):
+    dp2 = layouts["out"] / "cache-dp2"
     assert [s["count"] for s in json.loads((dp2 / "index.json").read_text())["shards"]] == [8, 8]
-    check_contents(dp2, ref, content_tol)
+    check_contents(dp2, tp1["ref"], content_tolerance(tp1["max_logit"]))
 
 
 def test_bf16_cache_and_reading_by_index(tiny_checkpoint, corpus, small_cache, runtime):

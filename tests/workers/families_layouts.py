@@ -11,10 +11,12 @@ its layers, TP slices gathered).
 import json
 import sys
 
-import torch
+import common
 
 
 def main() -> None:
+    import torch
+
     from nemo_minitron.checkpoint.hf_export import export_hf
     from nemo_minitron.checkpoint.hf_import import build_from_source, resolve_source
     from nemo_minitron.model.forward import full_logits
@@ -33,5 +35,6 @@ def main() -> None:
             export_hf(model, source.description, job["hf_out"].format(layout=name), tokenizer_dir=None,
                       dtype=torch.float32)
 
+
 if __name__ == "__main__":
-    main()
+    common.run(main)

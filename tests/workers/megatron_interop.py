@@ -22,23 +22,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
-from megatron_layouts import (
-    bridge_model_section,
-    fill_from_hf,
-    gpt_from_args,
-    gpt_from_provider,
-    megatron_lm_args,
-    nemo2_config_as_args,
-    nemo2_model_yaml,
-    save_bridge,
-    save_megatron_lm,
-    save_nemo2,
-    strict_load,
-)
-
-from test_megatron import BATCH, INTEGRATION
+import common
 
 
 def _logits(model, tokens, vocab):
@@ -48,7 +32,21 @@ def _logits(model, tokens, vocab):
 
 
 def _write_and_read(spec, out: Path, tokens, results):
+    import torch
     import yaml
+    from megatron_layouts import (
+        bridge_model_section,
+        fill_from_hf,
+        gpt_from_args,
+        gpt_from_provider,
+        megatron_lm_args,
+        nemo2_config_as_args,
+        nemo2_model_yaml,
+        save_bridge,
+        save_megatron_lm,
+        save_nemo2,
+        strict_load,
+    )
 
     from nemo_minitron.checkpoint.api import export, open_model
     from nemo_minitron.runtime.distributed import init_distributed
@@ -93,6 +91,7 @@ def _write_and_read(spec, out: Path, tokens, results):
 def _integration(spec, tp: int, pp: int, form: str) -> dict:
     """One step of distillation the way Megatron-LM / Bridge train: pre-wrap hook, DDP,
     get_forward_backward_func with their forward-step signature, no adjust_tensor_shapes_fn."""
+    import torch
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.num_microbatches_calculator import (
@@ -108,6 +107,7 @@ def _integration(spec, tp: int, pp: int, form: str) -> dict:
     from nemo_minitron.model.forward import split_microbatches
     from nemo_minitron.model.params import gather, named_weights
     from nemo_minitron.runtime.distributed import init_distributed
+    from test_megatron import BATCH, INTEGRATION
 
     init_distributed(tp, pp, seed=BATCH["seed"])
     student, _ = load_checkpoint(spec["student"])  # the trainer's student
@@ -143,6 +143,7 @@ def _integration(spec, tp: int, pp: int, form: str) -> dict:
 
 
 def main() -> None:
+    import torch
     import torch.distributed as dist
 
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -161,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

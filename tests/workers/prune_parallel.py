@@ -1,20 +1,22 @@
-"""Worker: run the prune jobs in JOBS.json at a parallel layout, then load each pruned
-checkpoint at that layout and check that the parameters held across ranks (padding
-rows excluded) number exactly what the model description counts.
+"""Worker: at each layout in turn (one process group, re-laid out), run the prune jobs in
+JOBS.json, then load each pruned checkpoint at that layout and check that the parameters
+held across ranks (padding rows excluded) number exactly what the model description counts.
 
-    python -m torch.distributed.run --nproc-per-node 2 prune_parallel.py JOBS.json --tp 2
-    JOBS.json: [{"checkpoint", "importance", "out", "target": {...}, "order", "layer_metric", "seed"}, ...]
+    python -m torch.distributed.run --nproc-per-node 2 prune_parallel.py JOBS.json
+    JOBS.json: {"layouts": {"tp2": [2, 1], ...}, "jobs": [{"checkpoint", "importance", "out": "...{layout}...",
+                "target": {...}, "order", "layer_metric", "seed"}, ...]}
 """
 
 import json
 import sys
 
-import torch
-import torch.distributed as dist
+import common
 
 
 def count_parameters(model, desc) -> int:
     """Parameters of the model spread over this layout's ranks, each counted once."""
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.model.params import named_weights, tp_split_dim
@@ -36,16 +38,19 @@ def count_parameters(model, desc) -> int:
     return int(total.item())
 
 
-if __name__ == "__main__":
+def main() -> None:
     from nemo_minitron.checkpoint.store import load_checkpoint
     from nemo_minitron.prune.api import prune
 
-    jobs_file, *flags = sys.argv[1:]
-    tp = int(flags[flags.index("--tp") + 1]) if "--tp" in flags else 1
-    pp = int(flags[flags.index("--pp") + 1]) if "--pp" in flags else 1
-    for job in json.loads(open(jobs_file).read()):
-        out = prune(job["checkpoint"], job["importance"], job["out"], target=job["target"], order=job["order"],
-                    layer_metric=job["layer_metric"], seed=job["seed"], tp=tp, pp=pp)
-        model, info = load_checkpoint(out)
-        counted, described = count_parameters(model, info.description), info.description.num_parameters()
-        assert counted == described, f"{out}: {counted} parameters held, description counts {described}"
+    spec = json.loads(open(sys.argv[1]).read())
+    for layout, (tp, pp) in spec["layouts"].items():
+        for job in spec["jobs"]:
+            out = prune(job["checkpoint"], job["importance"], job["out"].format(layout=layout), target=job["target"],
+                        order=job["order"], layer_metric=job["layer_metric"], seed=job["seed"], tp=tp, pp=pp)
+            model, info = load_checkpoint(out)
+            counted, described = count_parameters(model, info.description), info.description.num_parameters()
+            assert counted == described, f"{out}: {counted} parameters held, description counts {described}"
+
+
+if __name__ == "__main__":
+    common.run(main)
