@@ -203,21 +203,41 @@ def test_resume_force_keeps_finished_stages_made_with_other_settings(recipe_run,
     assert (out / f"recipe.previous-{previous + 1}.yaml").is_file()
 
 
-@pytest.mark.multirank
-def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
+def _nemo_run(recipe: Path, tiny_hf, tmp_path, *overrides) -> tuple[Path, dict]:
+    """``recipe`` launched by launchers/nemorun_launcher.py with NeMo-Run's local executor on
+    2 processes (data parallel): its output directory and report."""
     out = tmp_path / "run"
     env = dict(_env(), NEMORUN_HOME=str(tmp_path / "nemo_run_home"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "nemorun_launcher.py"), str(RECIPE),
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "nemorun_launcher.py"), str(recipe),
                            "--executor", "local", "--nproc", "2", f"model.source={tiny_hf('llama')}",
-                           f"output_dir={out}", "rounds.1.distill.steps=1"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                           f"output_dir={out}", *overrides], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert len(report["models"]) == 6
     import yaml
 
-    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["parallel"] == {"tp": 1, "pp": 1}
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["parallel"] == {"tp": 1, "pp": 1}
     summary = json.loads((out / "width-3-distill" / "summary.json").read_text())
     assert summary["layout"]["dp"] == 2  # two processes, data parallel
+    return out, json.loads((out / "report" / "report.json").read_text())
+
+
+@pytest.mark.multirank
+def test_nemo_run_local_executor_runs_a_round_on_two_processes(tiny_hf, tmp_path):
+    """The tiny recipe cut to what a launcher test needs: its first round (one distillation
+    step) and the report, no teacher correction, no export."""
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["teacher_correction"]["enabled"] = recipe["export"]["enabled"] = False
+    recipe["rounds"] = recipe["rounds"][:1]
+    recipe["rounds"][0]["distill"].update(steps=1, eval_every=0, save_every=0)
+    (tmp_path / "one-round.yaml").write_text(yaml.safe_dump(recipe))
+    _, report = _nemo_run(tmp_path / "one-round.yaml", tiny_hf, tmp_path)
+    assert [m["model"] for m in report["models"]] == ["teacher (input)", "width: pruned", "width: distilled"]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_nemo_run_local_executor_runs_the_whole_recipe_on_two_processes(tiny_hf, tmp_path):
+    _, report = _nemo_run(RECIPE, tiny_hf, tmp_path, "rounds.1.distill.steps=1")
+    assert len(report["models"]) == 6
