@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import random
 import socket
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from nemo_minitron.config import DEFAULT_SEED
@@ -108,9 +110,22 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = DEFAULT_SEED) -> Layo
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    _write_checkpoints_in_process()
     _layout = Layout(tp=tp, pp=pp, dp=dp, rank=rank, world_size=dist.get_world_size(), device=device)
     seed_everything(seed)
     return _layout
+
+
+def _write_checkpoints_in_process() -> None:
+    """Have megatron-core's checkpoint writer hand its write results back through a plain
+    queue in this process. On its first save it would otherwise start a multiprocessing
+    manager: a spawned helper process that imports torch to unpickle the results, holds
+    every save and the process's exit for seconds, and that a stop signal sent to a whole
+    Slurm job step would kill together with the save the signal asks for. Every save here
+    is synchronous (dist_checkpointing.save without async_sharded_save): its results
+    never leave this process."""
+    if getattr(filesystem_async, "_results_queue", False) is None:  # 0.16 to 0.19: made on first save
+        filesystem_async._results_queue = queue.Queue()
 
 
 def seed_everything(seed: int) -> None:

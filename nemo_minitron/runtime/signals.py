@@ -30,33 +30,12 @@ def received() -> str | None:
     return _received
 
 
-def _shield_checkpoint_writer() -> None:
-    """megatron-core's checkpoint writer keeps a helper process (a multiprocessing manager)
-    from its first save on. Slurm signals every process of a job step, and SIGTERM would
-    kill that helper, and with it the save the signal asks for. Start it now with the stop
-    signals ignored: an ignored signal stays ignored in a new process."""
-    try:
-        # deferred: cli.py sets the handlers up before a command imports megatron-core
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-        start = filesystem_async._get_write_results_queue  # megatron-core 0.16: created on first use
-    except (ImportError, AttributeError):
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
-    try:
-        start()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @contextlib.contextmanager
 def handle_stop_signals(signals=SIGNALS) -> Iterator[None]:
     """Catch the stop signals (main thread only) for the duration of the block."""
     global _received
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        _shield_checkpoint_writer()
         for sig in signals:
             previous[sig] = signal.signal(sig, _handle)
     try:
