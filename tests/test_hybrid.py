@@ -217,9 +217,9 @@ def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
     torch.save(tokens, tmp_path / "tokens.pt")
     layouts = {"tp2": [2, 1], "pp2": [1, 2]}
     job = {"src": str(tiny_hf(KIND)), "checkpoint": str(tiny_checkpoint(KIND)), "tokens": str(tmp_path / "tokens.pt"),
-           "layouts": layouts, "out": str(tmp_path / "{layout}")}
+           "layouts": layouts, "out": str(tmp_path / "out" / "{layout}")}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    run_workers("hybrid_layouts.py", tmp_path / "job.json")
+    run_workers("hybrid_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
 
     reference = hf_logits(tiny_hf(KIND), tokens)
     opened = open_model(str(tiny_checkpoint(KIND)))
@@ -230,7 +230,7 @@ def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
     tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
     stored = load_file(str(tiny_hf(KIND) / "model.safetensors"))
     for layout in layouts:
-        out = tmp_path / layout
+        out = tmp_path / "out" / layout
         assert (torch.load(out / "from_hf.pt") - reference).abs().max().item() <= tol, layout
         assert (torch.load(out / "from_checkpoint.pt") - at_tp1).abs().max().item() <= tol, layout
         exported = {}

@@ -11,10 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+import common
 
 
 def main() -> None:
+    import torch
+
     from nemo_minitron.checkpoint.api import convert, open_model
     from nemo_minitron.checkpoint.hf_export import export_hf
     from nemo_minitron.checkpoint.hf_import import build_from_source, resolve_source
@@ -42,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)
