@@ -16,6 +16,7 @@ from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.data.preprocess import load_any_tokenizer
 from nemo_minitron.errors import require
 from nemo_minitron.eval_config import EvalConfig
+from nemo_minitron.files import check_output_file
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
@@ -31,6 +32,8 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
     """Evaluate ``model`` (a checkpoint, HF directory, .gguf or alias) on the held-out part of
     ``data`` and on the tasks of ``task_cfg``; print the results (rank 0), write them to
     ``json_out`` when given, and return them."""
+    if json_out:
+        check_output_file(json_out, "--json")
     desc = describe_model(model)
     if megatron_checkpoint(model) is not None:
         require_tokenizer(model, "eval tokenizes --data and --tasks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,106 @@ def test_a_training_directory_names_its_model(cli, tiny_checkpoint, tmp_path):
     (run / "metrics.jsonl").write_text("")
     proc = cli("eval", run, "--data", "builtin:heldout", "--seq-len", "16")
     _assert_clean_error(proc, None, "is a training output directory", f"its model is '{run / 'final'}'")
+
+
+def _recipe(path, source, output_dir):
+    path.write_text(f"model: {{source: '{source}'}}\noutput_dir: '{output_dir}'\n"
+                    "data: {calib: [builtin:calib], train: [builtin:train], heldout: [builtin:heldout]}\n"
+                    "rounds: [{prune: {target: {layers: 3}}}]\n")
+    return path
+
+
+def test_outputs_in_a_read_only_directory(cli, tiny_checkpoint, tiny_hf, tmp_path, read_only_dir):
+    """Every command that writes checks, before any work, that it can: one line naming the
+    flag (no traceback from deep inside the stage), nothing written."""
+    ckpt, ro = tiny_checkpoint("llama"), read_only_dir
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    cases = [
+        (["convert", "--hf", tiny_hf("llama"), "--out", ro / "converted"], "--out"),
+        (["export", ckpt, "--hf-out", ro / "hf"], "--hf-out"),
+        (["export", ckpt, "--megatron-out", ro / "megatron"], "--megatron-out"),
+        (["importance", ckpt, "--data", "builtin:calib", "--out", ro / "imp", "--seq-len", "16"], "--out"),
+        (["prune", ckpt, "--importance", tmp_path, "--out", ro / "pruned", "--target", "layers=3"], "--out"),
+        (["distill", "--teacher", ckpt, "--student", ckpt, "--data", "builtin:train", "--out", ro / "distill"],
+         "--out"),
+        (["teacher-logits", "--teacher", ckpt, "--data", "builtin:train", "--out", ro / "logits"], "--out"),
+        (["search", ckpt, "--importance", tmp_path, "--target-params", "200K", "--data", "builtin:train",
+          "--out", ro / "search"], "--out"),
+        (["generate", ckpt, "--prompts", prompts, "--out", ro / "out.jsonl"], "--out"),
+        (["eval", ckpt, "--data", "builtin:heldout", "--json", ro / "eval.json"], "--json"),
+        (["plan", ckpt, "--target-params", "200K", "--json", ro / "plan.json"], "--json"),
+        (["preprocess", "--input", "builtin:docs", "--model", ckpt, "--out", ro / "corpus"], "--out"),
+        (["run", _recipe(tmp_path / "recipe.yaml", ckpt, ro / "run")], "output_dir"),
+    ]
+    for args, flag in cases:
+        _assert_clean_error(cli(*args), None, flag, "cannot write in", str(ro))
+    assert list(ro.iterdir()) == []
+
+
+@pytest.fixture
+def incomplete_checkpoint(tiny_checkpoint, tmp_path):
+    """Factory: a copy of the tiny checkpoint with one file of its weights removed."""
+    def make(removed: str):
+        broken = tmp_path / f"without_{removed.strip('_.')}"
+        shutil.copytree(tiny_checkpoint("llama"), broken)
+        victim = sorted((broken / "weights").glob(removed))[-1]
+        victim.unlink()
+        return broken, victim.name
+    return make
+
+
+def test_incomplete_checkpoint_is_refused_by_every_reader(cli, tiny_checkpoint, incomplete_checkpoint, tmp_path):
+    """A checkpoint missing a shard (or its common state) is one line naming the file, from
+    every command that loads weights, before any work."""
+    good = tiny_checkpoint("llama")
+    broken, shard = incomplete_checkpoint("*.distcp")
+    out = tmp_path / "out"
+    cases = [
+        ["eval", broken, "--data", "builtin:heldout"],
+        ["distill", "--teacher", good, "--student", broken, "--data", "builtin:train", "--out", out],
+        ["distill", "--teacher", broken, "--student", good, "--data", "builtin:train", "--out", out],
+        ["export", broken, "--hf-out", out],
+        ["importance", broken, "--data", "builtin:calib", "--out", out],
+        ["prune", broken, "--importance", tmp_path, "--out", out, "--target", "layers=3"],
+        ["teacher-logits", "--teacher", broken, "--data", "builtin:train", "--out", out],
+        ["search", broken, "--importance", tmp_path, "--target-params", "200K", "--data", "builtin:train",
+         "--out", out],
+        ["generate", broken, "--prompts", tmp_path, "--out", out],
+        ["run", _recipe(tmp_path / "recipe.yaml", broken, out)],
+    ]
+    for args in cases:
+        _assert_clean_error(cli(*args), out, "is incomplete", shard)
+    no_common, _ = incomplete_checkpoint("common.pt")
+    _assert_clean_error(cli("eval", no_common, "--data", "builtin:heldout"), None, "is incomplete", "common.pt")
+    # a Megatron-LM layout: the iteration directory is the torch_dist directory
+    root = tmp_path / "megatron"
+    shutil.copytree(broken / "weights", root / "iter_0000010")
+    (root / "latest_checkpointed_iteration.txt").write_text("10")
+    _assert_clean_error(cli("convert", "--megatron", root, "--out", out), out, "--megatron", "is incomplete", shard)
+
+
+def test_bad_paths_are_refused_before_torch_is_imported(tiny_checkpoint, incomplete_checkpoint, tmp_path):
+    """The handlers check checkpoint paths themselves, before importing their stage (which
+    takes seconds): no torch in the process after these errors."""
+    import subprocess
+    import sys
+
+    broken, _ = incomplete_checkpoint("*.distcp")
+    missing, out = tmp_path / "missing", tmp_path / "out"
+    commands = [
+        ["importance", missing, "--data", "builtin:calib", "--out", out],
+        ["export", missing, "--hf-out", out],
+        ["prune", broken, "--importance", tmp_path, "--out", out, "--target", "layers=3"],
+        ["eval", broken, "--data", "builtin:heldout"],
+        ["distill", "--teacher", broken, "--student", broken, "--data", "builtin:train", "--out", out],
+        ["importance", tiny_checkpoint("llama"), "--data", "builtin:calib", "--out", tmp_path],
+    ]
+    script = ("import json, sys\nfrom nemo_minitron.cli import main\n"
+              f"codes = [main(args) for args in {[[str(a) for a in c] for c in commands]!r}]\n"
+              "print(json.dumps([codes, [m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules]]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).parent.parent))
+    codes, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(commands), proc.stderr
+    assert imported == [], proc.stderr

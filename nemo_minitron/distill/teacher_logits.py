@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from nemo_minitron.checkpoint.store import (
     atomic_directory,
-    check_new_output,
     load_checkpoint,
     load_tokenizer,
     parse_dtype,
@@ -48,6 +47,7 @@ from nemo_minitron.distill.config import TeacherLogitsConfig
 from nemo_minitron.distill.data import sample_hashes
 from nemo_minitron.distill.losses import SparseTeacher, sparse_teacher
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout

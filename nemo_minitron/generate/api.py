@@ -31,10 +31,11 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
-from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
+from nemo_minitron.checkpoint.store import parse_dtype
 from nemo_minitron.config import Names, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file

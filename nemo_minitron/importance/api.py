@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from nemo_minitron.checkpoint.store import (
     atomic_directory,
-    check_new_output,
     load_checkpoint,
     load_tokenizer,
     parse_dtype,
@@ -29,6 +28,7 @@ from nemo_minitron.checkpoint.store import (
 from nemo_minitron.config import Names, default_of, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import os
 
+from nemo_minitron.files import check_model, check_output_dir
 from nemo_minitron.pipeline.recipe import load_recipe
+from nemo_minitron.runtime.signals import shield_checkpoint_writer
 
 
 def main(args) -> int:
     recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
+    check_model(recipe.model.source, "recipe key 'model.source'")
+    check_output_dir(recipe.output_dir, "recipe key 'output_dir'")
     from nemo_minitron.pipeline.run import run_recipe  # deferred: start-up time of the error path
+
+    shield_checkpoint_writer()
 
     report = run_recipe(recipe)
     if os.environ.get("RANK", "0") == "0" and report is not None:  # rank 0 speaks for the run

@@ -32,6 +32,7 @@ from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields,
 from nemo_minitron.distill import api as distill_api
 from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_output_dir
 from nemo_minitron.generate import api as generate_api
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.importance import api as importance_api
@@ -167,8 +168,7 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     if recipe.report.tasks:
         resolve_tasks(recipe.report.tasks, recipe.report.tasks_path, flag="recipe key 'report.tasks'",
                       path_flag="recipe key 'report.tasks_path'")
-    out = Path(recipe.output_dir)
-    require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
+    check_output_dir(recipe.output_dir, "recipe key 'output_dir'")
     return descriptions
 
 

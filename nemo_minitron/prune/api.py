@@ -20,7 +20,6 @@ from megatron.core import parallel_state as ps
 
 from nemo_minitron.checkpoint.store import (
     CheckpointInfo,
-    check_new_output,
     dtype_name,
     load_checkpoint,
     load_tokenizer,
@@ -31,6 +30,7 @@ from nemo_minitron.checkpoint.store import (
 )
 from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription

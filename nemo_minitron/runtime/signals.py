@@ -17,6 +17,7 @@ from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: str | None = None
+_active = False  # handle_stop_signals() holds the signals
 
 
 def _handle(signum, frame) -> None:
@@ -30,13 +31,16 @@ def received() -> str | None:
     return _received
 
 
-def _shield_checkpoint_writer() -> None:
+def shield_checkpoint_writer() -> None:
     """megatron-core's checkpoint writer keeps a helper process (a multiprocessing manager)
     from its first save on. Slurm signals every process of a job step, and SIGTERM would
     kill that helper, and with it the save the signal asks for. Start it now with the stop
-    signals ignored: an ignored signal stays ignored in a new process."""
+    signals ignored: an ignored signal stays ignored in a new process. A command that
+    handles the stop signals calls this once its input is checked, before its first save."""
+    if not _active:
+        return
     try:
-        # deferred: cli.py sets the handlers up before a command imports megatron-core
+        # deferred: the CLI sets the handlers up, and checks the input, before megatron-core is imported
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
         start = filesystem_async._get_write_results_queue  # megatron-core 0.16: created on first use
@@ -53,18 +57,18 @@ def _shield_checkpoint_writer() -> None:
 @contextlib.contextmanager
 def handle_stop_signals(signals=SIGNALS) -> Iterator[None]:
     """Catch the stop signals (main thread only) for the duration of the block."""
-    global _received
+    global _received, _active
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        _shield_checkpoint_writer()
         for sig in signals:
             previous[sig] = signal.signal(sig, _handle)
+        _active = True
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _received = None
+        _received, _active = None, False
 
 
 def stop_requested() -> bool:

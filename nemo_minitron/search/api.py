@@ -43,6 +43,7 @@ from nemo_minitron.distill.checks import check_cache_settings, tokenizer_fingerp
 from nemo_minitron.distill.corpora import training_corpora
 from nemo_minitron.distill.model import parse_pairs
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_output_dir
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.prune import api as prune_api
 from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
@@ -149,6 +150,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = Path(out)
     require(out_path.parent.exists(), f"--out '{out}': parent directory does not exist")
+    check_output_dir(out_path, "--out")
     resolved = {"checkpoint": str(checkpoint), "importance": str(importance), "teacher": teacher,
                 "teacher_logits": teacher_logits, "data": corpus.blend.label, "eval_data": eval_label,
                 "seed": run.seed, "dtype": run.dtype, "tp": tp, "pp": pp, **to_dict(data_opts), **to_dict(cfg)}
