@@ -54,6 +54,7 @@ def convert(src: "str | Source", out: str, *, dtype: torch.dtype | None = None, 
     src = source.label
     out_path = check_new_output(out)
     desc = source.description
+    source.tokenizer()  # the checkpoint carries it: refused now, not after the weights are converted
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
     init_distributed(tp, pp, seed)
