@@ -42,6 +42,7 @@ from nemo_minitron.prune.refit import refit_columns
 from nemo_minitron.prune.select import (
     LAYER_METRICS,
     UnitScores,
+    auto_layer_metric,
     keep_plan,
     layers_to_keep,
     parse_layer_metric,
@@ -210,10 +211,23 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp)
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
+    dropped = [i for i in range(old.num_layers) if i not in set(kept_layers)]
+    if dropped:
+        how = f"--order {order}'s layer scores"
+        if layers_by_metric and layer_metric not in LAYER_METRICS:
+            how = "the list given"
+        elif layers_by_metric and layer_metric == "auto":
+            how = "--layer-metric auto: {}, as {}".format(*auto_layer_metric(old, new, scores.summary))
+        elif layers_by_metric:
+            how = f"--layer-metric {layer_metric}"
+        log.info("dropping layers %s (numbered from 1 as ModelOpt and NeMo count them, --drop-layers; megatron's "
+                 "decoder.layers.%s) by %s", ",".join(str(i + 1) for i in dropped),
+                 "{" + ",".join(map(str, dropped)) + "}", how)
 
     new_model = _build_pruned(model, old, new, keep, per_stage, grams=grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
+                  "dropped_layers": {"numbered_from_1": [i + 1 for i in dropped], "numbered_from_0": dropped},
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,

@@ -38,7 +38,8 @@ class SearchConfig(DistillConfig, PlanConfig):
     keep_all: bool = option(False, "keep every candidate's checkpoints (default: only the best candidate's)",
                             resume_safe=True)
     layer_metric: str = option("auto", "layers each candidate drops, as prune --layer-metric: auto (greedy when "
-                                       "the candidate cuts only layers, else contiguous), greedy, best, "
+                                       "the candidate cuts only layers, else contiguous; loss when the importance "
+                                       "run did not record those), greedy, best, "
                                        "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9")
     cache_top_k: Optional[int] = option(None, "write a teacher-logit cache of the teacher's top-K first and distil "
                                               "every candidate from it (one teacher pass for all)", ge=1,
