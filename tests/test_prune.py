@@ -574,6 +574,32 @@ def test_default_layer_metric_serves_a_default_importance_run(scored, tmp_path, 
     assert "--layer-metric auto: loss" in line and "importance --drop-blocks 1 records it" in line
 
 
+def test_a_shape_llamaconfig_refuses_is_said_when_pruning(scored, tmp_path, caplog):
+    """Valid shapes are those megatron-core builds and a transformers class of the family
+    holds. LlamaConfig refuses a hidden size that is not a multiple of the heads; Mistral
+    holds it and computes the same function: prune says so before any weight is cut, and
+    the export writes it so without a warning."""
+    import logging
+
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.prune.api import prune
+
+    ckpt, imp = scored("llama")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target={"hidden": 62})
+    messages = [r.getMessage() for r in caplog.records]
+    note = next(i for i, m in enumerate(messages) if "LlamaConfig refuses this shape" in m)
+    assert "MistralForCausalLM" in messages[note] and "not a multiple of the number of attention heads" in \
+        messages[note]
+    assert note < next(i for i, m in enumerate(messages) if m.startswith("saved checkpoint"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        hf = export(str(out), str(tmp_path / "hf"))
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--target", "hidden=100"], "--target: hidden=100 is larger than the original model's 64"),
     (["--target", "heads=3"], "--target: heads=3 is not a multiple of query_groups=2"),

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from nemo_minitron.checkpoint.hf_export import fallback_note, hf_config
 from nemo_minitron.checkpoint.store import (
     CheckpointInfo,
     dtype_name,
@@ -180,6 +181,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
+    exported_as = fallback_note(new, hf_config(new, torch.float32, names("target")))  # a shape transformers holds
     # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
     # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
     # mass, known only once the weights are loaded).
@@ -211,6 +213,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp)
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
+    if exported_as:
+        log.info("%s", exported_as)
     dropped = [i for i in range(old.num_layers) if i not in set(kept_layers)]
     if dropped:
         how = f"--order {order}'s layer scores"
