@@ -245,8 +245,8 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     dp = check_world_size(tp, pp)
     tokenizer = load_tokenizer(teacher)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
-                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
-    require(corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
+                          need=("train",))
 
     # ---- work
     init_distributed(tp, pp, run.seed)

@@ -174,7 +174,7 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         require(cfg.prefix_tokens >= 2, f"{names('prefix_tokens')} must be >= 2 (got {cfg.prefix_tokens})")
         corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"))
+                              cache_flag=data_names("cache_dir"), need=("train",))
         require(cfg.prefix_tokens + sampling.max_new_tokens <= desc.max_position_embeddings,
                 f"{names('prefix_tokens')} {cfg.prefix_tokens} + {names('max_new_tokens')} "
                 f"{sampling.max_new_tokens} exceeds the model's context of {desc.max_position_embeddings} tokens")

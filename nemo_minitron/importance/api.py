@@ -152,7 +152,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     require(samples >= dp, f"{names('samples')} {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
-                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
+                          need=("train",))
     resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": run_cfg.dtype,
                 **to_dict(data_opts), **to_dict(cfg)}
 
