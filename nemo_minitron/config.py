@@ -38,15 +38,17 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, parse: Callable[[str], Any] | None = None,
            flag: str | None = None, cli: bool = True, resume_safe: bool = False, default_text: str | None = None,
-           metavar: str | None = None, repeat: bool = False) -> Any:
+           metavar: str | None = None, repeat: bool = False, required: bool = False) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt``: bounds checked by :func:`validate`; ``parse``: how
     the command line's string becomes the value (lists, mappings); ``flag``: the flag's name
     when it is not ``--field-name``; ``cli=False``: recipe/API only; ``resume_safe``: may
     change when a run resumes (logging and checkpoint cadence); ``default_text``: what a
-    ``None`` default means, for --help; ``repeat``: a list field whose flag is given once per
-    item (``parse`` reads one item)."""
+    ``None`` default means, for --help; ``metavar``: the value's placeholder in --help (N
+    for whole numbers, X for numbers otherwise); ``repeat``: a list field whose flag is
+    given once per item (``parse`` reads one item); ``required``: the flag must be given
+    (the field's ``check`` says so to the API and recipes)."""
     meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, parse=parse, flag=flag, cli=cli, resume_safe=resume_safe,
-                default_text=default_text, metavar=metavar, repeat=repeat)
+                default_text=default_text, metavar=metavar, repeat=repeat, required=required)
     if isinstance(default, (list, dict)):
         frozen = json.loads(json.dumps(default))
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(frozen)), metadata=meta)
@@ -182,7 +184,9 @@ def _help_text(f: dataclasses.Field, choices: Sequence[Any] | None) -> str:
     if f.default is not dataclasses.MISSING:
         shown = f.metadata.get("default_text") or (f.default if f.default is not None else None)
         if isinstance(f.default, bool):
-            shown = None  # --x/--no-x says it
+            shown = "on" if f.default else "off"  # of the --x / --no-x pair
+        if f.metadata.get("required"):
+            shown = None  # add_flags marks it required
         if shown is not None and shown != "":
             text += f" [default: {shown}]"
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -207,6 +211,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls, *, skip: Sequence[str]
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             kwargs["default"] = f.default_factory()  # type: ignore[misc]
         else:
+            kwargs["required"] = True
+        if f.metadata.get("required"):
             kwargs["required"] = True
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]

@@ -252,3 +252,62 @@ def test_bad_paths_are_refused_before_torch_is_imported(tiny_checkpoint, incompl
     codes, imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert codes == [2] * len(commands), proc.stderr
     assert imported == [], proc.stderr
+
+
+def _subcommands():
+    import argparse
+
+    from nemo_minitron.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_help_its_default_and_a_meaningful_placeholder():
+    """Walk every subcommand's flags: help text, the default shown (on/off for the --x/--no-x
+    pairs), required ones marked, and no placeholder that is a raw field name (LAYER_SAMPLES)."""
+    import argparse
+    import re
+
+    checked = 0
+    for name, parser in _subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            where = f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+            text = " ".join((action.help or "").split())
+            assert text and text != "[required]", f"{where}: no help"
+            if isinstance(action, argparse.BooleanOptionalAction):
+                assert f"[default: {'on' if action.default else 'off'}]" in text, f"{where}: {text}"
+            elif action.option_strings and action.default not in (None, False, [], {}):
+                assert f"[default: {action.default}]" in text or "[default: " in text, f"{where}: {text}"
+            if action.required and action.option_strings:
+                assert text.endswith("[required]"), f"{where}: {text}"
+            takes_value = action.nargs != 0 and not action.choices
+            if takes_value:
+                metavar = action.metavar or (action.dest.upper() if action.option_strings else action.dest)
+                assert not re.fullmatch(r"[A-Z0-9]+(_[A-Z0-9]+)+", str(metavar)), f"{where}: {metavar}"
+            checked += 1
+    assert checked > 200  # every command's flags were walked
+
+
+def test_help_says_what_is_required_and_what_the_seed_does():
+    commands = _subcommands()
+
+    def help_of(command, flag):
+        action = next(a for a in commands[command]._actions if flag in a.option_strings)
+        return " ".join(action.help.split())
+
+    assert help_of("distill", "--teacher").endswith("[required unless --teacher-logits]")
+    assert help_of("search", "--target-params").endswith("[required]")
+    assert help_of("convert", "--hf").endswith("[required: --hf or --megatron]")
+    for command in ("convert", "export"):  # they draw no random numbers
+        assert not any("--seed" in a.option_strings for a in commands[command]._actions)
+    assert "calibration samples" in help_of("importance", "--seed")
+    assert "--order random" in help_of("prune", "--seed")
+
+
+def test_a_bad_flag_value_names_the_flag_once(cli, tmp_path):
+    proc = cli("prune", tmp_path, "--importance", tmp_path, "--out", tmp_path / "out", "--target", "width=3")
+    _assert_clean_error(proc, tmp_path / "out", "error: --target: unknown axis 'width'")
+    assert proc.stderr.count("--target") == 1
