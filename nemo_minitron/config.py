@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, get_args, get_origin
 
@@ -314,6 +315,19 @@ def yaml_text(resolved: dict[str, Any]) -> str:
     import yaml  # deferred: start-up time of --help, which reads this module
 
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
+
+
+#: Set to debug to see every command's whole resolved configuration in its log.
+LOG_LEVEL_ENV = "NEMO_MINITRON_LOG_LEVEL"
+
+
+def log_settings(logger: logging.Logger, summary: str, resolved: dict[str, Any], where: str | None) -> None:
+    """A command's resolved settings: ``summary`` (what runs on what, the key settings) and
+    where all of them are written (``where``) as one line at info; the whole YAML at debug."""
+    shown = where or f"the debug log ({LOG_LEVEL_ENV}=debug)"
+    logger.info("%s; all settings: %s", summary, shown)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("resolved settings:\n%s", yaml_text(resolved).rstrip())
 
 
 def nearest_key(key: str, known: Sequence[str]) -> str | None:

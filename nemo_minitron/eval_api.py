@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from nemo_minitron.checkpoint.api import describe_model, open_model
 from nemo_minitron.checkpoint.store import megatron_checkpoint, parse_dtype, require_tokenizer
-from nemo_minitron.config import Names, to_dict, yaml_text
+from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.data.preprocess import load_any_tokenizer
@@ -54,7 +54,9 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
     resolved = {"model": model, "data": corpus.blend.label if corpus else None, "dtype": dtype,
                 **to_dict(data_opts), **to_dict(cfg), **to_dict(task_cfg)}
     if is_rank0():
-        log.info("eval config:\n%s", yaml_text(resolved).rstrip())
+        parts = [f"held-out loss on {corpus.blend.label} ({cfg.seq_len} tokens per sample)"] if corpus else []
+        parts += [f"tasks {', '.join(task_cfg.tasks)}"] if tasks is not None else []
+        log_settings(log, f"eval of {model}: {' and '.join(parts)}", resolved, json_out)
     opened = open_model(model, dtype=parse_dtype(dtype) if dtype else None)
     record = dict(resolved)
     if corpus is not None:

@@ -311,3 +311,31 @@ def test_a_bad_flag_value_names_the_flag_once(cli, tmp_path):
     proc = cli("prune", tmp_path, "--importance", tmp_path, "--out", tmp_path / "out", "--target", "width=3")
     _assert_clean_error(proc, tmp_path / "out", "error: --target: unknown axis 'width'")
     assert proc.stderr.count("--target") == 1
+
+
+def test_settings_are_one_line_at_info_and_whole_at_debug(cli, tiny_checkpoint, tmp_path, caplog):
+    """The resolved settings: one line at info (what runs on what, where they all are), the
+    YAML only at debug; NEMO_MINITRON_LOG_LEVEL=debug turns debug on."""
+    import logging
+    import subprocess
+    import sys
+
+    ckpt, record = tiny_checkpoint("llama"), tmp_path / "eval.json"
+    with caplog.at_level(logging.DEBUG, logger="nemo_minitron"):
+        proc = cli("eval", ckpt, "--data", "builtin:heldout", "--seq-len", "16", "--max-tokens", "64",
+                   "--json", record)
+    assert proc.returncode == 0, proc.stderr
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    summary = [m for m in info if m.startswith("eval of ")]
+    assert summary == [f"eval of {ckpt}: held-out loss on builtin:heldout (16 tokens per sample); all settings: "
+                       f"{record}"]
+    assert not [m for m in info if "\n" in m and "seq_len:" in m]  # no YAML at info
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("resolved settings:\n") and "\nseq_len: 16\n" in m for m in debug), debug
+    assert json.loads(record.read_text())["seq_len"] == 16
+    script = ("import logging, os\nos.environ['NEMO_MINITRON_LOG_LEVEL'] = 'debug'\n"
+              "from nemo_minitron.runtime.distributed import setup_logging\nsetup_logging(0)\n"
+              "print(logging.getLogger('nemo_minitron').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=str(Path(__file__).parent.parent)).stdout.strip()
+    assert level == str(logging.DEBUG)

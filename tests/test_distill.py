@@ -355,7 +355,7 @@ def _kl_to_teacher(teacher, student, samples) -> float:
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
 
 
-def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path, runtime):
+def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path, runtime, capsys):
     """Distillation with the logit loss alone makes the student's next-token distributions
     approach the teacher's on held-out text; cross-entropy training on the same data does
     not (so a broken KD term, replaced by or reduced to CE, fails here). Fine-tuning lowers
@@ -380,6 +380,12 @@ def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path
             assert summary["student_after"]["heldout_loss"] < summary["student_before"]["heldout_loss"]
     # the teacher is a random model: the data does not resemble it, so only KD can approach it
     assert kl["kd"] < 0.5 * before and kl["kd"] < 0.5 * kl["ce"], (before, kl)
+    # started again into the same --out: a finished run, said so, with what to do
+    code, err = cli_in_process(capsys, "distill", "--teacher", teacher, "--student", student, "--data",
+                               "builtin:train", "--out", tmp_path / "kd", "--steps", "12", "--seq-len", "32")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"holds a finished run (summary.json; its model is '{tmp_path / 'kd' / 'final'}')" in err
+    assert f"--student {tmp_path / 'kd' / 'final'}" in err
     proc = run_cli("eval", tmp_path / "kd" / "final", "--data", "builtin:heldout", "--seq-len", "32",
                    "--max-tokens", "256")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 from nemo_minitron.checkpoint import megatron_format, megatron_layout
 from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.files import INFO_FILE, check_complete, check_new_output, checkpoint_weights, is_checkpoint
+from nemo_minitron.files import INFO_FILE, check_complete, checkpoint_weights, is_checkpoint
 from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap

@@ -34,7 +34,15 @@ from typing import Any, Sequence
 import yaml
 
 from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, read_info
-from nemo_minitron.config import DEFAULT_SEQ_LEN, Names, check_resume, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.config import (
+    DEFAULT_SEQ_LEN,
+    Names,
+    check_resume,
+    log_settings,
+    resume_safe_fields,
+    to_dict,
+    yaml_text,
+)
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill import api as distill_api
 from nemo_minitron.distill import teacher_logits as logit_cache
@@ -175,10 +183,11 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         tmp = out_path / f".{CONFIG_FILE}.tmp"
         tmp.write_text(yaml_text(resolved))
         tmp.replace(out_path / CONFIG_FILE)
-        log.info("search config:\n%s", yaml_text(resolved).rstrip())
-        log.info("search: %d candidates for %s parameters:\n%s", len(candidates), format_count(budget),
-                 "\n".join(f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}"
-                           for c in candidates))
+        log_settings(log, f"search of {checkpoint}: {len(candidates)} candidates for {format_count(budget)} "
+                          f"parameters, each distilled {cfg.steps} steps on {corpus.blend.label}", resolved,
+                     str(out_path / CONFIG_FILE))
+        log.info("search candidates:\n%s", "\n".join(
+            f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}" for c in candidates))
     barrier()
     if cfg.cache_top_k is not None:
         teacher_logits = _write_cache(teacher, data, out_path / CACHE_DIR, cfg, run, data_opts, data_names, tp, pp,
