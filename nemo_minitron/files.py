@@ -112,6 +112,8 @@ def check_model(path: str | os.PathLike, flag: str = "MODEL") -> None:
     id (those are checked by their reader): a checkpoint must be complete, and a stage's
     output directory is named for the model inside it."""
     p = Path(path)
+    # an absolute or ./relative path names no alias or Hub id: it must exist
+    require(p.exists() or not str(path).startswith(("/", ".")), f"{flag} '{path}' does not exist")
     if is_checkpoint(p) or detect(p):
         check_checkpoint(p, flag)
     elif p.is_dir() and not (p / "config.json").exists():

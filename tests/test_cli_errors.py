@@ -239,6 +239,7 @@ def test_bad_paths_are_refused_before_torch_is_imported(tiny_checkpoint, incompl
     commands = [
         ["importance", missing, "--data", "builtin:calib", "--out", out],
         ["export", missing, "--hf-out", out],
+        ["eval", missing, "--data", "builtin:heldout"],
         ["prune", broken, "--importance", tmp_path, "--out", out, "--target", "layers=3"],
         ["eval", broken, "--data", "builtin:heldout"],
         ["distill", "--teacher", broken, "--student", broken, "--data", "builtin:train", "--out", out],
