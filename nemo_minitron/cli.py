@@ -33,17 +33,20 @@ EXAMPLES = """examples:
 """
 
 
-def _runtime(p: argparse.ArgumentParser, *, dtype_help: str | None = None) -> None:
-    """--tp, --pp, --seed, --dtype: from the runtime's config dataclasses."""
+def _runtime(p: argparse.ArgumentParser, *, seed: str | None, dtype_help: str | None = None) -> None:
+    """--tp, --pp, --seed, --dtype: from the runtime's config dataclasses. ``seed``: what the
+    seed decides in this command (None: the command draws no random numbers, no --seed)."""
     from nemo_minitron.config import add_flags
     from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 
     add_flags(p, ParallelConfig, title="parallelism (data parallel = world size / (tp x pp))")
-    group = add_flags(p, RunConfig, title="precision and seed")
-    if dtype_help:
-        for action in group._group_actions:
-            if action.dest == "dtype":
-                action.help = dtype_help
+    group = add_flags(p, RunConfig, title="precision and seed" if seed else "precision",
+                      skip=() if seed else ("seed",))
+    for action in group._group_actions:
+        if action.dest == "dtype" and dtype_help:
+            action.help = dtype_help
+        elif action.dest == "seed":
+            action.help = f"random seed: {seed} [default: {action.default}]"
 
 
 def _iteration(p: argparse.ArgumentParser) -> None:
@@ -64,9 +67,12 @@ class _Parser(argparse.ArgumentParser):
         import re
 
         choice = re.fullmatch(r"argument ([^:]+): invalid choice: (.+) \(choose from (.+)\)", message)
+        named = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
         if choice:  # the same words as every other bad value
             flag, value, allowed = choice.groups()
             message = f"{flag.split('/')[0]} must be one of {allowed.replace(chr(39), '')} (got {value})"
+        elif named and named.group(2).startswith(tuple(named.group(1).split("/"))):
+            message = named.group(2)  # the value's own message names the flag already
         if os.environ.get("RANK", "0") == "0":
             print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_mutually_exclusive_group(required=True), ConvertConfig)
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
     _iteration(p)
-    _runtime(p, dtype_help="dtype of the stored weights [default: as in the source]")
+    _runtime(p, seed=None, dtype_help="dtype of the stored weights [default: as in the source]")
 
     p = _sub(sub, "export", "checkpoint -> Hugging Face directory and/or Megatron-LM / Megatron-Bridge checkpoint",
              "nemo_minitron.commands:export", "nemo-minitron export distilled/final --hf-out hf --verify")
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
     add_flags(p, ExportConfig, title="export")
     _iteration(p)
-    _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
+    _runtime(p, seed=None, dtype_help="dtype of the exported weights [default: as stored]")
 
     p = _sub(sub, "eval", "held-out loss and perplexity, and downstream task accuracy, of a model",
              "nemo_minitron.commands:evaluate",
@@ -133,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, EvalConfig, title="evaluation")
     add_flags(p, TaskConfig, title="downstream tasks (lm-evaluation-harness)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
-    _runtime(p)
+    _runtime(p, seed="the order of the held-out samples (which ones --max-tokens reads) and the tasks' few-shot "
+                     "examples")
 
     p = _sub(sub, "generate", "complete prompts with a model (batched, KV cache) into a JSONL file",
              "nemo_minitron.generate.command:main",
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--split): " + DATA_HELP)
     g = add_flags(p, GenerateConfig, title="generation")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help=STOP_HELP)
-    _runtime(p)
+    _runtime(p, seed="sampling (--temperature > 0), and which windows of --data become prompts")
 
     p = _sub(sub, "importance", "rank heads, query groups, neurons, channels and layers",
              "nemo_minitron.importance.command:main",
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new importance directory (must not exist)")
     add_flags(p, ImportanceConfig, title="importance")
-    _runtime(p)
+    _runtime(p, seed="which calibration samples are drawn from --data (megatron-core's shuffle)")
 
     p = _sub(sub, "plan", "candidate pruned architectures for a parameter budget", "nemo_minitron.prune.command:plan_main",
              "nemo-minitron plan meta-llama__Llama-3.1-8B/config.json --target-params 4.5B")
@@ -177,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
     add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
-    _runtime(p, dtype_help="dtype of the saved checkpoint [default: as stored]")
+    _runtime(p, seed="--order random's draw (the other orders draw nothing)",
+             dtype_help="dtype of the saved checkpoint [default: as stored]")
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
     p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint, or none for plain cross-entropy "
-                   "fine-tuning (the baseline, and teacher correction)")
+                   "fine-tuning (the baseline, and teacher correction) [required unless --teacher-logits]")
     p.add_argument("--teacher-logits", metavar="DIR", help="or a teacher-logit cache (from teacher-logits): no "
                    "teacher runs; trains on the samples it covers")
     p.add_argument("--student", required=True, metavar="CKPT", help=MODEL_HELP + " (Megatron: give the iter_N "
@@ -204,22 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="KD.yaml", help="a ModelOpt / NeMo / Megatron-Bridge distillation YAML "
                    "(logit_layers, intermediate_layer_pairs, skip_lm_loss, kd_loss_scale, logit_kl_temperature) "
                    "setting the --kd-* and --ce-weight options")
-    _runtime(p)
+    _runtime(p, seed="the order of the training samples (megatron-core's shuffle) and the initial projections of "
+                     "--kd-pairs")
 
     p = _sub(sub, "teacher-logits", "store a teacher's top-k log-probabilities of the training samples, for "
              "distillation without the teacher", "nemo_minitron.distill.command:teacher_logits_main",
              "nemo-minitron teacher-logits --teacher ckpt --data builtin:train --top-k 64 --seq-len 128 --out logits")
-    p.add_argument("--teacher", required=True, metavar="CKPT")
+    p.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher: " + MODEL_HELP)
     _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
     add_flags(p, TeacherLogitsConfig, title="cache")
-    _runtime(p, dtype_help="the teacher's compute dtype [default: as stored]")
+    _runtime(p, seed="which training samples, in which order: distill reads the cache with the same --seed",
+             dtype_help="the teacher's compute dtype [default: as stored]")
 
     p = _sub(sub, "search", "choose the pruned architecture by distilling candidates briefly",
              "nemo_minitron.search.command:main",
              "nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search "
              "--steps 100")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help="the model to prune: " + MODEL_HELP)
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, SearchConfig, skip=own + distill_fields, title="planner (which shapes meet the budget)")
     add_flags(p, SearchConfig, skip=own + plan_fields, title="each candidate's distillation (the same for all)")
     p.add_argument("--force", action="store_true", help="resume even though settings changed")
-    _runtime(p)
+    _runtime(p, seed="as distill's, the same for every candidate")
 
     p = _sub(sub, "preprocess", "text, JSONL or folders -> Megatron indexed data set (PREFIX.bin/.idx)",
              "nemo_minitron.data.command:preprocess_main",
@@ -249,11 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",
              "nemo_minitron.pipeline.command:main", "nemo-minitron run recipes/smollm2-135m.yaml rounds.0.distill.steps=20")
-    p.add_argument("recipe", metavar="RECIPE.yaml")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe (recipes/*.yaml; docs/usage.md lists its keys)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rounds.0.distill.steps=20")
     p.add_argument("--force", action="store_true", help="continue a run whose finished or in-progress stages were "
                                                         "made with other settings (same as resume=force)")
+    for command in sub.choices.values():
+        _mark_required(command)
     return parser
+
+
+def _mark_required(parser: argparse.ArgumentParser) -> None:
+    """Say in --help which flags are required (argparse only shows it in the usage line)."""
+    for group in parser._mutually_exclusive_groups:
+        if group.required:
+            names = " or ".join(a.option_strings[0] for a in group._group_actions)
+            for action in group._group_actions:
+                action.help = f"{action.help} [required: {names}]"
+    for action in parser._actions:
+        if action.required and action.option_strings:
+            action.help = f"{action.help} [required]" if action.help else "[required]"
 
 
 def _field_names(cls) -> list[str]:

@@ -6,13 +6,12 @@ megatron-core takes seconds to import, and a usage error should not wait for it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from nemo_minitron.checkpoint.config import ConvertConfig, ExportConfig
 from nemo_minitron.checkpoint.megatron_layout import model_path
 from nemo_minitron.config import cli_names, from_args
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_checkpoint, check_model, check_new_output, check_output_file
 from nemo_minitron.eval_config import EvalConfig
 from nemo_minitron.tasks.config import TaskConfig
 
@@ -31,12 +30,14 @@ def convert(args) -> int:
     cfg = from_args(ConvertConfig, args)
     require(cfg.megatron is not None or args.iteration is None, "--iteration goes with --megatron")
     src = model_path(cfg.megatron, args.iteration, "--megatron") if cfg.megatron is not None else cfg.hf
+    if cfg.megatron is not None:
+        check_checkpoint(src, "--megatron")
+    check_new_output(args.out, "--out")
     from nemo_minitron.checkpoint import api, store  # deferred: start-up time (see the module's docstring)
 
     require(cfg.megatron is None or store.megatron_checkpoint(src) is not None,
             f"--megatron '{cfg.megatron}' is not a Megatron-LM, Megatron-Bridge or NeMo 2 checkpoint")
-    api.convert(src, args.out, dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp,
-                seed=args.seed)
+    api.convert(src, args.out, dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp)
     return 0
 
 
@@ -45,10 +46,14 @@ def export(args) -> int:
     require(args.hf_out or args.megatron_out, "give --hf-out DIR and/or --megatron-out DIR")
     require(not cfg.verify or args.hf_out, "--verify goes with --hf-out")
     ckpt = model_path(args.checkpoint, args.iteration, "CKPT")
+    check_checkpoint(ckpt, "CKPT")
+    for out, flag in ((args.hf_out, "--hf-out"), (args.megatron_out, "--megatron-out")):
+        if out:
+            check_new_output(out, flag)
     from nemo_minitron.checkpoint import api, store  # deferred: start-up time (see the module's docstring)
 
     api.export(ckpt, args.hf_out, cfg, megatron_out=args.megatron_out,
-               dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp, seed=args.seed)
+               dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp)
     return 0
 
 
@@ -61,9 +66,9 @@ def evaluate(args) -> int:
     require(task_cfg.tasks or (task_cfg.tasks_path is None and task_cfg.task_limit is None
                                and task_cfg.num_fewshot is None),
             "--tasks-path, --task-limit and --num-fewshot go with --tasks")
+    check_model(model, "MODEL")
     if args.json:
-        require(Path(args.json).parent.is_dir() or not str(Path(args.json).parent),
-                f"--json '{args.json}': directory does not exist")
+        check_output_file(args.json, "--json")
     from nemo_minitron import eval_api  # deferred: start-up time (see the module's docstring)
 
     eval_api.evaluate_model(model, args.data, cfg, task_cfg, data, cli_names(DataOptions), tp=args.tp, pp=args.pp,

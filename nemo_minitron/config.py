@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, get_args, get_origin
 
@@ -38,15 +39,17 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, parse: Callable[[str], Any] | None = None,
            flag: str | None = None, cli: bool = True, resume_safe: bool = False, default_text: str | None = None,
-           metavar: str | None = None, repeat: bool = False) -> Any:
+           metavar: str | None = None, repeat: bool = False, required: bool = False) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt``: bounds checked by :func:`validate`; ``parse``: how
     the command line's string becomes the value (lists, mappings); ``flag``: the flag's name
     when it is not ``--field-name``; ``cli=False``: recipe/API only; ``resume_safe``: may
     change when a run resumes (logging and checkpoint cadence); ``default_text``: what a
-    ``None`` default means, for --help; ``repeat``: a list field whose flag is given once per
-    item (``parse`` reads one item)."""
+    ``None`` default means, for --help; ``metavar``: the value's placeholder in --help (N
+    for whole numbers, X for numbers otherwise); ``repeat``: a list field whose flag is
+    given once per item (``parse`` reads one item); ``required``: the flag must be given
+    (the field's ``check`` says so to the API and recipes)."""
     meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, parse=parse, flag=flag, cli=cli, resume_safe=resume_safe,
-                default_text=default_text, metavar=metavar, repeat=repeat)
+                default_text=default_text, metavar=metavar, repeat=repeat, required=required)
     if isinstance(default, (list, dict)):
         frozen = json.loads(json.dumps(default))
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(frozen)), metadata=meta)
@@ -182,7 +185,9 @@ def _help_text(f: dataclasses.Field, choices: Sequence[Any] | None) -> str:
     if f.default is not dataclasses.MISSING:
         shown = f.metadata.get("default_text") or (f.default if f.default is not None else None)
         if isinstance(f.default, bool):
-            shown = None  # --x/--no-x says it
+            shown = "on" if f.default else "off"  # of the --x / --no-x pair
+        if f.metadata.get("required"):
+            shown = None  # add_flags marks it required
         if shown is not None and shown != "":
             text += f" [default: {shown}]"
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -207,6 +212,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls, *, skip: Sequence[str]
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             kwargs["default"] = f.default_factory()  # type: ignore[misc]
         else:
+            kwargs["required"] = True
+        if f.metadata.get("required"):
             kwargs["required"] = True
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]
@@ -308,6 +315,19 @@ def yaml_text(resolved: dict[str, Any]) -> str:
     import yaml  # deferred: start-up time of --help, which reads this module
 
     return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False)
+
+
+#: Set to debug to see every command's whole resolved configuration in its log.
+LOG_LEVEL_ENV = "NEMO_MINITRON_LOG_LEVEL"
+
+
+def log_settings(logger: logging.Logger, summary: str, resolved: dict[str, Any], where: str | None) -> None:
+    """A command's resolved settings: ``summary`` (what runs on what, the key settings) and
+    where all of them are written (``where``) as one line at info; the whole YAML at debug."""
+    shown = where or f"the debug log ({LOG_LEVEL_ENV}=debug)"
+    logger.info("%s; all settings: %s", summary, shown)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("resolved settings:\n%s", yaml_text(resolved).rstrip())
 
 
 def nearest_key(key: str, known: Sequence[str]) -> str | None:

@@ -10,12 +10,13 @@ from typing import Any, Sequence
 
 from nemo_minitron.checkpoint.api import describe_model, open_model
 from nemo_minitron.checkpoint.store import megatron_checkpoint, parse_dtype, require_tokenizer
-from nemo_minitron.config import Names, to_dict, yaml_text
+from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.data.preprocess import load_any_tokenizer
 from nemo_minitron.errors import require
 from nemo_minitron.eval_config import EvalConfig
+from nemo_minitron.files import check_output_file
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
@@ -31,6 +32,8 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
     """Evaluate ``model`` (a checkpoint, HF directory, .gguf or alias) on the held-out part of
     ``data`` and on the tasks of ``task_cfg``; print the results (rank 0), write them to
     ``json_out`` when given, and return them."""
+    if json_out:
+        check_output_file(json_out, "--json")
     desc = describe_model(model)
     if megatron_checkpoint(model) is not None:
         require_tokenizer(model, "eval tokenizes --data and --tasks")
@@ -40,7 +43,7 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
         # with --split, the validation part of the data: what training on the rest did not see
         corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer, need=("valid",))
         require(cfg.seq_len <= desc.max_position_embeddings,
                 f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"({desc.max_position_embeddings})")
@@ -51,7 +54,9 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
     resolved = {"model": model, "data": corpus.blend.label if corpus else None, "dtype": dtype,
                 **to_dict(data_opts), **to_dict(cfg), **to_dict(task_cfg)}
     if is_rank0():
-        log.info("eval config:\n%s", yaml_text(resolved).rstrip())
+        parts = [f"held-out loss on {corpus.blend.label} ({cfg.seq_len} tokens per sample)"] if corpus else []
+        parts += [f"tasks {', '.join(task_cfg.tasks)}"] if tasks is not None else []
+        log_settings(log, f"eval of {model}: {' and '.join(parts)}", resolved, json_out)
     opened = open_model(model, dtype=parse_dtype(dtype) if dtype else None)
     record = dict(resolved)
     if corpus is not None:

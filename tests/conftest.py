@@ -270,3 +270,56 @@ def one_thread():
     them waits at a thread barrier on a busy machine (seconds instead of minutes)."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nothing can be written in (mode 0o555), for the current thread even as
+    root: root writes anywhere by its CAP_DAC_OVERRIDE capability, dropped here from the
+    thread's effective set for the test's duration (and raised again after). Skips where
+    neither works (another OS, or root without capset)."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    restore = _drop_dac_override() if os.geteuid() == 0 else None
+    try:
+        try:
+            (directory / "probe").touch()
+        except OSError:
+            yield directory
+        else:
+            pytest.skip("cannot make a directory read-only here")
+    finally:
+        if restore is not None:
+            restore()
+        directory.chmod(0o755)
+
+
+def _drop_dac_override():
+    """Clear CAP_DAC_OVERRIDE from this thread's effective capabilities (Linux capget/capset);
+    returns the function that raises it again, or None where that is not possible."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+        if libc.capget(ctypes.byref(header), data) != 0:
+            return None
+        saved = data[0].effective
+        data[0].effective &= ~(1 << 1)  # CAP_DAC_OVERRIDE
+        if libc.capset(ctypes.byref(header), data) != 0:
+            return None
+    except (AttributeError, OSError):
+        return None
+
+    def restore() -> None:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
+
+    return restore

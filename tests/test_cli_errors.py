@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,194 @@ def test_a_training_directory_names_its_model(cli, tiny_checkpoint, tmp_path):
     (run / "metrics.jsonl").write_text("")
     proc = cli("eval", run, "--data", "builtin:heldout", "--seq-len", "16")
     _assert_clean_error(proc, None, "is a training output directory", f"its model is '{run / 'final'}'")
+
+
+def _recipe(path, source, output_dir):
+    path.write_text(f"model: {{source: '{source}'}}\noutput_dir: '{output_dir}'\n"
+                    "data: {calib: [builtin:calib], train: [builtin:train], heldout: [builtin:heldout]}\n"
+                    "rounds: [{prune: {target: {layers: 3}}}]\n")
+    return path
+
+
+def test_outputs_in_a_read_only_directory(cli, tiny_checkpoint, tiny_hf, tmp_path, read_only_dir):
+    """Every command that writes checks, before any work, that it can: one line naming the
+    flag (no traceback from deep inside the stage), nothing written."""
+    ckpt, ro = tiny_checkpoint("llama"), read_only_dir
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    cases = [
+        (["convert", "--hf", tiny_hf("llama"), "--out", ro / "converted"], "--out"),
+        (["export", ckpt, "--hf-out", ro / "hf"], "--hf-out"),
+        (["export", ckpt, "--megatron-out", ro / "megatron"], "--megatron-out"),
+        (["importance", ckpt, "--data", "builtin:calib", "--out", ro / "imp", "--seq-len", "16"], "--out"),
+        (["prune", ckpt, "--importance", tmp_path, "--out", ro / "pruned", "--target", "layers=3"], "--out"),
+        (["distill", "--teacher", ckpt, "--student", ckpt, "--data", "builtin:train", "--out", ro / "distill"],
+         "--out"),
+        (["teacher-logits", "--teacher", ckpt, "--data", "builtin:train", "--out", ro / "logits"], "--out"),
+        (["search", ckpt, "--importance", tmp_path, "--target-params", "200K", "--data", "builtin:train",
+          "--out", ro / "search"], "--out"),
+        (["generate", ckpt, "--prompts", prompts, "--out", ro / "out.jsonl"], "--out"),
+        (["eval", ckpt, "--data", "builtin:heldout", "--json", ro / "eval.json"], "--json"),
+        (["plan", ckpt, "--target-params", "200K", "--json", ro / "plan.json"], "--json"),
+        (["preprocess", "--input", "builtin:docs", "--model", ckpt, "--out", ro / "corpus"], "--out"),
+        (["run", _recipe(tmp_path / "recipe.yaml", ckpt, ro / "run")], "output_dir"),
+    ]
+    for args, flag in cases:
+        _assert_clean_error(cli(*args), None, flag, "cannot write in", str(ro))
+    assert list(ro.iterdir()) == []
+
+
+@pytest.fixture
+def incomplete_checkpoint(tiny_checkpoint, tmp_path):
+    """Factory: a copy of the tiny checkpoint with one file of its weights removed."""
+    def make(removed: str):
+        broken = tmp_path / f"without_{removed.strip('_.')}"
+        shutil.copytree(tiny_checkpoint("llama"), broken)
+        victim = sorted((broken / "weights").glob(removed))[-1]
+        victim.unlink()
+        return broken, victim.name
+    return make
+
+
+def test_incomplete_checkpoint_is_refused_by_every_reader(cli, tiny_checkpoint, incomplete_checkpoint, tmp_path):
+    """A checkpoint missing a shard (or its common state) is one line naming the file, from
+    every command that loads weights, before any work."""
+    good = tiny_checkpoint("llama")
+    broken, shard = incomplete_checkpoint("*.distcp")
+    out = tmp_path / "out"
+    cases = [
+        ["eval", broken, "--data", "builtin:heldout"],
+        ["distill", "--teacher", good, "--student", broken, "--data", "builtin:train", "--out", out],
+        ["distill", "--teacher", broken, "--student", good, "--data", "builtin:train", "--out", out],
+        ["export", broken, "--hf-out", out],
+        ["importance", broken, "--data", "builtin:calib", "--out", out],
+        ["prune", broken, "--importance", tmp_path, "--out", out, "--target", "layers=3"],
+        ["teacher-logits", "--teacher", broken, "--data", "builtin:train", "--out", out],
+        ["search", broken, "--importance", tmp_path, "--target-params", "200K", "--data", "builtin:train",
+         "--out", out],
+        ["generate", broken, "--prompts", tmp_path, "--out", out],
+        ["run", _recipe(tmp_path / "recipe.yaml", broken, out)],
+    ]
+    for args in cases:
+        _assert_clean_error(cli(*args), out, "is incomplete", shard)
+    no_common, _ = incomplete_checkpoint("common.pt")
+    _assert_clean_error(cli("eval", no_common, "--data", "builtin:heldout"), None, "is incomplete", "common.pt")
+    # a Megatron-LM layout: the iteration directory is the torch_dist directory
+    root = tmp_path / "megatron"
+    shutil.copytree(broken / "weights", root / "iter_0000010")
+    (root / "latest_checkpointed_iteration.txt").write_text("10")
+    _assert_clean_error(cli("convert", "--megatron", root, "--out", out), out, "--megatron", "is incomplete", shard)
+
+
+def test_bad_paths_are_refused_before_torch_is_imported(tiny_checkpoint, incomplete_checkpoint, tmp_path):
+    """The handlers check checkpoint paths themselves, before importing their stage (which
+    takes seconds): no torch in the process after these errors."""
+    import subprocess
+    import sys
+
+    broken, _ = incomplete_checkpoint("*.distcp")
+    missing, out = tmp_path / "missing", tmp_path / "out"
+    commands = [
+        ["importance", missing, "--data", "builtin:calib", "--out", out],
+        ["export", missing, "--hf-out", out],
+        ["eval", missing, "--data", "builtin:heldout"],
+        ["prune", broken, "--importance", tmp_path, "--out", out, "--target", "layers=3"],
+        ["eval", broken, "--data", "builtin:heldout"],
+        ["distill", "--teacher", broken, "--student", broken, "--data", "builtin:train", "--out", out],
+        ["importance", tiny_checkpoint("llama"), "--data", "builtin:calib", "--out", tmp_path],
+    ]
+    script = ("import json, sys\nfrom nemo_minitron.cli import main\n"
+              f"codes = [main(args) for args in {[[str(a) for a in c] for c in commands]!r}]\n"
+              "print(json.dumps([codes, [m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules]]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).parent.parent))
+    codes, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(commands), proc.stderr
+    assert imported == [], proc.stderr
+
+
+def _subcommands():
+    import argparse
+
+    from nemo_minitron.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_help_its_default_and_a_meaningful_placeholder():
+    """Walk every subcommand's flags: help text, the default shown (on/off for the --x/--no-x
+    pairs), required ones marked, and no placeholder that is a raw field name (LAYER_SAMPLES)."""
+    import argparse
+    import re
+
+    checked = 0
+    for name, parser in _subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            where = f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+            text = " ".join((action.help or "").split())
+            assert text and text != "[required]", f"{where}: no help"
+            if isinstance(action, argparse.BooleanOptionalAction):
+                assert f"[default: {'on' if action.default else 'off'}]" in text, f"{where}: {text}"
+            elif action.option_strings and action.default not in (None, False, [], {}):
+                assert f"[default: {action.default}]" in text or "[default: " in text, f"{where}: {text}"
+            if action.required and action.option_strings:
+                assert text.endswith("[required]"), f"{where}: {text}"
+            takes_value = action.nargs != 0 and not action.choices
+            if takes_value:
+                metavar = action.metavar or (action.dest.upper() if action.option_strings else action.dest)
+                assert not re.fullmatch(r"[A-Z0-9]+(_[A-Z0-9]+)+", str(metavar)), f"{where}: {metavar}"
+            checked += 1
+    assert checked > 200  # every command's flags were walked
+
+
+def test_help_says_what_is_required_and_what_the_seed_does():
+    commands = _subcommands()
+
+    def help_of(command, flag):
+        action = next(a for a in commands[command]._actions if flag in a.option_strings)
+        return " ".join(action.help.split())
+
+    assert help_of("distill", "--teacher").endswith("[required unless --teacher-logits]")
+    assert help_of("search", "--target-params").endswith("[required]")
+    assert help_of("convert", "--hf").endswith("[required: --hf or --megatron]")
+    for command in ("convert", "export"):  # they draw no random numbers
+        assert not any("--seed" in a.option_strings for a in commands[command]._actions)
+    assert "calibration samples" in help_of("importance", "--seed")
+    assert "--order random" in help_of("prune", "--seed")
+
+
+def test_a_bad_flag_value_names_the_flag_once(cli, tmp_path):
+    proc = cli("prune", tmp_path, "--importance", tmp_path, "--out", tmp_path / "out", "--target", "width=3")
+    _assert_clean_error(proc, tmp_path / "out", "error: --target: unknown axis 'width'")
+    assert proc.stderr.count("--target") == 1
+
+
+def test_settings_are_one_line_at_info_and_whole_at_debug(cli, tiny_checkpoint, tmp_path, caplog):
+    """The resolved settings: one line at info (what runs on what, where they all are), the
+    YAML only at debug; NEMO_MINITRON_LOG_LEVEL=debug turns debug on."""
+    import logging
+    import subprocess
+    import sys
+
+    ckpt, record = tiny_checkpoint("llama"), tmp_path / "eval.json"
+    with caplog.at_level(logging.DEBUG, logger="nemo_minitron"):
+        proc = cli("eval", ckpt, "--data", "builtin:heldout", "--seq-len", "16", "--max-tokens", "64",
+                   "--json", record)
+    assert proc.returncode == 0, proc.stderr
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    summary = [m for m in info if m.startswith("eval of ")]
+    assert summary == [f"eval of {ckpt}: held-out loss on builtin:heldout (16 tokens per sample); all settings: "
+                       f"{record}"]
+    assert not [m for m in info if "\n" in m and "seq_len:" in m]  # no YAML at info
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("resolved settings:\n") and "\nseq_len: 16\n" in m for m in debug), debug
+    assert json.loads(record.read_text())["seq_len"] == 16
+    script = ("import logging, os\nos.environ['NEMO_MINITRON_LOG_LEVEL'] = 'debug'\n"
+              "from nemo_minitron.runtime.distributed import setup_logging\nsetup_logging(0)\n"
+              "print(logging.getLogger('nemo_minitron').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=str(Path(__file__).parent.parent)).stdout.strip()
+    assert level == str(logging.DEBUG)

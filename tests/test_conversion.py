@@ -80,3 +80,52 @@ def test_smollm2_export_reloads_in_transformers(smollm2, smollm2_hf):
     assert (logits - smollm2["logits"]).abs().max().item() <= transformer_logits(1536, 30, smollm2["logits"])
     assert sum(p.numel() for p in reloaded.parameters()) == 134_515_008
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def _without_tokenizer(hf_dir, directory):
+    """A copy of a tiny HF directory as transformers' save_pretrained writes a model alone."""
+    import shutil
+
+    directory.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(hf_dir / name, directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "nemotron", "mixtral"])
+def test_a_directory_without_a_tokenizer_is_refused_alike(kind, tiny_hf, tmp_path, capsys):
+    """Every family the same way, before any work: transformers builds an empty tokenizer for
+    some (Qwen) and fails on others (a slow tokenizer it cannot build)."""
+    from conftest import cli_in_process
+
+    src, out = _without_tokenizer(tiny_hf(kind), tmp_path / "model"), tmp_path / "ckpt"
+    code, err = cli_in_process(capsys, "convert", "--hf", src, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--hf '{src}' has no tokenizer files" in err and "tokenizer.model" in err
+    assert not out.exists() and not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "nemotron"])
+def test_a_sentencepiece_tokenizer_converts(kind, tiny_hf, tmp_path):
+    """A tokenizer.model alone (Llama-2, Mistral, Nemotron repositories) is read with
+    sentencepiece and carried into the checkpoint, giving the sentencepiece model's ids."""
+    import io
+
+    import sentencepiece as spm
+
+    from nemo_minitron.checkpoint.api import convert
+    from nemo_minitron.checkpoint.store import load_tokenizer
+
+    text = ["The quick brown fox jumps over the lazy dog.", "Pruning removes heads, neurons and layers.",
+            "Distillation trains the student on the teacher's outputs."] * 10
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=60,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    src = _without_tokenizer(tiny_hf(kind), tmp_path / "model")
+    (src / "tokenizer.model").write_bytes(model.getvalue())
+    ckpt = convert(str(src), str(tmp_path / "ckpt"))
+    reference = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    tokenizer = load_tokenizer(ckpt)
+    sentence = "the lazy fox removes layers"
+    assert tokenizer(sentence, add_special_tokens=False).input_ids == reference.encode(sentence)
+    assert tokenizer.eos_token_id == reference.eos_id()

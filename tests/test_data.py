@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process
+from conftest import cli_in_process, run_cli
 from nemo_minitron.data.builtin import SPLITS, builtin_documents
 from nemo_minitron.data.dataset import check_corpus, data_parallel_bounds
 from nemo_minitron.errors import UsageError
@@ -278,3 +278,34 @@ def test_bad_data_input_is_one_line_before_any_work(tiny_checkpoint, tmp_path, c
         code, err = cli_in_process(capsys, "eval", ckpt, "--seq-len", "16", *args)
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and words in lines[0], (args, err)
+
+
+def test_split_weights_are_normalised_as_megatron_does_and_said(runtime, tmp_path, caplog):
+    """Megatron's split is relative weights: 60,20 reads what 75,25,0 does, and the log says
+    the shares it applied and the tokens per sample as --seq-len set them."""
+    prefix = _indexed(tmp_path / "c", [[10 + k] * (20 + k % 7) for k in range(40)])
+
+    def valid(split):
+        corpus = check_corpus([prefix], vocab_size=1000, split=split, cache_dir=str(tmp_path / "cache"))
+        return corpus.dataset(None, seq_len=8, seed=2, part="valid").take()
+
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        weights = valid("60,20")
+    assert torch.equal(weights, valid("75,25,0"))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: "))
+    assert f"{len(weights)} samples of 8 tokens (--seq-len 8)" in line
+    assert "in the valid part (--split 60,20: train/validation/test 75/25/0 %)" in line
+
+
+def test_a_split_leaving_a_needed_part_empty_is_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    """(eval as a process of its own: there, work started would log before the error)"""
+    ckpt, out = tiny_checkpoint("llama"), tmp_path / "out"
+    proc = run_cli("eval", ckpt, "--data", "builtin:heldout", "--split", "100,0", "--seq-len", "16")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--split 100,0 leaves no validation part" in proc.stderr
+    for args in (["importance", ckpt, "--data", "builtin:calib", "--split", "0,100", "--out", out, "--seq-len", "16"],
+                 ["generate", ckpt, "--data", "builtin:train", "--split", "0,1", "--out", out, "--prefix-tokens", "8"]):
+        code, err = cli_in_process(capsys, *args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and f"--split {args[5]} leaves no training part" in lines[0], err
+        assert not out.exists()

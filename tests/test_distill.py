@@ -448,6 +448,12 @@ def test_distillation_moves_the_student_to_the_teacher(tiny_checkpoint, tmp_path
             assert summary["student_after"]["heldout_loss"] < summary["student_before"]["heldout_loss"]
     # the teacher is a random model: the data does not resemble it, so only KD can approach it
     assert kl["kd"] < 0.5 * before and kl["kd"] < 0.5 * kl["ce"], (before, kl)
+    # started again into the same --out: a finished run, said so, with what to do
+    code, err = cli_in_process(capsys, "distill", "--teacher", teacher, "--student", student, "--data",
+                               "builtin:train", "--out", tmp_path / "kd", "--steps", "12", "--seq-len", "32")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"holds a finished run (summary.json; its model is '{tmp_path / 'kd' / 'final'}')" in err
+    assert f"--student {tmp_path / 'kd' / 'final'}" in err
     code, stderr = cli_in_process(capsys, "eval", tmp_path / "kd" / "final", "--data", "builtin:heldout", "--seq-len",
                                   "32", "--max-tokens", "256")
     assert code == 0, stderr[-2000:]

@@ -553,6 +553,58 @@ def _another_models_scores(ckpt: Path, directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("target", [{"ffn": 64, "layers": 3}, {"layers": 3}])
+def test_default_layer_metric_serves_a_default_importance_run(scored, tmp_path, caplog, target):
+    """A default importance run (no --drop-blocks) records neither contiguous blocks nor a
+    greedy order: the default prune (auto) drops the layers whose removal raised the loss
+    least, says which rule it used and why, and names and records the layers it dropped."""
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.prune.api import prune
+
+    ckpt, imp = scored("llama")
+    default_run = tmp_path / "imp"
+    shutil.copytree(imp, default_run)
+    summary = json.loads((default_run / "summary.json").read_text())
+    summary["layers"].update(contiguous_blocks={}, drop_sets={}, greedy={"order": [], "loss": [], "candidates": []})
+    (default_run / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        out = prune(str(ckpt), str(default_run), str(tmp_path / "pruned"), target=target)
+    dropped = _lowest(ImportanceScores.load(default_run)["layer_loss_drop"].tolist(), 1)
+    provenance = json.loads((out / "nemo_minitron.json").read_text())["provenance"]
+    assert provenance["dropped_layers"] == {"numbered_from_1": [dropped[0] + 1], "numbered_from_0": dropped}
+    assert provenance["kept"]["layers"] == [i for i in range(4) if i not in dropped]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("dropping layers"))
+    assert line.startswith(f"dropping layers {dropped[0] + 1} (numbered from 1") and \
+        f"decoder.layers.{{{dropped[0]}}}" in line
+    assert "--layer-metric auto: loss" in line and "importance --drop-blocks 1 records it" in line
+
+
+def test_a_shape_llamaconfig_refuses_is_said_when_pruning(scored, tmp_path, caplog):
+    """Valid shapes are those megatron-core builds and a transformers class of the family
+    holds. LlamaConfig refuses a hidden size that is not a multiple of the heads; Mistral
+    holds it and computes the same function: prune says so before any weight is cut, and
+    the export writes it so without a warning."""
+    import logging
+
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.prune.api import prune
+
+    ckpt, imp = scored("llama")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target={"hidden": 62})
+    messages = [r.getMessage() for r in caplog.records]
+    note = next(i for i, m in enumerate(messages) if "LlamaConfig refuses this shape" in m)
+    assert "MistralForCausalLM" in messages[note] and "not a multiple of the number of attention heads" in \
+        messages[note]
+    assert note < next(i for i, m in enumerate(messages) if m.startswith("saved checkpoint"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nemo_minitron"):
+        hf = export(str(out), str(tmp_path / "hf"))
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--target", "hidden=100"], "--target: hidden=100 is larger than the original model's 64"),
     (["--target", "heads=3"], "--target: heads=3 is not a multiple of query_groups=2"),
@@ -588,8 +640,8 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
             ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
             ({"target": {"layers": 3}, "importance": no_blocks, "layer_metric": "contiguous"},
              "no best contiguous block of 1 layers"),
-            # the default (auto) on a depth-only target needs the greedy order
-            ({"target": {"layers": 3}, "importance": no_blocks}, "greedy: the importance run removed 0 layers greedily"),
+            ({"target": {"layers": 3}, "importance": no_blocks, "layer_metric": "greedy"},
+             "greedy: the importance run removed 0 layers greedily"),
             ({"target": {"hidden": 32}, "layer_metric": "2"}, "drops 1 layers but the target removes 0"),
             ({"target": {"layers": 2}, "layer_metric": "0,1", "pp": 2},
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),

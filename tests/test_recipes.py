@@ -176,3 +176,20 @@ def test_slurm_time_limit_reaches_every_first_checkpoint(path):
         slurm.render(str(path), [*DATA, "rounds.0.distill.save_every=1000"], nodes=1, gpus_per_node=8,
                      model_config=config)
     assert slurm.parse_time("1-12:00:00") == 36 * 3600 and slurm.parse_time("90") == 90 * 60
+
+
+def test_recipe_errors_name_the_full_key_and_the_yaml_line(tmp_path):
+    """A type error inside a round names the key as a range error does (rounds.0.distill.steps,
+    not distill.steps); broken YAML gives FILE:LINE:COLUMN and the parser's words, one line."""
+    recipe = tmp_path / "r.yaml"
+    head = "model: {source: smollm2-135m}\ndata: {calib: [builtin:calib], train: [builtin:train]"
+    for steps, words in (("abc", ": Value 'abc' of type 'str' could not be converted"), ("0", " must be >= 1")):
+        recipe.write_text(head + ", heldout: [builtin:heldout]}\nrounds:\n  - prune: {target: {layers: 3}}\n"
+                                 f"  - prune: {{target: {{layers: 2}}}}\n    distill: {{steps: {steps}}}\n")
+        with pytest.raises(UsageError) as error:
+            load_recipe(recipe)
+        assert str(error.value).startswith("recipe key 'rounds.1.distill.steps'" + words), error.value
+    recipe.write_text(head + "\nrounds:\n  - prune: {target: {layers: 3}}\n")
+    with pytest.raises(UsageError) as error:
+        load_recipe(recipe)
+    assert str(error.value) == f"recipe {recipe}:3:1: while parsing a flow mapping, did not find expected ',' or '}}'"

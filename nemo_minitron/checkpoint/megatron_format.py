@@ -54,6 +54,7 @@ from nemo_minitron.checkpoint import megatron_config
 from nemo_minitron.checkpoint.dcp_index import read_index
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_complete
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
 
@@ -261,6 +262,7 @@ class MegatronCheckpoint:
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
+        check_complete(self.weights, "checkpoint", self.path)
         with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
             state = dist_checkpointing.load(request, str(self.weights))
         n = len(self.prefix)

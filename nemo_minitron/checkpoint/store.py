@@ -38,6 +38,7 @@ from transformers import AutoTokenizer
 from nemo_minitron.checkpoint import megatron_format, megatron_layout
 from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import INFO_FILE, check_complete, checkpoint_weights, is_checkpoint
 from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
@@ -47,7 +48,6 @@ log = logging.getLogger("nemo_minitron")
 
 FORMAT = "nemo-minitron-checkpoint"
 VERSION = 1
-INFO_FILE = "nemo_minitron.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,10 +71,6 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     return DTYPES[name]
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / INFO_FILE).is_file()
-
-
 def megatron_checkpoint(path: str | os.PathLike):
     """The Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint at ``path`` (validated, cached),
     or None when ``path`` is not one. Such checkpoints are read in place wherever a
@@ -89,18 +85,15 @@ def _open_megatron(path: str):
     return megatron_format.open_checkpoint(path)
 
 
-def read_info(path: str | os.PathLike) -> CheckpointInfo:
+def read_info(path: str | os.PathLike, flag: str = "checkpoint") -> CheckpointInfo:
     """Read a checkpoint's metadata without touching its weights (cheap; validates the input)."""
     path = Path(path)
-    require(path.exists(), f"checkpoint '{path}' does not exist")
+    checkpoint_weights(path, flag)  # exists, and is a checkpoint of a kind read here
     megatron = megatron_checkpoint(path)
     if megatron is not None:
         stored = {v: k for k, v in DTYPES.items()}.get(megatron.dtype)
         require(stored is not None, f"'{path}' stores {megatron.dtype} weights (supported: {', '.join(DTYPES)})")
         return CheckpointInfo(megatron.description, stored, megatron.provenance)
-    require(is_checkpoint(path), f"'{path}' is not a nemo-minitron checkpoint (no {INFO_FILE}) nor a Megatron-LM, "
-                                 "Megatron-Bridge or NeMo 2 checkpoint; convert a Hugging Face model first with: "
-                                 "nemo-minitron convert --hf SRC --out CKPT")
     try:
         data = json.loads((path / INFO_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -108,18 +101,8 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     require(data.get("format") == FORMAT, f"'{path}/{INFO_FILE}' is not a {FORMAT} file")
     require(data.get("version") == VERSION, f"checkpoint '{path}' has format version {data.get('version')}, "
                                             f"this nemo-minitron reads version {VERSION}")
-    require((path / "weights").is_dir(), f"checkpoint '{path}' has no weights/ directory")
     return CheckpointInfo(ModelDescription.from_dict(data["model"]), data.get("dtype", "float32"),
                           data.get("provenance", {}))
-
-
-def check_new_output(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """An output path must not exist yet (nothing is ever overwritten)."""
-    path = Path(path)
-    require(not path.exists(), f"{flag} '{path}' already exists; choose a new path or remove it")
-    require(path.parent.exists() or not str(path.parent), f"{flag} '{path}': parent directory "
-                                                           f"'{path.parent}' does not exist")
-    return path
 
 
 @contextlib.contextmanager
@@ -183,6 +166,7 @@ def save_weights(model, directory: Path) -> None:
 
 def load_weights(model, directory: Path) -> None:
     verify_dcp_metadata(directory)
+    check_complete(directory, "checkpoint", directory.parent)
     inner = unwrap(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
                                     strict=StrictHandling.ASSUME_OK_UNEXPECTED)

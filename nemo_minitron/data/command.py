@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from nemo_minitron.config import from_args
 from nemo_minitron.data.config import PreprocessConfig
+from nemo_minitron.files import check_model
 
 
 def preprocess_main(args) -> int:
     cfg = from_args(PreprocessConfig, args)
+    check_model(args.model, "--model")
     from nemo_minitron.data.preprocess import preprocess  # deferred: start-up time of the error path (tokenizers)
 
     stats = preprocess(args.input, args.model, args.out, cfg)

@@ -149,6 +149,17 @@ class Corpus:
     def has_part(self, part: str) -> bool:
         return self.fractions is None or self.fractions[PARTS.index(part)] > 0
 
+    def require_part(self, part: str) -> None:
+        """A one-line error when the split leaves nothing of ``part`` to read."""
+        require(self.has_part(part), f"{self.split_flag} {self.split} leaves no "
+                                     f"{'validation' if part == 'valid' else 'training'} part of {self.flag} to read")
+
+    @property
+    def split_shares(self) -> str:
+        """The split as megatron-core applies it: its weights normalised (50,60 -> 45.5/54.5/0 %)."""
+        assert self.fractions is not None
+        return "/".join(f"{100 * f:.3g}" for f in self.fractions) + " %"
+
     # ------------------------------------------------------------------ helpers
     def _prefixes(self, tokenizer, progress: bool) -> list[str]:
         """Every source as a Megatron prefix; text sources are tokenised into the cache by
@@ -190,20 +201,24 @@ class Corpus:
 
     # ------------------------------------------------------------------ the data set
     def dataset(self, tokenizer, *, seq_len: int, seed: int, part: str = "train", num_samples: int | None = None,
-                exact: bool = False, samples_flag: str = "--samples", progress: bool = False) -> TokenDataset:
+                exact: bool = False, samples_flag: str = "--samples", progress: bool = False,
+                shown: str | None = None) -> TokenDataset:
         """Collective. ``num_samples`` given: that many samples, sources drawn by weight
         (Megatron repeats a source that runs out, unless ``exact``: then asking for more than
-        one pass holds is an error). None: one pass over the part, sources in proportion to size."""
+        one pass holds is an error). None: one pass over the part, sources in proportion to size.
+        A sample holds ``seq_len`` + 1 tokens (the last one is only a target); messages count
+        ``seq_len`` tokens per sample, as the user set them, or say ``shown``."""
         require(part in PARTS, f"unknown data part '{part}' (allowed: {', '.join(PARTS)})")
         require(seq_len >= 1, f"--seq-len must be >= 1 (got {seq_len})")
-        require(self.has_part(part), f"{self.split_flag} {self.split} leaves no {'validation' if part == 'valid' else part} "
-                                     f"part of {self.flag} to read")
+        self.require_part(part)
         index = PARTS.index(part) if self.fractions is not None else 0  # no split: all of it is "train"
         prefixes = self._prefixes(tokenizer, progress)
         headers = [IndexHeader(p, self.flag) for p in prefixes]
         part_tokens = [self._part_tokens(h, index) for h in headers]
         one_pass = [max(0, (t - 1) // seq_len) for t in part_tokens]  # Megatron drops the last partial sample
-        where = "" if self.fractions is None else f" in the {part} part ({self.split_flag} {self.split})"
+        where = "" if self.fractions is None else \
+            f" in the {part} part ({self.split_flag} {self.split}: train/validation/test {self.split_shares})"
+        shown = shown or f"{seq_len} tokens (--seq-len {seq_len})"
         for item, tokens, samples in zip(self.blend.items, part_tokens, one_pass):
             require(samples >= 1, f"{self.flag} '{item.source.label}': {tokens} tokens{where} is shorter than one "
                                   f"sample (--seq-len {seq_len} needs {seq_len + 1} tokens)")
@@ -211,7 +226,7 @@ class Corpus:
             require(num_samples >= 1, f"{samples_flag} must be >= 1 (got {num_samples})")
             require(not exact or num_samples <= sum(one_pass),
                     f"{samples_flag} {num_samples} is more than the data holds: {self.blend.label}{where} has "
-                    f"{sum(one_pass)} samples of {seq_len + 1} tokens at --seq-len {seq_len}")
+                    f"{sum(one_pass)} samples of {shown}")
 
         weights = None
         if num_samples is not None and len(prefixes) > 1:
@@ -225,19 +240,19 @@ class Corpus:
         eod = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else 0
         started = time.time()
         built, complete = self._build(prefixes, headers, weights, sizes, index, seed, seq_len, eod,
-                                      num_samples or sum(one_pass))
+                                      num_samples or sum(one_pass), shown)
         mask = None
         if self.masked:  # same document lengths, seed and sizes: megatron-core cuts the same samples
             mask, _ = self._build([str(Path(p).with_name("mask")) for p in prefixes], None, weights, sizes, index,
                                   seed, seq_len, 0, num_samples or sum(one_pass))
         dataset = TokenDataset(built, seq_len, num_samples, mask)
-        log.info("data: %d samples of %d tokens from %s%s (sample index %s in %.2f s)%s", len(dataset), seq_len + 1,
+        log.info("data: %d samples of %s from %s%s (sample index %s in %.2f s)%s", len(dataset), shown,
                  self.blend.label, where, "loaded" if complete else "built", time.time() - started,
                  "; trained on the completions' tokens only" if mask is not None else "")
         return dataset
 
     def _build(self, prefixes: list[str], headers: list[IndexHeader] | None, weights, sizes, index: int, seed: int,
-               seq_len: int, eod: int, count: int):
+               seq_len: int, eod: int, count: int, shown: str = ""):
         """megatron-core's data set of part ``index`` over ``prefixes``, its sample index
         cached (collective); returns (data set, whether the index was cached)."""
         config = GPTDatasetConfig(
@@ -256,8 +271,8 @@ class Corpus:
         directory, complete = broadcast_object((str(directory) if directory else None, complete))
         config.path_to_cache = directory
         if not complete:
-            log.info("building the sample index of %s (%d samples of %d tokens) in %s", self.blend.label,
-                     count, seq_len + 1, directory)
+            log.info("building the sample index of %s (%d samples of %s) in %s", self.blend.label,
+                     count, shown, directory)
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
         if not complete:
             barrier()
@@ -276,11 +291,12 @@ def _megatron_version() -> str:
 
 def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = None, split: str | None = None,
                  split_flag: str = "--split", cache_dir: str | None = None, cache_flag: str = "--data-cache",
-                 tokenizer=None) -> Corpus:
+                 tokenizer=None, need: Sequence[str] = ()) -> Corpus:
     """Everything about the data that can be wrong, checked before any work: the blend,
     every source, token ids of a sample of each indexed source against ``vocab_size``,
-    the split and the cache directory. With ``tokenizer``, JSONL sources not yet in the
-    cache are read once for malformed records."""
+    the split (``need``: the parts the caller reads, each must have a share) and the cache
+    directory. With ``tokenizer``, JSONL sources not yet in the cache are read once for
+    malformed records."""
     blend = parse_blend(values, flag)
     completions = [i.source.kind == "completions" for i in blend.items]
     require(all(completions) or not any(completions),
@@ -296,7 +312,10 @@ def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = 
         for item in blend.items:
             if item.source.is_text and not cache.is_complete(cache.text_prefix(item.source, key)):
                 check_documents(item.source, flag, tokenizer)
-    return Corpus(blend, split, fractions, cache, vocab_size, split_flag)
+    corpus = Corpus(blend, split, fractions, cache, vocab_size, split_flag)
+    for part in need:
+        corpus.require_part(part)
+    return corpus
 
 
 def eval_corpus(train: Corpus, eval_values: Sequence[str] | None, *, flag: str = "--eval-data",

@@ -27,6 +27,7 @@ from nemo_minitron.data.config import PreprocessConfig
 from nemo_minitron.data.indexed import atomic_indexed, token_dtype
 from nemo_minitron.data.sources import _files, check_documents, documents, parse_data_spec
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_writable_dir
 from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
@@ -110,8 +111,7 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
         require(spec.is_text, f"--input '{spec.label}' is already a Megatron indexed data set")
     prefix = str(out)[:-4] if str(out).endswith((".bin", ".idx")) else str(out)
     parent = Path(prefix).parent
-    require(parent.is_dir(), f"--out '{out}': directory '{parent}' does not exist")
-    require(os.access(parent, os.W_OK), f"--out '{out}': directory '{parent}' is not writable")
+    check_writable_dir(parent, "--out", out)
     require(not Path(prefix + ".idx").exists(), f"--out '{prefix}' already exists ({prefix}.idx); choose a new prefix")
     tokenizer = load_any_tokenizer(model)
     require(tokenizer.eos_token_id is not None, f"--model '{model}': its tokenizer has no end-of-sequence token "

@@ -35,7 +35,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from nemo_minitron.checkpoint.store import CheckpointInfo, load_checkpoint, load_tokenizer, parse_dtype, read_info
-from nemo_minitron.config import Names, check_resume, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.config import Names, check_resume, log_settings, resume_safe_fields, to_dict
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill import outputs
 from nemo_minitron.distill.checks import (
@@ -175,8 +175,6 @@ def _train(r: _Run, *, progress: bool, stop_at: int | None) -> DistillResult:
     """The work: train, then finish (final student and summary), or stop resumably."""
     cfg, s_desc = r.cfg, r.student_info.description
     init_distributed(r.tp, r.pp, r.seed)
-    if is_rank0():
-        log.info("%s config:\n%s", r.kind, yaml_text(r.resolved).rstrip())
     started = time.time()
     train_samples = training_samples(r.method, r.train_corpus, r.synthetic_corpus, cfg, r.tokenizer, seed=r.seed,
                                      progress=progress, cache=r.cache)
@@ -197,8 +195,10 @@ def _train(r: _Run, *, progress: bool, stop_at: int | None) -> DistillResult:
     before = None if resumed else trainer.evaluate(student_model)
     source = f" from {r.teacher}" if r.teacher else \
         f" from the cached teacher logits {r.teacher_logits}" if r.cache else ""
-    log.info("%s of %s (%s)%s: %d steps x %d sequences x %d tokens", r.kind, r.student, s_desc.summary(), source,
-             cfg.steps, cfg.global_batch, cfg.seq_len)
+    if is_rank0():
+        log_settings(log, f"{r.kind} of {r.student} ({s_desc.summary()}){source}: {cfg.steps} steps x "
+                          f"{cfg.global_batch} sequences x {cfg.seq_len} tokens, lr {cfg.lr:g}", r.resolved,
+                     str(r.out / outputs.CONFIG_FILE))
     if before is not None:
         trainer.log_record({"kind": "eval", "step": 0, **before})
     result = trainer.train(stop_at)

@@ -12,6 +12,7 @@ from nemo_minitron.config import Names
 from nemo_minitron.distill.checkpointing import latest_checkpoint
 from nemo_minitron.distill.config import DistillConfig, TrainingConfig
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_output_dir
 from nemo_minitron.families import family
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.targets import sizes
@@ -83,11 +84,14 @@ def check_method(cfg: TrainingConfig, names: Names, data, synthetic_data, teache
 def check_output(out: str, resume: bool) -> Path:
     """OUT is new, empty, or holds a training checkpoint to continue from (never a finished run)."""
     path = Path(out)
+    require(not (path / "summary.json").exists(),
+            f"--out '{out}' holds a finished run (summary.json; its model is '{path / 'final'}'): choose a new --out "
+            f"to train again, or give --student {path / 'final'} to train that model further")
     if resume:
         require(latest_checkpoint(path) is not None, f"--resume: '{out}' holds no training checkpoint")
     elif path.exists() and latest_checkpoint(path) is None:
         require(not any(path.iterdir()), f"--out '{out}' already exists and holds no training checkpoint to resume; "
                                          "choose a new path")
-    require(not (path / "summary.json").exists(), f"--out '{out}' holds a finished run (summary.json)")
     require(path.parent.exists(), f"--out '{out}': parent directory does not exist")
+    check_output_dir(path, "--out")
     return path

@@ -7,12 +7,14 @@ takes seconds to import; a usage error should not wait for it)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from nemo_minitron.commands import data_options, runtime_options
 from nemo_minitron.config import default_of, flag_of, from_args
 from nemo_minitron.distill.config import DistillConfig, TeacherLogitsConfig, TrainingConfig
 from nemo_minitron.distill.modelopt_yaml import KDSettings, read_kd_yaml
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_model, check_new_output, check_output_dir
 
 
 def main(args) -> int:
@@ -28,6 +30,12 @@ def main(args) -> int:
         require(args.synthetic_data is None, "--synthetic-data goes with a --teacher (--method synthetic or both)")
         require(args.data is not None, "--data is required for fine-tuning")
     cfg = from_args(TrainingConfig if finetuning else DistillConfig, args)
+    check_model(args.student, "--student")
+    if args.teacher is not None and not finetuning:
+        check_model(args.teacher, "--teacher")
+    if args.teacher_logits is not None:
+        require(Path(args.teacher_logits).is_dir(), f"--teacher-logits '{args.teacher_logits}' does not exist")
+    check_output_dir(args.out, "--out")
     from nemo_minitron.distill import api  # deferred: start-up time of the error path
 
     if finetuning:
@@ -40,6 +48,8 @@ def main(args) -> int:
 
 def teacher_logits_main(args) -> int:
     cfg = from_args(TeacherLogitsConfig, args)
+    check_model(args.teacher, "--teacher")
+    check_new_output(args.out, "--out")
     from nemo_minitron.distill.teacher_logits import write_teacher_logits  # deferred: start-up time
 
     write_teacher_logits(args.teacher, args.data, args.out, cfg, **runtime_options(args), **data_options(args))

@@ -34,7 +34,7 @@ class TrainingConfig:
     lr: float = option(1e-4, "peak learning rate (Adam)", gt=0)
     min_lr: Optional[float] = option(None, "floor of the cosine decay", ge=0, default_text="lr / 10")
     warmup_steps: Optional[int] = option(None, "linear warm-up steps", ge=0, default_text="5% of --steps",
-                                         parse=_optional_int)
+                                         parse=_optional_int, metavar="N")
     weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
     clip_grad: float = option(1.0, "gradient norm clipping (0: off)", ge=0)
     eval_every: int = option(0, "held-out evaluation every N steps (0: only before and after)", ge=0,
@@ -74,7 +74,7 @@ class DistillConfig(TrainingConfig):
     kd_temperature: float = option(1.0, "softmax temperature of the logit loss (scaled by T^2)", gt=0)
     kd_loss: Literal["forward", "reverse"] = option("forward", "KL(teacher || student) (forward) or reverse")
     kd_top_k: Optional[int] = option(None, "keep only the teacher's top-k logits", ge=1, default_text="all",
-                                     parse=_optional_int)
+                                     parse=_optional_int, metavar="K")
     kd_weight: float = option(1.0, "weight of the logit KD loss", ge=0)
     ce_weight: float = option(0.0, "weight of the cross-entropy loss with the data's next tokens", ge=0)
     kd_pairs: list[str] = option([], "intermediate pairs student:teacher, each a layer (0-indexed), embedding or "
@@ -83,7 +83,7 @@ class DistillConfig(TrainingConfig):
                                                               "teacher's")
     kd_pair_weight: Union[str, float] = option(
         "auto", "weight of the intermediate losses: auto (their mean matches the logit loss each step), auto_sum "
-                "(each one matches it) or a number", parse=str)
+                "(each one matches it) or a number", parse=str, metavar="W")
     kd_balance: bool = option(False, "rescale the KD term to the cross-entropy term's magnitude every micro-batch "
                                      "(ModelOpt's skip_lm_loss: false)")
     method: Literal["logits", "synthetic", "both"] = option(
@@ -127,8 +127,8 @@ class TeacherLogitsConfig:
     top_k: int = option(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)",
                         ge=1)
     samples: Optional[int] = option(None, "training samples to cover: the N a distillation of --steps x "
-                                          "--global-batch = N reads (distillation from the cache trains on these)", ge=1, default_text="all the data holds",
-                                    parse=_optional_int)
+                                          "--global-batch = N reads (distillation from the cache trains on these)",
+                                    ge=1, default_text="all the data holds", parse=_optional_int, metavar="N")
     seq_len: int = option(DEFAULT_SEQ_LEN, "tokens per sequence (distill must use the same)", ge=1)
     micro_batch: int = option(1, "sequences per teacher forward pass", ge=1)
     kd_temperature: float = option(1.0, "softmax temperature of the stored log-probabilities (distill must use "

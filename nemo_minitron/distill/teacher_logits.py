@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from nemo_minitron.checkpoint.store import (
     atomic_directory,
-    check_new_output,
     load_checkpoint,
     load_tokenizer,
     parse_dtype,
@@ -48,6 +47,7 @@ from nemo_minitron.distill.config import TeacherLogitsConfig
 from nemo_minitron.distill.data import sample_hashes
 from nemo_minitron.distill.losses import SparseTeacher, sparse_teacher
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
@@ -245,8 +245,8 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
     dp = check_world_size(tp, pp)
     tokenizer = load_tokenizer(teacher)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
-                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
-    require(corpus.has_part("train"), f"{data_names('split')} {data_opts.split} leaves no training part of --data")
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
+                          need=("train",))
 
     # ---- work
     init_distributed(tp, pp, run.seed)

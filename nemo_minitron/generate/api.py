@@ -31,10 +31,11 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
-from nemo_minitron.checkpoint.store import check_new_output, parse_dtype
-from nemo_minitron.config import Names, to_dict, yaml_text
+from nemo_minitron.checkpoint.store import parse_dtype
+from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
@@ -173,7 +174,7 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         require(cfg.prefix_tokens >= 2, f"{names('prefix_tokens')} must be >= 2 (got {cfg.prefix_tokens})")
         corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"))
+                              cache_flag=data_names("cache_dir"), need=("train",))
         require(cfg.prefix_tokens + sampling.max_new_tokens <= desc.max_position_embeddings,
                 f"{names('prefix_tokens')} {cfg.prefix_tokens} + {names('max_new_tokens')} "
                 f"{sampling.max_new_tokens} exceeds the model's context of {desc.max_position_embeddings} tokens")
@@ -184,9 +185,11 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
     if corpus is not None:  # the sample index is built collectively
         items = data_prefixes(corpus, tokenizer, cfg.prefix_tokens, seed=seed, limit=cfg.limit)
     if is_rank0():
-        log.info("generate config:\n%s", yaml_text({"model": model, "prompts": prompts, "data": data, **to_dict(cfg),
-                                                     "tp": tp, "pp": pp, "seed": seed, "dtype": run_cfg.dtype})
-                 .rstrip())
+        source = prompts or f"the first {cfg.prefix_tokens} tokens of samples of {corpus.blend.label}"
+        log_settings(log, f"generate: {model} completes {len(items)} prompts from {source} (at most "
+                          f"{sampling.max_new_tokens} new tokens, temperature {sampling.temperature:g}) into {out}",
+                     {"model": model, "prompts": prompts, "data": data, **to_dict(cfg), "tp": tp, "pp": pp,
+                      "seed": seed, "dtype": run_cfg.dtype}, None)
     writer = ResumableJsonl(out_path, _fingerprint(model, items, cfg, seed), batch_size)
     done = broadcast_object(_resume(writer) if is_rank0() else None)
     if isinstance(done, str):  # every rank stops with rank 0's error

@@ -79,7 +79,7 @@ def data_prefixes(corpus, tokenizer, prefix_tokens: int, *, seed: int, limit: in
     require(prefix_tokens >= 2, f"--prefix-tokens must be >= 2 (got {prefix_tokens})")
     # a sample of seq_len s holds s + 1 tokens
     windows = corpus.dataset(tokenizer, seq_len=prefix_tokens - 1, seed=seed, num_samples=limit, exact=True,
-                             samples_flag="--limit")
+                             samples_flag="--limit", shown=f"{prefix_tokens} tokens (--prefix-tokens)")
     label = corpus.blend.label
     return [Prompt(tokenizer.decode(w.tolist()), w.tolist(), f"--data {label} sample {i}")
             for i, w in enumerate(windows.take())]

@@ -20,15 +20,15 @@ from safetensors.torch import save_file
 
 from nemo_minitron.checkpoint.store import (
     atomic_directory,
-    check_new_output,
     load_checkpoint,
     load_tokenizer,
     parse_dtype,
     read_info,
 )
-from nemo_minitron.config import Names, default_of, to_dict, yaml_text
+from nemo_minitron.config import Names, default_of, log_settings, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
@@ -152,7 +152,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     require(samples >= dp, f"{names('samples')} {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
-                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+                          cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
+                          need=("train",))
     resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": run_cfg.dtype,
                 **to_dict(data_opts), **to_dict(cfg)}
 
@@ -162,12 +163,11 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
                                       progress=progress, samples_flag=names("samples"))
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
-    if is_rank0():
-        log.info("importance config:\n%s", yaml_text(resolved).rstrip())
     passes = cfg.layer_passes(desc.num_layers)
-    log.info("importance of %s on %d samples x %d tokens (%s over the sequence, %s over samples); layer loss "
-             "drops on %d of them (%d passes)", checkpoint, samples, seq_len, cfg.seq_agg, cfg.batch_agg,
-             layer_samples, passes)
+    if is_rank0():
+        log_settings(log, f"importance of {checkpoint} on {samples} samples x {seq_len} tokens of {corpus.blend.label} "
+                          f"({cfg.seq_agg} over the sequence, {cfg.batch_agg} over samples); layer loss drops on "
+                          f"{layer_samples} of them ({passes} passes)", resolved, f"{out_path}/config.yaml")
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
                                batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
                                num_layers=desc.num_layers, head_score=cfg.head_score,

@@ -41,7 +41,8 @@ class ImportanceConfig:
                "prune --refit (4 * (ffn^2 + (heads * head_dim)^2) bytes per layer)")
     layer_samples: Optional[int] = option(
         64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
-            "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s))
+            "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s),
+        metavar="N")
     drop_blocks: list[int] = option([], "layer counts k to prepare depth pruning for: the best contiguous k-layer "
                                         "block to drop, and the layer sets prune --layer-metric compares, e.g. 4,8",
                                     parse=int_list, metavar="K,...")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 
+from nemo_minitron.files import check_model, check_output_dir
 from nemo_minitron.pipeline.recipe import load_recipe
 
 
 def main(args) -> int:
     recipe = load_recipe(args.recipe, [*args.overrides, *(["resume=force"] if getattr(args, "force", False) else [])])
+    check_model(recipe.model.source, "recipe key 'model.source'")
+    check_output_dir(recipe.output_dir, "recipe key 'output_dir'")
     from nemo_minitron.pipeline.run import run_recipe  # deferred: start-up time of the error path
 
     report = run_recipe(recipe)

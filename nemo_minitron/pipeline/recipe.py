@@ -161,8 +161,11 @@ def _dotted(key: str) -> str:
     return key.replace("[", ".").replace("]", "")
 
 
-def _omegaconf_error(e: Exception, attempted: str | None = None) -> UsageError:
-    key = _dotted(str(getattr(e, "full_key", None) or getattr(e, "key", None) or ""))
+def _omegaconf_error(e: Exception, attempted: str | None = None, given: Any = None) -> UsageError:
+    """One line naming the recipe key. ``given``: the YAML as read, to find the full key of
+    an error OmegaConf reports inside a list item (``distill.steps`` of ``rounds.0``)."""
+    key = _full_key(_dotted(str(getattr(e, "full_key", None) or getattr(e, "key", None) or "")),
+                    getattr(e, "value", None), given)
     msg = str(e).splitlines()[0]
     name = type(e).__name__
     if name in ("ConfigKeyError", "ConfigAttributeError") and key:
@@ -178,6 +181,24 @@ def _omegaconf_error(e: Exception, attempted: str | None = None) -> UsageError:
     return UsageError(f"recipe key '{key}': {msg}" if key else f"recipe: {msg}")
 
 
+def _full_key(key: str, value: Any, given: Any) -> str:
+    """``key`` as the recipe spells it: the one key of ``given`` that ends with it and holds ``value``."""
+    if not key or given is None:
+        return key
+    written = flatten(OmegaConf.to_container(given, resolve=False))
+    matches = [k for k, v in written.items() if (k == key or k.endswith("." + key)) and str(v) == str(value)]
+    return matches[0] if len(matches) == 1 else key
+
+
+def _yaml_error(path: Path, e: Exception) -> UsageError:
+    """A YAML syntax error as FILE:LINE:COLUMN and the parser's words, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    words = [getattr(e, "context", None), getattr(e, "problem", None)]
+    message = ", ".join(w for w in words if w) if any(words) else str(e).splitlines()[0]
+    return UsageError(f"recipe {where}: {message}")
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge overrides and validate a recipe; raise UsageError naming the bad key."""
     path = Path(path)
@@ -185,11 +206,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     for o in overrides:
         require("=" in o, f"override '{o}' is not of the form key=value")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(path))
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
-    except Exception as e:  # YAML syntax errors and the like
+        given = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, e) from None
+    except Exception as e:  # an unreadable file and the like
         raise UsageError(f"recipe '{path}': {str(e).splitlines()[0]}") from None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), given)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, given=given) from None
     for override in overrides:
         key, value = override.split("=", 1)
         try:

@@ -28,10 +28,11 @@ from nemo_minitron.checkpoint import api as checkpoint_api
 from nemo_minitron.checkpoint.api import describe_model
 from nemo_minitron.checkpoint.megatron_layout import model_path
 from nemo_minitron.checkpoint.store import is_checkpoint, parse_dtype
-from nemo_minitron.config import check_resume, recipe_names, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.config import check_resume, log_settings, recipe_names, resume_safe_fields, to_dict, yaml_text
 from nemo_minitron.distill import api as distill_api
 from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_output_dir
 from nemo_minitron.generate import api as generate_api
 from nemo_minitron.generate.config import GenerateConfig
 from nemo_minitron.importance import api as importance_api
@@ -167,8 +168,7 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     if recipe.report.tasks:
         resolve_tasks(recipe.report.tasks, recipe.report.tasks_path, flag="recipe key 'report.tasks'",
                       path_flag="recipe key 'report.tasks_path'")
-    out = Path(recipe.output_dir)
-    require(not out.exists() or out.is_dir(), f"recipe key 'output_dir': '{out}' exists and is not a directory")
+    check_output_dir(recipe.output_dir, "recipe key 'output_dir'")
     return descriptions
 
 
@@ -383,9 +383,10 @@ def run_recipe(recipe: Recipe) -> Path | None:
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         _save_recipe(root, recipe)
-        log.info("recipe config:\n%s", yaml_text(to_plain(dataclasses.asdict(recipe))).rstrip())
         chain = " -> ".join(f"{d.num_parameters() / 1e6:.1f}M" for d in descriptions)
-        log.info("recipe %s: %s, output in %s", recipe.name, chain, root)
+        log_settings(log, f"recipe {recipe.name}: {recipe.model.source}, {chain} parameters in {len(recipe.rounds)} "
+                          f"round(s), output in {root}", to_plain(dataclasses.asdict(recipe)),
+                     str(root / "recipe.yaml"))
         for name, keys in accepted.items():
             log.warning("stage %s was made with other settings (%s); kept because resume=force", name,
                         ", ".join(keys))

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from nemo_minitron.checkpoint.hf_export import fallback_note, hf_config
 from nemo_minitron.checkpoint.store import (
     CheckpointInfo,
-    check_new_output,
     dtype_name,
     load_checkpoint,
     load_tokenizer,
@@ -31,6 +31,7 @@ from nemo_minitron.checkpoint.store import (
 )
 from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
@@ -42,6 +43,7 @@ from nemo_minitron.prune.refit import refit_columns
 from nemo_minitron.prune.select import (
     LAYER_METRICS,
     UnitScores,
+    auto_layer_metric,
     keep_plan,
     layers_to_keep,
     parse_layer_metric,
@@ -179,6 +181,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
+    exported_as = fallback_note(new, hf_config(new, torch.float32, names("target")))  # a shape transformers holds
     # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
     # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
     # mass, known only once the weights are loaded).
@@ -210,10 +213,25 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp)
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
+    if exported_as:
+        log.info("%s", exported_as)
+    dropped = [i for i in range(old.num_layers) if i not in set(kept_layers)]
+    if dropped:
+        how = f"--order {order}'s layer scores"
+        if layers_by_metric and layer_metric not in LAYER_METRICS:
+            how = "the list given"
+        elif layers_by_metric and layer_metric == "auto":
+            how = "--layer-metric auto: {}, as {}".format(*auto_layer_metric(old, new, scores.summary))
+        elif layers_by_metric:
+            how = f"--layer-metric {layer_metric}"
+        log.info("dropping layers %s (numbered from 1 as ModelOpt and NeMo count them, --drop-layers; megatron's "
+                 "decoder.layers.%s) by %s", ",".join(str(i + 1) for i in dropped),
+                 "{" + ",".join(map(str, dropped)) + "}", how)
 
     new_model = _build_pruned(model, old, new, keep, per_stage, grams=grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
+                  "dropped_layers": {"numbered_from_1": [i + 1 for i in dropped], "numbered_from_0": dropped},
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,

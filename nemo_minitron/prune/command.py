@@ -12,6 +12,8 @@ from pathlib import Path
 from nemo_minitron.checkpoint.megatron_layout import model_path
 from nemo_minitron.commands import runtime_options
 from nemo_minitron.config import from_args
+from nemo_minitron.errors import require
+from nemo_minitron.files import check_checkpoint, check_model, check_new_output, check_output_file
 from nemo_minitron.prune.config import PlanConfig, PlanOutputConfig, PruneConfig
 from nemo_minitron.prune.plan import RANKING, format_table, plan
 from nemo_minitron.prune.targets import format_count, parse_param_count
@@ -21,6 +23,9 @@ def plan_main(args) -> int:
     cfg = from_args(PlanConfig, args)
     output = from_args(PlanOutputConfig, args)
     path = model_path(args.model, args.iteration)
+    check_model(path, "MODEL")
+    if output.json:
+        check_output_file(output.json, "--json")
     from nemo_minitron.checkpoint.api import describe_shapes  # deferred: start-up time (see the docstring)
 
     desc = describe_shapes(path)
@@ -45,6 +50,9 @@ def plan_main(args) -> int:
 def prune_main(args) -> int:
     path = model_path(args.checkpoint, args.iteration, "CKPT")
     cfg = from_args(PruneConfig, args)
+    check_checkpoint(path, "CKPT")
+    require(Path(args.importance).is_dir(), f"--importance '{args.importance}' does not exist")
+    check_new_output(args.out, "--out")
     from nemo_minitron.prune.api import prune  # deferred: start-up time (see the docstring)
 
     prune(path, args.importance, args.out, cfg, **runtime_options(args))

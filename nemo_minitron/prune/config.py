@@ -65,11 +65,13 @@ class PruneConfig(PlanConfig):
         "importance", "what to keep: the most important units, or the baselines magnitude (weight norms) and "
                       "random (by --seed)")
     layer_metric: str = option(
-        "auto", "layers to drop: auto (greedy when the target cuts only layers, else contiguous), greedy (the "
+        "auto", "layers to drop: auto (greedy when the target cuts only layers, else contiguous; loss when the "
+                      "importance run did not record those), greedy (the "
                       "first removed by importance's greedy elimination), contiguous "
                       "(the best block recorded by importance --drop-blocks), best (of the contiguous, greedy, loss "
                       "and block sets, the one whose removal cost least in the importance run), loss (least loss "
-                      "increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9")
+                      "increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9",
+        metavar="METRIC")
     refit: bool = option(
         False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
                "and neurons (needs importance --second-moments)")

@@ -19,7 +19,10 @@ Layers to drop (``--layer-metric``):
     auto        greedy when the target cuts only layers, contiguous when it cuts width too
                 (benchmarks/pruning_quality.py: greedy wins depth-only cuts, but its sets,
                 chosen on the full-width model, lose to the contiguous block once hidden,
-                ffn and heads are cut as well)
+                ffn and heads are cut as well); when the importance run did not record
+                that (its ``--drop-blocks`` did not include the number of layers dropped),
+                loss, which every run records: the default importance run then serves the
+                default prune, and prune's log says which rule it used and why
     greedy      the first layers removed by the importance run's greedy elimination
                 (``summary["layers"]["greedy"]["order"]``, recorded down to the largest
                 ``--drop-blocks`` size)
@@ -160,8 +163,7 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
     elif drop == 0:
         dropped = []
     elif chosen == "auto":
-        depth_only = new == old.replace(num_layers=new.num_layers)
-        return layers_to_keep(old, new, "greedy" if depth_only else "contiguous", summary, layer_scores, flag)
+        return layers_to_keep(old, new, auto_layer_metric(old, new, summary)[0], summary, layer_scores, flag)
     elif chosen == "greedy":
         order = summary.get("layers", {}).get("greedy", {}).get("order", [])
         require(len(order) >= drop, f"{flag} greedy: the importance run removed {len(order)} layers greedily, "
@@ -184,6 +186,22 @@ def layers_to_keep(old: ModelDescription, new: ModelDescription, metric: str, su
         scores = layer_scores["layer_loss_drop" if chosen == "loss" else "layer_block_importance"]
         dropped = torch.argsort(scores.double(), stable=True)[:drop].tolist()
     return [i for i in range(old.num_layers) if i not in set(dropped)]
+
+
+def auto_layer_metric(old: ModelDescription, new: ModelDescription, summary: dict) -> tuple[str, str]:
+    """What ``auto`` means for this cut (see the module doc), and why, for the log."""
+    drop = old.num_layers - new.num_layers
+    depth_only = new == old.replace(num_layers=new.num_layers)
+    preferred, why = ("greedy", "the target cuts only layers") if depth_only else \
+        ("contiguous", "the target cuts widths too")
+    layers = summary.get("layers", {})
+    recorded = len(layers.get("greedy", {}).get("order", [])) >= drop if depth_only else \
+        str(drop) in layers.get("contiguous_blocks", {})
+    if recorded:
+        return preferred, why
+    what = "greedy elimination" if depth_only else "best contiguous block"
+    return "loss", (f"{why}, but the importance run recorded no {what} of {drop} layers (importance --drop-blocks "
+                    f"{drop} records it); the layers whose removal raised the loss least instead")
 
 
 def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, kept_layers: list[int]) -> KeepPlan:

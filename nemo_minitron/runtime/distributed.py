@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from nemo_minitron.config import DEFAULT_SEED
+from nemo_minitron.config import DEFAULT_SEED, LOG_LEVEL_ENV
 from nemo_minitron.errors import UsageError
 from nemo_minitron.runtime import cpu_fallback
 
@@ -66,7 +66,10 @@ def check_world_size(tp: int, pp: int) -> int:
 
 
 def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
+    """Rank 0 logs at info (or at ``$NEMO_MINITRON_LOG_LEVEL``: debug adds the resolved
+    settings of every command), the other ranks warnings only."""
+    wanted = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "info").upper())
+    level = (wanted if isinstance(wanted, int) else logging.INFO) if rank == 0 else logging.WARNING
     fmt = "%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     # megatron-core logs a lot at INFO (its config dumps); keep the user's log readable.

@@ -34,7 +34,15 @@ from typing import Any, Sequence
 import yaml
 
 from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, read_info
-from nemo_minitron.config import DEFAULT_SEQ_LEN, Names, check_resume, resume_safe_fields, to_dict, yaml_text
+from nemo_minitron.config import (
+    DEFAULT_SEQ_LEN,
+    Names,
+    check_resume,
+    log_settings,
+    resume_safe_fields,
+    to_dict,
+    yaml_text,
+)
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill import api as distill_api
 from nemo_minitron.distill import teacher_logits as logit_cache
@@ -43,6 +51,7 @@ from nemo_minitron.distill.checks import check_cache_settings, tokenizer_fingerp
 from nemo_minitron.distill.corpora import training_corpora
 from nemo_minitron.distill.model import parse_pairs
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_output_dir
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.prune import api as prune_api
 from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
@@ -149,6 +158,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
             f"{cfg.micro_batch} x {dp} data-parallel ranks")
     out_path = Path(out)
     require(out_path.parent.exists(), f"--out '{out}': parent directory does not exist")
+    check_output_dir(out_path, "--out")
     resolved = {"checkpoint": str(checkpoint), "importance": str(importance), "teacher": teacher,
                 "teacher_logits": teacher_logits, "data": corpus.blend.label, "eval_data": eval_label,
                 "seed": run.seed, "dtype": run.dtype, "tp": tp, "pp": pp, **to_dict(data_opts), **to_dict(cfg)}
@@ -173,10 +183,11 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         tmp = out_path / f".{CONFIG_FILE}.tmp"
         tmp.write_text(yaml_text(resolved))
         tmp.replace(out_path / CONFIG_FILE)
-        log.info("search config:\n%s", yaml_text(resolved).rstrip())
-        log.info("search: %d candidates for %s parameters:\n%s", len(candidates), format_count(budget),
-                 "\n".join(f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}"
-                           for c in candidates))
+        log_settings(log, f"search of {checkpoint}: {len(candidates)} candidates for {format_count(budget)} "
+                          f"parameters, each distilled {cfg.steps} steps on {corpus.blend.label}", resolved,
+                     str(out_path / CONFIG_FILE))
+        log.info("search candidates:\n%s", "\n".join(
+            f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}" for c in candidates))
     barrier()
     if cfg.cache_top_k is not None:
         teacher_logits = _write_cache(teacher, data, out_path / CACHE_DIR, cfg, run, data_opts, data_names, tp, pp,

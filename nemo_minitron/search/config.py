@@ -28,7 +28,7 @@ def _one_target(text: str) -> dict[str, int]:
 class SearchConfig(DistillConfig, PlanConfig):
     """Which candidates to try for a budget and how each is distilled and compared."""
 
-    target_params: Optional[str] = option(None, "parameter budget, e.g. 90M or 4.5B (required)", metavar="N")
+    target_params: Optional[str] = option(None, "parameter budget, e.g. 90M or 4.5B", metavar="N", required=True)
     candidates: int = option(5, "candidates taken from the planner, chosen to differ: width-only, depth-only and "
                                 "mixed cuts in turn", ge=0)
     candidate: list[dict[str, int]] = option([], "an explicit candidate to add, e.g. hidden=480,ffn=1024,heads=6",
@@ -38,11 +38,13 @@ class SearchConfig(DistillConfig, PlanConfig):
     keep_all: bool = option(False, "keep every candidate's checkpoints (default: only the best candidate's)",
                             resume_safe=True)
     layer_metric: str = option("auto", "layers each candidate drops, as prune --layer-metric: auto (greedy when "
-                                       "the candidate cuts only layers, else contiguous), greedy, best, "
-                                       "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9")
+                                       "the candidate cuts only layers, else contiguous; loss when the importance "
+                                       "run did not record those), greedy, best, "
+                                       "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9",
+                               metavar="METRIC")
     cache_top_k: Optional[int] = option(None, "write a teacher-logit cache of the teacher's top-K first and distil "
                                               "every candidate from it (one teacher pass for all)", ge=1,
-                                         parse=_optional_int, default_text="live teacher")
+                                         parse=_optional_int, default_text="live teacher", metavar="K")
     eval_every: int = option(10, "held-out evaluation every N steps: the points of the loss curves", ge=0,
                              resume_safe=True)
 
