@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_mutually_exclusive_group(required=True), ConvertConfig)
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
     _iteration(p)
-    _runtime(p, dtype_help="dtype of the stored weights [default: as in the source]")
+    _runtime(p, dtype_help="dtype of the stored weights; auto: as in the source [default: auto]")
 
     p = _sub(sub, "export", "checkpoint -> Hugging Face directory and/or Megatron-LM / Megatron-Bridge checkpoint",
              "nemo_minitron.commands:export", "nemo-minitron export distilled/final --hf-out hf --verify")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
     add_flags(p, ExportConfig, title="export")
     _iteration(p)
-    _runtime(p, dtype_help="dtype of the exported weights [default: as stored]")
+    _runtime(p, dtype_help="dtype of the exported weights; auto: as stored [default: auto]")
 
     p = _sub(sub, "eval", "held-out loss and perplexity, and downstream task accuracy, of a model",
              "nemo_minitron.commands:evaluate",
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
     add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
-    _runtime(p, dtype_help="dtype of the saved checkpoint [default: as stored]")
+    _runtime(p, dtype_help="dtype of the saved checkpoint; auto: as stored [default: auto]")
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
     add_flags(p, TeacherLogitsConfig, title="cache")
-    _runtime(p, dtype_help="the teacher's compute dtype [default: as stored]")
+    _runtime(p)
 
     p = _sub(sub, "search", "choose the pruned architecture by distilling candidates briefly",
              "nemo_minitron.search.command:main",

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import cli_in_process
+from conftest import cli_in_process, fast_dtype
 from tiny_models import hf_continuation_logprob
 
 
@@ -123,7 +123,7 @@ def test_builtin_tasks_teacher_above_chance_random_model_not(smollm2, tiny_check
 
     tasks = resolve_tasks(list(CHANCE))
     scores = {}
-    for name, path, dtype in (("teacher", smollm2["checkpoint"], torch.bfloat16),
+    for name, path, dtype in (("teacher", smollm2["checkpoint"], getattr(torch, fast_dtype())),
                               ("random", tiny_checkpoint("llama"), None)):
         opened = open_model(str(path), dtype=dtype)
         lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=16)

@@ -9,6 +9,7 @@ chose its architecture by search gets the search's ranking and loss curves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from nemo_minitron.checkpoint.store import atomic_directory, load_checkpoint, load_tokenizer, parse_dtype, read_info
+from nemo_minitron.checkpoint.store import atomic_directory, load_checkpoint, load_tokenizer, read_info
 from nemo_minitron.checkpoint.verify import load_hf_model
 from nemo_minitron.data.blend import blend_words
 from nemo_minitron.evaluate import evaluate
@@ -26,6 +27,7 @@ from nemo_minitron.pipeline.corpora import data_corpus
 from nemo_minitron.pipeline.recipe import Recipe
 from nemo_minitron.runtime.distributed import is_rank0
 from nemo_minitron.runtime.plotting import pyplot
+from nemo_minitron.runtime.precision import ComputeDtype, resolve_dtype
 from nemo_minitron.search.api import PLOT, RESULT
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
 from nemo_minitron.tasks.builtin import CHANCE
@@ -46,7 +48,7 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
     return models
 
 
-def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]], dtype: ComputeDtype) -> list[dict[str, Any]]:
     cfg = recipe.report
     first = models[0][1]
     tokenizer = load_tokenizer(first)
@@ -59,7 +61,7 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
                               path_flag="recipe key 'report.tasks_path'")
     rows = []
     for name, path in models:
-        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None)
+        model, info = load_checkpoint(path, dtype=dtype.torch)
         result = evaluate(model, info.description.vocab_size, samples, micro_batch=cfg.micro_batch)
         desc = info.description
         rows.append({"model": name, "checkpoint": str(path), "parameters": desc.num_parameters(),
@@ -228,7 +230,8 @@ def _fmt_count(n: float) -> str:
 
 def write_report(recipe: Recipe, paths, out: Path) -> None:
     """Collective (evaluation runs on every rank); rank 0 writes the files, atomically."""
-    rows = _evaluate_all(recipe, _models(recipe, paths))
+    dtype = resolve_dtype(recipe.dtype, "recipe key 'dtype'")
+    rows = _evaluate_all(recipe, _models(recipe, paths), dtype)
     stages = json.loads((paths.root / "stages.json").read_text()) if (paths.root / "stages.json").is_file() else {}
     with atomic_directory(out) as tmp:
         if not is_rank0():
@@ -239,12 +242,13 @@ def write_report(recipe: Recipe, paths, out: Path) -> None:
         searches = _searches(recipe, paths, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
         summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
-        report = {"recipe": recipe.name, "models": rows, "stages": stages, "search": searches,
+        report = {"recipe": recipe.name, "dtype": dataclasses.asdict(dtype), "models": rows, "stages": stages,
+                  "search": searches,
                   "distillation": summaries,
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot, searches, summaries))
+                                                 task_plot, searches, summaries, dtype))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -278,11 +282,12 @@ def _trained_on(name: str, summary: dict[str, Any]) -> str:
 
 
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None,
-              summaries=None) -> str:
+              summaries=None, dtype: ComputeDtype | None = None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
-             f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}.", "",
+             f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}."
+             + (f" Compute {dtype.describe()}." if dtype else ""), "",
              "| model | parameters | FLOPs/token | KV cache bytes/token | held-out loss | perplexity | vs. teacher |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -45,6 +45,7 @@ from nemo_minitron.prune.api import planned_description
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.targets import parse_param_count
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.runtime.signals import received, stop_requested
 from nemo_minitron.search import api as search_api
 from nemo_minitron.search.api import RESULT
@@ -136,6 +137,7 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     Returns the model description after each round (the planned architectures)."""
     recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
                                      "recipe key 'model.iteration'")
+    resolve_dtype(recipe.dtype, "recipe key 'dtype'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
     for use in ("calib", "train", "heldout"):
@@ -386,6 +388,7 @@ def run_recipe(recipe: Recipe) -> Path | None:
         log.info("recipe config:\n%s", yaml_text(to_plain(dataclasses.asdict(recipe))).rstrip())
         chain = " -> ".join(f"{d.num_parameters() / 1e6:.1f}M" for d in descriptions)
         log.info("recipe %s: %s, output in %s", recipe.name, chain, root)
+        log_compute_dtype(resolve_dtype(recipe.dtype, "recipe key 'dtype'"))
         for name, keys in accepted.items():
             log.warning("stage %s was made with other settings (%s); kept because resume=force", name,
                         ", ".join(keys))
