@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     assert 5 <= stopped_at < 12  # saved at the step boundary after the signal, not at save_every
     before = json.loads((out / "stages.json").read_text())
     assert "width-distill" not in before and "width-prune" in before
+    first_run = json.loads((out / "stages-unfinished.json").read_text())["width-distill"]
+    assert len(first_run) == 1 and first_run[0]["stopped_by"] == "SIGUSR1"
 
     done = _run(*args)
     assert f"report: {out / 'report' / 'report.md'}" in done.stdout
@@ -73,6 +76,16 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         assert list((out / stage / "tensorboard").glob("events.*")), stage
     assert "consumed samples" in done.stderr and "TFLOP/s per device" in done.stderr
     assert list(after) == STAGES
+    # the resumed stage's time is both runs' time, and its tokens/s is over both
+    distill = after["width-distill"]
+    second = float(re.search(r"stage width-distill: done in (\d+) s \((\d+) s over 2 runs\)", done.stderr)[1])
+    assert distill["runs"] == 2 and abs(distill["wall_seconds"] - first_run[0]["wall_seconds"] - second) <= 0.5
+    assert distill["tokens_per_second"] == round(distill["tokens"] / distill["wall_seconds"], 1)
+    assert "width-distill" not in json.loads((out / "stages-unfinished.json").read_text())
+    # each model's task lines follow the line naming it
+    for model in ("teacher (input)", "width: distilled"):
+        named = done.stderr.index(f"report: {model}: loss")
+        assert named < done.stderr.index(f"report: {model}: minitron_lastword: acc"), done.stderr[-3000:]
     # the recipe's data settings reach every stage that reads data (rounds included)
     import yaml
 
@@ -93,6 +106,8 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
     md = (out / "report" / "report.md").read_text()
+    assert f"| width-distill | {distill['wall_seconds']:.0f} s (2 runs) |" in md
+    assert "Compute dtype float32 (set by recipe key 'dtype')" in md and report["dtype"]["name"] == "float32"
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
     # the second round chose its shape by search: the winner has the lowest final held-out loss
     # of its candidates, is the round's pruned model, and the report shows the search
@@ -120,6 +135,28 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
 
     hf = AutoModelForCausalLM.from_pretrained(str(out / "export"))
     assert sum(p.numel() for p in hf.parameters()) == params[-1]
+
+    # a stop signal during the report stage: nothing of the report is written, the run says so
+    # and exits 0; started again, it writes the whole report
+    import shutil
+
+    shutil.rmtree(out / "report")
+    log = tmp_path / "report.log"
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while "stage report: starting" not in log.read_text() and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "recipe stopped by SIGTERM in stage report, before the report was written; start it again to redo the " \
+           "report" in text, text[-3000:]
+    assert not (out / "report").exists() and not list(out.glob(".report.tmp-*"))
+    redo = _run(*args)
+    assert "stage report: starting" in redo.stderr and (out / "report" / "report.md").is_file()
 
     again = _run(*args)  # a third start finds every stage complete
     assert again.stderr.count("skipped") == len(STAGES)
@@ -154,3 +191,23 @@ def test_nemo_run_local_executor_two_processes(tiny_hf, tmp_path):
     assert recipe["parallel"] == {"tp": 1, "pp": 1}
     summary = json.loads((out / "width-3-distill" / "summary.json").read_text())
     assert summary["layout"]["dp"] == 2  # two processes, data parallel
+
+
+def test_distillation_plot_has_an_axis_per_loss():
+    """KD loss (~0.003) and held-out loss (~6) on separate, labelled y axes: each curve spans
+    most of its own axis, instead of the KD curve lying flat at the bottom of a 0..6 axis."""
+    from nemo_minitron.pipeline.report import distillation_figure
+
+    train = [{"step": s, "loss": 0.004 - 0.0001 * s} for s in range(1, 21)]
+    evals = [{"step": s, "heldout_loss": 6.2 - 0.01 * s} for s in (0, 10, 20)]
+    fig = distillation_figure("width: distillation", train, evals)
+    kd_axis, heldout_axis = fig.axes
+    assert kd_axis.get_shared_x_axes().joined(kd_axis, heldout_axis)  # one step axis
+    assert "KD" in kd_axis.get_ylabel() and "held-out" in heldout_axis.get_ylabel()
+    for ax, values in ((kd_axis, [r["loss"] for r in train]), (heldout_axis, [r["heldout_loss"] for r in evals])):
+        (line,) = ax.get_lines()
+        assert list(line.get_ydata()) == values
+        lo, hi = ax.get_ylim()
+        assert lo <= min(values) and max(values) <= hi and (max(values) - min(values)) / (hi - lo) > 0.5, (lo, hi)
+    legend = [t.get_text() for t in kd_axis.get_legend().get_texts()]
+    assert legend == ["training loss (KD)", "held-out LM loss"]
