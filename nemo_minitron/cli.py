@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are not trained on), or any --data source")
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data, read whole [default: the validation part of --data under --split, "
-                        "else builtin:heldout]")
+                        "else builtin:heldout when --data is built-in; required for other --data without --split]")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (a run with checkpoints there "
                                                                "resumes)")
     add_flags(p, DistillConfig, title="training and distillation")
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data the candidates are ranked on, read whole [default: the validation part of "
-                        "--data under --split, else builtin:heldout]")
+                        "--data under --split, else builtin:heldout when --data is built-in; required for other "
+                        "--data without --split]")
     p.add_argument("--out", required=True, metavar="DIR", help="search directory (a killed search there resumes)")
     p.add_argument("--teacher", metavar="CKPT", help="who teaches the candidates [default: CKPT]")
     p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text files, folders, .jsonl files (a 'text' field per line) or builtin:*")
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist; "
+                                                                 "missing directories are made)")
     add_flags(p, PreprocessConfig, title="tokenisation")
 
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",

@@ -41,7 +41,7 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
         # with --split, the validation part of the data: what training on the rest did not see
         corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer)
+                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer, parts=("valid",))
         require(cfg.seq_len <= desc.max_position_embeddings,
                 f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"({desc.max_position_embeddings})")

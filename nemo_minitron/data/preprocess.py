@@ -110,8 +110,9 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
         require(spec.is_text, f"--input '{spec.label}' is already a Megatron indexed data set")
     prefix = str(out)[:-4] if str(out).endswith((".bin", ".idx")) else str(out)
     parent = Path(prefix).parent
-    require(parent.is_dir(), f"--out '{out}': directory '{parent}' does not exist")
-    require(os.access(parent, os.W_OK), f"--out '{out}': directory '{parent}' is not writable")
+    existing = next(p for p in [parent, *parent.parents] if p.exists())  # made below, once all is checked
+    require(existing.is_dir(), f"--out '{out}': '{existing}' is not a directory")
+    require(os.access(existing, os.W_OK), f"--out '{out}': directory '{existing}' is not writable")
     require(not Path(prefix + ".idx").exists(), f"--out '{prefix}' already exists ({prefix}.idx); choose a new prefix")
     tokenizer = load_any_tokenizer(model)
     require(tokenizer.eos_token_id is not None, f"--model '{model}': its tokenizer has no end-of-sequence token "
@@ -121,6 +122,7 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
 
     # ---- work
     start = time.time()
+    parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(len(tokenizer))
     with atomic_indexed(prefix, dtype) as writer:
         tokenize_into(writer, itertools.chain.from_iterable(documents(s, "--input") for s in specs), tokenizer,

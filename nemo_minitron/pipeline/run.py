@@ -142,8 +142,9 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     resolve_dtype(recipe.dtype, "recipe key 'dtype'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
-    for use in ("calib", "train", "heldout"):
-        data_corpus(recipe, use, vocab_size=desc.vocab_size)
+    corpora = {use: data_corpus(recipe, use, vocab_size=desc.vocab_size) for use in ("calib", "train", "heldout")}
+    if corpora["heldout"] is None:  # every evaluation reads the validation part of data.train
+        corpora["train"].check_parts("valid", eval_flag="data.heldout")
     tp, pp = recipe.parallel.tp, recipe.parallel.pp
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
