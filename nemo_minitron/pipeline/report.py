@@ -136,7 +136,8 @@ def _read_metrics(directory: Path) -> list[dict[str, Any]]:
 
 def distillation_figure(title: str, train: list[dict[str, Any]], evals: list[dict[str, Any]]):
     """The training loss (KD, left axis) and the held-out LM loss (right axis) over the steps:
-    two y axes, as the two differ by orders of magnitude (KD ~0.003 against ~6 nats)."""
+    two y axes, as the two can differ by orders of magnitude (a KD loss of 0.003 next to a
+    held-out loss of 6 would be a flat line on one axis)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
@@ -329,9 +330,11 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
             lines += ["", f"![{task_plot}]({task_plot})"]
     lines += ["", "Shapes:", ""] + [f"- {r['model']}: {r['shape']}" for r in rows]
     if stages:
-        lines += ["", "## Stages", "", "Wall time summed over the runs of a stage that a stop signal ended and a "
-                  "new start continued; tokens/s over that time.", "",
-                  "| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]
+        lines += ["", "## Stages", ""]
+        if any(s.get("runs", 1) > 1 for s in stages.values()):
+            lines += ["A stage that a stop signal ended and a new start continued: its wall time summed over its "
+                      "runs, tokens/s over that sum.", ""]
+        lines += ["| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]
         for name, s in stages.items():
             tps = f"{s['tokens_per_second']:,.0f}" if s.get("tokens_per_second") else "-"
             runs = f" ({s['runs']} runs)" if s.get("runs", 1) > 1 else ""
