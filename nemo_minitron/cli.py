@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_mutually_exclusive_group(required=True), ConvertConfig)
     p.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint directory (must not exist)")
     _iteration(p)
-    _runtime(p, seed=None, dtype_help="dtype of the stored weights [default: as in the source]")
+    _runtime(p, seed=None, dtype_help="dtype of the stored weights; auto: as in the source [default: auto]")
 
     p = _sub(sub, "export", "checkpoint -> Hugging Face directory and/or Megatron-LM / Megatron-Bridge checkpoint",
              "nemo_minitron.commands:export", "nemo-minitron export distilled/final --hf-out hf --verify")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(torch_dist, args in common.pt, run_config.yaml, tokenizer)")
     add_flags(p, ExportConfig, title="export")
     _iteration(p)
-    _runtime(p, seed=None, dtype_help="dtype of the exported weights [default: as stored]")
+    _runtime(p, seed=None, dtype_help="dtype of the exported weights; auto: as stored [default: auto]")
 
     p = _sub(sub, "eval", "held-out loss and perplexity, and downstream task accuracy, of a model",
              "nemo_minitron.commands:evaluate",
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
     add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
     _runtime(p, seed="--order random's draw (the other orders draw nothing)",
-             dtype_help="dtype of the saved checkpoint [default: as stored]")
+             dtype_help="dtype of the saved checkpoint; auto: as stored [default: auto]")
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are not trained on), or any --data source")
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data, read whole [default: the validation part of --data under --split, "
-                        "else builtin:heldout]")
+                        "else builtin:heldout when --data is built-in; required for other --data without --split]")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (a run with checkpoints there "
                                                                "resumes)")
     add_flags(p, DistillConfig, title="training and distillation")
@@ -222,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new cache directory (must not exist)")
     add_flags(p, TeacherLogitsConfig, title="cache")
-    _runtime(p, seed="which training samples, in which order: distill reads the cache with the same --seed",
-             dtype_help="the teacher's compute dtype [default: as stored]")
+    _runtime(p, seed="which training samples, in which order: distill reads the cache with the same --seed")
 
     p = _sub(sub, "search", "choose the pruned architecture by distilling candidates briefly",
              "nemo_minitron.search.command:main",
@@ -234,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--eval-data", nargs="+", default=None, metavar="PATH",
                    help="held-out data the candidates are ranked on, read whole [default: the validation part of "
-                        "--data under --split, else builtin:heldout]")
+                        "--data under --split, else builtin:heldout when --data is built-in; required for other "
+                        "--data without --split]")
     p.add_argument("--out", required=True, metavar="DIR", help="search directory (a killed search there resumes)")
     p.add_argument("--teacher", metavar="CKPT", help="who teaches the candidates [default: CKPT]")
     p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text files, folders, .jsonl files (a 'text' field per line) or builtin:*")
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="whose tokenizer: checkpoint, HF directory, .gguf or alias")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx (must not exist; "
+                                                                 "missing directories are made)")
     add_flags(p, PreprocessConfig, title="tokenisation")
 
     p = _sub(sub, "run", "run a recipe: convert, importance, prune, distill, export, report",

@@ -26,6 +26,11 @@ def data_options(args) -> dict:
     return {k: getattr(args, k) for k in ("split", "cache_dir") if hasattr(args, k)}
 
 
+def _stored_dtype(store, name: str):
+    """convert and export store weights without computing: ``auto`` keeps the source's dtype."""
+    return None if name in (None, "auto") else store.parse_dtype(name)
+
+
 def convert(args) -> int:
     cfg = from_args(ConvertConfig, args)
     require(cfg.megatron is not None or args.iteration is None, "--iteration goes with --megatron")
@@ -37,7 +42,7 @@ def convert(args) -> int:
 
     require(cfg.megatron is None or store.megatron_checkpoint(src) is not None,
             f"--megatron '{cfg.megatron}' is not a Megatron-LM, Megatron-Bridge or NeMo 2 checkpoint")
-    api.convert(src, args.out, dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp)
+    api.convert(src, args.out, dtype=_stored_dtype(store, args.dtype), tp=args.tp, pp=args.pp)
     return 0
 
 
@@ -53,7 +58,7 @@ def export(args) -> int:
     from nemo_minitron.checkpoint import api, store  # deferred: start-up time (see the module's docstring)
 
     api.export(ckpt, args.hf_out, cfg, megatron_out=args.megatron_out,
-               dtype=store.parse_dtype(args.dtype) if args.dtype else None, tp=args.tp, pp=args.pp)
+               dtype=_stored_dtype(store, args.dtype), tp=args.tp, pp=args.pp)
     return 0
 
 

@@ -34,6 +34,8 @@ DEFAULT_SEED = 1234
 DEFAULT_SEQ_LEN = 4096
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 Dtype = Literal["float32", "bfloat16", "float16"]
+#: a compute dtype: one of the above, or ``auto`` (see runtime/precision.py)
+ComputeDtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
@@ -342,4 +344,4 @@ def nearest_key(key: str, known: Sequence[str]) -> str | None:
 
 __all__ = ["option", "validate", "build", "add_flags", "from_args", "Names", "cli_names", "recipe_names",
            "to_dict", "config_hash", "differing_keys", "check_resume", "yaml_text", "nearest_key", "DEFAULT_SEED",
-           "Dtype", "Optional", "split_overrides", "default_of", "DEFAULT_SEQ_LEN", "resume_safe_fields"]
+           "Dtype", "ComputeDtypeName", "Optional", "split_overrides", "default_of", "DEFAULT_SEQ_LEN", "resume_safe_fields"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemo_minitron.checkpoint.api import describe_model, open_model
-from nemo_minitron.checkpoint.store import megatron_checkpoint, parse_dtype, require_tokenizer
+from nemo_minitron.checkpoint.store import megatron_checkpoint, require_tokenizer
 from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.data.dataset import check_corpus
@@ -19,6 +19,7 @@ from nemo_minitron.eval_config import EvalConfig
 from nemo_minitron.files import check_output_file
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
 from nemo_minitron.tasks.config import TaskConfig
 from nemo_minitron.tasks.lm import MegatronLM
@@ -43,21 +44,23 @@ def evaluate_model(model: str, data: Sequence[str] | None, cfg: EvalConfig, task
         # with --split, the validation part of the data: what training on the rest did not see
         corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer, need=("valid",))
+                              cache_flag=data_names("cache_dir"), tokenizer=tokenizer, parts=("valid",))
         require(cfg.seq_len <= desc.max_position_embeddings,
                 f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"({desc.max_position_embeddings})")
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
     tasks = resolve_tasks(task_cfg.tasks, task_cfg.tasks_path) if task_cfg.tasks else None
+    compute = resolve_dtype(dtype)
     init_distributed(tp, pp, seed)
-    resolved = {"model": model, "data": corpus.blend.label if corpus else None, "dtype": dtype,
+    resolved = {"model": model, "data": corpus.blend.label if corpus else None, "dtype": compute.name,
                 **to_dict(data_opts), **to_dict(cfg), **to_dict(task_cfg)}
     if is_rank0():
         parts = [f"held-out loss on {corpus.blend.label} ({cfg.seq_len} tokens per sample)"] if corpus else []
         parts += [f"tasks {', '.join(task_cfg.tasks)}"] if tasks is not None else []
         log_settings(log, f"eval of {model}: {' and '.join(parts)}", resolved, json_out)
-    opened = open_model(model, dtype=parse_dtype(dtype) if dtype else None)
+    log_compute_dtype(compute)
+    opened = open_model(model, dtype=compute.torch)
     record = dict(resolved)
     if corpus is not None:
         samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=seed, part="valid")

@@ -61,6 +61,20 @@ if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
                                                               dir=os.environ.get("PYTEST_DEBUG_TEMPROOT"))
     atexit.register(shutil.rmtree, os.environ["NEMO_MINITRON_DATA_CACHE"], True)
 
+# Commands compute in `--dtype auto` unless told otherwise: bfloat16 on CPUs with native bf16
+# products. The tests' tolerances are float32's, and a test about bf16 says so: auto means
+# float32 here on every machine (this process and the commands it starts).
+os.environ["NEMO_MINITRON_AUTO_DTYPE"] = "float32"
+
+
+def fast_dtype() -> str:
+    """The dtype a test computes in only for speed (a real model's forward passes): what
+    `auto` would choose on this machine without the pin, bfloat16 only where it is native."""
+    from nemo_minitron.runtime.precision import probe
+
+    return probe().dtype
+
+
 # `make test THREADS=1`: the in-process tests (and single-process commands they start) run
 # with that many torch threads, so reduction-order differences between machines show up here.
 if os.environ.get("TEST_THREADS"):
@@ -249,7 +263,7 @@ def smollm2_importance(smollm2, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2_importance") / "imp"
     scores = compute_importance(str(smollm2["checkpoint"]), ["builtin:calib"], str(out), samples=16, seq_len=128,
-                                micro_batch=8, layer_samples=4, progress=False)
+                                micro_batch=8, layer_samples=4, dtype=fast_dtype(), progress=False)
     return out, scores
 
 

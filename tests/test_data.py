@@ -136,6 +136,76 @@ def test_text_sources_are_tokenised_once_into_megatron_data_sets(runtime, tmp_pa
     assert len(from_folder) == (sum(tokens) - 1) // 15  # one source: both files' documents together
 
 
+def _paragraph_file(path):
+    """Ten paragraphs, paragraph k written with the letter 'abcdefghij'[k] only; the third
+    has two lines; blank, repeated blank and whitespace-only lines between them, blank
+    lines before the first and after the last."""
+    paragraphs = [" ".join([letter * 4] * 30) for letter in "abcdefghij"]
+    paragraphs[2] = paragraphs[2][:50] + "\n" + paragraphs[2][51:]
+    separators = ["\n\n", "\n\n\n", "\n \t\n"]
+    path.write_text("\n" + "".join(p + separators[k % 3] for k, p in enumerate(paragraphs)))
+    return path, paragraphs
+
+
+def test_text_file_documents_are_its_paragraphs(tiny_hf, runtime, tmp_path, capsys):
+    """A text file is split into documents at blank lines, the same way in the data cache
+    and in ``preprocess`` (whose missing output directories are made); so a split of a
+    one-file corpus validates on its last paragraphs."""
+    from transformers import AutoTokenizer
+
+    model = tiny_hf("llama")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    text, paragraphs = _paragraph_file(tmp_path / "notes.txt")
+    expected = [tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in paragraphs]
+    cache = tmp_path / "cache"
+    corpus = check_corpus([str(text)], tokenizer=tok, cache_dir=str(cache), split="80,20,0")
+    valid = corpus.dataset(tok, seq_len=8, seed=1, part="valid").take()
+    (prefix,) = [str(p.with_suffix("")) for p in (cache / "tokens").glob("*/data.idx")]
+    assert _read_indexed(prefix) == expected
+    assert len(valid) > 0 and set(valid.unique().tolist()) <= set(expected[8]) | set(expected[9])
+
+    out = tmp_path / "data" / "sub" / "notes_text_document"
+    code, err = cli_in_process(capsys, "preprocess", "--input", text, "--model", model, "--out", out)
+    assert code == 0, err
+    assert _read_indexed(out) == expected
+
+
+def test_blend_logs_each_sources_share(runtime, tmp_path, caplog):
+    """A blend says once, at the start, what each source gives: weight, documents, tokens
+    and the samples drawn from it (counted here from the samples themselves)."""
+    import logging
+
+    pa, pb, a, b = _two_sources(tmp_path)
+    caplog.set_level(logging.INFO, logger="nemo_minitron")
+    samples = check_corpus(["0.7", pa, "0.3", pb], vocab_size=1000, cache_dir=str(tmp_path / "cache")).dataset(
+        None, seq_len=8, seed=1, num_samples=100).take()
+    from_a = int((samples < 500).all(dim=1).sum())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert f"data: {pa}: weight 0.7 (70.0%), 40 documents, {sum(map(len, a)):,} tokens -> {from_a} of 100 samples" \
+        in lines, lines
+    assert f"data: {pb}: weight 0.3 (30.0%), 40 documents, {sum(map(len, b)):,} tokens -> {100 - from_a} of 100 " \
+           "samples" in lines, lines
+
+
+@pytest.mark.parametrize("case", ["one_document_split", "own_data_no_heldout"])
+def test_held_out_data_is_never_empty_or_other_text_silently(tiny_checkpoint, tmp_path, capsys, case):
+    """``distill`` refuses, in one line before any work (nothing tokenised, nothing written):
+    a split that leaves a one-paragraph file no validation document; and the user's own
+    --data with neither --split nor --eval-data (the built-in held-out text is other text)."""
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(f"w{i}" for i in range(300)))  # one paragraph: one document
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    extra, words = (["--split", "90,10,0"], ["--split 90,10,0 leaves no document", "for validation", "1 document",
+                                             "paragraphs", "--eval-data"]) if case == "one_document_split" else \
+        ([], ["is not built-in data", "--eval-data", "--split"])
+    code, err = cli_in_process(capsys, "distill", "--teacher", tiny_checkpoint("llama"), "--student",
+                               tiny_checkpoint("llama_small"), "--data", one, *extra, "--out", out, "--steps", "1",
+                               "--seq-len", "16", "--data-cache", cache)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+    assert not out.exists() and not (cache / "tokens").exists()
+
+
 def test_malformed_jsonl_is_reported_before_any_work(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')

@@ -468,3 +468,51 @@ def test_prune_refit_reaches_the_least_squares_optimum(tiny, tmp_path):
             # (HF vs megatron, fp32): their errors differ at second order, far below 1e-3
             assert error(weights[name]) <= error(reference) * (1 + 1e-3) + 1e-12, (name, error(weights[name]))
             assert error(weights[name]) < 0.9 * error(w[:, cols]), name
+
+
+# ---------------------------------------------------------------------- plots
+def _tick_labels(ax) -> list[tuple[float, str]]:
+    """(position, label) of the y axis's labelled ticks in view, major and minor."""
+    ax.figure.canvas.draw()  # labels are set when the figure is drawn
+    lo, hi = ax.get_ylim()
+    ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+    return [(t.get_loc(), t.label1.get_text()) for t in ticks
+            if t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+def _visible_ticks(ax, axis: str) -> list[float]:
+    ticks = ax.get_yticks() if axis == "y" else ax.get_xticks()
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    return [t for t in ticks if lo <= t <= hi]
+
+
+def test_heatmap_and_layer_ticks_are_whole_units():
+    """Head and layer plots of a 2-layer model: every tick is at a cell's centre (an
+    integer), never between cells (-0.5, 0.5)."""
+    from nemo_minitron.importance.plots import heatmap_figure, layers_figure
+
+    heat = heatmap_figure(torch.rand(2, 4), "heads", "head")
+    ax = heat.axes[0]
+    ax.figure.canvas.draw()
+    for axis in ("x", "y"):
+        ticks = _visible_ticks(ax, axis)
+        assert ticks and all(float(t).is_integer() for t in ticks), (axis, ticks)
+    assert set(_visible_ticks(ax, "y")) <= {0.0, 1.0}
+    layers = layers_figure(torch.rand(3), torch.rand(3), {})
+    bottom = layers.axes[1]
+    bottom.figure.canvas.draw()
+    assert all(float(t).is_integer() for t in _visible_ticks(bottom, "x")), _visible_ticks(bottom, "x")
+
+
+@pytest.mark.parametrize("low, high", [(20.0, 30.0), (0.002, 0.009), (0.5, 400.0)])
+def test_hidden_channel_log_axis_reads_plain_numbers(low, high):
+    """The channel plot's log axis is labelled 20, 30, 0.005 (plain numbers that read back to
+    the tick's value), never 2.6x10^1."""
+    from nemo_minitron.importance.plots import hidden_figure
+
+    fig = hidden_figure(torch.linspace(low, high, 64))
+    ax = fig.axes[0]
+    labels = _tick_labels(ax)
+    assert len(labels) >= 2, labels
+    for position, text in labels:
+        assert float(text) == pytest.approx(position, rel=1e-3), labels  # e.g. "20", "0.005"

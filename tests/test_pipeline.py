@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def recipe_run(tiny_hf, tmp_path_factory):
     latest = out / "width-3-distill" / "checkpoints" / "latest"
     first = {"returncode": proc.returncode, "log": log.read_text(), "signalled_after": signalled_after,
              "stopped_at": int(latest.read_text().strip().split("_")[1]) if latest.exists() else None,
-             "report": (out / "report").exists(), "stages": json.loads((out / "stages.json").read_text())}
+             "report": (out / "report").exists(), "stages": json.loads((out / "stages.json").read_text()),
+             "unfinished": json.loads((out / "stages-unfinished.json").read_text())}
     assert signalled_after < WIDTH_STEPS - 1, first  # the signal had a step boundary left to stop at
     done = _run(*args)
     return {"out": out, "cache": cache, "args": args, "first": first, "done": done,
@@ -74,6 +76,8 @@ def test_sigusr1_stops_the_recipe_at_a_step_boundary_with_exit_0_and_no_report(r
     assert first["stopped_at"] in (first["signalled_after"], first["signalled_after"] + 1), first
     assert not first["report"]
     assert "width-distill" not in first["stages"] and "width-prune" in first["stages"]
+    (run,) = first["unfinished"]["width-distill"]
+    assert run["stopped_by"] == "SIGUSR1"
 
 
 def test_started_again_it_redoes_no_finished_stage_and_loses_no_step(recipe_run):
@@ -86,6 +90,25 @@ def test_started_again_it_redoes_no_finished_stage_and_loses_no_step(recipe_run)
     steps = [r["step"] for r in train_records(recipe_run["out"] / "width-3-distill" / "metrics.jsonl")]
     assert steps == list(range(1, WIDTH_STEPS + 1))  # no step lost or repeated
     assert list(after) == STAGES
+
+
+def test_a_resumed_stage_counts_the_time_and_tokens_of_both_runs(recipe_run):
+    done, after = recipe_run["done"], recipe_run["stages"]
+    (first_run,) = recipe_run["first"]["unfinished"]["width-distill"]
+    distill = after["width-distill"]
+    second = float(re.search(r"stage width-distill: done in (\d+) s \((\d+) s over 2 runs\)", done.stderr)[1])
+    # the log line rounds to whole seconds
+    assert distill["runs"] == 2 and abs(distill["wall_seconds"] - first_run["wall_seconds"] - second) <= 0.5
+    assert distill["tokens_per_second"] == round(distill["tokens"] / distill["wall_seconds"], 1)
+    assert "width-distill" not in json.loads((recipe_run["out"] / "stages-unfinished.json").read_text())
+    assert f"| width-distill | {distill['wall_seconds']:.0f} s (2 runs) |" in recipe_run["md"]
+
+
+def test_each_models_task_lines_follow_the_line_naming_it(recipe_run):
+    stderr = recipe_run["done"].stderr
+    for model in ("teacher (input)", "width: distilled"):
+        named = stderr.index(f"report: {model}: loss")
+        assert named < stderr.index(f"report: {model}: minitron_lastword: acc"), stderr[-3000:]
 
 
 def test_every_training_stage_logs_to_tensorboard_and_megatron_style_lines(recipe_run):
@@ -119,6 +142,7 @@ def test_the_report_follows_every_model_and_the_corrected_teacher_teaches(recipe
     assert json.loads((out / "width-3-distill" / "summary.json").read_text())["teacher"].endswith(
         "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
+    assert "Compute dtype float32 (set by recipe key 'dtype')" in md and report["dtype"]["name"] == "float32"
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
 
 
@@ -160,6 +184,26 @@ def test_the_export_is_the_last_model(recipe_run):
 
     hf = AutoModelForCausalLM.from_pretrained(str(recipe_run["out"] / "export"))
     assert sum(p.numel() for p in hf.parameters()) == recipe_run["report"]["models"][-1]["parameters"]
+
+
+def test_a_stop_signal_in_the_report_stage_writes_nothing_and_a_new_start_redoes_it(recipe_run, tmp_path):
+    import shutil
+
+    out, args = recipe_run["out"], recipe_run["args"]
+    shutil.rmtree(out / "report")
+    log = tmp_path / "report.log"
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron", "run", str(RECIPE), *args], env=_env(),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with frozen_when(proc, lambda: "stage report: starting" in log.read_text(), "the report stage"):
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "recipe stopped by SIGTERM in stage report, before the report was written; start it again to redo the " \
+           "report" in text, text[-3000:]
+    assert not (out / "report").exists() and not list(out.glob(".report.tmp-*"))
+    redo = _run(*args)
+    assert "stage report: starting" in redo.stderr and (out / "report" / "report.md").is_file()
 
 
 def _run_here(capsys, caplog, recipe_run, *overrides) -> tuple[int, str, list[str]]:
@@ -241,3 +285,23 @@ def test_nemo_run_local_executor_runs_a_round_on_two_processes(tiny_hf, tmp_path
 def test_nemo_run_local_executor_runs_the_whole_recipe_on_two_processes(tiny_hf, tmp_path):
     _, report = _nemo_run(RECIPE, tiny_hf, tmp_path, "rounds.1.distill.steps=1")
     assert len(report["models"]) == 6
+
+
+def test_distillation_plot_has_an_axis_per_loss():
+    """KD loss (~0.003) and held-out loss (~6) on separate, labelled y axes: each curve spans
+    most of its own axis, instead of the KD curve lying flat at the bottom of a 0..6 axis."""
+    from nemo_minitron.pipeline.report import distillation_figure
+
+    train = [{"step": s, "loss": 0.004 - 0.0001 * s} for s in range(1, 21)]
+    evals = [{"step": s, "heldout_loss": 6.2 - 0.01 * s} for s in (0, 10, 20)]
+    fig = distillation_figure("width: distillation", train, evals)
+    kd_axis, heldout_axis = fig.axes
+    assert kd_axis.get_shared_x_axes().joined(kd_axis, heldout_axis)  # one step axis
+    assert "KD" in kd_axis.get_ylabel() and "held-out" in heldout_axis.get_ylabel()
+    for ax, values in ((kd_axis, [r["loss"] for r in train]), (heldout_axis, [r["heldout_loss"] for r in evals])):
+        (line,) = ax.get_lines()
+        assert list(line.get_ydata()) == values
+        lo, hi = ax.get_ylim()
+        assert lo <= min(values) and max(values) <= hi and (max(values) - min(values)) / (hi - lo) > 0.5, (lo, hi)
+    legend = [t.get_text() for t in kd_axis.get_legend().get_texts()]
+    assert legend == ["training loss (KD)", "held-out LM loss"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import cli_in_process
+from conftest import cli_in_process, fast_dtype
 from tiny_models import hf_continuation_logprob
 
 
@@ -115,6 +115,8 @@ def test_unknown_task_is_one_line_with_close_matches(tiny_checkpoint, tmp_path, 
 def test_builtin_tasks_teacher_above_chance_random_model_not(smollm2, tiny_checkpoint, runtime):
     """On the first 48 examples of each built-in task, SmolLM2-135M scores more than three
     standard errors above chance; a randomly initialised model does not."""
+    import torch
+
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.tasks.api import resolve_tasks, run_tasks
     from nemo_minitron.tasks.builtin import CHANCE
@@ -122,8 +124,9 @@ def test_builtin_tasks_teacher_above_chance_random_model_not(smollm2, tiny_check
 
     tasks = resolve_tasks(list(CHANCE))
     scores = {}
-    for name, path in (("teacher", smollm2["checkpoint"]), ("random", tiny_checkpoint("llama"))):
-        opened = open_model(str(path))
+    for name, path, dtype in (("teacher", smollm2["checkpoint"], getattr(torch, fast_dtype())),
+                              ("random", tiny_checkpoint("llama"), None)):
+        opened = open_model(str(path), dtype=dtype)
         lm = MegatronLM(opened.model, opened.description, opened.tokenizer, batch_size=16)
         scores[name] = run_tasks(lm, tasks, limit=48)
     for task, chance in CHANCE.items():

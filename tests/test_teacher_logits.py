@@ -302,7 +302,8 @@ def test_bad_input(tiny_checkpoint, corpus, small_cache, tmp_path, capsys, case,
 
     student = tiny_checkpoint("llama_small")
     out = tmp_path / "out"
-    flags = ["--steps", "2", "--seq-len", str(SEQ_LEN), "--global-batch", "2", "--micro-batch", "2"]
+    flags = ["--steps", "2", "--seq-len", str(SEQ_LEN), "--global-batch", "2", "--micro-batch", "2",
+             "--eval-data", "builtin:heldout"]  # the corpus is not built-in: held-out data is asked for
     data, small = corpus, small_cache
     if case == "top_k_too_large":
         code, stderr = cli_in_process(capsys, "teacher-logits", "--teacher", tiny_checkpoint("llama"), "--data",
@@ -341,7 +342,7 @@ def test_cached_distillation_without_a_teacher(tiny_checkpoint, corpus, small_ca
     from nemo_minitron.distill.api import distill
 
     out = tmp_path / "d"
-    summary = distill(None, str(tiny_checkpoint("llama_small")), [corpus], str(out),
+    summary = distill(None, str(tiny_checkpoint("llama_small")), [corpus], str(out), eval_data=["builtin:heldout"],
                       teacher_logits=str(small_cache), steps=2, global_batch=2, micro_batch=2, seq_len=SEQ_LEN,
                       eval_samples=2, progress=False).summary
     assert summary["teacher"] is None and summary["teacher_logits"] == str(small_cache)

@@ -33,7 +33,7 @@ from nemo_minitron.data.preprocess import tokenize_into
 from nemo_minitron.data.sources import DataSpec, completion_records, content_digest, documents, stat_fingerprint
 from nemo_minitron.errors import UsageError
 
-TOKENIZE_VERSION = 1  # bump when tokenisation changes, so old cache entries are not reused
+TOKENIZE_VERSION = 2  # bump when tokenisation changes, so old cache entries are not reused (2: paragraphs)
 ENV = "NEMO_MINITRON_DATA_CACHE"
 STALE_SECONDS = 24 * 3600
 

@@ -45,7 +45,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from nemo_minitron.data.blend import DataBlend, parse_blend, split_fractions
 from nemo_minitron.data.cache import DataCache, check_cache_dir, tokenizer_fingerprint
 from nemo_minitron.data.indexed import IndexHeader, check_vocabulary
-from nemo_minitron.data.sources import check_documents
+from nemo_minitron.data.sources import check_documents, document_count
 from nemo_minitron.errors import require
 from nemo_minitron.runtime.distributed import all_ranks_ok, barrier, broadcast_object, is_rank0
 
@@ -160,6 +160,29 @@ class Corpus:
         assert self.fractions is not None
         return "/".join(f"{100 * f:.3g}" for f in self.fractions) + " %"
 
+    def check_parts(self, *parts: str, eval_flag: str | None = None) -> None:
+        """Before any work: under a split, every source has a document in each of ``parts``
+        (megatron-core divides each source's documents, rounding the bounds; a text file's
+        documents are its paragraphs). Reads the sources that are text (no tokenising).
+        ``eval_flag``: where else held-out data can come from, for the message."""
+        if self.fractions is None:
+            return
+        matrix = self._split_matrix()
+        for item in self.blend.items:
+            count = None
+            for part in parts:
+                bounds = matrix[PARTS.index(part)]
+                if count is None:
+                    count = document_count(item.source, self.flag)
+                first, last = (int(round(b * float(count))) for b in bounds) if bounds else (0, 0)
+                what = "validation" if part == "valid" else "training"
+                hint = " (a text file's documents are its paragraphs: blank lines separate them)" \
+                    if item.source.kind in ("text", "folder") else ""
+                require(last > first, f"{self.split_flag} {self.split} leaves no document of {self.flag} "
+                                      f"'{item.source.label}' for {what}: it holds {count} document"
+                                      f"{'s' if count != 1 else ''}{hint}; give a larger {what} share or more "
+                                      f"documents" + (f", or {eval_flag}" if part == "valid" and eval_flag else ""))
+
     # ------------------------------------------------------------------ helpers
     def _prefixes(self, tokenizer, progress: bool) -> list[str]:
         """Every source as a Megatron prefix; text sources are tokenised into the cache by
@@ -186,14 +209,34 @@ class Corpus:
         """megatron-core's bounds of each part (fractions of the documents), from its own parser."""
         return convert_split_vector_to_split_matrix(parse_and_normalize_split(self._split_string()))
 
-    def _part_tokens(self, header: IndexHeader, index: int) -> int:
-        """Tokens of the sequences in part ``index``, split as megatron-core splits them."""
+    def _part_sequences(self, header: IndexHeader, index: int) -> tuple[int, int]:
+        """The sequences ``[first, last)`` of part ``index``, split as megatron-core splits them."""
         bounds = self._split_matrix()[index]
         if bounds is None:
-            return 0
-        first = int(round(bounds[0] * float(header.sequences)))
-        last = int(round(bounds[1] * float(header.sequences)))
-        return header.tokens(first, last)
+            return 0, 0
+        return int(round(bounds[0] * float(header.sequences))), int(round(bounds[1] * float(header.sequences)))
+
+    def _part_tokens(self, header: IndexHeader, index: int) -> int:
+        """Tokens of the sequences in part ``index``."""
+        return header.tokens(*self._part_sequences(header, index))
+
+    def _log_shares(self, built, headers: list[IndexHeader], part_tokens: list[int], weights, index: int,
+                    count: int, where: str) -> None:
+        """Once per data set of a blend: each source's weight, documents and tokens in the part
+        read, and the samples megatron-core drew from it."""
+        drawn = np.bincount(np.asarray(built.dataset_index[:count]), minlength=len(headers))
+        shares = weights or [float(t) for t in part_tokens]  # one pass: each source whole
+        total = sum(shares)
+        for item, header, tokens, share, n in zip(self.blend.items, headers, part_tokens, shares, drawn):
+            first, last = self._part_sequences(header, index)
+            if weights is None:
+                weight = f"{share / total:.1%} (one pass over every source)"
+            elif item.weight is not None:
+                weight = f"weight {item.weight:g} ({share / total:.1%})"
+            else:
+                weight = f"{share / total:.1%} by size"
+            log.info("data: %s%s: %s, %s documents, %s tokens -> %s of %s samples", item.source.label, where,
+                     weight, f"{last - first:,}", f"{tokens:,}", f"{int(n):,}", f"{count:,}")
 
     def _split_string(self) -> str:
         # fixed-point: megatron-core parses the string with the regex [.0-9]+ (no exponents)
@@ -246,6 +289,8 @@ class Corpus:
             mask, _ = self._build([str(Path(p).with_name("mask")) for p in prefixes], None, weights, sizes, index,
                                   seed, seq_len, 0, num_samples or sum(one_pass))
         dataset = TokenDataset(built, seq_len, num_samples, mask)
+        if len(prefixes) > 1:
+            self._log_shares(built, headers, part_tokens, weights, index, len(dataset), where)
         log.info("data: %d samples of %s from %s%s (sample index %s in %.2f s)%s", len(dataset), shown,
                  self.blend.label, where, "loaded" if complete else "built", time.time() - started,
                  "; trained on the completions' tokens only" if mask is not None else "")
@@ -291,10 +336,11 @@ def _megatron_version() -> str:
 
 def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = None, split: str | None = None,
                  split_flag: str = "--split", cache_dir: str | None = None, cache_flag: str = "--data-cache",
-                 tokenizer=None, need: Sequence[str] = ()) -> Corpus:
+                 tokenizer=None, parts: Sequence[str] = ("train",)) -> Corpus:
     """Everything about the data that can be wrong, checked before any work: the blend,
     every source, token ids of a sample of each indexed source against ``vocab_size``,
-    the split (``need``: the parts the caller reads, each must have a share) and the cache
+    the split (``parts``: those the caller reads; each has a share, and every source has
+    documents in it) and the cache
     directory. With ``tokenizer``, JSONL sources not yet in the cache are read once for
     malformed records."""
     blend = parse_blend(values, flag)
@@ -313,8 +359,9 @@ def check_corpus(values: Any, *, flag: str = "--data", vocab_size: int | None = 
             if item.source.is_text and not cache.is_complete(cache.text_prefix(item.source, key)):
                 check_documents(item.source, flag, tokenizer)
     corpus = Corpus(blend, split, fractions, cache, vocab_size, split_flag)
-    for part in need:
+    for part in parts:
         corpus.require_part(part)
+    corpus.check_parts(*parts)
     return corpus
 
 
@@ -322,9 +369,16 @@ def eval_corpus(train: Corpus, eval_values: Sequence[str] | None, *, flag: str =
                 default: Sequence[str] = ("builtin:heldout",), **kwargs) -> Corpus:
     """Held-out data for a training run, read as its ``valid`` part: ``eval_values`` (whole)
     when given; else the validation part of the training data when its split has one;
-    else ``default``. ``kwargs`` as for ``check_corpus``, without a split."""
+    else ``default``, for built-in training data only: the loss of a model trained on the
+    user's own text is not measured on other text without being asked (a UsageError
+    says what to give). ``kwargs`` as for ``check_corpus``, without a split."""
     if eval_values:
         return check_corpus(list(eval_values), flag=flag, **kwargs)
     if train.fractions is not None and train.has_part("valid"):
+        train.check_parts("valid", eval_flag=flag)
         return train
+    own = [i.source.label for i in train.blend.items if i.source.kind != "builtin"]
+    require(not own, f"{train.flag} {' '.join(own)} is not built-in data, and the default held-out data "
+                     f"({' '.join(default)}) is other text: give {flag} (your held-out text, or "
+                     f"{' '.join(default)}) or {train.split_flag} (e.g. 98,2,0: the validation part of {train.flag})")
     return check_corpus(list(default), flag=flag, **kwargs)

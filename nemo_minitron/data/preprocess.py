@@ -111,7 +111,8 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
         require(spec.is_text, f"--input '{spec.label}' is already a Megatron indexed data set")
     prefix = str(out)[:-4] if str(out).endswith((".bin", ".idx")) else str(out)
     parent = Path(prefix).parent
-    check_writable_dir(parent, "--out", out)
+    existing = next(p for p in [parent, *parent.parents] if p.exists())  # made below, once all is checked
+    check_writable_dir(existing, "--out", out)
     require(not Path(prefix + ".idx").exists(), f"--out '{prefix}' already exists ({prefix}.idx); choose a new prefix")
     tokenizer = load_any_tokenizer(model)
     require(tokenizer.eos_token_id is not None, f"--model '{model}': its tokenizer has no end-of-sequence token "
@@ -121,6 +122,7 @@ def preprocess(inputs: Sequence[str], model: str, out: str, config: PreprocessCo
 
     # ---- work
     start = time.time()
+    parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(len(tokenizer))
     with atomic_indexed(prefix, dtype) as writer:
         tokenize_into(writer, itertools.chain.from_iterable(documents(s, "--input") for s in specs), tokenizer,

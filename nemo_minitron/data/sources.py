@@ -2,8 +2,11 @@
 
 A source is one of
 - ``builtin:calib`` / ``builtin:train`` / ``builtin:heldout`` / ``builtin:docs`` (see ``builtin.py``);
-- a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.text``, ``.jsonl`` inside, sorted);
-- a ``.jsonl`` file whose records have a ``text`` field;
+- a text file, or a folder of them (``.txt``, ``.md``, ``.rst``, ``.text``, ``.jsonl`` inside, sorted):
+  a text file's documents are its paragraphs, runs of lines that a blank line ends
+  (``text_documents``), so that ``--split`` has documents to divide;
+- a ``.jsonl`` file whose records have a ``text`` field (one document per record, as
+  Megatron-LM's ``preprocess_data.py`` reads one);
 - a ``.jsonl`` file of completions (records with ``prompt`` and ``completion``, as
   ``generate`` writes them): each record is one document, prompt then completion, and
   only the completion's tokens are trained on (``completion_records``);
@@ -16,13 +19,14 @@ in the data cache (``cache.py``) and read like one from then on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from nemo_minitron.data.builtin import SPLITS, builtin_documents
-from nemo_minitron.data.indexed import check_prefix
+from nemo_minitron.data.indexed import IndexHeader, check_prefix
 from nemo_minitron.errors import UsageError, require
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -117,6 +121,22 @@ def _jsonl_texts(path: Path, flag: str) -> Iterator[str]:
         yield record["text"]
 
 
+def text_documents(path: Path) -> Iterator[str]:
+    """A text file's documents: its paragraphs, each a run of non-blank lines (joined by
+    newlines; one or more blank or whitespace-only lines end a paragraph). Read line by
+    line, so a large file is never held whole."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
 def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
     """The source's documents in a fixed order (blank ones skipped). JSONL errors are UsageErrors."""
     if spec.kind == "builtin":
@@ -128,9 +148,23 @@ def documents(spec: DataSpec, flag: str = "--data") -> Iterator[str]:
         if path.suffix == ".jsonl":
             yield from (t for t in _jsonl_texts(path, flag) if t.strip())
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                yield text
+            yield from text_documents(path)
+
+
+def document_count(spec: DataSpec, flag: str = "--data") -> int:
+    """How many documents the source holds (what ``--split`` divides), without tokenising:
+    an indexed data set's sequences; the records of completions; else ``documents``
+    (counted once per process while the files are unchanged)."""
+    return _document_count(spec, flag, stat_fingerprint(spec) if spec.kind != "indexed" else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _document_count(spec: DataSpec, flag: str, fingerprint: str | None) -> int:
+    if spec.kind == "indexed":
+        return IndexHeader(spec.path, flag).sequences
+    if spec.kind == "completions":
+        return sum(1 for _ in _jsonl_records(Path(spec.path), f"{flag} '{spec.label}'", "completion"))
+    return sum(1 for _ in documents(spec, flag))
 
 
 def completion_records(spec: DataSpec, tokenizer, flag: str = "--data") -> Iterator[tuple[list[int], list[int]]]:

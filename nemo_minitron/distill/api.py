@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from megatron.core import parallel_state as ps
 
-from nemo_minitron.checkpoint.store import CheckpointInfo, load_checkpoint, load_tokenizer, parse_dtype, read_info
+from nemo_minitron.checkpoint.store import CheckpointInfo, load_checkpoint, load_tokenizer, read_info
 from nemo_minitron.config import Names, check_resume, log_settings, resume_safe_fields, to_dict
 from nemo_minitron.data.config import DataOptions
 from nemo_minitron.distill import outputs
@@ -57,6 +57,7 @@ from nemo_minitron.model.builder import training_needs_sequence_parallel
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.runtime.config import StageConfigs, stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.precision import ComputeDtype, log_compute_dtype, resolve_dtype
 
 log = logging.getLogger("nemo_minitron")
 
@@ -110,7 +111,7 @@ class _Run:
     resolved: dict[str, Any]  # what config.yaml holds
     saved: dict[str, Any] | None  # the config.yaml of the run being resumed
     forced: list[str]  # the settings a forced resume changes
-    compute_dtype: torch.dtype
+    dtype: ComputeDtype
 
 
 def _check_run(teacher: str | None, student: str, data: Sequence[str], out: str, configs: StageConfigs, *,
@@ -153,10 +154,11 @@ def _check_run(teacher: str | None, student: str, data: Sequence[str], out: str,
                                                          vocab_size=s_desc.vocab_size, tokenizer=tokenizer)
     synthetic = synthetic_corpus(synthetic_data, data_opts, data_names, vocab_size=s_desc.vocab_size,
                                  tokenizer=tokenizer)
+    dtype = resolve_dtype(run.dtype, names("dtype"))
     resolved = {"kind": kind, "teacher": teacher, "student": str(student),
                 "data": train_corpus.blend.label if train_corpus else None,
                 **({"synthetic_data": synthetic.blend.label} if synthetic else {}),
-                "eval_data": eval_label, "seed": run.seed, "dtype": run.dtype, **to_dict(data_opts), **to_dict(cfg)}
+                "eval_data": eval_label, "seed": run.seed, "dtype": dtype.name, **to_dict(data_opts), **to_dict(cfg)}
     if cache is not None:  # which cache, by content: another one is another teacher
         resolved.update(teacher_logits=str(teacher_logits), teacher_logits_id=cache.identity)
         cache.check_settings(tokenizer=tokenizer_fingerprint(student), seq_len=cfg.seq_len, seed=run.seed,
@@ -166,15 +168,15 @@ def _check_run(teacher: str | None, student: str, data: Sequence[str], out: str,
     saved = outputs.saved_config(out_path)
     forced = check_resume(saved, resolved, what=f"the {kind} run in '{out}'", force=force,
                           force_hint=force_hint, ignore=resume_safe_fields(type(cfg), DataOptions))
-    compute_dtype = parse_dtype(run.dtype, names("dtype")) if run.dtype else parse_dtype(s_info.dtype)
     return _Run(kind, teacher, student, teacher_logits, cfg, run.seed, tp, pp, dp, s_info, t_desc, cache, method,
-                pairs, out_path, tokenizer, train_corpus, synthetic, heldout, resolved, saved, forced, compute_dtype)
+                pairs, out_path, tokenizer, train_corpus, synthetic, heldout, resolved, saved, forced, dtype)
 
 
 def _train(r: _Run, *, progress: bool, stop_at: int | None) -> DistillResult:
     """The work: train, then finish (final student and summary), or stop resumably."""
     cfg, s_desc = r.cfg, r.student_info.description
     init_distributed(r.tp, r.pp, r.seed)
+    log_compute_dtype(r.dtype)
     started = time.time()
     train_samples = training_samples(r.method, r.train_corpus, r.synthetic_corpus, cfg, r.tokenizer, seed=r.seed,
                                      progress=progress, cache=r.cache)
@@ -182,7 +184,7 @@ def _train(r: _Run, *, progress: bool, stop_at: int | None) -> DistillResult:
                                      progress=progress).first(cfg.eval_samples)
     # synthetic: the student learns from the teacher's generations; the teacher does not run
     student_model, teacher_model = load_training_models(r.student, r.teacher if r.method != "synthetic" else None,
-                                                        r.compute_dtype, s_desc)
+                                                        r.dtype.torch, s_desc)
     trainer = Trainer(student_model, teacher_model, train_samples, eval_samples, r.out, cfg, seed=r.seed,
                       student_desc=s_desc, teacher_desc=r.teacher_desc, pairs=r.pairs, progress=progress,
                       projection_init=_projection_init(r.student, s_desc, r.teacher_desc) if r.pairs else None,
@@ -231,7 +233,7 @@ def _finish(r: _Run, trainer: Trainer, student_model, teacher_model, before: dic
         "teacher": r.teacher, "student": r.student, "data": r.train_corpus.blend.label if r.train_corpus else None,
         **({"method": r.method, "synthetic_data": r.synthetic_corpus.blend.label} if r.synthetic_corpus else {}),
         "steps": cfg.steps, **({"teacher_logits": str(r.teacher_logits)} if r.cache else {})}}
-    outputs.save_final(student_model, r.student_info, r.out, provenance=provenance, compute_dtype=r.compute_dtype,
+    outputs.save_final(student_model, r.student_info, r.out, provenance=provenance, compute_dtype=r.dtype.torch,
                        tokenizer=r.tokenizer)
     final = result["final_train"]
     summary = {
@@ -246,7 +248,7 @@ def _finish(r: _Run, trainer: Trainer, student_model, teacher_model, before: dic
         "config": r.resolved,
         # forced resumes: at which step which settings changed (the schedule follows the new ones)
         "forced_resumes": outputs.forced_resumes(r.out),
-        "layout": {"tp": r.tp, "pp": r.pp, "dp": r.dp, "dtype": str(r.compute_dtype).replace("torch.", ""),
+        "layout": {"tp": r.tp, "pp": r.pp, "dp": r.dp, "dtype": r.dtype.name, "dtype_reason": r.dtype.describe(),
                    "lr_min": cfg.min_lr_value, "warmup_steps": cfg.warmup,
                    "kd_pairs": [f"{p.student}:{p.teacher}" for p in r.pairs]},
     }

@@ -27,7 +27,7 @@ def training_corpora(data: Sequence[str] | None, eval_data: Sequence[str] | None
         heldout = check_corpus(list(eval_data or [DEFAULT_EVAL_DATA]), flag="--eval-data", **data_kwargs)
         train, label = None, heldout.blend.label
     else:
-        train = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), need=("train",),
+        train = check_corpus(data, split=data_opts.split, split_flag=data_names("split"), parts=("train",),
                              **data_kwargs)
         heldout = eval_corpus(train, eval_data, default=[DEFAULT_EVAL_DATA], **data_kwargs)
         label = f"the validation part of {train.blend.label}" if heldout is train else heldout.blend.label

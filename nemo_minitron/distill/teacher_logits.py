@@ -37,7 +37,6 @@ from nemo_minitron.checkpoint.store import (
     atomic_directory,
     load_checkpoint,
     load_tokenizer,
-    parse_dtype,
     read_info,
 )
 from nemo_minitron.config import Names
@@ -51,6 +50,7 @@ from nemo_minitron.files import check_new_output
 from nemo_minitron.model.forward import position_ids, run_forward_only, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 
 log = logging.getLogger("nemo_minitron")
 
@@ -239,20 +239,21 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
                                           f"({desc.vocab_size})")
     require(cfg.seq_len <= desc.max_position_embeddings, f"{names('seq_len')} {cfg.seq_len} is longer than the "
                                                          f"teacher allows ({desc.max_position_embeddings})")
-    compute_dtype = parse_dtype(run.dtype, names("dtype")) if run.dtype else None
+    dtype = resolve_dtype(run.dtype, names("dtype"))
     out_path = check_new_output(out)
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
     tokenizer = load_tokenizer(teacher)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
                           cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
-                          need=("train",))
+                          parts=("train",))
 
     # ---- work
     init_distributed(tp, pp, run.seed)
     samples = corpus.dataset(tokenizer, seq_len=cfg.seq_len, seed=run.seed, part="train", num_samples=cfg.samples,
                              samples_flag=names("samples"), progress=progress)
-    model, _ = load_checkpoint(teacher, dtype=compute_dtype)
+    log_compute_dtype(dtype)
+    model, _ = load_checkpoint(teacher, dtype=dtype.torch)
     dp_rank = ps.get_data_parallel_rank()
     lo, hi = data_parallel_bounds(len(samples), dp_rank, dp)
     mine = samples.take(hi - lo, lo)
@@ -295,7 +296,7 @@ def write_teacher_logits(teacher: str, data: Sequence[str], out: str, config: Te
                      "split": data_opts.split, "seed": run.seed, "seq_len": cfg.seq_len,
                      "dataset_samples": cfg.samples, "num_samples": len(samples), "vocab_size": desc.vocab_size,
                      "top_k": cfg.top_k, "temperature": cfg.kd_temperature, "value_dtype": cfg.value_dtype,
-                     "compute_dtype": run.dtype or info.dtype,
+                     "compute_dtype": dtype.name,
                      "bytes_per_token": bytes_per_token(cfg.top_k, cfg.value_dtype),
                      "written_at": {"tp": tp, "pp": pp, "dp": dp},
                      "shards": [{"name": f"dp{r:05d}", "start": start, "count": stop - start}

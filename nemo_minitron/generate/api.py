@@ -31,7 +31,6 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from nemo_minitron.checkpoint.api import describe_model, model_tokenizer, open_model
-from nemo_minitron.checkpoint.store import parse_dtype
 from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.dataset import check_corpus
 from nemo_minitron.errors import UsageError, require
@@ -41,6 +40,7 @@ from nemo_minitron.generate.engine import TextGenerator
 from nemo_minitron.generate.prompts import Prompt, data_prefixes, read_prompt_file
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import barrier, broadcast_object, check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 
 log = logging.getLogger("nemo_minitron")
 
@@ -174,11 +174,11 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         require(cfg.prefix_tokens >= 2, f"{names('prefix_tokens')} must be >= 2 (got {cfg.prefix_tokens})")
         corpus = check_corpus(list(data), vocab_size=desc.vocab_size, tokenizer=tokenizer, split=data_opts.split,
                               split_flag=data_names("split"), cache_dir=data_opts.cache_dir,
-                              cache_flag=data_names("cache_dir"), need=("train",))
+                              cache_flag=data_names("cache_dir"), parts=("train",))
         require(cfg.prefix_tokens + sampling.max_new_tokens <= desc.max_position_embeddings,
                 f"{names('prefix_tokens')} {cfg.prefix_tokens} + {names('max_new_tokens')} "
                 f"{sampling.max_new_tokens} exceeds the model's context of {desc.max_position_embeddings} tokens")
-    dtype = parse_dtype(run_cfg.dtype) if run_cfg.dtype else None
+    dtype = resolve_dtype(run_cfg.dtype, names("dtype"))
 
     # ---- work
     init_distributed(tp, pp, seed)
@@ -189,14 +189,15 @@ def generate(model: str, out: str, config: GenerateConfig | None = None, *, prom
         log_settings(log, f"generate: {model} completes {len(items)} prompts from {source} (at most "
                           f"{sampling.max_new_tokens} new tokens, temperature {sampling.temperature:g}) into {out}",
                      {"model": model, "prompts": prompts, "data": data, **to_dict(cfg), "tp": tp, "pp": pp,
-                      "seed": seed, "dtype": run_cfg.dtype}, None)
+                      "seed": seed, "dtype": dtype.name}, None)
     writer = ResumableJsonl(out_path, _fingerprint(model, items, cfg, seed), batch_size)
     done = broadcast_object(_resume(writer) if is_rank0() else None)
     if isinstance(done, str):  # every rank stops with rank 0's error
         raise UsageError(done)
     if done:
         log.info("continuing %s after %d of %d records", writer.partial, done, len(items))
-    opened = open_model(model, dtype=dtype)
+    log_compute_dtype(dtype)
+    opened = open_model(model, dtype=dtype.torch)
     generator = TextGenerator(opened.model, opened.description, opened.tokenizer)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -22,7 +22,6 @@ from nemo_minitron.checkpoint.store import (
     atomic_directory,
     load_checkpoint,
     load_tokenizer,
-    parse_dtype,
     read_info,
 )
 from nemo_minitron.config import Names, default_of, log_settings, to_dict, yaml_text
@@ -39,6 +38,7 @@ from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.model.forward import position_ids, run_forward_only, split_microbatches, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.runtime.progress import progress_bar
 
 log = logging.getLogger("nemo_minitron")
@@ -146,15 +146,15 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     require(not (cfg.second_moments and desc.is_moe),
             f"{names('second_moments')} (for prune --refit) is for dense MLPs; this {desc.architecture} model "
             "has experts")
-    compute_dtype = parse_dtype(run_cfg.dtype, names("dtype")) if run_cfg.dtype else None
+    dtype = resolve_dtype(run_cfg.dtype, names("dtype"))
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
     require(samples >= dp, f"{names('samples')} {samples} is fewer than the {dp} data-parallel ranks")
     tokenizer = load_tokenizer(checkpoint)
     corpus = check_corpus(data, vocab_size=desc.vocab_size, split=data_opts.split, split_flag=data_names("split"),
                           cache_dir=data_opts.cache_dir, cache_flag=data_names("cache_dir"), tokenizer=tokenizer,
-                          need=("train",))
-    resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": run_cfg.dtype,
+                          parts=("train",))
+    resolved = {"checkpoint": str(checkpoint), "data": corpus.blend.label, "seed": seed, "dtype": dtype.name,
                 **to_dict(data_opts), **to_dict(cfg)}
 
     # ---- work
@@ -162,7 +162,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     init_distributed(tp, pp, seed)
     calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
                                       progress=progress, samples_flag=names("samples"))
-    model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
+    model, info = load_checkpoint(checkpoint, dtype=dtype.torch)
+    log_compute_dtype(dtype)
     passes = cfg.layer_passes(desc.num_layers)
     if is_rank0():
         log_settings(log, f"importance of {checkpoint} on {samples} samples x {seq_len} tokens of {corpus.blend.label} "
@@ -195,7 +196,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         "model": desc.fingerprint(),
         "checkpoint": str(checkpoint),
         "config": resolved,
-        "layout": {"tp": tp, "pp": pp, "dp": dp, "dtype": str(compute_dtype or info.dtype).replace("torch.", "")},
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "dtype": dtype.name,
+                   "dtype_reason": dtype.describe()},
         "samples": samples,
         "tokens": samples * seq_len,
         "layer_tokens": layer_samples * seq_len,

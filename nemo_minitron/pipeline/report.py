@@ -9,6 +9,7 @@ chose its architecture by search gets the search's ranking and loss curves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,14 +19,16 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from nemo_minitron.checkpoint.store import atomic_directory, load_checkpoint, load_tokenizer, parse_dtype, read_info
+from nemo_minitron.checkpoint.store import atomic_directory, load_checkpoint, load_tokenizer, read_info
 from nemo_minitron.checkpoint.verify import load_hf_model
 from nemo_minitron.data.blend import blend_words
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.pipeline.corpora import data_corpus
 from nemo_minitron.pipeline.recipe import Recipe
 from nemo_minitron.runtime.distributed import is_rank0
-from nemo_minitron.runtime.plotting import pyplot
+from nemo_minitron.runtime.plotting import pyplot, save_figure
+from nemo_minitron.runtime.precision import ComputeDtype, resolve_dtype
+from nemo_minitron.runtime.signals import received, stop_requested
 from nemo_minitron.search.api import PLOT, RESULT
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
 from nemo_minitron.tasks.builtin import CHANCE
@@ -46,7 +49,8 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
     return models
 
 
-def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]], dtype: ComputeDtype) -> list[dict[str, Any]] | None:
+    """Every model's row (collective); None when a stop signal came (asked after each model)."""
     cfg = recipe.report
     first = models[0][1]
     tokenizer = load_tokenizer(first)
@@ -59,26 +63,28 @@ def _evaluate_all(recipe: Recipe, models: list[tuple[str, Path]]) -> list[dict[s
                               path_flag="recipe key 'report.tasks_path'")
     rows = []
     for name, path in models:
-        model, info = load_checkpoint(path, dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None)
+        model, info = load_checkpoint(path, dtype=dtype.torch)
         result = evaluate(model, info.description.vocab_size, samples, micro_batch=cfg.micro_batch)
         desc = info.description
+        log.info("report: %s: loss %.4f, %s", name, result.loss, desc.summary())
         rows.append({"model": name, "checkpoint": str(path), "parameters": desc.num_parameters(),
                      "flops_per_token": desc.flops_per_token(cfg.flops_seq_len),
                      "kv_cache_bytes_per_token": desc.kv_cache_bytes_per_token(),
                      "heldout_loss": result.loss, "heldout_perplexity": result.perplexity,
                      "heldout_tokens": result.tokens, "shape": desc.summary(),
-                     "tasks": _task_scores(model, desc, path, tasks, cfg, recipe.seed) if tasks else {}})
-        log.info("report: %s: loss %.4f, %s", name, result.loss, desc.summary())
+                     "tasks": _task_scores(name, model, desc, path, tasks, cfg, recipe.seed) if tasks else {}})
         del model
+        if stop_requested():
+            return None
     return rows
 
 
-def _task_scores(model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, dict[str, Any]]:
+def _task_scores(name: str, model, desc, path: Path, tasks, cfg, seed: int) -> dict[str, dict[str, Any]]:
     lm = MegatronLM(model, desc, load_tokenizer(path), batch_size=cfg.micro_batch, seed=seed)
     results = run_tasks(lm, tasks, limit=cfg.task_limit, num_fewshot=cfg.num_fewshot, seed=seed)
     for r in results.values():
-        log.info("report: %s: %s", r.task, ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))
-    return {name: r.to_dict() for name, r in results.items()}
+        log.info("report: %s: %s: %s", name, r.task, ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))
+    return {task: r.to_dict() for task, r in results.items()}
 
 
 def _task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -117,8 +123,7 @@ def _plot_tasks(rows: list[dict[str, Any]], out: Path) -> str | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     name = "tasks.png"
-    fig.savefig(out / name, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / name)
     return name
 
 
@@ -129,9 +134,29 @@ def _read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-def _plot_curves(recipe: Recipe, paths, out: Path) -> list[str]:
+def distillation_figure(title: str, train: list[dict[str, Any]], evals: list[dict[str, Any]]):
+    """The training loss (KD, left axis) and the held-out LM loss (right axis) over the steps:
+    two y axes, as the two can differ by orders of magnitude (a KD loss of 0.003 next to a
+    held-out loss of 6 would be a flat line on one axis)."""
     plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue",
+                    label="training loss (KD)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (KD)", color="tab:blue")
+    ax.grid(alpha=0.3)
+    if evals:
+        right = ax.twinx()
+        lines += right.plot([r["step"] for r in evals], [r["heldout_loss"] for r in evals], "o-", color="tab:red",
+                            label="held-out LM loss")
+        right.set_ylabel("held-out LM loss", color="tab:red")
+    ax.legend(lines, [line.get_label() for line in lines])
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
+
+def _plot_curves(recipe: Recipe, paths, out: Path) -> list[str]:
     files = []
     for i, rnd in enumerate(recipe.rounds):
         records = _read_metrics(paths.distill(i))
@@ -139,19 +164,8 @@ def _plot_curves(recipe: Recipe, paths, out: Path) -> list[str]:
         evals = [r for r in records if r.get("kind") == "eval"]
         if not train:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss (KD)")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["heldout_loss"] for r in evals], "o-", label="held-out LM loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{rnd.name}: distillation")
-        ax.legend()
-        ax.grid(alpha=0.3)
         name = f"{rnd.name}-distillation.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        save_figure(distillation_figure(f"{rnd.name}: distillation", train, evals), out / name)
         files.append(name)
     return files
 
@@ -226,25 +240,31 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
-def write_report(recipe: Recipe, paths, out: Path) -> None:
-    """Collective (evaluation runs on every rank); rank 0 writes the files, atomically."""
-    rows = _evaluate_all(recipe, _models(recipe, paths))
+def write_report(recipe: Recipe, paths, out: Path) -> str | None:
+    """Collective (evaluation runs on every rank); rank 0 writes the files, atomically.
+    Returns None, or the stop signal (SIGTERM, SIGUSR1) that ended it before anything was
+    written (a new start writes the whole report)."""
+    dtype = resolve_dtype(recipe.dtype, "recipe key 'dtype'")
+    rows = _evaluate_all(recipe, _models(recipe, paths), dtype)
+    if rows is None:
+        return received() or "a signal on another rank"
     stages = json.loads((paths.root / "stages.json").read_text()) if (paths.root / "stages.json").is_file() else {}
     with atomic_directory(out) as tmp:
         if not is_rank0():
-            return
+            return None
         curves = _plot_curves(recipe, paths, tmp)
         task_plot = _plot_tasks(rows, tmp)
         importance_plots = _copy_importance_plots(recipe, paths, tmp)
         searches = _searches(recipe, paths, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
         summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
-        report = {"recipe": recipe.name, "models": rows, "stages": stages, "search": searches,
-                  "distillation": summaries,
+        report = {"recipe": recipe.name, "dtype": dataclasses.asdict(dtype), "models": rows, "stages": stages,
+                  "search": searches, "distillation": summaries,
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot, searches, summaries))
+                                                 task_plot, searches, summaries, dtype))
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -278,11 +298,12 @@ def _trained_on(name: str, summary: dict[str, Any]) -> str:
 
 
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None,
-              summaries=None) -> str:
+              summaries=None, dtype: ComputeDtype | None = None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
-             f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}.", "",
+             f"sequence length {recipe.report.seq_len}). FLOPs per token at context {recipe.report.flops_seq_len}."
+             + (f" Compute {dtype.describe()}." if dtype else ""), "",
              "| model | parameters | FLOPs/token | KV cache bytes/token | held-out loss | perplexity | vs. teacher |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -309,10 +330,15 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
             lines += ["", f"![{task_plot}]({task_plot})"]
     lines += ["", "Shapes:", ""] + [f"- {r['model']}: {r['shape']}" for r in rows]
     if stages:
-        lines += ["", "## Stages", "", "| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]
+        lines += ["", "## Stages", ""]
+        if any(s.get("runs", 1) > 1 for s in stages.values()):
+            lines += ["A stage that a stop signal ended and a new start continued: its wall time summed over its "
+                      "runs, tokens/s over that sum.", ""]
+        lines += ["| stage | wall time | tokens | tokens/s |", "|---|---|---|---|"]
         for name, s in stages.items():
             tps = f"{s['tokens_per_second']:,.0f}" if s.get("tokens_per_second") else "-"
-            lines.append(f"| {name} | {s['wall_seconds']:.0f} s | {s['tokens'] or '-'} | {tps} |")
+            runs = f" ({s['runs']} runs)" if s.get("runs", 1) > 1 else ""
+            lines.append(f"| {name} | {s['wall_seconds']:.0f} s{runs} | {s['tokens'] or '-'} | {tps} |")
     for name, result in (searches or {}).items():
         lines += _search_markdown(name, result)
     trained = [_trained_on(name, summary) for name, summary in (summaries or {}).items() if summary]

@@ -46,6 +46,7 @@ from nemo_minitron.prune.api import planned_description
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.targets import parse_param_count
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.runtime.signals import received, stop_requested
 from nemo_minitron.search import api as search_api
 from nemo_minitron.search.api import RESULT
@@ -56,6 +57,8 @@ from nemo_minitron.tasks.api import resolve_tasks
 log = logging.getLogger("nemo_minitron")
 
 STAGES_FILE = "stages.json"
+#: the runs of stages a stop signal ended (their wall time counts towards the stage's total)
+SEGMENTS_FILE = "stages-unfinished.json"
 SYNTHETIC_FILE = "completions.jsonl"
 FORCE_HINT = "resume=force (or run --force)"
 
@@ -137,10 +140,12 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     Returns the model description after each round (the planned architectures)."""
     recipe.model.source = model_path(recipe.model.source, recipe.model.iteration, "recipe key 'model.source'",
                                      "recipe key 'model.iteration'")
+    resolve_dtype(recipe.dtype, "recipe key 'dtype'")
     done = paths.input_checkpoint() if paths.convert.exists() else None
     desc = describe_model(str(done or recipe.model.source), flag="model.source")
-    for use in ("calib", "train", "heldout"):
-        data_corpus(recipe, use, vocab_size=desc.vocab_size)
+    corpora = {use: data_corpus(recipe, use, vocab_size=desc.vocab_size) for use in ("calib", "train", "heldout")}
+    if corpora["heldout"] is None:  # every evaluation reads the validation part of data.train
+        corpora["train"].check_parts("valid", eval_flag="data.heldout")
     tp, pp = recipe.parallel.tp, recipe.parallel.pp
     desc.check_layout(tp, pp)
     check_world_size(tp, pp)
@@ -225,8 +230,8 @@ def _stages(recipe: Recipe, paths: RunPaths) -> list[Stage]:
                             {"export": to_dict(recipe.export)}))
 
     def report(out: Path) -> dict:
-        write_report(recipe, paths, out)
-        return {}
+        stopped = write_report(recipe, paths, out)
+        return {"stopped": stopped} if stopped else {}
     stages.append(Stage("report", paths.report, lambda p: (p / "report.md").is_file(), report,
                         {"report": to_dict(recipe.report), "data.heldout": data.heldout}))
     return stages
@@ -325,15 +330,34 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
 
 
 # -------------------------------------------------------------------- runner
-def _record(root: Path, name: str, entry: dict[str, Any]) -> None:
+def _update(file: Path, name: str, entry: Any) -> None:
+    """Rank 0: set (or, with None, remove) ``name`` in the JSON mapping ``file``, atomically."""
     if not is_rank0():
         return
-    file = root / STAGES_FILE
     records = json.loads(file.read_text()) if file.is_file() else {}
-    records[name] = entry
+    if entry is None:
+        if name not in records:
+            return
+        del records[name]
+    else:
+        records[name] = entry
     tmp = file.with_suffix(".tmp")
     tmp.write_text(json.dumps(records, indent=2))
     tmp.replace(file)
+
+
+def _segments(root: Path, name: str) -> list[dict[str, Any]]:
+    file = root / SEGMENTS_FILE
+    return json.loads(file.read_text()).get(name, []) if file.is_file() else []
+
+
+def _finished_entry(stage: Stage, wall: float, tokens: int, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    """A finished stage's record: its wall time summed over every run of it (a stage a stop
+    signal ended continues when started again) and tokens/s over that total."""
+    total = wall + sum(s["wall_seconds"] for s in earlier)
+    return {"directory": str(stage.directory), "wall_seconds": round(total, 2), "runs": len(earlier) + 1,
+            "tokens": tokens, "tokens_per_second": round(tokens / total, 1) if tokens else None,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": to_plain(stage.config)}
 
 
 def check_finished_stages(recipe: Recipe, root: Path, stages: list[Stage]) -> dict[str, list[str]]:
@@ -387,6 +411,7 @@ def run_recipe(recipe: Recipe) -> Path | None:
         log_settings(log, f"recipe {recipe.name}: {recipe.model.source}, {chain} parameters in {len(recipe.rounds)} "
                           f"round(s), output in {root}", to_plain(dataclasses.asdict(recipe)),
                      str(root / "recipe.yaml"))
+        log_compute_dtype(resolve_dtype(recipe.dtype, "recipe key 'dtype'"))
         for name, keys in accepted.items():
             log.warning("stage %s was made with other settings (%s); kept because resume=force", name,
                         ", ".join(keys))
@@ -395,24 +420,37 @@ def run_recipe(recipe: Recipe) -> Path | None:
         if stage.is_done(stage.directory):
             log.info("stage %s: complete in %s, skipped", stage.name, stage.directory)
             continue
+        if not stage.directory.exists():  # starts afresh: earlier runs of it left nothing to continue
+            _update(root / SEGMENTS_FILE, stage.name, None)
         log.info("stage %s: starting -> %s", stage.name, stage.directory)
         start = time.time()
         stats = stage.work(stage.directory) or {}
         wall = time.time() - start
+        earlier = _segments(root, stage.name)
         if stats.get("stopped"):  # a stop signal: the stage saved its state; a new start continues it
-            log.warning("recipe stopped by %s in stage %s; start it again to continue", stats["stopped"],
-                        stage.name)
+            _update(root / SEGMENTS_FILE, stage.name, [*earlier, {"wall_seconds": round(wall, 2),
+                                                                  "stopped_by": stats["stopped"]}])
+            if stage.name == "report":  # nothing of it was written
+                log.warning("recipe stopped by %s in stage report, before the report was written; start it "
+                            "again to redo the report", stats["stopped"])
+            else:
+                log.warning("recipe stopped by %s in stage %s; start it again to continue", stats["stopped"],
+                            stage.name)
             return None
-        tokens = int(stats.get("tokens", 0) or 0)
-        _record(root, stage.name, {"directory": str(stage.directory), "wall_seconds": round(wall, 2),
-                                   "tokens": tokens, "tokens_per_second": round(tokens / wall, 1) if tokens else None,
-                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                   "config": to_plain(stage.config)})
-        log.info("stage %s: done in %.0f s", stage.name, wall)
+        entry = _finished_entry(stage, wall, int(stats.get("tokens", 0) or 0), earlier)
+        _update(root / STAGES_FILE, stage.name, entry)
+        _update(root / SEGMENTS_FILE, stage.name, None)
+        log.info("stage %s: done in %.0f s%s", stage.name, wall,
+                 f" ({entry['wall_seconds']:.0f} s over {entry['runs']} runs)" if earlier else "")
         barrier()
-        if stage is not stages[-1] and stop_requested():  # a signal during a stage that cannot pause
-            log.warning("recipe stopped by %s after stage %s; start it again to continue",
-                        received() or "a signal on another rank", stage.name)
-            return None
+        if stop_requested():  # a signal during a stage that cannot pause
+            signal_name = received() or "a signal on another rank"
+            if stage is stages[-1]:
+                log.warning("%s came during stage %s, which finished: the recipe is complete", signal_name,
+                            stage.name)
+            else:
+                log.warning("recipe stopped by %s after stage %s; start it again to continue", signal_name,
+                            stage.name)
+                return None
     return paths.report
 

@@ -24,7 +24,6 @@ from nemo_minitron.checkpoint.store import (
     dtype_name,
     load_checkpoint,
     load_tokenizer,
-    parse_dtype,
     read_info,
     require_tokenizer,
     save_checkpoint,
@@ -59,6 +58,7 @@ from nemo_minitron.prune.targets import (
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, prune_tensor
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, current_device, init_distributed
+from nemo_minitron.runtime.precision import stored_dtype
 
 log = logging.getLogger("nemo_minitron")
 
@@ -155,7 +155,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     block | "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed
     heads and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
-    checkpoint; default: the source's)."""
+    checkpoint; auto, the default: the source's)."""
     configs = stage_configs(PruneConfig, config, options, names, data=False)
     cfg, run_cfg, names = configs.stage, configs.run, configs.names
     tp, pp = configs.parallel.tp, configs.parallel.pp
@@ -170,7 +170,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
 
         layer_metric = ",".join(map(str, parse_drop_layers(cfg.drop_layers, old.num_layers, names("drop_layers"))))
     parse_layer_metric(layer_metric, old.num_layers, flag=names("layer_metric"))
-    compute_dtype = parse_dtype(dtype, names("dtype")) if dtype is not None else None
+    compute_dtype = stored_dtype(dtype, names("dtype"))  # auto: as stored (pruning copies weights)
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
     require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "

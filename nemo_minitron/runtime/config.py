@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, TypeVar
 
-from nemo_minitron.config import DEFAULT_SEED, Dtype, Names, build, cli_names, option, split_overrides
+from nemo_minitron.config import DEFAULT_SEED, ComputeDtypeName, Names, build, cli_names, option, split_overrides
 from nemo_minitron.data.config import DataOptions
 
 C = TypeVar("C")
@@ -23,7 +23,8 @@ class ParallelConfig:
 @dataclasses.dataclass
 class RunConfig:
     seed: int = option(DEFAULT_SEED, "random seed (calibration sample choice, data order, initialisation)")
-    dtype: Optional[Dtype] = option(None, "compute dtype", default_text="as stored in the checkpoint")
+    dtype: ComputeDtypeName = option("auto", "compute dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 "
+                                             "matrix products (AVX-512-BF16, AMX), float32 elsewhere")
 
 
 @dataclasses.dataclass

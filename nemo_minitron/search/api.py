@@ -24,6 +24,7 @@ checkpoint. Only the winner is kept at the end unless ``keep_all``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from nemo_minitron.prune.targets import format_count, parse_param_count
 from nemo_minitron.runtime.config import RunConfig, stage_configs
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
 from nemo_minitron.runtime.plotting import pyplot
+from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.search.candidates import SearchCandidate, search_candidates
 from nemo_minitron.search.config import SearchConfig
 
@@ -159,6 +161,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     out_path = Path(out)
     require(out_path.parent.exists(), f"--out '{out}': parent directory does not exist")
     check_output_dir(out_path, "--out")
+    dtype = resolve_dtype(run.dtype, names("dtype"))
+    run = dataclasses.replace(run, dtype=dtype.name)  # every candidate pruned, stored and trained in it
     resolved = {"checkpoint": str(checkpoint), "importance": str(importance), "teacher": teacher,
                 "teacher_logits": teacher_logits, "data": corpus.blend.label, "eval_data": eval_label,
                 "seed": run.seed, "dtype": run.dtype, "tp": tp, "pp": pp, **to_dict(data_opts), **to_dict(cfg)}
@@ -186,6 +190,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         log_settings(log, f"search of {checkpoint}: {len(candidates)} candidates for {format_count(budget)} "
                           f"parameters, each distilled {cfg.steps} steps on {corpus.blend.label}", resolved,
                      str(out_path / CONFIG_FILE))
+        log_compute_dtype(dtype)
         log.info("search candidates:\n%s", "\n".join(
             f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}" for c in candidates))
     barrier()
