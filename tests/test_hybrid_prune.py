@@ -349,8 +349,8 @@ def test_prune_to_the_original_shape_is_the_identity(hybrid, tmp_path):
 
 @pytest.mark.multirank
 def test_tp2_pp2_dp2_equal_tp1(hybrid, tmp_path):
-    """One 2-process run: importance at TP=2 (a rank holds one B/C group: in_proj's x section
-    and the gated norm's output split by heads), PP=2 (3 layers a stage) and DP=2 equals
+    """One 2-process run: importance at TP=2 (a rank holds one B/C group: the gated norm's
+    output, and in_proj's x section, split by heads), PP=2 (3 layers a stage) and DP=2 equals
     TP=1; pruning at TP=2 and PP=2 (from the TP=1 scores; by importance with layers of each
     kind, and by weight magnitude gathered over the ranks) writes exactly the TP=1 weights,
     and the pruned models hold as many parameters as their descriptions count."""
@@ -359,7 +359,10 @@ def test_tp2_pp2_dp2_equal_tp1(hybrid, tmp_path):
     from nemo_minitron.prune.api import prune
 
     layer_kwargs = dict(IMPORTANCE, drop_blocks=[])  # loss drops per layer; blocks and greedy are layout-free
-    base = compute_importance(str(hybrid["checkpoint"]), ["builtin:calib"], str(tmp_path / "tp1"), **layer_kwargs)
+    # at TP=2 also in_proj's x section (this rank's x rows sit between its z and B rows) and token head norms
+    variants = {"imp": {}, "imp-x": {"mamba_activation": "x", "head_score": "token"}}
+    base = {name: compute_importance(str(hybrid["checkpoint"]), ["builtin:calib"], str(tmp_path / f"tp1-{name}"),
+                                     **layer_kwargs, **v) for name, v in variants.items()}
     jobs = [  # at PP=2 the stages [M * -] [M - M] keep 2 layers each: layers 2 and 3 go
         {"name": "importance", "target": {"hidden": 48, "mamba_heads": 6, "mamba_head_dim": 6, "ffn": 64,
                                           "mamba_layers": 2, "mlp_layers": 1}, "order": "importance",
@@ -370,19 +373,21 @@ def test_tp2_pp2_dp2_equal_tp1(hybrid, tmp_path):
                                           str(tmp_path / f"tp1-{job['name']}"), target=job["target"],
                                           order=job["order"], layer_metric=job["layer_metric"]))[1] for job in jobs}
     layouts = {"tp2": [2, 1], "pp2": [1, 2], "dp2": [1, 1]}
+    runs = {"tp2": variants, "pp2": {"imp": {}}, "dp2": {"imp": {}}}
     job = {"checkpoint": str(hybrid["checkpoint"]), "scores": str(hybrid["importance"]), "layouts": layouts,
-           "importance": {k: v for k, v in layer_kwargs.items() if k != "progress"}, "prune": jobs,
-           "out": str(tmp_path / "{layout}")}
+           "importance": {k: v for k, v in layer_kwargs.items() if k != "progress"}, "variants": runs,
+           "prune": jobs, "out": str(tmp_path / "{layout}")}
     (tmp_path / "job.json").write_text(json.dumps(job))
     run_workers("hybrid_prune_layouts.py", tmp_path / "job.json")
     for layout in layouts:
-        other = ImportanceScores.load(tmp_path / layout / "imp")
-        assert other.tensors.keys() == base.tensors.keys()
-        for axis, ref in base.tensors.items():
-            if axis == "layer_loss_drop":  # differences of two losses
-                assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (layout, axis)
-            else:  # another split of the same float32 forward, and DP's sums added in another order
-                assert _close(other[axis], ref.double(), 2 * SCORE_RTOL), (layout, axis)
+        for name in runs[layout]:
+            other = ImportanceScores.load(tmp_path / layout / name)
+            assert other.tensors.keys() == base[name].tensors.keys()
+            for axis, ref in base[name].tensors.items():
+                if axis == "layer_loss_drop":  # differences of two losses
+                    assert (other[axis] - ref).abs().max().item() <= 2 * LOSS_TOL, (layout, name, axis)
+                else:  # another split of the same float32 forward, and DP's sums added in another order
+                    assert _close(other[axis], ref.double(), 2 * SCORE_RTOL), (layout, name, axis)
         if layout == "dp2":
             continue
         for j in jobs:
@@ -504,4 +509,8 @@ def test_plan_lists_the_published_shapes(teacher, published, billions, limits, t
     targets = [{k: r["target"][k] for k in published} for r in rows]
     assert published in targets
     row = rows[targets.index(published)]
-    assert row["params"] == student.num_parameters() and row["ssm_state_bytes"] == student.ssm_state_bytes()
+    # the recurrent state of one sequence in bf16: per Mamba layer, heads x head_dim x state and
+    # the conv window (kernel - 1 steps of the x, B and C channels)
+    H, P, N, G = student.mamba_num_heads, student.mamba_head_dim, student.mamba_state_dim, student.mamba_num_groups
+    ssm = student.hybrid_pattern.count("M") * (H * P * N + (H * P + 2 * G * N) * (student.mamba_conv_kernel - 1)) * 2
+    assert row["params"] == student.num_parameters() and row["ssm_state_bytes"] == ssm

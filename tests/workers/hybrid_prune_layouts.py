@@ -4,8 +4,9 @@ loaded back at the layout and must hold as many parameters as its description co
 
     python -m torch.distributed.run --nproc-per-node 2 hybrid_prune_layouts.py JOB.json
     JOB.json: {"checkpoint", "scores", "layouts": {"tp2": [2, 1], "dp2": [1, 1], ...}, "importance": {...},
+               "variants": {layout: {directory: {importance options}}},
                "prune": [{"name", "target", "order", "layer_metric"}, ...], "out": ".../{layout}"}
-    writes OUT/imp/ and OUT/<name>/
+    writes OUT/<directory>/ (importance) and OUT/<name>/ (pruned)
 """
 
 import json
@@ -24,8 +25,9 @@ def main() -> None:
     for name, (tp, pp) in job["layouts"].items():
         out = Path(job["out"].format(layout=name))
         out.mkdir(parents=True, exist_ok=True)
-        compute_importance(job["checkpoint"], ["builtin:calib"], str(out / "imp"), tp=tp, pp=pp, progress=False,
-                           **job["importance"])
+        for variant, options in job["variants"][name].items():
+            compute_importance(job["checkpoint"], ["builtin:calib"], str(out / variant), tp=tp, pp=pp, progress=False,
+                               **job["importance"], **options)
         if tp * pp == 1:
             continue  # data parallel: pruning has nothing to split
         for p in job["prune"]:
