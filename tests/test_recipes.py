@@ -16,11 +16,12 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_document]",
         "data.heldout=[/data/val_text_document]"]
 # Published parameter counts of the recipes' targets (Llama-3.1-Minitron 4B width and
-# depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count);
-# None where no such model was published.
+# depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count;
+# Nemotron-H 4B and Nemotron Nano 9B v2: their HF models' 4.49B and 8.89B); None where no
+# such model was published.
 PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
                "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-90m": None,
-               "qwen3-30b-a3b-experts": None}
+               "qwen3-30b-a3b-experts": None, "nemotron-h-8b-4b": 4.49, "nemotron-nano-12b-9b": 8.89}
 
 
 def _source_description(source: str):
@@ -54,6 +55,13 @@ def test_recipe_validates_and_targets_published_size(path):
     if recipe.name == "nemotron-15b-8b":  # nvidia/Minitron-8B-Base's shape
         assert (desc.architecture, desc.hidden_size, desc.ffn_hidden_size, desc.num_attention_heads,
                 desc.num_query_groups, desc.head_dim, desc.num_layers) == ("nemotron", 4096, 16384, 48, 8, 128, 32)
+    if recipe.name == "nemotron-h-8b-4b":  # nvidia/Nemotron-H-4B-Base-8K's shape
+        assert (desc.hidden_size, desc.mamba_num_heads, desc.mamba_head_dim, desc.ffn_hidden_size,
+                desc.hybrid_pattern) == (3072, 112, 64, 12288, "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-")
+    if recipe.name == "nemotron-nano-12b-9b":  # nvidia/NVIDIA-Nemotron-Nano-9B-v2's shape (layer kinds counted)
+        assert (desc.hidden_size, desc.ffn_hidden_size, desc.mamba_num_heads, desc.mamba_head_dim,
+                desc.num_attention_heads, desc.num_layers) == (4480, 15680, 128, 80, 40, 56)
+        assert [desc.hybrid_pattern.count(s) for s in "M*-"] == [27, 4, 25]
     if recipe.name == "qwen3-30b-a3b-experts":  # half the experts: ~16B total, the active count kept
         assert (desc.num_experts, desc.moe_top_k, desc.moe_ffn_hidden_size, desc.num_layers) == (64, 8, 768, 48)
         assert round(desc.num_parameters() / 1e9) == 16 and int(desc.num_active_parameters() / 1e8) == 33
@@ -166,11 +174,12 @@ def test_slurm_time_limit_reaches_every_first_checkpoint(path):
     recipe = load_recipe(path, DATA)
     config = str(ROOT / "tests" / "data" / "hf_configs" / f"{recipe.model.source.replace('/', '__')}.json")
     text = slurm.render(str(path), DATA, nodes=1, gpus_per_node=8, model_config=config)
-    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU):" in text and "rounds.0.distill step 50" in text
-    # FLOPs of 50 steps written out: batch x sequence x (3 student + 1 teacher forwards), bounded
-    # with the teacher's FLOPs per token for both (the student is smaller)
     desc, d = _source_description(recipe.model.source), recipe.rounds[0].distill
-    seconds = 50 * d.global_batch * d.seq_len * 4 * desc.flops_per_token(d.seq_len) / (8 * 400e12)
+    assert "# first checkpoints (estimated at 400 TFLOP/s per GPU):" in text
+    assert f"rounds.0.distill step {d.save_every}" in text
+    # FLOPs of the steps to the first checkpoint written out: batch x sequence x (3 student + 1
+    # teacher forwards), bounded with the teacher's FLOPs per token for both (the student is smaller)
+    seconds = d.save_every * d.global_batch * d.seq_len * 4 * desc.flops_per_token(d.seq_len) / (8 * 400e12)
     assert seconds < slurm.parse_time("04:00:00") - 600
     with pytest.raises(UsageError, match=r"rounds\.0\.distill\.save_every"):
         slurm.render(str(path), [*DATA, "rounds.0.distill.save_every=1000"], nodes=1, gpus_per_node=8,

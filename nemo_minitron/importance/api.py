@@ -34,7 +34,6 @@ from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
 from nemo_minitron.importance.plots import write_plots
 from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
-from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.model.forward import position_ids, run_forward_only, split_microbatches, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
@@ -48,6 +47,7 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
                      neuron_activation: str, num_layers: int,
                      head_score: str = default_of(ImportanceConfig, "head_score"),
                      channel_norms: str = default_of(ImportanceConfig, "channel_norms"),
+                     mamba_activation: str = default_of(ImportanceConfig, "mamba_activation"),
                      second_moments: bool = False, progress: bool = True,
                      layer_pass_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Forward over this rank's share of ``samples`` (``[N, s+1]`` or a TokenDataset) with the
@@ -58,7 +58,8 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     batches = split_microbatches(mine, micro_batch)
     collector = ActivationCollector(model, seq_agg=seq_agg, neuron_activation=neuron_activation,
-                                    head_score=head_score, second_moments=second_moments)
+                                    head_score=head_score, second_moments=second_moments,
+                                    mamba_activation=mamba_activation)
     device = layout().device
     # Pipelines need several micro-batches in flight; with one stage, tick per micro-batch.
     chunk = max(1, 2 * ps.get_pipeline_model_parallel_world_size())
@@ -134,7 +135,6 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
-    not_yet(desc, "importance")
     out_path = check_new_output(out)
     require(seq_len <= desc.max_position_embeddings,
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "
@@ -143,9 +143,9 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     for k in cfg.drop_blocks:
         require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
                                           f"{desc.num_layers - 1} layers")
-    require(not (cfg.second_moments and desc.is_moe),
-            f"{names('second_moments')} (for prune --refit) is for dense MLPs; this {desc.architecture} model "
-            "has experts")
+    require(not (cfg.second_moments and (desc.is_moe or desc.is_hybrid)),
+            f"{names('second_moments')} (for prune --refit) is for dense MLPs and attention; this "
+            f"{desc.architecture} model has " + ("experts" if desc.is_moe else "Mamba layers"))
     dtype = resolve_dtype(run_cfg.dtype, names("dtype"))
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
@@ -172,7 +172,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
                                batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
                                num_layers=desc.num_layers, head_score=cfg.head_score,
-                               channel_norms=cfg.channel_norms, second_moments=cfg.second_moments, progress=progress,
+                               channel_norms=cfg.channel_norms, mamba_activation=cfg.mamba_activation,
+                               second_moments=cfg.second_moments, progress=progress,
                                layer_pass_tokens=passes * layer_samples * seq_len)
     grams = {k: tensors.pop(k).float().cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)

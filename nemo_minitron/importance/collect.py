@@ -9,9 +9,18 @@ Per token, each unit has one activation value x[b, s, u]:
 - query group:        the sum of its heads' final scores;
 - MLP neuron u:       the input of the second MLP linear (``post``, default), or the
                       pre-activation X.W1_u (``pre``, the paper's; with a gate, X.W_gate,u);
-- embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm);
+- embedding channel:  the output of a norm (input norm, pre-MLP norm, final norm; a
+                      hybrid model's Mamba layers' norms too);
 - mixtures of experts: each expert, each expert's neurons, the shared expert's neurons
-                      (``experts.py``).
+                      (``experts.py``);
+- Mamba-2 head u (hybrid models): ``output`` (default): the head's head_dim channels at the
+                      input of the mixer's out_proj (the gated norm's output: the SSM
+                      output with its D skip, gated by silu(z), normalised per B/C group,
+                      times the norm weight), scored as attention heads are (``head_score``);
+                      ``x`` (ModelOpt's and the Minitron-SSM paper's): the head's channels
+                      of in_proj's x section (before the conv and the scan);
+- Mamba head channel p: the same activations, each (head, channel) aggregated, then the
+                      L2 norm over the heads (one ranking per layer shared by its heads).
 
 Aggregation, first over the sequence of each sample, then over all samples:
     seq   mean: mean_s |x|      l2: sqrt(sum_s x^2)      var: mean_s (x - mean_s x)^2
@@ -47,6 +56,7 @@ from nemo_minitron.runtime.distributed import layout
 AGGREGATIONS = ("mean", "l2", "var")
 NEURON_ACTIVATIONS = ("post", "pre")
 HEAD_SCORES = ("token", "channel")
+MAMBA_ACTIVATIONS = ("output", "x")
 
 
 def aggregate_sequence(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -130,6 +140,8 @@ class LayerStats:
     moe: ExpertStats | None = None  # a mixture-of-experts layer's experts (experts.py)
     proj_gram: torch.Tensor | None = None  # sum over tokens of x x^T at the input of linear_proj
     fc2_gram: torch.Tensor | None = None   # ... and of linear_fc2
+    mamba_channels: BatchStat = dataclasses.field(default_factory=BatchStat)  # per (head, channel)
+    mamba_heads: BatchStat = dataclasses.field(default_factory=BatchStat)     # per head (head_score token)
 
 
 def _fused_norm(x: torch.Tensor, module, config) -> torch.Tensor:
@@ -151,17 +163,19 @@ class ActivationCollector:
     outputs are recomputed here from the fused module's input and its norm weight)."""
 
     def __init__(self, model, *, seq_agg: str, neuron_activation: str, head_score: str,
-                 second_moments: bool = False) -> None:
+                 second_moments: bool = False, mamba_activation: str = MAMBA_ACTIVATIONS[0]) -> None:
         assert seq_agg in AGGREGATIONS and neuron_activation in NEURON_ACTIVATIONS and head_score in HEAD_SCORES
+        assert mamba_activation in MAMBA_ACTIVATIONS
         self.model = unwrap(model)
         self.seq_agg = seq_agg
         self.neuron_activation = neuron_activation
         self.head_score = head_score
+        self.mamba_activation = mamba_activation
         self.second_moments = second_moments
         self.layers = {layer.layer_number - 1: layer for layer in self.model.decoder.layers}
         self.stats = {i: LayerStats() for i in self.layers}
         for i, layer in self.layers.items():
-            if is_moe_layer(layer.mlp):
+            if is_moe_layer(getattr(layer, "mlp", None)):
                 shared = BatchStat() if getattr(layer.mlp, "shared_experts", None) is not None else None
                 self.stats[i].moe = ExpertStats(BatchStat(), BatchStat(), shared)
         self.final_norm = BatchStat()
@@ -175,50 +189,19 @@ class ActivationCollector:
     def _hooks(self) -> Iterator[tuple[torch.nn.Module, str, Callable]]:
         for index, layer in self.layers.items():
             st = self.stats[index]
-            attn, mlp = layer.self_attention, layer.mlp
-            head_dim = attn.hidden_size_per_attention_head
-
-            def heads(module, args, st=st, head_dim=head_dim):
-                x = args[0].detach()  # [s, b, heads_local * head_dim]
-                if self.head_score == "channel":  # per channel; the head norm is taken in finalize
-                    st.heads.add(self._per_sample(x))
-                    return
-                # float32 norms without a float32 copy of the activations
-                norms = torch.linalg.vector_norm(x.unflatten(-1, (-1, head_dim)), dim=-1, dtype=torch.float32)
-                st.heads.add(self._per_sample(norms))
-            yield attn.linear_proj, "pre", heads
-
-            if self.second_moments:  # dense models only (the API refuses a mixture of experts)
+            # a GPT layer has attention and an MLP; a hybrid model's layer one of them, or a Mamba mixer
+            attn, mlp, mixer = (getattr(layer, name, None) for name in ("self_attention", "mlp", "mixer"))
+            if hasattr(attn, "linear_proj"):
+                yield from self._attention_hooks(layer, attn, st)
+            if hasattr(mlp, "linear_fc2") or is_moe_layer(mlp):
+                yield from self._mlp_hooks(layer, mlp, st)
+            if mixer is not None:
+                yield from self._mamba_hooks(layer, mixer, st)
+            if self.second_moments:  # dense models only (the API refuses the others)
                 def grams(module, args, st=st, name="proj_gram"):
                     setattr(st, name, _add_gram(getattr(st, name), args[0]))
                 yield attn.linear_proj, "pre", grams
                 yield mlp.linear_fc2, "pre", functools.partial(grams, st=st, name="fc2_gram")
-
-            if st.moe is not None:
-                yield from ExpertHooks(mlp, st.moe, self.seq_agg, self.neuron_activation, self._per_sample).hooks()
-            elif self.neuron_activation == "post":
-                def neurons(module, args, st=st):
-                    st.ffn.add(self._per_sample(args[0]))
-                yield mlp.linear_fc2, "pre", neurons
-            else:
-                def neurons(module, args, output, st=st):
-                    out = output[0] if isinstance(output, tuple) else output
-                    if self.model.config.gated_linear_unit:
-                        out = out.chunk(2, dim=-1)[0]  # [gate; up] per TP shard: the gate
-                    st.ffn.add(self._per_sample(out))
-                yield mlp.linear_fc1, "post", neurons
-
-            for norm_name, fused_into, stat in (("input_layernorm", attn.linear_qkv, st.input_norm),
-                                                ("pre_mlp_layernorm", getattr(mlp, "linear_fc1", None),
-                                                 st.pre_mlp_norm)):
-                if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
-                    def fused(module, args, stat=stat):
-                        stat.add(self._per_sample(_fused_norm(args[0].detach(), module, self.model.config)))
-                    yield fused_into, "pre", fused
-                else:
-                    def norm_out(module, args, output, stat=stat):
-                        stat.add(self._per_sample(output))
-                    yield getattr(layer, norm_name), "post", norm_out
 
             def block(module, args, kwargs, output, st=st):
                 x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -237,10 +220,72 @@ class ActivationCollector:
                 st.cos_tokens += cos.numel()
             yield layer, "post_kwargs", block
 
-        if getattr(self.model.decoder, "final_layernorm", None) is not None:
-            def final(module, args, output):
+        final = getattr(self.model.decoder, "final_layernorm", None) or getattr(self.model.decoder, "final_norm", None)
+        if final is not None:  # (a MambaStack's is final_norm)
+            def final_out(module, args, output):
                 self.final_norm.add(self._per_sample(output))
-            yield self.model.decoder.final_layernorm, "post", final
+            yield final, "post", final_out
+
+    def _norm_hook(self, layer, norm_name: str, fused_into, stat: BatchStat) -> Iterator[tuple]:
+        """The output of the layer's norm ``norm_name``, or (TE) of the norm fused into the next linear."""
+        if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
+            def fused(module, args):
+                stat.add(self._per_sample(_fused_norm(args[0].detach(), module, self.model.config)))
+            yield fused_into, "pre", fused
+        else:
+            def norm_out(module, args, output):
+                stat.add(self._per_sample(output))
+            yield getattr(layer, norm_name), "post", norm_out
+
+    def _heads(self, x: torch.Tensor, head_dim: int, channels: BatchStat | None, tokens: BatchStat | None) -> None:
+        """Heads of ``head_dim`` channels in ``x`` [s, b, heads_local * head_dim]: each channel
+        into ``channels`` (a head's norm over its channels is taken in finalize), each token's
+        head norm into ``tokens`` (float32 norms without a float32 copy of the activations)."""
+        x = x.detach()
+        if channels is not None:
+            channels.add(self._per_sample(x))
+        if tokens is not None:
+            tokens.add(self._per_sample(torch.linalg.vector_norm(x.unflatten(-1, (-1, head_dim)), dim=-1,
+                                                                 dtype=torch.float32)))
+
+    def _attention_hooks(self, layer, attn, st: LayerStats) -> Iterator[tuple]:
+        head_dim, by_channel = attn.hidden_size_per_attention_head, self.head_score == "channel"
+
+        def heads(module, args):
+            self._heads(args[0], head_dim, st.heads if by_channel else None, None if by_channel else st.heads)
+        yield attn.linear_proj, "pre", heads
+        yield from self._norm_hook(layer, "input_layernorm", attn.linear_qkv, st.input_norm)
+
+    def _mlp_hooks(self, layer, mlp, st: LayerStats) -> Iterator[tuple]:
+        if st.moe is not None:
+            yield from ExpertHooks(mlp, st.moe, self.seq_agg, self.neuron_activation, self._per_sample).hooks()
+        elif self.neuron_activation == "post":
+            def neurons(module, args):
+                st.ffn.add(self._per_sample(args[0]))
+            yield mlp.linear_fc2, "pre", neurons
+        else:
+            def neurons(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                if self.model.config.gated_linear_unit:
+                    out = out.chunk(2, dim=-1)[0]  # [gate; up] per TP shard: the gate
+                st.ffn.add(self._per_sample(out))
+            yield mlp.linear_fc1, "post", neurons
+        yield from self._norm_hook(layer, "pre_mlp_layernorm", getattr(mlp, "linear_fc1", None), st.pre_mlp_norm)
+
+    def _mamba_hooks(self, layer, mixer, st: LayerStats) -> Iterator[tuple]:
+        """A Mamba-2 mixer's heads and head channels (see the module doc), and its layer's norm."""
+        heads = st.mamba_heads if self.head_score == "token" else None  # channels: always (head dims)
+        if self.mamba_activation == "output":
+            def output(module, args):
+                self._heads(args[0], mixer.headdim, st.mamba_channels, heads)
+            yield mixer.out_proj, "pre", output
+        else:
+            def x_section(module, args, out):  # this rank's in_proj rows: [z_r, x_r, B_r, C_r, dt_r]
+                zxbcdt = out[0] if isinstance(out, tuple) else out
+                d = mixer.d_inner_local_tp
+                self._heads(zxbcdt[..., d:2 * d], mixer.headdim, st.mamba_channels, heads)
+            yield mixer.in_proj, "post", x_section
+        yield from self._norm_hook(layer, "norm", mixer.in_proj, st.input_norm)
 
     @contextlib.contextmanager
     def active(self):
@@ -284,13 +329,20 @@ class ActivationCollector:
             if config.moe_shared_expert_intermediate_size:
                 out["shared_ffn"] = torch.zeros(num_layers, config.moe_shared_expert_intermediate_size,
                                                 dtype=torch.float64, device=device)
+        if config.is_hybrid_model:
+            out["mamba_heads"] = torch.zeros(num_layers, config.mamba_num_heads, dtype=torch.float64, device=device)
+            out["mamba_head_dim"] = torch.zeros(num_layers, config.mamba_head_dim, dtype=torch.float64, device=device)
         for index, st in self.stats.items():
-            for stat in (st.heads, st.ffn, st.input_norm, st.pre_mlp_norm):
-                stat.all_reduce(dp_group)
-            heads = st.heads.finalize(batch_agg)
-            if self.head_score == "channel":
-                heads = heads.view(-1, self.layers[index].self_attention.hidden_size_per_attention_head).norm(dim=-1)
-            out["heads"][index] = _gather_tp(heads, tp_group)
+            # which statistics a layer feeds follows from its kind, the same on every rank
+            attn, mlp, mixer = (getattr(self.layers[index], name, None) for name in ("self_attention", "mlp", "mixer"))
+            hidden_stats = []
+            if hasattr(attn, "linear_proj"):
+                st.heads.all_reduce(dp_group)
+                heads = st.heads.finalize(batch_agg)
+                if self.head_score == "channel":
+                    heads = heads.view(-1, attn.hidden_size_per_attention_head).norm(dim=-1)
+                out["heads"][index] = _gather_tp(heads, tp_group)
+                hidden_stats.append(st.input_norm)
             if st.moe is not None:
                 for key, stat in (("experts", st.moe.experts), ("moe_ffn", st.moe.moe_ffn),
                                   ("shared_ffn", st.moe.shared_ffn)):
@@ -299,9 +351,18 @@ class ActivationCollector:
                         # expert scores are whole on every rank; neurons split over TP like a dense MLP's
                         value = stat.finalize(batch_agg)
                         out[key][index] = value if key == "experts" else _gather_tp(value, tp_group)
-            else:
+            elif hasattr(mlp, "linear_fc2"):
+                st.ffn.all_reduce(dp_group)
                 out["ffn"][index] = _gather_tp(st.ffn.finalize(batch_agg), tp_group)
-            out["hidden_per_layer"][index] = st.input_norm.finalize(batch_agg) + st.pre_mlp_norm.finalize(batch_agg)
+            if st.moe is not None or hasattr(mlp, "linear_fc2"):
+                hidden_stats.append(st.pre_mlp_norm)
+            if mixer is not None:
+                out["mamba_heads"][index], out["mamba_head_dim"][index] = self._mamba_scores(
+                    st, mixer.headdim, batch_agg, dp_group, tp_group)
+                hidden_stats.append(st.input_norm)
+            for stat in hidden_stats:
+                stat.all_reduce(dp_group)
+                out["hidden_per_layer"][index] += stat.finalize(batch_agg)
             cos = torch.tensor([float(st.cos_sum), float(st.cos_tokens)], dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(cos, group=dp_group)
@@ -315,6 +376,19 @@ class ActivationCollector:
             for tensor in out.values():
                 dist.all_reduce(tensor, group=pp_group)
         return out
+
+    def _mamba_scores(self, st: LayerStats, head_dim: int, batch_agg: str, dp_group,
+                      tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mixer's head scores [heads] and head-channel scores [head_dim]. TP ranks hold
+        contiguous runs of heads (and their groups): gathered in rank order."""
+        st.mamba_channels.all_reduce(dp_group)
+        channels = _gather_tp(st.mamba_channels.finalize(batch_agg), tp_group).view(-1, head_dim)  # [H, P]
+        if self.head_score == "channel":
+            heads = channels.norm(dim=1)
+        else:
+            st.mamba_heads.all_reduce(dp_group)
+            heads = _gather_tp(st.mamba_heads.finalize(batch_agg), tp_group)
+        return heads, channels.norm(dim=0)
 
     def _grams(self, num_layers: int, dp_group, pp_group, device) -> dict[str, torch.Tensor]:
         """[layers, n, n] Gram matrices, summed over DP; zeros for layers of other stages."""

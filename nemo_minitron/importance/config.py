@@ -33,6 +33,10 @@ class ImportanceConfig:
         "channel", "attention heads: channel (each channel aggregated, then the L2 norm over the head's channels, "
                    "ModelOpt's order) or token (each token's head norm, then aggregated, as the paper writes it); "
                    "chosen by benchmarks/pruning_quality.py")
+    mamba_activation: Literal["output", "x"] = option(
+        "output", "hybrid models' Mamba heads and head channels: output (the mixer's gated-norm output per head, "
+                  "the input of its out_proj, scored as attention heads) or x (in_proj's x section before the conv "
+                  "and the scan, ModelOpt's and the Minitron-SSM paper's)")
     channel_norms: Literal["layers", "layers+final"] = option(
         "layers", "norm outputs summed into embedding-channel scores: layers (every layer's two norms) or "
                   "layers+final (also the final norm); chosen by benchmarks/pruning_quality.py")

@@ -14,6 +14,10 @@ Tensors (global indices, whatever the parallel layout that computed them):
     final_norm              [hidden]                the final norm's term (in ``hidden`` with channel_norms layers+final)
     layer_block_importance  [layers]                1 - mean cos(layer input, layer output)
     layer_loss_drop         [layers]                LM loss with the layer skipped minus the full loss
+Hybrid Mamba-Transformer models (every axis [layers, ...], zeros in the layers of other
+kinds: attention heads in ``*`` layers, ``ffn`` in ``-`` layers) add:
+    mamba_heads             [layers, mamba heads]     head h of B/C group g is index g * heads_per_group + j
+    mamba_head_dim          [layers, mamba head dim]  each channel over all heads of the layer
 Mixtures of experts (``ffn`` is then [layers, 0]: no dense MLP) add:
     experts                 [layers, experts]          router probability x norm of the expert's output
     moe_ffn                 [layers, experts, moe_ffn] each expert's neurons
@@ -50,6 +54,7 @@ SECOND_MOMENTS_FILE = "second_moments.safetensors"
 SUMMARY_FILE = "summary.json"
 AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
 MOE_AXES = ("experts", "moe_ffn")  # and shared_ffn where the model has a shared expert
+HYBRID_AXES = ("mamba_heads", "mamba_head_dim")
 
 
 @dataclasses.dataclass
@@ -96,6 +101,7 @@ class ImportanceScores:
         except Exception as e:  # corrupt file: report it as bad input
             raise UsageError(f"{flag} '{directory}': unreadable scores: {e}") from None
         moe = bool((summary.get("model") or {}).get("num_experts"))
-        missing = [a for a in AXES + (MOE_AXES if moe else ()) if a not in tensors]
+        hybrid = bool((summary.get("model") or {}).get("hybrid_pattern"))
+        missing = [a for a in AXES + (MOE_AXES if moe else ()) + (HYBRID_AXES if hybrid else ()) if a not in tensors]
         require(not missing, f"{flag} '{directory}': scores miss axes {', '.join(missing)}")
         return cls(tensors, summary)

@@ -241,7 +241,8 @@ class ModelDescription:
         """Parameter count exactly as the exported Hugging Face model reports it; ``active``:
         only those one token uses (a mixture of experts' top-k experts, not all of them)."""
         if self.is_hybrid:
-            layers = sum(hybrid.layer_parameters(self, symbol, active) for symbol in self.hybrid_pattern)
+            layers = sum(n * hybrid.layer_parameters(self, symbol, active)
+                         for symbol, n in hybrid.kind_counts(self.hybrid_pattern).items())
         else:
             layers = self.num_layers * self.parameters_per_layer(active)
         return self.embedding_parameters() + layers + self.norm_parameters(self.hidden_size)

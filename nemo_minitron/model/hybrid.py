@@ -65,6 +65,29 @@ def block_types_from_pattern(pattern: str) -> list[str]:
     return [names[s] for s in pattern]
 
 
+def kind_counts(pattern: str) -> dict[str, int]:
+    """Layers of each supported kind in ``pattern``: {"M": n, "*": n, "-": n}."""
+    return {symbol: pattern.count(symbol) for symbol in SUPPORTED_SYMBOLS}
+
+
+def kept_pattern(pattern: str, kept_layers: Sequence[int]) -> str:
+    """The pattern of the layers kept (original indices, ascending)."""
+    return "".join(pattern[i] for i in kept_layers)
+
+
+def provisional_pattern(pattern: str, counts: dict[str, int]) -> str:
+    """A pattern with ``counts`` layers of each kind, each kind losing its last layers: the
+    stand-in for a depth cut whose layers importance has not chosen yet (the parameter
+    count depends on how many layers of each kind remain, not on which)."""
+    seen = dict.fromkeys(SUPPORTED_SYMBOLS, 0)
+    out = []
+    for symbol in pattern:
+        seen[symbol] += 1
+        if seen[symbol] <= counts[symbol]:
+            out.append(symbol)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------- mixer shapes
 def d_inner(desc: "ModelDescription") -> int:
     return desc.mamba_num_heads * desc.mamba_head_dim

@@ -35,7 +35,7 @@ from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights, rename_expert, rename_layer, shard
-from nemo_minitron.model.hybrid import not_yet
+from nemo_minitron.model.hybrid import kind_counts, tp_sections
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.plan import plan
 from nemo_minitron.prune.refit import refit_columns
@@ -49,6 +49,7 @@ from nemo_minitron.prune.select import (
     random_scores,
 )
 from nemo_minitron.prune.targets import (
+    LAYER_KIND_AXES,
     apply_target,
     canonical_target,
     describe_change,
@@ -63,15 +64,32 @@ from nemo_minitron.runtime.precision import stored_dtype
 log = logging.getLogger("nemo_minitron")
 
 
+def planned_target(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1, pp: int = 1,
+                   names: Names | None = None) -> dict[str, int]:
+    """The config's explicit target (its depth set by ``drop_layers``), or the target of the
+    planner's first candidate for its budget."""
+    names = names or cli_names(PruneConfig)
+    if cfg.target or cfg.drop_layers:
+        return target_with_drops(desc, cfg, names)
+    budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
+    return plan(desc, budget, cfg, tp=tp, pp=pp, names=names)[0].target()
+
+
 def planned_description(desc: ModelDescription, cfg: PruneConfig, *, tp: int = 1, pp: int = 1,
                         names: Names | None = None) -> ModelDescription:
-    """The pruned shape for the config's explicit target or budget (the planner's first candidate)."""
+    """The pruned shape for the config's explicit target or budget. A hybrid model's depth
+    cut has a provisional pattern until importance picks the layers (``prune.targets``)."""
     names = names or cli_names(PruneConfig)
-    not_yet(desc, "planning and pruning")
-    if cfg.target or cfg.drop_layers:
-        return apply_target(desc, target_with_drops(desc, cfg, names), tp=tp, pp=pp, flag=names("target"))
-    budget = parse_param_count(str(cfg.target_params), flag=names("target_params"))
-    return plan(desc, budget, cfg, tp=tp, pp=pp, names=names)[0].description
+    return apply_target(desc, planned_target(desc, cfg, tp=tp, pp=pp, names=names), tp=tp, pp=pp,
+                        flag=names("target"))
+
+
+def layer_kinds(desc: ModelDescription, new: ModelDescription, target: dict[str, int]) -> dict[str, int] | None:
+    """The layers of each kind a hybrid model's depth cut keeps when the target fixes
+    them; None when any kind may go."""
+    if not desc.is_hybrid or new.num_layers == desc.num_layers or not any(a in target for a in LAYER_KIND_AXES):
+        return None
+    return kind_counts(new.hybrid_pattern)
 
 
 def target_with_drops(desc: ModelDescription, cfg: PruneConfig, names: Names) -> dict[str, int]:
@@ -90,10 +108,15 @@ def _count_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[i
     return [sum(1 for i in kept_layers if sum(sizes[:s]) <= i < sum(sizes[:s + 1])) for s in range(pp)]
 
 
-def kept_layers_per_stage(kept_layers: list[int], num_layers: int, pp: int) -> list[int]:
+def kept_layers_per_stage(kept_layers: list[int], num_layers: int, pp: int, hybrid: bool = False) -> list[int]:
     """How many kept layers each pipeline stage of the loaded (balanced) model holds;
-    a one-line error when a stage would hold none."""
+    a one-line error when a stage would hold none, or (``hybrid``: megatron-core's
+    MambaStack puts the same number on every stage) when stages would differ."""
     per_stage = _count_per_stage(kept_layers, num_layers, pp)
+    require(not hybrid or len(set(per_stage)) == 1,
+            f"--pp {pp}: the layers kept leave {', '.join(map(str, per_stage))} on the pipeline stages; a hybrid "
+            "model's stages hold equal numbers (megatron-core's MambaStack): prune with --pp 1 (the pruned "
+            "checkpoint loads at any --pp that divides its layers)")
     if 0 in per_stage:
         empty = per_stage.index(0)
         lo = sum(balanced_stages(num_layers, pp)[:empty])
@@ -116,9 +139,13 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
         out.update(experts=torch.zeros(L, desc.num_experts, dtype=torch.float64),
                    moe_ffn=torch.zeros(L, desc.num_experts, desc.moe_ffn_hidden_size, dtype=torch.float64),
                    shared_ffn=torch.zeros(L, desc.moe_shared_ffn_hidden_size, dtype=torch.float64))
+    if desc.is_hybrid:
+        out.update(mamba_heads=torch.zeros(L, desc.mamba_num_heads, dtype=torch.float64),
+                   mamba_head_dim=torch.zeros(L, desc.mamba_head_dim, dtype=torch.float64))
     tied_copy = desc.tie_embeddings and not ps.is_pipeline_first_stage()
     for name, param in named_weights(model):
-        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated).cpu()
+        full = gather(name, param.detach(), group=ps.get_tensor_model_parallel_group(), gated=desc.gated,
+                      sections=tp_sections(desc, name)).cpu()
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of the tied embedding: counted once, on the first stage
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -164,7 +191,6 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
-    not_yet(old, "planning and pruning")
     require_tokenizer(checkpoint, "the pruned checkpoint carries it")
     if cfg.drop_layers:  # 1-indexed (ModelOpt, NeMo) -> the explicit 0-indexed list
 
@@ -175,12 +201,15 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     scores.check_matches(old)
     require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
                                                       f"(got '{order}')")
-    require(not (cfg.refit and old.is_moe), f"{names('refit')} refits dense MLPs and attention; this "
-                                             f"{old.architecture} model has experts")
+    require(not (cfg.refit and (old.is_moe or old.is_hybrid)),
+            f"{names('refit')} refits dense MLPs and attention; this {old.architecture} model has "
+            + ("experts" if old.is_moe else "Mamba layers"))
     grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    new = planned_description(old, cfg, tp=tp, pp=pp, names=names)
+    target = planned_target(old, cfg, tp=tp, pp=pp, names=names)
+    new = apply_target(old, target, tp=tp, pp=pp, flag=names("target"))
+    kinds = layer_kinds(old, new, target)
     exported_as = fallback_note(new, hf_config(new, torch.float32, names("target")))  # a shape transformers holds
     # Layers: by --layer-metric with importance scores, or an explicit list whatever the order;
     # the baselines otherwise choose layers their own way (random: seeded; magnitude: weight
@@ -190,11 +219,12 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     kept_layers = None
     if layers_by_metric:
         kept_layers = layers_to_keep(old, new, layer_metric, scores.summary, scores.tensors,
-                                     flag=names("layer_metric"))
+                                     flag=names("layer_metric"), kinds=kinds)
     elif order == "random":
-        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
+        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers}, kinds=kinds)
     if kept_layers is not None:
-        kept_layers_per_stage(kept_layers, old.num_layers, pp)
+        kept_layers_per_stage(kept_layers, old.num_layers, pp, hybrid=old.is_hybrid)
+        new = apply_target(old, target, tp=tp, pp=pp, flag=names("target"), kept_layers=kept_layers)
     check_world_size(tp, pp)
 
     # ---- work
@@ -204,13 +234,15 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
         units = UnitScores(hidden=scores["hidden"], ffn=scores["ffn"], heads=scores["heads"],
                            query_groups=scores["query_groups"], layers=scores["layer_loss_drop"],
                            experts=scores.tensors.get("experts"), moe_ffn=scores.tensors.get("moe_ffn"),
-                           shared_ffn=scores.tensors.get("shared_ffn"))
+                           shared_ffn=scores.tensors.get("shared_ffn"), mamba_heads=scores.tensors.get("mamba_heads"),
+                           mamba_head_dim=scores.tensors.get("mamba_head_dim"))
     elif order == "magnitude":
         units = _magnitude_scores(model, old)
     if kept_layers is None:  # magnitude with a layer drop
-        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers})
+        kept_layers = layers_to_keep(old, new, "scores", {}, {"scores": units.layers}, kinds=kinds)
+        new = apply_target(old, target, tp=tp, pp=pp, flag=names("target"), kept_layers=kept_layers)
     keep = keep_plan(old, new, units, kept_layers)
-    per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp)
+    per_stage = kept_layers_per_stage(kept_layers, old.num_layers, pp, hybrid=old.is_hybrid)
     log.info("pruning %s (%s): %.1fM -> %.1fM parameters, order %s", checkpoint, describe_change(old, new),
              old.num_parameters() / 1e6, new.num_parameters() / 1e6, order)
     if exported_as:
@@ -262,11 +294,12 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
             old_name = name if old_layer is None else rename_layer(name, old_layer)
             if expert_of(name) is not None:  # the new model's expert e is the e-th kept one
                 old_name = rename_expert(old_name, int(keep.experts[old_layer][expert_of(name)]))
-            full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated)
+            full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated,
+                          sections=tp_sections(old, old_name))
             if grams is not None:
                 full = _refit(old_name, full, old, keep, old_layer, grams)
             cut = prune_tensor(old_name, full, old, keep, old_layer)
-            param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated))
+            param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated, sections=tp_sections(new, name)))
     new_model.eval()
     return new_model
 

@@ -42,7 +42,9 @@ def plan_main(args) -> int:
         Path(output.json).write_text(json.dumps([{"params": c.params, "active_params": c.active_params,
                                                   "target": c.target(), "why": c.why,
                                                   "flops_per_token": c.description.flops_per_token(),
-                                                  "kv_cache_bytes_per_token": c.description.kv_cache_bytes_per_token()}
+                                                  "kv_cache_bytes_per_token": c.description.kv_cache_bytes_per_token(),
+                                                  **({"ssm_state_bytes": c.description.ssm_state_bytes()}
+                                                     if desc.is_hybrid else {})}
                                                  for c in candidates], indent=2))
     return 0
 

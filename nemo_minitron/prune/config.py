@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from nemo_minitron.config import default_of, option
 from nemo_minitron.errors import require
-from nemo_minitron.prune.targets import canonical_target, parse_param_count, parse_target
+from nemo_minitron.prune.targets import LAYER_KIND_AXES, canonical_target, parse_param_count, parse_target
 
 
 #: How ``layer_metric`` names the layers to drop (or it lists them: "3,7,9").
@@ -53,8 +53,10 @@ class PlanOutputConfig:
 class PruneConfig(PlanConfig):
     target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
                                         "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn; "
-                                        "or ModelOpt's hidden_size, ffn_hidden_size, num_attention_heads, "
-                                        "num_query_groups, num_layers), e.g. hidden=480,ffn=1024,heads=6",
+                                        "hybrid models also mamba_heads, mamba_head_dim and the layers kept of each "
+                                        "kind: mamba_layers, attention_layers, mlp_layers; or ModelOpt's "
+                                        "hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, "
+                                        "num_layers, mamba_num_heads), e.g. hidden=480,ffn=1024,heads=6",
                                     parse=_target, metavar="AXIS=N,...")
     drop_layers: list[int] = option([], "layers to drop, numbered from 1 as ModelOpt and NeMo do (e.g. 17,18,19); "
                                         "sets the target's depth; --layer-metric takes 0-indexed lists",
@@ -82,8 +84,9 @@ class PruneConfig(PlanConfig):
                 "of a target and a budget")
         self.target = canonical_target(dict(self.target), names("target"))
         for axis, value in self.target.items():
-            require(isinstance(value, int) and value >= 1, f"{names('target')}: {axis} must be a whole number >= 1 "
-                                                           f"(got {value})")
+            lowest = 0 if axis in LAYER_KIND_AXES else 1
+            require(isinstance(value, int) and value >= lowest, f"{names('target')}: {axis} must be a whole number "
+                                                                f">= {lowest} (got {value})")
         if self.drop_layers:
             require(all(isinstance(n, int) and not isinstance(n, bool) for n in self.drop_layers),
                     f"{names('drop_layers')} must be whole layer numbers (1-indexed)")

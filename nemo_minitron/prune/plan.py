@@ -24,6 +24,19 @@ solved from the budget as the MLP width is (shared experts and top-k stay as the
 target them explicitly). ``param_count`` says whether the budget counts every parameter
 (``total``) or those one token uses (``active``: top-k experts, not all); the table shows
 both, and FLOPs per token of the active ones.
+
+Hybrid Mamba-Transformer models (Nemotron-H): the hidden size, the Mamba heads (multiples
+of the B/C groups, ``mamba_heads``; every group keeps as many) and the layers of each
+kind (every way of dropping at most ``max_depth_cut`` of the layers, as Mamba, attention
+and MLP layers, keeping a multiple of the pipeline stages) are enumerated and the MLP
+width solved from the budget, on a grid of 64 at any size (NVIDIA's own hybrids: Nemotron
+Nano 9B v2's 15680 is 245 x 64); attention heads and the Mamba head dimension are kept
+(few attention layers hold little; target either explicitly). A candidate's depth says
+how many layers of each kind remain, not which: importance picks them when pruning, and
+the pattern shown is a stand-in. Layer kinds multiply the shapes (an 8B model at the
+default limits has ~10^5 within tolerance): the first ``HYBRID_LISTED`` by the ranking are
+listed. The table adds the Mamba heads and the SSM state bytes per sequence (constant in
+the context) next to the KV-cache bytes per token.
 """
 
 from __future__ import annotations
@@ -34,10 +47,10 @@ from typing import Iterator
 
 from nemo_minitron.config import DEFAULT_SEQ_LEN, build, cli_names
 from nemo_minitron.errors import require
+from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.hybrid import not_yet
 from nemo_minitron.prune.config import PlanConfig
-from nemo_minitron.prune.targets import format_count
+from nemo_minitron.prune.targets import LAYER_KIND_AXES, format_count
 
 
 #: How each preference orders the candidates (printed above the table).
@@ -66,6 +79,10 @@ class Candidate:
         d = self.description
         shape = {"hidden": d.hidden_size, "heads": d.num_attention_heads, "query_groups": d.num_query_groups,
                  "layers": d.num_layers}
+        if d.is_hybrid:  # the layers kept of each kind: what the parameter count depends on
+            kinds = hybrid.kind_counts(d.hybrid_pattern)
+            shape.update(mamba_heads=d.mamba_num_heads, mamba_head_dim=d.mamba_head_dim,
+                         **{axis: kinds[symbol] for axis, symbol in LAYER_KIND_AXES.items()})
         if not d.is_moe:
             return {**shape, "ffn": d.ffn_hidden_size}
         return {**shape, "experts": d.num_experts, "moe_ffn": d.moe_ffn_hidden_size, "top_k": d.moe_top_k,
@@ -84,6 +101,8 @@ def _mlp_width(d: ModelDescription) -> int:
 def _widths(d: ModelDescription) -> dict[str, int]:
     """The widths the planner cuts (and ranks candidates by)."""
     out = {"hidden": d.hidden_size, "ffn": _mlp_width(d), "heads": d.num_attention_heads}
+    if d.is_hybrid:
+        out["mamba_heads"] = d.mamba_num_heads
     return {**out, "experts": d.num_experts} if d.is_moe else out
 
 
@@ -102,10 +121,16 @@ def _why(desc: ModelDescription, new: ModelDescription) -> str:
         ("hidden", desc.hidden_size, new.hidden_size), (ffn, _mlp_width(desc), _mlp_width(new)),
         ("experts", desc.num_experts, new.num_experts),
         ("heads", desc.num_attention_heads, new.num_attention_heads),
-        ("groups", desc.num_query_groups, new.num_query_groups)) if b != a]
+        ("groups", desc.num_query_groups, new.num_query_groups),
+        ("mamba heads", desc.mamba_num_heads, new.mamba_num_heads)) if b != a]
     dropped = desc.num_layers - new.num_layers
     kind = "width + depth" if cuts and dropped else "width" if cuts else "depth"
-    what = cuts + ([f"-{dropped} layers"] if dropped else [])
+    if desc.is_hybrid and dropped:  # how many of each kind
+        before, after = hybrid.kind_counts(desc.hybrid_pattern), hybrid.kind_counts(new.hybrid_pattern)
+        layers = [f"-{before[s] - after[s]} {hybrid.LAYER_KINDS[s]}" for s in before if before[s] != after[s]]
+        what = cuts + [f"layers {', '.join(layers)}"]
+    else:
+        what = cuts + ([f"-{dropped} layers"] if dropped else [])
     kept = ([f"all {desc.num_layers} layers"] if not dropped else []) + (
         ["attention"] if (new.num_attention_heads, new.num_query_groups)
         == (desc.num_attention_heads, desc.num_query_groups) else [])
@@ -139,14 +164,15 @@ def _expert_options(desc: ModelDescription, max_cut: float) -> list[int]:
 
 def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *, tp: int = 1,
                          pp: int = 1) -> list[Candidate]:
+    if desc.is_hybrid:
+        return _hybrid_candidates(desc, budget, cfg, tp=tp, pp=pp)
     out: list[Candidate] = []
     max_width_cut, max_depth_cut, tolerance = cfg.max_width_cut, cfg.max_depth_cut, cfg.tolerance
     width_field = "moe_ffn_hidden_size" if desc.is_moe else "ffn_hidden_size"
     width = _mlp_width(desc)
-    grid_h, grid_f = _grid(desc.hidden_size), math.lcm(_grid(width), tp)
+    grid_f = math.lcm(_grid(width), tp)
     min_layers = max(pp, math.ceil(desc.num_layers * (1 - max_depth_cut) - 1e-9))
-    min_hidden = math.ceil(desc.hidden_size * (1 - max_width_cut) - 1e-9)
-    hiddens = sorted({desc.hidden_size} | set(range(math.ceil(min_hidden / grid_h) * grid_h, desc.hidden_size, grid_h)))
+    hiddens = _hidden_options(desc, max_width_cut)
     for layers in range(min_layers, desc.num_layers + 1):
         for groups, heads in _attention_options(desc, tp, max_width_cut):
             for hidden in hiddens:
@@ -168,21 +194,101 @@ def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *
     return out
 
 
+#: MLP-width grid of hybrid models at any size (Nemotron Nano 9B v2's 15680 = 245 x 64)
+HYBRID_FFN_GRID = 64
+#: hybrid candidates listed at most, the first by the ranking (each layer kind multiplies
+#: the shapes: an 8B model at the default limits has ~10^5)
+HYBRID_LISTED = 5000
+
+
+def _hidden_options(desc: ModelDescription, max_cut: float) -> list[int]:
+    grid = _grid(desc.hidden_size)
+    lowest = math.ceil(desc.hidden_size * (1 - max_cut) - 1e-9)
+    return sorted({desc.hidden_size} | set(range(math.ceil(lowest / grid) * grid, desc.hidden_size, grid)))
+
+
+def _mamba_head_options(desc: ModelDescription, tp: int, max_cut: float) -> list[int]:
+    """Mamba heads to try: whole heads per B/C group (multiples of the groups), TP-divisible."""
+    G, H = desc.mamba_num_groups, desc.mamba_num_heads
+    return [h for h in range(H, 0, -G) if h % tp == 0 and _cut(H, h) <= max_cut + 1e-9]
+
+
+def _depth_options(desc: ModelDescription, max_cut: float, pp: int) -> list[dict[str, int]]:
+    """Layers kept of each kind: every way of dropping at most ``max_cut`` of the layers
+    that leaves a multiple of ``pp`` (megatron-core's MambaStack: equal stages)."""
+    counts = hybrid.kind_counts(desc.hybrid_pattern)
+    most = math.floor(desc.num_layers * max_cut + 1e-9)
+    out = []
+    for cut_a in range(min(counts[hybrid.ATTENTION], most) + 1):
+        for cut_m in range(min(counts[hybrid.MAMBA], most - cut_a) + 1):
+            for cut_f in range(min(counts[hybrid.MLP], most - cut_a - cut_m) + 1):
+                kept = desc.num_layers - cut_a - cut_m - cut_f
+                if kept >= pp and kept % pp == 0:
+                    out.append({hybrid.MAMBA: counts[hybrid.MAMBA] - cut_m, hybrid.ATTENTION: counts[hybrid.ATTENTION]
+                                - cut_a, hybrid.MLP: counts[hybrid.MLP] - cut_f})
+    return out
+
+
+def _hybrid_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *, tp: int,
+                       pp: int) -> list[Candidate]:
+    """Hidden x Mamba heads x layers of each kind, the MLP width solved from the budget (the
+    count is linear in it: each MLP layer holds hidden x ffn x 2 weights)."""
+    width, max_cut, tolerance = desc.ffn_hidden_size, cfg.max_width_cut, cfg.tolerance
+    grid_f = math.lcm(HYBRID_FFN_GRID, tp)
+    depths = _depth_options(desc, cfg.max_depth_cut, pp)
+    found = []
+    for hidden in _hidden_options(desc, max_cut):
+        for mamba_heads in _mamba_head_options(desc, tp, max_cut):
+            base = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads)
+            per_layer = {s: hybrid.layer_parameters(base, s) for s in (hybrid.MAMBA, hybrid.ATTENTION)}
+            per_neuron = hidden * base.mlp_matrices
+            mlp_norm = hybrid.layer_parameters(base, hybrid.MLP) - per_neuron * width
+            fixed = base.embedding_parameters() + base.norm_parameters(hidden)
+            for kinds in depths:
+                rest = (fixed + kinds[hybrid.MAMBA] * per_layer[hybrid.MAMBA]
+                        + kinds[hybrid.ATTENTION] * per_layer[hybrid.ATTENTION] + kinds[hybrid.MLP] * mlp_norm)
+                slope = kinds[hybrid.MLP] * per_neuron
+                options = {width}
+                if slope:
+                    options.add(min(width, max(grid_f, round((budget - rest) / slope / grid_f) * grid_f)))
+                for ffn in options:
+                    if ffn % tp or _cut(width, ffn) > max_cut + 1e-9:
+                        continue
+                    count = rest + slope * ffn
+                    if abs(count - budget) <= tolerance * budget:  # ranked as rank() ranks Candidates
+                        largest = max(_cut(desc.hidden_size, hidden), _cut(width, ffn),
+                                      _cut(desc.mamba_num_heads, mamba_heads))
+                        key = _rank_key(cfg.prefer, desc.num_layers - sum(kinds.values()), False, largest,
+                                        abs(count - budget) / budget)
+                        found.append((key, hidden, mamba_heads, kinds, ffn))
+    found.sort(key=lambda f: f[0])
+    out = []
+    for _, hidden, mamba_heads, kinds, ffn in found[:HYBRID_LISTED]:
+        cand = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads, ffn_hidden_size=ffn,
+                            num_layers=sum(kinds.values()),
+                            hybrid_pattern=hybrid.provisional_pattern(desc.hybrid_pattern, kinds))
+        out.append(Candidate(cand, _why(desc, cand)))
+    return out
+
+
+def _rank_key(prefer: str, layers_dropped: int, attention_changed: bool, largest_cut: float,
+              closeness: float) -> tuple:
+    """The sort key of a candidate under ``prefer`` (see RANKING)."""
+    if prefer == "width":
+        return (layers_dropped != 0, layers_dropped, attention_changed, round(largest_cut, 3), closeness)
+    return (round(largest_cut, 3), attention_changed, closeness)
+
+
 def rank(desc: ModelDescription, candidates: list[Candidate], budget: int, prefer: str,
          param_count: str) -> list[Candidate]:
-    def widths_cut(c: ModelDescription) -> list[float]:
-        before = _widths(desc)
-        return [_cut(before[axis], size) for axis, size in _widths(c).items()]
-
     def key(cand: Candidate):
         c = cand.description
-        closeness = abs(counted(c, param_count) - budget) / budget
+        before = _widths(desc)
         attention_changed = (c.num_attention_heads, c.num_query_groups) != (desc.num_attention_heads,
                                                                              desc.num_query_groups)
-        if prefer == "width":
-            return (c.num_layers != desc.num_layers, desc.num_layers - c.num_layers, attention_changed,
-                    round(max(widths_cut(c)), 3), closeness)
-        return (round(max(widths_cut(c)), 3), attention_changed, closeness)
+        return _rank_key(prefer, desc.num_layers - c.num_layers, attention_changed,
+                         max(_cut(before[axis], size) for axis, size in _widths(c).items()),
+                         abs(counted(c, param_count) - budget) / budget)
 
     return sorted(candidates, key=key)
 
@@ -193,7 +299,8 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
     does. ``options``: PlanConfig fields overriding ``config``."""
     names = names or cli_names(PlanConfig)
     cfg = build(PlanConfig, config, names, **options)
-    not_yet(desc, "planning and pruning")
+    if desc.is_hybrid:
+        hybrid.check_layout(desc, tp, pp)
     flag = names("target_params")
     kind = "active " if desc.is_moe and cfg.param_count == "active" else ""
     require(budget < counted(desc, cfg.param_count), f"{flag} {format_count(budget)} is not smaller than the "
@@ -208,17 +315,25 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
 
 def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, *, top: int, param_count: str,
                  seq_len: int = DEFAULT_SEQ_LEN) -> str:
-    moe = desc.is_moe
+    moe, hybrid_model = desc.is_moe, desc.is_hybrid
     rows = [("#", "params", *(("active",) if moe else ()), "vs budget", "hidden",
-             *(("experts", "moe_ffn") if moe else ("ffn",)), "heads", "groups", "layers", "GFLOPs/token",
-             "KV bytes/token", "how")]
+             *(("experts", "moe_ffn") if moe else ("ffn",)), "heads", "groups",
+             *(("mamba heads", "layers (M * -)") if hybrid_model else ("layers",)), "GFLOPs/token",
+             "KV bytes/token", *(("SSM bytes/seq",) if hybrid_model else ()), "how")]
+
+    def layers(d: ModelDescription) -> tuple:
+        if not hybrid_model:
+            return (str(d.num_layers),)
+        kinds = hybrid.kind_counts(d.hybrid_pattern)
+        return str(d.mamba_num_heads), f"{d.num_layers} ({' '.join(str(n) for n in kinds.values())})"
 
     def row(label: str, d: ModelDescription, versus: str, why: str) -> tuple:
         return (label, f"{d.num_parameters() / 1e6:,.1f}M",
                 *((f"{d.num_active_parameters() / 1e6:,.1f}M",) if moe else ()), versus, str(d.hidden_size),
                 *((str(d.num_experts), str(d.moe_ffn_hidden_size)) if moe else (str(d.ffn_hidden_size),)),
-                str(d.num_attention_heads), str(d.num_query_groups), str(d.num_layers),
-                f"{d.flops_per_token(seq_len) / 1e9:.2f}", f"{d.kv_cache_bytes_per_token():,}", why)
+                str(d.num_attention_heads), str(d.num_query_groups), *layers(d),
+                f"{d.flops_per_token(seq_len) / 1e9:.2f}", f"{d.kv_cache_bytes_per_token():,}",
+                *((f"{d.ssm_state_bytes():,}",) if hybrid_model else ()), why)
 
     base = [row("0", desc, "original", "")]
     body = [row(str(i), c.description, f"{counted(c.description, param_count) / budget - 1:+.1%}", c.why)
@@ -228,4 +343,6 @@ def format_table(desc: ModelDescription, candidates: list[Candidate], budget: in
     lines = ["  ".join(cell.rjust(w) if i < len(widths) - 1 else cell for i, (cell, w) in enumerate(zip(r, widths)))
              for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines) + f"\n({len(candidates)} candidates within tolerance; FLOPs at context {seq_len})"
+    listed = f"{len(candidates)} candidates within tolerance" if len(candidates) < HYBRID_LISTED or not hybrid_model \
+        else f"the first {len(candidates)} candidates by the ranking; lower --max-width-cut or --max-depth-cut for all"
+    return "\n".join(lines) + f"\n({listed}; FLOPs at context {seq_len})"

@@ -12,11 +12,20 @@ Mixtures of experts:
     shared_ffn    neurons of the shared expert
     top_k         experts each token is routed to (not a pruning axis: the router's setting,
                   at most the experts kept)
+Hybrid Mamba-Transformer models (Nemotron-H; ``heads``, ``query_groups`` and ``ffn`` shape
+their attention and MLP layers):
+    mamba_heads       Mamba-2 heads per mixer, a multiple of the B/C groups (every group keeps
+                      the same number of heads, so the groups and their B and C stay whole)
+    mamba_head_dim    channels per Mamba head (one choice shared by all heads)
+    mamba_layers, attention_layers, mlp_layers
+                      layers of each kind kept (``layers`` is their sum): a depth cut whose
+                      parameter count is known before importance picks the layers; with
+                      ``layers`` alone, importance picks layers of any kind
 
 ModelOpt's names for the same axes (``mcore_minitron`` in nvidia-modelopt 0.47:
 ``SUPPORTED_HPARAMS``; Megatron-LM's ``--prune-export-config``) are accepted too:
 hidden_size, ffn_hidden_size, num_attention_heads (all heads, as ours), num_query_groups,
-num_layers.
+num_layers, mamba_num_heads (all heads of a mixer, as ours), mamba_head_dim.
 """
 
 from __future__ import annotations
@@ -25,14 +34,19 @@ import re
 from typing import TYPE_CHECKING
 
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.model.hybrid import kept_pattern, kind_counts, provisional_pattern
 
 if TYPE_CHECKING:  # annotations only: the flag parsers here are read by --help, which stays light
     from nemo_minitron.model.description import ModelDescription
 
-AXES = ("hidden", "ffn", "heads", "query_groups", "layers", "experts", "moe_ffn", "shared_ffn", "top_k")
+AXES = ("hidden", "ffn", "heads", "query_groups", "layers", "experts", "moe_ffn", "shared_ffn", "top_k",
+        "mamba_heads", "mamba_head_dim", "mamba_layers", "attention_layers", "mlp_layers")
 MOE_AXES = ("experts", "moe_ffn", "shared_ffn", "top_k")
+#: a hybrid model's layers of each kind, by the target axis that keeps them
+LAYER_KIND_AXES = {"mamba_layers": "M", "attention_layers": "*", "mlp_layers": "-"}
+HYBRID_AXES = ("mamba_heads", "mamba_head_dim", *LAYER_KIND_AXES)
 MODELOPT_AXES = {"hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
-                 "num_query_groups": "query_groups", "num_layers": "layers"}
+                 "num_query_groups": "query_groups", "num_layers": "layers", "mamba_num_heads": "mamba_heads"}
 _ALLOWED = ", ".join(AXES) + " (or ModelOpt's " + ", ".join(MODELOPT_AXES) + ")"
 
 
@@ -105,8 +119,10 @@ def format_count(n: int) -> str:
 
 
 def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1, pp: int = 1,
-                 flag: str = "--target") -> ModelDescription:
-    """The pruned description, or a one-line error naming the axis that cannot be met."""
+                 flag: str = "--target", kept_layers: list[int] | None = None) -> ModelDescription:
+    """The pruned description, or a one-line error naming the axis that cannot be met.
+    A hybrid model's depth cut takes its pattern from ``kept_layers`` (original indices)
+    when the layers are chosen, else a provisional one (``hybrid.provisional_pattern``)."""
     target = canonical_target(target, flag)
     original = sizes(desc)
     for key in target:
@@ -118,8 +134,11 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
         else:
             require(key not in MOE_AXES, f"{flag}: {key} applies to mixtures of experts; this {desc.architecture} "
                                          "model has a dense MLP (prune ffn)")
+        require(key not in HYBRID_AXES or desc.is_hybrid, f"{flag}: {key} applies to hybrid Mamba-Transformer "
+                                                          f"models; this {desc.architecture} model has no Mamba layers")
     for key, value in target.items():
-        require(value >= 1, f"{flag}: {key}={value} must be at least 1")
+        lowest = 0 if key in LAYER_KIND_AXES else 1  # a hybrid may lose every layer of one kind
+        require(value >= lowest, f"{flag}: {key}={value} must be at least {lowest}")
         require(value <= original[key], f"{flag}: {key}={value} is larger than the original model's "
                                         f"{original[key]} (pruning only removes)")
     groups = target.get("query_groups", desc.num_query_groups)
@@ -140,10 +159,11 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
         experts = dict(num_experts=kept, moe_top_k=top_k,
                        moe_ffn_hidden_size=target.get("moe_ffn", desc.moe_ffn_hidden_size),
                        moe_shared_ffn_hidden_size=target.get("shared_ffn", desc.moe_shared_ffn_hidden_size))
+    mixers = _hybrid_changes(desc, target, tp=tp, pp=pp, flag=flag, kept_layers=kept_layers) if desc.is_hybrid else {}
     new = desc.replace(hidden_size=target.get("hidden", desc.hidden_size),
                        ffn_hidden_size=target.get("ffn", desc.ffn_hidden_size),
                        num_attention_heads=heads, num_query_groups=groups,
-                       num_layers=target.get("layers", desc.num_layers), **experts)
+                       num_layers=mixers.pop("num_layers", target.get("layers", desc.num_layers)), **experts, **mixers)
     widths = (("moe_ffn", new.moe_ffn_hidden_size), ("shared_ffn", new.moe_shared_ffn_hidden_size)) \
         if desc.is_moe else (("ffn", new.ffn_hidden_size),)
     for key, value in (("query_groups", groups), ("heads", heads), *widths):
@@ -152,12 +172,46 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
     return new
 
 
+def _hybrid_changes(desc: ModelDescription, target: dict[str, int], *, tp: int, pp: int, flag: str,
+                    kept_layers: list[int] | None) -> dict:
+    """A hybrid model's mixer shape and layer pattern under ``target`` (checked)."""
+    G = desc.mamba_num_groups
+    mamba_heads = target.get("mamba_heads", desc.mamba_num_heads)
+    require(mamba_heads % G == 0,
+            f"{flag}: mamba_heads={mamba_heads} splits a Mamba head group: each of the {G} groups (whose heads share "
+            f"B and C) keeps the same number of heads; allowed: "
+            + ", ".join(str(G * k) for k in range(1, desc.mamba_num_heads // G + 1)))
+    # megatron-core gives each TP rank mamba_heads / tp heads in groups / tp whole groups
+    require(mamba_heads % tp == 0, f"{flag}: mamba_heads={mamba_heads} is not divisible by --tp {tp}")
+    counts = kind_counts(desc.hybrid_pattern)
+    kinds = {symbol: target.get(axis, counts[symbol]) for axis, symbol in LAYER_KIND_AXES.items()}
+    by_kind = any(axis in target for axis in LAYER_KIND_AXES)
+    layers = sum(kinds.values()) if by_kind else target.get("layers", desc.num_layers)
+    require(target.get("layers", layers) == layers,
+            f"{flag}: layers={target.get('layers')} disagrees with mamba_layers + attention_layers + mlp_layers = "
+            f"{layers}")
+    require(layers % pp == 0, f"{flag}: layers={layers} does not split evenly over --pp {pp} pipeline stages "
+                              "(megatron-core's MambaStack puts the same number of layers on every stage)")
+    if kept_layers is not None:
+        pattern = kept_pattern(desc.hybrid_pattern, kept_layers)
+        assert len(pattern) == layers and (not by_kind or kind_counts(pattern) == kinds), (pattern, target)
+    elif by_kind:
+        pattern = provisional_pattern(desc.hybrid_pattern, kinds)
+    else:
+        pattern = desc.hybrid_pattern[:layers]  # provisional: importance chooses the layers
+    return dict(num_layers=layers, hybrid_pattern=pattern, mamba_num_heads=mamba_heads,
+                mamba_head_dim=target.get("mamba_head_dim", desc.mamba_head_dim))
+
+
 def sizes(desc: ModelDescription) -> dict[str, int]:
-    """The size of every axis a target may name (a dense model's MoE axes are 0)."""
+    """The size of every axis a target may name (a dense model's MoE axes are 0, as are the
+    Mamba axes and layer kinds of a model that is not hybrid)."""
+    kinds = kind_counts(desc.hybrid_pattern)
     return {"hidden": desc.hidden_size, "ffn": desc.ffn_hidden_size, "heads": desc.num_attention_heads,
             "query_groups": desc.num_query_groups, "layers": desc.num_layers, "experts": desc.num_experts,
             "moe_ffn": desc.moe_ffn_hidden_size, "shared_ffn": desc.moe_shared_ffn_hidden_size,
-            "top_k": desc.moe_top_k}
+            "top_k": desc.moe_top_k, "mamba_heads": desc.mamba_num_heads, "mamba_head_dim": desc.mamba_head_dim,
+            **{axis: kinds[symbol] for axis, symbol in LAYER_KIND_AXES.items()}}
 
 
 def describe_change(old: ModelDescription, new: ModelDescription) -> str:
@@ -165,6 +219,6 @@ def describe_change(old: ModelDescription, new: ModelDescription) -> str:
     before, after = sizes(old), sizes(new)
     for axis in AXES:
         a, b = before[axis], after[axis]
-        if a != b:
+        if a != b and a:
             parts.append(f"{axis} {a}->{b} (-{1 - b / a:.0%})")
     return ", ".join(parts) or "no change"

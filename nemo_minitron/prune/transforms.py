@@ -12,12 +12,22 @@ Mixtures of experts: the router (``mlp.router.weight``, experts x hidden) keeps 
 of the kept experts; each kept expert (``mlp.experts.local_experts.{e}``, named here by
 its original index) is a SwiGLU MLP cut to its own kept neurons; the shared expert like
 a dense MLP, its gate (``gate_weight``, 1 x hidden) over hidden only.
+
+Hybrid models' Mamba-2 mixers (``model/hybrid.py``; d_inner = heads x head_dim, head h's
+channel p at h * head_dim + p): ``in_proj`` keeps the z and x rows of the kept heads' kept
+channels, every B and C row (the groups stay whole) and the dt rows of the kept heads, and
+the kept hidden columns; ``conv1d`` (weight and bias) the same x channels and every B/C
+channel; ``A_log``, ``D``, ``dt_bias`` the kept heads; the gated norm's weight the kept
+d_inner channels (its groups shrink with them: every group keeps as many heads);
+``out_proj`` the kept hidden rows and d_inner columns. The layer's own norm
+(``decoder.layers.{i}.norm``) and the final norm (``decoder.final_norm``) run over hidden.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import expert_of, layer_of
 from nemo_minitron.prune.select import KeepPlan
@@ -26,6 +36,7 @@ from nemo_minitron.prune.select import KeepPlan
 _HEAD_DIM_NORMS = ("self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
                    "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias")
 _HIDDEN_NORMS = ("layernorm.weight", "layernorm.bias")  # input, pre-MLP and final norms
+_MIXER = "mixer."  # a hybrid model's Mamba-2 mixer
 
 
 def _qkv_rows(old: ModelDescription, groups: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -48,6 +59,31 @@ def _proj_columns(old: ModelDescription, heads: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads.tolist()])
 
 
+def _inner_channels(old: ModelDescription, heads: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """Indices into d_inner (head-major) of the kept heads' kept channels."""
+    P = old.mamba_head_dim
+    return (heads[:, None] * P + dims[None, :]).flatten()
+
+
+def _cut_mixer(suffix: str, full: torch.Tensor, old: ModelDescription, heads: torch.Tensor, dims: torch.Tensor,
+               h: torch.Tensor) -> torch.Tensor:
+    """A Mamba-2 mixer tensor cut to the kept heads, head channels and hidden channels."""
+    inner, bc = hybrid.d_inner(old), 2 * hybrid.bc_channels(old)
+    x = _inner_channels(old, heads, dims)
+    if suffix == "in_proj.weight":  # rows [z, x, B, C, dt]
+        rows = torch.cat([x, inner + x, 2 * inner + torch.arange(bc), 2 * inner + bc + heads])
+        return full[rows][:, h]
+    if suffix in ("conv1d.weight", "conv1d.bias"):  # channels [x, B, C]
+        return full[torch.cat([x, inner + torch.arange(bc)])]
+    if suffix in ("A_log", "D", "dt_bias"):
+        return full[heads]
+    if suffix == "norm.weight":
+        return full[x]
+    if suffix == "out_proj.weight":
+        return full[h][:, x]
+    raise KeyError(suffix)
+
+
 def _cut_mlp(suffix: str, full: torch.Tensor, neurons: torch.Tensor, h: torch.Tensor, gated: bool) -> torch.Tensor:
     """An MLP's first ([gate; up] or the neurons) or second linear cut to ``neurons`` and channels ``h``."""
     if suffix.endswith("linear_fc2.weight"):
@@ -65,12 +101,15 @@ def prune_tensor(name: str, full: torch.Tensor, old: ModelDescription, keep: Kee
     h = keep.hidden
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return full[:, h]
-    if name.startswith("decoder.final_layernorm."):
+    if name.startswith(("decoder.final_layernorm.", "decoder.final_norm.")):
         return full[h]
     suffix = name.split(f"decoder.layers.{layer_of(name)}.", 1)[1]
     if suffix in _HEAD_DIM_NORMS:
         return full
-    if suffix.endswith(_HIDDEN_NORMS):
+    if suffix.startswith(_MIXER):
+        heads, dims = keep.mamba_heads[old_layer], keep.mamba_head_dim[old_layer]
+        return _cut_mixer(suffix[len(_MIXER):], full, old, heads, dims, h)
+    if suffix.endswith(_HIDDEN_NORMS) or suffix == "norm.weight":
         return full[h]
     if suffix == "self_attention.linear_qkv.weight":
         return full[_qkv_rows(old, keep.groups[old_layer], keep.heads[old_layer])][:, h]
@@ -99,8 +138,12 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
     Keys: "hidden" [H] for any tensor touching the residual stream; per-layer "ffn" [F],
     "heads" [heads], "query_groups" [groups]; a mixture of experts' per-layer "experts"
     [E] (an expert: its router row and its MLP), "shared_ffn" [F_shared], and for one
-    expert's tensor "expert" (a number) and "moe_ffn" [F_moe]. A zero-centred norm weight
-    counts as the gamma it applies (weight + 1); the QK-norms belong to no unit."""
+    expert's tensor "expert" (a number) and "moe_ffn" [F_moe]; a Mamba mixer's per-layer
+    "mamba_heads" [H] and "mamba_head_dim" [P] (a head: its z, x and dt rows, conv
+    channels, A_log, D, dt_bias, norm channels and out_proj columns; a head channel: those
+    of its z, x, conv, norm and out_proj in every head; B and C belong to no unit). A
+    zero-centred norm weight counts as the gamma it applies (weight + 1); the QK-norms
+    belong to no unit."""
     if name.endswith(_HEAD_DIM_NORMS):
         return {}
     if desc.zero_centered_gamma and name.endswith("layernorm.weight"):
@@ -109,7 +152,9 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
     d, hpg, G = desc.head_dim, desc.heads_per_group, desc.num_query_groups
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return {"hidden": w.sum(0)}
-    if name.endswith(_HIDDEN_NORMS):
+    if ".mixer." in name:
+        return _mixer_magnitudes(name.rsplit(".mixer.", 1)[1], w, desc)
+    if name.endswith(_HIDDEN_NORMS) or name.endswith("norm.weight"):  # + a Mamba layer's and the final norm
         return {"hidden": w}
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         rows = w.sum(1) if w.dim() == 2 else w
@@ -140,3 +185,27 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
     if axis == "moe_ffn":
         out["expert"] = w.sum()
     return out
+
+
+def _mixer_magnitudes(suffix: str, w: torch.Tensor, desc: ModelDescription) -> dict[str, torch.Tensor]:
+    """Squared weights ``w`` of one Mamba-2 mixer tensor, per head, head channel and hidden channel."""
+    H, P, inner = desc.mamba_num_heads, desc.mamba_head_dim, hybrid.d_inner(desc)
+
+    def per_inner(rows: torch.Tensor) -> dict[str, torch.Tensor]:  # [d_inner] head-major
+        grid = rows.reshape(H, P)
+        return {"mamba_heads": grid.sum(1), "mamba_head_dim": grid.sum(0)}
+
+    if suffix == "in_proj.weight":  # rows [z, x, B, C, dt]
+        rows = w.sum(1)
+        out = per_inner(rows[:inner] + rows[inner:2 * inner])
+        out["mamba_heads"] = out["mamba_heads"] + rows[-H:]
+        return {**out, "hidden": w.sum(0)}
+    if suffix in ("conv1d.weight", "conv1d.bias"):  # channels [x, B, C]
+        return per_inner(w.reshape(w.shape[0], -1).sum(1)[:inner])
+    if suffix in ("A_log", "D", "dt_bias"):
+        return {"mamba_heads": w}
+    if suffix == "norm.weight":
+        return per_inner(w)
+    if suffix == "out_proj.weight":
+        return {**per_inner(w.sum(0)), "hidden": w.sum(1)}
+    raise KeyError(suffix)
