@@ -280,3 +280,217 @@ def test_sequential_calibration_sees_the_earlier_layers_sparse(sparse_runs, tiny
             if sequential and layer == 3:  # and not the dense model's: the earlier layers' sparsity counts
                 dense = torch.cat(layer_inputs(path, 0)[weight])
                 assert (got - dense).abs().max().item() > 100 * transformer_logits(96, 4, want)
+
+
+# ---------------------------------------------------------------------- layouts and distillation
+#: the layouts of the 2-process worker: (tp, pp, RUNS sparsified there)
+LAYOUTS = {"tp2": (2, 1, ["sparsegpt_24", "wanda_subset"]), "pp2": (1, 2, ["sparsegpt_24"]),
+           "dp2": (1, 1, ["sparsegpt_24"])}
+DISTILL = dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_temperature=1.0, ce_weight=0.5, logit_chunk=7)
+
+
+def optimizer_states(trainer):
+    """(mask, main weight, Adam's first and second moments) of every masked weight this rank's
+    optimizer holds: whole weights under megatron's plain optimizer, this data-parallel rank's
+    flat shard under its distributed optimizer (the mask cut to the same range)."""
+    from nemo_minitron.sparsity.masks import mask_of
+
+    opt = trainer.optimizer
+    for inner in getattr(opt, "chained_optimizers", [opt]):
+        if hasattr(inner, "shard_fp32_groups"):
+            for params, shards in zip(inner.model_fp32_groups, inner.shard_fp32_groups):
+                for param, shard in zip(params, shards):
+                    if mask_of(param) is not None:
+                        r = inner._get_model_param_range_map(param)["param"]
+                        state = inner.optimizer.state[shard]
+                        yield mask_of(param).reshape(-1)[r.start:r.end], shard, state["exp_avg"], state["exp_avg_sq"]
+        else:
+            for group in inner.optimizer.param_groups:
+                for param in group["params"]:
+                    if mask_of(param) is not None:
+                        state = inner.optimizer.state[param]
+                        yield mask_of(param), param, state["exp_avg"], state["exp_avg_sq"]
+
+
+def distill_results(teacher: str, student: str, tp: int, pp: int) -> dict:
+    """At a layout (any rank): the first step's full gradients, then two optimizer steps: the
+    student's full weights and masks, and the largest optimizer state at masked and at kept
+    positions."""
+    from megatron.core import parallel_state as ps
+    from test_distill import make_trainer
+
+    from nemo_minitron.model.params import gather, named_weights, unwrap
+    from nemo_minitron.sparsity.masks import mask_of
+
+    trainer = make_trainer(teacher, student, tp, pp, DISTILL, steps=2)
+    grads = {k: v.clone() for k, v in trainer.gradients(step=0)[1].items()}  # TP=1: views of the grad buffer
+    trainer.train()
+    group, gated = ps.get_tensor_model_parallel_group(), unwrap(trainer.student).config.gated_linear_unit
+    weights, masks = {}, {}
+    for name, param in named_weights(trainer.student):
+        weights[name] = gather(name, param.detach(), group=group, gated=gated)
+        if mask_of(param) is not None:
+            masks[name] = gather(name, mask_of(param).to(torch.uint8), group=group, gated=gated).bool()
+    masked, kept = 0.0, 0.0
+    for mask, main, m, v in optimizer_states(trainer):
+        for t in (main, m, v):
+            masked = max(masked, t.detach()[~mask].abs().max().item() if (~mask).any() else 0.0)
+        kept = max(kept, m[mask].abs().max().item() if mask.any() else 0.0)
+    return {"grads": grads, "weights": weights, "masks": masks, "states": {"masked": masked, "kept": kept}}
+
+
+@pytest.fixture(scope="module")
+def sparse_student(tiny_checkpoint, tmp_path_factory, runtime):
+    """The tiny student (llama_small) made 2:4 sparse by SparseGPT."""
+    from nemo_minitron.sparsity.api import sparsify
+
+    return sparsify(str(tiny_checkpoint("llama_small")), str(tmp_path_factory.mktemp("student") / "sparse"),
+                    ["builtin:calib"], seed=SEED, progress=False, **CALIB)
+
+
+def _holds_2_4(w: torch.Tensor) -> bool:
+    return bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+@pytest.mark.multirank
+def test_layouts_equal_tp1(sparse_runs, sparse_student, tiny_checkpoint, tmp_path):
+    """At TP=2, PP=2 and DP=2 the masks equal TP=1's and SparseGPT's updated weights too (to the
+    rounding of the activations the calibration saw); distilling the sparse student there has
+    TP=1's gradients, zero at every masked weight; after optimizer steps the masks are kept,
+    the masked weights are zero and so are the optimizer's main weights and Adam moments
+    there (megatron-core's distributed optimizer at DP=2 included)."""
+    teacher, student = str(tiny_checkpoint("llama")), str(sparse_student)
+    base = distill_results(teacher, student, 1, 1)
+    run_workers("sparsity_layouts.py", tiny_checkpoint("llama"), teacher, student, tmp_path)
+    for layout, (tp, pp, runs) in LAYOUTS.items():
+        for name in runs:
+            path, capture = sparse_runs[name]
+            want_w, want_m = canonical(path)
+            got_w, got_m = canonical(tmp_path / f"{layout}-{name}")
+            assert got_m.keys() == want_m.keys(), (layout, name)
+            for weight, mask in want_m.items():
+                assert torch.equal(got_m[weight], mask), (layout, name, weight)
+                # SparseGPT's solution moves with its Hessian: the activations it is built from carry
+                # another split's float32 rounding (a forward pass: products <= 96 wide, 4 layers),
+                # amplified by at most the Hessian's condition number
+                k = _passes(RUNS[name])[weight]
+                x = torch.cat(capture.inputs[weight][k * MICRO_BATCHES:(k + 1) * MICRO_BATCHES])
+                cond = torch.linalg.cond(x.T @ x).item() if RUNS[name]["method"] == "sparsegpt" else 0.0
+                scale = want_w[weight].abs().max().item()
+                tol = U32 * scale + cond * fp32(96 * 9, scale)
+                assert (got_w[weight] - want_w[weight]).abs().max().item() <= tol, (layout, name, weight)
+        merged = {"grads": {}, "weights": {}, "masks": {}}
+        states = []
+        for part in sorted(tmp_path.glob("rank*.pt")):
+            saved = torch.load(part)[layout]
+            for key in merged:
+                merged[key].update(saved[key])
+            states.append(saved["states"])
+        assert merged["masks"].keys() == base["masks"].keys() == {n for n in base["weights"] if "linear" in n}
+        for weight, mask in base["masks"].items():
+            assert torch.equal(merged["masks"][weight], mask), (layout, weight)
+            w = merged["weights"][weight]
+            assert not w[~mask].any() and _holds_2_4(w), (layout, weight)
+            if layout != "dp2":  # the distributed optimizer leaves each rank only its shard of the gradients
+                got, ref = merged["grads"][weight], base["grads"][weight]
+                assert not got[~mask].any() and not ref[~mask].any(), (layout, weight)
+                # as test_distill: a sum over the step's 64 tokens of products through the layers
+                assert (got - ref).abs().max().item() <= fp32(64 * 96 * 9, ref.abs().max().item()), (layout, weight)
+        for s in states + [base["states"]]:
+            assert s["masked"] == 0.0 and s["kept"] > 0.0, (layout, s)
+
+
+def test_distillation_keeps_the_masks_through_a_resume(sparse_student, tiny_checkpoint, tmp_path, one_thread):
+    """Distilling a 2:4 student keeps its masks: stopped after 2 of 4 steps and resumed, the
+    training checkpoint carries the masks and the final student has the same masks, zeros
+    at every masked weight (2:4 in every group of four), its other weights trained, the same
+    weights as an uninterrupted run, and its sparsity record."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nemo_minitron.distill.api import distill
+
+    settings = dict(steps=4, global_batch=4, micro_batch=2, seq_len=16, lr=1e-2, eval_samples=2, data_workers=0,
+                    kd_temperature=1.0, ce_weight=0.5, seed=SEED, progress=False)
+    teacher, student = str(tiny_checkpoint("llama")), str(sparse_student)
+    straight = distill(teacher, student, ["builtin:train"], str(tmp_path / "straight"), **settings)
+    paused = distill(teacher, student, ["builtin:train"], str(tmp_path / "resumed"), stop_at=2, **settings)
+    assert straight.status == "finished" and paused.status == "paused" and paused.step == 2
+    saved = FileSystemReader(str(tmp_path / "resumed" / "checkpoints" / "step_0000002" / "weights")).read_metadata()
+    student_w, student_m = canonical(student)
+    assert {k for k in saved.state_dict_metadata if k.startswith("sparsity_mask.")} == {
+        f"sparsity_mask.{n}" + part for n in student_m for part in ((".gate", ".up") if "fc1" in n else ("",))}
+    resumed = distill(teacher, student, ["builtin:train"], str(tmp_path / "resumed"), **settings)
+    assert resumed.status == "finished"
+    final_w, final_m = canonical(tmp_path / "resumed" / "final")
+    straight_w, _ = canonical(tmp_path / "straight" / "final")
+    assert final_m.keys() == student_m.keys() and len(final_m) == 12
+    for name, mask in student_m.items():
+        w = final_w[name]
+        assert torch.equal(final_m[name], mask) and not w[~mask].any() and _holds_2_4(w), name
+        assert (w[mask] != student_w[name][mask]).float().mean() > 0.9, name  # trained
+    for name, w in final_w.items():  # the same float32 operations on restored state
+        assert ((w - straight_w[name]).abs() <= 4 * U32 * straight_w[name].abs()).all(), name
+    provenance = json.loads((tmp_path / "resumed" / "final" / "nemo_minitron.json").read_text())["provenance"]
+    assert provenance["sparsity"]["pattern"] == "2:4" and provenance["distillation"]["steps"] == 4
+
+
+def test_export_holds_the_zeros_and_the_masks_and_gives_our_logits(sparse_runs, tmp_path):
+    """A 2:4 model exports to Hugging Face with its zeros in the weights (2:4 along every
+    matrix's input), its masks by HF name in their own safetensors file and its record in
+    sparsity.json; transformers' logits equal ours."""
+    from safetensors.torch import load_file
+
+    from nemo_minitron.checkpoint.api import export, open_model
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.model.forward import full_logits
+
+    path = sparse_runs["sparsegpt_24"][0]
+    hf_dir = export(str(path), str(tmp_path / "hf"))
+    weights = {k: v for f in sorted(hf_dir.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    record = json.loads((hf_dir / "sparsity.json").read_text())
+    masks = {k: v for f in sorted(set(record["masks"].values())) for k, v in load_file(hf_dir / f).items()}
+    assert record["pattern"] == "2:4" and record["method"] == "sparsegpt" and len(masks) == 4 * 7
+    for name, mask in masks.items():
+        w = weights[name]
+        assert mask.dtype == torch.bool and mask.shape == w.shape and not w[~mask].any(), name
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all() and _holds_2_4(w), name
+    _, ours = canonical(path)
+    for i in range(4):  # the HF masks are ours, split as HF splits the fused weights
+        hf = lambda s: masks[f"model.layers.{i}.{s}.weight"]  # noqa: E731
+        q, k, v = hf("self_attn.q_proj"), hf("self_attn.k_proj"), hf("self_attn.v_proj")
+        groups = [torch.cat([q[32 * g:32 * (g + 1)], k[16 * g:16 * (g + 1)], v[16 * g:16 * (g + 1)]]) for g in range(2)]
+        assert torch.equal(torch.cat(groups), ours[f"decoder.layers.{i}.{SUFFIX['qkv']}"])  # 2 groups of 2 heads
+        assert torch.equal(hf("self_attn.o_proj"), ours[f"decoder.layers.{i}.{SUFFIX['proj']}"])
+        assert torch.equal(torch.cat([hf("mlp.gate_proj"), hf("mlp.up_proj")]), ours[f"decoder.layers.{i}.{SUFFIX['fc1']}"])
+        assert torch.equal(hf("mlp.down_proj"), ours[f"decoder.layers.{i}.{SUFFIX['fc2']}"])
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = full_logits(open_model(str(path)).model, tokens, 1000)
+    with torch.no_grad():
+        got = load_hf_model(hf_dir)(tokens).logits.float()
+    assert (got - want).abs().max().item() <= transformer_logits(96, 4, want)
+
+
+@pytest.mark.parametrize("kind, flags, words", [
+    ("llama", ["--pattern", "2-4"], "--pattern must be N:M (e.g. 2:4) or unstructured:RATIO"),
+    ("llama", ["--pattern", "unstructured:1.5"], "the ratio must be in (0, 1)"),
+    ("llama", ["--pattern", "unstructured:0"], "the ratio must be in (0, 1)"),
+    ("llama", ["--pattern", "4:2"], "N:M needs 0 < N < M"),
+    ("llama_ffn76", ["--tp", "2"], "fc2 has 38 input columns per tensor-parallel rank at tensor parallel size 2 "
+                                   "(76 in all), not a multiple of 4"),
+    ("mixtral", [], "--modules: sparsify handles dense MLPs; this mixtral model has mixture-of-experts layers"),
+    ("nemotron_h", [], "sparsify of a hybrid Mamba-Transformer model (nemotron_h) is not supported yet"),
+    ("llama", ["--modules", "qkv,attn"], "--modules: 'attn' is not a sparsifiable module (allowed: qkv, proj, fc1"),
+    ("llama", ["--layers", "2-4"], "--layers: the model has layers 0-3 (got 4)"),
+    ("llama_tied", ["--modules", "output"], "--modules output: this model ties its output layer to the embedding"),
+    ("llama", ["--block-size", "6"], "--block-size 6 must be a multiple of 4 for --pattern 2:4"),
+    ("llama", ["--method", "wanda", "--no-data"], "--data is required by --method wanda"),
+    ("sparse", [], "is already sparse (2:4 by sparsegpt); sparsify the dense model it came from"),
+])
+def test_bad_input(tiny_checkpoint, sparse_runs, tmp_path, capsys, kind, flags, words):
+    """Bad input: one line naming the flag, exit status 2, before any work (nothing written)."""
+    ckpt = sparse_runs["sparsegpt_24"][0] if kind == "sparse" else tiny_checkpoint(kind)
+    data = [] if "--no-data" in flags else ["--data", "builtin:calib"]
+    code, err = cli_in_process(capsys, "sparsify", ckpt, "--out", tmp_path / "out", *data,
+                               *[f for f in flags if f != "--no-data"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "out").exists()
