@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, TESTS
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
-STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "budget-importance",
-          "budget-search", "budget-synthetic", "budget-distill", "export", "report"]
+STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-sparsify", "width-distill",
+          "budget-importance", "budget-search", "budget-synthetic", "budget-distill", "budget-sparsify", "export",
+          "report"]
 
 
 def _env():
@@ -83,16 +84,28 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
         assert yaml.safe_load(config.read_text())["cache_dir"] == str(cache), config
 
     report = json.loads((out / "report" / "report.json").read_text())
+    md = (out / "report" / "report.md").read_text()
     names = [m["model"] for m in report["models"]]
-    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "budget: pruned",
-                     "budget: distilled"]
+    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: sparse (2:4 sparsegpt)",
+                     "width: distilled with the masks", "budget: pruned", "budget: distilled",
+                     "budget: sparse (unstructured:0.5 wanda)"]
     params = [m["parameters"] for m in report["models"]]
-    assert params[0] == params[1] > params[2] == params[3] > params[4] == params[5]
+    assert params[0] == params[1] > params[2] == params[3] == params[4] > params[5] == params[6] == params[7]
+    # sparsity before distillation: the student distils the sparse model and keeps its record;
+    # after: the distilled model is sparsified, and is what the run exports
+    assert json.loads((out / "width-3-distill" / "summary.json").read_text())["student"].endswith("width-2b-sparsify")
+    kept = json.loads((out / "width-3-distill" / "final" / "nemo_minitron.json").read_text())["provenance"]
+    assert kept["sparsity"]["pattern"] == "2:4" and len(kept["sparsity"]["weights"]) == 4 * 4
+    for name, record in report["sparsity"].items():  # zero fraction per layer and module, table and plot
+        want = {"width": 0.5, "budget": 0.5}[name]
+        assert record["per_layer"] and all(abs(v - want) < 1e-6 for layer in record["per_layer"].values()
+                                           for v in layer.values()), (name, record["per_layer"])
+        assert f"## Sparsity: {name}" in md and (out / "report" / record["plot"]).is_file()
+    assert json.loads((out / "export" / "sparsity.json").read_text())["pattern"] == "unstructured:0.5"
     # the corrected teacher teaches (recorded in the student's summary)
     assert json.loads((out / "width-3-distill" / "summary.json").read_text())["teacher"].endswith(
         "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
-    md = (out / "report" / "report.md").read_text()
     assert "held-out loss" in md and "width-distillation.png" in md and (out / "report" / "width-heads.png").is_file()
     # the second round chose its shape by search: the winner has the lowest final held-out loss
     # of its candidates, is the round's pruned model, and the report shows the search
@@ -100,7 +113,7 @@ def test_recipe_stopped_mid_distillation_resumes_and_completes(tiny_hf, tmp_path
     finals = {c["name"]: c["final_loss"] for c in search["candidates"]}
     assert len(finals) == 2 and search["best"] == min(finals, key=finals.get)
     best = next(c for c in search["candidates"] if c["name"] == search["best"])
-    assert best["params"] == params[4] and best["directory"] == "best"
+    assert best["params"] == params[5] and best["directory"] == "best"
     assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
         "budget-2-search/best/pruned")
     assert "## Architecture search: budget" in md and (out / "report" / "budget-search.png").is_file()
