@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype
-    from nemo_minitron.importance.api import _scoring_step
+    from nemo_minitron.importance.api import hooks_only_step
     from nemo_minitron.importance.collect import ActivationCollector
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
     from nemo_minitron.runtime.distributed import init_distributed, layout
@@ -34,7 +34,7 @@ def main() -> None:
     model, info = load_checkpoint(ckpt, dtype=parse_dtype(args.dtype))
     samples = builtin_samples("calib", load_tokenizer(ckpt), args.seq_len, num_samples=args.samples).take()
     batches = split_microbatches(samples, args.micro_batch)
-    step = _scoring_step(layout().device)
+    step = hooks_only_step(layout().device)
 
     def plain() -> None:
         run_forward_only(model, batches, step)

@@ -168,7 +168,7 @@ class Bench:
         from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
         from nemo_minitron.evaluate import evaluate
         from nemo_minitron.model.forward import run_forward_only, split_microbatches
-        from nemo_minitron.importance.api import _scoring_step
+        from nemo_minitron.importance.api import hooks_only_step
         from nemo_minitron.runtime.distributed import layout
         import contextlib
 
@@ -181,7 +181,7 @@ class Bench:
             for c in collectors.values():
                 stack.enter_context(c.active())
             with torch.no_grad():
-                run_forward_only(self.teacher, split_microbatches(samples, 4), _scoring_step(layout().device))
+                run_forward_only(self.teacher, split_microbatches(samples, 4), hooks_only_step(layout().device))
         L = self.old.num_layers
         out = {"variants": {}, "seconds_calibration": time.time() - start}
         finals = {}
@@ -334,14 +334,14 @@ class Bench:
 
         def compute():
             from nemo_minitron.checkpoint.store import load_checkpoint
-            from nemo_minitron.importance.api import _scoring_step
+            from nemo_minitron.importance.api import hooks_only_step
             from nemo_minitron.model.forward import run_forward_only, split_microbatches
             from nemo_minitron.runtime.distributed import layout
 
             samples = self.load_samples(seed)
 
             def forward_loop(model):
-                run_forward_only(model, split_microbatches(samples, 4), _scoring_step(layout().device))
+                run_forward_only(model, split_microbatches(samples, 4), hooks_only_step(layout().device))
 
             model, _ = load_checkpoint(self.ckpt)
             kept, pruned = modelopt_adapter.prune(model, self.old, new, forward_loop, OUT / f"modelopt-scores-seed{seed}")

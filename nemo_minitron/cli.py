@@ -1,6 +1,7 @@
 """``nemo-minitron``: one command per pipeline stage.
 
-    convert -> importance -> plan/prune -> distill -> export   (and eval, generate, preprocess, run)
+    convert -> importance -> plan/prune -> [sparsify] -> distill -> [sparsify] -> export
+    (and eval, generate, preprocess, run)
 
 Every command runs as a single process or under ``torchrun`` with ``--tp``/``--pp``
 (data parallel = world size / (tp * pp)). Bad input is reported as one line on
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   nemo-minitron importance ckpt --data builtin:calib --out imp --samples 64 --seq-len 256
   nemo-minitron plan ckpt --target-params 90M
   nemo-minitron prune ckpt --importance imp --out pruned --target hidden=480,ffn=1024,heads=6
+  nemo-minitron sparsify pruned --out sparse --pattern 2:4 --method sparsegpt --data builtin:calib --seq-len 512
   nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40
   nemo-minitron search ckpt --importance imp --target-params 90M --data builtin:train --out search --steps 100
   nemo-minitron export distilled/final --hf-out hf --verify
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron.prune.config import PlanConfig, PlanOutputConfig, PruneConfig
     from nemo_minitron.runtime.config import ParallelConfig
     from nemo_minitron.search.config import SearchConfig
+    from nemo_minitron.sparsity.config import SparsifyConfig
     from nemo_minitron.tasks.config import TaskConfig
 
     parser = _Parser(prog="nemo-minitron", description=__doc__.split("\n\n")[0],
@@ -186,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
     _runtime(p, seed="--order random's draw (the other orders draw nothing)",
              dtype_help="dtype of the saved checkpoint; auto: as stored [default: auto]")
+
+    p = _sub(sub, "sparsify", "one-shot 2:4 (N:M) or unstructured sparsity of the linear layers: magnitude, Wanda or "
+             "SparseGPT", "nemo_minitron.sparsity.command:main",
+             "nemo-minitron sparsify pruned --out sparse --pattern 2:4 --method sparsegpt --data builtin:calib "
+             "--samples 128 --seq-len 512")
+    p.add_argument("checkpoint", metavar="CKPT", help=MODEL_HELP)
+    _iteration(p)
+    p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
+    _data(p, required=False, help="calibration data (wanda, sparsegpt): " + DATA_HELP)
+    add_flags(p, SparsifyConfig, title="sparsity")
+    _runtime(p, seed="which calibration samples are drawn from --data (megatron-core's shuffle)",
+             dtype_help="dtype of the calibration passes and the saved checkpoint; auto: as stored [default: auto]")
 
     p = _sub(sub, "distill", "knowledge distillation of a student from a teacher", "nemo_minitron.distill.command:main",
              "nemo-minitron distill --teacher ckpt --student pruned --data builtin:train --out distilled --steps 40")

@@ -194,8 +194,11 @@ def _help_text(f: dataclasses.Field, choices: Sequence[Any] | None) -> str:
             text += f" [default: {shown}]"
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
-        if value:
-            text += f" [default: {value}]"
+        if isinstance(value, list) and value and all(isinstance(v, (str, int)) for v in value):
+            value = ",".join(map(str, value))  # as the flag takes it
+        shown = value or f.metadata.get("default_text")
+        if shown:
+            text += f" [default: {shown}]"
     return text.replace("%", "%%")
 
 

@@ -48,8 +48,8 @@ MOE_CONFIGS = {
 }
 
 
-def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict):
-    """A trainer at a layout on 16 built-in training samples (any rank)."""
+def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict, steps: int = 1):
+    """A trainer at a layout on 16 built-in training samples (any rank), for ``steps`` steps."""
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.distill.api import _projection_init, load_training_models, parse_pairs
@@ -62,7 +62,7 @@ def make_trainer(teacher: str, student: str, tp: int, pp: int, settings: dict):
     settings = dict(settings)
     dtype = parse_dtype(settings.pop("dtype")) if "dtype" in settings else None
     s_desc, t_desc = read_info(student).description, read_info(teacher).description
-    cfg = DistillConfig(steps=1, **settings)
+    cfg = DistillConfig(steps=steps, **settings)
     init_distributed(tp, pp, SEED)
     samples = check_corpus(["builtin:train"]).dataset(load_tokenizer(student), seq_len=cfg.seq_len, seed=0,
                                                       num_samples=16)

@@ -18,8 +18,9 @@ import pytest
 from conftest import ROOT, TESTS, cli_in_process, frozen_when, train_records
 
 RECIPE = TESTS / "recipes" / "tiny.yaml"
-STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-distill", "budget-importance",
-          "budget-search", "budget-synthetic", "budget-distill", "export", "report"]
+STAGES = ["convert", "teacher-correction", "width-importance", "width-prune", "width-sparsify", "width-distill",
+          "budget-importance", "budget-search", "budget-synthetic", "budget-distill", "budget-sparsify", "export",
+          "report"]
 
 
 def _env():
@@ -129,16 +130,30 @@ def test_the_recipe_data_settings_reach_every_stage_that_reads_data(recipe_run):
         assert yaml.safe_load(config.read_text())["cache_dir"] == str(recipe_run["cache"]), config
 
 
+
 def test_the_report_follows_every_model_and_the_corrected_teacher_teaches(recipe_run):
-    """Six models, each smaller after pruning and the same size after distillation; the
-    corrected teacher is the one the student learns from; the report has the generation,
-    the loss curves and the pruned heads."""
+    """Eight models, each smaller after pruning and the same size after distillation and
+    sparsity; the corrected teacher is the one the student learns from; the report has the
+    generation, the loss curves and the pruned heads."""
     out, report, md = recipe_run["out"], recipe_run["report"], recipe_run["md"]
     names = [m["model"] for m in report["models"]]
-    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: distilled", "budget: pruned",
-                     "budget: distilled"]
+    assert names == ["teacher (input)", "teacher (corrected)", "width: pruned", "width: sparse (2:4 sparsegpt)",
+                     "width: distilled with the masks", "budget: pruned", "budget: distilled",
+                     "budget: sparse (unstructured:0.5 wanda)"]
     params = [m["parameters"] for m in report["models"]]
-    assert params[0] == params[1] > params[2] == params[3] > params[4] == params[5]
+    assert params[0] == params[1] > params[2] == params[3] == params[4] > params[5] == params[6] == params[7]
+    # sparsity before distillation: the student distils the sparse model and keeps its record;
+    # after: the distilled model is sparsified, and is what the run exports
+    assert json.loads((out / "width-3-distill" / "summary.json").read_text())["student"].endswith("width-2b-sparsify")
+    kept = json.loads((out / "width-3-distill" / "final" / "nemo_minitron.json").read_text())["provenance"]
+    assert kept["sparsity"]["pattern"] == "2:4" and len(kept["sparsity"]["weights"]) == 4 * 4
+    for name, record in report["sparsity"].items():  # zero fraction per layer and module, table and plot
+        want = {"width": 0.5, "budget": 0.5}[name]
+        assert record["per_layer"] and all(abs(v - want) < 1e-6 for layer in record["per_layer"].values()
+                                           for v in layer.values()), (name, record["per_layer"])
+        assert f"## Sparsity: {name}" in md and (out / "report" / record["plot"]).is_file()
+    assert json.loads((out / "export" / "sparsity.json").read_text())["pattern"] == "unstructured:0.5"
+    # the corrected teacher teaches (recorded in the student's summary)
     assert json.loads((out / "width-3-distill" / "summary.json").read_text())["teacher"].endswith(
         "01-teacher-correction/final")
     assert report["generation"].startswith("The Python standard library")
@@ -154,7 +169,7 @@ def test_the_second_round_chose_its_shape_by_search(recipe_run):
     finals = {c["name"]: c["final_loss"] for c in search["candidates"]}
     assert len(finals) == 2 and search["best"] == min(finals, key=finals.get)
     best = next(c for c in search["candidates"] if c["name"] == search["best"])
-    assert best["params"] == report["models"][4]["parameters"] and best["directory"] == "best"
+    assert best["params"] == report["models"][5]["parameters"] and best["directory"] == "best"
     assert json.loads((out / "budget-3-distill" / "summary.json").read_text())["student"].endswith(
         "budget-2-search/best/pruned")
     assert "## Architecture search: budget" in recipe_run["md"] and (out / "report" / "budget-search.png").is_file()
@@ -274,6 +289,7 @@ def test_nemo_run_local_executor_runs_a_round_on_two_processes(tiny_hf, tmp_path
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["teacher_correction"]["enabled"] = recipe["export"]["enabled"] = False
     recipe["rounds"] = recipe["rounds"][:1]
+    del recipe["rounds"][0]["sparsify"]
     recipe["rounds"][0]["distill"].update(steps=1, eval_every=0, save_every=0)
     (tmp_path / "one-round.yaml").write_text(yaml.safe_dump(recipe))
     _, report = _nemo_run(tmp_path / "one-round.yaml", tiny_hf, tmp_path)

@@ -82,6 +82,8 @@ def test_cluster_recipes_need_only_data_paths():
     ("rounds.0.importance.batch_agg=median", ["batch_agg", "mean, l2, var"]),
     ("rounds.0.distill.global_batch=7", ["global_batch", "multiple"]),
     ("rounds.0.prune.target_params=90M", ["exactly one of"]),
+    ("rounds.0.sparsify={pattern: 2-4}", ["recipe key 'rounds.0.sparsify.pattern' must be N:M"]),
+    ("rounds.0.sparsify={at: during}", ["rounds.0.sparsify.at", "before_distill, after_distill"]),
 ])
 def test_bad_recipe_values_name_the_key(override, words):
     with pytest.raises(UsageError) as e:

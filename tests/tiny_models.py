@@ -35,6 +35,9 @@ TINY_CONFIGS = {
     "llama_small": ("LlamaConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                         tie_word_embeddings=False)),
+    # an MLP width that splits over 2 TP ranks into 38 columns each: not 2:4-sparsifiable there
+    "llama_ffn76": ("LlamaConfig", dict(hidden_size=64, intermediate_size=76, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
     # the same shapes with a different vocabulary size: not a student for the others
     "mistral_vocab": ("MistralConfig", dict(vocab_size=1100, hidden_size=48, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

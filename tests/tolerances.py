@@ -52,3 +52,14 @@ def fp16_same_ops(layers: int, magnitude: float) -> float:
     the difference starts at one float16 rounding (u16) and passes through the
     ``2 * layers + 1`` products of the backward pass, each rounding to float16 again."""
     return SAFETY * (2 * layers + 1) * U16 * magnitude
+
+
+U64 = 2.0 ** -53    # float64 unit roundoff
+
+
+def fp64_solve(n: int, condition: float, magnitude: float) -> float:
+    """Two float64 solutions of one n x n symmetric positive definite system (another
+    factorisation or elimination order): backward stable, so each is within about
+    n * u64 * cond of the exact one (Higham, "Accuracy and Stability of Numerical
+    Algorithms", ch. 10), relative to ``magnitude``."""
+    return SAFETY * n * condition * U64 * magnitude

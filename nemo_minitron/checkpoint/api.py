@@ -164,7 +164,8 @@ def export(ckpt: str, hf_out: str | None = None, config: ExportConfig | None = N
     out_dtype = dtype or DTYPES[info.dtype]
     path = None
     if hf_path is not None:
-        path = export_hf(model, info.description, hf_path, tokenizer_dir=tokenizer_dir(ckpt), dtype=out_dtype)
+        path = export_hf(model, info.description, hf_path, tokenizer_dir=tokenizer_dir(ckpt), dtype=out_dtype,
+                         sparsity=info.provenance.get("sparsity"))
         if verify:
             verify_export(model, info.description, path)
     if mg_path is not None:

@@ -8,7 +8,9 @@ only when complete. Names and config keys come from the family's table
 (``checkpoint/hf_format.py``). Pruned shapes are handled: explicit ``head_dim``, any
 number of query groups and layers; if the installed transformers rejects a family's
 config for its shape, a family with a ``fallback`` (Llama -> Mistral) is written as
-that numerically identical family and the log says so.
+that numerically identical family and the log says so. A sparse model (``sparsify``)
+is written with its zeros in the weights, plus its masks by HF name in
+``sparsity_masks-stageNNN.safetensors`` and its record in ``sparsity.json``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.hybrid import tp_sections
 from nemo_minitron.model.params import gather, named_weights
 from nemo_minitron.runtime.distributed import is_rank0
+from nemo_minitron.sparsity.masks import mask_of
 
 log = logging.getLogger("nemo_minitron")
 
 MAX_SHARD_BYTES = 4 * 1024**3
+MASKS_FILE = "sparsity_masks"     # a sparse model's masks by HF name (True: the weight may be non-zero)
+SPARSITY_FILE = "sparsity.json"   # its sparsity record, and which file holds each mask
 
 
 def hf_config(desc: ModelDescription, dtype: torch.dtype, flag: str = "CKPT") -> dict[str, Any]:
@@ -85,12 +90,15 @@ def _refusal(config_class: str, values: dict[str, Any]) -> str | None:
     return None
 
 
-def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: int) -> dict[str, str]:
-    """Gather this stage's tensors over TP and write them (TP rank 0 writes); returns name -> file."""
+def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: int) -> tuple[dict[str, str],
+                                                                                        dict[str, str]]:
+    """Gather this stage's tensors over TP and write them (TP rank 0 writes); returns name -> file
+    for the weights and for the sparsity masks (a sparse model's, in a file of their own)."""
     writer = ps.get_tensor_model_parallel_rank() == 0
     tp_group = ps.get_tensor_model_parallel_group()
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
     shard_bytes, shard_no = 0, 0
 
     def flush() -> None:
@@ -106,34 +114,51 @@ def _write_stage_shards(model, desc: ModelDescription, directory: Path, stage: i
         if name == "output_layer.weight" and tied_copy:
             continue  # the last stage's copy of tied embeddings; the first stage writes them
         full = gather(name, param.detach(), group=tp_group, gated=desc.gated, sections=tp_sections(desc, name))
+        mask = mask_of(param)
+        if mask is not None:  # uint8 over the wire: gloo gathers no bool tensors
+            mask = gather(name, mask.to(torch.uint8), group=tp_group, gated=desc.gated).bool()
         if not writer:
             continue
         for hf_name, tensor in canonical_to_hf(desc, name, full):
             shard[hf_name] = tensor.contiguous().clone()
             shard_bytes += tensor.numel() * tensor.element_size()
+        if mask is not None:
+            masks.update((hf_name, t.contiguous().clone()) for hf_name, t in canonical_to_hf(desc, name, mask))
         if shard_bytes >= MAX_SHARD_BYTES:
             flush()
     flush()
-    return weight_map
+    mask_map: dict[str, str] = {}
+    if masks and writer:
+        file = f"{MASKS_FILE}-stage{stage:03d}.safetensors"
+        save_file(masks, str(directory / file), metadata={"format": "pt"})
+        mask_map = {k: file for k in masks}
+    return weight_map, mask_map
 
 
 def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenizer_dir: Path | None,
-              dtype: torch.dtype) -> Path:
-    """Collective over all ranks: write ``out`` as a Hugging Face model directory."""
+              dtype: torch.dtype, sparsity: dict[str, Any] | None = None) -> Path:
+    """Collective over all ranks: write ``out`` as a Hugging Face model directory. A sparse
+    model's weights hold their zeros; its masks go to ``sparsity_masks-stageNNN.safetensors``
+    and ``sparsity`` (the checkpoint's record) to ``sparsity.json``."""
     out = Path(out)
     config = hf_config(desc, dtype)
     if config["model_type"] != desc.architecture:  # the fallback family: its own table names the weights
         log.info("%s", fallback_note(desc, config))
         desc = desc.replace(architecture=config["model_type"])
     with atomic_directory(out) as tmp:
-        local_map: dict[str, str] = {}
+        local_maps: tuple[dict[str, str], dict[str, str]] = ({}, {})
         if ps.get_data_parallel_rank() == 0:
-            local_map = _write_stage_shards(model, desc, tmp, ps.get_pipeline_model_parallel_rank())
-        maps = [None] * dist.get_world_size() if dist.is_initialized() else [local_map]
+            local_maps = _write_stage_shards(model, desc, tmp, ps.get_pipeline_model_parallel_rank())
+        maps = [None] * dist.get_world_size() if dist.is_initialized() else [local_maps]
         if dist.is_initialized():
-            dist.all_gather_object(maps, local_map)
+            dist.all_gather_object(maps, local_maps)
         if is_rank0():
-            weight_map = {k: v for m in maps for k, v in (m or {}).items()}
+            weight_map = {k: v for m in maps for k, v in (m[0] if m else {}).items()}
+            mask_map = {k: v for m in maps for k, v in (m[1] if m else {}).items()}
+            if mask_map:
+                record = {k: v for k, v in (sparsity or {}).items() if k not in ("config", "weights")}
+                (tmp / SPARSITY_FILE).write_text(json.dumps({**record, "masks": dict(sorted(mask_map.items()))},
+                                                            indent=2))
             files = sorted(set(weight_map.values()))
             total = sum((tmp / f).stat().st_size for f in files)
             (tmp / "model.safetensors.index.json").write_text(json.dumps(

@@ -3,7 +3,8 @@
     CKPT/
       nemo_minitron.json   format marker, model description, dtype, provenance
       tokenizer/           Hugging Face tokenizer files
-      weights/             megatron-core distributed checkpoint (torch_dist)
+      weights/             megatron-core distributed checkpoint (torch_dist); a sparse
+                           model's masks are tensors there too (sparsity/masks.py)
 
 Weights are saved with ``dist_checkpointing`` from the model's sharded state dict, so
 a checkpoint written at one TP/PP layout loads at any other. Everything is written to
@@ -43,6 +44,7 @@ from nemo_minitron.model.builder import build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
 from nemo_minitron.runtime.distributed import all_ranks_ok, barrier, broadcast_object, is_rank0
+from nemo_minitron.sparsity.masks import load_masks, mask_sharded_state_dict, masked_weight_names
 
 log = logging.getLogger("nemo_minitron")
 
@@ -161,7 +163,8 @@ def save_weights(model, directory: Path) -> None:
     if is_rank0():
         directory.mkdir(parents=True, exist_ok=True)
     barrier()
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
+    # a sparse model's masks are tensors of the same checkpoint (sparsity/masks.py)
+    dist_checkpointing.save({**unwrap(model).sharded_state_dict(), **mask_sharded_state_dict(model)}, str(directory))
 
 
 def load_weights(model, directory: Path) -> None:
@@ -204,6 +207,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         megatron.load_into(model)
     else:
         load_weights(model, Path(path) / "weights")
+        if masked_weight_names(info.provenance):  # a sparse model: its masks travel with it
+            load_masks(model, Path(path) / "weights", masked_weight_names(info.provenance))
         if padded_vocab_size not in (None, info.description.padded_vocab_size):
             megatron_format.zero_vocab_padding(model, info.description.vocab_size)
     if dtype is not None and dtype != stored:

@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
     OUT/checkpoints/step_0000123/
-        weights/       dist_checkpointing: student (+ projections) and optimizer state
+        weights/       dist_checkpointing: student (+ projections), optimizer state and
+                       a sparse student's masks
         state.json     step, scheduler, pair weights, RNG of every rank (JSON, no pickle)
     OUT/checkpoints/latest   name of the newest complete checkpoint, written last
 
@@ -31,6 +32,7 @@ from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
 from nemo_minitron.checkpoint.store import atomic_directory
 from nemo_minitron.model.params import unwrap
 from nemo_minitron.runtime.distributed import barrier, is_rank0
+from nemo_minitron.sparsity.masks import has_masks, load_masks_from, mask_sharded_state_dict
 
 log = logging.getLogger("nemo_minitron")
 
@@ -89,7 +91,8 @@ def save_training_state(out: Path, step: int, model, optimizer, scheduler, extra
     with atomic_directory(final) as tmp:
         model_state = model.sharded_state_dict()
         state = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state,
-                                                                               metadata=OPTIMIZER_FORMAT)}
+                                                                               metadata=OPTIMIZER_FORMAT),
+                 "sparsity_masks": mask_sharded_state_dict(_student(model))}
         if is_rank0():
             (tmp / "weights").mkdir()
         barrier()
@@ -121,6 +124,8 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     loaded = dist_checkpointing.load(request, str(path / "weights"), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     target = model if hasattr(model, "projections") else unwrap(model)
     _load_model_state(target, loaded["model"])
+    if has_masks(_student(model)):  # a sparse student's masks, as this run saved them
+        load_masks_from(_student(model), path / "weights")
     optimizer.load_state_dict(loaded["optimizer"])
     if override_schedule:  # megatron reads the peak and floor from each parameter group first
         for group in optimizer.param_groups:
@@ -133,6 +138,11 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     _set_rng_state(state["rng"][rank])
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def _student(model):
+    """The student inside a DistillationModel (or the model itself)."""
+    return model.student if hasattr(model, "projections") else model
 
 
 def _load_model_state(model, loaded: dict) -> None:

@@ -16,6 +16,11 @@ the number of consumed samples, which every checkpoint holds: a resumed run read
 samples an uninterrupted one would, at any layout. Each step's record carries a
 fingerprint of the tokens it trained on, so that this can be checked.
 
+A sparse student (``sparsify``) keeps its masks: masked weights get zero gradients after
+the gradients are reduced and are re-zeroed after every optimizer step, which keeps the
+optimizer's main weights and moments at zero there too (``sparsity/masks.py``); the masks
+are saved in every training checkpoint.
+
 Stopping: after every step the loop asks whether any rank got SIGTERM or SIGUSR1
 (``runtime/signals.py``); then it saves a checkpoint and returns ``stopped``.
 
@@ -64,6 +69,7 @@ from nemo_minitron.model.params import gather, named_weights, unwrap
 from nemo_minitron.runtime.distributed import barrier, is_rank0, layout
 from nemo_minitron.runtime.progress import progress_bar
 from nemo_minitron.runtime.signals import received, stop_requested
+from nemo_minitron.sparsity.masks import apply_masks, mask_gradients
 
 FINGERPRINT_MODULUS = 2**31 - 1
 
@@ -356,6 +362,7 @@ class Trainer:
             forward_step_func=self.forward_step, data_iterator=data, model=[self.ddp],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch, forward_only=False, **extra)
+        mask_gradients(self.student)  # a sparse student: masked weights get no update (sparsity/masks.py)
         pair_losses = self.module.step_pair_losses if distilling else torch.zeros(0)
         logs = self._reduce_logs(reported, pair_losses, self.module.pair_weights if distilling else None)
         if self.moe_aux_coeff:
@@ -414,6 +421,7 @@ class Trainer:
             logs = self._forward_backward(self._batches)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             ok, grad_norm, _ = self.optimizer.step()
+            apply_masks(self.student)
             self.scheduler.step(increment=1)
             self.step += 1
             self.consumed_samples += cfg.global_batch

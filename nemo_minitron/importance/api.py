@@ -68,7 +68,7 @@ def calibration_pass(model, samples, *, micro_batch: int, seq_agg: str, batch_ag
         for start in range(0, len(batches), chunk):
             t0 = time.time()
             run = batches[start:start + chunk]
-            run_forward_only(model, run, _scoring_step(device))
+            run_forward_only(model, run, hooks_only_step(device))
             bar.update(len(run) * ps.get_data_parallel_world_size())
             if start == 0 and len(batches) > chunk:
                 per_token = (time.time() - t0) / sum(b["tokens"].numel() for b in run)
@@ -96,7 +96,7 @@ def _log_estimate(seconds_per_token: float, calibration_tokens: int, layer_token
              "--layer-samples or --drop-blocks to shorten)", fmt(calib), fmt(layers))
 
 
-def _scoring_step(device):
+def hooks_only_step(device):
     """A Megatron forward step whose only product is what the hooks record."""
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)

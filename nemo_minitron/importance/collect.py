@@ -144,7 +144,7 @@ class LayerStats:
     mamba_heads: BatchStat = dataclasses.field(default_factory=BatchStat)     # per head (head_score token)
 
 
-def _fused_norm(x: torch.Tensor, module, config) -> torch.Tensor:
+def fused_norm_output(x: torch.Tensor, module, config) -> torch.Tensor:
     """The output of the norm TE fused into ``module`` (RMSNorm, or LayerNorm with bias;
     zero-centred weights apply as weight + 1), in float32."""
     eps = getattr(module, "eps", config.layernorm_epsilon)
@@ -230,7 +230,7 @@ class ActivationCollector:
         """The output of the layer's norm ``norm_name``, or (TE) of the norm fused into the next linear."""
         if hasattr(fused_into, "layer_norm_weight"):  # TE: norm fused into the next linear
             def fused(module, args):
-                stat.add(self._per_sample(_fused_norm(args[0].detach(), module, self.model.config)))
+                stat.add(self._per_sample(fused_norm_output(args[0].detach(), module, self.model.config)))
             yield fused_into, "pre", fused
         else:
             def norm_out(module, args, output):

@@ -1,7 +1,8 @@
 """Recipes: OmegaConf YAML validated into dataclasses at the edge.
 
 A recipe names a model, the data, and one or more *rounds* of importance -> prune ->
-distill (a chain: round 2 prunes round 1's distilled student again). Unknown keys are
+distill (a chain: round 2 prunes round 1's distilled student again); a round may add a
+``sparsify`` stage before or after its distillation. Unknown keys are
 errors that name the key; dotted overrides (``rounds.0.distill.steps=20``) apply on top
 of the YAML. Only the schema and values are checked here; whether paths exist is
 checked by each stage before it starts.
@@ -29,6 +30,7 @@ from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.runtime.config import ParallelConfig, RunConfig
 from nemo_minitron.search.config import SearchConfig
+from nemo_minitron.sparsity.config import SparsifyConfig
 from nemo_minitron.tasks.builtin import BUILTIN_TASKS
 
 
@@ -103,6 +105,16 @@ class SyntheticDataConfig(GenerateConfig):
 
 
 @dataclass
+class RoundSparsifyConfig(SparsifyConfig):
+    """One-shot sparsity of the round's model, on the calibration data (``data.calib``)."""
+
+    at: Literal["before_distill", "after_distill"] = option(
+        "before_distill", "before_distill: sparsify the pruned model and distil it with its masks kept (the loss "
+                          "lost to sparsity is trained back); after_distill: sparsify the distilled model (one-shot "
+                          "only)")
+
+
+@dataclass
 class RoundConfig:
     name: str = ""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
@@ -113,6 +125,8 @@ class RoundConfig:
     distill: RoundDistillConfig = field(default_factory=RoundDistillConfig)
     #: generation settings, used when distill.method is synthetic or both
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    #: optional 2:4 / unstructured sparsity before or after the round's distillation
+    sparsify: Optional[RoundSparsifyConfig] = None
 
 
 @dataclass
@@ -154,7 +168,8 @@ class Recipe(RunConfig):
 
 def _known_keys() -> list[str]:
     """Every dotted key of the schema (with one round), for suggestions."""
-    return sorted(flatten(dataclasses.asdict(Recipe(rounds=[RoundConfig(search=SearchConfig())]))))
+    return sorted(flatten(dataclasses.asdict(Recipe(rounds=[RoundConfig(search=SearchConfig(),
+                                                                        sparsify=RoundSparsifyConfig())]))))
 
 
 def _dotted(key: str) -> str:
@@ -253,6 +268,8 @@ def validate(recipe: Recipe) -> None:
             stages = ("importance", "search", "distill")
         if rnd.distill.method != "logits":
             stages += ("synthetic",)
+        if rnd.sparsify is not None:
+            stages += ("sparsify",)
         for stage in stages:
             validate_config(getattr(rnd, stage), recipe_names(f"rounds.{i}.{stage}"))
         if not rnd.name:

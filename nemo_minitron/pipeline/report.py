@@ -1,10 +1,11 @@
 """The run's report: how good each model is, what it costs, and what each stage did.
 
 Every model of the run (the input teacher, the corrected teacher, and each round's
-pruned and distilled students) is evaluated on the same held-out samples and the same
+pruned, sparse and distilled students) is evaluated on the same held-out samples and the same
 downstream task examples (``report.tasks``, through lm-evaluation-harness). Writes
 ``report.md`` (for people), ``report.json`` (for programs) and PNG plots; a round that
-chose its architecture by search gets the search's ranking and loss curves.
+chose its architecture by search gets the search's ranking and loss curves; a sparsified
+round gets its zero fraction per layer and module (a table and a plot).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ def _models(recipe: Recipe, paths) -> list[tuple[str, Path]]:
         models.append(("teacher (corrected)", paths.teacher_correction / "final"))
     for i, rnd in enumerate(recipe.rounds):
         models.append((f"{rnd.name}: pruned", paths.prune(i)))
-        models.append((f"{rnd.name}: distilled", paths.distill(i) / "final"))
+        sparse = (f"{rnd.name}: sparse ({rnd.sparsify.pattern} {rnd.sparsify.method})", paths.sparsify(i)) \
+            if rnd.sparsify is not None else None
+        if sparse and rnd.sparsify.at == "before_distill":
+            models.append(sparse)
+        models.append((f"{rnd.name}: distilled" + (" with the masks" if sparse and rnd.sparsify.at ==
+                                                  "before_distill" else ""), paths.distill(i) / "final"))
+        if sparse and rnd.sparsify.at == "after_distill":
+            models.append(sparse)
     return models
 
 
@@ -221,6 +229,78 @@ def _search_markdown(name: str, result: dict[str, Any]) -> list[str]:
     return lines
 
 
+SPARSITY_MODULES = {"self_attention.linear_qkv.weight": "qkv", "self_attention.linear_proj.weight": "proj",
+                    "mlp.linear_fc1.weight": "fc1", "mlp.linear_fc2.weight": "fc2"}
+
+
+def _sparsity(recipe: Recipe, paths) -> dict[str, dict[str, Any]]:
+    """Each sparsified round's record (the sparse checkpoint's provenance) with its zero
+    fraction per layer and module."""
+    found = {}
+    for i, rnd in enumerate(recipe.rounds):
+        if rnd.sparsify is None:
+            continue
+        record = dict(read_info(paths.sparsify(i)).provenance.get("sparsity") or {})
+        per_layer: dict[str, dict[str, float]] = {}
+        for name, fraction in record.get("weights", {}).items():
+            layer, module = _layer_and_module(name)
+            per_layer.setdefault(layer, {})[module] = fraction
+        found[rnd.name] = {k: v for k, v in record.items() if k not in ("config", "weights")} | {"per_layer": per_layer}
+    return found
+
+
+def _layer_and_module(name: str) -> tuple[str, str]:
+    if name == "output_layer.weight":
+        return "output", "output"
+    rest = name.split("decoder.layers.", 1)[1]
+    layer, suffix = rest.split(".", 1)
+    return layer, SPARSITY_MODULES.get(suffix, suffix)
+
+
+def _sparsified_modules(record: dict[str, Any]) -> list[str]:
+    order = [*SPARSITY_MODULES.values(), "output"]
+    return sorted({m for v in record["per_layer"].values() for m in v}, key=order.index)
+
+
+def _plot_sparsity(name: str, record: dict[str, Any], out: Path) -> str:
+    """Zero fraction of every sparsified weight, by layer (one bar per module)."""
+    plt = pyplot()
+    layers = list(record["per_layer"])
+    modules = _sparsified_modules(record)
+    width = 0.8 / len(modules)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) * len(modules) + 2), 3.5))
+    for k, module in enumerate(modules):
+        values = [record["per_layer"][layer].get(module, 0.0) for layer in layers]
+        ax.bar([x + (k - (len(modules) - 1) / 2) * width for x in range(len(layers))], values, width, label=module)
+    ax.set_xticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of weights zero")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{name}: {record['pattern']} by {record['method']}")
+    ax.legend(fontsize=8, ncol=len(modules))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    file = f"{name}-sparsity.png"
+    fig.savefig(out / file, dpi=120)
+    plt.close(fig)
+    return file
+
+
+def _sparsity_markdown(name: str, record: dict[str, Any]) -> list[str]:
+    modules = _sparsified_modules(record)
+    lines = ["", f"## Sparsity: {name}", "",
+             f"{record['pattern']} by {record['method']} ({'sequential' if record.get('sequential') else 'one pass'} "
+             f"calibration on {record.get('data')}): {record['zero_parameters']:,} of {record['masked_parameters']:,} "
+             f"parameters of the sparsified weights are zero, {record['model_sparsity']:.1%} of the model. Zero "
+             "fraction per layer:", "",
+             "| layer | " + " | ".join(modules) + " |", "|---|" + "---|" * len(modules)]
+    for layer, values in record["per_layer"].items():
+        lines.append(f"| {layer} | " + " | ".join(f"{values[m]:.3f}" if m in values else "-" for m in modules) + " |")
+    if record.get("plot"):
+        lines += ["", f"![{record['plot']}]({record['plot']})"]
+    return lines
+
+
 def _generate_sample(export_dir: Path) -> str | None:
     if not (export_dir / "config.json").is_file():
         return None
@@ -256,14 +336,17 @@ def write_report(recipe: Recipe, paths, out: Path) -> str | None:
         task_plot = _plot_tasks(rows, tmp)
         importance_plots = _copy_importance_plots(recipe, paths, tmp)
         searches = _searches(recipe, paths, tmp)
+        sparsity = _sparsity(recipe, paths)
+        for name, record in sparsity.items():
+            record["plot"] = _plot_sparsity(name, record, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
         summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
         report = {"recipe": recipe.name, "dtype": dataclasses.asdict(dtype), "models": rows, "stages": stages,
-                  "search": searches, "distillation": summaries,
+                  "search": searches, "sparsity": sparsity, "distillation": summaries,
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot, searches, summaries, dtype))
+                                                 task_plot, searches, summaries, dtype, sparsity))
     return None
 
 
@@ -298,7 +381,7 @@ def _trained_on(name: str, summary: dict[str, Any]) -> str:
 
 
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None,
-              summaries=None, dtype: ComputeDtype | None = None) -> str:
+              summaries=None, dtype: ComputeDtype | None = None, sparsity=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
@@ -341,6 +424,8 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
             lines.append(f"| {name} | {s['wall_seconds']:.0f} s{runs} | {s['tokens'] or '-'} | {tps} |")
     for name, result in (searches or {}).items():
         lines += _search_markdown(name, result)
+    for name, record in (sparsity or {}).items():
+        lines += _sparsity_markdown(name, record)
     trained = [_trained_on(name, summary) for name, summary in (summaries or {}).items() if summary]
     if curves or trained:
         lines += ["", "## Distillation", ""] + trained + [""] + [f"![{c}]({c})" for c in curves]

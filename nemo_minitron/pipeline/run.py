@@ -6,7 +6,9 @@
     OUT/<round>-2-prune            pruned checkpoint
     OUT/<round>-2-search           or, with a search: every candidate's result, the winner in best/
     OUT/<round>-3-synthetic        with distill.method synthetic/both: the teacher's generations
+    OUT/<round>-2b-sparsify        with sparsify.at before_distill: the pruned model made sparse
     OUT/<round>-3-distill          distilled student (final/), metrics, checkpoints
+    OUT/<round>-4-sparsify         with sparsify.at after_distill: the distilled model made sparse
     OUT/export                     Hugging Face directory of the last student
     OUT/report                     report.md, report.json, plots
 
@@ -52,6 +54,9 @@ from nemo_minitron.search import api as search_api
 from nemo_minitron.search.api import RESULT
 from nemo_minitron.search.candidates import search_candidates
 from nemo_minitron.search.config import SearchConfig
+from nemo_minitron.sparsity import api as sparsity_api
+from nemo_minitron.sparsity.api import target_weights
+from nemo_minitron.sparsity.config import SparsifyConfig
 from nemo_minitron.tasks.api import resolve_tasks
 
 log = logging.getLogger("nemo_minitron")
@@ -107,6 +112,25 @@ class RunPaths:
     def distill(self, i: int) -> Path:
         return self.root / f"{self.recipe.rounds[i].name}-3-distill"
 
+    def sparsify(self, i: int) -> Path | None:
+        """The round's sparse checkpoint (None: the round has no sparsify stage)."""
+        rnd = self.recipe.rounds[i]
+        if rnd.sparsify is None:
+            return None
+        return self.root / f"{rnd.name}-{'2b' if rnd.sparsify.at == 'before_distill' else '4'}-sparsify"
+
+    def distill_student(self, i: int) -> Path:
+        """What the round distils: the pruned model, or its sparse version."""
+        rnd = self.recipe.rounds[i]
+        return self.sparsify(i) if rnd.sparsify is not None and rnd.sparsify.at == "before_distill" \
+            else self.prune(i)
+
+    def round_output(self, i: int) -> Path:
+        """The round's final model: the distilled student, or its sparse version."""
+        rnd = self.recipe.rounds[i]
+        return self.sparsify(i) if rnd.sparsify is not None and rnd.sparsify.at == "after_distill" \
+            else self.distill(i) / "final"
+
     @property
     def export(self) -> Path:
         return self.root / "export"
@@ -125,13 +149,13 @@ class RunPaths:
         return self.teacher_correction / "final" if tc.enabled else self.input_checkpoint()
 
     def round_input(self, i: int) -> Path:
-        return self.teacher() if i == 0 else self.distill(i - 1) / "final"
+        return self.teacher() if i == 0 else self.round_output(i - 1)
 
     def round_teacher(self, i: int) -> Path:
         return self.teacher() if self.recipe.rounds[i].distill.teacher == "original" else self.round_input(i)
 
     def student(self) -> Path:
-        return self.distill(len(self.recipe.rounds) - 1) / "final"
+        return self.round_output(len(self.recipe.rounds) - 1)
 
 
 # -------------------------------------------------------------------- validation
@@ -157,6 +181,9 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
             desc = planned_description(desc, rnd.prune, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
         descriptions.append(desc)
         lengths = [("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)]
+        if rnd.sparsify is not None:  # the pattern fits the round's model at this layout
+            target_weights(desc, rnd.sparsify, tp, recipe_names(f"rounds.{i}.sparsify"))
+            lengths.append(("sparsify.seq_len", rnd.sparsify.seq_len))
         if rnd.search is not None:
             lengths.append(("search.seq_len", rnd.search.seq_len))
         if rnd.distill.method != "logits":  # the round teacher generates: prompts and context checked now
@@ -276,7 +303,8 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         # method synthetic trains on the generations alone; data.train then only provides the
         # held-out part under data.split
         synthetic = [str(paths.synthetic(i) / SYNTHETIC_FILE)] if d.method != "logits" else None
-        return _training_stats(distill_api.distill(str(paths.round_teacher(i)), str(paths.prune(i)), data.train,
+        return _training_stats(distill_api.distill(str(paths.round_teacher(i)), str(paths.distill_student(i)),
+                                                   data.train,
                                                    str(out), config, eval_data=data.heldout,
                                                    force=recipe.resume == "force",
                                                    names=recipe_names(f"{key}.distill"), force_hint=FORCE_HINT,
@@ -303,6 +331,12 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
         steps = sum(c["stopped_at"] or result["steps"] for c in result["candidates"])  # over all candidates
         return {"tokens": steps * rnd.search.global_batch * rnd.search.seq_len}
 
+    def sparsify(out: Path) -> dict:
+        source = paths.prune(i) if rnd.sparsify.at == "before_distill" else paths.distill(i) / "final"
+        sparsity_api.sparsify(str(source), str(out), data.calib, rnd.sparsify, names=recipe_names(f"{key}.sparsify"),
+                              **runtime, **data_runtime)
+        return {"tokens": rnd.sparsify.samples * rnd.sparsify.seq_len if rnd.sparsify.needs_data else 0}
+
     common = {"seed": seed, "dtype": recipe.dtype}
     if rnd.search is not None:
         pick = Stage(f"{rnd.name}-search", paths.search(i), _search_done, search,
@@ -317,15 +351,24 @@ def _round_stages(recipe: Recipe, paths: RunPaths, i: int, rnd: RoundConfig) -> 
                             generate, {f"{key}.synthetic": to_dict(rnd.synthetic), f"{key}.distill.teacher":
                                        rnd.distill.teacher, "data.train": data.train, "data.split": data.split,
                                        **common})]
+    sparse = []
+    if rnd.sparsify is not None:
+        sparse = [Stage(f"{rnd.name}-sparsify", paths.sparsify(i), is_checkpoint, sparsify,
+                        {f"{key}.sparsify": to_dict(rnd.sparsify), "data.calib": data.calib,
+                         "data.split": data.split, **common})]
+    before = sparse if rnd.sparsify is not None and rnd.sparsify.at == "before_distill" else []
+    after = sparse if not before else []
     return [
         Stage(f"{rnd.name}-importance", paths.importance(i), lambda p: (p / "scores.safetensors").is_file(),
               importance, {f"{key}.importance": to_dict(rnd.importance), "data.calib": data.calib,
                            "data.split": data.split, **common}),
         pick,
+        *before,
         *generation,
         Stage(f"{rnd.name}-distill", paths.distill(i), _distill_done, distill,
               {f"{key}.distill": to_dict(rnd.distill), "data.train": data.train, "data.heldout": data.heldout,
                "data.split": data.split, **common}),
+        *after,
     ]
 
 
@@ -365,7 +408,7 @@ def check_finished_stages(recipe: Recipe, root: Path, stages: list[Stage]) -> di
     when they changed (naming the keys), unless ``resume=force``. Returns the accepted changes."""
     file = root / STAGES_FILE
     records = json.loads(file.read_text()) if file.is_file() else {}
-    safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig, SearchConfig)
+    safe = resume_safe_fields(ImportanceConfig, PruneConfig, DistillConfig, SearchConfig, SparsifyConfig)
     accepted = {}
     for stage in stages:
         saved = records.get(stage.name, {}).get("config")
