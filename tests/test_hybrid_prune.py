@@ -376,12 +376,12 @@ def test_tp2_pp2_dp2_equal_tp1(hybrid, tmp_path):
     runs = {"tp2": variants, "pp2": {"imp": {}}, "dp2": {"imp": {}}}
     job = {"checkpoint": str(hybrid["checkpoint"]), "scores": str(hybrid["importance"]), "layouts": layouts,
            "importance": {k: v for k, v in layer_kwargs.items() if k != "progress"}, "variants": runs,
-           "prune": jobs, "out": str(tmp_path / "{layout}")}
+           "prune": jobs, "out": str(tmp_path / "out" / "{layout}")}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    run_workers("hybrid_prune_layouts.py", tmp_path / "job.json")
+    run_workers("hybrid_prune_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
     for layout in layouts:
         for name in runs[layout]:
-            other = ImportanceScores.load(tmp_path / layout / name)
+            other = ImportanceScores.load(tmp_path / "out" / layout / name)
             assert other.tensors.keys() == base[name].tensors.keys()
             for axis, ref in base[name].tensors.items():
                 if axis == "layer_loss_drop":  # differences of two losses
@@ -391,7 +391,7 @@ def test_tp2_pp2_dp2_equal_tp1(hybrid, tmp_path):
         if layout == "dp2":
             continue
         for j in jobs:
-            _, got = _state(tmp_path / layout / j["name"])
+            _, got = _state(tmp_path / "out" / layout / j["name"])
             want = expected[j["name"]]
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (layout, j["name"])
 

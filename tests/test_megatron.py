@@ -351,6 +351,7 @@ def test_bad_megatron_input_is_one_line(interop, tmp_path, capsys):
     data = yaml.safe_load(run_config.read_text())
     data["model"]["num_moe_experts"] = 8
     run_config.write_text(yaml.safe_dump(data))
+    (tmp_path / "x").mkdir()  # an importance directory: prune checks that it exists first
     cases.append((["prune", moe, "--importance", tmp_path / "x", "--out", tmp_path / "p", "--target", "hidden=32"],
                   ["num_moe_experts=8", "mixture of experts", "not supported"]))
     mla = _copy(out / "megatron_lm" / "iter_0000010", tmp_path / "mla" / "iter_0000010")

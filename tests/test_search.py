@@ -209,13 +209,13 @@ def tiny_cache(tiny_checkpoint, tmp_path_factory):
     (["--target-params", "0.22M", "--candidate", "hidden=80"], ["--candidate: hidden=80 is larger than the "
                                                                 "original model's 64"]),
     (["--target-params", "0.22M", "--cache-top-k", "8", "--kd-pairs", "0:1"], ["--cache-top-k with --kd-pairs"]),
-    (["--candidates", "2"], ["--target-params is required"]),
+    (["--candidates", "2"], ["the following arguments are required: --target-params"]),
     (["--target-params", "0.22M", "--teacher-logits", "CACHE"], ["--teacher-logits", "was written for --seq-len 8, "
                                                                   "not --seq-len 16"]),
     (["--target-params", "0.22M", "--teacher-logits", "CACHE", "--cache-top-k", "8"],
      ["--teacher-logits and --cache-top-k: give one"]),
     # prune's default: a depth-only candidate drops the layers of importance's greedy elimination
-    (["--target-params", "0.22M", "--layer-metric", "auto"],
+    (["--target-params", "0.22M", "--layer-metric", "greedy"],  # auto falls back to the loss drops
      ["--layer-metric greedy: the importance run removed 0 layers greedily"]),
 ])
 def test_bad_input(tiny_checkpoint, tiny_importance, tiny_cache, tmp_path, capsys, flags, words):

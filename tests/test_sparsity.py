@@ -361,12 +361,13 @@ def test_layouts_equal_tp1(sparse_runs, sparse_student, tiny_checkpoint, tmp_pat
     there (megatron-core's distributed optimizer at DP=2 included)."""
     teacher, student = str(tiny_checkpoint("llama")), str(sparse_student)
     base = distill_results(teacher, student, 1, 1)
-    run_workers("sparsity_layouts.py", tiny_checkpoint("llama"), teacher, student, tmp_path)
+    out = tmp_path / "out"
+    run_workers("sparsity_layouts.py", tiny_checkpoint("llama"), teacher, student, out, out=out)
     for layout, (tp, pp, runs) in LAYOUTS.items():
         for name in runs:
             path, capture = sparse_runs[name]
             want_w, want_m = canonical(path)
-            got_w, got_m = canonical(tmp_path / f"{layout}-{name}")
+            got_w, got_m = canonical(out / f"{layout}-{name}")
             assert got_m.keys() == want_m.keys(), (layout, name)
             for weight, mask in want_m.items():
                 assert torch.equal(got_m[weight], mask), (layout, name, weight)
@@ -381,7 +382,7 @@ def test_layouts_equal_tp1(sparse_runs, sparse_student, tiny_checkpoint, tmp_pat
                 assert (got_w[weight] - want_w[weight]).abs().max().item() <= tol, (layout, name, weight)
         merged = {"grads": {}, "weights": {}, "masks": {}}
         states = []
-        for part in sorted(tmp_path.glob("rank*.pt")):
+        for part in sorted(out.glob("rank*.pt")):
             saved = torch.load(part)[layout]
             for key in merged:
                 merged[key].update(saved[key])

@@ -212,6 +212,7 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
     require(vocab >= desc.vocab_size and vocab % tp == 0,
             f"padded vocabulary {vocab} must hold the {desc.vocab_size} tokens and be divisible by --tp {tp}")
     if desc.is_hybrid:  # megatron-core's MambaModel (model/mamba.py)
+        # deferred: megatron-core's SSM modules load for hybrid models only
         from nemo_minitron.model.mamba import build_mamba_model
 
         model = build_mamba_model(desc, config, vocab_size=vocab, te=te)

@@ -71,6 +71,7 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
 
 def te_stack_spec(desc: ModelDescription) -> ModuleSpec:
     """megatron-core's Transformer Engine stack spec, with the description's conv width and chunk length."""
+    # deferred: this spec imports Transformer Engine, an optional dependency
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
     layer = mamba_stack_spec.submodules.mamba_layer

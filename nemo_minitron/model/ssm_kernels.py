@@ -83,6 +83,7 @@ class GatedGroupRMSNorm(torch.nn.Module):
         return gated_rms_norm(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        # deferred: the kernels above are plain PyTorch and import without megatron-core
         from megatron.core import parallel_state
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 

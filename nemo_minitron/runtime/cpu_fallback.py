@@ -153,7 +153,7 @@ def import_mamba_mixer():
         for name in ("tensor_get_slice_after", "tensor_masked_update", "tensor_merge"):
             setattr(stand_in, name, _needs_triton)
         sys.modules[_TRITON_TENSOR_OPS] = stand_in
-    import megatron.core.ssm.mamba_mixer as mamba_mixer
+    import megatron.core.ssm.mamba_mixer as mamba_mixer  # deferred: after the stand-in is in sys.modules
 
     return mamba_mixer
 

@@ -18,15 +18,13 @@ of earlier ones (within a layer, its linears share one pass of the layer still d
 as SparseGPT's reference implementation does). At PP > 1 this is kept exact by making
 every step a whole forward pass through megatron-core's pipeline schedule: pass k runs
 all stages, only the stage holding layer k records and solves, and the next pass sees
-the result. A pass stops computing after the layer it records (later layers pass their
-input through, the output layer is skipped), so the passes together cost about half a
-forward pass per sparsified layer (ModelOpt's SparseGPT and ``sequential=False`` take one
-pass of the dense model for all layers and hold every layer's statistics at once).
+the result. It costs one forward pass over the calibration data per sparsified layer
+(ModelOpt's SparseGPT and ``sequential=False`` take one pass of the dense model for all
+layers and hold every layer's statistics at once).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -38,7 +36,6 @@ from megatron.core import parallel_state as ps
 
 from nemo_minitron.checkpoint.store import (
     CheckpointInfo,
-    check_new_output,
     dtype_name,
     load_checkpoint,
     load_tokenizer,
@@ -49,12 +46,12 @@ from nemo_minitron.checkpoint.store import (
 from nemo_minitron.config import Names, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
+from nemo_minitron.files import check_new_output
 from nemo_minitron.importance.api import calibration_samples, hooks_only_step
-from nemo_minitron.importance.layers import skipped_layers
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import run_forward_only, split_microbatches
 from nemo_minitron.model.hybrid import not_yet
-from nemo_minitron.model.params import gather, layer_of, named_weights, shard, unwrap
+from nemo_minitron.model.params import gather, layer_of, named_weights, shard
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
 from nemo_minitron.runtime.precision import stored_dtype
@@ -109,26 +106,6 @@ def calibration_groups(targets: list[str], cfg: SparsifyConfig) -> list[list[str
     for name in targets:
         groups.setdefault(layer_of(name), []).append(name)
     return list(groups.values())
-
-
-@contextlib.contextmanager
-def _forward_up_to(model, names: list[str], num_layers: int):
-    """A calibration pass computes only what its hooks need: the layers after the last one
-    it records pass their input through, and the output layer (unless recorded) returns a
-    stand-in, on whichever stage holds them."""
-    if "output_layer.weight" in names:
-        yield
-        return
-    last = max(layer_of(n) for n in names)
-    output_layer = getattr(unwrap(model), "output_layer", None)
-    if output_layer is not None:
-        output_layer.forward = lambda hidden, *args, **kwargs: (hidden.new_zeros(*hidden.shape[:-1], 1), None)
-    try:
-        with skipped_layers(model, range(last + 1, num_layers)):
-            yield
-    finally:
-        if output_layer is not None:
-            del output_layer.forward  # back to the class's forward
 
 
 def _solve(method: str, full: torch.Tensor, stats: torch.Tensor | None, pattern: Pattern,
@@ -274,7 +251,7 @@ def sparsify(checkpoint: str, out: str, data: Sequence[str] | None = None, confi
         if cfg.needs_data:
             collector = InputStatistics(model, linear_modules(model, set(group)),
                                         "hessian" if cfg.method == "sparsegpt" else "norms")
-            with collector.active(), _forward_up_to(model, group, desc.num_layers):
+            with collector.active():
                 run_forward_only(model, batches, hooks_only_step(layout().device))
             stats = collector.reduce()
         t1 = time.time()

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import common
 from prune_parallel import count_parameters
 
 
@@ -39,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -7,10 +7,12 @@ settings of test_sparsity); writes each rank's distillation results.
 import sys
 from pathlib import Path
 
-import torch
+import common
 
-if __name__ == "__main__":
+
+def main() -> None:
     ckpt, teacher, student, out = sys.argv[1:]
+    import torch
     import torch.distributed as dist
 
     from nemo_minitron.sparsity.api import sparsify
@@ -23,3 +25,7 @@ if __name__ == "__main__":
                      progress=False, **CALIB, **RUNS[name])
         results[layout] = distill_results(teacher, student, tp, pp)
     torch.save(results, Path(out) / f"rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    common.run(main)
