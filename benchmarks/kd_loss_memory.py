@@ -36,9 +36,10 @@ if variant == "naive":
     log_q = torch.log_softmax(teacher.float() / T, dim=-1)
     loss = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * T * T
 else:
+    from nemo_minitron.distill.config import DistillConfig
     from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
-    loss = logit_loss(student, teacher, None, LogitLossConfig(temperature=T, vocab_size=vocab,
-                                                              chunk_tokens=int(sys.argv[5])))[0]
+    loss = logit_loss(student, teacher, None, LogitLossConfig.of(DistillConfig(), vocab, temperature=T,
+                                                                 chunk_tokens=int(sys.argv[5])))[0]
 loss.backward()
 print(json.dumps({"extra_bytes": peak() - base, "loss": loss.item()}))
 """

@@ -24,12 +24,13 @@ from tolerances import fp32
 PAIRS = ["0:3", "2:1", "1:0"]
 SEED = 5
 #: one forward-backward step with intermediate pairs, and one with the teacher's top-k logits
-#: (at TP=2 the top-k threshold comes from an all-gather over the vocabulary shards)
+#: (at TP=2 the top-k threshold comes from an all-gather over the vocabulary shards) and the
+#: contrastive term (its similarities summed over the vocabulary shards)
 CONFIGS = {
     "pairs": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=PAIRS, kd_temperature=2.0,
                   ce_weight=0.25, logit_chunk=7),
     "top_k": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_top_k=5, kd_temperature=1.5,
-                  ce_weight=0.5, logit_chunk=5),
+                  ce_weight=0.5, logit_chunk=5, contrastive_weight=0.5, contrastive_temperature=0.8),
     # float16 with megatron-core's loss scale: the pair on the first stage enters the backward
     # pass at PP=2 through the stage output and must be scaled like the last stage's loss
     "fp16": dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_pairs=PAIRS, kd_temperature=2.0,
@@ -105,7 +106,8 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
                for i, layer in enumerate(student_layers)} if moe else {}
     config = models["student"].config
     coeff = settings.get("moe_aux_loss_coeff", getattr(config, "router_aux_loss_coef", 0.0))
-    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs), "moe_aux_loss": 0.0}
+    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "pair_losses": [0.0] * len(pairs), "moe_aux_loss": 0.0,
+              "contrastive_loss": 0.0}
     objective = 0.0
     for mb in microbatches:
         states, logits, router_logits = {}, {}, []
@@ -128,6 +130,13 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
         q, log_q, log_p = y.softmax(-1), y.log_softmax(-1), z.log_softmax(-1)
         kd = T * T * torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1).mean()
         ce = torch.nn.functional.cross_entropy(logits["student"].flatten(0, 1), mb["labels"].flatten())
+        # contrastive: InfoNCE over the positions of each chunk of the micro-batch's tokens,
+        # similarity of student i and teacher j = sum_v q_jv log p_iv
+        con, tau, chunk = 0.0, settings.get("contrastive_temperature", 1.0), settings.get("logit_chunk", 1024)
+        if settings.get("contrastive_weight"):
+            lp, qq = log_p.flatten(0, 1), q.flatten(0, 1)
+            con = T * T * torch.cat([-(lp[i:i + chunk] @ qq[i:i + chunk].T / tau).log_softmax(-1).diagonal()
+                                     for i in range(0, lp.shape[0], chunk)]).mean()
         pair_losses = []
         for i, (s, t) in enumerate(pairs):
             projected = states[("student", s)] @ proj[str(i)].T if str(i) in proj else states[("student", s)]
@@ -139,11 +148,13 @@ def reference_step(teacher_hf: Path, student_hf: Path, microbatches, settings: d
             k = config.num_experts_per_tok
             routed = torch.zeros_like(z_router).scatter(1, z_router.topk(k, dim=-1).indices, 1.0)
             aux = aux + coeff * experts / (k * n_tokens ** 2) * (z_router.softmax(-1).sum(0) * routed.sum(0)).sum()
-        loss = kd + ce_w * ce + sum(w * p for w, p in zip(pair_weights, pair_losses)) + aux
+        loss = kd + ce_w * ce + settings.get("contrastive_weight", 0.0) * con \
+            + sum(w * p for w, p in zip(pair_weights, pair_losses)) + aux
         objective = objective + loss / len(microbatches)
         totals["loss"] += loss.item() / len(microbatches)
         totals["kd_loss"] += kd.item() / len(microbatches)
         totals["ce_loss"] += ce.item() / len(microbatches)
+        totals["contrastive_loss"] += float(con) / len(microbatches)
         totals["moe_aux_loss"] += float(aux) / len(microbatches)
         for i, p in enumerate(pair_losses):
             totals["pair_losses"][i] += p.item() / len(microbatches)
@@ -209,8 +220,12 @@ def test_step_equals_a_float64_reference_at_tp1(tiny_hf, tiny_checkpoint, tp1_st
     # carrying a forward pass's relative rounding.
     logit_err = transformer_logits(WIDTH, LAYERS, torch.tensor(max_logit))
     loss_tol = T * T * log_softmax_sum(1000, max_logit / T) + 2 * T * logit_err
-    for key in ("kd_loss", "ce_loss", "loss"):
-        assert abs(logs[key] - ref[key]) <= loss_tol * (1 + len(PAIRS)), (key, logs[key], ref[key])
+    # the contrastive term: log-softmaxes over a chunk of similarities, each a sum of those
+    # log-probabilities weighted by probabilities (so within their error), divided by tau
+    keys = ("kd_loss", "ce_loss", "loss") + (("contrastive_loss",) if settings.get("contrastive_weight") else ())
+    tau = settings.get("contrastive_temperature", 1.0)
+    for key in keys:
+        assert abs(logs[key] - ref[key]) <= loss_tol * (1 + len(PAIRS)) * 2 / min(tau, 1.0), (key, logs[key], ref[key])
     pair_tol = fp32(WIDTH * (2 * LAYERS + 1), 2.0)
     assert len(logs["pair_losses"]) == len(ref["pair_losses"])
     for ours, want in zip(logs["pair_losses"], ref["pair_losses"]):
@@ -507,7 +522,8 @@ def _with_other_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:
     ("seq_len", ["--seq-len 100000 is longer than the models allow"]),
     ("pairs", ["--kd-pairs 1:9", "teacher layer 9 is out of range 0..3"]),
     ("reverse_top_k", ["--kd-top-k needs --kd-loss forward"]),
-    ("weights", ["--kd-weight and --ce-weight are both 0"]),
+    ("weights", ["--kd-weight, --ce-weight and --contrastive-weight are all 0"]),
+    ("contrastive_synthetic", ["--contrastive-weight needs --method logits"]),
 ])
 def test_bad_input(tiny_checkpoint, tmp_path, capsys, case, words):
     teacher, student = tiny_checkpoint("llama"), tiny_checkpoint("llama_small")
@@ -524,6 +540,8 @@ def test_bad_input(tiny_checkpoint, tmp_path, capsys, case, words):
         flags = ["--kd-loss", "reverse", "--kd-top-k", "5"]
     elif case == "weights":
         flags = ["--kd-weight", "0"]
+    elif case == "contrastive_synthetic":
+        flags = ["--contrastive-weight", "0.5", "--method", "both", "--synthetic-data", str(tmp_path)]
     else:
         flags = ["--kd-pairs", "1:9"]
     out = tmp_path / "out"

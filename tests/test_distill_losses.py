@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from tolerances import fp32, log_softmax_sum
@@ -60,7 +63,7 @@ def test_chunked_loss_equals_full_tensor_reference(runtime, cfg, chunk):
     z, y, labels = _inputs()
     z1 = z.clone().requires_grad_(True)
     z2 = z.clone().double().requires_grad_(True)
-    total, kd, ce = logit_loss(z1, y, labels, cfg)
+    total, kd, ce, _ = logit_loss(z1, y, labels, cfg)
     ref_total, ref_kd, ref_ce = _reference(z2, y, labels, cfg)
     total.backward()
     ref_total.backward()
@@ -88,7 +91,7 @@ def test_chunked_loss_equals_full_tensor_reference(runtime, cfg, chunk):
 def test_kl_is_zero_with_zero_gradient_when_student_is_teacher(runtime, kind, temperature):
     z, _, labels = _inputs(seed=3)
     student = z.clone().requires_grad_(True)
-    total, kd, _ = logit_loss(student, z.clone(), labels,
+    total, kd, *_ = logit_loss(student, z.clone(), labels,
                               loss_config(kind=kind, temperature=temperature, vocab_size=200, chunk_tokens=5))
     total.backward()
     # identical inputs go through identical operations: p = q and log p = log q bit for bit
@@ -142,7 +145,7 @@ def test_per_token_weights_equal_a_masked_reference(runtime, chunk):
     batch = {"labels": labels, "loss_mask": mask, "synthetic": torch.tensor([True, False, True])}
     kd_w, ce_w = token_weights(batch, cfg)
     z1 = z.clone().requires_grad_(True)
-    total, kd, ce = logit_loss(z1, y, labels, cfg, kd_w, ce_w)
+    total, kd, ce, _ = logit_loss(z1, y, labels, cfg, kd_w, ce_w)
     total.backward()
 
     # the reference: per-token KD and CE in float64, weighted by hand from the masks
@@ -172,3 +175,65 @@ def test_per_token_weights_equal_a_masked_reference(runtime, chunk):
     assert z1.grad[0, :4].abs().max() == 0  # a prompt's tokens get no gradient
     # plain data: no weights, the config's weights over every token
     assert token_weights({"labels": labels}, cfg) == (None, None)
+
+
+def _contrastive_reference(z, y, cfg: LogitLossConfig):
+    """InfoNCE over the positions of each chunk, written out with full float64 tensors: the
+    similarity of student position i and teacher position j is sum_v q_jv log p_iv."""
+    V, T, tau = cfg.vocab_size, cfg.temperature, cfg.contrastive_temperature
+    log_p = torch.log_softmax(z.reshape(-1, z.shape[-1])[:, :V].double() / T, -1)
+    q = torch.softmax(y.reshape(-1, y.shape[-1])[:, :V].double() / T, -1)
+    terms = []
+    for i in range(0, log_p.shape[0], cfg.chunk_tokens):
+        sim = log_p[i:i + cfg.chunk_tokens] @ q[i:i + cfg.chunk_tokens].T / tau
+        terms.append(-torch.log_softmax(sim, dim=-1).diagonal())  # the positive is the same position
+    return T * T * torch.cat(terms).mean()
+
+
+@pytest.mark.parametrize("changes", [
+    dict(kd_weight=0.0, contrastive_weight=1.0),
+    dict(kd_weight=0.0, contrastive_weight=1.0, temperature=2.0, contrastive_temperature=0.5, chunk_tokens=4),
+    dict(kd_weight=1.0, ce_weight=0.5, contrastive_weight=0.3, chunk_tokens=8),
+], ids=["contrastive", "T2-tau0.5-chunk4", "kd+ce+contrastive"])
+def test_contrastive_loss_and_gradient_equal_a_full_tensor_reference(runtime, changes):
+    """Its value and gradient (autograd through the reference) and, with KD and CE, the
+    weighted sum of the three terms; padding columns get no gradient."""
+    cfg = loss_config(vocab_size=200, **changes)
+    z, y, labels = _inputs(seed=5)
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().double().requires_grad_(True)
+    total, kd, ce, con = logit_loss(z1, y, labels, cfg)
+    ref_con = _contrastive_reference(z2, y, cfg)
+    ref_kl, ref_ce = _reference(z2, y, labels, dataclasses.replace(cfg, kd_weight=1.0, ce_weight=1.0))[1:]
+    ref_total = cfg.kd_weight * ref_kl + cfg.ce_weight * ref_ce + cfg.contrastive_weight * ref_con
+    total.backward()
+    ref_total.backward()
+    T, tau = cfg.temperature, cfg.contrastive_temperature
+    max_logit = max(z.abs().max().item(), y.abs().max().item()) / min(T, 1.0)
+    # the similarities are sums over 200 log-probabilities (each within the log-softmax
+    # error) weighted by probabilities summing to 1, divided by tau; the InfoNCE of a
+    # position is a log-softmax over the chunk's similarities, scaled by T^2
+    tol = log_softmax_sum(200, max_logit) / min(tau, 1.0) * 4 * max(T * T, 1.0)
+    assert abs(con.item() - ref_con.item()) <= tol
+    assert abs(total.item() - ref_total.item()) <= tol * (cfg.kd_weight + cfg.ce_weight + cfg.contrastive_weight)
+    ref_grad = torch.zeros_like(z2.grad)
+    ref_grad[..., :200] = z2.grad[..., :200]
+    assert (z1.grad.double() - ref_grad).abs().max().item() <= tol * ref_grad.abs().max().item()
+    assert z1.grad[..., 200:].abs().max() == 0
+
+
+def test_contrastive_loss_prefers_the_student_that_tells_positions_apart(runtime):
+    """A student that predicts one distribution at every position (the teacher's average)
+    scores at least log(n) for n positions, whatever that distribution is (its similarities
+    do not depend on the position i, and logsumexp_j s_j >= log n + mean_j s_j); a student
+    that matches each position's distribution scores far below it."""
+    z, y, labels = _inputs(seed=7, tokens=(1, 8))
+    cfg = loss_config(vocab_size=200, kd_weight=0.0, contrastive_weight=1.0)
+    probs = torch.softmax(y[..., :200].double(), -1)
+    average = probs.mean(dim=1, keepdim=True).log().expand_as(probs).float()
+    average = torch.cat([average, torch.zeros_like(y[..., 200:])], dim=-1).contiguous()
+    con_matching = logit_loss(y.clone(), y, labels, cfg)[3].item()
+    con_average = logit_loss(average, y, labels, cfg)[3].item()
+    # float32 similarities: log-softmax sums over 200 entries of logits up to max|y|
+    assert con_average >= math.log(8) - log_softmax_sum(200, y.abs().max().item()) * 4
+    assert con_matching < 0.5 * math.log(8)

@@ -482,7 +482,7 @@ def test_balanced_logit_loss_is_modelopts_balancer():
     T, s = 2.0, 3.0
     cfg = LogitLossConfig(temperature=T, kind="forward", top_k=None, kd_weight=s, ce_weight=1.0, chunk_tokens=4,
                           vocab_size=None, balance=True)
-    total, _, _ = logit_loss(z, y, labels, cfg)
+    total, *_ = logit_loss(z, y, labels, cfg)
     total.backward()
     z2 = z.detach().clone().requires_grad_()
     kd = (T * T * F.kl_div(F.log_softmax(z2 / T, -1), F.log_softmax(y / T, -1), log_target=True,

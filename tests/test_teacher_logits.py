@@ -294,6 +294,7 @@ def small_cache(tiny_checkpoint, corpus, tmp_path_factory):
     ("split", ["--teacher-logits", "was written for --split None, not --split 90,10,0"]),
     ("temperature", ["temperature 1, not --kd-temperature 2"]),
     ("pairs", ["--teacher-logits with --kd-pairs", "live teacher"]),
+    ("contrastive", ["--teacher-logits with --contrastive-weight", "whole distributions"]),
     ("both", ["--teacher or --teacher-logits, not both"]),
     ("top_k_too_large", ["--top-k 1001 is larger than the vocabulary (1000)"]),
 ])
@@ -328,6 +329,8 @@ def test_bad_input(tiny_checkpoint, corpus, small_cache, tmp_path, capsys, case,
             flags += ["--kd-temperature", "2"]
         elif case == "pairs":
             flags += ["--kd-pairs", "0:1"]
+        elif case == "contrastive":
+            flags += ["--contrastive-weight", "0.5"]
         elif case == "both":
             flags += ["--teacher", tiny_checkpoint("llama")]
         code, stderr = cli_in_process(capsys, "distill", "--teacher-logits", small, "--student", student,

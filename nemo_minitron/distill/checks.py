@@ -63,6 +63,8 @@ def check_cache_settings(cfg: DistillConfig, names: Names, teacher: str | None) 
                                       "teacher's top-K, reverse KL needs all of it)")
     require(cfg.kd_top_k is None, f"--teacher-logits with {names('kd_top_k')}: the cache's K was chosen when it "
                                   "was written (teacher-logits --top-k)")
+    require(not cfg.contrastive_weight, f"--teacher-logits with {names('contrastive_weight')}: the contrastive loss "
+                                        "needs the teacher's whole distributions (give --teacher)")
 
 
 def check_method(cfg: TrainingConfig, names: Names, data, synthetic_data, teacher_logits) -> str:

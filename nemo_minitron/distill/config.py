@@ -77,6 +77,11 @@ class DistillConfig(TrainingConfig):
                                      parse=_optional_int, metavar="K")
     kd_weight: float = option(1.0, "weight of the logit KD loss", ge=0)
     ce_weight: float = option(0.0, "weight of the cross-entropy loss with the data's next tokens", ge=0)
+    contrastive_weight: float = option(0.0, "weight of the contrastive logit loss: per token, InfoNCE over the "
+                                            "positions of a --logit-chunk (the teacher's distribution at the same "
+                                            "position against those at the others; docs/usage.md)", ge=0)
+    contrastive_temperature: float = option(1.0, "temperature of the contrastive loss's softmax over positions",
+                                            gt=0)
     kd_pairs: list[str] = option([], "intermediate pairs student:teacher, each a layer (0-indexed), embedding or "
                                      "final_norm, e.g. 3:7,9:29,embedding:embedding", parse=str_list, metavar="S:T,...")
     kd_pair_loss: Literal["cosine", "mse"] = option("cosine", "loss between a projected student state and the "
@@ -100,8 +105,12 @@ class DistillConfig(TrainingConfig):
         require(not (self.kd_top_k and self.kd_loss == "reverse"),
                 f"{names('kd_top_k')} needs {names('kd_loss')} forward (reverse KL is infinite outside the "
                 "teacher's top-k)")
-        require(self.kd_weight > 0 or self.ce_weight > 0,
-                f"{names('kd_weight')} and {names('ce_weight')} are both 0: nothing to learn from")
+        require(self.kd_weight > 0 or self.ce_weight > 0 or self.contrastive_weight > 0,
+                f"{names('kd_weight')}, {names('ce_weight')} and {names('contrastive_weight')} are all 0: nothing "
+                "to learn from")
+        require(not self.contrastive_weight or self.method == "logits",
+                f"{names('contrastive_weight')} needs {names('method')} logits (its negatives are the other "
+                "positions of the teacher's logits)")
         if self.kd_pair_weight not in ("auto", "auto_sum"):
             try:
                 self.kd_pair_weight = float(self.kd_pair_weight)

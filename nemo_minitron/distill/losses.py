@@ -8,7 +8,21 @@ Logit loss, per token, with temperature T, student logits z and teacher logits y
     cross-entropy with the labels (T = 1):  lse(z) - z_label        dL/dz = softmax(z) - onehot
 
 The T^2 factor keeps gradient magnitudes independent of T (Hinton et al.), which
-NVIDIA's reference omits. With ``top_k``, the teacher distribution keeps only its k
+NVIDIA's reference omits.
+
+Contrastive distillation (``contrastive_weight``): InfoNCE (van den Oord et al. 2018), the
+objective of contrastive representation distillation (Tian et al., ICLR 2020), with the
+tokens' output distributions as the representations and the other positions of a chunk
+as the negatives. With s_ij = sum_v q_jv log p_iv (the log-likelihood the student at
+position i gives the teacher's distribution at position j) and tau its temperature,
+
+    contrastive_i = T^2 * (logsumexp_j(s_ij / tau) - s_ii / tau)
+    dL/dz_i = (T / tau) (sum_j a_ij q_j - q_i),   a_ij = softmax_j(s_ij / tau)
+
+The positive term s_ii is -H(q_i) - KL(q_i || p_i), so the loss pulls p_i towards q_i as
+forward KL does, and pushes it away from the teacher's distributions at the other
+positions (a student that predicts the same distribution everywhere loses). The [chunk,
+chunk] similarities are summed over the TP ranks' vocabulary shards. With ``top_k``, the teacher distribution keeps only its k
 largest logits (found across all TP shards) and is renormalised over them.
 
 A teacher can also come from a cache (``SparseTeacher``: per token its top-K
@@ -66,6 +80,9 @@ class LogitLossConfig:
     #: weight of cross-entropy on synthetic samples (the teacher's generations) in a run that
     #: mixes them with real data (per-token weights, ``token_weights``)
     synthetic_weight: float = default_of(DistillConfig, "synthetic_weight")
+    #: weight and softmax temperature of the contrastive term (module docstring)
+    contrastive_weight: float = default_of(DistillConfig, "contrastive_weight")
+    contrastive_temperature: float = default_of(DistillConfig, "contrastive_temperature")
 
     @classmethod
     def of(cls, cfg, vocab_size: int | None, **changes) -> "LogitLossConfig":
@@ -76,7 +93,8 @@ class LogitLossConfig:
         elif isinstance(cfg, DistillConfig):
             loss = cls(temperature=cfg.kd_temperature, kind=cfg.kd_loss, top_k=cfg.kd_top_k, kd_weight=cfg.kd_weight,
                        ce_weight=cfg.ce_weight, chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size,
-                       balance=cfg.kd_balance, synthetic_weight=cfg.synthetic_weight)
+                       balance=cfg.kd_balance, synthetic_weight=cfg.synthetic_weight,
+                       contrastive_weight=cfg.contrastive_weight, contrastive_temperature=cfg.contrastive_temperature)
         else:
             loss = cls(temperature=1.0, kind="forward", top_k=None, kd_weight=0.0, ce_weight=1.0,
                        chunk_tokens=cfg.logit_chunk, vocab_size=vocab_size)
@@ -169,12 +187,12 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
 
     Written with log q - log p = (y' - z') - (lse(y') - lse(z')), y' = y/T, z' = z/T, so each
     term costs a few passes over the chunk and no log-probability tensors are built.
-    Returns (kd, ce, grad, (lse_z, lse_y))."""
+    Returns (kd, ce, contrastive, grad, (lse_z, lse_y)); the contrastive term has ``cfg``'s weight."""
     T = cfg.temperature
     kd_scale = cfg.kd_weight if kd_scale is None else kd_scale
     ce_scale = cfg.ce_weight if ce_scale is None else ce_scale
     z = z[:, :shard.valid]
-    kd = ce = grad = None
+    kd = ce = con = grad = None
     zs = _scaled(z, T)
     lse_z = shard.lse(zs)
     lse_y = None
@@ -182,20 +200,26 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
         ce_reuses = T == 1 and labels is not None and cfg.ce_weight != 0  # the KL overwrites its copy
         kd, grad = _sparse_forward_kl(zs.clone() if ce_reuses else zs, lse_z, y, shard, T,
                                       kd_scale if want_grad else None)
-    elif y is not None and cfg.kd_weight != 0:
+    elif y is not None and not isinstance(y, SparseTeacher) and (cfg.kd_weight != 0 or cfg.contrastive_weight != 0):
         ys = _scaled(y[:, :shard.valid], T)
         if cfg.top_k is not None:
             ys.masked_fill_(~shard.top_k_mask(ys, cfg.top_k), float("-inf"))
         lse_y = shard.lse(ys)
         q = (ys - lse_y).exp_()
-        if cfg.kind == "forward":
+        if cfg.contrastive_weight != 0:
+            con, grad = _contrastive(zs, q, shard, T, cfg.contrastive_temperature,
+                                     cfg.contrastive_weight if want_grad else None)
+        if cfg.kd_weight == 0:
+            pass
+        elif cfg.kind == "forward":
             diff = ys.sub_(zs)  # y' - z', in place of y'
             if cfg.top_k is not None:
                 diff.masked_fill_(q == 0, 0.0)  # outside the top-k: q = 0 and y' = -inf
             kl = shard.sum(torch.linalg.vecdot(q, diff)) - lse_y.squeeze(-1) + lse_z.squeeze(-1)
             kd = kl * T * T
             if want_grad:
-                grad = (zs - lse_z).exp_().sub_(q).mul_(kd_scale * T)             # T (p - q)
+                g = (zs - lse_z).exp_().sub_(q).mul_(kd_scale * T)                # T (p - q)
+                grad = g if grad is None else grad.add_(g)
         else:
             log_p = zs - lse_z
             p = log_p.exp()
@@ -203,7 +227,8 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
             kl = shard.sum(torch.linalg.vecdot(p, log_ratio))
             kd = kl * T * T
             if want_grad:
-                grad = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(kd_scale * T)  # T p (log p/q - KL)
+                g = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(kd_scale * T)     # T p (log p/q - KL)
+                grad = g if grad is None else grad.add_(g)
     if labels is not None and cfg.ce_weight != 0:
         z1 = zs if T == 1 else _scaled(z, 1.0)
         lse_1 = lse_z if T == 1 else shard.lse(z1)
@@ -216,7 +241,22 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor |
             g[mine.nonzero(as_tuple=True)[0], local[mine]] -= 1.0
             g.mul_(ce_scale)
             grad = g if grad is None else grad.add_(g)
-    return kd, ce, grad, (lse_z, lse_y)
+    return kd, ce, con, grad, (lse_z, lse_y)
+
+
+def _contrastive(zs: torch.Tensor, q: torch.Tensor, shard: _Shard, T: float, tau: float, weight: float | None):
+    """The contrastive term of one chunk (module docstring): zs [c, valid] the student's
+    logits / T, q [c, valid] the teacher's probabilities. Returns (T^2 InfoNCE
+    per token [c], weight * its gradient over the valid columns, or None)."""
+    # s_ij = sum_v q_jv (z'_iv - lse_i): the shift by lse_i is the same for every j of row i
+    # and cancels in the softmax over j and in the positive, so z' stands in for log p
+    sim = shard.sum(zs @ q.T).div_(tau)                 # (s_ij + lse_i) / tau, [c, c]
+    lse = torch.logsumexp(sim, dim=-1, keepdim=True)
+    con = (lse.squeeze(-1) - sim.diagonal()) * T * T
+    if weight is None:
+        return con, None
+    a = sim.sub_(lse).exp_()                            # softmax over the positions j
+    return con, (a @ q).sub_(q).mul_(weight * T / tau)
 
 
 def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTeacher, shard: _Shard, T: float,
@@ -253,21 +293,24 @@ def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTea
     grad.scatter_add_(-1, cols, torch.where(mine, -q, torch.zeros_like(q)))
     return kl * T * T, grad.mul_(weight * T)
 def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None, weights=None):
-    """(weighted total, KD sum, CE sum) over all chunks (float64); the gradient into ``grad``
-    if given. ``weights``: per-token (kd, ce) weights [N]; then the KD and CE sums are over
-    the tokens each applies to."""
+    """(weighted total, KD sum, CE sum, contrastive sum) over all chunks (float64); the
+    gradient into ``grad`` if given. ``weights``: per-token (kd, ce) weights [N]; then the KD
+    and CE sums are over the tokens each applies to."""
     zero = lambda: torch.zeros((), dtype=torch.float64, device=z.device)  # noqa: E731
-    total, kd_sum, ce_sum = zero(), zero(), zero()
+    total, kd_sum, ce_sum, con_sum = zero(), zero(), zero(), zero()
     with torch.no_grad():
         for i in range(0, z.shape[0], cfg.chunk_tokens):
             sl = slice(i, i + cfg.chunk_tokens)
             kd_w, ce_w = (None, None) if weights is None else (weights[0][sl], weights[1][sl])
-            kd, ce, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
+            kd, ce, con, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
                                         cfg, shard, want_grad=grad is not None,
                                         kd_scale=None if kd_w is None else kd_w.unsqueeze(-1),
                                         ce_scale=None if ce_w is None else ce_w.unsqueeze(-1))
             if g is not None:
                 grad[sl, :shard.valid] = g
+            if con is not None:
+                con_sum += con.double().sum()
+                total += cfg.contrastive_weight * con.double().sum()
             for term, w, which in ((kd, kd_w, 0), (ce, ce_w, 1)):
                 if term is None:
                     continue
@@ -282,11 +325,12 @@ def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | N
                     kd_sum += part
                 else:
                     ce_sum += part
-    return total, kd_sum, ce_sum
+    return total, kd_sum, ce_sum, con_sum
 
 
 class LogitDistillation(torch.autograd.Function):
-    """Sum over tokens of kd_weight * KD + ce_weight * CE, chunked; returns (total, kd_sum, ce_sum).
+    """Sum over tokens of kd_weight * KD + ce_weight * CE + contrastive_weight * contrastive,
+    chunked; returns (total, kd_sum, ce_sum, contrastive_sum).
     With per-token ``weights`` (kd [N], ce [N]) those replace the config's weights.
 
     The gradient is computed chunk by chunk in the forward pass (where every softmax
@@ -308,13 +352,14 @@ class LogitDistillation(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
         weights_cfg = cfg
+        assert weights is None or not cfg.contrastive_weight, "the contrastive loss takes no per-token weights"
         if weights is not None:  # the config's weights now only say which terms are computed
             kd_w, ce_w = (w.reshape(-1).to(torch.float32) for w in weights)
             weights = (kd_w if y is not None else torch.zeros_like(kd_w), ce_w)
             weights_cfg = dataclasses.replace(cfg, kd_weight=float(bool((weights[0] > 0).any())),
                                               ce_weight=float(bool((ce_w > 0).any())))
         if cfg.balance and y is not None:  # a first pass for the two means, then the weighted gradient
-            _, kd_sum, ce_sum = _sums(z, y, lab, weights_cfg, shard, None, weights)
+            _, kd_sum, ce_sum, _ = _sums(z, y, lab, weights_cfg, shard, None, weights)
             n_kd = float((weights[0] > 0).sum()) if weights is not None else 1.0
             n_ce = float((weights[1] > 0).sum()) if weights is not None else 1.0
             ratio = float((ce_sum / n_ce) / (kd_sum / n_kd)) if kd_sum > 0 and ce_sum > 0 else 0.0
@@ -322,15 +367,15 @@ class LogitDistillation(torch.autograd.Function):
                 weights_cfg = dataclasses.replace(cfg, kd_weight=cfg.kd_weight * ratio)
             else:
                 weights = (weights[0] * ratio, weights[1])
-        total, kd_sum, ce_sum = _sums(z, y, lab, weights_cfg, shard, grad, weights)
+        total, kd_sum, ce_sum, con_sum = _sums(z, y, lab, weights_cfg, shard, grad, weights)
         ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return total.float(), kd_sum.float(), ce_sum.float()
+        ctx.mark_non_differentiable(kd_sum, ce_sum, con_sum)
+        return total.float(), kd_sum.float(), ce_sum.float(), con_sum.float()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+    def backward(ctx, grad_total, _grad_kd, _grad_ce, _grad_con):
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_total).reshape(ctx.student_shape), None, None, None, None
 
@@ -376,8 +421,10 @@ def sparse_teacher(logits: torch.Tensor, top_k: int, temperature: float, vocab_s
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
                cfg: LogitLossConfig, kd_weights: torch.Tensor | None = None,
-               ce_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean over tokens of (kd_weight * KD + ce_weight * CE), and the mean KD and CE for logs.
+               ce_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """Mean over tokens of (kd_weight * KD + ce_weight * CE + contrastive_weight *
+    contrastive), and the mean KD, CE and contrastive terms for logs.
 
     ``student``/``teacher``: vocab-parallel logits [..., V/tp]; ``labels``: [...] token ids.
     ``kd_weights``/``ce_weights`` [...] (both or neither): per-token weights in place of the
@@ -385,14 +432,15 @@ def logit_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torc
     0, do not count), and KD's and CE's over the tokens each applies to."""
     if kd_weights is None and ce_weights is None:
         tokens = student.numel() // student.shape[-1]
-        total, kd, ce = LogitDistillation.apply(student, teacher, labels, cfg)
-        return total / tokens, kd / tokens, ce / tokens
+        total, kd, ce, con = LogitDistillation.apply(student, teacher, labels, cfg)
+        return total / tokens, kd / tokens, ce / tokens, con / tokens
     kd_w, ce_w = kd_weights.reshape(-1).float(), ce_weights.reshape(-1).float()
     if teacher is None:
         kd_w = torch.zeros_like(kd_w)
-    total, kd, ce = LogitDistillation.apply(student, teacher, labels, cfg, (kd_w, ce_w))
+    total, kd, ce, con = LogitDistillation.apply(student, teacher, labels, cfg, (kd_w, ce_w))
     count = lambda mask: mask.sum().clamp(min=1).to(total.dtype)  # noqa: E731
-    return total / count((kd_w > 0) | (ce_w > 0)), kd / count(kd_w > 0), ce / count(ce_w > 0)
+    return (total / count((kd_w > 0) | (ce_w > 0)), kd / count(kd_w > 0), ce / count(ce_w > 0),
+            con / count(kd_w > 0))
 
 
 def intermediate_loss(student_state: torch.Tensor, teacher_state: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

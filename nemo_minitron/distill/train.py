@@ -169,14 +169,16 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
             else:
                 teacher = holder.last_teacher_logits if holder is not None else None
             kd_w, ce_w = token_weights(batch, loss_cfg)
-            total, kd, ce = logit_loss(student_logits, teacher, labels, loss_cfg, kd_w, ce_w)
-            logged = (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce) if kd_w is None else total
+            total, kd, ce, con = logit_loss(student_logits, teacher, labels, loss_cfg, kd_w, ce_w)
+            logged = (loss_cfg.kd_weight * kd + loss_cfg.ce_weight * ce + loss_cfg.contrastive_weight * con) \
+                if kd_w is None else total
             if holder is not None:
                 total = total + holder.last_pair_loss
                 holder.last_teacher_logits = None  # free the teacher's logits now
             # the schedule divides the returned loss in place: report copies; the logged total
             # adds every stage's pair losses in _reduce_logs
-            return total, {"logit_loss": logged.detach().clone(), "kd": kd.detach(), "ce": ce.detach()}
+            return total, {"logit_loss": logged.detach().clone(), "kd": kd.detach(), "ce": ce.detach(),
+                           "contrastive": con.detach()}
 
         return output, loss_func
 
@@ -276,30 +278,32 @@ class Trainer:
                      pair_weights: torch.Tensor | None = None) -> dict[str, Any]:
         """Mean over micro-batches and DP ranks, from the last stage to every rank; ``loss`` is
         the whole objective: the logit loss plus every stage's weighted pair losses."""
-        stats = torch.zeros(3 + len(pair_losses), dtype=torch.float64, device=self.device)
+        head_size = 4  # logit loss, KD, CE, contrastive
+        stats = torch.zeros(head_size + len(pair_losses), dtype=torch.float64, device=self.device)
         if reported:
-            for key, i in (("logit_loss", 0), ("kd", 1), ("ce", 2)):
+            for key, i in (("logit_loss", 0), ("kd", 1), ("ce", 2), ("contrastive", 3)):
                 stats[i] = sum(float(r[key]) for r in reported) / len(reported)
-        stats[3:] = pair_losses.to(stats)
+        stats[head_size:] = pair_losses.to(stats)
         if dist.is_initialized():
             pp_group = ps.get_pipeline_model_parallel_group()
             last = ps.get_pipeline_model_parallel_last_rank()
-            head = stats[:3].clone()
+            head = stats[:head_size].clone()
             dist.broadcast(head, src=last, group=pp_group)
-            stats[:3] = head
+            stats[:head_size] = head
             if len(pair_losses):  # each pair is computed on exactly one stage (in parts, under SP)
-                tail = stats[3:].clone()
+                tail = stats[head_size:].clone()
                 dist.all_reduce(tail, group=pp_group)
                 if getattr(self.module, "sequence_shards", 1) > 1:
                     dist.all_reduce(tail, group=ps.get_tensor_model_parallel_group())
-                stats[3:] = tail
+                stats[head_size:] = tail
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             stats /= self.dp
         values = stats.tolist()
-        pairs = values[3:]
+        pairs = values[head_size:]
         weights = pair_weights.tolist() if pair_weights is not None else [0.0] * len(pairs)
         total = values[0] + sum(w * p for w, p in zip(weights, pairs))
-        return {"loss": total, "kd_loss": values[1], "ce_loss": values[2], "pair_losses": pairs,
+        contrastive = {"contrastive_loss": values[3]} if self.loss_cfg.contrastive_weight else {}
+        return {"loss": total, "kd_loss": values[1], "ce_loss": values[2], **contrastive, "pair_losses": pairs,
                 **({"pair_weights": weights} if pairs else {})}
 
     def log_record(self, record: dict[str, Any]) -> None:
@@ -427,7 +431,8 @@ class Trainer:
             self.consumed_samples += cfg.global_batch
             trained_steps += 1
             if distilling and self.pairs:
-                logit_part = self.loss_cfg.kd_weight * logs["kd_loss"] + self.loss_cfg.ce_weight * logs["ce_loss"]
+                logit_part = self.loss_cfg.kd_weight * logs["kd_loss"] + self.loss_cfg.ce_weight * logs["ce_loss"] \
+                    + self.loss_cfg.contrastive_weight * logs.get("contrastive_loss", 0.0)
                 self.module.pair_weights.copy_(next_pair_weights(self.pair_weight, logit_part, logs["pair_losses"]))
             elapsed = time.time() - t0
             last = {"kind": "train", "step": self.step, **logs, "lr": lr,

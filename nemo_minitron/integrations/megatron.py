@@ -205,7 +205,7 @@ def _loss(holder: DistillationModel, student_logits: torch.Tensor, labels, loss_
     if tokens == 0:
         zero = student_logits.sum() * 0.0
         return zero, torch.zeros((), dtype=torch.int, device=zero.device), {}
-    total, kd, ce = logit_loss(s, t, lab, cfg)
+    total, kd, ce, _ = logit_loss(s, t, lab, cfg)
     holder.step_logit_loss += float(total.detach()) / holder.num_microbatches
     loss_sum = (total + holder.last_pair_loss) * tokens
     n = torch.tensor(tokens, dtype=torch.int, device=loss_sum.device)
