@@ -38,6 +38,7 @@ def write_results(args, results: dict) -> None:
         return
     print(json.dumps(results, indent=2))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
@@ -68,14 +69,16 @@ def smollm2_importance(samples: int = 128, seq_len: int = 256, drop_blocks: tupl
     return path
 
 
-def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: int = 1234, name: str = "") -> Path:
-    """SmolLM2-135M pruned (by default to hidden 480, ffn 1024, 6 heads in 3 groups: 84.5M)."""
+def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: int = 1234, name: str = "",
+                   importance: Path | None = None) -> Path:
+    """SmolLM2-135M pruned (by default to hidden 480, ffn 1024, 6 heads in 3 groups: 84.5M) with
+    ``importance`` (default: ``smollm2_importance()``; give ``name`` with another one)."""
     from nemo_minitron.checkpoint.store import is_checkpoint
     from nemo_minitron.prune.api import prune
 
     target = target or PRUNED_TARGET
     path = CACHE / (name or f"smollm2-pruned-{order}-{seed}-" + "-".join(f"{k}{v}" for k, v in sorted(target.items())))
     if not is_checkpoint(path):
-        prune(str(smollm2_checkpoint()), str(smollm2_importance()), str(path), target=target, order=order,
-              seed=seed, layer_metric="contiguous")
+        prune(str(smollm2_checkpoint()), str(importance or smollm2_importance()), str(path), target=target,
+              order=order, seed=seed, layer_metric="contiguous")
     return path
