@@ -43,7 +43,7 @@ from nemo_minitron.checkpoint.store import (
     require_tokenizer,
     save_checkpoint,
 )
-from nemo_minitron.config import Names, to_dict, yaml_text
+from nemo_minitron.config import Names, log_settings, to_dict
 from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
 from nemo_minitron.files import check_new_output
@@ -229,8 +229,6 @@ def sparsify(checkpoint: str, out: str, data: Sequence[str] | None = None, confi
     # ---- work
     start = time.time()
     init_distributed(tp, pp, seed)
-    if is_rank0():
-        log.info("sparsify config:\n%s", yaml_text(resolved).rstrip())
     batches = []
     if corpus is not None:
         samples = calibration_samples(corpus, tokenizer, seq_len=cfg.seq_len, samples=cfg.samples, seed=seed,
@@ -239,9 +237,11 @@ def sparsify(checkpoint: str, out: str, data: Sequence[str] | None = None, confi
         batches = split_microbatches(mine, cfg.micro_batch)
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
     groups = calibration_groups(targets, cfg)
-    log.info("sparsify %s: %s by %s on %d weights (%s)%s", checkpoint, pattern, cfg.method, len(targets),
-             ", ".join(cfg.modules), f", {len(groups)} calibration passes of {cfg.samples} x {cfg.seq_len} tokens"
-             if cfg.needs_data else "")
+    if is_rank0():
+        passes = f", {len(groups)} calibration passes of {cfg.samples} x {cfg.seq_len} tokens" if cfg.needs_data else ""
+        log_settings(log, f"sparsify {checkpoint}: {pattern} by {cfg.method} on {len(targets)} weights "
+                          f"({', '.join(cfg.modules)}){passes}", resolved,
+                     f"{out_path}/nemo_minitron.json (provenance.sparsity.config)")
     zeros: dict[str, float] = {}
     timings = {"calibration_seconds": 0.0, "solve_seconds": 0.0}
     bar = progress_bar(len(groups), "sparsify", progress, unit="pass" if cfg.needs_data else "step")
