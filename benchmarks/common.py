@@ -82,3 +82,47 @@ def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: 
         prune(str(smollm2_checkpoint()), str(importance or smollm2_importance()), str(path), target=target,
               order=order, seed=seed, layer_metric="contiguous")
     return path
+
+
+def pruned_smollm2_width() -> Path:
+    """The default width target pruned from an importance run without depth preparation
+    (no blocks, no greedy elimination): what a width-only cut needs, in a minute."""
+    return pruned_smollm2("importance", name="smollm2-pruned-importance-64x256-width",
+                          importance=smollm2_importance(samples=64, seq_len=256, drop_blocks=()))
+
+
+TASKS = ["minitron_lastword", "minitron_nextsentence"]
+
+
+def task_scorer(heldout, limit: int, dtype=None):
+    """``score(path)``: held-out loss on ``heldout`` and the built-in tasks' accuracy (first
+    ``limit`` examples) with its standard error, of the checkpoint at ``path``."""
+    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer
+    from nemo_minitron.evaluate import evaluate
+    from nemo_minitron.tasks.api import resolve_tasks, run_tasks
+    from nemo_minitron.tasks.lm import MegatronLM
+
+    tasks = resolve_tasks(TASKS)
+
+    def score(path) -> dict:
+        model, info = load_checkpoint(path, dtype=dtype)
+        loss = evaluate(model, info.description.vocab_size, heldout, micro_batch=8).loss
+        results = run_tasks(MegatronLM(model, info.description, load_tokenizer(path), batch_size=8), tasks,
+                            limit=limit)
+        return {"heldout_loss": loss, **{f"{t}_acc": results[t].metrics["acc"] for t in TASKS},
+                **{f"{t}_stderr": results[t].stderr.get("acc") for t in TASKS}}
+
+    return score
+
+
+def task_table(teacher: dict, pruned: dict, pruned_params: float, rows: list[tuple[str, dict]]) -> list[str]:
+    """Markdown rows: the teacher, the pruned model before training, then each ``(label,
+    scores)`` with its training seconds (scores as ``task_scorer`` gives them)."""
+    def acc(r: dict, t: str) -> str:
+        return f"{r[f'{t}_acc']:.3f} ± {r[f'{t}_stderr']:.3f}"
+
+    line = lambda label, r, loss, secs: f"| {label} | {loss} | {acc(r, TASKS[0])} | {acc(r, TASKS[1])} | {secs} |"  # noqa: E731
+    return (["| model | held-out loss | lastword acc | nextsentence acc | train s |", "|---|---|---|---|---|",
+             line("teacher: SmolLM2-135M", teacher, f"{teacher['heldout_loss']:.3f}", "-"),
+             line(f"pruned to {pruned_params / 1e6:.1f}M, before training", pruned, f"{pruned['heldout_loss']:.3f}", "-")]
+            + [line(label, r, f"**{r['heldout_loss']:.3f}**", f"{r['train_seconds']:.0f}") for label, r in rows])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import CACHE, builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, smollm2_importance, write_results
+from common import CACHE, builtin_samples, parser, pruned_smollm2_width, smollm2_checkpoint, write_results
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 
@@ -40,8 +40,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     init_distributed(1, 1, 1234)
     teacher = smollm2_checkpoint()
-    student = pruned_smollm2("importance", name="smollm2-pruned-importance-64x256-width",
-                             importance=smollm2_importance(samples=64, seq_len=256, drop_blocks=()))
+    student = pruned_smollm2_width()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)

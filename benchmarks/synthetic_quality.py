@@ -20,9 +20,16 @@ import json
 import time
 from pathlib import Path
 
-from common import CACHE, builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
-
-TASKS = ["minitron_lastword", "minitron_nextsentence"]
+from common import (
+    CACHE,
+    builtin_samples,
+    parser,
+    pruned_smollm2,
+    smollm2_checkpoint,
+    task_scorer,
+    task_table,
+    write_results,
+)
 
 
 def main() -> None:
@@ -41,13 +48,10 @@ def main() -> None:
     p.add_argument("--out", default=str(CACHE / "synthetic_quality"))
     args = p.parse_args()
 
-    from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.distill.api import distill
-    from nemo_minitron.evaluate import evaluate
     from nemo_minitron.generate.api import generate
     from nemo_minitron.runtime.distributed import init_distributed
-    from nemo_minitron.tasks.api import resolve_tasks, run_tasks
-    from nemo_minitron.tasks.lm import MegatronLM
 
     init_distributed(1, 1, 1234)
     teacher = smollm2_checkpoint()
@@ -67,15 +71,7 @@ def main() -> None:
     new_tokens = sum(r["completion_tokens"] for r in records)
 
     heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
-    tasks = resolve_tasks(TASKS)
-
-    def scores(path: Path) -> dict:
-        model, info = load_checkpoint(path)
-        loss = evaluate(model, info.description.vocab_size, heldout, micro_batch=8).loss
-        results = run_tasks(MegatronLM(model, info.description, load_tokenizer(path), batch_size=8), tasks,
-                            limit=args.task_limit)
-        return {"heldout_loss": loss, **{f"{t}_acc": results[t].metrics["acc"] for t in TASKS},
-                **{f"{t}_stderr": results[t].stderr.get("acc") for t in TASKS}}
+    scores = task_scorer(heldout, args.task_limit)
 
     train = dict(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
                  lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10), eval_samples=16,
@@ -93,18 +89,8 @@ def main() -> None:
         rows.append({"method": method, "setup": label, "tokens": summary["tokens"],
                      "train_seconds": summary["train_seconds"], **scores(run_dir / "final")})
     teacher_scores, pruned_scores = scores(teacher), scores(student)
-
-    def acc(r: dict, t: str) -> str:
-        return f"{r[f'{t}_acc']:.3f} ± {r[f'{t}_stderr']:.3f}"
-
-    table = ["| model | held-out loss | lastword acc | nextsentence acc | train s |", "|---|---|---|---|---|",
-             f"| teacher: SmolLM2-135M | {teacher_scores['heldout_loss']:.3f} | {acc(teacher_scores, TASKS[0])} | "
-             f"{acc(teacher_scores, TASKS[1])} | - |",
-             f"| pruned to {read_info(student).description.num_parameters() / 1e6:.1f}M, before training | "
-             f"{pruned_scores['heldout_loss']:.3f} | {acc(pruned_scores, TASKS[0])} | {acc(pruned_scores, TASKS[1])} "
-             "| - |"]
-    table += [f"| {r['setup']} | **{r['heldout_loss']:.3f}** | {acc(r, TASKS[0])} | {acc(r, TASKS[1])} | "
-              f"{r['train_seconds']:.0f} |" for r in rows]
+    table = task_table(teacher_scores, pruned_scores, read_info(student).description.num_parameters(),
+                       [(r["setup"], r) for r in rows])
     note = (f"Same training for every row: {args.steps} steps x {args.global_batch} sequences x {args.seq_len} tokens "
             f"= {rows[0]['tokens']:,} tokens, lr {args.lr} cosine, {args.dtype}. Generations: {len(records)} "
             f"prefixes of {args.prefix_tokens} tokens of builtin:train, {new_tokens:,} new tokens (temperature 1.0, "
