@@ -128,16 +128,21 @@ def test_unsupported_block_settings_exit_2_naming_the_key(hetero, tmp_path, caps
     assert code == 2 and "--tp 4 does not divide layer 0's query groups" in err, err
 
 
-def test_conversion_both_ways_at_tp1(hetero, tmp_path, runtime):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_conversion_both_ways_at_tp1(tied, hetero, tmp_path, runtime):
     """Import equals the reference; the Hugging Face export holds the source's tensors bit for bit
     and loads in transformers with its shipped code (trust_remote_code) to the same logits; the
-    Megatron export reads back in place to them too."""
+    Megatron export reads back in place to them too. Also with tied embeddings (SmolLM2's)."""
     from transformers import AutoModelForCausalLM
 
     from nemo_minitron.checkpoint.api import convert, export, open_model
     from nemo_minitron.model.forward import full_logits
 
     directory, reference, ref_logits = hetero
+    if tied:
+        directory, reference = make_tiny_heterogeneous(tmp_path / "tied-hf", seed=1, tied=True)
+        with torch.no_grad():
+            ref_logits = reference(TOKENS).logits.float()
     tol = transformer_logits(WIDEST, len(TINY_HETEROGENEOUS), ref_logits)
     checkpoint = convert(str(directory), str(tmp_path / "ckpt"))
     opened = open_model(str(checkpoint))
