@@ -108,22 +108,36 @@ def test_bad_per_layer_shapes_are_one_line_errors(hetero):
         assert expected in str(e.value) and "\n" not in str(e.value), (expected, str(e.value))
 
 
-def test_unsupported_block_settings_exit_2_naming_the_key(hetero, tmp_path, capsys):
+def _set(key: str, value):
+    def change(blocks: list) -> None:
+        part, name = key.split(".")
+        blocks[1][part][name] = value
+    return change
+
+
+def _no_attention(blocks: list) -> None:
+    for block in blocks:
+        block["attention"] = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
+
+
+def test_bad_configs_exit_2_in_one_line_naming_the_key(hetero, tmp_path, capsys):
     import shutil
 
     directory, _, _ = hetero
-    for key, value, expected in (("attention.replace_with_linear", True, "block_configs[1].attention.replace_with_linear"),
-                                 ("ffn.replace_with_linear", True, "block_configs[1].ffn.replace_with_linear"),
-                                 ("attention.window_length", 64, "block_configs[1].attention.window_length")):
-        bad = tmp_path / key
+    cases = (("linear-attention", _set("attention.replace_with_linear", True),
+              "block_configs[1].attention.replace_with_linear"),
+             ("linear-ffn", _set("ffn.replace_with_linear", True), "block_configs[1].ffn.replace_with_linear"),
+             ("window", _set("attention.window_length", 64), "block_configs[1].attention.window_length"),
+             ("no-attention", _no_attention, "remove the attention of every layer"))
+    for tag, change, expected in cases:
+        bad = tmp_path / tag
         shutil.copytree(directory, bad)
         config = json.loads((bad / "config.json").read_text())
-        part, name = key.split(".")
-        config["block_configs"][1][part][name] = value
+        change(config["block_configs"])
         (bad / "config.json").write_text(json.dumps(config))
-        code, err = cli_in_process(capsys, "convert", "--hf", str(bad), "--out", str(tmp_path / f"{key}-out"))
+        code, err = cli_in_process(capsys, "convert", "--hf", str(bad), "--out", str(tmp_path / f"{tag}-out"))
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
-        assert not (tmp_path / f"{key}-out").exists()
+        assert not (tmp_path / f"{tag}-out").exists()
     code, err = cli_in_process(capsys, "convert", "--hf", str(directory), "--out", str(tmp_path / "tp4"), "--tp", "4")
     assert code == 2 and "--tp 4 does not divide layer 0's query groups" in err, err
 
