@@ -20,6 +20,7 @@ from tiny_models import hf_logits
 from tolerances import SAFETY, U32, fp32, transformer_logits
 
 KIND = "nemotron_h"
+MOE_KIND = "nemotron_h_moe"  # pattern ME*M-E: MoE layers of 4 experts (top-2) beside a dense MLP layer
 SEQ = 40  # longer than transformers' scan chunk (16) and the conv window (4)
 
 
@@ -169,9 +170,9 @@ def test_counts_and_state_bytes(tiny_hf):
     assert desc.ssm_state_bytes(2) == 3 * (8 * 8 * 16 + (64 + 2 * 2 * 16) * 3) * 2
 
 
-def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
+def _hf_dir(tmp_path: Path, tiny_hf, changes: dict, kind: str = KIND) -> Path:
     out = tmp_path / "model"
-    shutil.copytree(tiny_hf(KIND), out)
+    shutil.copytree(tiny_hf(kind), out)
     config = json.loads((out / "config.json").read_text())
     config.update(changes)
     (out / "config.json").write_text(json.dumps(config))
@@ -179,11 +180,18 @@ def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
 
 
 @pytest.mark.parametrize("changes,flags,words", [
-    ({"hybrid_override_pattern": "M*EM-M"}, (), "hybrid_override_pattern 'M*EM-M': layer symbol 'E' is not supported "
-                                                "(mixture of experts layers are not supported yet)"),
-    ({"layers_block_type": ["linear_attention", "full_attention", "moe", "linear_attention", "mlp",
-                            "linear_attention"]}, (), "layer symbol 'E' is not supported"),
     ({"hybrid_override_pattern": "M*-M-G"}, (), "layer symbol 'G' is not supported; supported: M Mamba-2 mixer"),
+    ({"layers_block_type": ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp", "ssm"]}, (),
+     "layers_block_type: unknown layer type 'ssm'"),
+    # MoE layers (the nemotron_h_moe model): what megatron-core's sigmoid router cannot compute
+    ({"kind": MOE_KIND, "norm_topk_prob": False}, (), "top-k 2 without renormalised weights (norm_topk_prob=False) "
+                                                      "is not supported"),
+    ({"kind": MOE_KIND, "num_experts_per_tok": 1}, (), "top-k 1 with renormalised weights"),
+    ({"kind": MOE_KIND, "n_group": 2, "topk_group": 1}, (), "n_group=2 is not supported (group-limited expert "
+                                                            "routing)"),
+    ({"kind": MOE_KIND, "moe_latent_size": 32}, (), "moe_latent_size=32 is not supported (a latent mixture of "
+                                                    "experts)"),
+    ({"kind": MOE_KIND, "num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported"),
     ({"num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported (multi-token prediction"),
     ({"moe_latent_size": 32}, (), "moe_latent_size=32 is not supported (a latent mixture of experts)"),
     ({"time_step_limit": [0.0, 10.0]}, (), "time_step_limit=[0.0, 10.0] is not supported (a clamp of the Mamba"),
@@ -193,7 +201,8 @@ def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
     ({}, ("--pp", "4"), "--pp 4 does not divide the hybrid model's 6 layers"),
 ])
 def test_refusals_are_one_line_errors(tiny_hf, tmp_path, capsys, changes, flags, words):
-    src = _hf_dir(tmp_path, tiny_hf, changes)
+    changes = dict(changes)
+    src = _hf_dir(tmp_path, tiny_hf, changes, changes.pop("kind", KIND))
     code, stderr = cli_in_process(capsys, "convert", "--hf", src, "--out", tmp_path / "ckpt", *flags)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("nemo-minitron convert: error: ") and words in stderr, stderr
