@@ -211,35 +211,42 @@ def test_refusals_are_one_line_errors(tiny_hf, tmp_path, capsys, changes, flags,
 
 @pytest.mark.multirank
 def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
-    """One 2-process run, at TP=2 (a rank holds one B/C group: in_proj and conv1d split
-    section by section) and at PP=2 (3 layers per stage, attention on the first):
+    """One 2-process run, for the dense hybrid and the one with MoE layers (experts split
+    over the TP ranks, the router and its expert bias replicated; one MoE layer per PP stage),
+    at TP=2 (a rank holds one B/C group: in_proj and conv1d split section by section) and at
+    PP=2 (3 layers per stage, attention on the first):
     - HF -> megatron at the layout: transformers' logits; exported back from the layout: the
       very tensors transformers stored;
     - the TP=1 checkpoint loaded at the layout (megatron's sharded in_proj/conv1d parts),
       and a checkpoint converted at the layout loaded here at TP=1: the TP=1 logits."""
+    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    layouts = {"tp2": [2, 1], "pp2": [1, 2]}
+    kinds = (KIND, MOE_KIND)
+    job = {"models": [{"src": str(tiny_hf(kind)), "checkpoint": str(tiny_checkpoint(kind)),
+                       "out": str(tmp_path / "out" / kind / "{layout}")} for kind in kinds],
+           "tokens": str(tmp_path / "tokens.pt"), "layouts": layouts}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_workers("hybrid_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
+    for kind in kinds:
+        _check_layouts(tiny_hf(kind), tiny_checkpoint(kind), tokens, tmp_path / "out" / kind, layouts)
+
+
+def _check_layouts(hf_dir: Path, checkpoint: Path, tokens: torch.Tensor, outs: Path, layouts) -> None:
     from safetensors.torch import load_file
 
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.model.forward import full_logits
-
-    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(7))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    layouts = {"tp2": [2, 1], "pp2": [1, 2]}
-    job = {"src": str(tiny_hf(KIND)), "checkpoint": str(tiny_checkpoint(KIND)), "tokens": str(tmp_path / "tokens.pt"),
-           "layouts": layouts, "out": str(tmp_path / "out" / "{layout}")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    run_workers("hybrid_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
-
-    reference = hf_logits(tiny_hf(KIND), tokens)
-    opened = open_model(str(tiny_checkpoint(KIND)))
-    desc = opened.description
-    at_tp1 = full_logits(opened.model, tokens, desc.vocab_size)
     from test_conversion import widest
 
+    reference = hf_logits(hf_dir, tokens)
+    opened = open_model(str(checkpoint))
+    desc = opened.description
+    at_tp1 = full_logits(opened.model, tokens, desc.vocab_size)
     tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
-    stored = load_file(str(tiny_hf(KIND) / "model.safetensors"))
+    stored = load_file(str(hf_dir / "model.safetensors"))
     for layout in layouts:
-        out = tmp_path / "out" / layout
+        out = outs / layout
         assert (torch.load(out / "from_hf.pt") - reference).abs().max().item() <= tol, layout
         assert (torch.load(out / "from_checkpoint.pt") - at_tp1).abs().max().item() <= tol, layout
         exported = {}
