@@ -1,0 +1,166 @@
+"""Hybrid models with mixture-of-experts layers (Nemotron 3, issue 22 phase 3): expert
+importance against transformers' NemotronH activations, pruning of experts (with their
+router rows and expert bias), their neurons, the shared expert, the dense MLP layer and a
+MoE layer, counts (total and active) against transformers' model of the exported config.
+Conversion at TP=1 is test_conversion.py's (the ``nemotron_h_moe`` tiny model), TP=2 / PP=2
+test_hybrid.py's layouts run, distillation test_distill.py's hybrid cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tolerances import fp32, transformer_logits
+
+KIND = "nemotron_h_moe"  # pattern ME*M-E: 4 experts of 32 (top-2, scaled 2.5) + a shared expert of 48, ffn 96
+SEQ, SAMPLES, SEED = 24, 4, 11
+# float32 megatron activations against float64 HF ones through 6 layers whose widest
+# accumulation is the dense MLP's 96 inputs; the aggregations then run in float64
+SCORE_RTOL = fp32(96 * (2 * 6 + 1), 1.0)
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_hf, tiny_checkpoint, tmp_path_factory):
+    """The tiny hybrid MoE checkpoint, its importance directory (no depth statistics but the
+    layer loss drops) and its calibration samples."""
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples, compute_importance
+
+    ckpt = tiny_checkpoint(KIND)
+    imp = tmp_path_factory.mktemp("hybrid_moe_importance") / "imp"
+    scores = compute_importance(str(ckpt), ["builtin:calib"], str(imp), samples=SAMPLES, seq_len=SEQ, micro_batch=2,
+                                layer_samples=2, seed=SEED, progress=False)
+    samples = calibration_samples(check_corpus(["builtin:calib"]), load_tokenizer(ckpt), seq_len=SEQ,
+                                  samples=SAMPLES, seed=SEED)
+    return {"checkpoint": ckpt, "importance": imp, "scores": scores, "samples": samples,
+            "desc": read_info(ckpt).description}
+
+
+def _hf_moe_reference(hf, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Expert, expert-neuron, shared-expert-neuron and dense-MLP-neuron scores by definition
+    (default aggregation: mean |.| over each sequence, L2 over samples) from transformers'
+    NemotronH (float32; the scores' arithmetic in float64): per token, an expert's score is ||w_te E_e(x_t)|| and its neurons
+    w_te relu(x_t W_up,e)^2 (w_te: the routing weight, 0 when t is not routed to e)."""
+    seen: dict[int, torch.Tensor] = {}
+    shared: dict[int, torch.Tensor] = {}
+    dense: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(hf.model.layers):
+        if layer.block_type == "moe":
+            handles.append(layer.mixer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].detach().double())))
+            handles.append(layer.mixer.shared_experts.down_proj.register_forward_hook(
+                lambda m, a, o, i=i: shared.__setitem__(i, a[0].detach().double())))
+        elif layer.block_type == "mlp":
+            handles.append(layer.mixer.down_proj.register_forward_hook(
+                lambda m, a, o, i=i: dense.__setitem__(i, a[0].detach().double())))
+    with torch.no_grad():
+        hf(tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+
+    def agg(x: torch.Tensor) -> torch.Tensor:  # [b, s, units] -> [units]
+        return x.abs().mean(1).pow(2).sum(0).sqrt()
+
+    b, s = tokens.shape
+    out: dict[str, dict[int, torch.Tensor]] = {"experts": {}, "moe_ffn": {}, "shared_ffn": {}, "ffn": {}}
+    for i, x in seen.items():
+        mixer = hf.model.layers[i].mixer
+        with torch.no_grad():
+            _, weights, chosen = mixer.gate(x.float())                  # [b*s, k] each
+        x = x.reshape(b * s, -1)
+        up, down = mixer.experts.up_proj.double(), mixer.experts.down_proj.double()
+        experts, neurons = [], []
+        for e in range(up.shape[0]):
+            w = (weights * (chosen == e)).sum(-1, keepdim=True).double()
+            act = w * torch.relu(x @ up[e].T).square()
+            experts.append(agg((act @ down[e].T).norm(dim=-1).reshape(b, s, 1))[0])
+            neurons.append(agg(act.reshape(b, s, -1)))
+        out["experts"][i], out["moe_ffn"][i] = torch.stack(experts), torch.stack(neurons)
+        out["shared_ffn"][i] = agg(shared[i])
+    for i, x in dense.items():
+        out["ffn"][i] = agg(x)
+    return out
+
+
+def test_expert_scores_equal_transformers(moe, tiny_hf):
+    """Experts, their neurons, the shared expert's neurons (MoE layers) and the MLP layer's
+    neurons from the calibration pass equal the definitions on transformers' activations
+    (routing: sigmoid scores, top-2 chosen with the expert bias, weights unbiased,
+    renormalised, times 2.5); layers of other kinds score zero on these axes."""
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    scores, desc = moe["scores"].tensors, moe["desc"]
+    reference = _hf_moe_reference(load_hf_model(tiny_hf(KIND)), moe["samples"][:, :-1])
+    for axis, per_layer in reference.items():
+        assert set(per_layer) == {i for i, s in enumerate(desc.hybrid_pattern) if s == ("-" if axis == "ffn" else "E")}
+        for i in range(desc.num_layers):
+            ours = scores[axis][i].double()
+            if i not in per_layer:
+                assert not ours.any(), (axis, i)
+                continue
+            ref = per_layer[i]
+            assert ours.shape == ref.shape, (axis, i)
+            assert (ours - ref).abs().max().item() <= SCORE_RTOL * ref.abs().max().item(), (axis, i)
+
+
+TARGET = {"experts": 3, "moe_ffn": 24, "shared_ffn": 32, "ffn": 64, "mamba_heads": 4, "moe_layers": 1}
+
+
+def test_pruned_experts_counts_and_logits(moe, tmp_path):
+    """Pruning every MoE axis, the dense MLP and one of the two MoE layers (the lower loss
+    drop): the kept MoE layer's router rows and expert bias are those of its 3 best experts,
+    in order, each expert keeps its own 24 best neurons, the shared expert its 32; total and
+    active parameters of the description == the saved tensors (the expert bias is a buffer,
+    not a parameter, in transformers too) == transformers' model of the exported config,
+    which loads in NemotronHForCausalLM and gives our logits."""
+    from nemo_minitron.checkpoint.api import export, open_model
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.model.forward import full_logits
+    from nemo_minitron.model.params import named_weights
+    from nemo_minitron.prune.api import prune
+    from test_conversion import widest
+
+    old, scores = moe["desc"], moe["scores"]
+    out = prune(str(moe["checkpoint"]), str(moe["importance"]), str(tmp_path / "pruned"), target=TARGET,
+                layer_metric="loss")
+    new = read_info(out).description
+    loss = scores["layer_loss_drop"].tolist()
+    moe_layers = [i for i, s in enumerate(old.hybrid_pattern) if s == "E"]
+    dropped = min(moe_layers, key=lambda i: loss[i])
+    kept_layer = next(i for i in moe_layers if i != dropped)
+    assert new.hybrid_pattern == old.hybrid_pattern[:dropped] + old.hybrid_pattern[dropped + 1:]
+    assert (new.num_experts, new.moe_top_k, new.moe_ffn_hidden_size, new.moe_shared_ffn_hidden_size) == (3, 2, 24, 32)
+
+    before = {k: v.detach().clone() for k, v in named_weights(open_model(str(moe["checkpoint"])).model)}
+    pruned = open_model(str(out))
+    after = {k: v.detach().clone() for k, v in named_weights(pruned.model)}
+    hidden = torch.arange(old.hidden_size)  # (the hidden size is kept)
+    experts = torch.argsort(scores["experts"][kept_layer], descending=True, stable=True)[:3].sort().values
+    src = f"decoder.layers.{kept_layer}.mlp."
+    dst = f"decoder.layers.{new.hybrid_pattern.index('E')}.mlp."
+    assert torch.equal(after[dst + "router.weight"], before[src + "router.weight"][experts][:, hidden])
+    assert torch.equal(after[dst + "router.expert_bias"], before[src + "router.expert_bias"][experts])
+    for position, e in enumerate(experts.tolist()):
+        neurons = torch.argsort(scores["moe_ffn"][kept_layer, e], descending=True, stable=True)[:24].sort().values
+        for fc, cut in (("linear_fc1", lambda t: t[neurons]), ("linear_fc2", lambda t: t[:, neurons])):
+            name = f"experts.local_experts.{{}}.{fc}.weight"
+            assert torch.equal(after[dst + name.format(position)], cut(before[src + name.format(e)])), (e, fc)
+    neurons = torch.argsort(scores["shared_ffn"][kept_layer], descending=True, stable=True)[:32].sort().values
+    assert torch.equal(after[dst + "shared_experts.linear_fc1.weight"],
+                       before[src + "shared_experts.linear_fc1.weight"][neurons])
+
+    counted = sum(t[: new.vocab_size].numel() if k.startswith(("embedding.", "output_layer.")) else t.numel()
+                  for k, t in after.items() if not k.endswith("expert_bias"))  # padded vocabulary rows: no parameters
+    hf = load_hf_model(export(str(out), str(tmp_path / "hf")))
+    assert type(hf).__name__ == "NemotronHForCausalLM"
+    assert counted == new.num_parameters() == sum(p.numel() for p in hf.parameters())
+    # active: each MoE layer's experts beyond the top-k (up and down projections) do not count
+    idle = new.hybrid_pattern.count("E") * (new.num_experts - new.moe_top_k) * 2 * new.hidden_size * 24
+    assert new.num_parameters(active=True) == new.num_parameters() - idle
+    tokens = torch.randint(0, new.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = full_logits(pruned.model, tokens, new.vocab_size)
+        theirs = hf(tokens, use_cache=False).logits.float()
+    assert (ours - theirs).abs().max().item() <= transformer_logits(widest(new, SEQ), new.num_layers, theirs)
