@@ -7,9 +7,12 @@ test_hybrid.py's layouts run, distillation test_distill.py's hybrid cases."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from conftest import run_workers
 from tolerances import fp32, transformer_logits
 
 KIND = "nemotron_h_moe"  # pattern ME*M-E: 4 experts of 32 (top-2, scaled 2.5) + a shared expert of 48, ffn 96
@@ -164,3 +167,55 @@ def test_pruned_experts_counts_and_logits(moe, tmp_path):
         ours = full_logits(pruned.model, tokens, new.vocab_size)
         theirs = hf(tokens, use_cache=False).logits.float()
     assert (ours - theirs).abs().max().item() <= transformer_logits(widest(new, SEQ), new.num_layers, theirs)
+
+
+# ---------------------------------------------------------------------- distillation
+#: one KD step with CE; a MoE student adds its load-balancing loss (per sequence, as
+#: Megatron-Bridge trains Nemotron 3) weighted 0.05; at TP=2 it trains with sequence parallelism
+KD = dict(global_batch=4, micro_batch=2, seq_len=16, lr=1e-3, kd_temperature=1.5, ce_weight=0.25, logit_chunk=7)
+KD_RUNS = {"dense_student": ("nemotron_h_moe", "nemotron_h", KD),
+           "moe_student": ("nemotron_h", "nemotron_h_moe", {**KD, "moe_aux_loss_coeff": 0.05})}
+KD_LAYOUTS = {"tp2": [2, 1], "pp2": [1, 2]}
+
+
+@pytest.mark.multirank
+def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_checkpoint, tmp_path):
+    """A hybrid teacher and a hybrid student (a dense student taught by the MoE hybrid, and a
+    MoE student, whose load-balancing loss is reported and enters the loss, taught by the
+    dense one): at TP=2 (Mamba heads, experts and the vocabulary split; the MoE student
+    sequence-parallel) and at PP=2 (3 layers per stage) the step reads the same samples and
+    its losses and every gradient (gathered, the in_proj/conv1d sections put back) equal
+    TP=1's."""
+    from test_distill import make_trainer
+    from tolerances import log_softmax_sum
+
+    runs = {name: [str(tiny_checkpoint(t)), str(tiny_checkpoint(s)), settings]
+            for name, (t, s, settings) in KD_RUNS.items()}
+    out = tmp_path / "out"
+    (tmp_path / "job.json").write_text(json.dumps({"runs": runs, "layouts": KD_LAYOUTS, "out": str(out)}))
+    run_workers("hybrid_distill_layouts.py", tmp_path / "job.json", out=out)
+    for name, (teacher, student, settings) in runs.items():
+        logs, grads = make_trainer(teacher, student, 1, 1, settings).gradients(step=0)
+        assert ("moe_aux_loss" in logs) == (name == "moe_student")
+        if name == "moe_student":  # the two MoE layers' per-sequence losses, each about 1 when balanced
+            assert 0 < logs["moe_aux_loss"] < 1 and logs["loss"] > logs["moe_aux_loss"]
+        for layout in KD_LAYOUTS:
+            merged: dict[str, torch.Tensor] = {}
+            for part in sorted((out / layout).glob("rank*.pt")):
+                saved = torch.load(part)[name]
+                assert saved["logs"]["samples_fingerprint"] == logs["samples_fingerprint"], (name, layout)
+                # another split of the same float32 arithmetic: row-parallel sums and vocabulary
+                # shards reduced in another order; the loss terms are log-softmax sums
+                tol = log_softmax_sum(1000, 10.0) * settings["kd_temperature"] ** 2
+                for key in ("loss", "kd_loss", "ce_loss"):
+                    assert abs(saved["logs"][key] - logs[key]) <= tol, (name, layout, key)
+                assert ("moe_aux_loss" in saved["logs"]) == ("moe_aux_loss" in logs)
+                if "moe_aux_loss" in logs:  # the same sums over 32 tokens x 4 experts, split over ranks
+                    assert abs(saved["logs"]["moe_aux_loss"] - logs["moe_aux_loss"]) <= fp32(32 * 4 * 64 * 13, 1.0)
+                merged.update(saved["grads"])
+            assert merged.keys() == grads.keys(), (name, layout)
+            for key, ref in grads.items():
+                # each gradient sums, over the step's 64 tokens, products that passed through
+                # the layers (widest accumulation 96, 6 layers)
+                tol = fp32(64 * 96 * (2 * 6 + 1), ref.abs().max().item())
+                assert (merged[key] - ref).abs().max().item() <= tol, (name, layout, key)
