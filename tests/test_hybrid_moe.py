@@ -178,11 +178,42 @@ KD_RUNS = {"dense_student": ("nemotron_h_moe", "nemotron_h", KD),
 KD_LAYOUTS = {"tp2": [2, 1], "pp2": [1, 2]}
 
 
+def _seq_aux_loss(student_hf, microbatches, coeff: float) -> float:
+    """The step's load-balancing loss by its definition (Switch Transformer's, per sequence,
+    as megatron-core's ``seq_aux_loss`` normalises it), from transformers' router: per MoE
+    layer and sequence of S tokens, E / (k S^2) * sum_e (sum_t s_te / sum_e' s_te') * n_e
+    (s: sigmoid scores, n_e: the sequence's tokens among whose top-k unbiased scores e is:
+    megatron counts the load without the expert bias, which balances by itself), averaged
+    over the sequences, summed over layers, averaged over micro-batches."""
+    from nemo_minitron.checkpoint.verify import load_hf_model
+
+    hf = load_hf_model(student_hf)
+    routed = []
+    hooks = [layer.mixer.gate.register_forward_hook(lambda m, a, o: routed.append(o[0]))
+             for layer in hf.model.layers if layer.block_type == "moe"]
+    total = 0.0
+    for mb in microbatches:
+        routed.clear()
+        with torch.no_grad():
+            hf(mb["tokens"], use_cache=False)
+        b, S = mb["tokens"].shape
+        for logits in routed:
+            scores = logits.double().sigmoid()
+            E, k = scores.shape[-1], hf.config.num_experts_per_tok
+            chosen = scores.topk(k, dim=-1).indices
+            share = (scores / scores.sum(-1, keepdim=True)).view(b, S, E).sum(1)           # [b, E]
+            counts = torch.zeros(b * S, E, dtype=torch.float64).scatter(1, chosen, 1.0).view(b, S, E).sum(1)
+            total += (E / (k * S * S) * (share * counts).sum(-1)).mean().item() / len(microbatches)
+    for h in hooks:
+        h.remove()
+    return coeff * total
+
+
 @pytest.mark.multirank
-def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_checkpoint, tmp_path):
+def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_hf, tiny_checkpoint, tmp_path):
     """A hybrid teacher and a hybrid student (a dense student taught by the MoE hybrid, and a
-    MoE student, whose load-balancing loss is reported and enters the loss, taught by the
-    dense one): at TP=2 (Mamba heads, experts and the vocabulary split; the MoE student
+    MoE student, whose load-balancing loss is reported and equals its definition on
+    transformers' router, taught by the dense one): at TP=2 (Mamba heads, experts and the vocabulary split; the MoE student
     sequence-parallel) and at PP=2 (3 layers per stage) the step reads the same samples and
     its losses and every gradient (gathered, the in_proj/conv1d sections put back) equal
     TP=1's."""
@@ -195,10 +226,13 @@ def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_checkpoint, tmp_path):
     (tmp_path / "job.json").write_text(json.dumps({"runs": runs, "layouts": KD_LAYOUTS, "out": str(out)}))
     run_workers("hybrid_distill_layouts.py", tmp_path / "job.json", out=out)
     for name, (teacher, student, settings) in runs.items():
-        logs, grads = make_trainer(teacher, student, 1, 1, settings).gradients(step=0)
+        trainer = make_trainer(teacher, student, 1, 1, settings)
+        logs, grads = trainer.gradients(step=0)
         assert ("moe_aux_loss" in logs) == (name == "moe_student")
-        if name == "moe_student":  # the two MoE layers' per-sequence losses, each about 1 when balanced
-            assert 0 < logs["moe_aux_loss"] < 1 and logs["loss"] > logs["moe_aux_loss"]
+        if name == "moe_student":
+            want = _seq_aux_loss(tiny_hf(KD_RUNS[name][1]), trainer.step_batches(0), settings["moe_aux_loss_coeff"])
+            # sums over 16 tokens x 4 experts of router scores carrying a float32 forward pass's rounding
+            assert abs(logs["moe_aux_loss"] - want) <= fp32(16 * 4 * 96 * 13, want), (logs["moe_aux_loss"], want)
         for layout in KD_LAYOUTS:
             merged: dict[str, torch.Tensor] = {}
             for part in sorted((out / layout).glob("rank*.pt")):
