@@ -268,19 +268,21 @@ def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_greedy_generation_equals_transformers(tiny_hf, runtime, one_thread, tmp_path, capsys):
-    """``generate`` on the hybrid model (megatron-core's static-batch engine: the mixer's
-    prefill with a state cache, then its one-token decode step; batches of 4 prompts of mixed
-    lengths) gives transformers' greedy tokens, prompt by prompt."""
+@pytest.mark.parametrize("kind", [KIND, MOE_KIND])
+def test_greedy_generation_equals_transformers(kind, tiny_hf, runtime, one_thread, tmp_path, capsys):
+    """``generate`` on the hybrid model, dense and with MoE layers (megatron-core's
+    static-batch engine: the mixer's prefill with a state cache, then its one-token decode
+    step; batches of 4 prompts of mixed lengths) gives transformers' greedy tokens, prompt
+    by prompt."""
     from nemo_minitron.checkpoint.verify import load_hf_model
     from test_generate import PROMPTS, _records, _write_jsonl
     from tiny_models import byte_tokenizer, hf_greedy
 
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "out.jsonl"
-    code, err = cli_in_process(capsys, "generate", tiny_hf(KIND), "--prompts", prompts, "--out", out,
+    code, err = cli_in_process(capsys, "generate", tiny_hf(kind), "--prompts", prompts, "--out", out,
                                "--max-new-tokens", 12, "--batch-size", 4)
     assert code == 0, err
     tok = byte_tokenizer()
-    expected = hf_greedy(load_hf_model(tiny_hf(KIND)), [tok(p)["input_ids"] for p in PROMPTS], 12, eos_token_id=2)
+    expected = hf_greedy(load_hf_model(tiny_hf(kind)), [tok(p)["input_ids"] for p in PROMPTS], 12, eos_token_id=2)
     assert [r["completion_ids"] for r in _records(out)] == expected
