@@ -253,3 +253,29 @@ def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_hf, tiny_checkpoint, tmp_path):
                 # the layers (widest accumulation 96, 6 layers)
                 tol = fp32(64 * 96 * (2 * 6 + 1), ref.abs().max().item())
                 assert (merged[key] - ref).abs().max().item() <= tol, (name, layout, key)
+
+
+def test_planner_counts_are_the_pruned_models(moe, tmp_path):
+    """A planner candidate that cuts experts and Mamba heads and drops a MoE layer: its total
+    and active parameter counts are those of the model pruned to its target, of the saved
+    tensors and of transformers' model of the exported config."""
+    from nemo_minitron.checkpoint.api import export, open_model
+    from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.model.params import named_weights
+    from nemo_minitron.prune.api import prune
+    from nemo_minitron.prune.plan import plan
+
+    old = moe["desc"]
+    candidates = plan(old, int(0.9 * old.num_parameters()), max_width_cut=0.5)
+    cand = next(c for c in candidates if c.description.num_experts < old.num_experts
+                and c.description.hybrid_pattern.count("E") < old.hybrid_pattern.count("E"))
+    out = prune(str(moe["checkpoint"]), str(moe["importance"]), str(tmp_path / "pruned"), target=cand.target(),
+                layer_metric="loss")
+    pruned = open_model(str(out))
+    new = pruned.description
+    assert (new.num_parameters(), new.num_active_parameters()) == (cand.params, cand.active_params)
+    saved = sum(t[: new.vocab_size].numel() if k.startswith(("embedding.", "output_layer.")) else t.numel()
+                for k, t in named_weights(pruned.model) if not k.endswith("expert_bias"))
+    hf = load_hf_model(export(str(out), str(tmp_path / "hf")))
+    assert saved == cand.params == sum(p.numel() for p in hf.parameters())
+    assert hf.config.n_routed_experts == new.num_experts and hf.config.layers_block_type.count("moe") == 1
