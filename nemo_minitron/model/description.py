@@ -376,7 +376,8 @@ class ModelDescription:
             (f"layers {self.hybrid_pattern}, Mamba heads {self.mamba_num_heads} x {self.mamba_head_dim} in "
              f"{self.mamba_num_groups} groups, state {self.mamba_state_dim}", self.is_hybrid)) if on]
         if self.is_moe:
-            mlp = (f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
+            dense = f"ffn {self.ffn_hidden_size} (MLP layers), " if self.has_dense_mlp else ""  # a hybrid's - layers
+            mlp = (dense + f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
                    + (f" + shared expert {self.moe_shared_ffn_hidden_size}" if self.moe_shared_ffn_hidden_size else ""))
             size = f"{self.num_parameters() / 1e6:.1f}M params ({self.num_active_parameters() / 1e6:.1f}M active)"
         else:
