@@ -17,6 +17,7 @@ from tolerances import fp32, transformer_logits
 
 KIND = "nemotron_h_moe"  # pattern ME*M-E: 4 experts of 32 (top-2, scaled 2.5) + a shared expert of 48, ffn 96
 SEQ, SAMPLES, SEED = 24, 4, 11
+IMPORTANCE = dict(samples=SAMPLES, seq_len=SEQ, micro_batch=2, layer_samples=2, seed=SEED)
 # float32 megatron activations against float64 HF ones through 6 layers whose widest
 # accumulation is the dense MLP's 96 inputs; the aggregations then run in float64
 SCORE_RTOL = fp32(96 * (2 * 6 + 1), 1.0)
@@ -32,8 +33,7 @@ def moe(tiny_hf, tiny_checkpoint, tmp_path_factory):
 
     ckpt = tiny_checkpoint(KIND)
     imp = tmp_path_factory.mktemp("hybrid_moe_importance") / "imp"
-    scores = compute_importance(str(ckpt), ["builtin:calib"], str(imp), samples=SAMPLES, seq_len=SEQ, micro_batch=2,
-                                layer_samples=2, seed=SEED, progress=False)
+    scores = compute_importance(str(ckpt), ["builtin:calib"], str(imp), **IMPORTANCE, progress=False)
     samples = calibration_samples(check_corpus(["builtin:calib"]), load_tokenizer(ckpt), seq_len=SEQ,
                                   samples=SAMPLES, seed=SEED)
     return {"checkpoint": ckpt, "importance": imp, "scores": scores, "samples": samples,
@@ -167,6 +167,38 @@ def test_pruned_experts_counts_and_logits(moe, tmp_path):
         ours = full_logits(pruned.model, tokens, new.vocab_size)
         theirs = hf(tokens, use_cache=False).logits.float()
     assert (ours - theirs).abs().max().item() <= transformer_logits(widest(new, SEQ), new.num_layers, theirs)
+
+
+@pytest.mark.multirank
+def test_importance_and_pruning_at_tp2_and_pp2_equal_tp1(moe, tmp_path):
+    """One 2-process run: importance at TP=2 (experts split by neurons over the ranks, the
+    router replicated) and PP=2 (one MoE layer a stage) equals TP=1's; pruning every MoE
+    axis, the MLP layer and the Mamba heads at TP=2 and PP=2 from the TP=1 scores writes
+    exactly the TP=1 weights (expert bias included), holding as many parameters as the
+    description counts."""
+    from test_hybrid_prune import LOSS_TOL, _state
+
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.prune.api import prune
+
+    target = {k: v for k, v in TARGET.items() if k != "moe_layers"}  # (at PP=2 a depth cut must keep stages equal)
+    jobs = [{"name": "pruned", "target": target, "order": "importance", "layer_metric": "auto"}]
+    want = _state(prune(str(moe["checkpoint"]), str(moe["importance"]), str(tmp_path / "tp1"), target=target))[1]
+    layouts = {"tp2": [2, 1], "pp2": [1, 2]}
+    job = {"checkpoint": str(moe["checkpoint"]), "scores": str(moe["importance"]), "layouts": layouts,
+           "importance": IMPORTANCE, "variants": {layout: {"imp": {}} for layout in layouts}, "prune": jobs,
+           "out": str(tmp_path / "out" / "{layout}")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_workers("hybrid_prune_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
+    for layout in layouts:
+        other, base = ImportanceScores.load(tmp_path / "out" / layout / "imp"), moe["scores"]
+        assert other.tensors.keys() == base.tensors.keys()
+        for axis, ref in base.tensors.items():
+            diff, scale = (other[axis] - ref).abs().max().item(), ref.abs().max().item()
+            # loss drops: differences of two losses; the rest another split of the same float32 forward
+            assert diff <= (2 * LOSS_TOL if axis == "layer_loss_drop" else 2 * SCORE_RTOL * scale), (layout, axis)
+        _, got = _state(tmp_path / "out" / layout / "pruned")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), layout
 
 
 # ---------------------------------------------------------------------- distillation
