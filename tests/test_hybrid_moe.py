@@ -40,11 +40,13 @@ def moe(tiny_hf, tiny_checkpoint, tmp_path_factory):
             "desc": read_info(ckpt).description}
 
 
-def _hf_moe_reference(hf, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def _hf_moe_reference(hf, tokens: torch.Tensor, neurons: str = "post") -> dict[str, torch.Tensor]:
     """Expert, expert-neuron, shared-expert-neuron and dense-MLP-neuron scores by definition
     (default aggregation: mean |.| over each sequence, L2 over samples) from transformers'
     NemotronH (float32; the scores' arithmetic in float64): per token, an expert's score is ||w_te E_e(x_t)|| and its neurons
-    w_te relu(x_t W_up,e)^2 (w_te: the routing weight, 0 when t is not routed to e)."""
+    w_te relu(x_t W_up,e)^2 (w_te: the routing weight, 0 when t is not routed to e), or with
+    ``neurons="pre"`` the pre-activation x_t W_up,e on the tokens routed to e (the shared
+    expert's and the MLP layer's: their up projection's output)."""
     seen: dict[int, torch.Tensor] = {}
     shared: dict[int, torch.Tensor] = {}
     dense: dict[int, torch.Tensor] = {}
@@ -52,11 +54,12 @@ def _hf_moe_reference(hf, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(hf.model.layers):
         if layer.block_type == "moe":
             handles.append(layer.mixer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0].detach().double())))
-            handles.append(layer.mixer.shared_experts.down_proj.register_forward_hook(
-                lambda m, a, o, i=i: shared.__setitem__(i, a[0].detach().double())))
+            shared_side = layer.mixer.shared_experts.down_proj if neurons == "post" else None
+            handles.append((shared_side or layer.mixer.shared_experts.up_proj).register_forward_hook(
+                lambda m, a, o, i=i: shared.__setitem__(i, (a[0] if neurons == "post" else o).detach().double())))
         elif layer.block_type == "mlp":
-            handles.append(layer.mixer.down_proj.register_forward_hook(
-                lambda m, a, o, i=i: dense.__setitem__(i, a[0].detach().double())))
+            handles.append((layer.mixer.down_proj if neurons == "post" else layer.mixer.up_proj).register_forward_hook(
+                lambda m, a, o, i=i: dense.__setitem__(i, (a[0] if neurons == "post" else o).detach().double())))
     with torch.no_grad():
         hf(tokens, use_cache=False)
     for h in handles:
@@ -73,13 +76,13 @@ def _hf_moe_reference(hf, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
             _, weights, chosen = mixer.gate(x.float())                  # [b*s, k] each
         x = x.reshape(b * s, -1)
         up, down = mixer.experts.up_proj.double(), mixer.experts.down_proj.double()
-        experts, neurons = [], []
+        experts, units = [], []
         for e in range(up.shape[0]):
             w = (weights * (chosen == e)).sum(-1, keepdim=True).double()
             act = w * torch.relu(x @ up[e].T).square()
             experts.append(agg((act @ down[e].T).norm(dim=-1).reshape(b, s, 1))[0])
-            neurons.append(agg(act.reshape(b, s, -1)))
-        out["experts"][i], out["moe_ffn"][i] = torch.stack(experts), torch.stack(neurons)
+            units.append(agg((act if neurons == "post" else (x @ up[e].T) * (w > 0)).reshape(b, s, -1)))
+        out["experts"][i], out["moe_ffn"][i] = torch.stack(experts), torch.stack(units)
         out["shared_ffn"][i] = agg(shared[i])
     for i, x in dense.items():
         out["ffn"][i] = agg(x)
@@ -87,14 +90,23 @@ def _hf_moe_reference(hf, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def test_expert_scores_equal_transformers(moe, tiny_hf):
-    """Experts, their neurons, the shared expert's neurons (MoE layers) and the MLP layer's
-    neurons from the calibration pass equal the definitions on transformers' activations
-    (routing: sigmoid scores, top-2 chosen with the expert bias, weights unbiased,
+    """Experts, their neurons (post and pre activation: experts have no gate), the shared
+    expert's neurons (MoE layers) and the MLP layer's neurons from the calibration pass (the
+    importance run's, and one with pre-activations) equal the definitions on transformers'
+    activations (routing: sigmoid scores, top-2 chosen with the expert bias, weights unbiased,
     renormalised, times 2.5); layers of other kinds score zero on these axes."""
+    from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.checkpoint.verify import load_hf_model
+    from nemo_minitron.importance.api import calibration_pass
 
-    scores, desc = moe["scores"].tensors, moe["desc"]
-    reference = _hf_moe_reference(load_hf_model(tiny_hf(KIND)), moe["samples"][:, :-1])
+    desc, hf = moe["desc"], load_hf_model(tiny_hf(KIND))
+    pre = calibration_pass(open_model(str(moe["checkpoint"])).model, moe["samples"], micro_batch=2, seq_agg="mean",
+                           batch_agg="l2", neuron_activation="pre", num_layers=desc.num_layers, progress=False)
+    for neurons, scores in (("post", moe["scores"].tensors), ("pre", pre)):
+        _check_moe_scores(scores, _hf_moe_reference(hf, moe["samples"][:, :-1], neurons), desc)
+
+
+def _check_moe_scores(scores, reference, desc) -> None:
     for axis, per_layer in reference.items():
         assert set(per_layer) == {i for i, s in enumerate(desc.hybrid_pattern) if s == ("-" if axis == "ffn" else "E")}
         for i in range(desc.num_layers):
