@@ -20,6 +20,7 @@ from tiny_models import hf_logits
 from tolerances import SAFETY, U32, fp32, transformer_logits
 
 KIND = "nemotron_h"
+MOE_KIND = "nemotron_h_moe"  # pattern ME*M-E: MoE layers of 4 experts (top-2) beside a dense MLP layer
 SEQ = 40  # longer than transformers' scan chunk (16) and the conv window (4)
 
 
@@ -169,9 +170,9 @@ def test_counts_and_state_bytes(tiny_hf):
     assert desc.ssm_state_bytes(2) == 3 * (8 * 8 * 16 + (64 + 2 * 2 * 16) * 3) * 2
 
 
-def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
+def _hf_dir(tmp_path: Path, tiny_hf, changes: dict, kind: str = KIND) -> Path:
     out = tmp_path / "model"
-    shutil.copytree(tiny_hf(KIND), out)
+    shutil.copytree(tiny_hf(kind), out)
     config = json.loads((out / "config.json").read_text())
     config.update(changes)
     (out / "config.json").write_text(json.dumps(config))
@@ -179,11 +180,18 @@ def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
 
 
 @pytest.mark.parametrize("changes,flags,words", [
-    ({"hybrid_override_pattern": "M*EM-M"}, (), "hybrid_override_pattern 'M*EM-M': layer symbol 'E' is not supported "
-                                                "(mixture of experts layers are not supported yet)"),
-    ({"layers_block_type": ["linear_attention", "full_attention", "moe", "linear_attention", "mlp",
-                            "linear_attention"]}, (), "layer symbol 'E' is not supported"),
     ({"hybrid_override_pattern": "M*-M-G"}, (), "layer symbol 'G' is not supported; supported: M Mamba-2 mixer"),
+    ({"layers_block_type": ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp", "ssm"]}, (),
+     "layers_block_type: unknown layer type 'ssm'"),
+    # MoE layers (the nemotron_h_moe model): what megatron-core's sigmoid router cannot compute
+    ({"kind": MOE_KIND, "norm_topk_prob": False}, (), "top-k 2 without renormalised weights (norm_topk_prob=False) "
+                                                      "is not supported"),
+    ({"kind": MOE_KIND, "num_experts_per_tok": 1}, (), "top-k 1 with renormalised weights"),
+    ({"kind": MOE_KIND, "n_group": 2, "topk_group": 1}, (), "n_group=2 is not supported (group-limited expert "
+                                                            "routing)"),
+    ({"kind": MOE_KIND, "moe_latent_size": 32}, (), "moe_latent_size=32 is not supported (a latent mixture of "
+                                                    "experts)"),
+    ({"kind": MOE_KIND, "num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported"),
     ({"num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported (multi-token prediction"),
     ({"moe_latent_size": 32}, (), "moe_latent_size=32 is not supported (a latent mixture of experts)"),
     ({"time_step_limit": [0.0, 10.0]}, (), "time_step_limit=[0.0, 10.0] is not supported (a clamp of the Mamba"),
@@ -193,7 +201,8 @@ def _hf_dir(tmp_path: Path, tiny_hf, changes: dict) -> Path:
     ({}, ("--pp", "4"), "--pp 4 does not divide the hybrid model's 6 layers"),
 ])
 def test_refusals_are_one_line_errors(tiny_hf, tmp_path, capsys, changes, flags, words):
-    src = _hf_dir(tmp_path, tiny_hf, changes)
+    changes = dict(changes)
+    src = _hf_dir(tmp_path, tiny_hf, changes, changes.pop("kind", KIND))
     code, stderr = cli_in_process(capsys, "convert", "--hf", src, "--out", tmp_path / "ckpt", *flags)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("nemo-minitron convert: error: ") and words in stderr, stderr
@@ -202,35 +211,42 @@ def test_refusals_are_one_line_errors(tiny_hf, tmp_path, capsys, changes, flags,
 
 @pytest.mark.multirank
 def test_tp2_and_pp2_layouts(tiny_hf, tiny_checkpoint, tmp_path, runtime):
-    """One 2-process run, at TP=2 (a rank holds one B/C group: in_proj and conv1d split
-    section by section) and at PP=2 (3 layers per stage, attention on the first):
+    """One 2-process run, for the dense hybrid and the one with MoE layers (experts split
+    over the TP ranks, the router and its expert bias replicated; one MoE layer per PP stage),
+    at TP=2 (a rank holds one B/C group: in_proj and conv1d split section by section) and at
+    PP=2 (3 layers per stage, attention on the first):
     - HF -> megatron at the layout: transformers' logits; exported back from the layout: the
       very tensors transformers stored;
     - the TP=1 checkpoint loaded at the layout (megatron's sharded in_proj/conv1d parts),
       and a checkpoint converted at the layout loaded here at TP=1: the TP=1 logits."""
+    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    layouts = {"tp2": [2, 1], "pp2": [1, 2]}
+    kinds = (KIND, MOE_KIND)
+    job = {"models": [{"src": str(tiny_hf(kind)), "checkpoint": str(tiny_checkpoint(kind)),
+                       "out": str(tmp_path / "out" / kind / "{layout}")} for kind in kinds],
+           "tokens": str(tmp_path / "tokens.pt"), "layouts": layouts}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_workers("hybrid_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
+    for kind in kinds:
+        _check_layouts(tiny_hf(kind), tiny_checkpoint(kind), tokens, tmp_path / "out" / kind, layouts)
+
+
+def _check_layouts(hf_dir: Path, checkpoint: Path, tokens: torch.Tensor, outs: Path, layouts) -> None:
     from safetensors.torch import load_file
 
     from nemo_minitron.checkpoint.api import open_model
     from nemo_minitron.model.forward import full_logits
-
-    tokens = torch.randint(0, 1000, (2, SEQ), generator=torch.Generator().manual_seed(7))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    layouts = {"tp2": [2, 1], "pp2": [1, 2]}
-    job = {"src": str(tiny_hf(KIND)), "checkpoint": str(tiny_checkpoint(KIND)), "tokens": str(tmp_path / "tokens.pt"),
-           "layouts": layouts, "out": str(tmp_path / "out" / "{layout}")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    run_workers("hybrid_layouts.py", tmp_path / "job.json", out=tmp_path / "out")
-
-    reference = hf_logits(tiny_hf(KIND), tokens)
-    opened = open_model(str(tiny_checkpoint(KIND)))
-    desc = opened.description
-    at_tp1 = full_logits(opened.model, tokens, desc.vocab_size)
     from test_conversion import widest
 
+    reference = hf_logits(hf_dir, tokens)
+    opened = open_model(str(checkpoint))
+    desc = opened.description
+    at_tp1 = full_logits(opened.model, tokens, desc.vocab_size)
     tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
-    stored = load_file(str(tiny_hf(KIND) / "model.safetensors"))
+    stored = load_file(str(hf_dir / "model.safetensors"))
     for layout in layouts:
-        out = tmp_path / "out" / layout
+        out = outs / layout
         assert (torch.load(out / "from_hf.pt") - reference).abs().max().item() <= tol, layout
         assert (torch.load(out / "from_checkpoint.pt") - at_tp1).abs().max().item() <= tol, layout
         exported = {}
@@ -252,19 +268,21 @@ def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_greedy_generation_equals_transformers(tiny_hf, runtime, one_thread, tmp_path, capsys):
-    """``generate`` on the hybrid model (megatron-core's static-batch engine: the mixer's
-    prefill with a state cache, then its one-token decode step; batches of 4 prompts of mixed
-    lengths) gives transformers' greedy tokens, prompt by prompt."""
+@pytest.mark.parametrize("kind", [KIND, MOE_KIND])
+def test_greedy_generation_equals_transformers(kind, tiny_hf, runtime, one_thread, tmp_path, capsys):
+    """``generate`` on the hybrid model, dense and with MoE layers (megatron-core's
+    static-batch engine: the mixer's prefill with a state cache, then its one-token decode
+    step; batches of 4 prompts of mixed lengths) gives transformers' greedy tokens, prompt
+    by prompt."""
     from nemo_minitron.checkpoint.verify import load_hf_model
     from test_generate import PROMPTS, _records, _write_jsonl
     from tiny_models import byte_tokenizer, hf_greedy
 
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "out.jsonl"
-    code, err = cli_in_process(capsys, "generate", tiny_hf(KIND), "--prompts", prompts, "--out", out,
+    code, err = cli_in_process(capsys, "generate", tiny_hf(kind), "--prompts", prompts, "--out", out,
                                "--max-new-tokens", 12, "--batch-size", 4)
     assert code == 0, err
     tok = byte_tokenizer()
-    expected = hf_greedy(load_hf_model(tiny_hf(KIND)), [tok(p)["input_ids"] for p in PROMPTS], 12, eos_token_id=2)
+    expected = hf_greedy(load_hf_model(tiny_hf(kind)), [tok(p)["input_ids"] for p in PROMPTS], 12, eos_token_id=2)
     assert [r["completion_ids"] for r in _records(out)] == expected

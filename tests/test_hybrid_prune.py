@@ -422,8 +422,8 @@ def weightless(hybrid, tmp_path_factory):
      "--layer-metric contiguous: a block of layers cannot honour the target's layers of each kind"),
     (["--target", "attention_layers=0", "--layer-metric", "3"],
      "--layer-metric 3 keeps 2 Mamba-2 mixer, 1 attention, 2 MLP, the target 3 Mamba-2 mixer, 0 attention, 2 MLP"),
-    (["--target", "mamba_layers=2,layers=3"], "--target: layers=3 disagrees with mamba_layers + attention_layers + "
-                                              "mlp_layers = 5"),
+    (["--target", "mamba_layers=2,layers=3"], "--target: layers=3 disagrees with the sum of the layers of each kind "
+                                              "(mamba_layers, attention_layers, mlp_layers, moe_layers) = 5"),
     (["--target", "experts=2"], "--target: experts applies to mixtures of experts"),
     (["--target", "ffn=64", "--refit"], "--refit refits dense MLPs and attention; this nemotron_h model has Mamba"),
 ])
@@ -447,10 +447,10 @@ def test_bad_input_elsewhere(weightless, tiny_checkpoint, tmp_path, capsys):
     code, stderr = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--target-params", "200K")
     assert code == 0, stderr
     config = json.loads((DATA / "nvidia__Nemotron-H-8B-Base-8K.json").read_text(), parse_constant=float)
-    config["hybrid_override_pattern"] = config["hybrid_override_pattern"].replace("*", "E", 1)
+    config["hybrid_override_pattern"] = config["hybrid_override_pattern"].replace("*", "G", 1)
     (tmp_path / "config.json").write_text(json.dumps(config))
     code, stderr = cli_in_process(capsys, "plan", tmp_path / "config.json", "--target-params", "4B")
-    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "layer symbol 'E' is not supported" in stderr
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "layer symbol 'G' is not supported" in stderr
     from nemo_minitron.errors import UsageError
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.prune.targets import apply_target

@@ -82,6 +82,17 @@ TINY_CONFIGS = {
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                            mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
                                            conv_kernel=4, chunk_size=16, tie_word_embeddings=False)),
+    # hybrid with MoE layers (Nemotron 3): the same mixers, a dense MLP layer and two MoE layers
+    # (one per PP=2 stage) of 4 squared-ReLU experts (top-2, renormalised, scaled by 2.5) and a
+    # shared expert; the router's expert bias is random (make_tiny_hf_model), so it changes choices
+    "nemotron_h_moe": ("NemotronHConfig", dict(hidden_size=64, intermediate_size=96, hybrid_override_pattern="ME*M-E",
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
+                                               conv_kernel=4, chunk_size=16, n_routed_experts=4,
+                                               num_experts_per_tok=2, moe_intermediate_size=32,
+                                               moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5,
+                                               n_group=1, topk_group=1, norm_topk_prob=True,
+                                               tie_word_embeddings=False)),
 }
 MOE_KINDS = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -110,10 +121,14 @@ def make_tiny_hf_model(kind: str, directory: Path, seed: int = 0) -> Path:
                 p.copy_(torch.randn_like(p) * 0.5 - 1)
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-            elif cls_name == "NemotronHConfig" and p.dim() == 2 and "embeddings" not in name and "lm_head" not in name:
-                # unit-gain projections: at HF's init (std 0.02, out_proj scaled down) the layers
-                # barely move the residual stream and the model is nearly a bigram model
-                p.normal_(0.0, p.shape[1] ** -0.5)
+            elif cls_name == "NemotronHConfig" and p.dim() >= 2 and "embeddings" not in name and "lm_head" not in name:
+                # unit-gain projections (and experts, [experts, out, in]): at HF's init (std 0.02,
+                # out_proj scaled down) the layers barely move the residual stream and the model is
+                # nearly a bigram model
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the router's expert bias: it moves choices
+                b.copy_(0.3 * torch.randn_like(b))
     model.save_pretrained(str(directory), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(directory))
     return directory

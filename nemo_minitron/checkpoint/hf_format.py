@@ -171,6 +171,8 @@ def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> Mod
         values["ffn_hidden_size"] = 0  # no dense MLP: every layer's MLP is experts
     for entry in fam.config:
         present = entry.hf in config and config[entry.hf] is not None
+        if isinstance(entry, Field) and entry.when is not None and not entry.when(config):
+            continue  # the description's default (e.g. no experts in a dense hybrid)
         if isinstance(entry, Field):
             if present:
                 value = config[entry.hf]
@@ -202,6 +204,8 @@ def hf_config_dict(desc: ModelDescription, architecture: str | None = None) -> d
                             f"(it needs {', '.join(f'{k}={v!r}' for k, v in mismatched.items())})")
     cfg: dict[str, Any] = {"architectures": [fam.hf_class], "model_type": fam.model_type}
     for entry in fam.config:
+        if isinstance(entry, Field) and entry.when is not None and not entry.when(cfg):
+            continue
         if isinstance(entry, Field):
             cfg[entry.hf] = getattr(desc, entry.field)
         elif isinstance(entry, Const):

@@ -65,6 +65,7 @@ from nemo_minitron.distill.metrics import MetricsLog, peak_memory_gb, training_f
 from nemo_minitron.distill.model import DistillationModel, LayerPair
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.model.forward import position_ids, to_device
+from nemo_minitron.model.hybrid import tp_sections
 from nemo_minitron.model.params import gather, named_weights, unwrap
 from nemo_minitron.runtime.distributed import barrier, is_rank0, layout
 from nemo_minitron.runtime.progress import progress_bar
@@ -382,7 +383,10 @@ class Trainer:
         tracker holds, per layer, the loss without its coefficient, summed over micro-batches;
         reduced over pipeline stages (each holds its layers), sequence-parallel ranks (each
         holds its tokens' part) and data-parallel ranks (mean)."""
-        name = "load_balancing_loss"
+        # megatron logs the loss under its kind: per micro-batch ("aux_loss", our GPT MoE
+        # families) or per sequence ("seq_aux_loss", Nemotron 3's, model.builder.moe_config)
+        kind = unwrap(self.student).config.moe_router_load_balancing_type
+        name = "seq_load_balancing_loss" if kind == "seq_aux_loss" else "load_balancing_loss"
         reduce_aux_losses_tracker_across_ranks([name])
         value = self.moe_aux_coeff * get_moe_layer_wise_logging_tracker()[name]["values"].double().sum().item()
         clear_aux_losses_tracker()
@@ -395,8 +399,9 @@ class Trainer:
         logs = self._forward_backward(iter(self.step_batches(step)))
         group = ps.get_tensor_model_parallel_group()
         gated = unwrap(self.student).config.gated_linear_unit
-        grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated).cpu()
-                 for name, p in named_weights(self.student)}
+        grads = {name: gather(name, p.main_grad.detach().float(), group=group, gated=gated,
+                              sections=tp_sections(self.student_desc, name)).cpu()
+                 for name, p in named_weights(self.student) if isinstance(p, torch.nn.Parameter)}
         if isinstance(self.module, DistillationModel):
             for key, proj in self.module.projections.items():
                 grads[f"kd_projection.{key}"] = proj.weight.main_grad.detach().float().cpu()

@@ -7,8 +7,11 @@ transformers 5 writes): a Mamba-2 mixer, attention without position embeddings, 
 squared-ReLU MLP without a gate; RMSNorm everywhere. HF names each layer's norm
 ``backbone.layers.{i}.norm``, megatron-core after the layer kind (``norm`` in a Mamba
 layer, ``input_layernorm`` in attention, ``pre_mlp_layernorm`` in an MLP layer).
-Mixture-of-experts layers (``E``, Nemotron 3), multi-token prediction and latent MoE are
-refused with the config key that states them.
+Mixture-of-experts layers (``E``, Nemotron 3): a router of sigmoid scores whose top-k
+choice adds a per-expert bias (``e_score_correction_bias``, megatron's ``expert_bias``),
+squared-ReLU experts without a gate and one shared expert, as megatron-core's MoE layer
+(docs/hybrid.md). Multi-token prediction, latent MoE, group-limited routing and top-k
+weights that are not renormalised are refused with the config key that states them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Mapping
 
 from nemo_minitron.errors import UsageError
 from nemo_minitron.families.spec import Check, Const, Family, Field
-from nemo_minitron.model.hybrid import check_pattern, pattern_from_block_types
+from nemo_minitron.model.hybrid import MOE, check_pattern, pattern_from_block_types
 
 B, M = "backbone.layers.{i}.", "decoder.layers.{i}."
 
@@ -28,6 +31,13 @@ def _pattern(config: Mapping[str, Any]) -> str:
     if config.get("layers_block_type") is None:
         raise UsageError("nemotron_h config: neither 'hybrid_override_pattern' nor 'layers_block_type' is given")
     return pattern_from_block_types(config["layers_block_type"])
+
+
+def _has_moe_layers(config: Mapping[str, Any]) -> bool:
+    """Whether the pattern has MoE layers: only then are the expert keys (which transformers 5
+    writes into every config, dense ones too) read and written."""
+    pattern = config.get("hybrid_override_pattern")
+    return MOE in (pattern if pattern is not None else _pattern(config))
 
 
 def _no_time_step_limit(limit: Any) -> bool:
@@ -66,6 +76,18 @@ NEMOTRON_H = Family(
         Field("bos_token_id", "bos_token_id", default=None),
         Field("eos_token_id", "eos_token_id", default=None),
         Field("pad_token_id", "pad_token_id", default=None),
+        # mixture-of-experts layers (E)
+        Field("n_routed_experts", "num_experts", default=lambda c: c.get("num_local_experts"), cast=int,
+              when=_has_moe_layers),
+        Field("num_experts_per_tok", "moe_top_k", cast=int, when=_has_moe_layers),
+        Field("moe_intermediate_size", "moe_ffn_hidden_size", cast=int, when=_has_moe_layers),
+        Field("moe_shared_expert_intermediate_size", "moe_shared_ffn_hidden_size", cast=int, when=_has_moe_layers),
+        Field("norm_topk_prob", "moe_normalize_top_k", default=True, cast=bool, when=_has_moe_layers),
+        Field("routed_scaling_factor", "moe_routed_scaling_factor", default=1.0, cast=float, when=_has_moe_layers),
+        # transformers computes no load-balancing loss; Megatron-Bridge trains Nemotron 3 with 1e-4
+        Field("router_aux_loss_coef", "moe_aux_loss_coeff", default=1e-4, cast=float, when=_has_moe_layers),
+        # megatron's group score sums a group's top topk/group_topk experts, HF's its top 2
+        Check("n_group", lambda n: n == 1, "group-limited expert routing"),
         Const("mlp_hidden_act", "relu2", "the MLP activation"),
         Const("mamba_hidden_act", "silu", "the Mamba conv activation"),
         Const("use_conv_bias", True, "a Mamba conv without bias"),
@@ -78,10 +100,10 @@ NEMOTRON_H = Family(
         Check("num_nextn_predict_layers", lambda n: n == 0, "multi-token prediction (MTP) layers"),
         Check("moe_latent_size", lambda size: False, "a latent mixture of experts"),
     ),
-    # sizes of mixture-of-experts layers: written in every transformers 5 config, used only by
-    # 'E' layers (which the pattern refuses)
-    ignored_keys=("n_routed_experts", "n_shared_experts", "num_local_experts"),
-    features={"activation": "squared_relu"},
+    # transformers builds the one shared expert whatever n_shared_experts says (and writes
+    # num_local_experts, n_routed_experts' alias, into every config)
+    ignored_keys=("n_shared_experts", "num_local_experts"),
+    features={"activation": "squared_relu"}, moe_router="sigmoid",
     weights={
         "embedding.word_embeddings.weight": ("vocab", "backbone.embeddings.weight"),
         "decoder.final_norm.weight": "backbone.norm_f.weight",
@@ -98,5 +120,12 @@ NEMOTRON_H = Family(
         M + "pre_mlp_layernorm.weight": B + "norm.weight",
         M + "mlp.linear_fc1.weight": B + "mixer.up_proj.weight",
         M + "mlp.linear_fc2.weight": B + "mixer.down_proj.weight",
+        # MoE layers (E): router, its expert bias (a float32 buffer on both sides), routed and shared experts
+        M + "mlp.router.weight": B + "mixer.gate.weight",
+        M + "mlp.router.expert_bias": B + "mixer.gate.e_score_correction_bias",
+        M + "mlp.experts.local_experts.{e}.linear_fc1.weight": B + "mixer.experts.{e}.up_proj.weight",
+        M + "mlp.experts.local_experts.{e}.linear_fc2.weight": B + "mixer.experts.{e}.down_proj.weight",
+        M + "mlp.shared_experts.linear_fc1.weight": B + "mixer.shared_experts.up_proj.weight",
+        M + "mlp.shared_experts.linear_fc2.weight": B + "mixer.shared_experts.down_proj.weight",
     },
 )

@@ -56,6 +56,9 @@ class Field:
     #: when the HF config omits the key: a value, or a function of the config
     default: Any = _REQUIRED
     cast: Callable[[Any], Any] | None = None
+    #: read and written only for configs where this holds (of the HF config; on export, of the
+    #: keys written before it): e.g. expert sizes only for a hybrid pattern with MoE layers
+    when: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property
     def required(self) -> bool:
@@ -106,6 +109,9 @@ class Family:
     rope: bool = True
     #: config keys the family's configs carry without using them here (not refused as unsupported)
     ignored_keys: tuple[str, ...] = ()
+    #: how its experts are chosen: "softmax" (of the router logits) or "sigmoid" (each
+    #: expert's own score, top-k over the scores plus a per-expert bias: Nemotron 3)
+    moe_router: str = "softmax"
 
     def feature_values(self) -> dict[str, Any]:
         return {**DEFAULT_FEATURES, **self.features}

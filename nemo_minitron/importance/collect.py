@@ -321,9 +321,10 @@ class ActivationCollector:
             "final_norm": torch.zeros(hidden, dtype=torch.float64, device=device),
         }
         config = self.model.config
-        if config.num_moe_experts:  # every layer is a mixture of experts: no dense MLP
+        if config.num_moe_experts:  # a GPT model's every layer is a mixture of experts: no dense MLP
             E = config.num_moe_experts
-            out["ffn"] = torch.zeros(num_layers, 0, dtype=torch.float64, device=device)
+            if not config.is_hybrid_model:  # (a hybrid's MLP layers are dense beside its MoE layers)
+                out["ffn"] = torch.zeros(num_layers, 0, dtype=torch.float64, device=device)
             out["experts"] = torch.zeros(num_layers, E, dtype=torch.float64, device=device)
             out["moe_ffn"] = torch.zeros(num_layers, E, config.moe_ffn_hidden_size, dtype=torch.float64, device=device)
             if config.moe_shared_expert_intermediate_size:

@@ -69,6 +69,7 @@ class ExpertHooks:
         self.per_sample = per_sample  # dense [s, b, U] -> [b, U], for the shared expert
         self.tp_group = ps.get_expert_tensor_parallel_group()
         self.num_experts = mlp.config.num_moe_experts
+        self.gated = mlp.config.gated_linear_unit
         self._rows: list[torch.Tensor] = []
 
     def hooks(self) -> Iterator[tuple[torch.nn.Module, str, Callable]]:
@@ -82,7 +83,8 @@ class ExpertHooks:
             else:
                 def gate(module, args, output):
                     out = output[0] if isinstance(output, tuple) else output
-                    self._rows.append(out.detach().chunk(2, dim=-1)[0])  # [gate; up] per TP shard
+                    # [gate; up] per TP shard; without a gate (squared ReLU) the one pre-activation
+                    self._rows.append(out.detach().chunk(2, dim=-1)[0] if self.gated else out.detach())
                 yield expert.linear_fc1, "post", gate
         yield experts, "post", self._experts_done
         shared = getattr(self.mlp, "shared_experts", None)
@@ -92,7 +94,7 @@ class ExpertHooks:
             else:
                 def shared_gate(module, args, output):
                     out = output[0] if isinstance(output, tuple) else output
-                    self.stats.shared_ffn.add(self.per_sample(out.chunk(2, dim=-1)[0]))
+                    self.stats.shared_ffn.add(self.per_sample(out.chunk(2, dim=-1)[0] if self.gated else out))
                 yield shared.linear_fc1, "post", shared_gate
 
     def _experts_done(self, module, args, output) -> None:

@@ -83,15 +83,22 @@ def moe_config(desc: ModelDescription, *, grouped_gemm: bool = False) -> dict:
     """megatron-core's TransformerConfig settings of a mixture of experts (empty for a dense model)."""
     if not desc.is_moe:
         return {}
+    sigmoid = desc.sigmoid_router
     return dict(
         num_moe_experts=desc.num_experts,
         moe_router_topk=desc.moe_top_k,
         moe_ffn_hidden_size=desc.moe_ffn_hidden_size,
         # softmax over the top-k logits (= renormalised top-k probabilities), or top-k of the
-        # softmax over all experts without renormalising
-        moe_router_pre_softmax=not desc.moe_normalize_top_k,
-        moe_router_score_function="softmax",
-        moe_router_load_balancing_type="aux_loss",
+        # softmax over all experts without renormalising; sigmoid: top-k of the scores plus the
+        # expert bias, weights the unbiased scores renormalised (k > 1), times the scaling factor
+        moe_router_pre_softmax=not desc.moe_normalize_top_k and not sigmoid,
+        moe_router_score_function="sigmoid" if sigmoid else "softmax",
+        moe_router_enable_expert_bias=sigmoid,
+        moe_router_topk_scaling_factor=desc.moe_routed_scaling_factor if desc.moe_routed_scaling_factor != 1 else None,
+        # Nemotron 3 as Megatron-Bridge trains it: float32 router (as transformers computes it), the
+        # load-balancing loss per sequence
+        moe_router_dtype="fp32" if sigmoid else None,
+        moe_router_load_balancing_type="seq_aux_loss" if sigmoid else "aux_loss",
         moe_aux_loss_coeff=desc.moe_aux_loss_coeff,
         moe_token_dispatcher_type="allgather",
         moe_grouped_gemm=grouped_gemm,

@@ -20,9 +20,11 @@ MLP: ``ffn_hidden_size`` is 0. It counts *total* parameters (every expert) and *
 ones (those one token uses: ``moe_top_k`` experts), and FLOPs per token of the active ones.
 
 Hybrid Mamba-Transformer models (``hybrid_pattern`` non-empty, Nemotron-H): each layer is
-one kind, a Mamba-2 mixer (``M``, shaped by the ``mamba_*`` fields), attention (``*``) or an
-MLP (``-``); the attention and MLP fields shape those layers. ``model/hybrid.py`` holds
-their shape rules and counts.
+one kind, a Mamba-2 mixer (``M``, shaped by the ``mamba_*`` fields), attention (``*``), an
+MLP (``-``, ``ffn_hidden_size``) or a mixture of experts (``E``, Nemotron 3: the ``moe_*``
+fields; experts without a gate, like the MLP, and a sigmoid router with a per-expert bias,
+the family's ``moe_router``); the attention and MLP fields shape those layers.
+``model/hybrid.py`` holds their shape rules and counts.
 
 Heterogeneous (per-layer) models (``layer_shapes`` non-empty, Llama-Nemotron / DeciLM
 style): every layer has its own number of query groups and MLP width (``LayerShape``),
@@ -135,8 +137,10 @@ class ModelDescription:
     moe_normalize_top_k: bool = True
     #: weight of the router's load-balancing loss per layer in training (HF's router_aux_loss_coef)
     moe_aux_loss_coeff: float = 0.0
+    #: the routed experts' weights are multiplied by this (Nemotron 3's routed_scaling_factor)
+    moe_routed_scaling_factor: float = 1.0
     #: hybrid models: one symbol per layer, megatron's hybrid_override_pattern (M Mamba-2 mixer,
-    #: * attention, - MLP); "" for a decoder whose every layer is attention + MLP
+    #: * attention, - MLP, E mixture of experts); "" for a decoder whose every layer is attention + MLP
     hybrid_pattern: str = ""
     #: Mamba-2 mixers: heads, channels per head, B/C groups (heads of a group share B and C),
     #: state size, causal conv width, and the scan's chunk length (arithmetic only: the
@@ -162,11 +166,11 @@ class ModelDescription:
                                                        for i, v in enumerate(self.layer_shapes or ())))
         positive = ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "head_dim"]
         if not self.is_heterogeneous:  # a per-layer model's are its widest layer's (checked with the layers)
-            positive += ["num_query_groups"] + ([] if self.is_moe else ["ffn_hidden_size"])
+            positive += ["num_query_groups"] + (["ffn_hidden_size"] if self.has_dense_mlp else [])
         for field in positive:
             value = getattr(self, field)
             require(isinstance(value, int) and value > 0, f"model {field} must be a positive integer, got {value!r}")
-        self._check_experts(fam.moe)
+        self._check_experts(fam.moe or (fam.hybrid and hybrid.MOE in self.hybrid_pattern))
         if self.is_heterogeneous:
             self._check_layer_shapes()
         require(
@@ -218,8 +222,9 @@ class ModelDescription:
     def _check_experts(self, moe_family: bool) -> None:
         moe_fields = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
         if not moe_family:
+            what = "without MoE layers (E) " if self.is_hybrid else ""
             require(all(getattr(self, f) == 0 for f in moe_fields),
-                    f"a {self.architecture} model has no experts (num_experts 0, got {self.num_experts})")
+                    f"a {self.architecture} model {what}has no experts (num_experts 0, got {self.num_experts})")
             return
         for field in moe_fields:
             value = getattr(self, field)
@@ -229,15 +234,26 @@ class ModelDescription:
                 f"{self.moe_ffn_hidden_size})")
         require(1 <= self.moe_top_k <= self.num_experts,
                 f"top-k {self.moe_top_k} must be 1..{self.num_experts} (the model's experts)")
-        # renormalised top-1 weights are always 1 (no gradient reaches the router): megatron-core
-        # refuses top-1 without moe_router_pre_softmax
-        require(self.moe_top_k >= 2 or not self.moe_normalize_top_k,
-                f"top-k 1 with renormalised top-k probabilities (a {self.architecture} model's routing) is not "
-                "supported: megatron-core refuses it")
-        require(self.ffn_hidden_size == 0, f"a {self.architecture} model has no dense MLP (ffn_hidden_size 0, got "
-                                           f"{self.ffn_hidden_size})")
+        if self.sigmoid_router:
+            # megatron-core's sigmoid router renormalises the top-k weights exactly when k > 1
+            require(self.moe_normalize_top_k == (self.moe_top_k > 1),
+                    f"top-k {self.moe_top_k} with{'' if self.moe_normalize_top_k else 'out'} renormalised weights "
+                    f"(norm_topk_prob={self.moe_normalize_top_k}) is not supported: megatron-core's sigmoid router "
+                    "renormalises the top-k weights exactly when top-k > 1")
+        else:
+            # renormalised top-1 weights are always 1 (no gradient reaches the router): megatron-core
+            # refuses top-1 without moe_router_pre_softmax
+            require(self.moe_top_k >= 2 or not self.moe_normalize_top_k,
+                    f"top-k 1 with renormalised top-k probabilities (a {self.architecture} model's routing) is not "
+                    "supported: megatron-core refuses it")
+        require(self.moe_routed_scaling_factor > 0,
+                f"model moe_routed_scaling_factor must be > 0, got {self.moe_routed_scaling_factor}")
         require(not self.moe_shared_expert_gate or self.moe_shared_ffn_hidden_size > 0,
                 f"a {self.architecture} model has a shared expert (moe_shared_ffn_hidden_size > 0)")
+        if self.is_hybrid:  # MoE layers beside dense ones; experts are MLPs of the model's activation
+            return
+        require(self.ffn_hidden_size == 0, f"a {self.architecture} model has no dense MLP (ffn_hidden_size 0, got "
+                                           f"{self.ffn_hidden_size})")
         require(self.gated, "experts are SwiGLU MLPs")
 
     # ------------------------------------------------------------------ derived shapes
@@ -267,6 +283,16 @@ class ModelDescription:
 
     def all_layer_shapes(self) -> tuple[LayerShape, ...]:
         return tuple(self.layer_shape(i) for i in range(self.num_layers))
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        """Some layer has a dense MLP (every layer of a dense GPT model; ``-`` layers of a hybrid)."""
+        return hybrid.MLP in self.hybrid_pattern if self.is_hybrid else not self.is_moe
+
+    @property
+    def sigmoid_router(self) -> bool:
+        """Experts are chosen by sigmoid scores plus a per-expert bias (the family's ``moe_router``)."""
+        return family(self.architecture).moe_router == "sigmoid"
 
     @property
     def heads_per_group(self) -> int:
@@ -301,10 +327,12 @@ class ModelDescription:
 
     def mlp_widths(self) -> list[tuple[str, int]]:
         """The MLP widths tensor parallelism splits: the dense MLP's, or each expert's and the shared one's."""
+        dense = [("ffn hidden size", self.ffn_hidden_size)] if self.has_dense_mlp else []
         if not self.is_moe:
-            return [("ffn hidden size", self.ffn_hidden_size)]
+            return dense
         shared = [("shared expert's ffn hidden size", self.moe_shared_ffn_hidden_size)]
-        return [("experts' ffn hidden size", self.moe_ffn_hidden_size)] + (shared if self.moe_shared_ffn_hidden_size else [])
+        return dense + [("experts' ffn hidden size", self.moe_ffn_hidden_size)] + (
+            shared if self.moe_shared_ffn_hidden_size else [])
 
     def replace(self, **changes: Any) -> "ModelDescription":
         """A copy with ``changes``; new non-empty ``layer_shapes`` also set the model-wide
@@ -328,12 +356,17 @@ class ModelDescription:
         attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
         return attention + (2 * self.norm_parameters(d) if self.qk_norm else 0)  # q and k norms, shared by heads
 
+    def dense_mlp_parameters(self, ffn_hidden_size: int | None = None) -> int:
+        """One dense MLP of width ``ffn_hidden_size`` (default the model's)."""
+        return self.mlp_matrices * self.hidden_size * (self.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size)
+
     def mlp_parameters(self, active: bool = False, ffn_hidden_size: int | None = None) -> int:
         """One layer's MLP: the dense MLP (of width ``ffn_hidden_size``, default the model's),
-        or router + experts (``active``: the top-k a token uses) + the shared expert and its gate."""
+        or router + experts (``active``: the top-k a token uses) + the shared expert and its gate
+        (a sigmoid router's expert bias is a buffer, not a parameter, as in transformers)."""
         h, m = self.hidden_size, self.mlp_matrices
         if not self.is_moe:
-            return m * h * (self.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size)
+            return self.dense_mlp_parameters(ffn_hidden_size)
         experts = self.moe_top_k if active else self.num_experts
         shared = m * h * self.moe_shared_ffn_hidden_size + (h if self.moe_shared_expert_gate else 0)
         return self.num_experts * h + experts * m * h * self.moe_ffn_hidden_size + shared
@@ -371,14 +404,17 @@ class ModelDescription:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         if self.is_hybrid:  # each layer one kind; Mamba mixers: see hybrid.mixer_flops_per_token
-            attention_layers, mlp_layers = self.hybrid_pattern.count("*"), self.hybrid_pattern.count("-")
-            mixers = self.hybrid_pattern.count("M") * hybrid.mixer_flops_per_token(self)
+            attention_layers = self.hybrid_pattern.count(hybrid.ATTENTION)
+            mlp_weights = (self.hybrid_pattern.count(hybrid.MLP) * self.dense_mlp_parameters()
+                           + self.hybrid_pattern.count(hybrid.MOE) * (self.mlp_parameters(active=True) if self.is_moe
+                                                                      else 0))
+            mixers = self.hybrid_pattern.count(hybrid.MAMBA) * hybrid.mixer_flops_per_token(self)
         else:
-            attention_layers = mlp_layers = self.num_layers
+            attention_layers = self.num_layers
+            mlp_weights = self.num_layers * self.mlp_parameters(active=True)
             mixers = 0
         # a mixture of experts multiplies by its router, top-k experts and shared expert (and gate)
-        matmul_weights = (attention_layers * (h * q + 2 * h * kv + q * h)
-                          + mlp_layers * self.mlp_parameters(active=True) + self.vocab_size * h)
+        matmul_weights = attention_layers * (h * q + 2 * h * kv + q * h) + mlp_weights + self.vocab_size * h
         attention = attention_layers * 2 * 2 * q * (seq_len / 2)
         return int(2 * matmul_weights + attention + mixers)
 
@@ -470,7 +506,8 @@ class ModelDescription:
             (f"layers {self.hybrid_pattern}, Mamba heads {self.mamba_num_heads} x {self.mamba_head_dim} in "
              f"{self.mamba_num_groups} groups, state {self.mamba_state_dim}", self.is_hybrid)) if on]
         if self.is_moe:
-            mlp = (f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
+            dense = f"ffn {self.ffn_hidden_size} (MLP layers), " if self.has_dense_mlp else ""  # a hybrid's - layers
+            mlp = (dense + f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
                    + (f" + shared expert {self.moe_shared_ffn_hidden_size}" if self.moe_shared_ffn_hidden_size else ""))
             size = f"{self.num_parameters() / 1e6:.1f}M params ({self.num_active_parameters() / 1e6:.1f}M active)"
         elif self.is_heterogeneous:

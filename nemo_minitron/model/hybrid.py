@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 LAYER_KINDS = {MAMBA: "Mamba-2 mixer", ATTENTION: "attention", MLP: "MLP", MOE: "mixture of experts"}
-#: symbols this project builds, converts and exports (MoE layers: not yet)
-SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
+#: symbols this project builds, converts and exports
+SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
 #: transformers' ``layers_block_type`` names of the symbols
 BLOCK_TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 #: megatron-core's MambaMixer fixes the gated norm's epsilon (HF uses layer_norm_epsilon for it)
@@ -66,7 +66,7 @@ def block_types_from_pattern(pattern: str) -> list[str]:
 
 
 def kind_counts(pattern: str) -> dict[str, int]:
-    """Layers of each supported kind in ``pattern``: {"M": n, "*": n, "-": n}."""
+    """Layers of each supported kind in ``pattern``: {"M": n, "*": n, "-": n, "E": n}."""
     return {symbol: pattern.count(symbol) for symbol in SUPPORTED_SYMBOLS}
 
 
@@ -129,7 +129,7 @@ def mixer_parameters(desc: "ModelDescription") -> int:
 def layer_parameters(desc: "ModelDescription", symbol: str, active: bool = False) -> int:
     """One layer of the pattern, its (RMS) input norm included."""
     body = {MAMBA: mixer_parameters, ATTENTION: lambda d: d.attention_parameters(),
-            MLP: lambda d: d.mlp_parameters(active)}[symbol](desc)
+            MLP: lambda d: d.dense_mlp_parameters(), MOE: lambda d: d.mlp_parameters(active)}[symbol](desc)
     return body + desc.norm_parameters(desc.hidden_size)
 
 
@@ -192,9 +192,11 @@ def mamba_config(desc: "ModelDescription") -> dict[str, Any]:
                 is_hybrid_model=True)
 
 
-#: megatron-core's module names under ``decoder.layers.{i}.`` in each kind of layer
+#: megatron-core's module names under ``decoder.layers.{i}.`` in each kind of layer (an MLP
+#: layer's and a MoE layer's are both ``mlp``: told apart by what is inside)
 _LAYER_MODULES = {MAMBA: ("norm.", "mixer."), ATTENTION: ("input_layernorm.", "self_attention."),
-                  MLP: ("pre_mlp_layernorm.", "mlp.")}
+                  MLP: ("pre_mlp_layernorm.", "mlp.linear_fc"),
+                  MOE: ("pre_mlp_layernorm.", "mlp.router.", "mlp.experts.", "mlp.shared_experts.")}
 
 
 def layer_holds(desc: "ModelDescription", layer: int, name: str) -> bool:

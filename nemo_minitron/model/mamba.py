@@ -22,13 +22,18 @@ import dataclasses
 from megatron.core import parallel_state as ps
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.mamba import MambaModel
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import LocalNorm
@@ -57,6 +62,11 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
     """The local-spec MambaStack for ``desc`` (its norms: ``LocalNorm``; the Mamba layer's norm
     takes LocalNorm's default epsilon 1e-5, which hybrid descriptions require)."""
     gpt = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    moe_layer = {}
+    if desc.is_moe:  # megatron's MoE layer (router, SequentialMLP experts, shared expert), as in its TE spec
+        moe = get_moe_module_spec(use_te=False, num_experts=desc.num_experts, moe_grouped_gemm=False)
+        moe_layer["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=LocalNorm, mlp=moe, mlp_bda=gpt.mlp_bda))
     mixer = ModuleSpec(module=MambaMixer, params=mixer_params(desc),
                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
     return ModuleSpec(module=LocalNormMambaStack, submodules=MambaStackSubmodules(
@@ -66,6 +76,7 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
             input_layernorm=LocalNorm, self_attention=gpt.self_attention, self_attn_bda=gpt.self_attn_bda)),
         mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=LocalNorm, mlp=gpt.mlp, mlp_bda=gpt.mlp_bda)),
+        **moe_layer,
     ))
 
 

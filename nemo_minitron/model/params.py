@@ -91,11 +91,20 @@ def canonical_name(model, local_name: str) -> str:
     return local_name
 
 
-def named_weights(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(canonical name, local parameter) for every weight this rank holds."""
+#: buffers that are weights of the model (stored, converted, pruned; never trained by the
+#: optimizer): a sigmoid router's per-expert bias (Nemotron 3's e_score_correction_bias)
+_WEIGHT_BUFFERS = (".router.expert_bias",)
+
+
+def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, local parameter) for every weight this rank holds, and the buffers
+    that are weights (``_WEIGHT_BUFFERS``; tensors, not parameters: no gradient)."""
     inner = unwrap(model)
     for local_name, param in inner.named_parameters():
         yield canonical_name(inner, local_name), param
+    for local_name, buffer in inner.named_buffers():
+        if local_name.endswith(_WEIGHT_BUFFERS):
+            yield canonical_name(inner, local_name), buffer
 
 
 def layer_of(name: str) -> int | None:

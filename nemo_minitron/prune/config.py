@@ -54,7 +54,7 @@ class PruneConfig(PlanConfig):
     target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
                                         "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn; "
                                         "hybrid models also mamba_heads, mamba_head_dim and the layers kept of each "
-                                        "kind: mamba_layers, attention_layers, mlp_layers; or ModelOpt's "
+                                        "kind: mamba_layers, attention_layers, mlp_layers, moe_layers; or ModelOpt's "
                                         "hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, "
                                         "num_layers, mamba_num_heads), e.g. hidden=480,ffn=1024,heads=6",
                                     parse=_target, metavar="AXIS=N,...")

@@ -35,7 +35,9 @@ Nano 9B v2's 15680 is 245 x 64); attention heads and the Mamba head dimension ar
 how many layers of each kind remain, not which: importance picks them when pruning, and
 the pattern shown is a stand-in. Layer kinds multiply the shapes (an 8B model at the
 default limits has ~10^5 within tolerance): the first ``HYBRID_LISTED`` by the ranking are
-listed. The table adds the Mamba heads and the SSM state bytes per sequence (constant in
+listed. With MoE layers (Nemotron 3) the experts are enumerated too (as for GPT mixtures of
+experts) and the experts' width is the one solved; MoE layers are dropped like the others,
+at least one kept. The table adds the Mamba heads and the SSM state bytes per sequence (constant in
 the context) next to the KV-cache bytes per token.
 """
 
@@ -83,8 +85,10 @@ class Candidate:
             kinds = hybrid.kind_counts(d.hybrid_pattern)
             shape.update(mamba_heads=d.mamba_num_heads, mamba_head_dim=d.mamba_head_dim,
                          **{axis: kinds[symbol] for axis, symbol in LAYER_KIND_AXES.items()})
+        if d.has_dense_mlp:
+            shape["ffn"] = d.ffn_hidden_size
         if not d.is_moe:
-            return {**shape, "ffn": d.ffn_hidden_size}
+            return shape
         return {**shape, "experts": d.num_experts, "moe_ffn": d.moe_ffn_hidden_size, "top_k": d.moe_top_k,
                 **({"shared_ffn": d.moe_shared_ffn_hidden_size} if d.moe_shared_ffn_hidden_size else {})}
 
@@ -215,57 +219,72 @@ def _mamba_head_options(desc: ModelDescription, tp: int, max_cut: float) -> list
 
 def _depth_options(desc: ModelDescription, max_cut: float, pp: int) -> list[dict[str, int]]:
     """Layers kept of each kind: every way of dropping at most ``max_cut`` of the layers
-    that leaves a multiple of ``pp`` (megatron-core's MambaStack: equal stages)."""
+    that leaves a multiple of ``pp`` (megatron-core's MambaStack: equal stages) and, in a
+    model with experts, at least one MoE layer (the experts' shape needs one)."""
     counts = hybrid.kind_counts(desc.hybrid_pattern)
     most = math.floor(desc.num_layers * max_cut + 1e-9)
     out = []
-    for cut_a in range(min(counts[hybrid.ATTENTION], most) + 1):
-        for cut_m in range(min(counts[hybrid.MAMBA], most - cut_a) + 1):
-            for cut_f in range(min(counts[hybrid.MLP], most - cut_a - cut_m) + 1):
-                kept = desc.num_layers - cut_a - cut_m - cut_f
-                if kept >= pp and kept % pp == 0:
-                    out.append({hybrid.MAMBA: counts[hybrid.MAMBA] - cut_m, hybrid.ATTENTION: counts[hybrid.ATTENTION]
-                                - cut_a, hybrid.MLP: counts[hybrid.MLP] - cut_f})
+
+    def cuts(kinds: list[str], left: int) -> Iterator[dict[str, int]]:
+        if not kinds:
+            yield {}
+            return
+        for cut in range(min(counts[kinds[0]], left) + 1):
+            for rest in cuts(kinds[1:], left - cut):
+                yield {kinds[0]: cut, **rest}
+
+    for cut in cuts([hybrid.ATTENTION, hybrid.MAMBA, hybrid.MLP, hybrid.MOE], most):
+        kept = {s: counts[s] - cut[s] for s in counts}
+        layers = sum(kept.values())
+        if layers >= pp and layers % pp == 0 and (kept[hybrid.MOE] or not desc.is_moe):
+            out.append(kept)
     return out
 
 
 def _hybrid_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *, tp: int,
                        pp: int) -> list[Candidate]:
-    """Hidden x Mamba heads x layers of each kind, the MLP width solved from the budget (the
-    count is linear in it: each MLP layer holds hidden x ffn x 2 weights)."""
-    width, max_cut, tolerance = desc.ffn_hidden_size, cfg.max_width_cut, cfg.tolerance
+    """Hidden x Mamba heads (x experts) x layers of each kind, the MLP width solved from the
+    budget: the dense MLP's, or with MoE layers (Nemotron 3) the experts' (the count is
+    linear in it: each MLP layer holds hidden x ffn x 2 weights, each MoE layer that many per
+    expert counted: all, or the top-k for an active budget); the dense MLP and shared expert
+    of a MoE model keep their widths."""
+    moe, active = desc.is_moe, cfg.param_count == "active"
+    solved, width_field = (hybrid.MOE, "moe_ffn_hidden_size") if moe else (hybrid.MLP, "ffn_hidden_size")
+    width, max_cut, tolerance = getattr(desc, width_field), cfg.max_width_cut, cfg.tolerance
     grid_f = math.lcm(HYBRID_FFN_GRID, tp)
     depths = _depth_options(desc, cfg.max_depth_cut, pp)
     found = []
     for hidden in _hidden_options(desc, max_cut):
         for mamba_heads in _mamba_head_options(desc, tp, max_cut):
-            base = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads)
-            per_layer = {s: hybrid.layer_parameters(base, s) for s in (hybrid.MAMBA, hybrid.ATTENTION)}
-            per_neuron = hidden * base.mlp_matrices
-            mlp_norm = hybrid.layer_parameters(base, hybrid.MLP) - per_neuron * width
-            fixed = base.embedding_parameters() + base.norm_parameters(hidden)
-            for kinds in depths:
-                rest = (fixed + kinds[hybrid.MAMBA] * per_layer[hybrid.MAMBA]
-                        + kinds[hybrid.ATTENTION] * per_layer[hybrid.ATTENTION] + kinds[hybrid.MLP] * mlp_norm)
-                slope = kinds[hybrid.MLP] * per_neuron
-                options = {width}
-                if slope:
-                    options.add(min(width, max(grid_f, round((budget - rest) / slope / grid_f) * grid_f)))
-                for ffn in options:
-                    if ffn % tp or _cut(width, ffn) > max_cut + 1e-9:
-                        continue
-                    count = rest + slope * ffn
-                    if abs(count - budget) <= tolerance * budget:  # ranked as rank() ranks Candidates
-                        largest = max(_cut(desc.hidden_size, hidden), _cut(width, ffn),
-                                      _cut(desc.mamba_num_heads, mamba_heads))
-                        key = _rank_key(cfg.prefer, desc.num_layers - sum(kinds.values()), False, largest,
-                                        abs(count - budget) / budget)
-                        found.append((key, hidden, mamba_heads, kinds, ffn))
+            for experts in _expert_options(desc, max_cut):
+                base = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads, num_experts=experts)
+                per_layer = {s: hybrid.layer_parameters(base, s, active) for s in hybrid.SUPPORTED_SYMBOLS
+                             if s != solved and (s != hybrid.MOE or moe)}
+                per_neuron = hidden * base.mlp_matrices * ((base.moe_top_k if active else experts) if moe else 1)
+                per_layer[solved] = hybrid.layer_parameters(base, solved, active) - per_neuron * width
+                fixed = base.embedding_parameters() + base.norm_parameters(hidden)
+                for kinds in depths:
+                    rest = fixed + sum(kinds[s] * n for s, n in per_layer.items())
+                    slope = kinds[solved] * per_neuron
+                    options = {width}
+                    if slope:
+                        options.add(min(width, max(grid_f, round((budget - rest) / slope / grid_f) * grid_f)))
+                    for ffn in options:
+                        if ffn % tp or _cut(width, ffn) > max_cut + 1e-9:
+                            continue
+                        count = rest + slope * ffn
+                        if abs(count - budget) <= tolerance * budget:  # ranked as rank() ranks Candidates
+                            largest = max(_cut(desc.hidden_size, hidden), _cut(width, ffn),
+                                          _cut(desc.mamba_num_heads, mamba_heads),
+                                          _cut(desc.num_experts, experts) if moe else 0.0)
+                            key = _rank_key(cfg.prefer, desc.num_layers - sum(kinds.values()), False, largest,
+                                            abs(count - budget) / budget)
+                            found.append((key, hidden, mamba_heads, experts, kinds, ffn))
     found.sort(key=lambda f: f[0])
     out = []
-    for _, hidden, mamba_heads, kinds, ffn in found[:HYBRID_LISTED]:
-        cand = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads, ffn_hidden_size=ffn,
-                            num_layers=sum(kinds.values()),
+    for _, hidden, mamba_heads, experts, kinds, ffn in found[:HYBRID_LISTED]:
+        cand = desc.replace(hidden_size=hidden, mamba_num_heads=mamba_heads, num_experts=experts,
+                            num_layers=sum(kinds.values()), **{width_field: ffn},
                             hybrid_pattern=hybrid.provisional_pattern(desc.hybrid_pattern, kinds))
         out.append(Candidate(cand, _why(desc, cand)))
     return out
@@ -316,16 +335,19 @@ def plan(desc: ModelDescription, budget: int, config: PlanConfig | None = None, 
 def format_table(desc: ModelDescription, candidates: list[Candidate], budget: int, *, top: int, param_count: str,
                  seq_len: int = DEFAULT_SEQ_LEN) -> str:
     moe, hybrid_model = desc.is_moe, desc.is_hybrid
+    # the layer kinds of the teacher's pattern (a dense hybrid: M * -)
+    kinds_shown = [s for s in hybrid.SUPPORTED_SYMBOLS if s in desc.hybrid_pattern or s != hybrid.MOE]
     rows = [("#", "params", *(("active",) if moe else ()), "vs budget", "hidden",
              *(("experts", "moe_ffn") if moe else ("ffn",)), "heads", "groups",
-             *(("mamba heads", "layers (M * -)") if hybrid_model else ("layers",)), "GFLOPs/token",
+             *(("mamba heads", f"layers ({' '.join(kinds_shown)})") if hybrid_model else ("layers",)),
+             "GFLOPs/token",
              "KV bytes/token", *(("SSM bytes/seq",) if hybrid_model else ()), "how")]
 
     def layers(d: ModelDescription) -> tuple:
         if not hybrid_model:
             return (str(d.num_layers),)
         kinds = hybrid.kind_counts(d.hybrid_pattern)
-        return str(d.mamba_num_heads), f"{d.num_layers} ({' '.join(str(n) for n in kinds.values())})"
+        return str(d.mamba_num_heads), f"{d.num_layers} ({' '.join(str(kinds[s]) for s in kinds_shown)})"
 
     def row(label: str, d: ModelDescription, versus: str, why: str) -> tuple:
         return (label, f"{d.num_parameters() / 1e6:,.1f}M",

@@ -60,7 +60,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.hybrid import ATTENTION, LAYER_KINDS, MAMBA, MLP, kept_pattern, kind_counts
+from nemo_minitron.model.hybrid import ATTENTION, LAYER_KINDS, MAMBA, MLP, MOE, kept_pattern, kind_counts
 from nemo_minitron.prune.config import LAYER_METRICS
 
 
@@ -268,7 +268,8 @@ def auto_layer_metric(old: ModelDescription, new: ModelDescription, summary: dic
 
 
 def _kinds_text(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {LAYER_KINDS[s]}" for s, n in counts.items())
+    # (MoE layers named only where there are some: a dense hybrid's text stays as it was)
+    return ", ".join(f"{n} {LAYER_KINDS[s]}" for s, n in counts.items() if n or s != MOE)
 
 
 def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, kept_layers: list[int]) -> KeepPlan:
@@ -278,7 +279,7 @@ def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, 
     mamba_heads, mamba_head_dim = {}, {}
     for layer in kept_layers:
         kind = old.hybrid_pattern[layer] if old.is_hybrid else None
-        if not old.is_moe and kind in (None, MLP):
+        if kind == MLP or (kind is None and not old.is_moe):
             ffn[layer] = top(scores.ffn[layer], new.ffn_hidden_size)
         if kind in (None, ATTENTION):
             groups[layer] = top(scores.query_groups[layer], new.num_query_groups)
@@ -293,7 +294,7 @@ def keep_plan(old: ModelDescription, new: ModelDescription, scores: UnitScores, 
     plan = KeepPlan(hidden=top(scores.hidden, new.hidden_size), layers=kept_layers, ffn=ffn, groups=groups,
                     heads=heads, mamba_heads=mamba_heads, mamba_head_dim=mamba_head_dim)
     if old.is_moe:
-        for layer in kept_layers:
+        for layer in (i for i in kept_layers if not old.is_hybrid or old.hybrid_pattern[i] == MOE):
             plan.experts[layer] = top(scores.experts[layer], new.num_experts)
             plan.moe_ffn[layer] = torch.stack([top(scores.moe_ffn[layer, e], new.moe_ffn_hidden_size)
                                                for e in plan.experts[layer].tolist()])

@@ -13,11 +13,11 @@ Mixtures of experts:
     top_k         experts each token is routed to (not a pruning axis: the router's setting,
                   at most the experts kept)
 Hybrid Mamba-Transformer models (Nemotron-H; ``heads``, ``query_groups`` and ``ffn`` shape
-their attention and MLP layers):
+their attention and MLP layers, the MoE axes their MoE layers, Nemotron 3):
     mamba_heads       Mamba-2 heads per mixer, a multiple of the B/C groups (every group keeps
                       the same number of heads, so the groups and their B and C stay whole)
     mamba_head_dim    channels per Mamba head (one choice shared by all heads)
-    mamba_layers, attention_layers, mlp_layers
+    mamba_layers, attention_layers, mlp_layers, moe_layers
                       layers of each kind kept (``layers`` is their sum): a depth cut whose
                       parameter count is known before importance picks the layers; with
                       ``layers`` alone, importance picks layers of any kind
@@ -40,10 +40,10 @@ if TYPE_CHECKING:  # annotations only: the flag parsers here are read by --help,
     from nemo_minitron.model.description import ModelDescription
 
 AXES = ("hidden", "ffn", "heads", "query_groups", "layers", "experts", "moe_ffn", "shared_ffn", "top_k",
-        "mamba_heads", "mamba_head_dim", "mamba_layers", "attention_layers", "mlp_layers")
+        "mamba_heads", "mamba_head_dim", "mamba_layers", "attention_layers", "mlp_layers", "moe_layers")
 MOE_AXES = ("experts", "moe_ffn", "shared_ffn", "top_k")
 #: a hybrid model's layers of each kind, by the target axis that keeps them
-LAYER_KIND_AXES = {"mamba_layers": "M", "attention_layers": "*", "mlp_layers": "-"}
+LAYER_KIND_AXES = {"mamba_layers": "M", "attention_layers": "*", "mlp_layers": "-", "moe_layers": "E"}
 HYBRID_AXES = ("mamba_heads", "mamba_head_dim", *LAYER_KIND_AXES)
 MODELOPT_AXES = {"hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
                  "num_query_groups": "query_groups", "num_layers": "layers", "mamba_num_heads": "mamba_heads"}
@@ -127,8 +127,8 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
     original = sizes(desc)
     for key in target:
         if desc.is_moe:
-            require(key != "ffn", f"{flag}: ffn: this {desc.architecture} model has no dense MLP; prune moe_ffn "
-                                  "(each expert's neurons), experts or shared_ffn")
+            require(key != "ffn" or desc.has_dense_mlp, f"{flag}: ffn: this {desc.architecture} model has no dense "
+                                                        "MLP; prune moe_ffn (each expert's neurons), experts or shared_ffn")
             require(key != "shared_ffn" or desc.moe_shared_ffn_hidden_size,
                     f"{flag}: shared_ffn: this {desc.architecture} model has no shared expert")
         else:
@@ -160,12 +160,14 @@ def apply_target(desc: ModelDescription, target: dict[str, int], *, tp: int = 1,
                        moe_ffn_hidden_size=target.get("moe_ffn", desc.moe_ffn_hidden_size),
                        moe_shared_ffn_hidden_size=target.get("shared_ffn", desc.moe_shared_ffn_hidden_size))
     mixers = _hybrid_changes(desc, target, tp=tp, pp=pp, flag=flag, kept_layers=kept_layers) if desc.is_hybrid else {}
+    if desc.is_moe and desc.is_hybrid and "E" not in mixers["hybrid_pattern"]:  # every MoE layer cut: no experts
+        experts = dict.fromkeys(("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size"), 0)
     new = desc.replace(hidden_size=target.get("hidden", desc.hidden_size),
                        ffn_hidden_size=target.get("ffn", desc.ffn_hidden_size),
                        num_attention_heads=heads, num_query_groups=groups,
                        num_layers=mixers.pop("num_layers", target.get("layers", desc.num_layers)), **experts, **mixers)
-    widths = (("moe_ffn", new.moe_ffn_hidden_size), ("shared_ffn", new.moe_shared_ffn_hidden_size)) \
-        if desc.is_moe else (("ffn", new.ffn_hidden_size),)
+    widths = ((("ffn", new.ffn_hidden_size),) if new.has_dense_mlp else ()) + (
+        (("moe_ffn", new.moe_ffn_hidden_size), ("shared_ffn", new.moe_shared_ffn_hidden_size)) if new.is_moe else ())
     for key, value in (("query_groups", groups), ("heads", heads), *widths):
         require(value % tp == 0, f"{flag}: {key}={value} is not divisible by --tp {tp}")
     require(new.num_layers >= pp, f"{flag}: layers={new.num_layers} is fewer than the --pp {pp} pipeline stages")
@@ -188,8 +190,8 @@ def _hybrid_changes(desc: ModelDescription, target: dict[str, int], *, tp: int, 
     by_kind = any(axis in target for axis in LAYER_KIND_AXES)
     layers = sum(kinds.values()) if by_kind else target.get("layers", desc.num_layers)
     require(target.get("layers", layers) == layers,
-            f"{flag}: layers={target.get('layers')} disagrees with mamba_layers + attention_layers + mlp_layers = "
-            f"{layers}")
+            f"{flag}: layers={target.get('layers')} disagrees with the sum of the layers of each kind "
+            f"(mamba_layers, attention_layers, mlp_layers, moe_layers) = {layers}")
     require(layers % pp == 0, f"{flag}: layers={layers} does not split evenly over --pp {pp} pipeline stages "
                               "(megatron-core's MambaStack puts the same number of layers on every stage)")
     if kept_layers is not None:

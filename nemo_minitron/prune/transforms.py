@@ -121,6 +121,8 @@ def prune_tensor(name: str, full: torch.Tensor, old: ModelDescription, keep: Kee
         return _cut_mlp(suffix, full, keep.ffn[old_layer], h, old.gated)
     if suffix == "mlp.router.weight":
         return full[keep.experts[old_layer]][:, h]
+    if suffix == "mlp.router.expert_bias":  # a sigmoid router's per-expert bias
+        return full[keep.experts[old_layer]]
     expert = expert_of(name)
     if expert is not None:
         position = keep.experts[old_layer].tolist().index(expert)
@@ -170,6 +172,8 @@ def magnitudes(name: str, full: torch.Tensor, desc: ModelDescription) -> dict[st
         return {"hidden": w.sum(0), "experts": w.sum(1)}
     if name.endswith("gate_weight"):
         return {"hidden": w.sum(0)}
+    if name.endswith("router.expert_bias"):
+        return {}  # a routing offset, not a weight of the expert's
     axis = "moe_ffn" if expert_of(name) is not None else "shared_ffn" if ".shared_experts." in name else "ffn"
     if name.endswith("linear_fc1.weight"):
         if not desc.gated:

@@ -24,6 +24,8 @@ def count_parameters(model, desc) -> int:
     tp_rank = ps.get_tensor_model_parallel_rank()
     local = 0
     for name, param in named_weights(model):
+        if not isinstance(param, torch.nn.Parameter):
+            continue  # a weight that is a buffer (a router's expert bias): no parameter, as in transformers
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name == "output_layer.weight" and desc.tie_embeddings:
                 continue  # the last stage's copy of the tied embedding
