@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", default=str(CACHE / "sparsity_quality"))
     args = p.parse_args()
 
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer
+    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer, read_info
     from nemo_minitron.distill.api import distill
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.api import compute_importance
@@ -72,7 +72,7 @@ def main() -> None:
         return loss(trained / "final")
 
     calib = dict(samples=args.calib_samples, seq_len=args.seq_len, micro_batch=8, dtype=dtype.name)
-    rows, seconds, agreement = [], {}, {}
+    rows, seconds, agreement, beyond = [], {}, {}, {}
     for name, dense in (("SmolLM2-135M", teacher), ("84.4M width-pruned", student)):
         row = {"model": name, "by": "ours", "dense": loss(dense)}
         ours = {}
@@ -96,6 +96,9 @@ def main() -> None:
             if not is_checkpoint(path):
                 seconds[f"{name} ModelOpt {method}"] = modelopt_sparsify(dense, path, method, args, dtype)
             row[method] = loss(path)
+            over = [z - 0.5 for z in read_info(path).provenance["sparsity"]["weights"].values() if z > 0.5]
+            if over:
+                beyond[f"{name} {method}"] = (len(over), max(over))
             agreement[f"{name} {method}"] = mask_agreement(path, ours[MODELOPT_TWIN[method]])
         best = min(MODELOPT_METHODS, key=lambda m: row[m])
         row.update(best=best, distilled=distilled(theirs[best]))
@@ -123,11 +126,14 @@ def main() -> None:
             + f"; one importance pass on the same samples (no layer drops) {importance_seconds:.0f}."
             + (" ModelOpt's masks equal to ours computed the same way (magnitude: our magnitude; sparsegpt: ours "
                "in one pass, damp 0.1): " + ", ".join(f"{k} {v:.2%}" for k, v in agreement.items()) + "."
-               if agreement else ""))
+               if agreement else "")
+            + "".join(f" {k}: {n} weights more than half zero (kept weights that its update made exactly zero "
+                      f"are masked too), by up to {x:.1e}." for k, (n, x) in beyond.items()))
     (out / "sparsity_quality.md").write_text("\n".join(table) + "\n\n" + note + "\n")
     print("\n".join(table) + "\n\n" + note)
     write_results(args, {"benchmark": "sparsity_quality", "rows": rows, "seconds": seconds,
-                         "importance_seconds": importance_seconds, "mask_agreement": agreement, "note": note})
+                         "importance_seconds": importance_seconds, "mask_agreement": agreement,
+                         "beyond_2of4": beyond, "note": note})
 
 
 def modelopt_sparsify(dense: Path, path: Path, method: str, args, dtype) -> float:
@@ -173,7 +179,11 @@ def modelopt_sparsify(dense: Path, path: Path, method: str, args, dtype) -> floa
         assert torch.equal(weights[name] != 0, mask & (weights[name] != 0)), f"{name}: non-zero where masked"
         set_mask(weights[name], mask)
         zeros[name] = 1.0 - mask.float().mean().item()
-    assert all(abs(z - 0.5) < 1e-9 for z in zeros.values()), "ModelOpt left a weight not 2:4 sparse"
+        assert mask.reshape(-1, 4).sum(1).le(2).all(), f"{name}: ModelOpt's mask is not 2:4"
+    # SparseGPT's mask is ``weight != 0`` after its updates: a kept weight that is zero is masked too
+    extra = {n: z - 0.5 for n, z in zeros.items() if z > 0.5}
+    if extra:
+        print(f"ModelOpt {method}: {len(extra)} weights more than 2:4 sparse, by up to {max(extra.values()):.2e}")
     record = {"pattern": "2:4", "method": f"modelopt-{modelopt_adapter.MODELOPT_VERSION}-{method}",
               "modules": list(DECODER_MODULES), "sparsified_from": str(dense), "data": "builtin:calib",
               "config": {"samples": args.calib_samples, "seq_len": args.seq_len, "micro_batch": 8,
