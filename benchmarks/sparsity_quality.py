@@ -72,7 +72,7 @@ def main() -> None:
         return loss(trained / "final")
 
     calib = dict(samples=args.calib_samples, seq_len=args.seq_len, micro_batch=8, dtype=dtype.name)
-    rows, seconds, agreement, beyond = [], {}, {}, {}
+    rows, seconds, agreement, beyond, ties = [], {}, {}, {}, {}
     for name, dense in (("SmolLM2-135M", teacher), ("84.4M width-pruned", student)):
         row = {"model": name, "by": "ours", "dense": loss(dense)}
         ours = {}
@@ -100,6 +100,8 @@ def main() -> None:
             if over:
                 beyond[f"{name} {method}"] = (len(over), max(over))
             agreement[f"{name} {method}"] = mask_agreement(path, ours[MODELOPT_TWIN[method]])
+            if method == "magnitude":
+                ties[name] = differing_groups(dense, path, ours["magnitude"], dtype)
         best = min(MODELOPT_METHODS, key=lambda m: row[m])
         row.update(best=best, distilled=distilled(theirs[best]))
         rows.append(row)
@@ -127,13 +129,17 @@ def main() -> None:
             + (" ModelOpt's masks equal to ours computed the same way (magnitude: our magnitude; sparsegpt: ours "
                "in one pass, damp 0.1): " + ", ".join(f"{k} {v:.2%}" for k, v in agreement.items()) + "."
                if agreement else "")
+            + "".join(f" {k} magnitude: {d:.1%} of the groups of four differ, all of them groups whose 2nd and 3rd "
+                      f"largest |w| are equal ({t:.1%} of all groups have such a tie) and which the two break "
+                      "differently." if u == 0 else f" {k} magnitude: {u} differing groups without a tie!"
+                      for k, (d, t, u) in ties.items())
             + "".join(f" {k}: {n} weights more than half zero (kept weights that its update made exactly zero "
                       f"are masked too), by up to {x:.1e}." for k, (n, x) in beyond.items()))
     (out / "sparsity_quality.md").write_text("\n".join(table) + "\n\n" + note + "\n")
     print("\n".join(table) + "\n\n" + note)
     write_results(args, {"benchmark": "sparsity_quality", "rows": rows, "seconds": seconds,
                          "importance_seconds": importance_seconds, "mask_agreement": agreement,
-                         "beyond_2of4": beyond, "note": note})
+                         "magnitude_ties": ties, "beyond_2of4": beyond, "note": note})
 
 
 def modelopt_sparsify(dense: Path, path: Path, method: str, args, dtype) -> float:
@@ -204,6 +210,26 @@ def mask_agreement(a: Path, b: Path) -> float:
     assert masks[0].keys() == masks[1].keys() and masks[0], (sorted(masks[0]), sorted(masks[1]))
     equal = sum(int((masks[0][n] == masks[1][n]).sum()) for n in masks[0])
     return equal / sum(m.numel() for m in masks[0].values())
+
+
+def differing_groups(dense: Path, a: Path, b: Path, dtype) -> tuple[float, float, int]:
+    """Two magnitude 2:4 masks of ``dense`` (its weights in ``dtype``): (fraction of the groups
+    of four where they differ, fraction of groups whose 2nd and 3rd largest |w| tie, groups
+    that differ without such a tie: where the two rules would disagree on more than a tie)."""
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.params import named_weights
+    from nemo_minitron.sparsity.masks import masked_parameters
+
+    weights = dict(named_weights(load_checkpoint(dense, dtype=dtype.torch)[0]))
+    masks = [{n: m for n, _, m in masked_parameters(load_checkpoint(p)[0])} for p in (a, b)]
+    groups = differ = tied = untied = 0
+    for name, mask in masks[0].items():
+        top = weights[name].float().abs().reshape(-1, 4).sort(dim=1, descending=True).values
+        tie = top[:, 1] == top[:, 2]
+        diff = (mask.reshape(-1, 4) != masks[1][name].reshape(-1, 4)).any(1)
+        groups, differ, tied, untied = (groups + len(top), differ + int(diff.sum()), tied + int(tie.sum()),
+                                        untied + int((diff & ~tie).sum()))
+    return differ / groups, tied / groups, untied
 
 
 if __name__ == "__main__":
