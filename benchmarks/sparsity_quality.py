@@ -127,7 +127,7 @@ def main() -> None:
             + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
             + f"; one importance pass on the same samples (no layer drops) {importance_seconds:.0f}."
             + (" ModelOpt's masks equal to ours computed the same way (magnitude: our magnitude; sparsegpt: ours "
-               "in one pass, damp 0.1): " + ", ".join(f"{k} {v:.2%}" for k, v in agreement.items()) + "."
+               "in one pass, damp 0.1): " + ", ".join(f"{k} {v:.4%}" for k, v in agreement.items()) + "."
                if agreement else "")
             + "".join(f" {k} magnitude: {d:.1%} of the groups of four differ, all of them groups whose 2nd and 3rd "
                       f"largest |w| are equal ({t:.1%} of all groups have such a tie) and which the two break "
