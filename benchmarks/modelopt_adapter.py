@@ -204,16 +204,27 @@ def _register_local_spec() -> None:
     mm._register_hidden_size_importance = _register_hidden_size_importance
 
 
-def load() -> types.SimpleNamespace:
-    """Install (once), adapt, import; returns the ModelOpt entry points used here."""
-    global _READY
-    install()
-    if not _READY:
-        import warnings
+_STUBBED = False
 
+
+def _stub_imports() -> None:
+    """Install (once) and the import-time adaptations 1, 2 and 5 (shared by pruning and sparsity)."""
+    global _STUBBED
+    install()
+    if not _STUBBED:
         _stub_transformer_engine()
         _alias_hybrid_module()
         _gloo_safe_all_gather()
+        _STUBBED = True
+
+
+def load() -> types.SimpleNamespace:
+    """Install (once), adapt, import; returns the ModelOpt entry points used here."""
+    global _READY
+    _stub_imports()
+    if not _READY:
+        import warnings
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import modelopt.torch.nas  # noqa: F401
@@ -284,3 +295,46 @@ def _ascending(active_slice, size: int) -> list[int]:
     if isinstance(active_slice, slice):
         return list(range(size))[active_slice]
     return sorted(int(i) for i in active_slice)
+
+
+# ---------------------------------------------------------------------- sparsity
+# ModelOpt's weight sparsity (modelopt.torch.sparsity) runs as shipped: its rules cover
+# torch.nn.Linear (HF models) and, through its megatron plugin, megatron-core's
+# Column/RowParallelLinear (all but ``output_layer``), so the same GPTModel our sparsify
+# works on is sparsified here; it needs no adaptation beyond the import stubs above (its
+# only CUDA calls, the Hessian's placement and ``torch.cuda.empty_cache``, are guarded or
+# no-ops on a CPU; the searcher's ``device: cuda`` setting is read nowhere).
+SPARSITY_MODES = {"magnitude": "sparse_magnitude", "sparsegpt": "sparsegpt"}
+
+
+def load_sparsity():
+    """``modelopt.torch.sparsity`` with its megatron plugin registered."""
+    _stub_imports()
+    import warnings
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.sparsity as mts
+    from modelopt.torch.sparsity.weight_sparsity.module import SpDMRegistry
+
+    # its plugin import swallows failures: without it only torch.nn.Linear would be sparsified
+    assert ColumnParallelLinear in SpDMRegistry and RowParallelLinear in SpDMRegistry, "megatron plugin missing"
+    return mts
+
+
+def sparsify(model, method: str, forward_loop, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Make ``model`` 2:4 sparse in place with ModelOpt's ``method`` (its defaults: for
+    SparseGPT, damping 0.1, blocks of 128 columns, one calibration pass of the dense model)
+    and export it (masked weights zero); returns the keep mask of each of ``modules`` (a
+    weight name -> its module, looked up before ModelOpt converts them in place)."""
+    mts = load_sparsity()
+    config = {"forward_loop": forward_loop} if method == "sparsegpt" else None
+    mts.sparsify(model, SPARSITY_MODES[method], config=config)
+    masks = {}
+    for name, module in modules.items():
+        mask = getattr(module, "_weight_mask", None)  # None: ModelOpt left the weight dense
+        masks[name] = torch.ones_like(module._parameters["weight"], dtype=torch.bool) if mask is None else mask.clone()
+    mts.export(model)
+    return masks
