@@ -1,0 +1,232 @@
+"""Per-layer (Puzzle-style) architectures: block-variant scores against a resized
+transformers reference, the exact choice under a budget against brute-force enumeration,
+the pruned per-layer checkpoint's weights and counts, and the one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import cli_in_process
+from tolerances import log_softmax_sum, transformer_logits
+
+SEQ, SAMPLES, BLOCK_SAMPLES, SEED = 24, 4, 3, 5
+FFN_MULTIPLE, FFN_VARIANTS = 32, 2   # the tiny llama's MLP (96): widths 64 and 32
+
+
+def _tiny_desc(**changes):
+    from nemo_minitron.model.description import ModelDescription
+
+    base = dict(architecture="llama", vocab_size=1000, hidden_size=64, ffn_hidden_size=96, num_layers=4,
+                num_attention_heads=4, num_query_groups=2, head_dim=16)
+    return ModelDescription(**{**base, **changes})
+
+
+# ---------------------------------------------------------------------- the solver
+def _enumerate(desc, variants, attention, ffn, budget, tp=1):
+    """Every per-layer choice, written out: (score, attention options, MLP options) of the best
+    one within the budget that keeps some attention."""
+    from nemo_minitron.prune.variants import LayerShape, fixed_parameters, layer_kv_bytes_per_token, layer_parameters
+
+    def cost(groups, width):
+        params = layer_parameters(desc, LayerShape(groups, width))
+        if budget.kind != "memory":
+            return params
+        return params * budget.bytes_per_value + layer_kv_bytes_per_token(desc, LayerShape(groups, width),
+                                                                          budget.bytes_per_value) \
+            * budget.context * budget.batch
+    fixed = fixed_parameters(desc) * (budget.bytes_per_value if budget.kind == "memory" else 1)
+    A = [a for a, g in enumerate(variants.query_groups) if g % tp == 0]
+    F = [f for f, w in enumerate(variants.ffn) if w % tp == 0]
+    best = None
+    for picks_a in itertools.product(A, repeat=desc.num_layers):
+        if all(variants.query_groups[a] == 0 for a in picks_a):
+            continue
+        for picks_f in itertools.product(F, repeat=desc.num_layers):
+            total = fixed + sum(cost(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f))
+            if total > budget.limit:
+                continue
+            score = sum(float(attention[l, a]) + float(ffn[l, f]) for l, (a, f) in enumerate(zip(picks_a, picks_f)))
+            if best is None or score < best[0]:
+                best = (score, picks_a, picks_f)
+    return best
+
+
+def test_choice_equals_brute_force():
+    """scipy's integer program picks exactly the enumerated optimum, for parameter and memory
+    budgets, with attention removal scored as a gain (the solver must still keep one)."""
+    from nemo_minitron.prune.per_layer import Budget, choose
+    from nemo_minitron.prune.variants import block_variants
+
+    desc = _tiny_desc(num_layers=3)
+    variants = block_variants(desc, FFN_VARIANTS, FFN_MULTIPLE)
+    assert variants.query_groups == (2, 1, 0) and variants.ffn == (96, 64, 32, 0)
+    g = torch.Generator().manual_seed(0)
+    full = desc.num_parameters()
+    cases = 0
+    for trial in range(4):
+        attention = torch.rand(desc.num_layers, 3, generator=g)
+        ffn = torch.rand(desc.num_layers, 4, generator=g)
+        attention[:, 0] = ffn[:, 0] = 0
+        if trial == 3:  # removing attention looks free: the unconstrained optimum has none
+            attention[:, -1] = -1.0
+        for budget in (Budget("params", int(0.97 * full)), Budget("params", int(0.93 * full)),
+                       Budget("memory", int(0.95 * (full * 2 + 3 * 2 * 2 * 16 * 2 * 64)), "--target-memory",
+                              context=64, batch=2)):
+            expected = _enumerate(desc, variants, attention, ffn, budget)
+            choice = choose(desc, variants, attention, ffn, budget)
+            assert (choice.attention_option, choice.ffn_option) == (expected[1], expected[2]), (trial, budget)
+            assert choice.score == pytest.approx(expected[0], abs=1e-9)
+            assert choice.cost <= budget.limit
+            cases += 1
+    assert cases == 12
+
+
+def test_choice_at_tp2_leaves_out_what_tp_cannot_split():
+    from nemo_minitron.prune.per_layer import Budget, choose
+    from nemo_minitron.prune.variants import BlockVariants
+
+    desc = _tiny_desc()
+    variants = BlockVariants((2, 1, 0), (96, 48, 33, 0))  # 1 group and 33 neurons do not split over 2 ranks
+    g = torch.Generator().manual_seed(1)
+    attention, ffn = torch.rand(4, 3, generator=g), torch.rand(4, 4, generator=g)
+    attention[:, 0] = ffn[:, 0] = 0
+    budget = Budget("params", int(0.9 * desc.num_parameters()))
+    choice = choose(desc, variants, attention, ffn, budget, tp=2)
+    expected = _enumerate(desc, variants, attention, ffn, budget, tp=2)
+    assert (choice.attention_option, choice.ffn_option) == (expected[1], expected[2])
+    assert all(s.num_query_groups != 1 and s.ffn_hidden_size != 33 for s in choice.shapes)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "nemotron"])
+def test_layer_costs_add_up_to_the_model(tiny_hf, kind):
+    """The per-layer cost of the parent's own shape, summed over layers, is the model's
+    parameter count as transformers reports it (biases, QK-norms, LayerNorm biases)."""
+    import transformers
+
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
+    from nemo_minitron.prune.variants import LayerShape, fixed_parameters, layer_parameters
+
+    config = json.loads((tiny_hf(kind) / "config.json").read_text())
+    desc = description_from_hf_config(config)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tiny_hf(kind)))
+    parent = LayerShape(desc.num_query_groups, desc.ffn_hidden_size)
+    assert fixed_parameters(desc) + desc.num_layers * layer_parameters(desc, parent) == hf.num_parameters()
+
+
+# ---------------------------------------------------------------------- the scores
+@pytest.fixture(scope="module")
+def scored(tiny_checkpoint, tmp_path_factory):
+    """An importance directory of the tiny llama with block-variant scores."""
+    from nemo_minitron.importance.api import compute_importance
+
+    out = tmp_path_factory.mktemp("per_layer") / "imp"
+    compute_importance(str(tiny_checkpoint("llama")), ["builtin:calib"], str(out), samples=SAMPLES, seq_len=SEQ,
+                       layer_samples=1, block_variants=True, ffn_variants=FFN_VARIANTS, ffn_multiple=FFN_MULTIPLE,
+                       block_samples=BLOCK_SAMPLES, seed=SEED, dtype="float32", progress=False)
+    return out
+
+
+class _Zero(torch.nn.Module):
+    """A removed block: adds nothing to the residual stream."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.attention else zeros
+
+
+def _resized_mlp(hf, layer, neurons):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = copy.deepcopy(hf.config)
+    cfg.intermediate_size = len(neurons)
+    old, new = hf.model.layers[layer].mlp, LlamaMLP(cfg)
+    with torch.no_grad():
+        new.gate_proj.weight.copy_(old.gate_proj.weight[neurons])
+        new.up_proj.weight.copy_(old.up_proj.weight[neurons])
+        new.down_proj.weight.copy_(old.down_proj.weight[:, neurons])
+    return new
+
+
+def _resized_attention(hf, layer, group_scores, groups):
+    """An attention of ``groups`` K/V groups: the parent's groups ranked by score, merged in
+    runs of consecutive rank (K/V the mean of the run's), query heads regrouped to match."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    cfg = copy.deepcopy(hf.config)
+    G, H, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
+    hpg, size = H // G, G // groups
+    ranked = sorted(range(G), key=lambda j: (-float(group_scores[j]), j))
+    runs = sorted(sorted(ranked[k * size:(k + 1) * size]) for k in range(groups))
+    cfg.num_key_value_heads = groups
+    old, new = hf.model.layers[layer].self_attn, LlamaAttention(cfg, layer)
+    heads = [j * hpg + i for run in runs for j in run for i in range(hpg)]
+    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+    with torch.no_grad():
+        new.q_proj.weight.copy_(old.q_proj.weight[rows])
+        new.o_proj.weight.copy_(old.o_proj.weight[:, rows])
+        for name in ("k_proj", "v_proj"):
+            w = getattr(old, name).weight.view(G, d, -1)
+            getattr(new, name).weight.copy_(torch.cat([w[run].mean(0) for run in runs]))
+    return new
+
+
+def _loss_and_logp(hf, samples, vocab):
+    with torch.no_grad():
+        logits = hf(samples[:, :-1]).logits.float()[..., :vocab]
+    logp = torch.log_softmax(logits, -1)
+    loss = -logp.gather(-1, samples[:, 1:, None]).mean()
+    return loss.item(), logp, logits
+
+
+def test_scores_equal_resized_reference(scored, tiny_hf, tiny_checkpoint):
+    """Each stored score (loss change, KL from the parent) equals the one of transformers' model
+    with that layer's block swapped for a resized module (or removed)."""
+    import transformers
+
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    scores = ImportanceScores.load(scored)
+    recorded = scores.summary["block_variants"]
+    assert recorded["query_groups"] == [2, 1, 0] and recorded["ffn"] == [96, 64, 32, 0]
+    checkpoint = tiny_checkpoint("llama")
+    desc = read_info(checkpoint).description
+    corpus = check_corpus(["builtin:calib"], vocab_size=desc.vocab_size)
+    samples = calibration_samples(corpus, load_tokenizer(checkpoint), seq_len=SEQ, samples=SAMPLES,
+                                  seed=SEED)[:BLOCK_SAMPLES]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf("llama"), dtype=torch.float32).eval()
+    parent_loss, parent_logp, logits = _loss_and_logp(hf, samples, desc.vocab_size)
+    tol = 2 * (transformer_logits(desc.hidden_size * 4, desc.num_layers, logits)
+               + log_softmax_sum(desc.vocab_size, logits.abs().max().item()))
+    for layer in range(desc.num_layers):
+        for kind, options in (("attention", recorded["query_groups"]), ("ffn", recorded["ffn"])):
+            for j, size in enumerate(options):
+                model = copy.deepcopy(hf)
+                block = model.model.layers[layer]
+                if kind == "ffn" and size == 0:
+                    block.mlp = _Zero(attention=False)
+                elif kind == "ffn":
+                    neurons = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:size].sort().values
+                    block.mlp = _resized_mlp(hf, layer, neurons)
+                elif size == 0:
+                    block.self_attn = _Zero(attention=True)
+                else:
+                    block.self_attn = _resized_attention(hf, layer, scores["query_groups"][layer], size)
+                loss, logp, _ = _loss_and_logp(model, samples, desc.vocab_size)
+                kl = (parent_logp.exp() * (parent_logp - logp)).sum(-1).mean().item()
+                assert scores[f"block_{kind}_loss"][layer, j].item() == pytest.approx(loss - parent_loss, abs=tol), \
+                    (kind, layer, size)
+                assert scores[f"block_{kind}_kl"][layer, j].item() == pytest.approx(kl, abs=tol), (kind, layer, size)
+    # removing a block costs something somewhere: the scores are not all zero
+    assert scores["block_ffn_kl"][:, -1].min() > 0 and scores["block_attention_kl"][:, -1].min() > 0
