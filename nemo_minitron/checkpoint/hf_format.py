@@ -21,6 +21,7 @@ import torch
 
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.families import Family, family, family_of_hf_config, unsupported_keys
+from nemo_minitron.families import nemotron_nas
 from nemo_minitron.families.spec import DEFAULT_ROPE_THETA, Check, Const, Field
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.hybrid import layer_holds
@@ -37,17 +38,21 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 
 
 def interleave_qkv(desc: ModelDescription, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """HF's separate q/k/v (rows: heads x head_dim) -> megatron's per-group [q.., k, v] rows."""
-    g, d = desc.num_query_groups, desc.head_dim
+    """HF's separate q/k/v (rows: heads x head_dim) -> megatron's per-group [q.., k, v] rows
+    (the groups are k's rows / head_dim: a heterogeneous model's layers differ)."""
+    d = desc.head_dim
+    g = k.shape[0] // d
     rest = q.shape[1:]
-    q = q.reshape(g, desc.heads_per_group * d, *rest)
+    q = q.reshape(g, desc.num_attention_heads // g * d, *rest)
     k = k.reshape(g, d, *rest)
     v = v.reshape(g, d, *rest)
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def split_qkv(desc: ModelDescription, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, d, hpg = desc.num_query_groups, desc.head_dim, desc.heads_per_group
+    d = desc.head_dim
+    g = (qkv.shape[0] // d - desc.num_attention_heads) // 2  # this layer's groups
+    hpg = desc.num_attention_heads // g
     rest = qkv.shape[1:]
     grouped = qkv.reshape(g, (hpg + 2) * d, *rest)
     q, k, v = grouped.split([hpg * d, d, d], dim=1)
@@ -180,6 +185,10 @@ def description_from_hf_config(config: Mapping[str, Any], name: str = "") -> Mod
         elif isinstance(entry, Check) and present and not entry.ok(config[entry.hf]):
             raise _unsupported(fam, entry.hf, config[entry.hf], entry.feature)
     values.update(_rope_from_hf(config, fam))
+    if fam.heterogeneous:
+        shapes = nemotron_nas.layer_shapes_from_config(config)
+        values.update(layer_shapes=tuple(shapes), num_query_groups=max(g for g, _ in shapes),
+                      ffn_hidden_size=max(f for _, f in shapes))
     return ModelDescription(architecture=fam.model_type, name=name or str(config.get("_name_or_path", "")),
                             **values)
 
@@ -197,6 +206,12 @@ def hf_config_dict(desc: ModelDescription, architecture: str | None = None) -> d
             cfg[entry.hf] = getattr(desc, entry.field)
         elif isinstance(entry, Const):
             cfg[entry.hf] = entry.value
+    if fam.heterogeneous:
+        cfg["block_configs"] = nemotron_nas.block_configs(desc.num_attention_heads, desc.hidden_size,
+                                                          desc.all_layer_shapes())
+    else:
+        require(not desc.is_heterogeneous, f"a model with per-layer shapes cannot be written as {fam.model_type} "
+                                           f"(write it as {nemotron_nas.NEMOTRON_NAS.model_type})")
     if not fam.rope:
         return cfg
     cfg["rope_theta"] = desc.rope_theta

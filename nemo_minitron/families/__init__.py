@@ -13,11 +13,12 @@ from nemo_minitron.families.llama import LLAMA, MISTRAL
 from nemo_minitron.families.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from nemo_minitron.families.nemotron import NEMOTRON
 from nemo_minitron.families.nemotron_h import NEMOTRON_H
+from nemo_minitron.families.nemotron_nas import NEMOTRON_NAS
 from nemo_minitron.families.qwen import QWEN2, QWEN3
 from nemo_minitron.families.spec import DEFAULT_FEATURES, Family, Field
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, NEMOTRON, MIXTRAL, QWEN3_MOE,
-                                                         QWEN2_MOE, NEMOTRON_H)}
+                                                         QWEN2_MOE, NEMOTRON_H, NEMOTRON_NAS)}
 
 #: HF config keys of features a family may lack (checked unless the family's table reads
 #: the key), so that the error names the feature, not only the architecture.
@@ -77,7 +78,7 @@ def family_with(features: Mapping[str, Any]) -> Family:
     if unknown:
         raise UsageError(f"unknown model features: {', '.join(unknown)} (known: moe, hybrid, {', '.join(DEFAULT_FEATURES)})")
     for fam in FAMILIES.values():
-        if fam.feature_values() == wanted and fam.moe == moe and fam.hybrid == hybrid:
+        if fam.feature_values() == wanted and fam.moe == moe and fam.hybrid == hybrid and not fam.heterogeneous:
             return fam
     described = ", ".join(f"{k}={v!r}" for k, v in {**wanted, **({"moe": True} if moe else {})}.items())
     raise UsageError(f"no supported model family has {described} (supported: {', '.join(FAMILIES)})")

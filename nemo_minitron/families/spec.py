@@ -100,6 +100,8 @@ class Family:
     moe: bool = False
     #: a hybrid Mamba-Transformer family (the description's hybrid_pattern is set; model/hybrid.py)
     hybrid: bool = False
+    #: every layer has its own shape (the description's layer_shapes; Llama-Nemotron's block_configs)
+    heterogeneous: bool = False
     #: the family's attention has rotary position embeddings (RoPE keys are read and written)
     rope: bool = True
     #: config keys the family's configs carry without using them here (not refused as unsupported)

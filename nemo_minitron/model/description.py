@@ -23,6 +23,16 @@ Hybrid Mamba-Transformer models (``hybrid_pattern`` non-empty, Nemotron-H): each
 one kind, a Mamba-2 mixer (``M``, shaped by the ``mamba_*`` fields), attention (``*``) or an
 MLP (``-``); the attention and MLP fields shape those layers. ``model/hybrid.py`` holds
 their shape rules and counts.
+
+Heterogeneous (per-layer) models (``layer_shapes`` non-empty, Llama-Nemotron / DeciLM
+style): every layer has its own number of query groups and MLP width (``LayerShape``),
+either of which may be 0 (that layer's attention or MLP is removed, with its norm: a
+no-op). Attention heads, head_dim and hidden size stay model-wide; each layer's groups
+divide the heads. The model-wide ``num_query_groups`` / ``ffn_hidden_size`` are then the
+widest layer's (``replace(layer_shapes=...)`` sets them). ``layer_costs`` counts one layer
+of any shape (parameters, FLOPs and KV-cache bytes per token), for planners that choose
+per-layer shapes; megatron-core builds such models with its heterogeneous config
+(``model/builder.py``); Hugging Face writes them as ``nemotron-nas`` (``families/nemotron_nas.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +57,41 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 #: parallel size up to 128 divides it; the padding never depends on the layout, so a
 #: checkpoint saved at one TP size loads at any other.
 VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer's shape in a heterogeneous (per-layer) model."""
+    num_query_groups: int   # 0: this layer's attention is removed (a no-op)
+    ffn_hidden_size: int    # 0: this layer's MLP is removed (a no-op)
+
+    @property
+    def has_attention(self) -> bool:
+        return self.num_query_groups > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.ffn_hidden_size > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCosts:
+    """What one decoder layer costs: parameters (its norms included), forward FLOPs per
+    token (matrix products, and attention over a causal context of ``seq_len``) and
+    KV-cache bytes per token."""
+    parameters: int
+    flops_per_token: int
+    kv_cache_bytes_per_token: int
+
+
+def _as_layer_shape(value: Any, i: int) -> LayerShape:
+    if isinstance(value, LayerShape):
+        return value
+    if isinstance(value, Mapping) and set(value) == {"num_query_groups", "ffn_hidden_size"}:
+        return LayerShape(**value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return LayerShape(*value)
+    raise UsageError(f"model layer_shapes[{i}] must be {{num_query_groups, ffn_hidden_size}}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +147,9 @@ class ModelDescription:
     mamba_state_dim: int = 0
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128
+    #: heterogeneous models: one shape per layer (query groups, MLP width; 0 removes that
+    #: part); () for a model whose layers are all alike
+    layer_shapes: tuple[LayerShape, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -109,7 +157,10 @@ class ModelDescription:
 
     def __post_init__(self) -> None:
         fam = family(self.architecture)
-        dense_ffn = () if self.is_moe else ("ffn_hidden_size",)
+        # JSON and Python callers may give lists of dicts or pairs: store LayerShapes
+        object.__setattr__(self, "layer_shapes", tuple(_as_layer_shape(v, i)
+                                                       for i, v in enumerate(self.layer_shapes or ())))
+        dense_ffn = () if self.is_moe or self.is_heterogeneous else ("ffn_hidden_size",)
         for field in ("vocab_size", "hidden_size", *dense_ffn, "num_layers",
                       "num_attention_heads", "num_query_groups", "head_dim"):
             value = getattr(self, field)
@@ -136,6 +187,32 @@ class ModelDescription:
             "has a hybrid layer pattern" if fam.hybrid else f"has no hybrid layer pattern (got {self.hybrid_pattern!r})"))
         if self.is_hybrid:
             hybrid.check_description(self)
+        require(not fam.heterogeneous or self.is_heterogeneous,
+                f"a {self.architecture} model has per-layer shapes (layer_shapes)")
+        if self.is_heterogeneous:
+            self._check_layer_shapes()
+
+    def _check_layer_shapes(self) -> None:
+        shapes = self.layer_shapes
+        require(not self.is_moe and not self.is_hybrid,
+                "per-layer shapes (layer_shapes) are supported for dense decoders, not mixtures of experts or hybrids")
+        require(len(shapes) == self.num_layers, f"model layer_shapes has {len(shapes)} entries, the model "
+                                                f"{self.num_layers} layers")
+        for i, s in enumerate(shapes):
+            for field in ("num_query_groups", "ffn_hidden_size"):
+                value = getattr(s, field)
+                require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                        f"layer {i}: {field} must be a whole number >= 0, got {value!r}")
+            require(not s.has_attention or self.num_attention_heads % s.num_query_groups == 0,
+                    f"layer {i}: query groups ({s.num_query_groups}) must divide the attention heads "
+                    f"({self.num_attention_heads}); allowed: 0 (attention removed), "
+                    + ", ".join(map(str, divisors(self.num_attention_heads))))
+        require(any(s.has_attention for s in shapes), "per-layer shapes remove the attention of every layer: "
+                                                      "at least one layer must keep attention")
+        widest = (max(s.num_query_groups for s in shapes), max(s.ffn_hidden_size for s in shapes))
+        require((self.num_query_groups, self.ffn_hidden_size) == widest,
+                f"a per-layer model's num_query_groups and ffn_hidden_size are its widest layer's {widest}, got "
+                f"{(self.num_query_groups, self.ffn_hidden_size)} (ModelDescription.replace sets them)")
 
     def _check_experts(self, moe_family: bool) -> None:
         moe_fields = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
@@ -170,6 +247,20 @@ class ModelDescription:
     @property
     def is_hybrid(self) -> bool:
         return bool(self.hybrid_pattern)
+
+    @property
+    def is_heterogeneous(self) -> bool:
+        """Layers of different shapes (``layer_shapes``), built with megatron-core's heterogeneous config."""
+        return bool(self.layer_shapes)
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        """The shape of layer ``layer`` (0-based), for uniform models too."""
+        if self.layer_shapes:
+            return self.layer_shapes[layer]
+        return LayerShape(self.num_query_groups, self.ffn_hidden_size)
+
+    def all_layer_shapes(self) -> tuple[LayerShape, ...]:
+        return tuple(self.layer_shape(i) for i in range(self.num_layers))
 
     @property
     def heads_per_group(self) -> int:
@@ -210,21 +301,33 @@ class ModelDescription:
         return [("experts' ffn hidden size", self.moe_ffn_hidden_size)] + (shared if self.moe_shared_ffn_hidden_size else [])
 
     def replace(self, **changes: Any) -> "ModelDescription":
+        """A copy with ``changes``; new non-empty ``layer_shapes`` also set the model-wide
+        num_query_groups / ffn_hidden_size to the widest layer's unless given."""
+        shapes = changes.get("layer_shapes")
+        if shapes:
+            shapes = tuple(_as_layer_shape(v, i) for i, v in enumerate(shapes))
+            changes["layer_shapes"] = shapes
+            changes.setdefault("num_query_groups", max(s.num_query_groups for s in shapes))
+            changes.setdefault("ffn_hidden_size", max(s.ffn_hidden_size for s in shapes))
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ counting
-    def attention_parameters(self) -> int:
+    def attention_parameters(self, num_query_groups: int | None = None) -> int:
+        """One layer's attention (its norm excluded), with ``num_query_groups`` (default the model's; 0: none)."""
+        groups = self.num_query_groups if num_query_groups is None else num_query_groups
+        if groups == 0:
+            return 0
         h, d = self.hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        q, kv = self.num_attention_heads * d, groups * d
         attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
         return attention + (2 * self.norm_parameters(d) if self.qk_norm else 0)  # q and k norms, shared by heads
 
-    def mlp_parameters(self, active: bool = False) -> int:
-        """One layer's MLP: the dense MLP, or router + experts (``active``: the top-k a token
-        uses) + the shared expert and its gate."""
+    def mlp_parameters(self, active: bool = False, ffn_hidden_size: int | None = None) -> int:
+        """One layer's MLP: the dense MLP (of width ``ffn_hidden_size``, default the model's),
+        or router + experts (``active``: the top-k a token uses) + the shared expert and its gate."""
         h, m = self.hidden_size, self.mlp_matrices
         if not self.is_moe:
-            return m * h * self.ffn_hidden_size
+            return m * h * (self.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size)
         experts = self.moe_top_k if active else self.num_experts
         shared = m * h * self.moe_shared_ffn_hidden_size + (h if self.moe_shared_expert_gate else 0)
         return self.num_experts * h + experts * m * h * self.moe_ffn_hidden_size + shared
@@ -243,6 +346,8 @@ class ModelDescription:
         if self.is_hybrid:
             layers = sum(n * hybrid.layer_parameters(self, symbol, active)
                          for symbol, n in hybrid.kind_counts(self.hybrid_pattern).items())
+        elif self.is_heterogeneous:
+            layers = sum(layer_costs(self, s).parameters for s in self.layer_shapes)
         else:
             layers = self.num_layers * self.parameters_per_layer(active)
         return self.embedding_parameters() + layers + self.norm_parameters(self.hidden_size)
@@ -254,6 +359,9 @@ class ModelDescription:
         """Forward FLOPs per token: 2 per weight of every matrix product (the output layer
         included, the embedding lookup excluded) plus attention scores and values over a
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""
+        if self.is_heterogeneous:
+            layers = sum(layer_costs(self, s, seq_len).flops_per_token for s in self.layer_shapes)
+            return int(layers + 2 * self.vocab_size * self.hidden_size)
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         if self.is_hybrid:  # each layer one kind; Mamba mixers: see hybrid.mixer_flops_per_token
@@ -269,6 +377,9 @@ class ModelDescription:
         return int(2 * matmul_weights + attention + mixers)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        if self.is_heterogeneous:
+            return sum(layer_costs(self, s, bytes_per_element=bytes_per_element).kv_cache_bytes_per_token
+                       for s in self.layer_shapes)
         attention_layers = self.hybrid_pattern.count("*") if self.is_hybrid else self.num_layers
         return 2 * attention_layers * self.num_query_groups * self.head_dim * bytes_per_element
 
@@ -300,10 +411,19 @@ class ModelDescription:
         )
         if self.is_hybrid:
             hybrid.check_layout(self, tp, pp)
+        for i, shape in enumerate(self.layer_shapes):
+            for what, n in (("query groups", shape.num_query_groups), ("ffn hidden size", shape.ffn_hidden_size)):
+                require(n % tp == 0, f"--tp {tp} does not divide layer {i}'s {what} ({n}); allowed --tp values: "
+                        + ", ".join(str(t) for t in self._per_layer_tp_sizes()))
+
+    def _per_layer_tp_sizes(self) -> list[int]:
+        return [t for t in divisors(self.num_attention_heads) if self.padded_vocab_size % t == 0
+                and all(s.num_query_groups % t == 0 and s.ffn_hidden_size % t == 0 for s in self.layer_shapes)]
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["layer_shapes"] = [dataclasses.asdict(s) for s in self.layer_shapes]
         if out["rope_scaling"] is not None:
             out["rope_scaling"] = dict(out["rope_scaling"])
         return out
@@ -329,7 +449,10 @@ class ModelDescription:
             keys += ("num_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size")
         if self.is_hybrid:
             keys += ("hybrid_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.is_heterogeneous:
+            out["layer_shapes"] = [[s.num_query_groups, s.ffn_hidden_size] for s in self.layer_shapes]
+        return out
 
     def summary(self) -> str:
         features = [f for f, on in (
@@ -344,10 +467,41 @@ class ModelDescription:
             mlp = (f"{self.num_experts} experts (top-{self.moe_top_k}) of width {self.moe_ffn_hidden_size}"
                    + (f" + shared expert {self.moe_shared_ffn_hidden_size}" if self.moe_shared_ffn_hidden_size else ""))
             size = f"{self.num_parameters() / 1e6:.1f}M params ({self.num_active_parameters() / 1e6:.1f}M active)"
+        elif self.is_heterogeneous:
+            mlp = "per-layer ffn " + "/".join(str(s.ffn_hidden_size) for s in self.layer_shapes)
+            size = f"{self.num_parameters() / 1e6:.1f}M params"
         else:
             mlp, size = f"ffn {self.ffn_hidden_size}", f"{self.num_parameters() / 1e6:.1f}M params"
         return (f"{self.architecture} {size}: layers {self.num_layers}, "
                 f"hidden {self.hidden_size}, {mlp}, heads {self.num_attention_heads}, "
-                f"query groups {self.num_query_groups}, head dim {self.head_dim}, vocab {self.vocab_size}"
+                f"query groups {self._groups_summary()}, head dim {self.head_dim}, vocab {self.vocab_size}"
                 + "".join(f", {f}" for f in features))
 
+
+    def _groups_summary(self) -> str:
+        if not self.is_heterogeneous:
+            return str(self.num_query_groups)
+        return "per-layer " + "/".join(str(s.num_query_groups) for s in self.layer_shapes) + " (0: removed)"
+
+
+def layer_costs(desc: ModelDescription, shape: LayerShape, seq_len: int = DEFAULT_SEQ_LEN,
+                bytes_per_element: int = 2) -> LayerCosts:
+    """What one decoder layer of ``shape`` costs in the model ``desc`` (whose hidden size,
+    heads, head_dim, activation and norms it takes): parameters (as the exported Hugging Face
+    model counts them, its norms included: a removed attention or MLP takes its norm with
+    it), forward FLOPs per token (2 per weight of every matrix product, plus attention
+    scores and values over a causal context of ``seq_len``, on average seq_len / 2 keys)
+    and KV-cache bytes per token (``bytes_per_element`` each). The sum over a model's layers
+    plus the embeddings, final norm and output layer is ``num_parameters`` / ``flops_per_token``
+    / ``kv_cache_bytes_per_token`` of a heterogeneous ``desc``. Dense decoders only."""
+    require(not desc.is_moe and not desc.is_hybrid, "layer_costs counts dense decoder layers")
+    h, d = desc.hidden_size, desc.head_dim
+    g, f = shape.num_query_groups, shape.ffn_hidden_size
+    q, kv = desc.num_attention_heads * d, g * d
+    norm = desc.norm_parameters(h)
+    parameters = (desc.attention_parameters(g) + (norm if g else 0)
+                  + desc.mlp_parameters(ffn_hidden_size=f) + (norm if f else 0))
+    attention_flops = (2 * (h * q + 2 * h * kv + q * h) + 2 * 2 * q * (seq_len / 2)) if g else 0
+    flops = attention_flops + 2 * desc.mlp_matrices * h * f
+    return LayerCosts(parameters=int(parameters), flops_per_token=int(flops),
+                      kv_cache_bytes_per_token=2 * kv * bytes_per_element)

@@ -199,10 +199,16 @@ _LAYER_MODULES = {MAMBA: ("norm.", "mixer."), ATTENTION: ("input_layernorm.", "s
 
 def layer_holds(desc: "ModelDescription", layer: int, name: str) -> bool:
     """Whether layer ``layer`` has the weight ``name`` (``decoder.layers.{i}.<module>...``):
-    in a hybrid model only those of the layer's kind; in others every layer has every weight."""
+    in a hybrid model only those of the layer's kind; in a heterogeneous one those of the
+    parts (attention, MLP) the layer keeps; in others every layer has every weight."""
+    module = name.split(".", 3)[3]
+    if desc.is_heterogeneous:
+        shape = desc.layer_shape(layer)
+        if module.startswith(_LAYER_MODULES[ATTENTION]):
+            return shape.has_attention
+        return shape.has_mlp or not module.startswith(_LAYER_MODULES[MLP])
     if not desc.is_hybrid:
         return True
-    module = name.split(".", 3)[3]
     return module.startswith(_LAYER_MODULES[desc.hybrid_pattern[layer]])
 
 
