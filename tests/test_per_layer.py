@@ -73,7 +73,7 @@ def test_choice_equals_brute_force():
         ffn = torch.rand(desc.num_layers, 4, generator=g)
         attention[:, 0] = ffn[:, 0] = 0
         if trial == 3:  # removing attention looks free: the unconstrained optimum has none
-            attention[:, -1] = -1.0
+            attention[:, -1] = -1.0 - attention[:, -1]  # distinct: one optimum
         for budget in (Budget("params", int(0.97 * full)), Budget("params", int(0.93 * full)),
                        Budget("memory", int(0.95 * (full * 2 + 3 * 2 * 2 * 16 * 2 * 64)), "--target-memory",
                               context=64, batch=2)):

@@ -24,16 +24,8 @@ import dataclasses
 import torch
 
 from nemo_minitron.errors import require
-from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.description import LayerShape, ModelDescription, layer_costs
 from nemo_minitron.prune.select import top
-
-try:  # the heterogeneous description (branch issue24-hetero)
-    from nemo_minitron.model.description import LayerShape
-except ImportError:  # pragma: no cover - until that branch is merged
-    @dataclasses.dataclass(frozen=True)
-    class LayerShape:  # type: ignore[no-redef]
-        num_query_groups: int   # 0: this layer's attention is removed (a no-op)
-        ffn_hidden_size: int    # 0: this layer's MLP is removed (a no-op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +82,13 @@ def kept_neurons(ffn_scores: torch.Tensor, width: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- costs
 def layer_parameters(desc: ModelDescription, shape: LayerShape) -> int:
-    """Parameters of one layer of ``shape`` as the exported model counts them: a removed
-    attention takes its input norm with it, a removed MLP its pre-MLP norm."""
-    h, d, H = desc.hidden_size, desc.head_dim, desc.num_attention_heads
-    attention = 0
-    if shape.num_query_groups:
-        q, kv = H * d, shape.num_query_groups * d
-        attention = 2 * h * q + 2 * h * kv + (q + 2 * kv if desc.qkv_bias else 0) + desc.norm_parameters(h)
-        attention += 2 * desc.norm_parameters(d) if desc.qk_norm else 0
-    mlp = desc.mlp_matrices * h * shape.ffn_hidden_size + desc.norm_parameters(h) if shape.ffn_hidden_size else 0
-    return attention + mlp
+    """Parameters of one layer of ``shape`` as the exported model counts them (a removed
+    attention or MLP takes its norm along)."""
+    return layer_costs(desc, shape).parameters
 
 
 def layer_kv_bytes_per_token(desc: ModelDescription, shape: LayerShape, bytes_per_element: int = 2) -> int:
-    return 2 * shape.num_query_groups * desc.head_dim * bytes_per_element
+    return layer_costs(desc, shape, bytes_per_element=bytes_per_element).kv_cache_bytes_per_token
 
 
 def fixed_parameters(desc: ModelDescription) -> int:
