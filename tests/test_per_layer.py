@@ -230,3 +230,66 @@ def test_scores_equal_resized_reference(scored, tiny_hf, tiny_checkpoint):
                 assert scores[f"block_{kind}_kl"][layer, j].item() == pytest.approx(kl, abs=tol), (kind, layer, size)
     # removing a block costs something somewhere: the scores are not all zero
     assert scores["block_ffn_kl"][:, -1].min() > 0 and scores["block_attention_kl"][:, -1].min() > 0
+
+
+# ---------------------------------------------------------------------- plan --per-layer and refusals
+# The tiny llama: fixed 2 x 1000 x 64 + 64 = 128,064 parameters outside the layers; an attention
+# of g groups 8,256 + 2,048 g (its norm included); the cheapest model with attention keeps one
+# attention of 1 group (10,304) at --tp 1, of 2 groups (12,352) at --tp 2.
+CHEAPEST_TP1, CHEAPEST_TP2, OUTSIDE_LAYERS = 128_064 + 10_304, 128_064 + 12_352, 128_064
+
+
+def test_plan_per_layer_prints_the_choice(scored, tiny_checkpoint, tmp_path, capsys):
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    from nemo_minitron.checkpoint.store import read_info
+
+    scores = ImportanceScores.load(scored)
+    desc = read_info(tiny_checkpoint("llama")).description
+    budget = int(0.8 * desc.num_parameters())
+    out = tmp_path / "choice.json"
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-params", str(budget), "--json", out)
+    assert code == 0, err
+    choice = json.loads(out.read_text())
+    shapes = choice["layer_shapes"]
+    assert len(shapes) == desc.num_layers and any(g for g, _ in shapes)
+    new = desc.replace(layer_shapes=shapes)
+    assert choice["params"] == new.num_parameters() <= budget
+    variants = scores.summary["block_variants"]
+    expected = sum(scores["block_attention_kl"][l, variants["query_groups"].index(g)].item()
+                   + scores["block_ffn_kl"][l, variants["ffn"].index(f)].item() for l, (g, f) in enumerate(shapes))
+    assert choice["score"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("budget, tp, says", [
+    (OUTSIDE_LAYERS - 1, 1, "no per-layer architecture meets it; the smallest the scored variants allow is 138.4K"),
+    (CHEAPEST_TP1 - 1, 1, "only removing the attention of every layer would meet it (no attention left); the "
+                          "smallest per-layer architecture with attention is 138.4K"),
+    (CHEAPEST_TP2 - 1, 2, "the smallest per-layer architecture with attention is 140.4K at --tp 2"),
+])
+def test_per_layer_budgets_refused(scored, tiny_checkpoint, capsys, budget, tp, says):
+    """A budget no architecture meets, one only an attention-free model meets, and one whose
+    only architectures TP cannot split: one line, exit 2 (plan, and prune before any weight)."""
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-params", str(budget), "--tp", str(tp))
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    if budget != OUTSIDE_LAYERS - 1:  # one more parameter (at --tp 1) is enough
+        assert cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                              "--target-params", str(budget + 1))[0] == 0
+
+
+def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
+    ckpt = tiny_checkpoint("llama")
+    for args, says in (
+        (("--per-layer",), "--per-layer needs exactly one budget"),
+        (("--per-layer", "--target-params", "1M", "--target-memory", "1GB"), "--per-layer needs exactly one budget"),
+        (("--target-memory", "1GB"), "--target-memory is a --per-layer budget"),
+        (("--per-layer", "--target-memory", "lots"), "--target-memory must be a size in bytes"),
+        (("--per-layer", "--target-params", "1M", "--target", "ffn=64"), "--per-layer chooses every layer's shape"),
+    ):
+        code, err = cli_in_process(capsys, "prune", ckpt, "--importance", scored, "--out", tmp_path / "p", *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, err = cli_in_process(capsys, "prune", ckpt, "--importance", tiny_checkpoint("llama"), "--out",
+                               tmp_path / "p", "--per-layer", "--target-params", "200K")
+    assert code == 2, err

@@ -31,7 +31,7 @@ from nemo_minitron.checkpoint.store import (
 from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.files import check_new_output
-from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
+from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights, rename_expert, rename_layer, shard
@@ -56,9 +56,9 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.per_layer import PerLayerChoice, budget_of, choose
+from nemo_minitron.prune.per_layer import check_shapes, per_layer_choice
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
-from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
+from nemo_minitron.prune.variants import kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, current_device, init_distributed
 from nemo_minitron.runtime.precision import stored_dtype
@@ -323,20 +323,6 @@ def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer
 
 
 # ---------------------------------------------------------------------- per-layer (Puzzle-style)
-def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PruneConfig, names: Names, *,
-                     tp: int = 1, directory: str = "--importance") -> tuple[BlockVariants, PerLayerChoice]:
-    """The scored variants and the per-layer choice under ``cfg``'s budget (no weights read)."""
-    recorded = scores.summary.get("block_variants")
-    require(recorded is not None and all(axis in scores.tensors for axis in BLOCK_AXES),
-            f"{names('per_layer')}: {directory} holds no block-variant scores; rerun importance with "
-            "--block-variants")
-    variants = BlockVariants.from_dict(recorded)
-    metric = cfg.block_score
-    choice = choose(desc, variants, scores[f"block_attention_{metric}"], scores[f"block_ffn_{metric}"],
-                    budget_of(cfg, cfg.target_params, names), tp=tp)
-    return variants, choice
-
-
 def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfig, names: Names, *, tp: int,
                      pp: int, seed: int, dtype) -> Path:
     """``prune --per-layer``: the checkpoint with each layer's shape chosen under the budget."""
@@ -351,9 +337,8 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     scores.check_matches(old)
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    variants, choice = per_layer_choice(old, scores, cfg, names, tp=tp)
-    new = old.replace(layer_shapes=choice.shapes)
-    new.check_layout(tp, pp)
+    variants, choice = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
+    new = check_shapes(old, choice, tp, pp)
     check_world_size(tp, pp)
 
     init_distributed(tp, pp, seed)

@@ -26,6 +26,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.config import Names
 from nemo_minitron.prune.config import PerLayerConfig
@@ -79,6 +80,28 @@ class Budget:
             return (f"memory (weights + KV cache of {self.batch} x {self.context} tokens, {self.bytes_per_value} "
                     "bytes a value)")
         return "active parameters" if self.kind == "active_params" else "parameters"
+
+
+def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PerLayerConfig, target_params: str | None,
+                     names: Names, *, tp: int = 1,
+                     directory: str = "--importance") -> tuple[BlockVariants, PerLayerChoice]:
+    """The scored variants and the per-layer choice under ``cfg``'s budget (no weights read)."""
+    recorded = scores.summary.get("block_variants")
+    require(recorded is not None and all(axis in scores.tensors for axis in BLOCK_AXES),
+            f"{names('per_layer')}: {directory} holds no block-variant scores; rerun importance with "
+            "--block-variants")
+    variants = BlockVariants.from_dict(recorded)
+    metric = cfg.block_score
+    choice = choose(desc, variants, scores[f"block_attention_{metric}"], scores[f"block_ffn_{metric}"],
+                    budget_of(cfg, target_params, names), tp=tp)
+    return variants, choice
+
+
+def check_shapes(desc: ModelDescription, choice: PerLayerChoice, tp: int, pp: int) -> ModelDescription:
+    """The per-layer description of ``choice``, its layout checked (one-line errors)."""
+    new = desc.replace(layer_shapes=choice.shapes)
+    new.check_layout(tp, pp)
+    return new
 
 
 def budget_of(cfg: PerLayerConfig, target_params: str | None, names: Names) -> Budget:
