@@ -293,3 +293,67 @@ def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
     code, err = cli_in_process(capsys, "prune", ckpt, "--importance", tiny_checkpoint("llama"), "--out",
                                tmp_path / "p", "--per-layer", "--target-params", "200K")
     assert code == 2, err
+
+
+# ---------------------------------------------------------------------- recipes and the report's plot
+def _per_layer_recipe(tmp_path, prune: str = "per_layer: true, target_params: 84.5M"):
+    """The demo recipe with its round pruned per layer (``prune``: the round's prune keys)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml").read_text()
+    uniform = "target: {hidden: 480, ffn: 1024, heads: 6, query_groups: 3}"
+    assert uniform in text
+    path = tmp_path / "per_layer.yaml"
+    path.write_text(text.replace(uniform, "{" + prune + "}").replace("prune:\n      {", "prune: {")
+                    .replace("}   # 134.5M -> 84.5M\n      order: importance", "}"))
+    return path
+
+
+@pytest.mark.parametrize("prune, overrides, words", [
+    ("per_layer: true, target_params: 84.5M", [],
+     ["'rounds.0.prune.per_layer' chooses from block-variant scores", "rounds.0.importance.block_variants: true"]),
+    ("per_layer: true, target_params: 84.5M", ["rounds=[{importance: {block_variants: true}, prune: {per_layer: true, target_params: 84.5M}}, "
+      "{prune: {target_params: 60M}}]"],
+     ["a per-layer model is not pruned again"]),
+    ("per_layer: true", ["rounds.0.importance.block_variants=true"],
+     ["'rounds.0.prune.per_layer' needs exactly one budget"]),
+])
+def test_per_layer_recipe_errors_name_the_key(tmp_path, prune, overrides, words):
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+
+    with pytest.raises(UsageError) as e:
+        load_recipe(_per_layer_recipe(tmp_path, prune), overrides)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_per_layer_recipe_loads_and_preflight_checks_its_budget(smollm2, tmp_path):
+    from nemo_minitron.config import recipe_names
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+    from nemo_minitron.prune.per_layer import check_per_layer_budget
+
+    recipe = load_recipe(_per_layer_recipe(tmp_path), ["rounds.0.importance.block_variants=true"])
+    rnd = recipe.rounds[0]
+    assert rnd.prune.per_layer and rnd.prune.target_params == "84.5M"
+    from nemo_minitron.checkpoint.store import read_info
+
+    desc = read_info(smollm2["checkpoint"]).description
+    check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, recipe_names("rounds.0.prune"))
+    rnd.prune.target_params = "20M"  # less than the embeddings alone (28.3M)
+    with pytest.raises(UsageError, match="recipe key 'rounds.0.prune.target_params' 20M: no per-layer architecture"):
+        check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, recipe_names("rounds.0.prune"))
+
+
+def test_layer_shapes_figure_draws_each_layer():
+    from nemo_minitron.model.description import LayerShape
+    from nemo_minitron.prune.plots import layer_shapes_figure
+
+    shapes = [LayerShape(3, 1536), LayerShape(1, 512), LayerShape(0, 1024), LayerShape(3, 0)]
+    fig = layer_shapes_figure(shapes, 3, 1536, "t")
+    top, bottom = fig.axes
+    assert [p.get_height() for p in top.patches] == [3, 1, 0, 3]
+    assert [p.get_height() for p in bottom.patches] == [1536, 512, 1024, 0]
+    assert [tuple(xy) for xy in top.collections[0].get_offsets()] == [(2, 0)]      # the removed attention
+    assert [tuple(xy) for xy in bottom.collections[0].get_offsets()] == [(3, 0)]   # the removed MLP

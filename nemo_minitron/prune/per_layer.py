@@ -29,11 +29,13 @@ from nemo_minitron.errors import UsageError, require
 from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.config import Names
-from nemo_minitron.prune.config import PerLayerConfig
+from nemo_minitron.importance.config import ImportanceConfig
+from nemo_minitron.prune.config import PerLayerConfig, PruneConfig
 from nemo_minitron.prune.targets import format_count, parse_bytes, parse_param_count
 from nemo_minitron.prune.variants import (
     BlockVariants,
     LayerShape,
+    block_variants,
     fixed_parameters,
     layer_kv_bytes_per_token,
     layer_parameters,
@@ -95,6 +97,15 @@ def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PerL
     choice = choose(desc, variants, scores[f"block_attention_{metric}"], scores[f"block_ffn_{metric}"],
                     budget_of(cfg, target_params, names), tp=tp)
     return variants, choice
+
+
+def check_per_layer_budget(desc: ModelDescription, importance: ImportanceConfig, cfg: PruneConfig, tp: int,
+                           names: Names) -> None:
+    """Before any work: the variants ``importance`` will score can meet ``cfg``'s budget at
+    ``tp`` (the same one-line errors as the choice: reachability depends on costs only)."""
+    variants = block_variants(desc, importance.ffn_variants, importance.ffn_multiple)
+    zeros = (torch.zeros(desc.num_layers, len(variants.query_groups)), torch.zeros(desc.num_layers, len(variants.ffn)))
+    choose(desc, variants, *zeros, budget_of(cfg, cfg.target_params, names), tp=tp)
 
 
 def check_shapes(desc: ModelDescription, choice: PerLayerChoice, tp: int, pp: int) -> ModelDescription:
