@@ -177,3 +177,99 @@ def hf_continuation_logprob(model, context: list[int], continuation: list[int]) 
     logprobs = torch.log_softmax(logits, -1)
     target = torch.tensor(continuation)
     return float(logprobs[torch.arange(len(target)), target].sum()), bool((logits.argmax(-1) == target).all())
+
+
+# ---------------------------------------------------------------------- heterogeneous (per-layer) models
+#: (key/value heads, MLP width) of each layer of the tiny Llama-Nemotron model (0: that part
+#: removed); widths are multiples of 256 (the only ones its ffn_mult states), every one
+#: divisible by 2 (TP=2), each PP=2 stage holds a removed part
+TINY_HETEROGENEOUS = ((2, 512), (0, 256), (4, 0), (2, 768))
+HETERO_HIDDEN, HETERO_HEADS, HETERO_HEAD_DIM = 64, 4, 16
+
+
+class _Removed(torch.nn.Module):
+    """A removed attention or MLP in the reference: adds nothing to the residual stream."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.attention else zeros
+
+
+def heterogeneous_reference(shapes=TINY_HETEROGENEOUS, seed: int = 0):
+    """The independent reference of a per-layer model: transformers' LlamaForCausalLM whose
+    layers' attention is rebuilt with that layer's key/value heads, its MLP with that layer's
+    width, and a removed part replaced by a module that adds zero; random weights and norms."""
+    import copy
+
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=HETERO_HIDDEN, num_attention_heads=HETERO_HEADS,
+        num_key_value_heads=HETERO_HEADS, head_dim=HETERO_HEAD_DIM, intermediate_size=max(f for _, f in shapes),
+        num_hidden_layers=len(shapes), rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    llama = transformers.models.llama.modeling_llama
+
+    def resized(**changes):  # the model's config (its attention implementation too) with these changes
+        changed = copy.deepcopy(model.config)
+        for key, value in changes.items():
+            setattr(changed, key, value)
+        return changed
+
+    for i, (kv_heads, width) in enumerate(shapes):
+        layer = model.model.layers[i]
+        layer.self_attn = (llama.LlamaAttention(resized(num_key_value_heads=kv_heads), layer_idx=i) if kv_heads
+                           else _Removed(attention=True))
+        layer.mlp = llama.LlamaMLP(resized(intermediate_size=width)) if width else _Removed(attention=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def heterogeneous_used_weights(model, shapes=TINY_HETEROGENEOUS) -> dict[str, torch.Tensor]:
+    """The reference's weights a per-layer model has: those of removed parts (and their norms) left out."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.layers."):
+            i, rest = int(name.split(".")[2]), name.split(".", 3)[3]
+            kv_heads, width = shapes[i]
+            if rest.startswith(("self_attn.", "input_layernorm.")) and not kv_heads:
+                continue
+            if rest.startswith(("mlp.", "post_attention_layernorm.")) and not width:
+                continue
+        out[name] = t.detach().clone().contiguous()
+    return out
+
+
+def make_tiny_heterogeneous(directory: Path, shapes=TINY_HETEROGENEOUS, seed: int = 0):
+    """Write the reference's weights as a Llama-Nemotron (nemotron-nas) directory, its
+    config.json written here from the format's definition (block_configs: n_heads_in_group,
+    ffn_mult = 1.5 x width / hidden); returns (directory, reference model)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = heterogeneous_reference(shapes, seed)
+    directory.mkdir(parents=True)
+    blocks = [{"attention": {"n_heads_in_group": HETERO_HEADS // g if g else None, "no_op": not g,
+                             "replace_with_linear": False},
+               "ffn": {"ffn_mult": 1.5 * f / HETERO_HIDDEN if f else None, "no_op": not f,
+                       "replace_with_linear": False}} for g, f in shapes]
+    config = {"architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas", "vocab_size": TINY_VOCAB,
+              "hidden_size": HETERO_HIDDEN, "num_attention_heads": HETERO_HEADS, "head_dim": HETERO_HEAD_DIM,
+              "num_hidden_layers": len(shapes), "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": "float32", "block_configs": blocks}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(heterogeneous_used_weights(model, shapes), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    byte_tokenizer().save_pretrained(str(directory))
+    return directory, model

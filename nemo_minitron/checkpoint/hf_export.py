@@ -11,6 +11,10 @@ config for its shape, a family with a ``fallback`` (Llama -> Mistral) is written
 that numerically identical family and the log says so. A sparse model (``sparsify``)
 is written with its zeros in the weights, plus its masks by HF name in
 ``sparsity_masks-stageNNN.safetensors`` and its record in ``sparsity.json``.
+
+A heterogeneous model (per-layer shapes) is written in the Llama-Nemotron format
+(``nemotron-nas``, ``block_configs``) with the modeling code of ``checkpoint/decilm/``
+beside it (``auto_map``): load it with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import transformers
 from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 
+from nemo_minitron.checkpoint import decilm
 from nemo_minitron.checkpoint.hf_format import canonical_to_hf, hf_config_dict
 from nemo_minitron.checkpoint.store import atomic_directory, dtype_name
 from nemo_minitron.errors import require
 from nemo_minitron.families import family
+from nemo_minitron.families.nemotron_nas import NEMOTRON_NAS
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.hybrid import tp_sections
 from nemo_minitron.model.params import gather, named_weights
@@ -53,6 +59,8 @@ def hf_config(desc: ModelDescription, dtype: torch.dtype, flag: str = "CKPT") ->
     its table names as ``fallback`` (a Llama whose hidden size is not a multiple of its
     heads, which LlamaConfig refuses, is written as Mistral: ``fallback_note``). Any other
     shape is a one-line error."""
+    if desc.is_heterogeneous:  # transformers has no class for it: the export ships its own code
+        return heterogeneous_hf_config(desc, dtype)
     fam = family(desc.architecture)
     require(hasattr(transformers, fam.config_class), f"transformers {transformers.__version__} has no "
                                                      f"{fam.config_class}: upgrade it to export a {fam.model_type} model")
@@ -79,6 +87,14 @@ def fallback_note(desc: ModelDescription, config: dict[str, Any]) -> str | None:
     reason = _refusal(fam.config_class, {**hf_config_dict(desc), "torch_dtype": config["torch_dtype"]})
     return (f"transformers {transformers.__version__}'s {fam.config_class} refuses this shape ({reason}): a Hugging "
             f"Face export writes it as {config['architectures'][0]}, which computes the same function")
+
+
+def heterogeneous_hf_config(desc: ModelDescription, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of a model with per-layer shapes: the nemotron-nas format (a one-line error
+    for what it cannot state, e.g. an MLP width its ffn_mult cannot give), naming the
+    shipped modeling code in ``auto_map``."""
+    config = hf_config_dict(desc, NEMOTRON_NAS.model_type)
+    return {**config, "auto_map": dict(decilm.AUTO_MAP), "torch_dtype": dtype_name(dtype)}
 
 
 def _refusal(config_class: str, values: dict[str, Any]) -> str | None:
@@ -143,7 +159,8 @@ def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenize
     out = Path(out)
     config = hf_config(desc, dtype)
     if config["model_type"] != desc.architecture:  # the fallback family: its own table names the weights
-        log.info("%s", fallback_note(desc, config))
+        if not desc.is_heterogeneous:
+            log.info("%s", fallback_note(desc, config))
         desc = desc.replace(architecture=config["model_type"])
     with atomic_directory(out) as tmp:
         local_maps: tuple[dict[str, str], dict[str, str]] = ({}, {})
@@ -166,6 +183,9 @@ def export_hf(model, desc: ModelDescription, out: str | os.PathLike, *, tokenize
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+            if "auto_map" in config:  # the format's modeling code, for trust_remote_code
+                for name in decilm.CODE_FILES:
+                    shutil.copy2(decilm.CODE_DIR / name, tmp / name)
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
                 for f in tokenizer_dir.iterdir():
                     shutil.copy2(f, tmp / f.name)

@@ -25,13 +25,14 @@ one is an error naming the field. Absent keys take megatron-core's defaults
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Any, Mapping
 
 import torch
 
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.families import family_with
+from nemo_minitron.families import family_with, nemotron_nas
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.hybrid import not_yet
 
@@ -69,7 +70,6 @@ FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "multi_latent_attention": ((False, None), "multi-latent attention (MLA)"),
     "apply_residual_connection_post_layernorm": ((False, None), "post-norm residuals"),
     "mtp_num_layers": ((None, 0), "multi-token prediction layers"),
-    "heterogeneous_layers_config_path": ((None,), "heterogeneous layers"),
     "hybrid_layer_pattern": ((None, ""), "hybrid (Mamba) layers"),
     "experimental_attention_variant": ((None,), "an experimental attention variant"),
     "window_size": ((None,), "sliding-window attention"),
@@ -207,8 +207,33 @@ def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: 
     for ours in ("norm_eps", "rope_theta", "rotary_percent"):
         values[ours] = _number(values[ours], FIELDS[ours], source)
     values["tie_embeddings"] = bool(values["tie_embeddings"])
+    shapes = heterogeneous_layer_shapes(cfg, heads, hidden, source)
+    if shapes:  # the model-wide groups and width are the widest layer's
+        values.update(layer_shapes=tuple(shapes), num_query_groups=max(g for g, _ in shapes),
+                      ffn_hidden_size=max(f for _, f in shapes))
     return ModelDescription(architecture=fam.model_type, vocab_size=int(vocab_size),
                             rope_scaling=_rope_scaling(cfg, source), name=name, **feats, **values)
+
+
+def heterogeneous_layer_shapes(cfg: Mapping[str, Any], heads: int, hidden: int, source: str) -> list | None:
+    """Per-layer (query groups, MLP width) of a heterogeneous config
+    (``heterogeneous_layers_config_encoded_json``'s ``block_configs``, as megatron-core's
+    HeterogeneousTransformerConfig reads them), None for a uniform one."""
+    encoded, path = cfg.get("heterogeneous_layers_config_encoded_json"), cfg.get("heterogeneous_layers_config_path")
+    if not encoded:
+        require(not path, f"{source}: heterogeneous_layers_config_path={path!r} without "
+                          "heterogeneous_layers_config_encoded_json is not supported (the layers must be stated in "
+                          "the checkpoint)")
+        return None
+    try:
+        blocks = json.loads(encoded)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{source}: heterogeneous_layers_config_encoded_json is not JSON ({e})") from None
+    require(isinstance(blocks, dict), f"{source}: heterogeneous_layers_config_encoded_json is not a JSON object")
+    try:
+        return nemotron_nas.layer_shapes_from_config({**blocks, "num_attention_heads": heads, "hidden_size": hidden})
+    except UsageError as e:
+        raise UsageError(f"{source}: heterogeneous_layers_config_encoded_json: {e}") from None
 
 
 # ---------------------------------------------------------------------- writing
@@ -231,6 +256,22 @@ def _int_if_whole(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+#: where an export writes a heterogeneous model's block_configs (also stated inline, encoded)
+HETEROGENEOUS_CONFIG_FILE = "heterogeneous_layers_config.json"
+#: Megatron-Bridge's provider of heterogeneous Llama-Nemotron models
+_HETEROGENEOUS_PROVIDER = "megatron.bridge.models.llama_nemotron.llama_nemotron_provider.LlamaNemotronHeterogeneousProvider"
+
+
+def heterogeneous_fields(desc: ModelDescription, config_path: str | None) -> dict[str, Any]:
+    """The heterogeneous config keys of a Megatron checkpoint (None and "" for a uniform model)."""
+    if not desc.is_heterogeneous:
+        return {"heterogeneous_layers_config_path": None, "heterogeneous_layers_config_encoded_json": None}
+    from nemo_minitron.model.builder import heterogeneous_block_configs  # deferred: megatron-core's model code
+
+    return {"heterogeneous_layers_config_path": config_path,
+            "heterogeneous_layers_config_encoded_json": json.dumps(heterogeneous_block_configs(desc))}
+
+
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
     not_yet(desc, "a Megatron-LM / Megatron-Bridge export")
@@ -247,10 +288,10 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
     ``{_target_, _call_: false}``)."""
     check_writable(desc)
     return {
-        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+        "_target_": _HETEROGENEOUS_PROVIDER if desc.is_heterogeneous else "megatron.bridge.models.gpt_provider.GPTModelProvider",
         "num_layers": desc.num_layers,
         "hidden_size": desc.hidden_size,
-        "ffn_hidden_size": desc.ffn_hidden_size,
+        "ffn_hidden_size": desc.ffn_hidden_size or desc.hidden_size,  # per-layer models: only no-op MLPs read it
         "num_attention_heads": desc.num_attention_heads,
         "num_query_groups": desc.num_query_groups,
         "kv_channels": desc.head_dim,
@@ -279,12 +320,14 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
         "pipeline_dtype": {"_target_": str(dtype), "_call_": False},
         "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16,
+        **({**heterogeneous_fields(desc, None), "heterogeneous_layers_config_path": None}
+           if desc.is_heterogeneous else {}),
     }
 
 
 def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype, padded_vocab_size: int,
                      make_vocab_size_divisible_by: int, tokenizer_model: str | None,
-                     iteration: int) -> argparse.Namespace:
+                     iteration: int, heterogeneous_config_path: str | None = None) -> argparse.Namespace:
     """The ``args`` Namespace Megatron-LM saves in ``common.pt``, with every field its
     loader and model builder read: the model list of load_args_from_checkpoint, the
     renamed arguments of core_transformer_config_from_args (both the pre-2026 names
@@ -293,7 +336,7 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
     check_writable(desc)
     return argparse.Namespace(
         # model shape (load_args_from_checkpoint: "Model args")
-        num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=desc.ffn_hidden_size,
+        num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=desc.ffn_hidden_size or desc.hidden_size,
         seq_length=desc.max_position_embeddings, num_attention_heads=desc.num_attention_heads,
         num_query_groups=desc.num_query_groups, group_query_attention=True, kv_channels=desc.head_dim,
         max_position_embeddings=desc.max_position_embeddings, position_embedding_type="rope",
@@ -304,8 +347,9 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
         apply_layernorm_1p=desc.zero_centered_gamma, layernorm_zero_centered_gamma=desc.zero_centered_gamma,
         normalization=desc.normalization, apply_query_key_layer_scaling=False,
         attention_dropout=0.0, hidden_dropout=0.0, mtp_num_layers=None, spec=None, num_experts=None,
-        moe_layer_freq=1, moe_ffn_hidden_size=None, hybrid_layer_pattern=None, heterogeneous_layers_config_path=None,
-        heterogeneous_layers_config_encoded_json=None, multi_latent_attention=False, qk_layernorm=desc.qk_norm,
+        moe_layer_freq=1, moe_ffn_hidden_size=None, hybrid_layer_pattern=None,
+        # Megatron-LM builds a heterogeneous model when the path is set; the layers are in the JSON
+        **heterogeneous_fields(desc, heterogeneous_config_path), multi_latent_attention=False, qk_layernorm=desc.qk_norm,
         experimental_attention_variant=None, window_size=None,
         # renamed in core_transformer_config_from_args; written under both names
         norm_epsilon=desc.norm_eps, layernorm_epsilon=desc.norm_eps,

@@ -6,6 +6,7 @@
       metadata.json .metadata *.distcp      megatron-core torch_dist, stacked GPTModel keys
       common.pt                             {"args": Namespace, "checkpoint_version": 3.0, "iteration": 0, ...}
       run_config.yaml                       model: (GPTModelProvider) checkpoint: tokenizer:
+      heterogeneous_layers_config.json      a per-layer model's block_configs (also inline in the args)
       train_state.pt                        Bridge's TrainState
       tokenizer/                            Hugging Face tokenizer files
 
@@ -113,10 +114,13 @@ def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_d
     check_export(desc, (rows, divisible_by, should_pad))
     name = f"iter_{ITERATION:07d}"
     final_tokenizer = (out.resolve() / name / "tokenizer") if tokenizer_dir is not None else None
+    # Megatron-LM builds a heterogeneous model when args name a layers file: written beside the weights
+    layers_file = out.resolve() / name / megatron_config.HETEROGENEOUS_CONFIG_FILE if desc.is_heterogeneous else None
     args = megatron_config.megatron_lm_args(desc, tp=tp, pp=pp, dtype=dtype, padded_vocab_size=rows,
                                             make_vocab_size_divisible_by=divisible_by,
                                             tokenizer_model=str(final_tokenizer) if final_tokenizer else None,
-                                            iteration=ITERATION)
+                                            iteration=ITERATION,
+                                            heterogeneous_config_path=str(layers_file) if layers_file else None)
     content = {"singleton_local_shards": False}
     with atomic_directory(out) as tmp:
         iteration_dir = tmp / name
@@ -138,6 +142,8 @@ def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_d
                               "tokenizer_model": str(final_tokenizer) if final_tokenizer else None},
             }
             (iteration_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            if layers_file is not None:
+                (iteration_dir / layers_file.name).write_text(args.heterogeneous_layers_config_encoded_json)
             train_state = {"step": torch.tensor(ITERATION, dtype=torch.int64),
                            "consumed_train_samples": torch.tensor(0, dtype=torch.int64),
                            "skipped_train_samples": torch.tensor(0, dtype=torch.int64),

@@ -138,19 +138,22 @@ def _read_yaml(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- the checkpoint
-def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
-    """Stored key suffix -> shape of one layer's tensor (norms under Transformer Engine's names,
-    which megatron-core's local spec also uses in checkpoints)."""
+def _layer_shapes(d: ModelDescription, layer: int = 0) -> dict[str, tuple[int, ...]]:
+    """Stored key suffix -> shape of layer ``layer``'s tensor (norms under Transformer Engine's
+    names, which megatron-core's local spec also uses in checkpoints); a heterogeneous model's
+    removed attention or MLP has none."""
+    shape = d.layer_shape(layer)
+    qkv_rows = (d.num_attention_heads + 2 * shape.num_query_groups) * d.head_dim
     shapes = {
         "self_attention.linear_qkv.layer_norm_weight": (d.hidden_size,),
-        "self_attention.linear_qkv.weight": (d.qkv_rows, d.hidden_size),
+        "self_attention.linear_qkv.weight": (qkv_rows, d.hidden_size),
         "self_attention.linear_proj.weight": (d.hidden_size, d.num_attention_heads * d.head_dim),
         "mlp.linear_fc1.layer_norm_weight": (d.hidden_size,),
-        "mlp.linear_fc1.weight": ((2 if d.gated else 1) * d.ffn_hidden_size, d.hidden_size),
-        "mlp.linear_fc2.weight": (d.hidden_size, d.ffn_hidden_size),
+        "mlp.linear_fc1.weight": ((2 if d.gated else 1) * shape.ffn_hidden_size, d.hidden_size),
+        "mlp.linear_fc2.weight": (d.hidden_size, shape.ffn_hidden_size),
     }
     if d.qkv_bias:
-        shapes["self_attention.linear_qkv.bias"] = (d.qkv_rows,)
+        shapes["self_attention.linear_qkv.bias"] = (qkv_rows,)
     if d.normalization == "LayerNorm":
         shapes.update({"self_attention.linear_qkv.layer_norm_bias": (d.hidden_size,),
                        "mlp.linear_fc1.layer_norm_bias": (d.hidden_size,)})
@@ -159,7 +162,8 @@ def _layer_shapes(d: ModelDescription) -> dict[str, tuple[int, ...]]:
             shapes[f"self_attention.{which}_layernorm.weight"] = (d.head_dim,)
             if d.normalization == "LayerNorm":
                 shapes[f"self_attention.{which}_layernorm.bias"] = (d.head_dim,)
-    return shapes
+    return {k: v for k, v in shapes.items() if (shape.has_attention or not k.startswith("self_attention."))
+            and (shape.has_mlp or not k.startswith("mlp."))}
 
 
 @dataclasses.dataclass
@@ -242,11 +246,15 @@ class MegatronCheckpoint:
             expect("decoder.final_layernorm.bias", (h,))
         if not desc.tie_embeddings:
             expect("output_layer.weight", (self.stored_vocab, h))
-        for suffix, shape in _layer_shapes(desc).items():
-            if self.per_layer:
-                for i in range(L):
+        require(self.per_layer or not desc.is_heterogeneous,
+                f"'{self.weights}': a heterogeneous model's layers are stored per layer (decoder.layers.N.*), "
+                "these are stacked")
+        if self.per_layer:
+            for i in range(L):
+                for suffix, shape in _layer_shapes(desc, i).items():
                     expect(f"decoder.layers.{i}.{suffix}", shape)
-            else:
+        else:
+            for suffix, shape in _layer_shapes(desc).items():
                 expect(f"decoder.layers.{suffix}", (L, *shape))
         require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
                 f"'{self.weights}': the embedding width differs from {self.config_source}'s hidden_size {h}")

@@ -9,6 +9,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from nemo_minitron.checkpoint.decilm import CODE_DIR, CODE_FILES
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import full_logits
 from nemo_minitron.runtime.distributed import broadcast_object, is_rank0
@@ -16,9 +17,18 @@ from nemo_minitron.runtime.distributed import broadcast_object, is_rank0
 log = logging.getLogger("nemo_minitron")
 
 
+def ships_our_code(path: str | Path) -> bool:
+    """Whether the directory's modeling code is exactly the one this project ships with a
+    heterogeneous model's export (``checkpoint/decilm/``): the only code we let transformers run."""
+    return all((Path(path) / name).is_file() and (Path(path) / name).read_bytes() == (CODE_DIR / name).read_bytes()
+               for name in CODE_FILES)
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """An exported directory in transformers; a heterogeneous model's export runs the modeling
+    code it ships when, and only when, that code is this project's own."""
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=ships_our_code(path), **{key: dtype})
     return model.eval()
 
 

@@ -10,10 +10,17 @@ TE), each expert's MLP split over the tensor-parallel ranks (no expert paralleli
 megatron-core trains a MoE layer under tensor parallelism only with sequence parallelism
 (without it every TP rank would feed the experts the same tokens), so training builds
 such models with ``sequence_parallel=True`` at TP > 1; inference needs no such thing.
+
+Heterogeneous models (``desc.layer_shapes``) are megatron-core's
+``HeterogeneousTransformerConfig`` and heterogeneous layer spec: each layer's query groups
+and MLP width are stated in ``block_configs`` (``heterogeneous_block_configs``), a removed
+attention or MLP is an identity with no norm; the spec's layers are built per pipeline
+stage like any other's.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal, Mapping, Sequence
 
@@ -27,9 +34,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
+from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_minitron.errors import require
+from nemo_minitron.families.nemotron_nas import ffn_mult, representable_ffn_width
 from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import local_norm_spec
@@ -90,6 +100,24 @@ def moe_config(desc: ModelDescription, *, grouped_gemm: bool = False) -> dict:
     )
 
 
+def heterogeneous_block_configs(desc: ModelDescription) -> dict:
+    """megatron-core's ``heterogeneous_layers_config_encoded_json`` contents for ``desc``:
+    ``block_configs`` stating each layer's groups and width directly (``num_query_groups``,
+    ``ffn_hidden_size``: any width), with the Llama-Nemotron keys beside them where they
+    can state it (``n_heads_in_group``, ``ffn_mult``: read by tools that expect the Hugging
+    Face form); a removed part is a ``no_op``."""
+    blocks = []
+    for s in desc.all_layer_shapes():
+        attention = {"no_op": not s.has_attention, "replace_with_linear": False,
+                     "num_query_groups": s.num_query_groups or None,
+                     "n_heads_in_group": desc.num_attention_heads // s.num_query_groups if s.has_attention else None}
+        mlp = {"no_op": not s.has_mlp, "replace_with_linear": False, "ffn_hidden_size": s.ffn_hidden_size or None}
+        if s.has_mlp and representable_ffn_width(s.ffn_hidden_size, desc.hidden_size):
+            mlp["ffn_mult"] = ffn_mult(s.ffn_hidden_size, desc.hidden_size)
+        blocks.append({"attention": attention, "ffn": mlp})
+    return {"block_configs": blocks}
+
+
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        layers_per_stage: Sequence[int] | None = None, recompute: bool = False,
                        sequence_parallel: bool = False, grouped_gemm: bool = False,
@@ -148,6 +176,10 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
         **extra,
     )
     kwargs.update(overrides or {})
+    if desc.is_heterogeneous:
+        kwargs["ffn_hidden_size"] = desc.ffn_hidden_size or desc.hidden_size  # only no-op MLPs read it
+        kwargs["heterogeneous_layers_config_encoded_json"] = json.dumps(heterogeneous_block_configs(desc))
+        return HeterogeneousTransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
 
 
@@ -220,7 +252,11 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
             model.cuda(torch.cuda.current_device())
         return model
     experts = desc.num_experts or None
-    if te:  # TE's norms read normalization and zero-centred gamma from the config
+    if desc.is_heterogeneous:  # this stage's layers, each of its own shape
+        layer_spec = get_gpt_heterogeneous_layer_spec(config, use_te=te)
+        if not te and (desc.zero_centered_gamma or config.sequence_parallel):
+            layer_spec = local_norm_spec(layer_spec, config)
+    elif te:  # TE's norms read normalization and zero-centred gamma from the config
         layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=desc.is_moe,
                                                                 qk_layernorm=desc.qk_norm)
     else:

@@ -59,7 +59,7 @@ class LocalNorm:
 
 
 def local_norm_spec(layer_spec, config):
-    """The local layer spec with every norm (input, pre-MLP, QK, final) built by
+    """The local layer spec (or a heterogeneous model's block spec) with every norm (input, pre-MLP, QK, final) built by
     ``LocalNorm``, as the block spec megatron-core's ``GPTModel`` accepts (its own block
     would build the final norm with the torch norm, which refuses these settings)."""
     def swap(spec):
@@ -70,5 +70,7 @@ def local_norm_spec(layer_spec, config):
                                                 if f.name in ("submodules", "self_attention") or "layernorm" in f.name})
         return spec
 
+    if isinstance(layer_spec, TransformerBlockSubmodules):  # a heterogeneous model's layers, this stage's
+        return TransformerBlockSubmodules(layer_specs=[swap(s) for s in layer_spec.layer_specs], layer_norm=LocalNorm)
     return TransformerBlockSubmodules(layer_specs=[swap(layer_spec)] * get_num_layers_to_build(config),
                                       layer_norm=LocalNorm)
