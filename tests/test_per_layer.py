@@ -357,3 +357,149 @@ def test_layer_shapes_figure_draws_each_layer():
     assert [p.get_height() for p in bottom.patches] == [1536, 512, 1024, 0]
     assert [tuple(xy) for xy in top.collections[0].get_offsets()] == [(2, 0)]      # the removed attention
     assert [tuple(xy) for xy in bottom.collections[0].get_offsets()] == [(3, 0)]   # the removed MLP
+
+
+# ---------------------------------------------------------------------- prune --per-layer
+#: forced per-layer choice of the tiny llama_wide_mlp (4 K/V groups, MLP 768): (groups, width) per
+#: layer, every transform once: a narrowed MLP, a removed attention, merged groups, a removed MLP
+FORCED = ((4, 256), (0, 768), (2, 768), (1, 0))
+
+
+@pytest.fixture(scope="module")
+def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
+    """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
+    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.importance.api import compute_importance
+    from nemo_minitron.prune.api import prune
+
+    root = tmp_path_factory.mktemp("per_layer_prune")
+    parent = tiny_checkpoint("llama_wide_mlp")
+    compute_importance(str(parent), ["builtin:calib"], str(root / "imp"), samples=SAMPLES, seq_len=SEQ,
+                       layer_samples=1, block_variants=True, ffn_variants=2, block_samples=2, seed=SEED,
+                       dtype="float32", progress=False)
+    forced = root / "forced"
+    shutil.copytree(root / "imp", forced)
+    tensors = load_file(str(forced / "scores.safetensors"))
+    variants = json.loads((forced / "summary.json").read_text())["block_variants"]
+    assert variants["query_groups"] == [4, 2, 1, 0] and variants["ffn"] == [768, 512, 256, 0]
+    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
+        table = torch.ones(4, len(options))
+        table[:, 0] = 0
+        for layer, shape in enumerate(FORCED):
+            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
+        tensors[f"block_{kind}_kl"] = table
+    save_file(tensors, str(forced / "scores.safetensors"))
+    desc = read_info(parent).description
+    out = prune(str(parent), str(forced), str(root / "pruned"), per_layer=True,
+                target_params=str(desc.num_parameters()))
+    return {"parent": parent, "pruned": out, "importance": forced, "root": root}
+
+
+def _canonical(path):
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.params import named_weights
+
+    model, info = load_checkpoint(str(path), dtype=torch.float32)
+    return model, info.description, {n: p.detach().clone() for n, p in named_weights(model)}
+
+
+def test_per_layer_prune_keeps_the_parents_weights(per_layer_pruned):
+    """Every kept row and column is the parent's, bit for bit: the most important neurons of a
+    narrowed MLP, each merged group's query heads (K and V: the mean of the run's), the norms,
+    embeddings and output layer; removed blocks have no weights."""
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    _, parent_desc, parent = _canonical(per_layer_pruned["parent"])
+    _, desc, pruned = _canonical(per_layer_pruned["pruned"])
+    assert tuple((s.num_query_groups, s.ffn_hidden_size) for s in desc.layer_shapes) == FORCED
+    scores = ImportanceScores.load(per_layer_pruned["importance"])
+    d, G = parent_desc.head_dim, parent_desc.num_query_groups
+    hpg = parent_desc.heads_per_group
+    for name, tensor in pruned.items():
+        if not name.startswith("decoder.layers."):
+            assert torch.equal(tensor, parent[name]), name
+    for layer, (groups, width) in enumerate(FORCED):
+        prefix = f"decoder.layers.{layer}."
+        names = {n[len(prefix):] for n in pruned if n.startswith(prefix)}
+        assert ("mlp.linear_fc1.weight" in names) == bool(width) and \
+            ("self_attention.linear_qkv.weight" in names) == bool(groups), (layer, names)
+        if width:
+            neurons = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
+            gate, up = parent[prefix + "mlp.linear_fc1.weight"].chunk(2)
+            assert torch.equal(pruned[prefix + "mlp.linear_fc1.weight"], torch.cat([gate[neurons], up[neurons]]))
+            assert torch.equal(pruned[prefix + "mlp.linear_fc2.weight"],
+                               parent[prefix + "mlp.linear_fc2.weight"][:, neurons])
+        if groups:
+            ranked = sorted(range(G), key=lambda j: (-float(scores["query_groups"][layer, j]), j))
+            size = G // groups
+            runs = sorted(sorted(ranked[k * size:(k + 1) * size]) for k in range(groups))
+            qkv = parent[prefix + "self_attention.linear_qkv.weight"].view(G, hpg + 2, d, -1)
+            new = pruned[prefix + "self_attention.linear_qkv.weight"].view(groups, size * hpg + 2, d, -1)
+            proj, new_proj = parent[prefix + "self_attention.linear_proj.weight"], \
+                pruned[prefix + "self_attention.linear_proj.weight"]
+            for k, run in enumerate(runs):
+                assert torch.equal(new[k, :size * hpg], qkv[run, :hpg].reshape(size * hpg, d, -1))
+                for j, what in ((size * hpg, "k"), (size * hpg + 1, "v")):
+                    mean = qkv[run, hpg + (what == "v")].double().mean(0)
+                    assert torch.allclose(new[k, j].double(), mean, rtol=0, atol=fp32_mean_tol(size, mean)), what
+                heads = [g * hpg + i for g in run for i in range(hpg)]
+                columns = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+                assert torch.equal(new_proj[:, k * size * hpg * d:(k + 1) * size * hpg * d], proj[:, columns])
+            for norm in ("input_layernorm.weight",):
+                assert torch.equal(pruned[prefix + norm], parent[prefix + norm])
+        if width:
+            assert torch.equal(pruned[prefix + "pre_mlp_layernorm.weight"], parent[prefix + "pre_mlp_layernorm.weight"])
+
+
+def fp32_mean_tol(n: int, values: torch.Tensor) -> float:
+    from tolerances import fp32
+
+    return fp32(n, values.abs().max().item())
+
+
+def test_per_layer_model_computes_the_scored_variants(per_layer_pruned):
+    """The pruned per-layer model's logits equal the parent's with every chosen variant applied
+    as the scores applied it (zeroed columns, mean K/V, zeroed projections)."""
+    import contextlib
+
+    from nemo_minitron.importance.blocks import attention_variant, ffn_variant
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.model.forward import full_logits
+    from nemo_minitron.model.params import unwrap
+
+    parent_model, parent_desc, _ = _canonical(per_layer_pruned["parent"])
+    pruned_model, desc, _ = _canonical(per_layer_pruned["pruned"])
+    scores = ImportanceScores.load(per_layer_pruned["importance"])
+    tokens = torch.randint(0, desc.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    layers = unwrap(parent_model).decoder.layers
+    with contextlib.ExitStack() as stack:
+        for layer, (groups, width) in enumerate(FORCED):
+            if width != parent_desc.ffn_hidden_size:
+                stack.enter_context(ffn_variant(layers[layer], width, scores["ffn"][layer]))
+            if groups != parent_desc.num_query_groups:
+                stack.enter_context(attention_variant(layers[layer], parent_desc, groups,
+                                                      scores["query_groups"][layer]))
+        expected = full_logits(parent_model, tokens, desc.vocab_size)
+    got = full_logits(pruned_model, tokens, desc.vocab_size)
+    assert not torch.allclose(expected, full_logits(parent_model, tokens, desc.vocab_size))  # the variants matter
+    tol = transformer_logits(parent_desc.ffn_hidden_size, desc.num_layers, expected)
+    assert (got - expected).abs().max().item() <= tol
+
+
+def test_per_layer_counts_equal_transformers(per_layer_pruned, tmp_path):
+    """The pruned description's parameter count is what transformers counts in its export."""
+    import transformers
+
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.checkpoint.store import read_info
+
+    hf = export(str(per_layer_pruned["pruned"]), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, dtype=torch.float32)
+    desc = read_info(per_layer_pruned["pruned"]).description
+    assert model.num_parameters() == desc.num_parameters() < read_info(per_layer_pruned["parent"]).description \
+        .num_parameters()
