@@ -503,3 +503,36 @@ def test_per_layer_counts_equal_transformers(per_layer_pruned, tmp_path):
     desc = read_info(per_layer_pruned["pruned"]).description
     assert model.num_parameters() == desc.num_parameters() < read_info(per_layer_pruned["parent"]).description \
         .num_parameters()
+
+
+@pytest.mark.multirank
+def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
+    """prune --per-layer on the parent loaded at TP=2 and at PP=2 writes exactly the TP=1
+    weights (the worker also counts the parameters held across ranks). One group per layer
+    does not split over 2 ranks: the scores here make 2 groups the best choice instead."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_workers
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+
+    importance = tmp_path / "imp"
+    shutil.copytree(per_layer_pruned["importance"], importance)
+    tensors = load_file(str(importance / "scores.safetensors"))
+    tensors["block_attention_kl"][3] = torch.tensor([0.0, -1.0, 1.0, 1.0])  # layer 3: 2 groups
+    save_file(tensors, str(importance / "scores.safetensors"))
+    parent = per_layer_pruned["parent"]
+    options = {"per_layer": True, "target_params": str(read_info(parent).description.num_parameters())}
+    _, _, want = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1"), **options))
+    assert [(s.num_query_groups, s.ffn_hidden_size) for s in read_info(tmp_path / "tp1").description.layer_shapes] \
+        == [(4, 256), (0, 768), (2, 768), (2, 0)]
+    job = {"checkpoint": str(parent), "importance": str(importance), "out": str(tmp_path / "workers" / "{layout}"),
+           "options": options}
+    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": [job]}))
+    run_workers("prune_parallel.py", tmp_path / "jobs.json", out=tmp_path / "workers")
+    for layout in ("tp2", "pp2"):
+        _, _, got = _canonical(tmp_path / "workers" / layout)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), layout
