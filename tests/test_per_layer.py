@@ -536,3 +536,34 @@ def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
         _, _, got = _canonical(tmp_path / "workers" / layout)
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), layout
+
+
+def test_report_draws_the_per_layer_round(per_layer_pruned, tmp_path):
+    """The report's per-layer section: the pruned checkpoint's shapes in a table and a PNG."""
+    from nemo_minitron.pipeline import report
+    from nemo_minitron.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(_per_layer_recipe(tmp_path), ["rounds.0.importance.block_variants=true"])
+
+    class Paths:
+        def prune(self, i):
+            return per_layer_pruned["pruned"]
+
+    found = report._per_layer(recipe, Paths(), tmp_path)
+    record = found[recipe.rounds[0].name]
+    assert [tuple(s) for s in record["layer_shapes"]] == list(FORCED)
+    assert record["parent"] == {"query_groups": 4, "ffn": 768}
+    assert (tmp_path / record["plot"]).stat().st_size > 0
+    lines = report._per_layer_markdown(recipe.rounds[0].name, record)
+    assert "| 1 | 0 | 768 |" in lines and "| 3 | 1 | 0 |" in lines
+
+
+@pytest.mark.parametrize("kind, args, says", [
+    ("llama", ("--tp", "2"), "--block-variants scores at --tp 1 --pp 1 (got --tp 2 --pp 1)"),
+    ("mixtral", (), "per-layer variants are for dense transformer models; this mixtral model has experts"),
+])
+def test_block_variants_refused(tiny_checkpoint, tmp_path, capsys, kind, args, says):
+    code, err = cli_in_process(capsys, "importance", tiny_checkpoint(kind), "--data", "builtin:calib", "--out",
+                               tmp_path / "imp", "--seq-len", "16", "--block-variants", *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "imp").exists()
