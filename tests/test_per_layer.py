@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import cli_in_process
+from tiny_models import _Removed
 from tolerances import log_softmax_sum, transformer_logits
 
 SEQ, SAMPLES, BLOCK_SAMPLES, SEED = 24, 4, 3, 5
@@ -131,18 +132,6 @@ def scored(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-class _Zero(torch.nn.Module):
-    """A removed block: adds nothing to the residual stream."""
-
-    def __init__(self, attention: bool):
-        super().__init__()
-        self.attention = attention
-
-    def forward(self, hidden_states, *args, **kwargs):
-        zeros = torch.zeros_like(hidden_states)
-        return (zeros, None) if self.attention else zeros
-
-
 def _resized_mlp(hf, layer, neurons):
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -215,12 +204,12 @@ def test_scores_equal_resized_reference(scored, tiny_hf, tiny_checkpoint):
                 model = copy.deepcopy(hf)
                 block = model.model.layers[layer]
                 if kind == "ffn" and size == 0:
-                    block.mlp = _Zero(attention=False)
+                    block.mlp = _Removed(attention=False)
                 elif kind == "ffn":
                     neurons = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:size].sort().values
                     block.mlp = _resized_mlp(hf, layer, neurons)
                 elif size == 0:
-                    block.self_attn = _Zero(attention=True)
+                    block.self_attn = _Removed(attention=True)
                 else:
                     block.self_attn = _resized_attention(hf, layer, scores["query_groups"][layer], size)
                 loss, logp, _ = _loss_and_logp(model, samples, desc.vocab_size)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_slice
+from nemo_minitron.importance.layers import passed_through, replaced_forwards
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import position_ids, split_microbatches, token_cross_entropy
 from nemo_minitron.model.params import unwrap
@@ -94,26 +95,13 @@ def attention_variant(layer, desc: ModelDescription, groups: int, group_scores: 
         yield
 
 
-@contextlib.contextmanager
-def _starting_at(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+def _starting_at(model, layer: int, hidden: torch.Tensor):
     """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
     recorded input of ``layer``), the others pass their input through."""
-    layers = unwrap(model).decoder.layers
-    patched = []
-    for module in layers[:layer]:
-        last = module is layers[layer - 1]
+    def recorded(*args, **kwargs):
+        return hidden, kwargs.get("context")
 
-        def forward(*args, _last=last, **kwargs):
-            given = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            return (hidden if _last else given), kwargs.get("context")
-
-        module.forward = forward
-        patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward  # back to the class's forward
+    return replaced_forwards(model, {i: recorded if i == layer - 1 else passed_through for i in range(layer)})
 
 
 def _layer_inputs(model) -> tuple[list, list]:
