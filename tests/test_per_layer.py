@@ -556,3 +556,29 @@ def test_block_variants_refused(tiny_checkpoint, tmp_path, capsys, kind, args, s
                                tmp_path / "imp", "--seq-len", "16", "--block-variants", *args)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "imp").exists()
+
+
+def test_per_layer_recipe_runs_end_to_end(tiny_hf, tmp_path):
+    """A recipe round pruned per layer: distilled, exported as Llama-Nemotron, reported with its plot."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TESTS
+    from nemo_minitron.checkpoint.store import read_info
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "nemo_minitron", "run", str(TESTS / "recipes" / "tiny_per_layer.yaml"),
+                           f"model.source={tiny_hf('llama_wide_mlp')}", f"output_dir={out}",
+                           f"data.cache_dir={tmp_path / 'cache'}"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    desc = read_info(out / "per-layer-2-prune").description
+    assert desc.is_heterogeneous and desc.num_parameters() <= 600_000
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["per_layer"]["per-layer"]["layer_shapes"] == [[s.num_query_groups, s.ffn_hidden_size]
+                                                                 for s in desc.layer_shapes]
+    assert (out / "report" / "per-layer-per-layer.png").is_file()
+    assert "## Per-layer architecture: per-layer" in (out / "report" / "report.md").read_text()
+    assert json.loads((out / "export" / "config.json").read_text())["model_type"] == "nemotron-nas"
