@@ -31,7 +31,7 @@ from megatron.core import parallel_state as ps
 from nemo_minitron.data.dataset import data_parallel_slice
 from nemo_minitron.importance.layers import passed_through, replaced_forwards
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.forward import position_ids, split_microbatches, token_cross_entropy
+from nemo_minitron.model.forward import position_ids, split_microbatches
 from nemo_minitron.model.params import unwrap
 from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
 from nemo_minitron.runtime.distributed import layout
@@ -119,6 +119,11 @@ def _log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
 
 
+def _nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss (float64, on the CPU)."""
+    return -log_probs.gather(-1, labels[..., None]).double().sum().cpu()
+
+
 def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                          ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
                          progress=None) -> dict[str, torch.Tensor]:
@@ -146,8 +151,9 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
             finally:
                 for h in handles:
                     h.remove()
-            parent_loss = token_cross_entropy(logits, labels, desc.vocab_size).double().sum().cpu()
             parent = _log_probs(logits, desc.vocab_size)
+            parent_loss = _nll(parent, labels)
+            parent_p = parent.exp()
             tokens_seen += labels.numel()
             for i in range(L):
                 for kind, opts in options.items():
@@ -156,10 +162,9 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
                             attention_variant(layers[i], desc, size, group_scores[i])
                         with variant, _starting_at(model, i, inputs[i] if i else None):
                             out = model(tokens, positions, None)
-                        loss[kind][i, j] += token_cross_entropy(out, labels, desc.vocab_size).double().sum().cpu() \
-                            - parent_loss
                         mine_logp = _log_probs(out, desc.vocab_size)
-                        kl[kind][i, j] += (parent.exp() * (parent - mine_logp)).sum().double().cpu()
+                        loss[kind][i, j] += _nll(mine_logp, labels) - parent_loss
+                        kl[kind][i, j] += (parent_p * (parent - mine_logp)).sum().double().cpu()
                         if progress is not None:
                             progress.update(1)
     model.train(was_training)

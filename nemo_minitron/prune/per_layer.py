@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from nemo_minitron.config import Names, default_of
 from nemo_minitron.errors import UsageError, require
+from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.config import Names
-from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.prune.config import PerLayerConfig, PruneConfig
 from nemo_minitron.prune.targets import format_count, parse_bytes, parse_param_count
 from nemo_minitron.prune.variants import (
@@ -43,6 +43,7 @@ from nemo_minitron.prune.variants import (
 
 BudgetKind = Literal["params", "active_params", "memory"]
 
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """What the per-layer choice must fit: parameters (dense models: active = total), or
@@ -51,9 +52,9 @@ class Budget:
     kind: BudgetKind
     limit: int
     flag: str = "--target-params"
-    context: int = 4096
-    batch: int = 1
-    bytes_per_value: int = 2
+    context: int = default_of(PerLayerConfig, "memory_context")
+    batch: int = default_of(PerLayerConfig, "memory_batch")
+    bytes_per_value: int = default_of(PerLayerConfig, "bytes_per_value")
 
     def block_costs(self, desc: ModelDescription, variants: BlockVariants) -> tuple[np.ndarray, np.ndarray]:
         """(cost of each attention option, cost of each MLP option) of one layer."""
@@ -221,27 +222,6 @@ def _check_reachable(desc, variants, budget, cost_a, cost_f, attention_ok, mlp_o
     require(with_attention <= available,
             f"{budget.flag} {budget.describe(budget.limit)}: no per-layer architecture meets it; the smallest the "
             f"scored variants allow{tp_note} is {budget.describe(smallest)} {budget.what()}")
-
-
-def brute_force(desc, variants, attention_scores, ffn_scores, budget, tp: int = 1) -> PerLayerChoice | None:
-    """Every combination enumerated (tests: small instances only)."""
-    import itertools
-
-    attention_ok, mlp_ok = _layer_options(variants, tp)
-    cost_a, cost_f = budget.block_costs(desc, variants)
-    available = budget.limit - budget.fixed(desc)
-    best = None
-    L = desc.num_layers
-    for picks_a in itertools.product(attention_ok, repeat=L):
-        if all(variants.query_groups[a] == 0 for a in picks_a):
-            continue
-        for picks_f in itertools.product(mlp_ok, repeat=L):
-            if sum(cost_a[a] for a in picks_a) + sum(cost_f[f] for f in picks_f) > available:
-                continue
-            choice = _choice(desc, variants, attention_scores, ffn_scores, budget, picks_a, picks_f)
-            if best is None or choice.score < best.score:
-                best = choice
-    return best
 
 
 def format_choice(desc: ModelDescription, variants: BlockVariants, choice: PerLayerChoice, budget: Budget,
