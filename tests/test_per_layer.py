@@ -13,7 +13,7 @@ import torch
 
 from conftest import cli_in_process
 from tiny_models import _Removed
-from tolerances import log_softmax_sum, transformer_logits
+from tolerances import fp32, log_softmax_sum, transformer_logits
 
 SEQ, SAMPLES, BLOCK_SAMPLES, SEED = 24, 4, 3, 5
 FFN_MULTIPLE, FFN_VARIANTS = 32, 2   # the tiny llama's MLP (96): widths 64 and 32
@@ -446,8 +446,6 @@ def test_per_layer_prune_keeps_the_parents_weights(per_layer_pruned):
 
 
 def fp32_mean_tol(n: int, values: torch.Tensor) -> float:
-    from tolerances import fp32
-
     return fp32(n, values.abs().max().item())
 
 
@@ -582,3 +580,25 @@ def test_per_layer_recipe_runs_end_to_end(tiny_hf, tmp_path):
     assert (out / "report" / "per-layer-per-layer.png").is_file()
     assert "## Per-layer architecture: per-layer" in (out / "report" / "report.md").read_text()
     assert json.loads((out / "export" / "config.json").read_text())["model_type"] == "nemotron-nas"
+
+
+@pytest.mark.multirank
+def test_block_scores_at_dp2_equal_one_rank(scored, tiny_checkpoint, tmp_path):
+    """Two data-parallel ranks share the block samples: the summed scores are one rank's."""
+    from conftest import run_workers
+    from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
+
+    options = {"samples": SAMPLES, "seq_len": SEQ, "micro_batch": 1, "layer_samples": 1, "drop_blocks": [],
+               "block_variants": True, "ffn_variants": FFN_VARIANTS, "ffn_multiple": FFN_MULTIPLE,
+               "block_samples": BLOCK_SAMPLES, "seed": SEED, "dtype": "float32"}
+    spec = {"out": str(tmp_path / "out"), "layouts": {"dp2": [1, 1]}, "models": {"llama": str(tiny_checkpoint("llama"))},
+            "options": options}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_workers("importance_layouts.py", tmp_path / "spec.json", out=tmp_path / "out")
+    one, two = ImportanceScores.load(scored), ImportanceScores.load(tmp_path / "out" / "dp2-llama")
+    # each rank's forward may split its products over other threads: logits (below 1 in the tiny
+    # llama) within a float32 accumulation over 96-wide products through 2 x 4 + 1 of them,
+    # then a difference of two log-softmax sums over the 1000-token vocabulary, for each side
+    tol = 2 * (fp32(96 * (2 * 4 + 1), 1.0) + log_softmax_sum(1000, 1.0))
+    for axis in BLOCK_AXES:
+        assert (two[axis] - one[axis]).abs().max().item() <= tol, axis
