@@ -64,12 +64,12 @@ def main() -> None:
     for label, budget in BUDGETS.items():
         rows = {}
         for k, candidate in enumerate(plan(desc, parse_param_count(budget))[:args.uniform]):
-            path = CACHE / f"per-layer-bench-uniform-{label}-{k}"
+            path = CACHE / f"{importance.name}-uniform-{label}-{k}"
             if not is_checkpoint(path):
                 prune(str(teacher), str(importance), str(path), target=candidate.target(), layer_metric="loss")
             rows[f"uniform {k}"] = {"params": candidate.params, "shape": candidate.target(), "heldout_loss": loss_of(path)}
         for metric in ("kl", "loss"):
-            path = CACHE / f"per-layer-bench-{metric}-{label}"
+            path = CACHE / f"{importance.name}-per-layer-{metric}-{label}"
             t0 = time.time()
             if not is_checkpoint(path):
                 prune(str(teacher), str(importance), str(path), per_layer=True, target_params=budget, block_score=metric)
