@@ -281,7 +281,13 @@ def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
     code, err = cli_in_process(capsys, "prune", ckpt, "--importance", tiny_checkpoint("llama"), "--out",
                                tmp_path / "p", "--per-layer", "--target-params", "200K")
-    assert code == 2, err
+    assert code == 2 and "is not an importance directory" in err, err
+    # widths of 32 and 64 (--ffn-multiple 32): megatron builds them, the Llama-Nemotron export cannot state them
+    code, err = cli_in_process(capsys, "prune", ckpt, "--importance", scored, "--out", tmp_path / "p", "--per-layer",
+                               "--target-params", "200K")
+    assert code == 2 and "--per-layer: the Hugging Face export cannot state the chosen shapes" in err \
+        and "not representable" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
 
 
 # ---------------------------------------------------------------------- recipes and the report's plot

@@ -56,7 +56,7 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.per_layer import check_shapes, per_layer_choice
+from nemo_minitron.prune.per_layer import check_shapes, export_refusal, per_layer_choice
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
 from nemo_minitron.prune.variants import kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
@@ -339,6 +339,8 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     old.check_layout(tp, pp)
     variants, choice = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
     new = check_shapes(old, choice, tp, pp)
+    refusal = export_refusal(new, names("per_layer"))  # as a uniform prune: only shapes transformers can hold
+    require(refusal is None, refusal or "")
     check_world_size(tp, pp)
 
     init_distributed(tp, pp, seed)

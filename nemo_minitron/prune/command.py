@@ -76,6 +76,9 @@ def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -
           f"{', '.join(map(str, variants.query_groups))}; MLP options: "
           f"{', '.join(map(str, variants.ffn))}; 0 = removed) at --tp {args.tp} --pp {args.pp}\n")
     print(per_layer.format_choice(desc, variants, choice, budget, cfg.block_score))
+    refusal = per_layer.export_refusal(desc.replace(layer_shapes=choice.shapes), "--per-layer")
+    if refusal:
+        print(f"note: {refusal}; prune refuses it")
     if output.json:
         new = desc.replace(layer_shapes=choice.shapes)
         Path(output.json).write_text(json.dumps({

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from nemo_minitron.checkpoint.hf_export import hf_config
 from nemo_minitron.config import Names, default_of
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.importance.config import ImportanceConfig
@@ -114,6 +115,16 @@ def check_shapes(desc: ModelDescription, choice: PerLayerChoice, tp: int, pp: in
     new = desc.replace(layer_shapes=choice.shapes)
     new.check_layout(tp, pp)
     return new
+
+
+def export_refusal(new: ModelDescription, flag: str) -> str | None:
+    """Why the Hugging Face export (Llama-Nemotron) cannot state ``new`` (None: it can)."""
+    try:
+        hf_config(new, torch.float32, flag)
+    except UsageError as e:
+        return (f"{flag}: the Hugging Face export cannot state the chosen shapes: {e} (importance --ffn-multiple "
+                "256 scores only widths it states)")
+    return None
 
 
 def budget_of(cfg: PerLayerConfig, target_params: str | None, names: Names) -> Budget:
