@@ -75,7 +75,7 @@ def test_choice_equals_brute_force():
         attention[:, 0] = ffn[:, 0] = 0
         if trial == 3:  # removing attention looks free: the unconstrained optimum has none
             attention[:, -1] = -1.0 - attention[:, -1]  # distinct: one optimum
-        for budget in (Budget("params", int(0.97 * full)), Budget("params", int(0.93 * full)),
+        for budget in (Budget("params", int(0.97 * full)), Budget("active_params", int(0.93 * full)),
                        Budget("memory", int(0.95 * (full * 2 + 3 * 2 * 2 * 16 * 2 * 64)), "--target-memory",
                               context=64, batch=2)):
             expected = _enumerate(desc, variants, attention, ffn, budget)
@@ -249,6 +249,16 @@ def test_plan_per_layer_prints_the_choice(scored, tiny_checkpoint, tmp_path, cap
     expected = sum(scores["block_attention_kl"][l, variants["query_groups"].index(g)].item()
                    + scores["block_ffn_kl"][l, variants["ffn"].index(f)].item() for l, (g, f) in enumerate(shapes))
     assert choice["score"] == pytest.approx(expected, rel=1e-6)
+    # a memory budget: weights (2 bytes each) plus the KV cache of 2 sequences of 64 tokens
+    parent_bytes = desc.num_parameters() * 2 + desc.kv_cache_bytes_per_token() * 64 * 2
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-memory", str(int(0.8 * parent_bytes)), "--memory-context", "64",
+                               "--memory-batch", "2", "--json", tmp_path / "memory.json")
+    assert code == 0, err
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    new = desc.replace(layer_shapes=memory["layer_shapes"])
+    assert memory["budget"] == {"kind": "memory", "limit": int(0.8 * parent_bytes)}
+    assert memory["cost"] == new.num_parameters() * 2 + new.kv_cache_bytes_per_token() * 64 * 2 <= 0.8 * parent_bytes
 
 
 @pytest.mark.parametrize("budget, tp, says", [
