@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _iteration(p)
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
-    add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
+    add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params; or --per-layer and a "
+                                    "budget)")
     _runtime(p, seed="--order random's draw (the other orders draw nothing)",
              dtype_help="dtype of the saved checkpoint; auto: as stored [default: auto]")
 
