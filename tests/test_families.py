@@ -190,7 +190,7 @@ def _hf_dir(tmp_path: Path, tiny_hf, kind: str, config_changes: dict, extra_weig
     ("qwen3", {}, "model.layers.0.self_attn.sinks", "weight 'model.layers.0.self_attn.sinks' is not part of a qwen3"),
     ("llama", {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "kv_lora_rank": 512}, None,
      "unsupported architecture 'deepseek_v3' (supported: llama, mistral, qwen2, qwen3, nemotron, mixtral, qwen3_moe, "
-     "qwen2_moe, nemotron_h); "
+     "qwen2_moe, nemotron_h, nemotron-nas); "
      "it uses kv_lora_rank"),
 ])
 def test_unsupported_features_are_one_line_errors(tiny_hf, tmp_path, capsys, kind, changes, extra, words):

@@ -202,7 +202,7 @@ class _Removed(torch.nn.Module):
         return (zeros, None) if self.attention else zeros
 
 
-def heterogeneous_reference(shapes=TINY_HETEROGENEOUS, seed: int = 0):
+def heterogeneous_reference(shapes=TINY_HETEROGENEOUS, seed: int = 0, tied: bool = False):
     """The independent reference of a per-layer model: transformers' LlamaForCausalLM whose
     layers' attention is rebuilt with that layer's key/value heads, its MLP with that layer's
     width, and a removed part replaced by a module that adds zero; random weights and norms."""
@@ -213,7 +213,7 @@ def heterogeneous_reference(shapes=TINY_HETEROGENEOUS, seed: int = 0):
     config = transformers.LlamaConfig(
         vocab_size=TINY_VOCAB, hidden_size=HETERO_HIDDEN, num_attention_heads=HETERO_HEADS,
         num_key_value_heads=HETERO_HEADS, head_dim=HETERO_HEAD_DIM, intermediate_size=max(f for _, f in shapes),
-        num_hidden_layers=len(shapes), rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        num_hidden_layers=len(shapes), rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
     llama = transformers.models.llama.modeling_llama
@@ -242,6 +242,8 @@ def heterogeneous_used_weights(model, shapes=TINY_HETEROGENEOUS) -> dict[str, to
     """The reference's weights a per-layer model has: those of removed parts (and their norms) left out."""
     out = {}
     for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # the embedding
         if name.startswith("model.layers."):
             i, rest = int(name.split(".")[2]), name.split(".", 3)[3]
             kv_heads, width = shapes[i]
@@ -253,7 +255,7 @@ def heterogeneous_used_weights(model, shapes=TINY_HETEROGENEOUS) -> dict[str, to
     return out
 
 
-def make_tiny_heterogeneous(directory: Path, shapes=TINY_HETEROGENEOUS, seed: int = 0):
+def make_tiny_heterogeneous(directory: Path, shapes=TINY_HETEROGENEOUS, seed: int = 0, tied: bool = False):
     """Write the reference's weights as a Llama-Nemotron (nemotron-nas) directory, its
     config.json written here from the format's definition (block_configs: n_heads_in_group,
     ffn_mult = 1.5 x width / hidden); returns (directory, reference model)."""
@@ -261,7 +263,7 @@ def make_tiny_heterogeneous(directory: Path, shapes=TINY_HETEROGENEOUS, seed: in
 
     from safetensors.torch import save_file
 
-    model = heterogeneous_reference(shapes, seed)
+    model = heterogeneous_reference(shapes, seed, tied)
     directory.mkdir(parents=True)
     blocks = [{"attention": {"n_heads_in_group": HETERO_HEADS // g if g else None, "no_op": not g,
                              "replace_with_linear": False},
@@ -270,7 +272,7 @@ def make_tiny_heterogeneous(directory: Path, shapes=TINY_HETEROGENEOUS, seed: in
     config = {"architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas", "vocab_size": TINY_VOCAB,
               "hidden_size": HETERO_HIDDEN, "num_attention_heads": HETERO_HEADS, "head_dim": HETERO_HEAD_DIM,
               "num_hidden_layers": len(shapes), "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 4096, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "max_position_embeddings": 4096, "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,
               "torch_dtype": "float32", "block_configs": blocks}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(heterogeneous_used_weights(model, shapes), str(directory / "model.safetensors"), metadata={"format": "pt"})

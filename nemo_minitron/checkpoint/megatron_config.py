@@ -266,10 +266,8 @@ def heterogeneous_fields(desc: ModelDescription, config_path: str | None) -> dic
     """The heterogeneous config keys of a Megatron checkpoint (None and "" for a uniform model)."""
     if not desc.is_heterogeneous:
         return {"heterogeneous_layers_config_path": None, "heterogeneous_layers_config_encoded_json": None}
-    from nemo_minitron.model.builder import heterogeneous_block_configs  # deferred: megatron-core's model code
-
     return {"heterogeneous_layers_config_path": config_path,
-            "heterogeneous_layers_config_encoded_json": json.dumps(heterogeneous_block_configs(desc))}
+            "heterogeneous_layers_config_encoded_json": json.dumps(nemotron_nas.megatron_block_configs(desc))}
 
 
 def check_writable(desc: ModelDescription) -> None:

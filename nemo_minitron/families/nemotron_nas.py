@@ -127,6 +127,25 @@ def block_configs(num_attention_heads: int, hidden_size: int, shapes) -> list[di
     return out
 
 
+def megatron_block_configs(desc) -> dict[str, Any]:
+    """megatron-core's ``heterogeneous_layers_config_encoded_json`` contents for a description
+    with per-layer shapes: ``block_configs`` stating each layer's groups and width directly
+    (``num_query_groups``, ``ffn_hidden_size``: any width, which megatron-core's
+    HeterogeneousTransformerConfig reads first), with the Hugging Face keys beside them where
+    they can state it (``n_heads_in_group``, ``ffn_mult``: for tools that read those); a
+    removed part is a ``no_op``."""
+    blocks = []
+    for s in desc.all_layer_shapes():
+        attention = {"no_op": not s.has_attention, "replace_with_linear": False,
+                     "num_query_groups": s.num_query_groups or None,
+                     "n_heads_in_group": desc.num_attention_heads // s.num_query_groups if s.has_attention else None}
+        mlp = {"no_op": not s.has_mlp, "replace_with_linear": False, "ffn_hidden_size": s.ffn_hidden_size or None}
+        if s.has_mlp and representable_ffn_width(s.ffn_hidden_size, desc.hidden_size):
+            mlp["ffn_mult"] = ffn_mult(s.ffn_hidden_size, desc.hidden_size)
+        blocks.append({"attention": attention, "ffn": mlp})
+    return {"block_configs": blocks}
+
+
 NEMOTRON_NAS = Family(
     model_type="nemotron-nas", hf_class="DeciLMForCausalLM", config_class="DeciLMConfig", heterogeneous=True,
     config=(

@@ -153,6 +153,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     samples, seq_len, micro_batch = cfg.samples, cfg.seq_len, cfg.micro_batch
     info = read_info(checkpoint)
     desc = info.description
+    desc.require_uniform("importance")
     out_path = check_new_output(out)
     require(seq_len <= desc.max_position_embeddings,
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "

@@ -13,7 +13,7 @@ such models with ``sequence_parallel=True`` at TP > 1; inference needs no such t
 
 Heterogeneous models (``desc.layer_shapes``) are megatron-core's
 ``HeterogeneousTransformerConfig`` and heterogeneous layer spec: each layer's query groups
-and MLP width are stated in ``block_configs`` (``heterogeneous_block_configs``), a removed
+and MLP width are stated in ``block_configs`` (``families.nemotron_nas.megatron_block_configs``), a removed
 attention or MLP is an identity with no norm; the spec's layers are built per pipeline
 stage like any other's.
 """
@@ -39,7 +39,7 @@ from megatron.core.transformer.heterogeneous.heterogeneous_config import Heterog
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_minitron.errors import require
-from nemo_minitron.families.nemotron_nas import ffn_mult, representable_ffn_width
+from nemo_minitron.families.nemotron_nas import megatron_block_configs
 from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import local_norm_spec
@@ -98,24 +98,6 @@ def moe_config(desc: ModelDescription, *, grouped_gemm: bool = False) -> dict:
         moe_shared_expert_intermediate_size=desc.moe_shared_ffn_hidden_size or None,
         moe_shared_expert_gate=desc.moe_shared_expert_gate,
     )
-
-
-def heterogeneous_block_configs(desc: ModelDescription) -> dict:
-    """megatron-core's ``heterogeneous_layers_config_encoded_json`` contents for ``desc``:
-    ``block_configs`` stating each layer's groups and width directly (``num_query_groups``,
-    ``ffn_hidden_size``: any width), with the Llama-Nemotron keys beside them where they
-    can state it (``n_heads_in_group``, ``ffn_mult``: read by tools that expect the Hugging
-    Face form); a removed part is a ``no_op``."""
-    blocks = []
-    for s in desc.all_layer_shapes():
-        attention = {"no_op": not s.has_attention, "replace_with_linear": False,
-                     "num_query_groups": s.num_query_groups or None,
-                     "n_heads_in_group": desc.num_attention_heads // s.num_query_groups if s.has_attention else None}
-        mlp = {"no_op": not s.has_mlp, "replace_with_linear": False, "ffn_hidden_size": s.ffn_hidden_size or None}
-        if s.has_mlp and representable_ffn_width(s.ffn_hidden_size, desc.hidden_size):
-            mlp["ffn_mult"] = ffn_mult(s.ffn_hidden_size, desc.hidden_size)
-        blocks.append({"attention": attention, "ffn": mlp})
-    return {"block_configs": blocks}
 
 
 def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
@@ -178,7 +160,7 @@ def transformer_config(desc: ModelDescription, *, tp: int, pp: int, dtype: torch
     kwargs.update(overrides or {})
     if desc.is_heterogeneous:
         kwargs["ffn_hidden_size"] = desc.ffn_hidden_size or desc.hidden_size  # only no-op MLPs read it
-        kwargs["heterogeneous_layers_config_encoded_json"] = json.dumps(heterogeneous_block_configs(desc))
+        kwargs["heterogeneous_layers_config_encoded_json"] = json.dumps(megatron_block_configs(desc))
         return HeterogeneousTransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
 

@@ -160,12 +160,16 @@ class ModelDescription:
         # JSON and Python callers may give lists of dicts or pairs: store LayerShapes
         object.__setattr__(self, "layer_shapes", tuple(_as_layer_shape(v, i)
                                                        for i, v in enumerate(self.layer_shapes or ())))
-        dense_ffn = () if self.is_moe or self.is_heterogeneous else ("ffn_hidden_size",)
-        for field in ("vocab_size", "hidden_size", *dense_ffn, "num_layers",
-                      "num_attention_heads", "num_query_groups", "head_dim"):
+        # a per-layer model's groups and width are its widest layer's (checked with the layers)
+        per_model = () if self.is_heterogeneous else ("num_query_groups", "ffn_hidden_size")
+        dense_ffn = () if self.is_moe else tuple(f for f in per_model if f == "ffn_hidden_size")
+        for field in ("vocab_size", "hidden_size", *dense_ffn, "num_layers", "num_attention_heads",
+                      *(f for f in per_model if f == "num_query_groups"), "head_dim"):
             value = getattr(self, field)
             require(isinstance(value, int) and value > 0, f"model {field} must be a positive integer, got {value!r}")
         self._check_experts(fam.moe)
+        if self.is_heterogeneous:
+            self._check_layer_shapes()
         require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"attention heads ({self.num_attention_heads}) must be a multiple of query groups "
@@ -189,8 +193,6 @@ class ModelDescription:
             hybrid.check_description(self)
         require(not fam.heterogeneous or self.is_heterogeneous,
                 f"a {self.architecture} model has per-layer shapes (layer_shapes)")
-        if self.is_heterogeneous:
-            self._check_layer_shapes()
 
     def _check_layer_shapes(self) -> None:
         shapes = self.layer_shapes
@@ -252,6 +254,11 @@ class ModelDescription:
     def is_heterogeneous(self) -> bool:
         """Layers of different shapes (``layer_shapes``), built with megatron-core's heterogeneous config."""
         return bool(self.layer_shapes)
+
+    def require_uniform(self, what: str) -> None:
+        """A one-line refusal of a stage that does not handle per-layer shapes yet."""
+        require(not self.is_heterogeneous, f"{what} of a model with per-layer shapes ({self.architecture}) is not "
+                                           "supported yet")
 
     def layer_shape(self, layer: int) -> LayerShape:
         """The shape of layer ``layer`` (0-based), for uniform models too."""

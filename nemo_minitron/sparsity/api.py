@@ -75,6 +75,7 @@ def target_weights(desc: ModelDescription, cfg: SparsifyConfig, tp: int, names: 
     """The canonical weights to sparsify, in order (layer by layer, then the output layer),
     after checking that the pattern fits each at this tensor-parallel size."""
     not_yet(desc, "sparsify")
+    desc.require_uniform("sparsify")
     require(not desc.is_moe, f"{names('modules')}: sparsify handles dense MLPs; this {desc.architecture} model has "
                              "mixture-of-experts layers (not supported yet)")
     pattern = parse_pattern(cfg.pattern, names("pattern"))
