@@ -204,3 +204,20 @@ def test_conversion_both_ways_at_tp2_and_pp2(hetero, tmp_path):
         assert exported.keys() == source.keys(), tag
         assert all(torch.equal(exported[k], source[k]) for k in source), tag
     assert (torch.load(out / "reloaded.pt") - ref_logits).abs().max().item() <= tol
+
+
+def test_export_refuses_a_width_the_format_cannot_state(tmp_path, runtime, capsys):
+    """Our checkpoints hold any MLP width; the Hugging Face export (ffn_mult: multiples of 256)
+    refuses a layer of width 96 before writing anything, naming the layer and nearest widths."""
+    from nemo_minitron.checkpoint.api import convert
+
+    shapes = ((2, 512), (0, 256), (4, 0), (2, 96))
+    directory, _ = make_tiny_heterogeneous(tmp_path / "hf", shapes=shapes)
+    config = json.loads((directory / "config.json").read_text())
+    config["block_configs"][3]["ffn"] = {"ffn_hidden_size": 96, "no_op": False}  # megatron-core's key
+    (directory / "config.json").write_text(json.dumps(config))
+    checkpoint = convert(str(directory), str(tmp_path / "ckpt"))
+    code, err = cli_in_process(capsys, "export", str(checkpoint), "--hf-out", str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "layer 3: MLP width 96 is not representable" in err and "nearest: 0, 256" in err, err
+    assert not (tmp_path / "out").exists()

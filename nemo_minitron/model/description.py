@@ -160,11 +160,10 @@ class ModelDescription:
         # JSON and Python callers may give lists of dicts or pairs: store LayerShapes
         object.__setattr__(self, "layer_shapes", tuple(_as_layer_shape(v, i)
                                                        for i, v in enumerate(self.layer_shapes or ())))
-        # a per-layer model's groups and width are its widest layer's (checked with the layers)
-        per_model = () if self.is_heterogeneous else ("num_query_groups", "ffn_hidden_size")
-        dense_ffn = () if self.is_moe else tuple(f for f in per_model if f == "ffn_hidden_size")
-        for field in ("vocab_size", "hidden_size", *dense_ffn, "num_layers", "num_attention_heads",
-                      *(f for f in per_model if f == "num_query_groups"), "head_dim"):
+        positive = ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "head_dim"]
+        if not self.is_heterogeneous:  # a per-layer model's are its widest layer's (checked with the layers)
+            positive += ["num_query_groups"] + ([] if self.is_moe else ["ffn_hidden_size"])
+        for field in positive:
             value = getattr(self, field)
             require(isinstance(value, int) and value > 0, f"model {field} must be a positive integer, got {value!r}")
         self._check_experts(fam.moe)
