@@ -15,7 +15,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 #: reduced settings of the benchmarks whose full defaults take hours on a 2-core CPU
 QUICK = {"search_cache": ["--steps", "20", "--ranking-steps", "40", "--checkpoints", "10,20", "--repeats", "2"],
-         "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"]}
+         "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"],
+         "per_layer_quality": ["--samples", "16", "--seq-len", "128", "--block-samples", "2", "--eval-samples", "16",
+                               "--uniform", "2"]}
 
 
 def main() -> int:

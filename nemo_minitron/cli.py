@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron.eval_config import EvalConfig
     from nemo_minitron.generate.config import STOP_HELP, GenerateConfig
     from nemo_minitron.importance.config import ImportanceConfig
-    from nemo_minitron.prune.config import PlanConfig, PlanOutputConfig, PruneConfig
+    from nemo_minitron.prune.config import PerLayerConfig, PlanConfig, PlanOutputConfig, PruneConfig
     from nemo_minitron.runtime.config import ParallelConfig
     from nemo_minitron.search.config import SearchConfig
     from nemo_minitron.sparsity.config import SparsifyConfig
@@ -175,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", an HF directory (config.json is enough), .gguf, "
                                                   "alias or a config.json")
     _iteration(p)
-    p.add_argument("--target-params", required=True, metavar="N", help="budget, e.g. 90M, 4.5B")
+    p.add_argument("--target-params", metavar="N", help="budget, e.g. 90M, 4.5B (required unless --per-layer "
+                                                        "gives another budget)")
+    p.add_argument("--importance", metavar="DIR", help="with --per-layer: the importance directory whose block-variant "
+                                                       "scores choose each layer's shape")
     add_flags(p, PlanConfig, title="planner")
+    add_flags(p, PerLayerConfig, title="per-layer architecture (Puzzle-style)")
     add_flags(p, PlanOutputConfig, title="output")
     add_flags(p, ParallelConfig, title="parallelism the candidates must fit")
 
@@ -186,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _iteration(p)
     p.add_argument("--importance", required=True, metavar="DIR", help="importance directory of CKPT")
     p.add_argument("--out", required=True, metavar="CKPT2", help="new checkpoint directory (must not exist)")
-    add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params)")
+    add_flags(p, PruneConfig, title="pruning (give --target, --drop-layers or --target-params; or --per-layer and a "
+                                    "budget)")
     _runtime(p, seed="--order random's draw (the other orders draw nothing)",
              dtype_help="dtype of the saved checkpoint; auto: as stored [default: auto]")
 

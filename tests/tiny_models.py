@@ -38,6 +38,9 @@ TINY_CONFIGS = {
     # an MLP width that splits over 2 TP ranks into 38 columns each: not 2:4-sparsifiable there
     "llama_ffn76": ("LlamaConfig", dict(hidden_size=64, intermediate_size=76, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # MLP widths the Llama-Nemotron export states (multiples of 256): a parent for per-layer pruning
+    "llama_wide_mlp": ("LlamaConfig", dict(hidden_size=64, intermediate_size=768, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
     # the same shapes with a different vocabulary size: not a student for the others
     "mistral_vocab": ("MistralConfig", dict(vocab_size=1100, hidden_size=48, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

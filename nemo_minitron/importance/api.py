@@ -29,11 +29,13 @@ from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
 from nemo_minitron.files import check_new_output
 from nemo_minitron.evaluate import evaluate
+from nemo_minitron.importance.blocks import score_block_variants, variant_passes
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
 from nemo_minitron.importance.plots import write_plots
 from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
+from nemo_minitron.prune.variants import block_variants
 from nemo_minitron.model.forward import position_ids, run_forward_only, split_microbatches, to_device
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, init_distributed, is_rank0, layout
@@ -111,6 +113,22 @@ def hooks_only_step(device):
     return forward_step
 
 
+def _score_blocks(model, desc, samples: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
+                  progress: bool) -> dict:
+    """Add the block-variant scores (importance/blocks.py) to ``tensors``; their summary."""
+    t0 = time.time()
+    micro_batches = -(-len(samples) // ps.get_data_parallel_world_size() // cfg.micro_batch)
+    bar = progress_bar(variant_passes(desc, variants) * micro_batches, "block variants", progress, unit="variant")
+    tensors.update(score_block_variants(model, desc, samples, variants, tensors["ffn"], tensors["query_groups"],
+                                        cfg.micro_batch, bar))
+    bar.close()
+    seconds = time.time() - t0
+    log.info("block variants scored in %.0f s (%d layers x %d options on %d samples)", seconds, desc.num_layers,
+             len(variants.query_groups) + len(variants.ffn) - 2, len(samples))
+    return {**variants.to_dict(), "samples": len(samples), "tokens": len(samples) * (samples.shape[1] - 1),
+            "seconds": round(seconds, 1)}
+
+
 def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int, progress: bool = False,
                         samples_flag: str = "--samples") -> torch.Tensor:
     """``[samples, seq_len + 1]``: the first samples of the train part, shuffled by ``seed``
@@ -141,6 +159,10 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             f"{names('seq_len')} {seq_len} exceeds the model's max_position_embeddings "
             f"({desc.max_position_embeddings})")
     layer_samples = cfg.layer_sample_count()
+    if cfg.block_variants:
+        require(tp == 1 and pp == 1, f"{names('block_variants')} scores at --tp 1 --pp 1 (got --tp {tp} --pp {pp}); "
+                                     "data parallel ranks share the samples")
+        variants = block_variants(desc, cfg.ffn_variants, cfg.ffn_multiple)
     for k in cfg.drop_blocks:
         require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
                                           f"{desc.num_layers - 1} layers")
@@ -170,12 +192,14 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         log_settings(log, f"importance of {checkpoint} on {samples} samples x {seq_len} tokens of {corpus.blend.label} "
                           f"({cfg.seq_agg} over the sequence, {cfg.batch_agg} over samples); layer loss drops on "
                           f"{layer_samples} of them ({passes} passes)", resolved, f"{out_path}/config.yaml")
+    calibration_start = time.time()
     tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
                                batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
                                num_layers=desc.num_layers, head_score=cfg.head_score,
                                channel_norms=cfg.channel_norms, mamba_activation=cfg.mamba_activation,
                                second_moments=cfg.second_moments, progress=progress,
                                layer_pass_tokens=passes * layer_samples * seq_len)
+    calibration_seconds = time.time() - calibration_start
     grams = {k: tensors.pop(k).float().cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
@@ -190,6 +214,11 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
                                 tensors["layer_block_importance"].tolist(), greedy, bar)
     bar.close()
+    blocks_summary = None
+    if cfg.block_variants:
+        blocks_summary = _score_blocks(model, desc, calibration[:min(cfg.block_samples, samples)], variants, tensors,
+                                       cfg, progress)
+        blocks_summary["calibration_seconds"] = round(calibration_seconds, 1)
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
 
@@ -216,6 +245,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         },
         "wall_seconds": round(time.time() - start, 1),
     }
+    if blocks_summary is not None:
+        summary["block_variants"] = blocks_summary
     scores = ImportanceScores(tensors, summary)
 
     with atomic_directory(out_path) as tmp:

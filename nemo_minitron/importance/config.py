@@ -55,6 +55,17 @@ class ImportanceConfig:
               "earlier ones gone, down to the largest --drop-blocks size (prune --layer-metric greedy); costs "
               "sum over steps of the layers left in passes over the --layer-samples")
 
+    block_variants: bool = option(
+        False, "also score per-layer block variants for prune --per-layer (Puzzle-style): for every layer, the loss "
+               "change and KL from the parent when its attention has fewer K/V groups or is removed, or its MLP is "
+               "narrower or removed (about half a forward pass per variant, layer and --block-samples sample; "
+               "--tp 1 --pp 1)")
+    ffn_variants: int = option(5, "MLP widths scored per layer with --block-variants, evenly spaced below the "
+                                  "parent's (plus removal)", ge=1)
+    ffn_multiple: int = option(256, "the MLP widths of --block-variants are multiples of this (the Llama-Nemotron "
+                                    "export rounds ffn_mult to 256)", ge=1)
+    block_samples: int = option(8, "calibration samples the --block-variants scores use (capped at --samples)", ge=1)
+
     def check(self, names) -> None:
         for k in self.drop_blocks:
             require(isinstance(k, int) and k >= 1, f"{names('drop_blocks')}: block sizes must be >= 1 (got {k})")

@@ -19,7 +19,7 @@ the greedy set, the k layers of lowest loss drop and the k of lowest Block Impor
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -27,23 +27,30 @@ from nemo_minitron.evaluate import evaluate
 from nemo_minitron.model.params import unwrap
 
 
+def passed_through(*args, **kwargs):
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return hidden, kwargs.get("context")
+
+
 @contextlib.contextmanager
-def skipped_layers(model, layers: Iterable[int]):
-    """Within the block, the given global layers pass their input through unchanged."""
-    wanted = set(layers)
+def replaced_forwards(model, forwards: dict[int, Callable]):
+    """Within the block, the given global layers run ``forwards[layer]`` (taking the layer's
+    arguments, returning its (hidden, context)) instead of their own forward."""
     patched = []
     for layer in unwrap(model).decoder.layers:
-        if layer.layer_number - 1 in wanted:
-            def identity(*args, **kwargs):
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                return hidden, kwargs.get("context")
-            layer.forward = identity
+        if layer.layer_number - 1 in forwards:
+            layer.forward = forwards[layer.layer_number - 1]
             patched.append(layer)
     try:
         yield
     finally:
         for layer in patched:
             del layer.forward  # back to the class's forward
+
+
+def skipped_layers(model, layers: Iterable[int]):
+    """Within the block, the given global layers pass their input through unchanged."""
+    return replaced_forwards(model, {i: passed_through for i in layers})
 
 
 def loss_without(model, vocab_size: int, samples: torch.Tensor, layers: Sequence[int], micro_batch: int) -> float:

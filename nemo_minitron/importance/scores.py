@@ -23,6 +23,13 @@ Mixtures of experts (``ffn`` is then [layers, 0]: no dense MLP) add:
     moe_ffn                 [layers, experts, moe_ffn] each expert's neurons
     shared_ffn              [layers, shared_ffn]       the shared expert's neurons (when it has one)
 Higher is more important on every axis.
+With ``importance --block-variants`` (importance/blocks.py; summary.json's ``block_variants``
+lists the options {"query_groups": [...], "ffn": [...]}, the parent's first, 0 = removed):
+    block_attention_loss    [layers, attention options]  LM-loss change with that attention variant
+    block_attention_kl      [layers, attention options]  KL(parent || variant) per token
+    block_ffn_loss          [layers, MLP options]
+    block_ffn_kl            [layers, MLP options]
+These are costs: lower is better, 0 for the parent's own block.
 
 summary.json's ``layers`` (depth choices for prune --layer-metric): ``loss_drop``,
 ``block_importance``, their rankings, ``contiguous_blocks`` {k: best block},
@@ -55,6 +62,7 @@ SUMMARY_FILE = "summary.json"
 AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
 MOE_AXES = ("experts", "moe_ffn")  # and shared_ffn where the model has a shared expert
 HYBRID_AXES = ("mamba_heads", "mamba_head_dim")
+BLOCK_AXES = ("block_attention_loss", "block_attention_kl", "block_ffn_loss", "block_ffn_kl")
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ from nemo_minitron.data.blend import blend_words
 from nemo_minitron.evaluate import evaluate
 from nemo_minitron.pipeline.corpora import data_corpus
 from nemo_minitron.pipeline.recipe import Recipe
+from nemo_minitron.prune.plots import layer_shapes_figure
 from nemo_minitron.runtime.distributed import is_rank0
 from nemo_minitron.runtime.plotting import pyplot, save_figure
 from nemo_minitron.runtime.precision import ComputeDtype, resolve_dtype
@@ -339,15 +340,45 @@ def write_report(recipe: Recipe, paths, out: Path) -> str | None:
         sparsity = _sparsity(recipe, paths)
         for name, record in sparsity.items():
             record["plot"] = _plot_sparsity(name, record, tmp)
+        per_layer = _per_layer(recipe, paths, tmp)
         sample = _generate_sample(paths.export) if recipe.export.enabled else None
         summaries = {rnd.name: _read_json(paths.distill(i) / "summary.json") for i, rnd in enumerate(recipe.rounds)}
         report = {"recipe": recipe.name, "dtype": dataclasses.asdict(dtype), "models": rows, "stages": stages,
-                  "search": searches, "sparsity": sparsity, "distillation": summaries,
+                  "search": searches, "sparsity": sparsity, "per_layer": per_layer, "distillation": summaries,
                   "export": str(paths.export) if recipe.export.enabled else None, "generation": sample}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(recipe, rows, stages, curves, importance_plots, sample, paths,
-                                                 task_plot, searches, summaries, dtype, sparsity))
+                                                 task_plot, searches, summaries, dtype, sparsity, per_layer))
     return None
+
+
+def _per_layer(recipe: Recipe, paths, out: Path) -> dict[str, dict[str, Any]]:
+    """Each per-layer round's shapes (its pruned checkpoint's description) and their plot, drawn into ``out``."""
+    found = {}
+    for i, rnd in enumerate(recipe.rounds):
+        if not rnd.prune.per_layer or rnd.search is not None:
+            continue
+        info = read_info(paths.prune(i))
+        parent = info.provenance.get("parent_model", {})
+        groups, ffn = parent.get("num_query_groups"), parent.get("ffn_hidden_size")
+        shapes = info.description.layer_shapes
+        plot = f"{rnd.name}-per-layer.png"
+        save_figure(layer_shapes_figure(shapes, groups, ffn, f"{rnd.name}: per-layer architecture "
+                                        f"({info.description.num_parameters() / 1e6:.1f}M parameters)"), out / plot)
+        found[rnd.name] = {"layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in shapes],
+                           "parent": {"query_groups": groups, "ffn": ffn}, "plot": plot,
+                           **{k: v for k, v in info.provenance.get("per_layer", {}).items() if k != "variants"}}
+    return found
+
+
+def _per_layer_markdown(name: str, record: dict[str, Any]) -> list[str]:
+    parent = record["parent"]
+    lines = ["", f"## Per-layer architecture: {name}", "",
+             f"Each layer's attention and MLP chosen from the scored variants under the budget (summed score "
+             f"{record.get('score', float('nan')):.4f}); parent: {parent['query_groups']} K/V groups, MLP "
+             f"{parent['ffn']}; 0: removed.", "", "| layer | K/V groups | MLP width |", "|---|---|---|"]
+    lines += [f"| {i} | {g} | {f} |" for i, (g, f) in enumerate(record["layer_shapes"])]
+    return lines + ["", f"![{record['plot']}]({record['plot']})"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -381,7 +412,7 @@ def _trained_on(name: str, summary: dict[str, Any]) -> str:
 
 
 def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, task_plot=None, searches=None,
-              summaries=None, dtype: ComputeDtype | None = None, sparsity=None) -> str:
+              summaries=None, dtype: ComputeDtype | None = None, sparsity=None, per_layer=None) -> str:
     base = rows[0]
     lines = [f"# {recipe.name}", "",
              f"Held-out data: {_heldout_label(recipe)} ({rows[0]['heldout_tokens']} tokens, "
@@ -426,6 +457,8 @@ def _markdown(recipe, rows, stages, curves, importance_plots, sample, paths, tas
         lines += _search_markdown(name, result)
     for name, record in (sparsity or {}).items():
         lines += _sparsity_markdown(name, record)
+    for name, record in (per_layer or {}).items():
+        lines += _per_layer_markdown(name, record)
     trained = [_trained_on(name, summary) for name, summary in (summaries or {}).items() if summary]
     if curves or trained:
         lines += ["", "## Distillation", ""] + trained + [""] + [f"![{c}]({c})" for c in curves]

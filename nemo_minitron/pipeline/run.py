@@ -45,6 +45,7 @@ from nemo_minitron.pipeline.recipe import Recipe, RoundConfig
 from nemo_minitron.pipeline.report import write_report
 from nemo_minitron.prune import api as prune_api
 from nemo_minitron.prune.api import planned_description
+from nemo_minitron.prune.per_layer import check_per_layer_budget
 from nemo_minitron.prune.config import PruneConfig
 from nemo_minitron.prune.targets import parse_param_count
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
@@ -177,6 +178,8 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     for i, rnd in enumerate(recipe.rounds):
         if rnd.search is not None:
             desc = _searched_description(desc, rnd, paths.search(i), tp, pp, recipe_names(f"rounds.{i}.search"))
+        elif rnd.prune.per_layer:  # the shapes follow from the scores; the budget is checked now
+            check_per_layer_budget(desc, rnd.importance, rnd.prune, tp, recipe_names(f"rounds.{i}.prune"))
         else:
             desc = planned_description(desc, rnd.prune, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
         descriptions.append(desc)

@@ -56,7 +56,9 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.transforms import _proj_columns, magnitudes, prune_tensor
+from nemo_minitron.prune.per_layer import check_shapes, export_refusal, per_layer_choice
+from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
+from nemo_minitron.prune.variants import kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
 from nemo_minitron.runtime.distributed import check_world_size, current_device, init_distributed
 from nemo_minitron.runtime.precision import stored_dtype
@@ -188,6 +190,9 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     tp, pp = configs.parallel.tp, configs.parallel.pp
     seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
+    if cfg.per_layer:
+        return _prune_per_layer(checkpoint, importance, out, cfg, names, tp=tp, pp=pp, seed=seed, dtype=dtype)
+
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
     old = info.description
@@ -315,3 +320,67 @@ def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer
     full = full.clone()
     full[:, columns] = refit_columns(full, gram, columns)
     return full
+
+
+# ---------------------------------------------------------------------- per-layer (Puzzle-style)
+def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfig, names: Names, *, tp: int,
+                     pp: int, seed: int, dtype) -> Path:
+    """``prune --per-layer``: the checkpoint with each layer's shape chosen under the budget."""
+    info = read_info(checkpoint)
+    old = info.description
+    require_tokenizer(checkpoint, "the pruned checkpoint carries it")
+    compute_dtype = stored_dtype(dtype, names("dtype"))
+    require(not (old.is_moe or old.is_hybrid) and not old.layer_shapes,
+            f"{names('per_layer')} chooses the layers of a uniform dense transformer; this model "
+            + ("has experts" if old.is_moe else "has Mamba layers" if old.is_hybrid else "is already per-layer"))
+    scores = ImportanceScores.load(importance)
+    scores.check_matches(old)
+    out_path = check_new_output(out)
+    old.check_layout(tp, pp)
+    variants, choice = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
+    new = check_shapes(old, choice, tp, pp)
+    refusal = export_refusal(new, names("per_layer"))  # as a uniform prune: only shapes transformers can hold
+    require(refusal is None, refusal or "")
+    check_world_size(tp, pp)
+
+    init_distributed(tp, pp, seed)
+    model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
+    log.info("pruning %s per layer: %.1fM -> %.1fM parameters, summed %s score %.4f; query groups per layer %s, "
+             "ffn per layer %s", checkpoint, old.num_parameters() / 1e6, new.num_parameters() / 1e6,
+             cfg.block_score, choice.score, [s.num_query_groups for s in choice.shapes],
+             [s.ffn_hidden_size for s in choice.shapes])
+    new_model = _build_per_layer(model, old, new, scores)
+    provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
+                  "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
+                  "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
+                                "layer_scores": list(choice.layer_scores)},
+                  "parent_model": old.to_dict()}
+    saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
+    return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
+                           tokenizer=load_tokenizer(checkpoint))
+
+
+def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores: ImportanceScores) -> torch.nn.Module:
+    """The per-layer model on this layout, every weight the parent's (transforms.per_layer_tensor):
+    the most important neurons of each narrowed MLP, each merged K/V group the mean of its
+    run of groups (variants.merged_groups); collective."""
+    dtype = next(model.parameters()).dtype
+    new_model = build_model(new, dtype=dtype)
+    old_weights = dict(named_weights(model))
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in named_weights(new_model):
+            layer = layer_of(name)
+            full = gather(name, old_weights[name].detach(), group=tp_group, gated=old.gated)
+            if layer is not None:
+                shape = new.layer_shapes[layer]
+                narrowed = shape.ffn_hidden_size not in (0, old.ffn_hidden_size)
+                merged = shape.num_query_groups not in (0, old.num_query_groups)
+                full = per_layer_tensor(
+                    name.split(f"decoder.layers.{layer}.", 1)[1], full, old,
+                    kept_neurons(scores["ffn"][layer], shape.ffn_hidden_size) if narrowed else None,
+                    merged_groups(scores["query_groups"][layer], shape.num_query_groups) if merged else None)
+            param.copy_(shard(name, full, tp_rank, tp_size, gated=new.gated))
+    new_model.eval()
+    return new_model

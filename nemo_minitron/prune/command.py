@@ -11,10 +11,10 @@ from pathlib import Path
 
 from nemo_minitron.checkpoint.megatron_layout import model_path
 from nemo_minitron.commands import runtime_options
-from nemo_minitron.config import from_args
+from nemo_minitron.config import cli_names, from_args
 from nemo_minitron.errors import require
 from nemo_minitron.files import check_checkpoint, check_model, check_new_output, check_output_file
-from nemo_minitron.prune.config import PlanConfig, PlanOutputConfig, PruneConfig
+from nemo_minitron.prune.config import PerLayerConfig, PlanConfig, PlanOutputConfig, PruneConfig
 from nemo_minitron.prune.plan import RANKING, format_table, plan
 from nemo_minitron.prune.targets import format_count, parse_param_count
 
@@ -22,6 +22,13 @@ from nemo_minitron.prune.targets import format_count, parse_param_count
 def plan_main(args) -> int:
     cfg = from_args(PlanConfig, args)
     output = from_args(PlanOutputConfig, args)
+    per_layer = from_args(PerLayerConfig, args)
+    per_layer.check_budget(cli_names(PerLayerConfig), args.target_params)
+    require(per_layer.per_layer or args.target_params is not None, "--target-params is required (or --per-layer with "
+                                                                   "a budget)")
+    require(not per_layer.per_layer or args.importance is not None,
+            "--per-layer needs --importance DIR (an importance run with --block-variants)")
+    require(args.importance is None or per_layer.per_layer, "--importance is for --per-layer")
     path = model_path(args.model, args.iteration)
     check_model(path, "MODEL")
     if output.json:
@@ -29,6 +36,8 @@ def plan_main(args) -> int:
     from nemo_minitron.checkpoint.api import describe_shapes  # deferred: start-up time (see the docstring)
 
     desc = describe_shapes(path)
+    if per_layer.per_layer:
+        return _plan_per_layer(args, desc, per_layer, output)
     budget = parse_param_count(args.target_params)
     candidates = plan(desc, budget, cfg, tp=args.tp, pp=args.pp)
     if os.environ.get("RANK", "0") != "0":  # nothing to compute together: rank 0 answers
@@ -46,6 +55,38 @@ def plan_main(args) -> int:
                                                   **({"ssm_state_bytes": c.description.ssm_state_bytes()}
                                                      if desc.is_hybrid else {})}
                                                  for c in candidates], indent=2))
+    return 0
+
+
+def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -> int:
+    """``plan --per-layer``: the per-layer shapes the scores choose under the budget, and their costs."""
+    require(Path(args.importance).is_dir(), f"--importance '{args.importance}' does not exist")
+    from nemo_minitron.prune import per_layer  # deferred: torch and scipy (see the docstring)
+
+    scores = per_layer.ImportanceScores.load(args.importance)
+    scores.check_matches(desc)
+    names = cli_names(PerLayerConfig)
+    variants, choice = per_layer.per_layer_choice(desc, scores, cfg, args.target_params, names, tp=args.tp)
+    per_layer.check_shapes(desc, choice, args.tp, args.pp)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    budget = per_layer.budget_of(cfg, args.target_params, names)
+    print(f"{args.model}: {desc.summary()}")
+    print(f"per-layer choice from {args.importance} ({cfg.block_score} scores; attention options: query groups "
+          f"{', '.join(map(str, variants.query_groups))}; MLP options: "
+          f"{', '.join(map(str, variants.ffn))}; 0 = removed) at --tp {args.tp} --pp {args.pp}\n")
+    print(per_layer.format_choice(desc, variants, choice, budget, cfg.block_score))
+    refusal = per_layer.export_refusal(desc.replace(layer_shapes=choice.shapes), "--per-layer")
+    if refusal:
+        print(f"note: {refusal}; prune refuses it")
+    if output.json:
+        new = desc.replace(layer_shapes=choice.shapes)
+        Path(output.json).write_text(json.dumps({
+            "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in choice.shapes],
+            "score": choice.score, "layer_scores": list(choice.layer_scores), "cost": choice.cost,
+            "budget": {"kind": budget.kind, "limit": budget.limit}, "params": new.num_parameters(),
+            "flops_per_token": new.flops_per_token(), "kv_cache_bytes_per_token": new.kv_cache_bytes_per_token()},
+            indent=2))
     return 0
 
 

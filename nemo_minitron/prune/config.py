@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from nemo_minitron.config import default_of, option
 from nemo_minitron.errors import require
-from nemo_minitron.prune.targets import LAYER_KIND_AXES, canonical_target, parse_param_count, parse_target
+from nemo_minitron.prune.targets import LAYER_KIND_AXES, canonical_target, parse_bytes, parse_param_count, parse_target
 
 
 #: How ``layer_metric`` names the layers to drop (or it lists them: "3,7,9").
@@ -50,7 +50,48 @@ class PlanOutputConfig:
 
 
 @dataclasses.dataclass
-class PruneConfig(PlanConfig):
+class PerLayerConfig:
+    """A per-layer (Puzzle-style) architecture: each layer's attention and MLP chosen among
+    the variants ``importance --block-variants`` scored, under a budget (prune/per_layer.py)."""
+
+    per_layer: bool = option(
+        False, "choose each layer's attention (K/V groups, or removed) and MLP width (or removed) from the importance "
+               "run's block-variant scores (importance --block-variants) under the budget: --target-params, "
+               "--target-active-params or --target-memory")
+    target_active_params: Optional[str] = option(
+        None, "with --per-layer: a budget of the parameters one token uses (a dense model's are all of them), "
+              "e.g. 90M", metavar="N")
+    target_memory: Optional[str] = option(
+        None, "with --per-layer: a memory budget, the weights plus the KV cache of --memory-batch sequences of "
+              "--memory-context tokens, e.g. 400MB or 1.5GiB", metavar="BYTES")
+    memory_context: int = option(4096, "tokens per sequence of the --target-memory KV cache", ge=1)
+    memory_batch: int = option(1, "sequences of the --target-memory KV cache", ge=1)
+    bytes_per_value: int = option(2, "bytes of each weight and KV-cache value under --target-memory (2: bf16)", ge=1)
+    block_score: Literal["kl", "loss"] = option(
+        "kl", "what --per-layer minimises, summed over the blocks changed: each variant's KL divergence from the "
+              "parent (Puzzle's choice) or its LM-loss change")
+
+    def check_budget(self, names, target_params: Optional[str]) -> None:
+        """The per-layer budget rules (``target_params``: the parameter budget given, if any)."""
+        given = [f for f, v in (("target_params", target_params), ("target_active_params", self.target_active_params),
+                                ("target_memory", self.target_memory)) if v is not None]
+        if self.per_layer:
+            require(len(given) == 1, f"{names('per_layer')} needs exactly one budget: {names('target_params')}, "
+                                     f"{names('target_active_params')} or {names('target_memory')}"
+                                     + (f" (got {', '.join(names(g) for g in given)})" if given else ""))
+        for field in ("target_active_params", "target_memory"):
+            require(getattr(self, field) is None or self.per_layer,
+                    f"{names(field)} is a {names('per_layer')} budget; add {names('per_layer')}")
+        if self.target_active_params is not None:
+            self.target_active_params = str(self.target_active_params)
+            parse_param_count(self.target_active_params, flag=names("target_active_params"))
+        if self.target_memory is not None:
+            self.target_memory = str(self.target_memory)
+            parse_bytes(self.target_memory, flag=names("target_memory"))
+
+
+@dataclasses.dataclass
+class PruneConfig(PlanConfig, PerLayerConfig):
     target: dict[str, int] = option({}, "target shape, any subset of hidden, ffn, heads, query_groups, layers "
                                         "(mixtures of experts: experts, moe_ffn, shared_ffn, top_k instead of ffn; "
                                         "hybrid models also mamba_heads, mamba_head_dim and the layers kept of each "
@@ -79,6 +120,18 @@ class PruneConfig(PlanConfig):
                "and neurons (needs importance --second-moments)")
 
     def check(self, names) -> None:
+        self.check_budget(names, self.target_params)
+        if self.per_layer:
+            require(not (self.target or self.drop_layers), f"{names('per_layer')} chooses every layer's shape from the "
+                                                           f"budget; {names('target')} and {names('drop_layers')} "
+                                                           "are for uniform shapes")
+            require(not self.refit and self.order == "importance",
+                    f"{names('per_layer')} keeps neurons by importance without {names('refit')} (got "
+                    f"{names('order')} {self.order}{', ' + names('refit') if self.refit else ''})")
+            if self.target_params is not None:
+                self.target_params = str(self.target_params)
+                parse_param_count(self.target_params, flag=names("target_params"))
+            return
         require(bool(self.target or self.drop_layers) != (self.target_params is not None),
                 f"{names('target')} (and/or {names('drop_layers')}) and {names('target_params')}: give exactly one "
                 "of a target and a budget")

@@ -110,6 +110,20 @@ def parse_param_count(text: str, flag: str = "--target-params") -> int:
     return value
 
 
+_BYTE_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_bytes(text: str, flag: str = "--target-memory") -> int:
+    """'1.5GB', '300M', '2GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?)?B?\s*", str(text).upper())
+    require(m is not None, f"{flag} must be a size in bytes with an optional K/M/G/T (or KiB/MiB/GiB) suffix, e.g. "
+                           f"300MB or 1.5GiB (got '{text}')")
+    value = int(round(float(m.group(1)) * _BYTE_SUFFIX[m.group(2) or ""]))
+    require(value > 0, f"{flag} must be positive (got '{text}')")
+    return value
+
+
 def format_count(n: int) -> str:
     """8030261248 -> '8.03B', 90000000 -> '90M', 10000 -> '10K'."""
     for suffix, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):

@@ -213,3 +213,37 @@ def _mixer_magnitudes(suffix: str, w: torch.Tensor, desc: ModelDescription) -> d
     if suffix == "out_proj.weight":
         return {**per_inner(w.sum(0)), "hidden": w.sum(1)}
     raise KeyError(suffix)
+
+
+def merged_qkv(full: torch.Tensor, old: ModelDescription, runs: list[list[int]]) -> torch.Tensor:
+    """``linear_qkv`` (weight or bias) of an attention whose K/V groups are merged: new group
+    k holds the query heads of the parent's groups ``runs[k]`` (in that order, bit-equal) and
+    the mean of their K and V rows (prune/variants.py)."""
+    d, hpg = old.head_dim, old.heads_per_group
+    grouped = full.view(old.num_query_groups, hpg + 2, d, *full.shape[1:])
+    parts = []
+    for run in runs:
+        parts += [grouped[g, :hpg].reshape(hpg * d, *full.shape[1:]) for g in run]
+        parts.append(grouped[run, hpg].mean(dim=0))      # k
+        parts.append(grouped[run, hpg + 1].mean(dim=0))  # v
+    return torch.cat(parts)
+
+
+def merged_proj_columns(old: ModelDescription, runs: list[list[int]]) -> torch.Tensor:
+    """``linear_proj`` columns in the query-head order of ``merged_qkv``."""
+    hpg = old.heads_per_group
+    return _proj_columns(old, torch.tensor([g * hpg + j for run in runs for g in run for j in range(hpg)]))
+
+
+def per_layer_tensor(suffix: str, full: torch.Tensor, old: ModelDescription, neurons: torch.Tensor | None,
+                     runs: list[list[int]] | None) -> torch.Tensor:
+    """A layer's canonical tensor (``suffix`` after ``decoder.layers.{i}.``) in its per-layer
+    shape: the MLP cut to ``neurons`` (None: all kept), the attention's groups merged by
+    ``runs`` (None: kept as they are); the hidden size never changes here."""
+    if neurons is not None and suffix in ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
+        return _cut_mlp(suffix, full, neurons, torch.arange(old.hidden_size), old.gated)
+    if runs is not None and suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        return merged_qkv(full, old, runs)
+    if runs is not None and suffix == "self_attention.linear_proj.weight":
+        return full[:, merged_proj_columns(old, runs)]
+    return full

@@ -4,7 +4,7 @@ held across ranks (padding rows excluded) number exactly what the model descript
 
     python -m torch.distributed.run --nproc-per-node 2 prune_parallel.py JOBS.json
     JOBS.json: {"layouts": {"tp2": [2, 1], ...}, "jobs": [{"checkpoint", "importance", "out": "...{layout}...",
-                "target": {...}, "order", "layer_metric", "seed"}, ...]}
+                "target": {...}, "order", "layer_metric", "seed"} or {..., "options": {prune's keywords}}, ...]}
 """
 
 import json
@@ -47,8 +47,10 @@ def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     for layout, (tp, pp) in spec["layouts"].items():
         for job in spec["jobs"]:
-            out = prune(job["checkpoint"], job["importance"], job["out"].format(layout=layout), target=job["target"],
-                        order=job["order"], layer_metric=job["layer_metric"], seed=job["seed"], tp=tp, pp=pp)
+            options = job.get("options") or dict(target=job["target"], order=job["order"],
+                                                 layer_metric=job["layer_metric"], seed=job["seed"])
+            out = prune(job["checkpoint"], job["importance"], job["out"].format(layout=layout), tp=tp, pp=pp,
+                        **options)
             model, info = load_checkpoint(out)
             counted, described = count_parameters(model, info.description), info.description.num_parameters()
             assert counted == described, f"{out}: {counted} parameters held, description counts {described}"

@@ -1,0 +1,184 @@
+"""Per-layer block-variant scores (Puzzle's "replace one block"): for every layer and every
+variant of its attention or MLP (prune/variants.py), the LM-loss change and the KL
+divergence from the parent when that variant replaces the parent's block, every other
+block the parent's.
+
+No heterogeneous model is built: each variant is the parent with a few weights changed,
+whose outputs equal the resized block's exactly:
+- an MLP of width f: the dropped neurons' columns of ``linear_fc2`` zeroed;
+- an MLP removed: ``linear_fc2`` (weight and bias) zeroed, so the block adds nothing to the
+  residual stream;
+- g K/V groups: each merged run's K and V rows (and biases) replaced by the run's mean;
+  every query head then attends over its run's mean K/V, as in the resized attention;
+- an attention removed: ``linear_proj`` (weight and bias) zeroed.
+
+Cost: one parent pass per micro-batch records every layer's input; a variant at layer i
+then runs from layer i on (the earlier layers return the recorded input instead of
+computing), so the work is about half a forward pass per variant and micro-batch. The
+parent's log-probabilities of the micro-batch are held for the KL (``[b, s, vocab]`` floats).
+Runs at TP=1, PP=1 (data parallel over ranks: token sums all-reduced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from nemo_minitron.data.dataset import data_parallel_slice
+from nemo_minitron.importance.layers import passed_through, replaced_forwards
+from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.model.forward import position_ids, split_microbatches
+from nemo_minitron.model.params import unwrap
+from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
+from nemo_minitron.runtime.distributed import layout
+
+
+@contextlib.contextmanager
+def _edited(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block the given parameters may be changed in place; restored after."""
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+
+
+def _present(*tensors) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+@contextlib.contextmanager
+def ffn_variant(layer, width: int, ffn_scores: torch.Tensor) -> Iterator[None]:
+    """``layer``'s MLP behaves as one of ``width`` neurons (0: removed)."""
+    fc2 = layer.mlp.linear_fc2
+    bias = getattr(fc2, "bias", None)
+    with _edited(_present(fc2.weight, bias)), torch.no_grad():
+        if width == 0:
+            fc2.weight.zero_()
+            if bias is not None:
+                bias.zero_()
+        else:
+            dropped = torch.ones(fc2.weight.shape[1], dtype=torch.bool)
+            dropped[kept_neurons(ffn_scores, width)] = False
+            fc2.weight[:, dropped.to(fc2.weight.device)] = 0
+        yield
+
+
+@contextlib.contextmanager
+def attention_variant(layer, desc: ModelDescription, groups: int, group_scores: torch.Tensor) -> Iterator[None]:
+    """``layer``'s attention behaves as one with ``groups`` K/V groups (0: removed)."""
+    attention = layer.self_attention
+    if groups == 0:
+        proj = attention.linear_proj
+        bias = getattr(proj, "bias", None)
+        with _edited(_present(proj.weight, bias)), torch.no_grad():
+            proj.weight.zero_()
+            if bias is not None:
+                bias.zero_()
+            yield
+        return
+    qkv = attention.linear_qkv
+    bias = getattr(qkv, "bias", None)
+    d, hpg = desc.head_dim, desc.heads_per_group
+    with _edited(_present(qkv.weight, bias)), torch.no_grad():
+        for tensor in _present(qkv.weight, bias):
+            rows = tensor.view(desc.num_query_groups, hpg + 2, d, *tensor.shape[1:])  # [group][q..., k, v]
+            for run in merged_groups(group_scores, groups):
+                mean = rows[run, hpg:].mean(dim=0)
+                rows[run, hpg:] = mean
+        yield
+
+
+def _starting_at(model, layer: int, hidden: torch.Tensor):
+    """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
+    recorded input of ``layer``), the others pass their input through."""
+    def recorded(*args, **kwargs):
+        return hidden, kwargs.get("context")
+
+    return replaced_forwards(model, {i: recorded if i == layer - 1 else passed_through for i in range(layer)})
+
+
+def _layer_inputs(model) -> tuple[list, list]:
+    """Forward pre-hooks recording every layer's input hidden states (filled per forward)."""
+    inputs: list[torch.Tensor | None] = [None] * len(unwrap(model).decoder.layers)
+    handles = []
+    for i, module in enumerate(unwrap(model).decoder.layers):
+        def hook(mod, args, kwargs, _i=i):
+            inputs[_i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return inputs, handles
+
+
+def _log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+
+
+def _nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss (float64, on the CPU)."""
+    return -log_probs.gather(-1, labels[..., None]).double().sum().cpu()
+
+
+def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
+                         ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
+                         progress=None) -> dict[str, torch.Tensor]:
+    """``scores.BLOCK_AXES`` -> [layers, options] (the options of ``variants``; the parent's column
+    is 0): mean LM-loss change and mean KL(parent || variant) per token over ``samples``
+    (``[N, s+1]``, shared over data-parallel ranks). ``progress``: ticked once per variant
+    and micro-batch."""
+    assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
+    L, device = desc.num_layers, layout().device
+    layers = unwrap(model).decoder.layers
+    options = {"attention": variants.query_groups, "ffn": variants.ffn}
+    loss = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
+    kl = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
+    tokens_seen = torch.zeros(1, dtype=torch.float64)
+    mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in split_microbatches(mine, micro_batch):
+            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+            positions = position_ids(tokens)
+            inputs, handles = _layer_inputs(model)
+            try:
+                logits = model(tokens, positions, None)
+            finally:
+                for h in handles:
+                    h.remove()
+            parent = _log_probs(logits, desc.vocab_size)
+            parent_loss = _nll(parent, labels)
+            parent_p = parent.exp()
+            tokens_seen += labels.numel()
+            for i in range(L):
+                for kind, opts in options.items():
+                    for j, size in enumerate(opts[1:], start=1):
+                        variant = ffn_variant(layers[i], size, ffn_scores[i]) if kind == "ffn" else \
+                            attention_variant(layers[i], desc, size, group_scores[i])
+                        with variant, _starting_at(model, i, inputs[i] if i else None):
+                            out = model(tokens, positions, None)
+                        mine_logp = _log_probs(out, desc.vocab_size)
+                        loss[kind][i, j] += _nll(mine_logp, labels) - parent_loss
+                        kl[kind][i, j] += (parent_p * (parent - mine_logp)).sum().double().cpu()
+                        if progress is not None:
+                            progress.update(1)
+    model.train(was_training)
+    totals = [loss["attention"], kl["attention"], loss["ffn"], kl["ffn"], tokens_seen]
+    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        for t in totals:
+            moved = t.to(device)
+            dist.all_reduce(moved, group=ps.get_data_parallel_group())
+            t.copy_(moved.cpu())
+    n = tokens_seen.clamp(min=1)
+    return {"block_attention_loss": (loss["attention"] / n).float(), "block_attention_kl": (kl["attention"] / n).float(),
+            "block_ffn_loss": (loss["ffn"] / n).float(), "block_ffn_kl": (kl["ffn"] / n).float()}
+
+
+def variant_passes(desc: ModelDescription, variants: BlockVariants) -> int:
+    """Variant evaluations per micro-batch (each about half a forward pass on average)."""
+    return desc.num_layers * (len(variants.query_groups) + len(variants.ffn) - 2)

@@ -1,0 +1,620 @@
+"""Per-layer (Puzzle-style) architectures: block-variant scores against a resized
+transformers reference, the exact choice under a budget against brute-force enumeration,
+the pruned per-layer checkpoint's weights and counts, and the one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import cli_in_process
+from tiny_models import _Removed
+from tolerances import fp32, log_softmax_sum, transformer_logits
+
+SEQ, SAMPLES, BLOCK_SAMPLES, SEED = 24, 4, 3, 5
+FFN_MULTIPLE, FFN_VARIANTS = 32, 2   # the tiny llama's MLP (96): widths 64 and 32
+
+
+def _tiny_desc(**changes):
+    from nemo_minitron.model.description import ModelDescription
+
+    base = dict(architecture="llama", vocab_size=1000, hidden_size=64, ffn_hidden_size=96, num_layers=4,
+                num_attention_heads=4, num_query_groups=2, head_dim=16)
+    return ModelDescription(**{**base, **changes})
+
+
+# ---------------------------------------------------------------------- the solver
+def _enumerate(desc, variants, attention, ffn, budget, tp=1):
+    """Every per-layer choice, written out: (score, attention options, MLP options) of the best
+    one within the budget that keeps some attention."""
+    from nemo_minitron.prune.variants import LayerShape, fixed_parameters, layer_kv_bytes_per_token, layer_parameters
+
+    def cost(groups, width):
+        params = layer_parameters(desc, LayerShape(groups, width))
+        if budget.kind != "memory":
+            return params
+        return params * budget.bytes_per_value + layer_kv_bytes_per_token(desc, LayerShape(groups, width),
+                                                                          budget.bytes_per_value) \
+            * budget.context * budget.batch
+    fixed = fixed_parameters(desc) * (budget.bytes_per_value if budget.kind == "memory" else 1)
+    A = [a for a, g in enumerate(variants.query_groups) if g % tp == 0]
+    F = [f for f, w in enumerate(variants.ffn) if w % tp == 0]
+    best = None
+    for picks_a in itertools.product(A, repeat=desc.num_layers):
+        if all(variants.query_groups[a] == 0 for a in picks_a):
+            continue
+        for picks_f in itertools.product(F, repeat=desc.num_layers):
+            total = fixed + sum(cost(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f))
+            if total > budget.limit:
+                continue
+            score = sum(float(attention[l, a]) + float(ffn[l, f]) for l, (a, f) in enumerate(zip(picks_a, picks_f)))
+            if best is None or score < best[0]:
+                best = (score, picks_a, picks_f)
+    return best
+
+
+def test_choice_equals_brute_force():
+    """scipy's integer program picks exactly the enumerated optimum, for parameter and memory
+    budgets, with attention removal scored as a gain (the solver must still keep one)."""
+    from nemo_minitron.prune.per_layer import Budget, choose
+    from nemo_minitron.prune.variants import block_variants
+
+    desc = _tiny_desc(num_layers=3)
+    variants = block_variants(desc, FFN_VARIANTS, FFN_MULTIPLE)
+    assert variants.query_groups == (2, 1, 0) and variants.ffn == (96, 64, 32, 0)
+    g = torch.Generator().manual_seed(0)
+    full = desc.num_parameters()
+    cases = 0
+    for trial in range(4):
+        attention = torch.rand(desc.num_layers, 3, generator=g)
+        ffn = torch.rand(desc.num_layers, 4, generator=g)
+        attention[:, 0] = ffn[:, 0] = 0
+        if trial == 3:  # removing attention looks free: the unconstrained optimum has none
+            attention[:, -1] = -1.0 - attention[:, -1]  # distinct: one optimum
+        for budget in (Budget("params", int(0.97 * full)), Budget("active_params", int(0.93 * full)),
+                       Budget("memory", int(0.95 * (full * 2 + 3 * 2 * 2 * 16 * 2 * 64)), "--target-memory",
+                              context=64, batch=2)):
+            expected = _enumerate(desc, variants, attention, ffn, budget)
+            choice = choose(desc, variants, attention, ffn, budget)
+            assert (choice.attention_option, choice.ffn_option) == (expected[1], expected[2]), (trial, budget)
+            assert choice.score == pytest.approx(expected[0], abs=1e-9)
+            assert choice.cost <= budget.limit
+            cases += 1
+    assert cases == 12
+
+
+def test_choice_at_tp2_leaves_out_what_tp_cannot_split():
+    from nemo_minitron.prune.per_layer import Budget, choose
+    from nemo_minitron.prune.variants import BlockVariants
+
+    desc = _tiny_desc()
+    variants = BlockVariants((2, 1, 0), (96, 48, 33, 0))  # 1 group and 33 neurons do not split over 2 ranks
+    g = torch.Generator().manual_seed(1)
+    attention, ffn = torch.rand(4, 3, generator=g), torch.rand(4, 4, generator=g)
+    attention[:, 0] = ffn[:, 0] = 0
+    budget = Budget("params", int(0.9 * desc.num_parameters()))
+    choice = choose(desc, variants, attention, ffn, budget, tp=2)
+    expected = _enumerate(desc, variants, attention, ffn, budget, tp=2)
+    assert (choice.attention_option, choice.ffn_option) == (expected[1], expected[2])
+    assert all(s.num_query_groups != 1 and s.ffn_hidden_size != 33 for s in choice.shapes)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "nemotron"])
+def test_layer_costs_add_up_to_the_model(tiny_hf, kind):
+    """The per-layer cost of the parent's own shape, summed over layers, is the model's
+    parameter count as transformers reports it (biases, QK-norms, LayerNorm biases)."""
+    import transformers
+
+    from nemo_minitron.checkpoint.hf_format import description_from_hf_config
+    from nemo_minitron.prune.variants import LayerShape, fixed_parameters, layer_parameters
+
+    config = json.loads((tiny_hf(kind) / "config.json").read_text())
+    desc = description_from_hf_config(config)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tiny_hf(kind)))
+    parent = LayerShape(desc.num_query_groups, desc.ffn_hidden_size)
+    assert fixed_parameters(desc) + desc.num_layers * layer_parameters(desc, parent) == hf.num_parameters()
+
+
+# ---------------------------------------------------------------------- the scores
+@pytest.fixture(scope="module")
+def scored(tiny_checkpoint, tmp_path_factory):
+    """An importance directory of the tiny llama with block-variant scores."""
+    from nemo_minitron.importance.api import compute_importance
+
+    out = tmp_path_factory.mktemp("per_layer") / "imp"
+    compute_importance(str(tiny_checkpoint("llama")), ["builtin:calib"], str(out), samples=SAMPLES, seq_len=SEQ,
+                       layer_samples=1, block_variants=True, ffn_variants=FFN_VARIANTS, ffn_multiple=FFN_MULTIPLE,
+                       block_samples=BLOCK_SAMPLES, seed=SEED, dtype="float32", progress=False)
+    return out
+
+
+def _resized_mlp(hf, layer, neurons):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = copy.deepcopy(hf.config)
+    cfg.intermediate_size = len(neurons)
+    old, new = hf.model.layers[layer].mlp, LlamaMLP(cfg)
+    with torch.no_grad():
+        new.gate_proj.weight.copy_(old.gate_proj.weight[neurons])
+        new.up_proj.weight.copy_(old.up_proj.weight[neurons])
+        new.down_proj.weight.copy_(old.down_proj.weight[:, neurons])
+    return new
+
+
+def _resized_attention(hf, layer, group_scores, groups):
+    """An attention of ``groups`` K/V groups: the parent's groups ranked by score, merged in
+    runs of consecutive rank (K/V the mean of the run's), query heads regrouped to match."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    cfg = copy.deepcopy(hf.config)
+    G, H, d = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
+    hpg, size = H // G, G // groups
+    ranked = sorted(range(G), key=lambda j: (-float(group_scores[j]), j))
+    runs = sorted(sorted(ranked[k * size:(k + 1) * size]) for k in range(groups))
+    cfg.num_key_value_heads = groups
+    old, new = hf.model.layers[layer].self_attn, LlamaAttention(cfg, layer)
+    heads = [j * hpg + i for run in runs for j in run for i in range(hpg)]
+    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+    with torch.no_grad():
+        new.q_proj.weight.copy_(old.q_proj.weight[rows])
+        new.o_proj.weight.copy_(old.o_proj.weight[:, rows])
+        for name in ("k_proj", "v_proj"):
+            w = getattr(old, name).weight.view(G, d, -1)
+            getattr(new, name).weight.copy_(torch.cat([w[run].mean(0) for run in runs]))
+    return new
+
+
+def _loss_and_logp(hf, samples, vocab):
+    with torch.no_grad():
+        logits = hf(samples[:, :-1]).logits.float()[..., :vocab]
+    logp = torch.log_softmax(logits, -1)
+    loss = -logp.gather(-1, samples[:, 1:, None]).mean()
+    return loss.item(), logp, logits
+
+
+def test_scores_equal_resized_reference(scored, tiny_hf, tiny_checkpoint):
+    """Each stored score (loss change, KL from the parent) equals the one of transformers' model
+    with that layer's block swapped for a resized module (or removed)."""
+    import transformers
+
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    scores = ImportanceScores.load(scored)
+    recorded = scores.summary["block_variants"]
+    assert recorded["query_groups"] == [2, 1, 0] and recorded["ffn"] == [96, 64, 32, 0]
+    checkpoint = tiny_checkpoint("llama")
+    desc = read_info(checkpoint).description
+    corpus = check_corpus(["builtin:calib"], vocab_size=desc.vocab_size)
+    samples = calibration_samples(corpus, load_tokenizer(checkpoint), seq_len=SEQ, samples=SAMPLES,
+                                  seed=SEED)[:BLOCK_SAMPLES]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf("llama"), dtype=torch.float32).eval()
+    parent_loss, parent_logp, logits = _loss_and_logp(hf, samples, desc.vocab_size)
+    tol = 2 * (transformer_logits(desc.hidden_size * 4, desc.num_layers, logits)
+               + log_softmax_sum(desc.vocab_size, logits.abs().max().item()))
+    for layer in range(desc.num_layers):
+        for kind, options in (("attention", recorded["query_groups"]), ("ffn", recorded["ffn"])):
+            for j, size in enumerate(options):
+                model = copy.deepcopy(hf)
+                block = model.model.layers[layer]
+                if kind == "ffn" and size == 0:
+                    block.mlp = _Removed(attention=False)
+                elif kind == "ffn":
+                    neurons = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:size].sort().values
+                    block.mlp = _resized_mlp(hf, layer, neurons)
+                elif size == 0:
+                    block.self_attn = _Removed(attention=True)
+                else:
+                    block.self_attn = _resized_attention(hf, layer, scores["query_groups"][layer], size)
+                loss, logp, _ = _loss_and_logp(model, samples, desc.vocab_size)
+                kl = (parent_logp.exp() * (parent_logp - logp)).sum(-1).mean().item()
+                assert scores[f"block_{kind}_loss"][layer, j].item() == pytest.approx(loss - parent_loss, abs=tol), \
+                    (kind, layer, size)
+                assert scores[f"block_{kind}_kl"][layer, j].item() == pytest.approx(kl, abs=tol), (kind, layer, size)
+    # removing a block costs something somewhere: the scores are not all zero
+    assert scores["block_ffn_kl"][:, -1].min() > 0 and scores["block_attention_kl"][:, -1].min() > 0
+
+
+# ---------------------------------------------------------------------- plan --per-layer and refusals
+# The tiny llama: fixed 2 x 1000 x 64 + 64 = 128,064 parameters outside the layers; an attention
+# of g groups 8,256 + 2,048 g (its norm included); the cheapest model with attention keeps one
+# attention of 1 group (10,304) at --tp 1, of 2 groups (12,352) at --tp 2.
+CHEAPEST_TP1, CHEAPEST_TP2, OUTSIDE_LAYERS = 128_064 + 10_304, 128_064 + 12_352, 128_064
+
+
+def test_plan_per_layer_prints_the_choice(scored, tiny_checkpoint, tmp_path, capsys):
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    from nemo_minitron.checkpoint.store import read_info
+
+    scores = ImportanceScores.load(scored)
+    desc = read_info(tiny_checkpoint("llama")).description
+    budget = int(0.8 * desc.num_parameters())
+    out = tmp_path / "choice.json"
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-params", str(budget), "--json", out)
+    assert code == 0, err
+    choice = json.loads(out.read_text())
+    shapes = choice["layer_shapes"]
+    assert len(shapes) == desc.num_layers and any(g for g, _ in shapes)
+    new = desc.replace(layer_shapes=shapes)
+    assert choice["params"] == new.num_parameters() <= budget
+    variants = scores.summary["block_variants"]
+    expected = sum(scores["block_attention_kl"][l, variants["query_groups"].index(g)].item()
+                   + scores["block_ffn_kl"][l, variants["ffn"].index(f)].item() for l, (g, f) in enumerate(shapes))
+    assert choice["score"] == pytest.approx(expected, rel=1e-6)
+    # a memory budget: weights (2 bytes each) plus the KV cache of 2 sequences of 64 tokens
+    parent_bytes = desc.num_parameters() * 2 + desc.kv_cache_bytes_per_token() * 64 * 2
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-memory", str(int(0.8 * parent_bytes)), "--memory-context", "64",
+                               "--memory-batch", "2", "--json", tmp_path / "memory.json")
+    assert code == 0, err
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    new = desc.replace(layer_shapes=memory["layer_shapes"])
+    assert memory["budget"] == {"kind": "memory", "limit": int(0.8 * parent_bytes)}
+    assert memory["cost"] == new.num_parameters() * 2 + new.kv_cache_bytes_per_token() * 64 * 2 <= 0.8 * parent_bytes
+
+
+@pytest.mark.parametrize("budget, tp, says", [
+    (OUTSIDE_LAYERS - 1, 1, "no per-layer architecture meets it; the smallest the scored variants allow is 138.4K"),
+    (CHEAPEST_TP1 - 1, 1, "only removing the attention of every layer would meet it (no attention left); the "
+                          "smallest per-layer architecture with attention is 138.4K"),
+    (CHEAPEST_TP2 - 1, 2, "the smallest per-layer architecture with attention is 140.4K at --tp 2"),
+])
+def test_per_layer_budgets_refused(scored, tiny_checkpoint, capsys, budget, tp, says):
+    """A budget no architecture meets, one only an attention-free model meets, and one whose
+    only architectures TP cannot split: one line, exit 2 (plan, and prune before any weight)."""
+    code, err = cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                               "--target-params", str(budget), "--tp", str(tp))
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    if budget != OUTSIDE_LAYERS - 1:  # one more parameter (at --tp 1) is enough
+        assert cli_in_process(capsys, "plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored,
+                              "--target-params", str(budget + 1))[0] == 0
+
+
+def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
+    ckpt = tiny_checkpoint("llama")
+    for args, says in (
+        (("--per-layer",), "--per-layer needs exactly one budget"),
+        (("--per-layer", "--target-params", "1M", "--target-memory", "1GB"), "--per-layer needs exactly one budget"),
+        (("--target-memory", "1GB"), "--target-memory is a --per-layer budget"),
+        (("--per-layer", "--target-memory", "lots"), "--target-memory must be a size in bytes"),
+        (("--per-layer", "--target-params", "1M", "--target", "ffn=64"), "--per-layer chooses every layer's shape"),
+    ):
+        code, err = cli_in_process(capsys, "prune", ckpt, "--importance", scored, "--out", tmp_path / "p", *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, err = cli_in_process(capsys, "prune", ckpt, "--importance", tiny_checkpoint("llama"), "--out",
+                               tmp_path / "p", "--per-layer", "--target-params", "200K")
+    assert code == 2 and "is not an importance directory" in err, err
+    # widths of 32 and 64 (--ffn-multiple 32): megatron builds them, the Llama-Nemotron export cannot state them
+    code, err = cli_in_process(capsys, "prune", ckpt, "--importance", scored, "--out", tmp_path / "p", "--per-layer",
+                               "--target-params", "200K")
+    assert code == 2 and "--per-layer: the Hugging Face export cannot state the chosen shapes" in err \
+        and "not representable" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------- recipes and the report's plot
+def _per_layer_recipe(tmp_path, prune: str = "per_layer: true, target_params: 84.5M"):
+    """The demo recipe with its round pruned per layer (``prune``: the round's prune keys)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml").read_text()
+    uniform = "target: {hidden: 480, ffn: 1024, heads: 6, query_groups: 3}"
+    assert uniform in text
+    path = tmp_path / "per_layer.yaml"
+    path.write_text(text.replace(uniform, "{" + prune + "}").replace("prune:\n      {", "prune: {")
+                    .replace("}   # 134.5M -> 84.5M\n      order: importance", "}"))
+    return path
+
+
+@pytest.mark.parametrize("prune, overrides, words", [
+    ("per_layer: true, target_params: 84.5M", [],
+     ["'rounds.0.prune.per_layer' chooses from block-variant scores", "rounds.0.importance.block_variants: true"]),
+    ("per_layer: true, target_params: 84.5M", ["rounds=[{importance: {block_variants: true}, prune: {per_layer: true, target_params: 84.5M}}, "
+      "{prune: {target_params: 60M}}]"],
+     ["a per-layer model is not pruned again"]),
+    ("per_layer: true", ["rounds.0.importance.block_variants=true"],
+     ["'rounds.0.prune.per_layer' needs exactly one budget"]),
+])
+def test_per_layer_recipe_errors_name_the_key(tmp_path, prune, overrides, words):
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+
+    with pytest.raises(UsageError) as e:
+        load_recipe(_per_layer_recipe(tmp_path, prune), overrides)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_per_layer_recipe_loads_and_preflight_checks_its_budget(smollm2, tmp_path):
+    from nemo_minitron.config import recipe_names
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+    from nemo_minitron.prune.per_layer import check_per_layer_budget
+
+    recipe = load_recipe(_per_layer_recipe(tmp_path), ["rounds.0.importance.block_variants=true"])
+    rnd = recipe.rounds[0]
+    assert rnd.prune.per_layer and rnd.prune.target_params == "84.5M"
+    from nemo_minitron.checkpoint.store import read_info
+
+    desc = read_info(smollm2["checkpoint"]).description
+    check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, recipe_names("rounds.0.prune"))
+    rnd.prune.target_params = "20M"  # less than the embeddings alone (28.3M)
+    with pytest.raises(UsageError, match="recipe key 'rounds.0.prune.target_params' 20M: no per-layer architecture"):
+        check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, recipe_names("rounds.0.prune"))
+
+
+def test_layer_shapes_figure_draws_each_layer():
+    from nemo_minitron.model.description import LayerShape
+    from nemo_minitron.prune.plots import layer_shapes_figure
+
+    shapes = [LayerShape(3, 1536), LayerShape(1, 512), LayerShape(0, 1024), LayerShape(3, 0)]
+    fig = layer_shapes_figure(shapes, 3, 1536, "t")
+    top, bottom = fig.axes
+    assert [p.get_height() for p in top.patches] == [3, 1, 0, 3]
+    assert [p.get_height() for p in bottom.patches] == [1536, 512, 1024, 0]
+    assert [tuple(xy) for xy in top.collections[0].get_offsets()] == [(2, 0)]      # the removed attention
+    assert [tuple(xy) for xy in bottom.collections[0].get_offsets()] == [(3, 0)]   # the removed MLP
+
+
+# ---------------------------------------------------------------------- prune --per-layer
+#: forced per-layer choice of the tiny llama_wide_mlp (4 K/V groups, MLP 768): (groups, width) per
+#: layer, every transform once: a narrowed MLP, a removed attention, merged groups, a removed MLP
+FORCED = ((4, 256), (0, 768), (2, 768), (1, 0))
+
+
+@pytest.fixture(scope="module")
+def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
+    """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
+    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.importance.api import compute_importance
+    from nemo_minitron.prune.api import prune
+
+    root = tmp_path_factory.mktemp("per_layer_prune")
+    parent = tiny_checkpoint("llama_wide_mlp")
+    compute_importance(str(parent), ["builtin:calib"], str(root / "imp"), samples=SAMPLES, seq_len=SEQ,
+                       layer_samples=1, block_variants=True, ffn_variants=2, block_samples=2, seed=SEED,
+                       dtype="float32", progress=False)
+    forced = root / "forced"
+    shutil.copytree(root / "imp", forced)
+    tensors = load_file(str(forced / "scores.safetensors"))
+    variants = json.loads((forced / "summary.json").read_text())["block_variants"]
+    assert variants["query_groups"] == [4, 2, 1, 0] and variants["ffn"] == [768, 512, 256, 0]
+    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
+        table = torch.ones(4, len(options))
+        table[:, 0] = 0
+        for layer, shape in enumerate(FORCED):
+            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
+        tensors[f"block_{kind}_kl"] = table
+    save_file(tensors, str(forced / "scores.safetensors"))
+    desc = read_info(parent).description
+    out = prune(str(parent), str(forced), str(root / "pruned"), per_layer=True,
+                target_params=str(desc.num_parameters()))
+    return {"parent": parent, "pruned": out, "importance": forced, "root": root}
+
+
+def _canonical(path):
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.model.params import named_weights
+
+    model, info = load_checkpoint(str(path), dtype=torch.float32)
+    return model, info.description, {n: p.detach().clone() for n, p in named_weights(model)}
+
+
+def test_per_layer_prune_keeps_the_parents_weights(per_layer_pruned):
+    """Every kept row and column is the parent's, bit for bit: the most important neurons of a
+    narrowed MLP, each merged group's query heads (K and V: the mean of the run's), the norms,
+    embeddings and output layer; removed blocks have no weights."""
+    from nemo_minitron.importance.scores import ImportanceScores
+
+    _, parent_desc, parent = _canonical(per_layer_pruned["parent"])
+    _, desc, pruned = _canonical(per_layer_pruned["pruned"])
+    assert tuple((s.num_query_groups, s.ffn_hidden_size) for s in desc.layer_shapes) == FORCED
+    scores = ImportanceScores.load(per_layer_pruned["importance"])
+    d, G = parent_desc.head_dim, parent_desc.num_query_groups
+    hpg = parent_desc.heads_per_group
+    for name, tensor in pruned.items():
+        if not name.startswith("decoder.layers."):
+            assert torch.equal(tensor, parent[name]), name
+    for layer, (groups, width) in enumerate(FORCED):
+        prefix = f"decoder.layers.{layer}."
+        names = {n[len(prefix):] for n in pruned if n.startswith(prefix)}
+        assert ("mlp.linear_fc1.weight" in names) == bool(width) and \
+            ("self_attention.linear_qkv.weight" in names) == bool(groups), (layer, names)
+        if width:
+            neurons = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
+            gate, up = parent[prefix + "mlp.linear_fc1.weight"].chunk(2)
+            assert torch.equal(pruned[prefix + "mlp.linear_fc1.weight"], torch.cat([gate[neurons], up[neurons]]))
+            assert torch.equal(pruned[prefix + "mlp.linear_fc2.weight"],
+                               parent[prefix + "mlp.linear_fc2.weight"][:, neurons])
+        if groups:
+            ranked = sorted(range(G), key=lambda j: (-float(scores["query_groups"][layer, j]), j))
+            size = G // groups
+            runs = sorted(sorted(ranked[k * size:(k + 1) * size]) for k in range(groups))
+            qkv = parent[prefix + "self_attention.linear_qkv.weight"].view(G, hpg + 2, d, -1)
+            new = pruned[prefix + "self_attention.linear_qkv.weight"].view(groups, size * hpg + 2, d, -1)
+            proj, new_proj = parent[prefix + "self_attention.linear_proj.weight"], \
+                pruned[prefix + "self_attention.linear_proj.weight"]
+            for k, run in enumerate(runs):
+                assert torch.equal(new[k, :size * hpg], qkv[run, :hpg].reshape(size * hpg, d, -1))
+                for j, what in ((size * hpg, "k"), (size * hpg + 1, "v")):
+                    mean = qkv[run, hpg + (what == "v")].double().mean(0)
+                    assert torch.allclose(new[k, j].double(), mean, rtol=0, atol=fp32_mean_tol(size, mean)), what
+                heads = [g * hpg + i for g in run for i in range(hpg)]
+                columns = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+                assert torch.equal(new_proj[:, k * size * hpg * d:(k + 1) * size * hpg * d], proj[:, columns])
+            for norm in ("input_layernorm.weight",):
+                assert torch.equal(pruned[prefix + norm], parent[prefix + norm])
+        if width:
+            assert torch.equal(pruned[prefix + "pre_mlp_layernorm.weight"], parent[prefix + "pre_mlp_layernorm.weight"])
+
+
+def fp32_mean_tol(n: int, values: torch.Tensor) -> float:
+    return fp32(n, values.abs().max().item())
+
+
+def test_per_layer_model_computes_the_scored_variants(per_layer_pruned):
+    """The pruned per-layer model's logits equal the parent's with every chosen variant applied
+    as the scores applied it (zeroed columns, mean K/V, zeroed projections)."""
+    import contextlib
+
+    from nemo_minitron.importance.blocks import attention_variant, ffn_variant
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.model.forward import full_logits
+    from nemo_minitron.model.params import unwrap
+
+    parent_model, parent_desc, _ = _canonical(per_layer_pruned["parent"])
+    pruned_model, desc, _ = _canonical(per_layer_pruned["pruned"])
+    scores = ImportanceScores.load(per_layer_pruned["importance"])
+    tokens = torch.randint(0, desc.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    layers = unwrap(parent_model).decoder.layers
+    with contextlib.ExitStack() as stack:
+        for layer, (groups, width) in enumerate(FORCED):
+            if width != parent_desc.ffn_hidden_size:
+                stack.enter_context(ffn_variant(layers[layer], width, scores["ffn"][layer]))
+            if groups != parent_desc.num_query_groups:
+                stack.enter_context(attention_variant(layers[layer], parent_desc, groups,
+                                                      scores["query_groups"][layer]))
+        expected = full_logits(parent_model, tokens, desc.vocab_size)
+    got = full_logits(pruned_model, tokens, desc.vocab_size)
+    assert not torch.allclose(expected, full_logits(parent_model, tokens, desc.vocab_size))  # the variants matter
+    tol = transformer_logits(parent_desc.ffn_hidden_size, desc.num_layers, expected)
+    assert (got - expected).abs().max().item() <= tol
+
+
+def test_per_layer_counts_equal_transformers(per_layer_pruned, tmp_path):
+    """The pruned description's parameter count is what transformers counts in its export."""
+    import transformers
+
+    from nemo_minitron.checkpoint.api import export
+    from nemo_minitron.checkpoint.store import read_info
+
+    hf = export(str(per_layer_pruned["pruned"]), str(tmp_path / "hf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True, dtype=torch.float32)
+    desc = read_info(per_layer_pruned["pruned"]).description
+    assert model.num_parameters() == desc.num_parameters() < read_info(per_layer_pruned["parent"]).description \
+        .num_parameters()
+
+
+@pytest.mark.multirank
+def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
+    """prune --per-layer on the parent loaded at TP=2 and at PP=2 writes exactly the TP=1
+    weights (the worker also counts the parameters held across ranks). One group per layer
+    does not split over 2 ranks: the scores here make 2 groups the best choice instead."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_workers
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+
+    importance = tmp_path / "imp"
+    shutil.copytree(per_layer_pruned["importance"], importance)
+    tensors = load_file(str(importance / "scores.safetensors"))
+    tensors["block_attention_kl"][3] = torch.tensor([0.0, -1.0, 1.0, 1.0])  # layer 3: 2 groups
+    save_file(tensors, str(importance / "scores.safetensors"))
+    parent = per_layer_pruned["parent"]
+    options = {"per_layer": True, "target_params": str(read_info(parent).description.num_parameters())}
+    _, _, want = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1"), **options))
+    assert [(s.num_query_groups, s.ffn_hidden_size) for s in read_info(tmp_path / "tp1").description.layer_shapes] \
+        == [(4, 256), (0, 768), (2, 768), (2, 0)]
+    job = {"checkpoint": str(parent), "importance": str(importance), "out": str(tmp_path / "workers" / "{layout}"),
+           "options": options}
+    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": [job]}))
+    run_workers("prune_parallel.py", tmp_path / "jobs.json", out=tmp_path / "workers")
+    for layout in ("tp2", "pp2"):
+        _, _, got = _canonical(tmp_path / "workers" / layout)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), layout
+
+
+def test_report_draws_the_per_layer_round(per_layer_pruned, tmp_path):
+    """The report's per-layer section: the pruned checkpoint's shapes in a table and a PNG."""
+    from nemo_minitron.pipeline import report
+    from nemo_minitron.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(_per_layer_recipe(tmp_path), ["rounds.0.importance.block_variants=true"])
+
+    class Paths:
+        def prune(self, i):
+            return per_layer_pruned["pruned"]
+
+    found = report._per_layer(recipe, Paths(), tmp_path)
+    record = found[recipe.rounds[0].name]
+    assert [tuple(s) for s in record["layer_shapes"]] == list(FORCED)
+    assert record["parent"] == {"query_groups": 4, "ffn": 768}
+    assert (tmp_path / record["plot"]).stat().st_size > 0
+    lines = report._per_layer_markdown(recipe.rounds[0].name, record)
+    assert "| 1 | 0 | 768 |" in lines and "| 3 | 1 | 0 |" in lines
+
+
+@pytest.mark.parametrize("kind, args, says", [
+    ("llama", ("--tp", "2"), "--block-variants scores at --tp 1 --pp 1 (got --tp 2 --pp 1)"),
+    ("mixtral", (), "per-layer variants are for dense transformer models; this mixtral model has experts"),
+])
+def test_block_variants_refused(tiny_checkpoint, tmp_path, capsys, kind, args, says):
+    code, err = cli_in_process(capsys, "importance", tiny_checkpoint(kind), "--data", "builtin:calib", "--out",
+                               tmp_path / "imp", "--seq-len", "16", "--block-variants", *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "imp").exists()
+
+
+def test_per_layer_recipe_runs_end_to_end(tiny_hf, tmp_path):
+    """A recipe round pruned per layer: distilled, exported as Llama-Nemotron, reported with its plot."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TESTS
+    from nemo_minitron.checkpoint.store import read_info
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "nemo_minitron", "run", str(TESTS / "recipes" / "tiny_per_layer.yaml"),
+                           f"model.source={tiny_hf('llama_wide_mlp')}", f"output_dir={out}",
+                           f"data.cache_dir={tmp_path / 'cache'}"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    desc = read_info(out / "per-layer-2-prune").description
+    assert desc.is_heterogeneous and desc.num_parameters() <= 600_000
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["per_layer"]["per-layer"]["layer_shapes"] == [[s.num_query_groups, s.ffn_hidden_size]
+                                                                 for s in desc.layer_shapes]
+    assert (out / "report" / "per-layer-per-layer.png").is_file()
+    assert "## Per-layer architecture: per-layer" in (out / "report" / "report.md").read_text()
+    assert json.loads((out / "export" / "config.json").read_text())["model_type"] == "nemotron-nas"
+
+
+@pytest.mark.multirank
+def test_block_scores_at_dp2_equal_one_rank(scored, tiny_checkpoint, tmp_path):
+    """Two data-parallel ranks share the block samples: the summed scores are one rank's."""
+    from conftest import run_workers
+    from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
+
+    options = {"samples": SAMPLES, "seq_len": SEQ, "micro_batch": 1, "layer_samples": 1, "drop_blocks": [],
+               "block_variants": True, "ffn_variants": FFN_VARIANTS, "ffn_multiple": FFN_MULTIPLE,
+               "block_samples": BLOCK_SAMPLES, "seed": SEED, "dtype": "float32"}
+    spec = {"out": str(tmp_path / "out"), "layouts": {"dp2": [1, 1]}, "models": {"llama": str(tiny_checkpoint("llama"))},
+            "options": options}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_workers("importance_layouts.py", tmp_path / "spec.json", out=tmp_path / "out")
+    one, two = ImportanceScores.load(scored), ImportanceScores.load(tmp_path / "out" / "dp2-llama")
+    # each rank's forward may split its products over other threads: logits (below 1 in the tiny
+    # llama) within a float32 accumulation over 96-wide products through 2 x 4 + 1 of them,
+    # then a difference of two log-softmax sums over the 1000-token vocabulary, for each side
+    tol = 2 * (fp32(96 * (2 * 4 + 1), 1.0) + log_softmax_sum(1000, 1.0))
+    for axis in BLOCK_AXES:
+        assert (two[axis] - one[axis]).abs().max().item() <= tol, axis
