@@ -15,7 +15,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 #: reduced settings of the benchmarks whose full defaults take hours on a 2-core CPU
 QUICK = {"search_cache": ["--steps", "20", "--ranking-steps", "40", "--checkpoints", "10,20", "--repeats", "2"],
-         "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"]}
+         "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"],
+         # the hybrid benchmarks on a 3-step hybrid (--full: the trained one)
+         "hybrid_model": ["--quick"], "hybrid_pruning_quality": ["--quick"], "hybrid_kd_step_time": ["--quick"]}
 
 
 def main() -> int:
