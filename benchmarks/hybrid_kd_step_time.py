@@ -15,11 +15,9 @@ CPU's capability (ATen's dispatch level) is printed with the results.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
-from common import CACHE, builtin_samples, parser, write_results
+from common import CACHE, builtin_samples, parser, time_side_by_side, write_results
 from hybrid_model import trained_hybrid_checkpoint
 
 STUDENT = {"mamba_heads": 16, "hidden": 320, "ffn": 1024, "layers": 12}
@@ -101,16 +99,8 @@ def main() -> None:
             loss = F.kl_div(log_q, target, log_target=True, reduction="sum") / tokens.numel() / len(batches)
             loss.backward()
 
-    timings = {"ours_kd_forward_backward": [], "transformers_kd_forward_backward": []}
-    fns = {"ours_kd_forward_backward": ours, "transformers_kd_forward_backward": transformers_step}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in timings.items()}
+    med, timings = time_side_by_side({"ours_kd_forward_backward": ours, "transformers_kd_forward_backward":
+                                      transformers_step}, args.repeats)
     write_results(args, {"benchmark": "hybrid_kd_step_time", "teacher": t_desc.summary(), "student": s_desc.summary(),
                          "tokens_per_step": gb * args.seq_len, "dtype": "float32",
                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),

@@ -358,67 +358,34 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
     representers of megatron/training/config/yaml_utils.py: functions and dtypes as
     ``{_target_, _call_: false}``)."""
     check_writable(desc)
-    if desc.is_hybrid:
-        return _hybrid_bridge_section(desc, tp=tp, pp=pp, dtype=dtype,
-                                      make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                      should_pad_vocab=should_pad_vocab)
+    shape = {"num_layers": desc.num_layers, "hidden_size": desc.hidden_size, "ffn_hidden_size": desc.ffn_hidden_size,
+             "num_attention_heads": desc.num_attention_heads, "num_query_groups": desc.num_query_groups,
+             "kv_channels": desc.head_dim}
+    if desc.is_hybrid:  # Bridge's MambaModelProvider (newer Bridge: a HybridModelProvider) as NemotronHBridge sets it
+        target = "megatron.bridge.models.mamba.mamba_provider.MambaModelProvider"
+        layers = {**_hybrid_settings(desc), "normalization": "RMSNorm", "layernorm_epsilon": desc.norm_eps,
+                  "gated_linear_unit": False,
+                  "activation_func": {"_target_": _ACTIVATION_TARGETS["squared_relu"], "_call_": False},
+                  "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False,
+                  "position_embedding_type": "none"}
+    else:
+        target = "megatron.bridge.models.gpt_provider.GPTModelProvider"
+        layers = {
+            "normalization": desc.normalization,
+            "layernorm_epsilon": desc.norm_eps,
+            "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
+            "gated_linear_unit": desc.gated,
+            "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
+            "add_bias_linear": False,
+            "add_qkv_bias": desc.qkv_bias,
+            "qk_layernorm": desc.qk_norm,
+            "position_embedding_type": "rope",
+            "rotary_base": _int_if_whole(desc.rope_theta),
+            "rotary_percent": desc.rotary_percent,
+            **_rope_fields(desc),
+        }
     return {
-        "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
-        "num_layers": desc.num_layers,
-        "hidden_size": desc.hidden_size,
-        "ffn_hidden_size": desc.ffn_hidden_size,
-        "num_attention_heads": desc.num_attention_heads,
-        "num_query_groups": desc.num_query_groups,
-        "kv_channels": desc.head_dim,
-        "normalization": desc.normalization,
-        "layernorm_epsilon": desc.norm_eps,
-        "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
-        "gated_linear_unit": desc.gated,
-        "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
-        "add_bias_linear": False,
-        "add_qkv_bias": desc.qkv_bias,
-        "qk_layernorm": desc.qk_norm,
-        "position_embedding_type": "rope",
-        "rotary_base": _int_if_whole(desc.rope_theta),
-        "rotary_percent": desc.rotary_percent,
-        **_rope_fields(desc),
-        "seq_length": desc.max_position_embeddings,
-        "share_embeddings_and_output_weights": desc.tie_embeddings,
-        "vocab_size": desc.vocab_size,
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-        "should_pad_vocab": should_pad_vocab,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
-        "params_dtype": {"_target_": str(dtype), "_call_": False},
-        "pipeline_dtype": {"_target_": str(dtype), "_call_": False},
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
-    }
-
-
-def _hybrid_bridge_section(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.dtype,
-                           make_vocab_size_divisible_by: int, should_pad_vocab: bool) -> dict[str, Any]:
-    """run_config.yaml ``model:`` of a hybrid: Megatron-Bridge's MambaModelProvider (kept as
-    a subclass of HybridModelProvider by newer Bridge) with NemotronHBridge's settings."""
-    return {
-        "_target_": "megatron.bridge.models.mamba.mamba_provider.MambaModelProvider",
-        "num_layers": desc.num_layers,
-        "hidden_size": desc.hidden_size,
-        "ffn_hidden_size": desc.ffn_hidden_size,
-        "num_attention_heads": desc.num_attention_heads,
-        "num_query_groups": desc.num_query_groups,
-        "kv_channels": desc.head_dim,
-        **_hybrid_settings(desc),
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": desc.norm_eps,
-        "gated_linear_unit": False,
-        "activation_func": {"_target_": _ACTIVATION_TARGETS["squared_relu"], "_call_": False},
-        "add_bias_linear": False,
-        "add_qkv_bias": False,
-        "qk_layernorm": False,
-        "position_embedding_type": "none",
+        "_target_": target, **shape, **layers,
         "seq_length": desc.max_position_embeddings,
         "share_embeddings_and_output_weights": desc.tie_embeddings,
         "vocab_size": desc.vocab_size,
