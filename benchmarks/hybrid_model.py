@@ -4,9 +4,10 @@
 No trained hybrid small enough for a CPU ships anywhere we can reach, and a random one
 cannot rank anything, so this script makes one: a byte-level BPE tokenizer (4,096 ids)
 trained on ``builtin:train``, then transformers' ``NemotronHForCausalLM`` (hidden 384,
-pattern ``M-M-M*-M-M-M*-``: 7 Mamba-2, 5 squared-ReLU MLP, 2 attention layers; 24 Mamba
+pattern ``M-M-M*-M-M-M*-``: 6 Mamba-2, 6 squared-ReLU MLP, 2 attention layers; 24 Mamba
 heads of 32 channels in 4 groups, state 32; ffn 1536; 6 attention heads in 2 groups;
-tied embeddings; 17.0M parameters) trained from scratch with cross-entropy on
+separate output layer: transformers 5's NemotronHForCausalLM never ties it, whatever
+``tie_word_embeddings`` says; 17.0M parameters) trained from scratch with cross-entropy on
 ``builtin:train`` (sequences of 256 tokens, 8 per step, AdamW 2e-3 with warm-up and
 cosine decay, bf16 autocast) until a CPU-time (or wall-time) budget runs out. The result (Hugging Face
 directory with its tokenizer) is kept in benchmarks/.cache/hybrid-trained and converted
@@ -31,7 +32,7 @@ OUT = CACHE / "hybrid-trained"
 SEQ, BATCH, VOCAB = 256, 8, 4096
 CONFIG = dict(vocab_size=VOCAB, hidden_size=384, intermediate_size=1536, hybrid_override_pattern="M-M-M*-M-M-M*-",
               num_attention_heads=6, num_key_value_heads=2, head_dim=64, mamba_num_heads=24, mamba_head_dim=32,
-              n_groups=4, ssm_state_size=32, conv_kernel=4, chunk_size=64, tie_word_embeddings=True,
+              n_groups=4, ssm_state_size=32, conv_kernel=4, chunk_size=64, tie_word_embeddings=False,
               layer_norm_epsilon=1e-5, max_position_embeddings=1024)
 
 

@@ -35,7 +35,7 @@ from common import CACHE, parser, write_results
 from hybrid_model import SEQ, sequences, trained_hybrid_checkpoint
 
 OUT = CACHE / "hybrid_pruning_quality"
-# the trained model: hidden 384, ffn 1536, 24 Mamba heads x 32 in 4 groups, 14 layers (7 M, 2 *, 5 -)
+# the trained model: hidden 384, ffn 1536, 24 Mamba heads x 32 in 4 groups, 14 layers (6 M, 2 *, 6 -)
 ROWS = {
     "Mamba heads 16 (of 24)": {"mamba_heads": 16},
     "Mamba head dim 24 (of 32)": {"mamba_head_dim": 24},
