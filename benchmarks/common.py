@@ -42,6 +42,23 @@ def write_results(args, results: dict) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def time_side_by_side(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each function once to warm up, then ``repeats`` rounds of all of them in turn (so that
+    a shared machine's load falls on all alike): (median seconds, all seconds) per name."""
+    import statistics
+    import time
+
+    timings: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in timings.items()}, timings
+
+
 def builtin_samples(split: str, tokenizer, seq_len: int, *, num_samples: int | None = None,
                     seed: int = 0):
     """Samples of the built-in corpus through the data API (runtime must be initialised):

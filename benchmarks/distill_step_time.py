@@ -10,11 +10,9 @@ Target: ratio at most 1.10."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
-from common import builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
+from common import builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, time_side_by_side, write_results
 
 
 def main() -> None:
@@ -73,18 +71,9 @@ def main() -> None:
     def optimizer_step():
         trainer.optimizer.step()
 
-    timings = {"distill_forward_backward": [], "student_forward_backward": [], "teacher_forward": [],
-               "optimizer_step": []}
     fns = {"distill_forward_backward": distill_fb, "student_forward_backward": student_fb,
            "teacher_forward": teacher_fwd, "optimizer_step": optimizer_step}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in timings.items()}
+    med, timings = time_side_by_side(fns, args.repeats)
     floor = med["student_forward_backward"] + med["teacher_forward"]
     write_results(args, {"benchmark": "distill_step_time", "teacher": "SmolLM2-135M", "student": s_desc.summary(),
                          "tokens_per_step": gb * args.seq_len, "dtype": args.dtype,

@@ -17,7 +17,9 @@ RESULTS = HERE / "results"
 QUICK = {"search_cache": ["--steps", "20", "--ranking-steps", "40", "--checkpoints", "10,20", "--repeats", "2"],
          "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"],
          "per_layer_quality": ["--samples", "16", "--seq-len", "128", "--block-samples", "2", "--eval-samples", "16",
-                               "--uniform", "2"]}
+                               "--uniform", "2"],
+         # the hybrid benchmarks on a 3-step hybrid (--full: the trained one)
+         "hybrid_model": ["--quick"], "hybrid_pruning_quality": ["--quick"], "hybrid_kd_step_time": ["--quick"]}
 
 
 def main() -> int:

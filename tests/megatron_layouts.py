@@ -289,14 +289,16 @@ def _save(state: dict, directory: Path, content: dict) -> None:
     barrier()
 
 
-def save_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int, *, latest: bool) -> Path:
-    """Megatron-LM's save_checkpoint (torch_dist), stacked layer keys."""
+def save_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int, *, latest: bool,
+                     keys=lambda sharded: sharded) -> Path:
+    """Megatron-LM's save_checkpoint (torch_dist), stacked layer keys (``keys``: the sharded
+    state dict as the model's spec would key it)."""
     from nemo_minitron.runtime.distributed import is_rank0
 
     it_dir = root / f"iter_{iteration:07d}"
     args = argparse.Namespace(**{**vars(args), "iteration": iteration})
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
-             "model": model.sharded_state_dict(metadata=dict(MEGATRON_LM_CONTENT)),
+             "model": keys(model.sharded_state_dict(metadata=dict(MEGATRON_LM_CONTENT))),
              "opt_param_scheduler": {"num_steps": iteration * 8}, "num_floating_point_operations_so_far": 1.0,
              **_extras()}
     _save(state, it_dir, MEGATRON_LM_CONTENT)
@@ -305,7 +307,8 @@ def save_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int
     return it_dir
 
 
-def save_bridge(model, model_section: dict, root: Path, iteration: int, tokenizer_dir: Path) -> Path:
+def save_bridge(model, model_section: dict, root: Path, iteration: int, tokenizer_dir: Path,
+                keys=lambda sharded: sharded) -> Path:
     """Megatron-Bridge's save_checkpoint, per-layer keys (as for heterogeneous layers)."""
     import yaml
 
@@ -314,7 +317,7 @@ def save_bridge(model, model_section: dict, root: Path, iteration: int, tokenize
     it_dir = root / f"iter_{iteration:07d}"
     content = {**BRIDGE_CONTENT, "non_homogeneous_layers": True}
     state = {"checkpoint_version": 3.0, "iteration": iteration,
-             "model": model.sharded_state_dict(metadata=dict(content)), **_extras()}
+             "model": keys(model.sharded_state_dict(metadata=dict(content))), **_extras()}
     _save(state, it_dir, content)
     if is_rank0():
         run_config = {"model": model_section,
@@ -351,6 +354,81 @@ def save_nemo2(model, model_yaml: dict, root: Path, tokenizer_dir: Path) -> Path
         shutil.copytree(tokenizer_dir, root / "context" / "nemo_tokenizer")
     barrier()
     return root
+
+
+# ---------------------------------------------------------------------- hybrid (MambaModel)
+# megatron-core ships only a Transformer Engine spec for MambaModel (mamba_layer_specs), which
+# fuses each layer's norm into its first linear; on a CPU the model is the project's local
+# spec (nemo_minitron.model.mamba), re-keyed here as the TE spec keys its norms.
+TE_NORM_NAMES = {"norm.weight": "mixer.in_proj.layer_norm_weight",
+                 "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def te_keyed(sharded: dict) -> dict:
+    """A MambaModel's sharded state dict with its layers' norms under the TE spec's keys."""
+    import re
+
+    for sh in sharded.values():
+        m = re.match(r"^(decoder\.layers\.\d+\.)(.+)$", getattr(sh, "key", ""))
+        if m and m.group(2) in TE_NORM_NAMES:
+            sh.key = m.group(1) + TE_NORM_NAMES[m.group(2)]
+    return sharded
+
+
+def _pattern(c: dict) -> str:
+    """The layer pattern of a NemotronH config.json (transformers 5 writes ``layers_block_type``)."""
+    symbols = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
+    return c.get("hybrid_override_pattern") or "".join(symbols[t] for t in c["layers_block_type"])
+
+
+def hybrid_megatron_lm_args(hf_dir: Path, *, tp: int, pp: int, tokenizer_model: str) -> argparse.Namespace:
+    """The args Megatron-LM saves for a Nemotron-H model given as a HF config, in the argument
+    names before the 2026 renames (``--hybrid-override-pattern``, ``--mamba-*``, ``--spec
+    megatron.core.models.mamba.mamba_layer_specs mamba_stack_spec``, ``--squared-relu``,
+    ``--position-embedding-type none``, as Megatron-LM's examples/mamba scripts pass them;
+    no chunk-length argument exists: the mixer's 128)."""
+    c = hf_config(hf_dir)
+    return argparse.Namespace(
+        num_layers=len(_pattern(c)), hidden_size=c["hidden_size"], ffn_hidden_size=c["intermediate_size"],
+        num_attention_heads=c["num_attention_heads"], group_query_attention=True,
+        num_query_groups=c["num_key_value_heads"], kv_channels=c["head_dim"], seq_length=64,
+        max_position_embeddings=c["max_position_embeddings"], position_embedding_type="none",
+        hybrid_override_pattern=_pattern(c), hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0,
+        is_hybrid_model=True, mamba_state_dim=c["ssm_state_size"], mamba_head_dim=c["mamba_head_dim"],
+        mamba_num_groups=c["n_groups"], mamba_num_heads=c["mamba_num_heads"],
+        spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"], squared_relu=True, swiglu=False,
+        normalization="RMSNorm", norm_epsilon=c["layer_norm_epsilon"], disable_bias_linear=True, add_bias_linear=False,
+        add_qkv_bias=False, untie_embeddings_and_output_weights=not c["tie_word_embeddings"], hidden_dropout=0.0,
+        attention_dropout=0.0, num_experts=None, mtp_num_layers=None, transformer_impl="transformer_engine",
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_model, vocab_size=None,
+        make_vocab_size_divisible_by=128, padded_vocab_size=padded(c["vocab_size"], 128 * tp),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=torch.float32, bf16=False,
+        fp16=False, ckpt_format="torch_dist", iteration=0)
+
+
+def hybrid_bridge_model_section(hf_dir: Path, *, tp: int, pp: int) -> dict:
+    """run_config.yaml ``model:`` as Megatron-Bridge's HybridModelProvider serializes a
+    Nemotron-H model (NemotronHBridge.provider_bridge; after ``finalize`` the pattern is
+    ``hybrid_layer_pattern`` and ``hybrid_override_pattern`` is null)."""
+    c = hf_config(hf_dir)
+    return {
+        "_target_": "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider",
+        "num_layers": len(_pattern(c)), "hidden_size": c["hidden_size"],
+        "ffn_hidden_size": c["intermediate_size"], "num_attention_heads": c["num_attention_heads"],
+        "num_query_groups": c["num_key_value_heads"], "kv_channels": c["head_dim"],
+        "hybrid_layer_pattern": _pattern(c), "hybrid_override_pattern": None,
+        "hybrid_attention_ratio": 0.0, "hybrid_mlp_ratio": 0.0, "is_hybrid_model": True,
+        "mamba_num_heads": c["mamba_num_heads"], "mamba_head_dim": c["mamba_head_dim"],
+        "mamba_num_groups": c["n_groups"], "mamba_state_dim": c["ssm_state_size"], "mamba_chunk_size": c["chunk_size"],
+        "normalization": "RMSNorm", "layernorm_epsilon": c["layer_norm_epsilon"], "gated_linear_unit": False,
+        "activation_func": {"_target_": "megatron.core.activations.squared_relu", "_call_": False},
+        "add_bias_linear": False, "position_embedding_type": "none", "seq_length": c["max_position_embeddings"],
+        "share_embeddings_and_output_weights": c["tie_word_embeddings"], "vocab_size": c["vocab_size"],
+        "make_vocab_size_divisible_by": 128, "should_pad_vocab": True, "mtp_num_layers": 0,
+        "mtp_hybrid_override_pattern": None, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "params_dtype": {"_target_": "torch.float32", "_call_": False}, "bf16": False, "fp16": False,
+    }
 
 
 def strict_load(model, directory: Path):

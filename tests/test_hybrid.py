@@ -261,10 +261,11 @@ def _check_layouts(hf_dir: Path, checkpoint: Path, tokens: torch.Tensor, outs: P
 
 def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys):
     """Stages that do not handle hybrid models yet say so in one line, before any work
-    (importance, planning and pruning: test_hybrid_prune.py)."""
-    code, stderr = cli_in_process(capsys, "export", tiny_checkpoint(KIND), "--megatron-out", tmp_path / "meg")
+    (sparsify; Megatron-LM / Bridge export and reading: test_megatron_hybrid.py)."""
+    code, stderr = cli_in_process(capsys, "sparsify", tiny_checkpoint(KIND), "--out", tmp_path / "sparse",
+                                  "--data", "builtin:calib")
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
-    assert "a Megatron-LM / Megatron-Bridge export of a hybrid" in stderr, stderr
+    assert "sparsify of a hybrid" in stderr, stderr
     assert not list(tmp_path.iterdir())
 
 

@@ -20,6 +20,14 @@ other values no description can express (MoE, MLA, biases on every linear ...): 
 one is an error naming the field. Absent keys take megatron-core's defaults
 (``DEFAULTS``). Writing goes the other way (``megatron_lm_args``,
 ``bridge_model_section``).
+
+Hybrid Mamba-Transformer models (megatron-core's ``MambaModel``, Nemotron-H) are told by
+their layer pattern: Megatron-LM's ``hybrid_override_pattern`` argument (renamed
+``hybrid_layer_pattern`` in 2026), Megatron-Bridge's ``MambaModelProvider`` /
+``HybridModelProvider`` field of either name (``NemotronHBridge.CONFIG_MAPPING``). Their
+settings are turned into the Hugging Face ``NemotronHConfig`` keys Bridge's
+``megatron_to_hf_config`` writes, and read by the ``nemotron_h`` family table like any
+Hugging Face config (``hybrid_description``).
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from typing import Any, Mapping
 
 import torch
 
+from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.families import family_with, nemotron_nas
+from nemo_minitron.families import family, family_with, nemotron_nas
+from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.model.hybrid import not_yet
 
 #: ModelDescription field <- TransformerConfig / GPTModelProvider key. ``None`` in the
 #: config means the default in the comment.
@@ -159,34 +168,37 @@ def _same(value: Any, allowed: tuple[Any, ...]) -> bool:
     return False
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
+def _get(cfg: Mapping[str, Any], key: str, defaults: Mapping[str, Any] = DEFAULTS) -> Any:
     value = cfg.get(key)
-    return DEFAULTS.get(key) if value is None and key in DEFAULTS else value
+    return defaults.get(key) if value is None and key in defaults else value
 
 
-def check_supported(cfg: Mapping[str, Any], source: str) -> None:
+def check_supported(cfg: Mapping[str, Any], source: str, fixed: Mapping[str, tuple] = FIXED,
+                    defaults: Mapping[str, Any] = DEFAULTS) -> None:
     """A one-line error naming the first setting a ModelDescription cannot express."""
-    for key, (allowed, what) in FIXED.items():
-        value = _get(cfg, key)
+    for key, (allowed, what) in fixed.items():
+        value = _get(cfg, key, defaults)
         if not _same(value, allowed):
             shown = " or ".join(repr(a) for a in allowed)
             raise UsageError(f"{source}: {key}={value!r} ({what}) is not supported ({key} must be {shown})")
 
 
-def features(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+def features(cfg: Mapping[str, Any], source: str, defaults: Mapping[str, Any] = DEFAULTS) -> dict[str, Any]:
     """The family features (nemo_minitron.families.DEFAULT_FEATURES) the config states."""
-    gated = bool(_get(cfg, "gated_linear_unit"))
-    act = _callable_name(_get(cfg, "activation_func"))
+    gated = bool(_get(cfg, "gated_linear_unit", defaults))
+    act = _callable_name(_get(cfg, "activation_func", defaults))
     activation = ACTIVATIONS.get((gated, act))
     require(activation is not None, f"{source}: activation_func={act!r} with gated_linear_unit={gated} (the MLP "
                                     "activation) is not supported (supported: silu gated, i.e. SwiGLU; squared_relu)")
-    return {"activation": activation, "normalization": _get(cfg, "normalization"),
-            "zero_centered_gamma": bool(_get(cfg, "layernorm_zero_centered_gamma")),
-            "qkv_bias": bool(_get(cfg, "add_qkv_bias")), "qk_norm": bool(_get(cfg, "qk_layernorm"))}
+    return {"activation": activation, "normalization": _get(cfg, "normalization", defaults),
+            "zero_centered_gamma": bool(_get(cfg, "layernorm_zero_centered_gamma", defaults)),
+            "qkv_bias": bool(_get(cfg, "add_qkv_bias", defaults)), "qk_norm": bool(_get(cfg, "qk_layernorm", defaults))}
 
 
 def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
     """ModelDescription from a config in TransformerConfig / provider vocabulary."""
+    if is_hybrid_config(cfg):
+        return hybrid_description(cfg, vocab_size=vocab_size, source=source, name=name)
     check_supported(cfg, source)
     feats = features(cfg, source)
     try:
@@ -236,6 +248,92 @@ def heterogeneous_layer_shapes(cfg: Mapping[str, Any], heads: int, hidden: int, 
         raise UsageError(f"{source}: heterogeneous_layers_config_encoded_json: {e}") from None
 
 
+# ---------------------------------------------------------------------- hybrid models
+#: megatron-core's values for hybrid models when a config omits them (TransformerConfig,
+#: MambaMixer, Megatron-Bridge's HybridModelProvider: no position embedding, RMSNorm)
+HYBRID_DEFAULTS: dict[str, Any] = {
+    **DEFAULTS, "position_embedding_type": "none", "normalization": "RMSNorm", "mamba_head_dim": 64,
+    "mamba_num_groups": 8, "mamba_state_dim": 128, "mamba_chunk_size": 128,
+}
+#: what a hybrid config may state: the GPT rules, without RoPE (Nemotron-H's attention has
+#: no position embedding) and with the pattern read rather than refused
+HYBRID_FIXED = {**{k: v for k, v in FIXED.items() if k != "hybrid_layer_pattern"},
+                "position_embedding_type": (("none",), "a position embedding in a hybrid model")}
+#: megatron-core's MambaMixer builds its conv with d_conv=4; no Megatron-LM argument or Bridge
+#: provider field changes it
+MEGATRON_CONV_KERNEL = 4
+#: Megatron-LM's builder for hybrid models (--spec)
+MAMBA_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+
+
+def is_hybrid_config(cfg: Mapping[str, Any]) -> bool:
+    return bool(cfg.get("hybrid_layer_pattern") or cfg.get("hybrid_override_pattern") or cfg.get("is_hybrid_model"))
+
+
+def hybrid_pattern(cfg: Mapping[str, Any], source: str) -> str:
+    """The layer pattern of a hybrid config (pipeline-stage bars ``|`` removed), or a
+    one-line error: multi-token prediction after ``/``, a symbol nothing here builds, a
+    pattern megatron would derive from layer ratios."""
+    key = "hybrid_layer_pattern" if cfg.get("hybrid_layer_pattern") else "hybrid_override_pattern"
+    pattern = cfg.get(key)
+    if not pattern:
+        ratios = {k: cfg.get(k) or 0.0 for k in ("hybrid_attention_ratio", "hybrid_mlp_ratio")}
+        require(not any(ratios.values()), f"{source}: a hybrid model whose layers megatron allocates from "
+                                          f"{', '.join(f'{k}={v}' for k, v in ratios.items())} is not supported "
+                                          "(state hybrid_override_pattern)")
+        layers = cfg.get("num_layers")
+        require(layers, f"{source}: num_layers is missing")
+        return hybrid.MAMBA * _number(layers, "num_layers", source, int)  # megatron's default: every layer Mamba
+    require(isinstance(pattern, str), f"{source}: {key}={pattern!r} is not a string of layer symbols")
+    main, _, mtp = pattern.partition("/")
+    require(not mtp.strip("/"), f"{source}: {key}={pattern!r} has multi-token prediction layers (after '/'), "
+                                "which are not supported")
+    return hybrid.check_pattern(main.replace("|", ""), f"{source}: {key}")
+
+
+def hybrid_hf_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str) -> dict[str, Any]:
+    """A hybrid Megatron config as the Hugging Face NemotronHConfig keys (Megatron-Bridge's
+    ``NemotronHBridge.CONFIG_MAPPING``); one-line errors for what Nemotron-H cannot be."""
+    pattern = hybrid_pattern(cfg, source)
+    check_supported(cfg, source, HYBRID_FIXED, HYBRID_DEFAULTS)
+    feats = features(cfg, source, HYBRID_DEFAULTS)
+    expected = family("nemotron_h").feature_values()
+    for key, value in feats.items():
+        require(expected[key] == value, f"{source}: a hybrid model with {key}={value!r} is not supported "
+                                           f"(Nemotron-H: {expected[key]!r})")
+
+    def get(key: str, kind=int):
+        value = _get(cfg, key, HYBRID_DEFAULTS)
+        return None if value is None else _number(value, key, source, kind)
+
+    if cfg.get("num_layers") is not None:
+        require(get("num_layers") == len(pattern), f"{source}: num_layers={cfg['num_layers']} but the hybrid "
+                                                   f"pattern {pattern!r} has {len(pattern)} layers")
+    for key in ("hidden_size", "num_attention_heads"):
+        require(cfg.get(key) is not None, f"{source}: {key} is missing")
+    hidden, heads, head_dim = get("hidden_size"), get("num_attention_heads"), get("mamba_head_dim")
+    return {
+        "model_type": "nemotron_h", "vocab_size": int(vocab_size), "hidden_size": hidden,
+        "intermediate_size": get("ffn_hidden_size") or 4 * hidden, "hybrid_override_pattern": pattern,
+        "num_hidden_layers": len(pattern), "num_attention_heads": heads,
+        "num_key_value_heads": get("num_query_groups") or heads, "head_dim": get("kv_channels") or hidden // heads,
+        # megatron-core's MambaMixer: heads = 2 x hidden / head_dim unless stated (expand 2)
+        "mamba_num_heads": get("mamba_num_heads") or 2 * hidden // head_dim, "mamba_head_dim": head_dim,
+        "n_groups": get("mamba_num_groups"), "ssm_state_size": get("mamba_state_dim"),
+        "conv_kernel": MEGATRON_CONV_KERNEL, "chunk_size": get("mamba_chunk_size"),
+        "layer_norm_epsilon": get("layernorm_epsilon", float), "max_position_embeddings": get("seq_length"),
+        "tie_word_embeddings": bool(_get(cfg, "share_embeddings_and_output_weights")),
+    }
+
+
+def hybrid_description(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
+    hf = hybrid_hf_config(cfg, vocab_size=vocab_size, source=source)
+    try:
+        return description_from_hf_config(hf, name=name)
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
+
+
 # ---------------------------------------------------------------------- writing
 def _rope_fields(desc: ModelDescription) -> dict[str, Any]:
     """The rope keys of a provider; an error when Megatron cannot express the scaling."""
@@ -272,8 +370,22 @@ def heterogeneous_fields(desc: ModelDescription, config_path: str | None) -> dic
 
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
-    not_yet(desc, "a Megatron-LM / Megatron-Bridge export")
+    if desc.is_hybrid:
+        require(desc.mamba_conv_kernel == MEGATRON_CONV_KERNEL,
+                f"a Mamba conv of width {desc.mamba_conv_kernel} cannot be written as a Megatron checkpoint "
+                f"(megatron-core's MambaMixer has width {MEGATRON_CONV_KERNEL}, and neither Megatron-LM's "
+                "arguments nor Bridge's provider change it)")
+        return
     _rope_fields(desc)
+
+
+def _hybrid_settings(desc: ModelDescription) -> dict[str, Any]:
+    """The Mamba settings of a hybrid model, under TransformerConfig / provider names (the
+    pattern under its older name, which every Megatron-LM and Bridge version reads)."""
+    return {"hybrid_override_pattern": desc.hybrid_pattern, "is_hybrid_model": True,
+            "mamba_num_heads": desc.mamba_num_heads, "mamba_head_dim": desc.mamba_head_dim,
+            "mamba_num_groups": desc.mamba_num_groups, "mamba_state_dim": desc.mamba_state_dim,
+            "mamba_chunk_size": desc.mamba_chunk_size}
 
 
 _ACTIVATION_TARGETS = {"swiglu": "torch.nn.functional.silu", "squared_relu": "megatron.core.activations.squared_relu"}
@@ -285,26 +397,36 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
     representers of megatron/training/config/yaml_utils.py: functions and dtypes as
     ``{_target_, _call_: false}``)."""
     check_writable(desc)
+    # a per-layer model's ffn_hidden_size is read only by no-op MLPs: never 0
+    ffn = (desc.ffn_hidden_size or desc.hidden_size) if desc.is_heterogeneous else desc.ffn_hidden_size
+    shape = {"num_layers": desc.num_layers, "hidden_size": desc.hidden_size, "ffn_hidden_size": ffn,
+             "num_attention_heads": desc.num_attention_heads, "num_query_groups": desc.num_query_groups,
+             "kv_channels": desc.head_dim}
+    if desc.is_hybrid:  # Bridge's MambaModelProvider (newer Bridge: a HybridModelProvider) as NemotronHBridge sets it
+        target = "megatron.bridge.models.mamba.mamba_provider.MambaModelProvider"
+        layers = {**_hybrid_settings(desc), "normalization": "RMSNorm", "layernorm_epsilon": desc.norm_eps,
+                  "gated_linear_unit": False,
+                  "activation_func": {"_target_": _ACTIVATION_TARGETS["squared_relu"], "_call_": False},
+                  "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": False,
+                  "position_embedding_type": "none"}
+    else:
+        target = _HETEROGENEOUS_PROVIDER if desc.is_heterogeneous else "megatron.bridge.models.gpt_provider.GPTModelProvider"
+        layers = {
+            "normalization": desc.normalization,
+            "layernorm_epsilon": desc.norm_eps,
+            "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
+            "gated_linear_unit": desc.gated,
+            "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
+            "add_bias_linear": False,
+            "add_qkv_bias": desc.qkv_bias,
+            "qk_layernorm": desc.qk_norm,
+            "position_embedding_type": "rope",
+            "rotary_base": _int_if_whole(desc.rope_theta),
+            "rotary_percent": desc.rotary_percent,
+            **_rope_fields(desc),
+        }
     return {
-        "_target_": _HETEROGENEOUS_PROVIDER if desc.is_heterogeneous else "megatron.bridge.models.gpt_provider.GPTModelProvider",
-        "num_layers": desc.num_layers,
-        "hidden_size": desc.hidden_size,
-        "ffn_hidden_size": desc.ffn_hidden_size or desc.hidden_size,  # per-layer models: only no-op MLPs read it
-        "num_attention_heads": desc.num_attention_heads,
-        "num_query_groups": desc.num_query_groups,
-        "kv_channels": desc.head_dim,
-        "normalization": desc.normalization,
-        "layernorm_epsilon": desc.norm_eps,
-        "layernorm_zero_centered_gamma": desc.zero_centered_gamma,
-        "gated_linear_unit": desc.gated,
-        "activation_func": {"_target_": _ACTIVATION_TARGETS[desc.activation], "_call_": False},
-        "add_bias_linear": False,
-        "add_qkv_bias": desc.qkv_bias,
-        "qk_layernorm": desc.qk_norm,
-        "position_embedding_type": "rope",
-        "rotary_base": _int_if_whole(desc.rope_theta),
-        "rotary_percent": desc.rotary_percent,
-        **_rope_fields(desc),
+        "_target_": target, **shape, **layers,
         "seq_length": desc.max_position_embeddings,
         "share_embeddings_and_output_weights": desc.tie_embeddings,
         "vocab_size": desc.vocab_size,
@@ -330,9 +452,9 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
     loader and model builder read: the model list of load_args_from_checkpoint, the
     renamed arguments of core_transformer_config_from_args (both the pre-2026 names
     and the TransformerConfig names), and what gpt_builder reads."""
-    rope = _rope_fields(desc)
     check_writable(desc)
-    return argparse.Namespace(
+    rope = _rope_fields(desc)
+    args = argparse.Namespace(
         # model shape (load_args_from_checkpoint: "Model args")
         num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=desc.ffn_hidden_size or desc.hidden_size,
         seq_length=desc.max_position_embeddings, num_attention_heads=desc.num_attention_heads,
@@ -364,3 +486,8 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
         transformer_impl="local", ckpt_format="torch_dist", use_dist_ckpt=True, iteration=iteration,
         fp16_lm_cross_entropy=False,
     )
+    if desc.is_hybrid:  # Megatron-LM's hybrid builder (--spec) with Nemotron-H's settings
+        vars(args).update(position_embedding_type="none", use_rotary_position_embeddings=False,
+                          squared_relu=True, swiglu=False, spec=MAMBA_SPEC, hybrid_attention_ratio=0.0,
+                          hybrid_mlp_ratio=0.0, **_hybrid_settings(desc))
+    return args

@@ -3,9 +3,11 @@
     DIR/latest_checkpointed_iteration.txt   "0"  (Megatron-LM's tracker; Bridge writes it too)
     DIR/latest_train_state.pt               (Bridge's tracker)
     DIR/iter_0000000/
-      metadata.json .metadata *.distcp      megatron-core torch_dist, stacked GPTModel keys
+      metadata.json .metadata *.distcp      megatron-core torch_dist, stacked GPTModel keys (a
+                                            hybrid's MambaModel: per-layer keys)
       common.pt                             {"args": Namespace, "checkpoint_version": 3.0, "iteration": 0, ...}
-      run_config.yaml                       model: (GPTModelProvider) checkpoint: tokenizer:
+      run_config.yaml                       model: (GPTModelProvider; a hybrid: MambaModelProvider)
+                                            checkpoint: tokenizer:
       heterogeneous_layers_config.json      a per-layer model's block_configs (also inline in the args)
       train_state.pt                        Bridge's TrainState
       tokenizer/                            Hugging Face tokenizer files
@@ -41,6 +43,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from nemo_minitron.checkpoint import megatron_config
+from nemo_minitron.checkpoint.megatron_format import te_norm_keys
 from nemo_minitron.checkpoint.store import CheckpointInfo, atomic_directory
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.model.description import ModelDescription
@@ -129,6 +132,8 @@ def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_d
         barrier()
         sharded = unwrap(model).sharded_state_dict(metadata=dict(content))
         _repad(sharded, desc.vocab_size, rows)
+        if desc.is_hybrid:  # the layer norms under the Transformer Engine spec's names, as Megatron-LM saves them
+            te_norm_keys(sharded)
         state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
         dist_checkpointing.save(state, str(iteration_dir), content_metadata=content)
         if is_rank0():

@@ -47,7 +47,7 @@ import torch
 import yaml
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_config
@@ -55,6 +55,7 @@ from nemo_minitron.checkpoint.dcp_index import read_index
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.files import check_complete
+from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
 
@@ -166,6 +167,48 @@ def _layer_shapes(d: ModelDescription, layer: int = 0) -> dict[str, tuple[int, .
             and (shape.has_mlp or not k.startswith("mlp."))}
 
 
+#: a hybrid model's layer norm as megatron-core's local spec keys it -> as its Transformer Engine
+#: spec (Megatron-LM's and Bridge's checkpoints) keys it, fused into the layer's first linear
+TE_NORMS = {"norm.weight": "mixer.in_proj.layer_norm_weight",
+            "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+            "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_HYBRID_NORM = re.compile(r"^(.*decoder\.layers\.\d+\.)(norm\.weight|input_layernorm\.weight|pre_mlp_layernorm\.weight)$")
+
+
+def te_norm_keys(sharded: dict, stored: dict | None = None) -> None:
+    """Key a hybrid model's layer norms (local spec, ``sharded``: a sharded state dict) by their
+    Transformer Engine names, in place; with ``stored`` (a checkpoint's index), only those the
+    checkpoint holds under that name (Bridge's ModelOpt spec stores the local names)."""
+    for sh in sharded.values():
+        if isinstance(sh, ShardedTensor) and (m := _HYBRID_NORM.match(sh.key)):
+            te = m.group(1) + TE_NORMS[m.group(2)]
+            if stored is None or (sh.key not in stored and te in stored):
+                sh.key = te
+
+
+def _hybrid_layer_shapes(d: ModelDescription, symbol: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Stored key suffixes (alternatives: the norm's two names) -> shape, for one layer of a kind;
+    the mixer's fused tensors as megatron-core stores them, one key per section."""
+    h = d.hidden_size
+    norm = {"M": "norm.weight", "*": "input_layernorm.weight", "-": "pre_mlp_layernorm.weight"}[symbol]
+    shapes = {(norm, TE_NORMS[norm]): (h,)}
+    if symbol == hybrid.MAMBA:
+        inner, bc, heads, k = hybrid.d_inner(d), hybrid.bc_channels(d), d.mamba_num_heads, d.mamba_conv_kernel
+        for section, rows in zip("z x B C dt".split(), (inner, inner, bc, bc, heads)):
+            shapes[(f"mixer.in_proj.weight.{section}",)] = (rows, h)
+        for section, rows in zip("x B C".split(), (inner, bc, bc)):
+            shapes[(f"mixer.conv1d.weight.{section}",)] = (rows, 1, k)
+            shapes[(f"mixer.conv1d.bias.{section}",)] = (rows,)
+        shapes.update({("mixer.A_log",): (heads,), ("mixer.D",): (heads,), ("mixer.dt_bias",): (heads,),
+                       ("mixer.norm.weight",): (inner,), ("mixer.out_proj.weight",): (h, inner)})
+    elif symbol == hybrid.ATTENTION:
+        shapes.update({("self_attention.linear_qkv.weight",): (d.qkv_rows, h),
+                       ("self_attention.linear_proj.weight",): (h, d.num_attention_heads * d.head_dim)})
+    else:
+        shapes.update({("mlp.linear_fc1.weight",): (d.ffn_hidden_size, h), ("mlp.linear_fc2.weight",): (h, d.ffn_hidden_size)})
+    return shapes
+
+
 @dataclasses.dataclass
 class MegatronCheckpoint:
     """One step of a Megatron-LM / Megatron-Bridge / NeMo 2 checkpoint, validated."""
@@ -241,11 +284,21 @@ class MegatronCheckpoint:
                                         f"{list(stored[0])}, but {self.config_source} implies {list(shape)}")
 
         h, L = desc.hidden_size, desc.num_layers
+        if not desc.tie_embeddings:
+            expect("output_layer.weight", (self.stored_vocab, h))
+        require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
+                f"'{self.weights}': the embedding width differs from {self.config_source}'s hidden_size {h}")
+        if desc.is_hybrid:  # megatron-core's MambaStack: per-layer keys, decoder.final_norm
+            expect("decoder.final_norm.weight", (h,))
+            for i, symbol in enumerate(desc.hybrid_pattern):
+                for names, shape in _hybrid_layer_shapes(desc, symbol).items():
+                    key = next((f"decoder.layers.{i}.{n}" for n in names
+                                if self.prefix + f"decoder.layers.{i}.{n}" in self.index), f"decoder.layers.{i}.{names[-1]}")
+                    expect(key, shape)
+            return
         expect("decoder.final_layernorm.weight", (h,))
         if desc.normalization == "LayerNorm":
             expect("decoder.final_layernorm.bias", (h,))
-        if not desc.tie_embeddings:
-            expect("output_layer.weight", (self.stored_vocab, h))
         require(self.per_layer or not desc.is_heterogeneous,
                 f"'{self.weights}': a heterogeneous model's layers are stored per layer (decoder.layers.N.*), "
                 "these are stacked")
@@ -256,8 +309,6 @@ class MegatronCheckpoint:
         else:
             for suffix, shape in _layer_shapes(desc).items():
                 expect(f"decoder.layers.{suffix}", (L, *shape))
-        require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
-                f"'{self.weights}': the embedding width differs from {self.config_source}'s hidden_size {h}")
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -270,6 +321,8 @@ class MegatronCheckpoint:
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
+        if self.description.is_hybrid:
+            te_norm_keys(request, self.index)
         check_complete(self.weights, "checkpoint", self.path)
         with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
             state = dist_checkpointing.load(request, str(self.weights))
