@@ -194,6 +194,8 @@ def _hf_dir(tmp_path: Path, tiny_hf, changes: dict, kind: str = KIND) -> Path:
     ({"kind": MOE_KIND, "num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported"),
     ({"num_nextn_predict_layers": 1}, (), "num_nextn_predict_layers=1 is not supported (multi-token prediction"),
     ({"moe_latent_size": 32}, (), "moe_latent_size=32 is not supported (a latent mixture of experts)"),
+    # transformers' NemotronH keeps its own lm_head.weight whatever the flag says
+    ({"tie_word_embeddings": True}, (), "tie_word_embeddings=True is not supported (tied embeddings"),
     ({"time_step_limit": [0.0, 10.0]}, (), "time_step_limit=[0.0, 10.0] is not supported (a clamp of the Mamba"),
     ({"n_groups": 3}, (), "Mamba heads (8) must be a multiple of Mamba groups (3)"),
     ({"layer_norm_epsilon": 1e-6}, (), "norm epsilon must be 1e-05"),
@@ -257,6 +259,19 @@ def _check_layouts(hf_dir: Path, checkpoint: Path, tokens: torch.Tensor, outs: P
         converted = open_model(str(out / "converted"))
         again = full_logits(converted.model, tokens, desc.vocab_size)
         assert (again - at_tp1).abs().max().item() <= tol, layout
+
+
+def test_a_tied_hybrid_is_not_written_as_nemotron_h(tiny_checkpoint):
+    """A Megatron hybrid with shared embeddings written as NemotronH would load in transformers
+    with a random lm_head (its NemotronH never ties): refused, the untied one written."""
+    from nemo_minitron.checkpoint.hf_format import hf_config_dict
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.errors import UsageError
+
+    desc = read_info(tiny_checkpoint(KIND)).description
+    assert hf_config_dict(desc)["tie_word_embeddings"] is False
+    with pytest.raises(UsageError, match="tied embeddings cannot be written as nemotron_h"):
+        hf_config_dict(desc.replace(tie_embeddings=True))
 
 
 def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys):

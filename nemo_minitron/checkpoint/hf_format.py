@@ -210,6 +210,10 @@ def hf_config_dict(desc: ModelDescription, architecture: str | None = None) -> d
             cfg[entry.hf] = getattr(desc, entry.field)
         elif isinstance(entry, Const):
             cfg[entry.hf] = entry.value
+    tie = next((e for e in fam.config if isinstance(e, Const) and e.hf == "tie_word_embeddings"), None)
+    require(not (desc.tie_embeddings and tie is not None and tie.value is False),
+            f"a model with tied embeddings cannot be written as {fam.model_type}: {tie.feature if tie else ''}; "
+            "export it with --megatron-out")
     if fam.heterogeneous:
         cfg["block_configs"] = nemotron_nas.block_configs(desc.num_attention_heads, desc.hidden_size,
                                                           desc.all_layer_shapes())

@@ -72,7 +72,10 @@ NEMOTRON_H = Family(
         Field("chunk_size", "mamba_chunk_size", default=lambda c: c.get("mamba_chunk_size", 128), cast=int),
         Field("layer_norm_epsilon", "norm_eps", default=1e-5, cast=float),
         Field("max_position_embeddings", "max_position_embeddings", default=4096, cast=int),
-        Field("tie_word_embeddings", "tie_embeddings", default=False, cast=bool),
+        # transformers 5's NemotronH never ties (no _tied_weights_keys): it loads and saves its
+        # own lm_head.weight whatever the flag says, so a tied flag would misdescribe the model
+        Const("tie_word_embeddings", False, "tied embeddings (transformers' NemotronH uses its own lm_head.weight: "
+                                            "set tie_word_embeddings to false)"),
         Field("bos_token_id", "bos_token_id", default=None),
         Field("eos_token_id", "eos_token_id", default=None),
         Field("pad_token_id", "pad_token_id", default=None),
