@@ -113,16 +113,21 @@ def compare(dtype_name: str, args, samples, teacher_hf: Path, student_hf: Path) 
     blocks = []
     for i in range(2 * args.rounds + 1):
         side = "plain" if i % 2 == 0 else "distill"
-        load = os.getloadavg()[0]
+        load, cpu = os.getloadavg()[0], time.process_time()
         secs = [plain() for _ in range(args.steps)] if side == "plain" else distill(args.steps)
-        blocks.append({"side": side, "seconds": [round(s, 3) for s in secs], "loadavg_1min": round(load, 2)})
-        print(f"{dtype_name} {side}: {secs} (load {load:.1f})", flush=True)
+        cpu = (time.process_time() - cpu) / args.steps  # this process's threads, less sensitive to load
+        blocks.append({"side": side, "seconds": [round(s, 3) for s in secs], "cpu_seconds_per_step": round(cpu, 3),
+                       "loadavg_1min": round(load, 2)})
+        print(f"{dtype_name} {side}: {secs} s, {cpu:.1f} CPU s per step (load {load:.1f})", flush=True)
     med = {side: statistics.median(s for b in blocks if b["side"] == side for s in b["seconds"])
+           for side in ("plain", "distill")}
+    cpu = {side: statistics.median(b["cpu_seconds_per_step"] for b in blocks if b["side"] == side)
            for side in ("plain", "distill")}
     tokens = GLOBAL_BATCH * SEQ_LEN
     return {"blocks": blocks, "median_seconds": med,
             "tokens_per_second": {k: round(tokens / v, 1) for k, v in med.items()},
-            "ratio_distill_over_plain_throughput": round(med["plain"] / med["distill"], 4)}
+            "ratio_distill_over_plain_throughput": round(med["plain"] / med["distill"], 4),
+            "median_cpu_seconds_per_step": cpu, "ratio_by_cpu_time": round(cpu["plain"] / cpu["distill"], 4)}
 
 
 def floor_breakdown(args, samples) -> dict:
