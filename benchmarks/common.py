@@ -143,3 +143,13 @@ def task_table(teacher: dict, pruned: dict, pruned_params: float, rows: list[tup
              line("teacher: SmolLM2-135M", teacher, f"{teacher['heldout_loss']:.3f}", "-"),
              line(f"pruned to {pruned_params / 1e6:.1f}M, before training", pruned, f"{pruned['heldout_loss']:.3f}", "-")]
             + [line(label, r, f"**{r['heldout_loss']:.3f}**", f"{r['train_seconds']:.0f}") for label, r in rows])
+
+
+def hf_export(ckpt: Path) -> Path:
+    """``ckpt`` as a Hugging Face model directory (exported once, beside it in the cache)."""
+    from nemo_minitron.checkpoint.api import export
+
+    path = CACHE / f"{Path(ckpt).name}-hf"
+    if not (path / "config.json").is_file():
+        export(str(ckpt), str(path))
+    return path

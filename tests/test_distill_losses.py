@@ -10,7 +10,7 @@ import torch
 from tolerances import fp32, log_softmax_sum
 
 from nemo_minitron.distill.config import DistillConfig
-from nemo_minitron.distill.losses import LogitLossConfig, intermediate_loss, logit_loss
+from nemo_minitron.distill.losses import CPU_CHUNK_TOKENS, LogitLossConfig, intermediate_loss, logit_loss
 
 
 def loss_config(vocab_size=200, **changes) -> LogitLossConfig:
@@ -220,6 +220,38 @@ def test_contrastive_loss_and_gradient_equal_a_full_tensor_reference(runtime, ch
     ref_grad[..., :200] = z2.grad[..., :200]
     assert (z1.grad.double() - ref_grad).abs().max().item() <= tol * ref_grad.abs().max().item()
     assert z1.grad[..., 200:].abs().max() == 0
+
+
+def test_a_micro_batch_without_a_weighted_token_gets_a_zero_gradient(runtime):
+    """Every token weighted 0 (a micro-batch of prompt tokens only): no term is computed,
+    and the gradient is zero, not whatever its buffer held (a freed buffer of its size,
+    full of NaN, is there for the taking)."""
+    cfg = loss_config(vocab_size=200, ce_weight=0.5)
+    z, y, labels = _inputs(seed=4)
+    none = torch.zeros(labels.shape)
+    for _ in range(3):
+        junk = torch.full_like(z, float("nan"))
+        del junk
+        z1 = z.clone().requires_grad_(True)
+        total = logit_loss(z1, y, labels, cfg, none, none)[0]
+        total.backward()
+        assert total.item() == 0.0
+        assert torch.equal(z1.grad, torch.zeros_like(z1.grad))
+
+
+def test_a_contrastive_chunk_longer_than_a_cpu_pass_keeps_all_its_negatives(runtime):
+    """A CPU runs the loss in passes of at most CPU_CHUNK_TOKENS tokens, except with the
+    contrastive term: its negatives are every position of a --logit-chunk."""
+    chunk = 2 * CPU_CHUNK_TOKENS
+    cfg = loss_config(vocab_size=200, kd_weight=1.0, contrastive_weight=1.0, chunk_tokens=chunk)
+    z, y, labels = _inputs(seed=3, tokens=(2, chunk))
+    con = logit_loss(z, y, labels, cfg)[3]
+    ref = _contrastive_reference(z.double(), y, cfg)
+    shorter = _contrastive_reference(z.double(), y, dataclasses.replace(cfg, chunk_tokens=CPU_CHUNK_TOKENS))
+    max_logit = max(z.abs().max().item(), y.abs().max().item())
+    tol = log_softmax_sum(200, max_logit) * 4
+    assert abs(con.item() - ref.item()) <= tol
+    assert abs(shorter.item() - ref.item()) > 10 * tol  # fewer negatives: another loss
 
 
 def test_contrastive_loss_prefers_the_student_that_tells_positions_apart(runtime):

@@ -46,7 +46,8 @@ class TrainingConfig:
                                 "TensorBoard)", ge=1, resume_safe=True)
     data_workers: int = option(2, "DataLoader processes reading training batches ahead, per rank (0: read in the "
                                   "training process)", ge=0, resume_safe=True)
-    logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes)", ge=1,
+    logit_chunk: int = option(1024, "tokens per chunk of the logit loss (memory vs passes; a CPU takes at most 128 "
+                                    "at a time unless the contrastive term is on)", ge=1,
                               resume_safe=True)
     moe_aux_loss_coeff: Optional[float] = option(
         None, "mixtures of experts: weight of the router's load-balancing loss per layer (0: off)", ge=0,

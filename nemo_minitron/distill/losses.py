@@ -159,6 +159,11 @@ class _Shard:
         total = _all_reduce((local - m).exp(), dist.ReduceOp.SUM, self.group, self.size)
         return m + total.log()
 
+    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """log-softmax over the whole vocabulary of x [c, valid] (float32), a new tensor: on one
+        rank PyTorch's fused kernel (row by row, in cache), else x - lse(x)."""
+        return torch.log_softmax(x, dim=-1) if self.size == 1 else x - self.lse(x)
+
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return _all_reduce(x, dist.ReduceOp.SUM, self.group, self.size)
 
@@ -179,69 +184,83 @@ def _scaled(x: torch.Tensor, T: float) -> torch.Tensor:
     return out if T == 1 else out.div_(T)
 
 
+def _scaled_view(x: torch.Tensor, T: float) -> torch.Tensor:
+    """x / T in float32, read-only: x itself when it already is that (no copy)."""
+    return x if x.dtype == torch.float32 and T == 1 else _scaled(x, T)
+
+
 def _chunk_terms(z: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor | None, cfg: LogitLossConfig,
                  shard: _Shard, want_grad: bool, kd_scale=None, ce_scale=None):
     """Per-token losses (kd, ce) of one chunk and, if asked, d(weighted sum)/dz over the valid columns.
     The weights are ``cfg``'s, or per token ``kd_scale``/``ce_scale`` [c, 1] (then ``cfg``'s
     weights only say whether a term is computed at all).
 
-    Written with log q - log p = (y' - z') - (lse(y') - lse(z')), y' = y/T, z' = z/T, so each
-    term costs a few passes over the chunk and no log-probability tensors are built.
-    Returns (kd, ce, contrastive, grad, (lse_z, lse_y)); the contrastive term has ``cfg``'s weight."""
+    A dense teacher: both sides' log-probabilities come from one log-softmax each (on one
+    rank a single fused pass per row, in cache), and every term is a few passes over them;
+    nothing is copied that is not written to. Returns (kd, ce, contrastive, grad); the
+    contrastive term has ``cfg``'s weight."""
     T = cfg.temperature
     kd_scale = cfg.kd_weight if kd_scale is None else kd_scale
     ce_scale = cfg.ce_weight if ce_scale is None else ce_scale
     z = z[:, :shard.valid]
     kd = ce = con = grad = None
-    zs = _scaled(z, T)
-    lse_z = shard.lse(zs)
-    lse_y = None
+    want_ce = labels is not None and cfg.ce_weight != 0
+    log_p = None  # log softmax(z / T), kept intact while the cross-entropy (T = 1) still needs it
     if isinstance(y, SparseTeacher) and cfg.kd_weight != 0:
-        ce_reuses = T == 1 and labels is not None and cfg.ce_weight != 0  # the KL overwrites its copy
-        kd, grad = _sparse_forward_kl(zs.clone() if ce_reuses else zs, lse_z, y, shard, T,
-                                      kd_scale if want_grad else None)
+        zs = _scaled(z, T)
+        kd, grad = _sparse_forward_kl(zs, shard.lse(zs), y, shard, T, kd_scale if want_grad else None)
     elif y is not None and not isinstance(y, SparseTeacher) and (cfg.kd_weight != 0 or cfg.contrastive_weight != 0):
-        ys = _scaled(y[:, :shard.valid], T)
+        zs = _scaled_view(z, T)
+        log_p = shard.log_softmax(zs)
         if cfg.top_k is not None:
+            ys = _scaled(y[:, :shard.valid], T)
             ys.masked_fill_(~shard.top_k_mask(ys, cfg.top_k), float("-inf"))
-        lse_y = shard.lse(ys)
-        q = (ys - lse_y).exp_()
+            log_q = shard.log_softmax(ys)
+        else:
+            log_q = shard.log_softmax(_scaled_view(y[:, :shard.valid], T))
+        q = log_q.exp()
         if cfg.contrastive_weight != 0:
             con, grad = _contrastive(zs, q, shard, T, cfg.contrastive_temperature,
                                      cfg.contrastive_weight if want_grad else None)
+        keep_log_p = want_ce and T == 1
         if cfg.kd_weight == 0:
             pass
         elif cfg.kind == "forward":
-            diff = ys.sub_(zs)  # y' - z', in place of y'
+            diff = log_q.sub_(log_p)  # log q - log p, in place of log q
             if cfg.top_k is not None:
-                diff.masked_fill_(q == 0, 0.0)  # outside the top-k: q = 0 and y' = -inf
-            kl = shard.sum(torch.linalg.vecdot(q, diff)) - lse_y.squeeze(-1) + lse_z.squeeze(-1)
-            kd = kl * T * T
+                diff.masked_fill_(q == 0, 0.0)  # outside the top-k: q = 0 and log q = -inf
+            kd = shard.sum(torch.linalg.vecdot(q, diff)) * T * T
             if want_grad:
-                g = (zs - lse_z).exp_().sub_(q).mul_(kd_scale * T)                # T (p - q)
+                p = log_p.exp() if keep_log_p else log_p.exp_()
+                g = _scale(p.sub_(q), kd_scale * T)                                 # T (p - q)
                 grad = g if grad is None else grad.add_(g)
+                log_p = log_p if keep_log_p else None
         else:
-            log_p = zs - lse_z
             p = log_p.exp()
-            log_ratio = log_p.sub_((ys - lse_y))                               # log p - log q
+            log_ratio = log_p.sub(log_q) if keep_log_p else log_p.sub_(log_q)      # log p - log q
             kl = shard.sum(torch.linalg.vecdot(p, log_ratio))
             kd = kl * T * T
             if want_grad:
-                g = log_ratio.sub_(kl.unsqueeze(-1)).mul_(p).mul_(kd_scale * T)     # T p (log p/q - KL)
+                g = _scale(log_ratio.sub_(kl.unsqueeze(-1)).mul_(p), kd_scale * T)  # T p (log p/q - KL)
                 grad = g if grad is None else grad.add_(g)
-    if labels is not None and cfg.ce_weight != 0:
-        z1 = zs if T == 1 else _scaled(z, 1.0)
-        lse_1 = lse_z if T == 1 else shard.lse(z1)
+            log_p = log_p if keep_log_p else None
+    if want_ce:
+        log_p1 = log_p if T == 1 and log_p is not None else shard.log_softmax(_scaled_view(z, 1.0))
         local = labels - shard.start
-        mine = (local >= 0) & (local < z1.shape[-1])
-        picked = z1.gather(-1, local.clamp(0, max(z1.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
-        ce = lse_1.squeeze(-1) - shard.sum(torch.where(mine, picked, torch.zeros_like(picked)))
+        mine = (local >= 0) & (local < log_p1.shape[-1])
+        picked = log_p1.gather(-1, local.clamp(0, max(log_p1.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
+        ce = -shard.sum(torch.where(mine, picked, torch.zeros_like(picked)))
         if want_grad:
-            g = (z1 - lse_1).exp_()
+            g = log_p1.exp_()  # nothing reads the log-probabilities after this
             g[mine.nonzero(as_tuple=True)[0], local[mine]] -= 1.0
-            g.mul_(ce_scale)
+            g = _scale(g, ce_scale)
             grad = g if grad is None else grad.add_(g)
-    return kd, ce, con, grad, (lse_z, lse_y)
+    return kd, ce, con, grad
+
+
+def _scale(g: torch.Tensor, factor) -> torch.Tensor:
+    """g * factor in place (a number or per-token [c, 1]); a pass saved when it is 1."""
+    return g if isinstance(factor, (int, float)) and factor == 1 else g.mul_(factor)
 
 
 def _contrastive(zs: torch.Tensor, q: torch.Tensor, shard: _Shard, T: float, tau: float, weight: float | None):
@@ -292,22 +311,44 @@ def _sparse_forward_kl(zs: torch.Tensor, lse_z: torch.Tensor, teacher: SparseTea
     grad = p.sub_(zs.add_(shift).exp_())
     grad.scatter_add_(-1, cols, torch.where(mine, -q, torch.zeros_like(q)))
     return kl * T * T, grad.mul_(weight * T)
+
+
+#: tokens a CPU processes at a time: a [128, vocab] float32 chunk (25 MB at vocab 49,152)
+#: stays under glibc's largest mmap threshold (32 MB), so its buffers are reused rather than
+#: mapped and faulted in afresh, and the loss's passes run mostly in cache (KD forward and
+#: backward of 2,048 tokens, one thread: 0.89 s CPU time in chunks of 128, 1.54 s of 1024;
+#: docs/benchmarks.md).
+CPU_CHUNK_TOKENS = 128
+
+
+def _rows_per_pass(cfg: LogitLossConfig, device: torch.device) -> int:
+    """Tokens per pass of ``_sums``: ``cfg.chunk_tokens``, at most CPU_CHUNK_TOKENS on a CPU
+    unless the contrastive term is on (its negatives are the other positions of a chunk,
+    so there the chunk is part of the loss's definition)."""
+    if device.type == "cpu" and cfg.contrastive_weight == 0:
+        return min(cfg.chunk_tokens, CPU_CHUNK_TOKENS)
+    return cfg.chunk_tokens
+
+
 def _sums(z, y, lab, cfg: LogitLossConfig, shard: _Shard, grad: torch.Tensor | None, weights=None):
     """(weighted total, KD sum, CE sum, contrastive sum) over all chunks (float64); the
     gradient into ``grad`` if given. ``weights``: per-token (kd, ce) weights [N]; then the KD
     and CE sums are over the tokens each applies to."""
     zero = lambda: torch.zeros((), dtype=torch.float64, device=z.device)  # noqa: E731
     total, kd_sum, ce_sum, con_sum = zero(), zero(), zero(), zero()
+    rows = _rows_per_pass(cfg, z.device)
     with torch.no_grad():
-        for i in range(0, z.shape[0], cfg.chunk_tokens):
-            sl = slice(i, i + cfg.chunk_tokens)
+        for i in range(0, z.shape[0], rows):
+            sl = slice(i, i + rows)
             kd_w, ce_w = (None, None) if weights is None else (weights[0][sl], weights[1][sl])
-            kd, ce, con, g, _ = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
+            kd, ce, con, g = _chunk_terms(z[sl], None if y is None else y[sl], None if lab is None else lab[sl],
                                         cfg, shard, want_grad=grad is not None,
                                         kd_scale=None if kd_w is None else kd_w.unsqueeze(-1),
                                         ce_scale=None if ce_w is None else ce_w.unsqueeze(-1))
             if g is not None:
                 grad[sl, :shard.valid] = g
+            elif grad is not None:  # no term: a zero gradient
+                grad[sl, :shard.valid] = 0.0
             if con is not None:
                 con_sum += con.double().sum()
                 total += cfg.contrastive_weight * con.double().sum()
@@ -350,7 +391,10 @@ class LogitDistillation(torch.autograd.Function):
             y = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
         lab = None if labels is None else labels.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(z) if want_grad else None  # padding columns keep a zero gradient
+        grad = None
+        if want_grad:  # every chunk writes its valid columns; the padding columns get a zero gradient
+            grad = torch.empty_like(z)
+            grad[:, shard.valid:] = 0.0
         weights_cfg = cfg
         assert weights is None or not cfg.contrastive_weight, "the contrastive loss takes no per-token weights"
         if weights is not None:  # the config's weights now only say which terms are computed
