@@ -17,7 +17,6 @@ Each data set is deleted after its runs (8B tokens take 16 GB of disk).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

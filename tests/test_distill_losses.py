@@ -132,7 +132,6 @@ def test_intermediate_losses():
 def test_per_token_weights_equal_a_masked_reference(runtime, chunk):
     """Completions and mixed runs weigh each token: prompt tokens (mask 0) count for nothing,
     synthetic samples get cross-entropy only. The mean is over the weighted tokens."""
-    import dataclasses
 
     from nemo_minitron.distill.train import token_weights
 

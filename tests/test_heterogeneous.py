@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from tiny_models import (
     HETERO_HEAD_DIM,
     HETERO_HEADS,
-    HETERO_HIDDEN,
     TINY_HETEROGENEOUS,
     TINY_VOCAB,
     heterogeneous_used_weights,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
