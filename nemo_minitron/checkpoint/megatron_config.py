@@ -288,7 +288,12 @@ def hybrid_pattern(cfg: Mapping[str, Any], source: str) -> str:
     main, _, mtp = pattern.partition("/")
     require(not mtp.strip("/"), f"{source}: {key}={pattern!r} has multi-token prediction layers (after '/'), "
                                 "which are not supported")
-    return hybrid.check_pattern(main.replace("|", ""), f"{source}: {key}")
+    main = hybrid.check_pattern(main.replace("|", ""), f"{source}: {key}")
+    # the MoE settings of a Megatron hybrid (router, expert bias, shared expert) are not mapped yet
+    require(hybrid.MOE not in main, f"{source}: {key}={pattern!r} has mixture of experts layers ('E'), which "
+                                    "are not supported in Megatron-LM / Bridge checkpoints yet (convert the "
+                                    "Hugging Face checkpoint instead)")
+    return main
 
 
 def hybrid_hf_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str) -> dict[str, Any]:
@@ -371,6 +376,9 @@ def heterogeneous_fields(desc: ModelDescription, config_path: str | None) -> dic
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
     if desc.is_hybrid:
+        require(hybrid.MOE not in desc.hybrid_pattern,
+                "a hybrid model with mixture of experts layers ('E') cannot be written as a Megatron checkpoint "
+                "yet (its router and expert settings are not mapped); export it with --hf-out")
         require(desc.mamba_conv_kernel == MEGATRON_CONV_KERNEL,
                 f"a Mamba conv of width {desc.mamba_conv_kernel} cannot be written as a Megatron checkpoint "
                 f"(megatron-core's MambaMixer has width {MEGATRON_CONV_KERNEL}, and neither Megatron-LM's "
