@@ -32,7 +32,9 @@ def _generate(checkpoint: Path, prompts: Path, out: Path, nproc: int, *layout: s
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
     cmd = [*launcher, "-m", "nemo_minitron", "generate", str(checkpoint), "--prompts", str(prompts), "--out", str(out),
-           "--max-new-tokens", "32", "--batch-size", "32", *layout]
+           "--max-new-tokens", "32", "--batch-size", "32",
+           # the reference is transformers in float32; --dtype auto would be bf16 on CPUs with native bf16
+           "--dtype", "float32", *layout]
     start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
