@@ -101,6 +101,24 @@ def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: 
     return path
 
 
+def width_pruned_pair(args):
+    """The set-up the benchmarks on SmolLM2-135M and its width-pruned student share: the
+    runtime (one rank), ``args.dtype`` resolved, both checkpoints, ``args.out`` made, and
+    ``args.eval_samples`` held-out samples of ``args.seq_len`` tokens.
+    Returns (dtype, teacher, student, out, heldout)."""
+    from nemo_minitron.checkpoint.store import load_tokenizer
+    from nemo_minitron.runtime.distributed import init_distributed
+    from nemo_minitron.runtime.precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
+    init_distributed(1, 1, 1234)
+    teacher, student = smollm2_checkpoint(), pruned_smollm2_width()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
+    return dtype, teacher, student, out, heldout
+
+
 def pruned_smollm2_width() -> Path:
     """The default width target pruned from an importance run without depth preparation
     (no blocks, no greedy elimination): what a width-only cut needs, in a minute."""

@@ -17,16 +17,13 @@ to the JSON results."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from common import (
     CACHE,
-    builtin_samples,
     parser,
-    pruned_smollm2_width,
-    smollm2_checkpoint,
     task_scorer,
     task_table,
+    width_pruned_pair,
     write_results,
 )
 
@@ -47,18 +44,10 @@ def main() -> None:
     p.add_argument("--out", default=str(CACHE / "contrastive_quality"))
     args = p.parse_args()
 
-    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.distill.api import distill
-    from nemo_minitron.runtime.distributed import init_distributed
-    from nemo_minitron.runtime.precision import resolve_dtype
 
-    dtype = resolve_dtype(args.dtype)
-    init_distributed(1, 1, 1234)
-    teacher = smollm2_checkpoint()
-    student = pruned_smollm2_width()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
+    dtype, teacher, student, out, heldout = width_pruned_pair(args)
     scores = task_scorer(heldout, args.task_limit, dtype.torch)
 
     train = dict(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,

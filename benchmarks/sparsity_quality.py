@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import CACHE, builtin_samples, parser, pruned_smollm2_width, smollm2_checkpoint, write_results
+from common import CACHE, parser, width_pruned_pair, write_results
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 MODELOPT_METHODS = ["magnitude", "sparsegpt"]
@@ -42,21 +42,13 @@ def main() -> None:
     p.add_argument("--out", default=str(CACHE / "sparsity_quality"))
     args = p.parse_args()
 
-    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer, read_info
+    from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, read_info
     from nemo_minitron.distill.api import distill
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.api import compute_importance
-    from nemo_minitron.runtime.distributed import init_distributed
-    from nemo_minitron.runtime.precision import resolve_dtype
     from nemo_minitron.sparsity.api import sparsify
 
-    dtype = resolve_dtype(args.dtype)
-    init_distributed(1, 1, 1234)
-    teacher = smollm2_checkpoint()
-    student = pruned_smollm2_width()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
+    dtype, teacher, student, out, heldout = width_pruned_pair(args)
     size = f"{args.calib_samples}x{args.seq_len}"
 
     def loss(path: Path) -> float:
