@@ -260,10 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-logits", metavar="DIR", help="distil every candidate from this teacher-logit cache "
                    "(one teacher pass for all) instead of CKPT itself")
     plan_fields, distill_fields = _field_names(PlanConfig), _field_names(DistillConfig)
-    own = [f for f in _field_names(SearchConfig) if f not in plan_fields + distill_fields]
-    add_flags(p, SearchConfig, skip=plan_fields + distill_fields, title="search")
-    add_flags(p, SearchConfig, skip=own + distill_fields, title="planner (which shapes meet the budget)")
-    add_flags(p, SearchConfig, skip=own + plan_fields, title="each candidate's distillation (the same for all)")
+    per_layer_fields = _field_names(PerLayerConfig) + ["per_layer_candidates"]
+    own = [f for f in _field_names(SearchConfig) if f not in plan_fields + distill_fields + per_layer_fields]
+    add_flags(p, SearchConfig, skip=plan_fields + distill_fields + per_layer_fields, title="search")
+    add_flags(p, SearchConfig, skip=own + distill_fields + per_layer_fields,
+              title="planner (which shapes meet the budget)")
+    add_flags(p, SearchConfig, skip=own + plan_fields + distill_fields,
+              title="per-layer candidates (Puzzle-style, from importance --block-variants)")
+    add_flags(p, SearchConfig, skip=own + plan_fields + per_layer_fields,
+              title="each candidate's distillation (the same for all)")
     p.add_argument("--force", action="store_true", help="resume even though settings changed")
     _runtime(p, seed="as distill's, the same for every candidate")
 

@@ -42,7 +42,7 @@ def test_candidates_differ_and_meet_the_budget():
     original = _desc(SMOLLM2_135M)
     cfg = build(SearchConfig, target_params="90M", candidates=4,
                 candidate=[{"layers": 20}, {"hidden": 448, "ffn": 1152}])  # the second is the planner's first
-    picked = search_candidates(original, 90_000_000, cfg, names=cli_names(SearchConfig))
+    picked = search_candidates(original, cfg, names=cli_names(SearchConfig))
     assert [c.name for c in picked] == ["c1", "c2", "c3", "c4", "c5"]
     assert [c.kind for c in picked] == ["width", "depth", "mixed", "width", "depth"]
     assert [c.source for c in picked] == ["planner"] * 4 + ["explicit"]
@@ -209,7 +209,7 @@ def tiny_cache(tiny_checkpoint, tmp_path_factory):
     (["--target-params", "0.22M", "--candidate", "hidden=80"], ["--candidate: hidden=80 is larger than the "
                                                                 "original model's 64"]),
     (["--target-params", "0.22M", "--cache-top-k", "8", "--kd-pairs", "0:1"], ["--cache-top-k with --kd-pairs"]),
-    (["--candidates", "2"], ["the following arguments are required: --target-params"]),
+    (["--candidates", "2"], ["--target-params is required (e.g. 90M)"]),
     (["--target-params", "0.22M", "--teacher-logits", "CACHE"], ["--teacher-logits", "was written for --seq-len 8, "
                                                                   "not --seq-len 16"]),
     (["--target-params", "0.22M", "--teacher-logits", "CACHE", "--cache-top-k", "8"],

@@ -272,8 +272,8 @@ def validate(recipe: Recipe) -> None:
             stages += ("sparsify",)
         for stage in stages:
             validate_config(getattr(rnd, stage), recipe_names(f"rounds.{i}.{stage}"))
-        if rnd.search is None and rnd.prune.per_layer:
-            key = f"recipe key 'rounds.{i}.prune.per_layer'"
+        if (rnd.search or rnd.prune).per_layer:
+            key = f"recipe key 'rounds.{i}.{'prune' if rnd.search is None else 'search'}.per_layer'"
             require(rnd.importance.block_variants, f"{key} chooses from block-variant scores: set "
                                                    f"'rounds.{i}.importance.block_variants: true'")
             require(i == len(recipe.rounds) - 1, f"{key}: a per-layer model is not pruned again; make it the last "

@@ -31,7 +31,7 @@ from nemo_minitron.runtime.distributed import is_rank0
 from nemo_minitron.runtime.plotting import pyplot, save_figure
 from nemo_minitron.runtime.precision import ComputeDtype, resolve_dtype
 from nemo_minitron.runtime.signals import received, stop_requested
-from nemo_minitron.search.api import PLOT, RESULT
+from nemo_minitron.search.api import LAYERS_PLOT, PLOT, RESULT, shape_text
 from nemo_minitron.tasks.api import resolve_tasks, run_tasks
 from nemo_minitron.tasks.builtin import CHANCE
 from nemo_minitron.tasks.lm import MegatronLM
@@ -196,9 +196,10 @@ def _searches(recipe: Recipe, paths, out: Path) -> dict[str, dict[str, Any]]:
         if rnd.search is None or not (paths.search(i) / RESULT).is_file():
             continue
         result = {k: v for k, v in _read_json(paths.search(i) / RESULT).items() if k != "config"}
-        if (paths.search(i) / PLOT).is_file():
-            result["plot"] = f"{rnd.name}-search.png"
-            shutil.copy2(paths.search(i) / PLOT, out / result["plot"])
+        for key, plot in (("plot", PLOT), ("layers_plot", LAYERS_PLOT)):
+            if (paths.search(i) / plot).is_file():
+                result[key] = f"{rnd.name}-{plot}"
+                shutil.copy2(paths.search(i) / plot, out / result[key])
         found[rnd.name] = result
     return found
 
@@ -207,7 +208,8 @@ def _search_markdown(name: str, result: dict[str, Any]) -> list[str]:
     rungs = [str(s) for s in result["rungs"][:-1]]
     source = "cached teacher logits" if result.get("teacher_logits") else "the live teacher"
     lines = ["", f"## Architecture search: {name}", "",
-             f"{len(result['candidates'])} candidates for {result['target_params']} parameters, each pruned from the "
+             f"{len(result['candidates'])} candidates for "
+             f"{result.get('budget_text') or result['target_params'] + ' parameters'}, each pruned from the "
              f"same importance scores and distilled {result['steps']} steps from {source}"
              + (" (successive halving at steps " + ", ".join(rungs) + ")" if rungs else "")
              + f"; held-out loss on {result['eval_samples']} samples. The best ({result['best']}) is this round's "
@@ -216,17 +218,16 @@ def _search_markdown(name: str, result: dict[str, Any]) -> list[str]:
              + "".join(f"loss @{s} | " for s in rungs) + f"loss @{result['steps']} | shape |",
              "|---|---|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|"]
     for r in sorted(result["candidates"], key=lambda r: r["rank"]):
-        t = r["target"]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         final = fmt(r["final_loss"]) if r["final_loss"] is not None else f"stopped @{r['stopped_at']}"
         name_cell = f"**{r['name']}**" if r["name"] == result["best"] else r["name"]
         lines.append(f"| {r['rank']} | {name_cell} | {r['kind']} | {_fmt_count(r['params'])} "
                      f"| {_fmt_count(r['flops_per_token'])} | {r['kv_cache_bytes_per_token']:,} "
                      f"| {fmt(r['loss_after_pruning'])} | " + "".join(f"{fmt(r['rung_losses'].get(s))} | " for s in rungs)
-                     + f"{final} | hidden {t['hidden']}, ffn {t['ffn']}, heads {t['heads']}/{t['query_groups']}, "
-                       f"layers {t['layers']} |")
-    if result.get("plot"):
-        lines += ["", f"![{result['plot']}]({result['plot']})"]
+                     + f"{final} | {shape_text(r)} |")
+    for key in ("plot", "layers_plot"):
+        if result.get(key):
+            lines += ["", f"![{result[key]}]({result[key]})"]
     return lines
 
 

@@ -47,7 +47,6 @@ from nemo_minitron.prune import api as prune_api
 from nemo_minitron.prune.api import planned_description
 from nemo_minitron.prune.per_layer import check_per_layer_budget
 from nemo_minitron.prune.config import PruneConfig
-from nemo_minitron.prune.targets import parse_param_count
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
 from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
 from nemo_minitron.runtime.signals import received, stop_requested
@@ -176,11 +175,12 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
     check_world_size(tp, pp)
     descriptions = [desc]
     for i, rnd in enumerate(recipe.rounds):
+        if (rnd.search or rnd.prune).per_layer:  # the shapes follow from the scores; the budget is checked now
+            stage = "prune" if rnd.search is None else "search"
+            check_per_layer_budget(desc, rnd.importance, getattr(rnd, stage), tp, recipe_names(f"rounds.{i}.{stage}"))
         if rnd.search is not None:
             desc = _searched_description(desc, rnd, paths.search(i), tp, pp, recipe_names(f"rounds.{i}.search"))
-        elif rnd.prune.per_layer:  # the shapes follow from the scores; the budget is checked now
-            check_per_layer_budget(desc, rnd.importance, rnd.prune, tp, recipe_names(f"rounds.{i}.prune"))
-        else:
+        elif not rnd.prune.per_layer:
             desc = planned_description(desc, rnd.prune, tp=tp, pp=pp, names=recipe_names(f"rounds.{i}.prune"))
         descriptions.append(desc)
         lengths = [("importance.seq_len", rnd.importance.seq_len), ("distill.seq_len", rnd.distill.seq_len)]
@@ -209,15 +209,15 @@ def preflight(recipe: Recipe, paths: RunPaths) -> list:
 
 def _searched_description(desc, rnd: RoundConfig, directory: Path, tp: int, pp: int, names):
     """The round's result shape: the winner of a finished search; before that, the first
-    candidate stands in (for the checks of later rounds). Raises when no candidate meets
-    the budget."""
-    budget = parse_param_count(rnd.search.target_params, flag=names("target_params"))
-    candidates = search_candidates(desc, budget, rnd.search, tp=tp, pp=pp, names=names)
+    candidate stands in (for the checks of later rounds; a per-layer search, the last
+    round, may have only per-layer ones, known after the importance run: the parent stands
+    in). Raises when no candidate meets the budget."""
+    candidates = search_candidates(desc, rnd.search, tp=tp, pp=pp, names=names)
     if (directory / RESULT).is_file():
         result = json.loads((directory / RESULT).read_text())
         best = next(c for c in result["candidates"] if c["name"] == result["best"])
         return ModelDescription.from_dict(best["architecture"])
-    return candidates[0].description
+    return candidates[0].description if candidates else desc
 
 
 # -------------------------------------------------------------------- stages

@@ -56,7 +56,7 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.per_layer import check_shapes, export_refusal, per_layer_choice
+from nemo_minitron.prune.per_layer import PerLayerChoice, check_shapes, export_refusal, per_layer_choice
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
 from nemo_minitron.prune.variants import kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
@@ -173,7 +173,7 @@ def _magnitude_scores(model, desc: ModelDescription) -> UnitScores:
 
 
 def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None = None, *,
-          names: Names | None = None, **options) -> Path:
+          names: Names | None = None, layer_choice: PerLayerChoice | None = None, **options) -> Path:
     """Write the pruned checkpoint ``out`` (collective over all ranks); returns its path.
 
     ``checkpoint``: a project checkpoint, or a Megatron-LM / Megatron-Bridge / NeMo 2 one.
@@ -184,14 +184,18 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     block | "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed
     heads and neurons, from the importance run's second moments, see refit.py);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
-    checkpoint; auto, the default: the source's)."""
+    checkpoint; auto, the default: the source's); ``layer_choice``: with ``per_layer``, prune
+    to this choice (made under the same budget, e.g. a search's alternative) instead of the
+    budget's optimum."""
     configs = stage_configs(PruneConfig, config, options, names, data=False)
     cfg, run_cfg, names = configs.stage, configs.run, configs.names
     tp, pp = configs.parallel.tp, configs.parallel.pp
     seed, dtype, order, layer_metric = run_cfg.seed, run_cfg.dtype, cfg.order, cfg.layer_metric
 
     if cfg.per_layer:
-        return _prune_per_layer(checkpoint, importance, out, cfg, names, tp=tp, pp=pp, seed=seed, dtype=dtype)
+        return _prune_per_layer(checkpoint, importance, out, cfg, names, tp=tp, pp=pp, seed=seed, dtype=dtype,
+                                choice=layer_choice)
+    require(layer_choice is None, f"a per-layer choice needs {names('per_layer')}")
 
     # ---- validate everything before any weight is read
     info = read_info(checkpoint)
@@ -324,7 +328,7 @@ def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer
 
 # ---------------------------------------------------------------------- per-layer (Puzzle-style)
 def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfig, names: Names, *, tp: int,
-                     pp: int, seed: int, dtype) -> Path:
+                     pp: int, seed: int, dtype, choice: PerLayerChoice | None = None) -> Path:
     """``prune --per-layer``: the checkpoint with each layer's shape chosen under the budget."""
     info = read_info(checkpoint)
     old = info.description
@@ -337,7 +341,8 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     scores.check_matches(old)
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    variants, choice = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
+    variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
+    choice = choice or optimum
     new = check_shapes(old, choice, tp, pp)
     refusal = export_refusal(new, names("per_layer"))  # as a uniform prune: only shapes transformers can hold
     require(refusal is None, refusal or "")

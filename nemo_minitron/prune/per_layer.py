@@ -74,6 +74,14 @@ class Budget:
         params = fixed_parameters(desc)
         return float(params * (self.bytes_per_value if self.kind == "memory" else 1))
 
+    def total(self, desc: ModelDescription) -> float:
+        """What a whole model (uniform or per-layer) costs in the budget's unit."""
+        params = desc.num_parameters()
+        if self.kind != "memory":
+            return float(params)
+        kv = desc.kv_cache_bytes_per_token(self.bytes_per_value) * self.context * self.batch
+        return float(params * self.bytes_per_value + kv)
+
     def describe(self, value: float) -> str:
         if self.kind == "memory":
             return f"{value / 2**20:.1f} MiB"
@@ -159,6 +167,20 @@ def choose(desc: ModelDescription, variants: BlockVariants, attention_scores: to
            ffn_scores: torch.Tensor, budget: Budget, tp: int = 1) -> PerLayerChoice:
     """The per-layer shapes of least summed score within ``budget`` (exact), or a one-line
     error when no choice meets it."""
+    choice = solve(desc, variants, attention_scores, ffn_scores, budget, tp)
+    if choice is None:  # unreachable after _check_reachable, unless the solver gave up
+        raise UsageError(f"{budget.flag}: the integer program found no per-layer architecture")
+    return choice
+
+
+def solve(desc: ModelDescription, variants: BlockVariants, attention_scores: torch.Tensor, ffn_scores: torch.Tensor,
+          budget: Budget, tp: int = 1, *, keep_attention: bool = False, apart_from: tuple[PerLayerChoice, ...] = (),
+          blocks_apart: int = 1) -> PerLayerChoice | None:
+    """``choose``'s program with extra constraints (None when nothing meets them), for a
+    search's alternatives: ``keep_attention``: no layer loses its attention; ``apart_from``:
+    at least ``blocks_apart`` of the 2 x layers blocks differ from each of these choices
+    (a distance cut: of a choice's 2 x layers chosen options, at most 2 x layers - blocks_apart
+    are chosen again)."""
     L = desc.num_layers
     A, F = len(variants.query_groups), len(variants.ffn)
     assert attention_scores.shape == (L, A) and ffn_scores.shape == (L, F), (attention_scores.shape, ffn_scores.shape)
@@ -176,7 +198,8 @@ def choose(desc: ModelDescription, variants: BlockVariants, attention_scores: to
     for l in range(L):
         for a in range(A):
             c[xa(l, a)] = float(attention_scores[l, a])
-            upper[xa(l, a)] = 1.0 if a in attention_ok else 0.0
+            upper[xa(l, a)] = 1.0 if a in attention_ok and not (keep_attention and variants.query_groups[a] == 0) \
+                else 0.0
         for f in range(F):
             c[yf(l, f)] = float(ffn_scores[l, f])
             upper[yf(l, f)] = 1.0 if f in mlp_ok else 0.0
@@ -195,10 +218,15 @@ def choose(desc: ModelDescription, variants: BlockVariants, attention_scores: to
         row = np.zeros(n)
         row[[xa(l, A - 1) for l in range(L)]] = 1
         rows.append(row), lower.append(-np.inf), high.append(L - 1)
+    for other in apart_from:
+        row = np.zeros(n)
+        row[[xa(l, a) for l, a in enumerate(other.attention_option)]] = 1
+        row[[yf(l, f) for l, f in enumerate(other.ffn_option)]] = 1
+        rows.append(row), lower.append(-np.inf), high.append(2 * L - blocks_apart)
     result = milp(c, integrality=np.ones(n), bounds=Bounds(np.zeros(n), upper),
                   constraints=LinearConstraint(np.array(rows), lower, high))
-    if result.x is None:  # unreachable after _check_reachable, unless the solver gave up
-        raise UsageError(f"{budget.flag}: the integer program found no per-layer architecture ({result.message})")
+    if result.x is None:
+        return None
     x = np.round(result.x).astype(int)
     picks_a = tuple(int(np.argmax([x[xa(l, a)] for a in range(A)])) for l in range(L))
     picks_f = tuple(int(np.argmax([x[yf(l, f)] for f in range(F)])) for l in range(L))

@@ -11,15 +11,20 @@ no candidate runs the teacher.
 
     OUT/config.yaml                       the resolved settings (a resumed search must match)
     OUT/teacher-logits/                   the cache, when cache_top_k asks for one
-    OUT/candidates/cN-<shape>/pruned/     each candidate's pruned checkpoint
+    OUT/candidates/cN-<shape>/pruned/     each candidate's pruned checkpoint (cN-per-layer: a per-layer one)
     OUT/candidates/cN-<shape>/distill/    its distillation (metrics.jsonl, final/)
     OUT/best/                             the winner's directory (pruned/, distill/final/)
     OUT/search.json                       every candidate: shape, cost, losses, curves; the winner
     OUT/search.png                        held-out loss curves
+    OUT/search-layers.png                 with per-layer candidates: the best one's widths per layer
 
 A killed search started again reuses every candidate's pruned checkpoint, finished
 distillation and evaluations, and continues an unfinished distillation from its last
 checkpoint. Only the winner is kept at the end unless ``keep_all``.
+
+With ``per_layer`` the candidates also include per-layer architectures (candidates.py),
+pruned as ``prune --per-layer`` prunes (the same importance run's block-variant scores)
+and distilled and ranked like the uniform ones.
 """
 
 from __future__ import annotations
@@ -54,20 +59,25 @@ from nemo_minitron.distill.model import parse_pairs
 from nemo_minitron.errors import require
 from nemo_minitron.files import check_output_dir
 from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.model.description import LayerShape, ModelDescription
 from nemo_minitron.prune import api as prune_api
+from nemo_minitron.prune.config import PerLayerConfig
+from nemo_minitron.prune.per_layer import export_refusal
+from nemo_minitron.prune.plots import layer_shapes_figure
 from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
-from nemo_minitron.prune.targets import format_count, parse_param_count
+from nemo_minitron.prune.targets import format_count
 from nemo_minitron.runtime.config import RunConfig, stage_configs
 from nemo_minitron.runtime.distributed import barrier, check_world_size, init_distributed, is_rank0
-from nemo_minitron.runtime.plotting import pyplot
+from nemo_minitron.runtime.plotting import pyplot, save_figure
 from nemo_minitron.runtime.precision import log_compute_dtype, resolve_dtype
-from nemo_minitron.search.candidates import SearchCandidate, search_candidates
+from nemo_minitron.search.candidates import SearchCandidate, search_budget, search_candidates
 from nemo_minitron.search.config import SearchConfig
 
 log = logging.getLogger("nemo_minitron")
 
 RESULT = "search.json"
 PLOT = "search.png"
+LAYERS_PLOT = "search-layers.png"
 CONFIG_FILE = "config.yaml"
 CACHE_DIR = "teacher-logits"
 
@@ -130,8 +140,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     teacher_desc = read_info(teacher).description
     scores = ImportanceScores.load(importance)
     scores.check_matches(original)
-    budget = parse_param_count(cfg.target_params, flag=names("target_params"))
-    candidates = search_candidates(original, budget, cfg, tp=tp, pp=pp, names=names)
+    budget = search_budget(cfg, names)
+    candidates = search_candidates(original, cfg, tp=tp, pp=pp, names=names, scores=scores)
     parse_layer_metric(cfg.layer_metric, original.num_layers, flag=names("layer_metric"))
     for cand in candidates:  # prune's meaning of layer_metric (auto: greedy for depth-only cuts, else contiguous)
         if cand.description.num_layers != original.num_layers:
@@ -139,6 +149,8 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
                            flag=names("layer_metric"))
         parse_pairs(cfg.kd_pairs, cand.description, teacher_desc, flag=names("kd_pairs"))
         cand.description.check_layout(tp, pp)
+        refusal = export_refusal(cand.description, names("per_layer")) if cand.choice is not None else None
+        require(refusal is None, refusal or "")  # as prune --per-layer: only shapes the export states
     require(cfg.seq_len <= min(original.max_position_embeddings, teacher_desc.max_position_embeddings),
             f"{names('seq_len')} {cfg.seq_len} is longer than the models allow")
     require(not (teacher_logits and cfg.cache_top_k), f"--teacher-logits and {names('cache_top_k')}: give one")
@@ -187,12 +199,12 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         tmp = out_path / f".{CONFIG_FILE}.tmp"
         tmp.write_text(yaml_text(resolved))
         tmp.replace(out_path / CONFIG_FILE)
-        log_settings(log, f"search of {checkpoint}: {len(candidates)} candidates for {format_count(budget)} "
-                          f"parameters, each distilled {cfg.steps} steps on {corpus.blend.label}", resolved,
+        log_settings(log, f"search of {checkpoint}: {len(candidates)} candidates for {budget.describe(budget.limit)} "
+                          f"{budget.what()}, each distilled {cfg.steps} steps on {corpus.blend.label}", resolved,
                      str(out_path / CONFIG_FILE))
         log_compute_dtype(dtype)
         log.info("search candidates:\n%s", "\n".join(
-            f"  {c.name} {c.kind:6s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}" for c in candidates))
+            f"  {c.name} {c.kind:9s} {c.description.num_parameters() / 1e6:.1f}M  {c.why}" for c in candidates))
     barrier()
     if cfg.cache_top_k is not None:
         teacher_logits = _write_cache(teacher, data, out_path / CACHE_DIR, cfg, run, data_opts, data_names, tp, pp,
@@ -200,7 +212,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
 
     dirs = {c.name: out_path / "candidates" / c.directory_name for c in candidates}
     for cand in candidates:
-        _prune(checkpoint, importance, dirs[cand.name] / "pruned", cand, cfg.layer_metric, tp, pp, run)
+        _prune(checkpoint, importance, dirs[cand.name] / "pruned", cand, cfg, tp, pp, run)
 
     rungs = halving_rungs(cfg.steps, len(candidates)) if cfg.halving else [cfg.steps]
     alive = [c.name for c in candidates]
@@ -226,6 +238,7 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
         log.info("search ranking (held-out loss after %d steps, on %d samples of %s):\n%s", cfg.steps,
                  cfg.eval_samples, eval_label, format_ranking(result))
         plot_curves(result, out_path / PLOT)
+        plot_layers(result, out_path / LAYERS_PLOT)
         tmp = out_path / f".{RESULT}.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(out_path / RESULT)
@@ -247,7 +260,7 @@ def _write_cache(teacher: str, data, path: Path, cfg: SearchConfig, run: RunConf
     return str(path)
 
 
-def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, layer_metric: str, tp: int, pp: int,
+def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, cfg: SearchConfig, tp: int, pp: int,
            run: RunConfig) -> None:
     if is_checkpoint(path):
         log.info("search: %s already pruned (%s)", cand.name, path)
@@ -255,8 +268,13 @@ def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, 
     if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    prune_api.prune(checkpoint, importance, str(path), target=cand.target(), layer_metric=layer_metric,
-                    order="importance", tp=tp, pp=pp, seed=run.seed, dtype=run.dtype)  # stored in the compute dtype
+    if cand.choice is None:
+        how = dict(target=cand.target(), layer_metric=cfg.layer_metric, order="importance")
+    else:  # prune --per-layer under the search's budget, to this choice (the optimum or an alternative)
+        how = dict(target_params=cfg.target_params, layer_choice=cand.choice,
+                   **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PerLayerConfig)})
+    prune_api.prune(checkpoint, importance, str(path), tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
+                    **how)  # stored in the compute dtype
 
 
 def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval_data, cfg: SearchConfig, step: int,
@@ -285,7 +303,7 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
 
 def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], rungs: list[int],
             stopped: dict[str, int], rung_losses: dict[str, dict[int, float]], cfg: SearchConfig,
-            resolved: dict[str, Any], budget: int, teacher_logits: str | None) -> dict[str, Any]:
+            resolved: dict[str, Any], budget, teacher_logits: str | None) -> dict[str, Any]:
     finals = {c.name: rung_losses[c.name].get(cfg.steps) for c in candidates if c.name not in stopped}
     best = min(finals, key=lambda n: (finals[n], n))
     rows = []
@@ -293,8 +311,11 @@ def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], 
         d = cand.description
         held, train = _curves(dirs[cand.name] / "distill")
         rows.append({
-            "name": cand.name, "kind": cand.kind, "source": cand.source, "why": cand.why, "target": cand.target(),
-            "architecture": d.to_dict(), "params": d.num_parameters(),
+            "name": cand.name, "kind": cand.kind, "uniform": cand.choice is None, "source": cand.source,
+            "why": cand.why, "target": cand.target(),
+            "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in d.layer_shapes] or None,
+            "block_score": None if cand.choice is None else cand.choice.score,
+            "architecture": d.to_dict(), "params": d.num_parameters(), "cost": budget.total(d),
             "flops_per_token": d.flops_per_token(DEFAULT_SEQ_LEN),
             "kv_cache_bytes_per_token": d.kv_cache_bytes_per_token(),
             "loss_after_pruning": next((loss for s, loss in held if s == 0), None),
@@ -308,8 +329,10 @@ def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], 
                                         else r["rung_losses"][str(r["stopped_at"])], r["name"]))
     for rank, row in enumerate(order, 1):
         row["rank"] = rank
-    return {"checkpoint": resolved["checkpoint"], "target_params": cfg.target_params, "budget": budget,
-            "original_params": original.num_parameters(), "steps": cfg.steps, "rungs": rungs,
+    return {"checkpoint": resolved["checkpoint"], "target_params": cfg.target_params, "budget": budget.limit,
+            "budget_kind": budget.kind, "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
+            "original_params": original.num_parameters(), "original_architecture": original.to_dict(),
+            "steps": cfg.steps, "rungs": rungs,
             "halving": cfg.halving, "teacher_logits": teacher_logits, "flops_seq_len": DEFAULT_SEQ_LEN,
             "eval_data": resolved["eval_data"], "eval_samples": cfg.eval_samples, "seq_len": cfg.seq_len,
             "best": best, "best_directory": "best", "candidates": rows, "config": resolved}
@@ -342,19 +365,27 @@ def format_ranking(result: dict[str, Any]) -> str:
             *[f"@{s}" for s in rungs], f"final @{result['steps']}", "shape"]
     rows = [head]
     for r in sorted(result["candidates"], key=lambda r: r["rank"]):
-        t = r["target"]
         cells = [str(r["rank"]), r["name"] + (" *" if r["name"] == result["best"] else ""), r["kind"],
                  format_count(r["params"]), f"{r['flops_per_token'] / 1e9:.3f}", f"{r['kv_cache_bytes_per_token']:,}",
                  _num(r["loss_after_pruning"]), *[_num(r["rung_losses"].get(s)) for s in rungs],
                  _num(r["final_loss"]) if r["final_loss"] is not None else f"stopped @{r['stopped_at']}",
-                 f"hidden {t['hidden']}, ffn {t['ffn']}, heads {t['heads']}/{t['query_groups']}, "
-                 f"layers {t['layers']}"]
+                 shape_text(r)]
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i < len(head) - 1 else c for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines) + "\n(* the best: lowest held-out loss after the last step)"
+
+
+def shape_text(row: dict[str, Any]) -> str:
+    """A ranking row's shape in words: a uniform one's widths and depth, a per-layer one's
+    K/V groups and MLP width of each layer (0: removed)."""
+    if row.get("layer_shapes"):
+        groups, ffn = zip(*row["layer_shapes"])
+        return f"per layer: query groups {','.join(map(str, groups))}; ffn {','.join(map(str, ffn))}"
+    t = row["target"]
+    return f"hidden {t['hidden']}, ffn {t['ffn']}, heads {t['heads']}/{t['query_groups']}, layers {t['layers']}"
 
 
 def _num(value: float | None) -> str:
@@ -376,9 +407,21 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
         ax.axvline(s, color="grey", alpha=0.4, linestyle=":")
     ax.set_xlabel("distillation step")
     ax.set_ylabel("held-out LM loss")
-    ax.set_title(f"architecture search for {result['target_params']} parameters")
+    ax.set_title(f"architecture search for {result.get('budget_text') or result['target_params'] + ' parameters'}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_layers(result: dict[str, Any], path: Path) -> None:
+    """The best per-layer candidate's K/V groups and MLP width per layer against the parent's
+    (nothing when no candidate is per-layer)."""
+    rows = sorted((r for r in result["candidates"] if r.get("layer_shapes")), key=lambda r: r["rank"])
+    if not rows:
+        return
+    parent = ModelDescription.from_dict(result["original_architecture"])
+    shapes = [LayerShape(g, f) for g, f in rows[0]["layer_shapes"]]
+    save_figure(layer_shapes_figure(shapes, parent.num_query_groups, parent.ffn_hidden_size,
+                                    f"{rows[0]['name']} (per-layer, rank {rows[0]['rank']}): widths per layer"), path)

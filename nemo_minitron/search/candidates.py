@@ -13,37 +13,72 @@ from three kinds in turn:
 
 and each pick must differ from every earlier one by at least MIN_DISTANCE on some axis
 (relative to the original size). Shapes the user lists are added as they are.
+
+With ``per_layer`` the search also tries per-layer architectures, chosen under the same
+budget by prune/per_layer.py's 0-1 program over the block-variant scores, after the
+uniform ones:
+
+    optimum       the least summed score: what ``prune --per-layer`` makes
+    attention     when the optimum removes some layer's attention: the optimum with every
+                  layer's attention kept (K/V groups may still shrink). A removed block's
+                  score is measured untrained and one block at a time, and whether a layer
+                  without attention recovers under distillation is what the scores judge
+                  least; the search measures it instead of trusting them
+    next best     then the least summed score at least ``blocks_apart`` (MIN_DISTANCE of
+                  the 2 x layers blocks, at least 1) blocks away from every earlier one: the
+                  solver's own order without near-copies (the plain second-best solution
+                  usually differs in one block, one MLP a width step narrower, and teaches
+                  the search as little as the planner's near-copies). Each is the exact
+                  optimum under distance cuts added to the program (at most 2 x layers -
+                  blocks_apart of an earlier candidate's options chosen again)
+
+until ``per_layer_candidates`` are found or the program has no other solution. The TP size
+leaves out the options it cannot split, as for prune. Uniform shapes meet the budget as
+the planner's do (within ``tolerance``); under a memory budget they are the planner's for
+the parameters left beside the parent's KV cache, kept when their memory (weights and KV
+cache) is within the tolerance, and none is an error only when no per-layer one exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from nemo_minitron.config import Names
+from nemo_minitron.errors import UsageError
+from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.description import ModelDescription
+from nemo_minitron.prune.per_layer import Budget, PerLayerChoice, budget_of, per_layer_choice, solve
 from nemo_minitron.prune.plan import Candidate, _why, plan
-from nemo_minitron.prune.targets import apply_target
+from nemo_minitron.prune.targets import apply_target, parse_param_count
 from nemo_minitron.search.config import MIN_DISTANCE, SearchConfig
 
 KINDS = ("width", "depth", "mixed")
+PER_LAYER = "per-layer"
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchCandidate:
     name: str                    # c1, c2, ... in the order they were chosen
     description: ModelDescription
-    kind: str                    # width | depth | mixed (| identity: nothing cut)
-    source: str                  # planner | explicit
+    kind: str                    # uniform: width | depth | mixed (| identity: nothing cut); or per-layer
+    source: str                  # planner | explicit | solver
     why: str
+    choice: PerLayerChoice | None = None  # a per-layer candidate's options and summed score
 
-    def target(self) -> dict[str, int]:
+    def target(self) -> dict[str, int] | None:
+        """A uniform candidate's shape (prune's target); None for a per-layer one."""
         d = self.description
+        if d.layer_shapes:
+            return None
         return {"hidden": d.hidden_size, "ffn": d.ffn_hidden_size, "heads": d.num_attention_heads,
                 "query_groups": d.num_query_groups, "layers": d.num_layers}
 
     @property
     def directory_name(self) -> str:
         t = self.target()
+        if t is None:
+            return f"{self.name}-per-layer"
         return f"{self.name}-h{t['hidden']}-f{t['ffn']}-a{t['heads']}-g{t['query_groups']}-l{t['layers']}"
 
 
@@ -99,14 +134,15 @@ def choose(original: ModelDescription, ranked: list[Candidate], count: int) -> l
     return chosen
 
 
-def search_candidates(original: ModelDescription, budget: int, cfg: SearchConfig, *, tp: int = 1, pp: int = 1,
-                      names: Names) -> list[SearchCandidate]:
-    """The candidates of a search, named c1, c2, ...: the planner's (raises a one-line error
-    when no architecture meets the budget) and then the explicit ones not already among them."""
+def search_candidates(original: ModelDescription, cfg: SearchConfig, *, tp: int = 1, pp: int = 1, names: Names,
+                      scores: ImportanceScores | None = None) -> list[SearchCandidate]:
+    """The candidates of a search, named c1, c2, ...: the planner's, the explicit ones not
+    already among them, then (``per_layer``, with the importance run's ``scores``; without
+    them none: a recipe's preflight, before the importance run) the per-layer ones. Raises a
+    one-line error when no architecture meets the budget."""
     picked: list[SearchCandidate] = []
     if cfg.candidates:
-        ranked = plan(original, budget, cfg.plan_config(), tp=tp, pp=pp, names=names)
-        for kind, c in choose(original, ranked, cfg.candidates):
+        for kind, c in choose(original, _uniform(original, cfg, tp, pp, names), cfg.candidates):
             picked.append(SearchCandidate(f"c{len(picked) + 1}", c.description, kind, "planner", c.why))
     for target in cfg.candidate:
         desc = apply_target(original, dict(target), tp=tp, pp=pp, flag=names("candidate"))
@@ -114,4 +150,60 @@ def search_candidates(original: ModelDescription, budget: int, cfg: SearchConfig
             continue
         picked.append(SearchCandidate(f"c{len(picked) + 1}", desc, kind_of(original, desc), "explicit",
                                       _why(original, desc)))
+    if cfg.per_layer and scores is not None:
+        for desc, choice, why in per_layer_candidates(original, scores, cfg, tp=tp, names=names):
+            picked.append(SearchCandidate(f"c{len(picked) + 1}", desc, PER_LAYER, "solver", why, choice))
     return picked
+
+
+def search_budget(cfg: SearchConfig, names: Names) -> Budget:
+    """The budget every candidate meets: parameters, or with ``per_layer`` its budget."""
+    if cfg.per_layer:
+        return budget_of(cfg, cfg.target_params, names)
+    return Budget("params", parse_param_count(str(cfg.target_params), names("target_params")), names("target_params"))
+
+
+def _uniform(original: ModelDescription, cfg: SearchConfig, tp: int, pp: int, names: Names) -> list[Candidate]:
+    """The planner's ranked uniform shapes for the search's budget (see the module doc)."""
+    budget = search_budget(cfg, names)
+    if budget.kind != "memory":
+        if not cfg.per_layer:  # the planner's one-line error when no shape meets it
+            return plan(original, budget.limit, cfg.plan_config(), tp=tp, pp=pp, names=names)
+        params = budget.limit
+    else:
+        kv = original.kv_cache_bytes_per_token(budget.bytes_per_value) * budget.context * budget.batch
+        params = (budget.limit - kv) // budget.bytes_per_value
+    try:  # per-layer candidates are searched too: no uniform shape is no error
+        ranked = plan(original, params, cfg.plan_config(), tp=tp, pp=pp, names=names) if params > 0 else []
+    except UsageError:
+        ranked = []
+    return [c for c in ranked if abs(budget.total(c.description) - budget.limit) <= cfg.tolerance * budget.limit]
+
+
+def per_layer_candidates(original: ModelDescription, scores: ImportanceScores, cfg: SearchConfig, *, tp: int,
+                         names: Names) -> list[tuple[ModelDescription, PerLayerChoice, str]]:
+    """(description, choice, why) of the per-layer candidates, in the module doc's order
+    (one-line errors: no block-variant scores, a budget no per-layer architecture meets)."""
+    variants, optimum = per_layer_choice(original, scores, cfg, cfg.target_params, names, tp=tp)
+    budget = search_budget(cfg, names)
+    tables = (scores[f"block_attention_{cfg.block_score}"], scores[f"block_ffn_{cfg.block_score}"])
+    apart = max(1, math.ceil(MIN_DISTANCE * 2 * original.num_layers))
+    found = [(optimum, f"optimum of the summed {cfg.block_score} score")]
+    if any(s.num_query_groups == 0 for s in optimum.shapes) and len(found) < cfg.per_layer_candidates:
+        kept = solve(original, variants, *tables, budget, tp, keep_attention=True)
+        if kept is not None:
+            found.append((kept, "optimum with every layer's attention kept"))
+    while len(found) < cfg.per_layer_candidates:
+        nxt = solve(original, variants, *tables, budget, tp, apart_from=tuple(c for c, _ in found), blocks_apart=apart)
+        if nxt is None:
+            break
+        found.append((nxt, f"next best, at least {apart} block{'s' * (apart > 1)} away from the ones before"))
+    out = []
+    for choice, why in found:
+        desc = original.replace(layer_shapes=choice.shapes)
+        removed = [f"{sum(getattr(s, a) == 0 for s in choice.shapes)} {what}" for a, what in
+                   (("num_query_groups", "attention"), ("ffn_hidden_size", "MLP")) if any(getattr(s, a) == 0
+                                                                                            for s in choice.shapes)]
+        out.append((desc, choice, f"per layer: {why} ({cfg.block_score} {choice.score:.4f}, "
+                                  f"{budget.describe(choice.cost)}{'; removes ' + ', '.join(removed) if removed else ''})"))
+    return out

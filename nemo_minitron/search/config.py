@@ -1,9 +1,10 @@
 """Architecture search settings: the source of the ``search`` flags, the ``search()``
 keywords and the recipes' ``rounds.N.search`` keys.
 
-A search is the planner's budget and limits (PlanConfig), which candidates to try, and
-the short distillation every candidate gets (DistillConfig: the same data, seed and
-schedule for all of them)."""
+A search is the planner's budget and limits (PlanConfig), with ``per_layer`` the per-layer
+choice's budget and scores (PerLayerConfig), which candidates to try, and the short
+distillation every candidate gets (DistillConfig: the same data, seed and schedule for all
+of them)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 from nemo_minitron.config import option
 from nemo_minitron.distill.config import DistillConfig, _optional_int
 from nemo_minitron.errors import require
-from nemo_minitron.prune.config import LAYER_METRICS, PlanConfig
+from nemo_minitron.prune.config import LAYER_METRICS, PerLayerConfig, PlanConfig
 from nemo_minitron.prune.targets import AXES, parse_param_count, parse_target
 
 #: how far apart (largest relative difference of any axis) two chosen candidates must be
@@ -25,16 +26,19 @@ def _one_target(text: str) -> dict[str, int]:
 
 
 @dataclasses.dataclass
-class SearchConfig(DistillConfig, PlanConfig):
+class SearchConfig(DistillConfig, PlanConfig, PerLayerConfig):
     """Which candidates to try for a budget and how each is distilled and compared."""
 
-    target_params: Optional[str] = option(None, "parameter budget, e.g. 90M or 4.5B", metavar="N", required=True)
+    target_params: Optional[str] = option(None, "parameter budget, e.g. 90M or 4.5B (required, unless --per-layer "
+                                                "has another budget)", metavar="N")
     candidates: int = option(5, "candidates taken from the planner, chosen to differ: width-only, depth-only and "
                                 "mixed cuts in turn", ge=0)
     candidate: list[dict[str, int]] = option([], "an explicit candidate to add, e.g. hidden=480,ffn=1024,heads=6",
                                              parse=_one_target, repeat=True, metavar="AXIS=N,...")
     halving: bool = option(False, "successive halving: every candidate trains part of --steps, only the better "
                                   "half continues (halving again until two remain for the last stretch)")
+    per_layer_candidates: int = option(3, "with --per-layer: per-layer architectures to try, the solver's optimum "
+                                          "first (see docs/usage.md, Architecture search)", ge=1)
     keep_all: bool = option(False, "keep every candidate's checkpoints (default: only the best candidate's)",
                             resume_safe=True)
     layer_metric: str = option("auto", "layers each candidate drops, as prune --layer-metric: auto (greedy when "
@@ -50,10 +54,12 @@ class SearchConfig(DistillConfig, PlanConfig):
 
     def check(self, names) -> None:
         super().check(names)
-        require(self.target_params is not None, f"{names('target_params')} is required (e.g. 90M)")
-        self.target_params = str(self.target_params)
-        parse_param_count(self.target_params, flag=names("target_params"))
-        require(self.candidates > 0 or bool(self.candidate),
+        self.check_budget(names, self.target_params)
+        require(self.target_params is not None or self.per_layer, f"{names('target_params')} is required (e.g. 90M)")
+        if self.target_params is not None:
+            self.target_params = str(self.target_params)
+            parse_param_count(self.target_params, flag=names("target_params"))
+        require(self.candidates > 0 or bool(self.candidate) or self.per_layer,
                 f"{names('candidates')} 0 and no {names('candidate')}: nothing to search")
         for target in self.candidate:
             require(isinstance(target, dict) and bool(target), f"{names('candidate')}: give axis=size pairs, e.g. "
