@@ -24,8 +24,9 @@ TINY = dict(target_params=BUDGET, per_layer=True, candidates=1, per_layer_candid
 
 def _block_scores(desc, directory, seed: int = 7) -> None:
     """Synthetic importance of ``desc`` with block-variant tables: the parent's option 0, a
-    smaller option a larger score, and removing layer 3's attention nearly free (so the
-    optimum removes it and the search adds the optimum keeping every attention)."""
+    smaller option a larger score, except removing layer 3's attention, nearly free (so the
+    optimum removes it and the search adds the optimum keeping every attention), and
+    layer 0's attention with one K/V group, below two (the optimum at TP=1 takes it)."""
     from test_prune import synthetic_scores
 
     from nemo_minitron.importance.scores import ImportanceScores
@@ -39,6 +40,7 @@ def _block_scores(desc, directory, seed: int = 7) -> None:
         steps[:, 0] = 0
         tables[kind] = steps.cumsum(1)  # each smaller option costs more score than the one before
     tables["attention"][3, -1] = 1e-3  # cheaper than a fourth MLP step
+    tables["attention"][0, 2] = 0.9 * tables["attention"][0, 1]  # one group below two: not at --tp 2
     for metric in ("kl", "loss"):
         scores.tensors.update({f"block_attention_{metric}": tables["attention"].clone(),
                                f"block_ffn_{metric}": tables["ffn"].clone()})
@@ -126,8 +128,10 @@ def test_per_layer_candidates_are_the_solvers_optima_and_differ(tiny_checkpoint,
         assert cost(c.description) <= limit and c.description.check_layout(tp, 1) is None
         assert c.choice.score == pytest.approx(row[0]) and c.target() is None
     assert len({g[1:] for g in got}) == 3
-    if tp == 2:
-        assert all(1 not in g[1] for g in got)  # one K/V group does not split over 2 ranks
+    if tp == 2:  # one K/V group does not split over 2 ranks (at TP=1 the optimum has one)
+        assert all(1 not in g[1] for g in got)
+    elif "target_params" in budget:
+        assert 1 in optimum[1]
 
 
 @pytest.fixture(scope="module")
