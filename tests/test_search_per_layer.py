@@ -224,3 +224,29 @@ def test_bad_input(tiny_checkpoint, block_importance, tmp_path, capsys, flags, s
                                "--layer-metric", "loss", *flags)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["rounds.0.importance.block_variants=false"], "'rounds.0.search.per_layer' chooses from block-variant scores"),
+    (["rounds.0.search.target_memory=1MB"], "'rounds.0.search.per_layer' needs exactly one budget"),
+    (["rounds=[{importance: {block_variants: true}, search: {per_layer: true, target_params: 600K}}, "
+      "{prune: {target_params: 300K}}]"], "a per-layer model is not pruned again"),
+    ([], None),
+])
+def test_per_layer_search_recipe_keys(overrides, says):
+    """``rounds.N.search.per_layer`` takes prune's per-layer rules: block-variant scores, one
+    budget, the last round; errors name the key."""
+    from conftest import TESTS
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+
+    search = ["rounds.0.prune.per_layer=false", "rounds.0.prune.target_params=null",
+              f"rounds.0.search={{per_layer: true, target_params: {BUDGET}, per_layer_candidates: 2}}"]
+    path = TESTS / "recipes" / "tiny_per_layer.yaml"
+    if says is None:
+        rnd = load_recipe(path, ["model.source=m", "output_dir=o", *search]).rounds[0]
+        assert rnd.search.per_layer and rnd.search.per_layer_candidates == 2 and not rnd.prune.per_layer
+        return
+    with pytest.raises(UsageError) as e:
+        load_recipe(path, ["model.source=m", "output_dir=o", *search, *overrides])
+    assert says in str(e.value)
