@@ -62,7 +62,7 @@ from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.description import LayerShape, ModelDescription
 from nemo_minitron.prune import api as prune_api
 from nemo_minitron.prune.config import PerLayerConfig
-from nemo_minitron.prune.per_layer import export_refusal
+from nemo_minitron.prune.per_layer import Budget, export_refusal
 from nemo_minitron.prune.plots import layer_shapes_figure
 from nemo_minitron.prune.select import layers_to_keep, parse_layer_metric
 from nemo_minitron.prune.targets import format_count
@@ -303,7 +303,7 @@ def _train(teacher: str, teacher_logits: str | None, directory: Path, data, eval
 
 def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], rungs: list[int],
             stopped: dict[str, int], rung_losses: dict[str, dict[int, float]], cfg: SearchConfig,
-            resolved: dict[str, Any], budget, teacher_logits: str | None) -> dict[str, Any]:
+            resolved: dict[str, Any], budget: Budget, teacher_logits: str | None) -> dict[str, Any]:
     finals = {c.name: rung_losses[c.name].get(cfg.steps) for c in candidates if c.name not in stopped}
     best = min(finals, key=lambda n: (finals[n], n))
     rows = []

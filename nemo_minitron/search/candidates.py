@@ -200,10 +200,10 @@ def per_layer_candidates(original: ModelDescription, scores: ImportanceScores, c
         found.append((nxt, f"next best, at least {apart} block{'s' * (apart > 1)} away from the ones before"))
     out = []
     for choice, why in found:
-        desc = original.replace(layer_shapes=choice.shapes)
-        removed = [f"{sum(getattr(s, a) == 0 for s in choice.shapes)} {what}" for a, what in
-                   (("num_query_groups", "attention"), ("ffn_hidden_size", "MLP")) if any(getattr(s, a) == 0
-                                                                                            for s in choice.shapes)]
-        out.append((desc, choice, f"per layer: {why} ({cfg.block_score} {choice.score:.4f}, "
-                                  f"{budget.describe(choice.cost)}{'; removes ' + ', '.join(removed) if removed else ''})"))
+        counts = {what: sum(not getattr(s, field) for s in choice.shapes)
+                  for field, what in (("num_query_groups", "attention"), ("ffn_hidden_size", "MLP"))}
+        removed = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        out.append((original.replace(layer_shapes=choice.shapes), choice,
+                    f"per layer: {why} ({cfg.block_score} {choice.score:.4f}, {budget.describe(choice.cost)}"
+                    + (f"; removes {removed})" if removed else ")")))
     return out
