@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import cli_in_process, torch_threads
-from test_per_layer import _loss_and_logp, _resized_attention, _resized_mlp
+from test_per_layer import _loss_and_logp, _resized_attention, _resized_mlp, forced_scores
 from tiny_models import _Removed
-from tolerances import fp32, log_softmax_sum, transformer_logits
+from tolerances import log_softmax_sum, transformer_logits
 
 SEQ, SEED = 24, 5
 BLOCK_SAMPLES, DISTILL_SAMPLES, BATCH = 4, 8, 2
@@ -201,30 +201,12 @@ def test_trained_variants_are_scored_with_their_weights(runs, tiny_hf):
 FORCED = ((2, 512), (0, 256), (1, 768), (4, 0))
 
 
-def _forced(source, out):
-    """A copy of importance directory ``source`` whose scores make FORCED the only choice of
-    negative total score (at the parent's size)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(source, out)
-    tensors = load_file(str(out / "scores.safetensors"))
-    variants = json.loads((out / "summary.json").read_text())["block_variants"]
-    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
-        table = torch.ones(4, len(options))
-        table[:, 0] = 0
-        for layer, shape in enumerate(FORCED):
-            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
-        tensors[f"block_{kind}_kl"] = table
-    save_file(tensors, str(out / "scores.safetensors"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def pruned(runs):
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.prune.api import prune
 
-    importance = _forced(runs["trained"], runs["root"] / "forced")
+    importance = forced_scores(runs["trained"], runs["root"] / "forced", FORCED)
     size = read_info(runs["parent"]).description.num_parameters()
     out = prune(str(runs["parent"]), str(importance), str(runs["root"] / "pruned"), per_layer=True,
                 target_params=str(size))
