@@ -214,7 +214,7 @@ def _record_layer(model, layer: int, batches: list[dict], inputs: list | None,
         def before(mod, args, kwargs):
             calls[kind].append(_Call(tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 
-        def after(mod, args, kwargs, result):
+        def after(mod, args, kwargs, result):  # a copy: without grad, megatron adds the residual in place
             calls[kind][-1].target = _output(result).detach().clone()
         return before, after
 
