@@ -8,6 +8,8 @@ pruning (no training), on the built-in held-out split.
 - per-layer: ``prune --per-layer`` from the same importance run's block-variant scores
   (``importance --block-variants``), the choice minimising summed KL, and summed loss change;
 - time: the block-variant scoring against the calibration pass of the same run.
+- ``--block-distill-steps N``: the variants are first trained by blockwise local distillation
+  (importance --block-distill-steps); the per-layer rows then hold the trained weights.
 
     nice python benchmarks/per_layer_quality.py --json results/per_layer_quality.json
 """
@@ -29,6 +31,10 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--uniform", type=int, default=3, help="uniform candidates per budget")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--block-distill-steps", type=int, default=0,
+                   help="train the variants by blockwise local distillation first (importance --block-distill-steps)")
+    p.add_argument("--block-distill-lr", type=float, default=1e-4)
+    p.add_argument("--block-distill-samples", type=int, default=16)
     args = p.parse_args()
 
     from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer, read_info
@@ -47,10 +53,16 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype).torch
     heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
     importance = CACHE / f"smollm2-importance-{args.samples}x{args.seq_len}-variants{args.block_samples}"
+    distill = {}
+    if args.block_distill_steps:
+        distill = dict(block_distill_steps=args.block_distill_steps, block_distill_lr=args.block_distill_lr,
+                       block_distill_samples=args.block_distill_samples)
+        importance = importance.with_name(f"{importance.name}-bld{args.block_distill_steps}-lr{args.block_distill_lr:g}"
+                                          f"-{args.block_distill_samples}")
     if not (importance / "scores.safetensors").is_file():
         compute_importance(str(teacher), ["builtin:calib"], str(importance), samples=args.samples,
                            seq_len=args.seq_len, micro_batch=4, layer_samples=8, block_variants=True,
-                           block_samples=args.block_samples, dtype=args.dtype)
+                           block_samples=args.block_samples, dtype=args.dtype, **distill)
     summary = ImportanceScores.load(importance).summary
 
     def loss_of(path) -> float:
@@ -60,6 +72,8 @@ def main() -> None:
     results = {"teacher": {"params": desc.num_parameters(), "heldout_loss": loss_of(teacher)},
                "block_variants": {k: summary["block_variants"][k] for k in
                                   ("query_groups", "ffn", "samples", "tokens", "seconds", "calibration_seconds")},
+               "block_distill": {k: v for k, v in summary["block_variants"].get("distill", {}).items()
+                                 if k not in ("parent_digests", "nmse")},
                "calibration_tokens": summary["tokens"], "budgets": {}}
     for label, budget in BUDGETS.items():
         rows = {}

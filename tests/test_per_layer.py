@@ -370,14 +370,31 @@ def test_layer_shapes_figure_draws_each_layer():
 FORCED = ((4, 256), (0, 768), (2, 768), (1, 0))
 
 
-@pytest.fixture(scope="module")
-def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
-    """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
-    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them."""
+def forced_scores(source, out, forced):
+    """A copy of llama_wide_mlp's importance directory ``source`` whose scores make ``forced``
+    ((groups, width) per layer) the only choice of negative total score."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    shutil.copytree(source, out)
+    tensors = load_file(str(out / "scores.safetensors"))
+    variants = json.loads((out / "summary.json").read_text())["block_variants"]
+    assert variants["query_groups"] == [4, 2, 1, 0] and variants["ffn"] == [768, 512, 256, 0]
+    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
+        table = torch.ones(4, len(options))
+        table[:, 0] = 0
+        for layer, shape in enumerate(forced):
+            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
+        tensors[f"block_{kind}_kl"] = table
+    save_file(tensors, str(out / "scores.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
+    """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
+    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them."""
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.prune.api import prune
@@ -387,18 +404,7 @@ def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
     compute_importance(str(parent), ["builtin:calib"], str(root / "imp"), samples=SAMPLES, seq_len=SEQ,
                        layer_samples=1, block_variants=True, ffn_variants=2, block_samples=2, seed=SEED,
                        dtype="float32", progress=False)
-    forced = root / "forced"
-    shutil.copytree(root / "imp", forced)
-    tensors = load_file(str(forced / "scores.safetensors"))
-    variants = json.loads((forced / "summary.json").read_text())["block_variants"]
-    assert variants["query_groups"] == [4, 2, 1, 0] and variants["ffn"] == [768, 512, 256, 0]
-    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
-        table = torch.ones(4, len(options))
-        table[:, 0] = 0
-        for layer, shape in enumerate(FORCED):
-            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
-        tensors[f"block_{kind}_kl"] = table
-    save_file(tensors, str(forced / "scores.safetensors"))
+    forced = forced_scores(root / "imp", root / "forced", FORCED)
     desc = read_info(parent).description
     out = prune(str(parent), str(forced), str(root / "pruned"), per_layer=True,
                 target_params=str(desc.num_parameters()))

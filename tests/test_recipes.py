@@ -17,11 +17,12 @@ DATA = ["data.calib=[/data/calib_text_document]", "data.train=[/data/train_text_
         "data.heldout=[/data/val_text_document]"]
 # Published parameter counts of the recipes' targets (Llama-3.1-Minitron 4B width and
 # depth: 4.5B; Mistral-NeMo-Minitron 8B: 8.4B; Minitron 8B: 8.27B, its HF model's count;
-# Nemotron-H 4B and Nemotron Nano 9B v2: their HF models' 4.49B and 8.89B); None where no
-# such model was published.
+# Nemotron-H 4B and Nemotron Nano 9B v2: their HF models' 4.49B and 8.89B; Nemotron 3 Nano
+# 22B-A3.0B: ModelOpt's tutorial, 22.28B); None where no such model was published.
 PUBLISHED_B = {"llama3.1-8b-4b-width": 4.5, "llama3.1-8b-4b-depth": 4.5, "mistral-nemo-12b-8b": 8.4,
                "nemotron-15b-8b": 8.27, "qwen2.5-7b-3b": None, "smollm2-135m-to-84m": None,
-               "qwen3-30b-a3b-experts": None, "nemotron-h-8b-4b": 4.49, "nemotron-nano-12b-9b": 8.89}
+               "qwen3-30b-a3b-experts": None, "nemotron-h-8b-4b": 4.49, "nemotron-nano-12b-9b": 8.89,
+               "nemotron-3-nano-30b-a3b-22b": 22.28}
 
 
 def _source_description(source: str):
@@ -62,10 +63,22 @@ def test_recipe_validates_and_targets_published_size(path):
         assert (desc.hidden_size, desc.ffn_hidden_size, desc.mamba_num_heads, desc.mamba_head_dim,
                 desc.num_attention_heads, desc.num_layers) == (4480, 15680, 128, 80, 40, 56)
         assert [desc.hybrid_pattern.count(s) for s in "M*-"] == [27, 4, 25]
+    if recipe.name == "nemotron-3-nano-30b-a3b-22b":  # ModelOpt 0.47 tutorial's best subnet: 22.28B, 3.00B active
+        assert (desc.hidden_size, desc.num_experts, desc.moe_ffn_hidden_size, desc.moe_shared_ffn_hidden_size,
+                desc.mamba_num_heads, desc.mamba_head_dim, desc.num_layers) == (2304, 104, 1856, 3072, 64, 64, 52)
+        assert round(desc.num_parameters() / 1e7) == 2228 and round(desc.num_active_parameters() / 1e7) == 300
     if recipe.name == "qwen3-30b-a3b-experts":  # half the experts: ~16B total, the active count kept
         assert (desc.num_experts, desc.moe_top_k, desc.moe_ffn_hidden_size, desc.num_layers) == (64, 8, 768, 48)
         assert round(desc.num_parameters() / 1e9) == 16 and int(desc.num_active_parameters() / 1e8) == 33
 
+
+
+def test_nemotron_3_memory_matches_modelopts_report():
+    # ModelOpt 0.47's tutorial prints, for the 30B-A3B at bf16, sequence 8192 and batch 8:
+    # KV cache 384.0 MB and Mamba state 190.5 MB (MiB), unchanged by its 22B width prune
+    desc = _source_description("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16")
+    assert desc.kv_cache_bytes_per_token() * 8192 * 8 == 384 * 2**20
+    assert desc.ssm_state_bytes() * 8 / 2**20 == pytest.approx(190.5, abs=0.05)
 
 def test_cluster_recipes_need_only_data_paths():
     for path in RECIPES:

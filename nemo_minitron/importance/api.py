@@ -33,6 +33,7 @@ from nemo_minitron.importance.blocks import score_block_variants, variant_passes
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
+from nemo_minitron.importance.local_distill import TrainedVariants, distill_block_variants, trained_options
 from nemo_minitron.importance.plots import write_plots
 from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
 from nemo_minitron.prune.variants import block_variants
@@ -113,20 +114,38 @@ def hooks_only_step(device):
     return forward_step
 
 
-def _score_blocks(model, desc, samples: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
-                  progress: bool) -> dict:
-    """Add the block-variant scores (importance/blocks.py) to ``tensors``; their summary."""
+def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
+                  progress: bool) -> tuple[dict, TrainedVariants | None]:
+    """Add the block-variant scores (importance/blocks.py) to ``tensors``, the variants first
+    trained by local distillation with ``cfg.block_distill_steps`` (importance/local_distill.py);
+    their summary and the trained variants."""
+    trained = None
+    if cfg.block_distill_steps:
+        start, stop = cfg.block_distill_range()
+        count = sum(map(len, trained_options(variants).values()))
+        bar = progress_bar(count * desc.num_layers // ps.get_data_parallel_world_size(), "block distillation",
+                           progress, unit="variant")
+        trained = distill_block_variants(model, desc, calibration[start:stop], variants, tensors["ffn"],
+                                         tensors["query_groups"], steps=cfg.block_distill_steps,
+                                         lr=cfg.block_distill_lr, batch=cfg.block_distill_batch, progress=bar)
+        bar.close()
+        log.info("block variants trained by local distillation in %.0f s (%d steps on %d samples, lr %g)",
+                 trained.record["seconds"], cfg.block_distill_steps, stop - start, cfg.block_distill_lr)
+    samples = calibration[:min(cfg.block_samples, cfg.samples)]
     t0 = time.time()
     micro_batches = -(-len(samples) // ps.get_data_parallel_world_size() // cfg.micro_batch)
     bar = progress_bar(variant_passes(desc, variants) * micro_batches, "block variants", progress, unit="variant")
     tensors.update(score_block_variants(model, desc, samples, variants, tensors["ffn"], tensors["query_groups"],
-                                        cfg.micro_batch, bar))
+                                        cfg.micro_batch, bar, trained=trained))
     bar.close()
     seconds = time.time() - t0
     log.info("block variants scored in %.0f s (%d layers x %d options on %d samples)", seconds, desc.num_layers,
              len(variants.query_groups) + len(variants.ffn) - 2, len(samples))
-    return {**variants.to_dict(), "samples": len(samples), "tokens": len(samples) * (samples.shape[1] - 1),
-            "seconds": round(seconds, 1)}
+    summary = {**variants.to_dict(), "samples": len(samples), "tokens": len(samples) * (samples.shape[1] - 1),
+               "seconds": round(seconds, 1)}
+    if trained is not None:
+        summary["distill"] = trained.record
+    return summary, trained
 
 
 def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: int, progress: bool = False,
@@ -214,10 +233,9 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
                                 tensors["layer_block_importance"].tolist(), greedy, bar)
     bar.close()
-    blocks_summary = None
+    blocks_summary = trained = None
     if cfg.block_variants:
-        blocks_summary = _score_blocks(model, desc, calibration[:min(cfg.block_samples, samples)], variants, tensors,
-                                       cfg, progress)
+        blocks_summary, trained = _score_blocks(model, desc, calibration, variants, tensors, cfg, progress)
         blocks_summary["calibration_seconds"] = round(calibration_seconds, 1)
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
@@ -257,6 +275,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
             (tmp / "config.yaml").write_text(yaml_text(resolved))
             if grams:
                 save_file(grams, str(tmp / SECOND_MOMENTS_FILE))
+            if trained is not None:
+                trained.save(tmp)
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,
              summary["wall_seconds"], top)

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_slice
-from nemo_minitron.importance.layers import passed_through, replaced_forwards
+from nemo_minitron.importance.layers import starting_at
+from nemo_minitron.importance.local_distill import TrainedVariants, VariantLayout, trained_variant
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import position_ids, split_microbatches
 from nemo_minitron.model.params import unwrap
@@ -95,13 +96,16 @@ def attention_variant(layer, desc: ModelDescription, groups: int, group_scores: 
         yield
 
 
-def _starting_at(model, layer: int, hidden: torch.Tensor):
-    """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
-    recorded input of ``layer``), the others pass their input through."""
-    def recorded(*args, **kwargs):
-        return hidden, kwargs.get("context")
-
-    return replaced_forwards(model, {i: recorded if i == layer - 1 else passed_through for i in range(layer)})
+def _variant(layer, desc: ModelDescription, i: int, kind: str, size: int, ffn_scores: torch.Tensor,
+             group_scores: torch.Tensor, trained: TrainedVariants | None):
+    """The context in which layer ``i``'s block of ``kind`` behaves as its variant of ``size``."""
+    tensors = trained.block(i, kind, size) if trained is not None else None
+    if tensors is not None:
+        shape = VariantLayout.of(desc, kind, size, ffn_scores, group_scores)
+        return trained_variant(layer, kind, shape.expand(tensors))
+    if kind == "ffn":
+        return ffn_variant(layer, size, ffn_scores)
+    return attention_variant(layer, desc, size, group_scores)
 
 
 def _layer_inputs(model) -> tuple[list, list]:
@@ -126,11 +130,12 @@ def _nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                          ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
-                         progress=None) -> dict[str, torch.Tensor]:
+                         progress=None, trained: TrainedVariants | None = None) -> dict[str, torch.Tensor]:
     """``scores.BLOCK_AXES`` -> [layers, options] (the options of ``variants``; the parent's column
     is 0): mean LM-loss change and mean KL(parent || variant) per token over ``samples``
-    (``[N, s+1]``, shared over data-parallel ranks). ``progress``: ticked once per variant
-    and micro-batch."""
+    (``[N, s+1]``, shared over data-parallel ranks). ``trained``: variants trained by local
+    distillation (importance/local_distill.py), scored with their trained weights instead of
+    the parent's. ``progress``: ticked once per variant and micro-batch."""
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     L, device = desc.num_layers, layout().device
     layers = unwrap(model).decoder.layers
@@ -158,9 +163,8 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
             for i in range(L):
                 for kind, opts in options.items():
                     for j, size in enumerate(opts[1:], start=1):
-                        variant = ffn_variant(layers[i], size, ffn_scores[i]) if kind == "ffn" else \
-                            attention_variant(layers[i], desc, size, group_scores[i])
-                        with variant, _starting_at(model, i, inputs[i] if i else None):
+                        variant = _variant(layers[i], desc, i, kind, size, ffn_scores[i], group_scores[i], trained)
+                        with variant, starting_at(model, i, inputs[i] if i else None):
                             out = model(tokens, positions, None)
                         mine_logp = _log_probs(out, desc.vocab_size)
                         loss[kind][i, j] += _nll(mine_logp, labels) - parent_loss

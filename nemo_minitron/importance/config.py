@@ -65,10 +65,37 @@ class ImportanceConfig:
     ffn_multiple: int = option(256, "the MLP widths of --block-variants are multiples of this (the Llama-Nemotron "
                                     "export rounds ffn_mult to 256)", ge=1)
     block_samples: int = option(8, "calibration samples the --block-variants scores use (capped at --samples)", ge=1)
+    block_distill_steps: int = option(
+        0, "blockwise local distillation before the --block-variants scores: train each variant's attention or MLP "
+           "this many AdamW steps to reproduce the parent block's output (normalised MSE, float32); prune "
+           "--per-layer then uses the trained weights (0: score the variants as initialised from the parent)", ge=0)
+    block_distill_lr: float = option(1e-4, "learning rate of --block-distill-steps (AdamW, constant, no weight "
+                                           "decay)", gt=0)
+    block_distill_samples: int = option(
+        16, "calibration samples --block-distill-steps trains on: the ones after the --block-samples the scores use "
+            "(--samples must hold both)", ge=1)
+    block_distill_batch: int = option(1, "samples per --block-distill-steps step (steps cycle over the "
+                                         "--block-distill-samples)", ge=1)
 
     def check(self, names) -> None:
         for k in self.drop_blocks:
             require(isinstance(k, int) and k >= 1, f"{names('drop_blocks')}: block sizes must be >= 1 (got {k})")
+        if self.block_distill_steps:
+            require(self.block_variants, f"{names('block_distill_steps')} trains the block variants of "
+                                         f"{names('block_variants')}; give both")
+            scored = min(self.block_samples, self.samples)
+            require(self.samples >= scored + self.block_distill_samples,
+                    f"{names('block_distill_samples')} {self.block_distill_samples} needs {names('samples')} >= "
+                    f"{scored + self.block_distill_samples} (the first {scored}, {names('block_samples')}, score the "
+                    f"variants; local distillation trains on the next ones); got {names('samples')} {self.samples}")
+            require(self.block_distill_batch <= self.block_distill_samples,
+                    f"{names('block_distill_batch')} {self.block_distill_batch} exceeds "
+                    f"{names('block_distill_samples')} {self.block_distill_samples}")
+
+    def block_distill_range(self) -> tuple[int, int]:
+        """The calibration samples local distillation trains on: [start, stop)."""
+        start = min(self.block_samples, self.samples)
+        return start, start + self.block_distill_samples
 
     def layer_passes(self, num_layers: int) -> int:
         """Forward passes over the layer samples: one per layer, one per contiguous block of

@@ -48,6 +48,15 @@ def replaced_forwards(model, forwards: dict[int, Callable]):
             del layer.forward  # back to the class's forward
 
 
+def starting_at(model, layer: int, hidden: torch.Tensor | None):
+    """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
+    recorded input of ``layer``), the others pass their input through."""
+    def recorded(*args, **kwargs):
+        return hidden, kwargs.get("context")
+
+    return replaced_forwards(model, {i: recorded if i == layer - 1 else passed_through for i in range(layer)})
+
+
 def skipped_layers(model, layers: Iterable[int]):
     """Within the block, the given global layers pass their input through unchanged."""
     return replaced_forwards(model, {i: passed_through for i in layers})

@@ -30,6 +30,11 @@ lists the options {"query_groups": [...], "ffn": [...]}, the parent's first, 0 =
     block_ffn_loss          [layers, MLP options]
     block_ffn_kl            [layers, MLP options]
 These are costs: lower is better, 0 for the parent's own block.
+With ``--block-distill-steps`` the variants (other than the parent's and removal) were first
+trained by blockwise local distillation (importance/local_distill.py) and scored with those
+weights: ``block_variants.safetensors`` holds them, ``summary.json``'s ``block_variants.distill``
+their settings (steps, lr, samples, batch), each variant's normalised error against the parent
+block before and after training, and digests of the parent's layers that prune checks.
 
 summary.json's ``layers`` (depth choices for prune --layer-metric): ``loss_drop``,
 ``block_importance``, their rankings, ``contiguous_blocks`` {k: best block},
@@ -59,6 +64,10 @@ SCORES_FILE = "scores.safetensors"
 #:   proj_gram [layers, heads * head_dim, heads * head_dim], fc2_gram [layers, ffn, ffn]
 SECOND_MOMENTS_FILE = "second_moments.safetensors"
 SUMMARY_FILE = "summary.json"
+#: optional (importance --block-distill-steps): the block variants trained by local distillation,
+#:   "layers.{i}.{attention|ffn}.{size}.{canonical suffix}" -> float32 tensor in the variant's own
+#:   (pruned) layout; summary.json's ``block_variants.distill`` holds their provenance
+TRAINED_VARIANTS_FILE = "block_variants.safetensors"
 AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_block_importance", "layer_loss_drop")
 MOE_AXES = ("experts", "moe_ffn")  # and shared_ffn where the model has a shared expert
 HYBRID_AXES = ("mamba_heads", "mamba_head_dim")

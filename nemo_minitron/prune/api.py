@@ -31,6 +31,7 @@ from nemo_minitron.checkpoint.store import (
 from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.files import check_new_output
+from nemo_minitron.importance.local_distill import TrainedVariants, layer_digests, trained_options
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
@@ -58,9 +59,9 @@ from nemo_minitron.prune.targets import (
 )
 from nemo_minitron.prune.per_layer import PerLayerChoice, check_shapes, export_refusal, per_layer_choice
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
-from nemo_minitron.prune.variants import kept_neurons, merged_groups
+from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
-from nemo_minitron.runtime.distributed import check_world_size, current_device, init_distributed
+from nemo_minitron.runtime.distributed import all_ranks_ok, check_world_size, current_device, init_distributed
 from nemo_minitron.runtime.precision import stored_dtype
 
 log = logging.getLogger("nemo_minitron")
@@ -346,29 +347,37 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     new = check_shapes(old, choice, tp, pp)
     refusal = export_refusal(new, names("per_layer"))  # as a uniform prune: only shapes transformers can hold
     require(refusal is None, refusal or "")
+    trained = chosen_trained_variants(importance, scores, old, new)
     check_world_size(tp, pp)
 
     init_distributed(tp, pp, seed)
     model, info = load_checkpoint(checkpoint, dtype=compute_dtype)
+    if trained is not None:
+        check_trained_parent(model, old, trained, checkpoint, importance)
     log.info("pruning %s per layer: %.1fM -> %.1fM parameters, summed %s score %.4f; query groups per layer %s, "
              "ffn per layer %s", checkpoint, old.num_parameters() / 1e6, new.num_parameters() / 1e6,
              cfg.block_score, choice.score, [s.num_query_groups for s in choice.shapes],
              [s.ffn_hidden_size for s in choice.shapes])
-    new_model = _build_per_layer(model, old, new, scores)
+    new_model = _build_per_layer(model, old, new, scores, trained)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
-                                "layer_scores": list(choice.layer_scores)},
+                                "layer_scores": list(choice.layer_scores),
+                                "trained_variants": None if trained is None else {
+                                    "blocks": sorted({".".join(k.split(".")[:4]) for k in trained.tensors}),
+                                    **{k: trained.record[k] for k in ("steps", "lr", "samples", "batch")}}},
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
     return save_checkpoint(new_model, CheckpointInfo(new, saved_dtype, provenance), out_path,
                            tokenizer=load_tokenizer(checkpoint))
 
 
-def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores: ImportanceScores) -> torch.nn.Module:
+def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores: ImportanceScores,
+                     trained: TrainedVariants | None = None) -> torch.nn.Module:
     """The per-layer model on this layout, every weight the parent's (transforms.per_layer_tensor):
     the most important neurons of each narrowed MLP, each merged K/V group the mean of its
-    run of groups (variants.merged_groups); collective."""
+    run of groups (variants.merged_groups), or the chosen variant's ``trained`` tensors
+    (importance --block-distill-steps); collective."""
     dtype = next(model.parameters()).dtype
     new_model = build_model(new, dtype=dtype)
     old_weights = dict(named_weights(model))
@@ -377,8 +386,11 @@ def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores
     with torch.no_grad():
         for name, param in named_weights(new_model):
             layer = layer_of(name)
-            full = gather(name, old_weights[name].detach(), group=tp_group, gated=old.gated)
-            if layer is not None:
+            full = gather(name, old_weights[name].detach(), group=tp_group, gated=old.gated)  # collective: always
+            replacement = _trained_tensor(trained, name, new) if trained is not None else None
+            if replacement is not None:
+                full = replacement.to(param.dtype)
+            elif layer is not None:
                 shape = new.layer_shapes[layer]
                 narrowed = shape.ffn_hidden_size not in (0, old.ffn_hidden_size)
                 merged = shape.num_query_groups not in (0, old.num_query_groups)
@@ -389,3 +401,54 @@ def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores
             param.copy_(shard(name, full, tp_rank, tp_size, gated=new.gated))
     new_model.eval()
     return new_model
+
+
+def _trained_tensor(trained: TrainedVariants, name: str, new: ModelDescription) -> torch.Tensor | None:
+    """The trained tensor of the chosen variant that ``name`` belongs to (None: not trained)."""
+    layer = layer_of(name)
+    if layer is None:
+        return None
+    suffix = name.split(f"decoder.layers.{layer}.", 1)[1]
+    shape = new.layer_shapes[layer]
+    for kind, size in (("attention", shape.num_query_groups), ("ffn", shape.ffn_hidden_size)):
+        block = trained.block(layer, kind, size)
+        if block is not None and suffix in block:
+            return block[suffix]
+    return None
+
+
+def chosen_trained_variants(importance: str, scores: ImportanceScores, old: ModelDescription,
+                            new: ModelDescription) -> TrainedVariants | None:
+    """The trained tensors (importance --block-distill-steps) of the variants ``new`` chose
+    (None when the importance run trained none); before any work."""
+    record = scores.summary["block_variants"].get("distill")
+    if not record:
+        return None
+    trained = trained_options(BlockVariants.from_dict(scores.summary["block_variants"]))
+    wanted = [(layer, kind, size) for layer, shape in enumerate(new.layer_shapes)
+              for kind, size in (("attention", shape.num_query_groups), ("ffn", shape.ffn_hidden_size))
+              if size in trained[kind]]
+    return TrainedVariants.load(importance, record, wanted) if wanted else None
+
+
+def check_trained_parent(model, old: ModelDescription, trained: TrainedVariants, checkpoint: str,
+                         importance: str) -> None:
+    """Refuse (one line, on every rank) trained variants whose parent layers differ from the
+    loaded checkpoint's: their digests were taken from the model importance trained them on
+    (collective)."""
+    recorded = trained.record["parent_digests"]
+    layers = {int(k.split(".")[1]) for k in trained.tensors}
+    dtype = next(model.parameters()).dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in recorded:  # this model is more precise than the one importance ran: compare in that one's
+        name = next(iter(recorded))
+    tp_group = ps.get_tensor_model_parallel_group()
+    held = {layer_of(n) for n, _ in named_weights(model)} & layers
+    full = ((n, gather(n, p.detach(), group=tp_group, gated=old.gated)) for n, p in named_weights(model)
+            if layer_of(n) in held)
+    mine = layer_digests(full, held, [getattr(torch, name)])[name]
+    differing = sorted(layer for layer in held if mine[str(layer)] != recorded[name][str(layer)])
+    require(all_ranks_ok(not differing),
+            f"--importance '{importance}': its trained block variants were trained from other weights than "
+            f"'{checkpoint}' holds" + (f" (layer {differing[0]} differs)" if differing else "")
+            + "; rerun importance --block-distill-steps on this checkpoint")
