@@ -26,6 +26,9 @@ from tolerances import transformer_logits
 
 GPT, HYBRID = "qwen2_moe", "nemotron_h_moe"
 SEQ = 24
+# what a description states about experts and routing (and the family)
+MOE_FIELDS = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size", "moe_shared_expert_gate",
+              "moe_normalize_top_k", "moe_routed_scaling_factor", "hybrid_pattern", "architecture", "qkv_bias")
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +65,32 @@ def test_moe_checkpoints_read_in_place_with_the_reference_logits(moe_megatron):
         reference = hf_logits(hf, tokens)
         opened = open_model(str(out / name))
         desc, expected = opened.description, describe_model(str(hf))
-        for field in ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size",
-                      "moe_shared_expert_gate", "moe_normalize_top_k", "moe_routed_scaling_factor", "hybrid_pattern",
-                      "architecture", "qkv_bias"):
+        for field in MOE_FIELDS:
             assert getattr(desc, field) == getattr(expected, field), (name, field)
         tol = _tolerance(desc, reference)
         assert (full_logits(opened.model, tokens, desc.vocab_size) - reference).abs().max().item() <= tol, name
         assert (moe_megatron["ranks"][other] - reference).abs().max().item() <= tol, other
+
+
+@pytest.mark.multirank
+def test_moe_exports_state_the_model_in_both_vocabularies(moe_megatron):
+    """Each export's common.pt args (Megatron-LM) and run_config.yaml provider (Bridge) each
+    describe the HF model's experts and routing (the reader takes run_config.yaml when both
+    are there: the args are read here on their own)."""
+    import yaml
+
+    from nemo_minitron.checkpoint.api import describe_model
+    from nemo_minitron.checkpoint.megatron_config import description_from_config, normalize_args
+
+    for name, kind in (("export_pp2", GPT), ("export_tp2", HYBRID)):
+        written = moe_megatron["out"] / name / "iter_0000000"
+        expected = describe_model(str(moe_megatron["hf"][kind]))
+        configs = {"args": normalize_args(torch.load(written / "common.pt", weights_only=False)["args"]),
+                   "provider": yaml.safe_load((written / "run_config.yaml").read_text())["model"]}
+        for source, cfg in configs.items():
+            desc = description_from_config(cfg, vocab_size=TINY_VOCAB, source=source)
+            for field in MOE_FIELDS + ("moe_aux_loss_coeff",):
+                assert getattr(desc, field) == getattr(expected, field), (name, source, field)
 
 
 @pytest.mark.multirank
