@@ -453,6 +453,25 @@ def hybrid_bridge_model_section(hf_dir: Path, *, tp: int, pp: int) -> dict:
     }
 
 
+def changed_copy(src: Path, dst: Path, **changes) -> Path:
+    """A copy ``dst`` of the Megatron-LM / Bridge checkpoint directory ``src`` whose latest
+    iteration states its model with ``changes`` (Bridge: run_config.yaml's ``model:``;
+    Megatron-LM: common.pt's args)."""
+    import yaml
+
+    shutil.copytree(src, dst)
+    it_dir = dst / f"iter_{int((dst / 'latest_checkpointed_iteration.txt').read_text()):07d}"
+    if (it_dir / "run_config.yaml").is_file():
+        data = yaml.safe_load((it_dir / "run_config.yaml").read_text())
+        data["model"].update(changes)
+        (it_dir / "run_config.yaml").write_text(yaml.safe_dump(data))
+    else:
+        state = torch.load(it_dir / "common.pt", weights_only=False)
+        vars(state["args"]).update(changes)
+        torch.save(state, it_dir / "common.pt")
+    return dst
+
+
 def strict_load(model, directory: Path, keys=lambda sharded: sharded):
     """As Megatron-LM's load_checkpoint: the sharded state dict of the model built from the
     checkpoint's config (``keys``: as the model's spec would key it), with the checkpoint's

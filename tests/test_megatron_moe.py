@@ -3,7 +3,8 @@ experts (Qwen2-MoE: softmax top-k of all experts, gated shared expert) and a hyb
 layers (Nemotron 3: sigmoid router with expert bias, ungated shared expert), read in place
 and written by ``export --megatron-out``, at TP=1, TP=2 and PP=2.
 
-One 2-rank run (tests/workers/megatron_moe.py) writes a Megatron-LM checkpoint of the GPT
+One 2-rank run (tests/workers/megatron_hybrid.py, the ``hybrid_megatron`` fixture, shared with
+tests/test_megatron_hybrid.py) writes a Megatron-LM checkpoint of the GPT
 model at TP=2 (built from its args by megatron-core) and a Bridge one of the hybrid at PP=2
 (Nemotron3NanoProvider settings), reads each at the other layout and exports each at
 PP=2 / TP=2; the tests here read the checkpoints at TP=1 and load the exports strictly into
@@ -13,15 +14,13 @@ freshly built megatron-core models, and compare with transformers.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_in_process, run_workers
-from tiny_models import TINY_VOCAB, hf_logits, tiny_tokenizer
+from conftest import cli_in_process
+from megatron_layouts import changed_copy
+from tiny_models import TINY_VOCAB, hf_logits
 from tolerances import transformer_logits
 
 GPT, HYBRID = "qwen2_moe", "nemotron_h_moe"
@@ -32,17 +31,9 @@ MOE_FIELDS = ("num_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_shared_ffn
 
 
 @pytest.fixture(scope="session")
-def moe_megatron(tiny_hf, tmp_path_factory, runtime):
-    root = tmp_path_factory.mktemp("moe_megatron")
-    tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
-    tokens = torch.randint(0, TINY_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    torch.save(tokens, root / "tokens.pt")
-    spec = {"gpt_hf": str(tiny_hf(GPT)), "hybrid_hf": str(tiny_hf(HYBRID)), "tokenizer": str(root / "tokenizer"),
-            "tokens": str(root / "tokens.pt"), "out": str(root / "out")}
-    (root / "spec.json").write_text(json.dumps(spec))
-    run_workers("megatron_moe.py", root / "spec.json", out=root / "out")
-    return {"out": root / "out", "tokens": tokens, "hf": {GPT: Path(spec["gpt_hf"]), HYBRID: Path(spec["hybrid_hf"])},
-            "ranks": torch.load(root / "out" / "results-rank0.pt")}
+def moe_megatron(hybrid_megatron):
+    return {**hybrid_megatron, "out": hybrid_megatron["out"] / "moe",
+            "ranks": {k[len("moe/"):]: v for k, v in hybrid_megatron["ranks"].items() if k.startswith("moe/")}}
 
 
 def _tolerance(desc, reference):
@@ -136,26 +127,6 @@ def test_moe_exports_load_into_megatron_core_models(moe_megatron):
     assert (full_logits(model, tokens, desc.vocab_size) - reference).abs().max().item() <= _tolerance(desc, reference)
 
 
-def _bridge_copy(moe_megatron, tmp_path: Path, **changes) -> Path:
-    import yaml
-
-    dst = shutil.copytree(moe_megatron["out"] / "bridge", tmp_path / "ckpt")
-    run_config = dst / "iter_0000004" / "run_config.yaml"
-    data = yaml.safe_load(run_config.read_text())
-    data["model"].update(changes)
-    run_config.write_text(yaml.safe_dump(data))
-    return dst
-
-
-def _megatron_lm_copy(moe_megatron, tmp_path: Path, **changes) -> Path:
-    dst = shutil.copytree(moe_megatron["out"] / "megatron_lm", tmp_path / "ckpt")
-    common = dst / "iter_0000003" / "common.pt"
-    state = torch.load(common, weights_only=False)
-    vars(state["args"]).update(changes)
-    torch.save(state, common)
-    return dst
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout, changes, words", [
     ("bridge", {"moe_router_num_groups": 2, "moe_router_group_topk": 1}, ["moe_router_num_groups=2", "group-limited"]),
@@ -172,12 +143,7 @@ def _megatron_lm_copy(moe_megatron, tmp_path: Path, **changes) -> Path:
     ("singleton", {}, ["singleton_local_shards", "experts.0."]),
 ])
 def test_unmapped_moe_settings_are_one_line(moe_megatron, tmp_path, capsys, layout, changes, words):
-    if layout == "bridge":
-        ckpt = _bridge_copy(moe_megatron, tmp_path, **changes)
-    elif layout == "megatron_lm":
-        ckpt = _megatron_lm_copy(moe_megatron, tmp_path, **changes)
-    else:
-        ckpt = moe_megatron["out"] / layout
+    ckpt = changed_copy(moe_megatron["out"] / layout, tmp_path / "ckpt", **changes)
     code, err = cli_in_process(capsys, "eval", ckpt, "--data", "builtin:heldout", "--seq-len", "16", "--max-tokens", "32")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert all(w in err for w in words), err
