@@ -140,6 +140,8 @@ def test_moe_exports_load_into_megatron_core_models(moe_megatron):
     ("megatron_lm", {"moe_router_topk_scaling_factor": 2.0}, ["moe_router_topk_scaling_factor=2.0"]),
     ("megatron_lm", {"moe_expert_capacity_factor": 1.0}, ["moe_expert_capacity_factor=1.0", "token dropping"]),
     ("megatron_lm", {"moe_aux_loss_coeff": [0.01, 0.001]}, ["moe_aux_loss_coeff", "one coefficient"]),
+    ("megatron_lm", {"moe_shared_expert_gate": False}, ["moe_shared_expert_intermediate_size=64",
+                                                         "moe_shared_expert_gate=False"]),
     ("singleton", {}, ["singleton_local_shards", "experts.0."]),
 ])
 def test_unmapped_moe_settings_are_one_line(moe_megatron, tmp_path, capsys, layout, changes, words):

@@ -202,6 +202,11 @@ def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: 
         return hybrid_description(cfg, vocab_size=vocab_size, source=source, name=name)
     check_supported(cfg, source)
     moe = moe_fields(cfg, source, MOE_FIXED_GPT) if cfg.get("num_moe_experts") else {}
+    # the one GPT family with a shared expert (Qwen2-MoE) gates it
+    require(not moe or bool(moe["moe_shared_ffn_hidden_size"]) == moe["moe_shared_expert_gate"],
+            f"{source}: moe_shared_expert_intermediate_size={cfg.get('moe_shared_expert_intermediate_size')!r} with "
+            f"moe_shared_expert_gate={moe.get('moe_shared_expert_gate')!r} is not supported (a GPT model's shared "
+            "expert is gated, as Qwen2-MoE's)")
     feats = features(cfg, source)
     try:
         fam = family_with({**feats, "moe": bool(moe), "moe_shared_expert_gate": moe.get("moe_shared_expert_gate", False)})
