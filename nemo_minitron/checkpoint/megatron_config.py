@@ -18,7 +18,8 @@ vocabulary the other two use; ``FIELDS`` then maps that vocabulary onto
 ``nemo_minitron.families.family_with`` finds), and ``FIXED`` lists every setting whose
 other values no description can express (MLA, biases on every linear ...): reading
 one is an error naming the field. Mixtures of experts (``num_moe_experts``) are read by
-``moe_fields`` (GPT: Mixtral, Qwen3-MoE, Qwen2-MoE; hybrid ``E`` layers: Nemotron 3). Absent keys take megatron-core's defaults
+``moe_fields`` (GPT: Mixtral, Qwen3-MoE, Qwen2-MoE; hybrid ``E`` layers: Nemotron 3).
+Absent keys take megatron-core's defaults
 (``DEFAULTS``). Writing goes the other way (``megatron_lm_args``,
 ``bridge_model_section``).
 
