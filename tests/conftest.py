@@ -229,6 +229,26 @@ def tiny_checkpoint(tiny_hf, tmp_path_factory, runtime):
 
 
 @pytest.fixture(scope="session")
+def hybrid_megatron(tiny_hf, tmp_path_factory, runtime):
+    """Megatron-LM / Bridge checkpoints of hybrids and mixtures of experts written, read and
+    exported at TP=2 and PP=2 by one 2-rank run (tests/workers/megatron_hybrid.py), for
+    tests/test_megatron_hybrid.py (``out``) and tests/test_megatron_moe.py (``out/moe``)."""
+    from tiny_models import TINY_VOCAB, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("hybrid_megatron")
+    tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
+    tokens = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    torch.save(tokens, root / "tokens.pt")
+    spec = {"hf": str(tiny_hf("nemotron_h")), "moe_hf": str(tiny_hf("nemotron_h_moe")),
+            "gpt_moe_hf": str(tiny_hf("qwen2_moe")), "tokenizer": str(root / "tokenizer"),
+            "tokens": str(root / "tokens.pt"), "out": str(root / "out")}
+    (root / "spec.json").write_text(json.dumps(spec))
+    run_workers("megatron_hybrid.py", root / "spec.json", out=root / "out")
+    return {"out": root / "out", "tokens": tokens, "ranks": torch.load(root / "out" / "results-rank0.pt"),
+            "hf": {kind: tiny_hf(kind) for kind in ("nemotron_h", "nemotron_h_moe", "qwen2_moe")}}
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory, runtime):
     """The real SmolLM2-135M: HF reference logits on a fixed 128-token input and the
     converted project checkpoint (the GGUF is read once for both)."""

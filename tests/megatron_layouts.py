@@ -100,6 +100,8 @@ def transformer_config_from_args(args: argparse.Namespace):
         kw.update(activation_func=squared_relu, gated_linear_unit=False)
     kw["num_query_groups"] = a["num_query_groups"] if a.get("group_query_attention") else None
     kw["pipeline_dtype"] = a["params_dtype"]
+    if kw.get("num_moe_experts"):  # TEGroupedMLP on a GPU; SequentialMLP here (the same checkpoint keys)
+        kw["moe_grouped_gemm"] = False
     kw.update(use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
     return TransformerConfig(**kw)
@@ -108,10 +110,16 @@ def transformer_config_from_args(args: argparse.Namespace):
 def _local_spec(config):
     """megatron-core's local layer spec for ``config`` (gpt_builder's choice without Transformer
     Engine); zero-centred norms, which Transformer Engine computes on a GPU, by the project's
-    torch stand-in (nemo_minitron.model.norms) on a CPU."""
+    torch stand-in (nemo_minitron.model.norms) on a CPU. Experts are SequentialMLPs (the TE
+    spec's TEGroupedMLP stores the same keys: megatron/core/transformer/moe/experts.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    if config.num_moe_experts:  # megatron-core 0.16's router without Transformer Engine (a CPU shim)
+        from nemo_minitron.model.builder import _router_without_transformer_engine
+
+        _router_without_transformer_engine()
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     if config.layernorm_zero_centered_gamma:
         from nemo_minitron.model.norms import local_norm_spec
 
@@ -290,18 +298,20 @@ def _save(state: dict, directory: Path, content: dict) -> None:
 
 
 def save_megatron_lm(model, args: argparse.Namespace, root: Path, iteration: int, *, latest: bool,
-                     keys=lambda sharded: sharded) -> Path:
+                     keys=lambda sharded: sharded, content: dict | None = None) -> Path:
     """Megatron-LM's save_checkpoint (torch_dist), stacked layer keys (``keys``: the sharded
-    state dict as the model's spec would key it)."""
+    state dict as the model's spec would key it; ``content``: content metadata other than
+    Megatron-LM's default)."""
     from nemo_minitron.runtime.distributed import is_rank0
 
     it_dir = root / f"iter_{iteration:07d}"
     args = argparse.Namespace(**{**vars(args), "iteration": iteration})
+    content = {**MEGATRON_LM_CONTENT, **(content or {})}
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
-             "model": keys(model.sharded_state_dict(metadata=dict(MEGATRON_LM_CONTENT))),
+             "model": keys(model.sharded_state_dict(metadata=dict(content))),
              "opt_param_scheduler": {"num_steps": iteration * 8}, "num_floating_point_operations_so_far": 1.0,
              **_extras()}
-    _save(state, it_dir, MEGATRON_LM_CONTENT)
+    _save(state, it_dir, content)
     if is_rank0() and latest:
         (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return it_dir
@@ -359,19 +369,31 @@ def save_nemo2(model, model_yaml: dict, root: Path, tokenizer_dir: Path) -> Path
 # ---------------------------------------------------------------------- hybrid (MambaModel)
 # megatron-core ships only a Transformer Engine spec for MambaModel (mamba_layer_specs), which
 # fuses each layer's norm into its first linear; on a CPU the model is the project's local
-# spec (nemo_minitron.model.mamba), re-keyed here as the TE spec keys its norms.
+# spec (nemo_minitron.model.mamba), re-keyed here as the TE spec keys its norms. A MoE layer
+# (hybrid E, or every layer of a GPT mixture of experts) keeps its pre-MLP norm as a module of
+# its own in the TE specs (TENorm: ``pre_mlp_layernorm.weight``), which megatron's local GPT
+# spec keys as if fused (``mlp.linear_fc1.layer_norm_weight``).
 TE_NORM_NAMES = {"norm.weight": "mixer.in_proj.layer_norm_weight",
                  "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                  "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 
 
 def te_keyed(sharded: dict) -> dict:
-    """A MambaModel's sharded state dict with its layers' norms under the TE spec's keys."""
+    """A MambaModel's or MoE GPTModel's sharded state dict with its layers' norms under the TE
+    spec's keys."""
     import re
 
+    def layer_key(sh):
+        return re.match(r"^(decoder\.layers\.(?:\d+\.)?)(.+)$", getattr(sh, "key", ""))
+
+    moe_layers = {m.group(1) for sh in sharded.values() if (m := layer_key(sh)) and m.group(2) == "mlp.router.weight"}
     for sh in sharded.values():
-        m = re.match(r"^(decoder\.layers\.\d+\.)(.+)$", getattr(sh, "key", ""))
-        if m and m.group(2) in TE_NORM_NAMES:
+        if not (m := layer_key(sh)):
+            continue
+        if m.group(1) in moe_layers:
+            if m.group(2) == "mlp.linear_fc1.layer_norm_weight":
+                sh.key = m.group(1) + "pre_mlp_layernorm.weight"
+        elif m.group(2) in TE_NORM_NAMES:
             sh.key = m.group(1) + TE_NORM_NAMES[m.group(2)]
     return sharded
 
@@ -431,16 +453,73 @@ def hybrid_bridge_model_section(hf_dir: Path, *, tp: int, pp: int) -> dict:
     }
 
 
-def strict_load(model, directory: Path):
+def changed_copy(src: Path, dst: Path, **changes) -> Path:
+    """A copy ``dst`` of the Megatron-LM / Bridge checkpoint directory ``src`` whose latest
+    iteration states its model with ``changes`` (Bridge: run_config.yaml's ``model:``;
+    Megatron-LM: common.pt's args)."""
+    import yaml
+
+    shutil.copytree(src, dst)
+    it_dir = dst / f"iter_{int((dst / 'latest_checkpointed_iteration.txt').read_text()):07d}"
+    if (it_dir / "run_config.yaml").is_file():
+        data = yaml.safe_load((it_dir / "run_config.yaml").read_text())
+        data["model"].update(changes)
+        (it_dir / "run_config.yaml").write_text(yaml.safe_dump(data))
+    else:
+        state = torch.load(it_dir / "common.pt", weights_only=False)
+        vars(state["args"]).update(changes)
+        torch.save(state, it_dir / "common.pt")
+    return dst
+
+
+def strict_load(model, directory: Path, keys=lambda sharded: sharded):
     """As Megatron-LM's load_checkpoint: the sharded state dict of the model built from the
-    checkpoint's config, with the checkpoint's content metadata; nothing may be missing
-    or unexpected (StrictHandling.RAISE_ALL); then the module's own strict load_state_dict."""
+    checkpoint's config (``keys``: as the model's spec would key it), with the checkpoint's
+    content metadata; nothing may be missing or unexpected (StrictHandling.RAISE_ALL); then
+    the module's own strict load_state_dict."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     metadata = dist_checkpointing.load_content_metadata(str(directory))
-    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, str(directory),
+    state = dist_checkpointing.load({"model": keys(model.sharded_state_dict(metadata=metadata))}, str(directory),
                                     strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(state["model"], strict=True)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------- mixtures of experts
+# Settings as Megatron-Bridge d9f7643 states them (models/nemotronh/nemotron_h_provider.py:
+# NemotronHModelProvider's MoE block and Nemotron3NanoProvider; the Qwen2-MoE bridge's
+# provider settings), and Megatron-LM's arguments of the same names (``--num-experts``).
+def moe_megatron_lm_args(hf_dir: Path, *, tp: int, pp: int, tokenizer_model: str) -> argparse.Namespace:
+    """The args Megatron-LM saves for a Qwen2-MoE model (softmax router over the top-k of all
+    experts' probabilities: ``--moe-router-pre-softmax``; a gated shared expert; QKV biases)."""
+    c = hf_config(hf_dir)
+    args = megatron_lm_args(hf_dir, tp=tp, pp=pp, divisible_by=128, tokenizer_model=tokenizer_model)
+    vars(args).update(
+        add_qkv_bias=True, num_experts=c["num_experts"], moe_router_topk=c["num_experts_per_tok"],
+        moe_ffn_hidden_size=c["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=c["shared_expert_intermediate_size"], moe_shared_expert_gate=True,
+        moe_router_pre_softmax=not c["norm_topk_prob"], moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=[c["router_aux_loss_coef"]],
+        moe_layer_freq=[1] * c["num_hidden_layers"], moe_grouped_gemm=True, moe_router_dtype=None,
+        moe_token_dispatcher_type="allgather", expert_model_parallel_size=1)
+    return args
+
+
+def hybrid_moe_bridge_model_section(hf_dir: Path, *, tp: int, pp: int) -> dict:
+    """run_config.yaml ``model:`` of a Nemotron 3 (hybrid MoE) model as Bridge's
+    Nemotron3NanoProvider serializes it."""
+    c = hf_config(hf_dir)
+    return {
+        **hybrid_bridge_model_section(hf_dir, tp=tp, pp=pp),
+        "_target_": "megatron.bridge.models.nemotronh.nemotron_h_provider.Nemotron3NanoProvider",
+        "num_moe_experts": c["n_routed_experts"], "moe_ffn_hidden_size": c["moe_intermediate_size"],
+        "moe_shared_expert_intermediate_size": c["moe_shared_expert_intermediate_size"],
+        "moe_router_topk": c["num_experts_per_tok"], "moe_router_topk_scaling_factor": c["routed_scaling_factor"],
+        "moe_router_num_groups": 1, "moe_router_group_topk": 1, "moe_aux_loss_coeff": 0.0001,
+        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+        "moe_router_load_balancing_type": "seq_aux_loss", "moe_router_dtype": "fp32", "moe_grouped_gemm": True,
+        "moe_token_dispatcher_type": "alltoall", "moe_permute_fusion": True, "moe_shared_expert_overlap": True,
+    }

@@ -274,18 +274,6 @@ def test_a_tied_hybrid_is_not_written_as_nemotron_h(tiny_checkpoint):
         hf_config_dict(desc.replace(tie_embeddings=True))
 
 
-def test_a_hybrid_moe_is_not_written_as_a_megatron_checkpoint(tiny_checkpoint):
-    """Megatron-LM / Bridge hybrid checkpoints are read and written without MoE settings: a
-    model with E layers is refused before any work, not written without its router."""
-    from nemo_minitron.checkpoint.megatron_config import check_writable
-    from nemo_minitron.checkpoint.store import read_info
-    from nemo_minitron.errors import UsageError
-
-    check_writable(read_info(tiny_checkpoint(KIND)).description)
-    with pytest.raises(UsageError, match="mixture of experts layers"):
-        check_writable(read_info(tiny_checkpoint(MOE_KIND)).description)
-
-
 def test_stages_not_yet_supported_refuse(tiny_checkpoint, tmp_path, capsys):
     """Stages that do not handle hybrid models yet say so in one line, before any work
     (sparsify; Megatron-LM / Bridge export and reading: test_megatron_hybrid.py)."""

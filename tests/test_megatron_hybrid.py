@@ -1,7 +1,7 @@
 """Megatron-LM and Megatron-Bridge checkpoints of hybrid (Nemotron-H) models: read in place
 by every command, written by ``export --megatron-out``, at TP=1, TP=2 and PP=2.
 
-One 2-rank run (tests/workers/megatron_hybrid.py) writes a Megatron-LM checkpoint at TP=2
+One 2-rank run (tests/workers/megatron_hybrid.py, the ``hybrid_megatron`` fixture) writes a Megatron-LM checkpoint at TP=2
 (common.pt args with ``hybrid_override_pattern``, the TE spec's keys) and a Bridge one at
 PP=2 (run_config.yaml's HybridModelProvider with ``hybrid_layer_pattern``), reads each at
 the other layout and exports each with ``--megatron-out`` at PP=2 / TP=2; the tests here
@@ -10,33 +10,18 @@ read all four at TP=1 and compare with transformers' NemotronH.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_in_process, run_workers
-from tiny_models import TINY_VOCAB, hf_logits, tiny_tokenizer
+from conftest import cli_in_process
+from megatron_layouts import changed_copy
+from tiny_models import hf_logits
 from tolerances import transformer_logits
 
 KIND = "nemotron_h"
 SEQ = 24
-
-
-@pytest.fixture(scope="session")
-def hybrid_megatron(tiny_hf, tmp_path_factory, runtime):
-    root = tmp_path_factory.mktemp("hybrid_megatron")
-    tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
-    tokens = torch.randint(0, TINY_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
-    torch.save(tokens, root / "tokens.pt")
-    spec = {"hf": str(tiny_hf(KIND)), "tokenizer": str(root / "tokenizer"), "tokens": str(root / "tokens.pt"),
-            "out": str(root / "out")}
-    (root / "spec.json").write_text(json.dumps(spec))
-    run_workers("megatron_hybrid.py", root / "spec.json", out=root / "out")
-    return {"out": root / "out", "hf": Path(spec["hf"]), "tokens": tokens, "root": root,
-            "ranks": torch.load(root / "out" / "results-rank0.pt")}
 
 
 def _hf_weights(hf_dir: Path, desc) -> dict[str, torch.Tensor]:
@@ -65,7 +50,7 @@ def test_hybrid_megatron_checkpoints_read_and_write_at_every_layout(hybrid_megat
     from nemo_minitron.model.params import named_weights
 
     out, tokens = hybrid_megatron["out"], hybrid_megatron["tokens"]
-    reference = hf_logits(hybrid_megatron["hf"], tokens)
+    reference = hf_logits(hybrid_megatron["hf"][KIND], tokens)
     for name in ("megatron_lm", "bridge", "export_pp2", "export_tp2"):
         opened = open_model(str(out / name))
         desc = opened.description
@@ -73,7 +58,7 @@ def test_hybrid_megatron_checkpoints_read_and_write_at_every_layout(hybrid_megat
         tol = transformer_logits(widest(desc, SEQ), desc.num_layers, reference)
         logits = full_logits(opened.model, tokens, desc.vocab_size)
         assert (logits - reference).abs().max().item() <= tol, name
-        expected = _hf_weights(hybrid_megatron["hf"], desc)
+        expected = _hf_weights(hybrid_megatron["hf"][KIND], desc)
         mine = dict(named_weights(opened.model))
         assert set(mine) == set(expected), name
         for weight, tensor in mine.items():
@@ -111,27 +96,16 @@ def test_hybrid_export_is_keyed_and_described_as_megatron_builds_it(hybrid_megat
     assert not any(k.endswith(("layers.0.norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in keys)
 
 
-def _bridge_copy(hybrid_megatron, tmp_path: Path, **changes) -> Path:
-    import yaml
-
-    dst = shutil.copytree(hybrid_megatron["out"] / "bridge", tmp_path / "ckpt")
-    run_config = dst / "iter_0000004" / "run_config.yaml"
-    data = yaml.safe_load(run_config.read_text())
-    data["model"].update(changes)
-    run_config.write_text(yaml.safe_dump(data))
-    return dst
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("changes, words", [
-    ({"hybrid_layer_pattern": "M*-E-M"}, ["hybrid_layer_pattern", "'E'", "mixture of experts"]),
+    ({"hybrid_layer_pattern": "M*-E-M"}, ["num_moe_experts is missing", "'E'"]),  # MoE layers: tests/test_megatron_moe.py
     ({"hybrid_layer_pattern": "M*-M-M/*-"}, ["hybrid_layer_pattern", "multi-token prediction"]),
     ({"position_embedding_type": "rope"}, ["position_embedding_type='rope'", "must be 'none'"]),
     ({"hybrid_layer_pattern": None, "hybrid_attention_ratio": 0.2}, ["hybrid_attention_ratio=0.2", "not supported"]),
     ({"activation_func": {"_target_": "torch.nn.functional.gelu", "_call_": False}}, ["activation_func='gelu'"]),
 ])
 def test_unreadable_hybrid_checkpoints_are_one_line(hybrid_megatron, tmp_path, capsys, changes, words):
-    ckpt = _bridge_copy(hybrid_megatron, tmp_path, **changes)
+    ckpt = changed_copy(hybrid_megatron["out"] / "bridge", tmp_path / "ckpt", **changes)
     code, err = cli_in_process(capsys, "eval", ckpt, "--data", "builtin:heldout", "--seq-len", "16", "--max-tokens", "32")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert all(w in err for w in words), err

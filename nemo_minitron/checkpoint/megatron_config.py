@@ -16,8 +16,10 @@ vocabulary the other two use; ``FIELDS`` then maps that vocabulary onto
 ``ModelDescription``'s shape fields, ``features`` reads the features a family fixes
 (MLP activation, norm, zero-centred gamma, QKV bias, QK-norm; the family is the one
 ``nemo_minitron.families.family_with`` finds), and ``FIXED`` lists every setting whose
-other values no description can express (MoE, MLA, biases on every linear ...): reading
-one is an error naming the field. Absent keys take megatron-core's defaults
+other values no description can express (MLA, biases on every linear ...): reading
+one is an error naming the field. Mixtures of experts (``num_moe_experts``) are read by
+``moe_fields`` (GPT: Mixtral, Qwen3-MoE, Qwen2-MoE; hybrid ``E`` layers: Nemotron 3).
+Absent keys take megatron-core's defaults
 (``DEFAULTS``). Writing goes the other way (``megatron_lm_args``,
 ``bridge_model_section``).
 
@@ -43,6 +45,7 @@ from nemo_minitron.checkpoint.hf_format import description_from_hf_config
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.families import family, family_with, nemotron_nas
 from nemo_minitron.model import hybrid
+from nemo_minitron.model.builder import moe_config
 from nemo_minitron.model.description import ModelDescription
 
 #: ModelDescription field <- TransformerConfig / GPTModelProvider key. ``None`` in the
@@ -75,7 +78,6 @@ FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "add_bias_linear": ((False,), "biases on every linear layer"),
     "position_embedding_type": (("rope",), "the position embedding"),
     "rotary_interleaved": ((False, None), "interleaved rotary embeddings"),
-    "num_moe_experts": ((None, 0), "mixture of experts"),
     "multi_latent_attention": ((False, None), "multi-latent attention (MLA)"),
     "apply_residual_connection_post_layernorm": ((False, None), "post-norm residuals"),
     "mtp_num_layers": ((None, 0), "multi-token prediction layers"),
@@ -200,31 +202,39 @@ def description_from_config(cfg: Mapping[str, Any], *, vocab_size: int, source: 
     if is_hybrid_config(cfg):
         return hybrid_description(cfg, vocab_size=vocab_size, source=source, name=name)
     check_supported(cfg, source)
+    moe = moe_fields(cfg, source, MOE_FIXED_GPT) if cfg.get("num_moe_experts") else {}
+    # the one GPT family with a shared expert (Qwen2-MoE) gates it
+    require(not moe or bool(moe["moe_shared_ffn_hidden_size"]) == moe["moe_shared_expert_gate"],
+            f"{source}: moe_shared_expert_intermediate_size={cfg.get('moe_shared_expert_intermediate_size')!r} with "
+            f"moe_shared_expert_gate={moe.get('moe_shared_expert_gate')!r} is not supported (a GPT model's shared "
+            "expert is gated, as Qwen2-MoE's)")
     feats = features(cfg, source)
     try:
-        fam = family_with(feats)
+        fam = family_with({**feats, "moe": bool(moe), "moe_shared_expert_gate": moe.get("moe_shared_expert_gate", False)})
     except UsageError as e:
         raise UsageError(f"{source}: {e}") from None
     for ours, key in FIELDS.items():
-        if ours not in ("num_query_groups", "head_dim"):
+        if ours not in ("num_query_groups", "head_dim") and not (moe and ours == "ffn_hidden_size"):
             require(_get(cfg, key) is not None, f"{source}: {key} is missing")
     heads = _number(cfg["num_attention_heads"], "num_attention_heads", source, int)
     hidden = _number(cfg["hidden_size"], "hidden_size", source, int)
     values = {ours: _get(cfg, key) for ours, key in FIELDS.items()}
     values["num_query_groups"] = values["num_query_groups"] or heads
     values["head_dim"] = values["head_dim"] or hidden // heads
-    for ours in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "head_dim", "max_position_embeddings"):
+    for ours in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+                 "max_position_embeddings") + (() if moe else ("ffn_hidden_size",)):
         values[ours] = _number(values[ours], FIELDS[ours], source, int)
     for ours in ("norm_eps", "rope_theta", "rotary_percent"):
         values[ours] = _number(values[ours], FIELDS[ours], source)
     values["tie_embeddings"] = bool(values["tie_embeddings"])
+    if moe:  # no dense MLP: the experts' width is moe_ffn_hidden_size (ffn_hidden_size when unset)
+        values["ffn_hidden_size"] = 0
     shapes = heterogeneous_layer_shapes(cfg, heads, hidden, source)
     if shapes:  # the model-wide groups and width are the widest layer's
         values.update(layer_shapes=tuple(shapes), num_query_groups=max(g for g, _ in shapes),
                       ffn_hidden_size=max(f for _, f in shapes))
     return ModelDescription(architecture=fam.model_type, vocab_size=int(vocab_size),
-                            rope_scaling=_rope_scaling(cfg, source), name=name, **feats, **values)
+                            rope_scaling=_rope_scaling(cfg, source), name=name, **feats, **values, **moe)
 
 
 def heterogeneous_layer_shapes(cfg: Mapping[str, Any], heads: int, hidden: int, source: str) -> list | None:
@@ -246,6 +256,100 @@ def heterogeneous_layer_shapes(cfg: Mapping[str, Any], heads: int, hidden: int, 
         return nemotron_nas.layer_shapes_from_config({**blocks, "num_attention_heads": heads, "hidden_size": hidden})
     except UsageError as e:
         raise UsageError(f"{source}: heterogeneous_layers_config_encoded_json: {e}") from None
+
+
+# ---------------------------------------------------------------------- mixtures of experts
+# Checked against megatron-core 0.16.1's TransformerConfig (``moe_*`` fields and defaults),
+# Megatron-LM's arguments (the same names, ``--num-experts`` for num_moe_experts) and
+# Megatron-Bridge d9f7643 (``models/nemotronh/nemotron_h_provider.py``: NemotronHModelProvider,
+# Nemotron3NanoProvider; the Qwen3-MoE, Qwen2-MoE and Mixtral bridges' provider settings).
+
+#: megatron-core's values of the MoE keys read here when a config omits them
+MOE_DEFAULTS: dict[str, Any] = {
+    "moe_router_topk": 2, "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False,
+    "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": None, "moe_aux_loss_coeff": 0.0,
+    "moe_shared_expert_intermediate_size": None, "moe_shared_expert_gate": False, "moe_layer_freq": 1,
+    "moe_apply_probs_on_input": False, "moe_router_force_load_balancing": False,
+}
+#: MoE settings no description here can state, for GPT models and hybrid ``E`` layers alike
+#: (group-limited routing with one group is plain top-k routing)
+_MOE_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "moe_router_num_groups": ((None, 0, 1), "group-limited expert routing"),
+    "moe_latent_size": ((None, 0), "a latent mixture of experts"),
+    "moe_expert_capacity_factor": ((None,), "an expert capacity (token dropping)"),
+    "moe_apply_probs_on_input": ((False,), "routing weights applied to the experts' input"),
+    "moe_router_force_load_balancing": ((False,), "forced load balancing (a benchmark mode)"),
+}
+#: GPT mixtures of experts (Mixtral, Qwen3-MoE, Qwen2-MoE): softmax routing in every layer
+MOE_FIXED_GPT = {
+    **_MOE_FIXED,
+    "moe_router_score_function": (("softmax",), "the router's score function"),
+    "moe_router_enable_expert_bias": ((False,), "an expert bias in a softmax router"),
+    "moe_router_topk_scaling_factor": ((None, 1.0), "scaled routing weights"),
+    "moe_layer_freq": ((1,), "dense MLP layers among the mixture-of-experts layers"),
+}
+#: hybrid E layers (Nemotron 3, as transformers' NemotronH computes them): sigmoid routing
+#: with an expert bias, an ungated shared expert
+MOE_FIXED_HYBRID = {
+    **_MOE_FIXED,
+    "moe_router_score_function": (("sigmoid",), "the router's score function"),
+    "moe_router_enable_expert_bias": ((True,), "a sigmoid router without an expert bias"),
+    "moe_shared_expert_gate": ((False,), "a gated shared expert"),
+}
+
+
+def _moe_normalized(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Forms megatron accepts for one value: a layer frequency list of all ones (every layer),
+    a one-element list of load-balancing coefficients."""
+    cfg = dict(cfg)
+    freq = cfg.get("moe_layer_freq")
+    if isinstance(freq, (list, tuple)) and freq and all(f == 1 for f in freq):
+        cfg["moe_layer_freq"] = 1
+    coeff = cfg.get("moe_aux_loss_coeff")
+    if isinstance(coeff, (list, tuple)):
+        require(len(coeff) == 1, f"{source}: moe_aux_loss_coeff={list(coeff)!r} (several load-balancing losses) "
+                                 "is not supported (one coefficient)")
+        cfg["moe_aux_loss_coeff"] = coeff[0]
+    return cfg
+
+
+def moe_fields(cfg: Mapping[str, Any], source: str, fixed: Mapping[str, tuple]) -> dict[str, Any]:
+    """The ModelDescription fields of a config's experts; a one-line error naming the key
+    for what ``fixed`` refuses."""
+    cfg = _moe_normalized(cfg, source)
+    check_supported(cfg, source, fixed, MOE_DEFAULTS)
+
+    def get(key: str, kind=int):
+        value = _get(cfg, key, MOE_DEFAULTS)
+        return None if value is None else _number(value, key, source, kind)
+
+    sigmoid = _get(cfg, "moe_router_score_function", MOE_DEFAULTS) == "sigmoid"
+    top_k = get("moe_router_topk")
+    width = get("moe_ffn_hidden_size") or get("ffn_hidden_size")
+    require(width, f"{source}: moe_ffn_hidden_size is missing")
+    return {
+        "num_experts": get("num_moe_experts"), "moe_top_k": top_k, "moe_ffn_hidden_size": width,
+        "moe_shared_ffn_hidden_size": get("moe_shared_expert_intermediate_size") or 0,
+        "moe_shared_expert_gate": bool(_get(cfg, "moe_shared_expert_gate", MOE_DEFAULTS)),
+        # megatron's sigmoid router renormalises the top-k weights exactly when k > 1; its softmax
+        # router renormalises unless it takes the top-k of the softmax (moe_router_pre_softmax)
+        "moe_normalize_top_k": top_k > 1 if sigmoid else not _get(cfg, "moe_router_pre_softmax", MOE_DEFAULTS),
+        "moe_aux_loss_coeff": get("moe_aux_loss_coeff", float),
+        "moe_routed_scaling_factor": get("moe_router_topk_scaling_factor", float) or 1.0,
+    }
+
+
+def moe_settings(desc: ModelDescription) -> dict[str, Any]:
+    """A mixture of experts under TransformerConfig / provider names (also Megatron-LM's
+    argument names), as megatron-core builds it here (``model.builder.moe_config``); the
+    experts as SequentialMLP (``moe_grouped_gemm`` false), whose checkpoint keys TEGroupedMLP
+    reads too. Empty for a dense model."""
+    if not desc.is_moe:
+        return {}
+    settings = moe_config(desc)
+    if not desc.is_hybrid:
+        settings["moe_layer_freq"] = 1
+    return settings
 
 
 # ---------------------------------------------------------------------- hybrid models
@@ -273,7 +377,7 @@ def is_hybrid_config(cfg: Mapping[str, Any]) -> bool:
 def hybrid_pattern(cfg: Mapping[str, Any], source: str) -> str:
     """The layer pattern of a hybrid config (pipeline-stage bars ``|`` removed), or a
     one-line error: multi-token prediction after ``/``, a symbol nothing here builds, a
-    pattern megatron would derive from layer ratios."""
+    pattern megatron would derive from layer ratios. ``E`` layers are megatron's MoE layers."""
     key = "hybrid_layer_pattern" if cfg.get("hybrid_layer_pattern") else "hybrid_override_pattern"
     pattern = cfg.get(key)
     if not pattern:
@@ -288,12 +392,7 @@ def hybrid_pattern(cfg: Mapping[str, Any], source: str) -> str:
     main, _, mtp = pattern.partition("/")
     require(not mtp.strip("/"), f"{source}: {key}={pattern!r} has multi-token prediction layers (after '/'), "
                                 "which are not supported")
-    main = hybrid.check_pattern(main.replace("|", ""), f"{source}: {key}")
-    # the MoE settings of a Megatron hybrid (router, expert bias, shared expert) are not mapped yet
-    require(hybrid.MOE not in main, f"{source}: {key}={pattern!r} has mixture of experts layers ('E'), which "
-                                    "are not supported in Megatron-LM / Bridge checkpoints yet (convert the "
-                                    "Hugging Face checkpoint instead)")
-    return main
+    return hybrid.check_pattern(main.replace("|", ""), f"{source}: {key}")
 
 
 def hybrid_hf_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str) -> dict[str, Any]:
@@ -328,7 +427,22 @@ def hybrid_hf_config(cfg: Mapping[str, Any], *, vocab_size: int, source: str) ->
         "conv_kernel": MEGATRON_CONV_KERNEL, "chunk_size": get("mamba_chunk_size"),
         "layer_norm_epsilon": get("layernorm_epsilon", float), "max_position_embeddings": get("seq_length"),
         "tie_word_embeddings": bool(_get(cfg, "share_embeddings_and_output_weights")),
+        **(_hybrid_moe_hf_config(cfg, source) if hybrid.MOE in pattern else {}),
     }
+
+
+def _hybrid_moe_hf_config(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The E layers' settings as NemotronHConfig keys (NemotronHBridge's CONFIG_MAPPING)."""
+    require(cfg.get("num_moe_experts"), f"{source}: num_moe_experts is missing (the pattern has MoE layers 'E')")
+    moe = moe_fields(cfg, source, MOE_FIXED_HYBRID)
+    # transformers' NemotronH always adds its shared expert
+    require(moe["moe_shared_ffn_hidden_size"], f"{source}: MoE layers without a shared expert "
+                                               "(moe_shared_expert_intermediate_size) are not supported")
+    return {"n_routed_experts": moe["num_experts"], "num_experts_per_tok": moe["moe_top_k"],
+            "moe_intermediate_size": moe["moe_ffn_hidden_size"],
+            "moe_shared_expert_intermediate_size": moe["moe_shared_ffn_hidden_size"],
+            "norm_topk_prob": moe["moe_normalize_top_k"], "routed_scaling_factor": moe["moe_routed_scaling_factor"],
+            "router_aux_loss_coef": moe["moe_aux_loss_coeff"], "n_group": 1, "topk_group": 1}
 
 
 def hybrid_description(cfg: Mapping[str, Any], *, vocab_size: int, source: str, name: str = "") -> ModelDescription:
@@ -376,9 +490,6 @@ def heterogeneous_fields(desc: ModelDescription, config_path: str | None) -> dic
 def check_writable(desc: ModelDescription) -> None:
     """What a Megatron checkpoint cannot state about ``desc`` (before any work)."""
     if desc.is_hybrid:
-        require(hybrid.MOE not in desc.hybrid_pattern,
-                "a hybrid model with mixture of experts layers ('E') cannot be written as a Megatron checkpoint "
-                "yet (its router and expert settings are not mapped); export it with --hf-out")
         require(desc.mamba_conv_kernel == MEGATRON_CONV_KERNEL,
                 f"a Mamba conv of width {desc.mamba_conv_kernel} cannot be written as a Megatron checkpoint "
                 f"(megatron-core's MambaMixer has width {MEGATRON_CONV_KERNEL}, and neither Megatron-LM's "
@@ -396,6 +507,13 @@ def _hybrid_settings(desc: ModelDescription) -> dict[str, Any]:
             "mamba_chunk_size": desc.mamba_chunk_size}
 
 
+def _ffn(desc: ModelDescription) -> int:
+    """ffn_hidden_size as megatron states it: a GPT mixture of experts has no dense MLP, its
+    experts' width (as Bridge's MoE providers write it); a model without dense MLP layers the
+    hidden size (read by nothing)."""
+    return desc.ffn_hidden_size or desc.moe_ffn_hidden_size or desc.hidden_size
+
+
 _ACTIVATION_TARGETS = {"swiglu": "torch.nn.functional.silu", "squared_relu": "megatron.core.activations.squared_relu"}
 
 
@@ -406,7 +524,7 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
     ``{_target_, _call_: false}``)."""
     check_writable(desc)
     # a per-layer model's ffn_hidden_size is read only by no-op MLPs: never 0
-    ffn = (desc.ffn_hidden_size or desc.hidden_size) if desc.is_heterogeneous else desc.ffn_hidden_size
+    ffn = (desc.ffn_hidden_size or desc.hidden_size) if desc.is_heterogeneous else _ffn(desc)
     shape = {"num_layers": desc.num_layers, "hidden_size": desc.hidden_size, "ffn_hidden_size": ffn,
              "num_attention_heads": desc.num_attention_heads, "num_query_groups": desc.num_query_groups,
              "kv_channels": desc.head_dim}
@@ -434,7 +552,7 @@ def bridge_model_section(desc: ModelDescription, *, tp: int, pp: int, dtype: tor
             **_rope_fields(desc),
         }
     return {
-        "_target_": target, **shape, **layers,
+        "_target_": target, **shape, **layers, **moe_settings(desc),
         "seq_length": desc.max_position_embeddings,
         "share_embeddings_and_output_weights": desc.tie_embeddings,
         "vocab_size": desc.vocab_size,
@@ -464,7 +582,7 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
     rope = _rope_fields(desc)
     args = argparse.Namespace(
         # model shape (load_args_from_checkpoint: "Model args")
-        num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=desc.ffn_hidden_size or desc.hidden_size,
+        num_layers=desc.num_layers, hidden_size=desc.hidden_size, ffn_hidden_size=_ffn(desc),
         seq_length=desc.max_position_embeddings, num_attention_heads=desc.num_attention_heads,
         num_query_groups=desc.num_query_groups, group_query_attention=True, kv_channels=desc.head_dim,
         max_position_embeddings=desc.max_position_embeddings, position_embedding_type="rope",
@@ -474,7 +592,7 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
         swiglu=desc.gated, quick_geglu=False, untie_embeddings_and_output_weights=not desc.tie_embeddings,
         apply_layernorm_1p=desc.zero_centered_gamma, layernorm_zero_centered_gamma=desc.zero_centered_gamma,
         normalization=desc.normalization, apply_query_key_layer_scaling=False,
-        attention_dropout=0.0, hidden_dropout=0.0, mtp_num_layers=None, spec=None, num_experts=None,
+        attention_dropout=0.0, hidden_dropout=0.0, mtp_num_layers=None, spec=None, num_experts=desc.num_experts or None,
         moe_layer_freq=1, moe_ffn_hidden_size=None, hybrid_layer_pattern=None,
         # Megatron-LM builds a heterogeneous model when the path is set; the layers are in the JSON
         **heterogeneous_fields(desc, heterogeneous_config_path), multi_latent_attention=False, qk_layernorm=desc.qk_norm,
@@ -494,6 +612,7 @@ def megatron_lm_args(desc: ModelDescription, *, tp: int, pp: int, dtype: torch.d
         transformer_impl="local", ckpt_format="torch_dist", use_dist_ckpt=True, iteration=iteration,
         fp16_lm_cross_entropy=False,
     )
+    vars(args).update(moe_settings(desc))  # under their argument names (num_experts above)
     if desc.is_hybrid:  # Megatron-LM's hybrid builder (--spec) with Nemotron-H's settings
         vars(args).update(position_embedding_type="none", use_rotary_position_embeddings=False,
                           squared_relu=True, swiglu=False, spec=MAMBA_SPEC, hybrid_attention_ratio=0.0,

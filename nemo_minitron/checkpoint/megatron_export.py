@@ -132,8 +132,7 @@ def export_megatron(model, info: CheckpointInfo, out: str | Path, *, tokenizer_d
         barrier()
         sharded = unwrap(model).sharded_state_dict(metadata=dict(content))
         _repad(sharded, desc.vocab_size, rows)
-        if desc.is_hybrid:  # the layer norms under the Transformer Engine spec's names, as Megatron-LM saves them
-            te_norm_keys(sharded)
+        te_norm_keys(sharded, desc)  # the layer norms under the Transformer Engine spec's names, as Megatron-LM saves them
         state = {"model": sharded, "args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
         dist_checkpointing.save(state, str(iteration_dir), content_metadata=content)
         if is_rank0():

@@ -163,8 +163,34 @@ def _layer_shapes(d: ModelDescription, layer: int = 0) -> dict[str, tuple[int, .
             shapes[f"self_attention.{which}_layernorm.weight"] = (d.head_dim,)
             if d.normalization == "LayerNorm":
                 shapes[f"self_attention.{which}_layernorm.bias"] = (d.head_dim,)
-    return {k: v for k, v in shapes.items() if (shape.has_attention or not k.startswith("self_attention."))
-            and (shape.has_mlp or not k.startswith("mlp."))}
+    if d.is_moe:  # every layer's MLP is a mixture of experts
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
+    shapes = {(k,): v for k, v in shapes.items() if (shape.has_attention or not k.startswith("self_attention."))
+              and (shape.has_mlp or not k.startswith("mlp."))}
+    return {**shapes, **(_moe_layer_shapes(d) if d.is_moe else {})}
+
+
+#: a MoE layer's norm: the Transformer Engine spec keeps it as a module of its own, megatron's
+#: local GPT spec keys it as if fused into a dense linear_fc1
+MOE_NORM = ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+
+
+def _moe_layer_shapes(d: ModelDescription) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Stored key suffixes -> shape of a MoE layer's norm, router and experts: SequentialMLP and
+    TEGroupedMLP store each expert weight as one key with a leading global expert axis, under
+    ``experts.`` inside the ``mlp.experts.`` module (megatron-core 0.16: ``mlp.experts.experts.``)."""
+    h, e, width, shared = d.hidden_size, d.num_experts, d.moe_ffn_hidden_size, d.moe_shared_ffn_hidden_size
+    up = 2 if d.gated else 1
+    shapes = {MOE_NORM: (h,), ("mlp.router.weight",): (e, h), ("mlp.experts.experts.linear_fc1.weight",): (e, up * width, h),
+              ("mlp.experts.experts.linear_fc2.weight",): (e, h, width)}
+    if d.sigmoid_router:
+        shapes[("mlp.router.expert_bias",)] = (e,)
+    if shared:
+        shapes.update({("mlp.shared_experts.linear_fc1.weight",): (up * shared, h),
+                       ("mlp.shared_experts.linear_fc2.weight",): (h, shared)})
+    if d.moe_shared_expert_gate:
+        shapes[("mlp.shared_experts.gate_weight",)] = (1, h)
+    return shapes
 
 
 #: a hybrid model's layer norm as megatron-core's local spec keys it -> as its Transformer Engine
@@ -172,16 +198,25 @@ def _layer_shapes(d: ModelDescription, layer: int = 0) -> dict[str, tuple[int, .
 TE_NORMS = {"norm.weight": "mixer.in_proj.layer_norm_weight",
             "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-_HYBRID_NORM = re.compile(r"^(.*decoder\.layers\.\d+\.)(norm\.weight|input_layernorm\.weight|pre_mlp_layernorm\.weight)$")
+_HYBRID_NORM = re.compile(r"^(.*decoder\.layers\.(\d+)\.)(norm\.weight|input_layernorm\.weight|pre_mlp_layernorm\.weight)$")
 
 
-def te_norm_keys(sharded: dict, stored: dict | None = None) -> None:
-    """Key a hybrid model's layer norms (local spec, ``sharded``: a sharded state dict) by their
-    Transformer Engine names, in place; with ``stored`` (a checkpoint's index), only those the
-    checkpoint holds under that name (Bridge's ModelOpt spec stores the local names)."""
+def _te_key(key: str, desc: ModelDescription) -> str | None:
+    """The Transformer Engine spec's key of a local-spec norm key, None where they agree."""
+    if desc.is_hybrid:  # norms fused into the next linear, but a MoE layer's (E) keeps its own
+        m = _HYBRID_NORM.match(key)
+        return m.group(1) + TE_NORMS[m.group(3)] if m and desc.hybrid_pattern[int(m.group(2))] != hybrid.MOE else None
+    if desc.is_moe and key.endswith(MOE_NORM[1]):
+        return key[: -len(MOE_NORM[1])] + MOE_NORM[0]
+    return None
+
+
+def te_norm_keys(sharded: dict, desc: ModelDescription, stored: dict | None = None) -> None:
+    """Key the layer norms of ``sharded`` (a local-spec sharded state dict) by their Transformer
+    Engine names, in place; with ``stored`` (a checkpoint's index), only those the checkpoint
+    holds under that name (Bridge's ModelOpt spec stores the local names)."""
     for sh in sharded.values():
-        if isinstance(sh, ShardedTensor) and (m := _HYBRID_NORM.match(sh.key)):
-            te = m.group(1) + TE_NORMS[m.group(2)]
+        if isinstance(sh, ShardedTensor) and (te := _te_key(sh.key, desc)):
             if stored is None or (sh.key not in stored and te in stored):
                 sh.key = te
 
@@ -190,6 +225,8 @@ def _hybrid_layer_shapes(d: ModelDescription, symbol: str) -> dict[tuple[str, ..
     """Stored key suffixes (alternatives: the norm's two names) -> shape, for one layer of a kind;
     the mixer's fused tensors as megatron-core stores them, one key per section."""
     h = d.hidden_size
+    if symbol == hybrid.MOE:
+        return _moe_layer_shapes(d)
     norm = {"M": "norm.weight", "*": "input_layernorm.weight", "-": "pre_mlp_layernorm.weight"}[symbol]
     shapes = {(norm, TE_NORMS[norm]): (h,)}
     if symbol == hybrid.MAMBA:
@@ -283,7 +320,17 @@ class MegatronCheckpoint:
             require(stored[0] == shape, f"'{self.weights}': tensor '{self.prefix}{key}' has shape "
                                         f"{list(stored[0])}, but {self.config_source} implies {list(shape)}")
 
+        def expect_any(layer: str, names: tuple[str, ...], shape: tuple[int, ...]) -> None:
+            """The first of a tensor's names the checkpoint holds (the last named if none)."""
+            expect(next((layer + n for n in names if self.prefix + layer + n in self.index), layer + names[-1]), shape)
+
         h, L = desc.hidden_size, desc.num_layers
+        # megatron's singleton_local_shards variant stores one key per expert (experts.{e}.),
+        # Megatron-LM and Bridge save without it (one key per expert weight, an expert axis)
+        singleton = next((k for k in self.index if re.search(r"\.experts\.\d+\.", k)), None)
+        require(singleton is None, f"'{self.weights}' stores each expert under its own key ('{singleton}': "
+                                   "saved with singleton_local_shards), which is not supported; re-save it with "
+                                   "megatron-core's default (one key per expert weight)")
         if not desc.tie_embeddings:
             expect("output_layer.weight", (self.stored_vocab, h))
         require(self.index[self.prefix + "embedding.word_embeddings.weight"][0][1] == h,
@@ -292,9 +339,7 @@ class MegatronCheckpoint:
             expect("decoder.final_norm.weight", (h,))
             for i, symbol in enumerate(desc.hybrid_pattern):
                 for names, shape in _hybrid_layer_shapes(desc, symbol).items():
-                    key = next((f"decoder.layers.{i}.{n}" for n in names
-                                if self.prefix + f"decoder.layers.{i}.{n}" in self.index), f"decoder.layers.{i}.{names[-1]}")
-                    expect(key, shape)
+                    expect_any(f"decoder.layers.{i}.", names, shape)
             return
         expect("decoder.final_layernorm.weight", (h,))
         if desc.normalization == "LayerNorm":
@@ -304,11 +349,11 @@ class MegatronCheckpoint:
                 "these are stacked")
         if self.per_layer:
             for i in range(L):
-                for suffix, shape in _layer_shapes(desc, i).items():
-                    expect(f"decoder.layers.{i}.{suffix}", shape)
+                for names, shape in _layer_shapes(desc, i).items():
+                    expect_any(f"decoder.layers.{i}.", names, shape)
         else:
-            for suffix, shape in _layer_shapes(desc).items():
-                expect(f"decoder.layers.{suffix}", (L, *shape))
+            for names, shape in _layer_shapes(desc).items():
+                expect_any("decoder.layers.", names, (L, *shape))
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -321,8 +366,7 @@ class MegatronCheckpoint:
         metadata = {"non_homogeneous_layers": self.per_layer, "singleton_local_shards": False}
         request = inner.sharded_state_dict(prefix=self.prefix, metadata=metadata)
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
-        if self.description.is_hybrid:
-            te_norm_keys(request, self.index)
+        te_norm_keys(request, self.description, self.index)
         check_complete(self.weights, "checkpoint", self.path)
         with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
             state = dist_checkpointing.load(request, str(self.weights))
