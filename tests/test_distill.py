@@ -554,6 +554,43 @@ def test_distillation_model_returns_the_output_layers_logits_uncopied(tiny_check
         assert (grads[name] - ref).abs().max().item() <= tol, name
 
 
+def test_optimizer_steps_are_adamw_with_clipping_in_torchs_fused_kernel(tiny_checkpoint, runtime):
+    """On a CPU megatron-core's optimizer runs torch's fused AdamW kernel, and two steps move
+    every weight as AdamW written out in float64 does (decoupled weight decay, bias
+    corrections, the gradients clipped to the configured total norm first)."""
+    trainer = make_trainer(str(tiny_checkpoint("llama")), str(tiny_checkpoint("llama_small")), 1, 1,
+                           dict(global_batch=2, micro_batch=2, seq_len=16, lr=2e-2, warmup_steps=0, clip_grad=0.5),
+                           steps=2)
+    groups = [g for inner in trainer.optimizer.chained_optimizers for g in inner.optimizer.param_groups]
+    assert all(g["fused"] for g in groups)
+    beta1, beta2, eps = 0.9, 0.95, 1e-8  # the trainer's AdamW settings
+    weights = {p: p.detach().double().clone() for g in groups for p in g["params"]}
+    moments = {p: (torch.zeros_like(w), torch.zeros_like(w)) for p, w in weights.items()}
+    for step in range(1, 3):
+        trainer.ddp.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        trainer._forward_backward(iter(trainer.step_batches(step - 1)))
+        grads = {p: p.main_grad.double().clone() for p in weights}
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+        clip = min(1.0, 0.5 / (norm + 1e-6))
+        settings = [(g["lr"], g["weight_decay"], g["params"]) for g in groups]
+        trainer.optimizer.step()
+        trainer.scheduler.step(increment=1)
+        for lr, wd, params in settings:
+            for p in params:
+                g, (m, v), w = grads[p] * clip, moments[p], weights[p]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).add_(g.square(), alpha=1 - beta2)
+                update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + eps)
+                w.mul_(1 - lr * wd).sub_(lr * update)
+    n = sum(w.numel() for w in weights.values())
+    for p, want in weights.items():
+        # float32 rounding of a few operations per weight, and of the clipping factor: the
+        # total norm sums the squares of all n gradients
+        tol = fp32(16, want.abs().max().item()) + fp32(n, 2e-2)  # 2e-2: the largest learning rate
+        assert (p.detach().double() - want).abs().max().item() <= tol
+
+
 def _with_other_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "other_tokenizer"
     shutil.copytree(checkpoint, copy)
