@@ -32,9 +32,9 @@ Logits layout: GPTModel's output layer computes [s, b, vocab] logits and the mod
 returns them as [b, s, vocab] through a transposed copy of the whole tensor (teacher and
 student, and a transposed gradient in backward: on a CPU a few percent of a step). Inside
 this model's forward both output layers take their input batch-major instead (a transposed
-view of the [s, b, h] hidden states, which the matrix product copies: h / vocab of the
-logits' size) and hand their output back as a transposed view, so GPTModel's transpose is
-a view that is already contiguous: no copy. The same rows are computed, in another order.
+copy of the [s, b, h] hidden states: h / vocab of the logits' size) and hand their output
+back as a transposed view, so GPTModel's transpose is a view that is already contiguous:
+no copy. The same rows are computed, in another order.
 Not under sequence parallelism, where the output layer gathers the sequence along its
 first dimension.
 """
@@ -125,7 +125,9 @@ class _AddAuxLoss(torch.autograd.Function):
 
 
 def _batch_major_input(module, args):
-    return (args[0].transpose(0, 1), *args[1:])
+    # contiguous: a transposed view that needs gradients makes torch.matmul run a bmm over the
+    # batch with the weight broadcast (no folding into one mm), which is far slower on a CPU
+    return (args[0].transpose(0, 1).contiguous(), *args[1:])
 
 
 def _sequence_major_output(module, args, output):
