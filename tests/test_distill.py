@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_in_process, frozen_when, run_workers, torch_threads, train_records
-from tolerances import fp32
+from tolerances import fp32, transformer_logits
 
 # At PP=2 (student layers 0-1 | 2, teacher 0-1 | 2-3): student layer 0 sits on the first stage
 # and teacher layer 3 on the second (the student state is carried); student layer 2 /
@@ -502,6 +502,93 @@ def test_projection_starts_as_the_channel_selection(tiny_checkpoint, tmp_path, r
     assert torch.equal(init, expected)
     small = tiny_checkpoint("llama_small")
     assert _projection_init(str(small), read_info(small).description, read_info(teacher).description) is None
+
+
+def test_distillation_model_returns_the_output_layers_logits_uncopied(tiny_checkpoint, runtime):
+    """Both models' logits leave the distillation model as the output layers' own tensors,
+    [b, s, vocab] and contiguous (GPTModel's [s, b] -> [b, s] transpose copies nothing), and
+    they, the student's gradients and the loss equal those of the student and teacher
+    called directly, within float32 rounding."""
+    from nemo_minitron.checkpoint.api import open_model
+    from nemo_minitron.distill.model import DistillationModel
+    from nemo_minitron.model.forward import position_ids
+
+    teacher = open_model(str(tiny_checkpoint("llama")), dtype=torch.float32)
+    opened = open_model(str(tiny_checkpoint("llama_small")), dtype=torch.float32)
+    student, desc = opened.model, opened.description
+    model = DistillationModel(student, teacher.model, [])
+    tokens = torch.randint(0, desc.vocab_size, (3, 20), generator=torch.Generator().manual_seed(6))
+    mix = torch.randn(3, 20, desc.padded_vocab_size, generator=torch.Generator().manual_seed(7))
+    raw = {}
+    for side, m in (("student", student), ("teacher", teacher.model)):
+        m.output_layer.register_forward_hook(lambda module, args, output, side=side: raw.__setitem__(side, output[0]))
+
+    def run(fn):
+        student.zero_grad(set_to_none=True)
+        out, teacher_out = fn()
+        ((out + teacher_out) * mix).sum().backward()
+        return out.detach(), teacher_out, {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    def through_model():
+        out = model(tokens, position_ids(tokens), None)
+        return out, model.last_teacher_logits
+
+    def direct():
+        with torch.no_grad():
+            teacher_out = teacher.model(tokens, position_ids(tokens), None)
+        return student(tokens, position_ids(tokens), None), teacher_out
+
+    out, teacher_out, grads = run(through_model)
+    for side, logits in (("student", out), ("teacher", teacher_out)):
+        assert logits.shape == (3, 20, desc.padded_vocab_size) and logits.is_contiguous()
+        assert logits.data_ptr() == raw[side].data_ptr(), side  # no copy after the output layer
+    want, want_teacher, want_grads = run(direct)
+    assert raw["student"].data_ptr() != want.data_ptr()  # called directly, GPTModel copies
+    widest = lambda d: max(d.hidden_size, d.ffn_hidden_size, d.num_attention_heads * d.head_dim)  # noqa: E731
+    width = widest(desc)
+    for got, ref, d in ((out, want, desc), (teacher_out, want_teacher, teacher.description)):
+        assert (got - ref).abs().max().item() <= transformer_logits(widest(d), d.num_layers, ref)
+    for name, ref in want_grads.items():
+        # the output layer's gradient sums over the tokens in another order
+        tol = fp32(tokens.numel() * width * (2 * desc.num_layers + 1), ref.abs().max().item())
+        assert (grads[name] - ref).abs().max().item() <= tol, name
+
+
+def test_optimizer_steps_are_adamw_with_clipping_in_torchs_fused_kernel(tiny_checkpoint, runtime):
+    """On a CPU megatron-core's optimizer runs torch's fused AdamW kernel, and two steps move
+    every weight as AdamW written out in float64 does (decoupled weight decay, bias
+    corrections, the gradients clipped to the configured total norm first)."""
+    trainer = make_trainer(str(tiny_checkpoint("llama")), str(tiny_checkpoint("llama_small")), 1, 1,
+                           dict(global_batch=2, micro_batch=2, seq_len=16, lr=2e-2, warmup_steps=0, clip_grad=0.5),
+                           steps=2)
+    groups = [g for inner in trainer.optimizer.chained_optimizers for g in inner.optimizer.param_groups]
+    assert all(g["fused"] for g in groups)
+    beta1, beta2, eps = 0.9, 0.95, 1e-8  # the trainer's AdamW settings
+    weights = {p: p.detach().double().clone() for g in groups for p in g["params"]}
+    moments = {p: (torch.zeros_like(w), torch.zeros_like(w)) for p, w in weights.items()}
+    for step in range(1, 3):
+        trainer.ddp.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        trainer._forward_backward(iter(trainer.step_batches(step - 1)))
+        grads = {p: p.main_grad.double().clone() for p in weights}
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+        clip = min(1.0, 0.5 / (norm + 1e-6))
+        settings = [(g["lr"], g["weight_decay"], g["params"]) for g in groups]
+        trainer.optimizer.step()
+        trainer.scheduler.step(increment=1)
+        for lr, wd, params in settings:
+            for p in params:
+                g, (m, v), w = grads[p] * clip, moments[p], weights[p]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).add_(g.square(), alpha=1 - beta2)
+                update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + eps)
+                w.mul_(1 - lr * wd).sub_(lr * update)
+    n = sum(w.numel() for w in weights.values())
+    for p, want in weights.items():
+        # float32 rounding of a few operations per weight, and of the clipping factor: the
+        # total norm sums the squares of all n gradients
+        tol = fp32(16, want.abs().max().item()) + fp32(n, 2e-2)  # 2e-2: the largest learning rate
+        assert (p.detach().double() - want).abs().max().item() <= tol
 
 
 def _with_other_tokenizer(checkpoint: Path, tmp_path: Path) -> Path:

@@ -27,10 +27,21 @@ random otherwise.
 
 The state dict (plain and sharded) holds the student and the projections only, so any
 trainer's checkpointing saves and restores the student.
+
+Logits layout: GPTModel's output layer computes [s, b, vocab] logits and the model
+returns them as [b, s, vocab] through a transposed copy of the whole tensor (teacher and
+student, and a transposed gradient in backward: on a CPU a few percent of a step). Inside
+this model's forward both output layers take their input batch-major instead (a transposed
+copy of the [s, b, h] hidden states: h / vocab of the logits' size) and hand their output
+back as a transposed view, so GPTModel's transpose is a view that is already contiguous:
+no copy. The same rows are computed, in another order.
+Not under sequence parallelism, where the output layer gathers the sequence along its
+first dimension.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -111,6 +122,34 @@ class _AddAuxLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         (aux,) = ctx.saved_tensors
         return grad_output, torch.full_like(aux, ctx.scale), None
+
+
+def _batch_major_input(module, args):
+    # contiguous: a transposed view that needs gradients makes torch.matmul run a bmm over the
+    # batch with the weight broadcast (no folding into one mm), which is far slower on a CPU
+    return (args[0].transpose(0, 1).contiguous(), *args[1:])
+
+
+def _sequence_major_output(module, args, output):
+    logits, bias = output
+    return logits.transpose(0, 1), bias
+
+
+@contextlib.contextmanager
+def batch_major_logits(*models):
+    """Within: each model's output layer computes its logits batch-major (module docstring),
+    where that means the same (no sequence parallelism)."""
+    handles = []
+    for model in models:
+        layer = getattr(model, "output_layer", None) if getattr(model, "post_process", False) else None
+        if layer is not None and not model.config.sequence_parallel:
+            handles += [layer.register_forward_pre_hook(_batch_major_input),
+                        layer.register_forward_hook(_sequence_major_output)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class DistillationModel(torch.nn.Module):
@@ -268,9 +307,10 @@ class DistillationModel(torch.nn.Module):
                 key = ("student", pair.student) if side == "student" else ("teacher", pair.teacher)
                 self._captured[key] = x[..., offset:offset + width]
                 offset += width
-        student_out = self.student(input_ids, position_ids, attention_mask)
-        with torch.no_grad():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        with batch_major_logits(self.student, self.teacher):
+            student_out = self.student(input_ids, position_ids, attention_mask)
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, position_ids, attention_mask)
 
         here = [i for i, stages in enumerate(self.pair_stages) if max(stages) == self.stage]
         pair_losses = {i: self._pair_loss(i) for i in here}

@@ -3,7 +3,8 @@
 Each step runs ``get_forward_backward_func()`` over the step's micro-batches with a
 Megatron-shaped ``forward_step(data_iterator, model) -> (output, loss_func)``, then the
 megatron-core optimizer (the distributed optimizer when data parallel > 1; bf16 or fp16
-params with float32 main weights, fp16 with megatron-core's dynamic loss scaler),
+params with float32 main weights, fp16 with megatron-core's dynamic loss scaler; on a CPU
+its torch AdamW uses torch's fused kernel: ``fused_adam_on_cpu``),
 gradient clipping and a warm-up + cosine learning-rate schedule.
 
 The teacher is a live model (``DistillationModel`` runs both networks stage by stage) or
@@ -186,6 +187,27 @@ def make_forward_step(loss_cfg: LogitLossConfig, device: torch.device, distillin
     return forward_step
 
 
+# ---------------------------------------------------------------------- optimizer
+def fused_adam_on_cpu(optimizer) -> None:
+    """Let torch's fused AdamW kernel run the update of megatron-core's optimizer where its
+    parameters are on a CPU.
+
+    Without Transformer Engine or apex, megatron-core builds ``torch.optim.AdamW`` and passes
+    no ``fused``/``foreach`` (its OptimizerConfig has no such option; its CPU-offload
+    optimizer is a GPU + CPU hybrid), and torch then takes its for-loop implementation for
+    CPU tensors: about seven passes over every parameter and moment per step. The fused CPU
+    kernel (torch >= 2.4) does the same update in one vectorised pass. torch reads the
+    group's ``fused`` at every step; a resumed checkpoint's parameter groups replace it, so
+    the trainer sets it again after loading one."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(inner, "optimizer", None)
+        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
+            continue  # Transformer Engine's or apex's fused Adam, or no parameters on this rank
+        for group in adam.param_groups:
+            if not group.get("foreach") and all(p.device.type == "cpu" for p in group["params"]):
+                group["fused"] = True
+
+
 # ---------------------------------------------------------------------- the loop
 class Trainer:
     def __init__(self, student, teacher, train_samples, eval_samples, out: Path,
@@ -234,6 +256,7 @@ class Trainer:
                             initial_loss_scale=2.0**16 if self.fp16 else None, loss_scale_window=1000,
                             hysteresis=2, use_distributed_optimizer=self.dp > 1),
             [self.ddp])
+        fused_adam_on_cpu(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if cfg.warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr_value,
             lr_warmup_steps=cfg.warmup, lr_decay_steps=cfg.steps, lr_decay_style="cosine",
@@ -336,6 +359,7 @@ class Trainer:
             return
         state = load_training_state(path, self.module, self.optimizer, self.scheduler,
                                     override_schedule=self.override_schedule)
+        fused_adam_on_cpu(self.optimizer)
         self.step = state["step"]
         # the data position; checkpoints from before it was saved consumed global_batch per step
         self.consumed_samples = state.get("consumed_samples", self.step * self.cfg.global_batch)

@@ -41,6 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_minitron.errors import require
 from nemo_minitron.families.nemotron_nas import megatron_block_configs
 from nemo_minitron.model import hybrid
+from nemo_minitron.model.attention import local_cpu_spec
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import local_norm_spec
 
@@ -253,6 +254,7 @@ def build_model(desc: ModelDescription, *, dtype: torch.dtype = torch.float32,
                                               normalization=desc.normalization, qk_layernorm=desc.qk_norm)
         if desc.zero_centered_gamma or config.sequence_parallel:  # norms the local spec's torch norm refuses
             layer_spec = local_norm_spec(layer_spec, config)
+    layer_spec = local_cpu_spec(layer_spec, te)  # CPU: SDPA for the local spec's unfused attention
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

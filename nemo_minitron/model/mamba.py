@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from nemo_minitron.model.attention import local_cpu_spec
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import LocalNorm
 from nemo_minitron.runtime.cpu_fallback import import_mamba_mixer
@@ -96,7 +97,7 @@ def build_mamba_model(desc: ModelDescription, config, *, vocab_size: int, te: bo
     """This rank's part of the MambaModel (``config``: model.builder.transformer_config's)."""
     return MambaModel(
         config=config,
-        mamba_stack_spec=te_stack_spec(desc) if te else local_stack_spec(desc),
+        mamba_stack_spec=te_stack_spec(desc) if te else local_cpu_spec(local_stack_spec(desc), te),
         vocab_size=vocab_size,
         max_sequence_length=desc.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
