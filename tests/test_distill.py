@@ -285,7 +285,10 @@ def _distill_args(teacher, student, out, *extra) -> list[str]:
     return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", "builtin:train", "--out",
             str(out), "--steps", str(STEPS), "--global-batch", "4", "--micro-batch", "2", "--seq-len", "16", "--lr",
             "1e-3", "--warmup-steps", "0", "--save-every", "3", "--eval-every", "4", "--eval-samples", "4",
-            "--kd-pairs", "1:2,0:1", "--ce-weight", "0.5", "--dtype", "float32", *map(str, extra)]
+            "--kd-pairs", "1:2,0:1", "--ce-weight", "0.5", "--dtype", "float32",
+            # DataLoader processes, as on a GPU (a CPU's default is none): the stop and kill
+            # tests then show that they survive the signals and resume the same samples
+            "--data-workers", "2", *map(str, extra)]
 
 
 def _distill_here(*args) -> None:
@@ -369,6 +372,14 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(interrupted):
     assert stopped["returncode"] == 0 and "stop requested (SIGTERM)" in stopped["log"], stopped["log"][-3000:]
     assert stopped["at"] in (stopped["signalled_after"], stopped["signalled_after"] + 1), stopped
     assert stopped["steps"] == list(range(1, stopped["at"] + 1)) and not stopped["summary"]
+
+
+def test_data_workers_default_to_none_on_a_cpu_and_two_with_a_gpu():
+    from nemo_minitron.distill.config import DistillConfig, resolved_data_workers
+
+    assert DistillConfig().data_workers is None  # unset: the device decides
+    assert resolved_data_workers(None, gpu=False) == 0 and resolved_data_workers(None, gpu=True) == 2
+    assert resolved_data_workers(3, gpu=False) == 3 and resolved_data_workers(0, gpu=True) == 0
 
 
 def test_killed_run_resumes_with_the_losses_and_samples_of_an_uninterrupted_run(interrupted, straight):

@@ -59,7 +59,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.utils import get_attr_wrapped_model
 
 from nemo_minitron.distill.checkpointing import latest_checkpoint, load_training_state, save_training_state
-from nemo_minitron.distill.config import DistillConfig, TrainingConfig
+from nemo_minitron.distill.config import DistillConfig, TrainingConfig, resolved_data_workers
 from nemo_minitron.distill.loader import training_batches
 from nemo_minitron.distill.losses import LogitLossConfig, logit_loss
 from nemo_minitron.distill.metrics import MetricsLog, peak_memory_gb, training_flops_per_token
@@ -442,7 +442,8 @@ class Trainer:
         flops_per_step = self.flops_per_token() * tokens_per_step
         kind = "distill" if isinstance(cfg, DistillConfig) else "fine-tune"
         bar = progress_bar(cfg.steps, kind, self.progress, initial=self.step, unit="step")
-        self._batches = self._loader(self.consumed_samples, cfg.data_workers)
+        self._batches = self._loader(self.consumed_samples,
+                                     resolved_data_workers(cfg.data_workers, torch.cuda.is_available()))
         last, stopped = {}, None
         started, trained_steps = time.time(), 0
         saved_at = self.step
