@@ -181,6 +181,7 @@ def test_pruned_experts_counts_and_logits(moe, tmp_path):
     assert (ours - theirs).abs().max().item() <= transformer_logits(widest(new, SEQ), new.num_layers, theirs)
 
 
+@pytest.mark.slow  # 2 processes, ~21 s; TP=1 scores and pruning are tested above, hybrid TP2/PP2 pruning in test_hybrid_prune
 @pytest.mark.multirank
 def test_importance_and_pruning_at_tp2_and_pp2_equal_tp1(moe, tmp_path):
     """One 2-process run: importance at TP=2 (experts split by neurons over the ranks, the
@@ -253,6 +254,22 @@ def _seq_aux_loss(student_hf, microbatches, coeff: float) -> float:
     return coeff * total
 
 
+def test_kd_step_reports_the_load_balancing_loss_of_transformers_router(tiny_hf, tiny_checkpoint):
+    """At TP=1 (the fast tier's check; the layouts below are in the slow tier): only the MoE
+    student reports a load-balancing loss, equal to its definition on transformers' router."""
+    from test_distill import make_trainer
+
+    for name, (teacher, student, settings) in KD_RUNS.items():
+        trainer = make_trainer(str(tiny_checkpoint(teacher)), str(tiny_checkpoint(student)), 1, 1, settings)
+        logs, _ = trainer.gradients(step=0)
+        assert ("moe_aux_loss" in logs) == (name == "moe_student")
+        if name == "moe_student":
+            want = _seq_aux_loss(tiny_hf(student), trainer.step_batches(0), settings["moe_aux_loss_coeff"])
+            # sums over 16 tokens x 4 experts of router scores carrying a float32 forward pass's rounding
+            assert abs(logs["moe_aux_loss"] - want) <= fp32(16 * 4 * 96 * 13, want), (logs["moe_aux_loss"], want)
+
+
+@pytest.mark.slow  # 2 processes, ~27 s; the TP=1 check above stays in the fast tier
 @pytest.mark.multirank
 def test_kd_step_at_tp2_and_pp2_equals_tp1(tiny_hf, tiny_checkpoint, tmp_path):
     """A hybrid teacher and a hybrid student (a dense student taught by the MoE hybrid, and a
