@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random models, the real SmolLM2-135M, and a 2-process launcher.
 
 In-process tests share one world-of-one megatron runtime (TP=1, PP=1). Multi-rank
-behaviour runs as ``torch.distributed.run`` subprocesses over gloo (``run_workers``),
+behaviour runs as 2-process worker runs over gloo (``run_workers``, rank_launcher.py),
 grouped so the suite stays fast.
 """
 
@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
+from rank_launcher import launch  # noqa: E402
 from tiny_models import make_tiny_hf_model  # noqa: E402
 
 ROOT = TESTS.parent
@@ -55,7 +57,6 @@ if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (temp_root := _memory_temp_root
 if "NEMO_MINITRON_DATA_CACHE" not in os.environ:
     import atexit
     import shutil
-    import tempfile
 
     os.environ["NEMO_MINITRON_DATA_CACHE"] = tempfile.mkdtemp(prefix="nemo-minitron-test-data-",
                                                               dir=os.environ.get("PYTEST_DEBUG_TEMPROOT"))
@@ -92,9 +93,9 @@ def _free_port() -> int:
 #: distill_layouts.py, before the workers tore their process groups down): a crash in the
 #: runtime, not a failed check
 NATIVE_ABORT = "terminate called without an active exception"
-#: A line of a rank (torch.distributed.run --tee prefixes them with ``[ROLE RANK]:``) that
-#: starts a Python traceback: a check failed there, whatever the runtime did after it. The
-#: launcher's own traceback (ChildFailedError, after any failure) has no such prefix.
+#: A line of a rank (rank_launcher prefixes them with ``[defaultN]:``, as torchrun --tee
+#: does) that starts a Python traceback: a check failed there, whatever the runtime did
+#: after it.
 RANK_TRACEBACK = re.compile(r"^\[[^\]]+\]:.*Traceback \(most recent call last\)", re.MULTILINE)
 
 
@@ -110,8 +111,10 @@ def is_native_abort(text: str) -> bool:
 
 
 def run_workers(script: str, *args: str, out: Path, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torch.distributed.run with ``nproc`` CPU ranks;
-    the workers write into ``out``, a directory made here (it must not exist yet).
+    """Run ``tests/workers/<script>`` on ``nproc`` CPU ranks over gloo, each a process with
+    torchrun's environment, forked from one pre-imported process (rank_launcher.py: saves
+    the interpreter start-ups); the workers write into ``out``, a directory made here (it
+    must not exist yet).
 
     A run in which a rank aborted natively (``is_native_abort``) is run once more, into a
     fresh ``out`` (the aborted run's is kept beside it as ``OUT.aborted``), with a
@@ -120,19 +123,16 @@ def run_workers(script: str, *args: str, out: Path, nproc: int = 2, timeout: int
     Python stack on a fatal signal (faulthandler), to find the abort's place."""
     out = Path(out)
     assert not out.exists(), f"{out}: run_workers makes the workers' output directory"
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     for attempt in (1, 2):
         out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--tee=3",
-               f"--master-port={_free_port()}", str(TESTS / "workers" / script), *map(str, args)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0:
-            return proc
-        text = proc.stdout + proc.stderr
+        with tempfile.TemporaryDirectory(prefix="ranks-", dir=os.environ.get("PYTEST_DEBUG_TEMPROOT")) as logs:
+            status, text = launch(TESTS / "workers" / script, list(map(str, args)), nproc=nproc, port=_free_port(),
+                                  logs=Path(logs), timeout=timeout)
+        if status == 0:
+            return subprocess.CompletedProcess([script, *args], 0, text, "")
         if attempt == 2 or not is_native_abort(text):
             tail = "\n".join(text.splitlines()[-60:])
-            raise AssertionError(f"{script} failed with exit {proc.returncode} (run {attempt}):\n{tail}")
+            raise AssertionError(f"{script} failed with exit {status} (run {attempt}):\n{tail}")
         out.rename(out.with_name(out.name + ".aborted"))
         warnings.warn(WorkerRerun(f"{script}: a rank aborted natively ({NATIVE_ABORT}); running it again. "
                                   "Its stacks:\n" + "\n".join(text.splitlines()[-80:])), stacklevel=2)
