@@ -41,6 +41,13 @@ def _enumerate(desc, variants, attention, ffn, budget, tp=1):
                                                                           budget.bytes_per_value) \
             * budget.context * budget.batch
     fixed = fixed_parameters(desc) * (budget.bytes_per_value if budget.kind == "memory" else 1)
+    return _best(desc, variants, attention, ffn, lambda shapes: fixed + sum(cost(*s) for s in shapes) <= budget.limit,
+                 tp)
+
+
+def _best(desc, variants, attention, ffn, fits, tp=1):
+    """(score, attention options, MLP options) of the best choice whose (groups, width) per
+    layer ``fits``, that keeps some attention and splits over ``tp``, every one written out."""
     A = [a for a, g in enumerate(variants.query_groups) if g % tp == 0]
     F = [f for f, w in enumerate(variants.ffn) if w % tp == 0]
     best = None
@@ -48,8 +55,7 @@ def _enumerate(desc, variants, attention, ffn, budget, tp=1):
         if all(variants.query_groups[a] == 0 for a in picks_a):
             continue
         for picks_f in itertools.product(F, repeat=desc.num_layers):
-            total = fixed + sum(cost(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f))
-            if total > budget.limit:
+            if not fits([(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f)]):
                 continue
             score = sum(float(attention[l, a]) + float(ffn[l, f]) for l, (a, f) in enumerate(zip(picks_a, picks_f)))
             if best is None or score < best[0]:
@@ -130,23 +136,6 @@ def _model_flops(desc, context: int) -> int:
     return written_out_flops(desc, shapes, context)
 
 
-def _enumerate_flops(desc, variants, attention, ffn, limit, context):
-    """The best choice within a FLOPs budget, every one written out and counted from its matrices."""
-    best = None
-    A, F = range(len(variants.query_groups)), range(len(variants.ffn))
-    for picks_a in itertools.product(A, repeat=desc.num_layers):
-        if all(variants.query_groups[a] == 0 for a in picks_a):
-            continue
-        for picks_f in itertools.product(F, repeat=desc.num_layers):
-            shapes = [(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f)]
-            if written_out_flops(desc, shapes, context) > limit:
-                continue
-            score = sum(float(attention[l, a]) + float(ffn[l, f]) for l, (a, f) in enumerate(zip(picks_a, picks_f)))
-            if best is None or score < best[0]:
-                best = (score, picks_a, picks_f)
-    return best
-
-
 def test_choice_under_a_flops_budget_equals_brute_force():
     """Under a FLOPs budget, at a short context (the MLPs cost most) and a long one (attention
     does), the integer program picks the enumerated optimum, and its reported cost is the
@@ -170,7 +159,9 @@ def test_choice_under_a_flops_budget_equals_brute_force():
             assert Budget("flops", full, context=context).total(desc) == full
             for fraction in (0.55, 0.85):
                 limit = int(fraction * full)
-                expected = _enumerate_flops(desc, variants, attention, ffn, limit, context)
+                # every choice written out, each counted from its matrices
+                expected = _best(desc, variants, attention, ffn,
+                                 lambda shapes: written_out_flops(desc, shapes, context) <= limit)
                 choice = choose(desc, variants, attention, ffn, Budget("flops", limit, "--target-flops", context=context))
                 assert (choice.attention_option, choice.ffn_option) == expected[1:], (trial, context, fraction)
                 assert choice.score == pytest.approx(expected[0], abs=1e-9)
