@@ -300,8 +300,8 @@ def test_help_says_what_is_required_and_what_the_seed_does():
         return " ".join(action.help.split())
 
     assert help_of("distill", "--teacher").endswith("[required unless --teacher-logits]")
-    assert help_of("search", "--target-params").endswith("[required unless --per-layer with --target-active-params "
-                                                         "or --target-memory]")
+    assert help_of("search", "--target-params").endswith("[required unless --per-layer with --target-active-params, "
+                                                         "--target-memory or --target-flops]")
     assert help_of("convert", "--hf").endswith("[required: --hf or --megatron]")
     for command in ("convert", "export"):  # they draw no random numbers
         assert not any("--seed" in a.option_strings for a in commands[command]._actions)

@@ -41,6 +41,13 @@ def _enumerate(desc, variants, attention, ffn, budget, tp=1):
                                                                           budget.bytes_per_value) \
             * budget.context * budget.batch
     fixed = fixed_parameters(desc) * (budget.bytes_per_value if budget.kind == "memory" else 1)
+    return _best(desc, variants, attention, ffn, lambda shapes: fixed + sum(cost(*s) for s in shapes) <= budget.limit,
+                 tp)
+
+
+def _best(desc, variants, attention, ffn, fits, tp=1):
+    """(score, attention options, MLP options) of the best choice whose (groups, width) per
+    layer ``fits``, that keeps some attention and splits over ``tp``, every one written out."""
     A = [a for a, g in enumerate(variants.query_groups) if g % tp == 0]
     F = [f for f, w in enumerate(variants.ffn) if w % tp == 0]
     best = None
@@ -48,8 +55,7 @@ def _enumerate(desc, variants, attention, ffn, budget, tp=1):
         if all(variants.query_groups[a] == 0 for a in picks_a):
             continue
         for picks_f in itertools.product(F, repeat=desc.num_layers):
-            total = fixed + sum(cost(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f))
-            if total > budget.limit:
+            if not fits([(variants.query_groups[a], variants.ffn[f]) for a, f in zip(picks_a, picks_f)]):
                 continue
             score = sum(float(attention[l, a]) + float(ffn[l, f]) for l, (a, f) in enumerate(zip(picks_a, picks_f)))
             if best is None or score < best[0]:
@@ -101,6 +107,69 @@ def test_choice_at_tp2_leaves_out_what_tp_cannot_split():
     expected = _enumerate(desc, variants, attention, ffn, budget, tp=2)
     assert (choice.attention_option, choice.ffn_option) == (expected[1], expected[2])
     assert all(s.num_query_groups != 1 and s.ffn_hidden_size != 33 for s in choice.shapes)
+
+
+# ---------------------------------------------------------------------- a FLOPs budget
+def written_out_flops(desc, shapes, context: int) -> int:
+    """Forward FLOPs per token of a (gated-MLP, bias-free) model whose layers have ``shapes``
+    ((K/V groups, MLP width), 0: removed), from its matrices: 2 per multiply-add of every
+    product, and attention over a causal context of ``context`` tokens (on average context / 2
+    keys per query, as the project counts it)."""
+    assert desc.activation == "swiglu" and not desc.qkv_bias and context % 2 == 0
+    h, d, heads = desc.hidden_size, desc.head_dim, desc.num_attention_heads
+    flops = 2 * h * desc.vocab_size  # the output layer: hidden -> logits (the embedding is a lookup)
+    for groups, width in shapes:
+        if groups:
+            flops += 2 * h * heads * d          # query projection
+            flops += 2 * 2 * h * groups * d     # key and value projections
+            flops += 2 * heads * d * h          # output projection
+            flops += 2 * heads * 2 * d * (context // 2)  # per head: q.k and the weighted sum of v, per key
+        if width:
+            flops += 2 * 3 * h * width          # gate and up (hidden -> width), down (width -> hidden)
+    return flops
+
+
+def _model_flops(desc, context: int) -> int:
+    """``written_out_flops`` of a uniform or per-layer description."""
+    shapes = [(s.num_query_groups, s.ffn_hidden_size) for s in desc.layer_shapes] or \
+        [(desc.num_query_groups, desc.ffn_hidden_size)] * desc.num_layers
+    return written_out_flops(desc, shapes, context)
+
+
+def test_choice_under_a_flops_budget_equals_brute_force():
+    """Under a FLOPs budget, at a short context (the MLPs cost most) and a long one (attention
+    does), the integer program picks the enumerated optimum, and its reported cost is the
+    chosen model's FLOPs counted from its matrices (also what the description counts)."""
+    from nemo_minitron.prune.per_layer import Budget, choose
+    from nemo_minitron.prune.variants import block_variants
+
+    desc = _tiny_desc(num_layers=3)
+    variants = block_variants(desc, FFN_VARIANTS, FFN_MULTIPLE)
+    assert variants.query_groups == (2, 1, 0) and variants.ffn == (96, 64, 32, 0)
+    g = torch.Generator().manual_seed(2)
+    picked = set()
+    for trial in range(3):
+        attention = torch.rand(desc.num_layers, 3, generator=g)
+        ffn = torch.rand(desc.num_layers, 4, generator=g)
+        attention[:, 0] = ffn[:, 0] = 0
+        if trial == 2:  # removing attention looks free: the unconstrained optimum has none
+            attention[:, -1] = -1.0 - attention[:, -1]
+        for context in (64, 4096):
+            full = _model_flops(desc, context)
+            assert Budget("flops", full, context=context).total(desc) == full
+            for fraction in (0.55, 0.85):
+                limit = int(fraction * full)
+                # every choice written out, each counted from its matrices
+                expected = _best(desc, variants, attention, ffn,
+                                 lambda shapes: written_out_flops(desc, shapes, context) <= limit)
+                choice = choose(desc, variants, attention, ffn, Budget("flops", limit, "--target-flops", context=context))
+                assert (choice.attention_option, choice.ffn_option) == expected[1:], (trial, context, fraction)
+                assert choice.score == pytest.approx(expected[0], abs=1e-9)
+                shapes = [(s.num_query_groups, s.ffn_hidden_size) for s in choice.shapes]
+                assert choice.cost == written_out_flops(desc, shapes, context) <= limit
+                assert desc.replace(layer_shapes=choice.shapes).flops_per_token(context) == choice.cost
+                picked.add(tuple(shapes))
+    assert len(picked) >= 6  # the budgets and contexts bind differently
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "nemotron"])
@@ -278,6 +347,51 @@ def test_per_layer_budgets_refused(scored, tiny_checkpoint, capsys, budget, tp, 
                               "--target-params", str(budget + 1))[0] == 0
 
 
+def test_plan_per_layer_under_a_flops_budget(scored, tiny_checkpoint, tmp_path, capsys):
+    """plan --per-layer --target-flops: the chosen model's FLOPs per token at --flops-context,
+    counted from its matrices, are within the budget and are the reported cost; the table
+    names the budget."""
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.cli import main
+
+    desc = read_info(tiny_checkpoint("llama")).description
+    limit = int(round(0.7 * _model_flops(desc, 256), -3))
+    out = tmp_path / "flops.json"
+    capsys.readouterr()
+    code = main(["plan", str(tiny_checkpoint("llama")), "--per-layer", "--importance", str(scored), "--target-flops",
+                 f"{limit // 1000}K", "--flops-context", "256", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"FLOPs per token (forward, at context 256) (budget {limit // 1000}K)" in printed.out, printed.out
+    choice = json.loads(out.read_text())
+    counted = written_out_flops(desc, choice["layer_shapes"], 256)
+    assert choice["budget"] == {"kind": "flops", "limit": limit}
+    assert choice["cost"] == choice["flops_per_token"] == counted <= limit and choice["flops_context"] == 256
+    assert counted > 0.6 * _model_flops(desc, 256)  # the budget binds: not far below it
+
+
+# the tiny llama's least FLOPs per token at context 256: the output layer (2 x 64 x 1000), and
+# with attention kept somewhere, one layer's attention of one K/V group: its projections
+# (64 -> 4 heads x 16, 64 -> 2 x 16, 64 <- 64) and 4 heads over 128 keys on average
+FLOPS_OUTPUT = 128_000
+FLOPS_CHEAPEST = FLOPS_OUTPUT + 2 * (64 * 64 + 2 * 64 * 16 + 64 * 64) + 2 * 4 * 2 * 16 * 128  # 181,248
+
+
+@pytest.mark.parametrize("budget, says", [
+    (FLOPS_OUTPUT - 1, "--target-flops 128K: no per-layer architecture meets it; the smallest the scored variants "
+                       "allow is 181.2K FLOPs per token (forward, at context 256)"),
+    (FLOPS_CHEAPEST - 1, "--target-flops 181.2K: only removing the attention of every layer would meet it (no "
+                         "attention left); the smallest per-layer architecture with attention is 181.2K"),
+])
+def test_per_layer_flops_budget_refused(scored, tiny_checkpoint, capsys, budget, says):
+    """A FLOPs budget no architecture meets (below the output layer's), or that only an
+    attention-free model meets: one line, exit 2; one FLOP more than the cheapest is enough."""
+    args = ("plan", tiny_checkpoint("llama"), "--per-layer", "--importance", scored, "--flops-context", "256")
+    code, err = cli_in_process(capsys, *args, "--target-flops", str(budget))
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert cli_in_process(capsys, *args, "--target-flops", str(FLOPS_CHEAPEST))[0] == 0
+
+
 def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
     ckpt = tiny_checkpoint("llama")
     for args, says in (
@@ -285,6 +399,13 @@ def test_per_layer_flags_refused(scored, tiny_checkpoint, tmp_path, capsys):
         (("--per-layer", "--target-params", "1M", "--target-memory", "1GB"), "--per-layer needs exactly one budget"),
         (("--target-memory", "1GB"), "--target-memory is a --per-layer budget"),
         (("--per-layer", "--target-memory", "lots"), "--target-memory must be a size in bytes"),
+        (("--per-layer", "--target-flops", "1G", "--target-params", "1M"), "--per-layer needs exactly one budget: "
+         "--target-params, --target-active-params, --target-memory or --target-flops (got --target-params, "
+         "--target-flops)"),
+        (("--target-flops", "1G"), "--target-flops is a --per-layer budget; add --per-layer"),
+        (("--per-layer", "--target-flops", "1.2GFLOPs"), "--target-flops must be a number with an optional K/M/G/T "
+                                                         "suffix, e.g. 350M or 1.2G (got '1.2GFLOPs')"),
+        (("--per-layer", "--target-flops", "1G", "--flops-context", "0"), "--flops-context"),
         (("--per-layer", "--target-params", "1M", "--target", "ffn=64"), "--per-layer chooses every layer's shape"),
     ):
         code, err = cli_in_process(capsys, "prune", ckpt, "--importance", scored, "--out", tmp_path / "p", *args)
@@ -322,6 +443,12 @@ def _per_layer_recipe(tmp_path, prune: str = "per_layer: true, target_params: 84
      ["a per-layer model is not pruned again"]),
     ("per_layer: true", ["rounds.0.importance.block_variants=true"],
      ["'rounds.0.prune.per_layer' needs exactly one budget"]),
+    ("per_layer: true, target_params: 84.5M, target_flops: 1.2G", ["rounds.0.importance.block_variants=true"],
+     ["'rounds.0.prune.per_layer' needs exactly one budget", "(got recipe key 'rounds.0.prune.target_params', "
+                                                              "recipe key 'rounds.0.prune.target_flops')"]),
+    ("target_flops: 1.2G", [], ["'rounds.0.prune.target_flops' is a recipe key 'rounds.0.prune.per_layer' budget"]),
+    ("per_layer: true, target_flops: 1.2 GFLOPs", ["rounds.0.importance.block_variants=true"],
+     ["'rounds.0.prune.target_flops' must be a number with an optional K/M/G/T suffix"]),
 ])
 def test_per_layer_recipe_errors_name_the_key(tmp_path, prune, overrides, words):
     from nemo_minitron.errors import UsageError
@@ -349,6 +476,25 @@ def test_per_layer_recipe_loads_and_preflight_checks_its_budget(smollm2, tmp_pat
     rnd.prune.target_params = "20M"  # less than the embeddings alone (28.3M)
     with pytest.raises(UsageError, match="recipe key 'rounds.0.prune.target_params' 20M: no per-layer architecture"):
         check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, recipe_names("rounds.0.prune"))
+
+
+def test_per_layer_recipe_takes_a_flops_budget(tmp_path):
+    """``prune.per_layer`` with ``target_flops`` and ``flops_context``: the recipe's preflight
+    check counts at that context and names the key when no architecture meets the budget."""
+    from nemo_minitron.config import recipe_names
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.pipeline.recipe import load_recipe
+    from nemo_minitron.prune.per_layer import check_per_layer_budget
+
+    recipe = load_recipe(_per_layer_recipe(tmp_path, "per_layer: true, target_flops: 0.3M, flops_context: 256"),
+                         ["rounds.0.importance.block_variants=true"])
+    rnd, names = recipe.rounds[0], recipe_names("rounds.0.prune")
+    assert (rnd.prune.target_flops, rnd.prune.flops_context) == ("0.3M", 256)
+    desc = _tiny_desc()
+    check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, names)  # 300K: above 181,248, the least at 256
+    rnd.prune.flops_context = 2048  # one attention alone now takes 2 x 4 x 2 x 16 x 1024 = 262,144 more
+    with pytest.raises(UsageError, match="recipe key 'rounds.0.prune.target_flops' 300K: only removing the attention"):
+        check_per_layer_budget(desc, rnd.importance, rnd.prune, 1, names)
 
 
 def test_layer_shapes_figure_draws_each_layer():
@@ -394,7 +540,8 @@ def forced_scores(source, out, forced):
 @pytest.fixture(scope="module")
 def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
     """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
-    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them."""
+    only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them
+    (under a FLOPs budget that every choice meets: the parent's at context 1024)."""
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.prune.api import prune
@@ -407,7 +554,7 @@ def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
     forced = forced_scores(root / "imp", root / "forced", FORCED)
     desc = read_info(parent).description
     out = prune(str(parent), str(forced), str(root / "pruned"), per_layer=True,
-                target_params=str(desc.num_parameters()))
+                target_flops=str(_model_flops(desc, 1024)), flops_context=1024)
     return {"parent": parent, "pruned": out, "importance": forced, "root": root}
 
 
@@ -548,8 +695,11 @@ def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
 
 
 def test_report_draws_the_per_layer_round(per_layer_pruned, tmp_path):
-    """The report's per-layer section: the pruned checkpoint's shapes in a table and a PNG."""
+    """The report's per-layer section: the pruned checkpoint's shapes in a table and a PNG, and
+    the budget they were chosen under."""
+    from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.pipeline import report
+    from nemo_minitron.prune.targets import format_count
     from nemo_minitron.pipeline.recipe import load_recipe
 
     recipe = load_recipe(_per_layer_recipe(tmp_path), ["rounds.0.importance.block_variants=true"])
@@ -565,6 +715,12 @@ def test_report_draws_the_per_layer_round(per_layer_pruned, tmp_path):
     assert (tmp_path / record["plot"]).stat().st_size > 0
     lines = report._per_layer_markdown(recipe.rounds[0].name, record)
     assert "| 1 | 0 | 768 |" in lines and "| 3 | 1 | 0 |" in lines
+    # the budget it was chosen under, and the chosen model's FLOPs counted from its matrices
+    parent = read_info(per_layer_pruned["parent"]).description
+    limit = _model_flops(parent, 1024)
+    assert record["cost"] == written_out_flops(parent, FORCED, 1024) < limit
+    assert f"under the budget of {format_count(limit).replace('B', 'G')} FLOPs per token (forward, at context 1024)" \
+        in lines[3], lines[3]
 
 
 @pytest.mark.parametrize("kind, args, says", [

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import cli_in_process
+from test_per_layer import _model_flops
 
 PARENT = "llama_wide_mlp"            # 4 layers, 4 K/V groups, MLP 768: widths the export states
 GROUPS, WIDTHS = (4, 2, 1, 0), (768, 512, 256, 0)
@@ -89,7 +90,8 @@ def _blocks_apart(x, y) -> int:
 
 
 @pytest.mark.parametrize("budget, tp", [({"target_params": BUDGET}, 1), ({"target_params": BUDGET}, 2),
-                                        ({"target_memory": "1.6MB", "memory_context": 256}, 1)])
+                                        ({"target_memory": "1.6MB", "memory_context": 256}, 1),
+                                        ({"target_flops": "1.25M", "flops_context": 256}, 1)])
 def test_per_layer_candidates_are_the_solvers_optima_and_differ(tiny_checkpoint, block_importance, budget, tp):
     """Beside the planner's uniform shapes: the optimum, the optimum keeping every attention
     (the optimum removes one), then the best at least one block away from both, each equal to
@@ -108,6 +110,8 @@ def test_per_layer_candidates_are_the_solvers_optima_and_differ(tiny_checkpoint,
     if "target_memory" in budget:
         limit = parse_bytes(budget["target_memory"])
         cost = lambda d: _memory(d, 256, 1)  # noqa: E731
+    elif "target_flops" in budget:  # counted from the matrices' shapes
+        limit, cost = 1_250_000, lambda d: _model_flops(d, 256)  # noqa: E731
     else:
         limit, cost = parse_param_count(BUDGET), lambda d: d.num_parameters()  # noqa: E731
     uniform = [c for c in picked if not c.description.layer_shapes]
@@ -204,6 +208,12 @@ def test_the_ranking_shows_kinds_and_widths_per_layer(per_layer_search):
     (["--per-layer", "--target-memory", "100KB"], "--target-memory 0.1 MiB: no per-layer architecture meets it"),
     (["--per-layer", "--target-params", BUDGET, "--target-memory", "1MB"], "--per-layer needs exactly one budget"),
     (["--target-memory", "1MB"], "--target-memory is a --per-layer budget; add --per-layer"),
+    # the output layer (2 x 64 x 1000) and one attention of one K/V group: 20,480 in its projections,
+    # 2 x 2 x 64 x 2,048 over the 4,096-token context's 2,048 keys on average
+    (["--per-layer", "--target-flops", "100K"], "--target-flops 100K: no per-layer architecture meets it; the smallest "
+                                                "the scored variants allow is 672.8K FLOPs per token (forward, at "
+                                                "context 4096)"),
+    (["--per-layer", "--target-flops", "1G", "--target-memory", "1MB"], "--per-layer needs exactly one budget"),
     (["--candidates", "2"], "--target-params is required"),
 ])
 def test_bad_input(tiny_checkpoint, block_importance, tmp_path, capsys, flags, says):
@@ -229,6 +239,7 @@ def test_bad_input(tiny_checkpoint, block_importance, tmp_path, capsys, flags, s
 @pytest.mark.parametrize("overrides, says", [
     (["rounds.0.importance.block_variants=false"], "'rounds.0.search.per_layer' chooses from block-variant scores"),
     (["rounds.0.search.target_memory=1MB"], "'rounds.0.search.per_layer' needs exactly one budget"),
+    (["rounds.0.search.target_flops=1G"], "'rounds.0.search.per_layer' needs exactly one budget"),
     (["rounds=[{importance: {block_variants: true}, search: {per_layer: true, target_params: 600K}}, "
       "{prune: {target_params: 300K}}]"], "a per-layer model is not pruned again"),
     ([], None),

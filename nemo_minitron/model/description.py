@@ -400,7 +400,7 @@ class ModelDescription:
         causal context of ``seq_len`` (on average seq_len / 2 keys per query)."""
         if self.is_heterogeneous:
             layers = sum(layer_costs(self, s, seq_len).flops_per_token for s in self.layer_shapes)
-            return int(layers + 2 * self.vocab_size * self.hidden_size)
+            return int(layers + self.output_layer_flops_per_token())
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         if self.is_hybrid:  # each layer one kind; Mamba mixers: see hybrid.mixer_flops_per_token
@@ -414,9 +414,14 @@ class ModelDescription:
             mlp_weights = self.num_layers * self.mlp_parameters(active=True)
             mixers = 0
         # a mixture of experts multiplies by its router, top-k experts and shared expert (and gate)
-        matmul_weights = attention_layers * (h * q + 2 * h * kv + q * h) + mlp_weights + self.vocab_size * h
+        matmul_weights = attention_layers * (h * q + 2 * h * kv + q * h) + mlp_weights
         attention = attention_layers * 2 * 2 * q * (seq_len / 2)
-        return int(2 * matmul_weights + attention + mixers)
+        return int(2 * matmul_weights + attention + mixers + self.output_layer_flops_per_token())
+
+    def output_layer_flops_per_token(self) -> int:
+        """The FLOPs per token outside the decoder layers: the output layer's product (true
+        vocabulary x hidden); the embedding lookup and the final norm count none."""
+        return 2 * self.vocab_size * self.hidden_size
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         if self.is_heterogeneous:

@@ -374,8 +374,9 @@ def _per_layer(recipe: Recipe, paths, out: Path) -> dict[str, dict[str, Any]]:
 
 def _per_layer_markdown(name: str, record: dict[str, Any]) -> list[str]:
     parent = record["parent"]
+    budget = f" of {record['budget_text']}" if record.get("budget_text") else ""
     lines = ["", f"## Per-layer architecture: {name}", "",
-             f"Each layer's attention and MLP chosen from the scored variants under the budget (summed score "
+             f"Each layer's attention and MLP chosen from the scored variants under the budget{budget} (summed score "
              f"{record.get('score', float('nan')):.4f}); parent: {parent['query_groups']} K/V groups, MLP "
              f"{parent['ffn']}; 0: removed.", "", "| layer | K/V groups | MLP width |", "|---|---|---|"]
     lines += [f"| {i} | {g} | {f} |" for i, (g, f) in enumerate(record["layer_shapes"])]

@@ -57,7 +57,7 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.per_layer import PerLayerChoice, check_shapes, export_refusal, per_layer_choice
+from nemo_minitron.prune.per_layer import PerLayerChoice, budget_of, check_shapes, export_refusal, per_layer_choice
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
 from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
@@ -344,6 +344,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     old.check_layout(tp, pp)
     variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
     choice = choice or optimum
+    budget = budget_of(cfg, cfg.target_params, names)
     new = check_shapes(old, choice, tp, pp)
     refusal = export_refusal(new, names("per_layer"))  # as a uniform prune: only shapes transformers can hold
     require(refusal is None, refusal or "")
@@ -362,6 +363,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
+                                "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
                                 "layer_scores": list(choice.layer_scores),
                                 "trained_variants": None if trained is None else {
                                     "blocks": sorted({".".join(k.split(".")[:4]) for k in trained.tensors}),

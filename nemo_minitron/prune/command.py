@@ -85,7 +85,8 @@ def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -
             "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in choice.shapes],
             "score": choice.score, "layer_scores": list(choice.layer_scores), "cost": choice.cost,
             "budget": {"kind": budget.kind, "limit": budget.limit}, "params": new.num_parameters(),
-            "flops_per_token": new.flops_per_token(), "kv_cache_bytes_per_token": new.kv_cache_bytes_per_token()},
+            "flops_per_token": new.flops_per_token(budget.flops_context), "flops_context": budget.flops_context,
+            "kv_cache_bytes_per_token": new.kv_cache_bytes_per_token()},
             indent=2))
     return 0
 

@@ -8,7 +8,14 @@ from typing import Literal, Optional
 
 from nemo_minitron.config import default_of, option
 from nemo_minitron.errors import require
-from nemo_minitron.prune.targets import LAYER_KIND_AXES, canonical_target, parse_bytes, parse_param_count, parse_target
+from nemo_minitron.prune.targets import (
+    LAYER_KIND_AXES,
+    canonical_target,
+    parse_bytes,
+    parse_flops,
+    parse_param_count,
+    parse_target,
+)
 
 
 #: How ``layer_metric`` names the layers to drop (or it lists them: "3,7,9").
@@ -57,7 +64,7 @@ class PerLayerConfig:
     per_layer: bool = option(
         False, "choose each layer's attention (K/V groups, or removed) and MLP width (or removed) from the importance "
                "run's block-variant scores (importance --block-variants) under the budget: --target-params, "
-               "--target-active-params or --target-memory")
+               "--target-active-params, --target-memory or --target-flops")
     target_active_params: Optional[str] = option(
         None, "with --per-layer: a budget of the parameters one token uses (a dense model's are all of them), "
               "e.g. 90M", metavar="N")
@@ -67,27 +74,35 @@ class PerLayerConfig:
     memory_context: int = option(4096, "tokens per sequence of the --target-memory KV cache", ge=1)
     memory_batch: int = option(1, "sequences of the --target-memory KV cache", ge=1)
     bytes_per_value: int = option(2, "bytes of each weight and KV-cache value under --target-memory (2: bf16)", ge=1)
+    target_flops: Optional[str] = option(
+        None, "with --per-layer: a budget of forward FLOPs per token (2 per weight of every matrix product, the "
+              "output layer's included, plus attention scores and values over --flops-context tokens), e.g. 1.2G",
+        metavar="N")
+    flops_context: int = option(4096, "tokens of causal context at which --target-flops counts attention (a token "
+                                      "attends to half of them on average)", ge=1)
     block_score: Literal["kl", "loss"] = option(
         "kl", "what --per-layer minimises, summed over the blocks changed: each variant's KL divergence from the "
               "parent (Puzzle's choice) or its LM-loss change")
 
     def check_budget(self, names, target_params: Optional[str]) -> None:
         """The per-layer budget rules (``target_params``: the parameter budget given, if any)."""
-        given = [f for f, v in (("target_params", target_params), ("target_active_params", self.target_active_params),
-                                ("target_memory", self.target_memory)) if v is not None]
+        budgets = ["target_params", *PER_LAYER_BUDGETS]
+        given = [f for f in budgets if (target_params if f == "target_params" else getattr(self, f)) is not None]
         if self.per_layer:
-            require(len(given) == 1, f"{names('per_layer')} needs exactly one budget: {names('target_params')}, "
-                                     f"{names('target_active_params')} or {names('target_memory')}"
+            require(len(given) == 1, f"{names('per_layer')} needs exactly one budget: "
+                                     f"{', '.join(names(f) for f in budgets[:-1])} or {names(budgets[-1])}"
                                      + (f" (got {', '.join(names(g) for g in given)})" if given else ""))
-        for field in ("target_active_params", "target_memory"):
+        for field, parse in PER_LAYER_BUDGETS.items():
             require(getattr(self, field) is None or self.per_layer,
                     f"{names(field)} is a {names('per_layer')} budget; add {names('per_layer')}")
-        if self.target_active_params is not None:
-            self.target_active_params = str(self.target_active_params)
-            parse_param_count(self.target_active_params, flag=names("target_active_params"))
-        if self.target_memory is not None:
-            self.target_memory = str(self.target_memory)
-            parse_bytes(self.target_memory, flag=names("target_memory"))
+            if getattr(self, field) is not None:
+                setattr(self, field, str(getattr(self, field)))
+                parse(getattr(self, field), flag=names(field))
+
+
+#: the budgets only a per-layer choice takes (besides target_params), and how each is read
+PER_LAYER_BUDGETS = {"target_active_params": parse_param_count, "target_memory": parse_bytes,
+                     "target_flops": parse_flops}
 
 
 @dataclasses.dataclass

@@ -8,8 +8,10 @@ MLP. Constraints: one option of each per layer; the budget (the options' costs s
 what lies outside the layers, at most the limit); at least one layer keeps attention (a
 model without any attention is no language model). Costs are separable per block:
 parameters of the block's matrices and its norm (a removed block takes its norm along),
-and for a memory budget the weights' bytes plus each attention's KV cache at the given
-context and batch.
+for a memory budget the weights' bytes plus each attention's KV cache at the given
+context and batch, for a FLOPs budget the block's forward FLOPs per token at the given
+context (``layer_costs``; outside the layers, the output layer's product: together
+exactly ``ModelDescription.flops_per_token``).
 
 Scores: each variant's KL divergence from the parent (Puzzle's choice) or its LM-loss
 change, measured with every other block the parent's; their sum is the objective (Puzzle's
@@ -26,36 +28,43 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from nemo_minitron.checkpoint.hf_export import hf_config
-from nemo_minitron.config import Names, default_of
+from nemo_minitron.config import DEFAULT_SEQ_LEN, Names, default_of
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.importance.config import ImportanceConfig
 from nemo_minitron.importance.scores import BLOCK_AXES, ImportanceScores
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.config import PerLayerConfig, PruneConfig
-from nemo_minitron.prune.targets import format_count, parse_bytes, parse_param_count
+from nemo_minitron.prune.targets import format_count, parse_bytes, parse_flops, parse_param_count
 from nemo_minitron.prune.variants import (
     BlockVariants,
     LayerShape,
     block_variants,
     fixed_parameters,
+    layer_flops_per_token,
     layer_kv_bytes_per_token,
     layer_parameters,
 )
 
-BudgetKind = Literal["params", "active_params", "memory"]
+BudgetKind = Literal["params", "active_params", "memory", "flops"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """What the per-layer choice must fit: parameters (dense models: active = total), or
-    memory (weights + KV cache of ``batch`` sequences of ``context`` tokens)."""
+    """What the per-layer choice must fit: parameters (dense models: active = total),
+    memory (weights + KV cache of ``batch`` sequences of ``context`` tokens), or forward
+    FLOPs per token (attention over a causal context of ``context`` tokens)."""
 
     kind: BudgetKind
     limit: int
     flag: str = "--target-params"
-    context: int = default_of(PerLayerConfig, "memory_context")
+    context: int = default_of(PerLayerConfig, "memory_context")  # of the KV cache (memory), of attention (flops)
     batch: int = default_of(PerLayerConfig, "memory_batch")
     bytes_per_value: int = default_of(PerLayerConfig, "bytes_per_value")
+
+    @property
+    def flops_context(self) -> int:
+        """The context FLOPs per token are reported at beside this budget: a FLOPs budget's own, else the default."""
+        return self.context if self.kind == "flops" else DEFAULT_SEQ_LEN
 
     def block_costs(self, desc: ModelDescription, variants: BlockVariants) -> tuple[np.ndarray, np.ndarray]:
         """(cost of each attention option, cost of each MLP option) of one layer."""
@@ -64,6 +73,8 @@ class Budget:
         return np.array(attention, dtype=np.float64), np.array(mlp, dtype=np.float64)
 
     def _cost(self, desc: ModelDescription, shape: LayerShape) -> float:
+        if self.kind == "flops":
+            return float(layer_flops_per_token(desc, shape, self.context))
         params = layer_parameters(desc, shape)
         if self.kind != "memory":
             return float(params)
@@ -71,11 +82,15 @@ class Budget:
         return float(params * self.bytes_per_value + kv)
 
     def fixed(self, desc: ModelDescription) -> float:
+        if self.kind == "flops":
+            return float(desc.output_layer_flops_per_token())
         params = fixed_parameters(desc)
         return float(params * (self.bytes_per_value if self.kind == "memory" else 1))
 
     def total(self, desc: ModelDescription) -> float:
         """What a whole model (uniform or per-layer) costs in the budget's unit."""
+        if self.kind == "flops":
+            return float(desc.flops_per_token(self.context))
         params = desc.num_parameters()
         if self.kind != "memory":
             return float(params)
@@ -85,12 +100,16 @@ class Budget:
     def describe(self, value: float) -> str:
         if self.kind == "memory":
             return f"{value / 2**20:.1f} MiB"
+        if self.kind == "flops":  # giga, as FLOPs are written, where a count says billion
+            return format_count(int(value)).replace("B", "G")
         return format_count(int(value))
 
     def what(self) -> str:
         if self.kind == "memory":
             return (f"memory (weights + KV cache of {self.batch} x {self.context} tokens, {self.bytes_per_value} "
                     "bytes a value)")
+        if self.kind == "flops":
+            return f"FLOPs per token (forward, at context {self.context})"
         return "active parameters" if self.kind == "active_params" else "parameters"
 
 
@@ -140,6 +159,9 @@ def budget_of(cfg: PerLayerConfig, target_params: str | None, names: Names) -> B
     if cfg.target_memory is not None:
         return Budget("memory", parse_bytes(cfg.target_memory, names("target_memory")), names("target_memory"),
                       cfg.memory_context, cfg.memory_batch, cfg.bytes_per_value)
+    if cfg.target_flops is not None:
+        return Budget("flops", parse_flops(cfg.target_flops, names("target_flops")), names("target_flops"),
+                      cfg.flops_context)
     if cfg.target_active_params is not None:
         return Budget("active_params", parse_param_count(cfg.target_active_params, names("target_active_params")),
                       names("target_active_params"))

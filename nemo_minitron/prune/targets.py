@@ -103,8 +103,17 @@ def parse_target(text: str, flag: str = "--target") -> dict[str, int]:
 
 def parse_param_count(text: str, flag: str = "--target-params") -> int:
     """'90M', '4.5B', '135000000' -> a parameter count."""
+    return _parse_count(text, flag, "K/M/B", "90M or 4.5B")
+
+
+def parse_flops(text: str, flag: str = "--target-flops") -> int:
+    """'1.2G', '350M', '900000000' -> FLOPs (per token)."""
+    return _parse_count(text, flag, "K/M/G/T", "350M or 1.2G")
+
+
+def _parse_count(text: str, flag: str, suffixes: str, example: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(text).upper())
-    require(m is not None, f"{flag} must be a number with an optional K/M/B suffix, e.g. 90M or 4.5B (got '{text}')")
+    require(m is not None, f"{flag} must be a number with an optional {suffixes} suffix, e.g. {example} (got '{text}')")
     value = int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
     require(value > 0, f"{flag} must be positive (got '{text}')")
     return value

@@ -87,6 +87,11 @@ def layer_parameters(desc: ModelDescription, shape: LayerShape) -> int:
     return layer_costs(desc, shape).parameters
 
 
+def layer_flops_per_token(desc: ModelDescription, shape: LayerShape, context: int) -> int:
+    """Forward FLOPs per token of one layer of ``shape``, attention over ``context`` tokens."""
+    return layer_costs(desc, shape, context).flops_per_token
+
+
 def layer_kv_bytes_per_token(desc: ModelDescription, shape: LayerShape, bytes_per_element: int = 2) -> int:
     return layer_costs(desc, shape, bytes_per_element=bytes_per_element).kv_cache_bytes_per_token
 

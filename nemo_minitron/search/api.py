@@ -41,7 +41,6 @@ import yaml
 
 from nemo_minitron.checkpoint.store import is_checkpoint, load_tokenizer, read_info
 from nemo_minitron.config import (
-    DEFAULT_SEQ_LEN,
     Names,
     check_resume,
     log_settings,
@@ -316,7 +315,7 @@ def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], 
             "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in d.layer_shapes] or None,
             "block_score": None if cand.choice is None else cand.choice.score,
             "architecture": d.to_dict(), "params": d.num_parameters(), "cost": budget.total(d),
-            "flops_per_token": d.flops_per_token(DEFAULT_SEQ_LEN),
+            "flops_per_token": d.flops_per_token(budget.flops_context),
             "kv_cache_bytes_per_token": d.kv_cache_bytes_per_token(),
             "loss_after_pruning": next((loss for s, loss in held if s == 0), None),
             "rung_losses": {str(s): v for s, v in sorted(rung_losses[cand.name].items())},
@@ -333,7 +332,7 @@ def _result(original, candidates: list[SearchCandidate], dirs: dict[str, Path], 
             "budget_kind": budget.kind, "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
             "original_params": original.num_parameters(), "original_architecture": original.to_dict(),
             "steps": cfg.steps, "rungs": rungs,
-            "halving": cfg.halving, "teacher_logits": teacher_logits, "flops_seq_len": DEFAULT_SEQ_LEN,
+            "halving": cfg.halving, "teacher_logits": teacher_logits, "flops_seq_len": budget.flops_context,
             "eval_data": resolved["eval_data"], "eval_samples": cfg.eval_samples, "seq_len": cfg.seq_len,
             "best": best, "best_directory": "best", "candidates": rows, "config": resolved}
 

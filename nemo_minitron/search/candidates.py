@@ -36,7 +36,9 @@ until ``per_layer_candidates`` are found or the program has no other solution. T
 leaves out the options it cannot split, as for prune. Uniform shapes meet the budget as
 the planner's do (within ``tolerance``); under a memory budget they are the planner's for
 the parameters left beside the parent's KV cache, kept when their memory (weights and KV
-cache) is within the tolerance, and none is an error only when no per-layer one exists.
+cache) is within the tolerance, and none is an error only when no per-layer one exists;
+likewise under a FLOPs budget, for the parameters whose 2 FLOPs each fit beside what the
+parent spends apart from them (attention over the context, less the embedding lookup's).
 """
 
 from __future__ import annotations
@@ -166,13 +168,15 @@ def search_budget(cfg: SearchConfig, names: Names) -> Budget:
 def _uniform(original: ModelDescription, cfg: SearchConfig, tp: int, pp: int, names: Names) -> list[Candidate]:
     """The planner's ranked uniform shapes for the search's budget (see the module doc)."""
     budget = search_budget(cfg, names)
-    if budget.kind != "memory":
-        if not cfg.per_layer:  # the planner's one-line error when no shape meets it
-            return plan(original, budget.limit, cfg.plan_config(), tp=tp, pp=pp, names=names)
-        params = budget.limit
-    else:
+    if not cfg.per_layer:  # the planner's one-line error when no shape meets it
+        return plan(original, budget.limit, cfg.plan_config(), tp=tp, pp=pp, names=names)
+    if budget.kind == "memory":
         kv = original.kv_cache_bytes_per_token(budget.bytes_per_value) * budget.context * budget.batch
         params = (budget.limit - kv) // budget.bytes_per_value
+    elif budget.kind == "flops":  # 2 a parameter, beside what the parent spends otherwise (attention's context)
+        params = (budget.limit - (budget.total(original) - 2 * original.num_parameters())) // 2
+    else:
+        params = budget.limit
     try:  # per-layer candidates are searched too: no uniform shape is no error
         ranked = plan(original, params, cfg.plan_config(), tp=tp, pp=pp, names=names) if params > 0 else []
     except UsageError:

@@ -30,7 +30,8 @@ class SearchConfig(DistillConfig, PlanConfig, PerLayerConfig):
     """Which candidates to try for a budget and how each is distilled and compared."""
 
     target_params: Optional[str] = option(None, "parameter budget, e.g. 90M or 4.5B [required unless --per-layer "
-                                                "with --target-active-params or --target-memory]", metavar="N")
+                                                "with --target-active-params, --target-memory or --target-flops]",
+                                          metavar="N")
     candidates: int = option(5, "candidates taken from the planner, chosen to differ: width-only, depth-only and "
                                 "mixed cuts in turn", ge=0)
     candidate: list[dict[str, int]] = option([], "an explicit candidate to add, e.g. hidden=480,ffn=1024,heads=6",
