@@ -26,6 +26,7 @@ def main() -> None:
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, parse_dtype
     from nemo_minitron.importance.api import hooks_only_step
     from nemo_minitron.importance.collect import ActivationCollector
+    from nemo_minitron.importance.config import ImportanceConfig
     from nemo_minitron.model.forward import run_forward_only, split_microbatches
     from nemo_minitron.runtime.distributed import init_distributed, layout
 
@@ -39,11 +40,14 @@ def main() -> None:
     def plain() -> None:
         run_forward_only(model, batches, step)
 
+    defaults = ImportanceConfig()  # the scores `importance` computes by default
+
     def scoring() -> None:
-        collector = ActivationCollector(model)
+        collector = ActivationCollector(model, seq_agg=defaults.seq_agg, neuron_activation=defaults.neuron_activation,
+                                        head_score=defaults.head_score)
         with collector.active():
             run_forward_only(model, batches, step)
-        collector.finalize(info.description.num_layers, "l2")
+        collector.finalize(info.description.num_layers, defaults.batch_agg)
 
     plain(), scoring()  # warm-up
     times = {"plain": [], "scoring": []}

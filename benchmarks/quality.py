@@ -18,9 +18,10 @@ Writes a markdown table and a bar chart next to the JSON results."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from common import CACHE, PRUNED_TARGET, builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
+from common import CACHE, builtin_samples, parser, pruned_smollm2, smollm2_checkpoint, write_results
 
 
 def random_init_copy(like: Path, out: Path, seed: int) -> Path:
@@ -61,6 +62,7 @@ def main() -> None:
 
     from nemo_minitron.checkpoint.store import load_checkpoint, load_tokenizer, read_info
     from nemo_minitron.distill.api import distill, finetune
+    from nemo_minitron.distill.checkpointing import latest_checkpoint
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.runtime.distributed import init_distributed
 
@@ -88,20 +90,40 @@ def main() -> None:
             ("depth pruning (16 of 30 layers) + distillation", "depth", "kd")]
     heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples or None)
 
+    # held-out losses are cached by checkpoint and held-out size: a rerun after a kill (or
+    # after one more row) scores only what it has not scored
+    scored_path = out / f"heldout-losses-{args.seq_len}x{heldout.shape[0]}.json"
+    scored = json.loads(scored_path.read_text()) if scored_path.is_file() else {}
+
     def loss(path: Path) -> float:
-        model, info = load_checkpoint(path)
-        return evaluate(model, info.description.vocab_size, heldout, micro_batch=8).loss
+        if str(path) not in scored:
+            model, info = load_checkpoint(path)
+            scored[str(path)] = evaluate(model, info.description.vocab_size, heldout, micro_batch=8).loss
+            tmp = scored_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(scored, indent=1))
+            tmp.replace(scored_path)
+        return scored[str(path)]
 
     train = dict(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
                  lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 10), eval_samples=16,
                  dtype=args.dtype)
+
+    def unfinished(run_dir: Path) -> bool:
+        """No finished run in ``run_dir``; one killed before its first checkpoint (nothing to
+        resume from) is removed so that it starts again."""
+        if (run_dir / "summary.json").is_file():
+            return False
+        if run_dir.is_dir() and latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir)
+        return True
+
     rows = []
     for label, student_key, objective in runs:
         student = students[student_key]
         run_dir = out / f"{student_key}-{objective}-{args.steps}steps"
-        if objective == "kd-corrected" and not (corrected / "summary.json").is_file():
+        if objective == "kd-corrected" and unfinished(corrected):
             finetune(str(teacher), ["builtin:train"], str(corrected), **train)
-        if not (run_dir / "summary.json").is_file():
+        if unfinished(run_dir):
             if objective.startswith("kd"):
                 kd_teacher = corrected / "final" if objective == "kd-corrected" else teacher
                 distill(str(kd_teacher), str(student), ["builtin:train"], str(run_dir), **train)
