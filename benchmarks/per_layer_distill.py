@@ -104,8 +104,8 @@ class Bench:
         return smollm2_block_importance(a.samples, a.seq_len, a.block_samples, a.dtype, layer_samples=a.layer_samples,
                                         drop_blocks=drops, second_moments=True)
 
-    def calibration_samples(self, importance: Path):
-        """The importance run's calibration samples (the same draw)."""
+    def calibration_samples(self, importance: Path) -> tuple:
+        """The importance run's calibration samples (the same draw) and its micro-batch size."""
         from nemo_minitron.data.dataset import check_corpus
         from nemo_minitron.importance import api
         from nemo_minitron.importance.scores import ImportanceScores
@@ -132,7 +132,9 @@ class Bench:
                              neuron_activation=d.neuron_activation, num_layers=self.old.num_layers,
                              head_score=d.head_score, channel_norms=d.channel_norms, progress=False)
             record = {"seconds": round(time.perf_counter() - start, 1), "tokens": int(samples[:, 1:].numel())}
-            path.write_text(json.dumps(record))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
         return json.loads(path.read_text())
 
     # ------------------------------------------------------------------ rows
