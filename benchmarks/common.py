@@ -86,6 +86,36 @@ def smollm2_importance(samples: int = 128, seq_len: int = 256, drop_blocks: tupl
     return path
 
 
+def smollm2_block_importance(samples: int, seq_len: int, block_samples: int, dtype: str, **options) -> Path:
+    """Importance of SmolLM2-135M on ``samples`` x ``seq_len`` tokens of builtin:calib with
+    ``--block-variants`` scored on the first ``block_samples`` (computed once per settings);
+    ``options``: further compute_importance keywords (drop_blocks, second_moments,
+    block_distill_steps, ...), part of the cache name."""
+    import hashlib
+
+    from nemo_minitron.importance.api import compute_importance
+
+    settings = {"micro_batch": 4, "layer_samples": 8, **options}
+    digest = hashlib.sha256(json.dumps([dtype, settings], sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE / f"smollm2-importance-{samples}x{seq_len}-variants{block_samples}-{digest}"
+    if not (path / "scores.safetensors").is_file():
+        compute_importance(str(smollm2_checkpoint()), ["builtin:calib"], str(path), samples=samples, seq_len=seq_len,
+                           block_variants=True, block_samples=block_samples, dtype=dtype, **settings)
+    return path
+
+
+def save_kept(teacher, old, new, keep, path: Path, tokenizer, provenance: dict, grams=None) -> Path:
+    """The student ``teacher`` (a loaded model of description ``old``) pruned to ``new`` by
+    keeping ``keep`` (a KeepPlan; ``grams``: refit), saved as a checkpoint in the teacher's dtype."""
+    from nemo_minitron.checkpoint.store import CheckpointInfo, dtype_name, save_checkpoint
+    from nemo_minitron.prune.api import _build_pruned
+
+    model = _build_pruned(teacher, old, new, keep, [len(keep.layers)], grams=grams)
+    dtype = dtype_name(next(model.parameters()).dtype)
+    return save_checkpoint(model, CheckpointInfo(new, dtype, {"kept": keep.summary(), **provenance}), path,
+                           tokenizer=tokenizer)
+
+
 def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: int = 1234, name: str = "",
                    importance: Path | None = None) -> Path:
     """SmolLM2-135M pruned (by default to hidden 480, ffn 1024, 6 heads in 3 groups: 84.5M) with

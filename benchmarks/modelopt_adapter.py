@@ -291,6 +291,29 @@ def prune(model, old, new, forward_loop, scores_path: Path):
     return kept, model
 
 
+def keep_plan(kept: dict, old):
+    """ModelOpt's kept units (``prune``'s record) as nemo-minitron's KeepPlan."""
+    from nemo_minitron.prune.select import KeepPlan
+
+    return KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"],
+                    ffn={int(i): torch.tensor(v) for i, v in kept["ffn"].items()},
+                    groups={i: torch.arange(old.num_query_groups) for i in kept["layers"]},
+                    heads={int(i): torch.tensor(v) for i, v in kept["heads"].items()})
+
+
+def forward_loop(samples, micro_batch: int = 4):
+    """ModelOpt's ``forward_loop``: one forward of ``model`` over the calibration ``samples``
+    ([N, s+1] tokens), the hooks the only product."""
+    from nemo_minitron.importance.api import hooks_only_step
+    from nemo_minitron.model.forward import run_forward_only, split_microbatches
+    from nemo_minitron.runtime.distributed import layout
+
+    def loop(model):
+        run_forward_only(model, split_microbatches(samples, micro_batch), hooks_only_step(layout().device))
+
+    return loop
+
+
 def _ascending(active_slice, size: int) -> list[int]:
     if isinstance(active_slice, slice):
         return list(range(size))[active_slice]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from common import CACHE, builtin_samples, parser, smollm2_checkpoint, write_results
+from common import CACHE, builtin_samples, parser, smollm2_block_importance, smollm2_checkpoint, write_results
 
 BUDGETS = {"100M": "100M", "84.5M": "84.5M", "60M": "60M"}
 
@@ -39,7 +39,6 @@ def main() -> None:
 
     from nemo_minitron.checkpoint.store import is_checkpoint, load_checkpoint, load_tokenizer, read_info
     from nemo_minitron.evaluate import evaluate
-    from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.api import prune
     from nemo_minitron.prune.plan import plan
@@ -52,17 +51,11 @@ def main() -> None:
     desc = read_info(teacher).description
     dtype = resolve_dtype(args.dtype).torch
     heldout = builtin_samples("heldout", load_tokenizer(teacher), args.seq_len).take(args.eval_samples)
-    importance = CACHE / f"smollm2-importance-{args.samples}x{args.seq_len}-variants{args.block_samples}"
     distill = {}
     if args.block_distill_steps:
         distill = dict(block_distill_steps=args.block_distill_steps, block_distill_lr=args.block_distill_lr,
                        block_distill_samples=args.block_distill_samples)
-        importance = importance.with_name(f"{importance.name}-bld{args.block_distill_steps}-lr{args.block_distill_lr:g}"
-                                          f"-{args.block_distill_samples}")
-    if not (importance / "scores.safetensors").is_file():
-        compute_importance(str(teacher), ["builtin:calib"], str(importance), samples=args.samples,
-                           seq_len=args.seq_len, micro_batch=4, layer_samples=8, block_variants=True,
-                           block_samples=args.block_samples, dtype=args.dtype, **distill)
+    importance = smollm2_block_importance(args.samples, args.seq_len, args.block_samples, args.dtype, **distill)
     summary = ImportanceScores.load(importance).summary
 
     def loss_of(path) -> float:

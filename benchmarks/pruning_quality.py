@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from common import CACHE, builtin_samples, parser, smollm2_checkpoint, write_results
+import modelopt_adapter
+from common import CACHE, builtin_samples, parser, save_kept, smollm2_checkpoint, write_results
 
 OUT = CACHE / "pruning_quality"  # --out
 
@@ -135,17 +136,14 @@ class Bench:
         key = {"distill": steps, "keep": sha, "train": TRAIN, "eval": [self.args.eval_samples, self.args.seq_len]}
 
         def compute():
-            from nemo_minitron.checkpoint.store import CheckpointInfo, load_checkpoint, save_checkpoint
+            from nemo_minitron.checkpoint.store import load_checkpoint
             from nemo_minitron.distill.api import distill
-            from nemo_minitron.prune.api import _build_pruned
 
             student, run_dir = OUT / "students" / sha, OUT / "distill" / f"{sha}-{steps}steps"
             for d in (student, run_dir):
                 shutil.rmtree(d, ignore_errors=True)
-            model = _build_pruned(self.teacher, self.old, new, keep, [len(keep.layers)], grams=grams)
-            save_checkpoint(model, CheckpointInfo(new, "float32", {"kept": keep.summary()}), student,
-                            tokenizer=self.tokenizer)
-            del model
+            save_kept(self.teacher, self.old, new, keep, student, self.tokenizer, {}, grams=grams)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
             distill(str(self.ckpt), str(student), ["builtin:train"], str(run_dir), steps=steps,
                     warmup_steps=max(1, steps // 10), progress=False, **TRAIN)
@@ -324,8 +322,6 @@ class Bench:
 
     # ----------------------------------------------------------------- ModelOpt
     def modelopt(self, seed: int, target: dict, new, check: bool) -> dict:
-        import modelopt_adapter
-
         key = {"modelopt": modelopt_adapter.MODELOPT_VERSION, "seed": seed, "row": target,
                "calib": [self.args.calib_samples, self.args.seq_len], "check": True,
                "eval": [self.args.eval_samples, self.args.seq_len]}
@@ -334,20 +330,13 @@ class Bench:
 
         def compute():
             from nemo_minitron.checkpoint.store import load_checkpoint
-            from nemo_minitron.importance.api import hooks_only_step
-            from nemo_minitron.model.forward import run_forward_only, split_microbatches
-            from nemo_minitron.runtime.distributed import layout
-
-            samples = self.load_samples(seed)
-
-            def forward_loop(model):
-                run_forward_only(model, split_microbatches(samples, 4), hooks_only_step(layout().device))
 
             model, _ = load_checkpoint(self.ckpt)
-            kept, pruned = modelopt_adapter.prune(model, self.old, new, forward_loop, OUT / f"modelopt-scores-seed{seed}")
+            kept, pruned = modelopt_adapter.prune(model, self.old, new, modelopt_adapter.forward_loop(
+                self.load_samples(seed)), OUT / f"modelopt-scores-seed{seed}")
             result = {**self.evaluate(pruned), "parameters": _param_count(pruned), "kept": kept}
             del pruned, model
-            keep = modelopt_keep(kept, self.old)
+            keep = modelopt_adapter.keep_plan(kept, self.old)
             result["keep_sha256"] = keep.summary()["sha256"]
             if check:  # ModelOpt's kept units, rebuilt by our pruning code
                 from nemo_minitron.prune.api import _build_pruned
@@ -357,16 +346,6 @@ class Bench:
             return result
 
         return self.cached(key, compute)
-
-
-def modelopt_keep(kept: dict, old):
-    """ModelOpt's kept units (benchmarks/modelopt_adapter.py's record) as our KeepPlan."""
-    from nemo_minitron.prune.select import KeepPlan
-
-    return KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"],
-                    ffn={int(i): torch.tensor(v) for i, v in kept["ffn"].items()},
-                    groups={i: torch.arange(old.num_query_groups) for i in kept["layers"]},
-                    heads={int(i): torch.tensor(v) for i, v in kept["heads"].items()})
 
 
 # distillation after pruning: the same for every student (the settings of benchmarks/quality.py)
@@ -472,7 +451,7 @@ def main() -> None:
                                                      "seeds": {}})
             assert mo["parameters"] == new.num_parameters(), (row, mo["parameters"], new.num_parameters())
             per_seed = {"ModelOpt 0.47": {k: mo[k] for k in ("docs", "heldout")}}
-            keeps[(seed, row)] = {"ModelOpt 0.47": (modelopt_keep(mo["kept"], bench.old), None)}
+            keeps[(seed, row)] = {"ModelOpt 0.47": (modelopt_adapter.keep_plan(mo["kept"], bench.old), None)}
             if "rebuilt_by_ours" in mo:
                 results["checks"].setdefault("modelopt_rebuilt_by_ours", {})[row] = {
                     "modelopt": per_seed["ModelOpt 0.47"], "rebuilt": mo["rebuilt_by_ours"]}

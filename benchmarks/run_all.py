@@ -18,6 +18,7 @@ QUICK = {"search_cache": ["--steps", "20", "--ranking-steps", "40", "--checkpoin
          "contrastive_quality": ["--steps", "20", "--seq-len", "128", "--eval-samples", "32", "--task-limit", "64"],
          "per_layer_quality": ["--samples", "16", "--seq-len", "128", "--block-samples", "2", "--eval-samples", "16",
                                "--uniform", "2"],
+         "per_layer_distill": ["--quick"],
          # the hybrid benchmarks on a 3-step hybrid (--full: the trained one)
          "hybrid_model": ["--quick"], "hybrid_pruning_quality": ["--quick"], "hybrid_kd_step_time": ["--quick"]}
 
