@@ -472,6 +472,17 @@ def changed_copy(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
+def saved_args(iteration_dir: Path) -> argparse.Namespace:
+    """The args Megatron-LM reads back from an iteration directory: its common.pt (megatron-core
+    up to 0.16), else through megatron-core's reader of the common state that 0.17+ keeps
+    inside the shards."""
+    if (iteration_dir / "common.pt").is_file():
+        return torch.load(iteration_dir / "common.pt", weights_only=True)["args"]
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    return load_common_state_dict(str(iteration_dir))["args"]
+
+
 def strict_load(model, directory: Path, keys=lambda sharded: sharded):
     """As Megatron-LM's load_checkpoint: the sharded state dict of the model built from the
     checkpoint's config (``keys``: as the model's spec would key it), with the checkpoint's
