@@ -319,19 +319,13 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _rewrite_args(iteration_dir: Path, **changes) -> None:
-    """Edit a fixture's common state (written by the test itself, so a full unpickle is safe).
-    megatron-core 0.17+ keeps it inside the shards and reads a common.pt in its place when
-    there is one, as the project does: the edited state goes there."""
-    path = iteration_dir / "common.pt"
-    if path.is_file():
-        common = torch.load(path, weights_only=False)
-    else:
-        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+    """Edit a fixture's common state (megatron_layouts.saved_common)."""
+    from megatron_layouts import saved_common
 
-        common = load_common_state_dict(str(iteration_dir))
+    common = saved_common(iteration_dir)
     for key, value in changes.items():
         setattr(common["args"], key, value)
-    torch.save(common, path)
+    torch.save(common, iteration_dir / "common.pt")
 
 
 @pytest.mark.multirank
