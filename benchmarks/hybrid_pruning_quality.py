@@ -10,13 +10,12 @@ mean over seeds; the magnitude order (no calibration) is the floor. Layers are c
 the loss drop of each (``--layer-metric loss``, one calibration sequence): greedy
 elimination costs 69 passes here, more than this shared CPU allowed.
 
-ModelOpt 0.47 is not run: its hybrid path imports ``megatron.core.models.hybrid``, which
-megatron-core 0.16.1 lacks, and no newer megatron-core installs on this Python (3.11):
-0.17.0-0.19.2 declare Requires-Python >= 3.12 (pip refuses them); 0.17.1's wheel has no
-``models.hybrid`` either; 0.18.2's, unpacked by hand into a separate directory, compiles
-under 3.11 but its import stops at ``import triton`` (pipeline_parallel/schedules.py ->
-transformer/moe/paged_stash.py, unguarded), and it could not share a process with the
-models built here on 0.16.1 anyway. ``print_modelopt_check`` repeats the pip check.
+ModelOpt 0.47 is not run here yet: its hybrid path imports ``megatron.core.models.hybrid``,
+which megatron-core 0.16.1 lacks, and megatron-core 0.17-0.19 need Python >= 3.12. It runs
+in the separate Python 3.12 environment (benchmarks/py312_env.sh, megatron-core 0.19):
+benchmarks/modelopt_hybrid_prune.py prunes a checkpoint there and writes the units it
+keeps, for this benchmark to rebuild with our pruning code and score (docs/hybrid.md).
+``print_modelopt_check`` repeats the pip check of the project's environment.
 
     python benchmarks/hybrid_pruning_quality.py [--seeds 1 2] [--samples 16] [--eval 16] [--quick]
 """

@@ -1,14 +1,17 @@
-"""NVIDIA ModelOpt 0.47 ``mcore_minitron`` pruning as a live peer, on megatron-core 0.16.1's
-local layer spec on a CPU. Benchmark-only: ModelOpt is installed into
-benchmarks/.cache/modelopt-site on first use, never into the project's environment.
+"""NVIDIA ModelOpt 0.47 ``mcore_minitron`` pruning as a live peer, on megatron-core's local
+layer spec on a CPU: GPT models on megatron-core 0.16.1 (the project's environment), hybrid
+(Mamba) models on 0.19 (benchmarks/py312_env.sh, through benchmarks/modelopt_hybrid_prune.py).
+Benchmark-only: ModelOpt is installed into benchmarks/.cache/modelopt-site on first use,
+never into the project's environment (the 3.12 environment has it installed).
 
 As shipped, 0.47's ``mcore_minitron`` mode does not register on megatron-core 0.16.1
 (it imports ``megatron.core.models.hybrid`` and Transformer Engine; both failures are
 swallowed, so the mode is simply missing), and its head and hidden-channel importance
 assume the TE layer spec. What this adapter changes, and nothing else:
 
-1. ``megatron.core.models.hybrid`` is aliased to 0.16.1's ``megatron.core.models.mamba``
-   (``HybridModel`` = ``MambaModel``; the TE hybrid stack spec is never used here).
+1. On 0.16.1, ``megatron.core.models.hybrid`` is aliased to its ``megatron.core.models.mamba``
+   (``HybridModel`` = ``MambaModel``); on every version the TE hybrid stack spec (built at
+   import, needing TE on 0.19) is left out: ModelOpt's pruning never uses it.
 2. Import stubs for Transformer Engine: megatron-core replaces TE by a MagicMock when TE
    is missing, so its ``TE*`` classes are mocks, which ModelOpt cannot register; they are
    replaced by empty ``nn.Module`` subclasses no local-spec module is an instance of, and
@@ -25,6 +28,11 @@ assume the TE layer spec. What this adapter changes, and nothing else:
    which gloo requires.
 6. The search-space divisors (hidden 256, ffn 512 by default) are relaxed to 1 so that
    the targets of a 135M model (hidden 480, ffn 1024) are valid choices.
+7. Hybrids: ModelOpt registers its Mamba dynamic modules only where ``mamba_ssm`` imports;
+   an empty stand-in module lets it, the mixer running nemo-minitron's CPU kernels
+   (runtime.cpu_fallback, enabled first, so the gated norm ModelOpt registers is the one
+   in the mixer). A Mamba layer's norm, fused into ``in_proj`` in the TE spec, is its own
+   module in the local spec: it joins the hidden-size hparam and gets the norm hook of 4.
 
 The benchmark checks the adapter two ways: an identity prune reproduces the teacher's
 loss, and ModelOpt's kept units rebuilt by nemo-minitron's own pruning code reproduce
@@ -34,6 +42,8 @@ ModelOpt's pruned loss.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import types
@@ -50,7 +60,13 @@ _READY = False
 
 
 def install() -> None:
-    """pip-install ModelOpt (no dependencies) into the benchmark's own folder, once."""
+    """pip-install ModelOpt (no dependencies) into the benchmark's own folder, once; nothing
+    where the environment has it already (benchmarks/py312_env.sh installs it)."""
+    try:
+        if importlib.metadata.version("nvidia-modelopt") == MODELOPT_VERSION:
+            return
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if not (SITE / f"nvidia_modelopt-{MODELOPT_VERSION}.dist-info").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(SITE), "--no-deps",
                         *EXTRA_PACKAGES], check=True)
@@ -78,17 +94,30 @@ def _stub_transformer_engine() -> None:
 
 
 def _alias_hybrid_module() -> None:
+    """megatron-core 0.16: ``models.hybrid`` is 0.16's ``models.mamba`` (``HybridModel`` =
+    ``MambaModel``). Every version: the TE hybrid stack spec, which megatron builds when its
+    module is imported (0.19: it needs TE), is left out; ModelOpt's pruning never uses it."""
+    specs = types.ModuleType("megatron.core.models.hybrid.hybrid_layer_specs")
+    specs.hybrid_stack_spec = None
+    sys.modules.setdefault(specs.__name__, specs)
+    if importlib.util.find_spec("megatron.core.models.hybrid") is not None:
+        return
     import megatron.core.models.mamba.mamba_model as mamba_model
 
     hybrid = types.ModuleType("megatron.core.models.hybrid")
     hybrid.__path__ = []
     model = types.ModuleType("megatron.core.models.hybrid.hybrid_model")
-    specs = types.ModuleType("megatron.core.models.hybrid.hybrid_layer_specs")
     model.HybridModel = hybrid.HybridModel = mamba_model.MambaModel
-    specs.hybrid_stack_spec = None  # the TE hybrid spec (needs triton); unused on GPT models
     sys.modules.setdefault("megatron.core.models.hybrid", hybrid)
     sys.modules.setdefault("megatron.core.models.hybrid.hybrid_model", model)
-    sys.modules.setdefault("megatron.core.models.hybrid.hybrid_layer_specs", specs)
+
+
+def _stub_mamba_ssm() -> None:
+    """ModelOpt registers its Mamba dynamic modules only where ``mamba_ssm`` imports; on a CPU
+    the mixer runs nemo-minitron's kernels instead (runtime.cpu_fallback, enabled before
+    this: ModelOpt then registers the gated norm it put in place of ``ExtendedRMSNorm``)."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        sys.modules.setdefault("mamba_ssm", types.ModuleType("mamba_ssm"))
 
 
 def _gloo_safe_all_gather() -> None:
@@ -199,21 +228,41 @@ def _register_local_spec() -> None:
         registry._hooks[:] = kept
         assert norm_hook is not None, "ModelOpt registered no separate-norm hook"
         for layer in module.decoder.layers:
-            registry.register_hook(layer.pre_mlp_layernorm, norm_hook, hook_type="forward")
+            # a GPT or MLP layer's pre-MLP norm, a Mamba layer's norm (an attention-only
+            # layer of a hybrid has an identity in the pre-MLP place, no norm)
+            for norm in (getattr(layer, "pre_mlp_layernorm", None), getattr(layer, "norm", None)):
+                if isinstance(norm, DynamicModule):
+                    registry.register_hook(norm, norm_hook, hook_type="forward")
 
     mm._register_hidden_size_importance = _register_hidden_size_importance
+
+    original_mamba_setup, original_mamba_export = mo._DynamicMambaLayer._setup, mo._DynamicMambaLayer.export
+
+    def _mamba_setup(self, *, hidden_size):
+        """ModelOpt's (the mixer), and the local spec's separate norm on the hidden-size hparam."""
+        original_mamba_setup(self, hidden_size=hidden_size)
+        if isinstance(self.norm, torch.nn.RMSNorm):
+            DMRegistry.convert(self.norm, num_features=hidden_size)
+
+    def _mamba_export(self):
+        if isinstance(self.norm, DynamicModule):
+            self.norm.export()
+        return original_mamba_export(self)
+
+    mo._DynamicMambaLayer._setup, mo._DynamicMambaLayer.export = _mamba_setup, _mamba_export
 
 
 _STUBBED = False
 
 
 def _stub_imports() -> None:
-    """Install (once) and the import-time adaptations 1, 2 and 5 (shared by pruning and sparsity)."""
+    """Install (once) and the import-time adaptations 1, 2, 5 and 7 (shared by pruning and sparsity)."""
     global _STUBBED
     install()
     if not _STUBBED:
         _stub_transformer_engine()
         _alias_hybrid_module()
+        _stub_mamba_ssm()
         _gloo_safe_all_gather()
         _STUBBED = True
 

@@ -24,7 +24,11 @@ from nemo_minitron.errors import UsageError, require
 #: The file that marks a nemo-minitron checkpoint directory (``checkpoint.store``).
 INFO_FILE = "nemo_minitron.json"
 #: What megatron-core's ``dist_checkpointing.save`` writes besides the shards, all read on load.
-DIST_CHECKPOINT_FILES = (".metadata", "metadata.json", "common.pt")
+DIST_CHECKPOINT_FILES = (".metadata", "metadata.json")
+#: The common (non-tensor) state: a file of its own up to megatron-core 0.16; from 0.17 on
+#: (either is read by both) an object inside the shards, under this key of the index.
+COMMON_STATE_FILE = "common.pt"
+COMMON_STATE_KEY = "common_state/shard_0_1"
 
 
 # ---------------------------------------------------------------------- outputs
@@ -144,18 +148,23 @@ def check_complete(weights: Path, flag: str = "CKPT", given: str | os.PathLike |
         return  # not torch_dist: megatron_format refuses it with its own message
     for name in DIST_CHECKPOINT_FILES:
         require((weights / name).is_file(), f"{shown} is incomplete: '{weights / name}' is missing")
-    shards = shard_files(weights / ".metadata", shown)
+    names = index_strings(weights / ".metadata", shown)
+    if COMMON_STATE_KEY not in names:
+        common = weights / COMMON_STATE_FILE
+        require(common.is_file(), f"{shown} is incomplete: '{common}' is missing")
+    shards = {name for name in names if name.endswith(".distcp")}
     missing = sorted(s for s in shards if not (weights / s).is_file())
     if missing:
         more = f"; {len(missing) - 1} more of its {len(shards)} shard files too" if len(missing) > 1 else ""
         raise UsageError(f"{shown} is incomplete: the shard file '{weights / missing[0]}' is missing{more}")
 
 
-def shard_files(index: Path, shown: str) -> set[str]:
-    """The ``.distcp`` files a torch_dist index names: the strings of its pickle, read as
-    opcodes (nothing is unpickled, so neither torch nor any code from the file runs)."""
+def index_strings(index: Path, shown: str) -> set[str]:
+    """The strings of a torch_dist index (``.metadata``: shard file names, state keys), its
+    pickle read as opcodes (nothing is unpickled, so neither torch nor any code from the file
+    runs)."""
     try:
         with open(index, "rb") as f:
-            return {arg for _, arg, _ in pickletools.genops(f) if isinstance(arg, str) and arg.endswith(".distcp")}
+            return {arg for _, arg, _ in pickletools.genops(f) if isinstance(arg, str)}
     except (OSError, ValueError) as e:
         raise UsageError(f"{shown}: unreadable torch_dist index '{index}' ({e})") from None

@@ -456,7 +456,7 @@ def hybrid_bridge_model_section(hf_dir: Path, *, tp: int, pp: int) -> dict:
 def changed_copy(src: Path, dst: Path, **changes) -> Path:
     """A copy ``dst`` of the Megatron-LM / Bridge checkpoint directory ``src`` whose latest
     iteration states its model with ``changes`` (Bridge: run_config.yaml's ``model:``;
-    Megatron-LM: common.pt's args)."""
+    Megatron-LM: its common state's args, written to common.pt)."""
     import yaml
 
     shutil.copytree(src, dst)
@@ -466,10 +466,26 @@ def changed_copy(src: Path, dst: Path, **changes) -> Path:
         data["model"].update(changes)
         (it_dir / "run_config.yaml").write_text(yaml.safe_dump(data))
     else:
-        state = torch.load(it_dir / "common.pt", weights_only=False)
+        state = saved_common(it_dir)
         vars(state["args"]).update(changes)
         torch.save(state, it_dir / "common.pt")
     return dst
+
+
+def saved_common(iteration_dir: Path) -> dict:
+    """The common state Megatron-LM reads back from an iteration directory (written by the
+    tests themselves, so a full unpickle is safe): its common.pt (megatron-core up to 0.16),
+    else through megatron-core's reader of the state that 0.17+ keeps inside the shards. Both
+    read a common.pt in its place when there is one: an edited state is written there."""
+    if (iteration_dir / "common.pt").is_file():
+        return torch.load(iteration_dir / "common.pt", weights_only=False)
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    return load_common_state_dict(str(iteration_dir))
+
+
+def saved_args(iteration_dir: Path) -> argparse.Namespace:
+    return saved_common(iteration_dir)["args"]
 
 
 def strict_load(model, directory: Path, keys=lambda sharded: sharded):

@@ -219,8 +219,9 @@ def test_incomplete_checkpoint_is_refused_by_every_reader(cli, tiny_checkpoint, 
     ]
     for args in cases:
         _assert_clean_error(cli(*args), out, "is incomplete", shard)
-    no_common, _ = incomplete_checkpoint("common.pt")
-    _assert_clean_error(cli("eval", no_common, "--data", "builtin:heldout"), None, "is incomplete", "common.pt")
+    if (good / "weights" / "common.pt").is_file():  # megatron-core 0.16 (0.17 on: inside the shards)
+        no_common, _ = incomplete_checkpoint("common.pt")
+        _assert_clean_error(cli("eval", no_common, "--data", "builtin:heldout"), None, "is incomplete", "common.pt")
     # a Megatron-LM layout: the iteration directory is the torch_dist directory
     root = tmp_path / "megatron"
     shutil.copytree(broken / "weights", root / "iter_0000010")

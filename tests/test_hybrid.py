@@ -63,6 +63,48 @@ def test_ssd_scan_equals_the_recurrence():
     assert (final.double() - ref_final).abs().max().item() <= SAFETY * math.sqrt(n) * U32 * scale_final.max().item()
 
 
+def test_decode_steps_equal_the_recurrence():
+    """The decode-step kernels (megatron-core 0.19's Triton API: batch first, then new tokens;
+    states updated in place, their rows chosen by index): three tokens in one call, then one
+    per call, equal the float64 recurrence and a float64 causal conv, outputs and final states.
+    The states' rows are swapped against the batch (indices [1, 0])."""
+    from nemo_minitron.model.ssm_kernels import causal_conv1d_update, selective_state_update
+
+    g = torch.Generator().manual_seed(1)
+    b, steps, heads, head_dim, groups, state_dim, channels, width = 2, 7, 6, 4, 3, 5, 10, 4
+    x, z = torch.randn(b, steps, heads, head_dim, generator=g), torch.randn(b, steps, heads, head_dim, generator=g)
+    dt, dt_bias = torch.randn(b, steps, heads, generator=g), torch.randn(heads, generator=g)
+    A, D = -torch.rand(heads, generator=g) * 4, torch.randn(heads, generator=g)
+    B, C = torch.randn(b, steps, groups, state_dim, generator=g), torch.randn(b, steps, groups, state_dim, generator=g)
+    start = torch.randn(b, heads, head_dim, state_dim, generator=g)
+    u, weight, bias = torch.randn(b, steps, channels, generator=g), torch.randn(channels, width, generator=g), \
+        torch.randn(channels, generator=g)
+    window = torch.randn(b, channels, width, generator=g)  # the conv's cached inputs before step 0
+
+    rows = torch.tensor([1, 0])
+    ssm_state, conv_state = start[rows].clone(), window[rows].clone()
+    per_p = lambda t: t[..., None].expand(*t.shape, head_dim)  # noqa: E731  (the mixer's layout)
+    ys, convs = [], []
+    for lo, hi in [(0, 3)] + [(t, t + 1) for t in range(3, steps)]:
+        ys.append(selective_state_update(ssm_state, x[:, lo:hi], per_p(dt[:, lo:hi]), per_p(A)[..., None].expand(
+            heads, head_dim, state_dim), B[:, lo:hi], C[:, lo:hi], per_p(D), z=z[:, lo:hi], dt_bias=per_p(dt_bias),
+            dt_softplus=True, state_batch_indices=rows))
+        convs.append(causal_conv1d_update(u[:, lo:hi], conv_state, weight, bias, "silu", rows))
+
+    ref_y, ref_final = _recurrence(x, dt, A, B, C, D, z, dt_bias, start)
+    scale_y, scale_final = _recurrence(x.abs(), dt, A, B.abs(), C.abs(), D.abs(), z, dt_bias, start.abs())
+    n = steps * state_dim
+    assert (torch.cat(ys, 1).double() - ref_y).abs().max().item() <= SAFETY * math.sqrt(n) * U32 * scale_y.abs().max()
+    assert (ssm_state[rows].double() - ref_final).abs().max().item() <= SAFETY * math.sqrt(n) * U32 * scale_final.max()
+
+    inputs = torch.cat([window.double()[..., 1:], u.double().transpose(1, 2)], -1)  # [b, channels, width-1+steps]
+    ref_conv = F.silu((inputs.unfold(-1, width, 1) * weight.double()[:, None]).sum(-1) + bias.double()[:, None])
+    magnitude = ((inputs.abs().unfold(-1, width, 1) * weight.abs().double()[:, None]).sum(-1) + bias.abs()[:, None])
+    assert (torch.cat(convs, 1).double() - ref_conv.transpose(1, 2)).abs().max().item() <= fp32(width + 1,
+                                                                                                 magnitude.max().item())
+    assert torch.equal(conv_state[rows], torch.cat([window, u.transpose(1, 2)], -1)[..., -width:])
+
+
 def _ours_and_hf(tiny_hf, config_overrides=None):
     from nemo_minitron.checkpoint.hf_import import load_source_into, resolve_source
     from nemo_minitron.model.builder import build_model
@@ -136,6 +178,7 @@ def test_prefill_then_decode_match_transformers(tiny_hf, runtime):
     of the whole sequence at that position."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
+    from nemo_minitron.generate.engine import inference_mode
     from test_conversion import widest
 
     ours, _, desc = _ours_and_hf(tiny_hf)
@@ -146,7 +189,7 @@ def test_prefill_then_decode_match_transformers(tiny_hf, runtime):
     context = StaticInferenceContext(2, length)
     steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
     last = []
-    with torch.no_grad():
+    with torch.no_grad(), inference_mode():
         for start, end in steps:
             chunk = tokens[:, start:end]
             out = ours(chunk, torch.arange(start, end).expand_as(chunk), None, inference_context=context,

@@ -145,7 +145,7 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
     to Megatron-LM / Bridge, which reloads strictly into Megatron-built models (explicit
     kv_channels, fewer groups, fewer layers; each padding)."""
     import yaml
-    from megatron_layouts import gpt_from_args, gpt_from_provider, strict_load
+    from megatron_layouts import gpt_from_args, gpt_from_provider, saved_args, strict_load
 
     from nemo_minitron.checkpoint.api import export
     from nemo_minitron.checkpoint.store import read_info
@@ -168,7 +168,7 @@ def test_each_layout_prunes_and_exports(interop, tmp_path, name):
     init_distributed(1, 1)
     assert _diff(hf_logits(tmp_path / "hf", tokens), ours) <= LOGITS_TOL
     written = tmp_path / "mg" / "iter_0000000"
-    args = torch.load(written / "common.pt", weights_only=True)["args"]
+    args = saved_args(written)
     expected_rows = {"96": 1056, "none": TINY_VOCAB, "megatron": 1024}[padding]
     assert args.padded_vocab_size == expected_rows and args.kv_channels == info.description.head_dim
     from megatron.core import dist_checkpointing
@@ -197,7 +197,7 @@ def test_other_families_round_trip_through_megatron(tiny_checkpoint, tmp_path, k
     strictly into the models Megatron builds from their config (a MoE layer's norm keyed as
     the Transformer Engine spec keys it) and read back with the same logits."""
     import yaml
-    from megatron_layouts import gpt_from_args, gpt_from_provider, strict_load, te_keyed
+    from megatron_layouts import gpt_from_args, gpt_from_provider, saved_args, strict_load, te_keyed
 
     from nemo_minitron.checkpoint.api import describe_model, export
     from nemo_minitron.model.forward import full_logits
@@ -211,7 +211,7 @@ def test_other_families_round_trip_through_megatron(tiny_checkpoint, tmp_path, k
     back, _ = _logits(tmp_path / "mg", tokens)
     assert _diff(back, ours) <= LOGITS_TOL
     written = tmp_path / "mg" / "iter_0000000"
-    args = torch.load(written / "common.pt", weights_only=True)["args"]
+    args = saved_args(written)
     for model in (gpt_from_args(args), gpt_from_provider(yaml.safe_load((written / "run_config.yaml").read_text())["model"])):
         assert _diff(full_logits(strict_load(model, written, keys=te_keyed), tokens, TINY_VOCAB), ours) <= LOGITS_TOL
 
@@ -319,8 +319,10 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _rewrite_args(iteration_dir: Path, **changes) -> None:
-    """Edit a fixture's common.pt (written by the test itself, so a full unpickle is safe)."""
-    common = torch.load(iteration_dir / "common.pt", weights_only=False)
+    """Edit a fixture's common state (megatron_layouts.saved_common)."""
+    from megatron_layouts import saved_common
+
+    common = saved_common(iteration_dir)
     for key, value in changes.items():
         setattr(common["args"], key, value)
     torch.save(common, iteration_dir / "common.pt")
@@ -401,6 +403,50 @@ def test_common_pt_runs_no_code(tmp_path):
     torch.save({"touch": Touch()}, tmp_path / "touch.pt")
     with pytest.raises(UsageError, match="unreadable"):
         load_common(tmp_path / "touch.pt")
+    assert not marker.exists()
+
+
+def test_common_state_inside_the_shards_runs_no_code(tmp_path):
+    """megatron-core 0.17+ writes no common.pt: the common state (Megatron-LM's args) is an
+    object inside the torch_dist shards, which torch's checkpoint reader would unpickle
+    unrestricted. Read here from its stored bytes as common.pt is: the args come back, a
+    pickled call is recorded, never made; what cannot be represented so is refused, still
+    without running anything."""
+    import argparse
+
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from nemo_minitron.checkpoint.megatron_format import common_state
+    from nemo_minitron.errors import UsageError
+    from nemo_minitron.files import COMMON_STATE_KEY
+
+    class Writer(FileSystemWriter):
+        def storage_meta(self):  # torch's own writer records its path (a PosixPath), megatron's does not
+            return None
+
+    def checkpoint(name: str, common: dict) -> Path:
+        weights = tmp_path / name
+        save({COMMON_STATE_KEY: [common], "decoder.final_norm.weight": torch.ones(4)},
+             storage_writer=Writer(str(weights)), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
+        assert not (weights / "common.pt").exists()
+        return weights
+
+    marker = tmp_path / "ran"
+
+    class Say:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    class Touch:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    loaded = common_state(checkpoint("say", {"args": argparse.Namespace(num_layers=3), "say": Say()}))
+    assert loaded["args"].num_layers == 3
+    assert type(loaded["say"]).__name__ == "print" and loaded["say"].args == ("this must not run",)
+    with pytest.raises(UsageError, match="unreadable"):
+        common_state(checkpoint("touch", {"touch": Touch()}))
     assert not marker.exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import cli_in_process
-from megatron_layouts import changed_copy
+from megatron_layouts import changed_copy, saved_args
 from tiny_models import hf_logits
 from tolerances import transformer_logits
 
@@ -81,7 +81,7 @@ def test_hybrid_export_is_keyed_and_described_as_megatron_builds_it(hybrid_megat
     from megatron.core import dist_checkpointing
 
     written = hybrid_megatron["out"] / "export_tp2" / "iter_0000000"
-    args = torch.load(written / "common.pt", weights_only=True)["args"]
+    args = saved_args(written)
     assert (args.hybrid_override_pattern, args.is_hybrid_model, args.position_embedding_type) == ("M*-M-M", True, "none")
     assert (args.mamba_num_heads, args.mamba_head_dim, args.mamba_num_groups, args.mamba_state_dim) == (8, 8, 2, 16)
     assert args.spec == ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"] and args.squared_relu

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 
 from conftest import cli_in_process
-from megatron_layouts import changed_copy
+from megatron_layouts import changed_copy, saved_args
 from tiny_models import TINY_VOCAB, hf_logits
 from tolerances import transformer_logits
 
@@ -76,7 +75,7 @@ def test_moe_exports_state_the_model_in_both_vocabularies(moe_megatron):
     for name, kind in (("export_pp2", GPT), ("export_tp2", HYBRID)):
         written = moe_megatron["out"] / name / "iter_0000000"
         expected = describe_model(str(moe_megatron["hf"][kind]))
-        configs = {"args": normalize_args(torch.load(written / "common.pt", weights_only=False)["args"]),
+        configs = {"args": normalize_args(saved_args(written)),
                    "provider": yaml.safe_load((written / "run_config.yaml").read_text())["model"]}
         for source, cfg in configs.items():
             desc = description_from_config(cfg, vocab_size=TINY_VOCAB, source=source)
@@ -100,7 +99,7 @@ def test_moe_exports_load_into_megatron_core_models(moe_megatron):
 
     out, tokens = moe_megatron["out"], moe_megatron["tokens"]
     gpt_dir = out / "export_pp2" / "iter_0000000"
-    args = torch.load(gpt_dir / "common.pt", weights_only=False)["args"]
+    args = saved_args(gpt_dir)
     assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == (4, 2, 48)
     assert args.moe_router_pre_softmax and args.moe_shared_expert_gate and args.moe_shared_expert_intermediate_size == 64
     keys = set(dist_checkpointing.load_tensors_metadata(str(gpt_dir)))

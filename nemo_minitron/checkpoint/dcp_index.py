@@ -8,6 +8,7 @@ against an allow-list of the checkpoint types torch writes (``verify_dcp_metadat
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -56,3 +57,23 @@ def read_index(weights: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | 
         dtype = getattr(getattr(md, "properties", None), "dtype", None)
         out[key] = (tuple(size) if size is not None else (), dtype if size is not None else None)
     return out
+
+
+def read_object_bytes(weights: Path, key: str) -> bytes:
+    """The stored bytes of one object entry (megatron-core 0.17+ keeps a checkpoint's common
+    state so, under ``files.COMMON_STATE_KEY``), unread: torch's checkpoint reader would
+    unpickle them unrestricted (``weights_only=False``)."""
+    from torch.distributed.checkpoint import FileSystemReader, load  # deferred: only these checkpoints need it
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class RawBytesPlanner(DefaultLoadPlanner):
+        read: dict[str, bytes] = {}
+
+        def load_bytes(self, read_item, value) -> None:
+            self.read = {**self.read, read_item.dest_index.fqn: value.read()}
+
+    verify_dcp_metadata(weights)
+    planner = RawBytesPlanner(flatten_state_dict=False)
+    load({key: io.BytesIO()}, storage_reader=FileSystemReader(str(weights)), planner=planner, no_dist=True)
+    require(key in planner.read, f"'{weights}' holds no object '{key}'")
+    return planner.read[key]

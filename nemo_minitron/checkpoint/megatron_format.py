@@ -23,8 +23,9 @@ The embedding and output layer are loaded with megatron's ``allow_shape_mismatch
 any vocabulary padding reads into the project's; rows past the true vocabulary are
 zeroed. Optimizer, RNG and Transformer Engine ``_extra_state`` entries are never read.
 
-Nothing executes code from the files: YAML is read with ``safe_load``; ``common.pt``
-with torch's ``weights_only`` loader, every class it names (Megatron's enums and configs,
+Nothing executes code from the files: YAML is read with ``safe_load``; ``common.pt`` (from
+megatron-core 0.17 on: the common-state object inside the shards) with torch's
+``weights_only`` loader, every class it names (Megatron's enums and configs,
 a trainer's callbacks) standing in as an inert object; the ``.metadata`` index through
 the project's allow-list unpickler. Checkpoints in the legacy ``mp_rank_XX`` format, ``torch_dcp`` /
 ``fsdp_dtensor`` and ``zarr`` are refused with a one-line error.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -47,14 +49,15 @@ import torch
 import yaml
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing import serialization as mc_serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_config
-from nemo_minitron.checkpoint.dcp_index import read_index
+from nemo_minitron.checkpoint.dcp_index import read_index, read_object_bytes
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.files import check_complete
+from nemo_minitron.files import COMMON_STATE_FILE, COMMON_STATE_KEY, check_complete, index_strings
 from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
@@ -100,16 +103,19 @@ class _Inert:
 
 
 @contextlib.contextmanager
-def inert_globals(common_pt: Path):
-    """torch's weights-only loader, with every global that ``common_pt`` names and torch does
-    not allow replaced by an inert stand-in, for as long as the block runs (megatron-core
-    loads ``common.pt`` itself inside ``dist_checkpointing.load``, whatever its version)."""
+def inert_globals(pickled: Path | bytes, shown: str | None = None):
+    """torch's weights-only loader, with every global that ``pickled`` (a ``common.pt`` or the
+    bytes of an in-shard common state) names and torch does not allow replaced by an inert
+    stand-in, for as long as the block runs (megatron-core loads ``common.pt`` itself inside
+    ``dist_checkpointing.load``, whatever its version)."""
+    shown = shown or str(pickled)
     unknown: list[str] = []
-    if common_pt.is_file():
+    if isinstance(pickled, bytes) or pickled.is_file():
         try:
-            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(str(common_pt))
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(
+                io.BytesIO(pickled) if isinstance(pickled, bytes) else str(pickled))
         except Exception as e:  # not a torch zip file
-            raise UsageError(f"'{common_pt}' is unreadable: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"'{shown}' is unreadable: {str(e).splitlines()[0]}") from None
     stand_ins: list = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
     # the context removes what it added on exit: add only what is not registered already
     if argparse.Namespace not in torch.serialization.get_safe_globals():
@@ -118,15 +124,45 @@ def inert_globals(common_pt: Path):
         yield
 
 
-def load_common(path: Path) -> dict:
-    """``common.pt``, weights-only, every class it names but torch's own made inert."""
+def load_common(path: Path | bytes, shown: str | None = None) -> Any:
+    """``common.pt`` (or the same pickle as bytes), weights-only, every class it names but
+    torch's own made inert."""
+    shown = shown or str(path)
     try:
-        with inert_globals(path):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        with inert_globals(path, shown):
+            return torch.load(io.BytesIO(path) if isinstance(path, bytes) else str(path), map_location="cpu",
+                              weights_only=True)
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"'{path}' is unreadable: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"'{shown}' is unreadable: {str(e).splitlines()[0]}") from None
+
+
+def common_state(weights: Path) -> dict:
+    """A torch_dist checkpoint's common state (Megatron-LM's ``args``): its ``common.pt`` up to
+    megatron-core 0.16, from 0.17 on an object inside the shards (a one-element list of it);
+    read weights-only either way."""
+    if (weights / COMMON_STATE_FILE).is_file() or COMMON_STATE_KEY not in index_strings(
+            weights / ".metadata", f"'{weights}'"):
+        return load_common(weights / COMMON_STATE_FILE)
+    stored = load_common(read_object_bytes(weights, COMMON_STATE_KEY), f"{weights} ({COMMON_STATE_KEY})")
+    return stored[0] if isinstance(stored, list) and len(stored) == 1 else stored
+
+
+@contextlib.contextmanager
+def weights_only_common_state():
+    """megatron-core 0.17+ reads a checkpoint's common state inside ``dist_checkpointing.load``
+    with torch's checkpoint reader, which unpickles it unrestricted; for the block it is read
+    by ``common_state`` instead (earlier versions: ``inert_globals`` covers their common.pt)."""
+    reader = getattr(mc_serialization, "load_common_state_dict", None)
+    if reader is None:
+        yield
+        return
+    mc_serialization.load_common_state_dict = lambda checkpoint_dir: common_state(Path(checkpoint_dir))
+    try:
+        yield
+    finally:
+        mc_serialization.load_common_state_dict = reader
 
 
 def _read_yaml(path: Path) -> dict:
@@ -368,7 +404,7 @@ class MegatronCheckpoint:
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
         te_norm_keys(request, self.description, self.index)
         check_complete(self.weights, "checkpoint", self.path)
-        with inert_globals(self.weights / "common.pt"):  # megatron-core reads it with torch.load
+        with inert_globals(self.weights / "common.pt"), weights_only_common_state():  # megatron-core reads it
             state = dist_checkpointing.load(request, str(self.weights))
         n = len(self.prefix)
         inner.load_state_dict({k[n:] if k.startswith(self.prefix) else k: v for k, v in state.items()}, strict=False)
@@ -403,11 +439,11 @@ def _bridge_config(path: Path) -> tuple[dict, str, int | None]:
 
 
 def _megatron_lm_config(path: Path) -> tuple[dict, str, int | None]:
-    common = load_common(path / "common.pt")
+    common = common_state(path)
     args = common.get("args") if isinstance(common, dict) else None
-    source = f"'{path / 'common.pt'}' args"
+    source = f"'{path / 'common.pt'}' args" if (path / "common.pt").is_file() else f"'{path}' common state args"
     require(isinstance(args, argparse.Namespace), f"'{path}' has neither {RUN_CONFIG} (Megatron-Bridge) nor an "
-                                                  "args Namespace in common.pt (Megatron-LM): no model config")
+                                                  "args Namespace in its common state (Megatron-LM): no model config")
     vocab = getattr(args, "vocab_size", None)
     return megatron_config.normalize_args(args), source, int(vocab) if vocab is not None else None
 

@@ -171,8 +171,9 @@ def load_weights(model, directory: Path) -> None:
     verify_dcp_metadata(directory)
     check_complete(directory, "checkpoint", directory.parent)
     inner = unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
-                                    strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    with megatron_format.weights_only_common_state():
+        state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
+                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     inner.load_state_dict(state, strict=False)
 
 

@@ -126,6 +126,9 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     _load_model_state(target, loaded["model"])
     if has_masks(_student(model)):  # a sparse student's masks, as this run saved them
         load_masks_from(_student(model), path / "weights")
+    if override_schedule:  # megatron-core 0.19 pairs saved and current groups by their peak and floor too
+        for saved, current in zip(_saved_param_groups(loaded["optimizer"]), optimizer.param_groups):
+            saved.update({key: current[key] for key in _SCHEDULE_KEYS if key in current})
     optimizer.load_state_dict(loaded["optimizer"])
     if override_schedule:  # megatron reads the peak and floor from each parameter group first
         for group in optimizer.param_groups:
@@ -138,6 +141,16 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     _set_rng_state(state["rng"][rank])
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+#: a parameter group's learning-rate schedule, which a forced resume may change
+_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def _saved_param_groups(state: dict) -> list[dict]:
+    """The parameter groups of a loaded megatron optimizer state: at its top (FP32Optimizer)
+    or in its inner optimizer's state (the mixed-precision optimizers)."""
+    return state["param_groups"] if "param_groups" in state else state["optimizer"]["param_groups"]
 
 
 def _student(model):

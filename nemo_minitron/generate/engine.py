@@ -16,11 +16,13 @@ get them broadcast, and the sampling generator is seeded per batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
 from typing import Sequence
 
+import megatron.core.inference.utils as mc_inference_utils
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -34,7 +36,15 @@ from nemo_minitron.generate.config import SamplingConfig
 
 log = logging.getLogger("nemo_minitron")
 
-__all__ = ["Generation", "SamplingConfig", "TextGenerator"]
+__all__ = ["Generation", "SamplingConfig", "TextGenerator", "inference_mode"]
+
+
+def inference_mode() -> contextlib.AbstractContextManager:
+    """megatron-core 0.19's modules take their inference paths (the KV cache, the Mamba
+    mixer's conv and SSM states) only while its process-wide ``InferenceMode`` flag is set,
+    as its engines set it; earlier versions have no flag and look at the context alone."""
+    mode = getattr(mc_inference_utils, "InferenceMode", None)
+    return mode.active() if mode is not None else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +171,8 @@ class TextGenerator:
             for i, p in enumerate(prompts))
         was_training = self.model.training
         try:
-            done = controller.generate_all_output_tokens_static_batch(requests)
+            with inference_mode():
+                done = controller.generate_all_output_tokens_static_batch(requests)
         finally:
             self.model.train(was_training)
         return [self._finish(done[i], sampling) for i in range(len(prompts))]

@@ -18,6 +18,7 @@ with the rest of ``runtime.cpu_fallback``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from megatron.core import parallel_state as ps
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -40,8 +41,30 @@ from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import LocalNorm
 from nemo_minitron.runtime.cpu_fallback import import_mamba_mixer
 
+try:  # megatron-core 0.17+ names the class HybridModel (MambaModel: a deprecated subclass, warning per build)
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+except ImportError:  # 0.16
+    HybridModel = None
+
 _mamba_mixer = import_mamba_mixer()  # (its module needs a stand-in for Triton where Triton is missing)
 MambaMixer, MambaMixerSubmodules = _mamba_mixer.MambaMixer, _mamba_mixer.MambaMixerSubmodules
+
+
+#: megatron-core 0.19's decode step takes [batch, tokens, channels] (its dynamic engine's
+#: layout, several tokens with speculative decoding); its static-batch ``_decode`` still
+#: hands it [1, batch, channels] (0.16's layout), a batch of one being the only size that
+#: works. The signature tells the two apart (0.19 added the speculative-decoding buffers).
+_DECODE_TAKES_BATCH_FIRST = "intermediate_ssm_state" in inspect.signature(MambaMixer._ssm_decode).parameters
+
+
+class StaticBatchMambaMixer(MambaMixer):
+    """megatron-core's ``MambaMixer`` whose one-token decode step serves a static batch of
+    any size (``generate``) on every megatron-core version."""
+
+    def _ssm_decode(self, zxBCdt, conv_state, ssm_state, batch_indices=None, **kwargs):
+        if batch_indices is None and _DECODE_TAKES_BATCH_FIRST:  # static batching: [1, b, d] <-> [b, 1, d]
+            return super()._ssm_decode(zxBCdt.transpose(0, 1), conv_state, ssm_state, **kwargs).transpose(0, 1)
+        return super()._ssm_decode(zxBCdt, conv_state, ssm_state, batch_indices, **kwargs)
 
 
 def mixer_params(desc: ModelDescription) -> dict:
@@ -68,7 +91,7 @@ def local_stack_spec(desc: ModelDescription) -> ModuleSpec:
         moe = get_moe_module_spec(use_te=False, num_experts=desc.num_experts, moe_grouped_gemm=False)
         moe_layer["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=LocalNorm, mlp=moe, mlp_bda=gpt.mlp_bda))
-    mixer = ModuleSpec(module=MambaMixer, params=mixer_params(desc),
+    mixer = ModuleSpec(module=StaticBatchMambaMixer, params=mixer_params(desc),
                        submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
     return ModuleSpec(module=LocalNormMambaStack, submodules=MambaStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
@@ -87,7 +110,7 @@ def te_stack_spec(desc: ModelDescription) -> ModuleSpec:
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
     layer = mamba_stack_spec.submodules.mamba_layer
-    mixer = dataclasses.replace(layer.submodules.mixer, params=mixer_params(desc))
+    mixer = dataclasses.replace(layer.submodules.mixer, module=StaticBatchMambaMixer, params=mixer_params(desc))
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mixer=mixer))
     return dataclasses.replace(mamba_stack_spec,
                                submodules=dataclasses.replace(mamba_stack_spec.submodules, mamba_layer=layer))
@@ -95,14 +118,16 @@ def te_stack_spec(desc: ModelDescription) -> ModuleSpec:
 
 def build_mamba_model(desc: ModelDescription, config, *, vocab_size: int, te: bool) -> MambaModel:
     """This rank's part of the MambaModel (``config``: model.builder.transformer_config's)."""
-    return MambaModel(
+    spec = te_stack_spec(desc) if te else local_cpu_spec(local_stack_spec(desc), te)
+    common = dict(
         config=config,
-        mamba_stack_spec=te_stack_spec(desc) if te else local_cpu_spec(local_stack_spec(desc), te),
         vocab_size=vocab_size,
         max_sequence_length=desc.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
-        hybrid_override_pattern=desc.hybrid_pattern,
         share_embeddings_and_output_weights=desc.tie_embeddings,
         position_embedding_type="none",  # Nemotron-H's attention has no position embeddings
     )
+    if HybridModel is not None:
+        return HybridModel(hybrid_stack_spec=spec, hybrid_layer_pattern=desc.hybrid_pattern, **common)
+    return MambaModel(mamba_stack_spec=spec, hybrid_override_pattern=desc.hybrid_pattern, **common)

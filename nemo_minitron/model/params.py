@@ -35,7 +35,12 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-_TE_RENAMES = {
+# module names -> canonical: Transformer Engine's fused norms, and megatron-core >= 0.17's Mamba
+# mixer, which holds its depthwise conv as two parameters of its own (checkpoints keep the
+# old keys)
+_RENAMES = {
+    "mixer.conv1d_weight": "mixer.conv1d.weight",
+    "mixer.conv1d_bias": "mixer.conv1d.bias",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -81,9 +86,9 @@ def layer_offset(model) -> int:
 
 
 def canonical_name(model, local_name: str) -> str:
-    for te_suffix, local_suffix in _TE_RENAMES.items():
-        if local_name.endswith(te_suffix):
-            local_name = local_name[: -len(te_suffix)] + local_suffix
+    for module_suffix, canonical_suffix in _RENAMES.items():
+        if local_name.endswith(module_suffix):
+            local_name = local_name[: -len(module_suffix)] + canonical_suffix
     local_name = _TE_GROUPED.sub(r"mlp.experts.local_experts.\2.\1.weight", local_name)
     m = _LAYER.match(local_name)
     if m:

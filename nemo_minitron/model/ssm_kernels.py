@@ -193,3 +193,73 @@ def mamba_split_conv1d_scan_combined(zxbcdt: torch.Tensor, conv1d_weight: torch.
     if outproj_weight is not None:
         y = F.linear(y, outproj_weight, outproj_bias)
     return (y, final) if return_final_states else y
+
+
+# ------------------------------------------------------------------- decode steps
+# megatron-core 0.19 decodes with Triton kernels of its own (megatron.core.ssm.ops); these
+# take their place, with their signatures: batch first, then the new tokens (one, or a few
+# speculative ones), each advancing the cached states in place.
+def _refuse_speculation_buffers(**buffers) -> None:
+    used = [k for k, v in buffers.items() if v is not None]
+    if used:
+        raise NotImplementedError(f"Mamba speculative decoding ({', '.join(used)}) needs the Triton kernels and a GPU")
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         silu_activation, conv_state_indices: torch.Tensor | None = None,
+                         intermediate_conv_states: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal conv for new tokens. x: [batch, tokens, channels] (or [batch, channels]);
+    conv_state: [states, channels, state_len], its last ``width - 1`` positions the tokens
+    before; ``conv_state_indices`` picks each sequence's row (default: row = batch index).
+    Each token shifts its row left by one and enters at the end; its output is the window's
+    dot product with ``weight`` [channels, width], plus bias, then SiLU when asked."""
+    _refuse_speculation_buffers(intermediate_conv_states=intermediate_conv_states)
+    squeeze = x.dim() == 2
+    x = x.unsqueeze(1) if squeeze else x
+    rows = conv_state_indices.long() if conv_state_indices is not None else torch.arange(x.shape[0])
+    state = conv_state[rows].float()
+    width = weight.shape[-1]
+    outs = []
+    for t in range(x.shape[1]):
+        state = torch.cat([state[..., 1:], x[:, t, :, None].float()], dim=-1)
+        out = (state[..., -width:] * weight.float()).sum(-1)
+        out = out + bias.float() if bias is not None else out
+        outs.append(F.silu(out) if silu_activation else out)
+    conv_state[rows] = state.to(conv_state.dtype)
+    out = torch.stack(outs, dim=1).to(x.dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                           dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+                           state_batch_indices: torch.Tensor | None = None,
+                           intermediate_ssm_states: torch.Tensor | None = None) -> torch.Tensor:
+    """The SSM recurrence for new tokens (the scan of ``mamba_chunk_scan_combined``, one step
+    per token). state: [states, heads, head_dim, state_dim]; x, dt, z: [batch, tokens, heads,
+    head_dim] (or without the tokens axis); A: [heads, head_dim, state_dim]; B, C: [batch,
+    tokens, groups, state_dim]; D, dt_bias: [heads, head_dim]. Returns y like x."""
+    _refuse_speculation_buffers(intermediate_ssm_states=intermediate_ssm_states)
+    assert state.dim() == 4, "the state has a heads axis: [states, heads, head_dim, state_dim]"
+    squeeze = x.dim() == 3
+    if squeeze:
+        x, dt, B, C = x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
+        z = z.unsqueeze(1) if z is not None else None
+    heads = x.shape[2]
+    rows = state_batch_indices.long() if state_batch_indices is not None else torch.arange(x.shape[0])
+    h = state[rows].float()
+    per_group = heads // B.shape[2]
+    ys = []
+    for t in range(x.shape[1]):
+        step = dt[:, t].float() + (dt_bias.float() if dt_bias is not None else 0.0)
+        step = F.softplus(step) if dt_softplus else step
+        Bt = B[:, t].float().repeat_interleave(per_group, dim=1)[:, :, None, :]  # [batch, heads, 1, state_dim]
+        Ct = C[:, t].float().repeat_interleave(per_group, dim=1)[:, :, None, :]
+        xt = x[:, t].float()
+        h = h * torch.exp(step[..., None] * A.float()) + (step * xt)[..., None] * Bt
+        y = (h * Ct).sum(-1)
+        y = y + D.float() * xt if D is not None else y
+        ys.append(y * F.silu(z[:, t].float()) if z is not None else y)
+    state[rows] = h.to(state.dtype)
+    y = torch.stack(ys, dim=1).to(x.dtype)
+    return y.squeeze(1) if squeeze else y

@@ -2,7 +2,7 @@
 
 megatron-core assumes CUDA in a handful of places: it passes
 ``torch.cuda.current_device()`` as a device, creates a few tensors with a literal
-``device="cuda"``, calls ``Tensor.cuda()``, synchronises streams and keeps its
+``device="cuda"``, calls ``Tensor.cuda()``, synchronises and waits on streams and keeps its
 tensor-parallel RNG states in the CUDA generator. On a CPU-only machine each of those
 is redirected to the CPU here, and nowhere else in the project.
 
@@ -15,7 +15,8 @@ Hybrid (Mamba) models: megatron-core's ``MambaMixer`` calls the ``mamba_ssm`` /
 ``causal_conv1d`` CUDA kernels, whose imports it guards (without them it refuses to build).
 Where they do not import, ``enable()`` puts the PyTorch implementations of
 ``model/ssm_kernels.py`` in their place (the chunked SSD scan, the fused conv + scan of the
-training path and the gated grouped RMSNorm). megatron-core 0.16 also imports Triton
+training path and the gated grouped RMSNorm; on megatron-core 0.19 also its own Triton
+decode-step kernels). megatron-core 0.16 also imports Triton
 helpers of its dynamic-batching inference unconditionally from the mixer's module; without
 Triton a stand-in module lets the mixer import, and refuses those helpers if called.
 
@@ -120,6 +121,22 @@ class _WallClockEvent:
         return True
 
 
+class _CpuStream:
+    """``torch.cuda.current_stream()`` stand-in: CPU work is already in order, nothing to wait for."""
+
+    def wait_event(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def wait_stream(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _SameGeneratorFilter(logging.Filter):
     """megatron's RNG tracker warns when the CPU generator moves inside a fork of the CUDA
     one (MambaMixer initialises its parameters in such a fork); here the CUDA generator *is*
@@ -167,6 +184,11 @@ def _mamba_without_cuda_kernels() -> None:
     _patch(mamba_mixer, "ExtendedRMSNorm", ssm_kernels.GatedGroupRMSNorm)
     _patch(mamba_mixer, "mamba_chunk_scan_combined", ssm_kernels.mamba_chunk_scan_combined)
     _patch(mamba_mixer, "mamba_split_conv1d_scan_combined", ssm_kernels.mamba_split_conv1d_scan_combined)
+    # megatron-core 0.19 decodes with Triton kernels of its own; 0.16 with mamba_ssm's (None
+    # here: its mixer then takes its own PyTorch decode step)
+    for triton_kernel in ("causal_conv1d_update", "selective_state_update"):
+        if getattr(mamba_mixer, triton_kernel, None) is not None:
+            _patch(mamba_mixer, triton_kernel, getattr(ssm_kernels, triton_kernel))
 
 
 def is_enabled() -> bool:
@@ -185,6 +207,7 @@ def enable() -> None:
     _patch(torch.cuda, "current_device", lambda: _CPU)
     _patch(torch.cuda, "synchronize", _noop)
     _patch(torch.cuda, "Event", _WallClockEvent)
+    _patch(torch.cuda, "current_stream", lambda *_a, **_k: _CPU_STREAM)  # 0.19's DDP waits on it
     _patch(mc_inference_comm, "_is_cuda", _tensor_present)
     _patch(torch.cuda, "manual_seed", cuda_rng_seed)
     _patch(torch.cuda, "get_rng_state", _cpu_rng_state)

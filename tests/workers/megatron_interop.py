@@ -45,6 +45,7 @@ def _write_and_read(spec, out: Path, tokens, results):
         save_bridge,
         save_megatron_lm,
         save_nemo2,
+        saved_args,
         strict_load,
     )
 
@@ -81,7 +82,7 @@ def _write_and_read(spec, out: Path, tokens, results):
     results["bridge@tp2"] = _logits(opened.model, tokens, vocab)
     export(str(out / "bridge"), megatron_out=str(out / "bridge_export"), tp=2, pp=1)
     written = out / "bridge_export" / "iter_0000000"
-    args = torch.load(written / "common.pt", weights_only=True)["args"]  # as Megatron-LM reads it
+    args = saved_args(written)  # as Megatron-LM reads it
     results["export_args_padded_vocab"] = args.padded_vocab_size
     results["export@megatron_lm"] = _logits(strict_load(gpt_from_args(args), written), tokens, vocab)
     provider = yaml.safe_load((written / "run_config.yaml").read_text())["model"]
