@@ -13,6 +13,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from nemo_minitron.errors import UsageError, require
 
@@ -63,17 +65,14 @@ def read_object_bytes(weights: Path, key: str) -> bytes:
     """The stored bytes of one object entry (megatron-core 0.17+ keeps a checkpoint's common
     state so, under ``files.COMMON_STATE_KEY``), unread: torch's checkpoint reader would
     unpickle them unrestricted (``weights_only=False``)."""
-    from torch.distributed.checkpoint import FileSystemReader, load  # deferred: only these checkpoints need it
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    read: dict[str, bytes] = {}
 
     class RawBytesPlanner(DefaultLoadPlanner):
-        read: dict[str, bytes] = {}
-
         def load_bytes(self, read_item, value) -> None:
-            self.read = {**self.read, read_item.dest_index.fqn: value.read()}
+            read[read_item.dest_index.fqn] = value.read()
 
     verify_dcp_metadata(weights)
     planner = RawBytesPlanner(flatten_state_dict=False)
     load({key: io.BytesIO()}, storage_reader=FileSystemReader(str(weights)), planner=planner, no_dist=True)
-    require(key in planner.read, f"'{weights}' holds no object '{key}'")
-    return planner.read[key]
+    require(key in read, f"'{weights}' holds no object '{key}'")
+    return read[key]

@@ -112,8 +112,7 @@ def inert_globals(pickled: Path | bytes, shown: str | None = None):
     unknown: list[str] = []
     if isinstance(pickled, bytes) or pickled.is_file():
         try:
-            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(
-                io.BytesIO(pickled) if isinstance(pickled, bytes) else str(pickled))
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(_opened(pickled))
         except Exception as e:  # not a torch zip file
             raise UsageError(f"'{shown}' is unreadable: {str(e).splitlines()[0]}") from None
     stand_ins: list = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
@@ -124,14 +123,18 @@ def inert_globals(pickled: Path | bytes, shown: str | None = None):
         yield
 
 
+def _opened(pickled: Path | bytes) -> str | io.BytesIO:
+    """What torch's checkpoint readers take for a file's path or its bytes."""
+    return io.BytesIO(pickled) if isinstance(pickled, bytes) else str(pickled)
+
+
 def load_common(path: Path | bytes, shown: str | None = None) -> Any:
     """``common.pt`` (or the same pickle as bytes), weights-only, every class it names but
     torch's own made inert."""
     shown = shown or str(path)
     try:
         with inert_globals(path, shown):
-            return torch.load(io.BytesIO(path) if isinstance(path, bytes) else str(path), map_location="cpu",
-                              weights_only=True)
+            return torch.load(_opened(path), map_location="cpu", weights_only=True)
     except UsageError:
         raise
     except Exception as e:
@@ -404,7 +407,7 @@ class MegatronCheckpoint:
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
         te_norm_keys(request, self.description, self.index)
         check_complete(self.weights, "checkpoint", self.path)
-        with inert_globals(self.weights / "common.pt"), weights_only_common_state():  # megatron-core reads it
+        with inert_globals(self.weights / COMMON_STATE_FILE), weights_only_common_state():  # megatron-core reads it
             state = dist_checkpointing.load(request, str(self.weights))
         n = len(self.prefix)
         inner.load_state_dict({k[n:] if k.startswith(self.prefix) else k: v for k, v in state.items()}, strict=False)
@@ -441,7 +444,8 @@ def _bridge_config(path: Path) -> tuple[dict, str, int | None]:
 def _megatron_lm_config(path: Path) -> tuple[dict, str, int | None]:
     common = common_state(path)
     args = common.get("args") if isinstance(common, dict) else None
-    source = f"'{path / 'common.pt'}' args" if (path / "common.pt").is_file() else f"'{path}' common state args"
+    common_pt = path / COMMON_STATE_FILE
+    source = f"'{common_pt}' args" if common_pt.is_file() else f"'{path}' common state args"
     require(isinstance(args, argparse.Namespace), f"'{path}' has neither {RUN_CONFIG} (Megatron-Bridge) nor an "
                                                   "args Namespace in its common state (Megatron-LM): no model config")
     vocab = getattr(args, "vocab_size", None)
