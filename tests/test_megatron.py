@@ -383,7 +383,7 @@ def test_common_pt_runs_no_code(tmp_path):
     represented so is refused, still without running anything."""
     import argparse
 
-    from nemo_minitron.checkpoint.megatron_format import load_common
+    from nemo_minitron.checkpoint.dcp_index import load_common
     from nemo_minitron.errors import UsageError
 
     class Say:
@@ -417,7 +417,7 @@ def test_common_state_inside_the_shards_runs_no_code(tmp_path):
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    from nemo_minitron.checkpoint.megatron_format import common_state
+    from nemo_minitron.checkpoint.dcp_index import common_state
     from nemo_minitron.errors import UsageError
     from nemo_minitron.files import COMMON_STATE_KEY
 
@@ -448,6 +448,30 @@ def test_common_state_inside_the_shards_runs_no_code(tmp_path):
     with pytest.raises(UsageError, match="unreadable"):
         common_state(checkpoint("touch", {"touch": Touch()}))
     assert not marker.exists()
+
+
+def test_sharded_loads_read_the_common_state_weights_only(tmp_path, runtime, capfd):
+    """Every load of the project (checkpoints, training checkpoints, sparsity masks) goes
+    through ``load_sharded``: a call pickled into the common state that megatron-core writes
+    (common.pt up to 0.16, an object in the shards from 0.17 on) comes back recorded, never
+    made. Without it megatron-core 0.16 refuses the file and 0.17+ runs the call."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from nemo_minitron.checkpoint.dcp_index import load_sharded
+
+    class Say:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    stored = torch.arange(6, dtype=torch.float32)
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", stored), "planted": Say()}, str(weights))
+    loaded = load_sharded({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(6))}, weights)
+    assert torch.equal(loaded["w"], stored)
+    assert type(loaded["planted"]).__name__ == "print" and loaded["planted"].args == ("this must not run",)
+    assert "this must not run" not in capfd.readouterr().out
 
 
 # ---------------------------------------------------------------------- ModelOpt's vocabulary

@@ -34,9 +34,7 @@ the project's allow-list unpickler. Checkpoints in the legacy ``mp_rank_XX`` for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import re
@@ -44,20 +42,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import megatron.core  # noqa: F401  (registers argparse.Namespace and megatron's enums as safe globals)
 import torch
 import yaml
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.dist_checkpointing import serialization as mc_serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_config
-from nemo_minitron.checkpoint.dcp_index import read_index, read_object_bytes
+from nemo_minitron.checkpoint.dcp_index import common_state, load_sharded, read_index
 from nemo_minitron.checkpoint.megatron_layout import ITERATION_DIR, RUN_CONFIG, is_nemo2, resolve_iteration
 from nemo_minitron.errors import UsageError, require
-from nemo_minitron.files import COMMON_STATE_FILE, COMMON_STATE_KEY, check_complete, index_strings
+from nemo_minitron.files import COMMON_STATE_FILE, check_complete
 from nemo_minitron.model import hybrid
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import unwrap
@@ -84,88 +79,6 @@ def _check_format(weights: Path, label: str) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"'{label}': unreadable metadata.json: {e}") from None
     require(backend == "torch_dist", f"'{label}' is a '{backend}' checkpoint; nemo-minitron reads {SUPPORTED}")
-
-
-# ---------------------------------------------------------------------- safe readers
-class _Inert:
-    """Stands in for any class or function a ``common.pt`` names (Megatron's enums and
-    configs, a trainer's callbacks): it only records what it was called with, so loading
-    runs none of the original code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<inert {type(self).__name__} {self.args or getattr(self, 'state', '')}>"
-
-
-@contextlib.contextmanager
-def inert_globals(pickled: Path | bytes, shown: str | None = None):
-    """torch's weights-only loader, with every global that ``pickled`` (a ``common.pt`` or the
-    bytes of an in-shard common state) names and torch does not allow replaced by an inert
-    stand-in, for as long as the block runs (megatron-core loads ``common.pt`` itself inside
-    ``dist_checkpointing.load``, whatever its version)."""
-    shown = shown or str(pickled)
-    unknown: list[str] = []
-    if isinstance(pickled, bytes) or pickled.is_file():
-        try:
-            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(_opened(pickled))
-        except Exception as e:  # not a torch zip file
-            raise UsageError(f"'{shown}' is unreadable: {str(e).splitlines()[0]}") from None
-    stand_ins: list = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in unknown]
-    # the context removes what it added on exit: add only what is not registered already
-    if argparse.Namespace not in torch.serialization.get_safe_globals():
-        stand_ins.append(argparse.Namespace)
-    with torch.serialization.safe_globals(stand_ins):
-        yield
-
-
-def _opened(pickled: Path | bytes) -> str | io.BytesIO:
-    """What torch's checkpoint readers take for a file's path or its bytes."""
-    return io.BytesIO(pickled) if isinstance(pickled, bytes) else str(pickled)
-
-
-def load_common(path: Path | bytes, shown: str | None = None) -> Any:
-    """``common.pt`` (or the same pickle as bytes), weights-only, every class it names but
-    torch's own made inert."""
-    shown = shown or str(path)
-    try:
-        with inert_globals(path, shown):
-            return torch.load(_opened(path), map_location="cpu", weights_only=True)
-    except UsageError:
-        raise
-    except Exception as e:
-        raise UsageError(f"'{shown}' is unreadable: {str(e).splitlines()[0]}") from None
-
-
-def common_state(weights: Path) -> dict:
-    """A torch_dist checkpoint's common state (Megatron-LM's ``args``): its ``common.pt`` up to
-    megatron-core 0.16, from 0.17 on an object inside the shards (a one-element list of it);
-    read weights-only either way."""
-    if (weights / COMMON_STATE_FILE).is_file() or COMMON_STATE_KEY not in index_strings(
-            weights / ".metadata", f"'{weights}'"):
-        return load_common(weights / COMMON_STATE_FILE)
-    stored = load_common(read_object_bytes(weights, COMMON_STATE_KEY), f"{weights} ({COMMON_STATE_KEY})")
-    return stored[0] if isinstance(stored, list) and len(stored) == 1 else stored
-
-
-@contextlib.contextmanager
-def weights_only_common_state():
-    """megatron-core 0.17+ reads a checkpoint's common state inside ``dist_checkpointing.load``
-    with torch's checkpoint reader, which unpickles it unrestricted; for the block it is read
-    by ``common_state`` instead (earlier versions: ``inert_globals`` covers their common.pt)."""
-    reader = getattr(mc_serialization, "load_common_state_dict", None)
-    if reader is None:
-        yield
-        return
-    mc_serialization.load_common_state_dict = lambda checkpoint_dir: common_state(Path(checkpoint_dir))
-    try:
-        yield
-    finally:
-        mc_serialization.load_common_state_dict = reader
 
 
 def _read_yaml(path: Path) -> dict:
@@ -407,8 +320,7 @@ class MegatronCheckpoint:
         request = {k: v for k, v in request.items() if not isinstance(v, ShardedObject)}  # _extra_state
         te_norm_keys(request, self.description, self.index)
         check_complete(self.weights, "checkpoint", self.path)
-        with inert_globals(self.weights / COMMON_STATE_FILE), weights_only_common_state():  # megatron-core reads it
-            state = dist_checkpointing.load(request, str(self.weights))
+        state = load_sharded(request, self.weights)
         n = len(self.prefix)
         inner.load_state_dict({k[n:] if k.startswith(self.prefix) else k: v for k, v in state.items()}, strict=False)
         zero_vocab_padding(inner, self.description.vocab_size)

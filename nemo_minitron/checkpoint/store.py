@@ -11,9 +11,9 @@ a checkpoint written at one TP/PP layout loads at any other. Everything is writt
 a temporary sibling directory and renamed into place only when complete.
 
 Loading executes no code from the files: JSON for our metadata, safetensors/JSON for
-the tokenizer, and for the weights megatron-core's loader, whose only pickle (the
-torch ``.metadata`` index) is first checked against an allow-list of checkpoint
-types (``dcp_index.verify_dcp_metadata``); tensors and objects load with ``weights_only=True``.
+the tokenizer, and for the weights megatron-core's loader through ``dcp_index.load_sharded``:
+the torch ``.metadata`` index is first checked against an allow-list of checkpoint types,
+and the common state is read weights-only (megatron-core 0.17+ would unpickle it unrestricted).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.validation import StrictHandling
 from transformers import AutoTokenizer
 
 from nemo_minitron.checkpoint import megatron_format, megatron_layout
-from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
+from nemo_minitron.checkpoint.dcp_index import load_sharded
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.files import INFO_FILE, check_complete, checkpoint_weights, is_checkpoint
 from nemo_minitron.model.builder import build_model
@@ -168,13 +167,9 @@ def save_weights(model, directory: Path) -> None:
 
 
 def load_weights(model, directory: Path) -> None:
-    verify_dcp_metadata(directory)
     check_complete(directory, "checkpoint", directory.parent)
     inner = unwrap(model)
-    with megatron_format.weights_only_common_state():
-        state = dist_checkpointing.load(inner.sharded_state_dict(), str(directory),
-                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    inner.load_state_dict(state, strict=False)
+    inner.load_state_dict(load_sharded(inner.sharded_state_dict(), directory), strict=False)
 
 
 def save_checkpoint(model, info: CheckpointInfo, out: str | os.PathLike, tokenizer=None) -> Path:

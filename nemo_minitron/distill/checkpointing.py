@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from nemo_minitron.checkpoint.dcp_index import verify_dcp_metadata
+from nemo_minitron.checkpoint.dcp_index import load_sharded
 from nemo_minitron.checkpoint.store import atomic_directory
 from nemo_minitron.model.params import unwrap
 from nemo_minitron.runtime.distributed import barrier, is_rank0
@@ -116,12 +115,11 @@ def load_training_state(path: Path, model, optimizer, scheduler, override_schedu
     """Restore weights, optimizer, scheduler and this rank's RNG; returns state.json's content.
     ``override_schedule``: keep the scheduler's (new) learning rates and only take the step
     count from the checkpoint (a forced resume with changed settings)."""
-    verify_dcp_metadata(path / "weights")
     state = json.loads((path / "state.json").read_text())
     model_state = model.sharded_state_dict()
     request = {"model": model_state, "optimizer": optimizer.sharded_state_dict(
         model_state, is_loading=True, metadata=OPTIMIZER_FORMAT)}
-    loaded = dist_checkpointing.load(request, str(path / "weights"), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = load_sharded(request, path / "weights")
     target = model if hasattr(model, "projections") else unwrap(model)
     _load_model_state(target, loaded["model"])
     if has_masks(_student(model)):  # a sparse student's masks, as this run saved them

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from nemo_minitron.checkpoint.dcp_index import load_sharded
 from nemo_minitron.model.params import canonical_name, is_gated, named_weights, tp_split_dim, unwrap
 
 MASK_ATTR = "sparsity_mask"
@@ -126,7 +125,7 @@ def load_masks(model, directory: Path, names: Iterable[str]) -> None:
     request: dict[str, ShardedTensor] = {}
     for name, param in params.items():
         request.update(_entries(name, torch.empty(param.shape, dtype=torch.bool, device=param.device), gated))
-    loaded = dist_checkpointing.load(request, str(directory), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = load_sharded(request, directory)
     for name, param in params.items():
         key = KEY_PREFIX + name
         mask = torch.cat([loaded[f"{key}.gate"], loaded[f"{key}.up"]]) if is_gated(name, gated) else loaded[key]
