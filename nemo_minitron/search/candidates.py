@@ -208,7 +208,9 @@ def _uniform_params(original: ModelDescription, budget: Budget) -> int:
 def mlp_only_candidate(original: ModelDescription, cfg: SearchConfig, *, tp: int,
                        names: Names) -> ModelDescription | None:
     """The uniform MLP-only shape under a per-layer search's budget (``plan.mlp_only``; None when
-    no MLP width fits)."""
+    no MLP width fits, or for a model per-layer search refuses: experts, Mamba layers)."""
+    if original.is_moe or original.is_hybrid:
+        return None
     params = _uniform_params(original, search_budget(cfg, names))
     cand = mlp_only(original, params, tp=tp) if params > 0 else None
     return None if cand is None else cand.description
