@@ -670,9 +670,10 @@ def test_per_layer_counts_equal_transformers(per_layer_pruned, tmp_path):
 
 @pytest.mark.multirank
 def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
-    """prune --per-layer on the parent loaded at TP=2 and at PP=2 writes exactly the TP=1
-    weights (the worker also counts the parameters held across ranks). One group per layer
-    does not split over 2 ranks: the scores here make 2 groups the best choice instead."""
+    """prune --per-layer (and with --refit) on the parent loaded at TP=2 and at PP=2 writes
+    exactly the TP=1 weights (the worker also counts the parameters held across ranks). One
+    group per layer does not split over 2 ranks: the scores here make 2 groups the best
+    choice instead."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -691,14 +692,20 @@ def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
     _, _, want = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1"), **options))
     assert [(s.num_query_groups, s.ffn_hidden_size) for s in read_info(tmp_path / "tp1").description.layer_shapes] \
         == [(4, 256), (0, 768), (2, 768), (2, 0)]
-    job = {"checkpoint": str(parent), "importance": str(importance), "out": str(tmp_path / "workers" / "{layout}"),
-           "options": options}
-    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": [job]}))
+    _, _, want_refit = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1-refit"), refit=True,
+                                        **options))
+    assert not torch.equal(want_refit["decoder.layers.0.mlp.linear_fc2.weight"],
+                           want["decoder.layers.0.mlp.linear_fc2.weight"])  # layer 0's MLP is narrowed: refit
+    jobs = [{"checkpoint": str(parent), "importance": str(importance),
+             "out": str(tmp_path / "workers" / f"{{layout}}{suffix}"), "options": {**options, **extra}}
+            for suffix, extra in (("", {}), ("-refit", {"refit": True}))]
+    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": jobs}))
     run_workers("prune_parallel.py", tmp_path / "jobs.json", out=tmp_path / "workers")
     for layout in ("tp2", "pp2"):
-        _, _, got = _canonical(tmp_path / "workers" / layout)
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want), layout
+        for suffix, expected in (("", want), ("-refit", want_refit)):
+            _, _, got = _canonical(tmp_path / "workers" / f"{layout}{suffix}")
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[k], expected[k]) for k in expected), layout + suffix
 
 
 #: layer: two MLP widths (with and without merged groups), a layer kept whole, a removed MLP
