@@ -9,16 +9,27 @@ lr / 10, the same seed and dtype) and scored by distill's own held-out pass befo
 step (right after pruning) and after the last, on the same --eval-samples of builtin:heldout:
 
     uniform (search's best)  ``search --per-layer`` for the budget: --candidates planner shapes
-                             (width, depth and mixed cuts in turn) and the per-layer optimum,
-                             each pruned, distilled and evaluated; this row is the uniform
-                             candidate with the lowest held-out loss after distillation. It is
-                             chosen on the reported held-out set: optimistic for uniform, so a
-                             per-layer win is conservative
+                             (width, depth and mixed cuts in turn), the uniform MLP-only shape
+                             and the per-layer optimum, each pruned, distilled and evaluated;
+                             this row is the planner's candidate with the lowest held-out loss
+                             after distillation. It is chosen on the reported held-out set:
+                             optimistic for uniform, so a per-layer win is conservative
+    uniform MLP-only         the search's MLP-only candidate: every layer's MLP cut to the
+                             widest width on the planner's grid within the budget, hidden size,
+                             attention and layers kept (the per-layer space's uniform point:
+                             per-layer against it is the gain of choosing per layer alone)
     ModelOpt 0.47            NVIDIA ModelOpt's mcore_minitron prune (benchmarks/modelopt_adapter.py)
                              to that same shape, calibrated on the importance run's samples; none
                              where the shape cuts K/V groups (ModelOpt cannot)
     uniform + refit          that same shape by ``prune --refit``; none for a depth-only shape
     per-layer (summed KL)    the search's per-layer candidate, ``prune --per-layer``'s choice
+    per-layer + refit        that choice by ``prune --per-layer --refit`` (each narrowed MLP's
+                             second linear refit by least squares)
+    per-layer, block-distilled variants
+                             ``prune --per-layer`` from a second importance run whose variants
+                             were first trained by blockwise local distillation (importance
+                             --block-distill-steps; the choice may differ); none with
+                             --block-distill-steps 0
 
 One importance run serves every row: --samples x --seq-len tokens of builtin:calib, the
 block variants on the first --block-samples, second moments (for refit), and drop blocks for
@@ -57,10 +68,13 @@ MEMORY_CONTEXT = 4096
 BUDGETS = {"100M": {"target_params": "100M"}, "84.5M": {"target_params": "84.5M"},
            "60M": {"target_params": "60M"},
            "250MiB @4,096": {"target_memory": "250MiB", "memory_context": MEMORY_CONTEXT}}
-METHODS = ("uniform (search's best)", "ModelOpt 0.47", "uniform + refit", "per-layer (summed KL)")
+UNIFORM, MLP_ONLY, MODELOPT, REFIT = "uniform (search's best)", "uniform MLP-only", "ModelOpt 0.47", "uniform + refit"
+PER_LAYER, PER_LAYER_REFIT, PER_LAYER_BLD = ("per-layer (summed KL)", "per-layer + refit",
+                                             "per-layer, block-distilled variants")
+METHODS = (UNIFORM, MLP_ONLY, MODELOPT, REFIT, PER_LAYER, PER_LAYER_REFIT, PER_LAYER_BLD)
 # make bench: minutes, not hours (flags given beside --quick still win)
 QUICK = dict(steps=2, global_batch=2, micro_batch=2, seq_len=64, eval_samples=4, samples=8, block_samples=1,
-             layer_samples=1, candidates=2)
+             layer_samples=1, candidates=2, block_distill_steps=1, block_distill_samples=2)
 
 
 def key(settings: dict) -> str:
@@ -103,6 +117,16 @@ class Bench:
         a = self.args
         return smollm2_block_importance(a.samples, a.seq_len, a.block_samples, a.dtype, layer_samples=a.layer_samples,
                                         drop_blocks=drops, second_moments=True)
+
+    def distilled_variants_importance(self) -> Path | None:
+        """The importance run whose block variants are trained first (--block-distill-steps;
+        None at 0): only per-layer pruning reads it, so one layer-loss sample suffices."""
+        a = self.args
+        if not a.block_distill_steps:
+            return None
+        return smollm2_block_importance(a.samples, a.seq_len, a.block_samples, a.dtype, layer_samples=1,
+                                        block_distill_steps=a.block_distill_steps, block_distill_lr=a.block_distill_lr,
+                                        block_distill_samples=a.block_distill_samples)
 
     def calibration_samples(self, importance: Path) -> tuple:
         """The importance run's calibration samples (the same draw) and its micro-batch size."""
@@ -162,6 +186,36 @@ class Bench:
         return {"after_pruning": s["student_before"]["heldout_loss"],
                 "after_distillation": s["student_after"]["heldout_loss"],
                 "teacher_loss": s["teacher_eval"]["heldout_loss"], "train_seconds": s["train_seconds"]}
+
+    def per_layer_student(self, importance: Path, budget: dict, refit: bool = False) -> Path:
+        """``prune --per-layer`` (summed KL, as the search's per-layer candidate) under ``budget``."""
+        from nemo_minitron.checkpoint.store import is_checkpoint
+        from nemo_minitron.prune.api import prune
+
+        path = self.out / "students" / f"per-layer{'-refit' * refit}-{key([importance.name, budget, self.run])}"
+        if not is_checkpoint(path):
+            prune(str(self.teacher), str(importance), str(path), per_layer=True, block_score="kl", refit=refit,
+                  **budget, **self.run)
+        return path
+
+    def mlp_only_student(self, importance: Path, cfg) -> Path | None:
+        """The search's MLP-only shape pruned as the search prunes it (for a search finished
+        before it had that candidate); None when no MLP width fits the budget."""
+        from nemo_minitron.checkpoint.store import is_checkpoint
+        from nemo_minitron.config import cli_names
+        from nemo_minitron.prune.api import prune
+        from nemo_minitron.search.candidates import SearchCandidate, mlp_only_candidate
+        from nemo_minitron.search.config import SearchConfig
+
+        desc = mlp_only_candidate(self.old, cfg, tp=1, names=cli_names(SearchConfig))
+        if desc is None:
+            return None
+        target = SearchCandidate("", desc, "", "", "").target()
+        path = self.out / "students" / f"mlp-only-{key([importance.name, target, self.run])}"
+        if not is_checkpoint(path):
+            prune(str(self.teacher), str(importance), str(path), target=target, order="importance",
+                  layer_metric=cfg.layer_metric, **self.run)
+        return path
 
     def refit_student(self, importance: Path, target: dict) -> Path:
         from nemo_minitron.checkpoint.store import is_checkpoint
@@ -227,6 +281,7 @@ def describe(desc, original) -> str:
 
 
 def main() -> None:
+    from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.config import default_of
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.scores import ImportanceScores
@@ -247,6 +302,11 @@ def main() -> None:
     p.add_argument("--layer-samples", type=int, default=8, help="samples the layer loss drops and greedy use")
     p.add_argument("--candidates", type=int, default=default_of(SearchConfig, "candidates"),
                    help="uniform candidates per search (search's default)")
+    p.add_argument("--block-distill-steps", type=int, default=50,
+                   help="steps of blockwise local distillation of every variant for the block-distilled per-layer "
+                        "row (importance --block-distill-steps; 0: no such row)")
+    p.add_argument("--block-distill-lr", type=float, default=1e-4)
+    p.add_argument("--block-distill-samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=str(CACHE / "per_layer_distill"), help="cache of every result (resumable)")
@@ -261,11 +321,13 @@ def main() -> None:
     bench.out.mkdir(parents=True, exist_ok=True)
     configs = {label: bench.search_config(BUDGETS[label]) for label in args.budgets}
     importance = bench.importance(configs)
+    trained_importance = bench.distilled_variants_importance()
     summary = ImportanceScores.load(importance).summary
     blocks = summary["block_variants"]
     calibration = bench.calibration_pass_seconds(importance)
     results: dict = {
-        "benchmark": "per_layer_distill", "settings": {**vars(args), "importance": importance.name},
+        "benchmark": "per_layer_distill", "settings": {**vars(args), "importance": importance.name,
+                                                       "trained_importance": getattr(trained_importance, "name", None)},
         "teacher": {"params": bench.old.num_parameters(), "memory_bytes": memory_bytes(bench.old)},
         "timing": {"block_variant_seconds": blocks["seconds"], "block_variant_tokens": blocks["tokens"],
                    "variants": {k: blocks[k] for k in ("query_groups", "ffn")},
@@ -277,7 +339,9 @@ def main() -> None:
     for label, cfg in configs.items():
         found = bench.search(label, cfg, importance)
         cands = found["candidates"]
-        uniform = sorted((c for c in cands if c["uniform"]), key=lambda c: (c["final_loss"], c["name"]))
+        uniform = sorted((c for c in cands if c["uniform"] and c["kind"] != "mlp-only"),
+                         key=lambda c: (c["final_loss"], c["name"]))
+        mlp_only = next((c for c in cands if c["kind"] == "mlp-only"), None)
         per_layer = next(c for c in cands if not c["uniform"])
         best = uniform[0]
         new = ModelDescription.from_dict(best["architecture"])
@@ -290,21 +354,42 @@ def main() -> None:
 
         same_shape = {"candidate": best["name"], "kind": best["kind"], "shape": describe(new, bench.old),
                       "params": new.num_parameters(), "memory_bytes": memory_bytes(new)}
-        rows = {METHODS[0]: from_search(best)}
+        def distilled_student(path: Path, name: str) -> dict:
+            d = read_info(path).description
+            return {"candidate": name, "kind": "per-layer" if d.layer_shapes else "mlp-only",
+                    "shape": describe(d, bench.old), "params": d.num_parameters(), "memory_bytes": memory_bytes(d),
+                    "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in d.layer_shapes] or None,
+                    **bench.distilled(cfg, path)}
+
+        rows = {UNIFORM: from_search(best)}
+        if mlp_only is not None:
+            rows[MLP_ONLY] = from_search(mlp_only)
+        else:  # a search finished before it had this candidate
+            path = bench.mlp_only_student(importance, cfg)
+            rows[MLP_ONLY] = distilled_student(path, "pruned alone") if path is not None else {
+                "shape": "", "skipped": "no MLP width fits the budget"}
         if new.num_query_groups != bench.old.num_query_groups:
-            rows[METHODS[1]] = {**same_shape, "skipped": "the shape cuts K/V groups: ModelOpt cannot"}
+            rows[MODELOPT] = {**same_shape, "skipped": "the shape cuts K/V groups: ModelOpt cannot"}
         else:
             student, record = bench.modelopt_student(importance, new)
-            rows[METHODS[1]] = {**same_shape, **bench.distilled(cfg, student)}
+            rows[MODELOPT] = {**same_shape, **bench.distilled(cfg, student)}
             # ModelOpt's own pruned model and its kept units rebuilt by our code, on the same samples
             results["checks"].setdefault("modelopt_after_pruning", {})[label] = {
-                "modelopt": record["modelopt_loss"], "rebuilt": rows[METHODS[1]]["after_pruning"]}
+                "modelopt": record["modelopt_loss"], "rebuilt": rows[MODELOPT]["after_pruning"]}
         if (new.ffn_hidden_size, new.num_attention_heads) == (bench.old.ffn_hidden_size,
                                                                bench.old.num_attention_heads):
-            rows[METHODS[2]] = {**same_shape, "skipped": "no MLP neuron or head removed: nothing to refit"}
+            rows[REFIT] = {**same_shape, "skipped": "no MLP neuron or head removed: nothing to refit"}
         else:
-            rows[METHODS[2]] = {**same_shape, **bench.distilled(cfg, bench.refit_student(importance, best["target"]))}
-        rows[METHODS[3]] = from_search(per_layer)
+            rows[REFIT] = {**same_shape, **bench.distilled(cfg, bench.refit_student(importance, best["target"]))}
+        rows[PER_LAYER] = from_search(per_layer)
+        refit = bench.per_layer_student(importance, BUDGETS[label], refit=True)
+        if [list(s) for s in per_layer["layer_shapes"]] != [[s.num_query_groups, s.ffn_hidden_size]
+                                                            for s in read_info(refit).description.layer_shapes]:
+            raise SystemExit(f"{label}: prune --per-layer --refit chose other shapes than the search's optimum")
+        rows[PER_LAYER_REFIT] = distilled_student(refit, "optimum + refit")
+        if trained_importance is not None:
+            rows[PER_LAYER_BLD] = distilled_student(bench.per_layer_student(trained_importance, BUDGETS[label]),
+                                                    "optimum of the trained variants")
         results["budgets"][label] = {
             "budget": found["budget_text"], "best_uniform": best["name"], "rows": rows,
             "uniform_candidates": {c["name"]: {"kind": c["kind"], "target": c["target"], "params": c["params"],
@@ -337,13 +422,13 @@ def table(results: dict) -> str:
              f"| teacher | SmolLM2-135M | | {t['params'] / 1e6:.1f}M | {t['memory_bytes'] / 2**20:.1f} MiB | "
              f"{t['heldout_loss']:.3f} | | |"]
     for label, b in results["budgets"].items():
-        base = b["rows"][METHODS[0]]["after_distillation"]
+        base = b["rows"][UNIFORM]["after_distillation"]
         for method, r in b["rows"].items():
-            name = f"{method} ({r['candidate']}, {r['kind']})" if method == METHODS[0] else method
+            name = f"{method} ({r['candidate']}, {r['kind']})" if method == UNIFORM else method
             if "skipped" in r:
                 lines.append(f"| {label} | {name} | {r['shape']} | | | {r['skipped']} | | |")
                 continue
-            delta = "" if method == METHODS[0] else f"{r['after_distillation'] - base:+.3f}"
+            delta = "" if method == UNIFORM else f"{r['after_distillation'] - base:+.3f}"
             lines.append(f"| {label} | {name} | {r['shape']} | {r['params'] / 1e6:.1f}M | "
                          f"{r['memory_bytes'] / 2**20:.1f} MiB | {r['after_pruning']:.3f} | "
                          f"**{r['after_distillation']:.3f}** | {delta} |")
@@ -353,13 +438,16 @@ def table(results: dict) -> str:
         f"\n\nEvery row distilled the same way from the teacher: {s['steps']} steps x {s['global_batch']} x "
         f"{s['seq_len']} tokens ({tokens:,}) of builtin:train, lr {s['lr']:g} cosine to {s['lr'] / 10:g}, seed "
         f"{s['seed']}, {s['dtype']}; held-out loss on {s['eval_samples']} x {s['seq_len']} tokens of builtin:heldout. "
-        f"The uniform row is the best of each search's {s['candidates']} uniform candidates by the held-out loss "
+        f"The uniform row is the best of each search's {s['candidates']} planner candidates by the held-out loss "
         "after distillation (chosen on this held-out set). Importance on "
         f"{s['samples']} x {s['seq_len']} tokens of builtin:calib; block variants on {s['block_samples']} samples "
         f"(K/V groups {tm['variants']['query_groups']}, MLP {tm['variants']['ffn']}): "
         f"{tm['block_variant_seconds']:.0f} s "
         f"for {tm['block_variant_tokens']:,} tokens, one calibration pass {tm['calibration_pass_seconds']:.1f} s for "
-        f"{tm['calibration_tokens']:,} tokens: {tm['per_token_ratio']:.0f} times its time per token.\n")
+        f"{tm['calibration_tokens']:,} tokens: {tm['per_token_ratio']:.0f} times its time per token."
+        + (f" Block-distilled variants: {s['block_distill_steps']} steps each (lr {s['block_distill_lr']:g}, "
+           f"{s['block_distill_samples']} samples), in a second importance run." if s["block_distill_steps"] else "")
+        + "\n")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -370,8 +458,8 @@ def plot(results: dict, path: Path) -> None:
     losses = [r[k] for b in results["budgets"].values() for r in b["rows"].values() if "skipped" not in r
               for k in ("after_pruning", "after_distillation")]
     bottom = max(0.0, math.floor(min(losses + [results["teacher"]["heldout_loss"]])) - 1.0)  # differences show
-    fig, axes = plt.subplots(1, len(budgets), figsize=(2.6 * len(budgets) + 1.5, 4.8), sharey=True, squeeze=False)
-    colors = ("tab:grey", "tab:orange", "tab:blue", "tab:green")
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets) + 1.5, 4.8), sharey=True, squeeze=False)
+    colors = ("tab:grey", "tab:brown", "tab:orange", "tab:blue", "tab:green", "tab:olive", "tab:purple")
     for ax, label in zip(axes[0], budgets):
         rows = results["budgets"][label]["rows"]
         value = lambda m, k: rows.get(m, {}).get(k, math.nan)  # noqa: E731  (nan: skipped)
@@ -386,7 +474,8 @@ def plot(results: dict, path: Path) -> None:
         for bars in (before, after):
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         ax.axhline(results["teacher"]["heldout_loss"], color="black", linestyle="--", linewidth=1)
-        ax.set_xticks(list(xs), ["uniform", "ModelOpt", "uniform\n+ refit", "per-layer"], fontsize=8)
+        ax.set_xticks(list(xs), ["uniform", "uniform\nMLP-only", "ModelOpt", "uniform\n+ refit", "per-layer",
+                                 "per-layer\n+ refit", "per-layer\nBLD"], fontsize=7)
         budget = results["budgets"][label]["budget"]
         ax.set_title(budget.split(" (")[0] + (f" at {MEMORY_CONTEXT:,} tokens" if "memory" in budget else ""),
                      fontsize=9)

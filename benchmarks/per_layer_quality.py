@@ -5,6 +5,9 @@ pruning (no training), on the built-in held-out split.
 - uniform: the planner's first ``--uniform`` candidates for the budget (width first), each
   pruned by importance (layers by loss drop where a candidate drops any); the best by
   held-out loss is the row's "best uniform";
+- uniform MLP-only: every layer's MLP cut to the widest width on the planner's grid within
+  the budget, hidden size, attention and layers kept (``plan.mlp_only``, what ``search
+  --per-layer`` adds): the per-layer space's uniform point, apart from the best uniform;
 - per-layer: ``prune --per-layer`` from the same importance run's block-variant scores
   (``importance --block-variants``), the choice minimising summed KL, and summed loss change;
 - time: the block-variant scoring against the calibration pass of the same run.
@@ -41,7 +44,7 @@ def main() -> None:
     from nemo_minitron.evaluate import evaluate
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.api import prune
-    from nemo_minitron.prune.plan import plan
+    from nemo_minitron.prune.plan import mlp_only, plan
     from nemo_minitron.prune.targets import parse_param_count
     from nemo_minitron.runtime.distributed import init_distributed
     from nemo_minitron.runtime.precision import resolve_dtype
@@ -75,6 +78,14 @@ def main() -> None:
             if not is_checkpoint(path):
                 prune(str(teacher), str(importance), str(path), target=candidate.target(), layer_metric="loss")
             rows[f"uniform {k}"] = {"params": candidate.params, "shape": candidate.target(), "heldout_loss": loss_of(path)}
+        planner_rows = list(rows)
+        candidate = mlp_only(desc, parse_param_count(budget))
+        if candidate is not None:
+            path = CACHE / f"{importance.name}-uniform-mlp-only-{label}"
+            if not is_checkpoint(path):
+                prune(str(teacher), str(importance), str(path), target=candidate.target())
+            rows["uniform MLP-only"] = {"params": candidate.params, "shape": candidate.target(),
+                                        "heldout_loss": loss_of(path)}
         for metric in ("kl", "loss"):
             path = CACHE / f"{importance.name}-per-layer-{metric}-{label}"
             t0 = time.time()
@@ -85,7 +96,7 @@ def main() -> None:
                 "params": new.num_parameters(), "prune_seconds": round(time.time() - t0, 1),
                 "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in new.layer_shapes],
                 "heldout_loss": loss_of(path)}
-        best = min((r for n, r in rows.items() if n.startswith("uniform")), key=lambda r: r["heldout_loss"])
+        best = min((rows[n] for n in planner_rows), key=lambda r: r["heldout_loss"])
         results["budgets"][label] = {"rows": rows, "best_uniform": best["heldout_loss"]}
         print(label, {n: round(r["heldout_loss"], 3) for n, r in rows.items()}, flush=True)
     write_results(args, results)

@@ -447,6 +447,12 @@ def _per_layer_recipe(tmp_path, prune: str = "per_layer: true, target_params: 84
      ["'rounds.0.prune.per_layer' needs exactly one budget", "(got recipe key 'rounds.0.prune.target_params', "
                                                               "recipe key 'rounds.0.prune.target_flops')"]),
     ("target_flops: 1.2G", [], ["'rounds.0.prune.target_flops' is a recipe key 'rounds.0.prune.per_layer' budget"]),
+    ("per_layer: true, target_params: 84.5M, refit: true", ["rounds.0.importance.block_variants=true"],
+     ["'rounds.0.prune.refit' solves with the second moments", "'rounds.0.importance.second_moments: true'"]),
+    ("per_layer: true, target_params: 84.5M, refit: true", ["rounds.0.importance.block_variants=true",
+                                                            "rounds.0.importance.second_moments=true",
+                                                            "rounds.0.importance.block_distill_steps=2"],
+     ["'rounds.0.prune.refit' with 'rounds.0.prune.per_layer'", "'rounds.0.importance.block_distill_steps'"]),
     ("per_layer: true, target_flops: 1.2 GFLOPs", ["rounds.0.importance.block_variants=true"],
      ["'rounds.0.prune.target_flops' must be a number with an optional K/M/G/T suffix"]),
 ])
@@ -541,7 +547,8 @@ def forced_scores(source, out, forced):
 def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
     """llama_wide_mlp's importance with block variants, its scores edited so that FORCED is the
     only choice of negative total score, and the checkpoint ``prune --per-layer`` makes from them
-    (under a FLOPs budget that every choice meets: the parent's at context 1024)."""
+    (under a FLOPs budget that every choice meets: the parent's at context 1024). The importance
+    run keeps its second moments for --refit."""
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.importance.api import compute_importance
     from nemo_minitron.prune.api import prune
@@ -550,7 +557,7 @@ def per_layer_pruned(tiny_checkpoint, tmp_path_factory):
     parent = tiny_checkpoint("llama_wide_mlp")
     compute_importance(str(parent), ["builtin:calib"], str(root / "imp"), samples=SAMPLES, seq_len=SEQ,
                        layer_samples=1, block_variants=True, ffn_variants=2, block_samples=2, seed=SEED,
-                       dtype="float32", progress=False)
+                       dtype="float32", second_moments=True, progress=False)
     forced = forced_scores(root / "imp", root / "forced", FORCED)
     desc = read_info(parent).description
     out = prune(str(parent), str(forced), str(root / "pruned"), per_layer=True,
@@ -663,9 +670,10 @@ def test_per_layer_counts_equal_transformers(per_layer_pruned, tmp_path):
 
 @pytest.mark.multirank
 def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
-    """prune --per-layer on the parent loaded at TP=2 and at PP=2 writes exactly the TP=1
-    weights (the worker also counts the parameters held across ranks). One group per layer
-    does not split over 2 ranks: the scores here make 2 groups the best choice instead."""
+    """prune --per-layer (and with --refit) on the parent loaded at TP=2 and at PP=2 writes
+    exactly the TP=1 weights (the worker also counts the parameters held across ranks). One
+    group per layer does not split over 2 ranks: the scores here make 2 groups the best
+    choice instead."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -684,14 +692,143 @@ def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
     _, _, want = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1"), **options))
     assert [(s.num_query_groups, s.ffn_hidden_size) for s in read_info(tmp_path / "tp1").description.layer_shapes] \
         == [(4, 256), (0, 768), (2, 768), (2, 0)]
-    job = {"checkpoint": str(parent), "importance": str(importance), "out": str(tmp_path / "workers" / "{layout}"),
-           "options": options}
-    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": [job]}))
+    _, _, want_refit = _canonical(prune(str(parent), str(importance), str(tmp_path / "tp1-refit"), refit=True,
+                                        **options))
+    assert not torch.equal(want_refit["decoder.layers.0.mlp.linear_fc2.weight"],
+                           want["decoder.layers.0.mlp.linear_fc2.weight"])  # layer 0's MLP is narrowed: refit
+    jobs = [{"checkpoint": str(parent), "importance": str(importance),
+             "out": str(tmp_path / "workers" / f"{{layout}}{suffix}"), "options": {**options, **extra}}
+            for suffix, extra in (("", {}), ("-refit", {"refit": True}))]
+    (tmp_path / "jobs.json").write_text(json.dumps({"layouts": {"tp2": [2, 1], "pp2": [1, 2]}, "jobs": jobs}))
     run_workers("prune_parallel.py", tmp_path / "jobs.json", out=tmp_path / "workers")
     for layout in ("tp2", "pp2"):
-        _, _, got = _canonical(tmp_path / "workers" / layout)
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want), layout
+        for suffix, expected in (("", want), ("-refit", want_refit)):
+            _, _, got = _canonical(tmp_path / "workers" / f"{layout}{suffix}")
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[k], expected[k]) for k in expected), layout + suffix
+
+
+#: layer: two MLP widths (with and without merged groups), a layer kept whole, a removed MLP
+REFIT_PLAN = ((4, 512), (2, 256), (4, 768), (1, 0))
+
+
+@pytest.fixture(scope="module")
+def per_layer_refit(per_layer_pruned):
+    """REFIT_PLAN pruned per layer from the same importance run, without and with --refit."""
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+
+    root, parent = per_layer_pruned["root"], per_layer_pruned["parent"]
+    importance = forced_scores(per_layer_pruned["importance"], root / "refit_imp", REFIT_PLAN)
+    options = {"per_layer": True, "target_flops": str(_model_flops(read_info(parent).description, 1024)),
+               "flops_context": 1024}
+    plain = prune(str(parent), str(importance), str(root / "plain"), **options)
+    refit = prune(str(parent), str(importance), str(root / "refit"), refit=True, **options)
+    return {"parent": parent, "importance": importance, "plain": plain, "refit": refit}
+
+
+def _ridge_solution(gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The kept columns V minimising sum_t ||W x_t - V x_t[kept]||^2 + ridge ||V - W[:, kept]||^2
+    over the tokens whose Gram matrix is ``gram``: the objective's normal equations
+    (G[k, k] + ridge I) V^T = G[k, :] W^T + ridge W[:, k]^T, solved by Cholesky."""
+    g, w = gram.double(), weight.double()
+    lhs = g[kept][:, kept] + ridge * torch.eye(len(kept), dtype=torch.float64)
+    rhs = g[kept] @ w.T + ridge * w[:, kept].T
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(lhs)).T
+
+
+def test_per_layer_refit_is_each_layers_least_squares_solution(per_layer_refit):
+    """--per-layer --refit: each narrowed MLP's second linear is the least-squares solution for
+    that layer's own kept neurons and width, from that layer's second moments; every other
+    tensor (a removed MLP, a layer kept whole, every output projection: merging K/V groups
+    removes no query head) is bit-equal to the prune without refit; and on the calibration
+    tokens each refit layer reproduces the parent's MLP output better than the plain cut."""
+    from safetensors.torch import load_file
+
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.prune.refit import DEFAULT_DAMPING
+    from tolerances import U32, fp64_solve
+
+    _, _, parent = _canonical(per_layer_refit["parent"])
+    _, plain_desc, plain = _canonical(per_layer_refit["plain"])
+    _, desc, refit = _canonical(per_layer_refit["refit"])
+    assert tuple((s.num_query_groups, s.ffn_hidden_size) for s in desc.layer_shapes) == REFIT_PLAN == \
+        tuple((s.num_query_groups, s.ffn_hidden_size) for s in plain_desc.layer_shapes)
+    assert refit.keys() == plain.keys()
+    scores = ImportanceScores.load(per_layer_refit["importance"])
+    grams = load_file(str(per_layer_refit["importance"] / "second_moments.safetensors"))["fc2_gram"]
+    narrowed = {layer for layer, (_, width) in enumerate(REFIT_PLAN) if width not in (0, 768)}
+    assert narrowed == {0, 1}
+    for name in refit:
+        fc2 = [layer for layer in narrowed if name == f"decoder.layers.{layer}.mlp.linear_fc2.weight"]
+        if not fc2:
+            assert torch.equal(refit[name], plain[name]), name
+            continue
+        layer, width = fc2[0], REFIT_PLAN[fc2[0]][1]
+        kept = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
+        w, g = parent[name], grams[layer].double()
+        gkk = g[kept][:, kept]
+        ridge = DEFAULT_DAMPING * gkk.diagonal().mean().item()  # refit.py's damping of the kept diagonal
+        want = _ridge_solution(g, w, kept, ridge)
+        eig = torch.linalg.eigvalsh(gkk)
+        condition = ((eig[-1] + ridge) / (eig[0] + ridge)).item()
+        magnitude = want.abs().max().item()
+        # the product's float64 solve and this one, then its rounding to float32
+        tol = fp64_solve(width, condition, magnitude) + U32 * magnitude
+        assert (refit[name].double() - want).abs().max().item() <= tol, (name, tol)
+        assert not torch.equal(refit[name], plain[name]), name  # the refit changed something
+
+        def residual(v: torch.Tensor) -> float:  # sum over the calibration tokens of ||W x - V x[kept]||^2
+            d = w.double().clone()
+            d[:, kept] -= v.double()
+            return torch.einsum("oi,ij,oj->", d, g, d).item()
+
+        assert residual(refit[name]) < residual(plain[name]), layer
+
+
+def test_per_layer_refit_brings_the_model_closer_to_the_parent(per_layer_refit):
+    """On the calibration samples the second moments came from, the per-layer model with
+    --refit is closer to the parent (logit MSE) than the one without."""
+    from nemo_minitron.checkpoint.store import load_tokenizer
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
+    from nemo_minitron.model.forward import full_logits
+
+    parent_model, parent_desc, _ = _canonical(per_layer_refit["parent"])
+    corpus = check_corpus(["builtin:calib"], vocab_size=parent_desc.vocab_size)
+    samples = calibration_samples(corpus, load_tokenizer(per_layer_refit["parent"]), seq_len=SEQ, samples=SAMPLES,
+                                  seed=SEED)
+    tokens = samples[:, :-1]
+    want = full_logits(parent_model, tokens, parent_desc.vocab_size).double()
+    errors = {}
+    for kind in ("plain", "refit"):
+        model, desc, _ = _canonical(per_layer_refit[kind])
+        errors[kind] = (full_logits(model, tokens, desc.vocab_size).double() - want).square().mean().item()
+    assert errors["refit"] < errors["plain"], errors
+
+
+def test_per_layer_refit_refused(per_layer_pruned, tiny_checkpoint, tmp_path, capsys):
+    """--per-layer --refit: one line, exit 2, nothing written, with block variants trained by
+    importance --block-distill-steps (they replace what refit would repair) and without
+    second moments."""
+    import shutil
+
+    ckpt = per_layer_pruned["parent"]
+    trained = tmp_path / "trained"
+    shutil.copytree(per_layer_pruned["importance"], trained)
+    summary = json.loads((trained / "summary.json").read_text())
+    summary["block_variants"]["distill"] = {"steps": 2, "lr": 1e-4, "samples": 2, "batch": 1}
+    (trained / "summary.json").write_text(json.dumps(summary))
+    bare = tmp_path / "bare"
+    shutil.copytree(per_layer_pruned["importance"], bare)
+    (bare / "second_moments.safetensors").unlink()
+    for importance, says in ((trained, "--refit with --per-layer: --importance"),
+                             (bare, "--refit: '")):
+        code, err = cli_in_process(capsys, "prune", ckpt, "--importance", importance, "--out", tmp_path / "p",
+                                   "--per-layer", "--target-params", "10M", "--refit")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert importance is bare or "--block-distill-steps" in err, err
+    assert not (tmp_path / "p").exists()
 
 
 def test_report_draws_the_per_layer_round(per_layer_pruned, tmp_path):

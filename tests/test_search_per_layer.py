@@ -114,12 +114,21 @@ def test_per_layer_candidates_are_the_solvers_optima_and_differ(tiny_checkpoint,
         limit, cost = 1_250_000, lambda d: _model_flops(d, 256)  # noqa: E731
     else:
         limit, cost = parse_param_count(BUDGET), lambda d: d.num_parameters()  # noqa: E731
-    uniform = [c for c in picked if not c.description.layer_shapes]
+    uniform = [c for c in picked if not c.description.layer_shapes and c.kind != "mlp-only"]
     per_layer = [c for c in picked if c.description.layer_shapes]
     assert [c.name for c in picked] == [f"c{i}" for i in range(1, len(picked) + 1)]
     assert 1 <= len(uniform) <= 2 and [c.kind for c in per_layer] == ["per-layer"] * 3
     for c in uniform:  # the planner's rule: within the tolerance of the budget
         assert c.kind in ("width", "depth", "mixed") and abs(cost(c.description) / limit - 1) <= cfg.tolerance
+    # the uniform MLP-only shape: the parent's hidden size, attention and layers, the widest MLP on
+    # the planner's grid (64, and the TP size) whose cost is within the budget
+    mlp_only = [c for c in picked if c.kind == "mlp-only"]
+    assert len(mlp_only) == 1 and mlp_only[0] == picked[len(uniform)] and mlp_only[0].target() is not None
+    d = mlp_only[0].description
+    assert (d.hidden_size, d.num_attention_heads, d.num_query_groups, d.num_layers, d.layer_shapes) == \
+        (desc.hidden_size, desc.num_attention_heads, desc.num_query_groups, desc.num_layers, ())
+    fitting = [w for w in range(64, desc.ffn_hidden_size, 64) if cost(desc.replace(ffn_hidden_size=w)) <= limit]
+    assert d.ffn_hidden_size == max(fitting) and d.check_layout(tp, 1) is None
     ranked = _ranked_choices(desc, scores["block_attention_kl"], scores["block_ffn_kl"],
                              lambda d: cost(d) <= limit, tp)
     got = [(c.choice.score, tuple(s.num_query_groups for s in c.description.layer_shapes),
@@ -159,8 +168,8 @@ def test_search_over_uniform_and_per_layer_keeps_the_lowest_heldout_loss(per_lay
     own metrics log the lowest held-out loss at the last step; search.json says each one's
     kind, parameters and (per-layer) widths per layer."""
     out, result, rows = per_layer_search["out"], per_layer_search["result"], per_layer_search["rows"]
-    assert [r["kind"] for r in rows.values()] == ["width", "per-layer", "per-layer"]
-    assert [r["uniform"] for r in rows.values()] == [True, False, False]
+    assert [r["kind"] for r in rows.values()] == ["width", "mlp-only", "per-layer", "per-layer"]
+    assert [r["uniform"] for r in rows.values()] == [True, True, False, False]
     logged = {name: _final_heldout(out / r["directory"]) for name, r in rows.items()}
     assert result["best"] == min(logged, key=logged.get), logged
     assert json.loads((out / "search.json").read_text())["best"] == result["best"]
@@ -187,6 +196,28 @@ def test_each_candidate_checkpoint_has_its_shape_and_the_winner_is_in_best(per_l
     shapes = read_info(out / "best" / "pruned").description.layer_shapes
     assert [[s.num_query_groups, s.ffn_hidden_size] for s in shapes] == (best["layer_shapes"] or [])
     assert len({json.dumps(r["layer_shapes"]) for r in rows.values()}) == 3
+
+
+def test_the_mlp_only_candidate_is_pruned_to_the_planners_count(per_layer_search, tiny_checkpoint):
+    """The uniform MLP-only candidate's pruned checkpoint holds as many parameters as the planner
+    counted for it (its tensors counted one by one), within the budget, with the parent's
+    hidden size, heads, K/V groups and layers."""
+    from nemo_minitron.checkpoint.store import load_checkpoint, read_info
+    from nemo_minitron.model.params import named_weights
+    from nemo_minitron.prune.plan import mlp_only
+    from nemo_minitron.prune.targets import parse_param_count
+
+    parent = read_info(tiny_checkpoint(PARENT)).description
+    row = next(r for r in per_layer_search["rows"].values() if r["kind"] == "mlp-only")
+    model, info = load_checkpoint(str(per_layer_search["out"] / row["directory"] / "pruned"), dtype=torch.float32)
+    d = info.description
+    held = sum(d.vocab_size * p.shape[1] if name in ("embedding.word_embeddings.weight", "output_layer.weight")
+               else p.numel() for name, p in named_weights(model))  # megatron pads the vocabulary
+    planned = mlp_only(parent, parse_param_count(BUDGET)).params
+    assert held == planned == row["params"] <= parse_param_count(BUDGET)
+    assert (d.hidden_size, d.num_attention_heads, d.num_query_groups, d.num_layers) == \
+        (parent.hidden_size, parent.num_attention_heads, parent.num_query_groups, parent.num_layers)
+    assert d.ffn_hidden_size < parent.ffn_hidden_size
 
 
 def test_the_ranking_shows_kinds_and_widths_per_layer(per_layer_search):

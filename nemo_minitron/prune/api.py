@@ -183,7 +183,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     ModelOpt and NeMo number them), or ``target_params`` a budget such as "90M"; ``order``
     importance | magnitude | random; ``layer_metric`` auto | greedy | best | contiguous | loss |
     block | "3,7,9" (0-indexed); ``refit``: least-squares refit of the layers reading removed
-    heads and neurons, from the importance run's second moments, see refit.py);
+    heads and neurons, from the importance run's second moments, see refit.py; with
+    ``per_layer``, each narrowed MLP's second linear for its own kept neurons);
     ``options``: any of its fields, or ``tp``, ``pp``, ``seed``, ``dtype`` (of the saved
     checkpoint; auto, the default: the source's); ``layer_choice``: with ``per_layer``, prune
     to this choice (made under the same budget, e.g. a search's alternative) instead of the
@@ -306,20 +307,22 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
                 old_name = rename_expert(old_name, int(keep.experts[old_layer][expert_of(name)]))
             full = gather(old_name, old_weights[old_name].detach(), group=tp_group, gated=old.gated,
                           sections=tp_sections(old, old_name))
-            if grams is not None:
-                full = _refit(old_name, full, old, keep, old_layer, grams)
+            if grams is not None and old_layer is not None:
+                full = _refit(old_name, full, old, old_layer, grams, keep.heads[old_layer], keep.ffn[old_layer])
             cut = prune_tensor(old_name, full, old, keep, old_layer)
             param.copy_(shard(name, cut, tp_rank, tp_size, gated=new.gated, sections=tp_sections(new, name)))
     new_model.eval()
     return new_model
 
 
-def _refit(name: str, full: torch.Tensor, old: ModelDescription, keep, old_layer, grams) -> torch.Tensor:
-    """The full tensor with its kept input columns refit (prune_tensor then cuts as usual)."""
-    if name.endswith("self_attention.linear_proj.weight"):
-        columns, gram = _proj_columns(old, keep.heads[old_layer]), grams["proj_gram"][old_layer]
-    elif name.endswith("mlp.linear_fc2.weight"):
-        columns, gram = keep.ffn[old_layer], grams["fc2_gram"][old_layer]
+def _refit(name: str, full: torch.Tensor, old: ModelDescription, old_layer: int, grams: dict[str, torch.Tensor],
+           heads: torch.Tensor | None, neurons: torch.Tensor | None) -> torch.Tensor:
+    """The full tensor of the parent's layer ``old_layer`` with its input columns for the kept
+    ``heads`` / ``neurons`` refit (None: all kept, nothing to refit); the cut follows as usual."""
+    if heads is not None and name.endswith("self_attention.linear_proj.weight"):
+        columns, gram = _proj_columns(old, heads), grams["proj_gram"][old_layer]
+    elif neurons is not None and name.endswith("mlp.linear_fc2.weight"):
+        columns, gram = neurons, grams["fc2_gram"][old_layer]
     else:
         return full
     full = full.clone()
@@ -340,6 +343,15 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
             + ("has experts" if old.is_moe else "has Mamba layers" if old.is_hybrid else "is already per-layer"))
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
+    # Refused with trained variants (importance --block-distill-steps): every narrowed MLP is then a
+    # trained variant, its weights fit to the parent block's output already (through the whole
+    # block, not only its last linear) and scored as trained. Refitting them from the parent's
+    # second moments would undo that training; refitting only untrained ones refits nothing.
+    require(not (cfg.refit and (scores.summary.get("block_variants") or {}).get("distill")),
+            f"{names('refit')} with {names('per_layer')}: --importance '{importance}' holds block variants trained "
+            "by importance --block-distill-steps, which replace the pruned weights refit would repair; drop "
+            f"{names('refit')} or score untrained variants")
+    grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
@@ -359,7 +371,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
              "ffn per layer %s", checkpoint, old.num_parameters() / 1e6, new.num_parameters() / 1e6,
              cfg.block_score, choice.score, [s.num_query_groups for s in choice.shapes],
              [s.ffn_hidden_size for s in choice.shapes])
-    new_model = _build_per_layer(model, old, new, scores, trained)
+    new_model = _build_per_layer(model, old, new, scores, trained, grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
@@ -375,11 +387,16 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
 
 
 def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores: ImportanceScores,
-                     trained: TrainedVariants | None = None) -> torch.nn.Module:
+                     trained: TrainedVariants | None = None, grams: dict[str, torch.Tensor] | None = None
+                     ) -> torch.nn.Module:
     """The per-layer model on this layout, every weight the parent's (transforms.per_layer_tensor):
     the most important neurons of each narrowed MLP, each merged K/V group the mean of its
     run of groups (variants.merged_groups), or the chosen variant's ``trained`` tensors
-    (importance --block-distill-steps); collective."""
+    (importance --block-distill-steps); collective. ``grams`` (--refit): each narrowed MLP's
+    second linear refit for its own kept neurons as a uniform prune refits (``_refit``). No
+    attention is refit: merging K/V groups keeps every query head, so the output projection
+    loses no input (the format fixes the head count model-wide); a removed block has nothing
+    to refit, a block kept whole nothing removed."""
     dtype = next(model.parameters()).dtype
     new_model = build_model(new, dtype=dtype)
     old_weights = dict(named_weights(model))
@@ -396,9 +413,11 @@ def _build_per_layer(model, old: ModelDescription, new: ModelDescription, scores
                 shape = new.layer_shapes[layer]
                 narrowed = shape.ffn_hidden_size not in (0, old.ffn_hidden_size)
                 merged = shape.num_query_groups not in (0, old.num_query_groups)
+                neurons = kept_neurons(scores["ffn"][layer], shape.ffn_hidden_size) if narrowed else None
+                if grams is not None:  # per-layer models keep their layers: the parent's index is the layer's
+                    full = _refit(name, full, old, layer, grams, None, neurons)
                 full = per_layer_tensor(
-                    name.split(f"decoder.layers.{layer}.", 1)[1], full, old,
-                    kept_neurons(scores["ffn"][layer], shape.ffn_hidden_size) if narrowed else None,
+                    name.split(f"decoder.layers.{layer}.", 1)[1], full, old, neurons,
                     merged_groups(scores["query_groups"][layer], shape.num_query_groups) if merged else None)
             param.copy_(shard(name, full, tp_rank, tp_size, gated=new.gated))
     new_model.eval()

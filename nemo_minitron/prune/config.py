@@ -132,7 +132,8 @@ class PruneConfig(PlanConfig, PerLayerConfig):
         metavar="METRIC")
     refit: bool = option(
         False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
-               "and neurons (needs importance --second-moments)")
+               "and neurons (needs importance --second-moments); with --per-layer, each narrowed MLP's second "
+               "linear for its own kept neurons (not with importance --block-distill-steps)")
 
     def check(self, names) -> None:
         self.check_budget(names, self.target_params)
@@ -140,9 +141,8 @@ class PruneConfig(PlanConfig, PerLayerConfig):
             require(not (self.target or self.drop_layers), f"{names('per_layer')} chooses every layer's shape from the "
                                                            f"budget; {names('target')} and {names('drop_layers')} "
                                                            "are for uniform shapes")
-            require(not self.refit and self.order == "importance",
-                    f"{names('per_layer')} keeps neurons by importance without {names('refit')} (got "
-                    f"{names('order')} {self.order}{', ' + names('refit') if self.refit else ''})")
+            require(self.order == "importance", f"{names('per_layer')} keeps neurons by importance (got "
+                                                f"{names('order')} {self.order})")
             if self.target_params is not None:
                 self.target_params = str(self.target_params)
                 parse_param_count(self.target_params, flag=names("target_params"))

@@ -198,6 +198,25 @@ def enumerate_candidates(desc: ModelDescription, budget: int, cfg: PlanConfig, *
     return out
 
 
+def mlp_only(desc: ModelDescription, budget: int, *, tp: int = 1) -> Candidate | None:
+    """The uniform MLP-only shape of a dense model: every layer's MLP cut to the widest width
+    on the planner's grid (a multiple of 64, 128 from 2048 up, and of ``tp``) whose parameter
+    count is within ``budget``; hidden size, attention and layers kept (the uniform point of
+    the per-layer search space, which keeps them too). The width limits do not apply: it is
+    a reference point. None when even one grid step is over the budget."""
+    assert not (desc.is_moe or desc.is_hybrid), desc.architecture
+    grid = math.lcm(_grid(desc.ffn_hidden_size), tp)
+    one = desc.replace(ffn_hidden_size=grid).num_parameters()
+    per_step = desc.replace(ffn_hidden_size=2 * grid).num_parameters() - one  # the count is linear in the width
+    if budget < one:
+        return None
+    steps = min((budget - one) // per_step, (desc.ffn_hidden_size - 1) // grid - 1)
+    if steps < 0:  # the parent's MLP is a grid step wide or less
+        return None
+    cand = desc.replace(ffn_hidden_size=grid * (steps + 1))
+    return Candidate(cand, _why(desc, cand))
+
+
 #: MLP-width grid of hybrid models at any size (Nemotron Nano 9B v2's 15680 = 245 x 64)
 HYBRID_FFN_GRID = 64
 #: hybrid candidates listed at most, the first by the ranking (each layer kind multiplies

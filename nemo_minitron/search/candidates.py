@@ -14,7 +14,11 @@ from three kinds in turn:
 and each pick must differ from every earlier one by at least MIN_DISTANCE on some axis
 (relative to the original size). Shapes the user lists are added as they are.
 
-With ``per_layer`` the search also tries per-layer architectures, chosen under the same
+With ``per_layer`` the search adds the uniform MLP-only shape (kind ``mlp-only``): every
+layer's MLP cut to the widest width on the planner's grid within the budget, hidden size,
+attention and layers the parent's (``plan.mlp_only``). It is the point the per-layer space
+shares with the uniform one, so a benchmark can tell the gain of choosing per layer from
+that of keeping the hidden size. Then it tries per-layer architectures, chosen under the same
 budget by prune/per_layer.py's 0-1 program over the block-variant scores, after the
 uniform ones:
 
@@ -51,19 +55,20 @@ from nemo_minitron.errors import UsageError
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.prune.per_layer import Budget, PerLayerChoice, budget_of, per_layer_choice, solve
-from nemo_minitron.prune.plan import Candidate, _why, plan
+from nemo_minitron.prune.plan import Candidate, _why, mlp_only, plan
 from nemo_minitron.prune.targets import apply_target, parse_param_count
 from nemo_minitron.search.config import MIN_DISTANCE, SearchConfig
 
 KINDS = ("width", "depth", "mixed")
 PER_LAYER = "per-layer"
+MLP_ONLY = "mlp-only"   # the uniform shape that cuts only the MLP (with per_layer)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchCandidate:
     name: str                    # c1, c2, ... in the order they were chosen
     description: ModelDescription
-    kind: str                    # uniform: width | depth | mixed (| identity: nothing cut); or per-layer
+    kind: str                    # uniform: width | depth | mixed | mlp-only (| identity: nothing cut); or per-layer
     source: str                  # planner | explicit | solver
     why: str
     choice: PerLayerChoice | None = None  # a per-layer candidate's options and summed score
@@ -152,6 +157,17 @@ def search_candidates(original: ModelDescription, cfg: SearchConfig, *, tp: int 
             continue
         picked.append(SearchCandidate(f"c{len(picked) + 1}", desc, kind_of(original, desc), "explicit",
                                       _why(original, desc)))
+    if cfg.per_layer:
+        desc = mlp_only_candidate(original, cfg, tp=tp, names=names)
+        if desc is not None:
+            cut = 1 - desc.ffn_hidden_size / original.ffn_hidden_size
+            why = (f"uniform MLP-only: ffn -{cut:.0%}; keeps the hidden size, attention and all {original.num_layers} "
+                   "layers (the widest MLP on the planner's grid within the budget)")
+            same = next((i for i, p in enumerate(picked) if p.description == desc), None)
+            if same is None:
+                picked.append(SearchCandidate(f"c{len(picked) + 1}", desc, MLP_ONLY, "planner", why))
+            else:  # already picked: distilled once, named as what it also is
+                picked[same] = dataclasses.replace(picked[same], kind=MLP_ONLY, why=f"{why}; also {picked[same].why}")
     if cfg.per_layer and scores is not None:
         for desc, choice, why in per_layer_candidates(original, scores, cfg, tp=tp, names=names):
             picked.append(SearchCandidate(f"c{len(picked) + 1}", desc, PER_LAYER, "solver", why, choice))
@@ -170,18 +186,34 @@ def _uniform(original: ModelDescription, cfg: SearchConfig, tp: int, pp: int, na
     budget = search_budget(cfg, names)
     if not cfg.per_layer:  # the planner's one-line error when no shape meets it
         return plan(original, budget.limit, cfg.plan_config(), tp=tp, pp=pp, names=names)
-    if budget.kind == "memory":
-        kv = original.kv_cache_bytes_per_token(budget.bytes_per_value) * budget.context * budget.batch
-        params = (budget.limit - kv) // budget.bytes_per_value
-    elif budget.kind == "flops":  # 2 a parameter, beside what the parent spends otherwise (attention's context)
-        params = (budget.limit - (budget.total(original) - 2 * original.num_parameters())) // 2
-    else:
-        params = budget.limit
+    params = _uniform_params(original, budget)
     try:  # per-layer candidates are searched too: no uniform shape is no error
         ranked = plan(original, params, cfg.plan_config(), tp=tp, pp=pp, names=names) if params > 0 else []
     except UsageError:
         ranked = []
     return [c for c in ranked if abs(budget.total(c.description) - budget.limit) <= cfg.tolerance * budget.limit]
+
+
+def _uniform_params(original: ModelDescription, budget: Budget) -> int:
+    """The parameters a uniform shape may have under a per-layer budget (see the module doc):
+    exact for a shape that keeps the parent's attention."""
+    if budget.kind == "memory":
+        kv = original.kv_cache_bytes_per_token(budget.bytes_per_value) * budget.context * budget.batch
+        return (budget.limit - kv) // budget.bytes_per_value
+    if budget.kind == "flops":  # 2 a parameter, beside what the parent spends otherwise (attention's context)
+        return int(budget.limit - (budget.total(original) - 2 * original.num_parameters())) // 2
+    return budget.limit
+
+
+def mlp_only_candidate(original: ModelDescription, cfg: SearchConfig, *, tp: int,
+                       names: Names) -> ModelDescription | None:
+    """The uniform MLP-only shape under a per-layer search's budget (``plan.mlp_only``; None when
+    no MLP width fits, or for a model per-layer search refuses: experts, Mamba layers)."""
+    if original.is_moe or original.is_hybrid:
+        return None
+    params = _uniform_params(original, search_budget(cfg, names))
+    cand = mlp_only(original, params, tp=tp) if params > 0 else None
+    return None if cand is None else cand.description
 
 
 def per_layer_candidates(original: ModelDescription, scores: ImportanceScores, cfg: SearchConfig, *, tp: int,

@@ -39,7 +39,8 @@ class SearchConfig(DistillConfig, PlanConfig, PerLayerConfig):
     halving: bool = option(False, "successive halving: every candidate trains part of --steps, only the better "
                                   "half continues (halving again until two remain for the last stretch)")
     per_layer_candidates: int = option(3, "with --per-layer: per-layer architectures to try, the solver's optimum "
-                                          "first (see docs/usage.md, Architecture search)", ge=1)
+                                          "first, beside the planner's candidates and the uniform MLP-only shape "
+                                          "(see docs/usage.md, Architecture search)", ge=1)
     keep_all: bool = option(False, "keep every candidate's checkpoints (default: only the best candidate's)",
                             resume_safe=True)
     layer_metric: str = option("auto", "layers each candidate drops, as prune --layer-metric: auto (greedy when "
