@@ -689,3 +689,26 @@ def test_expert_targets_bad_input_before_any_weight_is_read(weightless, scored, 
     code, stderr = cli_in_process(capsys, "importance", moe, "--data", "builtin:calib", "--out", out,
                                   "--second-moments")
     assert code == 2 and "--second-moments (for prune --refit) is for dense MLPs" in stderr, stderr
+
+
+def test_refit_warns_when_fewer_calibration_tokens_than_columns(tmp_path, caplog):
+    """With fewer calibration tokens than a Gram matrix has columns the least-squares refit
+    is exact on those tokens and generalises badly (measured: worse than no refit); say so."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE
+    from nemo_minitron.prune.api import _second_moments
+
+    save_file({"fc2_gram": torch.eye(24).expand(2, 24, 24).contiguous(),
+               "proj_gram": torch.eye(16).expand(2, 16, 16).contiguous()}, str(tmp_path / SECOND_MOMENTS_FILE))
+    names = {"refit": "--refit"}.get
+    for tokens, warned in ((23, True), (24, False)):
+        caplog.clear()
+        grams = _second_moments(str(tmp_path), SimpleNamespace(summary={"tokens": tokens}), names)
+        assert set(grams) == {"fc2_gram", "proj_gram"}
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(said) == warned, (tokens, said)
+        if warned:
+            assert "23 calibration tokens" in said[0] and "24 columns" in said[0], said

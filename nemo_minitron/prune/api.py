@@ -215,7 +215,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     require(not (cfg.refit and (old.is_moe or old.is_hybrid)),
             f"{names('refit')} refits dense MLPs and attention; this {old.architecture} model has "
             + ("experts" if old.is_moe else "Mamba layers"))
-    grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
+    grams = _second_moments(importance, scores, names) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     target = planned_target(old, cfg, tp=tp, pp=pp, names=names)
@@ -315,6 +315,21 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
     return new_model
 
 
+def _second_moments(importance: str, scores: ImportanceScores, names: Names) -> dict[str, torch.Tensor]:
+    """The Gram matrices --refit solves with; a warning when fewer calibration tokens than a
+    matrix has columns went into them: the least-squares fit is then (almost) exact on those
+    tokens and can leave the model worse elsewhere than the plain cut does."""
+    grams = ImportanceScores.load_second_moments(importance, flag=names("refit"))
+    tokens = scores.summary.get("tokens")
+    width = max(g.shape[-1] for g in grams.values())
+    if tokens is not None and tokens < width:
+        log.warning("%s: the second moments in '%s' come from %d calibration tokens, fewer than the %d columns "
+                    "they refit; the refit fits those tokens and may generalise worse than no refit (run "
+                    "importance with --samples x --seq-len >= %d)", names("refit"), importance, tokens, width,
+                    width)
+    return grams
+
+
 def _refit(name: str, full: torch.Tensor, old: ModelDescription, old_layer: int, grams: dict[str, torch.Tensor],
            heads: torch.Tensor | None, neurons: torch.Tensor | None) -> torch.Tensor:
     """The full tensor of the parent's layer ``old_layer`` with its input columns for the kept
@@ -351,7 +366,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
             f"{names('refit')} with {names('per_layer')}: --importance '{importance}' holds block variants trained "
             "by importance --block-distill-steps, which replace the pruned weights refit would repair; drop "
             f"{names('refit')} or score untrained variants")
-    grams = ImportanceScores.load_second_moments(importance, flag=names("refit")) if cfg.refit else None
+    grams = _second_moments(importance, scores, names) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
