@@ -3,10 +3,10 @@
 
 The model is benchmarks/hybrid_model.py's (trained from scratch on ``builtin:train``).
 Rows cut Mamba heads, Mamba head dim, hidden, depth, and all together; each is pruned
-from importance computed on ``--samples`` calibration sequences of ``builtin:calib`` per
-seed (``--seeds``), and scored by held-out loss on ``builtin:heldout`` and
-``builtin:docs`` (``--eval`` sequences of 256 tokens each, the trained model's tokenizer),
-mean over seeds; the magnitude order (no calibration) is the floor. Layers are chosen by
+from importance computed in float32 (as ModelOpt scores) on ``--samples`` calibration
+sequences of ``builtin:calib`` per seed (``--seeds``), and scored by held-out loss on
+``builtin:heldout`` and ``builtin:docs`` (``--eval`` sequences of 256 tokens each, the
+trained model's tokenizer), mean over seeds; the magnitude order (no calibration) is the floor. Layers are chosen by
 the loss drop of each (``--layer-metric loss``, one calibration sequence): greedy
 elimination costs 69 passes here, more than this shared CPU allowed.
 
@@ -156,17 +156,22 @@ def main() -> None:
                "modelopt": f"ModelOpt {modelopt_adapter.MODELOPT_VERSION} in {python}" if python else NOT_RUN,
                "rows": {}}
     teacher = None  # loaded once ModelOpt's first kept units are applied
+
+    def importance(calib: str) -> Path:
+        return out / f"importance-{calib}-float32"
+
     start = time.time()
     for name, target in rows.items():
         row = {"target": target, "importance": {}, "magnitude": {}, "modelopt": {}}
         tag = "-".join(f"{k}{v}" for k, v in target.items())
         for seed in args.seeds:
-            imp = out / f"importance-seed{seed}"
-            if not (imp / "importance.pt").exists() and not imp.exists():
+            calib = f"seed{seed}-{args.samples}x{SEQ}"
+            imp = importance(calib)
+            if not imp.exists():  # float32, as ModelOpt scores it
                 compute_importance(str(ckpt), ["builtin:calib"], str(imp), samples=args.samples, seq_len=SEQ,
                                    micro_batch=2, layer_samples=1, greedy_layers=False, seed=seed,
-                                   progress=False)
-            pruned = out / f"pruned-{tag}-seed{seed}"
+                                   dtype="float32", progress=False)
+            pruned = out / f"pruned-{tag}-{calib}-float32"
             if not pruned.exists():
                 prune(str(ckpt), str(imp), str(pruned), target=target, layer_metric="loss")
             row["importance"][seed] = {s: heldout_loss(pruned, d) for s, d in data.items()}
@@ -175,7 +180,7 @@ def main() -> None:
                 continue
             # ModelOpt's choice on the same calibration sequences, applied by our pruning code
             tokens = calibration_tokens(ckpt, tokenizer, args.samples, seed, out)
-            settings = f"{tag}-seed{seed}-{args.samples}x{SEQ}"
+            settings = f"{tag}-{calib}"
             kept = modelopt_kept(python, ckpt, tokens, target,
                                  out / f"modelopt{modelopt_adapter.MODELOPT_VERSION}-{settings}.json")
             theirs = out / f"modelopt{modelopt_adapter.MODELOPT_VERSION}-pruned-{settings}"
@@ -197,8 +202,8 @@ def main() -> None:
                                                                   keep.summary(), target)}
         mag = out / f"magnitude-{tag}"
         if not mag.exists():
-            prune(str(ckpt), str(out / f"importance-seed{args.seeds[0]}"), str(mag), target=target, order="magnitude",
-                  layer_metric="loss")
+            prune(str(ckpt), str(importance(f"seed{args.seeds[0]}-{args.samples}x{SEQ}")), str(mag), target=target,
+                  order="magnitude", layer_metric="loss")
         row["magnitude"] = {s: heldout_loss(mag, d) for s, d in data.items()}
         results["rows"][name] = row
         print(name, json.dumps(row), flush=True)
