@@ -41,6 +41,11 @@ from modelopt_hybrid_prune import next_token_loss
 OUT = CACHE / "hybrid_pruning_quality"
 PY312_ENV = Path(os.environ.get("PY312_ENV", CACHE / "py312"))  # make setup-py312 (benchmarks/py312_env.sh)
 NOT_RUN = "not run (make setup-py312)"
+# our scorings: importance options, prune --layer-metric
+DEFAULT = "ours (defaults)"
+OUR_SCORING = {DEFAULT: ({}, "loss"),
+               # ModelOpt's choices in our code: Mamba heads scored on in_proj's x, layers by Block Importance
+               "ours, ModelOpt's scoring": ({"mamba_activation": "x"}, "block")}
 # the trained model: hidden 384, ffn 1536, 24 Mamba heads x 32 in 4 groups, 14 layers (6 M, 2 *, 6 -)
 ROWS = {
     "Mamba heads 16 (of 24)": {"mamba_heads": 16},
@@ -157,30 +162,35 @@ def main() -> None:
                "rows": {}}
     teacher = None  # loaded once ModelOpt's first kept units are applied
 
-    def importance(calib: str) -> Path:
-        return out / f"importance-{calib}-float32"
+    def ours(seed: int, target: dict, variant: str) -> Path:
+        """Our checkpoint pruned with importance computed in float32 (as ModelOpt scores)."""
+        calib, tag = f"seed{seed}-{args.samples}x{SEQ}", "-".join(f"{k}{v}" for k, v in target.items())
+        importance_options, layer_metric = OUR_SCORING[variant]
+        suffix = "-".join(f"{v}" for v in importance_options.values())
+        imp = out / f"importance-{calib}-float32{'-' + suffix if suffix else ''}"
+        if not imp.exists():
+            compute_importance(str(ckpt), ["builtin:calib"], str(imp), samples=args.samples, seq_len=SEQ,
+                               micro_batch=2, layer_samples=1, greedy_layers=False, seed=seed, dtype="float32",
+                               progress=False, **importance_options)
+        pruned = out / f"pruned-{tag}-{imp.name.removeprefix('importance-')}-{layer_metric}"
+        if not pruned.exists():
+            prune(str(ckpt), str(imp), str(pruned), target=target, layer_metric=layer_metric)
+        return pruned
 
     start = time.time()
     for name, target in rows.items():
-        row = {"target": target, "importance": {}, "magnitude": {}, "modelopt": {}}
+        row = {"target": target, **{v: {} for v in OUR_SCORING}, "magnitude": {}, "modelopt": {}}
         tag = "-".join(f"{k}{v}" for k, v in target.items())
         for seed in args.seeds:
-            calib = f"seed{seed}-{args.samples}x{SEQ}"
-            imp = importance(calib)
-            if not imp.exists():  # float32, as ModelOpt scores it
-                compute_importance(str(ckpt), ["builtin:calib"], str(imp), samples=args.samples, seq_len=SEQ,
-                                   micro_batch=2, layer_samples=1, greedy_layers=False, seed=seed,
-                                   dtype="float32", progress=False)
-            pruned = out / f"pruned-{tag}-{calib}-float32"
-            if not pruned.exists():
-                prune(str(ckpt), str(imp), str(pruned), target=target, layer_metric="loss")
-            row["importance"][seed] = {s: heldout_loss(pruned, d) for s, d in data.items()}
-            row["parameters"] = read_info(pruned).description.num_parameters()
+            pruned = {v: ours(seed, target, v) for v in OUR_SCORING}
+            for variant, path in pruned.items():
+                row[variant][seed] = {s: heldout_loss(path, d) for s, d in data.items()}
+            row["parameters"] = {v: read_info(path).description.num_parameters() for v, path in pruned.items()}
             if python is None:
                 continue
             # ModelOpt's choice on the same calibration sequences, applied by our pruning code
             tokens = calibration_tokens(ckpt, tokenizer, args.samples, seed, out)
-            settings = f"{tag}-{calib}"
+            settings = f"{tag}-seed{seed}-{args.samples}x{SEQ}"
             kept = modelopt_kept(python, ckpt, tokens, target,
                                  out / f"modelopt{modelopt_adapter.MODELOPT_VERSION}-{settings}.json")
             theirs = out / f"modelopt{modelopt_adapter.MODELOPT_VERSION}-pruned-{settings}"
@@ -191,20 +201,22 @@ def main() -> None:
                 new = apply_target(old, target, kept_layers=keep.layers)
                 save_kept(teacher, old, new, keep, theirs, tokenizer, {"modelopt": kept, "target": target})
             rebuilt, _ = load_checkpoint(str(theirs))
+            row["parameters"]["modelopt"] = read_info(theirs).description.num_parameters()
             row["modelopt"][seed] = {**{s: heldout_loss(theirs, d) for s, d in data.items()},
-                                     "parameters": read_info(theirs).description.num_parameters(),
                                      "seconds": kept["seconds"],
                                      # the adapter's check: ModelOpt's own pruned model, and ours rebuilt
                                      "calibration_loss": {"modelopt": kept["loss_on_tokens"],
                                                           "rebuilt_by_ours": next_token_loss(
                                                               rebuilt, torch.load(tokens), old.vocab_size)},
-                                     "shared_units": shared_units(read_info(pruned).provenance["kept"],
-                                                                  keep.summary(), target)}
+                                     "shared_units": {v: shared_units(read_info(path).provenance["kept"],
+                                                                      keep.summary(), target)
+                                                      for v, path in pruned.items()}}
         mag = out / f"magnitude-{tag}"
         if not mag.exists():
-            prune(str(ckpt), str(importance(f"seed{args.seeds[0]}-{args.samples}x{SEQ}")), str(mag), target=target,
-                  order="magnitude", layer_metric="loss")
+            prune(str(ckpt), str(out / f"importance-seed{args.seeds[0]}-{args.samples}x{SEQ}-float32"), str(mag),
+                  target=target, order="magnitude", layer_metric="loss")
         row["magnitude"] = {s: heldout_loss(mag, d) for s, d in data.items()}
+        row["parameters"]["magnitude"] = read_info(mag).description.num_parameters()
         results["rows"][name] = row
         print(name, json.dumps(row), flush=True)
     results["seconds"] = time.time() - start
@@ -218,26 +230,28 @@ def main() -> None:
 
 
 def table(rows: dict, splits: list[str], original: dict[str, int]) -> list[str]:
-    """Markdown: per row the mean over seeds of ours and ModelOpt's held-out losses, and the
-    kept units both share (summed over seeds; in brackets, as many as chance would share)."""
+    """Markdown: per row the mean over seeds of each setup's held-out losses, and the kept
+    units each of ours shares with ModelOpt's (summed over seeds; in brackets, as many as
+    two random choices would share)."""
     def mean(per_seed: dict) -> str:
         return " / ".join(f"{sum(r[s] for r in per_seed.values()) / len(per_seed):.3f}" for s in splits)
 
-    lines = ["| row | parameters (ours; ModelOpt) | ours (importance), mean over seeds | magnitude order | "
-             "ModelOpt 0.47, mean over seeds | kept units shared, ours and ModelOpt's |", "|---|---|---|---|---|---|"]
+    setups = [*OUR_SCORING, "magnitude order", "ModelOpt 0.47"]
+    lines = ["| row | parameters | " + " | ".join(setups) + " | kept units shared with ModelOpt's: "
+             + "; ".join(OUR_SCORING) + " |", "|---" * (len(setups) + 3) + "|"]
     for name, row in rows.items():
         mo = row["modelopt"]
-        params = f"{row['parameters'] / 1e6:.2f}M"
-        modelopt, shared = NOT_RUN, "-"
+        cells = [mean(row[v]) for v in OUR_SCORING] + [mean({0: row["magnitude"]}), mean(mo) if mo else NOT_RUN]
+        counts = {f"{n / 1e6:.2f}M": None for n in row["parameters"].values()}
+        shared = "-"
         if mo:
-            params += "; " + ", ".join(sorted({f"{r['parameters'] / 1e6:.2f}M" for r in mo.values()}))
-            modelopt = mean(mo)
-            axes = {axis: [sum(r["shared_units"][axis][i] for r in mo.values()) for i in (0, 1)]
-                    for axis in next(iter(mo.values()))["shared_units"]}
-            shared = ", ".join(f"{axis} {a}/{b} ({b * row['target'][axis] / original[axis]:.0f})"
-                               for axis, (a, b) in axes.items())
-        lines.append(f"| {name} | {params} | {mean(row['importance'])} | {mean({0: row['magnitude']})} | "
-                     f"{modelopt} | {shared} |")
+            def axes(variant: str) -> str:
+                units = [r["shared_units"][variant] for r in mo.values()]
+                return ", ".join(f"{axis} {sum(u[axis][0] for u in units)}/{total} "
+                                 f"({total * row['target'][axis] / original[axis]:.0f})"
+                                 for axis, total in ((a, sum(u[a][1] for u in units)) for a in units[0]))
+            shared = "; ".join(axes(v) for v in OUR_SCORING)
+        lines.append(f"| {name} | {' / '.join(counts)} | " + " | ".join(cells) + f" | {shared} |")
     return lines
 
 
