@@ -16,8 +16,10 @@ calibration sequences of each seed. Its hybrid path imports ``megatron.core.mode
 (``make setup-py312``; ``$PY312_ENV``) as a subprocess, benchmarks/modelopt_hybrid_prune.py,
 which writes the units ModelOpt keeps; those are applied to our checkpoint by our own
 pruning code (modelopt_adapter.keep_plan, as benchmarks/pruning_quality.py does for dense
-models) and scored by the same evaluator as our rows. Each row also counts how many kept
-units ours and ModelOpt's share. Without that environment the ModelOpt column says so.
+models) and scored by the same evaluator as our rows. A second setup of ours takes
+ModelOpt's two scoring choices (``OUR_SCORING``: Mamba heads and head channels scored on
+in_proj's x section, layers by Block Importance); each row counts how many kept units each
+of ours shares with ModelOpt's. Without that environment the ModelOpt column says so.
 Every result is cached under benchmarks/.cache/hybrid_pruning_quality by its settings.
 
     python benchmarks/hybrid_pruning_quality.py [--seeds 1 2] [--samples 16] [--eval 16] [--quick]
