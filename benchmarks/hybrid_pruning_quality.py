@@ -228,6 +228,9 @@ def main() -> None:
         results["modelopt_rebuilt_max_loss_difference"] = max(checks)
     results["table"] = table(results["rows"], list(data), sizes(old))
     print("\n".join(results["table"]))
+    if checks:
+        print(f"ModelOpt's own pruned models against ours rebuilt from its kept units: calibration losses differ by "
+              f"at most {max(checks):.2g}", flush=True)
     write_results(args, results)
 
 
