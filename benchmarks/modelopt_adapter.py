@@ -341,13 +341,17 @@ def prune(model, old, new, forward_loop, scores_path: Path):
 
 
 def keep_plan(kept: dict, old):
-    """ModelOpt's kept units (``prune``'s record) as nemo-minitron's KeepPlan."""
+    """ModelOpt's kept units (``prune``'s record, or modelopt_hybrid_prune.py's JSON) as
+    nemo-minitron's KeepPlan; every layer with attention keeps all its query groups."""
     from nemo_minitron.prune.select import KeepPlan
 
-    return KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"],
-                    ffn={int(i): torch.tensor(v) for i, v in kept["ffn"].items()},
-                    groups={i: torch.arange(old.num_query_groups) for i in kept["layers"]},
-                    heads={int(i): torch.tensor(v) for i, v in kept["heads"].items()})
+    def per_layer(key: str) -> dict[int, torch.Tensor]:
+        return {int(i): torch.tensor(v) for i, v in kept.get(key, {}).items()}
+
+    heads = per_layer("heads")
+    return KeepPlan(hidden=torch.tensor(kept["hidden"]), layers=kept["layers"], ffn=per_layer("ffn"),
+                    groups={i: torch.arange(old.num_query_groups) for i in heads}, heads=heads,
+                    mamba_heads=per_layer("mamba_heads"), mamba_head_dim=per_layer("mamba_head_dim"))
 
 
 def forward_loop(samples, micro_batch: int = 4):

@@ -8,14 +8,16 @@ process in the Python 3.12 environment (benchmarks/py312_env.sh: megatron-core 0
 MODEL is anything ``open_model`` opens (a project checkpoint written by either
 environment, an HF directory); ``--tokens`` a saved LongTensor [samples, length] of
 calibration tokens, run through the model in batches of ``--batch-size`` as ModelOpt's
-forward loop; ``--target`` ModelOpt's export_config. The mixer runs nemo-minitron's CPU
+forward loop; ``--target`` ModelOpt's export_config; ``--scores-path`` ModelOpt's score
+cache (shared by the targets of one calibration set). The mixer runs nemo-minitron's CPU
 kernels (runtime.cpu_fallback); benchmarks/modelopt_adapter.py adapts ModelOpt to the
 local spec. The result, the units ModelOpt keeps in original indices (ascending), is
 written to ``--out`` as JSON for the calling benchmark, which rebuilds the pruned model
 with nemo-minitron's own pruning code in its own environment:
     {"layers": [kept layer indices], "hidden": [...],
      "mamba_heads": {layer: [...]}, "mamba_head_dim": {layer: [...]},
-     "ffn": {layer: [...]}, "heads": {layer: [...]}}
+     "ffn": {layer: [...]}, "heads": {layer: [...]}, "seconds": ModelOpt's time,
+     "loss_on_tokens": ModelOpt's pruned model's next-token loss on the calibration tokens}
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ def kept_units(model, original_index: dict[int, int], desc) -> dict:
     return out
 
 
+def next_token_loss(model, tokens: torch.Tensor, vocab_size: int) -> float:
+    """Mean cross-entropy of ``tokens [n, s]``' next tokens (the same in both environments)."""
+    from nemo_minitron.model.forward import full_logits
+
+    model.eval()
+    with torch.no_grad():
+        logits = full_logits(model, tokens[:, :-1], vocab_size, micro_batch=4)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).item()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -64,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True, help="ModelOpt's export_config, JSON")
     p.add_argument("--out", required=True, help="the kept units, JSON")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--scores-path", help="ModelOpt's own cache of activations and layer scores: the targets of "
+                                         "one calibration set then share one calibration pass, as ModelOpt intends")
     args = p.parse_args(argv)
 
     init_distributed(1, 1, seed=1234)  # on a CPU this enables runtime.cpu_fallback, before ModelOpt imports
@@ -90,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     MCoreMinitronSearcher._prune = _prune
     start = time.perf_counter()
     try:
-        mo.mtp.prune(model, mode=[("mcore_minitron", mo.config)], dummy_input=None,
-                     constraints={"export_config": json.loads(args.target)}, config={"forward_loop": forward_loop})
+        pruned, _ = mo.mtp.prune(model, mode=[("mcore_minitron", mo.config)], dummy_input=None,
+                     constraints={"export_config": json.loads(args.target)},
+                     config={"forward_loop": forward_loop, **({"scores_path": args.scores_path} if args.scores_path else {})})
     finally:
         MCoreMinitronSearcher._prune = original_prune
     assert kept, "ModelOpt did not prune"
     kept["seconds"] = round(time.perf_counter() - start, 2)
+    # ModelOpt's own pruned model, for the caller's check that our pruning code rebuilds it
+    kept["loss_on_tokens"] = next_token_loss(pruned, tokens, desc.vocab_size)
     tmp = f"{args.out}.tmp"
     Path(tmp).write_text(json.dumps(kept, indent=1))
     os.replace(tmp, args.out)
