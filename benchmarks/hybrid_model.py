@@ -21,6 +21,7 @@ converted to a project checkpoint next to it; its held-out losses are in ``train
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import random
@@ -102,6 +103,12 @@ def make(steps: int = STEPS, cpu_minutes: float = float("inf"), quick: bool = Fa
         raise SystemExit(f"{out} holds a model of {done.get('steps')} steps, not {steps}: move it aside "
                          "(it is the model the tables in docs/benchmarks.md name) and rerun")
     out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".training.lock", "w")  # held until this call returns: one trainer per directory
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"{out} is being trained by another process (benchmarks/hybrid_model.py): "
+                         "wait for it to finish") from None
     if (out / "tokenizer.json").is_file():
         tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
     else:
