@@ -186,7 +186,9 @@ def trained_hybrid_checkpoint(quick: bool = False) -> Path:
     from nemo_minitron.checkpoint.store import is_checkpoint
 
     hf = make(quick=quick)
-    path = hf.parent / ("quick-checkpoint" if quick else "checkpoint")
+    steps = json.loads((hf / "train.json").read_text())["steps"]
+    # named by its training: results cached from one model are never read for another
+    path = hf.parent / ("quick-checkpoint" if quick else f"checkpoint-{steps}steps")
     if not is_checkpoint(path):
         convert(str(hf), str(path))
     return path

@@ -20,7 +20,8 @@ models) and scored by the same evaluator as our rows. A second setup of ours tak
 ModelOpt's two scoring choices (``OUR_SCORING``: Mamba heads and head channels scored on
 in_proj's x section, layers by Block Importance); each row counts how many kept units each
 of ours shares with ModelOpt's. Without that environment the ModelOpt column says so.
-Every result is cached under benchmarks/.cache/hybrid_pruning_quality by its settings.
+Every result is cached under benchmarks/.cache/hybrid_pruning_quality/full-<N>steps (the trained model's
+steps) by its settings.
 
     python benchmarks/hybrid_pruning_quality.py [--seeds 1 2] [--samples 16] [--eval 16] [--quick]
 """
@@ -148,7 +149,7 @@ def main() -> None:
     from nemo_minitron.runtime.distributed import init_distributed
 
     ckpt = trained_hybrid_checkpoint(quick=args.quick)
-    out = OUT / ("quick" if args.quick else "full")
+    out = OUT / ("quick" if args.quick else "full-" + ckpt.name.removeprefix("checkpoint-"))  # full-1500steps
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(ckpt))
     old = read_info(ckpt).description
