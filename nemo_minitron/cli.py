@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import Sequence
@@ -321,6 +322,10 @@ def _report_error(command: str, message: str) -> None:
         print(f"nemo-minitron {command}: error: {message}", file=sys.stderr)
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def _quiet_library_warnings() -> None:
     """megatron-core and torch warn about optional accelerators and deprecations on every
     run; users get our log instead (set PYTHONWARNINGS to see them)."""
@@ -330,6 +335,11 @@ def _quiet_library_warnings() -> None:
         for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?",
                        r"nemo_minitron\.runtime\.cpu_fallback"):
             warnings.filterwarnings("ignore", module=module)
+    # a CUDA build of torch on a machine without a GPU logs "No CUDA runtime is found" here
+    # when megatron-core imports its extension helpers: not our user's concern, and it
+    # would stand before a one-line error on stderr. A filter, not a level: importing
+    # torch resets the levels of its loggers.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_errors_only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
