@@ -705,7 +705,16 @@ def test_per_layer_prune_at_tp2_and_pp2_equals_tp1(per_layer_pruned, tmp_path):
         for suffix, expected in (("", want), ("-refit", want_refit)):
             _, _, got = _canonical(tmp_path / "workers" / f"{layout}{suffix}")
             assert got.keys() == expected.keys()
-            assert all(torch.equal(got[k], expected[k]) for k in expected), layout + suffix
+            for k in expected:
+                if suffix and k.endswith("mlp.linear_fc2.weight"):
+                    # the refit is one float64 solve, rounded to float32; the ranks' solve runs
+                    # on one thread, the in-process one on more (another blocking of the same
+                    # sums), so an entry may round to the neighbouring float32 (seen on torch
+                    # 2.14): one unit in the last place of each entry
+                    ulp = torch.finfo(torch.float32).eps * expected[k].abs()
+                    assert ((got[k] - expected[k]).abs() <= ulp).all(), (layout + suffix, k)
+                else:
+                    assert torch.equal(got[k], expected[k]), (layout + suffix, k)
 
 
 #: layer: two MLP widths (with and without merged groups), a layer kept whole, a removed MLP

@@ -21,6 +21,7 @@ stage like any other's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any, Literal, Mapping, Sequence
 
@@ -46,6 +47,16 @@ from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.norms import local_norm_spec
 
 Spec = Literal["auto", "local", "te"]
+
+
+def _not_gpt_deprecation(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("GPTModel IS DEPRECATED")
+
+
+# megatron-core 0.19 logs GPTModel's deprecation (in favour of HybridModel) at every build; a
+# dense GPTModel is what Megatron-LM and Megatron-Bridge checkpoints hold and what we export, so
+# the notice is nothing our users can act on, and it would sit in every stage's log
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_not_gpt_deprecation)
 
 
 def have_transformer_engine() -> bool:
