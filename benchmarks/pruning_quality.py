@@ -455,6 +455,10 @@ def main() -> None:
             if "rebuilt_by_ours" in mo:
                 results["checks"].setdefault("modelopt_rebuilt_by_ours", {})[row] = {
                     "modelopt": per_seed["ModelOpt 0.47"], "rebuilt": mo["rebuilt_by_ours"]}
+                for split in ("docs", "heldout"):
+                    modelopt_adapter.check_rebuilt(mo[split], mo["rebuilt_by_ours"][split], bench.old.num_layers,
+                                                   max(bench.old.ffn_hidden_size, bench.old.hidden_size),
+                                                   f"{row}, seed {seed}, {split}")
             depth_only = set(ROWS[row]) == {"layers"}
             for variant in [v for v in VARIANTS if args.variants is None or v in args.variants]:
                 depths = DEPTH_METRICS if "layers" in ROWS[row] and (depth_only or variant == DEPTH_VARIANT) \
