@@ -106,7 +106,11 @@ def launch(script: Path, args: list[str], *, nproc: int, port: int, logs: Path, 
     for rank in range(nproc):
         env = dict(RANK_ENV, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        p = context.Process(target=_rank_main, args=(str(script), args, env, str(logs / f"rank{rank}.log")))
+        log = logs / f"rank{rank}.log"
+        # created here: on a loaded machine a rank may be stopped (another rank failed first)
+        # before it opens its log, and it then has nothing to say rather than no file
+        log.touch()
+        p = context.Process(target=_rank_main, args=(str(script), args, env, str(log)))
         p.start()
         ranks.append(p)
     deadline = time.monotonic() + timeout
