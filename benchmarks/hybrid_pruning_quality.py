@@ -149,7 +149,7 @@ def main() -> None:
     from nemo_minitron.runtime.distributed import init_distributed
 
     ckpt = trained_hybrid_checkpoint(quick=args.quick)
-    out = OUT / ("quick" if args.quick else "full-" + ckpt.name.removeprefix("checkpoint-"))  # full-1500steps
+    out = OUT / ("quick" if args.quick else "full-" + ckpt.name.removeprefix("checkpoint-"))  # full-700steps
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(ckpt))
     old = read_info(ckpt).description
