@@ -355,9 +355,10 @@ def keep_plan(kept: dict, old):
 
 
 def check_rebuilt(theirs: float, ours: float, num_layers: int, widest: int, what: str) -> None:
-    """Fail when ModelOpt's own pruned model and ours rebuilt from its kept units give
-    losses further apart than float32 rounding allows: the adapter or the kept-unit mapping
-    is then wrong, and every ModelOpt figure of the run with it. The bound: the two run the
+    """Fail when ModelOpt's own pruned model and ours rebuilt from its kept units (or, for an
+    identity prune, ModelOpt's output and the model it was given) give losses further apart
+    than float32 rounding allows: the adapter or the kept-unit mapping is then wrong, and
+    every ModelOpt figure of the run with it. The bound: the two run the
     same weights through different kernels (other reduction orders, other library versions
     for hybrids), so each logit carries a relative error of at most about
     layers * sqrt(widest reduction) * eps(fp32); logits are below about 10 in magnitude, and

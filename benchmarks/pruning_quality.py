@@ -433,6 +433,10 @@ def main() -> None:
         identity = bench.modelopt(seed, {}, bench.old, check=False) if seed == 1 else None
         if identity is not None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
+            for split in ("docs", "heldout"):
+                modelopt_adapter.check_rebuilt(identity[split], teacher[split], bench.old.num_layers,
+                                               max(bench.old.ffn_hidden_size, bench.old.hidden_size),
+                                               f"identity prune, {split}")
         scores = bench.our_scores(seed)
         if not args.no_greedy:
             try:
