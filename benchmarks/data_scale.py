@@ -130,7 +130,10 @@ def main() -> int:
             results["sizes"][label] = {"skipped": f"{free / 1e9:.0f} GB free, {need / 1e9:.0f} GB needed"}
             continue
         data_dir = scratch / label
-        data_dir.mkdir(exist_ok=True)
+        # a killed run leaves its directory (the rmtree below never ran): start clean, or
+        # the outputs collide and the "cold" cache is warm
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir()
         prefix = data_dir / "synthetic_text_document"
         try:
             row = _write_dataset(prefix, tokens)
