@@ -67,10 +67,18 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--block", type=int, default=6, help="steps per block")
     p.add_argument("--rounds", type=int, default=4, help="pairs of blocks (streaming, in memory)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes of the streaming path")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes of the streaming path (default: distill's for this device, "
+                        "none on a CPU)")
     args = p.parse_args()
 
     import torch
+
+    from nemo_minitron.distill.config import resolved_data_workers
+
+    # what a user's distill run reads with here: on a 2-core CPU worker processes compete
+    # with training (docs/benchmarks.md, issue 25), so the CPU default is none
+    args.workers = resolved_data_workers(args.workers, gpu=torch.cuda.is_available())
 
     from nemo_minitron.checkpoint.api import convert
     from nemo_minitron.checkpoint.store import load_checkpoint, read_info
