@@ -215,8 +215,7 @@ def main() -> None:
                                                                       keep.summary(), target)
                                                       for v, path in pruned.items()}}
             check = row["modelopt"][seed]["calibration_loss"]
-            modelopt_adapter.check_rebuilt(check["modelopt"], check["rebuilt_by_ours"], old.num_layers,
-                                           max(old.ffn_hidden_size, old.hidden_size), f"{name}, seed {seed}")
+            modelopt_adapter.check_rebuilt(check["modelopt"], check["rebuilt_by_ours"], old, f"{name}, seed {seed}")
         mag = out / f"magnitude-{tag}"
         if not mag.exists():
             prune(str(ckpt), str(out / f"importance-seed{args.seeds[0]}-{args.samples}x{SEQ}-float32"), str(mag),

@@ -354,16 +354,18 @@ def keep_plan(kept: dict, old):
                     mamba_heads=per_layer("mamba_heads"), mamba_head_dim=per_layer("mamba_head_dim"))
 
 
-def check_rebuilt(theirs: float, ours: float, num_layers: int, widest: int, what: str) -> None:
+def check_rebuilt(theirs: float, ours: float, old, what: str) -> None:
     """Fail when ModelOpt's own pruned model and ours rebuilt from its kept units (or, for an
     identity prune, ModelOpt's output and the model it was given) give losses further apart
     than float32 rounding allows: the adapter or the kept-unit mapping is then wrong, and
     every ModelOpt figure of the run with it. The bound: the two run the
     same weights through different kernels (other reduction orders, other library versions
     for hybrids), so each logit carries a relative error of at most about
-    layers * sqrt(widest reduction) * eps(fp32); logits are below about 10 in magnitude, and
-    the loss (a mean of log-softmax terms) inherits at most that absolute error."""
-    bound = 10 * num_layers * widest ** 0.5 * torch.finfo(torch.float32).eps
+    layers * sqrt(widest reduction) * eps(fp32) of the unpruned model ``old``; logits are below
+    about 10 in magnitude, and the loss (a mean of log-softmax terms) inherits at most that
+    absolute error."""
+    widest = max(old.ffn_hidden_size, old.hidden_size)
+    bound = 10 * old.num_layers * widest ** 0.5 * torch.finfo(torch.float32).eps
     if not abs(theirs - ours) <= bound:
         raise AssertionError(f"{what}: ModelOpt's pruned model gives loss {theirs:.6f}, ours rebuilt from its kept "
                              f"units {ours:.6f}; they may differ by float32 rounding only (<= {bound:.2g} nats)")

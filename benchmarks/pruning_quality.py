@@ -434,9 +434,7 @@ def main() -> None:
         if identity is not None:
             results["checks"]["identity_prune"] = {k: identity[k] for k in ("docs", "heldout")}
             for split in ("docs", "heldout"):
-                modelopt_adapter.check_rebuilt(identity[split], teacher[split], bench.old.num_layers,
-                                               max(bench.old.ffn_hidden_size, bench.old.hidden_size),
-                                               f"identity prune, {split}")
+                modelopt_adapter.check_rebuilt(identity[split], teacher[split], bench.old, f"identity prune, {split}")
         scores = bench.our_scores(seed)
         if not args.no_greedy:
             try:
@@ -460,8 +458,7 @@ def main() -> None:
                 results["checks"].setdefault("modelopt_rebuilt_by_ours", {})[row] = {
                     "modelopt": per_seed["ModelOpt 0.47"], "rebuilt": mo["rebuilt_by_ours"]}
                 for split in ("docs", "heldout"):
-                    modelopt_adapter.check_rebuilt(mo[split], mo["rebuilt_by_ours"][split], bench.old.num_layers,
-                                                   max(bench.old.ffn_hidden_size, bench.old.hidden_size),
+                    modelopt_adapter.check_rebuilt(mo[split], mo["rebuilt_by_ours"][split], bench.old,
                                                    f"{row}, seed {seed}, {split}")
             depth_only = set(ROWS[row]) == {"layers"}
             for variant in [v for v in VARIANTS if args.variants is None or v in args.variants]:
