@@ -15,7 +15,7 @@ whose outputs equal the resized block's exactly:
 Cost: one parent pass per micro-batch records every layer's input; a variant at layer i
 then runs from layer i on (the earlier layers return the recorded input instead of
 computing), so the work is about half a forward pass per variant and micro-batch. The
-parent's log-probabilities of the micro-batch are held for the KL (``[b, s, vocab]`` floats).
+parent's probabilities of the micro-batch are held for the KL (``[b, s, vocab]`` floats).
 Runs at TP=1, PP=1 (data parallel over ranks: token sums all-reduced).
 """
 
@@ -128,6 +128,29 @@ def _nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -log_probs.gather(-1, labels[..., None]).double().sum().cpu()
 
 
+class _Parent:
+    """What every variant's loss and KL need of the parent's log-probabilities ``p`` of one
+    micro-batch, reduced once: per token sum_v P log p, sum_v P (P = exp p, whose sum
+    differs from 1 by float32 rounding) and P itself."""
+
+    def __init__(self, log_probs: torch.Tensor):
+        self.probs = log_probs.exp()
+        self.neg_entropy = (self.probs * log_probs).sum(-1)
+        self.mass = self.probs.sum(-1)
+
+    def variant_terms(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+        """Summed next-token loss and summed KL(parent || variant) of a variant's ``logits``
+        (float64, on the CPU). With q = x - logsumexp(x) the variant's log-probabilities,
+        sum_v P (p - q) = sum_v P p - P.x + logsumexp(x) sum_v P: no [tokens, vocab]
+        temporary beyond the float32 logits (the log-softmax and the difference were 70% of a
+        variant's cost on SmolLM2's 49,152 ids)."""
+        x = logits[..., :vocab_size].float()
+        lse = torch.logsumexp(x, dim=-1)
+        nll = (lse - x.gather(-1, labels[..., None])[..., 0]).double().sum().cpu()
+        kl = (self.neg_entropy - torch.linalg.vecdot(self.probs, x) + lse * self.mass).double().sum().cpu()
+        return nll, kl
+
+
 def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                          ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
                          progress=None, trained: TrainedVariants | None = None) -> dict[str, torch.Tensor]:
@@ -156,9 +179,10 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
             finally:
                 for h in handles:
                     h.remove()
-            parent = _log_probs(logits, desc.vocab_size)
-            parent_loss = _nll(parent, labels)
-            parent_p = parent.exp()
+            parent_logp = _log_probs(logits, desc.vocab_size)
+            parent_loss = _nll(parent_logp, labels)
+            parent = _Parent(parent_logp)
+            del parent_logp
             tokens_seen += labels.numel()
             for i in range(L):
                 for kind, opts in options.items():
@@ -166,9 +190,9 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
                         variant = _variant(layers[i], desc, i, kind, size, ffn_scores[i], group_scores[i], trained)
                         with variant, starting_at(model, i, inputs[i] if i else None):
                             out = model(tokens, positions, None)
-                        mine_logp = _log_probs(out, desc.vocab_size)
-                        loss[kind][i, j] += _nll(mine_logp, labels) - parent_loss
-                        kl[kind][i, j] += (parent_p * (parent - mine_logp)).sum().double().cpu()
+                        variant_loss, variant_kl = parent.variant_terms(out, labels, desc.vocab_size)
+                        loss[kind][i, j] += variant_loss - parent_loss
+                        kl[kind][i, j] += variant_kl
                         if progress is not None:
                             progress.update(1)
     model.train(was_training)
