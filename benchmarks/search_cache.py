@@ -25,6 +25,8 @@ from pathlib import Path
 from common import CACHE, parser, pruned_smollm2, smollm2_checkpoint, smollm2_importance, write_results
 
 PARTS = ("bytes", "step_time", "top_k", "ranking")
+# every run is scored on the same held-out text, not a part of the training file
+HELDOUT = "builtin:heldout"
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -117,15 +119,19 @@ def main() -> None:
                                  micro_batch=args.micro_batch, dtype=args.dtype, progress=False)
         return path
 
+    # each part's results are written as soon as it ends: a later part's failure keeps them
     if "step_time" in parts:
         results["step_time"] = step_time(teacher, data, cache(64), args)
+        write_results(args, results)
     if "bytes" in parts:
         results["bytes"] = measure_bytes(cache(64), args.seq_len)
+        write_results(args, results)
     if "top_k" in parts:
         results["top_k"] = top_k_quality(teacher, data, cache, work, args)
+        write_results(args, results)
     if "ranking" in parts:
         results["ranking"] = ranking(teacher, work, args)
-    write_results(args, results)
+        write_results(args, results)
 
 
 def step_time(teacher: str, data: str, cache_dir: Path, args) -> dict:
@@ -174,7 +180,7 @@ def top_k_quality(teacher: str, data: str, cache, work: Path, args) -> dict:
     student_ckpt = str(pruned_smollm2())
     settings = dict(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
                     seq_len=args.seq_len, eval_samples=args.eval_samples, eval_every=0, save_every=0,
-                    dtype=args.dtype, progress=False)
+                    dtype=args.dtype, eval_data=[HELDOUT], progress=False)
     out = {}
     for k in [int(x) for x in args.top_k.split(",")] + [None]:
         name = f"cache K={k}" if k else "live teacher"
@@ -204,7 +210,7 @@ def ranking(teacher: str, work: Path, args) -> dict:
     out = work / f"search-{args.target_params}-{args.candidates}x{steps}"
     result = search(teacher, str(smollm2_importance()), [data], str(out), target_params=args.target_params,
                     candidates=args.candidates, steps=steps, global_batch=args.global_batch,
-                    micro_batch=args.micro_batch, seq_len=args.seq_len, eval_every=every,
+                    micro_batch=args.micro_batch, seq_len=args.seq_len, eval_every=every, eval_data=[HELDOUT],
                     eval_samples=args.eval_samples, cache_top_k=64, dtype=args.dtype, keep_all=True, progress=False,
                     layer_metric=args.layer_metric)
     curves = {c["name"]: dict((int(s), v) for s, v in c["heldout_curve"]) for c in result["candidates"]}
