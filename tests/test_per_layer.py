@@ -522,9 +522,10 @@ def test_layer_shapes_figure_draws_each_layer():
 FORCED = ((4, 256), (0, 768), (2, 768), (1, 0))
 
 
-def forced_scores(source, out, forced):
+def forced_scores(source, out, forced, refit_widths=None):
     """A copy of llama_wide_mlp's importance directory ``source`` whose scores make ``forced``
-    ((groups, width) per layer) the only choice of negative total score."""
+    ((groups, width) per layer) the only choice of negative total score; where the run has
+    refit scores of the MLP widths, those force ``refit_widths`` (default: ``forced``'s)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -533,11 +534,16 @@ def forced_scores(source, out, forced):
     tensors = load_file(str(out / "scores.safetensors"))
     variants = json.loads((out / "summary.json").read_text())["block_variants"]
     assert variants["query_groups"] == [4, 2, 1, 0] and variants["ffn"] == [768, 512, 256, 0]
-    for kind, options, pick in (("attention", variants["query_groups"], 0), ("ffn", variants["ffn"], 1)):
+    refit_widths = refit_widths or [width for _, width in forced]
+    for kind, options, sizes in (("attention", variants["query_groups"], [groups for groups, _ in forced]),
+                                 ("ffn", variants["ffn"], [width for _, width in forced]),
+                                 ("ffn_refit", variants["ffn"], refit_widths)):
+        if f"block_{kind}_kl" not in tensors:
+            continue
         table = torch.ones(4, len(options))
         table[:, 0] = 0
-        for layer, shape in enumerate(forced):
-            table[layer, options.index(shape[pick])] = -1 if shape[pick] != options[0] else 0
+        for layer, size in enumerate(sizes):
+            table[layer, options.index(size)] = -1 if size != options[0] else 0
         tensors[f"block_{kind}_kl"] = table
     save_file(tensors, str(out / "scores.safetensors"))
     return out
@@ -814,6 +820,82 @@ def test_per_layer_refit_brings_the_model_closer_to_the_parent(per_layer_refit):
         model, desc, _ = _canonical(per_layer_refit[kind])
         errors[kind] = (full_logits(model, tokens, desc.vocab_size).double() - want).square().mean().item()
     assert errors["refit"] < errors["plain"], errors
+
+
+def test_refit_scores_equal_a_refit_reference(per_layer_pruned, tiny_hf):
+    """With --second-moments, each MLP width is scored a second time refit: the stored loss
+    change and KL equal transformers' model whose layer's MLP is resized to the kept neurons
+    with the least-squares (ridge) down projection from the run's second moments; removal
+    keeps the unrefit column, and the refit changes every narrowed width's loss change."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from nemo_minitron.checkpoint.store import load_tokenizer, read_info
+    from nemo_minitron.data.dataset import check_corpus
+    from nemo_minitron.importance.api import calibration_samples
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.prune.refit import DEFAULT_DAMPING
+    from tolerances import fp64_solve
+
+    imp = per_layer_pruned["root"] / "imp"  # the run itself, before forced_scores edits it
+    scores = ImportanceScores.load(imp)
+    recorded = scores.summary["block_variants"]
+    assert recorded["refit_scores"] and recorded["ffn"] == [768, 512, 256, 0]
+    grams = load_file(str(imp / "second_moments.safetensors"))["fc2_gram"]
+    checkpoint = per_layer_pruned["parent"]
+    desc = read_info(checkpoint).description
+    corpus = check_corpus(["builtin:calib"], vocab_size=desc.vocab_size)
+    samples = calibration_samples(corpus, load_tokenizer(checkpoint), seq_len=SEQ, samples=SAMPLES,
+                                  seed=SEED)[:recorded["samples"]]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf("llama_wide_mlp"), dtype=torch.float32).eval()
+    parent_loss, parent_logp, logits = _loss_and_logp(hf, samples, desc.vocab_size)
+    tol = 2 * (transformer_logits(desc.ffn_hidden_size, desc.num_layers, logits)
+               + log_softmax_sum(desc.vocab_size, logits.abs().max().item()))
+    for layer in range(desc.num_layers):
+        for j, width in enumerate(recorded["ffn"]):
+            if width in (0, desc.ffn_hidden_size):
+                for metric in ("loss", "kl"):
+                    assert scores[f"block_ffn_refit_{metric}"][layer, j] == scores[f"block_ffn_{metric}"][layer, j]
+                continue
+            kept = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
+            g = grams[layer].double()
+            ridge = DEFAULT_DAMPING * g[kept][:, kept].diagonal().mean().item()
+            down = _ridge_solution(g, hf.model.layers[layer].mlp.down_proj.weight, kept, ridge)
+            eig = torch.linalg.eigvalsh(g[kept][:, kept])
+            # the two float64 solves differ by fp64_solve; through the MLP's output that is
+            # below the float32 logits' own error unless the system is near singular
+            assert fp64_solve(width, ((eig[-1] + ridge) / (eig[0] + ridge)).item(), down.abs().max().item()) < 1e-6
+            model = copy.deepcopy(hf)
+            model.model.layers[layer].mlp = _resized_mlp(hf, layer, kept)
+            with torch.no_grad():
+                model.model.layers[layer].mlp.down_proj.weight.copy_(down.float())
+            loss, logp, _ = _loss_and_logp(model, samples, desc.vocab_size)
+            kl = (parent_logp.exp() * (parent_logp - logp)).sum(-1).mean().item()
+            assert scores["block_ffn_refit_loss"][layer, j].item() == pytest.approx(loss - parent_loss, abs=tol), \
+                (layer, width)
+            assert scores["block_ffn_refit_kl"][layer, j].item() == pytest.approx(kl, abs=tol), (layer, width)
+            # the refit is not a no-op here: its loss change is told apart from the unrefit one
+            assert abs(scores["block_ffn_refit_loss"][layer, j] - scores["block_ffn_loss"][layer, j]) > tol, \
+                (layer, width)
+
+
+def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path):
+    """prune --per-layer --refit chooses the MLP widths by their refit scores, prune --per-layer
+    by the unrefit ones: scores forcing different widths give each its own."""
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+
+    parent = per_layer_pruned["parent"]
+    refit_widths = (512, 768, 256, 512)
+    importance = forced_scores(per_layer_pruned["root"] / "imp", tmp_path / "imp", REFIT_PLAN, refit_widths)
+    options = {"per_layer": True, "target_flops": str(_model_flops(read_info(parent).description, 1024)),
+               "flops_context": 1024}
+    for refit, widths in ((False, [width for _, width in REFIT_PLAN]), (True, list(refit_widths))):
+        out = prune(str(parent), str(importance), str(tmp_path / f"refit-{refit}"), refit=refit, **options)
+        info = read_info(out)
+        assert [(s.num_query_groups, s.ffn_hidden_size) for s in info.description.layer_shapes] == \
+            [(groups, width) for (groups, _), width in zip(REFIT_PLAN, widths)], refit
+        assert info.provenance["per_layer"]["refit_scores"] is refit
 
 
 def test_per_layer_refit_refused(per_layer_pruned, tiny_checkpoint, tmp_path, capsys):

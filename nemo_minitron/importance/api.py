@@ -115,10 +115,11 @@ def hooks_only_step(device):
 
 
 def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
-                  progress: bool) -> tuple[dict, TrainedVariants | None]:
+                  progress: bool, fc2_grams: torch.Tensor | None) -> tuple[dict, TrainedVariants | None]:
     """Add the block-variant scores (importance/blocks.py) to ``tensors``, the variants first
     trained by local distillation with ``cfg.block_distill_steps`` (importance/local_distill.py);
-    their summary and the trained variants."""
+    their summary and the trained variants. ``fc2_grams`` (--second-moments): the untrained
+    MLP widths are scored refit as well (trained ones replace the weights refit repairs)."""
     trained = None
     if cfg.block_distill_steps:
         start, stop = cfg.block_distill_range()
@@ -131,18 +132,21 @@ def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dic
         bar.close()
         log.info("block variants trained by local distillation in %.0f s (%d steps on %d samples, lr %g)",
                  trained.record["seconds"], cfg.block_distill_steps, stop - start, cfg.block_distill_lr)
+    refit_grams = fc2_grams if trained is None else None
     samples = calibration[:min(cfg.block_samples, cfg.samples)]
     t0 = time.time()
     micro_batches = -(-len(samples) // ps.get_data_parallel_world_size() // cfg.micro_batch)
-    bar = progress_bar(variant_passes(desc, variants) * micro_batches, "block variants", progress, unit="variant")
+    passes = variant_passes(desc, variants, refit=refit_grams is not None)
+    bar = progress_bar(passes * micro_batches, "block variants", progress, unit="variant")
     tensors.update(score_block_variants(model, desc, samples, variants, tensors["ffn"], tensors["query_groups"],
-                                        cfg.micro_batch, bar, trained=trained))
+                                        cfg.micro_batch, bar, trained=trained, fc2_grams=refit_grams))
     bar.close()
     seconds = time.time() - t0
-    log.info("block variants scored in %.0f s (%d layers x %d options on %d samples)", seconds, desc.num_layers,
-             len(variants.query_groups) + len(variants.ffn) - 2, len(samples))
+    log.info("block variants scored in %.0f s (%d layers x %d options%s on %d samples)", seconds, desc.num_layers,
+             passes // desc.num_layers, ", the MLP widths also refit" if refit_grams is not None else "",
+             len(samples))
     summary = {**variants.to_dict(), "samples": len(samples), "tokens": len(samples) * (samples.shape[1] - 1),
-               "seconds": round(seconds, 1)}
+               "seconds": round(seconds, 1), "refit_scores": refit_grams is not None}
     if trained is not None:
         summary["distill"] = trained.record
     return summary, trained
@@ -235,7 +239,8 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     bar.close()
     blocks_summary = trained = None
     if cfg.block_variants:
-        blocks_summary, trained = _score_blocks(model, desc, calibration, variants, tensors, cfg, progress)
+        blocks_summary, trained = _score_blocks(model, desc, calibration, variants, tensors, cfg, progress,
+                                                grams.get("fc2_gram"))
         blocks_summary["calibration_seconds"] = round(calibration_seconds, 1)
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}

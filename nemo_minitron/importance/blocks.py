@@ -5,7 +5,10 @@ block the parent's.
 
 No heterogeneous model is built: each variant is the parent with a few weights changed,
 whose outputs equal the resized block's exactly:
-- an MLP of width f: the dropped neurons' columns of ``linear_fc2`` zeroed;
+- an MLP of width f: the dropped neurons' columns of ``linear_fc2`` zeroed; scored a second
+  time with the kept columns refit by least squares (prune/refit.py) from the layer's second
+  moments when the importance run keeps them (``--second-moments``, for ``prune --refit``),
+  so that ``prune --per-layer --refit`` chooses by what its refit widths are worth;
 - an MLP removed: ``linear_fc2`` (weight and bias) zeroed, so the block adds nothing to the
   residual stream;
 - g K/V groups: each merged run's K and V rows (and biases) replaced by the run's mean;
@@ -34,6 +37,7 @@ from nemo_minitron.importance.local_distill import TrainedVariants, VariantLayou
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import position_ids, split_microbatches
 from nemo_minitron.model.params import unwrap
+from nemo_minitron.prune.refit import refit_columns
 from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
 from nemo_minitron.runtime.distributed import layout
 
@@ -55,8 +59,9 @@ def _present(*tensors) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def ffn_variant(layer, width: int, ffn_scores: torch.Tensor) -> Iterator[None]:
-    """``layer``'s MLP behaves as one of ``width`` neurons (0: removed)."""
+def ffn_variant(layer, width: int, ffn_scores: torch.Tensor, gram: torch.Tensor | None = None) -> Iterator[None]:
+    """``layer``'s MLP behaves as one of ``width`` neurons (0: removed); ``gram``: the
+    layer's second moments at ``linear_fc2``'s input, the kept columns refit from them."""
     fc2 = layer.mlp.linear_fc2
     bias = getattr(fc2, "bias", None)
     with _edited(_present(fc2.weight, bias)), torch.no_grad():
@@ -65,8 +70,11 @@ def ffn_variant(layer, width: int, ffn_scores: torch.Tensor) -> Iterator[None]:
             if bias is not None:
                 bias.zero_()
         else:
+            kept = kept_neurons(ffn_scores, width)
+            if gram is not None:
+                fc2.weight[:, kept.to(fc2.weight.device)] = refit_columns(fc2.weight, gram, kept)
             dropped = torch.ones(fc2.weight.shape[1], dtype=torch.bool)
-            dropped[kept_neurons(ffn_scores, width)] = False
+            dropped[kept] = False
             fc2.weight[:, dropped.to(fc2.weight.device)] = 0
         yield
 
@@ -97,14 +105,17 @@ def attention_variant(layer, desc: ModelDescription, groups: int, group_scores: 
 
 
 def _variant(layer, desc: ModelDescription, i: int, kind: str, size: int, ffn_scores: torch.Tensor,
-             group_scores: torch.Tensor, trained: TrainedVariants | None):
-    """The context in which layer ``i``'s block of ``kind`` behaves as its variant of ``size``."""
+             group_scores: torch.Tensor, trained: TrainedVariants | None, fc2_grams: torch.Tensor | None):
+    """The context in which layer ``i``'s block of ``kind`` (attention, ffn, ffn_refit) behaves
+    as its variant of ``size``."""
     tensors = trained.block(i, kind, size) if trained is not None else None
     if tensors is not None:
         shape = VariantLayout.of(desc, kind, size, ffn_scores, group_scores)
         return trained_variant(layer, kind, shape.expand(tensors))
     if kind == "ffn":
         return ffn_variant(layer, size, ffn_scores)
+    if kind == "ffn_refit":
+        return ffn_variant(layer, size, ffn_scores, fc2_grams[i])
     return attention_variant(layer, desc, size, group_scores)
 
 
@@ -153,16 +164,23 @@ class _Parent:
 
 def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                          ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
-                         progress=None, trained: TrainedVariants | None = None) -> dict[str, torch.Tensor]:
+                         progress=None, trained: TrainedVariants | None = None,
+                         fc2_grams: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``scores.BLOCK_AXES`` -> [layers, options] (the options of ``variants``; the parent's column
     is 0): mean LM-loss change and mean KL(parent || variant) per token over ``samples``
     (``[N, s+1]``, shared over data-parallel ranks). ``trained``: variants trained by local
     distillation (importance/local_distill.py), scored with their trained weights instead of
-    the parent's. ``progress``: ticked once per variant and micro-batch."""
+    the parent's. ``fc2_grams`` ([layers, ffn, ffn], untrained variants only): besides, the
+    MLP widths with their kept columns refit (``scores.REFIT_BLOCK_AXES``; removal as
+    ``block_ffn_*``: nothing is kept to refit). ``progress``: ticked once per variant and
+    micro-batch."""
+    assert trained is None or fc2_grams is None
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     L, device = desc.num_layers, layout().device
     layers = unwrap(model).decoder.layers
     options = {"attention": variants.query_groups, "ffn": variants.ffn}
+    if fc2_grams is not None:
+        options["ffn_refit"] = variants.ffn
     loss = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
     kl = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
     tokens_seen = torch.zeros(1, dtype=torch.float64)
@@ -187,7 +205,10 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
             for i in range(L):
                 for kind, opts in options.items():
                     for j, size in enumerate(opts[1:], start=1):
-                        variant = _variant(layers[i], desc, i, kind, size, ffn_scores[i], group_scores[i], trained)
+                        if kind == "ffn_refit" and size == 0:
+                            continue  # the removed MLP: block_ffn_*'s column, copied below
+                        variant = _variant(layers[i], desc, i, kind, size, ffn_scores[i], group_scores[i], trained,
+                                           fc2_grams)
                         with variant, starting_at(model, i, inputs[i] if i else None):
                             out = model(tokens, positions, None)
                         variant_loss, variant_kl = parent.variant_terms(out, labels, desc.vocab_size)
@@ -196,17 +217,21 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
                         if progress is not None:
                             progress.update(1)
     model.train(was_training)
-    totals = [loss["attention"], kl["attention"], loss["ffn"], kl["ffn"], tokens_seen]
+    if fc2_grams is not None and variants.ffn[-1] == 0:
+        loss["ffn_refit"][:, -1], kl["ffn_refit"][:, -1] = loss["ffn"][:, -1], kl["ffn"][:, -1]
+    totals = [*loss.values(), *kl.values(), tokens_seen]
     if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
         for t in totals:
             moved = t.to(device)
             dist.all_reduce(moved, group=ps.get_data_parallel_group())
             t.copy_(moved.cpu())
     n = tokens_seen.clamp(min=1)
-    return {"block_attention_loss": (loss["attention"] / n).float(), "block_attention_kl": (kl["attention"] / n).float(),
-            "block_ffn_loss": (loss["ffn"] / n).float(), "block_ffn_kl": (kl["ffn"] / n).float()}
+    return {**{f"block_{kind}_loss": (t / n).float() for kind, t in loss.items()},
+            **{f"block_{kind}_kl": (t / n).float() for kind, t in kl.items()}}
 
 
-def variant_passes(desc: ModelDescription, variants: BlockVariants) -> int:
-    """Variant evaluations per micro-batch (each about half a forward pass on average)."""
-    return desc.num_layers * (len(variants.query_groups) + len(variants.ffn) - 2)
+def variant_passes(desc: ModelDescription, variants: BlockVariants, refit: bool = False) -> int:
+    """Variant evaluations per micro-batch (each about half a forward pass on average);
+    ``refit``: the refit MLP widths besides."""
+    refit_widths = sum(1 for w in variants.ffn[1:] if w) if refit else 0
+    return desc.num_layers * (len(variants.query_groups) + len(variants.ffn) - 2 + refit_widths)

@@ -42,7 +42,8 @@ class ImportanceConfig:
                   "layers+final (also the final norm); chosen by benchmarks/pruning_quality.py")
     second_moments: bool = option(
         False, "also store the Gram matrices of each layer's output-projection and second-MLP-linear inputs, for "
-               "prune --refit (4 * (ffn^2 + (heads * head_dim)^2) bytes per layer)")
+               "prune --refit (4 * (ffn^2 + (heads * head_dim)^2) bytes per layer); with --block-variants, each "
+               "MLP width is also scored refit, for prune --per-layer --refit")
     layer_samples: Optional[int] = option(
         64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
             "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s),

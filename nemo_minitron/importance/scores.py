@@ -30,6 +30,10 @@ lists the options {"query_groups": [...], "ffn": [...]}, the parent's first, 0 =
     block_ffn_loss          [layers, MLP options]
     block_ffn_kl            [layers, MLP options]
 These are costs: lower is better, 0 for the parent's own block.
+With ``--second-moments`` as well (and untrained variants), the MLP widths once more with the
+kept columns of ``linear_fc2`` refit by least squares, as ``prune --refit`` makes them:
+    block_ffn_refit_loss    [layers, MLP options]   (removal: block_ffn_loss's column)
+    block_ffn_refit_kl      [layers, MLP options]
 With ``--block-distill-steps`` the variants (other than the parent's and removal) were first
 trained by blockwise local distillation (importance/local_distill.py) and scored with those
 weights: ``block_variants.safetensors`` holds them, ``summary.json``'s ``block_variants.distill``
@@ -72,6 +76,7 @@ AXES = ("heads", "query_groups", "ffn", "hidden", "hidden_per_layer", "layer_blo
 MOE_AXES = ("experts", "moe_ffn")  # and shared_ffn where the model has a shared expert
 HYBRID_AXES = ("mamba_heads", "mamba_head_dim")
 BLOCK_AXES = ("block_attention_loss", "block_attention_kl", "block_ffn_loss", "block_ffn_kl")
+REFIT_BLOCK_AXES = ("block_ffn_refit_loss", "block_ffn_refit_kl")
 
 
 @dataclasses.dataclass

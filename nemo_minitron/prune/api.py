@@ -369,7 +369,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     grams = _second_moments(importance, scores, names) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp)
+    variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp, refit=cfg.refit)
     choice = choice or optimum
     budget = budget_of(cfg, cfg.target_params, names)
     new = check_shapes(old, choice, tp, pp)
@@ -390,6 +390,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
+                                "refit_scores": cfg.refit and f"block_ffn_refit_{cfg.block_score}" in scores.tensors,
                                 "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
                                 "layer_scores": list(choice.layer_scores),
                                 "trained_variants": None if trained is None else {

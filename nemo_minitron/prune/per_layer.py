@@ -21,6 +21,7 @@ additivity assumption).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import numpy as np
@@ -44,6 +45,8 @@ from nemo_minitron.prune.variants import (
     layer_kv_bytes_per_token,
     layer_parameters,
 )
+
+log = logging.getLogger("nemo_minitron")
 
 BudgetKind = Literal["params", "active_params", "memory", "flops"]
 
@@ -114,16 +117,24 @@ class Budget:
 
 
 def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PerLayerConfig, target_params: str | None,
-                     names: Names, *, tp: int = 1,
+                     names: Names, *, tp: int = 1, refit: bool = False,
                      directory: str = "--importance") -> tuple[BlockVariants, PerLayerChoice]:
-    """The scored variants and the per-layer choice under ``cfg``'s budget (no weights read)."""
+    """The scored variants and the per-layer choice under ``cfg``'s budget (no weights read);
+    ``refit`` (prune --refit): the MLP widths by their refit scores where the run has them."""
     recorded = scores.summary.get("block_variants")
     require(recorded is not None and all(axis in scores.tensors for axis in BLOCK_AXES),
             f"{names('per_layer')}: {directory} holds no block-variant scores; rerun importance with "
             "--block-variants")
     variants = BlockVariants.from_dict(recorded)
     metric = cfg.block_score
-    choice = choose(desc, variants, scores[f"block_attention_{metric}"], scores[f"block_ffn_{metric}"],
+    ffn = f"block_ffn_{metric}"
+    if refit and f"block_ffn_refit_{metric}" in scores.tensors:
+        ffn = f"block_ffn_refit_{metric}"
+    elif refit:  # a run written before refit scores existed: the choice does not know what refit gains
+        log.warning("%s %s: %s has no refit scores of the MLP widths (importance --block-variants "
+                    "--second-moments writes them), so the widths are chosen by their unrefit scores",
+                    names("per_layer"), names("refit"), directory)
+    choice = choose(desc, variants, scores[f"block_attention_{metric}"], scores[ffn],
                     budget_of(cfg, target_params, names), tp=tp)
     return variants, choice
 
