@@ -23,8 +23,9 @@ step (right after pruning) and after the last, on the same --eval-samples of bui
                              where the shape cuts K/V groups (ModelOpt cannot)
     uniform + refit          that same shape by ``prune --refit``; none for a depth-only shape
     per-layer (summed KL)    the search's per-layer candidate, ``prune --per-layer``'s choice
-    per-layer + refit        that choice by ``prune --per-layer --refit`` (each narrowed MLP's
-                             second linear refit by least squares)
+    per-layer + refit        ``prune --per-layer --refit``: each narrowed MLP's second linear
+                             refit by least squares, the widths chosen by their refit scores
+                             (the importance run scores every width refit as well)
     per-layer, block-distilled variants
                              ``prune --per-layer`` from a second importance run whose variants
                              were first trained by blockwise local distillation (importance
@@ -382,11 +383,11 @@ def main() -> None:
         else:
             rows[REFIT] = {**same_shape, **bench.distilled(cfg, bench.refit_student(importance, best["target"]))}
         rows[PER_LAYER] = from_search(per_layer)
-        refit = bench.per_layer_student(importance, BUDGETS[label], refit=True)
-        if [list(s) for s in per_layer["layer_shapes"]] != [[s.num_query_groups, s.ffn_hidden_size]
-                                                            for s in read_info(refit).description.layer_shapes]:
-            raise SystemExit(f"{label}: prune --per-layer --refit chose other shapes than the search's optimum")
-        rows[PER_LAYER_REFIT] = distilled_student(refit, "optimum + refit")
+        # prune --per-layer --refit chooses its MLP widths by their refit scores: its own optimum
+        refit_row = distilled_student(bench.per_layer_student(importance, BUDGETS[label], refit=True),
+                                      "optimum of the refit scores")
+        refit_row["same_shapes_as_per_layer"] = refit_row["layer_shapes"] == [list(s) for s in per_layer["layer_shapes"]]
+        rows[PER_LAYER_REFIT] = refit_row
         if trained_importance is not None:
             rows[PER_LAYER_BLD] = distilled_student(bench.per_layer_student(trained_importance, BUDGETS[label]),
                                                     "optimum of the trained variants")
