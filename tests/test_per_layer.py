@@ -822,33 +822,67 @@ def test_per_layer_refit_brings_the_model_closer_to_the_parent(per_layer_refit):
     assert errors["refit"] < errors["plain"], errors
 
 
-def test_refit_scores_equal_a_refit_reference(per_layer_pruned, tiny_hf):
+#: enough calibration tokens (80 x 24) for full-rank second moments of llama_wide_mlp's 768 neurons
+REFIT_SAMPLES, REFIT_BLOCK_SAMPLES = 80, 2
+
+
+@pytest.fixture(scope="module")
+def refit_scored(tiny_checkpoint, tmp_path_factory):
+    """llama_wide_mlp's importance with block variants and second moments: refit scores."""
+    from nemo_minitron.importance.api import compute_importance
+
+    out = tmp_path_factory.mktemp("refit_scores") / "imp"
+    compute_importance(str(tiny_checkpoint("llama_wide_mlp")), ["builtin:calib"], str(out), samples=REFIT_SAMPLES,
+                       seq_len=SEQ, layer_samples=1, block_variants=True, ffn_variants=2,
+                       block_samples=REFIT_BLOCK_SAMPLES, seed=SEED, dtype="float32", second_moments=True,
+                       progress=False)
+    return out
+
+
+def _down_proj_grams(hf, samples) -> list[torch.Tensor]:
+    """Per layer, sum over the tokens of ``samples`` of x x^T at down_proj's input (float64)."""
+    grams = [None] * len(hf.model.layers)
+
+    def hook(i):
+        def record(module, args):
+            x = args[0].detach().flatten(0, 1).double()
+            grams[i] = x.T @ x if grams[i] is None else grams[i] + x.T @ x
+        return record
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(samples[:, :-1])
+    for h in handles:
+        h.remove()
+    return grams
+
+
+def test_refit_scores_equal_a_refit_reference(refit_scored, tiny_checkpoint, tiny_hf):
     """With --second-moments, each MLP width is scored a second time refit: the stored loss
     change and KL equal transformers' model whose layer's MLP is resized to the kept neurons
-    with the least-squares (ridge) down projection from the run's second moments; removal
-    keeps the unrefit column, and the refit changes every narrowed width's loss change."""
+    with the least-squares (ridge) down projection fit on the calibration tokens other than
+    the scored ones; removal keeps the unrefit column, and the refit changes every narrowed
+    width's loss change."""
     import transformers
-    from safetensors.torch import load_file
 
     from nemo_minitron.checkpoint.store import load_tokenizer, read_info
     from nemo_minitron.data.dataset import check_corpus
     from nemo_minitron.importance.api import calibration_samples
     from nemo_minitron.importance.scores import ImportanceScores
     from nemo_minitron.prune.refit import DEFAULT_DAMPING
-    from tolerances import fp64_solve
 
-    imp = per_layer_pruned["root"] / "imp"  # the run itself, before forced_scores edits it
-    scores = ImportanceScores.load(imp)
+    scores = ImportanceScores.load(refit_scored)
     recorded = scores.summary["block_variants"]
     assert recorded["refit_scores"] and recorded["ffn"] == [768, 512, 256, 0]
-    grams = load_file(str(imp / "second_moments.safetensors"))["fc2_gram"]
-    checkpoint = per_layer_pruned["parent"]
+    checkpoint = tiny_checkpoint("llama_wide_mlp")
     desc = read_info(checkpoint).description
     corpus = check_corpus(["builtin:calib"], vocab_size=desc.vocab_size)
-    samples = calibration_samples(corpus, load_tokenizer(checkpoint), seq_len=SEQ, samples=SAMPLES,
-                                  seed=SEED)[:recorded["samples"]]
+    calibration = calibration_samples(corpus, load_tokenizer(checkpoint), seq_len=SEQ, samples=REFIT_SAMPLES,
+                                      seed=SEED)
+    scored, others = calibration[:REFIT_BLOCK_SAMPLES], calibration[REFIT_BLOCK_SAMPLES:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf("llama_wide_mlp"), dtype=torch.float32).eval()
-    parent_loss, parent_logp, logits = _loss_and_logp(hf, samples, desc.vocab_size)
+    grams = _down_proj_grams(hf, others)
+    parent_loss, parent_logp, logits = _loss_and_logp(hf, scored, desc.vocab_size)
     tol = 2 * (transformer_logits(desc.ffn_hidden_size, desc.num_layers, logits)
                + log_softmax_sum(desc.vocab_size, logits.abs().max().item()))
     for layer in range(desc.num_layers):
@@ -858,18 +892,14 @@ def test_refit_scores_equal_a_refit_reference(per_layer_pruned, tiny_hf):
                     assert scores[f"block_ffn_refit_{metric}"][layer, j] == scores[f"block_ffn_{metric}"][layer, j]
                 continue
             kept = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
-            g = grams[layer].double()
+            g = grams[layer]
             ridge = DEFAULT_DAMPING * g[kept][:, kept].diagonal().mean().item()
-            down = _ridge_solution(g, hf.model.layers[layer].mlp.down_proj.weight, kept, ridge)
-            eig = torch.linalg.eigvalsh(g[kept][:, kept])
-            # the two float64 solves differ by fp64_solve; through the MLP's output that is
-            # below the float32 logits' own error unless the system is near singular
-            assert fp64_solve(width, ((eig[-1] + ridge) / (eig[0] + ridge)).item(), down.abs().max().item()) < 1e-6
             model = copy.deepcopy(hf)
             model.model.layers[layer].mlp = _resized_mlp(hf, layer, kept)
             with torch.no_grad():
-                model.model.layers[layer].mlp.down_proj.weight.copy_(down.float())
-            loss, logp, _ = _loss_and_logp(model, samples, desc.vocab_size)
+                model.model.layers[layer].mlp.down_proj.weight.copy_(
+                    _ridge_solution(g, hf.model.layers[layer].mlp.down_proj.weight, kept, ridge).float())
+            loss, logp, _ = _loss_and_logp(model, scored, desc.vocab_size)
             kl = (parent_logp.exp() * (parent_logp - logp)).sum(-1).mean().item()
             assert scores["block_ffn_refit_loss"][layer, j].item() == pytest.approx(loss - parent_loss, abs=tol), \
                 (layer, width)
@@ -1007,4 +1037,27 @@ def test_block_scores_at_dp2_equal_one_rank(scored, tiny_checkpoint, tmp_path):
     # then a difference of two log-softmax sums over the 1000-token vocabulary, for each side
     tol = 2 * (fp32(96 * (2 * 4 + 1), 1.0) + log_softmax_sum(1000, 1.0))
     for axis in BLOCK_AXES:
+        assert (two[axis] - one[axis]).abs().max().item() <= tol, axis
+
+
+@pytest.mark.multirank
+def test_refit_scores_at_dp2_equal_one_rank(refit_scored, tiny_checkpoint, tmp_path):
+    """Two data-parallel ranks share the block samples and leave them all out of the refit's
+    second moments: the refit scores are one rank's. (Leaving out only a rank's own sample
+    moves them by less than this tolerance here: 24 of 1,872 tokens.)"""
+    from conftest import run_workers
+    from nemo_minitron.importance.scores import BLOCK_AXES, REFIT_BLOCK_AXES, ImportanceScores
+
+    options = {"samples": REFIT_SAMPLES, "seq_len": SEQ, "micro_batch": 1, "layer_samples": 1, "drop_blocks": [],
+               "block_variants": True, "ffn_variants": 2, "block_samples": REFIT_BLOCK_SAMPLES, "seed": SEED,
+               "dtype": "float32", "second_moments": True}
+    spec = {"out": str(tmp_path / "out"), "layouts": {"dp2": [1, 1]},
+            "models": {"llama_wide_mlp": str(tiny_checkpoint("llama_wide_mlp"))}, "options": options}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_workers("importance_layouts.py", tmp_path / "spec.json", out=tmp_path / "out")
+    one, two = ImportanceScores.load(refit_scored), ImportanceScores.load(tmp_path / "out" / "dp2-llama_wide_mlp")
+    # as test_block_scores_at_dp2_equal_one_rank (logits below 1), the MLP's products 768 wide; the
+    # ranks' second moments differ only in the float64 order of their sums
+    tol = 2 * (fp32(768 * (2 * 4 + 1), 1.0) + log_softmax_sum(1000, 1.0))
+    for axis in BLOCK_AXES + REFIT_BLOCK_AXES:
         assert (two[axis] - one[axis]).abs().max().item() <= tol, axis

@@ -115,7 +115,8 @@ def hooks_only_step(device):
 
 
 def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
-                  progress: bool, fc2_grams: torch.Tensor | None) -> tuple[dict, TrainedVariants | None]:
+                  progress: bool, fc2_grams: torch.Tensor | None,
+                  names: Names) -> tuple[dict, TrainedVariants | None]:
     """Add the block-variant scores (importance/blocks.py) to ``tensors``, the variants first
     trained by local distillation with ``cfg.block_distill_steps`` (importance/local_distill.py);
     their summary and the trained variants. ``fc2_grams`` (--second-moments): the untrained
@@ -132,8 +133,13 @@ def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dic
         bar.close()
         log.info("block variants trained by local distillation in %.0f s (%d steps on %d samples, lr %g)",
                  trained.record["seconds"], cfg.block_distill_steps, stop - start, cfg.block_distill_lr)
-    refit_grams = fc2_grams if trained is None else None
     samples = calibration[:min(cfg.block_samples, cfg.samples)]
+    # a refit is scored on samples left out of its second moments (importance/blocks.py): none left, no refit scores
+    refit_grams = fc2_grams if trained is None and len(samples) < len(calibration) else None
+    if fc2_grams is not None and trained is None and refit_grams is None:
+        log.warning("%s %s: no refit scores of the MLP widths, as the block variants are scored on all %d "
+                    "calibration samples and a refit is scored on samples outside its second moments (lower %s)",
+                    names("block_variants"), names("second_moments"), len(samples), names("block_samples"))
     t0 = time.time()
     micro_batches = -(-len(samples) // ps.get_data_parallel_world_size() // cfg.micro_batch)
     passes = variant_passes(desc, variants, refit=refit_grams is not None)
@@ -240,7 +246,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     blocks_summary = trained = None
     if cfg.block_variants:
         blocks_summary, trained = _score_blocks(model, desc, calibration, variants, tensors, cfg, progress,
-                                                grams.get("fc2_gram"))
+                                                grams.get("fc2_gram"), names)
         blocks_summary["calibration_seconds"] = round(calibration_seconds, 1)
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}

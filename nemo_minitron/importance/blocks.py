@@ -8,7 +8,11 @@ whose outputs equal the resized block's exactly:
 - an MLP of width f: the dropped neurons' columns of ``linear_fc2`` zeroed; scored a second
   time with the kept columns refit by least squares (prune/refit.py) from the layer's second
   moments when the importance run keeps them (``--second-moments``, for ``prune --refit``),
-  so that ``prune --per-layer --refit`` chooses by what its refit widths are worth;
+  so that ``prune --per-layer --refit`` chooses by what its refit widths are worth. The refit
+  for a score leaves the scored samples out of the second moments (their Gram matrices
+  subtracted): fit on the tokens it is scored on, a refit looks nearly free at any width
+  (exact once a width exceeds the tokens), and the choice would cut MLPs by what the refit
+  does in-sample, not by what it keeps on other text;
 - an MLP removed: ``linear_fc2`` (weight and bias) zeroed, so the block adds nothing to the
   residual stream;
 - g K/V groups: each merged run's K and V rows (and biases) replaced by the run's mean;
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_slice
+from nemo_minitron.importance.collect import add_gram
 from nemo_minitron.importance.layers import starting_at
 from nemo_minitron.importance.local_distill import TrainedVariants, VariantLayout, trained_variant
 from nemo_minitron.model.description import ModelDescription
@@ -130,6 +135,34 @@ def _layer_inputs(model) -> tuple[list, list]:
     return inputs, handles
 
 
+def _held_out_grams(model, samples: torch.Tensor, micro_batch: int, fc2_grams: torch.Tensor) -> torch.Tensor:
+    """``fc2_grams`` less the Gram matrices of ``linear_fc2``'s inputs on ``samples`` (this
+    rank's part; summed over data-parallel ranks), float64: the second moments of the other
+    calibration tokens."""
+    layers = unwrap(model).decoder.layers
+    mine: list[torch.Tensor | None] = [None] * len(layers)
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(module, args, _i=i):
+            mine[_i] = add_gram(mine[_i], args[0])
+        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(hook))
+    device = layout().device
+    try:
+        with torch.no_grad():
+            for batch in split_microbatches(samples, micro_batch):
+                tokens = batch["tokens"].to(device)
+                model(tokens, position_ids(tokens), None)
+    finally:
+        for h in handles:
+            h.remove()
+    n = fc2_grams.shape[-1]
+    scored = torch.stack([g if g is not None else torch.zeros(n, n, dtype=torch.float64, device=device)
+                          for g in mine])
+    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(scored, group=ps.get_data_parallel_group())
+    return fc2_grams.double() - scored.cpu()
+
+
 def _log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
 
@@ -171,9 +204,9 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
     (``[N, s+1]``, shared over data-parallel ranks). ``trained``: variants trained by local
     distillation (importance/local_distill.py), scored with their trained weights instead of
     the parent's. ``fc2_grams`` ([layers, ffn, ffn], untrained variants only): besides, the
-    MLP widths with their kept columns refit (``scores.REFIT_BLOCK_AXES``; removal as
-    ``block_ffn_*``: nothing is kept to refit). ``progress``: ticked once per variant and
-    micro-batch."""
+    MLP widths with their kept columns refit from these second moments less those of
+    ``samples`` (``scores.REFIT_BLOCK_AXES``; removal as ``block_ffn_*``: nothing is kept to
+    refit). ``progress``: ticked once per variant and micro-batch."""
     assert trained is None or fc2_grams is None
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     L, device = desc.num_layers, layout().device
@@ -187,6 +220,8 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     was_training = model.training
     model.eval()
+    if fc2_grams is not None:
+        fc2_grams = _held_out_grams(model, mine, micro_batch, fc2_grams)
     with torch.no_grad():
         for batch in split_microbatches(mine, micro_batch):
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)

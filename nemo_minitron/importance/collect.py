@@ -199,7 +199,7 @@ class ActivationCollector:
                 yield from self._mamba_hooks(layer, mixer, st)
             if self.second_moments:  # dense models only (the API refuses the others)
                 def grams(module, args, st=st, name="proj_gram"):
-                    setattr(st, name, _add_gram(getattr(st, name), args[0]))
+                    setattr(st, name, add_gram(getattr(st, name), args[0]))
                 yield attn.linear_proj, "pre", grams
                 yield mlp.linear_fc2, "pre", functools.partial(grams, st=st, name="fc2_gram")
 
@@ -406,7 +406,7 @@ class ActivationCollector:
         return out
 
 
-def _add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def add_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """total + sum over tokens of x x^T, x being [s, b, n_local] split over TP ranks
     (gathered first: the Gram matrix couples units of different ranks)."""
     x = gather_from_tensor_model_parallel_region(x.detach()).flatten(0, 1).float()
