@@ -57,7 +57,8 @@ from nemo_minitron.prune.targets import (
     parse_drop_layers,
     parse_param_count,
 )
-from nemo_minitron.prune.per_layer import PerLayerChoice, budget_of, check_shapes, export_refusal, per_layer_choice
+from nemo_minitron.prune.per_layer import (PerLayerChoice, budget_of, check_shapes, export_refusal, ffn_scores_key,
+                                           per_layer_choice)
 from nemo_minitron.prune.transforms import _proj_columns, magnitudes, per_layer_tensor, prune_tensor
 from nemo_minitron.prune.variants import BlockVariants, kept_neurons, merged_groups
 from nemo_minitron.runtime.config import stage_configs
@@ -390,7 +391,7 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
                   "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
-                                "refit_scores": cfg.refit and f"block_ffn_refit_{cfg.block_score}" in scores.tensors,
+                                "refit_scores": "_refit_" in ffn_scores_key(scores, cfg.block_score, cfg.refit),
                                 "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
                                 "layer_scores": list(choice.layer_scores),
                                 "trained_variants": None if trained is None else {

@@ -116,6 +116,12 @@ class Budget:
         return "active parameters" if self.kind == "active_params" else "parameters"
 
 
+def ffn_scores_key(scores: ImportanceScores, metric: str, refit: bool) -> str:
+    """The MLP-width scores a choice uses: the refit ones for ``refit`` where the run has them."""
+    refit_key = f"block_ffn_refit_{metric}"
+    return refit_key if refit and refit_key in scores.tensors else f"block_ffn_{metric}"
+
+
 def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PerLayerConfig, target_params: str | None,
                      names: Names, *, tp: int = 1, refit: bool = False,
                      directory: str = "--importance") -> tuple[BlockVariants, PerLayerChoice]:
@@ -127,10 +133,9 @@ def per_layer_choice(desc: ModelDescription, scores: ImportanceScores, cfg: PerL
             "--block-variants")
     variants = BlockVariants.from_dict(recorded)
     metric = cfg.block_score
-    ffn = f"block_ffn_{metric}"
-    if refit and f"block_ffn_refit_{metric}" in scores.tensors:
-        ffn = f"block_ffn_refit_{metric}"
-    elif refit:  # a run written before refit scores existed: the choice does not know what refit gains
+    ffn = ffn_scores_key(scores, metric, refit)
+    # a run written before refit scores existed: the choice does not know what refit gains
+    if refit and ffn == f"block_ffn_{metric}":
         log.warning("%s %s: %s has no refit scores of the MLP widths (importance --block-variants "
                     "--second-moments writes them), so the widths are chosen by their unrefit scores",
                     names("per_layer"), names("refit"), directory)
