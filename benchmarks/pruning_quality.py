@@ -163,8 +163,7 @@ class Bench:
         if path.is_file():
             return torch.load(path)
         from nemo_minitron.importance.collect import ActivationCollector
-        from nemo_minitron.importance.layers import best_contiguous_blocks, layer_loss_drops
-        from nemo_minitron.evaluate import evaluate
+        from nemo_minitron.importance.layers import SkipLosses, best_contiguous_blocks, layer_loss_drops
         from nemo_minitron.model.forward import run_forward_only, split_microbatches
         from nemo_minitron.importance.api import hooks_only_step
         from nemo_minitron.runtime.distributed import layout
@@ -196,10 +195,10 @@ class Bench:
         out["grams"] = {"proj_gram": g["proj_gram"].float(), "fc2_gram": g["fc2_gram"].float()}
         layer_set = samples[: self.args.layer_samples]
         start = time.time()
-        full = evaluate(self.teacher, self.old.vocab_size, layer_set, micro_batch=4).loss
-        out["loss_drop"] = torch.tensor(layer_loss_drops(self.teacher, self.old.vocab_size, L, layer_set, 4, full))
+        losses = SkipLosses(self.teacher, self.old.vocab_size, layer_set, 4)
+        out["loss_drop"] = torch.tensor(layer_loss_drops(losses, L))
         drops = sorted({L - t["layers"] for t in ROWS.values() if "layers" in t})
-        out["blocks"] = best_contiguous_blocks(self.teacher, self.old.vocab_size, L, layer_set, 4, full, drops)
+        out["blocks"] = best_contiguous_blocks(losses, L, drops)
         out["seconds_layers"] = time.time() - start
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(out, tmp)
@@ -210,7 +209,7 @@ class Bench:
         """importance.layers.greedy_drop_order on this seed's first --greedy-samples calibration
         samples, down to the deepest cut of ``rows`` (cached step by step: a killed run resumes,
         and a deeper row continues where a shallower one stopped)."""
-        from nemo_minitron.importance.layers import greedy_drop_order
+        from nemo_minitron.importance.layers import SkipLosses, greedy_drop_order
 
         path = OUT / f"greedy-seed{seed}-{self.args.greedy_samples}.json"
         done = json.loads(path.read_text()) if path.is_file() else []
@@ -226,21 +225,20 @@ class Bench:
                   flush=True)
 
         samples = self.load_samples(seed)[: self.args.greedy_samples]
-        return greedy_drop_order(self.teacher, self.old.vocab_size, self.old.num_layers, samples, 4, steps,
-                                 done=done, on_step=save)
+        return greedy_drop_order(SkipLosses(self.teacher, self.old.vocab_size, samples, 4), self.old.num_layers,
+                                 steps, done=done, on_step=save)
 
     def drop_sets(self, seed: int, scores: dict) -> dict:
         """importance.layers.drop_set_losses on this seed's first --select-samples calibration
         samples (cached): the contiguous, loss and block sets, and the greedy set for every
         size the greedy elimination has reached (added to the cache when it reaches it)."""
-        from nemo_minitron.importance.layers import drop_set_losses, loss_without
+        from nemo_minitron.importance.layers import SkipLosses, drop_set_losses
 
         path = OUT / f"drop-sets-seed{seed}-{self.args.select_samples}.json"
-        samples = self.load_samples(seed)[: self.args.select_samples]
+        losses = SkipLosses(self.teacher, self.old.vocab_size, self.load_samples(seed)[: self.args.select_samples], 4)
         if not path.is_file():
             block = scores["variants"][DEPTH_VARIANT]["block"].tolist()
-            sets = drop_set_losses(self.teacher, self.old.vocab_size, samples, 4, scores["blocks"],
-                                   scores["loss_drop"].tolist(), block)
+            sets = drop_set_losses(losses, scores["blocks"], scores["loss_drop"].tolist(), block)
             path.write_text(json.dumps(sets))
         sets = json.loads(path.read_text())
         greedy, changed = scores.get("greedy", []), False
@@ -250,7 +248,7 @@ class Bench:
                 continue
             layers = sorted(e["layer"] for e in greedy[: int(k)])
             s["greedy"] = {"layers": layers, "greedy_samples": made_by,
-                           "loss": loss_without(self.teacher, self.old.vocab_size, samples, layers, 4)}
+                           "loss": losses(layers)}
             # the tie order of drop_set_losses
             s["best"] = min((m for m in ("contiguous", "greedy", "loss", "block") if m in s),
                             key=lambda m: s[m]["loss"])

@@ -6,6 +6,10 @@ every head, query group, neuron and channel, and Block Importance per layer. The
 first ``layer_samples`` samples score depth by LM loss: each layer skipped in turn,
 each contiguous block of every requested size, and (``greedy_layers``) a greedy
 elimination down to the largest requested size.
+
+A killed run started again with the same settings resumes: every finished phase, layer-loss
+pass, block-variant micro-batch and locally distilled layer is kept in the output's
+journal (importance/journal.py) until the output is complete.
 """
 
 from __future__ import annotations
@@ -24,15 +28,21 @@ from nemo_minitron.checkpoint.store import (
     load_tokenizer,
     read_info,
 )
-from nemo_minitron.config import Names, default_of, log_settings, to_dict, yaml_text
+from nemo_minitron.config import Names, default_of, log_settings, resume_safe_fields, to_dict, yaml_text
 from nemo_minitron.data.dataset import check_corpus, data_parallel_slice
 from nemo_minitron.errors import require
 from nemo_minitron.files import check_new_output
-from nemo_minitron.evaluate import evaluate
 from nemo_minitron.importance.blocks import score_block_variants, variant_passes
 from nemo_minitron.importance.collect import ActivationCollector
 from nemo_minitron.importance.config import ImportanceConfig
-from nemo_minitron.importance.layers import best_contiguous_blocks, drop_set_losses, greedy_drop_order, layer_loss_drops
+from nemo_minitron.importance.journal import Journal
+from nemo_minitron.importance.layers import (
+    SkipLosses,
+    best_contiguous_blocks,
+    drop_set_losses,
+    greedy_drop_order,
+    layer_loss_drops,
+)
 from nemo_minitron.importance.local_distill import TrainedVariants, distill_block_variants, trained_options
 from nemo_minitron.importance.plots import write_plots
 from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
@@ -115,12 +125,14 @@ def hooks_only_step(device):
 
 
 def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dict, cfg: ImportanceConfig,
-                  progress: bool, fc2_grams: torch.Tensor | None,
-                  names: Names) -> tuple[dict, TrainedVariants | None]:
+                  progress: bool, fc2_grams: torch.Tensor | None, names: Names,
+                  journal: Journal) -> tuple[dict, TrainedVariants | None]:
     """Add the block-variant scores (importance/blocks.py) to ``tensors``, the variants first
     trained by local distillation with ``cfg.block_distill_steps`` (importance/local_distill.py);
     their summary and the trained variants. ``fc2_grams`` (--second-moments): the untrained
-    MLP widths are scored refit as well (trained ones replace the weights refit repairs)."""
+    MLP widths are scored refit as well (trained ones replace the weights refit repairs).
+    ``journal``: each trained layer and each scored micro-batch is kept there, and what a
+    killed run kept is not done again."""
     trained = None
     if cfg.block_distill_steps:
         start, stop = cfg.block_distill_range()
@@ -129,7 +141,11 @@ def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dic
                            progress, unit="variant")
         trained = distill_block_variants(model, desc, calibration[start:stop], variants, tensors["ffn"],
                                          tensors["query_groups"], steps=cfg.block_distill_steps,
-                                         lr=cfg.block_distill_lr, batch=cfg.block_distill_batch, progress=bar)
+                                         lr=cfg.block_distill_lr, batch=cfg.block_distill_batch, progress=bar,
+                                         finished=lambda i: journal.load_tensors(f"distilled-layer{i}.safetensors",
+                                                                                 layout().device),
+                                         on_layer=lambda i, t: journal.save_tensors(
+                                             f"distilled-layer{i}.safetensors", t, every_rank_calls=False))
         bar.close()
         log.info("block variants trained by local distillation in %.0f s (%d steps on %d samples, lr %g)",
                  trained.record["seconds"], cfg.block_distill_steps, stop - start, cfg.block_distill_lr)
@@ -144,8 +160,12 @@ def _score_blocks(model, desc, calibration: torch.Tensor, variants, tensors: dic
     micro_batches = -(-len(samples) // ps.get_data_parallel_world_size() // cfg.micro_batch)
     passes = variant_passes(desc, variants, refit=refit_grams is not None)
     bar = progress_bar(passes * micro_batches, "block variants", progress, unit="variant")
+    # the sums after each micro-batch are this rank's own, for this micro-batch size and DP size only
+    state = f"blocks-dp{ps.get_data_parallel_rank()}of{ps.get_data_parallel_world_size()}-mb{cfg.micro_batch}.pt"
     tensors.update(score_block_variants(model, desc, samples, variants, tensors["ffn"], tensors["query_groups"],
-                                        cfg.micro_batch, bar, trained=trained, fc2_grams=refit_grams))
+                                        cfg.micro_batch, bar, trained=trained, fc2_grams=refit_grams,
+                                        done=journal.load_object(state),
+                                        on_batch=lambda sums: journal.save_object(state, sums)))
     bar.close()
     seconds = time.time() - t0
     log.info("block variants scored in %.0f s (%d layers x %d options%s on %d samples)", seconds, desc.num_layers,
@@ -212,6 +232,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     # ---- work
     start = time.time()
     init_distributed(tp, pp, seed)
+    journal = Journal.open(out_path, resolved, ignore=resume_safe_fields(ImportanceConfig))
     calibration = calibration_samples(corpus, tokenizer, seq_len=seq_len, samples=samples, seed=seed,
                                       progress=progress, samples_flag=names("samples"))
     model, info = load_checkpoint(checkpoint, dtype=dtype.torch)
@@ -221,33 +242,44 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
         log_settings(log, f"importance of {checkpoint} on {samples} samples x {seq_len} tokens of {corpus.blend.label} "
                           f"({cfg.seq_agg} over the sequence, {cfg.batch_agg} over samples); layer loss drops on "
                           f"{layer_samples} of them ({passes} passes)", resolved, f"{out_path}/config.yaml")
-    calibration_start = time.time()
-    tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
-                               batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
-                               num_layers=desc.num_layers, head_score=cfg.head_score,
-                               channel_norms=cfg.channel_norms, mamba_activation=cfg.mamba_activation,
-                               second_moments=cfg.second_moments, progress=progress,
-                               layer_pass_tokens=passes * layer_samples * seq_len)
-    calibration_seconds = time.time() - calibration_start
-    grams = {k: tensors.pop(k).float().cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
+    calibrated = journal.load_json("calibration.json")
+    calibration_kept = calibrated is not None
+    if not calibration_kept:
+        calibration_start = time.time()
+        tensors = calibration_pass(model, calibration, micro_batch=micro_batch, seq_agg=cfg.seq_agg,
+                                   batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
+                                   num_layers=desc.num_layers, head_score=cfg.head_score,
+                                   channel_norms=cfg.channel_norms, mamba_activation=cfg.mamba_activation,
+                                   second_moments=cfg.second_moments, progress=progress,
+                                   layer_pass_tokens=passes * layer_samples * seq_len)
+        calibrated = {"seconds": round(time.time() - calibration_start, 1)}
+        tensors.update({k: tensors[k].float() for k in ("proj_gram", "fc2_gram") if k in tensors})
+        journal.save_tensors("calibration.safetensors", tensors)
+        journal.save_json("calibration.json", calibrated)
+    else:
+        tensors = journal.load_tensors("calibration.safetensors", layout().device)
+    grams = {k: tensors.pop(k).cpu() for k in ("proj_gram", "fc2_gram") if k in tensors}
     tensors["query_groups"] = tensors["heads"].unflatten(1, (desc.num_query_groups, desc.heads_per_group)).sum(-1)
 
-    layer_set = calibration[:layer_samples]
+    known = journal.load_json("layer_losses.json") or {}
+    if journal.resumed:
+        log.info("resuming the unfinished run in '%s': calibration pass %s, %d layer-loss passes kept",
+                 journal.directory, "kept" if calibration_kept else "to do", len(known))
+    losses = SkipLosses(model, desc.vocab_size, calibration[:layer_samples], micro_batch, known=known,
+                        on_measure=lambda measured: journal.save_json("layer_losses.json", measured))
     bar = progress_bar(passes, "layer loss", progress, unit="pass")
-    full_loss = evaluate(model, desc.vocab_size, layer_set, micro_batch=micro_batch).loss
-    drops = layer_loss_drops(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss, bar)
-    blocks = best_contiguous_blocks(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, full_loss,
-                                    list(cfg.drop_blocks), bar)
+    full_loss = losses()
+    drops = layer_loss_drops(losses, desc.num_layers, bar)
+    blocks = best_contiguous_blocks(losses, desc.num_layers, list(cfg.drop_blocks), bar)
     greedy_steps = max(cfg.drop_blocks) if cfg.greedy_layers and cfg.drop_blocks else 0
-    greedy = greedy_drop_order(model, desc.vocab_size, desc.num_layers, layer_set, micro_batch, greedy_steps, bar)
-    drop_sets = drop_set_losses(model, desc.vocab_size, layer_set, micro_batch, blocks, drops,
-                                tensors["layer_block_importance"].tolist(), greedy, bar)
+    greedy = greedy_drop_order(losses, desc.num_layers, greedy_steps, bar)
+    drop_sets = drop_set_losses(losses, blocks, drops, tensors["layer_block_importance"].tolist(), greedy, bar)
     bar.close()
     blocks_summary = trained = None
     if cfg.block_variants:
         blocks_summary, trained = _score_blocks(model, desc, calibration, variants, tensors, cfg, progress,
-                                                grams.get("fc2_gram"), names)
-        blocks_summary["calibration_seconds"] = round(calibration_seconds, 1)
+                                                grams.get("fc2_gram"), names, journal)
+        blocks_summary["calibration_seconds"] = calibrated["seconds"]
     tensors["layer_loss_drop"] = torch.tensor(drops, dtype=torch.float64)
     tensors = {k: v.float().cpu() for k, v in tensors.items()}
 
@@ -288,6 +320,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
                 save_file(grams, str(tmp / SECOND_MOMENTS_FILE))
             if trained is not None:
                 trained.save(tmp)
+    journal.remove()
     top = summary["layers"]["ranked_by_loss_drop"][:5]
     log.info("importance written to %s in %.0f s; most important layers by loss drop: %s", out_path,
              summary["wall_seconds"], top)

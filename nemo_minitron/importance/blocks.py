@@ -29,7 +29,7 @@ Runs at TP=1, PP=1 (data parallel over ranks: token sums all-reduced).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -198,7 +198,8 @@ class _Parent:
 def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                          ffn_scores: torch.Tensor, group_scores: torch.Tensor, micro_batch: int,
                          progress=None, trained: TrainedVariants | None = None,
-                         fc2_grams: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         fc2_grams: torch.Tensor | None = None, done: dict | None = None,
+                         on_batch: Callable[[dict], None] | None = None) -> dict[str, torch.Tensor]:
     """``scores.BLOCK_AXES`` -> [layers, options] (the options of ``variants``; the parent's column
     is 0): mean LM-loss change and mean KL(parent || variant) per token over ``samples``
     (``[N, s+1]``, shared over data-parallel ranks). ``trained``: variants trained by local
@@ -206,7 +207,9 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
     the parent's. ``fc2_grams`` ([layers, ffn, ffn], untrained variants only): besides, the
     MLP widths with their kept columns refit from these second moments less those of
     ``samples`` (``scores.REFIT_BLOCK_AXES``; removal as ``block_ffn_*``: nothing is kept to
-    refit). ``progress``: ticked once per variant and micro-batch."""
+    refit). ``progress``: ticked once per variant and micro-batch. ``on_batch(sums)`` gets this
+    rank's running sums after each of its micro-batches; given back as ``done`` (same samples,
+    micro-batch size and data-parallel size), they resume the scoring after those."""
     assert trained is None or fc2_grams is None
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     L, device = desc.num_layers, layout().device
@@ -217,13 +220,19 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
     loss = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
     kl = {kind: torch.zeros(L, len(opts), dtype=torch.float64) for kind, opts in options.items()}
     tokens_seen = torch.zeros(1, dtype=torch.float64)
+    skip = 0
+    if done is not None:
+        loss, kl, tokens_seen, skip = done["loss"], done["kl"], done["tokens"], done["batches"]
     mine = data_parallel_slice(samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     was_training = model.training
     model.eval()
     if fc2_grams is not None:
         fc2_grams = _held_out_grams(model, mine, micro_batch, fc2_grams)
+    batches = split_microbatches(mine, micro_batch)
+    if progress is not None and skip:
+        progress.update(skip * variant_passes(desc, variants, refit=fc2_grams is not None))
     with torch.no_grad():
-        for batch in split_microbatches(mine, micro_batch):
+        for b, batch in enumerate(batches[skip:], start=skip):
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             positions = position_ids(tokens)
             inputs, handles = _layer_inputs(model)
@@ -251,6 +260,8 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
                         kl[kind][i, j] += variant_kl
                         if progress is not None:
                             progress.update(1)
+            if on_batch is not None:
+                on_batch({"batches": b + 1, "loss": loss, "kl": kl, "tokens": tokens_seen})
     model.train(was_training)
     if fc2_grams is not None and variants.ffn[-1] == 0:
         loss["ffn_refit"][:, -1], kl["ffn_refit"][:, -1] = loss["ffn"][:, -1], kl["ffn"][:, -1]

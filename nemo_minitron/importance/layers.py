@@ -67,40 +67,69 @@ def loss_without(model, vocab_size: int, samples: torch.Tensor, layers: Sequence
         return evaluate(model, vocab_size, samples, micro_batch=micro_batch).loss
 
 
-def layer_loss_drops(model, vocab_size: int, num_layers: int, samples: torch.Tensor, micro_batch: int,
-                     full_loss: float, progress=None) -> list[float]:
+class SkipLosses:
+    """``losses(layers)``: the LM loss on fixed samples with ``layers`` skipped, each set
+    measured once (the depth rules below ask for many sets more than once: a drop set is
+    often the contiguous block or the greedy set). ``known``: losses measured before (a
+    resumed run); ``on_measure(losses)``, if given, is called after every new measurement."""
+
+    def __init__(self, model, vocab_size: int, samples: torch.Tensor, micro_batch: int,
+                 known: dict[str, float] | None = None, on_measure: Callable[[dict[str, float]], None] | None = None):
+        self.model, self.vocab_size, self.samples, self.micro_batch = model, vocab_size, samples, micro_batch
+        self.measured: dict[str, float] = dict(known or {})
+        self.on_measure = on_measure
+        self.passes = 0  # evaluations this object ran (not the known ones)
+
+    def __call__(self, layers: Iterable[int] = ()) -> float:
+        key = " ".join(map(str, sorted(set(layers))))
+        if key not in self.measured:
+            self.measured[key] = loss_without(self.model, self.vocab_size, self.samples, sorted(set(layers)),
+                                              self.micro_batch)
+            self.passes += 1
+            if self.on_measure is not None:
+                self.on_measure(self.measured)
+        return self.measured[key]
+
+
+def _tick(progress) -> None:
+    if progress is not None:
+        progress.update(1)
+
+
+def layer_loss_drops(losses: SkipLosses, num_layers: int, progress=None) -> list[float]:
+    full = losses()
     drops = []
     for i in range(num_layers):
-        drops.append(loss_without(model, vocab_size, samples, [i], micro_batch) - full_loss)
-        if progress is not None:
-            progress.update(1)
+        drops.append(losses([i]) - full)
+        _tick(progress)
     return drops
 
 
-def best_contiguous_blocks(model, vocab_size: int, num_layers: int, samples: torch.Tensor, micro_batch: int,
-                           full_loss: float, block_sizes: Sequence[int], progress=None) -> dict[str, dict]:
+def best_contiguous_blocks(losses: SkipLosses, num_layers: int, block_sizes: Sequence[int],
+                           progress=None) -> dict[str, dict]:
     """{k: {"start", "layers", "loss", "loss_increase", "candidates": [loss per start]}}."""
+    full = losses()
     best: dict[str, dict] = {}
     for k in block_sizes:
-        losses = []
+        candidates = []
         for start in range(num_layers - k + 1):
-            losses.append(loss_without(model, vocab_size, samples, range(start, start + k), micro_batch))
-            if progress is not None:
-                progress.update(1)
-        start = min(range(len(losses)), key=losses.__getitem__)
-        best[str(k)] = {"start": start, "layers": list(range(start, start + k)), "loss": losses[start],
-                        "loss_increase": losses[start] - full_loss, "candidates": losses}
+            candidates.append(losses(range(start, start + k)))
+            _tick(progress)
+        start = min(range(len(candidates)), key=candidates.__getitem__)
+        best[str(k)] = {"start": start, "layers": list(range(start, start + k)), "loss": candidates[start],
+                        "loss_increase": candidates[start] - full, "candidates": candidates}
     return best
 
 
-def greedy_drop_order(model, vocab_size: int, num_layers: int, samples: torch.Tensor, micro_batch: int,
-                      steps: int, progress=None, done: Sequence[dict] = (), on_step=None) -> list[dict]:
+def greedy_drop_order(losses: SkipLosses, num_layers: int, steps: int, progress=None, done: Sequence[dict] = (),
+                      on_step=None) -> list[dict]:
     """Backward elimination by LM loss: at each step skip, in addition to the layers already
     removed, the layer whose removal raises the loss least (ties: the lower index), and
     re-score the rest with it gone. Returns one entry per step, ``{"layer", "loss",
-    "candidates": [loss without each layer too, None for those already removed]}``; the first k entries are the k layers to drop. Costs
-    sum over steps of (layers left) passes. ``done``: steps of an interrupted run to resume
-    from; ``on_step(entries)`` is called after each step."""
+    "candidates": [loss without each layer too, None for those already removed]}``; the
+    first k entries are the k layers to drop. Costs sum over steps of (layers left) passes.
+    ``done``: steps of an interrupted run to resume from; ``on_step(entries)`` is called
+    after each step."""
     order = list(done)
     removed = [e["layer"] for e in order]
     while len(order) < steps:
@@ -108,9 +137,8 @@ def greedy_drop_order(model, vocab_size: int, num_layers: int, samples: torch.Te
         for j in range(num_layers):
             if j in removed:
                 continue
-            candidates[j] = loss_without(model, vocab_size, samples, removed + [j], micro_batch)
-            if progress is not None:
-                progress.update(1)
+            candidates[j] = losses(removed + [j])
+            _tick(progress)
         layer = min((j for j in range(num_layers) if j not in removed), key=lambda j: (candidates[j], j))
         removed.append(layer)
         order.append({"layer": layer, "loss": candidates[layer], "candidates": candidates})
@@ -119,11 +147,10 @@ def greedy_drop_order(model, vocab_size: int, num_layers: int, samples: torch.Te
     return order
 
 
-def drop_set_losses(model, vocab_size: int, samples: torch.Tensor, micro_batch: int, blocks: dict[str, dict],
-                    loss_drop: Sequence[float], block_importance: Sequence[float],
-                    greedy: Sequence[dict] = (), progress=None) -> dict[str, dict]:
+def drop_set_losses(losses: SkipLosses, blocks: dict[str, dict], loss_drop: Sequence[float],
+                    block_importance: Sequence[float], greedy: Sequence[dict] = (), progress=None) -> dict[str, dict]:
     """{k: {"contiguous"|"greedy"|"loss"|"block": {"layers", "loss"}, "best": the metric of least
-    loss}} for every block size of ``blocks``, each set's loss measured on ``samples``;
+    loss}} for every block size of ``blocks``, each set's loss measured on ``losses``' samples;
     ``greedy`` (``greedy_drop_order``'s steps) adds its first k removals where it reaches k.
     Ties go to the first of contiguous, greedy, loss, block."""
     out: dict[str, dict] = {}
@@ -135,9 +162,8 @@ def drop_set_losses(model, vocab_size: int, samples: torch.Tensor, micro_batch: 
             candidates[metric] = sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[: int(k)])
         sets = {}
         for metric, layers in candidates.items():
-            sets[metric] = {"layers": layers, "loss": loss_without(model, vocab_size, samples, layers, micro_batch)}
-            if progress is not None:
-                progress.update(1)
+            sets[metric] = {"layers": layers, "loss": losses(layers)}
+            _tick(progress)
         sets["best"] = min(candidates, key=lambda m: sets[m]["loss"])
         out[k] = sets
     return out

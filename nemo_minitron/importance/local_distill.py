@@ -47,7 +47,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -360,10 +360,14 @@ def digest_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
 
 def distill_block_variants(model, desc: ModelDescription, samples: torch.Tensor, variants: BlockVariants,
                            ffn_scores: torch.Tensor, group_scores: torch.Tensor, *, steps: int, lr: float,
-                           batch: int, progress=None) -> TrainedVariants:
+                           batch: int, progress=None,
+                           finished: Callable[[int], dict[str, torch.Tensor] | None] | None = None,
+                           on_layer: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> TrainedVariants:
     """Train every variant of ``trained_options(variants)`` (collective over data-parallel
     ranks: each trains its layers on all of ``samples``, ``[N, s+1]``, then all hold all).
-    ``progress``: ticked once per trained variant."""
+    ``progress``: ticked once per trained variant. ``on_layer(i, tensors)`` gets each layer's
+    trained tensors and errors when it is done (on the rank that trained it); ``finished(i)``
+    gives them back for a layer a killed run trained already (None for one it did not)."""
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     t0 = time.time()
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -385,6 +389,14 @@ def distill_block_variants(model, desc: ModelDescription, samples: torch.Tensor,
             calls, inputs = _record_layer(model, i, batches, inputs, keep=mine)
         if not mine:
             continue
+        kept = finished(i) if finished is not None else None
+        if kept is not None:
+            for kind in errors:
+                errors[kind][i] = kept.pop(f"errors.{kind}")
+            tensors.update(kept)
+            if progress is not None:
+                progress.update(sum(map(len, options.values())))
+            continue
         for kind, sizes in options.items():
             block = getattr(layers[i], _MODULE[kind])
             parent = {s: weights[f"decoder.layers.{i}.{s}"].detach() for s in block_parameters(layers[i], kind)}
@@ -396,6 +408,10 @@ def distill_block_variants(model, desc: ModelDescription, samples: torch.Tensor,
                 if progress is not None:
                     progress.update(1)
         del calls
+        if on_layer is not None:
+            prefix = f"layers.{i}."  # tensor_key's
+            on_layer(i, {**{k: t for k, t in tensors.items() if k.startswith(prefix)},
+                         **{f"errors.{kind}": e[i] for kind, e in errors.items()}})
     model.train(was_training)
     if dist.is_initialized() and dp > 1:
         tensors = _share(tensors, model, desc, variants, ffn_scores, group_scores, weights)
