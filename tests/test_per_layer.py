@@ -909,9 +909,10 @@ def test_refit_scores_equal_a_refit_reference(refit_scored, tiny_checkpoint, tin
                 (layer, width)
 
 
-def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path):
+def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path, capsys):
     """prune --per-layer --refit chooses the MLP widths by their refit scores, prune --per-layer
-    by the unrefit ones: scores forcing different widths give each its own."""
+    by the unrefit ones: scores forcing different widths give each its own; plan --per-layer
+    (--refit) shows the same choices."""
     from nemo_minitron.checkpoint.store import read_info
     from nemo_minitron.prune.api import prune
 
@@ -926,6 +927,15 @@ def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path)
         assert [(s.num_query_groups, s.ffn_hidden_size) for s in info.description.layer_shapes] == \
             [(groups, width) for (groups, _), width in zip(REFIT_PLAN, widths)], refit
         assert info.provenance["per_layer"]["refit_scores"] is refit
+        shown = tmp_path / f"plan-{refit}.json"
+        code, err = cli_in_process(capsys, "plan", parent, "--per-layer", "--importance", importance, "--target-flops",
+                                   options["target_flops"], "--flops-context", "1024", "--json", shown,
+                                   *(["--refit"] if refit else []))
+        assert code == 0, err
+        assert json.loads(shown.read_text())["layer_shapes"] == \
+            [[s.num_query_groups, s.ffn_hidden_size] for s in info.description.layer_shapes], refit
+    code, err = cli_in_process(capsys, "plan", parent, "--target-params", "1M", "--refit")
+    assert code == 2 and "--refit is for --per-layer" in err
 
 
 def test_per_layer_refit_refused(per_layer_pruned, tiny_checkpoint, tmp_path, capsys):

@@ -29,6 +29,7 @@ def plan_main(args) -> int:
     require(not per_layer.per_layer or args.importance is not None,
             "--per-layer needs --importance DIR (an importance run with --block-variants)")
     require(args.importance is None or per_layer.per_layer, "--importance is for --per-layer")
+    require(not args.refit or per_layer.per_layer, "--refit is for --per-layer (a uniform plan reads no scores)")
     path = model_path(args.model, args.iteration)
     check_model(path, "MODEL")
     if output.json:
@@ -66,13 +67,16 @@ def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -
     scores = per_layer.ImportanceScores.load(args.importance)
     scores.check_matches(desc)
     names = cli_names(PerLayerConfig)
-    variants, choice = per_layer.per_layer_choice(desc, scores, cfg, args.target_params, names, tp=args.tp)
+    variants, choice = per_layer.per_layer_choice(desc, scores, cfg, args.target_params, names, tp=args.tp,
+                                                  refit=args.refit)
+    ffn_scores = per_layer.ffn_scores_key(scores, cfg.block_score, args.refit)
     per_layer.check_shapes(desc, choice, args.tp, args.pp)
     if os.environ.get("RANK", "0") != "0":
         return 0
     budget = per_layer.budget_of(cfg, args.target_params, names)
     print(f"{args.model}: {desc.summary()}")
-    print(f"per-layer choice from {args.importance} ({cfg.block_score} scores; attention options: query groups "
+    refit = ", MLP widths by their refit scores" if ffn_scores.startswith("block_ffn_refit") else ""
+    print(f"per-layer choice from {args.importance} ({cfg.block_score} scores{refit}; attention options: query groups "
           f"{', '.join(map(str, variants.query_groups))}; MLP options: "
           f"{', '.join(map(str, variants.ffn))}; 0 = removed) at --tp {args.tp} --pp {args.pp}\n")
     print(per_layer.format_choice(desc, variants, choice, budget, cfg.block_score))
@@ -84,6 +88,7 @@ def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -
         Path(output.json).write_text(json.dumps({
             "layer_shapes": [[s.num_query_groups, s.ffn_hidden_size] for s in choice.shapes],
             "score": choice.score, "layer_scores": list(choice.layer_scores), "cost": choice.cost,
+            "ffn_scores": ffn_scores,
             "budget": {"kind": budget.kind, "limit": budget.limit}, "params": new.num_parameters(),
             "flops_per_token": new.flops_per_token(budget.flops_context), "flops_context": budget.flops_context,
             "kv_cache_bytes_per_token": new.kv_cache_bytes_per_token()},
