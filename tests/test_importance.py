@@ -248,6 +248,43 @@ def test_loss_drop_equals_eval_without_the_layer(tiny, tmp_path):
     assert abs(losses[sets["best"]] - min(losses.values())) < 2 * LOSS_TOL
 
 
+@pytest.mark.parametrize("budget", [None, 1])
+def test_skip_losses_start_at_recorded_inputs(tiny, monkeypatch, budget):
+    """SkipLosses starts a pass at the recorded input of the last recorded layer at or before
+    the first skipped one: the loss equals a pass from the embedding (loss_without) bit for
+    bit, as the layers before compute the same arithmetic on the same inputs, and fewer
+    attention layers run. ``budget`` 1 byte: only every 4th layer's input is recorded (none
+    of the 4 layers here after layer 0), so every pass starts at the embedding."""
+    from nemo_minitron.checkpoint.store import load_checkpoint
+    from nemo_minitron.importance import layers
+    from nemo_minitron.importance.layers import SkipLosses, loss_without
+    from nemo_minitron.model.params import unwrap
+    from nemo_minitron.runtime.distributed import init_distributed
+
+    if budget is not None:
+        monkeypatch.setattr(layers, "RECORDED_INPUT_BYTES", budget)
+    init_distributed(1, 1, SEED)
+    model, info = load_checkpoint(str(tiny["checkpoint"]), dtype=torch.float32)
+    vocab, samples = info.description.vocab_size, tiny["samples"][:LAYER_SAMPLES]
+    runs = [0]
+    for layer in unwrap(model).decoder.layers:
+        layer.self_attention.register_forward_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
+    sets = [[2], [1, 3], [3], [0], [2, 3], []]
+    losses = SkipLosses(model, vocab, samples, micro_batch=2)
+    got = [losses(s) for s in sets]
+    attention_runs, runs[0] = runs[0], 0
+    want = [loss_without(model, vocab, samples, s, micro_batch=2) for s in sets]
+    assert got == want
+    micro_batches, num_layers = -(-LAYER_SAMPLES // 2), info.description.num_layers
+    # from the embedding: every layer not skipped runs, once per micro-batch (the first set's
+    # pass also records: the full model's, whose loss the last set takes without a pass)
+    from_start = micro_batches * (num_layers + sum(num_layers - len(s) for s in sets[:-1]))
+    assert runs[0] == micro_batches * sum(num_layers - len(s) for s in sets)
+    # from the recorded inputs: the layers from the first skipped one on, less the skipped
+    from_recorded = micro_batches * (num_layers + sum(num_layers - s[0] - len(s) for s in sets[:-1]))
+    assert attention_runs == (from_start if budget else from_recorded)
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "nemotron"])
 def test_new_families_scores_equal_reference(kind, tiny_hf, tiny_checkpoint):
     """Qwen3 (QK-norm: heads are scored after it) and Nemotron (squared-ReLU neurons without a

@@ -10,6 +10,7 @@ measured back exactly (JSON floats, safetensors and torch.save keep every bit)."
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -34,11 +35,15 @@ class Killed(Exception):
 
 
 class Counted:
-    """Wraps module attribute ``name``: counts its calls and raises Killed at call ``kill_at``."""
+    """Wraps attribute ``name`` of a module or class (a method): counts its calls and raises
+    Killed at call ``kill_at``."""
 
-    def __init__(self, monkeypatch, module, name: str, kill_at: int | None = None):
-        self.original, self.calls, self.kill_at = getattr(module, name), 0, kill_at
-        monkeypatch.setattr(module, name, self)
+    def __init__(self, monkeypatch, owner, name: str, kill_at: int | None = None):
+        self.original, self.calls, self.kill_at = getattr(owner, name), 0, kill_at
+        monkeypatch.setattr(owner, name, self)
+
+    def __get__(self, instance, owner=None):  # as a method: bound to the instance
+        return self if instance is None else functools.partial(self, instance)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -48,12 +53,13 @@ class Counted:
 
 
 def _counters(monkeypatch, kill: dict[str, int] | None = None) -> dict[str, Counted]:
-    """The passes of each phase, in the order the phases run: layer-loss evaluations, locally
-    distilled variants and block-scoring micro-batches (one parent per micro-batch)."""
+    """The passes of each phase, in the order the phases run: layer-loss measurements (one
+    per set of skipped layers), locally distilled variants and block-scoring micro-batches
+    (one parent per micro-batch)."""
     from nemo_minitron.importance import blocks, layers, local_distill
 
     kill = kill or {}
-    return {"layer loss": Counted(monkeypatch, layers, "loss_without", kill.get("layer loss")),
+    return {"layer loss": Counted(monkeypatch, layers.SkipLosses, "_from_recorded", kill.get("layer loss")),
             "distilled variants": Counted(monkeypatch, local_distill, "train_variant", kill.get("distilled variants")),
             "block micro-batches": Counted(monkeypatch, blocks, "_Parent", kill.get("block micro-batches"))}
 

@@ -37,7 +37,7 @@ from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_slice
 from nemo_minitron.importance.collect import add_gram
-from nemo_minitron.importance.layers import starting_at
+from nemo_minitron.importance.layers import layer_inputs, starting_at
 from nemo_minitron.importance.local_distill import TrainedVariants, VariantLayout, trained_variant
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.forward import position_ids, split_microbatches
@@ -122,17 +122,6 @@ def _variant(layer, desc: ModelDescription, i: int, kind: str, size: int, ffn_sc
     if kind == "ffn_refit":
         return ffn_variant(layer, size, ffn_scores, fc2_grams[i])
     return attention_variant(layer, desc, size, group_scores)
-
-
-def _layer_inputs(model) -> tuple[list, list]:
-    """Forward pre-hooks recording every layer's input hidden states (filled per forward)."""
-    inputs: list[torch.Tensor | None] = [None] * len(unwrap(model).decoder.layers)
-    handles = []
-    for i, module in enumerate(unwrap(model).decoder.layers):
-        def hook(mod, args, kwargs, _i=i):
-            inputs[_i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    return inputs, handles
 
 
 def _held_out_grams(model, samples: torch.Tensor, micro_batch: int, fc2_grams: torch.Tensor) -> torch.Tensor:
@@ -235,7 +224,7 @@ def score_block_variants(model, desc: ModelDescription, samples: torch.Tensor, v
         for b, batch in enumerate(batches[skip:], start=skip):
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             positions = position_ids(tokens)
-            inputs, handles = _layer_inputs(model)
+            inputs, handles = layer_inputs(model)
             try:
                 logits = model(tokens, positions, None)
             finally:

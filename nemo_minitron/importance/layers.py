@@ -22,9 +22,17 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from nemo_minitron.data.dataset import data_parallel_bounds
 from nemo_minitron.evaluate import evaluate
+from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
 from nemo_minitron.model.params import unwrap
+from nemo_minitron.runtime.distributed import layout
+
+#: at most this many bytes of recorded layer inputs (SkipLosses); beyond, every k-th layer's
+RECORDED_INPUT_BYTES = 2 << 30
 
 
 def passed_through(*args, **kwargs):
@@ -48,13 +56,28 @@ def replaced_forwards(model, forwards: dict[int, Callable]):
             del layer.forward  # back to the class's forward
 
 
-def starting_at(model, layer: int, hidden: torch.Tensor | None):
-    """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
-    recorded input of ``layer``), the others pass their input through."""
+def _starting_forwards(layer: int, hidden: torch.Tensor | None) -> dict[int, Callable]:
     def recorded(*args, **kwargs):
         return hidden, kwargs.get("context")
 
-    return replaced_forwards(model, {i: recorded if i == layer - 1 else passed_through for i in range(layer)})
+    return {i: recorded if i == layer - 1 else passed_through for i in range(layer)}
+
+
+def starting_at(model, layer: int, hidden: torch.Tensor | None):
+    """Layers before ``layer`` do no work: the one just before returns ``hidden`` (the
+    recorded input of ``layer``), the others pass their input through."""
+    return replaced_forwards(model, _starting_forwards(layer, hidden))
+
+
+def layer_inputs(model) -> tuple[list, list]:
+    """Forward pre-hooks recording every layer's input hidden states (filled per forward)."""
+    inputs: list[torch.Tensor | None] = [None] * len(unwrap(model).decoder.layers)
+    handles = []
+    for i, module in enumerate(unwrap(model).decoder.layers):
+        def hook(mod, args, kwargs, _i=i):
+            inputs[_i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return inputs, handles
 
 
 def skipped_layers(model, layers: Iterable[int]):
@@ -71,7 +94,14 @@ class SkipLosses:
     """``losses(layers)``: the LM loss on fixed samples with ``layers`` skipped, each set
     measured once (the depth rules below ask for many sets more than once: a drop set is
     often the contiguous block or the greedy set). ``known``: losses measured before (a
-    resumed run); ``on_measure(losses)``, if given, is called after every new measurement."""
+    resumed run); ``on_measure(losses)``, if given, is called after every new measurement.
+
+    The layers before the first skipped one compute what they compute in the full model:
+    with one pipeline stage, every layer's input on these samples is recorded in one full
+    pass (every k-th layer's when all would exceed ``RECORDED_INPUT_BYTES``), and a pass
+    starts at the last recorded layer at or before the first skipped one. The same
+    arithmetic on the same inputs as a pass from the embedding, in the same order: the
+    losses are the same bits, at about half the layer compute of the passes from the start."""
 
     def __init__(self, model, vocab_size: int, samples: torch.Tensor, micro_batch: int,
                  known: dict[str, float] | None = None, on_measure: Callable[[dict[str, float]], None] | None = None):
@@ -79,16 +109,78 @@ class SkipLosses:
         self.measured: dict[str, float] = dict(known or {})
         self.on_measure = on_measure
         self.passes = 0  # evaluations this object ran (not the known ones)
+        self.recorded: list[dict[int, torch.Tensor]] | None = None  # per micro-batch of this rank: layer -> input
 
     def __call__(self, layers: Iterable[int] = ()) -> float:
-        key = " ".join(map(str, sorted(set(layers))))
+        skipped = sorted(set(layers))
+        key = " ".join(map(str, skipped))
         if key not in self.measured:
-            self.measured[key] = loss_without(self.model, self.vocab_size, self.samples, sorted(set(layers)),
-                                              self.micro_batch)
+            if ps.get_pipeline_model_parallel_world_size() > 1:  # a layer's input may live on another stage
+                self.measured[key] = loss_without(self.model, self.vocab_size, self.samples, skipped,
+                                                  self.micro_batch)
+            else:
+                self.measured[key] = self._from_recorded(skipped)
             self.passes += 1
             if self.on_measure is not None:
                 self.on_measure(self.measured)
         return self.measured[key]
+
+    def _batches(self) -> list[dict]:
+        """This rank's micro-batches, as ``evaluate`` splits the samples."""
+        lo, hi = data_parallel_bounds(len(self.samples), ps.get_data_parallel_rank(),
+                                      ps.get_data_parallel_world_size())
+        return split_microbatches(self.samples[lo:hi], self.micro_batch)
+
+    def _record(self, batches: list[dict], step) -> list[dict]:
+        """The full model's pass, recording the layer inputs; its loss reports."""
+        num_layers = len(unwrap(self.model).decoder.layers)
+        tokens = sum(batch["tokens"].numel() for batch in batches)
+        per_layer = tokens * unwrap(self.model).config.hidden_size * next(self.model.parameters()).element_size()
+        stride = max(1, -(-per_layer * num_layers // RECORDED_INPUT_BYTES))
+        self.recorded, reported = [], []
+        for batch in batches:
+            inputs, handles = layer_inputs(self.model)
+            try:
+                reported += run_forward_only(self.model, [batch], step)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.recorded.append({i: inputs[i] for i in range(stride, num_layers, stride)})
+        return reported
+
+    def _from_recorded(self, skipped: list[int]) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        step = lm_forward_step(self.vocab_size, layout().device)
+        batches = self._batches()
+        if self.recorded is None:
+            full = _mean_loss(self._record(batches, step))
+            if not skipped:
+                self.model.train(was_training)
+                return full
+            if "" not in self.measured:  # the recording pass measured the full model
+                self.measured[""] = full
+        reported = []
+        for batch, inputs in zip(batches, self.recorded):
+            start = max((i for i in inputs if i <= skipped[0]), default=0) if skipped else 0
+            forwards = {**(_starting_forwards(start, inputs[start]) if start else {}),
+                        **{i: passed_through for i in skipped}}
+            with replaced_forwards(self.model, forwards):
+                reported += run_forward_only(self.model, [batch], step)
+        self.model.train(was_training)
+        return _mean_loss(reported)
+
+
+def _mean_loss(reported: list[dict]) -> float:
+    """The mean token loss of the micro-batches' reports, summed over data-parallel ranks (as
+    ``evaluate`` sums them)."""
+    totals = torch.zeros(2, dtype=torch.float64, device=layout().device)
+    for r in reported:
+        totals[0] += r["loss_sum"].to(totals)
+        totals[1] += float(r["tokens"])
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def _tick(progress) -> None:
