@@ -105,7 +105,7 @@ def _log_estimate(seconds_per_token: float, calibration_tokens: int, layer_token
             else f"{seconds:.0f} s"
 
     calib, layers = seconds_per_token * calibration_tokens, seconds_per_token * layer_tokens
-    log.info("estimated time from the first batch: calibration %s more, layer loss drops %s (lower --samples, "
+    log.info("estimated time from the first batch: calibration %s more, layer loss drops at most %s (lower --samples, "
              "--layer-samples or --drop-blocks to shorten)", fmt(calib), fmt(layers))
 
 
