@@ -3,7 +3,8 @@
 skipped layer (``SkipLosses``) against passes from the embedding (``loss_without``, what
 every pass did before), side by side in one run on SmolLM2-135M: the full model's loss,
 then each layer skipped alone (the loss drops) and each layer skipped with layer
-``--second`` (a greedy elimination's second step). The two kinds of pass alternate set
+``--second`` (a greedy elimination's second step; ``--every N``: every N-th layer only).
+The two kinds of pass alternate set
 by set; reported: the ratio of their summed times, and whether every loss is the same bits.
 
     nice python benchmarks/layer_loss_time.py --json benchmarks/results/layer_loss_time.json
@@ -22,6 +23,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--second", type=int, default=20, help="the layer skipped with each other one")
+    p.add_argument("--every", type=int, default=1, help="only every N-th layer skipped (a sample of the sets)")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
 
@@ -34,7 +36,8 @@ def main() -> None:
     model, info = load_checkpoint(ckpt, dtype=parse_dtype(args.dtype))
     vocab, L = info.description.vocab_size, info.description.num_layers
     samples = builtin_samples("calib", load_tokenizer(ckpt), args.seq_len, num_samples=args.samples).take()
-    sets = [[]] + [[i] for i in range(L)] + [sorted({i, args.second}) for i in range(L) if i != args.second]
+    layers = range(0, L, args.every)
+    sets = [[]] + [[i] for i in layers] + [sorted({i, args.second}) for i in layers if i != args.second]
 
     recorded = SkipLosses(model, vocab, samples, args.micro_batch)
     seconds = {"from the embedding": 0.0, "from recorded inputs": 0.0}
