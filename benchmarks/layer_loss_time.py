@@ -36,8 +36,8 @@ def main() -> None:
     model, info = load_checkpoint(ckpt, dtype=parse_dtype(args.dtype))
     vocab, L = info.description.vocab_size, info.description.num_layers
     samples = builtin_samples("calib", load_tokenizer(ckpt), args.seq_len, num_samples=args.samples).take()
-    layers = range(0, L, args.every)
-    sets = [[]] + [[i] for i in layers] + [sorted({i, args.second}) for i in layers if i != args.second]
+    chosen = range(0, L, args.every)
+    sets = [[]] + [[i] for i in chosen] + [sorted({i, args.second}) for i in chosen if i != args.second]
 
     recorded = SkipLosses(model, vocab, samples, args.micro_batch)
     seconds = {"from the embedding": 0.0, "from recorded inputs": 0.0}
