@@ -21,7 +21,9 @@ step (right after pruning) and after the last, on the same --eval-samples of bui
     ModelOpt 0.47            NVIDIA ModelOpt's mcore_minitron prune (benchmarks/modelopt_adapter.py)
                              to that same shape, calibrated on the importance run's samples; none
                              where the shape cuts K/V groups (ModelOpt cannot)
-    uniform + refit          that same shape by ``prune --refit``; none for a depth-only shape
+    uniform + refit          the best uniform candidate that removes MLP neurons or heads (the
+                             search's best may cut depth only) by ``prune --refit``, against
+                             itself unrefit (``unrefit``: the search's losses of that candidate)
     per-layer (summed KL)    the search's per-layer candidate, ``prune --per-layer``'s choice
     per-layer + refit        ``prune --per-layer --refit``: each narrowed MLP's second linear
                              refit by least squares, the widths chosen by their refit scores
@@ -269,6 +271,12 @@ def memory_bytes(desc) -> int:
     return int(Budget("memory", 1, context=MEMORY_CONTEXT).total(desc))
 
 
+def removes_units(desc, original) -> bool:
+    """Whether a uniform shape removes MLP neurons or attention heads (what refit repairs)."""
+    return (desc.ffn_hidden_size, desc.num_attention_heads) != (original.ffn_hidden_size,
+                                                                original.num_attention_heads)
+
+
 def describe(desc, original) -> str:
     """A shape in words: a uniform one's widths, a per-layer one's removed blocks and ranges."""
     if not desc.layer_shapes:
@@ -377,11 +385,16 @@ def main() -> None:
             # ModelOpt's own pruned model and its kept units rebuilt by our code, on the same samples
             results["checks"].setdefault("modelopt_after_pruning", {})[label] = {
                 "modelopt": record["modelopt_loss"], "rebuilt": rows[MODELOPT]["after_pruning"]}
-        if (new.ffn_hidden_size, new.num_attention_heads) == (bench.old.ffn_hidden_size,
-                                                               bench.old.num_attention_heads):
-            rows[REFIT] = {**same_shape, "skipped": "no MLP neuron or head removed: nothing to refit"}
+        # whether refit's gain survives distillation: the best uniform candidate that removes MLP
+        # neurons or heads (refit repairs those; the best may cut depth only), against itself unrefit
+        cuts = [c for c in uniform if removes_units(ModelDescription.from_dict(c["architecture"]), bench.old)]
+        if not cuts:
+            rows[REFIT] = {**same_shape, "skipped": "no candidate removes an MLP neuron or head: nothing to refit"}
         else:
-            rows[REFIT] = {**same_shape, **bench.distilled(cfg, bench.refit_student(importance, best["target"]))}
+            rows[REFIT] = {**from_search(cuts[0]), **bench.distilled(cfg, bench.refit_student(importance,
+                                                                                             cuts[0]["target"])),
+                           "unrefit": {"after_pruning": cuts[0]["loss_after_pruning"],
+                                       "after_distillation": cuts[0]["final_loss"]}}
         rows[PER_LAYER] = from_search(per_layer)
         # prune --per-layer --refit chooses its MLP widths by their refit scores: its own optimum
         refit_row = distilled_student(bench.per_layer_student(importance, BUDGETS[label], refit=True),
@@ -426,6 +439,9 @@ def table(results: dict) -> str:
         base = b["rows"][UNIFORM]["after_distillation"]
         for method, r in b["rows"].items():
             name = f"{method} ({r['candidate']}, {r['kind']})" if method == UNIFORM else method
+            if "unrefit" in r:
+                name += (f" ({r['candidate']}; unrefit {r['unrefit']['after_pruning']:.3f} -> "
+                         f"{r['unrefit']['after_distillation']:.3f})")
             if "skipped" in r:
                 lines.append(f"| {label} | {name} | {r['shape']} | | | {r['skipped']} | | |")
                 continue
