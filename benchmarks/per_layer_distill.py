@@ -498,7 +498,7 @@ def plot(results: dict, path: Path) -> None:
                      fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylim(bottom, max(losses) + 0.08 * (max(losses) - bottom))  # shared by all
-    axes[0][0].set_ylabel("held-out loss on builtin:heldout (lower is better)")
+    axes[0][0].set_ylabel("held-out loss, builtin:heldout (lower: better)", fontsize=8)
     axes[0][0].legend(fontsize=7, loc="upper left")
     # two lines: one budget's figure is too narrow for the whole title on one
     fig.suptitle(f"SmolLM2-135M: after pruning (hatched) and after {results['settings']['steps']} distillation "
