@@ -41,12 +41,17 @@ def evaluate(model, vocab_size: int, samples, micro_batch: int = 1) -> EvalResul
         chunk = samples[start:stop] if isinstance(samples, torch.Tensor) else samples.take(stop - start, start)
         reported += run_forward_only(model, split_microbatches(chunk, micro_batch), step)
     model.train(was_training)
-    totals = torch.zeros(2, dtype=torch.float64, device=lay.device)
+    loss, tokens = mean_token_loss(reported)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, samples=len(samples))
+
+
+def mean_token_loss(reported: list[dict]) -> tuple[float, int]:
+    """The mean token loss and the token count of ``lm_forward_step``'s reports, summed in
+    float64 in their order, then over data-parallel ranks (every rank gets the result)."""
+    totals = torch.zeros(2, dtype=torch.float64, device=layout().device)
     for r in reported:
         totals[0] += r["loss_sum"].to(totals)
         totals[1] += float(r["tokens"])
     if dist.is_initialized():
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(totals[1].item()),
-                      samples=len(samples))
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())

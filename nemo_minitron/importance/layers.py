@@ -22,11 +22,10 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from nemo_minitron.data.dataset import data_parallel_bounds
-from nemo_minitron.evaluate import evaluate
+from nemo_minitron.evaluate import evaluate, mean_token_loss
 from nemo_minitron.model.forward import lm_forward_step, run_forward_only, split_microbatches
 from nemo_minitron.model.params import unwrap
 from nemo_minitron.runtime.distributed import layout
@@ -108,7 +107,6 @@ class SkipLosses:
         self.model, self.vocab_size, self.samples, self.micro_batch = model, vocab_size, samples, micro_batch
         self.measured: dict[str, float] = dict(known or {})
         self.on_measure = on_measure
-        self.passes = 0  # evaluations this object ran (not the known ones)
         self.recorded: list[dict[int, torch.Tensor]] | None = None  # per micro-batch of this rank: layer -> input
 
     def __call__(self, layers: Iterable[int] = ()) -> float:
@@ -120,7 +118,6 @@ class SkipLosses:
                                                   self.micro_batch)
             else:
                 self.measured[key] = self._from_recorded(skipped)
-            self.passes += 1
             if self.on_measure is not None:
                 self.on_measure(self.measured)
         return self.measured[key]
@@ -154,7 +151,7 @@ class SkipLosses:
         step = lm_forward_step(self.vocab_size, layout().device)
         batches = self._batches()
         if self.recorded is None:
-            full = _mean_loss(self._record(batches, step))
+            full = mean_token_loss(self._record(batches, step))[0]
             if not skipped:
                 self.model.train(was_training)
                 return full
@@ -168,19 +165,7 @@ class SkipLosses:
             with replaced_forwards(self.model, forwards):
                 reported += run_forward_only(self.model, [batch], step)
         self.model.train(was_training)
-        return _mean_loss(reported)
-
-
-def _mean_loss(reported: list[dict]) -> float:
-    """The mean token loss of the micro-batches' reports, summed over data-parallel ranks (as
-    ``evaluate`` sums them)."""
-    totals = torch.zeros(2, dtype=torch.float64, device=layout().device)
-    for r in reported:
-        totals[0] += r["loss_sum"].to(totals)
-        totals[1] += float(r["tokens"])
-    if dist.is_initialized():
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item()
+        return mean_token_loss(reported)[0]
 
 
 def _tick(progress) -> None:
