@@ -752,6 +752,25 @@ def _ridge_solution(gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor
     return torch.cholesky_solve(rhs, torch.linalg.cholesky(lhs)).T
 
 
+def _assert_least_squares(got: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
+                          what) -> None:
+    """``got`` (float32) is refit.py's ridge solution for the ``kept`` columns of ``weight`` on
+    the tokens of ``gram``, up to the float64 solves' error and the rounding to float32."""
+    from nemo_minitron.prune.refit import DEFAULT_DAMPING
+    from tolerances import U32, fp64_solve
+
+    g = gram.double()
+    gkk = g[kept][:, kept]
+    ridge = DEFAULT_DAMPING * gkk.diagonal().mean().item()  # refit.py's damping of the kept diagonal
+    want = _ridge_solution(g, weight, kept, ridge)
+    eig = torch.linalg.eigvalsh(gkk)
+    condition = ((eig[-1] + ridge) / (eig[0] + ridge)).item()
+    magnitude = want.abs().max().item()
+    # the product's float64 solve and this one, then its rounding to float32
+    tol = fp64_solve(len(kept), condition, magnitude) + U32 * magnitude
+    assert (got.double() - want).abs().max().item() <= tol, (what, tol)
+
+
 def test_per_layer_refit_is_each_layers_least_squares_solution(per_layer_refit):
     """--per-layer --refit: each narrowed MLP's second linear is the least-squares solution for
     that layer's own kept neurons and width, from that layer's second moments; every other
@@ -761,8 +780,6 @@ def test_per_layer_refit_is_each_layers_least_squares_solution(per_layer_refit):
     from safetensors.torch import load_file
 
     from nemo_minitron.importance.scores import ImportanceScores
-    from nemo_minitron.prune.refit import DEFAULT_DAMPING
-    from tolerances import U32, fp64_solve
 
     _, _, parent = _canonical(per_layer_refit["parent"])
     _, plain_desc, plain = _canonical(per_layer_refit["plain"])
@@ -782,15 +799,7 @@ def test_per_layer_refit_is_each_layers_least_squares_solution(per_layer_refit):
         layer, width = fc2[0], REFIT_PLAN[fc2[0]][1]
         kept = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
         w, g = parent[name], grams[layer].double()
-        gkk = g[kept][:, kept]
-        ridge = DEFAULT_DAMPING * gkk.diagonal().mean().item()  # refit.py's damping of the kept diagonal
-        want = _ridge_solution(g, w, kept, ridge)
-        eig = torch.linalg.eigvalsh(gkk)
-        condition = ((eig[-1] + ridge) / (eig[0] + ridge)).item()
-        magnitude = want.abs().max().item()
-        # the product's float64 solve and this one, then its rounding to float32
-        tol = fp64_solve(width, condition, magnitude) + U32 * magnitude
-        assert (refit[name].double() - want).abs().max().item() <= tol, (name, tol)
+        _assert_least_squares(refit[name], w, g, kept, name)
         assert not torch.equal(refit[name], plain[name]), name  # the refit changed something
 
         def residual(v: torch.Tensor) -> float:  # sum over the calibration tokens of ||W x - V x[kept]||^2
@@ -936,6 +945,50 @@ def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path,
             [[s.num_query_groups, s.ffn_hidden_size] for s in info.description.layer_shapes], refit
     code, err = cli_in_process(capsys, "plan", parent, "--target-params", "1M", "--refit")
     assert code == 2 and "--refit is for --per-layer" in err
+
+
+def test_search_refit_prunes_every_candidate_refit(per_layer_pruned, tmp_path):
+    """search --per-layer --refit: the per-layer candidate is the choice of the refit scores
+    (forced here to other MLP widths than the unrefit ones), and in every candidate, uniform or
+    per layer, each narrowed MLP's second linear is the least-squares solution for its layer's
+    kept neurons; a layer whose MLP is kept whole keeps the parent's."""
+    from safetensors.torch import load_file
+
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.importance.scores import ImportanceScores
+    from nemo_minitron.search.api import search
+
+    parent = per_layer_pruned["parent"]
+    refit_widths = (512, 768, 256, 512)
+    importance = forced_scores(per_layer_pruned["root"] / "imp", tmp_path / "imp", REFIT_PLAN, refit_widths)
+    budget = str(_model_flops(read_info(parent).description, 1024))
+    out = tmp_path / "search"
+    # the candidates: the uniform MLP-only shape (the parent's FLOPs less a step: ffn 704) and the optimum
+    result = search(str(parent), str(importance), ["builtin:train"], str(out), progress=False, per_layer=True,
+                    target_flops=budget, flops_context=1024, candidates=0, per_layer_candidates=1, refit=True, steps=1, global_batch=2, micro_batch=1, seq_len=16, lr=1e-3,
+                    warmup_steps=0, eval_every=1, eval_samples=2, cache_top_k=16, seed=3, keep_all=True,
+                    dtype="float32")
+    rows = {r["kind"]: r for r in result["candidates"]}
+    assert sorted(rows) == ["mlp-only", "per-layer"] and rows["mlp-only"]["target"]["ffn"] == 704, rows
+    assert rows["per-layer"]["layer_shapes"] == [[groups, width] for (groups, _), width in zip(REFIT_PLAN,
+                                                                                            refit_widths)]
+    scores = ImportanceScores.load(importance)
+    grams = load_file(str(importance / "second_moments.safetensors"))["fc2_gram"]
+    _, _, weights = _canonical(parent)
+    refit_layers = 0
+    for kind, row in rows.items():
+        _, desc, pruned = _canonical(out / row["directory"] / "pruned")
+        widths = [s.ffn_hidden_size for s in desc.layer_shapes] or [desc.ffn_hidden_size] * desc.num_layers
+        for layer, width in enumerate(widths):
+            name = f"decoder.layers.{layer}.mlp.linear_fc2.weight"
+            if width == 768:
+                assert torch.equal(pruned[name], weights[name]), (kind, layer)
+                continue
+            kept = torch.argsort(scores["ffn"][layer], descending=True, stable=True)[:width].sort().values
+            _assert_least_squares(pruned[name], weights[name], grams[layer], kept, (kind, layer))
+            assert not torch.equal(pruned[name], weights[name][:, kept]), (kind, layer)  # not the plain cut
+            refit_layers += 1
+    assert refit_layers == 4 + 3
 
 
 def test_per_layer_refit_refused(per_layer_pruned, tiny_checkpoint, tmp_path, capsys):

@@ -246,6 +246,7 @@ def test_the_ranking_shows_kinds_and_widths_per_layer(per_layer_search):
                                                 "context 4096)"),
     (["--per-layer", "--target-flops", "1G", "--target-memory", "1MB"], "--per-layer needs exactly one budget"),
     (["--candidates", "2"], "--target-params is required"),
+    (["--per-layer", "--target-params", BUDGET, "--refit"], "--refit: '"),  # no second moments
 ])
 def test_bad_input(tiny_checkpoint, block_importance, tmp_path, capsys, flags, says):
     """No block-variant scores, a budget no architecture meets, and budget flags misused:
@@ -273,6 +274,10 @@ def test_bad_input(tiny_checkpoint, block_importance, tmp_path, capsys, flags, s
     (["rounds.0.search.target_flops=1G"], "'rounds.0.search.per_layer' needs exactly one budget"),
     (["rounds=[{importance: {block_variants: true}, search: {per_layer: true, target_params: 600K}}, "
       "{prune: {target_params: 300K}}]"], "a per-layer model is not pruned again"),
+    (["rounds.0.search.refit=true"], "'rounds.0.search.refit' solves with the second moments"),
+    (["rounds.0.search.refit=true", "rounds.0.importance.second_moments=true",
+      "rounds.0.importance.block_distill_steps=2", "rounds.0.importance.block_distill_samples=1"],
+     "'rounds.0.search.per_layer': 'rounds.0.importance.block_distill_steps' trains the variants"),
     ([], None),
 ])
 def test_per_layer_search_recipe_keys(overrides, says):

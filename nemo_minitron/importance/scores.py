@@ -104,11 +104,15 @@ class ImportanceScores:
         (directory / SUMMARY_FILE).write_text(json.dumps(self.summary, indent=2))
 
     @staticmethod
-    def load_second_moments(directory: str | Path, flag: str = "--refit") -> dict[str, torch.Tensor]:
+    def require_second_moments(directory: str | Path, flag: str = "--refit") -> Path:
         path = Path(directory) / SECOND_MOMENTS_FILE
         require(path.is_file(), f"{flag}: '{directory}' has no {SECOND_MOMENTS_FILE}; rerun importance with "
                                 "--second-moments")
-        return load_file(str(path))
+        return path
+
+    @staticmethod
+    def load_second_moments(directory: str | Path, flag: str = "--refit") -> dict[str, torch.Tensor]:
+        return load_file(str(ImportanceScores.require_second_moments(directory, flag)))
 
     @classmethod
     def load(cls, directory: str | Path, flag: str = "--importance") -> "ImportanceScores":

@@ -280,12 +280,13 @@ def validate(recipe: Recipe) -> None:
                                                  "round")
             require(rnd.sparsify is None, f"{key}: sparsify a uniform round (rounds.{i}.sparsify with per-layer "
                                           "shapes is not supported)")
-        if rnd.search is None and rnd.prune.refit:  # what prune would refuse once importance has run
-            key = f"recipe key 'rounds.{i}.prune.refit'"
+        if (rnd.search or rnd.prune).refit:  # what prune (or search) would refuse once importance has run
+            stage = "prune" if rnd.search is None else "search"
+            key = f"recipe key 'rounds.{i}.{stage}.refit'"
             require(rnd.importance.second_moments, f"{key} solves with the second moments: set "
                                                    f"'rounds.{i}.importance.second_moments: true'")
-            require(not (rnd.prune.per_layer and rnd.importance.block_distill_steps),
-                    f"{key} with 'rounds.{i}.prune.per_layer': 'rounds.{i}.importance.block_distill_steps' trains "
+            require(not ((rnd.search or rnd.prune).per_layer and rnd.importance.block_distill_steps),
+                    f"{key} with 'rounds.{i}.{stage}.per_layer': 'rounds.{i}.importance.block_distill_steps' trains "
                     "the variants that replace the pruned weights refit would repair; drop one")
         if not rnd.name:
             rnd.name = f"round{i + 1}"

@@ -213,9 +213,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     scores.check_matches(old)
     require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
                                                       f"(got '{order}')")
-    require(not (cfg.refit and (old.is_moe or old.is_hybrid)),
-            f"{names('refit')} refits dense MLPs and attention; this {old.architecture} model has "
-            + ("experts" if old.is_moe else "Mamba layers"))
+    if cfg.refit:
+        check_refit(old, importance, scores, names, per_layer=False)
     grams = _second_moments(importance, scores, names) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
@@ -316,6 +315,24 @@ def _build_pruned(model, old: ModelDescription, new: ModelDescription, keep, per
     return new_model
 
 
+def check_refit(old: ModelDescription, importance: str, scores: ImportanceScores, names: Names, *,
+                per_layer: bool) -> None:
+    """What ``refit`` needs, before any weight is read (one-line errors): a dense model, the
+    importance run's second moments and, ``per_layer``, untrained block variants."""
+    require(not (old.is_moe or old.is_hybrid), f"{names('refit')} refits dense MLPs and attention; this "
+                                               f"{old.architecture} model has "
+                                               + ("experts" if old.is_moe else "Mamba layers"))
+    # Refused with trained variants (importance --block-distill-steps): every narrowed MLP is then a
+    # trained variant, its weights fit to the parent block's output already (through the whole
+    # block, not only its last linear) and scored as trained. Refitting them from the parent's
+    # second moments would undo that training; refitting only untrained ones refits nothing.
+    require(not (per_layer and (scores.summary.get("block_variants") or {}).get("distill")),
+            f"{names('refit')} with {names('per_layer')}: --importance '{importance}' holds block variants trained "
+            "by importance --block-distill-steps, which replace the pruned weights refit would repair; drop "
+            f"{names('refit')} or score untrained variants")
+    ImportanceScores.require_second_moments(importance, flag=names("refit"))
+
+
 def _second_moments(importance: str, scores: ImportanceScores, names: Names) -> dict[str, torch.Tensor]:
     """The Gram matrices --refit solves with; a warning when fewer calibration tokens than a
     matrix has columns went into them: the least-squares fit is then (almost) exact on those
@@ -359,14 +376,8 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
             + ("has experts" if old.is_moe else "has Mamba layers" if old.is_hybrid else "is already per-layer"))
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
-    # Refused with trained variants (importance --block-distill-steps): every narrowed MLP is then a
-    # trained variant, its weights fit to the parent block's output already (through the whole
-    # block, not only its last linear) and scored as trained. Refitting them from the parent's
-    # second moments would undo that training; refitting only untrained ones refits nothing.
-    require(not (cfg.refit and (scores.summary.get("block_variants") or {}).get("distill")),
-            f"{names('refit')} with {names('per_layer')}: --importance '{importance}' holds block variants trained "
-            "by importance --block-distill-steps, which replace the pruned weights refit would repair; drop "
-            f"{names('refit')} or score untrained variants")
+    if cfg.refit:
+        check_refit(old, importance, scores, names, per_layer=True)
     grams = _second_moments(importance, scores, names) if cfg.refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)

@@ -33,6 +33,15 @@ def _target(text: str) -> dict[str, int]:
     return parse_target(text)
 
 
+def refit_option():
+    """``refit``, one default and help for prune and search (search prunes every candidate so)."""
+    return option(
+        False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
+               "and neurons (needs importance --second-moments); with --per-layer, the MLP widths are chosen by "
+               "their refit scores and each narrowed MLP's second linear is refit for its own kept neurons (not "
+               "with importance --block-distill-steps)")
+
+
 @dataclasses.dataclass
 class PlanConfig:
     """How the planner enumerates and ranks candidate architectures for a budget."""
@@ -130,10 +139,7 @@ class PruneConfig(PlanConfig, PerLayerConfig):
                       "and block sets, the one whose removal cost least in the importance run), loss (least loss "
                       "increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9",
         metavar="METRIC")
-    refit: bool = option(
-        False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
-               "and neurons (needs importance --second-moments); with --per-layer, each narrowed MLP's second "
-               "linear for its own kept neurons (not with importance --block-distill-steps)")
+    refit: bool = refit_option()
 
     def check(self, names) -> None:
         self.check_budget(names, self.target_params)

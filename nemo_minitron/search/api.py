@@ -24,7 +24,8 @@ checkpoint. Only the winner is kept at the end unless ``keep_all``.
 
 With ``per_layer`` the candidates also include per-layer architectures (candidates.py),
 pruned as ``prune --per-layer`` prunes (the same importance run's block-variant scores)
-and distilled and ranked like the uniform ones.
+and distilled and ranked like the uniform ones. With ``refit`` every candidate is pruned as
+``prune --refit`` prunes (the per-layer ones chosen by the refit scores of the MLP widths).
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     scores.check_matches(original)
     budget = search_budget(cfg, names)
     candidates = search_candidates(original, cfg, tp=tp, pp=pp, names=names, scores=scores)
+    if cfg.refit:  # every candidate is pruned with refit: what prune would refuse, refused now
+        prune_api.check_refit(original, importance, scores, names,
+                              per_layer=any(c.choice is not None for c in candidates))
     parse_layer_metric(cfg.layer_metric, original.num_layers, flag=names("layer_metric"))
     for cand in candidates:  # prune's meaning of layer_metric (auto: greedy for depth-only cuts, else contiguous)
         if cand.description.num_layers != original.num_layers:
@@ -268,9 +272,9 @@ def _prune(checkpoint: str, importance: str, path: Path, cand: SearchCandidate, 
         path.parent.mkdir(parents=True, exist_ok=True)
     barrier()
     if cand.choice is None:
-        how = dict(target=cand.target(), layer_metric=cfg.layer_metric, order="importance")
+        how = dict(target=cand.target(), layer_metric=cfg.layer_metric, order="importance", refit=cfg.refit)
     else:  # prune --per-layer under the search's budget, to this choice (the optimum or an alternative)
-        how = dict(target_params=cfg.target_params, layer_choice=cand.choice,
+        how = dict(target_params=cfg.target_params, layer_choice=cand.choice, refit=cfg.refit,
                    **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PerLayerConfig)})
     prune_api.prune(checkpoint, importance, str(path), tp=tp, pp=pp, seed=run.seed, dtype=run.dtype,
                     **how)  # stored in the compute dtype

@@ -36,7 +36,9 @@ uniform ones:
                   optimum under distance cuts added to the program (at most 2 x layers -
                   blocks_apart of an earlier candidate's options chosen again)
 
-until ``per_layer_candidates`` are found or the program has no other solution. The TP size
+until ``per_layer_candidates`` are found or the program has no other solution. With ``refit``
+the MLP widths are scored refit (importance --second-moments), as ``prune --per-layer --refit``
+chooses them. The TP size
 leaves out the options it cannot split, as for prune. Uniform shapes meet the budget as
 the planner's do (within ``tolerance``); under a memory budget they are the planner's for
 the parameters left beside the parent's KV cache, kept when their memory (weights and KV
@@ -54,7 +56,8 @@ from nemo_minitron.config import Names
 from nemo_minitron.errors import UsageError
 from nemo_minitron.importance.scores import ImportanceScores
 from nemo_minitron.model.description import ModelDescription
-from nemo_minitron.prune.per_layer import Budget, PerLayerChoice, budget_of, per_layer_choice, solve
+from nemo_minitron.prune.per_layer import (Budget, PerLayerChoice, budget_of, ffn_scores_key, per_layer_choice,
+                                           solve)
 from nemo_minitron.prune.plan import Candidate, _why, mlp_only, plan
 from nemo_minitron.prune.targets import apply_target, parse_param_count
 from nemo_minitron.search.config import MIN_DISTANCE, SearchConfig
@@ -220,9 +223,11 @@ def per_layer_candidates(original: ModelDescription, scores: ImportanceScores, c
                          names: Names) -> list[tuple[ModelDescription, PerLayerChoice, str]]:
     """(description, choice, why) of the per-layer candidates, in the module doc's order
     (one-line errors: no block-variant scores, a budget no per-layer architecture meets)."""
-    variants, optimum = per_layer_choice(original, scores, cfg, cfg.target_params, names, tp=tp)
+    variants, optimum = per_layer_choice(original, scores, cfg, cfg.target_params, names, tp=tp, refit=cfg.refit)
     budget = search_budget(cfg, names)
-    tables = (scores[f"block_attention_{cfg.block_score}"], scores[f"block_ffn_{cfg.block_score}"])
+    ffn_key = ffn_scores_key(scores, cfg.block_score, cfg.refit)
+    tables = (scores[f"block_attention_{cfg.block_score}"], scores[ffn_key])
+    scored = cfg.block_score + (", MLP widths refit" if ffn_key != f"block_ffn_{cfg.block_score}" else "")
     apart = max(1, math.ceil(MIN_DISTANCE * 2 * original.num_layers))
     found = [(optimum, f"optimum of the summed {cfg.block_score} score")]
     if any(s.num_query_groups == 0 for s in optimum.shapes) and len(found) < cfg.per_layer_candidates:
@@ -240,6 +245,6 @@ def per_layer_candidates(original: ModelDescription, scores: ImportanceScores, c
                   for field, what in (("num_query_groups", "attention"), ("ffn_hidden_size", "MLP"))}
         removed = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         out.append((original.replace(layer_shapes=choice.shapes), choice,
-                    f"per layer: {why} ({cfg.block_score} {choice.score:.4f}, {budget.describe(choice.cost)}"
+                    f"per layer: {why} ({scored} {choice.score:.4f}, {budget.describe(choice.cost)}"
                     + (f"; removes {removed})" if removed else ")")))
     return out

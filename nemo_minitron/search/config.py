@@ -14,7 +14,7 @@ from typing import Optional
 from nemo_minitron.config import option
 from nemo_minitron.distill.config import DistillConfig, _optional_int
 from nemo_minitron.errors import require
-from nemo_minitron.prune.config import LAYER_METRICS, PerLayerConfig, PlanConfig
+from nemo_minitron.prune.config import LAYER_METRICS, PerLayerConfig, PlanConfig, refit_option
 from nemo_minitron.prune.targets import AXES, parse_param_count, parse_target
 
 #: how far apart (largest relative difference of any axis) two chosen candidates must be
@@ -48,6 +48,7 @@ class SearchConfig(DistillConfig, PlanConfig, PerLayerConfig):
                                        "run did not record those), greedy, best, "
                                        "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9",
                                metavar="METRIC")
+    refit: bool = refit_option()
     cache_top_k: Optional[int] = option(None, "write a teacher-logit cache of the teacher's top-K first and distil "
                                               "every candidate from it (one teacher pass for all)", ge=1,
                                          parse=_optional_int, default_text="live teacher", metavar="K")
