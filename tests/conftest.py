@@ -78,6 +78,11 @@ def fast_dtype() -> str:
 
 # `make test THREADS=1`: the in-process tests (and single-process commands they start) run
 # with that many torch threads, so reduction-order differences between machines show up here.
+# Under pytest-xdist (`make test`'s WORKERS) the workers share the cores: each gets its part
+# (two workers with two threads each on two cores wait on each other's threads).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("TEST_THREADS"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["TEST_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
 if os.environ.get("TEST_THREADS"):
     torch.set_num_threads(int(os.environ["TEST_THREADS"]))
     os.environ["OMP_NUM_THREADS"] = os.environ["TEST_THREADS"]
