@@ -127,7 +127,7 @@ def pruned_smollm2(order: str = "importance", target: dict | None = None, seed: 
     path = CACHE / (name or f"smollm2-pruned-{order}-{seed}-" + "-".join(f"{k}{v}" for k, v in sorted(target.items())))
     if not is_checkpoint(path):
         prune(str(smollm2_checkpoint()), str(importance or smollm2_importance()), str(path), target=target,
-              order=order, seed=seed, layer_metric="contiguous")
+              order=order, seed=seed, layer_metric="contiguous", refit=False)  # the plain cut, as measured
     return path
 
 

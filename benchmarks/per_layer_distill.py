@@ -106,7 +106,8 @@ class Bench:
         from nemo_minitron.config import build
         from nemo_minitron.search.config import SearchConfig
 
-        return build(SearchConfig, per_layer=True, per_layer_candidates=1, block_score="kl",
+        # refit False: the search's rows are the plain cut at every budget; refit has rows of its own
+        return build(SearchConfig, per_layer=True, per_layer_candidates=1, block_score="kl", refit=False,
                      candidates=self.args.candidates, eval_every=0, **self.train, **budget)
 
     def importance(self, configs: dict) -> Path:
@@ -217,7 +218,7 @@ class Bench:
         path = self.out / "students" / f"mlp-only-{key([importance.name, target, self.run])}"
         if not is_checkpoint(path):
             prune(str(self.teacher), str(importance), str(path), target=target, order="importance",
-                  layer_metric=cfg.layer_metric, **self.run)
+                  layer_metric=cfg.layer_metric, refit=False, **self.run)
         return path
 
     def refit_student(self, importance: Path, target: dict) -> Path:

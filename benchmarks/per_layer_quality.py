@@ -76,21 +76,23 @@ def main() -> None:
         for k, candidate in enumerate(plan(desc, parse_param_count(budget))[:args.uniform]):
             path = CACHE / f"{importance.name}-uniform-{label}-{k}"
             if not is_checkpoint(path):
-                prune(str(teacher), str(importance), str(path), target=candidate.target(), layer_metric="loss")
+                prune(str(teacher), str(importance), str(path), target=candidate.target(), layer_metric="loss",
+                      refit=False)
             rows[f"uniform {k}"] = {"params": candidate.params, "shape": candidate.target(), "heldout_loss": loss_of(path)}
         planner_rows = list(rows)
         candidate = mlp_only(desc, parse_param_count(budget))
         if candidate is not None:
             path = CACHE / f"{importance.name}-uniform-mlp-only-{label}"
             if not is_checkpoint(path):
-                prune(str(teacher), str(importance), str(path), target=candidate.target())
+                prune(str(teacher), str(importance), str(path), target=candidate.target(), refit=False)
             rows["uniform MLP-only"] = {"params": candidate.params, "shape": candidate.target(),
                                         "heldout_loss": loss_of(path)}
         for metric in ("kl", "loss"):
             path = CACHE / f"{importance.name}-per-layer-{metric}-{label}"
             t0 = time.time()
             if not is_checkpoint(path):
-                prune(str(teacher), str(importance), str(path), per_layer=True, target_params=budget, block_score=metric)
+                prune(str(teacher), str(importance), str(path), per_layer=True, target_params=budget, block_score=metric,
+                      refit=False)
             new = read_info(path).description
             rows[f"per-layer ({metric})"] = {
                 "params": new.num_parameters(), "prune_seconds": round(time.time() - t0, 1),

@@ -39,7 +39,7 @@ def main() -> None:
                "heldout_samples": len(heldout), "heldout_tokens": int(heldout[:, 1:].numel()), "original": loss(ckpt)}
     for order, seeds in (("importance", [1234]), ("magnitude", [1234]), ("random", args.seeds)):
         losses = [loss(prune(str(ckpt), str(importance), str(work / f"{order}-{seed}"), target=PRUNED_TARGET,
-                             order=order, seed=seed)) for seed in seeds]
+                             order=order, seed=seed, refit=False)) for seed in seeds]
         results[order] = sum(losses) / len(losses)
         if len(losses) > 1:
             results[f"{order}_per_seed"] = losses

@@ -212,7 +212,7 @@ def ranking(teacher: str, work: Path, args) -> dict:
                     candidates=args.candidates, steps=steps, global_batch=args.global_batch,
                     micro_batch=args.micro_batch, seq_len=args.seq_len, eval_every=every, eval_data=[HELDOUT],
                     eval_samples=args.eval_samples, cache_top_k=64, dtype=args.dtype, keep_all=True, progress=False,
-                    layer_metric=args.layer_metric)
+                    layer_metric=args.layer_metric, refit=False)
     curves = {c["name"]: dict((int(s), v) for s, v in c["heldout_curve"]) for c in result["candidates"]}
     names = sorted(curves)
     final = [curves[n][steps] for n in names]

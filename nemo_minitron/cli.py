@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "gives another budget)")
     p.add_argument("--importance", metavar="DIR", help="with --per-layer: the importance directory whose block-variant "
                                                        "scores choose each layer's shape")
-    p.add_argument("--refit", action="store_true", help="with --per-layer: the MLP widths chosen by their refit scores, "
-                                                        "as prune --per-layer --refit chooses them")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --per-layer: the MLP widths chosen by their refit scores (--no-refit: the unrefit "
+                        "ones), as prune --per-layer chooses them with the same flag [default: auto]")
     add_flags(p, PlanConfig, title="planner")
     add_flags(p, PerLayerConfig, title="per-layer architecture (Puzzle-style)")
     add_flags(p, PlanOutputConfig, title="output")

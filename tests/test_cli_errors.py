@@ -280,7 +280,8 @@ def test_every_flag_has_help_its_default_and_a_meaningful_placeholder():
             text = " ".join((action.help or "").split())
             assert text and text != "[required]", f"{where}: no help"
             if isinstance(action, argparse.BooleanOptionalAction):
-                assert f"[default: {'on' if action.default else 'off'}]" in text, f"{where}: {text}"
+                shown = "auto" if action.default is None else "on" if action.default else "off"
+                assert f"[default: {shown}]" in text, f"{where}: {text}"
             elif action.option_strings and action.default not in (None, False, [], {}):
                 assert f"[default: {action.default}]" in text or "[default: " in text, f"{where}: {text}"
             if action.required and action.option_strings:

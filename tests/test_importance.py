@@ -152,6 +152,31 @@ def test_second_moments_equal_gram_matrices_of_captured_activations(tiny):
             assert (got[key][i] - ref).abs().max().item() <= tol, (key, i)
 
 
+def test_second_moments_auto_collects_them_where_they_fit(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """importance's default (auto) stores the Gram matrices of a dense model whose matrices
+    take at most the cap (float64 on a rank: what the stored matrices hold, 8 bytes an entry)
+    and none beyond it, saying why; --second-moments / --no-second-moments decide alone."""
+    from safetensors import safe_open
+
+    from nemo_minitron.importance import api
+
+    ckpt = tiny_checkpoint("llama")
+    tiny = dict(samples=2, seq_len=16, layer_samples=1, seed=SEED, dtype="float32", progress=False)
+    api.compute_importance(str(ckpt), ["builtin:calib"], str(tmp_path / "auto"), **tiny)
+    with safe_open(str(tmp_path / "auto" / "second_moments.safetensors"), "pt") as f:
+        collected = 8 * sum(f.get_tensor(k).numel() for k in f.keys())
+    for name, cap, asked, stored in (("at-cap", collected, None, True), ("over-cap", collected - 1, None, False),
+                                     ("asked", collected - 1, True, True), ("refused", collected, False, False)):
+        monkeypatch.setattr(api, "SECOND_MOMENTS_AUTO_BYTES", cap)
+        caplog.clear()
+        api.compute_importance(str(ckpt), ["builtin:calib"], str(tmp_path / name), second_moments=asked, **tiny)
+        assert (tmp_path / name / "second_moments.safetensors").is_file() == stored, name
+        said = [r.getMessage() for r in caplog.records if "--second-moments auto" in r.getMessage()]
+        assert len(said) == (asked is None), (name, said)
+        if name == "over-cap":
+            assert "auto: off" in said[0] and "GiB on each rank, over the" in said[0], said
+
+
 def test_refit_equals_least_squares_solution():
     """refit_columns against torch.linalg.lstsq on explicit inputs: the kept columns that
     best reproduce the layer's output when the removed inputs are gone."""

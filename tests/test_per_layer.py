@@ -939,7 +939,7 @@ def test_per_layer_refit_chooses_by_the_refit_scores(per_layer_pruned, tmp_path,
         shown = tmp_path / f"plan-{refit}.json"
         code, err = cli_in_process(capsys, "plan", parent, "--per-layer", "--importance", importance, "--target-flops",
                                    options["target_flops"], "--flops-context", "1024", "--json", shown,
-                                   *(["--refit"] if refit else []))
+                                   *(["--refit"] if refit else ["--no-refit"]))
         assert code == 0, err
         assert json.loads(shown.read_text())["layer_shapes"] == \
             [[s.num_query_groups, s.ffn_hidden_size] for s in info.description.layer_shapes], refit

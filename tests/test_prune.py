@@ -271,7 +271,8 @@ def test_pruned_counts_and_kept_weights(scored, layer_reference, tmp_path, kind,
 
     ckpt, imp = scored(kind)
     old = read_info(ckpt).description
-    out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target=target, layer_metric=metric)
+    # the plain cut (the default refits where the importance run stored second moments)
+    out = prune(str(ckpt), str(imp), str(tmp_path / "pruned"), target=target, layer_metric=metric, refit=False)
     new = read_info(out).description
 
     scores = ImportanceScores.load(imp)
@@ -635,6 +636,9 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
     shutil.copytree(imp, no_blocks)
     summary["layers"]["contiguous_blocks"] = {}
     summary["layers"].pop("greedy", None)
+    no_moments = tmp_path / "no_moments"
+    shutil.copytree(imp, no_moments)
+    (no_moments / "second_moments.safetensors").unlink(missing_ok=True)
     (no_blocks / "summary.json").write_text(json.dumps(summary))
     for kwargs, words in (
             ({"target": {"hidden": 32}, "order": "largest"}, "--order must be one of importance, magnitude, random"),
@@ -647,7 +651,7 @@ def test_more_bad_input_before_any_weight_is_read(weightless, tmp_path):
              "--pp 2: pipeline stage 0 holds layers 0..1, all of which are dropped; prune with --pp 1"),
             ({"target": {"layers": 3}, "target_params": "200K"}, "exactly one of a target and a budget"),
             ({"target": {"ffn": 64}, "tp": 2}, "does not divide the world size 1"),
-            ({"target": {"ffn": 64}, "refit": True}, "--refit: '"),
+            ({"target": {"ffn": 64}, "refit": True, "importance": no_moments}, "--refit: '"),
             ({"target": {"ffn": 64}, "refit": True, "order": "random"}, "--refit needs --order importance")):
         importance = kwargs.pop("importance", imp)
         with pytest.raises(UsageError, match=re.escape(words)):
@@ -689,6 +693,51 @@ def test_expert_targets_bad_input_before_any_weight_is_read(weightless, scored, 
     code, stderr = cli_in_process(capsys, "importance", moe, "--data", "builtin:calib", "--out", out,
                                   "--second-moments")
     assert code == 2 and "--second-moments (for prune --refit) is for dense MLPs" in stderr, stderr
+
+
+def test_refit_is_the_default_where_it_applies(scored, tmp_path, caplog):
+    """The default importance run of a small dense model stores its second moments (auto) and
+    the default prune refits from them: the pruned second MLP linears are not the plain cut
+    (refit=False), and the provenance says refit. Auto does not refit, and says why, without
+    second moments, under --order random, or from fewer calibration tokens than the widest
+    matrix has columns (the fit would be exact on those tokens)."""
+    from nemo_minitron.checkpoint.store import read_info
+    from nemo_minitron.prune.api import prune
+
+    ckpt, imp = scored("llama")
+    assert (imp / "second_moments.safetensors").is_file()  # CALIBRATION passes no second_moments: auto
+    target = {"ffn": 64}
+    runs = {}
+    for name, kwargs in (("auto", {}), ("plain", {"refit": False})):
+        caplog.clear()
+        runs[name] = prune(str(ckpt), str(imp), str(tmp_path / name), target=target, **kwargs)
+    assert read_info(runs["auto"]).provenance["refit"] is True
+    assert read_info(runs["plain"]).provenance["refit"] is False
+    _, auto = _state(runs["auto"])
+    _, plain = _state(runs["plain"])
+    for name in plain:
+        if name.endswith("linear_fc2.weight"):
+            assert not torch.equal(auto[name], plain[name]), name
+        else:  # nothing else reads a removed neuron
+            assert torch.equal(auto[name], plain[name]), name
+
+    no_moments = tmp_path / "no_moments"
+    shutil.copytree(imp, no_moments)
+    (no_moments / "second_moments.safetensors").unlink()
+    few_tokens = tmp_path / "few_tokens"
+    shutil.copytree(imp, few_tokens)
+    summary = json.loads((few_tokens / "summary.json").read_text())
+    summary["tokens"] = read_info(ckpt).description.ffn_hidden_size - 1
+    (few_tokens / "summary.json").write_text(json.dumps(summary))
+    for name, importance, kwargs, why in (
+            ("none", no_moments, {}, "holds no second moments"),
+            ("random", imp, {"order": "random"}, "--order random"),
+            ("few", few_tokens, {}, f"from {summary['tokens']} calibration tokens, fewer than the")):
+        caplog.clear()
+        out = prune(str(ckpt), str(importance), str(tmp_path / name), target=target, **kwargs)
+        assert read_info(out).provenance["refit"] is False, name
+        said = [r.getMessage() for r in caplog.records if "refit auto: off" in r.getMessage()]
+        assert len(said) == 1 and why in said[0], (name, said)
 
 
 def test_refit_warns_when_fewer_calibration_tokens_than_columns(tmp_path, caplog):

@@ -34,7 +34,7 @@ from nemo_minitron.errors import require
 from nemo_minitron.files import check_new_output
 from nemo_minitron.importance.blocks import score_block_variants, variant_passes
 from nemo_minitron.importance.collect import ActivationCollector
-from nemo_minitron.importance.config import ImportanceConfig
+from nemo_minitron.importance.config import SECOND_MOMENTS_AUTO_BYTES, ImportanceConfig, second_moments_bytes
 from nemo_minitron.importance.journal import Journal
 from nemo_minitron.importance.layers import (
     SkipLosses,
@@ -187,6 +187,26 @@ def calibration_samples(corpus, tokenizer, *, seq_len: int, samples: int, seed: 
     return dataset.take(samples)
 
 
+def _second_moments_wanted(asked: bool | None, desc, pp: int, names: Names) -> bool:
+    """Whether the run collects the Gram matrices: as asked (a one-line error for a model refit
+    cannot use), or with auto (None) for a dense model whose matrices fit SECOND_MOMENTS_AUTO_BYTES."""
+    unusable = "experts" if desc.is_moe else "Mamba layers" if desc.is_hybrid else None
+    require(not (asked and unusable), f"{names('second_moments')} (for prune --refit) is for dense MLPs and "
+                                      f"attention; this {desc.architecture} model has {unusable}")
+    if asked is not None:
+        return asked
+    size = second_moments_bytes(desc, pp)
+    if unusable is None and size <= SECOND_MOMENTS_AUTO_BYTES:
+        log.info("%s auto: on (%.2f GiB of Gram matrices on each rank, for prune's refit)",
+                 names("second_moments"), size / 2**30)
+        return True
+    log.info("%s auto: off (%s); prune will not refit", names("second_moments"),
+             f"the model has {unusable}" if unusable else
+             f"the Gram matrices would take {size / 2**30:.1f} GiB on each rank, over the "
+             f"{SECOND_MOMENTS_AUTO_BYTES / 2**30:.0f} GiB auto collects; {names('second_moments')} collects them anyway")
+    return False
+
+
 def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: ImportanceConfig | None = None, *,
                        progress: bool = True, names: Names | None = None, data_names: Names | None = None,
                        **options) -> ImportanceScores:
@@ -215,9 +235,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
     for k in cfg.drop_blocks:
         require(1 <= k < desc.num_layers, f"{names('drop_blocks')} {k}: a block must hold 1 to "
                                           f"{desc.num_layers - 1} layers")
-    require(not (cfg.second_moments and (desc.is_moe or desc.is_hybrid)),
-            f"{names('second_moments')} (for prune --refit) is for dense MLPs and attention; this "
-            f"{desc.architecture} model has " + ("experts" if desc.is_moe else "Mamba layers"))
+    second_moments = _second_moments_wanted(cfg.second_moments, desc, pp, names)
     dtype = resolve_dtype(run_cfg.dtype, names("dtype"))
     desc.check_layout(tp, pp)
     dp = check_world_size(tp, pp)
@@ -250,7 +268,7 @@ def compute_importance(checkpoint: str, data: Sequence[str], out: str, config: I
                                    batch_agg=cfg.batch_agg, neuron_activation=cfg.neuron_activation,
                                    num_layers=desc.num_layers, head_score=cfg.head_score,
                                    channel_norms=cfg.channel_norms, mamba_activation=cfg.mamba_activation,
-                                   second_moments=cfg.second_moments, progress=progress,
+                                   second_moments=second_moments, progress=progress,
                                    layer_pass_tokens=passes * layer_samples * seq_len)
         calibrated = {"seconds": round(time.time() - calibration_start, 1)}
         tensors.update({k: tensors[k].float() for k in ("proj_gram", "fc2_gram") if k in tensors})

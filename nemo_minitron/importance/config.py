@@ -19,6 +19,17 @@ def int_list(text: str) -> list[int]:
         raise UsageError(f"expected comma-separated whole numbers (got '{text}')") from None
 
 
+#: --second-moments auto collects the Gram matrices when they take at most this on a rank (float64)
+SECOND_MOMENTS_AUTO_BYTES = 4 << 30
+
+
+def second_moments_bytes(desc, pp: int = 1) -> int:
+    """Bytes of the float64 Gram matrices a rank of pipeline stage size ``layers / pp`` collects
+    (every TP rank holds its stage's whole matrices: they couple units of different ranks)."""
+    per_layer = desc.ffn_hidden_size ** 2 + (desc.num_attention_heads * desc.head_dim) ** 2
+    return 8 * per_layer * -(-desc.num_layers // pp)
+
+
 @dataclasses.dataclass
 class ImportanceConfig:
     samples: int = option(1024, "calibration samples (the paper's 1024)", ge=1)
@@ -40,10 +51,12 @@ class ImportanceConfig:
     channel_norms: Literal["layers", "layers+final"] = option(
         "layers", "norm outputs summed into embedding-channel scores: layers (every layer's two norms) or "
                   "layers+final (also the final norm); chosen by benchmarks/pruning_quality.py")
-    second_moments: bool = option(
-        False, "also store the Gram matrices of each layer's output-projection and second-MLP-linear inputs, for "
-               "prune --refit (4 * (ffn^2 + (heads * head_dim)^2) bytes per layer); with --block-variants, each "
-               "MLP width is also scored refit, for prune --per-layer --refit")
+    second_moments: Optional[bool] = option(
+        None, "also store the Gram matrices of each layer's output-projection and second-MLP-linear inputs, for "
+              "prune's refit (float64 while collected, 8 * (ffn^2 + (heads * head_dim)^2) bytes per layer on each "
+              "rank; stored float32); with --block-variants, each MLP width is also scored refit, for prune "
+              "--per-layer's choice. auto: on for a dense model whose matrices take at most 4 GiB on a rank",
+        default_text="auto")
     layer_samples: Optional[int] = option(
         64, "calibration samples used for the loss-drop layer scores (one pass per layer over them; capped "
             "at --samples; 0 or none: all)", ge=0, parse=lambda s: None if s.lower() in ("none", "all") else int(s),

@@ -284,7 +284,8 @@ def validate(recipe: Recipe) -> None:
             stage = "prune" if rnd.search is None else "search"
             key = f"recipe key 'rounds.{i}.{stage}.refit'"
             require(rnd.importance.second_moments, f"{key} solves with the second moments: set "
-                                                   f"'rounds.{i}.importance.second_moments: true'")
+                                                   f"'rounds.{i}.importance.second_moments: true' (auto collects "
+                                                   "them only where they fit), or leave refit auto")
             require(not ((rnd.search or rnd.prune).per_layer and rnd.importance.block_distill_steps),
                     f"{key} with 'rounds.{i}.{stage}.per_layer': 'rounds.{i}.importance.block_distill_steps' trains "
                     "the variants that replace the pruned weights refit would repair; drop one")

@@ -32,7 +32,7 @@ from nemo_minitron.config import Names, cli_names, to_dict
 from nemo_minitron.errors import UsageError, require
 from nemo_minitron.files import check_new_output
 from nemo_minitron.importance.local_distill import TrainedVariants, layer_digests, trained_options
-from nemo_minitron.importance.scores import ImportanceScores
+from nemo_minitron.importance.scores import SECOND_MOMENTS_FILE, ImportanceScores
 from nemo_minitron.model.builder import balanced_stages, build_model
 from nemo_minitron.model.description import ModelDescription
 from nemo_minitron.model.params import expert_of, gather, layer_of, named_weights, rename_expert, rename_layer, shard
@@ -213,9 +213,8 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     scores.check_matches(old)
     require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
                                                       f"(got '{order}')")
-    if cfg.refit:
-        check_refit(old, importance, scores, names, per_layer=False)
-    grams = _second_moments(importance, scores, names) if cfg.refit else None
+    refit = resolve_refit(cfg.refit, old, importance, scores, names, per_layer=False, order=order)
+    grams = _second_moments(importance, scores, names) if refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
     target = planned_target(old, cfg, tp=tp, pp=pp, names=names)
@@ -273,7 +272,7 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
 
     new_model = _build_pruned(model, old, new, keep, per_stage, grams=grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
-                  "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
+                  "refit": refit, "seed": seed, "change": describe_change(old, new), "kept": keep.summary(),
                   "dropped_layers": {"numbered_from_1": [i + 1 for i in dropped], "numbered_from_0": dropped},
                   "parent_model": old.to_dict()}
     saved_dtype = dtype_name(compute_dtype) if compute_dtype is not None else info.dtype
@@ -333,6 +332,32 @@ def check_refit(old: ModelDescription, importance: str, scores: ImportanceScores
     ImportanceScores.require_second_moments(importance, flag=names("refit"))
 
 
+def resolve_refit(asked: bool | None, old: ModelDescription, importance: str, scores: ImportanceScores,
+                  names: Names, *, per_layer: bool, order: str = "importance") -> bool:
+    """Whether a prune refits: as asked (True: what it needs, or a one-line error), or with auto
+    (None) wherever it applies and is expected to help, logged either way."""
+    if asked is not None:
+        if asked:
+            check_refit(old, importance, scores, names, per_layer=per_layer)
+        return asked
+    tokens = scores.summary.get("tokens") or 0
+    widest = max(old.ffn_hidden_size, old.num_attention_heads * old.head_dim)
+    why_not = ("the model has experts" if old.is_moe else "the model has Mamba layers" if old.is_hybrid
+               else f"{names('order')} {order}" if order != "importance"
+               else f"'{importance}' holds no second moments (importance --second-moments)"
+               if not (Path(importance) / SECOND_MOMENTS_FILE).is_file()
+               else "its block variants are trained (importance --block-distill-steps)"
+               if per_layer and (scores.summary.get("block_variants") or {}).get("distill")
+               # a fit on fewer tokens than columns is exact on them and may generalise worse than the cut
+               else f"its second moments come from {tokens} calibration tokens, fewer than the {widest} columns "
+                    "refit solves for" if tokens < widest else None)
+    if why_not is None:
+        log.info("%s auto: on (least-squares refit from the second moments in '%s')", names("refit"), importance)
+    else:
+        log.info("%s auto: off: %s", names("refit"), why_not)
+    return why_not is None
+
+
 def _second_moments(importance: str, scores: ImportanceScores, names: Names) -> dict[str, torch.Tensor]:
     """The Gram matrices --refit solves with; a warning when fewer calibration tokens than a
     matrix has columns went into them: the least-squares fit is then (almost) exact on those
@@ -376,12 +401,11 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
             + ("has experts" if old.is_moe else "has Mamba layers" if old.is_hybrid else "is already per-layer"))
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
-    if cfg.refit:
-        check_refit(old, importance, scores, names, per_layer=True)
-    grams = _second_moments(importance, scores, names) if cfg.refit else None
+    refit = resolve_refit(cfg.refit, old, importance, scores, names, per_layer=True)
+    grams = _second_moments(importance, scores, names) if refit else None
     out_path = check_new_output(out)
     old.check_layout(tp, pp)
-    variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp, refit=cfg.refit)
+    variants, optimum = per_layer_choice(old, scores, cfg, cfg.target_params, names, tp=tp, refit=refit)
     choice = choice or optimum
     budget = budget_of(cfg, cfg.target_params, names)
     new = check_shapes(old, choice, tp, pp)
@@ -400,9 +424,9 @@ def _prune_per_layer(checkpoint: str, importance: str, out: str, cfg: PruneConfi
              [s.ffn_hidden_size for s in choice.shapes])
     new_model = _build_per_layer(model, old, new, scores, trained, grams)
     provenance = {"pruned_from": str(checkpoint), "importance": str(importance), "config": to_dict(cfg),
-                  "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
+                  "refit": refit, "seed": seed, "change": f"per layer ({cfg.block_score} score {choice.score:.4f})",
                   "per_layer": {"variants": variants.to_dict(), "score": choice.score, "cost": choice.cost,
-                                "refit_scores": "_refit_" in ffn_scores_key(scores, cfg.block_score, cfg.refit),
+                                "refit_scores": "_refit_" in ffn_scores_key(scores, cfg.block_score, refit),
                                 "budget_text": f"{budget.describe(budget.limit)} {budget.what()}",
                                 "layer_scores": list(choice.layer_scores),
                                 "trained_variants": None if trained is None else {

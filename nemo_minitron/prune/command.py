@@ -29,7 +29,7 @@ def plan_main(args) -> int:
     require(not per_layer.per_layer or args.importance is not None,
             "--per-layer needs --importance DIR (an importance run with --block-variants)")
     require(args.importance is None or per_layer.per_layer, "--importance is for --per-layer")
-    require(not args.refit or per_layer.per_layer, "--refit is for --per-layer (a uniform plan reads no scores)")
+    require(args.refit is None or per_layer.per_layer, "--refit is for --per-layer (a uniform plan reads no scores)")
     path = model_path(args.model, args.iteration)
     check_model(path, "MODEL")
     if output.json:
@@ -67,9 +67,12 @@ def _plan_per_layer(args, desc, cfg: PerLayerConfig, output: PlanOutputConfig) -
     scores = per_layer.ImportanceScores.load(args.importance)
     scores.check_matches(desc)
     names = cli_names(PerLayerConfig)
+    from nemo_minitron.prune.api import resolve_refit
+
+    refit = resolve_refit(args.refit, desc, args.importance, scores, names, per_layer=True)  # as prune decides
     variants, choice = per_layer.per_layer_choice(desc, scores, cfg, args.target_params, names, tp=args.tp,
-                                                  refit=args.refit)
-    ffn_scores = per_layer.ffn_scores_key(scores, cfg.block_score, args.refit)
+                                                  refit=refit)
+    ffn_scores = per_layer.ffn_scores_key(scores, cfg.block_score, refit)
     per_layer.check_shapes(desc, choice, args.tp, args.pp)
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -36,10 +36,12 @@ def _target(text: str) -> dict[str, int]:
 def refit_option():
     """``refit``, one default and help for prune and search (search prunes every candidate so)."""
     return option(
-        False, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
-               "and neurons (needs importance --second-moments); with --per-layer, the MLP widths are chosen by "
-               "their refit scores and each narrowed MLP's second linear is refit for its own kept neurons (not "
-               "with importance --block-distill-steps)")
+        None, "least-squares refit of each layer's output projection and second MLP linear for the removed heads "
+              "and neurons, from the importance run's second moments; with --per-layer, the MLP widths are chosen "
+              "by their refit scores and each narrowed MLP's second linear is refit for its own kept neurons (not "
+              "with importance --block-distill-steps). auto: wherever that applies (a dense model, --order "
+              "importance, second moments from at least as many calibration tokens as the widest matrix has "
+              "columns); --refit: a one-line error where it does not", default_text="auto")
 
 
 @dataclasses.dataclass
@@ -139,7 +141,7 @@ class PruneConfig(PlanConfig, PerLayerConfig):
                       "and block sets, the one whose removal cost least in the importance run), loss (least loss "
                       "increase), block (lowest Block Importance), or the 0-indexed layers, e.g. 3,7,9",
         metavar="METRIC")
-    refit: bool = refit_option()
+    refit: Optional[bool] = refit_option()
 
     def check(self, names) -> None:
         self.check_budget(names, self.target_params)

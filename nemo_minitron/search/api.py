@@ -141,10 +141,10 @@ def search(checkpoint: str, importance: str, data: Sequence[str], out: str, conf
     scores = ImportanceScores.load(importance)
     scores.check_matches(original)
     budget = search_budget(cfg, names)
+    # every candidate is pruned with refit or every one without (auto: wherever it applies), decided
+    # once: what prune would refuse is refused now, and the per-layer candidates are chosen by it
+    cfg.refit = prune_api.resolve_refit(cfg.refit, original, importance, scores, names, per_layer=cfg.per_layer)
     candidates = search_candidates(original, cfg, tp=tp, pp=pp, names=names, scores=scores)
-    if cfg.refit:  # every candidate is pruned with refit: what prune would refuse, refused now
-        prune_api.check_refit(original, importance, scores, names,
-                              per_layer=any(c.choice is not None for c in candidates))
     parse_layer_metric(cfg.layer_metric, original.num_layers, flag=names("layer_metric"))
     for cand in candidates:  # prune's meaning of layer_metric (auto: greedy for depth-only cuts, else contiguous)
         if cand.description.num_layers != original.num_layers:

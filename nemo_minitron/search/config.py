@@ -48,7 +48,7 @@ class SearchConfig(DistillConfig, PlanConfig, PerLayerConfig):
                                        "run did not record those), greedy, best, "
                                        "contiguous, loss, block, or the 0-indexed layers, e.g. 3,7,9",
                                metavar="METRIC")
-    refit: bool = refit_option()
+    refit: Optional[bool] = refit_option()
     cache_top_k: Optional[int] = option(None, "write a teacher-logit cache of the teacher's top-K first and distil "
                                               "every candidate from it (one teacher pass for all)", ge=1,
                                          parse=_optional_int, default_text="live teacher", metavar="K")
