@@ -272,22 +272,23 @@ def validate(recipe: Recipe) -> None:
             stages += ("sparsify",)
         for stage in stages:
             validate_config(getattr(rnd, stage), recipe_names(f"rounds.{i}.{stage}"))
-        if (rnd.search or rnd.prune).per_layer:
-            key = f"recipe key 'rounds.{i}.{'prune' if rnd.search is None else 'search'}.per_layer'"
+        pruning = rnd.search or rnd.prune  # the stage that prunes this round, and its key
+        pruner = "prune" if rnd.search is None else "search"
+        if pruning.per_layer:
+            key = f"recipe key 'rounds.{i}.{pruner}.per_layer'"
             require(rnd.importance.block_variants, f"{key} chooses from block-variant scores: set "
                                                    f"'rounds.{i}.importance.block_variants: true'")
             require(i == len(recipe.rounds) - 1, f"{key}: a per-layer model is not pruned again; make it the last "
                                                  "round")
             require(rnd.sparsify is None, f"{key}: sparsify a uniform round (rounds.{i}.sparsify with per-layer "
                                           "shapes is not supported)")
-        if (rnd.search or rnd.prune).refit:  # what prune (or search) would refuse once importance has run
-            stage = "prune" if rnd.search is None else "search"
-            key = f"recipe key 'rounds.{i}.{stage}.refit'"
+        if pruning.refit:  # what prune (or search) would refuse once importance has run
+            key = f"recipe key 'rounds.{i}.{pruner}.refit'"
             require(rnd.importance.second_moments, f"{key} solves with the second moments: set "
                                                    f"'rounds.{i}.importance.second_moments: true' (auto collects "
                                                    "them only where they fit), or leave refit auto")
-            require(not ((rnd.search or rnd.prune).per_layer and rnd.importance.block_distill_steps),
-                    f"{key} with 'rounds.{i}.{stage}.per_layer': 'rounds.{i}.importance.block_distill_steps' trains "
+            require(not (pruning.per_layer and rnd.importance.block_distill_steps),
+                    f"{key} with 'rounds.{i}.{pruner}.per_layer': 'rounds.{i}.importance.block_distill_steps' trains "
                     "the variants that replace the pruned weights refit would repair; drop one")
         if not rnd.name:
             rnd.name = f"round{i + 1}"
