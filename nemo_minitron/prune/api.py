@@ -211,8 +211,6 @@ def prune(checkpoint: str, importance: str, out: str, config: PruneConfig | None
     compute_dtype = stored_dtype(dtype, names("dtype"))  # auto: as stored (pruning copies weights)
     scores = ImportanceScores.load(importance)
     scores.check_matches(old)
-    require(not cfg.refit or order == "importance", f"{names('refit')} needs {names('order')} importance "
-                                                      f"(got '{order}')")
     refit = resolve_refit(cfg.refit, old, importance, scores, names, per_layer=False, order=order)
     grams = _second_moments(importance, scores, names) if refit else None
     out_path = check_new_output(out)
@@ -338,6 +336,7 @@ def resolve_refit(asked: bool | None, old: ModelDescription, importance: str, sc
     (None) wherever it applies and is expected to help, logged either way."""
     if asked is not None:
         if asked:
+            require(order == "importance", f"{names('refit')} needs {names('order')} importance (got '{order}')")
             check_refit(old, importance, scores, names, per_layer=per_layer)
         return asked
     tokens = scores.summary.get("tokens") or 0
